@@ -1,0 +1,31 @@
+# The two commands that matter (see README.md):
+#   make run    the main job: the operator against your cluster and TrueNAS, or a local demo
+#   make test   the whole test suite (what CI runs)
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint crd controlplane venv clean
+
+venv:
+	@bash tools/bootstrap.sh
+
+controlplane: venv
+	@bash tools/build-controlplane.sh >/dev/null
+
+run: venv
+	@$(PY) -m truenas_incus_operator demo
+
+lint: venv
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/mypy
+
+test: venv controlplane lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+crd: venv
+	$(PY) -m truenas_incus_operator crd
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""truenas-incus-operator: a Kubernetes operator for TrueNAS Incus instances."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""Command line: ``truenas-incus-operator crd|controlplane|...`` (also ``python -m truenas_incus_operator``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from .crd import all_crds, render, write_crds
+
+    if args.stdout:
+        sys.stdout.write("---\n".join(render(crd) for crd in all_crds()))
+        return 0
+    for path in write_crds(Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _controlplane(args: argparse.Namespace) -> int:
+    from .localcluster import run_forever
+
+    return run_forever(Path(args.dir))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="truenas-incus-operator", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    crd = commands.add_parser("crd", help="write the CRD manifests generated from the models")
+    crd.add_argument("--output", default="crds", help="folder to write into (default: crds)")
+    crd.add_argument("--stdout", action="store_true", help="print the manifests instead")
+    crd.set_defaults(func=_crd)
+
+    plane = commands.add_parser("controlplane", help="start a local etcd + kube-apiserver until Ctrl-C")
+    plane.add_argument("--dir", default=".run/controlplane", help="working folder (default: .run/controlplane)")
+    plane.set_defaults(func=_controlplane)
+
+    demo = commands.add_parser("demo", help="local control plane + TrueNAS simulator + the examples")
+    demo.add_argument("--dir", default=".run", help="working folder (default: .run)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

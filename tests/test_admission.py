@@ -1,0 +1,142 @@
+"""The CRDs on a real kube-apiserver: installation, examples, admission refusals, explain, columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import ROOT, Cluster
+
+CORPUS: list[dict[str, Any]] = yaml.safe_load((ROOT / "tests" / "admission" / "invalid.yaml").read_text())
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_crds_are_established(cluster: Cluster) -> None:
+    for name in ("incusinstances.incus.truenas.io", "truenasconnections.incus.truenas.io"):
+        crd = json.loads(cluster.kubectl("get", "crd", name, "-o", "json").stdout)
+        conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+        assert conditions["Established"] == "True"
+        assert conditions["NamesAccepted"] == "True"
+        assert crd["status"]["acceptedNames"]["kind"] in ("IncusInstance", "TrueNASConnection")
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CORPUS) >= 25
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_is_accepted(cluster: Cluster, namespace: str, example: Path) -> None:
+    dry = cluster.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", str(example), check=False)
+    assert dry.returncode == 0, dry.stderr
+    created = cluster.kubectl("apply", "-n", namespace, "-f", str(example), check=False)
+    assert created.returncode == 0, created.stderr
+    for document in yaml.safe_load_all(example.read_text()):
+        got = cluster.get(document["kind"].lower(), document["metadata"]["name"], namespace)
+        if "spec" in document:
+            assert got["spec"] == document["spec"], "the API server changed the spec (defaults?)"
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c["case"] for c in CORPUS])
+def test_invalid_manifest_is_refused(cluster: Cluster, namespace: str, case: dict[str, Any]) -> None:
+    result = cluster.apply(case["manifest"], namespace)
+    assert result.returncode != 0, f"{case['case']} was accepted"
+    # Both shapes are the API server's own refusal (kubectl validates nothing itself for CRDs).
+    assert "Error from server" in result.stderr or " is invalid: " in result.stderr, result.stderr
+    for text in case["expect"]:
+        assert text in result.stderr, f"{text!r} not in: {result.stderr}"
+    kind = case["manifest"]["kind"].lower()
+    listed = cluster.kubectl("get", kind, "-n", namespace, "-o", "name").stdout
+    assert listed.strip() == "", "a refused manifest left an object behind"
+
+
+IMMUTABLE_CHANGES = [
+    ("name", {"name": "other"}, "spec.name is immutable"),
+    ("name-added", {"name": "added"}, "spec.name is immutable"),
+    ("type", {"type": "VM"}, "spec.type is immutable"),
+    ("image", {"image": "debian/trixie"}, "spec.image is immutable"),
+    ("storage-pool", {"storagePool": "fast"}, "spec.storagePool is immutable"),
+]
+
+
+@pytest.mark.parametrize("field,change,message", IMMUTABLE_CHANGES, ids=[c[0] for c in IMMUTABLE_CHANGES])
+def test_immutable_field_change_is_refused(
+    cluster: Cluster, namespace: str, field: str, change: dict[str, Any], message: str
+) -> None:
+    spec: dict[str, Any] = {"type": "CONTAINER", "image": "debian/bookworm", "storagePool": "tank", "cpu": "1"}
+    if field != "name-added":
+        spec["name"] = "web01"
+    manifest = {
+        "apiVersion": "incus.truenas.io/v1alpha1",
+        "kind": "IncusInstance",
+        "metadata": {"name": "imm"},
+        "spec": spec,
+    }
+    created = cluster.apply(manifest, namespace)
+    assert created.returncode == 0, created.stderr
+    manifest["spec"] = {**spec, **change}
+    updated = cluster.apply(manifest, namespace)
+    assert updated.returncode != 0
+    assert message in updated.stderr, updated.stderr
+    # A mutable field still changes.
+    manifest["spec"] = {**spec, "cpu": "2"}
+    assert cluster.apply(manifest, namespace).returncode == 0
+
+
+def test_explain_documents_memory(cluster: Cluster) -> None:
+    def explained() -> str:
+        result = cluster.kubectl("explain", "incusinstance.spec.memory", check=False)
+        return result.stdout if result.returncode == 0 and "DESCRIPTION" in result.stdout else ""
+
+    text = " ".join(cluster.wait_for(explained, timeout=60, interval=1, what="kubectl explain to see the CRD").split())
+    assert "at least 32Mi" in text
+    assert "Kubernetes quantity" in text
+    status = cluster.kubectl("explain", "incusinstance.status.conditions").stdout
+    assert "Ready" in status and "Synced" in status
+
+
+def test_printer_columns(cluster: Cluster, namespace: str) -> None:
+    manifest = {
+        "apiVersion": "incus.truenas.io/v1alpha1",
+        "kind": "IncusInstance",
+        "metadata": {"name": "cols"},
+        "spec": {"type": "CONTAINER", "image": "debian/bookworm"},
+    }
+    assert cluster.apply(manifest, namespace).returncode == 0
+    status = {
+        "status": {
+            "phase": "Running",
+            "cpu": "2",
+            "memory": "2Gi",
+            "autostart": True,
+            "ipAddresses": ["10.142.87.23"],
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "Available",
+                    "message": "running",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                }
+            ],
+        }
+    }
+    cluster.kubectl(
+        "patch",
+        "incusinstance",
+        "cols",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
+    table = cluster.kubectl("get", "incusinstances", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "TYPE", "PHASE", "CPU", "MEMORY", "AUTOSTART", "IP", "READY", "AGE"]
+    assert table[1].split()[:8] == ["cols", "CONTAINER", "Running", "2", "2Gi", "true", "10.142.87.23", "True"]
+    short = cluster.kubectl("get", "ii", "-n", namespace, "-o", "name").stdout.strip()
+    assert short == "incusinstance.incus.truenas.io/cols"
