@@ -1,0 +1,113 @@
+"""TrueNAS version profiles: what each generation serves and how it behaves (truenas-api.md §1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALL_STATUSES = (
+    "RUNNING",
+    "STOPPED",
+    "UNKNOWN",
+    "ERROR",
+    "FROZEN",
+    "STARTING",
+    "STOPPING",
+    "FREEZING",
+    "THAWED",
+    "ABORTING",
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    """Short name used on the command line, e.g. ``25.10``."""
+    system_version: str
+    """What ``system.version`` answers."""
+    api_versions: tuple[str, ...]
+    """Versioned endpoints served (``/api/<v>``); the last one is ``/api/current``."""
+    schema_version: str
+    """Which schema files describe the current API (``v25_10_0``)."""
+    has_virt: bool = True
+    has_rest: bool = True
+    vm_create: bool = False
+    """virt.instance can create VMs (25.04.0/25.04.1 only)."""
+    statuses: tuple[str, ...] = ALL_STATUSES
+    transitional_statuses: bool = True
+    """Whether STARTING/STOPPING are reported while a start/stop runs."""
+    legacy_jobs_option: bool = False
+    """``core.set_options({"legacy_jobs": false})`` is understood (25.10)."""
+    privileged_mode: bool = False
+    cdrom: bool = False
+    nic_mac: bool = False
+    set_bootable_disk: bool = False
+    vm_autostart_forbidden: bool = False
+    message_ids: bool = False
+    """Job objects carry ``message_ids`` (25.10)."""
+    has_container: bool = False
+    """The 26.x ``container.*`` API."""
+
+    @property
+    def current_api(self) -> str:
+        return self.api_versions[-1]
+
+    def schema_for_api(self, api_version: str) -> str:
+        """Schema folder prefix for a versioned endpoint such as ``v25.04.2``."""
+        known = {"v25.04.0": "v25_04_0", "v25.04.1": "v25_04_0", "v25.04.2": "v25_04_2"}
+        if api_version in known:
+            return known[api_version]
+        if api_version.startswith("v25.10"):
+            return "v25_10_0"
+        return self.schema_version
+
+
+PROFILES: dict[str, Profile] = {
+    "25.04.0": Profile(
+        name="25.04.0",
+        system_version="TrueNAS-25.04.0",
+        api_versions=("v25.04.0",),
+        schema_version="v25_04_0",
+        vm_create=True,
+        statuses=("RUNNING", "STOPPED", "UNKNOWN"),
+        transitional_statuses=False,
+    ),
+    "25.04.2": Profile(
+        name="25.04.2",
+        system_version="TrueNAS-25.04.2.6",
+        api_versions=("v25.04.0", "v25.04.1", "v25.04.2"),
+        schema_version="v25_04_2",
+    ),
+    "25.10": Profile(
+        name="25.10",
+        system_version="TrueNAS-25.10.1",
+        api_versions=("v25.04.0", "v25.04.1", "v25.04.2", "v25.10.0", "v25.10.1"),
+        schema_version="v25_10_0",
+        legacy_jobs_option=True,
+        privileged_mode=True,
+        cdrom=True,
+        nic_mac=True,
+        set_bootable_disk=True,
+        vm_autostart_forbidden=True,
+        message_ids=True,
+    ),
+    "26.0": Profile(
+        name="26.0",
+        system_version="TrueNAS-26.0.0",
+        api_versions=("v25.04.0", "v25.04.1", "v25.04.2", "v25.10.0", "v25.10.1", "v26.0.0"),
+        schema_version="v26_0_0",
+        has_virt=False,
+        has_rest=False,
+        legacy_jobs_option=True,
+        message_ids=True,
+        has_container=True,
+    ),
+}
+PROFILE_ALIASES = {"25.04": "25.04.0", "25.10.0": "25.10", "25.10.1": "25.10", "26": "26.0", "26.0.0": "26.0"}
+
+
+def get_profile(name: str) -> Profile:
+    key = PROFILE_ALIASES.get(name, name)
+    try:
+        return PROFILES[key]
+    except KeyError:
+        raise ValueError(f"unknown TrueNAS profile {name!r}; choose one of {', '.join(PROFILES)}") from None

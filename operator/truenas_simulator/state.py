@@ -1,0 +1,220 @@
+"""What the simulated TrueNAS holds: instances, their devices, the image catalogue, host limits,
+and the knobs that tests, demos and benchmarks turn (latency, job time, faults)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .profiles import Profile
+
+GIB = 2**30
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Image:
+    alias: str
+    os: str
+    release: str
+    variant: str = "default"
+    archs: tuple[str, ...] = ("amd64",)
+    instance_types: tuple[str, ...] = ("CONTAINER", "VM")
+    serial: str = "20251120_05:24"
+    secureboot: bool | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.os} {self.release} ({', '.join(self.archs)}, {self.variant})"
+
+
+DEFAULT_IMAGES: tuple[Image, ...] = (
+    Image("debian/bookworm", "Debian", "bookworm", archs=("amd64", "arm64")),
+    Image("debian/trixie", "Debian", "trixie", archs=("amd64", "arm64")),
+    Image("ubuntu/noble", "Ubuntu", "noble", archs=("amd64", "arm64"), secureboot=True),
+    Image("ubuntu/jammy", "Ubuntu", "jammy", archs=("amd64", "arm64"), secureboot=True),
+    Image("alpine/3.22", "Alpine", "3.22", instance_types=("CONTAINER",)),
+    Image("archlinux", "Archlinux", "current", instance_types=("CONTAINER", "VM")),
+    Image("fedora/42", "Fedora", "42"),
+    Image("voidlinux/musl", "Voidlinux", "current", variant="musl", instance_types=("CONTAINER",)),
+)
+
+
+@dataclass
+class Knobs:
+    """Behaviour that tests and demos change at run time (also through the control API)."""
+
+    job_duration: float = 0.0
+    """Seconds a create/start/stop/... job spends working."""
+    latency: float = 0.0
+    """Seconds added before every call is answered."""
+    error_rates: dict[str, float] = field(default_factory=dict)
+    """Method name -> probability that a call fails with a simulated CallError."""
+    drop_rate: float = 0.0
+    """Probability that a WebSocket call closes the connection instead of answering."""
+    hung_methods: set[str] = field(default_factory=set)
+    """Job methods whose jobs never finish (until core.job_abort)."""
+    rest_5xx_rate: float = 0.0
+    """Probability that a REST request answers 502."""
+    host_memory: int = 64 * GIB
+    host_cores: int = 16
+    max_concurrent_calls: int = 20
+
+
+@dataclass
+class Instance:
+    name: str
+    type: str
+    image: Image
+    status: str = "STOPPED"
+    cpu: str | None = None
+    memory: int | None = None
+    autostart: bool = True
+    environment: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    storage_pool: str = "tank"
+    privileged_mode: bool = False
+    secure_boot: bool = False
+    vnc_enabled: bool = False
+    vnc_port: int | None = None
+    root_disk_size: int | None = None
+    root_disk_io_bus: str | None = None
+    ignores_shutdown: bool = False
+    """The guest ignores a graceful stop (only force stops it)."""
+
+    def addresses(self) -> list[dict[str, Any]]:
+        if self.status != "RUNNING":
+            return []
+        digest = hashlib.sha256(self.name.encode()).digest()
+        return [
+            {"type": "INET", "address": f"10.142.{87 + digest[0] % 8}.{2 + digest[1] % 250}", "netmask": 24},
+            {
+                "type": "INET6",
+                "address": f"fd42:9c1b:77e0:41d2:216:3eff:fe{digest[2]:02x}:{digest[3]:02x}{digest[4]:02x}",
+                "netmask": 64,
+            },
+        ]
+
+    def entry(self, profile: Profile) -> dict[str, Any]:
+        """The query entry, as the profile's API version serves it (truenas-api.md §4)."""
+        vm = self.type == "VM"
+        data: dict[str, Any] = {
+            "id": self.name,
+            "name": self.name,
+            "type": self.type,
+            "status": self.status if self.status in profile.statuses else "UNKNOWN",
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "autostart": self.autostart,
+            "environment": dict(self.environment),
+            "aliases": self.addresses(),
+            "image": {
+                "architecture": self.image.archs[0],
+                "description": f"{self.image.os} {self.image.release} {self.image.archs[0]} ({self.image.serial})",
+                "os": self.image.os,
+                "release": self.image.release,
+                "serial": self.image.serial,
+                "type": "disk-kvm.img" if vm else "squashfs",
+                "variant": self.image.variant,
+                "secureboot": self.image.secureboot if vm else None,
+            },
+            "userns_idmap": None
+            if vm or self.privileged_mode
+            else {
+                "uid": {"hostid": 2147000001, "maprange": 458752, "nsid": 0},
+                "gid": {"hostid": 2147000001, "maprange": 458752, "nsid": 0},
+            },
+            "raw": None,
+            "vnc_enabled": self.vnc_enabled if vm else False,
+            "vnc_port": self.vnc_port if vm else None,
+            "vnc_password": None,
+            "secure_boot": self.secure_boot if vm else None,
+        }
+        if profile.privileged_mode:
+            data["privileged_mode"] = None if vm else self.privileged_mode
+        data["root_disk_size"] = self.root_disk_size if vm else None
+        data["root_disk_io_bus"] = (self.root_disk_io_bus or "VIRTIO-SCSI") if vm else None
+        data["storage_pool"] = self.storage_pool
+        return data
+
+
+@dataclass
+class GlobalConfig:
+    pool: str | None = "tank"
+    storage_pools: list[str] = field(default_factory=lambda: ["tank"])
+    bridge: str | None = None
+    state: str = "INITIALIZED"
+
+    def entry(self) -> dict[str, Any]:
+        return {
+            "id": 1,
+            "pool": self.pool,
+            "dataset": f"{self.pool}/.ix-virt" if self.pool else None,
+            "storage_pools": list(self.storage_pools),
+            "bridge": self.bridge,
+            "v4_network": "10.142.87.1/24" if self.pool else None,
+            "v6_network": "fd42:9c1b:77e0:41d2::1/64" if self.pool else None,
+            "state": self.state,
+        }
+
+
+@dataclass
+class ApiKey:
+    id: int
+    secret: str
+    username: str = "root"
+    name: str = "operator"
+    revoked: bool = False
+    readonly: bool = False
+    """A key whose user has a read-only role: writes are refused with "Not authorized"."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.id}-{self.secret}"
+
+
+@dataclass
+class CallCounters:
+    """Calls per method, and how many of them were writes (anything but reads and auth)."""
+
+    by_method: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    """Injected faults by kind (rest_5xx, dropped, error:<method>)."""
+
+    READ_PREFIXES = ("core.", "auth.", "system.")
+    READ_METHODS = frozenset(
+        {
+            "virt.instance.query",
+            "virt.instance.get_instance",
+            "virt.instance.device_list",
+            "virt.instance.image_choices",
+            "virt.global.config",
+            "container.query",
+            "container.get_instance",
+            "container.device.query",
+            "container.image.query_registry",
+            "lxc.config",
+        }
+    )
+
+    @classmethod
+    def is_write(cls, method: str) -> bool:
+        return method not in cls.READ_METHODS and not method.startswith(cls.READ_PREFIXES)
+
+    def count(self, method: str) -> None:
+        self.by_method[method] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        writes = sum(n for m, n in self.by_method.items() if self.is_write(m))
+        return {
+            "by_method": dict(self.by_method),
+            "total": sum(self.by_method.values()),
+            "writes": writes,
+            "faults": dict(self.faults),
+        }
+
+    def reset(self) -> None:
+        self.by_method.clear()
+        self.faults.clear()
