@@ -1,0 +1,109 @@
+"""``connect()``: one TrueNAS, its transport, its detected version and the backend chosen for it."""
+
+from __future__ import annotations
+
+import re
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from .backends.virt import VirtInstanceBackend
+from .errors import APIUnavailable, CallFailed, TrueNASError
+from .transports.base import ConnectionOptions, Secret, Transport
+from .transports.jsonrpc import JsonRpcTransport
+from .transports.rest import RestTransport
+from .types import InstanceBackend
+
+
+def parse_version(text: str | None) -> tuple[int, ...]:
+    """``TrueNAS-25.10.1`` / ``25.04.2.6`` -> ``(25, 10, 1)`` / ``(25, 4, 2, 6)``."""
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?(?:\.(\d+))?", text or "")
+    if not match:
+        return ()
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+def ssl_context(ca_pem: str | None = None, insecure_skip_verify: bool = False) -> ssl.SSLContext:
+    """Verification on by default: against ``ca_pem`` when given, else the system CAs."""
+    context = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+    if insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class TrueNASClient:
+    """An open connection with the backend for the server's API family."""
+
+    transport: Transport
+    instances: InstanceBackend
+    version: tuple[int, ...]
+    system_version: str
+
+    @property
+    def api_family(self) -> str:
+        return self.instances.family
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+
+async def connect(
+    url: str,
+    api_key: str | Secret,
+    *,
+    transport: str = "websocket",
+    ca_pem: str | None = None,
+    insecure_skip_verify: bool = False,
+    max_concurrent_calls: int = 20,
+    call_timeout: float = 60.0,
+    job_timeout: float = 15 * 60.0,
+    connect_timeout: float = 10.0,
+    **extra: Any,
+) -> TrueNASClient:
+    """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``."""
+    secure = url.startswith(("wss://", "https://"))
+    options = ConnectionOptions(
+        url=url,
+        api_key=api_key if isinstance(api_key, Secret) else Secret(api_key),
+        ssl_context=ssl_context(ca_pem, insecure_skip_verify) if secure else None,
+        max_concurrent_calls=max_concurrent_calls,
+        call_timeout=call_timeout,
+        job_timeout=job_timeout,
+        connect_timeout=connect_timeout,
+        extra=extra,
+    )
+    if transport == "websocket":
+        chosen: Transport = JsonRpcTransport(options)
+    elif transport == "rest":
+        chosen = RestTransport(options)
+    else:
+        raise ValueError(f"unknown transport {transport!r}: use websocket or rest")
+    try:
+        await chosen.connect()
+        version = parse_version(chosen.system_version)
+        backend = await choose_backend(chosen, version)
+    except BaseException:
+        await chosen.close()
+        raise
+    return TrueNASClient(chosen, backend, version, chosen.system_version or "")
+
+
+async def choose_backend(transport: Transport, version: tuple[int, ...]) -> InstanceBackend:
+    """The API family for instances on this server (product.md §4)."""
+    shown = ".".join(map(str, version)) or "unknown"
+    if version and version >= (26,):
+        raise APIUnavailable(
+            f"TrueNAS {shown} has no virt.* API: TrueNAS 26 replaced it with container.*, "
+            "which this operator version does not support yet"
+        )
+    try:
+        await transport.call("virt.global.config", idempotent=True)
+    except CallFailed as exc:
+        if "Method does not exist" in exc.message:
+            raise APIUnavailable(f"TrueNAS {shown} does not offer virt.instance (virt.* is removed there)") from None
+        raise
+    except TrueNASError:
+        raise
+    return VirtInstanceBackend(transport, version)

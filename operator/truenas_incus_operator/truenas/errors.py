@@ -1,0 +1,116 @@
+"""The TrueNAS client's exceptions, one hierarchy::
+
+    TrueNASError                       anything the client raises
+    ├── TransportError                 could not reach TrueNAS, or the connection dropped
+    │   └── CallTimeout                no answer (or job end) within the timeout
+    ├── AuthenticationFailed           the API key was refused (wrong, revoked, expired)
+    ├── NotAuthorized                  logged in, but the key's role may not do this
+    ├── APIUnavailable                 the server lacks the API family (virt.* on TrueNAS 26, REST on 26)
+    └── CallFailed                     TrueNAS answered with an error (CallError): ``errno``, ``message``
+        ├── ValidationFailed           field errors: ``errors`` = [FieldError(attribute, message, errno)]
+        │   └── NotFound               the instance (or device) does not exist
+        └── JobFailed                  a job ended FAILED or ABORTED: ``job_id``, ``state``, TrueNAS's ``message``
+
+A job that fails with validation errors raises ``ValidationFailed`` (with ``job_id`` set), so callers
+handle a field error the same way whether TrueNAS reported it up front or from inside a job.
+
+Messages carry TrueNAS's own text and never the API key or request parameters.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from dataclasses import dataclass
+
+
+class TrueNASError(Exception):
+    """Base class of every error the client raises."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TransportError(TrueNASError):
+    """TrueNAS could not be reached, or the connection dropped."""
+
+
+class CallTimeout(TransportError):
+    """No answer within the timeout."""
+
+
+class AuthenticationFailed(TrueNASError):
+    """The API key was refused."""
+
+
+class NotAuthorized(TrueNASError):
+    """The API key's role does not allow the call."""
+
+
+class APIUnavailable(TrueNASError):
+    """The server does not offer the API family or transport asked for."""
+
+
+class CallFailed(TrueNASError):
+    """TrueNAS answered with an error."""
+
+    def __init__(self, message: str, errno: int = _errno.EFAULT, method: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.method = method
+
+
+@dataclass(frozen=True)
+class FieldError:
+    attribute: str | None
+    message: str
+    errno: int = _errno.EINVAL
+
+    def __str__(self) -> str:
+        return f"{self.attribute}: {self.message}" if self.attribute else self.message
+
+
+class ValidationFailed(CallFailed):
+    """TrueNAS refused the arguments; ``errors`` lists each field and TrueNAS's message."""
+
+    def __init__(self, errors: list[FieldError], method: str | None = None, job_id: int | None = None) -> None:
+        super().__init__("; ".join(str(e) for e in errors) or "validation failed", _errno.EINVAL, method)
+        self.errors = errors
+        self.job_id = job_id
+
+
+class NotFound(ValidationFailed):
+    """The instance or device does not exist."""
+
+
+class JobFailed(CallFailed):
+    """A TrueNAS job ended FAILED or ABORTED."""
+
+    def __init__(
+        self,
+        message: str,
+        job_id: int,
+        state: str = "FAILED",
+        errno: int = _errno.EFAULT,
+        method: str | None = None,
+    ) -> None:
+        super().__init__(message, errno, method)
+        self.job_id = job_id
+        self.state = state
+
+
+def validation_error(
+    errors: list[FieldError], method: str | None = None, job_id: int | None = None
+) -> ValidationFailed:
+    """``NotFound`` for TrueNAS's not-found shape (one ENOENT entry), else ``ValidationFailed``."""
+    if errors and all(e.errno == _errno.ENOENT for e in errors):
+        return NotFound(errors, method, job_id)
+    return ValidationFailed(errors, method, job_id)
+
+
+def strip_errno_prefix(reason: str) -> str:
+    """``"[EFAULT] Virtualization not initialized."`` -> ``"Virtualization not initialized."``."""
+    reason = reason.strip()
+    if reason.startswith("[") and "] " in reason:
+        return reason.split("] ", 1)[1]
+    return reason

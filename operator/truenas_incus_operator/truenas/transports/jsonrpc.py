@@ -1,0 +1,383 @@
+"""JSON-RPC 2.0 over WebSocket (``wss://host/api/current``): TrueNAS's supported API, the default.
+
+- Logs in with the API key, asks for new-style jobs (``core.set_options({"legacy_jobs": false})``,
+  understood from 25.10; 25.04 keeps answering a job id), and reads ``system.version``.
+- Follows jobs through ``core.get_jobs`` events, polling as a safety net.
+- Reconnects with backoff after a dropped connection, logs in again, re-subscribes, and tells
+  listeners (``on_reconnect``) so they can resynchronise what they missed.
+- At most ``max_concurrent_calls`` requests in flight (TrueNAS refuses the 21st).
+
+aiohttp is used for the WebSocket because kopf already depends on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from ..errors import AuthenticationFailed, CallFailed, CallTimeout, TransportError, TrueNASError
+from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc
+
+log = logging.getLogger(__name__)
+FINAL_JOB_STATES = ("SUCCESS", "FAILED", "ABORTED")
+JOB_POLL_INTERVAL = 5.0
+
+
+def websocket_url(url: str, api_version: str = "current") -> str:
+    parts = urlsplit(url)
+    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/") or f"/api/{api_version}"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+class _JobWatch:
+    __slots__ = ("changed", "job")
+
+    def __init__(self) -> None:
+        self.job: dict[str, Any] | None = None
+        self.changed = asyncio.Event()
+
+
+class JsonRpcTransport:
+    name = "websocket"
+    supports_events = True
+
+    def __init__(self, options: ConnectionOptions) -> None:
+        self.options = options
+        self.url = websocket_url(options.url, options.api_version)
+        self.system_version: str | None = None
+        self.new_style_jobs = False
+        self.on_reconnect: list[Callable[[], Awaitable[None] | None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reconnector: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._limit = asyncio.Semaphore(options.max_concurrent_calls)
+        self._subscriptions: dict[str, list[EventCallback]] = {}
+        self._jobs: dict[int, _JobWatch] = {}
+        self._job_by_message: dict[int, int] = {}
+        self._connect_lock = asyncio.Lock()
+        self._generation = 0
+
+    # ----- connection ----------------------------------------------------------------------------
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._connected.is_set():
+                return
+            await self._open()
+
+    async def _open(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        try:
+            self._ws = await self._session.ws_connect(
+                self.url,
+                ssl=(self.options.ssl_context or True) if self.url.startswith("wss") else False,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                heartbeat=30.0,
+                max_msg_size=64 * 2**20,
+                autoping=True,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 404:
+                raise TransportError(
+                    f"{self.url}: no JSON-RPC API here (HTTP 404); is this TrueNAS 25.04 or later?"
+                ) from None
+            raise TransportError(f"{self.url}: WebSocket handshake failed (HTTP {exc.status})") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransportError(f"cannot connect to {self.url}: {_describe(exc)}") from None
+        self._generation += 1
+        self._reader = asyncio.create_task(self._read(self._ws, self._generation))
+        try:
+            await self._handshake()
+        except BaseException:
+            await self._ws.close()
+            raise
+        self._connected.set()
+
+    async def _handshake(self) -> None:
+        ok = await self._raw_call(
+            "auth.login_with_api_key", [self.options.api_key.reveal()], self.options.connect_timeout
+        )
+        if ok is not True:
+            raise AuthenticationFailed(
+                "TrueNAS refused the API key (wrong, revoked or expired; keys sent over plain ws:// are revoked)"
+            )
+        try:
+            options = await self._raw_call("core.set_options", [{"legacy_jobs": False}], self.options.connect_timeout)
+        except CallFailed:
+            options = None  # 25.04 accepts only py_exceptions
+        self.new_style_jobs = isinstance(options, dict) and options.get("legacy_jobs") is False
+        self.system_version = await self._raw_call("system.version", [], self.options.connect_timeout)
+        await self._raw_call("core.subscribe", ["core.get_jobs"], self.options.connect_timeout)
+        for collection in self._subscriptions:
+            await self._raw_call("core.subscribe", [collection], self.options.connect_timeout)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reconnector:
+            self._reconnector.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._session is not None:
+            await self._session.close()
+        self._fail_pending(TransportError("connection closed"))
+
+    def _fail_pending(self, error: TrueNASError) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+
+    def _lost(self, generation: int) -> None:
+        if generation != self._generation:
+            return
+        self._connected.clear()
+        self._fail_pending(TransportError(f"connection to {self.url} lost"))
+        if not self._closed and (self._reconnector is None or self._reconnector.done()):
+            self._reconnector = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.2
+        while not self._closed:
+            try:
+                async with self._connect_lock:
+                    await self._open()
+                log.info("reconnected to %s", self.url)
+                break
+            except AuthenticationFailed as exc:
+                log.warning("reconnect to %s: %s", self.url, exc.message)
+            except TrueNASError as exc:
+                log.info("reconnect to %s failed: %s; retrying in %.1fs", self.url, exc.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        for listener in list(self.on_reconnect):
+            with contextlib.suppress(Exception):
+                result = listener()
+                if asyncio.iscoroutine(result):
+                    await result
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        if self._connected.is_set():
+            return
+        if self._closed:
+            raise TransportError("connection closed")
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout or self.options.connect_timeout)
+        except TimeoutError:
+            raise TransportError(f"not connected to {self.url}") from None
+
+    # ----- reading --------------------------------------------------------------------------------
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, generation: int) -> None:
+        try:
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                try:
+                    data = json.loads(message.data)
+                except json.JSONDecodeError:
+                    log.warning("ignoring a message from TrueNAS that is not JSON")
+                    continue
+                if "id" in data and ("result" in data or "error" in data):
+                    self._resolve(data)
+                elif data.get("method") == "collection_update":
+                    self._event(data.get("params") or {})
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+        finally:
+            self._lost(generation)
+
+    def _resolve(self, data: dict[str, Any]) -> None:
+        future = self._pending.pop(data["id"], None) if isinstance(data["id"], int) else None
+        if future is None or future.done():
+            return
+        if "error" in data:
+            future.set_exception(_ErrorReply(data["error"]))
+        else:
+            future.set_result(data.get("result"))
+
+    def _event(self, params: dict[str, Any]) -> None:
+        collection = params.get("collection")
+        fields = params.get("fields")
+        if collection == "core.get_jobs" and isinstance(fields, dict):
+            self._job_event(params.get("id"), fields)
+        for callback in self._subscriptions.get(str(collection), []):
+            try:
+                callback(str(params.get("msg")), params.get("id"), fields)
+            except Exception:
+                log.exception("event callback for %s failed", collection)
+
+    def _job_event(self, job_id: Any, fields: dict[str, Any]) -> None:
+        if not isinstance(job_id, int):
+            return
+        for message_id in fields.get("message_ids") or []:
+            if isinstance(message_id, int) and message_id in self._pending:
+                self._job_by_message[message_id] = job_id
+        watch = self._jobs.get(job_id)
+        if watch is not None:
+            watch.job = {**(watch.job or {}), **fields}
+            watch.changed.set()
+
+    # ----- calls ----------------------------------------------------------------------------------
+    async def _raw_call(self, method: str, params: list[Any], timeout: float | None) -> Any:
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise TransportError(f"not connected to {self.url}")
+        ident = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = future
+        try:
+            await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": ident, "method": method, "params": params}))
+            return await asyncio.wait_for(future, timeout)
+        except _ErrorReply as reply:
+            raise error_from_jsonrpc(reply.error, method) from None
+        except TimeoutError:
+            raise CallTimeout(f"{method}: no answer from TrueNAS within {timeout:.0f}s") from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise TransportError(f"{method}: {_describe(exc)}") from None
+        finally:
+            self._pending.pop(ident, None)
+
+    async def call(self, method: str, *params: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
+        attempts = 2 if idempotent else 1
+        for attempt in range(attempts):
+            await self.wait_connected()
+            try:
+                async with self._limit:
+                    return await self._raw_call(method, list(params), timeout or self.options.call_timeout)
+            except TransportError:
+                if attempt + 1 == attempts or self._closed:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def call_job(
+        self,
+        method: str,
+        *params: Any,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        timeout = timeout or self.options.job_timeout
+        await self.wait_connected()
+        if not self.new_style_jobs:
+            async with self._limit:
+                job_id = await self._raw_call(method, list(params), self.options.call_timeout)
+            if not isinstance(job_id, int):
+                raise CallFailed(f"{method}: expected a job id, got {type(job_id).__name__}", method=method)
+            return await self.wait_job(job_id, timeout, on_progress)
+        ident_holder: list[int] = []
+        try:
+            async with self._limit:
+                return await self._new_style_call(method, list(params), timeout, ident_holder)
+        except TransportError:
+            job_id = self._job_by_message.get(ident_holder[0]) if ident_holder else None
+            if job_id is None:
+                raise
+            # The connection dropped mid-job, but TrueNAS told us the job id: follow it after reconnecting.
+            log.info("connection lost during %s; following job %s after reconnect", method, job_id)
+            return await self.wait_job(job_id, timeout, on_progress)
+        finally:
+            if ident_holder:
+                self._job_by_message.pop(ident_holder[0], None)
+
+    async def _new_style_call(self, method: str, params: list[Any], timeout: float, holder: list[int]) -> Any:
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise TransportError(f"not connected to {self.url}")
+        ident = next(self._ids)
+        holder.append(ident)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = future
+        try:
+            await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": ident, "method": method, "params": params}))
+            return await asyncio.wait_for(future, timeout)
+        except _ErrorReply as reply:
+            job_id = self._job_by_message.get(ident)
+            error = error_from_jsonrpc(reply.error, method)
+            if job_id is not None and not isinstance(error, AuthenticationFailed):
+                # Job errors come back as call errors; the job object says more (its id, exc_info).
+                jobs: Any = None
+                with contextlib.suppress(TrueNASError):
+                    jobs = await self._raw_call("core.get_jobs", [[["id", "=", job_id]]], self.options.call_timeout)
+                if jobs and jobs[0].get("state") in ("FAILED", "ABORTED"):
+                    raise error_from_job(jobs[0]) from None
+            raise error from None
+        except TimeoutError:
+            raise CallTimeout(f"{method}: job did not finish within {timeout:.0f}s") from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise TransportError(f"{method}: {_describe(exc)}") from None
+        finally:
+            self._pending.pop(ident, None)
+
+    async def wait_job(
+        self,
+        job_id: int,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        """Waits for a job to end: events first, a ``core.get_jobs`` poll when they are quiet."""
+        watch = self._jobs.setdefault(job_id, _JobWatch())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.options.job_timeout)
+        try:
+            while True:
+                job = watch.job
+                if job is not None:
+                    if on_progress and job.get("progress"):
+                        on_progress(job)
+                    if job.get("state") in FINAL_JOB_STATES:
+                        if job["state"] == "SUCCESS":
+                            return job.get("result")
+                        raise error_from_job({**job, "id": job_id})
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise CallTimeout(f"job {job_id} did not finish in time")
+                watch.changed.clear()
+                try:
+                    await asyncio.wait_for(watch.changed.wait(), min(remaining, JOB_POLL_INTERVAL))
+                except TimeoutError:
+                    await self._poll_job(job_id, watch)
+        finally:
+            self._jobs.pop(job_id, None)
+
+    async def _poll_job(self, job_id: int, watch: _JobWatch) -> None:
+        try:
+            jobs = await self.call("core.get_jobs", [["id", "=", job_id]], idempotent=True)
+        except TransportError:
+            return
+        if jobs:
+            watch.job = jobs[0]
+        elif watch.job is None:
+            raise CallFailed(f"job {job_id} is unknown to TrueNAS (restarted?)")
+
+    async def subscribe(self, collection: str, callback: EventCallback) -> None:
+        first = collection not in self._subscriptions
+        self._subscriptions.setdefault(collection, []).append(callback)
+        if first and self._connected.is_set():
+            await self.call("core.subscribe", collection)
+
+
+class _ErrorReply(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__("error reply")
+        self.error = error
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,213 @@
+"""REST v2.0 (``https://host/api/v2.0``, TrueNAS 25.x only; deprecated there, removed in 26).
+
+httpx with ``Authorization: Bearer <key>``. Job methods answer a job id; the transport polls
+``/core/get_jobs?id=N`` until the job ends. There are no events: callers poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from ..errors import (
+    APIUnavailable,
+    AuthenticationFailed,
+    CallFailed,
+    CallTimeout,
+    FieldError,
+    NotAuthorized,
+    NotFound,
+    TransportError,
+    validation_error,
+)
+from .base import ConnectionOptions, EventCallback, error_from_job
+
+log = logging.getLogger(__name__)
+FINAL_JOB_STATES = ("SUCCESS", "FAILED", "ABORTED")
+
+
+def rest_base(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, "/api/v2.0", "", ""))
+
+
+# method -> (HTTP verb, path, how params become the request); see truenas-api.md §2.2.
+_ROUTES: dict[str, tuple[str, str, str]] = {
+    "virt.instance.query": ("GET", "/virt/instance", "query"),
+    "virt.instance.create": ("POST", "/virt/instance", "body0"),
+    "virt.instance.update": ("PUT", "/virt/instance/id/{0}", "body1"),
+    "virt.instance.delete": ("DELETE", "/virt/instance/id/{0}", "none"),
+    "virt.instance.start": ("POST", "/virt/instance/start", "body0"),
+    "virt.instance.stop": ("POST", "/virt/instance/stop", "named:id,stop_args"),
+    "virt.instance.restart": ("POST", "/virt/instance/restart", "named:id,stop_args"),
+    "virt.instance.get_instance": ("POST", "/virt/instance/get_instance", "named:id,options"),
+    "virt.instance.image_choices": ("POST", "/virt/instance/image_choices", "body0"),
+    "virt.instance.device_list": ("POST", "/virt/instance/device_list", "body0"),
+    "virt.instance.device_add": ("POST", "/virt/instance/device_add", "named:id,device"),
+    "virt.instance.device_update": ("POST", "/virt/instance/device_update", "named:id,device"),
+    "virt.instance.device_delete": ("POST", "/virt/instance/device_delete", "named:id,name"),
+    "virt.global.config": ("GET", "/virt/global", "none"),
+    "core.get_jobs": ("GET", "/core/get_jobs", "query"),
+    "core.job_abort": ("POST", "/core/job_abort", "body0"),
+    "system.version": ("GET", "/system/version", "none"),
+}
+_REST_OPS = {"=": "", "!=": "__neq", ">": "__gt", "<": "__lt", ">=": "__gte", "<=": "__lte", "~": "__regex"}
+
+
+def _query_string(params: tuple[Any, ...]) -> dict[str, str]:
+    filters = params[0] if params else []
+    options = params[1] if len(params) > 1 else {}
+    query: dict[str, str] = {}
+    for name, op, value in filters:
+        if op not in _REST_OPS:
+            raise ValueError(f"REST cannot express the filter operator {op!r}")
+        text = "true" if value is True else "false" if value is False else "null" if value is None else str(value)
+        query[f"{name}{_REST_OPS[op]}"] = text
+    for key in ("limit", "offset"):
+        if key in options:
+            query[key] = str(options[key])
+    return query
+
+
+class RestTransport:
+    name = "rest"
+    supports_events = False
+
+    def __init__(self, options: ConnectionOptions) -> None:
+        self.options = options
+        self.base = rest_base(options.url)
+        self.system_version: str | None = None
+        self._limit = asyncio.Semaphore(options.max_concurrent_calls)
+        self._client: httpx.AsyncClient | None = None
+
+    async def connect(self) -> None:
+        if self._client is None:
+            verify: Any = self.options.ssl_context if self.options.ssl_context is not None else True
+            self._client = httpx.AsyncClient(
+                base_url=self.base,
+                headers={"Authorization": f"Bearer {self.options.api_key.reveal()}"},
+                verify=verify,
+                timeout=httpx.Timeout(self.options.call_timeout, connect=self.options.connect_timeout),
+                limits=httpx.Limits(max_connections=self.options.max_concurrent_calls),
+            )
+        self.system_version = await self.call("system.version", idempotent=True)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def call(self, method: str, *params: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
+        if self._client is None:
+            raise TransportError("not connected")
+        try:
+            verb, template, shape = _ROUTES[method]
+        except KeyError:
+            raise APIUnavailable(f"{method} is not available over REST") from None
+        path = template.format(*params) if "{0}" in template else template
+        request: dict[str, Any] = {}
+        if shape == "query":
+            request["params"] = _query_string(params)
+        elif shape == "body0" and params:
+            request["json"] = params[0]
+        elif shape == "body1":
+            request["json"] = params[1] if len(params) > 1 else {}
+        elif shape.startswith("named:"):
+            names = shape.removeprefix("named:").split(",")
+            request["json"] = dict(zip(names, params, strict=False))
+        attempts = 3 if idempotent else 1
+        for attempt in range(attempts):
+            try:
+                async with self._limit:
+                    response = await self._client.request(
+                        verb, path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **request
+                    )
+            except httpx.TimeoutException:
+                error: TransportError = CallTimeout(f"{method}: no answer from TrueNAS within the timeout")
+            except httpx.HTTPError as exc:
+                reason = (str(exc) or type(exc).__name__).splitlines()[0]
+                error = TransportError(f"{method}: cannot reach {self.base}: {reason}")
+            else:
+                if response.status_code in (502, 503, 504):
+                    error = TransportError(f"{method}: TrueNAS answered HTTP {response.status_code}")
+                else:
+                    return self._result(method, response)
+            if attempt + 1 == attempts:
+                raise error
+            await asyncio.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _result(self, method: str, response: httpx.Response) -> Any:
+        status = response.status_code
+        if status == 200:
+            return response.json()
+        if status == 401:
+            raise AuthenticationFailed("TrueNAS refused the API key (wrong, revoked or expired)")
+        if status == 403:
+            raise NotAuthorized(f"{method}: not authorized")
+        body: Any = None
+        with contextlib.suppress(ValueError):
+            body = response.json()
+        if status == 404:
+            if method.startswith("virt.") and isinstance(body, dict) and body.get("message") == "":
+                raise NotFound([FieldError(None, "instance does not exist", errno.ENOENT)], method)
+            raise APIUnavailable(f"{method}: REST endpoint not found (TrueNAS 26 removed the REST API)")
+        if status == 422 and isinstance(body, dict):
+            if "message" in body and "errno" in body:
+                raise CallFailed(str(body["message"]), int(body["errno"] or errno.EFAULT), method)
+            errors = [
+                FieldError(None if attr == "null" else attr, item.get("message", ""), int(item.get("errno") or 22))
+                for attr, items in body.items()
+                for item in (items if isinstance(items, list) else [])
+            ]
+            raise validation_error(errors, method)
+        message = body.get("message") if isinstance(body, dict) else response.text[:200]
+        raise CallFailed(f"{method}: HTTP {status}: {message}", errno.EFAULT, method)
+
+    async def call_job(
+        self,
+        method: str,
+        *params: Any,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        job_id = await self.call(method, *params)
+        if not isinstance(job_id, int):
+            raise CallFailed(f"{method}: expected a job id, got {type(job_id).__name__}", method=method)
+        return await self.wait_job(job_id, timeout, on_progress)
+
+    async def wait_job(
+        self,
+        job_id: int,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.options.job_timeout)
+        delay = 0.05
+        while True:
+            jobs = await self.call("core.get_jobs", [["id", "=", job_id]], idempotent=True)
+            if not jobs:
+                raise CallFailed(f"job {job_id} is unknown to TrueNAS (restarted?)")
+            job = jobs[0]
+            if on_progress:
+                on_progress(job)
+            if job.get("state") in FINAL_JOB_STATES:
+                if job["state"] == "SUCCESS":
+                    return job.get("result")
+                raise error_from_job(job)
+            if loop.time() + delay > deadline:
+                raise CallTimeout(f"job {job_id} did not finish in time")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def subscribe(self, collection: str, callback: EventCallback) -> None:
+        raise APIUnavailable("REST has no event subscriptions; poll instead")

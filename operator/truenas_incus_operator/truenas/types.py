@@ -1,0 +1,140 @@
+"""What the operator and the backends exchange, in IncusInstance terms (not any API family's)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """A device as the operator wants it (or as a backend reports it)."""
+
+    name: str
+    type: str
+    """DISK, NIC, GPU, USB, TPM, PROXY, PCI, CDROM."""
+    source: str | None = None
+    destination: str | None = None
+    readonly: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    inherited: bool = False
+    """Comes from a profile (e.g. the default NIC and root disk); never managed by the operator."""
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """Everything needed to create an instance."""
+
+    name: str
+    type: str
+    image: str
+    storage_pool: str | None = None
+    cpu: str | None = None
+    memory: int | None = None
+    autostart: bool = True
+    environment: dict[str, str] = field(default_factory=dict)
+    devices: tuple[DeviceConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class InstanceChanges:
+    """A partial update; ``None`` means leave unchanged, ``UNSET`` means remove the limit."""
+
+    cpu: str | Unset | None = None
+    memory: int | Unset | None = None
+    autostart: bool | None = None
+    environment: dict[str, str] | None = None
+
+    def is_empty(self) -> bool:
+        return self.cpu is None and self.memory is None and self.autostart is None and self.environment is None
+
+
+class Unset:
+    """Marks a limit to remove (TrueNAS: ``null``)."""
+
+    _instance: Unset | None = None
+
+    def __new__(cls) -> Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = Unset()
+
+
+@dataclass(frozen=True)
+class ObservedImage:
+    os: str | None = None
+    release: str | None = None
+    serial: str | None = None
+    architecture: str | None = None
+    variant: str | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class ObservedInstance:
+    """An instance as TrueNAS reports it."""
+
+    id: str
+    name: str
+    type: str
+    status: str
+    """RUNNING, STOPPED, STARTING, STOPPING, FROZEN, ERROR or UNKNOWN (TrueNAS's words)."""
+    cpu: str | None
+    memory: int | None
+    autostart: bool
+    environment: dict[str, str]
+    addresses: tuple[str, ...]
+    image: ObservedImage
+    storage_pool: str | None = None
+
+
+InstanceEventCallback = Callable[[str, str, dict[str, Any] | None], None]
+"""``(kind, instance name, fields)``; kind is added, changed or removed."""
+
+
+class InstanceBackend(Protocol):
+    """One API family (``virt.instance`` now, ``container.*`` later) behind one interface."""
+
+    family: str
+    supports_events: bool
+
+    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
+        """Spec fields of ``config`` this backend cannot honour (reported, never silently dropped)."""
+        ...
+
+    async def list_instances(self) -> list[ObservedInstance]: ...
+
+    async def get_instance(self, name: str) -> ObservedInstance | None: ...
+
+    async def create(
+        self, config: InstanceConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> ObservedInstance: ...
+
+    async def update(self, name: str, changes: InstanceChanges) -> ObservedInstance: ...
+
+    async def delete(self, name: str) -> None: ...
+
+    async def start(self, name: str) -> None: ...
+
+    async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None: ...
+
+    async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None: ...
+
+    async def list_devices(self, name: str) -> list[DeviceConfig]: ...
+
+    async def add_device(self, name: str, device: DeviceConfig) -> None: ...
+
+    async def update_device(self, name: str, device: DeviceConfig) -> None: ...
+
+    async def delete_device(self, name: str, device_name: str) -> None: ...
+
+    async def watch(self, callback: InstanceEventCallback) -> bool:
+        """Follows instance changes; False when the transport has no events (callers poll)."""
+        ...
