@@ -140,3 +140,14 @@ def test_printer_columns(cluster: Cluster, namespace: str) -> None:
     assert table[1].split()[:8] == ["cols", "CONTAINER", "Running", "2", "2Gi", "true", "10.142.87.23", "True"]
     short = cluster.kubectl("get", "ii", "-n", namespace, "-o", "name").stdout.strip()
     assert short == "incusinstance.incus.truenas.io/cols"
+
+
+def test_dotted_metadata_name_is_fine_with_spec_name(cluster: Cluster, namespace: str) -> None:
+    manifest = {
+        "apiVersion": "incus.truenas.io/v1alpha1",
+        "kind": "IncusInstance",
+        "metadata": {"name": "web.01"},
+        "spec": {"type": "CONTAINER", "image": "debian/bookworm", "name": "web-01"},
+    }
+    result = cluster.apply(manifest, namespace)
+    assert result.returncode == 0, result.stderr

@@ -30,9 +30,35 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.dir))
 
 
+def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    import kopf
+
+    from . import handlers  # noqa: F401 - registers the handlers
+
+    kopf.configure(verbose=args.verbose, debug=args.debug, log_format=kopf.LogFormat.PLAIN)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    kopf.run(
+        standalone=True,
+        clusterwide=args.all_namespaces or not args.namespace,
+        namespaces=args.namespace or (),
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="truenas-incus-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the operator (configuration: TIO_* environment, see settings.py)")
+    run.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable); default: all")
+    run.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    run.add_argument("--liveness", default=None, help="serve kopf's health endpoint, e.g. http://0.0.0.0:8080/healthz")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument("--debug", action="store_true")
+    run.set_defaults(func=_run)
 
     crd = commands.add_parser("crd", help="write the CRD manifests generated from the models")
     crd.add_argument("--output", default="crds", help="folder to write into (default: crds)")

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from .models import (
     API_GROUP,
     API_VERSION,
+    INSTANCE_ROOT_RULES,
     IncusInstanceSpec,
     IncusInstanceStatus,
     TrueNASConnectionSpec,
@@ -74,8 +75,10 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return result
 
 
-def _root_schema(spec: type[BaseModel], status: type[BaseModel], description: str) -> dict[str, Any]:
-    return {
+def _root_schema(
+    spec: type[BaseModel], status: type[BaseModel], description: str, rules: list[Any] | None = None
+) -> dict[str, Any]:
+    root: dict[str, Any] = {
         "type": "object",
         "description": description,
         "required": ["spec"],
@@ -87,6 +90,9 @@ def _root_schema(spec: type[BaseModel], status: type[BaseModel], description: st
             "status": schema_of(status),
         },
     }
+    if rules:
+        root["x-kubernetes-validations"] = rules
+    return root
 
 
 def _crd(
@@ -141,6 +147,7 @@ def incus_instance_crd() -> dict[str, Any]:
             IncusInstanceSpec,
             IncusInstanceStatus,
             "An Incus instance (container or VM) on TrueNAS, owned by this cluster.",
+            INSTANCE_ROOT_RULES,
         ),
         [
             {"name": "Type", "type": "string", "jsonPath": ".spec.type"},

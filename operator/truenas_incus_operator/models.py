@@ -199,6 +199,16 @@ _CROSS_FIELD_RULES: list[JsonValue] = [
 ]
 
 
+# Checked on the whole object: metadata.name becomes the instance name when spec.name is omitted.
+INSTANCE_ROOT_RULES: list[JsonValue] = [
+    _cel(
+        f"has(self.spec.name) || self.metadata.name.matches('{INSTANCE_NAME_PATTERN}')",
+        "metadata.name is not a valid Incus instance name (letters, digits and '-', 1-63 characters, "
+        "starting with a letter): set spec.name",
+    )
+]
+
+
 class IncusInstanceSpec(_Model):
     """Desired state of a TrueNAS Incus instance. Fields left out keep TrueNAS's defaults, reported in status."""
 

@@ -66,7 +66,7 @@ class SimulatorThread:
                 self._tmp = tempfile.TemporaryDirectory(prefix="truenas-sim-")
                 directory = Path(self._tmp.name)
             context = server_context(
-                CertificateAuthority.create("truenas-simulator CA"), directory, ["localhost", "127.0.0.1"]
+                CertificateAuthority.load_or_create(directory, "truenas-simulator CA"), directory, ["localhost", "127.0.0.1"]
             )
             self.ca_file = directory / "ca.crt"
         self.server = SimulatorServer(self.sim, port=self.port, ssl_context=context)
@@ -76,6 +76,7 @@ class SimulatorThread:
     def stop(self) -> None:
         if self.server is not None:
             self.submit(self.server.stop()).result(timeout=30)
+        self.submit(_drain()).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
@@ -87,3 +88,12 @@ class SimulatorThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _drain() -> None:
+    """Cancels what is left (jobs, handlers) and lets closed sockets finish closing."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0.05)

@@ -103,8 +103,14 @@ class SimulatorServer:
     async def stop(self) -> None:
         await self.drop_connections()
         if self.runner is not None:
+            # Idle keep-alive (REST) connections too: a TLS close would otherwise wait for the peer.
+            server = self.runner.server
+            for handler in list(server.connections if server is not None else []):
+                if handler.transport is not None:
+                    handler.transport.abort()
             await self.runner.cleanup()
             self.runner = None
+            await asyncio.sleep(0)
 
     async def drop_connections(self) -> int:
         """Closes every WebSocket abruptly, as a network failure or a middleware restart would."""

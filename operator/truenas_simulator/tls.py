@@ -90,6 +90,21 @@ class CertificateAuthority:
         cert = builder.sign(self.key, hashes.SHA256())
         return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
 
+    @classmethod
+    def load_or_create(cls, directory: Path, name: str) -> CertificateAuthority:
+        """Reuses ``ca.crt``/``ca.key`` in ``directory`` (so clients keep trusting it), else makes them."""
+        cert_path, key_path = directory / "ca.crt", directory / "ca.key"
+        if cert_path.exists() and key_path.exists():
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if isinstance(key, ec.EllipticCurvePrivateKey):
+                return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+        ca = cls.create(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        cert_path.write_bytes(ca.cert_pem)
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key_pem(ca.key))
+        return ca
+
     @property
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)

@@ -135,6 +135,10 @@ class InstanceBackend(Protocol):
 
     async def delete_device(self, name: str, device_name: str) -> None: ...
 
+    def instance_from_event(self, fields: dict[str, Any]) -> ObservedInstance | None:
+        """The instance an event describes in full, or None when it carries only some fields."""
+        ...
+
     async def watch(self, callback: InstanceEventCallback) -> bool:
         """Follows instance changes; False when the transport has no events (callers poll)."""
         ...

@@ -161,6 +161,12 @@ class VirtInstanceBackend:
     async def delete_device(self, name: str, device_name: str) -> None:
         await self.transport.call("virt.instance.device_delete", name, device_name)
 
+    def instance_from_event(self, fields: dict[str, Any]) -> ObservedInstance | None:
+        """A full query entry from an ADDED/CHANGED event; None for partial ones ({"status": ...})."""
+        if {"id", "name", "type", "status", "aliases"} <= fields.keys():
+            return observed(fields)
+        return None
+
     async def watch(self, callback: InstanceEventCallback) -> bool:
         if not self.transport.supports_events:
             return False

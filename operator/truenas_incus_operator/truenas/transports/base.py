@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +42,12 @@ class Secret:
         return "Secret('********')"
 
     __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(hashlib.sha256(self._value.encode()).digest())
 
 
 @dataclass

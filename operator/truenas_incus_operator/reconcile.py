@@ -1,0 +1,302 @@
+"""Desired vs observed -> a plan of actions. Pure functions: no kopf, no I/O.
+
+The controller executes a plan's actions in order and then plans again from fresh observations,
+so every function here only has to answer "what is the next step from this state".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models import (
+    ADOPT_ANNOTATION,
+    API_GROUP,
+    EFFECTIVE_DEFAULTS,
+    DeletionPolicy,
+    IncusInstanceSpec,
+    PowerState,
+)
+from .truenas.types import UNSET, DeviceConfig, InstanceChanges, InstanceConfig, ObservedInstance
+
+CREATED_ANNOTATION = f"{API_GROUP}/created-instance"
+"""Written before the create call: this resource created (or is creating) the named instance."""
+
+TRANSITIONAL = ("STARTING", "STOPPING", "FREEZING", "ABORTING")
+
+
+@dataclass(frozen=True)
+class Desired:
+    """An IncusInstance as the reconciler sees it."""
+
+    namespace: str
+    name: str
+    generation: int
+    spec: IncusInstanceSpec
+    annotations: dict[str, str]
+    deleting: bool = False
+
+    @property
+    def instance_name(self) -> str:
+        return self.spec.name or self.name
+
+    @property
+    def created_by_us(self) -> bool:
+        return self.annotations.get(CREATED_ANNOTATION) == self.instance_name
+
+    @property
+    def may_manage_existing(self) -> bool:
+        """Whether an instance that already exists under the name may be managed.
+
+        Only the annotations count, never status: status is a report, and anyone allowed to write it
+        (including this operator reporting on a foreign instance) must not create ownership.
+        """
+        return self.created_by_us or self.annotations.get(ADOPT_ANNOTATION, "").lower() == "true"
+
+    @property
+    def power_state(self) -> str:
+        return str(self.spec.power_state or EFFECTIVE_DEFAULTS["power_state"])
+
+    @property
+    def stop_timeout(self) -> int:
+        value = self.spec.stop_timeout_seconds
+        return int(EFFECTIVE_DEFAULTS["stop_timeout_seconds"] if value is None else value)
+
+    @property
+    def deletion_policy(self) -> str:
+        return str(self.spec.deletion_policy or EFFECTIVE_DEFAULTS["deletion_policy"])
+
+    @property
+    def autostart(self) -> bool:
+        return bool(EFFECTIVE_DEFAULTS["autostart"] if self.spec.autostart is None else self.spec.autostart)
+
+    @property
+    def manages_devices(self) -> bool:
+        return bool(self.spec.devices or self.spec.nics)
+
+
+# ----- actions ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MarkCreating:
+    """Record ``CREATED_ANNOTATION`` on the resource before creating (crash safety)."""
+
+
+@dataclass(frozen=True)
+class Create:
+    config: InstanceConfig
+
+
+@dataclass(frozen=True)
+class Update:
+    changes: InstanceChanges
+
+
+@dataclass(frozen=True)
+class AddDevice:
+    device: DeviceConfig
+
+
+@dataclass(frozen=True)
+class UpdateDevice:
+    device: DeviceConfig
+
+
+@dataclass(frozen=True)
+class RemoveDevice:
+    name: str
+
+
+@dataclass(frozen=True)
+class Start:
+    pass
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Graceful within ``timeout`` seconds, then forced."""
+
+    timeout: int
+
+
+@dataclass(frozen=True)
+class Delete:
+    pass
+
+
+Action = MarkCreating | Create | Update | AddDevice | UpdateDevice | RemoveDevice | Start | Stop | Delete
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """The reconciler must not act; ``reason`` and ``message`` go into the Synced condition."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...] = ()
+    blocked: Blocked | None = None
+    waiting: str | None = None
+    """TrueNAS is busy with the instance (e.g. STARTING); look again soon."""
+    unsupported: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def converged(self) -> bool:
+        return not self.actions and self.blocked is None and self.waiting is None
+
+
+# ----- translation -------------------------------------------------------------------------------------
+def desired_devices(spec: IncusInstanceSpec) -> tuple[DeviceConfig, ...]:
+    """Devices and NICs of the spec as backend-neutral device configs."""
+    devices = [
+        DeviceConfig(
+            name=d.name,
+            type=str(d.type),
+            source=d.source,
+            destination=d.destination,
+            readonly=bool(d.readonly),
+            extra=dict(d.extra or {}),
+        )
+        for d in spec.devices or []
+    ]
+    for nic in spec.nics or []:
+        extra: dict[str, Any] = {"nic_type": str(nic.type or EFFECTIVE_DEFAULTS["nic_type"]).upper()}
+        if nic.parent:
+            extra["parent"] = nic.parent
+        if nic.hwaddr:
+            extra["mac"] = nic.hwaddr.lower().replace("-", ":")
+        devices.append(DeviceConfig(name=nic.name, type="NIC", extra=extra))
+    return tuple(devices)
+
+
+def instance_config(desired: Desired) -> InstanceConfig:
+    spec = desired.spec
+    return InstanceConfig(
+        name=desired.instance_name,
+        type=str(spec.type),
+        image=spec.image,
+        storage_pool=spec.storage_pool,
+        cpu=spec.cpu,
+        memory=spec.memory_bytes(),
+        autostart=desired.autostart,
+        environment=dict(spec.environment or {}),
+        devices=desired_devices(spec),
+    )
+
+
+def config_changes(desired: Desired, observed: ObservedInstance) -> InstanceChanges:
+    """cpu, memory, autostart and environment that differ (omitted limits mean no limit)."""
+    spec = desired.spec
+    memory = spec.memory_bytes()
+    if memory is not None:
+        memory = memory // 2**20 * 2**20  # TrueNAS keeps whole MiB; compare like with like
+    environment = dict(spec.environment or {})
+    return InstanceChanges(
+        cpu=None if spec.cpu == observed.cpu else (spec.cpu if spec.cpu is not None else UNSET),
+        memory=None if memory == observed.memory else (memory if memory is not None else UNSET),
+        autostart=None if desired.autostart == observed.autostart else desired.autostart,
+        environment=None if environment == observed.environment else environment,
+    )
+
+
+def device_differs(want: DeviceConfig, have: DeviceConfig) -> bool:
+    """Compares only what the spec says (TrueNAS fills in defaults for the rest)."""
+    if want.type != have.type or want.readonly != have.readonly:
+        return True
+    if want.source is not None and want.source != have.source:
+        return True
+    if want.destination is not None and want.destination != have.destination:
+        return True
+    return any(have.extra.get(key) != value for key, value in want.extra.items())
+
+
+def device_actions(desired: Desired, devices: list[DeviceConfig]) -> list[Action]:
+    want = {d.name: d for d in desired_devices(desired.spec)}
+    have = {d.name: d for d in devices if not d.inherited}
+    actions: list[Action] = [RemoveDevice(name) for name in have if name not in want]
+    for name, device in want.items():
+        if name not in have:
+            actions.append(AddDevice(device))
+        elif device_differs(device, have[name]):
+            actions.append(UpdateDevice(device))
+    return actions
+
+
+# ----- planning ------------------------------------------------------------------------------------------
+def plan(
+    desired: Desired,
+    observed: ObservedInstance | None,
+    devices: list[DeviceConfig] | None = None,
+    unsupported: tuple[str, ...] = (),
+) -> Plan:
+    """The next steps toward the spec. ``devices`` is None when they were not read this time."""
+    if observed is None:
+        if "type" in unsupported:
+            return Plan(blocked=Blocked("Unsupported", _vm_unsupported_message(desired)), unsupported=unsupported)
+        actions: list[Action] = [] if desired.created_by_us else [MarkCreating()]
+        actions.append(Create(instance_config(desired)))
+        return Plan(actions=tuple(actions), unsupported=unsupported)
+
+    if not desired.may_manage_existing:
+        return Plan(
+            blocked=Blocked(
+                "AlreadyExists",
+                f"an instance named {desired.instance_name!r} already exists on TrueNAS and was not created by this "
+                f'resource; to manage it, annotate the resource with {ADOPT_ANNOTATION}: "true"',
+            )
+        )
+    if observed.type != str(desired.spec.type):
+        return Plan(
+            blocked=Blocked(
+                "TypeMismatch",
+                f"the instance {desired.instance_name!r} on TrueNAS is a {observed.type}, the spec asks for a "
+                f"{desired.spec.type}",
+            )
+        )
+    if observed.status in TRANSITIONAL:
+        return Plan(waiting=f"TrueNAS reports {observed.status}", unsupported=unsupported)
+
+    steps: list[Action] = []
+    changes = config_changes(desired, observed)
+    if not changes.is_empty():
+        steps.append(Update(changes))
+    if devices is not None:
+        steps.extend(device_actions(desired, devices))
+    power = desired.power_state
+    if power == PowerState.RUNNING and observed.status == "STOPPED":
+        steps.append(Start())
+    elif power == PowerState.STOPPED and observed.status == "RUNNING":
+        steps.append(Stop(desired.stop_timeout))
+    notes: tuple[str, ...] = ()
+    if power != PowerState.MANUAL and observed.status in ("FROZEN", "ERROR", "UNKNOWN"):
+        notes = (f"TrueNAS reports {observed.status}; the operator does not change a {observed.status} instance",)
+    return Plan(actions=tuple(steps), unsupported=unsupported, notes=notes)
+
+
+def plan_delete(desired: Desired, observed: ObservedInstance | None) -> Plan:
+    """Steps to remove the instance when the resource is deleted."""
+    if desired.deletion_policy == DeletionPolicy.ORPHAN or observed is None:
+        return Plan()
+    if not desired.may_manage_existing:
+        return Plan(
+            notes=(f"the instance {desired.instance_name!r} was never managed by this resource; left in place",)
+        )
+    if observed.status in TRANSITIONAL:
+        return Plan(waiting=f"TrueNAS reports {observed.status}")
+    steps: list[Action] = []
+    if observed.status == "RUNNING":
+        steps.append(Stop(desired.stop_timeout))
+    steps.append(Delete())
+    return Plan(actions=tuple(steps))
+
+
+def _vm_unsupported_message(desired: Desired) -> str:
+    return (
+        f"this TrueNAS cannot create the VM {desired.instance_name!r} through virt.instance: TrueNAS 25.04.2 and "
+        "later create VMs only through the vm.* API (and TrueNAS 26 has no virt.* at all). Existing Incus VMs stay "
+        "manageable: create the VM in the TrueNAS UI and annotate this resource with "
+        f'{ADOPT_ANNOTATION}: "true", or use a CONTAINER'
+    )

@@ -1,0 +1,38 @@
+"""Operator configuration from the environment (prefix ``TIO_``), e.g. set by the Helm chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .models import Transport
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TIO_", extra="ignore")
+
+    truenas_url: str | None = Field(
+        None, description="Default connection: wss://host or https://host. Unset: only TrueNASConnections work."
+    )
+    truenas_transport: Transport = Field(Transport.WEBSOCKET, description="websocket or rest")
+    truenas_api_key: SecretStr | None = Field(None, description="Default connection's API key (prefer the file).")
+    truenas_api_key_file: Path | None = Field(None, description="File holding the API key (a mounted Secret).")
+    truenas_ca_file: Path | None = Field(None, description="PEM CA bundle that signed TrueNAS's certificate.")
+    truenas_insecure_skip_verify: bool = Field(False, description="Skip TLS verification (tests only).")
+    truenas_max_concurrent_calls: int = Field(20, ge=1, le=20)
+
+    resync_seconds: float = Field(60.0, gt=0, description="How often each connection re-reads all instances.")
+    retry_min_seconds: float = Field(2.0, gt=0, description="First retry delay after a failure.")
+    retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay (bounded backoff).")
+    call_timeout_seconds: float = Field(60.0, gt=0)
+    job_timeout_seconds: float = Field(15 * 60.0, gt=0)
+
+    def default_api_key(self) -> str | None:
+        if self.truenas_api_key_file is not None:
+            return self.truenas_api_key_file.read_text().strip()
+        return self.truenas_api_key.get_secret_value() if self.truenas_api_key else None
+
+    def default_ca(self) -> str | None:
+        return self.truenas_ca_file.read_text() if self.truenas_ca_file else None

@@ -1,0 +1,253 @@
+"""End-to-end helpers: the operator as a subprocess, simulators, and IncusInstance shortcuts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from truenas_simulator import Simulator, SimulatorThread
+
+from .conftest import Cluster
+
+GIB = 2**30
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class OperatorProcess:
+    """``python -m truenas_incus_operator run`` against the local control plane."""
+
+    cluster: Cluster
+    env: dict[str, str]
+    log_path: Path
+    args: list[str] = field(default_factory=lambda: ["-A"])
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def start(self) -> OperatorProcess:
+        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), **self.env)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "truenas_incus_operator", "run", "--verbose", *self.args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.starts += 1
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no goodbye, as a node failure would."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class Harness:
+    cluster: Cluster
+    sim: SimulatorThread
+    operator: OperatorProcess
+    workdir: Path
+
+    # ----- IncusInstance shortcuts ---------------------------------------------------------------------
+    def apply(
+        self,
+        namespace: str,
+        name: str,
+        spec: dict[str, Any],
+        annotations: dict[str, str] | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        manifest: dict[str, Any] = {
+            "apiVersion": "incus.truenas.io/v1alpha1",
+            "kind": "IncusInstance",
+            "metadata": {"name": name, **({"annotations": annotations} if annotations else {})},
+            "spec": {"type": "CONTAINER", "image": "debian/bookworm", **spec},
+        }
+        result = self.cluster.apply(manifest, namespace)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.cluster.get("incusinstance", name, namespace)
+
+    def exists(self, namespace: str, name: str) -> bool:
+        result = self.cluster.kubectl("get", "incusinstance", name, "-n", namespace, "-o", "name", check=False)
+        return result.returncode == 0
+
+    def condition(self, namespace: str, name: str, kind: str) -> dict[str, Any]:
+        for condition in self.get(namespace, name).get("status", {}).get("conditions", []):
+            if condition["type"] == kind:
+                return dict(condition)
+        return {}
+
+    def wait_status(
+        self, namespace: str, name: str, what: str, predicate: Any, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = self.get(namespace, name).get("status") or {}
+            return status if predicate(status) else None
+
+        result: dict[str, Any] = self.cluster.wait_for(check, timeout=timeout, what=f"{namespace}/{name}: {what}")
+        return result
+
+    def wait_ready(self, namespace: str, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        return self.wait_status(namespace, name, "Ready=True", lambda s: _cond(s, "Ready") == "True", timeout)
+
+    def wait_synced_false(self, namespace: str, name: str, reason: str, timeout: float = 30.0) -> dict[str, Any]:
+        return self.wait_status(
+            namespace,
+            name,
+            f"Synced=False/{reason}",
+            lambda s: _cond(s, "Synced") == "False" and _reason(s, "Synced") == reason,
+            timeout,
+        )
+
+    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        out = self.cluster.kubectl(
+            "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "json"
+        ).stdout
+        items: list[dict[str, Any]] = json.loads(out)["items"]
+        return items
+
+    def wait_event(self, namespace: str, name: str, reason: str, timeout: float = 30.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            return next((e for e in self.events(namespace, name) if e["reason"] == reason), None)
+
+        result: dict[str, Any] = self.cluster.wait_for(check, timeout=timeout, what=f"Event {reason} on {name}")
+        return result
+
+    def delete(self, namespace: str, name: str, wait: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl(
+            "delete",
+            "incusinstance",
+            name,
+            "-n",
+            namespace,
+            f"--wait={str(wait).lower()}",
+            "--timeout=60s",
+            check=False,
+        )
+
+    # ----- simulator shortcuts ---------------------------------------------------------------------------
+    def instance(self, name: str, sim: SimulatorThread | None = None) -> Any:
+        target = sim or self.sim
+        return target.run(lambda: target.sim.instances.get(name))
+
+    def instance_names(self, sim: SimulatorThread | None = None) -> set[str]:
+        target = sim or self.sim
+        return target.run(lambda: set(target.sim.instances))
+
+    def calls(self, sim: SimulatorThread | None = None) -> dict[str, int]:
+        target = sim or self.sim
+        return target.run(lambda: dict(target.sim.counters.by_method))
+
+    def connect_namespace(
+        self, namespace: str, sim: SimulatorThread, name: str = "nas", transport: str = "websocket"
+    ) -> str:
+        """A TrueNASConnection (with its key and CA Secrets) in ``namespace`` for ``sim``."""
+        assert sim.ca_file is not None
+        secret_key = secret_manifest(f"{name}-key", {"apiKey": sim.api_key})
+        secret_ca = secret_manifest(f"{name}-ca", {"ca.crt": sim.ca_file.read_text()})
+        connection = {
+            "apiVersion": "incus.truenas.io/v1alpha1",
+            "kind": "TrueNASConnection",
+            "metadata": {"name": name},
+            "spec": {
+                "url": sim.ws_url if transport == "websocket" else sim.url,
+                "transport": transport,
+                "apiKeySecretRef": {"name": f"{name}-key", "key": "apiKey"},
+                "tls": {"caSecretRef": {"name": f"{name}-ca", "key": "ca.crt"}},
+            },
+        }
+        for manifest in (secret_key, secret_ca, connection):
+            result = self.cluster.apply(manifest, namespace)
+            assert result.returncode == 0, result.stderr
+        return name
+
+
+def secret_manifest(name: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def _cond(status: dict[str, Any], kind: str) -> str | None:
+    return next((c["status"] for c in status.get("conditions", []) if c["type"] == kind), None)
+
+
+def _reason(status: dict[str, Any], kind: str) -> str | None:
+    return next((c["reason"] for c in status.get("conditions", []) if c["type"] == kind), None)
+
+
+def start_simulator(
+    profile: str = "25.10", tls: bool = True, cert_dir: Path | None = None, **knobs: Any
+) -> SimulatorThread:
+    sim = Simulator(profile, seed=11)
+    for key, value in knobs.items():
+        setattr(sim.knobs, key, value)
+    return SimulatorThread(sim, tls=tls, cert_dir=cert_dir).start()
+
+
+def operator_env(sim: SimulatorThread, workdir: Path, resync: float = 2.0, **extra: str) -> dict[str, str]:
+    key_file = workdir / "api-key"
+    key_file.write_text(sim.api_key)
+    key_file.chmod(0o600)
+    assert sim.ca_file is not None
+    env = {
+        "TIO_TRUENAS_URL": sim.ws_url,
+        "TIO_TRUENAS_API_KEY_FILE": str(key_file),
+        "TIO_TRUENAS_CA_FILE": str(sim.ca_file),
+        "TIO_RESYNC_SECONDS": str(resync),
+        "TIO_RETRY_MIN_SECONDS": "0.5",
+        "TIO_RETRY_MAX_SECONDS": "4",
+    }
+    env.update(extra)
+    return env
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
