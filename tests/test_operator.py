@@ -422,7 +422,9 @@ def test_status_shape_and_the_operator_never_writes_spec(harness: Harness, names
         assert condition["status"] in ("True", "False", "Unknown")
     assert [c["type"] for c in status["conditions"]] == ["Ready", "Synced"]
     managed = json.loads(
-        harness.cluster.kubectl("get", "incusinstance", name, "-n", namespace, "--show-managed-fields", "-o", "json").stdout
+        harness.cluster.kubectl(
+            "get", "incusinstance", name, "-n", namespace, "--show-managed-fields", "-o", "json"
+        ).stdout
     )["metadata"]["managedFields"]
     assert {e["manager"] for e in managed} >= {"kubectl-client-side-apply", "kopf"}
     for entry in managed:

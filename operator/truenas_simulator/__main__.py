@@ -90,7 +90,9 @@ async def serve(args: argparse.Namespace) -> None:
         context.load_cert_chain(args.cert, args.key)
     elif args.tls:
         context = server_context(
-            CertificateAuthority.load_or_create(args.cert_dir, "truenas-simulator CA"), args.cert_dir, ["localhost", args.host]
+            CertificateAuthority.load_or_create(args.cert_dir, "truenas-simulator CA"),
+            args.cert_dir,
+            ["localhost", args.host],
         )
     server = await SimulatorServer(sim, host=args.host, port=args.port, ssl_context=context).start()
     if args.port_file:

@@ -66,7 +66,9 @@ class SimulatorThread:
                 self._tmp = tempfile.TemporaryDirectory(prefix="truenas-sim-")
                 directory = Path(self._tmp.name)
             context = server_context(
-                CertificateAuthority.load_or_create(directory, "truenas-simulator CA"), directory, ["localhost", "127.0.0.1"]
+                CertificateAuthority.load_or_create(directory, "truenas-simulator CA"),
+                directory,
+                ["localhost", "127.0.0.1"],
             )
             self.ca_file = directory / "ca.crt"
         self.server = SimulatorServer(self.sim, port=self.port, ssl_context=context)
