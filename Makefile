@@ -14,7 +14,7 @@ controlplane: venv
 	@bash tools/build-controlplane.sh >/dev/null
 
 run: venv
-	@$(PY) -m truenas_incus_operator demo
+	@$(PY) -m truenas_incus_operator start
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests

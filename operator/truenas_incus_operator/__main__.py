@@ -24,10 +24,10 @@ def _controlplane(args: argparse.Namespace) -> int:
     return run_forever(Path(args.dir))
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def _start(args: argparse.Namespace) -> int:
+    from .demo import start
 
-    return run_demo(Path(args.dir))
+    return start(Path(args.dir))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -69,9 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     plane.add_argument("--dir", default=".run/controlplane", help="working folder (default: .run/controlplane)")
     plane.set_defaults(func=_controlplane)
 
-    demo = commands.add_parser("demo", help="local control plane + TrueNAS simulator + the examples")
-    demo.add_argument("--dir", default=".run", help="working folder (default: .run)")
-    demo.set_defaults(func=_demo)
+    main = commands.add_parser(
+        "start",
+        help="the main job: the operator against KUBECONFIG + TIO_TRUENAS_URL, else a local demo with simulators",
+    )
+    main.add_argument("--dir", default=".run", help="working folder (default: .run)")
+    main.set_defaults(func=_start)
     return parser
 
 

@@ -1,20 +1,53 @@
-"""The embedded default of the main command: a local control plane with the CRDs, a TrueNAS
-simulator, and the examples applied, so people can look around without a cluster or a NAS."""
+"""The README's main command (``make run`` -> ``truenas-incus-operator start``).
+
+- With ``KUBECONFIG`` and ``TIO_TRUENAS_URL`` set: installs the CRDs into that cluster and runs the
+  operator against that TrueNAS (key from ``TIO_TRUENAS_API_KEY_FILE`` or ``TIO_TRUENAS_API_KEY``).
+- Otherwise the embedded default: a local control plane, two TrueNAS simulators (25.10 as the
+  default connection, 25.04.0 behind a TrueNASConnection for the VM example), the operator, and
+  the examples, shown reaching Running as ``kubectl get -w`` shows them.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from truenas_simulator import Simulator, SimulatorThread
 
 from .localcluster import REPO_ROOT, ControlPlaneError, LocalControlPlane, binaries_dir, wait_for_interrupt
 
+EXAMPLES = REPO_ROOT / "examples"
+
+
+def start(workdir: Path) -> int:
+    if os.environ.get("KUBECONFIG") and os.environ.get("TIO_TRUENAS_URL"):
+        return run_against_configured(workdir)
+    return run_demo(workdir)
+
+
+def run_against_configured(workdir: Path) -> int:
+    kubeconfig = os.environ["KUBECONFIG"]
+    print(f"start: KUBECONFIG={kubeconfig}, TrueNAS at {os.environ['TIO_TRUENAS_URL']}", flush=True)
+    kubectl = binaries_dir() / "kubectl"
+    applied = subprocess.run([str(kubectl), "apply", "-f", str(REPO_ROOT / "crds")], check=False)
+    if applied.returncode != 0:
+        print("error: could not install the CRDs (see above)", file=sys.stderr)
+        return 1
+    return subprocess.call([sys.executable, "-m", "truenas_incus_operator", "run", "-A"])
+
 
 def run_demo(workdir: Path) -> int:
+    print("demo: no KUBECONFIG + TIO_TRUENAS_URL given, so starting everything locally", flush=True)
     print("demo: building or reusing the local control plane (the first build takes several minutes)", flush=True)
     bin_dir = binaries_dir()
+    shutil.rmtree(workdir / "controlplane", ignore_errors=True)  # a fresh cluster each run
     plane = LocalControlPlane(workdir=workdir / "controlplane", bin_dir=bin_dir)
     started = time.monotonic()
     try:
@@ -23,18 +56,79 @@ def run_demo(workdir: Path) -> int:
         plane.stop()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    processes: list[subprocess.Popen[Any]] = []
     try:
         print(f"demo: control plane ready in {time.monotonic() - started:.1f}s", flush=True)
         plane.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
         plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-        with SimulatorThread(Simulator("25.10"), tls=True, cert_dir=workdir / "simulator-tls") as sim:
-            print(f"demo: TrueNAS simulator at {sim.ws_url}/api/current", flush=True)
-            for example in ("container.yaml", "with-devices.yaml"):
-                plane.kubectl("apply", "-n", "default", "-f", str(REPO_ROOT / "examples" / example))
-            print(plane.kubectl("get", "incusinstances", "-A").stdout, flush=True)
-            print(f"export KUBECONFIG={plane.kubeconfig}; export PATH={bin_dir}:$PATH", flush=True)
-            print("demo: Ctrl-C stops everything.", flush=True)
+        main_sim = SimulatorThread(Simulator("25.10"), tls=True, cert_dir=workdir / "simulator-tls").start()
+        legacy_sim = SimulatorThread(Simulator("25.04.0"), tls=True, cert_dir=workdir / "simulator-legacy-tls").start()
+        try:
+            print(f"demo: TrueNAS 25.10 simulator at {main_sim.ws_url} (the operator's default connection)", flush=True)
+            print(f"demo: TrueNAS 25.04.0 simulator at {legacy_sim.ws_url} (TrueNASConnection legacy/nas)", flush=True)
+            key_file = workdir / "simulator-api-key"
+            key_file.touch(mode=0o600)
+            key_file.write_text(main_sim.api_key)
+            env = dict(
+                os.environ,
+                KUBECONFIG=str(plane.kubeconfig),
+                TIO_TRUENAS_URL=main_sim.ws_url,
+                TIO_TRUENAS_API_KEY_FILE=str(key_file),
+                TIO_TRUENAS_CA_FILE=str(main_sim.ca_file),
+            )
+            log = (workdir / "operator.log").open("w")
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "truenas_incus_operator", "run", "-A"], env=env, stdout=log, stderr=log
+                )
+            )
+            print(f"demo: operator running (log: {workdir / 'operator.log'})", flush=True)
+            _apply_examples(plane, legacy_sim)
+            print(f"demo: export KUBECONFIG={plane.kubeconfig} PATH={bin_dir}:$PATH  # to look around", flush=True)
+            print("demo: Ctrl-C stops everything.\n", flush=True)
+            processes.append(
+                subprocess.Popen(
+                    [
+                        str(bin_dir / "kubectl"),
+                        "--kubeconfig",
+                        str(plane.kubeconfig),
+                        "get",
+                        "incusinstances",
+                        "-A",
+                        "-w",
+                    ]
+                )
+            )
             wait_for_interrupt()
+        finally:
+            for process in reversed(processes):
+                process.terminate()
+                process.wait(timeout=20)
+            main_sim.stop()
+            legacy_sim.stop()
     finally:
         plane.stop()
     return 0
+
+
+def _apply_examples(plane: LocalControlPlane, legacy: SimulatorThread) -> None:
+    plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "container.yaml"))
+    plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "with-devices.yaml"))
+    plane.kubectl("create", "namespace", "legacy")
+    assert legacy.ca_file is not None
+    plane.kubectl("create", "secret", "generic", "nas-key", "-n", "legacy", f"--from-literal=apiKey={legacy.api_key}")
+    plane.kubectl("create", "secret", "generic", "nas-ca", "-n", "legacy", f"--from-file=ca.crt={legacy.ca_file}")
+    connection = {
+        "apiVersion": "incus.truenas.io/v1alpha1",
+        "kind": "TrueNASConnection",
+        "metadata": {"name": "nas", "namespace": "legacy"},
+        "spec": {
+            "url": legacy.ws_url,
+            "apiKeySecretRef": {"name": "nas-key", "key": "apiKey"},
+            "tls": {"caSecretRef": {"name": "nas-ca", "key": "ca.crt"}},
+        },
+    }
+    vm = yaml.safe_load((EXAMPLES / "vm.yaml").read_text())
+    vm["spec"]["connectionRef"] = {"name": "nas"}
+    for manifest in (connection, vm):
+        plane.kubectl("apply", "-n", "legacy", "-f", "-", input=yaml.safe_dump(manifest))

@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -242,10 +243,19 @@ class LocalControlPlane:
 
 
 def wait_for_interrupt() -> None:
-    """Blocks until Ctrl-C or SIGTERM (blocked first, so neither raises mid-cleanup)."""
-    signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    signal.sigwait(signals)
+    """Blocks until Ctrl-C or SIGTERM; afterwards both are ignored so cleanup is not interrupted."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def run_forever(workdir: Path) -> int:

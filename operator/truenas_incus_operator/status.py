@@ -23,6 +23,10 @@ PHASE_BY_TRUENAS_STATUS = {
 }
 
 
+# Problems that mean "not there yet" rather than "wrong": the connection is still being set up.
+WAITING_REASONS = frozenset({"Connecting", "ConnectionNotFound", "Unreachable", "NoConnection"})
+
+
 @dataclass(frozen=True)
 class Problem:
     """Why the last reconcile failed: the Synced=False reason and TrueNAS's (or our) message."""
@@ -43,7 +47,9 @@ def phase(
     if activity is not None:
         return activity
     if observed is None:
-        return Phase.ERROR if problem is not None else Phase.PENDING
+        if problem is None or problem.reason in WAITING_REASONS:
+            return Phase.PENDING
+        return Phase.ERROR
     return PHASE_BY_TRUENAS_STATUS.get(observed.status, Phase.UNKNOWN)
 
 
