@@ -37,7 +37,7 @@ class OperatorProcess:
     starts: int = 0
 
     def start(self) -> OperatorProcess:
-        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), **self.env)
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), **self.env}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "truenas_incus_operator", "run", "--verbose", *self.args],

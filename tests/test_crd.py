@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import yaml
 
 from truenas_incus_operator.crd import all_crds, render
@@ -32,9 +33,10 @@ def _keys(node: Any) -> set[str]:
     return set()
 
 
-def test_crds_folder_is_fresh() -> None:
+@pytest.mark.parametrize("folder", ["crds", "charts/truenas-incus-operator/files/crds"])
+def test_crds_folder_is_fresh(folder: str) -> None:
     for crd in all_crds():
-        path = ROOT / "crds" / f"{crd['metadata']['name']}.yaml"
+        path = ROOT / folder / f"{crd['metadata']['name']}.yaml"
         assert path.exists(), f"{path} missing: run `python -m truenas_incus_operator crd`"
         assert path.read_text() == render(crd), f"{path} is stale: run `python -m truenas_incus_operator crd`"
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+CHART_CRDS = "charts/truenas-incus-operator/files/crds"
+
 
 def _crd(args: argparse.Namespace) -> int:
     from .crd import all_crds, render, write_crds
@@ -13,8 +15,9 @@ def _crd(args: argparse.Namespace) -> int:
     if args.stdout:
         sys.stdout.write("---\n".join(render(crd) for crd in all_crds()))
         return 0
-    for path in write_crds(Path(args.output)):
-        print(f"wrote {path}")
+    for output in (args.output, CHART_CRDS):
+        for path in write_crds(Path(output)):
+            print(f"wrote {path}")
     return 0
 
 
@@ -36,6 +39,13 @@ def _run(args: argparse.Namespace) -> int:
     import kopf
 
     from . import handlers  # noqa: F401 - registers the handlers
+
+    if args.namespace and not args.all_namespaces:
+
+        @kopf.on.startup()
+        def fixed_namespaces(settings: kopf.OperatorSettings, **_: object) -> None:
+            # Named namespaces need no discovery of CRDs or namespaces, so no cluster-wide RBAC.
+            settings.scanning.disabled = True
 
     kopf.configure(verbose=args.verbose, debug=args.debug, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

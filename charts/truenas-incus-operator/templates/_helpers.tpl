@@ -1,0 +1,54 @@
+{{/* The chart's name. */}}
+{{- define "truenas-incus-operator.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* A release-qualified name for the operator's objects. */}}
+{{- define "truenas-incus-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Labels on every object (Helm's recommended set). */}}
+{{- define "truenas-incus-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "truenas-incus-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: truenas-incus-operator
+{{- end }}
+
+{{/* Selector labels: stable across upgrades. */}}
+{{- define "truenas-incus-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "truenas-incus-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The ServiceAccount's name. */}}
+{{- define "truenas-incus-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "truenas-incus-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- /* Only what the operator does: watch its resources, patch them (finalizer, annotations) and
+       their status, read the Secrets a TrueNASConnection names, post Events. Never writes spec. */}}
+{{- define "truenas-incus-operator.rules" -}}
+- apiGroups: ["incus.truenas.io"]
+  resources: ["incusinstances", "truenasconnections"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["incus.truenas.io"]
+  resources: ["incusinstances/status", "truenasconnections/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -1,0 +1,287 @@
+"""The Helm chart: lint, rendered output, and its RBAC proven on a real API server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from truenas_incus_operator.localcluster import LocalControlPlane, binaries_dir
+
+from .conftest import ROOT, Cluster
+from .harness import Harness, OperatorProcess, operator_env, start_simulator, unique
+
+CHART = ROOT / "charts" / "truenas-incus-operator"
+KUBE_VERSION = "1.37.2"
+RECOMMENDED_LABELS = {
+    "helm.sh/chart",
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+}
+
+
+def helm(*args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [str(binaries_dir(progress=False) / "helm"), *args]
+    if kubeconfig is not None:
+        command += ["--kubeconfig", str(kubeconfig)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def render(*sets: str) -> list[dict[str, Any]]:
+    args = ["template", "tio", str(CHART), "--namespace", "tio-system", "--kube-version", KUBE_VERSION]
+    for item in sets:
+        args += ["--set", item]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def by_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in documents if d["kind"] == kind]
+
+
+def test_lint_is_clean() -> None:
+    result = helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION)
+    assert "0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout and "[INFO]" not in result.stdout
+
+
+def test_deployment_is_restricted_and_single() -> None:
+    documents = render()
+    (deployment,) = by_kind(documents, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"] and "--all-namespaces" in container["args"]
+    assert container["resources"]["requests"] == {"cpu": "50m", "memory": "128Mi"}
+    assert container["image"].endswith(":0.1.0")
+    assert pod["serviceAccountName"] == "tio-truenas-incus-operator"
+    for document in documents:
+        assert set(document["metadata"]["labels"]) >= RECOMMENDED_LABELS, document["kind"]
+
+
+def test_crds_are_kept_and_identical_to_crds_folder() -> None:
+    crds = by_kind(render(), "CustomResourceDefinition")
+    assert len(crds) == 2
+    for crd in crds:
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        plain = yaml.safe_load((ROOT / "crds" / f"{crd['metadata']['name']}.yaml").read_text())
+        assert crd["spec"] == plain["spec"]
+    assert by_kind(render("crds.install=false"), "CustomResourceDefinition") == []
+
+
+OURS = "incus.truenas.io"
+READ_PATCH = ["get", "list", "watch", "patch"]
+EXPECTED_RULES = [
+    {"apiGroups": [OURS], "resources": ["incusinstances", "truenasconnections"], "verbs": READ_PATCH},
+    {"apiGroups": [OURS], "resources": ["incusinstances/status", "truenasconnections/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]  # fmt: skip
+
+
+def test_cluster_wide_rbac() -> None:
+    documents = render()
+    (role,) = by_kind(documents, "ClusterRole")
+    assert role["rules"][:4] == EXPECTED_RULES
+    assert role["rules"][4:] == [
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    ]
+    assert not by_kind(documents, "Role")
+
+
+def test_namespaced_rbac() -> None:
+    documents = render("watch.namespaces={apps,db}")
+    assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
+    roles = by_kind(documents, "Role")
+    assert [r["metadata"]["namespace"] for r in roles] == ["apps", "db"]
+    assert all(r["rules"] == EXPECTED_RULES for r in roles)
+    bindings = by_kind(documents, "RoleBinding")
+    assert [b["subjects"][0]["namespace"] for b in bindings] == ["tio-system", "tio-system"]
+    (deployment,) = by_kind(documents, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=apps" in args and "--namespace=db" in args and "--all-namespaces" not in args
+
+
+def test_default_connection_values() -> None:
+    documents = render(
+        "truenas.url=wss://nas.example", "truenas.apiKeySecret.name=nas-key", "truenas.caSecret.name=nas-ca"
+    )
+    (deployment,) = by_kind(documents, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["TIO_TRUENAS_URL"] == "wss://nas.example"
+    assert env["TIO_TRUENAS_API_KEY_FILE"] == "/etc/truenas-incus-operator/api-key/key"
+    assert env["TIO_TRUENAS_CA_FILE"] == "/etc/truenas-incus-operator/ca/ca.crt"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["api-key"]["secret"] == {"secretName": "nas-key", "items": [{"key": "apiKey", "path": "key"}]}
+    assert "TIO_TRUENAS_API_KEY" not in env, "the key itself never goes into the pod spec"
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (["truenas.transport=grpc"], "value must be one of 'websocket', 'rest'"),
+        (["truenas.url=wss://nas"], "/truenas/apiKeySecret/name"),
+        (["truenas.maxConcurrentCalls=50"], "maximum: got 50, want 20"),
+        (["watch.namespaces={Bad_NS}"], "/watch/namespaces/0"),
+        (["nonsense=1"], "additional properties 'nonsense' not allowed"),
+    ],
+)
+def test_values_schema_refuses_bad_values(values: list[str], message: str) -> None:
+    args = ["template", "tio", str(CHART), "--kube-version", KUBE_VERSION]
+    for item in values:
+        args += ["--set", item]
+    result = helm(*args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+# ----- RBAC proven on a real API server -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fresh_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Its own control plane: Helm installs (and owns) the CRDs here."""
+    plane = LocalControlPlane(workdir=tmp_path_factory.mktemp("chart-cp"), bin_dir=binaries_dir(progress=False)).start()
+    try:
+        yield Cluster(plane)
+    finally:
+        plane.stop()
+
+
+def service_account_kubeconfig(cluster: Cluster, path: Path, namespace: str, name: str) -> Path:
+    token = cluster.kubectl("create", "token", name, "-n", namespace, "--duration=1h").stdout.strip()
+    plane = cluster.plane
+    assert plane.ca is not None
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "local",
+                "cluster": {
+                    "server": plane.server,
+                    "certificate-authority-data": base64.b64encode(plane.ca.cert_pem).decode(),
+                },
+            }
+        ],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": name}}],
+        "current-context": "local",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def can_i(cluster: Cluster, verb: str, resource: str, namespace: str | None = None) -> bool:
+    args = ["auth", "can-i", verb, resource, "--as=system:serviceaccount:tio-system:tio-truenas-incus-operator"]
+    args += ["-n", namespace] if namespace else ["--all-namespaces"]
+    return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
+
+
+def forbidden(logs: str) -> list[str]:
+    """Lines where the API server refused the operator something."""
+    return [line for line in logs.splitlines() if "Forbidden" in line or re.search(r"\b403\b", line)]
+
+
+def lifecycle(harness: Harness, namespace: str) -> None:
+    """Create, update, stop, connect through a TrueNASConnection (a Secret read), delete."""
+    name = unique("rbac")
+    harness.apply(namespace, name, {"cpu": "1"})
+    harness.wait_ready(namespace, name, timeout=60)
+    harness.apply(namespace, name, {"cpu": "2", "powerState": "Stopped"})
+    harness.wait_status(namespace, name, "stopped", lambda s: s.get("phase") == "Stopped" and s.get("cpu") == "2")
+    harness.wait_event(namespace, name, "Created")
+    other = start_simulator("25.10")
+    try:
+        harness.connect_namespace(namespace, other)
+        via = unique("via")
+        harness.apply(namespace, via, {"connectionRef": {"name": "nas"}})
+        harness.wait_ready(namespace, via, timeout=60)
+        assert harness.delete(namespace, via).returncode == 0
+    finally:
+        other.stop()
+    assert harness.delete(namespace, name).returncode == 0
+    assert name not in harness.instance_names()
+
+
+def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, tmp_path: Path) -> None:
+    cluster = fresh_cluster
+    for ns in ("apps", "elsewhere"):
+        cluster.kubectl("create", "namespace", ns)
+    kubeconfig = cluster.kubeconfig
+    install = helm(
+        "install", "tio", str(CHART), "-n", "tio-system", "--create-namespace", "--set", "watch.namespaces={apps}",
+        kubeconfig=kubeconfig,
+    )  # fmt: skip
+    assert "STATUS: deployed" in install.stdout
+    cluster.kubectl("wait", "--for=condition=Established", "crd/incusinstances.incus.truenas.io", "--timeout=60s")
+
+    # What it may do, and nothing more.
+    assert can_i(cluster, "get", "secrets", "apps")
+    assert not can_i(cluster, "list", "secrets", "apps") and not can_i(cluster, "watch", "secrets", "apps")
+    assert not can_i(cluster, "get", "secrets", "elsewhere") and not can_i(cluster, "get", "secrets", "tio-system")
+    for verb in ("get", "list", "watch", "patch"):
+        assert can_i(cluster, verb, "incusinstances.incus.truenas.io", "apps")
+        assert not can_i(cluster, verb, "incusinstances.incus.truenas.io", "elsewhere")
+    for verb in ("create", "update", "delete"):
+        assert not can_i(cluster, verb, "incusinstances.incus.truenas.io", "apps")
+    assert can_i(cluster, "patch", "incusinstances.incus.truenas.io/status", "apps")
+    assert can_i(cluster, "create", "events", "apps")
+    for verb, resource in (("create", "pods"), ("create", "secrets"), ("update", "configmaps"), ("delete", "events")):
+        assert not can_i(cluster, verb, resource, "apps"), (verb, resource)
+    assert not can_i(cluster, "list", "namespaces") and not can_i(cluster, "list", "customresourcedefinitions")
+
+    sa_kubeconfig = service_account_kubeconfig(
+        cluster, tmp_path / "sa.kubeconfig", "tio-system", "tio-truenas-incus-operator"
+    )
+    sim = start_simulator("25.10", job_duration=0.05)
+    as_sa = Cluster(cluster.plane)
+    operator = OperatorProcess(as_sa, operator_env(sim, tmp_path), tmp_path / "operator.log", args=["-n", "apps"])
+    operator.env["KUBECONFIG"] = str(sa_kubeconfig)
+    operator.start()
+    try:
+        lifecycle(Harness(cluster, sim, operator, tmp_path), "apps")
+    finally:
+        operator.stop()
+        sim.stop()
+    assert not forbidden(operator.logs())
+
+    # Cluster-wide: a ClusterRole instead, and the same lifecycle.
+    helm("upgrade", "tio", str(CHART), "-n", "tio-system", "--set", "watch.namespaces=null", kubeconfig=kubeconfig)
+    assert can_i(cluster, "get", "secrets", "elsewhere") and not can_i(cluster, "list", "secrets", "elsewhere")
+    assert can_i(cluster, "list", "namespaces") and not can_i(cluster, "create", "namespaces")
+    sim = start_simulator("25.10", job_duration=0.05)
+    operator = OperatorProcess(as_sa, operator_env(sim, tmp_path), tmp_path / "operator-all.log", args=["-A"])
+    operator.env["KUBECONFIG"] = str(sa_kubeconfig)
+    operator.start()
+    try:
+        lifecycle(Harness(cluster, sim, operator, tmp_path), "elsewhere")
+    finally:
+        operator.stop()
+        sim.stop()
+    assert not forbidden(operator.logs())
+    # Uninstalling keeps the CRDs (and so every IncusInstance).
+    helm("uninstall", "tio", "-n", "tio-system", kubeconfig=kubeconfig)
+    crds = json.loads(cluster.kubectl("get", "crd", "-o", "json").stdout)["items"]
+    assert {c["metadata"]["name"] for c in crds} >= {
+        "incusinstances.incus.truenas.io",
+        "truenasconnections.incus.truenas.io",
+    }
