@@ -73,14 +73,16 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCon
 
 @pytest.fixture(scope="session")
 def cluster(control_plane: LocalControlPlane) -> Cluster:
-    """The control plane with this project's CRDs installed and Established."""
+    """The control plane with this project's CRDs (and a stand-in Argo CD Application CRD) Established."""
     c = Cluster(control_plane)
     c.kubectl("apply", "-f", str(ROOT / "crds"))
+    c.kubectl("apply", "-f", str(ROOT / "tests" / "fixtures" / "argocd-application-crd.yaml"))
     c.kubectl(
         "wait",
         "--for=condition=Established",
         "crd/incusinstances.incus.truenas.io",
         "crd/truenasconnections.incus.truenas.io",
+        "crd/applications.argoproj.io",
         "--timeout=60s",
     )
     return c

@@ -1,0 +1,130 @@
+"""What ships: the image's install steps in a fresh venv, and the README's main command."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from truenas_incus_operator.localcluster import LocalControlPlane, free_port
+
+from .conftest import ROOT, Cluster
+from .harness import wait_until
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def build_stage_steps() -> tuple[list[tuple[str, str]], list[str]]:
+    """(COPY source, destination) pairs and RUN commands of the Dockerfile's build stage."""
+    stages = re.split(r"^FROM .*$", DOCKERFILE.read_text(), flags=re.M)
+    build = stages[1].replace("\\\n", " ")
+    pairs: list[tuple[str, str]] = []
+    runs: list[str] = []
+    for line in build.splitlines():
+        if line.startswith("COPY "):
+            *sources, target = line.split()[1:]
+            pairs += [(source, target) for source in sources]
+        elif line.startswith("RUN "):
+            runs.append(line[4:].strip())
+    assert pairs and runs
+    return pairs, runs
+
+
+def test_dockerfile_is_slim_and_non_root() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["python:3.11-slim", "python:3.11-slim"]
+    assert re.search(r"^USER 65532:65532$", text, re.M)
+    assert 'ENTRYPOINT ["truenas-incus-operator"]' in text
+    assert "[dev]" not in text, "the image installs runtime dependencies only"
+
+
+def test_image_install_steps_in_a_fresh_venv_and_the_entry_point_starts(
+    control_plane: LocalControlPlane, tmp_path: Path
+) -> None:
+    source, venv = tmp_path / "src", tmp_path / "venv"
+    source.mkdir()
+    pairs, runs = build_stage_steps()
+    for item, target in pairs:
+        destination = source / target if target not in ("./", ".") else source / Path(item).name
+        if (ROOT / item).is_dir():
+            shutil.copytree(ROOT / item, destination, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / item, destination)
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    for command in runs:
+        # The image's Python is the machine's here; the venv lands in tmp_path instead of /venv.
+        command = command.replace("python -m venv", f"{sys.executable} -m venv").replace("/venv", str(venv))
+        result = subprocess.run(command, shell=True, cwd=source, env=env, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+    installed = subprocess.run(
+        [str(venv / "bin" / "pip"), "list", "--format=freeze"], capture_output=True, text=True
+    ).stdout
+    names = {line.split("==")[0].lower() for line in installed.splitlines()}
+    assert {"kopf", "pydantic", "httpx", "aiohttp", "kubernetes"} <= names
+    assert not names & {"pytest", "mypy", "ruff", "jsonschema"}, "dev dependencies leaked into the image"
+
+    entry = venv / "bin" / "truenas-incus-operator"
+    port = free_port()
+    namespace = "image-check"
+    control_plane.kubectl("create", "namespace", namespace, check=False)
+    process = subprocess.Popen(
+        [str(entry), "run", "-n", namespace, f"--liveness=http://127.0.0.1:{port}/healthz"],
+        env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_until(healthy, timeout=60, what="the installed entry point to serve /healthz")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_main_command_runs_the_demo_to_running(tmp_path: Path, cluster: Cluster) -> None:
+    """`make run` without KUBECONFIG/TIO_TRUENAS_URL: everything local, the examples reach Running."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "TIO_TRUENAS_URL")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "truenas_incus_operator", "start", "--dir", str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    lines: list[str] = []
+    ready: set[str] = set()
+    deadline = time.monotonic() + 120
+    try:
+        assert process.stdout is not None
+        while ready != {"web01", "media01", "vm01"} and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            columns = line.split()
+            if len(columns) >= 9 and columns[3] == "Running" and columns[-2] == "True":
+                ready.add(columns[1])
+        assert ready == {"web01", "media01", "vm01"}, "".join(lines)
+        assert any("control plane ready" in line for line in lines)
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert code == 0
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], "Ctrl-C must stop the control plane, the simulators and the operator"
