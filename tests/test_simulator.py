@@ -421,6 +421,8 @@ async def test_control_api() -> None:
             assert sim.instances == {}
             assert (await http.post("/_simulator/instances/db1/power", json={"status": "STOPPED"})).status_code == 404
             assert (await http.get("/api/versions")).json()[-1] == "v25.10.1"
+            added = await http.post("/_simulator/images", json={"alias": "plan9/4th", "os": "Plan9", "release": "4th"})
+            assert added.status_code == 201 and "plan9/4th" in sim.images
     finally:
         await server.stop()
 
@@ -433,3 +435,19 @@ async def test_graceful_stop_of_a_guest_that_ignores_it_times_out() -> None:
     assert job["state"] == "FAILED" and "context deadline exceeded" in job["error"]
     assert sim.instances["c1"].status == "RUNNING"
     assert (await run_job(sim, "virt.instance.stop", "c1", {"force": True}))["state"] == "SUCCESS"
+
+
+async def test_job_abort() -> None:
+    sim = Simulator("25.10")
+    await create(sim, autostart=False)
+    sim.knobs.hung_methods = {"virt.instance.start"}
+    s = session(sim)
+    job_id = await sim.call(s, "virt.instance.start", ["c1"])
+    await asyncio.sleep(0.05)
+    assert sim.jobs.jobs[job_id].state == "RUNNING"
+    assert await sim.call(s, "core.job_abort", [job_id]) is None
+    await asyncio.wait_for(sim.jobs.jobs[job_id].done.wait(), 5)
+    job = (await sim.call(s, "core.get_jobs", [[["id", "=", job_id]]]))[0]
+    assert job["state"] == "ABORTED" and job["time_finished"] is not None
+    with pytest.raises(CallError, match="Job does not exist"):
+        await sim.call(s, "core.job_abort", [9999])

@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 
 from .errors import CallError, MatchNotFound, MethodNotFound, ValidationErrors, errname
 from .simulator import Session, Simulator
+from .state import Image
 
 JSONRPC_CONCURRENCY_ERROR = "Maximum number of concurrent calls ({}) has exceeded"
 
@@ -140,6 +141,8 @@ class SimulatorServer:
         r.add_post("/_simulator/instances/{name}/power", self._control_power)
         r.add_post("/_simulator/drop-connections", self._control_drop)
         r.add_post("/_simulator/virt-state", self._control_virt_state)
+        r.add_post("/_simulator/images", self._control_add_image)
+        r.add_post("/_simulator/upgrade", self._control_upgrade)
 
     async def _versions(self, request: web.Request) -> web.Response:
         return web.json_response(list(self.sim.profile.api_versions))
@@ -285,8 +288,8 @@ class SimulatorServer:
                 "profile": sim.profile.name,
                 "version": sim.profile.system_version,
                 "virt_state": sim.global_config.state,
-                "instances": [i.entry(sim.profile) for i in sim.instances.values()],
-                "devices": {name: list(i.devices) for name, i in sim.instances.items()},
+                "instances": [i.entry(sim.profile) for i in sim.instances.values()]
+                + [c.entry() for c in sim.containers.containers.values()],
                 "jobs": len(sim.jobs.jobs),
                 "connections": len(self.websockets),
             }
@@ -317,7 +320,7 @@ class SimulatorServer:
             instance = self.sim.seed_instance(**fields)
         except (TypeError, KeyError) as exc:
             return web.json_response({"message": f"cannot seed instance: {exc}"}, status=400)
-        return web.json_response(instance.entry(self.sim.profile), status=201)
+        return web.json_response(self.sim.entry_of(instance), status=201)
 
     async def _control_change(self, request: web.Request) -> web.Response:
         try:
@@ -326,7 +329,7 @@ class SimulatorServer:
             raise web.HTTPNotFound() from None
         except ValueError as exc:
             return web.json_response({"message": str(exc)}, status=400)
-        return web.json_response(instance.entry(self.sim.profile))
+        return web.json_response(self.sim.entry_of(instance))
 
     async def _control_remove(self, request: web.Request) -> web.Response:
         try:
@@ -343,10 +346,36 @@ class SimulatorServer:
             instance = self.sim.set_power(request.match_info["name"], status)
         except ValidationErrors:
             raise web.HTTPNotFound() from None
-        return web.json_response(instance.entry(self.sim.profile))
+        return web.json_response(self.sim.entry_of(instance))
 
     async def _control_drop(self, request: web.Request) -> web.Response:
         return web.json_response({"dropped": await self.drop_connections()})
+
+    async def _control_upgrade(self, request: web.Request) -> web.Response:
+        """Upgrades the simulated TrueNAS (e.g. 25.10 -> 26.0, migrating containers) and drops connections."""
+        target = (await request.json()).get("profile", "26.0")
+        try:
+            log = self.sim.upgrade(target)
+        except ValueError as exc:
+            return web.json_response({"message": str(exc)}, status=400)
+        await self.drop_connections()
+        return web.json_response({"profile": self.sim.profile.name, "migration": log})
+
+    async def _control_add_image(self, request: web.Request) -> web.Response:
+        """Adds an image to the catalogue: {"alias", "os", "release", "variant"?, "instance_types"?}."""
+        fields = await request.json()
+        try:
+            image = Image(
+                alias=fields["alias"],
+                os=fields["os"],
+                release=fields["release"],
+                variant=fields.get("variant", "default"),
+                instance_types=tuple(fields.get("instance_types", ("CONTAINER", "VM"))),
+            )
+        except KeyError as exc:
+            return web.json_response({"message": f"missing {exc.args[0]}"}, status=400)
+        self.sim.images[image.alias] = image
+        return web.json_response({"alias": image.alias}, status=201)
 
     async def _control_virt_state(self, request: web.Request) -> web.Response:
         self.sim.global_config.state = (await request.json())["state"]

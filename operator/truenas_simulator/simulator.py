@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ENOTAUTHENTICATED, CallError, MethodNotFound, ValidationErrors
+from .container import Container, ContainerService, registry_name
+from .errors import ENOTAUTHENTICATED, CallError, InstanceNotFound, MethodNotFound, ValidationErrors
 from .events import EventBus
 from .filters import check_query_args, filter_list
 from .jobs import Job, JobManager
@@ -99,6 +100,7 @@ class Simulator:
         self.random = random.Random(seed)
         self.sessions: set[Session] = set()
         self.virt = VirtService(self)
+        self.containers = ContainerService(self)
         self.methods: dict[str, tuple[Handler, bool]] = {}
         self._register()
 
@@ -146,6 +148,23 @@ class Simulator:
                 plain["virt.instance.set_bootable_disk"] = virt.set_bootable_disk
             self.methods.update({name: (handler, True) for name, handler in jobs.items()})
             self.methods.update({name: (handler, False) for name, handler in plain.items()})
+        if self.profile.has_container:
+            c = self.containers
+            self.methods.update({"container.create": (c.create, True), "container.stop": (c.stop, True)})
+            container_plain: dict[str, Handler] = {
+                "container.query": c.query,
+                "container.get_instance": c.get_instance,
+                "container.update": c.update,
+                "container.delete": c.delete,
+                "container.start": c.start,
+                "container.device.query": c.device_query,
+                "container.device.create": c.device_create,
+                "container.device.update": c.device_update,
+                "container.device.delete": c.device_delete,
+                "container.image.query_registry": c.query_registry,
+                "lxc.config": c.lxc_config,
+            }
+            self.methods.update({name: (handler, False) for name, handler in container_plain.items()})
 
     # ----- sessions -------------------------------------------------------------------------------
     def open_session(self, session: Session) -> Session:
@@ -277,6 +296,8 @@ class Simulator:
             raise ValidationErrors([("core.subscribe.event", "Input should be a valid string", errno.EINVAL)])
         base = name.split(":", 1)[0]
         known = {"core.get_jobs", "*"} | ({"virt.instance.query"} if self.profile.has_virt else set())
+        if self.profile.has_container:
+            known |= {"container.query", "container.device.query"}
         if base not in known:
             raise CallError(f"Invalid event name {name!r}", errno.ENOENT)
         if ctx.session.send_event is None:
@@ -316,31 +337,85 @@ class Simulator:
         return {"pw_name": key.username if key else None, "pw_uid": 0, "privilege": {"roles": {"$set": ["FULL_ADMIN"]}}}
 
     # ----- out-of-band changes (the control API) --------------------------------------------------
-    def seed_instance(self, **fields: Any) -> Instance:
+    def seed_instance(self, **fields: Any) -> Any:
+        """An instance made outside the operator (a virt instance on 25.x, a container on 26)."""
         image = self.images[fields.pop("image", "debian/bookworm")]
+        if self.profile.has_container:
+            status = fields.pop("status", "STOPPED")
+            fields.pop("type", None)
+            container = Container(
+                id=self.containers.next_id, image=registry_name(image), version=image.serial, **fields
+            )
+            self.containers.next_id += 1
+            self.containers.containers[container.id] = container
+            if status == "RUNNING":
+                self.containers._set_state(container, "RUNNING")
+            self.containers.emit("added", container)
+            return container
         instance = Instance(image=image, **fields)
         self.instances[instance.name] = instance
         self.virt.emit("added", instance.name, instance.entry(self.profile))
         return instance
 
-    def set_power(self, name: str, status: str) -> Instance:
-        instance = self.virt.get(name)
-        self.virt.set_status(instance, status)
-        return instance
+    def entry_of(self, item: Any) -> dict[str, Any]:
+        return item.entry() if isinstance(item, Container) else item.entry(self.profile)
 
-    def change_instance(self, name: str, fields: dict[str, Any]) -> Instance:
-        instance = self.virt.get(name)
+    def find(self, name: str) -> Any:
+        if self.profile.has_container:
+            container = self.containers.by_name(name)
+            if container is None:
+                raise InstanceNotFound("Container", name)
+            return container
+        return self.virt.get(name)
+
+    def set_power(self, name: str, status: str) -> Any:
+        item = self.find(name)
+        if isinstance(item, Container):
+            self.containers._set_state(item, "RUNNING" if status == "RUNNING" else "STOPPED")
+        else:
+            self.virt.set_status(item, status)
+        return item
+
+    def change_instance(self, name: str, fields: dict[str, Any]) -> Any:
+        item = self.find(name)
         for key, value in fields.items():
-            if not hasattr(instance, key) or key in ("name", "image", "type"):
+            if not hasattr(item, key) or key in ("name", "image", "type", "id"):
                 raise ValueError(f"cannot change {key!r}")
-            setattr(instance, key, value)
-        self.virt.emit("changed", name, instance.entry(self.profile))
-        return instance
+            setattr(item, key, value)
+        if isinstance(item, Container):
+            self.containers.emit("changed", item)
+        else:
+            self.virt.emit("changed", name, item.entry(self.profile))
+        return item
 
     def remove_instance(self, name: str) -> None:
-        self.virt.get(name)
-        del self.instances[name]
-        self.virt.emit("removed", name)
+        item = self.find(name)
+        if isinstance(item, Container):
+            del self.containers.containers[item.id]
+            self.containers.emit("removed", item.id)
+        else:
+            del self.instances[name]
+            self.virt.emit("removed", name)
+
+    def names(self) -> set[str]:
+        if self.profile.has_container:
+            return {c.name for c in self.containers.containers.values()}
+        return set(self.instances)
+
+    def upgrade(self, profile: str = "26.0") -> list[str]:
+        """Turns this TrueNAS into ``profile`` as an upgrade and reboot would; 26 migrates Incus containers.
+
+        The server should drop its connections afterwards (the middleware restarted).
+        """
+        target = get_profile(profile)
+        log: list[str] = []
+        if target.has_container and not self.profile.has_container:
+            log = self.containers.migrate(self.instances)
+            self.instances = {}
+        self.profile = target
+        self.jobs.with_message_ids = target.message_ids
+        self._register()
+        return log
 
 
 def _fail_with(error: Exception) -> Callable[[Job], Any]:

@@ -142,7 +142,14 @@ class _Walker:
 
     def _object(self, schema: dict[str, Any], value: Any, loc: list[str]) -> Any:
         if not isinstance(value, dict):
-            self.error(loc, "Input should be a valid dictionary")
+            # A model-typed field (it has properties and a model title) words it as pydantic does.
+            model = schema.get("title") if schema.get("properties") else None
+            self.error(
+                loc,
+                f"Input should be a valid dictionary or instance of {model}"
+                if model
+                else "Input should be a valid dictionary",
+            )
             return value
         properties: dict[str, Any] = schema.get("properties", {})
         additional = schema.get("additionalProperties", True)

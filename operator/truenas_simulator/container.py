@@ -1,0 +1,410 @@
+"""TrueNAS 26 ``container.*`` (LXC through libvirt), ``container.device.*``, ``container.image.*`` and
+``lxc.config``, as truenas-vm-container.md §3-§6 describes them; and the boot-time migration from
+25.x Incus containers (§3.7) behind the simulator's upgrade knob."""
+
+from __future__ import annotations
+
+import errno
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import CallError, InstanceNotFound, ValidationErrors
+from .filters import check_query_args, filter_list
+from .jobs import Job
+from .state import Image, Instance
+from .validation import load_schema, validate
+
+if TYPE_CHECKING:
+    from .simulator import CallContext, Simulator
+
+SCHEMA = "v26_0_0"
+HOSTNAME = re.compile(
+    r"(?i)^(?!\d{1,3}(\.\d{1,3}){3}$)(?=.{1,100}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+)
+HOSTNAME_MESSAGE = (
+    "Name must be a valid hostname (up to 100 characters total): 1-63 characters per label, only letters, digits, "
+    "and hyphens within each label, labels separated by dots, and must not be an IPv4 address."
+)
+BRIDGE = "truenasbr0"
+CREATE_FIELDS = (
+    "description", "cpuset", "autostart", "time", "shutdown_timeout", "init", "initdir", "initenv",
+    "inituser", "initgroup", "idmap", "capabilities_policy", "capabilities_state",
+)  # fmt: skip
+
+
+def registry_name(image: Image, arch: str = "amd64") -> str:
+    """The simplestreams product key TrueNAS 26 lists for an image: ``os:release:arch:variant``."""
+    return f"{image.alias.split('/')[0]}:{image.release}:{arch}:{image.variant}"
+
+
+def previous_serial(serial: str) -> str:
+    return serial.replace("_05:24", "_04:11") if "_05:24" in serial else serial + "-old"
+
+
+@dataclass
+class Container:
+    id: int
+    name: str
+    image: str
+    version: str
+    pool: str = "tank"
+    uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    description: str = ""
+    cpuset: str | None = None
+    autostart: bool = True
+    time: str = "LOCAL"
+    shutdown_timeout: int = 90
+    init: str = "/sbin/init"
+    initdir: str | None = None
+    initenv: dict[str, str] = field(default_factory=dict)
+    inituser: str | None = None
+    initgroup: str | None = None
+    idmap: dict[str, Any] | None = field(default_factory=lambda: {"type": "DEFAULT"})
+    capabilities_policy: str = "DEFAULT"
+    capabilities_state: dict[str, bool] = field(default_factory=dict)
+    state: str = "STOPPED"
+    pid: int | None = None
+    devices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    ignores_shutdown: bool = False
+
+    def entry(self) -> dict[str, Any]:
+        has_nic = any(d.get("dtype") == "NIC" for d in self.devices.values())
+        return {
+            "id": self.id,
+            "uuid": self.uuid,
+            "name": self.name,
+            "description": self.description,
+            "devices": [{"id": i, "attributes": dict(a), "container": self.id} for i, a in self.devices.items()],
+            "cpuset": self.cpuset,
+            "autostart": self.autostart,
+            "time": self.time,
+            "shutdown_timeout": self.shutdown_timeout,
+            "dataset": f"{self.pool}/.truenas_containers/containers/{self.name}",
+            "init": self.init,
+            "initdir": self.initdir,
+            "initenv": dict(self.initenv),
+            "inituser": self.inituser,
+            "initgroup": self.initgroup,
+            "idmap": self.idmap,
+            "capabilities_policy": self.capabilities_policy,
+            "capabilities_state": dict(self.capabilities_state),
+            "default_network": None if has_nic else BRIDGE,
+            "status": {
+                "state": self.state,
+                "pid": self.pid,
+                "domain_state": self.state if self.state == "RUNNING" else ("SHUTOFF" if self.pid is None else None),
+            },
+        }
+
+
+class ContainerService:
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.containers: dict[int, Container] = {}
+        self.next_id = 1
+        self.next_device_id = 1
+        self.pid = 4000
+
+    # ----- helpers ----------------------------------------------------------------------------------
+    def emit(self, msg: str, container: Container | int) -> None:
+        if isinstance(container, int):
+            self.sim.events.emit("container.query", msg, container)
+        else:
+            self.sim.events.emit("container.query", msg, container.id, container.entry())
+
+    def get(self, ident: Any) -> Container:
+        container = self.containers.get(ident) if isinstance(ident, int) and not isinstance(ident, bool) else None
+        if container is None:
+            raise InstanceNotFound("Container", ident)
+        return container
+
+    def by_name(self, name: str) -> Container | None:
+        return next((c for c in self.containers.values() if c.name == name), None)
+
+    def registry(self) -> dict[str, list[str]]:
+        return {
+            registry_name(i): [previous_serial(i.serial), i.serial]
+            for i in self.sim.images.values()
+            if "CONTAINER" in i.instance_types
+        }
+
+    @staticmethod
+    def _validated(kind: str, value: Any, attribute: str) -> Any:
+        result, errors = validate(load_schema(f"{SCHEMA}.{kind}"), value, attribute)
+        if errors:
+            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
+        return result
+
+    def _set_state(self, container: Container, state: str) -> None:
+        container.state = state
+        if state == "RUNNING":
+            self.pid += 1
+            container.pid = self.pid
+        else:
+            container.pid = None
+        self.emit("changed", container)  # libvirt domain events carry the fresh full entry on 26
+
+    # ----- reads ------------------------------------------------------------------------------------------
+    def query(self, ctx: CallContext, params: list[Any]) -> Any:
+        filters, options = check_query_args(params, "container.query")
+        return filter_list([c.entry() for c in self.containers.values()], filters, options)
+
+    def get_instance(self, ctx: CallContext, params: list[Any]) -> Any:
+        return self.get(params[0] if params else None).entry()
+
+    def query_registry(self, ctx: CallContext, params: list[Any]) -> Any:
+        return [
+            {"name": name, "versions": [{"version": v} for v in versions]} for name, versions in self.registry().items()
+        ]
+
+    def lxc_config(self, ctx: CallContext, params: list[Any]) -> Any:
+        return {
+            "id": 1,
+            "preferred_pool": self.sim.global_config.pool,
+            "bridge": None,
+            "v4_network": "172.200.0.0/24",
+            "v6_network": "fd42:4c58:43ae::/64",
+        }
+
+    # ----- create / update / delete ----------------------------------------------------------------------
+    def create(self, ctx: CallContext, params: list[Any]) -> Job:
+        raw = params[0] if params else None
+        if not isinstance(raw, dict):
+            raise CallError(
+                "Error handling job lock. This is most likely caused by invalid call arguments.", errno.EINVAL
+            )
+
+        async def body(job: Job) -> Any:
+            data = self._validated("container.create.args", raw, "container_create")
+            errors = ValidationErrors()
+            name = data["name"]
+            if self.by_name(name) is not None:
+                errors.add("container_create.name", "A container with this name already exists.", errno.EEXIST)
+            elif not HOSTNAME.match(name):
+                errors.add("container_create.name", HOSTNAME_MESSAGE)
+            pool = data.get("pool") or self.sim.global_config.pool
+            if pool is None:
+                errors.add(
+                    "container_create.pool", "Either configure a preferred pool in lxc settings or provide a pool name."
+                )
+            elif pool not in self.sim.global_config.storage_pools:
+                errors.add("container_create.pool", "Pool not found.")
+            errors.check()
+            versions = self.registry().get(data["image"]["name"])
+            if versions is None:
+                raise ValidationErrors(
+                    [("container_create.image.name", "Image does not exist in the registry.", errno.EINVAL)]
+                )
+            if data["image"]["version"] not in versions:
+                raise ValidationErrors(
+                    [("container_create.image.version", "Version does not exist in the registry.", errno.EINVAL)]
+                )
+            job.set_progress(0, "Downloading image")
+            await self.sim.virt.work(job, "Downloading image")
+            if self.by_name(name) is not None:
+                raise ValidationErrors(
+                    [("container_create.name", "A container with this name already exists.", errno.EEXIST)]
+                )
+            container = Container(
+                id=self.next_id,
+                name=name,
+                image=data["image"]["name"],
+                version=data["image"]["version"],
+                pool=pool or "tank",
+                **{k: data[k] for k in CREATE_FIELDS if k in data},
+            )
+            if data.get("uuid"):
+                container.uuid = data["uuid"]
+            self.next_id += 1
+            self.containers[container.id] = container
+            self.emit("added", container)
+            return container.entry()
+
+        return self.sim.jobs.submit(
+            "container.create", params, body, lock=f"container_create:{raw.get('name')}",
+            message_id=ctx.message_id, credentials=ctx.credentials,
+        )  # fmt: skip
+
+    def update(self, ctx: CallContext, params: list[Any]) -> Any:
+        container = self.get(params[0] if params else None)
+        data = self._validated("container.update.args", params[1] if len(params) > 1 else {}, "container_update")
+        if "name" in data and data["name"] != container.name:
+            if container.state == "RUNNING":
+                raise CallError("Container must be stopped before renaming.")
+            if self.by_name(data["name"]) is not None:
+                raise ValidationErrors(
+                    [("container_update.name", "A container with this name already exists.", errno.EEXIST)]
+                )
+        cpuset = data.get("cpuset")
+        if isinstance(cpuset, str):
+            if "_" in cpuset:
+                raise ValidationErrors(
+                    [("container_update.cpuset", "Underscores are not allowed in CPU set values", 22)]
+                )
+            if not re.match(r"^\d+(-\d+)?(,\d+(-\d+)?)*$", cpuset):
+                raise ValidationErrors([("container_update.cpuset", f"Invalid cpuset format: {cpuset}", 22)])
+        for key, value in data.items():
+            setattr(container, key, value)
+        self.emit("changed", container)
+        return container.entry()
+
+    def delete(self, ctx: CallContext, params: list[Any]) -> Any:
+        container = self.get(params[0] if params else None)
+        del self.containers[container.id]
+        self.emit("removed", container.id)
+        return None
+
+    # ----- power -------------------------------------------------------------------------------------------
+    def start(self, ctx: CallContext, params: list[Any]) -> Any:
+        container = self.get(params[0] if params else None)
+        if container.state == "RUNNING":
+            raise CallError(f"Domain '{container.name}' is already started (<DomainState.RUNNING: 'RUNNING'>).")
+        self._set_state(container, "RUNNING")
+        return None
+
+    def stop(self, ctx: CallContext, params: list[Any]) -> Job:
+        ident = params[0] if params else None
+
+        async def body(job: Job) -> Any:
+            data = self._validated(
+                "container.stop.args", {"id": ident, "options": params[1] if len(params) > 1 else {}}, ""
+            )
+            container = self.get(data["id"])
+            options = data["options"]
+            if container.state != "RUNNING":
+                raise CallError(f"Domain '{container.name}' is not active")
+            await self.sim.virt.work(job, "Stopping")
+            if container.ignores_shutdown and not options["force"] and not options["force_after_timeout"]:
+                return None  # succeeds after shutdown_timeout although the guest is still up (§7.5)
+            self._set_state(container, "STOPPED")
+            return None
+
+        return self.sim.jobs.submit(
+            "container.stop", params, body, lock=f"container_stop_{ident}",
+            message_id=ctx.message_id, credentials=ctx.credentials,
+        )  # fmt: skip
+
+    # ----- devices -------------------------------------------------------------------------------------------
+    def device_query(self, ctx: CallContext, params: list[Any]) -> Any:
+        filters, options = check_query_args(params, "container.device.query")
+        entries = [
+            {"id": i, "attributes": dict(a), "container": c.id}
+            for c in self.containers.values()
+            for i, a in c.devices.items()
+        ]
+        return filter_list(entries, filters, options)
+
+    def _device_attributes(self, raw: Any, attribute: str, container: Container, exclude: int | None) -> dict[str, Any]:
+        schema = load_schema(f"{SCHEMA}.container.device.entry")["properties"]["attributes"]
+        result, errors = validate(schema, raw, attribute)
+        if errors:
+            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
+        if result["dtype"] == "FILESYSTEM":
+            problems = ValidationErrors()
+            source, target = result["source"], result["target"]
+            if not any(source.startswith(f"/mnt/{pool}/") for pool in self.sim.global_config.storage_pools):
+                problems.add(f"{attribute}.path", "The path must reside within a pool mount point")
+            if not target.startswith("/") or target == "/":
+                problems.add(f"{attribute}.target", "Target must be an absolute path other than /")
+            for ident, other in container.devices.items():
+                if ident != exclude and other.get("dtype") == "FILESYSTEM" and other.get("target") == target:
+                    problems.add(f"{attribute}.target", f"{container.name} has '{target}' target already configured")
+            problems.check()
+        if result["dtype"] == "NIC" and result.get("mac") is None:
+            result["mac"] = f"00:a0:98:{container.id % 256:02x}:{self.next_device_id % 256:02x}:10"
+        return dict(result)
+
+    def device_create(self, ctx: CallContext, params: list[Any]) -> Any:
+        data = params[0] if params else None
+        if not isinstance(data, dict) or set(data) - {"container", "attributes"}:
+            raise ValidationErrors(
+                [("container_device_create", "Input should be a valid dictionary with container and attributes", 22)]
+            )
+        container = self.get(data.get("container"))
+        attributes = self._device_attributes(
+            data.get("attributes"), "container_device_create.attributes", container, None
+        )
+        ident = self.next_device_id
+        self.next_device_id += 1
+        container.devices[ident] = attributes
+        self.sim.events.emit(
+            "container.device.query", "added", ident, {"id": ident, "attributes": attributes, "container": container.id}
+        )
+        return {"id": ident, "attributes": attributes, "container": container.id}
+
+    def _device_owner(self, params: list[Any]) -> tuple[int, Container]:
+        ident = params[0] if params else None
+        for container in self.containers.values():
+            if isinstance(ident, int) and ident in container.devices:
+                return ident, container
+        raise InstanceNotFound("Container Device", ident)
+
+    def device_update(self, ctx: CallContext, params: list[Any]) -> Any:
+        ident, container = self._device_owner(params)
+        data = params[1] if len(params) > 1 else {}
+        raw = {**container.devices[ident], **(data.get("attributes") or {})} if isinstance(data, dict) else data
+        container.devices[ident] = self._device_attributes(raw, "container_device_update.attributes", container, ident)
+        self.sim.events.emit(
+            "container.device.query",
+            "changed",
+            ident,
+            {"id": ident, "attributes": container.devices[ident], "container": container.id},
+        )
+        return {"id": ident, "attributes": container.devices[ident], "container": container.id}
+
+    def device_delete(self, ctx: CallContext, params: list[Any]) -> Any:
+        ident, container = self._device_owner(params)
+        if container.state == "RUNNING":
+            raise CallError("Please stop/resume associated CONTAINER before deleting CONTAINER device.")
+        del container.devices[ident]
+        self.sim.events.emit("container.device.query", "removed", ident)
+        return True
+
+    # ----- migration (the upgrade knob) -----------------------------------------------------------------
+    def migrate(self, legacy: dict[str, Instance]) -> list[str]:
+        """What 26's boot-time ``container.migrate`` does with 25.x Incus containers; returns log lines."""
+        log = []
+        for instance in legacy.values():
+            if instance.type != "CONTAINER":
+                log.append(f"{instance.name}: Incus VM, not migrated")
+                continue
+            if self.by_name(instance.name) is not None:
+                log.append(f"{instance.name}: name clash, skipped")
+                continue
+            container = Container(
+                id=self.next_id,
+                name=instance.name,
+                image=registry_name(instance.image),
+                version=instance.image.serial,
+                pool=instance.storage_pool,
+                autostart=instance.autostart,
+                cpuset=instance.cpu,  # copied verbatim: a count becomes a pin (§3.7)
+            )
+            self.next_id += 1
+            for device in instance.devices.values():
+                kind = device.get("dev_type")
+                if kind == "DISK" and str(device.get("source") or "").startswith("/mnt"):
+                    container.devices[self.next_device_id] = {
+                        "dtype": "FILESYSTEM",
+                        "source": device["source"],
+                        "target": device.get("destination"),
+                    }
+                elif kind == "NIC" and device.get("parent") in self.sim.host_interfaces:
+                    container.devices[self.next_device_id] = {
+                        "dtype": "NIC", "nic_attach": device["parent"], "type": "VIRTIO",
+                        "mac": device.get("mac") or f"00:16:3e:00:00:{self.next_device_id % 256:02x}",
+                        "trust_guest_rx_filters": False,
+                    }  # fmt: skip
+                else:
+                    log.append(f"{instance.name}: device {device.get('name')} ({kind}) skipped")
+                    continue
+                self.next_device_id += 1
+            if instance.autostart:
+                container.state = "RUNNING"  # start_on_boot
+                self.pid += 1
+                container.pid = self.pid
+            self.containers[container.id] = container
+            log.append(f"{instance.name}: migrated as container {container.id}")
+        return log
