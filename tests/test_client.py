@@ -290,10 +290,13 @@ async def test_watch_reports_out_of_band_changes() -> None:
 
 
 # ----- version detection -----------------------------------------------------------------------------------
-async def test_truenas_26_is_detected_and_refused_with_a_reason() -> None:
+async def test_truenas_26_is_detected_and_served_by_container_backend() -> None:
     async with serve("26.0") as (sim, server):
-        with pytest.raises(APIUnavailable, match=r"TrueNAS 26\.0\.0 has no virt\.\* API"):
-            await connect(server.ws_url, sim.api_key)
+        client = await connect(server.ws_url, sim.api_key)
+        try:
+            assert client.api_family == "container" and client.version[:2] == (26, 0)
+        finally:
+            await client.close()
         with pytest.raises(APIUnavailable, match="REST"):
             await connect(server.url, sim.api_key, transport="rest")
 
@@ -346,3 +349,13 @@ def test_ssl_context_verifies_by_default() -> None:
 
     context = ssl_context()
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+async def test_drop_rate_knob_drops_connections_and_reads_recover() -> None:
+    async with serve("25.10") as (sim, server), client_for(server, "websocket") as client:
+        sim.knobs.drop_rate = 0.1  # any call may be dropped, the reconnect's login included
+        for _ in range(15):
+            assert await client.instances.list_instances() == []
+        sim.knobs.drop_rate = 0.0
+        assert sim.counters.faults["dropped"] >= 1, "the seeded RNG should have dropped some calls"
+        assert sim.counters.by_method["auth.login_with_api_key"] == 1 + sim.counters.faults["dropped"]

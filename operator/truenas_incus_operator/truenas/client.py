@@ -7,6 +7,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from .backends.container import ContainerBackend
 from .backends.virt import VirtInstanceBackend
 from .errors import APIUnavailable, CallFailed, TrueNASError
 from .transports.base import ConnectionOptions, Secret, Transport
@@ -94,10 +95,13 @@ async def choose_backend(transport: Transport, version: tuple[int, ...]) -> Inst
     """The API family for instances on this server (product.md §4)."""
     shown = ".".join(map(str, version)) or "unknown"
     if version and version >= (26,):
-        raise APIUnavailable(
-            f"TrueNAS {shown} has no virt.* API: TrueNAS 26 replaced it with container.*, "
-            "which this operator version does not support yet"
-        )
+        try:
+            await transport.call("lxc.config", idempotent=True)
+        except CallFailed as exc:
+            if "Method does not exist" in exc.message:
+                raise APIUnavailable(f"TrueNAS {shown} offers neither virt.* nor container.*") from None
+            raise
+        return ContainerBackend(transport, version)
     try:
         await transport.call("virt.global.config", idempotent=True)
     except CallFailed as exc:

@@ -9,6 +9,7 @@
     └── CallFailed                     TrueNAS answered with an error (CallError): ``errno``, ``message``
         ├── ValidationFailed           field errors: ``errors`` = [FieldError(attribute, message, errno)]
         │   └── NotFound               the instance (or device) does not exist
+        ├── ImageNotFound              no image on TrueNAS matches the alias (container.* registry)
         └── JobFailed                  a job ended FAILED or ABORTED: ``job_id``, ``state``, TrueNAS's ``message``
 
 A job that fails with validation errors raises ``ValidationFailed`` (with ``job_id`` set), so callers
@@ -81,6 +82,10 @@ class ValidationFailed(CallFailed):
 
 class NotFound(ValidationFailed):
     """The instance or device does not exist."""
+
+
+class ImageNotFound(CallFailed):
+    """No image in TrueNAS's registry matches the requested alias."""
 
 
 class JobFailed(CallFailed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ..transports.base import Transport
@@ -90,6 +91,20 @@ class VirtInstanceBackend:
             unsupported.append("nics[].hwaddr")
         return unsupported
 
+    def honoured(self, config: InstanceConfig) -> InstanceConfig:
+        """The part of ``config`` this family can apply (a NIC's MAC only from 25.10)."""
+        if self.nic_mac:
+            return config
+        devices = tuple(
+            replace(d, extra={k: v for k, v in d.extra.items() if k != "mac"}) if d.type == "NIC" else d
+            for d in config.devices
+        )
+        return replace(config, devices=devices)
+
+    @staticmethod
+    def device_identity(device: DeviceConfig) -> str:
+        return device.name
+
     async def list_instances(self) -> list[ObservedInstance]:
         entries = await self.transport.call("virt.instance.query", [], {}, idempotent=True)
         return [observed(e) for e in entries]
@@ -148,6 +163,9 @@ class VirtInstanceBackend:
     async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None:
         await self.transport.call_job("virt.instance.restart", name, _stop_args(timeout, force))
 
+    async def create_in_progress(self, name: str) -> bool:
+        return await create_job_running(self.transport, "virt.instance.create", name)
+
     async def list_devices(self, name: str) -> list[DeviceConfig]:
         entries = await self.transport.call("virt.instance.device_list", name, idempotent=True)
         return [device_config(e) for e in entries]
@@ -155,7 +173,7 @@ class VirtInstanceBackend:
     async def add_device(self, name: str, device: DeviceConfig) -> None:
         await self.transport.call("virt.instance.device_add", name, device_payload(device, self.nic_mac))
 
-    async def update_device(self, name: str, device: DeviceConfig) -> None:
+    async def update_device(self, name: str, device: DeviceConfig, target: str | None = None) -> None:
         await self.transport.call("virt.instance.device_update", name, device_payload(device, self.nic_mac))
 
     async def delete_device(self, name: str, device_name: str) -> None:
@@ -182,3 +200,14 @@ def _stop_args(timeout: int | None, force: bool) -> dict[str, Any]:
     if force:
         return {"force": True, "timeout": -1 if timeout is None else timeout}
     return {"force": False, "timeout": 30 if timeout is None else timeout}
+
+
+async def create_job_running(transport: Transport, method: str, name: str) -> bool:
+    """Whether a ``method`` job for instance ``name`` is WAITING or RUNNING on TrueNAS."""
+    jobs = await transport.call(
+        "core.get_jobs", [["method", "=", method], ["state", "in", ["WAITING", "RUNNING"]]], {}, idempotent=True
+    )
+    return any(
+        isinstance(j.get("arguments"), list) and j["arguments"] and (j["arguments"][0] or {}).get("name") == name
+        for j in jobs
+    )

@@ -29,6 +29,8 @@ from .base import ConnectionOptions, EventCallback, error_from_job, error_from_j
 log = logging.getLogger(__name__)
 FINAL_JOB_STATES = ("SUCCESS", "FAILED", "ABORTED")
 JOB_POLL_INTERVAL = 5.0
+READ_ATTEMPTS = 3
+"""Reads (queries) are retried after a dropped connection; writes never are."""
 
 
 def websocket_url(url: str, api_version: str = "current") -> str:
@@ -234,11 +236,18 @@ class JsonRpcTransport:
             watch.changed.set()
 
     # ----- calls ----------------------------------------------------------------------------------
-    async def _raw_call(self, method: str, params: list[Any], timeout: float | None) -> Any:
+    def _usable_socket(self) -> aiohttp.ClientWebSocketResponse:
         ws = self._ws
         if ws is None or ws.closed:
+            # The reader may not have noticed yet: treat it as lost now, so callers wait for the reconnect.
+            self._lost(self._generation)
             raise TransportError(f"not connected to {self.url}")
-        ident = next(self._ids)
+        return ws
+
+    async def _raw_call(self, method: str, params: list[Any], timeout: float | None, ident: int | None = None) -> Any:
+        """Sends one request and waits for its answer; ``ident`` lets the caller know the request id."""
+        ws = self._usable_socket()
+        ident = next(self._ids) if ident is None else ident
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[ident] = future
         try:
@@ -254,7 +263,7 @@ class JsonRpcTransport:
             self._pending.pop(ident, None)
 
     async def call(self, method: str, *params: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
-        attempts = 2 if idempotent else 1
+        attempts = READ_ATTEMPTS if idempotent else 1
         for attempt in range(attempts):
             await self.wait_connected()
             try:
@@ -280,49 +289,32 @@ class JsonRpcTransport:
             if not isinstance(job_id, int):
                 raise CallFailed(f"{method}: expected a job id, got {type(job_id).__name__}", method=method)
             return await self.wait_job(job_id, timeout, on_progress)
-        ident_holder: list[int] = []
+        # New-style jobs (25.10): the answer comes when the job ends. The job's ADDED event names our
+        # request id (message_ids), which is how a dropped connection or a failure finds the job.
+        ident = next(self._ids)
         try:
             async with self._limit:
-                return await self._new_style_call(method, list(params), timeout, ident_holder)
+                return await self._raw_call(method, list(params), timeout, ident)
+        except CallTimeout:
+            raise
         except TransportError:
-            job_id = self._job_by_message.get(ident_holder[0]) if ident_holder else None
+            job_id = self._job_by_message.get(ident)
             if job_id is None:
                 raise
-            # The connection dropped mid-job, but TrueNAS told us the job id: follow it after reconnecting.
             log.info("connection lost during %s; following job %s after reconnect", method, job_id)
             return await self.wait_job(job_id, timeout, on_progress)
-        finally:
-            if ident_holder:
-                self._job_by_message.pop(ident_holder[0], None)
-
-    async def _new_style_call(self, method: str, params: list[Any], timeout: float, holder: list[int]) -> Any:
-        ws = self._ws
-        if ws is None or ws.closed:
-            raise TransportError(f"not connected to {self.url}")
-        ident = next(self._ids)
-        holder.append(ident)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[ident] = future
-        try:
-            await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": ident, "method": method, "params": params}))
-            return await asyncio.wait_for(future, timeout)
-        except _ErrorReply as reply:
+        except CallFailed:
             job_id = self._job_by_message.get(ident)
-            error = error_from_jsonrpc(reply.error, method)
-            if job_id is not None and not isinstance(error, AuthenticationFailed):
+            if job_id is not None:
                 # Job errors come back as call errors; the job object says more (its id, exc_info).
                 jobs: Any = None
                 with contextlib.suppress(TrueNASError):
                     jobs = await self._raw_call("core.get_jobs", [[["id", "=", job_id]]], self.options.call_timeout)
                 if jobs and jobs[0].get("state") in ("FAILED", "ABORTED"):
                     raise error_from_job(jobs[0]) from None
-            raise error from None
-        except TimeoutError:
-            raise CallTimeout(f"{method}: job did not finish within {timeout:.0f}s") from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise TransportError(f"{method}: {_describe(exc)}") from None
+            raise
         finally:
-            self._pending.pop(ident, None)
+            self._job_by_message.pop(ident, None)
 
     async def wait_job(
         self,
