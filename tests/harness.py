@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,9 @@ from typing import Any
 
 from truenas_simulator import Simulator, SimulatorThread
 
-from .conftest import Cluster
+from .conftest import Cluster, wait_until
+
+__all__ = ["Harness", "OperatorProcess", "operator_env", "start_simulator", "unique", "wait_until"]
 
 GIB = 2**30
 
@@ -163,12 +164,20 @@ class Harness:
 
     # ----- simulator shortcuts ---------------------------------------------------------------------------
     def instance(self, name: str, sim: SimulatorThread | None = None) -> Any:
+        """The instance (25.x) or container (26) named ``name`` on the simulator, or None."""
         target = sim or self.sim
-        return target.run(lambda: target.sim.instances.get(name))
+
+        def find() -> Any:
+            try:
+                return target.sim.find(name)
+            except Exception:
+                return None
+
+        return target.run(find)
 
     def instance_names(self, sim: SimulatorThread | None = None) -> set[str]:
         target = sim or self.sim
-        return target.run(lambda: set(target.sim.instances))
+        return target.run(target.sim.names)
 
     def calls(self, sim: SimulatorThread | None = None) -> dict[str, int]:
         target = sim or self.sim
@@ -240,14 +249,3 @@ def operator_env(sim: SimulatorThread, workdir: Path, resync: float = 2.0, **ext
     }
     env.update(extra)
     return env
-
-
-def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")

@@ -257,6 +257,10 @@ def test_bad_image_then_it_appears(harness: Harness, namespace: str) -> None:
     assert "Image not found: plan9/4th" in status["message"]
     assert status["phase"] == "Error"
     harness.wait_event(namespace, name, "ImageNotFound")
+    creates = harness.calls().get("virt.instance.create", 0)
+    time.sleep(8)
+    retries = harness.calls().get("virt.instance.create", 0) - creates
+    assert 1 <= retries <= 6, f"{retries} create attempts in 8 s: retries must back off (0.5 s doubling to 4 s here)"
     harness.sim.run(lambda: harness.sim.sim.images.update({"plan9/4th": Image("plan9/4th", "Plan9", "4th")}))
     harness.wait_ready(namespace, name, timeout=30)
 

@@ -82,6 +82,8 @@ class Connection:
         self.problem: Problem | None = Problem("Connecting", f"connecting to {spec.url}")
         self.instances: dict[str, ObservedInstance] = {}
         self.observed_at = 0.0
+        self.epoch = 0
+        """Counts connects: what was read before a reconnect (say, across a TrueNAS upgrade) may be stale."""
         self.ready = asyncio.Event()
         self.job_slots = asyncio.Semaphore(spec.max_concurrent_calls)
         self._listeners: dict[str, set[Wake]] = {}
@@ -165,6 +167,7 @@ class Connection:
             reconnect.append(self.request_refresh)
         await self.client.instances.watch(self._on_event)
         await self.refresh()
+        self.epoch += 1
         self.problem = None
         self.ready.set()
         log.info("TrueNAS connection %s: %s, %s", self.key, self.client.system_version, self.client.api_family)
@@ -209,11 +212,14 @@ class Connection:
         self._store(name, None)
 
     def _store(self, name: str, instance: ObservedInstance | None) -> None:
+        """Records an observation; wakes the loops only when it changed (else a failing loop wakes itself)."""
+        before = self.instances.get(name)
         if instance is None:
             self.instances.pop(name, None)
         else:
             self.instances[name] = instance
-        self._notify(name)
+        if before != instance:
+            self._notify(name)
 
     def _on_event(self, kind: str, name: str, fields: dict[str, Any] | None) -> None:
         """``collection_update`` for instances: apply what it carries, look up what it lacks."""

@@ -26,7 +26,7 @@ from .connections import (
     problem_from,
 )
 from .kube import Kube, KubeError
-from .models import IncusInstanceSpec, Phase, TrueNASConnectionSpec
+from .models import ADOPT_ANNOTATION, IncusInstanceSpec, Phase, TrueNASConnectionSpec
 from .reconcile import (
     CREATED_ANNOTATION,
     Action,
@@ -48,7 +48,7 @@ from .reconcile import (
 )
 from .settings import OperatorSettings
 from .status import Problem, build_status, differs, merge_conditions, now
-from .truenas import JobFailed, NotFound, ObservedInstance, TrueNASError, ValidationFailed
+from .truenas import ImageNotFound, JobFailed, NotFound, ObservedInstance, TrueNASError, ValidationFailed
 from .truenas.transports.base import Secret
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ class LoopState:
     status: dict[str, Any]
     failures: int = 0
     posted: tuple[str, str] | None = None
-    devices_generation: int | None = None
+    devices_seen: tuple[int, int] | None = None
+    """(generation, connection epoch) whose devices were compared with TrueNAS."""
+    unsupported_posted: tuple[str, ...] = ()
     written_at: float = 0.0
     listening: tuple[Connection, str] | None = None
     watching_key: str | None = None
@@ -116,6 +118,8 @@ def classify(exc: TrueNASError) -> Problem:
     """Synced reason for a failed TrueNAS call, with TrueNAS's own message."""
     if isinstance(exc, ValidationFailed):
         return Problem("ValidationFailed", str(exc))
+    if isinstance(exc, ImageNotFound):
+        return Problem("ImageNotFound", exc.message)
     if isinstance(exc, JobFailed):
         if "image" in exc.message.lower():
             return Problem("ImageNotFound", exc.message)
@@ -131,12 +135,29 @@ class Controller:
     post_event: EventPoster
     wakes: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     claims: dict[tuple[str, str], Claim] = field(default_factory=dict)
+    signatures: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
+    creating: set[tuple[str, str]] = field(default_factory=set)
+    """Resources whose create call is in flight in this process (deletion waits for them)."""
 
     # ----- wake-ups ------------------------------------------------------------------------------------
     def wake(self, namespace: str, name: str) -> None:
         event = self.wakes.get((namespace, name))
         if event is not None:
             event.set()
+
+    def resource_changed(self, body: Mapping[str, Any]) -> None:
+        """A watch event: wakes the loop only if something it acts on changed.
+
+        The operator's own writes (status, its annotations) come back as events too; waking on those
+        would cut every backoff short and loop hot.
+        """
+        meta = body.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        annotations = meta.get("annotations") or {}
+        signature = (meta.get("generation"), annotations.get(ADOPT_ANNOTATION), bool(meta.get("deletionTimestamp")))
+        if self.signatures.get(key) != signature:
+            self.signatures[key] = signature
+            self.wake(*key)
 
     def _waker(self, key: tuple[str, str]) -> Callable[[], None]:
         event = self.wakes.setdefault(key, asyncio.Event())
@@ -168,6 +189,7 @@ class Controller:
             if claim.owner == key:
                 del self.claims[claim_key]
         self.wakes.pop(key, None)
+        self.signatures.pop(key, None)
 
     async def reconcile_once(self, body: Mapping[str, Any], state: LoopState, wake: Callable[[], None]) -> float:
         """One pass; returns the seconds until the next unprompted pass."""
@@ -242,22 +264,37 @@ class Controller:
         client = connection.client
         assert client is not None
         backend = client.instances
-        unsupported = tuple(backend.unsupported_fields(instance_config(desired)))
         for _ in range(MAX_STEPS_PER_PASS):
             desired = desired_from(body, state.annotations)
+            wanted = instance_config(desired)
+            unsupported = tuple(backend.unsupported_fields(wanted))
             observed = connection.instances.get(desired.instance_name)
             devices = None
-            if observed is not None and desired.manages_devices and state.devices_generation != desired.generation:
+            seen = (desired.generation, connection.epoch)
+            if observed is not None and desired.manages_devices and state.devices_seen != seen:
                 devices = await backend.list_devices(desired.instance_name)
-            current = plan(desired, observed, devices, unsupported)
+            current = plan(
+                desired,
+                observed,
+                devices,
+                unsupported,
+                config=backend.honoured(wanted),
+                identity=backend.device_identity,
+            )
             if devices is not None and not any(_is_device_action(a) for a in current.actions):
-                state.devices_generation = desired.generation
+                state.devices_seen = seen
             if current.blocked is not None or not current.actions:
                 await self._write(body, state, desired, observed, plan=current, version=connection.version)
                 if current.blocked is not None:
                     self._post_once(body, state, "Warning", current.blocked.reason, current.blocked.message)
                 else:
                     state.posted = None
+                    if current.unsupported and current.unsupported != state.unsupported_posted:
+                        fields = ", ".join(current.unsupported)
+                        self.post_event(
+                            body, "Warning", "Unsupported", f"{client.system_version} cannot honour: {fields}"
+                        )
+                    state.unsupported_posted = current.unsupported
                 return
             for action in current.actions:
                 await self._execute(body, state, desired, connection, observed, action)
@@ -281,7 +318,11 @@ class Controller:
             state.annotations[CREATED_ANNOTATION] = name
             return
         if isinstance(action, Create):
+            key = (desired.namespace, desired.name)
+            if desired_from(body, state.annotations).deleting:
+                return  # kopf may run the delete handler while this loop winds down: never create then
             await self._write(body, state, desired, None, activity=Phase.CREATING, version=connection.version)
+            self.creating.add(key)
             try:
                 async with connection.job_slots:
                     created = await backend.create(action.config)
@@ -297,6 +338,8 @@ class Controller:
                 if await connection.refresh_one(name) is None:
                     await self._forget_creation(desired, state)
                 raise
+            finally:
+                self.creating.discard(key)
             connection.remember(created)
             self.post_event(body, "Normal", "Created", f"created {created.type} {name} on TrueNAS")
         elif isinstance(action, Update):
@@ -305,7 +348,7 @@ class Controller:
         elif isinstance(action, AddDevice):
             await backend.add_device(name, action.device)
         elif isinstance(action, UpdateDevice):
-            await backend.update_device(name, action.device)
+            await backend.update_device(name, action.device, action.target)
         elif isinstance(action, RemoveDevice):
             await backend.delete_device(name, action.name)
         elif isinstance(action, Start):
@@ -427,6 +470,8 @@ class Controller:
             connection = self.connections.get(key)
             if not connection.ready.is_set():
                 await asyncio.wait_for(connection.ready.wait(), 10)
+            if (desired.namespace, desired.name) in self.creating:
+                raise RetryLater(Problem("CreateInProgress", f"{desired.instance_name} is being created"), 1.0)
             for _ in range(4):
                 observed = await connection.refresh_one(desired.instance_name)
                 current = plan_delete(desired, observed)
@@ -434,6 +479,18 @@ class Controller:
                     await asyncio.sleep(1)
                     continue
                 if not current.actions:
+                    client = connection.client
+                    if (
+                        observed is None
+                        and desired.created_by_us
+                        and client is not None
+                        and await client.instances.create_in_progress(desired.instance_name)
+                    ):
+                        # Started before a crash: it would leave an instance behind once it ends.
+                        problem = Problem(
+                            "CreateInProgress", f"a create job for {desired.instance_name} is still running"
+                        )
+                        raise RetryLater(problem, 2.0)
                     if observed is None and desired.may_manage_existing:
                         self.post_event(body, "Normal", "Deleted", f"deleted {desired.instance_name} on TrueNAS")
                     return

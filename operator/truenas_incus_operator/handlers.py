@@ -47,7 +47,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     controller: Controller = memo["controller"]
     await controller.connections.close()
-    controller.kube.close()
+    await controller.kube.close()
 
 
 @kopf.on.probe(id="truenas")
@@ -58,7 +58,7 @@ def probe(memo: kopf.Memo, **_: Any) -> dict[str, str]:
 
 @kopf.on.event(*INSTANCES)
 async def instance_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo["controller"].wake(body.metadata.namespace, body.metadata.name)
+    memo["controller"].resource_changed(body)
 
 
 @kopf.daemon(*INSTANCES, cancellation_timeout=10.0, initial_delay=lambda **_: random.uniform(0, 0.2))

@@ -6,6 +6,7 @@ so every function here only has to answer "what is the next step from this state
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,11 +100,14 @@ class AddDevice:
 @dataclass(frozen=True)
 class UpdateDevice:
     device: DeviceConfig
+    target: str
+    """The observed device's name (its id where the backend keeps no names)."""
 
 
 @dataclass(frozen=True)
 class RemoveDevice:
     name: str
+    """The observed device's name (or id)."""
 
 
 @dataclass(frozen=True)
@@ -187,18 +191,16 @@ def instance_config(desired: Desired) -> InstanceConfig:
     )
 
 
-def config_changes(desired: Desired, observed: ObservedInstance) -> InstanceChanges:
+def config_changes(config: InstanceConfig, observed: ObservedInstance) -> InstanceChanges:
     """cpu, memory, autostart and environment that differ (omitted limits mean no limit)."""
-    spec = desired.spec
-    memory = spec.memory_bytes()
+    memory = config.memory
     if memory is not None:
         memory = memory // 2**20 * 2**20  # TrueNAS keeps whole MiB; compare like with like
-    environment = dict(spec.environment or {})
     return InstanceChanges(
-        cpu=None if spec.cpu == observed.cpu else (spec.cpu if spec.cpu is not None else UNSET),
+        cpu=None if config.cpu == observed.cpu else (config.cpu if config.cpu is not None else UNSET),
         memory=None if memory == observed.memory else (memory if memory is not None else UNSET),
-        autostart=None if desired.autostart == observed.autostart else desired.autostart,
-        environment=None if environment == observed.environment else environment,
+        autostart=None if config.autostart == observed.autostart else config.autostart,
+        environment=None if config.environment == observed.environment else dict(config.environment),
     )
 
 
@@ -213,15 +215,22 @@ def device_differs(want: DeviceConfig, have: DeviceConfig) -> bool:
     return any(have.extra.get(key) != value for key, value in want.extra.items())
 
 
-def device_actions(desired: Desired, devices: list[DeviceConfig]) -> list[Action]:
-    want = {d.name: d for d in desired_devices(desired.spec)}
-    have = {d.name: d for d in devices if not d.inherited}
-    actions: list[Action] = [RemoveDevice(name) for name in have if name not in want]
-    for name, device in want.items():
-        if name not in have:
+def by_name(device: DeviceConfig) -> str:
+    return device.name
+
+
+def device_actions(
+    wanted: tuple[DeviceConfig, ...], devices: list[DeviceConfig], identity: Callable[[DeviceConfig], str] = by_name
+) -> list[Action]:
+    """Removals, additions and changes that turn ``devices`` (observed) into ``wanted``."""
+    want = {identity(d): d for d in wanted}
+    have = {identity(d): d for d in devices if not d.inherited}
+    actions: list[Action] = [RemoveDevice(d.name) for key, d in have.items() if key not in want]
+    for key, device in want.items():
+        if key not in have:
             actions.append(AddDevice(device))
-        elif device_differs(device, have[name]):
-            actions.append(UpdateDevice(device))
+        elif device_differs(device, have[key]):
+            actions.append(UpdateDevice(device, have[key].name))
     return actions
 
 
@@ -231,13 +240,21 @@ def plan(
     observed: ObservedInstance | None,
     devices: list[DeviceConfig] | None = None,
     unsupported: tuple[str, ...] = (),
+    config: InstanceConfig | None = None,
+    identity: Callable[[DeviceConfig], str] = by_name,
 ) -> Plan:
-    """The next steps toward the spec. ``devices`` is None when they were not read this time."""
+    """The next steps toward the spec.
+
+    ``config`` is the spec as the backend can apply it (``InstanceBackend.honoured``): fields it
+    cannot honour are left out, so they are reported (``unsupported``) instead of retried forever.
+    ``devices`` is None when they were not read this time.
+    """
+    config = config or instance_config(desired)
     if observed is None:
         if "type" in unsupported:
             return Plan(blocked=Blocked("Unsupported", _vm_unsupported_message(desired)), unsupported=unsupported)
         actions: list[Action] = [] if desired.created_by_us else [MarkCreating()]
-        actions.append(Create(instance_config(desired)))
+        actions.append(Create(config))
         return Plan(actions=tuple(actions), unsupported=unsupported)
 
     if not desired.may_manage_existing:
@@ -260,11 +277,11 @@ def plan(
         return Plan(waiting=f"TrueNAS reports {observed.status}", unsupported=unsupported)
 
     steps: list[Action] = []
-    changes = config_changes(desired, observed)
+    changes = config_changes(config, observed)
     if not changes.is_empty():
         steps.append(Update(changes))
     if devices is not None:
-        steps.extend(device_actions(desired, devices))
+        steps.extend(device_actions(config.devices, devices, identity))
     power = desired.power_state
     if power == PowerState.RUNNING and observed.status == "STOPPED":
         steps.append(Start())
@@ -295,8 +312,8 @@ def plan_delete(desired: Desired, observed: ObservedInstance | None) -> Plan:
 
 def _vm_unsupported_message(desired: Desired) -> str:
     return (
-        f"this TrueNAS cannot create the VM {desired.instance_name!r} through virt.instance: TrueNAS 25.04.2 and "
-        "later create VMs only through the vm.* API (and TrueNAS 26 has no virt.* at all). Existing Incus VMs stay "
-        "manageable: create the VM in the TrueNAS UI and annotate this resource with "
-        f'{ADOPT_ANNOTATION}: "true", or use a CONTAINER'
+        f"this TrueNAS cannot create the Incus VM {desired.instance_name!r}: only TrueNAS 25.04.0 and 25.04.1 "
+        "create VMs through virt.instance; 25.04.2 and later create VMs through the vm.* API, and TrueNAS 26 "
+        "has no Incus VMs at all. Existing Incus VMs on 25.04.2-25.10 stay manageable: annotate this resource "
+        f'with {ADOPT_ANNOTATION}: "true" to take one over, or use type CONTAINER'
     )

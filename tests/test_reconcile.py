@@ -1,0 +1,231 @@
+"""reconcile.py and status.py: pure planning and reporting, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from truenas_incus_operator.models import IncusInstanceSpec, Phase
+from truenas_incus_operator.reconcile import (
+    CREATED_ANNOTATION,
+    AddDevice,
+    Create,
+    Delete,
+    Desired,
+    MarkCreating,
+    RemoveDevice,
+    Start,
+    Stop,
+    Update,
+    UpdateDevice,
+    instance_config,
+    plan,
+    plan_delete,
+)
+from truenas_incus_operator.status import Problem, build_status
+from truenas_incus_operator.truenas.backends.container import ContainerBackend
+from truenas_incus_operator.truenas.types import UNSET, DeviceConfig, ObservedImage, ObservedInstance
+
+MIB = 2**20
+
+
+def desired(annotations: dict[str, str] | None = None, **spec: Any) -> Desired:
+    body = {"type": "CONTAINER", "image": "debian/bookworm", **spec}
+    return Desired("ns", "web", 3, IncusInstanceSpec.model_validate(body), annotations or {})
+
+
+OURS = {CREATED_ANNOTATION: "web"}
+
+
+def observed(**fields: Any) -> ObservedInstance:
+    base = ObservedInstance(
+        id="web", name="web", type="CONTAINER", status="RUNNING", cpu=None, memory=None, autostart=True,
+        environment={}, addresses=("10.0.0.2",), image=ObservedImage(os="Debian"),
+    )  # fmt: skip
+    return replace(base, **fields)
+
+
+def test_missing_instance_is_created_after_marking() -> None:
+    result = plan(desired(cpu="2"), None)
+    assert [type(a) for a in result.actions] == [MarkCreating, Create]
+    assert isinstance(result.actions[1], Create) and result.actions[1].config.cpu == "2"
+    # Already marked (e.g. a crash after marking): create without marking again.
+    assert [type(a) for a in plan(desired(OURS), None).actions] == [Create]
+
+
+def test_vm_that_the_backend_cannot_create_is_blocked_with_advice() -> None:
+    result = plan(desired(type="VM", image="ubuntu/noble"), None, unsupported=("type",))
+    assert result.actions == () and result.blocked is not None
+    assert result.blocked.reason == "Unsupported" and "incus.truenas.io/adopt" in result.blocked.message
+
+
+def test_foreign_instance_is_not_managed_and_status_grants_nothing() -> None:
+    result = plan(desired(cpu="2"), observed(cpu="1"))
+    assert result.blocked is not None and result.blocked.reason == "AlreadyExists" and result.actions == ()
+    adopted = plan(desired({"incus.truenas.io/adopt": "true"}, cpu="2"), observed(cpu="1"))
+    assert adopted.actions == (Update(replace(adopted.actions[0].changes)),) and adopted.blocked is None  # type: ignore[union-attr]
+
+
+def test_type_mismatch_and_transitions() -> None:
+    assert plan(desired(OURS), observed(type="VM")).blocked.reason == "TypeMismatch"  # type: ignore[union-attr]
+    waiting = plan(desired(OURS, cpu="4"), observed(status="STARTING"))
+    assert waiting.waiting == "TrueNAS reports STARTING" and waiting.actions == ()
+
+
+@pytest.mark.parametrize(
+    "spec,seen,expected",
+    [
+        ({"cpu": "2"}, {"cpu": "1"}, {"cpu": "2"}),
+        ({}, {"cpu": "1"}, {"cpu": UNSET}),
+        ({"memory": "1Gi"}, {"memory": 512 * MIB}, {"memory": 1024 * MIB}),
+        ({"memory": 100 * MIB + 5}, {"memory": 100 * MIB}, {}),
+        ({}, {"memory": 100 * MIB}, {"memory": UNSET}),
+        ({"autostart": False}, {}, {"autostart": False}),
+        ({"environment": {"A": "1"}}, {"environment": {"A": "2", "B": "3"}}, {"environment": {"A": "1"}}),
+        ({}, {"environment": {"A": "1"}}, {"environment": {}}),
+    ],
+)
+def test_config_changes(spec: dict[str, Any], seen: dict[str, Any], expected: dict[str, Any]) -> None:
+    result = plan(desired(OURS, **spec), observed(**seen))
+    if not expected:
+        assert result.actions == () and result.converged
+        return
+    (update,) = result.actions
+    assert isinstance(update, Update)
+    changes = {k: v for k, v in vars(update.changes).items() if v is not None}
+    assert changes == expected
+
+
+def test_power() -> None:
+    assert plan(desired(OURS), observed(status="STOPPED")).actions == (Start(),)
+    assert plan(desired(OURS, powerState="Stopped", stopTimeoutSeconds=7), observed()).actions == (Stop(7),)
+    assert plan(desired(OURS, powerState="Stopped"), observed()).actions == (Stop(30),)
+    assert plan(desired(OURS, powerState="Manual"), observed(status="STOPPED")).actions == ()
+    frozen = plan(desired(OURS), observed(status="FROZEN"))
+    assert frozen.actions == () and "FROZEN" in frozen.notes[0]
+
+
+def test_devices_by_name() -> None:
+    spec = {
+        "devices": [
+            {"name": "data", "type": "DISK", "source": "/mnt/tank/a", "destination": "/a"},
+            {"name": "tpm", "type": "TPM"},
+        ],
+        "nics": [{"name": "eth1", "parent": "br0"}],
+    }
+    seen = [
+        DeviceConfig("eth0", "NIC", inherited=True, extra={"network": "incusbr0"}),
+        DeviceConfig("data", "DISK", source="/mnt/tank/a", destination="/b", extra={"boot_priority": None}),
+        DeviceConfig("old", "USB"),
+        DeviceConfig("eth1", "NIC", extra={"nic_type": "BRIDGED", "parent": "br0", "mac": "10:66:6a:00:00:01"}),
+    ]
+    actions = plan(desired(OURS, **spec), observed(), seen).actions
+    assert RemoveDevice("old") in actions
+    assert AddDevice(DeviceConfig("tpm", "TPM")) in actions
+    updates = [a for a in actions if isinstance(a, UpdateDevice)]
+    assert [(u.device.name, u.target) for u in updates] == [("data", "data")]
+    assert len(actions) == 3, "eth0 is inherited and eth1 matches: neither is touched"
+    # Devices not read this time: no device actions at all.
+    assert plan(desired(OURS, **spec), observed(), None).actions == ()
+
+
+def test_container_backend_plan_leaves_out_what_26_cannot_do() -> None:
+    backend = ContainerBackend(transport=SimpleNamespace(supports_events=False), version=(26, 0))  # type: ignore[arg-type]
+    want = desired(OURS, cpu="2", memory="1Gi", environment={"TZ": "UTC"}, devices=[
+        {"name": "data", "type": "DISK", "source": "/mnt/tank/a", "destination": "/a", "readonly": True},
+        {"name": "http", "type": "PROXY", "extra": {"source_port": 80}},
+    ], nics=[{"name": "eth1", "parent": "br0", "type": "macvlan"}])  # fmt: skip
+    config = instance_config(want)
+    assert backend.unsupported_fields(config) == [
+        "memory", "cpu", "devices[data].readonly", "devices[http] (PROXY)", "devices[].name"
+    ]  # fmt: skip
+    honoured = backend.honoured(config)
+    # As migrated from 25.10: cpuset "2" pinned by mistake, environment dropped, devices without names.
+    seen = observed(id="7", cpu="2", environment={})
+    migrated = [
+        DeviceConfig("11", "DISK", source="/mnt/tank/a", destination="/a"),
+        DeviceConfig("12", "NIC", extra={"parent": "br0", "mac": "x"}),
+    ]
+    result = plan(want, seen, migrated, config=honoured, identity=backend.device_identity)
+    (update,) = result.actions
+    assert isinstance(update, Update)
+    assert update.changes.cpu is UNSET and update.changes.memory is None and update.changes.environment == {"TZ": "UTC"}
+    # Once applied, nothing more: no endless retries of memory or readonly.
+    settled = plan(
+        want,
+        observed(id="7", cpu=None, environment={"TZ": "UTC"}),
+        migrated,
+        config=honoured,
+        identity=backend.device_identity,
+    )
+    assert settled.actions == () and settled.unsupported == ()  # unsupported is reported by the caller
+
+
+def test_delete_plans() -> None:
+    assert plan_delete(desired(OURS, deletionPolicy="Orphan"), observed()).actions == ()
+    assert plan_delete(desired(OURS), None).actions == ()
+    foreign = plan_delete(desired(), observed())
+    assert foreign.actions == () and "never managed" in foreign.notes[0]
+    assert plan_delete(desired(OURS, stopTimeoutSeconds=5), observed()).actions == (Stop(5), Delete())
+    assert plan_delete(desired(OURS), observed(status="STOPPED")).actions == (Delete(),)
+    assert plan_delete(desired(OURS), observed(status="STOPPING")).waiting
+
+
+# ----- status -------------------------------------------------------------------------------------------
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_status_running_in_sync() -> None:
+    want = desired(OURS)
+    status = build_status(want, observed(memory=2048 * MIB, cpu="2"), previous={}, plan=plan(want, observed()))
+    assert status["phase"] == "Running" and status["memory"] == "2Gi" and status["cpu"] == "2"
+    assert conditions(status) == {"Ready": ("True", "Available"), "Synced": ("True", "ReconcileSuccess")}
+    assert status["observedGeneration"] == 3 and all(c["observedGeneration"] == 3 for c in status["conditions"])
+    assert status["ipAddresses"] == ["10.0.0.2"]
+
+
+def test_status_keeps_transition_time_while_unchanged() -> None:
+    want = desired(OURS)
+    first = build_status(want, observed(), previous={}, plan=plan(want, observed()))
+    for condition in first["conditions"]:
+        condition["lastTransitionTime"] = "2020-01-01T00:00:00Z"
+    again = build_status(want, observed(), previous=first, plan=plan(want, observed()))
+    assert {c["lastTransitionTime"] for c in again["conditions"]} == {"2020-01-01T00:00:00Z"}
+
+
+@pytest.mark.parametrize(
+    "problem,phase",
+    [
+        (Problem("Unreachable", "x"), Phase.PENDING),
+        (Problem("ConnectionNotFound", "x"), Phase.PENDING),
+        (Problem("ImageNotFound", "x"), Phase.ERROR),
+    ],
+)
+def test_status_problem_without_instance(problem: Problem, phase: Phase) -> None:
+    status = build_status(desired(), None, previous={}, plan=None, problem=problem)
+    assert status["phase"] == phase.value
+    assert conditions(status)["Synced"] == ("False", problem.reason)
+
+
+def test_status_of_a_foreign_instance_reports_nothing_of_it() -> None:
+    want = desired()
+    status = build_status(want, observed(cpu="1"), previous={}, plan=plan(want, observed(cpu="1")))
+    assert status["phase"] == "Error" and status["instanceId"] is None and status["cpu"] is None
+    assert conditions(status)["Synced"] == ("False", "AlreadyExists")
+
+
+def test_status_partially_applied_and_stopped() -> None:
+    want = desired(OURS, powerState="Stopped")
+    status = build_status(
+        want,
+        observed(status="STOPPED"),
+        previous={},
+        plan=plan(want, observed(status="STOPPED"), unsupported=("memory",)),
+    )
+    assert status["phase"] == "Stopped"
+    assert conditions(status) == {"Ready": ("True", "Stopped"), "Synced": ("True", "PartiallyApplied")}
+    assert "memory" in next(c["message"] for c in status["conditions"] if c["type"] == "Synced")
