@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint crd controlplane venv clean
+.PHONY: run test lint crd controlplane venv clean bench bench-smoke
 
 venv:
 	@bash tools/bootstrap.sh
@@ -23,6 +23,12 @@ lint: venv
 
 test: venv controlplane lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: venv controlplane
+	$(PY) benchmarks/bench.py --output benchmarks/results.json
+
+bench-smoke: venv controlplane
+	$(PY) benchmarks/bench.py --smoke
 
 crd: venv
 	$(PY) -m truenas_incus_operator crd

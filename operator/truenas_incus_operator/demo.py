@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import yaml
 
 from truenas_simulator import Simulator, SimulatorThread
 
-from .localcluster import REPO_ROOT, ControlPlaneError, LocalControlPlane, binaries_dir, wait_for_interrupt
+from .localcluster import REPO_ROOT, LocalControlPlane, binaries_dir, start_for_people, wait_for_interrupt
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -40,25 +38,21 @@ def run_against_configured(workdir: Path) -> int:
     if applied.returncode != 0:
         print("error: could not install the CRDs (see above)", file=sys.stderr)
         return 1
-    return subprocess.call([sys.executable, "-m", "truenas_incus_operator", "run", "-A"])
+    # Become the operator, so that signals (Ctrl-C, SIGTERM) reach it directly.
+    os.execv(sys.executable, [sys.executable, "-m", "truenas_incus_operator", "run", "-A"])
 
 
 def run_demo(workdir: Path) -> int:
     print("demo: no KUBECONFIG + TIO_TRUENAS_URL given, so starting everything locally", flush=True)
     print("demo: building or reusing the local control plane (the first build takes several minutes)", flush=True)
-    bin_dir = binaries_dir()
-    shutil.rmtree(workdir / "controlplane", ignore_errors=True)  # a fresh cluster each run
-    plane = LocalControlPlane(workdir=workdir / "controlplane", bin_dir=bin_dir)
-    started = time.monotonic()
-    try:
-        plane.start()
-    except ControlPlaneError as exc:
-        plane.stop()
-        print(f"error: {exc}", file=sys.stderr)
+    started = start_for_people(workdir / "controlplane")
+    if started is None:
         return 1
+    plane, seconds = started
+    bin_dir = plane.bin_dir
     processes: list[subprocess.Popen[Any]] = []
     try:
-        print(f"demo: control plane ready in {time.monotonic() - started:.1f}s", flush=True)
+        print(f"demo: control plane ready in {seconds:.1f}s", flush=True)
         plane.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
         plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         main_sim = SimulatorThread(Simulator("25.10"), tls=True, cert_dir=workdir / "simulator-tls").start()

@@ -258,11 +258,10 @@ def wait_for_interrupt() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
-def run_forever(workdir: Path) -> int:
-    """The people-facing command: start, print how to use it, stop cleanly on Ctrl-C."""
+def start_for_people(workdir: Path) -> tuple[LocalControlPlane, float] | None:
+    """A fresh control plane in ``workdir`` for the commands people run; None (after saying why) on failure."""
     bin_dir = binaries_dir()
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
     plane = LocalControlPlane(workdir=workdir, bin_dir=bin_dir)
     started = time.monotonic()
     try:
@@ -270,10 +269,19 @@ def run_forever(workdir: Path) -> int:
     except ControlPlaneError as exc:
         plane.stop()
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    return plane, time.monotonic() - started
+
+
+def run_forever(workdir: Path) -> int:
+    """The people-facing command: start, print how to use it, stop cleanly on Ctrl-C."""
+    started = start_for_people(workdir)
+    if started is None:
         return 1
-    print(f"control plane ready in {time.monotonic() - started:.1f}s at {plane.server}")
+    plane, seconds = started
+    print(f"control plane ready in {seconds:.1f}s at {plane.server}")
     print(f"export KUBECONFIG={plane.kubeconfig}")
-    print(f"export PATH={bin_dir}:$PATH   # kubectl and helm")
+    print(f"export PATH={plane.bin_dir}:$PATH   # kubectl and helm")
     print("Ctrl-C stops it.")
     try:
         wait_for_interrupt()

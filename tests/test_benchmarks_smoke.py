@@ -1,0 +1,37 @@
+"""The benchmark code runs (reduced to N=50), so it cannot rot. Figures are not judged here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import ROOT
+
+
+def test_benchmark_smoke_run_completes(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert set(results) >= {
+        "single",
+        "bulk",
+        "economy",
+        "drift_websocket",
+        "drift_rest",
+        "memory_mb",
+        "restart",
+        "job_latency",
+    }
+    assert results["bulk"]["all_running"] and results["job_latency"]["all_running"]
+    assert results["restart"]["all_observed"]
+    assert results["single"]["count"] == 10 and results["bulk"]["count"] == 50
+    assert set(results["memory_mb"]) == {"0", "70", "100"}
