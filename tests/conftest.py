@@ -93,11 +93,19 @@ def cluster(control_plane: LocalControlPlane) -> Cluster:
     return c
 
 
+def module_prefix(request: pytest.FixtureRequest) -> str:
+    """``operator-26--`` for tests/test_operator_26.py: a module's operator watches only ``operator-26--*``."""
+    return request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-") + "--"
+
+
+def slug_of_test(request: pytest.FixtureRequest) -> str:
+    base = request.node.name.lower().removeprefix("test_").replace("_", "-")
+    return "".join(ch for ch in base if ch.isalnum() or ch == "-")
+
+
 @pytest.fixture
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> str:
     """A fresh namespace per test (namespaces are not reclaimed: there is no controller manager)."""
-    base = request.node.name.lower().replace("_", "-")
-    name = "".join(ch for ch in base if ch.isalnum() or ch == "-")[:40].strip("-")
-    ns = f"{name}-{uuid.uuid4().hex[:6]}"
+    ns = f"{module_prefix(request)}{slug_of_test(request)}"[:56].strip("-") + f"-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
     return ns

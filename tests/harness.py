@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,16 @@ from truenas_simulator import Simulator, SimulatorThread
 
 from .conftest import Cluster, wait_until
 
-__all__ = ["Harness", "OperatorProcess", "operator_env", "start_simulator", "unique", "wait_until"]
+__all__ = [
+    "Chaos",
+    "Harness",
+    "OperatorProcess",
+    "operator_env",
+    "operator_with_simulator",
+    "start_simulator",
+    "unique",
+    "wait_until",
+]
 
 GIB = 2**30
 
@@ -205,6 +216,34 @@ class Harness:
             result = self.cluster.apply(manifest, namespace)
             assert result.returncode == 0, result.stderr
         return name
+
+
+@dataclass
+class Chaos:
+    """SIGKILLs the operator at random moments (seeded, so a failure can be replayed)."""
+
+    operator: OperatorProcess
+    seed: int
+    kills: int = 0
+
+    def __post_init__(self) -> None:
+        self.random = random.Random(self.seed)
+
+    def rounds(self, count: int) -> None:
+        for _ in range(count):
+            time.sleep(self.random.uniform(0.2, 2.5))
+            self.operator.kill()
+            self.kills += 1
+            self.operator.start()
+
+
+def operator_with_simulator(
+    cluster: Cluster, workdir: Path, profile: str, job_duration: float, args: list[str] | None = None
+) -> Harness:
+    """A simulator of ``profile`` and the operator (default connection to it) as a subprocess."""
+    sim = start_simulator(profile, job_duration=job_duration)
+    operator = OperatorProcess(cluster, operator_env(sim, workdir), workdir / "operator.log", args=args or ["-A"])
+    return Harness(cluster, sim, operator.start(), workdir)
 
 
 def secret_manifest(name: str, data: dict[str, str]) -> dict[str, Any]:

@@ -11,20 +11,24 @@ import pytest
 
 from truenas_simulator import ApiKey, Image, Simulator, SimulatorThread
 
-from .conftest import Cluster
-from .harness import GIB, Harness, OperatorProcess, operator_env, start_simulator, unique, wait_until
+from .conftest import Cluster, module_prefix
+from .harness import GIB, Harness, operator_with_simulator, start_simulator, unique, wait_until
 
 
 @pytest.fixture(scope="module")
-def harness(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    workdir = tmp_path_factory.mktemp("operator")
-    sim = start_simulator("25.10", job_duration=0.05)
-    operator = OperatorProcess(cluster, operator_env(sim, workdir), workdir / "operator.log").start()
+def harness(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Harness]:
+    # Only this module's namespaces: other modules' leftovers are not this operator's business.
+    only_here = ["-n", f"{module_prefix(request)}*"]
+    running = operator_with_simulator(
+        cluster, tmp_path_factory.mktemp("operator"), "25.10", job_duration=0.05, args=only_here
+    )
     try:
-        yield Harness(cluster, sim, operator, workdir)
+        yield running
     finally:
-        operator.stop()
-        sim.stop()
+        running.operator.stop()
+        running.sim.stop()
 
 
 # ----- 1. create ------------------------------------------------------------------------------------------

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import random
-import time
 from collections import Counter
 from pathlib import Path
 
 from .conftest import Cluster
-from .harness import Harness, OperatorProcess, operator_env, start_simulator, unique, wait_until
+from .harness import Chaos, Harness, OperatorProcess, operator_env, start_simulator, unique, wait_until
 
 
 def test_sigkill_at_random_points_never_duplicates_or_leaks(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
@@ -18,33 +16,24 @@ def test_sigkill_at_random_points_never_duplicates_or_leaks(cluster: Cluster, na
         cluster, operator_env(sim, tmp_path, resync=2.0), tmp_path / "operator.log", args=["-n", namespace]
     ).start()
     harness = Harness(cluster, sim, operator, tmp_path)
-    rng = random.Random(20261126)
-    kills = 0
-
-    def chaos(rounds: int) -> None:
-        nonlocal kills
-        for _ in range(rounds):
-            time.sleep(rng.uniform(0.2, 2.5))
-            operator.kill()
-            kills += 1
-            operator.start()
+    chaos = Chaos(operator, seed=20261126)
 
     try:
         names = [unique("crash") for _ in range(6)]
         for name in names:
             harness.apply(namespace, name, {"cpu": "1"})
-        chaos(8)  # during creation
+        chaos.rounds(8)  # during creation
         for name in names:
             harness.apply(namespace, name, {"cpu": "2", "memory": "1Gi"})
-        chaos(6)  # during updates
+        chaos.rounds(6)  # during updates
         deleted = names[:3]
         for name in deleted:
             harness.delete(namespace, name, wait=False)
         late = [unique("late") for _ in range(2)]
         for name in late:
             harness.apply(namespace, name, {"powerState": "Stopped"})
-        chaos(7)  # during deletes and more creates
-        assert kills >= 20
+        chaos.rounds(7)  # during deletes and more creates
+        assert chaos.kills >= 20
 
         alive = names[3:] + late
         for name in alive:

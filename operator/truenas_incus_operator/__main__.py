@@ -40,11 +40,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from . import handlers  # noqa: F401 - registers the handlers
 
-    if args.namespace and not args.all_namespaces:
+    patterns = any(any(ch in ns for ch in "*?[!") for ns in args.namespace or [])
+    if args.namespace and not args.all_namespaces and not patterns:
 
         @kopf.on.startup()
         def fixed_namespaces(settings: kopf.OperatorSettings, **_: object) -> None:
-            # Named namespaces need no discovery of CRDs or namespaces, so no cluster-wide RBAC.
+            # Named namespaces (not patterns) need no discovery of CRDs or namespaces, so no
+            # cluster-wide RBAC.
             settings.scanning.disabled = True
 
     kopf.configure(verbose=args.verbose, debug=args.debug, log_format=kopf.LogFormat.PLAIN)
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the operator (configuration: TIO_* environment, see settings.py)")
-    run.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable); default: all")
+    run.add_argument(
+        "-n", "--namespace", action="append", help="watch this namespace or glob pattern (repeatable); default: all"
+    )
     run.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     run.add_argument("--liveness", default=None, help="serve kopf's health endpoint, e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("-v", "--verbose", action="store_true")
