@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "Chaos",
     "Harness",
     "OperatorProcess",
+    "module_operator",
     "operator_env",
     "operator_with_simulator",
     "start_simulator",
@@ -244,6 +246,16 @@ def operator_with_simulator(
     sim = start_simulator(profile, job_duration=job_duration)
     operator = OperatorProcess(cluster, operator_env(sim, workdir), workdir / "operator.log", args=args or ["-A"])
     return Harness(cluster, sim, operator.start(), workdir)
+
+
+def module_operator(cluster: Cluster, workdir: Path, prefix: str, profile: str) -> Iterator[Harness]:
+    """A module's operator (and simulator), watching only that module's namespaces (``prefix*``)."""
+    running = operator_with_simulator(cluster, workdir, profile, job_duration=0.05, args=["-n", f"{prefix}*"])
+    try:
+        yield running
+    finally:
+        running.operator.stop()
+        running.sim.stop()
 
 
 def secret_manifest(name: str, data: dict[str, str]) -> dict[str, Any]:

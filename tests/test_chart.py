@@ -222,6 +222,23 @@ def lifecycle(harness: Harness, namespace: str) -> None:
     assert name not in harness.instance_names()
 
 
+def lifecycle_as_service_account(
+    cluster: Cluster, kubeconfig: Path, workdir: Path, args: list[str], namespace: str
+) -> None:
+    """The operator with the ServiceAccount's token runs the lifecycle and is never refused anything."""
+    workdir.mkdir()
+    sim = start_simulator("25.10", job_duration=0.05)
+    operator = OperatorProcess(cluster, operator_env(sim, workdir), workdir / "operator.log", args=args)
+    operator.env["KUBECONFIG"] = str(kubeconfig)
+    operator.start()
+    try:
+        lifecycle(Harness(cluster, sim, operator, workdir), namespace)
+    finally:
+        operator.stop()
+        sim.stop()
+    assert not forbidden(operator.logs())
+
+
 def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, tmp_path: Path) -> None:
     cluster = fresh_cluster
     for ns in ("apps", "elsewhere"):
@@ -252,32 +269,13 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
     sa_kubeconfig = service_account_kubeconfig(
         cluster, tmp_path / "sa.kubeconfig", "tio-system", "tio-truenas-incus-operator"
     )
-    sim = start_simulator("25.10", job_duration=0.05)
-    as_sa = Cluster(cluster.plane)
-    operator = OperatorProcess(as_sa, operator_env(sim, tmp_path), tmp_path / "operator.log", args=["-n", "apps"])
-    operator.env["KUBECONFIG"] = str(sa_kubeconfig)
-    operator.start()
-    try:
-        lifecycle(Harness(cluster, sim, operator, tmp_path), "apps")
-    finally:
-        operator.stop()
-        sim.stop()
-    assert not forbidden(operator.logs())
+    lifecycle_as_service_account(cluster, sa_kubeconfig, tmp_path / "namespaced", ["-n", "apps"], "apps")
 
     # Cluster-wide: a ClusterRole instead, and the same lifecycle.
     helm("upgrade", "tio", str(CHART), "-n", "tio-system", "--set", "watch.namespaces=null", kubeconfig=kubeconfig)
     assert can_i(cluster, "get", "secrets", "elsewhere") and not can_i(cluster, "list", "secrets", "elsewhere")
     assert can_i(cluster, "list", "namespaces") and not can_i(cluster, "create", "namespaces")
-    sim = start_simulator("25.10", job_duration=0.05)
-    operator = OperatorProcess(as_sa, operator_env(sim, tmp_path), tmp_path / "operator-all.log", args=["-A"])
-    operator.env["KUBECONFIG"] = str(sa_kubeconfig)
-    operator.start()
-    try:
-        lifecycle(Harness(cluster, sim, operator, tmp_path), "elsewhere")
-    finally:
-        operator.stop()
-        sim.stop()
-    assert not forbidden(operator.logs())
+    lifecycle_as_service_account(cluster, sa_kubeconfig, tmp_path / "cluster-wide", ["-A"], "elsewhere")
     # Uninstalling keeps the CRDs (and so every IncusInstance).
     helm("uninstall", "tio", "-n", "tio-system", kubeconfig=kubeconfig)
     crds = json.loads(cluster.kubectl("get", "crd", "-o", "json").stdout)["items"]

@@ -12,7 +12,7 @@ import pytest
 from truenas_simulator import ApiKey, Image, Simulator, SimulatorThread
 
 from .conftest import Cluster, module_prefix
-from .harness import GIB, Harness, operator_with_simulator, start_simulator, unique, wait_until
+from .harness import GIB, Harness, module_operator, start_simulator, unique, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,7 @@ def harness(
     cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Harness]:
     # Only this module's namespaces: other modules' leftovers are not this operator's business.
-    only_here = ["-n", f"{module_prefix(request)}*"]
-    running = operator_with_simulator(
-        cluster, tmp_path_factory.mktemp("operator"), "25.10", job_duration=0.05, args=only_here
-    )
-    try:
-        yield running
-    finally:
-        running.operator.stop()
-        running.sim.stop()
+    yield from module_operator(cluster, tmp_path_factory.mktemp("operator"), module_prefix(request), "25.10")
 
 
 # ----- 1. create ------------------------------------------------------------------------------------------

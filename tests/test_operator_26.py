@@ -10,7 +10,7 @@ import pytest
 from .conftest import Cluster, module_prefix
 from .harness import (
     Harness,
-    operator_with_simulator,
+    module_operator,
     unique,
     wait_until,
 )
@@ -21,15 +21,7 @@ def harness(
     cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Harness]:
     # Only this module's namespaces: other modules' leftovers are not this operator's business.
-    only_here = ["-n", f"{module_prefix(request)}*"]
-    running = operator_with_simulator(
-        cluster, tmp_path_factory.mktemp("operator26"), "26.0", job_duration=0.05, args=only_here
-    )
-    try:
-        yield running
-    finally:
-        running.operator.stop()
-        running.sim.stop()
+    yield from module_operator(cluster, tmp_path_factory.mktemp("operator26"), module_prefix(request), "26.0")
 
 
 def conditions(status: dict[str, object]) -> dict[str, tuple[str, str]]:

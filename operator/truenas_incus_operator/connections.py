@@ -81,7 +81,6 @@ class Connection:
         self.client: TrueNASClient | None = None
         self.problem: Problem | None = Problem("Connecting", f"connecting to {spec.url}")
         self.instances: dict[str, ObservedInstance] = {}
-        self.observed_at = 0.0
         self.epoch = 0
         """Counts connects: what was read before a reconnect (say, across a TrueNAS upgrade) may be stale."""
         self.ready = asyncio.Event()
@@ -192,7 +191,6 @@ class Connection:
         fresh = {instance.name: instance for instance in listed}
         before = self.instances
         self.instances = fresh
-        self.observed_at = asyncio.get_running_loop().time()
         for name in set(before) | set(fresh):
             if before.get(name) != fresh.get(name):
                 self._notify(name)

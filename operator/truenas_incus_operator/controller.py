@@ -266,6 +266,8 @@ class Controller:
         backend = client.instances
         for _ in range(MAX_STEPS_PER_PASS):
             desired = desired_from(body, state.annotations)
+            if desired.deleting:
+                return  # the delete handler takes over; kopf stops this loop
             wanted = instance_config(desired)
             unsupported = tuple(backend.unsupported_fields(wanted))
             observed = connection.instances.get(desired.instance_name)

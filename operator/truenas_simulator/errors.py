@@ -83,7 +83,3 @@ class MatchNotFound(Exception):
 
 class MethodNotFound(Exception):
     """JSON-RPC -32601 "Method does not exist"."""
-
-
-class InvalidParams(Exception):
-    """A JSON-RPC envelope problem with the params member itself."""
