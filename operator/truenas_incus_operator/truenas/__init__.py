@@ -1,11 +1,13 @@
 """The TrueNAS client: ``await connect(url, api_key)`` -> ``TrueNASClient`` with ``.instances``.
 
-Transports: JSON-RPC over WebSocket (default) and REST v2.0 (25.x). Backends: ``virt.instance``.
-Errors: see ``errors`` (one hierarchy under ``TrueNASError``).
+Transports: JSON-RPC over WebSocket (default) and REST v2.0 (25.x). Backends: ``virt.instance``
+(25.x) and ``container.*`` (26), chosen from the server's version. Errors: see ``errors`` (one
+hierarchy under ``TrueNASError``). Everything the operator uses is exported here.
 """
 
 from .client import TrueNASClient, connect, parse_version, ssl_context
 from .errors import (
+    AlreadyExists,
     APIUnavailable,
     AuthenticationFailed,
     CallFailed,
@@ -19,6 +21,7 @@ from .errors import (
     TrueNASError,
     ValidationFailed,
 )
+from .transports.base import Secret
 from .types import (
     UNSET,
     DeviceConfig,
@@ -32,6 +35,7 @@ from .types import (
 __all__ = [
     "UNSET",
     "APIUnavailable",
+    "AlreadyExists",
     "AuthenticationFailed",
     "CallFailed",
     "CallTimeout",
@@ -46,6 +50,7 @@ __all__ = [
     "NotFound",
     "ObservedImage",
     "ObservedInstance",
+    "Secret",
     "TransportError",
     "TrueNASClient",
     "TrueNASError",

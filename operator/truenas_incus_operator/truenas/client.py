@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import ssl
 from dataclasses import dataclass
-from typing import Any
 
 from .backends.container import ContainerBackend
 from .backends.virt import VirtInstanceBackend
@@ -61,7 +60,6 @@ async def connect(
     call_timeout: float = 60.0,
     job_timeout: float = 15 * 60.0,
     connect_timeout: float = 10.0,
-    **extra: Any,
 ) -> TrueNASClient:
     """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``."""
     secure = url.startswith(("wss://", "https://"))
@@ -73,7 +71,6 @@ async def connect(
         call_timeout=call_timeout,
         job_timeout=job_timeout,
         connect_timeout=connect_timeout,
-        extra=extra,
     )
     if transport == "websocket":
         chosen: Transport = JsonRpcTransport(options)

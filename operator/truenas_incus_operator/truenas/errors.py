@@ -8,7 +8,8 @@
     ├── APIUnavailable                 the server lacks the API family (virt.* on TrueNAS 26, REST on 26)
     └── CallFailed                     TrueNAS answered with an error (CallError): ``errno``, ``message``
         ├── ValidationFailed           field errors: ``errors`` = [FieldError(attribute, message, errno)]
-        │   └── NotFound               the instance (or device) does not exist
+        │   ├── NotFound               the instance (or device) does not exist
+        │   └── AlreadyExists          an instance with that name already exists (create)
         ├── ImageNotFound              no image on TrueNAS matches the alias (container.* registry)
         └── JobFailed                  a job ended FAILED or ABORTED: ``job_id``, ``state``, TrueNAS's ``message``
 
@@ -82,6 +83,14 @@ class ValidationFailed(CallFailed):
 
 class NotFound(ValidationFailed):
     """The instance or device does not exist."""
+
+
+class AlreadyExists(ValidationFailed):
+    """An instance with the requested name already exists (the backend recognises TrueNAS's wording)."""
+
+    @classmethod
+    def from_validation(cls, exc: ValidationFailed) -> AlreadyExists:
+        return cls(exc.errors, exc.method, exc.job_id)
 
 
 class ImageNotFound(CallFailed):

@@ -10,12 +10,14 @@ starts.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from ..errors import FieldError, ImageNotFound, NotFound
+from ..errors import AlreadyExists, FieldError, ImageNotFound, NotFound, ValidationFailed
+from ..jobs import job_running
 from ..transports.base import Transport
 from ..types import (
     UNSET,
@@ -26,7 +28,6 @@ from ..types import (
     ObservedImage,
     ObservedInstance,
 )
-from .virt import create_job_running
 
 SUPPORTED_DEVICES = ("DISK", "NIC", "USB", "GPU")
 REGISTRY_TTL = 600.0
@@ -233,7 +234,13 @@ class ContainerBackend:
             payload["cpuset"] = config.cpu
         if config.storage_pool:
             payload["pool"] = config.storage_pool
-        entry = await self.transport.call_job("container.create", payload, on_progress=on_progress)
+        try:
+            entry = await self.transport.call_job("container.create", payload, on_progress=on_progress)
+        except ValidationFailed as exc:
+            # "container_create.name: A container with this name already exists." (EEXIST)
+            if any(e.errno == errno.EEXIST for e in exc.errors):
+                raise AlreadyExists.from_validation(exc) from None
+            raise
         return self._remember(entry)
 
     async def update(self, name: str, changes: InstanceChanges) -> ObservedInstance:
@@ -268,7 +275,7 @@ class ContainerBackend:
         await self.start(name)
 
     async def create_in_progress(self, name: str) -> bool:
-        return await create_job_running(self.transport, "container.create", name)
+        return await job_running(self.transport, "container.create", name)
 
     # ----- devices ----------------------------------------------------------------------------------------------
     async def list_devices(self, name: str) -> list[DeviceConfig]:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from ..errors import AlreadyExists, ImageNotFound, JobFailed, ValidationFailed
+from ..jobs import job_running
 from ..transports.base import Transport
 from ..types import (
     UNSET,
@@ -132,7 +134,18 @@ class VirtInstanceBackend:
             payload["environment"] = dict(config.environment)
         if config.devices:
             payload["devices"] = [device_payload(d, self.nic_mac) for d in config.devices]
-        entry = await self.transport.call_job("virt.instance.create", payload, on_progress=on_progress)
+        try:
+            entry = await self.transport.call_job("virt.instance.create", payload, on_progress=on_progress)
+        except ValidationFailed as exc:
+            # "virt_instance_create.name: Name 'c1' already exists" (truenas-api.md §2.1)
+            if any((e.attribute or "").endswith(".name") and "already exists" in e.message for e in exc.errors):
+                raise AlreadyExists.from_validation(exc) from None
+            raise
+        except JobFailed as exc:
+            # Incus's "Failed getting remote image info: Image not found: debian/bookwrm" ends the job.
+            if "image not found" in exc.message.lower() or "failed getting remote image" in exc.message.lower():
+                raise ImageNotFound(exc.message, exc.errno, exc.method) from None
+            raise
         return observed(entry)
 
     async def update(self, name: str, changes: InstanceChanges) -> ObservedInstance:
@@ -164,7 +177,7 @@ class VirtInstanceBackend:
         await self.transport.call_job("virt.instance.restart", name, _stop_args(timeout, force))
 
     async def create_in_progress(self, name: str) -> bool:
-        return await create_job_running(self.transport, "virt.instance.create", name)
+        return await job_running(self.transport, "virt.instance.create", name)
 
     async def list_devices(self, name: str) -> list[DeviceConfig]:
         entries = await self.transport.call("virt.instance.device_list", name, idempotent=True)
@@ -200,14 +213,3 @@ def _stop_args(timeout: int | None, force: bool) -> dict[str, Any]:
     if force:
         return {"force": True, "timeout": -1 if timeout is None else timeout}
     return {"force": False, "timeout": 30 if timeout is None else timeout}
-
-
-async def create_job_running(transport: Transport, method: str, name: str) -> bool:
-    """Whether a ``method`` job for instance ``name`` is WAITING or RUNNING on TrueNAS."""
-    jobs = await transport.call(
-        "core.get_jobs", [["method", "=", method], ["state", "in", ["WAITING", "RUNNING"]]], {}, idempotent=True
-    )
-    return any(
-        isinstance(j.get("arguments"), list) and j["arguments"] and (j["arguments"][0] or {}).get("name") == name
-        for j in jobs
-    )

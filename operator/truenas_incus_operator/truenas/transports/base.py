@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import (
@@ -61,7 +61,6 @@ class ConnectionOptions:
     job_timeout: float = 15 * 60.0
     connect_timeout: float = 10.0
     api_version: str = "current"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Transport(Protocol):

@@ -24,10 +24,10 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from ..errors import AuthenticationFailed, CallFailed, CallTimeout, TransportError, TrueNASError
+from ..jobs import is_finished, job_result
 from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc
 
 log = logging.getLogger(__name__)
-FINAL_JOB_STATES = ("SUCCESS", "FAILED", "ABORTED")
 JOB_POLL_INTERVAL = 5.0
 READ_ATTEMPTS = 3
 """Reads (queries) are retried after a dropped connection; writes never are."""
@@ -332,10 +332,8 @@ class JsonRpcTransport:
                 if job is not None:
                     if on_progress and job.get("progress"):
                         on_progress(job)
-                    if job.get("state") in FINAL_JOB_STATES:
-                        if job["state"] == "SUCCESS":
-                            return job.get("result")
-                        raise error_from_job({**job, "id": job_id})
+                    if is_finished(job):
+                        return job_result(job, job_id)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise CallTimeout(f"job {job_id} did not finish in time")

@@ -27,10 +27,10 @@ from ..errors import (
     TransportError,
     validation_error,
 )
-from .base import ConnectionOptions, EventCallback, error_from_job
+from ..jobs import is_finished, job_result
+from .base import ConnectionOptions, EventCallback
 
 log = logging.getLogger(__name__)
-FINAL_JOB_STATES = ("SUCCESS", "FAILED", "ABORTED")
 
 
 def rest_base(url: str) -> str:
@@ -200,10 +200,8 @@ class RestTransport:
             job = jobs[0]
             if on_progress:
                 on_progress(job)
-            if job.get("state") in FINAL_JOB_STATES:
-                if job["state"] == "SUCCESS":
-                    return job.get("result")
-                raise error_from_job(job)
+            if is_finished(job):
+                return job_result(job)
             if loop.time() + delay > deadline:
                 raise CallTimeout(f"job {job_id} did not finish in time")
             await asyncio.sleep(delay)
