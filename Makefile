@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint crd controlplane venv clean bench bench-smoke
+.PHONY: run test unit lint crd controlplane venv clean bench bench-smoke
 
 venv:
 	@bash tools/bootstrap.sh
@@ -14,21 +14,26 @@ controlplane: venv
 	@bash tools/build-controlplane.sh >/dev/null
 
 run: venv
-	@$(PY) -m truenas_incus_operator start
+	@PYTHONPATH=tools $(PY) -m truenas_incus_dev start
 
 lint: venv
-	$(VENV)/bin/ruff check operator tests
-	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/ruff check operator tests tools benchmarks
+	$(VENV)/bin/ruff format --check operator tests tools benchmarks
 	$(VENV)/bin/mypy
+	PYTHONPATH=operator $(VENV)/bin/lint-imports
+
+# The fast tier: everything that does not need the local control plane (no Go build).
+unit: venv
+	$(VENV)/bin/pytest -m "not e2e" $(PYTEST_ARGS)
 
 test: venv controlplane lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: venv controlplane
-	$(PY) benchmarks/bench.py --output benchmarks/results.json
+	PYTHONPATH=tools $(PY) benchmarks/bench.py --output benchmarks/results.json
 
 bench-smoke: venv controlplane
-	$(PY) benchmarks/bench.py --smoke
+	PYTHONPATH=tools $(PY) benchmarks/bench.py --smoke
 
 crd: venv
 	$(PY) -m truenas_incus_operator crd

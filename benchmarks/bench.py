@@ -11,6 +11,7 @@ uses so that this code cannot rot.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -32,7 +33,7 @@ from typing import Any
 
 from kubernetes import client, config, watch
 
-from truenas_incus_operator.localcluster import LocalControlPlane, binaries_dir
+from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
 from truenas_simulator import Simulator, SimulatorThread
 
 GROUP, VERSION, PLURAL = "incus.truenas.io", "v1alpha1", "incusinstances"
@@ -287,7 +288,7 @@ def drift(
             # always land just after a poll and measure one whole interval.
             time.sleep(rng.uniform(0, env.resync))
         started = time.monotonic()
-        sim.run(lambda n=name: sim.sim.set_power(n, "STOPPED"))
+        sim.run(functools.partial(sim.sim.set_power, name, "STOPPED"))
         env.all_in_phase(ns, [name], "Stopped", 4 * env.resync + 10)
         reached = env.watcher.when(ns, name, "Stopped")
         assert reached is not None, f"{name}: status never showed Stopped"

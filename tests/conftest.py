@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from truenas_incus_operator.localcluster import LocalControlPlane, binaries_dir
+from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,17 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2, wha
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that starts the control plane must be marked e2e, or `make unit` would build Go."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "control_plane" in getattr(item, "fixturenames", ()) and item.get_closest_marker("e2e") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("tests that use the control plane must be marked e2e: " + ", ".join(unmarked))
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalControlPlane]:
     plane = LocalControlPlane(workdir=tmp_path_factory.mktemp("controlplane"), bin_dir=binaries_dir())
@@ -95,7 +106,8 @@ def cluster(control_plane: LocalControlPlane) -> Cluster:
 
 def module_prefix(request: pytest.FixtureRequest) -> str:
     """``operator-26--`` for tests/test_operator_26.py: a module's operator watches only ``operator-26--*``."""
-    return request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-") + "--"
+    name: str = request.module.__name__
+    return name.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-") + "--"
 
 
 def slug_of_test(request: pytest.FixtureRequest) -> str:

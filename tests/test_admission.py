@@ -11,6 +11,8 @@ import yaml
 
 from .conftest import ROOT, Cluster
 
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
+
 CORPUS: list[dict[str, Any]] = yaml.safe_load((ROOT / "tests" / "admission" / "invalid.yaml").read_text())
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT
+
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
 
 
 def test_benchmark_smoke_run_completes(tmp_path: Path) -> None:
@@ -18,6 +23,7 @@ def test_benchmark_smoke_run_completes(tmp_path: Path) -> None:
         text=True,
         timeout=900,
         check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tools")},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads(output.read_text())

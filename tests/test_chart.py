@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 import yaml
 
-from truenas_incus_operator.localcluster import LocalControlPlane, binaries_dir
+from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
 
 from .conftest import ROOT, Cluster
 from .harness import Harness, OperatorProcess, operator_env, start_simulator, unique
+
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
 
 CHART = ROOT / "charts" / "truenas-incus-operator"
 KUBE_VERSION = "1.37.2"

@@ -14,6 +14,8 @@ from truenas_simulator import ApiKey, Image, Simulator, SimulatorThread
 from .conftest import Cluster, module_prefix
 from .harness import GIB, Harness, module_operator, start_simulator, unique, wait_until
 
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
+
 
 @pytest.fixture(scope="module")
 def harness(

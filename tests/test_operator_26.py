@@ -15,6 +15,8 @@ from .harness import (
     wait_until,
 )
 
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
+
 
 @pytest.fixture(scope="module")
 def harness(
@@ -25,7 +27,7 @@ def harness(
 
 
 def conditions(status: dict[str, object]) -> dict[str, tuple[str, str]]:
-    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}  # type: ignore[attr-defined, index]
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}  # type: ignore[attr-defined]
 
 
 def test_container_lifecycle_on_26(harness: Harness, namespace: str) -> None:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from .conftest import Cluster
 from .harness import Chaos, Harness, OperatorProcess, operator_env, start_simulator, unique, wait_until
 
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
+
 
 def conditions(status: dict[str, object]) -> dict[str, tuple[str, str]]:
-    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}  # type: ignore[attr-defined, index]
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}  # type: ignore[attr-defined]
 
 
 # ----- crash safety on 26 ------------------------------------------------------------------------------

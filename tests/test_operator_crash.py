@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from .conftest import Cluster
 from .harness import Chaos, Harness, OperatorProcess, operator_env, start_simulator, unique, wait_until
+
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
 
 
 def test_sigkill_at_random_points_never_duplicates_or_leaks(cluster: Cluster, namespace: str, tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from truenas_incus_operator.models import IncusInstanceSpec, Phase
+from truenas_incus_operator.problems import Problem
 from truenas_incus_operator.reconcile import (
     CREATED_ANNOTATION,
     AddDevice,
@@ -25,7 +27,7 @@ from truenas_incus_operator.reconcile import (
     plan,
     plan_delete,
 )
-from truenas_incus_operator.status import Problem, build_status
+from truenas_incus_operator.status import as_patch, render_instance
 from truenas_incus_operator.truenas.backends.container import ContainerBackend
 from truenas_incus_operator.truenas.types import UNSET, DeviceConfig, ObservedImage, ObservedInstance
 
@@ -133,7 +135,7 @@ def test_devices_by_name() -> None:
 
 
 def test_container_backend_plan_leaves_out_what_26_cannot_do() -> None:
-    backend = ContainerBackend(transport=SimpleNamespace(supports_events=False), version=(26, 0))  # type: ignore[arg-type]
+    backend = ContainerBackend(transport=SimpleNamespace(supports_events=False), version=(26, 0))
     want = desired(OURS, cpu="2", memory="1Gi", environment={"TZ": "UTC"}, devices=[
         {"name": "data", "type": "DISK", "source": "/mnt/tank/a", "destination": "/a", "readonly": True},
         {"name": "http", "type": "PROXY", "extra": {"source_port": 80}},
@@ -175,6 +177,14 @@ def test_delete_plans() -> None:
 
 
 # ----- status -------------------------------------------------------------------------------------------
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def build_status(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The status patch the operator would send, rendered at ``NOW``."""
+    return as_patch(render_instance(*args, now=NOW, **kwargs))
+
+
 def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
 

@@ -12,10 +12,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from truenas_incus_operator.localcluster import LocalControlPlane, free_port
+import pytest
+
+from truenas_incus_dev.localcluster import LocalControlPlane, free_port
 
 from .conftest import ROOT, Cluster
 from .harness import Harness, OperatorProcess, operator_env, start_simulator, wait_until
+
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
 
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -97,8 +101,9 @@ def test_image_install_steps_in_a_fresh_venv_and_the_entry_point_starts(
 def test_main_command_runs_the_demo_to_running(tmp_path: Path, cluster: Cluster) -> None:
     """`make run` without KUBECONFIG/TIO_TRUENAS_URL: everything local, the examples reach Running."""
     env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "TIO_TRUENAS_URL")}
+    env["PYTHONPATH"] = str(ROOT / "tools")
     process = subprocess.Popen(
-        [sys.executable, "-m", "truenas_incus_operator", "start", "--dir", str(tmp_path)],
+        [sys.executable, "-m", "truenas_incus_dev", "start", "--dir", str(tmp_path)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -135,9 +140,10 @@ def test_main_command_runs_the_operator_against_a_configured_cluster_and_truenas
 ) -> None:
     sim = start_simulator("25.10")
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), **operator_env(sim, tmp_path)}
+    env["PYTHONPATH"] = str(ROOT / "tools")
     log = (tmp_path / "start.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "truenas_incus_operator", "start", "--dir", str(tmp_path)],
+        [sys.executable, "-m", "truenas_incus_dev", "start", "--dir", str(tmp_path)],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
     log.close()

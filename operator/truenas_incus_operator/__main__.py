@@ -1,4 +1,7 @@
-"""Command line: ``truenas-incus-operator crd|controlplane|...`` (also ``python -m truenas_incus_operator``)."""
+"""Command line: ``truenas-incus-operator run|crd`` (also ``python -m truenas_incus_operator``).
+
+The local control plane and the demo are development tooling: ``tools/truenas_incus_dev``.
+"""
 
 from __future__ import annotations
 
@@ -19,18 +22,6 @@ def _crd(args: argparse.Namespace) -> int:
         for path in write_crds(Path(output)):
             print(f"wrote {path}")
     return 0
-
-
-def _controlplane(args: argparse.Namespace) -> int:
-    from .localcluster import run_forever
-
-    return run_forever(Path(args.dir))
-
-
-def _start(args: argparse.Namespace) -> int:
-    from .demo import start
-
-    return start(Path(args.dir))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -79,16 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     crd.add_argument("--stdout", action="store_true", help="print the manifests instead")
     crd.set_defaults(func=_crd)
 
-    plane = commands.add_parser("controlplane", help="start a local etcd + kube-apiserver until Ctrl-C")
-    plane.add_argument("--dir", default=".run/controlplane", help="working folder (default: .run/controlplane)")
-    plane.set_defaults(func=_controlplane)
-
-    main = commands.add_parser(
-        "start",
-        help="the main job: the operator against KUBECONFIG + TIO_TRUENAS_URL, else a local demo with simulators",
-    )
-    main.add_argument("--dir", default=".run", help="working folder (default: .run)")
-    main.set_defaults(func=_start)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""kopf registration only: every handler hands over to the ``Controller``."""
+"""kopf registration only: every handler hands over to the ``Operator`` built at startup."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any, cast
 
 import kopf
 
-from .connections import ConnectionManager
-from .controller import Controller, RetryLater
+from .app import Operator, build
 from .kube import Kube
 from .models import API_GROUP, API_VERSION
-from .settings import OperatorSettings
+from .problems import OperatorError
+from .settings import Settings
 
 INSTANCES = (API_GROUP, API_VERSION, "incusinstances")
 CONNECTIONS = (API_GROUP, API_VERSION, "truenasconnections")
@@ -23,6 +23,11 @@ def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -
     kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message[:1024])
 
 
+def _operator(memo: kopf.Memo) -> Operator:
+    operator: Operator = memo["operator"]
+    return operator
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
@@ -30,54 +35,48 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
-    config = OperatorSettings()
-    controller = Controller(
-        settings=config,
-        kube=Kube(),
-        connections=ConnectionManager(
-            config.resync_seconds, config.retry_max_seconds, config.call_timeout_seconds, config.job_timeout_seconds
-        ),
-        post_event=_post_event,
-    )
-    await controller.configure_default()
-    memo["controller"] = controller
+    operator = build(Settings(), Kube(), _post_event)
+    await operator.connection_resources.configure_default()
+    memo["operator"] = operator
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    controller: Controller = memo["controller"]
-    await controller.connections.close()
-    await controller.kube.close()
+    await _operator(memo).close()
 
 
 @kopf.on.probe(id="truenas")
 def probe(memo: kopf.Memo, **_: Any) -> dict[str, str]:
-    controller: Controller = memo["controller"]
-    return {key: "ready" if c.ready.is_set() else "connecting" for key, c in controller.connections.connections.items()}
+    connections = _operator(memo).connections.connections
+    return {key: "ready" if c.ready.is_set() else "connecting" for key, c in connections.items()}
 
 
 @kopf.on.event(*INSTANCES)
-async def instance_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo["controller"].resource_changed(body)
+async def instance_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    wakeups = _operator(memo).wakeups
+    if type == "DELETED":
+        wakeups.resource_deleted((body.metadata.namespace or "", body.metadata.name or ""))
+    else:
+        wakeups.resource_changed(body)
 
 
 @kopf.daemon(*INSTANCES, cancellation_timeout=10.0, initial_delay=lambda **_: random.uniform(0, 0.2))
 async def instance_loop(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
-    await memo["controller"].run_instance(body, stopped)
+    await _operator(memo).loops.run(body, stopped)
 
 
 @kopf.on.delete(*INSTANCES)
 async def instance_deleted(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
     try:
-        await memo["controller"].delete_instance(body, retry)
-    except RetryLater as exc:
-        raise kopf.TemporaryError(exc.problem.message, delay=exc.delay) from None
+        await _operator(memo).deletion.delete(body, retry)
+    except OperatorError as exc:
+        raise kopf.TemporaryError(exc.problem.message, delay=exc.retry_after or 0) from None
 
 
 @kopf.on.event(*CONNECTIONS)
 async def connection_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    controller: Controller = memo["controller"]
+    resources = _operator(memo).connection_resources
     if type == "DELETED":
-        await controller.connections.remove(f"{body.metadata.namespace}/{body.metadata.name}")
+        await resources.remove(f"{body.metadata.namespace}/{body.metadata.name}")
     else:
-        await controller.sync_connection(body)
+        await resources.sync(body)

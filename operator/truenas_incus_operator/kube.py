@@ -22,16 +22,10 @@ import aiohttp
 import kopf
 
 from .models import API_GROUP, API_VERSION
+from .problems import OperatorError, Problem, fail
 
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
-
-
-class KubeError(Exception):
-    """A Kubernetes API call failed; ``status`` is the HTTP status (0 when unreachable)."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
+KUBE_REASON = "KubernetesError"
 
 
 def _pem(data: str | bytes | None) -> bytes | None:
@@ -52,7 +46,7 @@ class Kube:
         settings = kopf.OperatorSettings()
         info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
         if info is None:
-            raise KubeError("no Kubernetes credentials: neither a service account nor a kubeconfig")
+            raise fail(KUBE_REASON, "no Kubernetes credentials: neither a service account nor a kubeconfig")
         ca = _pem(info.ca_data)
         if ca is not None:
             context = ssl.create_default_context(cadata=ca.decode())
@@ -81,7 +75,15 @@ class Kube:
         self._files.append(path)
         return path
 
-    async def _request(self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None) -> Any:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        not_found: Problem | None = None,
+    ) -> Any:
+        """Raises ``OperatorError``: ``not_found`` for a 404 when given, else reason KubernetesError."""
         for attempt in (1, 2):
             if self._session is None:
                 server, context, auth = self._login()
@@ -96,12 +98,14 @@ class Kube:
                     if response.status == 401 and attempt == 1:
                         await self._reset()  # a rotated service-account token: log in again
                         continue
+                    if response.status == 404 and not_found is not None:
+                        raise OperatorError(not_found)
                     if response.status >= 400:
-                        raise KubeError(f"Kubernetes API: {response.status} {response.reason}", response.status)
+                        raise fail(KUBE_REASON, f"Kubernetes API: {response.status} {response.reason}")
                     return await response.json()
             except aiohttp.ClientError as exc:
-                raise KubeError(f"Kubernetes API unreachable: {type(exc).__name__}") from None
-        raise KubeError("Kubernetes API: 401 Unauthorized", 401)
+                raise fail(KUBE_REASON, f"Kubernetes API unreachable: {type(exc).__name__}") from None
+        raise fail(KUBE_REASON, "Kubernetes API: 401 Unauthorized")
 
     async def _reset(self) -> None:
         if self._session is not None:
@@ -124,11 +128,18 @@ class Kube:
         await self._request("PATCH", self._object_path(plural, namespace, name), body, MERGE_PATCH)
 
     async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
-        secret = await self._request("GET", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}")
+        """One key of a Secret as text; raises ``OperatorError`` (SecretNotFound, SecretUnreadable)."""
+        missing = Problem("SecretNotFound", f"Secret {namespace}/{name} does not exist")
+        secret = await self._request(
+            "GET", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}", not_found=missing
+        )
         data = secret.get("data") or {}
         if key not in data:
-            raise KubeError(f"Secret {namespace}/{name} has no key {key!r}", 404)
-        return base64.b64decode(data[key]).decode().strip()
+            raise fail("SecretNotFound", f"Secret {namespace}/{name} has no key {key!r}")
+        try:
+            return base64.b64decode(data[key]).decode().strip()
+        except (ValueError, UnicodeDecodeError):
+            raise fail("SecretUnreadable", f"Secret {namespace}/{name} key {key!r} is not UTF-8 text") from None
 
     async def close(self) -> None:
         await self._reset()

@@ -88,7 +88,7 @@ class DeletionPolicy(StrEnum):
     ORPHAN = "Orphan"
 
 
-class Transport(StrEnum):
+class TransportType(StrEnum):
     WEBSOCKET = "websocket"
     REST = "rest"
 
@@ -458,7 +458,7 @@ class TrueNASConnectionSpec(_Model):
     url: Annotated[str, Field(pattern=r"^(wss|https|ws|http)://[^/\s]+(/.*)?$", max_length=2048)] = Field(
         description="wss://host or https://host (ws:// and http:// only for loopback simulators)."
     )
-    transport: Transport | None = Field(
+    transport: TransportType | None = Field(
         None,
         description="websocket (JSON-RPC, the default and the only one TrueNAS 26 has) or rest (/api/v2.0 on 25.x).",
     )
@@ -500,6 +500,6 @@ EFFECTIVE_DEFAULTS: dict[str, Any] = {
     "stop_timeout_seconds": 30,
     "deletion_policy": DeletionPolicy.DELETE,
     "nic_type": NICType.BRIDGED,
-    "transport": Transport.WEBSOCKET,
+    "transport": TransportType.WEBSOCKET,
     "max_concurrent_calls": 20,
 }

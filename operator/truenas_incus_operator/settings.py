@@ -7,16 +7,18 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .models import Transport
+from .models import TransportType
 
 
-class OperatorSettings(BaseSettings):
+class Settings(BaseSettings):
+    """Not kopf's ``OperatorSettings``: this operator's own configuration."""
+
     model_config = SettingsConfigDict(env_prefix="TIO_", extra="ignore")
 
     truenas_url: str | None = Field(
         None, description="Default connection: wss://host or https://host. Unset: only TrueNASConnections work."
     )
-    truenas_transport: Transport = Field(Transport.WEBSOCKET, description="websocket or rest")
+    truenas_transport: TransportType = Field(TransportType.WEBSOCKET, description="websocket or rest")
     truenas_api_key: SecretStr | None = Field(None, description="Default connection's API key (prefer the file).")
     truenas_api_key_file: Path | None = Field(None, description="File holding the API key (a mounted Secret).")
     truenas_ca_file: Path | None = Field(None, description="PEM CA bundle that signed TrueNAS's certificate.")

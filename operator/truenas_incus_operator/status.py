@@ -1,12 +1,29 @@
-"""Phase and conditions from what was observed and what the operator is doing. Pure functions."""
+"""Every ``status`` the operator writes, rendered through the models. Pure: no kopf, no I/O, no clock
+(the caller passes ``now``).
+
+``render_*`` return the status models; ``as_patch`` turns one into the JSON merge patch to send
+(fields set to None are sent as null, which removes them).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .models import Phase, PowerState
+from pydantic import BaseModel, ValidationError
+
+from .models import (
+    Condition,
+    ConditionStatus,
+    ImageStatus,
+    IncusInstanceStatus,
+    JobStatus,
+    Phase,
+    PowerState,
+    TrueNASConnectionStatus,
+)
+from .problems import WAITING_REASONS, Problem
 from .quantity import format_bytes
 from .reconcile import Desired, Plan
 from .truenas.types import ObservedInstance
@@ -22,21 +39,20 @@ PHASE_BY_TRUENAS_STATUS = {
     "ERROR": Phase.ERROR,
 }
 
+ConditionUpdate = tuple[str, str, str]
+"""(status, reason, message) of one condition."""
 
-# Problems that mean "not there yet" rather than "wrong": the connection is still being set up.
-WAITING_REASONS = frozenset({"Connecting", "ConnectionNotFound", "Unreachable", "NoConnection"})
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Why the last reconcile failed: the Synced=False reason and TrueNAS's (or our) message."""
-
-    reason: str
-    message: str
+MAX_MESSAGE = 4096
+"""TrueNAS's messages can be long (tracebacks); status and Events carry at most this many characters."""
 
 
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def clip(message: str, limit: int = MAX_MESSAGE) -> str:
+    return message if len(message) <= limit else message[: limit - 15] + " ... (truncated)"
+
+
+def utc_now() -> datetime:
+    """The clock the I/O side passes in (whole seconds, as Kubernetes stores them)."""
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def phase(
@@ -59,11 +75,13 @@ def ready_condition(
     plan: Plan | None,
     activity: Phase | None,
     problem: Problem | None,
-) -> tuple[str, str, str]:
-    """(status, reason, message) of Ready: exists, power state as desired, spec applied."""
+) -> ConditionUpdate:
+    """Ready: exists, power state as desired, spec applied."""
     if observed is None:
         if activity == Phase.CREATING:
             return "False", "Creating", "the instance is being created on TrueNAS"
+        if activity == Phase.DELETING:
+            return "False", "Deleting", "the instance is being deleted on TrueNAS"
         return "False", "NotFound", "the instance does not exist on TrueNAS"
     if activity is not None:
         return "False", activity.value, f"the operator is {activity.value.lower()} the instance"
@@ -85,7 +103,7 @@ def ready_condition(
     return "True", "Available", "the instance is running and matches the spec"
 
 
-def synced_condition(plan: Plan | None, problem: Problem | None) -> tuple[str, str, str]:
+def synced_condition(plan: Plan | None, problem: Problem | None) -> ConditionUpdate:
     if problem is not None:
         return "False", problem.reason, problem.message
     if plan is not None and plan.blocked is not None:
@@ -96,61 +114,130 @@ def synced_condition(plan: Plan | None, problem: Problem | None) -> tuple[str, s
     return "True", "ReconcileSuccess", "in sync with TrueNAS"
 
 
+def previous_conditions(previous: Mapping[str, Any] | None) -> list[Condition]:
+    """The conditions of a status as read from the API server (unparseable entries are dropped)."""
+    conditions = []
+    for raw in (previous or {}).get("conditions") or []:
+        try:
+            conditions.append(Condition.model_validate(raw))
+        except ValidationError:
+            continue
+    return conditions
+
+
 def merge_conditions(
-    previous: list[dict[str, Any]] | None, updates: dict[str, tuple[str, str, str]], generation: int
-) -> list[dict[str, Any]]:
+    previous: list[Condition], updates: dict[str, ConditionUpdate], generation: int, now: datetime
+) -> list[Condition]:
     """Standard conditions; lastTransitionTime moves only when the status changes."""
-    old = {c.get("type"): c for c in previous or []}
+    old = {c.type: c for c in previous}
     merged = []
     for kind, (status, reason, message) in updates.items():
         before = old.get(kind)
-        changed = before is None or before.get("status") != status
+        changed = before is None or before.status != status
         merged.append(
-            {
-                "type": kind,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": now() if changed else before["lastTransitionTime"],  # type: ignore[index]
-                "observedGeneration": generation,
-            }
+            Condition(
+                type=kind,
+                status=ConditionStatus(status),
+                reason=reason,
+                message=clip(message),
+                last_transition_time=now if changed or before is None else before.last_transition_time,
+                observed_generation=generation,
+            )
         )
     return merged
 
 
-def build_status(
+def render_instance(
     desired: Desired,
     observed: ObservedInstance | None,
     *,
-    previous: dict[str, Any],
+    previous: Mapping[str, Any] | None,
+    now: datetime,
     plan: Plan | None,
     problem: Problem | None = None,
     activity: Phase | None = None,
-    job: dict[str, Any] | None = None,
+    job: JobStatus | None = None,
     version: str | None = None,
-) -> dict[str, Any]:
-    """The whole ``status`` (fields set to None are removed by the merge patch)."""
+) -> IncusInstanceStatus:
+    """The whole status of an IncusInstance."""
     if plan is not None and plan.blocked is not None:
         observed = None  # not ours (AlreadyExists, Conflict, ...): report nothing of it as ours
     current_phase = phase(desired, observed, activity, problem or _blocked_problem(plan))
     ready = ready_condition(desired, observed, plan, activity, problem)
     synced = synced_condition(plan, problem)
-    status: dict[str, Any] = {
-        "phase": current_phase.value,
-        "instanceId": observed.id if observed else None,
-        "observedGeneration": desired.generation,
-        "conditions": merge_conditions(
-            previous.get("conditions"), {"Ready": ready, "Synced": synced}, desired.generation
+    return IncusInstanceStatus(
+        phase=current_phase,
+        instance_id=observed.id if observed else None,
+        observed_generation=desired.generation,
+        conditions=merge_conditions(
+            previous_conditions(previous), {"Ready": ready, "Synced": synced}, desired.generation, now
         ),
-        "cpu": observed.cpu if observed else None,
-        "memory": format_bytes(observed.memory) if observed and observed.memory is not None else None,
-        "autostart": observed.autostart if observed else None,
-        "ipAddresses": list(observed.addresses) if observed else None,
-        "image": _image(observed),
-        "job": job,
-        "message": _message(current_phase, synced, observed, version),
-    }
-    return status
+        cpu=observed.cpu if observed else None,
+        memory=format_bytes(observed.memory) if observed and observed.memory is not None else None,
+        autostart=observed.autostart if observed else None,
+        ip_addresses=list(observed.addresses) if observed else None,
+        image=_image(observed),
+        job=job,
+        message=_message(current_phase, synced, observed, version),
+    )
+
+
+def render_invalid_spec(
+    previous: Mapping[str, Any] | None, problem: Problem, generation: int, now: datetime
+) -> IncusInstanceStatus:
+    """The spec does not parse (only possible with an outdated CRD): say so, change nothing else."""
+    return IncusInstanceStatus(
+        phase=Phase.ERROR,
+        observed_generation=generation,
+        conditions=merge_conditions(
+            previous_conditions(previous),
+            {
+                "Ready": ("False", "InvalidSpec", problem.message),
+                "Synced": ("False", problem.reason, problem.message),
+            },
+            generation,
+            now,
+        ),
+        message=clip(f"{problem.reason}: {problem.message}"),
+    )
+
+
+def render_connection(
+    previous: Mapping[str, Any] | None,
+    problem: Problem | None,
+    *,
+    generation: int,
+    now: datetime,
+    version: str | None = None,
+    api_version: str | None = None,
+    api_family: str | None = None,
+) -> TrueNASConnectionStatus:
+    """A TrueNASConnection's status; what was learned while connected stays while it is not."""
+    ready = ("False", problem.reason, problem.message) if problem else ("True", "Connected", "logged in to TrueNAS")
+    before = previous or {}
+    return TrueNASConnectionStatus(
+        conditions=merge_conditions(previous_conditions(previous), {"Ready": ready}, generation, now),
+        version=version or before.get("version"),
+        api_version=api_version or before.get("apiVersion"),
+        api_family=api_family or before.get("apiFamily"),
+        observed_generation=generation,
+    )
+
+
+def as_patch(status: BaseModel) -> dict[str, Any]:
+    """The status as a JSON merge patch: camelCase, JSON values, None kept (it removes a field)."""
+    return status.model_dump(by_alias=True, mode="json")
+
+
+def differs(previous: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+    """Whether sending ``patch`` would change anything (``lastSyncTime`` alone does not count)."""
+    return any(previous.get(key) != value for key, value in patch.items() if key != "lastSyncTime")
+
+
+def applied(previous: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``previous`` after the merge patch (top level: a None removes the field)."""
+    merged = {**previous, **patch}
+    return {key: value for key, value in merged.items() if value is not None}
 
 
 def _blocked_problem(plan: Plan | None) -> Problem | None:
@@ -159,7 +246,7 @@ def _blocked_problem(plan: Plan | None) -> Problem | None:
     return None
 
 
-def _image(observed: ObservedInstance | None) -> dict[str, Any] | None:
+def _image(observed: ObservedInstance | None) -> ImageStatus | None:
     if observed is None:
         return None
     image = observed.image
@@ -171,20 +258,14 @@ def _image(observed: ObservedInstance | None) -> dict[str, Any] | None:
         "variant": image.variant,
         "description": image.description,
     }
-    return {k: v for k, v in fields.items() if v is not None} or None
+    present = {k: v for k, v in fields.items() if v is not None}
+    return ImageStatus(**present) if present else None
 
 
-def _message(
-    current: Phase, synced: tuple[str, str, str], observed: ObservedInstance | None, version: str | None
-) -> str:
+def _message(current: Phase, synced: ConditionUpdate, observed: ObservedInstance | None, version: str | None) -> str:
     if synced[0] == "False":
-        return f"{synced[1]}: {synced[2]}"
+        return clip(f"{synced[1]}: {synced[2]}")
     where = f" on {version}" if version else ""
     if observed is not None and observed.addresses and current == Phase.RUNNING:
         return f"{current.value}{where} at {observed.addresses[0]}"
     return f"{current.value}{where}"
-
-
-def differs(previous: dict[str, Any], status: dict[str, Any]) -> bool:
-    """Whether writing ``status`` would change anything (ignores timestamps of unchanged conditions)."""
-    return any(previous.get(key) != value for key, value in status.items())

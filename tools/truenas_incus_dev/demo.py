@@ -1,4 +1,4 @@
-"""The README's main command (``make run`` -> ``truenas-incus-operator start``).
+"""The README's main command (``make run`` -> ``python -m truenas_incus_dev start``).
 
 - With ``KUBECONFIG`` and ``TIO_TRUENAS_URL`` set: installs the CRDs into that cluster and runs the
   operator against that TrueNAS (key from ``TIO_TRUENAS_API_KEY_FILE`` or ``TIO_TRUENAS_API_KEY``).

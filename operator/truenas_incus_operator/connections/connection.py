@@ -1,0 +1,192 @@
+"""One TrueNAS: its client, its reconnect loop, and the query per resync interval that keeps the
+instance cache fresh however many resources use it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+from ..problems import Problem, problem_of
+from ..truenas import AuthenticationFailed, ObservedInstance, TransportError, TrueNASClient, TrueNASError, connect
+from .cache import InstanceCache
+from .config import ConnectionConfig, Loader
+
+log = logging.getLogger(__name__)
+LOOKUP_SETTLE_SECONDS = 0.05
+"""Events for one instance come in bursts; one lookup after the burst is enough."""
+
+
+class Connection:
+    def __init__(
+        self,
+        key: str,
+        config: ConnectionConfig,
+        *,
+        resync_seconds: float,
+        retry_max_seconds: float = 300.0,
+        call_timeout: float = 60.0,
+        job_timeout: float = 900.0,
+        reload: Loader | None = None,
+        on_state: Callable[[Connection], None] | None = None,
+    ) -> None:
+        self.key = key
+        self.config = config
+        self.reload = reload
+        """Re-reads the configuration (e.g. the API key Secret) after an authentication failure."""
+        self.on_state = on_state
+        """Called when the connection is established or lost."""
+        self.resync_seconds = resync_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self.call_timeout = call_timeout
+        self.job_timeout = job_timeout
+        self.client: TrueNASClient | None = None
+        self.problem: Problem | None = Problem("Connecting", f"connecting to {config.url}")
+        self.cache = InstanceCache(self._schedule_lookup)
+        self.epoch = 0
+        """Counts connects: what was read before a reconnect (say, across a TrueNAS upgrade) may be stale."""
+        self.ready = asyncio.Event()
+        self.job_slots = asyncio.Semaphore(config.max_concurrent_calls)
+        self._task: asyncio.Task[None] | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._refresh_requested = asyncio.Event()
+        self._lookups: dict[str, asyncio.Task[None]] = {}
+
+    # ----- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"truenas-connection {self.key}")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._task, *self._lookups.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._task = None
+        self._lookups.clear()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+            self.client = None
+
+    async def _run(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self._connect()
+                delay = 1.0
+                await self._observe()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._lost(problem_of(exc))
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.retry_max_seconds)
+                if isinstance(exc, AuthenticationFailed) and self.reload is not None:
+                    with contextlib.suppress(Exception):
+                        self.config = await self.reload()
+
+    async def _lost(self, problem: Problem) -> None:
+        self.problem = problem
+        self.ready.clear()
+        log.warning("TrueNAS connection %s: %s", self.key, problem.message)
+        client, self.client = self.client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+        self._state_changed()
+
+    def _state_changed(self) -> None:
+        self.cache.notify_all()
+        if self.on_state is not None:
+            self.on_state(self)
+
+    async def _connect(self) -> None:
+        config = self.config
+        self.client = await connect(
+            config.url,
+            config.api_key,
+            transport=config.transport,
+            ca_pem=config.ca_pem,
+            insecure_skip_verify=config.insecure_skip_verify,
+            max_concurrent_calls=config.max_concurrent_calls,
+            call_timeout=self.call_timeout,
+            job_timeout=self.job_timeout,
+        )
+        reconnect = getattr(self.client.transport, "on_reconnect", None)
+        if isinstance(reconnect, list):
+            reconnect.append(self.request_refresh)
+        await self.client.instances.watch(self._on_event)
+        await self.refresh()
+        self.epoch += 1
+        self.problem = None
+        self.ready.set()
+        log.info("TrueNAS connection %s: %s, %s", self.key, self.client.system_version, self.client.api_family)
+        self._state_changed()
+
+    async def _observe(self) -> None:
+        """One query per resync interval (sooner when asked, e.g. after a reconnect)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh_requested.wait(), self.resync_seconds)
+            self._refresh_requested.clear()
+            await self.refresh()
+
+    # ----- observations -------------------------------------------------------------------------------
+    def request_refresh(self) -> None:
+        self._refresh_requested.set()
+
+    async def refresh(self) -> None:
+        """Re-reads every instance with one query and wakes the loops whose instance changed."""
+        client = self._client()
+        async with self._refresh_lock:
+            listed = await client.instances.list_instances()
+        self.cache.replace_all(listed)
+
+    async def refresh_one(self, name: str) -> ObservedInstance | None:
+        """Re-reads one instance (after the operator changed it)."""
+        instance = await self._client().instances.get_instance(name)
+        self.cache.store(name, instance)
+        return instance
+
+    def remember(self, instance: ObservedInstance) -> None:
+        """Records what a create/update job returned."""
+        self.cache.store(instance.name, instance)
+
+    def remember_gone(self, name: str) -> None:
+        """Records that an instance was deleted."""
+        self.cache.store(name, None)
+
+    def _on_event(self, kind: str, name: str, fields: dict[str, object] | None) -> None:
+        client = self.client
+        if client is None:
+            return
+        self.cache.apply_event(kind, name, fields, client.instances.instance_from_event)
+
+    def _schedule_lookup(self, name: str) -> None:
+        if name in self._lookups:
+            return
+
+        async def lookup() -> None:
+            try:
+                await asyncio.sleep(LOOKUP_SETTLE_SECONDS)
+                await self.refresh_one(name)
+            except TrueNASError as exc:
+                log.info("TrueNAS connection %s: reading %s after an event failed: %s", self.key, name, exc.message)
+            finally:
+                self._lookups.pop(name, None)
+
+        self._lookups[name] = asyncio.get_running_loop().create_task(lookup(), name=f"lookup {name}")
+
+    def _client(self) -> TrueNASClient:
+        if self.client is None:
+            raise TransportError(self.problem.message if self.problem else "not connected")
+        return self.client
+
+    @property
+    def version(self) -> str | None:
+        return self.client.system_version if self.client else None

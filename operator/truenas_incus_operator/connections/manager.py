@@ -1,0 +1,98 @@
+"""Connections by key: the operator's default one and one per TrueNASConnection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..problems import OperatorError, Problem, fail
+from .config import DEFAULT_KEY, ConnectionConfig, Loader
+from .connection import Connection
+
+Wake = Callable[[], None]
+
+
+class ConnectionManager:
+    def __init__(
+        self,
+        resync_seconds: float,
+        retry_max_seconds: float,
+        call_timeout: float,
+        job_timeout: float,
+        on_state: Callable[[Connection], None] | None = None,
+    ) -> None:
+        self.resync_seconds = resync_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self.call_timeout = call_timeout
+        self.job_timeout = job_timeout
+        self.on_state = on_state
+        self.connections: dict[str, Connection] = {}
+        self.problems: dict[str, Problem] = {}
+        """Keys whose configuration is unusable (e.g. a missing Secret), with the reason."""
+        self._waiters: dict[str, set[Wake]] = {}
+
+    def watch_key(self, key: str, wake: Wake) -> None:
+        """Wakes ``wake`` when the connection under ``key`` is (re)configured or removed."""
+        self._waiters.setdefault(key, set()).add(wake)
+
+    def unwatch_key(self, key: str, wake: Wake) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters.discard(wake)
+            if not waiters:
+                del self._waiters[key]
+
+    def _wake_key(self, key: str) -> None:
+        for wake in list(self._waiters.get(key, ())):
+            wake()
+
+    async def configure(self, key: str, config: ConnectionConfig, reload: Loader | None = None) -> Connection:
+        current = self.connections.get(key)
+        if current is not None and current.config == config:
+            current.reload = reload
+            return current
+        if current is not None:
+            await current.close()
+        connection = Connection(
+            key,
+            config,
+            resync_seconds=self.resync_seconds,
+            retry_max_seconds=self.retry_max_seconds,
+            call_timeout=self.call_timeout,
+            job_timeout=self.job_timeout,
+            reload=reload,
+            on_state=self.on_state,
+        )
+        self.connections[key] = connection
+        self.problems.pop(key, None)
+        connection.start()
+        self._wake_key(key)
+        return connection
+
+    async def unusable(self, key: str, problem: Problem) -> None:
+        current = self.connections.pop(key, None)
+        if current is not None:
+            await current.close()
+        self.problems[key] = problem
+        self._wake_key(key)
+
+    async def remove(self, key: str) -> None:
+        await self.unusable(key, Problem("ConnectionNotFound", f"TrueNASConnection {key} does not exist"))
+
+    def get(self, key: str) -> Connection:
+        """The connection for ``key``; raises ``OperatorError`` when there is none."""
+        connection = self.connections.get(key)
+        if connection is not None:
+            return connection
+        problem = self.problems.get(key)
+        if problem is not None:
+            raise OperatorError(problem)
+        if key == DEFAULT_KEY:
+            raise fail(
+                "NoConnection", "no spec.connectionRef and the operator has no default connection (set TIO_TRUENAS_URL)"
+            )
+        raise fail("ConnectionNotFound", f"TrueNASConnection {key} does not exist (yet)")
+
+    async def close(self) -> None:
+        for connection in list(self.connections.values()):
+            await connection.close()
+        self.connections.clear()

@@ -1,0 +1,179 @@
+"""The reconcile loop of one IncusInstance, run by a kopf daemon: observe (the connection's
+cache), plan (``reconcile.plan``), act (``Executor``), report (``Reporter``); then sleep until
+something it acts on changes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..connections import Connection, ConnectionManager
+from ..kube import KUBE_REASON
+from ..problems import OperatorError, Problem, fail, problem_of
+from ..reconcile import Desired, Plan, instance_config, plan
+from ..settings import Settings
+from ..truenas import TrueNASError
+from .claims import Claims
+from .executor import Executor, is_device_action
+from .reporter import Reporter
+from .resource import LoopState, Wake, connection_key, desired_from, resource_key
+from .wakeups import Wakeups
+
+log = logging.getLogger(__name__)
+MAX_STEPS_PER_PASS = 12
+
+
+class InstanceLoops:
+    def __init__(
+        self,
+        settings: Settings,
+        connections: ConnectionManager,
+        wakeups: Wakeups,
+        claims: Claims,
+        reporter: Reporter,
+        executor: Executor,
+    ) -> None:
+        self.settings = settings
+        self.connections = connections
+        self.wakeups = wakeups
+        self.claims = claims
+        self.reporter = reporter
+        self.executor = executor
+
+    async def run(self, body: Mapping[str, Any], stopped: Any) -> None:
+        """Reconciles one IncusInstance until the daemon is stopped. ``body`` is kopf's live view."""
+        key = resource_key(body)
+        event = self.wakeups.register(key)
+        wake = event.set
+        state = LoopState(status=dict(body.get("status") or {}))
+        try:
+            while not stopped:
+                event.clear()
+                delay = await self.reconcile_once(body, state, wake)
+                await _sleep(event, stopped, delay)
+        finally:
+            if state.listening is not None:
+                connection, instance = state.listening
+                connection.cache.unlisten(instance, wake)
+            if state.watching_key is not None:
+                self.connections.unwatch_key(state.watching_key, wake)
+            self.claims.release(key)
+            self.wakeups.forget(key)
+
+    async def reconcile_once(self, body: Mapping[str, Any], state: LoopState, wake: Wake) -> float:
+        """One pass; returns the seconds until the next unprompted pass."""
+        try:
+            desired = desired_from(body, state.annotations)
+        except ValidationError as exc:
+            # Admission refuses this; an older CRD might not have. Report and wait for a change.
+            message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            await self.reporter.invalid_spec(body, state, Problem("InvalidSpec", message))
+            return self.settings.retry_max_seconds
+        if desired.deleting:
+            return self.settings.resync_seconds
+        key = connection_key(desired.namespace, desired.spec)
+        self._watch_key(state, key, wake)
+        connection: Connection | None = None
+        try:
+            connection = self.connections.get(key)
+            self._listen(state, connection, desired.instance_name, wake)
+            if not connection.ready.is_set():
+                raise OperatorError(connection.problem or Problem("Connecting", "connecting to TrueNAS"))
+            conflict = self.claims.claim(key, desired, body)
+            if conflict is not None:
+                await self.reporter.write(state, desired, None, plan=Plan(blocked=conflict), version=connection.version)
+                self.reporter.post_once(body, state, "Warning", conflict.reason, conflict.message)
+                return self.settings.resync_seconds
+            await self._converge(body, state, desired, connection)
+        except (OperatorError, TrueNASError) as exc:
+            problem = problem_of(exc)
+            if problem.reason == KUBE_REASON:
+                log.warning("%s/%s: %s", desired.namespace, desired.name, problem.message)
+                return self.reporter.backoff(state)  # the status write would fail the same way
+            ready = connection is not None and connection.ready.is_set()
+            observed = connection.cache.get(desired.instance_name) if connection is not None and ready else None
+            version = connection.version if connection is not None else None
+            return await self.reporter.failed(body, state, desired, problem, observed, version)
+        state.failures = 0
+        return self.settings.resync_seconds * random.uniform(0.9, 1.1)
+
+    def _watch_key(self, state: LoopState, key: str, wake: Wake) -> None:
+        if state.watching_key == key:
+            return
+        if state.watching_key is not None:
+            self.connections.unwatch_key(state.watching_key, wake)
+        self.connections.watch_key(key, wake)
+        state.watching_key = key
+
+    def _listen(self, state: LoopState, connection: Connection, instance: str, wake: Wake) -> None:
+        if state.listening == (connection, instance):
+            return
+        if state.listening is not None:
+            old, old_name = state.listening
+            old.cache.unlisten(old_name, wake)
+        connection.cache.listen(instance, wake)
+        state.listening = (connection, instance)
+
+    async def _converge(
+        self, body: Mapping[str, Any], state: LoopState, desired: Desired, connection: Connection
+    ) -> None:
+        client = connection.client
+        if client is None:
+            raise OperatorError(connection.problem or Problem("Connecting", "connecting to TrueNAS"))
+        backend = client.instances
+        for _ in range(MAX_STEPS_PER_PASS):
+            desired = desired_from(body, state.annotations)
+            if desired.deleting:
+                return  # the delete handler takes over; kopf stops this loop
+            wanted = instance_config(desired)
+            unsupported = tuple(backend.unsupported_fields(wanted))
+            observed = connection.cache.get(desired.instance_name)
+            devices = None
+            seen = (desired.generation, connection.epoch)
+            if observed is not None and desired.manages_devices and state.devices_seen != seen:
+                devices = await backend.list_devices(desired.instance_name)
+            current = plan(
+                desired,
+                observed,
+                devices,
+                unsupported,
+                config=backend.honoured(wanted),
+                identity=backend.device_identity,
+            )
+            if devices is not None and not any(is_device_action(a) for a in current.actions):
+                state.devices_seen = seen
+            if current.blocked is not None or not current.actions:
+                await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
+                self._announce(body, state, current, client.system_version)
+                return
+            for action in current.actions:
+                await self.executor.execute(body, state, desired, connection, observed, action)
+        raise fail("NotConverged", "the instance did not converge after repeated changes; will retry")
+
+    def _announce(self, body: Mapping[str, Any], state: LoopState, current: Plan, system_version: str) -> None:
+        """Events for a settled pass: why it is blocked, or which fields this TrueNAS cannot honour."""
+        if current.blocked is not None:
+            self.reporter.post_once(body, state, "Warning", current.blocked.reason, current.blocked.message)
+            return
+        state.posted = None
+        if current.unsupported and current.unsupported != state.unsupported_posted:
+            fields = ", ".join(current.unsupported)
+            self.reporter.post_event(body, "Warning", "Unsupported", f"{system_version} cannot honour: {fields}")
+        state.unsupported_posted = current.unsupported
+
+
+async def _sleep(event: asyncio.Event, stopped: Any, delay: float) -> None:
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(event.wait())]
+    stopper: Awaitable[Any] | None = stopped.wait() if hasattr(stopped, "wait") else None
+    if stopper is not None:
+        waits.append(asyncio.ensure_future(stopper))
+    try:
+        await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()

@@ -1,0 +1,107 @@
+"""What the loops say: the status they write (through ``status.py``), the Events they post (one
+per distinct problem), and how long they wait after a failure (bounded exponential backoff)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from ..kube import Kube
+from ..models import JobStatus, Phase
+from ..problems import OperatorError, Problem
+from ..reconcile import Desired, Plan
+from ..settings import Settings
+from ..status import applied, as_patch, clip, differs, render_instance, render_invalid_spec
+from ..truenas import ObservedInstance
+from .resource import PLURAL, EventPoster, LoopState
+
+log = logging.getLogger(__name__)
+STATUS_HEARTBEAT_SECONDS = 300.0
+"""Status is rewritten at least this often (lastSyncTime), even when nothing changed."""
+
+
+class Reporter:
+    def __init__(self, settings: Settings, kube: Kube, post_event: EventPoster, clock: Callable[[], datetime]) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.post_event = post_event
+        self.clock = clock
+
+    async def write(
+        self,
+        state: LoopState,
+        desired: Desired,
+        observed: ObservedInstance | None,
+        *,
+        plan: Plan | None = None,
+        problem: Problem | None = None,
+        activity: Phase | None = None,
+        job: JobStatus | None = None,
+        version: str | None = None,
+    ) -> None:
+        """Writes the status if it changed (or the heartbeat is due); raises ``OperatorError``."""
+        now = self.clock()
+        status = render_instance(
+            desired,
+            observed,
+            previous=state.status,
+            now=now,
+            plan=plan,
+            problem=problem,
+            activity=activity,
+            job=job,
+            version=version,
+        )
+        patch = as_patch(status.model_copy(update={"last_sync_time": now}))
+        heartbeat = time.monotonic() - state.written_at > STATUS_HEARTBEAT_SECONDS
+        if not differs(state.status, patch) and not heartbeat:
+            return
+        await self.kube.patch_status(PLURAL, desired.namespace, desired.name, patch)
+        state.status = applied(state.status, patch)
+        state.written_at = time.monotonic()
+
+    async def failed(
+        self,
+        body: Mapping[str, Any],
+        state: LoopState,
+        desired: Desired,
+        problem: Problem,
+        observed: ObservedInstance | None,
+        version: str | None,
+    ) -> float:
+        """Reports a failed pass; returns the backoff delay."""
+        try:
+            await self.write(state, desired, observed, problem=problem, version=version)
+        except OperatorError as exc:
+            log.warning("%s/%s: cannot write status: %s", desired.namespace, desired.name, exc.problem.message)
+        self.post_once(body, state, "Warning", problem.reason, problem.message)
+        return self.backoff(state)
+
+    async def invalid_spec(self, body: Mapping[str, Any], state: LoopState, problem: Problem) -> None:
+        meta = body["metadata"]
+        generation = int(meta.get("generation") or 0)
+        patch = as_patch(render_invalid_spec(state.status, problem, generation, self.clock()))
+        if differs(state.status, patch):
+            try:
+                await self.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
+                state.status = applied(state.status, patch)
+            except OperatorError as exc:
+                log.warning("%s/%s: cannot write status: %s", meta["namespace"], meta["name"], exc.problem.message)
+        self.post_once(body, state, "Warning", problem.reason, problem.message)
+
+    def post_once(self, body: Mapping[str, Any], state: LoopState, kind: str, reason: str, message: str) -> None:
+        """One Event per distinct problem, not one per retry."""
+        if state.posted == (reason, message):
+            return
+        state.posted = (reason, message)
+        self.post_event(body, kind, reason, clip(message, 1024))
+
+    def backoff(self, state: LoopState) -> float:
+        state.failures += 1
+        settings = self.settings
+        delay = min(settings.retry_max_seconds, settings.retry_min_seconds * 2.0 ** (state.failures - 1))
+        return delay * random.uniform(0.8, 1.2)

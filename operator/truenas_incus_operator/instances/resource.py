@@ -1,0 +1,72 @@
+"""An IncusInstance as its loop holds it: the desired state read from kopf's live body, and what
+the loop remembers between passes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..connections import DEFAULT_KEY
+from ..models import IncusInstanceSpec
+from ..reconcile import Desired
+
+if TYPE_CHECKING:
+    from ..connections import Connection
+
+PLURAL = "incusinstances"
+ResourceKey = tuple[str, str]
+"""(namespace, name) of an IncusInstance."""
+EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
+"""``(body, type, reason, message)``: posts a Kubernetes Event about the object."""
+Wake = Callable[[], None]
+
+
+def resource_key(body: Mapping[str, Any]) -> ResourceKey:
+    meta = body.get("metadata", {})
+    return meta.get("namespace", ""), meta.get("name", "")
+
+
+def desired_from(body: Mapping[str, Any], written: Mapping[str, str | None] | None = None) -> Desired:
+    """Raises pydantic's ``ValidationError`` for a spec the models refuse.
+
+    ``written``: annotations this operator patched that the watch may not have delivered yet.
+    """
+    meta = body.get("metadata", {})
+    annotations = dict(meta.get("annotations") or {})
+    for key, value in (written or {}).items():
+        if value is None:
+            annotations.pop(key, None)
+        else:
+            annotations[key] = value
+    return Desired(
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        generation=int(meta.get("generation") or 0),
+        spec=IncusInstanceSpec.model_validate(dict(body.get("spec") or {})),
+        annotations=annotations,
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def connection_key(namespace: str, spec: IncusInstanceSpec) -> str:
+    return f"{namespace}/{spec.connection_ref.name}" if spec.connection_ref else DEFAULT_KEY
+
+
+@dataclass
+class LoopState:
+    """What one resource's loop remembers between passes."""
+
+    status: dict[str, Any]
+    """The status as last written (or read)."""
+    failures: int = 0
+    posted: tuple[str, str] | None = None
+    """The last problem posted as an Event (one Event per distinct problem)."""
+    devices_seen: tuple[int, int] | None = None
+    """(generation, connection epoch) whose devices were compared with TrueNAS."""
+    unsupported_posted: tuple[str, ...] = ()
+    written_at: float = 0.0
+    listening: tuple[Connection, str] | None = None
+    watching_key: str | None = None
+    annotations: dict[str, str | None] = field(default_factory=dict)
+    """Annotations patched by this loop (kopf's view catches up with the next watch event)."""

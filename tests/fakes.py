@@ -1,0 +1,284 @@
+"""In-memory stand-ins for the operator's collaborators (the way httpx tests inject a
+``MockTransport``): a Kube that records patches, a backend that keeps instances in a dict, and an
+operator graph built from them with ``app.build``. For unit tests of everything beyond the pure
+planner, without a cluster or a simulator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from truenas_incus_operator.app import Operator, build
+from truenas_incus_operator.connections import Connection, ConnectionConfig
+from truenas_incus_operator.kube import Kube
+from truenas_incus_operator.problems import fail
+from truenas_incus_operator.settings import Settings
+from truenas_incus_operator.truenas import (
+    UNSET,
+    AlreadyExists,
+    DeviceConfig,
+    FieldError,
+    InstanceChanges,
+    InstanceConfig,
+    NotFound,
+    ObservedImage,
+    ObservedInstance,
+    Secret,
+    TrueNASClient,
+)
+from truenas_incus_operator.truenas.types import InstanceEventCallback
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class Patch:
+    kind: str
+    """status or annotations"""
+    plural: str
+    namespace: str
+    name: str
+    body: dict[str, Any]
+
+
+class FakeKube(Kube):
+    """Records every patch; ``secrets`` answers ``read_secret_key``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patches: list[Patch] = []
+        self.calls: list[str] = []
+        self.secrets: dict[tuple[str, str, str], str] = {}
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.calls.append("patch_status")
+        self.patches.append(Patch("status", plural, namespace, name, status))
+
+    async def patch_annotations(
+        self, plural: str, namespace: str, name: str, annotations: dict[str, str | None]
+    ) -> None:
+        self.calls.append("patch_annotations")
+        self.patches.append(Patch("annotations", plural, namespace, name, dict(annotations)))
+
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
+        try:
+            return self.secrets[(namespace, name, key)]
+        except KeyError:
+            raise fail("SecretNotFound", f"Secret {namespace}/{name} does not exist") from None
+
+    async def close(self) -> None:
+        return None
+
+    def statuses(self, name: str) -> list[dict[str, Any]]:
+        return [p.body for p in self.patches if p.kind == "status" and p.name == name]
+
+
+@dataclass
+class FakeBackend:
+    """A TrueNAS that keeps instances in a dict. ``calls`` logs every method; ``gate`` (when set)
+    holds ``create`` until it is set, as a long create job would."""
+
+    family: str = "fake"
+    supports_events: bool = False
+    instances: dict[str, ObservedInstance] = field(default_factory=dict)
+    devices: dict[str, list[DeviceConfig]] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    gate: asyncio.Event | None = None
+    creating: set[str] = field(default_factory=set)
+    on_call: Callable[[str], None] | None = None
+
+    def _log(self, call: str) -> None:
+        self.calls.append(call)
+        if self.on_call is not None:
+            self.on_call(call)
+
+    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
+        return []
+
+    def honoured(self, config: InstanceConfig) -> InstanceConfig:
+        return config
+
+    def device_identity(self, device: DeviceConfig) -> str:
+        return device.name
+
+    async def list_instances(self) -> list[ObservedInstance]:
+        self._log("list_instances")
+        return list(self.instances.values())
+
+    async def get_instance(self, name: str) -> ObservedInstance | None:
+        self._log(f"get_instance {name}")
+        return self.instances.get(name)
+
+    async def create(
+        self, config: InstanceConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> ObservedInstance:
+        self._log(f"create {config.name}")
+        if config.name in self.instances:
+            raise AlreadyExists([FieldError("create.name", f"Name {config.name!r} already exists")])
+        self.creating.add(config.name)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+        finally:
+            self.creating.discard(config.name)
+        instance = observed(config.name, cpu=config.cpu, memory=config.memory, environment=config.environment)
+        self.instances[config.name] = instance
+        self.devices[config.name] = list(config.devices)
+        return instance
+
+    async def update(self, name: str, changes: InstanceChanges) -> ObservedInstance:
+        self._log(f"update {name}")
+        current = self._get(name)
+        values: dict[str, Any] = {}
+        for key in ("cpu", "memory"):
+            value = getattr(changes, key)
+            if value is not None:
+                values[key] = None if value is UNSET else value
+        if changes.autostart is not None:
+            values["autostart"] = changes.autostart
+        if changes.environment is not None:
+            values["environment"] = dict(changes.environment)
+        self.instances[name] = replace(current, **values)
+        return self.instances[name]
+
+    async def delete(self, name: str) -> None:
+        self._log(f"delete {name}")
+        self._get(name)
+        del self.instances[name]
+
+    async def start(self, name: str) -> None:
+        self._log(f"start {name}")
+        self.instances[name] = replace(self._get(name), status="RUNNING")
+
+    async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:
+        self._log(f"stop {name}")
+        self.instances[name] = replace(self._get(name), status="STOPPED")
+
+    async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None:
+        self._log(f"restart {name}")
+
+    async def create_in_progress(self, name: str) -> bool:
+        return name in self.creating
+
+    async def list_devices(self, name: str) -> list[DeviceConfig]:
+        self._log(f"list_devices {name}")
+        return list(self.devices.get(name, []))
+
+    async def add_device(self, name: str, device: DeviceConfig) -> None:
+        self._log(f"add_device {name} {device.name}")
+        self.devices.setdefault(name, []).append(device)
+
+    async def update_device(self, name: str, device: DeviceConfig, target: str | None = None) -> None:
+        self._log(f"update_device {name} {device.name}")
+        self.devices[name] = [device if d.name == (target or device.name) else d for d in self.devices[name]]
+
+    async def delete_device(self, name: str, device_name: str) -> None:
+        self._log(f"delete_device {name} {device_name}")
+        self.devices[name] = [d for d in self.devices.get(name, []) if d.name != device_name]
+
+    def instance_from_event(self, fields: dict[str, Any]) -> ObservedInstance | None:
+        if {"name", "status", "type"} <= set(fields):
+            return observed(fields["name"], status=fields["status"])
+        return None
+
+    async def watch(self, callback: InstanceEventCallback) -> bool:
+        return False
+
+    def _get(self, name: str) -> ObservedInstance:
+        if name not in self.instances:
+            raise NotFound([FieldError(None, f"Instance {name!r} not found", 2)])
+        return self.instances[name]
+
+
+def observed(name: str, status: str = "RUNNING", **values: Any) -> ObservedInstance:
+    fields: dict[str, Any] = {
+        "id": name,
+        "name": name,
+        "type": "CONTAINER",
+        "status": status,
+        "cpu": None,
+        "memory": None,
+        "autostart": True,
+        "environment": {},
+        "addresses": ("10.0.0.2",) if status == "RUNNING" else (),
+        "image": ObservedImage(os="Debian", release="bookworm"),
+    }
+    fields.update({k: v for k, v in values.items() if k in fields})
+    if fields["environment"] is None:
+        fields["environment"] = {}
+    return ObservedInstance(**fields)
+
+
+class NoTransport:
+    """The fake client's transport: the fake backend never uses it."""
+
+    name = "fake"
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass
+class FakeOperator:
+    operator: Operator
+    kube: FakeKube
+    backend: FakeBackend
+    connection: Connection
+    events: list[tuple[str, str, str]]
+
+
+def fake_operator(backend: FakeBackend | None = None, **settings: Any) -> FakeOperator:
+    """The operator's real graph (``app.build``) over a FakeKube and a connected FakeBackend."""
+    kube = FakeKube()
+    backend = backend or FakeBackend()
+    events: list[tuple[str, str, str]] = []
+
+    def post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+        events.append((kind, reason, message))
+
+    values = {"resync_seconds": 30.0, "retry_min_seconds": 1.0, **settings}
+    operator = build(Settings(**values), kube, post_event, clock=lambda: NOW)
+    config = ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-test"))
+    connection = Connection("<default>", config, resync_seconds=30.0)
+    connection.client = TrueNASClient(NoTransport(), backend, (25, 10), "TrueNAS-25.10.1")  # type: ignore[arg-type]
+    connection.problem = None
+    connection.ready.set()
+    connection.cache.replace_all(backend.instances.values())
+    operator.connections.connections["<default>"] = connection
+    return FakeOperator(operator, kube, backend, connection, events)
+
+
+def resource(
+    name: str = "web01",
+    *,
+    namespace: str = "apps",
+    generation: int = 1,
+    created: str = "2026-11-30T10:00:00Z",
+    uid: str | None = None,
+    annotations: dict[str, str] | None = None,
+    deleting: bool = False,
+    instance: str | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    """An IncusInstance body as kopf hands it over; ``instance`` is spec.name."""
+    if instance is not None:
+        spec["name"] = instance
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "generation": generation,
+        "uid": uid or f"uid-{name}",
+        "creationTimestamp": created,
+        "annotations": dict(annotations or {}),
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-30T12:00:00Z"
+    return {
+        "apiVersion": "incus.truenas.io/v1alpha1",
+        "kind": "IncusInstance",
+        "metadata": meta,
+        "spec": {"type": "CONTAINER", "image": "debian/bookworm", **spec},
+    }

@@ -1,0 +1,239 @@
+"""The instance loops, claims, wake-ups, deletion and the connection cache, with fakes
+(tests/fakes.py): no cluster, no simulator, no subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import pytest
+
+from truenas_incus_operator.connections import InstanceCache
+from truenas_incus_operator.instances import deletion
+from truenas_incus_operator.instances.resource import LoopState
+from truenas_incus_operator.problems import OperatorError
+from truenas_incus_operator.reconcile import CREATED_ANNOTATION
+
+from .fakes import FakeBackend, FakeOperator, fake_operator, observed, resource
+
+
+def no_wake() -> None:
+    return None
+
+
+async def one_pass(fake: FakeOperator, body: dict[str, Any], state: LoopState | None = None) -> LoopState:
+    state = state or LoopState(status={})
+    await fake.operator.loops.reconcile_once(body, state, no_wake)
+    return state
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+# ----- the loop ------------------------------------------------------------------------------------------
+async def test_a_pass_records_ownership_before_it_creates_then_reports_running() -> None:
+    fake = fake_operator()
+    order = fake.kube.calls  # Kubernetes and TrueNAS calls, in the order they happened
+    fake.backend.on_call = order.append
+    state = await one_pass(fake, resource(cpu="2"))
+    assert order.index("patch_annotations") < order.index("create web01")
+    assert fake.kube.patches[0].body == {CREATED_ANNOTATION: "web01"}
+    assert fake.backend.instances["web01"].cpu == "2"
+    last = fake.kube.statuses("web01")[-1]
+    assert last["phase"] == "Running" and last["instanceId"] == "web01"
+    assert conditions(last) == {"Ready": ("True", "Available"), "Synced": ("True", "ReconcileSuccess")}
+    assert state.failures == 0
+    assert ("Normal", "Created", "created CONTAINER web01 on TrueNAS") in fake.events
+
+
+async def test_a_second_pass_with_nothing_to_do_writes_nothing() -> None:
+    fake = fake_operator()
+    body = resource()
+    state = await one_pass(fake, body)
+    body["metadata"]["annotations"][CREATED_ANNOTATION] = "web01"
+    writes = len(fake.kube.patches)
+    calls = len(fake.backend.calls)
+    await one_pass(fake, body, state)
+    assert len(fake.kube.patches) == writes, "an unchanged status is not written again"
+    assert fake.backend.calls[calls:] == [], "a converged pass reads only the cache"
+
+
+async def test_an_existing_foreign_instance_is_never_touched() -> None:
+    fake = fake_operator(FakeBackend(instances={"web01": observed("web01", environment={"A": "1"})}))
+    await one_pass(fake, resource(environment={"B": "2"}))
+    assert fake.backend.calls == [], "no create, no update, no stop"
+    last = fake.kube.statuses("web01")[-1]
+    assert conditions(last)["Synced"] == ("False", "AlreadyExists")
+    assert [e for e in fake.events if e[1] == "AlreadyExists"]
+
+
+async def test_a_failing_pass_backs_off_and_posts_one_event_per_distinct_problem() -> None:
+    fake = fake_operator()
+    fake.connection.ready.clear()
+    fake.connection.problem = None
+    body = resource()
+    state = LoopState(status={})
+    delays = [await fake.operator.loops.reconcile_once(body, state, no_wake) for _ in range(4)]
+    assert delays[1] > delays[0] * 1.2 and delays[3] > delays[1], f"exponential backoff: {delays}"
+    assert [e[1] for e in fake.events] == ["Connecting"], "one Event for four failures"
+    assert conditions(fake.kube.statuses("web01")[-1])["Synced"] == ("False", "Connecting")
+
+
+async def test_an_invalid_spec_is_reported_not_raised() -> None:
+    fake = fake_operator()
+    body = resource(memory="1Ki")
+    state = await one_pass(fake, body)
+    last = fake.kube.statuses("web01")[-1]
+    assert last["phase"] == "Error" and conditions(last)["Synced"] == ("False", "InvalidSpec")
+    assert "memory" in last["message"]
+    assert fake.backend.calls == []
+    assert state.posted is not None
+
+
+# ----- claims ------------------------------------------------------------------------------------------------
+async def test_the_older_resource_holds_the_claim_and_the_younger_reports_conflict() -> None:
+    fake = fake_operator()
+    older = resource("a", instance="shared", created="2026-11-30T09:00:00Z")
+    younger = resource("b", instance="shared", created="2026-11-30T10:00:00Z")
+    await one_pass(fake, younger)
+    assert fake.backend.calls.count("create shared") == 1
+    fake.operator.wakeups.register(("apps", "b")).set()
+    fake.operator.wakeups.events[("apps", "b")].clear()
+    await one_pass(fake, older)
+    assert fake.operator.wakeups.events[("apps", "b")].is_set(), "the loser is woken to say so"
+    calls = len(fake.backend.calls)
+    await one_pass(fake, younger)
+    assert fake.backend.calls[calls:] == [], "the younger resource does nothing"
+    assert conditions(fake.kube.statuses("b")[-1])["Synced"] == ("False", "Conflict")
+    assert "apps/a" in fake.kube.statuses("b")[-1]["message"]
+    fake.operator.claims.release(("apps", "a"))
+    assert fake.operator.claims.held == {}
+
+
+# ----- wake-ups ----------------------------------------------------------------------------------------------
+def test_wakeups_ignore_the_operators_own_writes() -> None:
+    fake = fake_operator()
+    wakeups = fake.operator.wakeups
+    event = wakeups.register(("apps", "web01"))
+    body = resource()
+    wakeups.resource_changed(body)
+    assert event.is_set()
+    event.clear()
+    body["status"] = {"phase": "Running"}
+    body["metadata"]["annotations"][CREATED_ANNOTATION] = "web01"
+    wakeups.resource_changed(body)
+    assert not event.is_set(), "status and the ownership annotation are the operator's own writes"
+    for change in ({"generation": 2}, {"annotations": {"incus.truenas.io/adopt": "true"}}, {"deletionTimestamp": "x"}):
+        body["metadata"].update(change)
+        wakeups.resource_changed(body)
+        assert event.is_set(), change
+        event.clear()
+
+
+def test_wakeups_forget_deleted_resources() -> None:
+    fake = fake_operator()
+    wakeups = fake.operator.wakeups
+    for index in range(50):
+        wakeups.resource_changed(resource(f"r{index}"))
+    for index in range(50):
+        wakeups.resource_deleted(("apps", f"r{index}"))
+    assert wakeups.signatures == {}
+
+
+# ----- deletion ----------------------------------------------------------------------------------------------
+async def test_deletion_waits_for_a_create_in_flight_then_deletes_it() -> None:
+    backend = FakeBackend(gate=asyncio.Event())
+    fake = fake_operator(backend)
+    body = resource()
+    creating = asyncio.create_task(one_pass(fake, body))
+    for _ in range(100):
+        if "create web01" in backend.calls:
+            break
+        await asyncio.sleep(0.01)
+    deleting = resource(annotations={CREATED_ANNOTATION: "web01"}, deleting=True)
+    with pytest.raises(OperatorError) as waiting:
+        await fake.operator.deletion.delete(deleting, 0)
+    assert waiting.value.problem.reason == "CreateInProgress" and waiting.value.retry_after
+    assert "delete web01" not in backend.calls
+    assert backend.gate is not None
+    backend.gate.set()
+    await creating
+    await fake.operator.deletion.delete(deleting, 1)
+    assert "web01" not in backend.instances
+    assert backend.calls.index("stop web01") < backend.calls.index("delete web01")
+    assert ("Normal", "Deleted", "deleted web01 on TrueNAS") in fake.events
+
+
+async def test_deletion_leaves_an_instance_it_never_managed() -> None:
+    fake = fake_operator(FakeBackend(instances={"web01": observed("web01")}))
+    await fake.operator.deletion.delete(resource(deleting=True), 0)
+    assert "web01" in fake.backend.instances
+    assert not [c for c in fake.backend.calls if c.startswith(("stop", "delete"))]
+
+
+async def test_a_failing_delete_posts_one_event_per_distinct_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake_operator()
+    fake.connection.ready.clear()
+    fake.connection.problem = None
+    body = resource(annotations={CREATED_ANNOTATION: "web01"}, deleting=True)
+    monkeypatch.setattr(deletion, "CONNECT_WAIT_SECONDS", 0.01)
+    for retry in range(3):
+        with pytest.raises(OperatorError):
+            await fake.operator.deletion.delete(body, retry)
+    assert [e[1] for e in fake.events] == ["Unreachable"]
+
+
+# ----- the connection's cache ------------------------------------------------------------------------------
+def cache_with_lookups() -> tuple[InstanceCache, list[str]]:
+    lookups: list[str] = []
+    return InstanceCache(lookups.append), lookups
+
+
+def test_cache_changed_before_added_asks_for_a_lookup() -> None:
+    """Real TrueNAS can send ``changed`` {status} for an instance before its ``added``."""
+    cache, lookups = cache_with_lookups()
+    woken: list[str] = []
+    cache.listen("c1", lambda: woken.append("c1"))
+    cache.apply_event("changed", "c1", {"id": "c1", "status": "RUNNING"}, lambda f: None)
+    assert cache.get("c1") is None and lookups == ["c1"] and woken == []
+
+
+def test_cache_status_only_changes_update_status_and_drop_addresses_when_not_running() -> None:
+    cache, lookups = cache_with_lookups()
+    cache.store("c1", observed("c1"))
+    woken: list[str] = []
+    cache.listen("c1", lambda: woken.append("c1"))
+    cache.apply_event("changed", "c1", {"id": "c1", "status": "STOPPED"}, lambda f: None)
+    current = cache.get("c1")
+    assert current is not None and current.status == "STOPPED" and current.addresses == ()
+    assert woken == ["c1"] and lookups == []
+    cache.apply_event("changed", "c1", {"id": "c1", "status": "RUNNING"}, lambda f: None)
+    assert lookups == ["c1"], "addresses only come with a full read"
+
+
+def test_cache_full_entries_removals_and_no_wake_without_change() -> None:
+    cache, lookups = cache_with_lookups()
+    woken: list[str] = []
+    cache.listen("c1", lambda: woken.append("c1"))
+    backend = FakeBackend()
+    full = {"name": "c1", "status": "RUNNING", "type": "CONTAINER"}
+    cache.apply_event("added", "c1", full, backend.instance_from_event)
+    cache.apply_event("changed", "c1", full, backend.instance_from_event)
+    assert woken == ["c1"], "the same observation twice wakes once"
+    cache.apply_event("removed", "c1", None, backend.instance_from_event)
+    assert cache.get("c1") is None and woken == ["c1", "c1"] and lookups == []
+
+
+def test_cache_replace_all_wakes_only_what_changed() -> None:
+    cache, _ = cache_with_lookups()
+    cache.replace_all([observed("a"), observed("b")])
+    woken: list[str] = []
+    for name in ("a", "b", "c"):
+        cache.listen(name, functools.partial(woken.append, name))
+    cache.replace_all([observed("a"), observed("b", status="STOPPED"), observed("c")])
+    assert sorted(woken) == ["b", "c"]
+    cache.unlisten("a", no_wake)
+    cache.notify_all()
+    assert sorted(woken) == ["a", "b", "b", "c", "c"]
