@@ -252,6 +252,7 @@ class SimulatorServer:
             return web.Response(status=401, text="401: Unauthorized")
         scheme, _, credential = header.partition(" ")
         if scheme != "Bearer" or self.sim.authenticate_key(credential.strip(), session) != "SUCCESS":
+            await self.sim.refusal_delay()
             return web.Response(status=401, text="Invalid API key")
         try:
             method, params = await _rest_call(request)

@@ -61,6 +61,11 @@ class Knobs:
     host_memory: int = 64 * GIB
     host_cores: int = 16
     max_concurrent_calls: int = 20
+    auth_fail_delay: float = 1.0
+    """A refused login answers after uniform(d, d + 1) seconds, as TrueNAS's AAL1 ``min_fail_delay``
+    of 1 does (plugins/auth.py, utils/auth.py); 0 answers at once (tests)."""
+    scram_iterations: int = 500_000
+    """PBKDF2 rounds of the SCRAM secrets (26); real keys use 500 000, clients accept 50 000 and up."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ class CertificateAuthority:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True,
@@ -74,8 +77,33 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+                critical=False,
+            )
+            # Strict X.509 checking (Python 3.13's default) needs both identifiers (RFC 5280 4.2.1.1-2).
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                    self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+                )
+                if self._has_ski()
+                else x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
         )
@@ -90,14 +118,22 @@ class CertificateAuthority:
         cert = builder.sign(self.key, hashes.SHA256())
         return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
 
+    def _has_ski(self) -> bool:
+        try:
+            self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        except x509.ExtensionNotFound:
+            return False
+        return True
+
     @classmethod
     def load_or_create(cls, directory: Path, name: str) -> CertificateAuthority:
         """Reuses ``ca.crt``/``ca.key`` in ``directory`` (so clients keep trusting it), else makes them."""
         cert_path, key_path = directory / "ca.crt", directory / "ca.key"
         if cert_path.exists() and key_path.exists():
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if isinstance(key, ec.EllipticCurvePrivateKey):
-                return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            if isinstance(key, ec.EllipticCurvePrivateKey) and cls(key, cert)._has_ski():
+                return cls(key, cert)  # a CA from before key identifiers is made anew
         ca = cls.create(name)
         directory.mkdir(parents=True, exist_ok=True)
         cert_path.write_bytes(ca.cert_pem)
@@ -127,3 +163,35 @@ def server_context(ca: CertificateAuthority, directory: Path, hosts: list[str]) 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(directory / "server.crt", directory / "server.key")
     return context
+
+
+def truenas_default_certificate() -> tuple[bytes, bytes]:
+    """(cert PEM, key PEM) shaped like the ``truenas_default`` certificate a fresh TrueNAS makes for
+    its UI and API: self-signed RSA 2048 / SHA-256, the iX subject with CN=localhost, SAN
+    DNS:localhost, EKU serverAuth only, 397 days, no basicConstraints and no key identifiers
+    (truenas_crypto_utils generate_self_signed.py; plugins/crypto_/generate_self_signed.py in 25.04)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "iXsystems Inc. dba TrueNAS"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
+            x509.NameAttribute(NameOID.EMAIL_ADDRESS, "info@truenas.com"),
+            x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "Tennessee"),
+            x509.NameAttribute(NameOID.LOCALITY_NAME, "Maryville"),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=397))
+        .serial_number(secrets.randbelow(2**30 - 1000) + 1000)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .public_key(key.public_key())
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)

@@ -72,8 +72,11 @@ class VirtService:
         self.sim.events.emit("virt.instance.query", msg, ident, fields)
 
     def set_status(self, instance: Instance, status: str) -> None:
+        """A status change; only a finished Incus start/stop is announced, as TrueNAS's Incus
+        listener does (plugins/virt/websocket.py): ``changed`` with ``{"status": RUNNING|STOPPED}``."""
         instance.status = status
-        self.emit("changed", instance.name, {"status": instance.entry(self.sim.profile)["status"]})
+        if status in ("RUNNING", "STOPPED"):
+            self.emit("changed", instance.name, {"status": status})
 
     async def work(self, job: Job, description: str = "") -> None:
         """The time a job spends in Incus; hung methods never come back (until aborted)."""
@@ -220,10 +223,13 @@ class VirtService:
             root_disk_io_bus=data.get("root_disk_io_bus") if instance_type == "VM" else None,
         )
         self.instances[name] = instance
-        self.emit("added", name, instance.entry(self.sim.profile))
         if data.get("autostart"):
             await self._start(job, instance)
-        return instance.entry(self.sim.profile)
+        entry = instance.entry(self.sim.profile)
+        # The CRUD wrapper announces the instance only once do_create has returned, so after the
+        # autostart (service/crud_service.py _get_crud_wrapper_func): its `changed` came first.
+        self.emit("added", name, entry)
+        return entry
 
     @staticmethod
     def _floor_mib(memory: int | None) -> int | None:
@@ -378,7 +384,7 @@ class VirtService:
             self.set_status(instance, "STOPPING")
         if instance.ignores_shutdown and not force:
             await asyncio.sleep(max(timeout, 0))
-            self.set_status(instance, "RUNNING")
+            instance.status = "RUNNING"  # a failed Incus stop task: the listener announces nothing
             raise CallError(
                 'Failed to stop instance: Failed shutting down instance, status is "Running": context deadline exceeded'
             )
@@ -462,8 +468,7 @@ class VirtService:
             raise CallError(f"Failed to add device: Device {device['name']!r} already exists")
         self._device_to_incus(device)
         instance.devices[device["name"]] = device
-        self.emit("changed", instance.name, instance.entry(self.sim.profile))
-        return True
+        return True  # no virt.instance.query event: plugins/virt sends none for devices
 
     def device_update(self, ctx: CallContext, params: list[Any]) -> Any:
         instance, device = self._device_arg(ctx, params, "virt_device_update")
@@ -476,8 +481,7 @@ class VirtService:
         errors.check()
         self._device_to_incus(device)
         instance.devices[name] = device
-        self.emit("changed", instance.name, instance.entry(self.sim.profile))
-        return True
+        return True  # no virt.instance.query event: plugins/virt sends none for devices
 
     def device_delete(self, ctx: CallContext, params: list[Any]) -> Any:
         instance = self.get(params[0] if params else None)
@@ -485,8 +489,7 @@ class VirtService:
         if name not in instance.devices:
             raise CallError("Device not found.", errno.ENOENT)
         del instance.devices[name]
-        self.emit("changed", instance.name, instance.entry(self.sim.profile))
-        return True
+        return True  # no virt.instance.query event: plugins/virt sends none for devices
 
     def set_bootable_disk(self, ctx: CallContext, params: list[Any]) -> Any:
         instance = self.get(params[0] if params else None)
