@@ -60,12 +60,18 @@ IMMUTABLE_CHANGES = [
     ("image", {"image": "debian/trixie"}, "spec.image is immutable"),
     ("storage-pool", {"storagePool": "fast"}, "spec.storagePool is immutable"),
 ]
+# What the operator writes: an instance that exists (instanceId), a create under way (Creating).
+CREATED = [
+    ("exists", {"phase": "Running", "instanceId": "web01"}),
+    ("exists-in-error", {"phase": "Error", "instanceId": "web01"}),
+    ("creating", {"phase": "Creating"}),
+]
+# Nothing was created yet: never reconciled, waiting, or a create that failed.
+NOT_CREATED = [("no-status", None), ("pending", {"phase": "Pending"}), ("create-failed", {"phase": "Error"})]
 
 
-@pytest.mark.parametrize("field,change,message", IMMUTABLE_CHANGES, ids=[c[0] for c in IMMUTABLE_CHANGES])
-def test_immutable_field_change_is_refused(
-    cluster: Cluster, namespace: str, field: str, change: dict[str, Any], message: str
-) -> None:
+def _immutable_case(cluster: Cluster, namespace: str, field: str, status: dict[str, Any] | None) -> dict[str, Any]:
+    """Creates an instance resource, writes ``status`` through the status subresource, returns its manifest."""
     spec: dict[str, Any] = {"type": "CONTAINER", "image": "debian/bookworm", "storagePool": "tank", "cpu": "1"}
     if field != "name-added":
         spec["name"] = "web01"
@@ -77,13 +83,65 @@ def test_immutable_field_change_is_refused(
     }
     created = cluster.apply(manifest, namespace)
     assert created.returncode == 0, created.stderr
+    if status is not None:
+        patch = json.dumps({"status": status})
+        cluster.kubectl("patch", "incusinstance", "imm", "-n", namespace, "--subresource=status", "--type=merge", "-p", patch)
+        assert cluster.get("incusinstance", "imm", namespace)["status"] == status
+    return manifest
+
+
+@pytest.mark.parametrize("state,status", CREATED, ids=[c[0] for c in CREATED])
+@pytest.mark.parametrize("field,change,message", IMMUTABLE_CHANGES, ids=[c[0] for c in IMMUTABLE_CHANGES])
+def test_immutable_field_change_is_refused_once_created(
+    cluster: Cluster,
+    namespace: str,
+    field: str,
+    change: dict[str, Any],
+    message: str,
+    state: str,
+    status: dict[str, Any],
+) -> None:
+    manifest = _immutable_case(cluster, namespace, field, status)
+    spec = manifest["spec"]
     manifest["spec"] = {**spec, **change}
     updated = cluster.apply(manifest, namespace)
-    assert updated.returncode != 0
+    assert updated.returncode != 0, f"{field} changed on a {state} instance"
     assert message in updated.stderr, updated.stderr
+    assert "once the instance exists" in updated.stderr, updated.stderr
+    assert cluster.get("incusinstance", "imm", namespace)["spec"] == spec
     # A mutable field still changes.
     manifest["spec"] = {**spec, "cpu": "2"}
     assert cluster.apply(manifest, namespace).returncode == 0
+
+
+@pytest.mark.parametrize("state,status", NOT_CREATED, ids=[c[0] for c in NOT_CREATED])
+@pytest.mark.parametrize("field,change,message", IMMUTABLE_CHANGES, ids=[c[0] for c in IMMUTABLE_CHANGES])
+def test_failed_or_pending_create_can_be_corrected_in_place(
+    cluster: Cluster,
+    namespace: str,
+    field: str,
+    change: dict[str, Any],
+    message: str,
+    state: str,
+    status: dict[str, Any] | None,
+) -> None:
+    manifest = _immutable_case(cluster, namespace, field, status)
+    manifest["spec"] = {**manifest["spec"], **change}
+    updated = cluster.apply(manifest, namespace)
+    assert updated.returncode == 0, updated.stderr
+    assert cluster.get("incusinstance", "imm", namespace)["spec"] == manifest["spec"]
+
+
+def test_field_can_be_removed_before_creation_but_not_after(cluster: Cluster, namespace: str) -> None:
+    manifest = _immutable_case(cluster, namespace, "storage-pool", {"phase": "Error"})
+    without_pool = {k: v for k, v in manifest["spec"].items() if k != "storagePool"}
+    manifest["spec"] = without_pool
+    assert cluster.apply(manifest, namespace).returncode == 0
+    patch = json.dumps({"status": {"instanceId": "web01", "phase": "Running"}})
+    cluster.kubectl("patch", "incusinstance", "imm", "-n", namespace, "--subresource=status", "--type=merge", "-p", patch)
+    manifest["spec"] = {**without_pool, "storagePool": "tank"}
+    added = cluster.apply(manifest, namespace)
+    assert added.returncode != 0 and "spec.storagePool is immutable" in added.stderr, added.stderr
 
 
 def test_explain_documents_memory(cluster: Cluster) -> None:
