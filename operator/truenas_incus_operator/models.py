@@ -318,8 +318,9 @@ def _device_type_rule(instance_type: str, refused: tuple[str, ...], why: str) ->
     # A static message: messageExpression listing the offending names costs too much for the API
     # server's estimate; the message names the types, and each name in the list has one type.
     kinds = " or ".join(refused)
+    present = f"self.devices.exists(d, d.type in {_cel_list(refused)})"
     return _cel(
-        f"self.type != '{instance_type}' || !has(self.devices) || !self.devices.exists(d, d.type in {_cel_list(refused)})",
+        f"self.type != '{instance_type}' || !has(self.devices) || !{present}",
         f"spec.devices: a {instance_type} cannot have {kinds} devices: {why}",
         ".devices",
     )
@@ -441,8 +442,10 @@ class IncusInstanceSpec(_Model):
                 # 2^53 bytes, hence the upper bound checked first.
                 _cel(
                     "type(self) == int || (isQuantity(self) && (quantity(self).isInteger() || "
-                    f"(quantity(self).isGreaterThan(quantity('0')) && quantity(self).compareTo(quantity('{MAX_MEMORY_QUANTITY}')) <= 0 && "
-                    "quantity('0').add(int(quantity(self).asApproximateFloat() + 0.5)).compareTo(quantity(self)) == 0)))",
+                    "(quantity(self).isGreaterThan(quantity('0')) && "
+                    f"quantity(self).compareTo(quantity('{MAX_MEMORY_QUANTITY}')) <= 0 && "
+                    "quantity('0').add(int(quantity(self).asApproximateFloat() + 0.5))"
+                    ".compareTo(quantity(self)) == 0)))",
                     "spec.memory must be a whole number of bytes: a byte count or a Kubernetes quantity "
                     "such as 512Mi, 1.5Gi or 64M",
                 ),
@@ -568,9 +571,8 @@ class IncusInstanceSpec(_Model):
                 raise ValueError(f"spec.devices[{device.name}]: a DISK device of a CONTAINER needs a destination")
         paths = sum(len(d.source or "") + len(d.destination or "") for d in devices)
         if paths > DEVICE_PATHS_TOTAL_MAX_LENGTH:
-            raise ValueError(
-                f"spec.devices: sources and destinations together may not exceed {DEVICE_PATHS_TOTAL_MAX_LENGTH} characters"
-            )
+            limit = DEVICE_PATHS_TOTAL_MAX_LENGTH
+            raise ValueError(f"spec.devices: sources and destinations together may not exceed {limit} characters")
         clashes = {n.name for n in self.nics or []} & {d.name for d in devices}
         if clashes:
             raise ValueError(f"spec.nics: names {sorted(clashes)} are also used in spec.devices")
