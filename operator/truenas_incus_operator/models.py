@@ -390,7 +390,6 @@ INSTANCE_ROOT_RULES: list[JsonValue] = [
     ),
     _immutable("storagePool", f"spec.storagePool is immutable {_CREATED_NOTE}"),
 ]
-IMMUTABLE_FIELDS = ("name", "type", "image", "storage_pool")
 
 
 class IncusInstanceSpec(_Model):
