@@ -3,7 +3,9 @@
 ``crd.py`` turns these models into the CRDs in ``crds/``; the operator parses live objects with the
 same models. Every rule the API server can check is written twice on purpose: as Pydantic validation
 (for the operator and unit tests) and as schema keywords or CEL (``x-kubernetes-validations``) for
-admission, so ``kubectl apply`` refuses bad manifests before they reach TrueNAS.
+admission, so ``kubectl apply`` refuses bad manifests before they reach TrueNAS. The exception is
+the root-level transition rules (``INSTANCE_ROOT_RULES``: immutability once the instance exists),
+which need the old object and exist only as CEL.
 
 No field has a default here: what users omit stays omitted (Argo CD would otherwise show diffs), and
 the operator applies defaults itself (``EFFECTIVE_DEFAULTS``) and reports the effective values.
