@@ -56,16 +56,32 @@ def test_schema_is_structural_and_documented() -> None:
             assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
 
 
-def test_memory_is_int_or_string_and_extra_is_free_form() -> None:
+def test_memory_is_int_or_string_and_extra_is_a_bounded_flat_map() -> None:
     spec = all_crds()[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert spec["memory"]["x-kubernetes-int-or-string"] is True
     assert "type" not in spec["memory"]
     extra = spec["devices"]["items"]["properties"]["extra"]
-    assert extra["x-kubernetes-preserve-unknown-fields"] is True
+    assert extra["type"] == "object" and extra["maxProperties"] == 8
+    values = extra["additionalProperties"]
+    assert values["x-kubernetes-int-or-string"] is True and values["maxLength"] == 64
     root = all_crds()[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     preserved = [p for p, n in _walk(root) if n.get("x-kubernetes-preserve-unknown-fields")]
-    assert len(preserved) == 1, f"only a device's extra may keep unknown fields: {preserved}"
+    assert preserved == [], f"no field may keep unknown fields (unbounded): {preserved}"
     assert spec["cpu"]["nullable"] is True
+
+
+def test_every_string_list_and_map_is_bounded() -> None:
+    for crd in all_crds():
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        for path, node in _walk(spec):
+            if node.get("type") == "string" and "enum" not in node:
+                assert "maxLength" in node, f"{crd['metadata']['name']}: spec{path} has no maxLength"
+            if node.get("type") == "array":
+                assert "maxItems" in node, f"spec{path} has no maxItems"
+            if node.get("type") == "object" and "additionalProperties" in node:
+                assert "maxProperties" in node, f"spec{path} has no maxProperties"
+            if node.get("x-kubernetes-int-or-string"):
+                assert "maxLength" in node, f"spec{path} has no maxLength"
 
 
 def test_status_subresource_columns_and_short_names() -> None:
@@ -87,9 +103,9 @@ def test_status_subresource_columns_and_short_names() -> None:
 
 
 def test_immutability_rules_present() -> None:
-    rules = all_crds()[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
-        "x-kubernetes-validations"
-    ]
-    messages = " ".join(r["message"] for r in rules)
-    for field in ("spec.name", "spec.type", "spec.image", "spec.storagePool"):
-        assert f"{field} is immutable" in messages
+    root = all_crds()[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    rules = root["x-kubernetes-validations"]
+    for field in ("name", "type", "image", "storagePool"):
+        (rule,) = [r for r in rules if r["message"].startswith(f"spec.{field} is immutable")]
+        assert rule["fieldPath"] == f".spec.{field}"
+        assert "oldSelf.status" in rule["rule"]

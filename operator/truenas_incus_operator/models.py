@@ -3,7 +3,9 @@
 ``crd.py`` turns these models into the CRDs in ``crds/``; the operator parses live objects with the
 same models. Every rule the API server can check is written twice on purpose: as Pydantic validation
 (for the operator and unit tests) and as schema keywords or CEL (``x-kubernetes-validations``) for
-admission, so ``kubectl apply`` refuses bad manifests before they reach TrueNAS.
+admission, so ``kubectl apply`` refuses bad manifests before they reach TrueNAS. The exception is
+the root-level transition rules (``INSTANCE_ROOT_RULES``: immutability once the instance exists),
+which need the old object and exist only as CEL.
 
 No field has a default here: what users omit stays omitted (Argo CD would otherwise show diffs), and
 the operator applies defaults itself (``EFFECTIVE_DEFAULTS``) and reports the effective values.
@@ -16,7 +18,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict, JsonValue
 
@@ -34,6 +46,45 @@ ENV_KEY_PATTERN = r"^\w[\w/]*$"
 MAC_PATTERN = r"^([0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}$"
 DEVICE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 MIN_MEMORY = 32 * MIB
+# An upper bound keeps the CEL check exact (asApproximateFloat is exact below 2^53) and no host has more.
+MAX_MEMORY = 2**50
+MAX_MEMORY_QUANTITY = "1Pi"
+# Kubernetes object names (DNS-1123 subdomain) and Secret keys (IsConfigMapKey: [-._a-zA-Z0-9]+, not
+# "." or "..", not starting with "..").
+DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SECRET_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+
+# Bounds on every free-form field. kopf copies the whole spec into the annotation
+# incus.truenas.io/last-handled-configuration as ASCII JSON (a non-ASCII character costs up to 12
+# bytes there), and all annotations together are capped at 256 KiB: with these limits the largest
+# admissible spec serializes to less than 128 KiB (tests/test_models.py builds it; test_admission.py
+# stores it). Strings restricted to ASCII by a pattern count 1 byte a character, free text 12.
+MAX_SPEC_JSON_BYTES = 128 * 1024
+IMAGE_MAX_LENGTH = 200
+STORAGE_POOL_MAX_LENGTH = 200
+ENV_MAX_ENTRIES = 64
+ENV_KEY_MAX_LENGTH = 128
+ENV_VALUE_MAX_LENGTH = 1024  # TrueNAS's own limit (str_max_length=1024)
+ENV_VALUES_TOTAL_MAX_LENGTH = 4096
+DEVICES_MAX_ITEMS = 32
+NICS_MAX_ITEMS = 16
+DEVICE_PATH_MAX_LENGTH = 1024
+DEVICE_PATHS_TOTAL_MAX_LENGTH = 2048
+NIC_PARENT_MAX_LENGTH = 15  # Linux IFNAMSIZ - 1
+EXTRA_MAX_ENTRIES = 8
+EXTRA_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+EXTRA_VALUE_MAX_LENGTH = 64
+# Printable ASCII without '"' and '\\' (TrueNAS's type-specific fields are identifiers, ids and paths).
+EXTRA_VALUE_PATTERN = r"^[ !#-\[\]-~]*$"
+EXTRA_INT_MIN = -(2**31)
+EXTRA_INT_MAX = 2**31 - 1
+
+# Keys of devices[].extra that the typed fields own: the backends build them from name, type, source,
+# destination and readonly (truenas/backends/virt.py device_payload: dev_type, name, source,
+# destination, readonly; truenas/backends/container.py device_attributes: dtype, source, target) or,
+# for NICs, from spec.nics (reconcile.desired_devices -> nic_type, parent, mac; container.py: nic_attach).
+EXTRA_OWNED_KEYS = ("dev_type", "dtype", "name", "source", "destination", "target", "readonly")
+EXTRA_NIC_OWNED_KEYS = ("nic_type", "parent", "mac", "nic_attach")
 
 ADOPT_ANNOTATION = f"{API_GROUP}/adopt"
 
@@ -54,6 +105,10 @@ def _cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     if field_path:
         validation["fieldPath"] = field_path
     return validation
+
+
+def _cel_list(values: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
 class InstanceType(StrEnum):
@@ -106,32 +161,113 @@ class Phase(StrEnum):
     UNKNOWN = "Unknown"
 
 
+def _extra_value(value: int | str) -> int | str:
+    if isinstance(value, str):
+        if len(value) > EXTRA_VALUE_MAX_LENGTH:
+            raise ValueError(f"must be at most {EXTRA_VALUE_MAX_LENGTH} characters")
+        if not re.fullmatch(EXTRA_VALUE_PATTERN[1:-1], value):
+            raise ValueError("must be printable ASCII without '\"' or '\\\\'")
+    elif not EXTRA_INT_MIN <= value <= EXTRA_INT_MAX:
+        raise ValueError(f"must be between {EXTRA_INT_MIN} and {EXTRA_INT_MAX}")
+    return value
+
+
+# One value of devices[].extra: a string or an integer (TrueNAS's device fields that are not typed here
+# are strings and integers: ports, bus/dev numbers, uid/gid, boot_priority; its only boolean, readonly,
+# is a typed field). Not nested, so the spec stays small and flat.
+ExtraValue = Annotated[
+    StrictInt | StrictStr,
+    AfterValidator(_extra_value),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "maxLength": EXTRA_VALUE_MAX_LENGTH,
+            "pattern": EXTRA_VALUE_PATTERN,
+            "minimum": EXTRA_INT_MIN,
+            "maximum": EXTRA_INT_MAX,
+        }
+    ),
+]
+
+_EXTRA_RULES: list[JsonValue] = [
+    _cel(
+        f"self.all(k, k.matches('{EXTRA_KEY_PATTERN}'))",
+        "keys must be TrueNAS field names: lowercase letters, digits and '_', at most 32 characters",
+    ),
+]
+
+_DEVICE_RULES: list[JsonValue] = [
+    _cel(
+        f"!has(self.extra) || !self.extra.exists(k, k in {_cel_list(EXTRA_OWNED_KEYS)})",
+        "extra may not set " + ", ".join(EXTRA_OWNED_KEYS) + ": the typed fields name, type, source, "
+        "destination and readonly own them",
+        ".extra",
+    ),
+    _cel(
+        f"self.type != 'NIC' || !has(self.extra) || !self.extra.exists(k, k in {_cel_list(EXTRA_NIC_OWNED_KEYS)})",
+        "extra of a NIC may not set " + ", ".join(EXTRA_NIC_OWNED_KEYS) + ": declare the NIC in spec.nics "
+        "(type, parent, hwaddr)",
+        ".extra",
+    ),
+]
+
+
 class InstanceDevice(_Model):
     """A device attached to the instance, managed through TrueNAS's device calls."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _DEVICE_RULES})
 
     name: Annotated[str, Field(pattern=DEVICE_NAME_PATTERN, max_length=63)] = Field(
         description="Device name, unique within the instance (e.g. data0, proxy-http). Key of the list."
     )
     type: DeviceType = Field(
-        description="Device type: DISK, NIC, GPU, USB, TPM, PROXY; PCI and CDROM for VMs where the server has them."
+        description=(
+            "Device type: DISK, NIC, GPU, USB, TPM, PROXY; PCI and CDROM for VMs only, PROXY for containers only. "
+            "Types a TrueNAS version lacks (e.g. TPM and PROXY for TrueNAS 26 containers) are reported in status."
+        )
     )
-    source: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
+    source: Annotated[str, Field(min_length=1, max_length=DEVICE_PATH_MAX_LENGTH)] | None = Field(
         None,
-        description="Source: a host path under /mnt/ or a /dev/zvol/ path for DISK, the ISO path for CDROM.",
+        description=(
+            "Source: a host path under /mnt/ or a /dev/zvol/ path for DISK, the ISO path for CDROM. "
+            f"Sources and destinations of all devices together: at most {DEVICE_PATHS_TOTAL_MAX_LENGTH} characters."
+        ),
     )
-    destination: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
+    destination: Annotated[str, Field(min_length=1, max_length=DEVICE_PATH_MAX_LENGTH)] | None = Field(
         None, description="Path inside the instance where a DISK is mounted (containers)."
     )
     readonly: bool | None = Field(None, description="Mount the device read-only. Effective default: false.")
-    extra: dict[str, Any] | None = Field(
+    extra: dict[str, ExtraValue] | None = Field(
         None,
+        max_length=EXTRA_MAX_ENTRIES,
         description=(
             "Type-specific TrueNAS fields passed through unchanged, e.g. for PROXY "
             "{source_proto: TCP, source_port: 8080, dest_proto: TCP, dest_port: 80}, "
-            "for GPU {gpu_type: PHYSICAL, pci: ...}."
+            "for GPU {gpu_type: PHYSICAL, pci: ...}. A flat map of at most "
+            f"{EXTRA_MAX_ENTRIES} entries: keys are TrueNAS field names, values strings (printable ASCII, "
+            f"at most {EXTRA_VALUE_MAX_LENGTH} characters) or integers. Fields the typed fields own "
+            "(" + ", ".join(EXTRA_OWNED_KEYS) + "; for NICs " + ", ".join(EXTRA_NIC_OWNED_KEYS) + ") are refused."
         ),
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        json_schema_extra={"x-kubernetes-validations": _EXTRA_RULES},
     )
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_keys(cls, value: dict[str, int | str] | None) -> dict[str, int | str] | None:
+        for key in value or {}:
+            if not re.fullmatch(EXTRA_KEY_PATTERN[1:-1], key):
+                raise ValueError(f"key {key!r}: keys must be TrueNAS field names (lowercase, digits, '_', <= 32)")
+        owned = sorted(set(value or {}) & set(EXTRA_OWNED_KEYS))
+        if owned:
+            raise ValueError(f"extra may not set {', '.join(owned)}: the typed fields own them")
+        return value
+
+    @model_validator(mode="after")
+    def _nic_extra(self) -> InstanceDevice:
+        owned = sorted(set(self.extra or {}) & set(EXTRA_NIC_OWNED_KEYS))
+        if self.type == DeviceType.NIC and owned:
+            raise ValueError(f"extra of a NIC may not set {', '.join(owned)}: declare the NIC in spec.nics")
+        return self
 
 
 class InstanceNIC(_Model):
@@ -143,10 +279,10 @@ class InstanceNIC(_Model):
     type: NICType | None = Field(
         None, description="How the NIC attaches to the host: bridged or macvlan. Effective default: bridged."
     )
-    parent: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+    parent: Annotated[str, Field(min_length=1, max_length=NIC_PARENT_MAX_LENGTH)] | None = Field(
         None, description="Host bridge or interface the NIC attaches to, e.g. br0 or enp1s0."
     )
-    hwaddr: Annotated[str, Field(pattern=MAC_PATTERN)] | None = Field(
+    hwaddr: Annotated[str, Field(pattern=MAC_PATTERN, max_length=17)] | None = Field(
         None, description="MAC address, e.g. 10:66:6a:01:02:03 (honoured by TrueNAS 25.10 and later)."
     )
 
@@ -154,32 +290,48 @@ class InstanceNIC(_Model):
 class ConnectionReference(_Model):
     """Names a TrueNASConnection in the same namespace."""
 
-    name: Annotated[str, Field(min_length=1, max_length=253)] = Field(
-        description="Name of a TrueNASConnection in this namespace."
+    name: Annotated[str, Field(pattern=DNS1123_SUBDOMAIN_PATTERN, min_length=1, max_length=253)] = Field(
+        description="Name of a TrueNASConnection in this namespace (a Kubernetes object name)."
     )
 
 
-def _immutable_optional(field: str, message: str) -> JsonDict:
-    """Also refuses adding or removing the field (a field-level rule only sees both present)."""
-    rule = f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
-    return _cel(rule, message, f".{field}")
+# Device types each instance type can have. Admission cannot know which TrueNAS a connection reaches,
+# so it refuses what every TrueNAS version refuses; a type one version lacks (TPM and PROXY on
+# TrueNAS 26 containers, truenas-vm-container.md §3.5) is reported in status by that version's backend.
+#  * virt.instance, 25.04-25.10 (truenas-api.md §5, schemas truenas-schemas/v25_*.virt.device.json):
+#    DISK, NIC, USB, TPM and GPU for both types (TPM: "containers default /dev/tpm0");
+#    PCI only for VMs ("PCI passthrough is only supported for vms"), CDROM only for VMs (25.10,
+#    "Container instance type is not supported"); PROXY is built with bind=host and without NAT
+#    (truenas-api.md §5, "Incus mapping"), which Incus allows for containers only (Incus docs,
+#    reference/devices_proxy: "VMs (NAT mode only)").
+#  * container.*, 26 (truenas-vm-container.md §3.5): FILESYSTEM (our DISK), NIC, GPU, USB.
+#  * vm.*, 25.04.2+ (truenas-vm-container.md §2.5): no PROXY device at all (nor TPM/GPU: a VM flag and PCI).
+DEVICE_TYPES_BY_INSTANCE_TYPE: dict[str, tuple[str, ...]] = {
+    "VM": ("DISK", "NIC", "GPU", "USB", "TPM", "PCI", "CDROM"),
+    "CONTAINER": ("DISK", "NIC", "GPU", "USB", "TPM", "PROXY"),
+}
+_VM_ONLY = tuple(t for t in DEVICE_TYPES_BY_INSTANCE_TYPE["VM"] if t not in DEVICE_TYPES_BY_INSTANCE_TYPE["CONTAINER"])
+_CONTAINER_ONLY = tuple(
+    t for t in DEVICE_TYPES_BY_INSTANCE_TYPE["CONTAINER"] if t not in DEVICE_TYPES_BY_INSTANCE_TYPE["VM"]
+)
 
 
-_IMMUTABLE_RULES: list[JsonValue] = [
-    _immutable_optional("name", "spec.name is immutable: the instance cannot be renamed"),
-    _cel("self.type == oldSelf.type", "spec.type is immutable", ".type"),
-    _cel(
-        "self.image == oldSelf.image",
-        "spec.image is immutable: an instance cannot be rebuilt from another image",
-        ".image",
-    ),
-    _immutable_optional("storagePool", "spec.storagePool is immutable"),
-]
-_CROSS_FIELD_RULES: list[JsonValue] = [
-    _cel(
-        "self.type == 'VM' || !has(self.devices) || self.devices.all(d, d.type != 'PCI' && d.type != 'CDROM')",
-        "spec.devices: PCI and CDROM devices are only supported for VMs",
+def _device_type_rule(instance_type: str, refused: tuple[str, ...], why: str) -> JsonDict:
+    # A static message: messageExpression listing the offending names costs too much for the API
+    # server's estimate; the message names the types, and each name in the list has one type.
+    kinds = " or ".join(refused)
+    present = f"self.devices.exists(d, d.type in {_cel_list(refused)})"
+    return _cel(
+        f"self.type != '{instance_type}' || !has(self.devices) || !{present}",
+        f"spec.devices: a {instance_type} cannot have {kinds} devices: {why}",
         ".devices",
+    )
+
+
+_CROSS_FIELD_RULES: list[JsonValue] = [
+    _device_type_rule("CONTAINER", _VM_ONLY, " and ".join(_VM_ONLY) + " devices are only supported for VMs"),
+    _device_type_rule(
+        "VM", _CONTAINER_ONLY, " and ".join(_CONTAINER_ONLY) + " devices are only supported for containers"
     ),
     _cel(
         "!has(self.devices) || self.devices.all(d, d.type != 'DISK' || has(d.source))",
@@ -196,16 +348,49 @@ _CROSS_FIELD_RULES: list[JsonValue] = [
         "spec.nics: a NIC may not share its name with an entry of spec.devices",
         ".nics",
     ),
+    _cel(
+        "!has(self.devices) || self.devices.map(d, (has(d.source) ? size(d.source) : 0) + "
+        f"(has(d.destination) ? size(d.destination) : 0)).sum() <= {DEVICE_PATHS_TOTAL_MAX_LENGTH}",
+        f"spec.devices: sources and destinations of all devices together may not exceed "
+        f"{DEVICE_PATHS_TOTAL_MAX_LENGTH} characters",
+        ".devices",
+    ),
 ]
 
+# An instance exists on TrueNAS (or is being created) once the operator wrote status.instanceId or a
+# phase other than Pending and Error. Until then image, type, name and storagePool can be corrected in
+# place (a typo, a create TrueNAS refused); afterwards they are immutable. Root-level transition rules,
+# because only the whole object sees the status next to the spec.
+_NOT_CREATED = (
+    "!has(oldSelf.status) || (!has(oldSelf.status.instanceId) && "
+    "(!has(oldSelf.status.phase) || oldSelf.status.phase in ['Pending', 'Error']))"
+)
 
+
+def _immutable(field: str, message: str) -> JsonDict:
+    """Also refuses adding or removing an optional field (``has`` on both sides)."""
+    same = (
+        f"has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
+        f"(!has(self.spec.{field}) || self.spec.{field} == oldSelf.spec.{field})"
+    )
+    return _cel(f"{_NOT_CREATED} || ({same})", message, f".spec.{field}")
+
+
+_CREATED_NOTE = "once the instance exists on TrueNAS (status.instanceId set or a create under way)"
 # Checked on the whole object: metadata.name becomes the instance name when spec.name is omitted.
 INSTANCE_ROOT_RULES: list[JsonValue] = [
     _cel(
         f"has(self.spec.name) || self.metadata.name.matches('{INSTANCE_NAME_PATTERN}')",
         "metadata.name is not a valid Incus instance name (letters, digits and '-', 1-63 characters, "
         "starting with a letter): set spec.name",
-    )
+    ),
+    _immutable("name", f"spec.name is immutable {_CREATED_NOTE}: the instance cannot be renamed"),
+    _immutable("type", f"spec.type is immutable {_CREATED_NOTE}"),
+    _immutable(
+        "image",
+        f"spec.image is immutable {_CREATED_NOTE}: an instance cannot be rebuilt from another image",
+    ),
+    _immutable("storagePool", f"spec.storagePool is immutable {_CREATED_NOTE}"),
 ]
 
 
@@ -213,22 +398,29 @@ class IncusInstanceSpec(_Model):
     """Desired state of a TrueNAS Incus instance. Fields left out keep TrueNAS's defaults, reported in status."""
 
     model_config = ConfigDict(
-        json_schema_extra={"x-kubernetes-validations": _IMMUTABLE_RULES + _CROSS_FIELD_RULES},
+        json_schema_extra={"x-kubernetes-validations": _CROSS_FIELD_RULES},
     )
 
     name: Annotated[str, Field(pattern=INSTANCE_NAME_PATTERN, max_length=63)] | None = Field(
         None,
         description=(
             "Instance name on TrueNAS. Defaults to metadata.name. A hostname: letters, digits and '-', "
-            "1-63 characters, starting with a letter and not ending with '-'. Immutable."
+            "1-63 characters, starting with a letter and not ending with '-'. Immutable once the instance exists."
         ),
     )
-    type: InstanceType = Field(description="Instance type: CONTAINER or VM. Immutable.")
-    image: Annotated[str, Field(min_length=1, max_length=200)] = Field(
-        description="Image alias from the Linux Containers catalogue, e.g. debian/bookworm or ubuntu/noble. Immutable."
+    type: InstanceType = Field(description="Instance type: CONTAINER or VM. Immutable once the instance exists.")
+    image: Annotated[str, Field(min_length=1, max_length=IMAGE_MAX_LENGTH)] = Field(
+        description=(
+            "Image alias from the Linux Containers catalogue, e.g. debian/bookworm or ubuntu/noble. "
+            "Immutable once the instance exists; can be corrected while a create failed or never ran."
+        )
     )
-    storage_pool: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
-        None, description="ZFS pool for the instance's root disk. Defaults to TrueNAS's virtualization pool. Immutable."
+    storage_pool: Annotated[str, Field(min_length=1, max_length=STORAGE_POOL_MAX_LENGTH)] | None = Field(
+        None,
+        description=(
+            "ZFS pool for the instance's root disk. Defaults to TrueNAS's virtualization pool. "
+            "Immutable once the instance exists."
+        ),
     )
     cpu: Annotated[str, Field(pattern=CPU_PATTERN, max_length=64)] | None = Field(
         None,
@@ -239,55 +431,80 @@ class IncusInstanceSpec(_Model):
     memory: int | str | None = Field(
         None,
         description=(
-            "Memory limit in bytes or as a Kubernetes quantity (512Mi, 2Gi); at least 32Mi. TrueNAS stores "
-            "whole MiB. Omitted: no limit. Applied live."
+            "Memory limit in bytes or as a Kubernetes quantity (512Mi, 1.5Gi, 64M): a whole number of bytes, "
+            "at least 32Mi and at most 1Pi. TrueNAS stores whole MiB. Omitted: no limit. Applied live."
         ),
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
+            "maxLength": 64,
             "x-kubernetes-validations": [
+                # isInteger() is false for every quantity the API server stores as a decimal (1.5Gi), so a
+                # quantity is also whole when it equals its own value rounded to an integer; exact below
+                # 2^53 bytes, hence the upper bound checked first.
                 _cel(
-                    "type(self) == int || (isQuantity(self) && quantity(self).isInteger())",
-                    "spec.memory must be a byte count or a Kubernetes quantity such as 512Mi or 2Gi",
+                    "type(self) == int || (isQuantity(self) && (quantity(self).isInteger() || "
+                    "(quantity(self).isGreaterThan(quantity('0')) && "
+                    f"quantity(self).compareTo(quantity('{MAX_MEMORY_QUANTITY}')) <= 0 && "
+                    "quantity('0').add(int(quantity(self).asApproximateFloat() + 0.5))"
+                    ".compareTo(quantity(self)) == 0)))",
+                    "spec.memory must be a whole number of bytes: a byte count or a Kubernetes quantity "
+                    "such as 512Mi, 1.5Gi or 64M",
                 ),
                 _cel(
-                    "type(self) == int ? self >= 33554432 : (!isQuantity(self) || "
-                    "quantity(self).compareTo(quantity('32Mi')) >= 0)",
-                    "spec.memory must be at least 32Mi (33554432 bytes)",
+                    f"type(self) == int ? self >= {MIN_MEMORY} && self <= {MAX_MEMORY} : (!isQuantity(self) || "
+                    "(quantity(self).compareTo(quantity('32Mi')) >= 0 && "
+                    f"quantity(self).compareTo(quantity('{MAX_MEMORY_QUANTITY}')) <= 0))",
+                    f"spec.memory must be at least 32Mi ({MIN_MEMORY} bytes) and at most {MAX_MEMORY_QUANTITY}",
                 ),
             ],
         },
     )
     autostart: bool | None = Field(None, description="Start the instance when TrueNAS boots. Effective default: true.")
-    environment: dict[str, Annotated[str, Field(max_length=1024)]] | None = Field(
+    environment: dict[str, Annotated[str, Field(max_length=ENV_VALUE_MAX_LENGTH)]] | None = Field(
         None,
         description=(
-            "Environment variables of the instance. Keys match ^\\w[\\w/]*$; values must not be blank. "
+            "Environment variables of the instance. Keys match ^\\w[\\w/]*$ (at most "
+            f"{ENV_KEY_MAX_LENGTH} characters); values must not be blank, at most {ENV_VALUE_MAX_LENGTH} "
+            f"characters each and {ENV_VALUES_TOTAL_MAX_LENGTH} together; at most {ENV_MAX_ENTRIES} entries. "
             "Replaces the whole environment on TrueNAS."
         ),
         json_schema_extra={
-            "maxProperties": 128,
+            "maxProperties": ENV_MAX_ENTRIES,
             "x-kubernetes-validations": [
                 _cel(
-                    "self.all(k, size(k) <= 256 && k.matches('^\\\\w[\\\\w/]*$'))",
-                    "spec.environment keys must match ^\\w[\\w/]*$ (letters, digits, _ and /, not starting with /)",
+                    f"self.all(k, size(k) <= {ENV_KEY_MAX_LENGTH} && k.matches('^\\\\w[\\\\w/]*$'))",
+                    "spec.environment keys must match ^\\w[\\w/]*$ (letters, digits, _ and /, not starting with /) "
+                    f"and be at most {ENV_KEY_MAX_LENGTH} characters",
                 ),
                 _cel(
                     "self.all(k, !self[k].matches('^\\\\s*$'))",
                     "spec.environment values must not be blank",
+                ),
+                _cel(
+                    f"self.map(k, size(self[k])).sum() <= {ENV_VALUES_TOTAL_MAX_LENGTH}",
+                    f"spec.environment values together may not exceed {ENV_VALUES_TOTAL_MAX_LENGTH} characters",
                 ),
             ],
         },
     )
     devices: list[InstanceDevice] | None = Field(
         None,
-        max_length=64,
-        description="Devices (disks, proxies, GPUs, ...) keyed by name; added, changed and removed live.",
+        max_length=DEVICES_MAX_ITEMS,
+        description=(
+            "Devices (disks, proxies, GPUs, ...) keyed by name; added, changed and removed live. "
+            "Omitted or empty: the instance has no devices besides those its TrueNAS profile gives it "
+            "(the operator removes any it added)."
+        ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     nics: list[InstanceNIC] | None = Field(
         None,
-        max_length=32,
-        description="Extra network interfaces keyed by name (the default NIC from TrueNAS's profile stays).",
+        max_length=NICS_MAX_ITEMS,
+        description=(
+            "Extra network interfaces keyed by name (the default NIC from TrueNAS's profile stays). "
+            "Omitted or empty: the instance has no NICs besides those its TrueNAS profile gives it "
+            "(the operator removes any it added)."
+        ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     power_state: PowerState | None = Field(
@@ -315,18 +532,25 @@ class IncusInstanceSpec(_Model):
     def _memory_in_bytes(cls, value: int | str | None) -> int | str | None:
         if value is None:
             return None
-        if parse_bytes(value) < MIN_MEMORY:
-            raise ValueError("must be at least 32Mi (33554432 bytes)")
+        if isinstance(value, str) and len(value) > 64:
+            raise ValueError("must be at most 64 characters")
+        amount = parse_bytes(value)
+        if not MIN_MEMORY <= amount <= MAX_MEMORY:
+            raise ValueError(f"must be at least 32Mi ({MIN_MEMORY} bytes) and at most {MAX_MEMORY_QUANTITY}")
         return value
 
     @field_validator("environment")
     @classmethod
     def _environment_rules(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and len(value) > ENV_MAX_ENTRIES:
+            raise ValueError(f"at most {ENV_MAX_ENTRIES} entries")
         for key, item in (value or {}).items():
-            if not re.match(r"^\w[\w/]*$", key, re.ASCII):
-                raise ValueError(f"key {key!r} must match ^\\w[\\w/]*$")
+            if len(key) > ENV_KEY_MAX_LENGTH or not re.match(r"^\w[\w/]*$", key, re.ASCII):
+                raise ValueError(f"key {key!r} must match ^\\w[\\w/]*$ and be at most {ENV_KEY_MAX_LENGTH} characters")
             if not item.strip():
                 raise ValueError(f"value of {key!r} must not be blank")
+        if sum(len(item) for item in (value or {}).values()) > ENV_VALUES_TOTAL_MAX_LENGTH:
+            raise ValueError(f"values together may not exceed {ENV_VALUES_TOTAL_MAX_LENGTH} characters")
         return value
 
     @model_validator(mode="after")
@@ -337,13 +561,19 @@ class IncusInstanceSpec(_Model):
             duplicates = sorted({name for name in names if names.count(name) > 1})
             if duplicates:
                 raise ValueError(f"spec.{label}: duplicate names {duplicates}")
-        if self.type != InstanceType.VM and any(d.type in (DeviceType.PCI, DeviceType.CDROM) for d in devices):
-            raise ValueError("spec.devices: PCI and CDROM devices are only supported for VMs")
+        allowed = DEVICE_TYPES_BY_INSTANCE_TYPE[str(self.type)]
+        refused = [f"{d.name}: {d.type}" for d in devices if str(d.type) not in allowed]
+        if refused:
+            raise ValueError(f"spec.devices: a {self.type} cannot have these devices ({', '.join(refused)})")
         for device in devices:
             if device.type == DeviceType.DISK and not device.source:
                 raise ValueError(f"spec.devices[{device.name}]: a DISK device needs a source")
             if device.type == DeviceType.DISK and self.type != InstanceType.VM and not device.destination:
                 raise ValueError(f"spec.devices[{device.name}]: a DISK device of a CONTAINER needs a destination")
+        paths = sum(len(d.source or "") + len(d.destination or "") for d in devices)
+        if paths > DEVICE_PATHS_TOTAL_MAX_LENGTH:
+            limit = DEVICE_PATHS_TOTAL_MAX_LENGTH
+            raise ValueError(f"spec.devices: sources and destinations together may not exceed {limit} characters")
         clashes = {n.name for n in self.nics or []} & {d.name for d in devices}
         if clashes:
             raise ValueError(f"spec.nics: names {sorted(clashes)} are also used in spec.devices")
@@ -437,8 +667,12 @@ class IncusInstance(_Model):
 class SecretKeyReference(_Model):
     """A key of a Secret in the same namespace."""
 
-    name: Annotated[str, Field(min_length=1, max_length=253)] = Field(description="Secret name.")
-    key: Annotated[str, Field(min_length=1, max_length=253)] = Field(description="Key within the Secret.")
+    name: Annotated[str, Field(pattern=DNS1123_SUBDOMAIN_PATTERN, min_length=1, max_length=253)] = Field(
+        description="Secret name (a Kubernetes object name)."
+    )
+    key: Annotated[str, Field(pattern=SECRET_KEY_PATTERN, min_length=1, max_length=253)] = Field(
+        description="Key within the Secret: letters, digits, '-', '_' and '.', not '.' or '..' or starting with '..'."
+    )
 
 
 class ConnectionTLS(_Model):

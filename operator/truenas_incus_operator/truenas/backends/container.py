@@ -109,7 +109,7 @@ def device_attributes(device: DeviceConfig) -> dict[str, Any]:
             "dtype": "USB",
             "usb": {"vendor_id": device.extra.get("vendor_id"), "product_id": device.extra.get("product_id")},
         }
-    return {"dtype": device.type, **device.extra}
+    return {**device.extra, "dtype": device.type}  # the typed dtype wins over extra
 
 
 class ContainerBackend:

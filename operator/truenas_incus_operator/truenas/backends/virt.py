@@ -49,14 +49,15 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
 
 def device_payload(device: DeviceConfig, with_mac: bool) -> dict[str, Any]:
     """The ``virt.device`` object for a device (truenas-api.md §5)."""
-    payload: dict[str, Any] = {"dev_type": device.type, "name": device.name}
+    # extra first, without the keys the typed fields own: extra can never override them.
+    payload: dict[str, Any] = {k: v for k, v in device.extra.items() if k not in _OWN_FIELDS}
+    payload.update(dev_type=device.type, name=device.name)
     if device.type in ("DISK", "CDROM") and device.source is not None:
         payload["source"] = device.source
     if device.type == "DISK" and device.destination is not None:
         payload["destination"] = device.destination
     if device.readonly:
         payload["readonly"] = True
-    payload.update(device.extra)
     if device.type == "NIC" and not with_mac:
         payload.pop("mac", None)
     return payload
