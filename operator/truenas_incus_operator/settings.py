@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     truenas_insecure_skip_verify: bool = Field(False, description="Skip TLS verification (tests only).")
     truenas_max_concurrent_calls: int = Field(20, ge=1, le=20)
 
+    policy_file: Path | None = Field(
+        None, description="The administrator's policy (policy.py); unset: the default policy."
+    )
+
     resync_seconds: float = Field(60.0, gt=0, description="How often each connection re-reads all instances.")
     retry_min_seconds: float = Field(2.0, gt=0, description="First retry delay after a failure.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay (bounded backoff).")
