@@ -5,13 +5,17 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint crd controlplane venv clean bench bench-smoke
+.PHONY: run test lint crd controlplane argocd-health venv clean bench bench-smoke
 
 venv:
 	@bash tools/bootstrap.sh
 
 controlplane: venv
 	@bash tools/build-controlplane.sh >/dev/null
+
+# Argo CD's Lua runtime for the health-check tests (tools/argocd-health), cached like the control plane.
+argocd-health:
+	@bash tools/build-argocd-health.sh >/dev/null
 
 run: venv
 	@$(PY) -m truenas_incus_operator start
@@ -21,7 +25,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check operator tests
 	$(VENV)/bin/mypy
 
-test: venv controlplane lint
+test: venv controlplane argocd-health lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: venv controlplane
