@@ -51,6 +51,11 @@ class OperatorProcess:
     starts: int = 0
 
     def start(self) -> OperatorProcess:
+        if "TIO_LEDGER_NAMESPACE" not in self.env:
+            # Its own ownership ledger, kept across restarts of this operator (never shared with another test's).
+            ledger = f"tio-ledger-{uuid.uuid4().hex[:8]}"
+            self.cluster.kubectl("create", "namespace", ledger)
+            self.env["TIO_LEDGER_NAMESPACE"] = ledger
         env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), **self.env}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(

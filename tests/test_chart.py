@@ -108,17 +108,21 @@ def test_cluster_wide_rbac() -> None:
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     ]
-    assert not by_kind(documents, "Role")
+    (ledger,) = by_kind(documents, "Role")  # the ownership ledger in the release namespace, nothing more
+    assert ledger["metadata"]["namespace"] == "tio-system"
+    assert ledger["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "update", "delete"]}
+    ]
 
 
 def test_namespaced_rbac() -> None:
     documents = render("watch.namespaces={apps,db}")
     assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
-    roles = by_kind(documents, "Role")
+    roles = [r for r in by_kind(documents, "Role") if not r["metadata"]["name"].endswith("-ledger")]
     assert [r["metadata"]["namespace"] for r in roles] == ["apps", "db"]
     assert all(r["rules"] == EXPECTED_RULES for r in roles)
     bindings = by_kind(documents, "RoleBinding")
-    assert [b["subjects"][0]["namespace"] for b in bindings] == ["tio-system", "tio-system"]
+    assert [b["subjects"][0]["namespace"] for b in bindings] == ["tio-system"] * 3
     (deployment,) = by_kind(documents, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=apps" in args and "--namespace=db" in args and "--all-namespaces" not in args
@@ -232,6 +236,7 @@ def lifecycle_as_service_account(
     sim = start_simulator("25.10", job_duration=0.05)
     operator = OperatorProcess(cluster, operator_env(sim, workdir), workdir / "operator.log", args=args)
     operator.env["KUBECONFIG"] = str(kubeconfig)
+    operator.env["TIO_LEDGER_NAMESPACE"] = "tio-system"  # what the chart sets: the release namespace
     operator.start()
     try:
         lifecycle(Harness(cluster, sim, operator, workdir), namespace)
@@ -266,6 +271,10 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
     assert can_i(cluster, "create", "events", "apps")
     for verb, resource in (("create", "pods"), ("create", "secrets"), ("update", "configmaps"), ("delete", "events")):
         assert not can_i(cluster, verb, resource, "apps"), (verb, resource)
+    # The ownership ledger: ConfigMaps in its own namespace only, where tenants have no access.
+    for verb in ("get", "list", "create", "update", "delete"):
+        assert can_i(cluster, verb, "configmaps", "tio-system"), verb
+        assert not can_i(cluster, verb, "configmaps", "elsewhere"), verb
     assert not can_i(cluster, "list", "namespaces") and not can_i(cluster, "list", "customresourcedefinitions")
 
     sa_kubeconfig = service_account_kubeconfig(

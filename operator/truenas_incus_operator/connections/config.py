@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from ..kube import Kube
 from ..models import EFFECTIVE_DEFAULTS, TrueNASConnectionSpec
@@ -17,6 +18,14 @@ from ..truenas import Secret
 
 DEFAULT_KEY = "<default>"
 """The key of the operator's default connection (TrueNASConnections are ``namespace/name``)."""
+DEFAULT_PORTS = {"wss": 443, "https": 443, "ws": 80, "http": 80}
+
+
+def truenas_identity(url: str) -> str:
+    """Which TrueNAS a URL reaches, for the ownership ledger: ``wss://NAS.example/api`` -> ``nas.example:443``."""
+    parts = urlsplit(url)
+    port = parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
+    return f"{(parts.hostname or '').lower()}:{port}"
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,10 @@ class ConnectionConfig:
     ca_pem: str | None = None
     insecure_skip_verify: bool = False
     max_concurrent_calls: int = 20
+
+    @property
+    def identity(self) -> str:
+        return truenas_identity(self.url)
 
 
 Loader = Callable[[], Awaitable[ConnectionConfig]]
