@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from truenas_incus_operator.__main__ import main
+from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.models import IncusInstanceSpec
 from truenas_incus_operator.policy import (
     DEFAULT_CONNECTION,
@@ -16,6 +18,9 @@ from truenas_incus_operator.policy import (
     load_policy,
     path_under,
 )
+from truenas_incus_operator.reconcile import CREATED_ANNOTATION
+
+from .fakes import FakeBackend, FakeOperator, fake_operator, observed, resource
 
 NS = "team-a"
 TNC = f"{NS}/nas"
@@ -438,3 +443,110 @@ def test_bad_policy_files_are_refused_with_the_reason(tmp_path: Path, text: str,
 def test_missing_policy_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read the policy file"):
         load_policy(tmp_path / "absent.yaml")
+
+
+# ----- the operator: refused before any TrueNAS call (tests/fakes.py) ------------------------------------------
+def fake_with_policy(tmp_path: Path, text: str, backend: FakeBackend | None = None) -> FakeOperator:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return fake_operator(backend, policy_file=path)
+
+
+async def one_pass(fake: FakeOperator, body: dict[str, Any], state: LoopState | None = None) -> LoopState:
+    state = state or LoopState(status={})
+    await fake.operator.loops.reconcile_once(body, state, lambda: None)
+    return state
+
+
+def synced(fake: FakeOperator, name: str) -> dict[str, Any]:
+    last = fake.kube.statuses(name)[-1]
+    return next(c for c in last["conditions"] if c["type"] == "Synced")
+
+
+TEAMS = """
+rules:
+  - namespaces: ["team-*"]
+    hostPathPrefixes: ["/mnt/tank/tenants/{namespace}"]
+"""
+
+
+async def test_operator_refuses_a_host_path_without_touching_truenas(tmp_path: Path) -> None:
+    fake = fake_with_policy(tmp_path, TEAMS)
+    fake.backend.on_call = fake.kube.calls.append
+    body = resource(namespace="team-a", devices=[disk("/mnt/tank/tenants/team-b/secrets")])
+    state = await one_pass(fake, body)
+    await one_pass(fake, body, state)
+    assert fake.backend.calls == [], "no TrueNAS call at all"
+    assert "patch_annotations" not in fake.kube.calls, "no ownership record: nothing will be created"
+    condition = synced(fake, "web01")
+    assert (condition["status"], condition["reason"]) == ("False", "PolicyDenied")
+    assert condition["message"].startswith("policy.rules[0].hostPathPrefixes: spec.devices[data].source: ")
+    assert fake.kube.statuses("web01")[-1]["phase"] == "Error"
+    assert [e[1] for e in fake.events] == ["PolicyDenied"], "one Event for two refused passes"
+
+
+async def test_operator_allows_what_the_rule_allows(tmp_path: Path) -> None:
+    fake = fake_with_policy(tmp_path, TEAMS)
+    await one_pass(fake, resource(namespace="team-a", devices=[disk("/mnt/tank/tenants/team-a/media")]))
+    assert "create web01" in fake.backend.calls
+    assert synced(fake, "web01")["reason"] == "ReconcileSuccess"
+
+
+async def test_a_tightened_policy_stops_changes_but_never_deletes(tmp_path: Path) -> None:
+    """An instance the resource created, and a spec change the policy refuses: nothing is written,
+    updated, stopped or deleted; the instance stays as it was."""
+    backend = FakeBackend(instances={"web01": observed("web01")})
+    fake = fake_with_policy(tmp_path, "defaultRule: {deviceTypes: [DISK]}", backend)
+    body = resource(
+        namespace="apps",
+        annotations={CREATED_ANNOTATION: "web01"},
+        cpu="4",
+        devices=[{"name": "gpu0", "type": "GPU"}],
+        powerState="Stopped",
+    )
+    await one_pass(fake, body)
+    assert fake.backend.calls == [] and "web01" in fake.backend.instances
+    assert fake.backend.instances["web01"].status == "RUNNING"
+    assert synced(fake, "web01")["message"] == (
+        "policy.defaultRule.deviceTypes: spec.devices[gpu0].type: GPU devices are not allowed (allowed: DISK)"
+    )
+
+
+async def test_default_connection_refused_even_while_it_is_down(tmp_path: Path) -> None:
+    fake = fake_with_policy(tmp_path, "defaultConnectionNamespaces: [home]")
+    fake.connection.ready.clear()
+    await one_pass(fake, resource(namespace="team-a"))
+    condition = synced(fake, "web01")
+    assert condition["reason"] == "PolicyDenied" and condition["message"].startswith(
+        "policy.defaultConnectionNamespaces: spec.connectionRef: namespace team-a may not use"
+    )
+    assert fake.backend.calls == []
+    home = fake_with_policy(tmp_path, "defaultConnectionNamespaces: [home]")
+    await one_pass(home, resource(namespace="home"))
+    assert "create web01" in home.backend.calls
+
+
+async def test_deleting_resource_is_not_judged(tmp_path: Path) -> None:
+    fake = fake_with_policy(tmp_path, "defaultConnectionNamespaces: []")
+    await one_pass(fake, resource(deleting=True))
+    assert fake.kube.patches == [] and fake.backend.calls == []
+
+
+def test_build_refuses_a_bad_policy_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("rules: [{deviceTypes: [FLOPPY]}]")
+    with pytest.raises(PolicyError, match=r"invalid policy file .*rules\.0\.deviceTypes\.0"):
+        fake_operator(policy_file=path)
+    with pytest.raises(PolicyError, match="cannot read the policy file"):
+        fake_operator(policy_file=tmp_path / "absent.yaml")
+
+
+def test_command_refuses_to_start_with_a_bad_policy_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("defaultConnectionNamespaces: ['Bad_NS']")
+    monkeypatch.setenv("TIO_POLICY_FILE", str(path))
+    assert main(["run", "-A"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to start" in err and str(path) in err and "defaultConnectionNamespaces.0" in err

@@ -13,6 +13,7 @@ from .connections import ConnectionManager, ConnectionResources
 from .instances import Claims, Deletion, Executor, InstanceLoops, Reporter, Wakeups
 from .instances.resource import EventPoster
 from .kube import Kube
+from .policy import Policy, load_policy
 from .settings import Settings
 from .status import utc_now
 
@@ -27,6 +28,7 @@ class Operator:
     claims: Claims
     loops: InstanceLoops
     deletion: Deletion
+    policy: Policy
 
     async def close(self) -> None:
         await self.connection_resources.close()
@@ -35,6 +37,9 @@ class Operator:
 
 
 def build(settings: Settings, kube: Kube, post_event: EventPoster, clock: Callable[[], datetime] = utc_now) -> Operator:
+    """Raises ``PolicyError`` when the policy file cannot be used: never run with a policy other than
+    the administrator's."""
+    policy = load_policy(settings.policy_file)
     connections = ConnectionManager(
         settings.resync_seconds, settings.retry_max_seconds, settings.call_timeout_seconds, settings.job_timeout_seconds
     )
@@ -49,6 +54,7 @@ def build(settings: Settings, kube: Kube, post_event: EventPoster, clock: Callab
         connection_resources=ConnectionResources(settings, kube, connections),
         wakeups=wakeups,
         claims=claims,
-        loops=InstanceLoops(settings, connections, wakeups, claims, reporter, executor),
+        loops=InstanceLoops(settings, connections, wakeups, claims, reporter, executor, policy),
         deletion=Deletion(settings, connections, reporter, executor),
+        policy=policy,
     )

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
+from ..policy import POLICY_REASON, Policy
 from ..problems import OperatorError, Problem, fail, problem_of
-from ..reconcile import Desired, Plan, instance_config, plan
+from ..reconcile import Blocked, Desired, Plan, instance_config, plan
 from ..settings import Settings
 from ..truenas import TrueNASError
 from .claims import Claims
@@ -37,8 +38,10 @@ class InstanceLoops:
         claims: Claims,
         reporter: Reporter,
         executor: Executor,
+        policy: Policy | None = None,
     ) -> None:
         self.settings = settings
+        self.policy = policy if policy is not None else Policy()
         self.connections = connections
         self.wakeups = wakeups
         self.claims = claims
@@ -80,6 +83,12 @@ class InstanceLoops:
         self._watch_key(state, key, wake)
         connection: Connection | None = None
         try:
+            denied = self._policy_denial(desired, key)
+            if denied is not None:
+                # Refused before the connection is even looked at: no TrueNAS call, no write, no delete.
+                await self.reporter.write(state, desired, None, plan=Plan(blocked=denied))
+                self.reporter.post_once(body, state, "Warning", denied.reason, denied.message)
+                return self.settings.resync_seconds
             connection = self.connections.get(key)
             self._listen(state, connection, desired.instance_name, wake)
             if not connection.ready.is_set():
@@ -101,6 +110,11 @@ class InstanceLoops:
             return await self.reporter.failed(body, state, desired, problem, observed, version)
         state.failures = 0
         return self.settings.resync_seconds * random.uniform(0.9, 1.1)
+
+    def _policy_denial(self, desired: Desired, key: str) -> Blocked | None:
+        """The administrator's policy (policy.py), checked again here: admission can be off or bypassed."""
+        found = self.policy.violations(desired.namespace, key, desired.spec, desired.name)
+        return Blocked(POLICY_REASON, "; ".join(map(str, found))) if found else None
 
     def _watch_key(self, state: LoopState, key: str, wake: Wake) -> None:
         if state.watching_key == key:
