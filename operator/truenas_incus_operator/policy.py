@@ -46,7 +46,7 @@ POLICY_REASON = "PolicyDenied"
 # Globs of namespaces (DNS labels) and connection keys (<default>, namespace/name): '*' and '?' only.
 GLOB_PATTERN = r"^[a-z0-9.*?<>/-]{1,317}$"
 Glob = Annotated[str, Field(pattern=GLOB_PATTERN)]
-HOST_PATH_PREFIX_PATTERN = r"^/[A-Za-z0-9._/{}@+:-]{0,1023}$"
+HOST_PATH_PREFIX_PATTERN = r"^/[A-Za-z0-9._/{}@+:-]*$"
 NAME_PREFIX_PATTERN = r"^([A-Za-z0-9-]|\{namespace\}){1,62}$"
 NIC_PARENT_PATTERN = r"^[A-Za-z0-9._-]{1,15}$"
 
@@ -99,7 +99,7 @@ class Rule(Grant):
         None,
         description="Device types allowed in spec.devices (NIC also covers spec.nics). Default: all but USB, GPU, PCI.",
     )
-    host_path_prefixes: list[Annotated[str, Field(pattern=HOST_PATH_PREFIX_PATTERN)]] | None = Field(
+    host_path_prefixes: list[Annotated[str, Field(pattern=HOST_PATH_PREFIX_PATTERN, max_length=1024)]] | None = Field(
         None,
         description=(
             "DISK and CDROM sources must lie under one of these paths, compared by path components; "
