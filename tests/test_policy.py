@@ -410,7 +410,7 @@ def test_chart_example_values_parse() -> None:
     values = yaml.safe_load((ROOT / "charts" / "truenas-incus-operator" / "examples" / "multi-tenant.yaml").read_text())
     block = {k: v for k, v in values["policy"].items() if k != "admission"}
     loaded = Policy.model_validate(block)
-    assert not loaded.may_use_default_connection("team-a")
+    assert loaded.may_use_default_connection("team-a") and not loaded.may_use_default_connection("other")
     assert loaded.rule_for("team-a", DEFAULT_CONNECTION)[0] == "policy.rules[0]"
     assert loaded.rule_for("team-a", "team-a/nas")[0] == "policy.defaultRule"
     assert loaded.may_adopt("infra", DEFAULT_CONNECTION) and not loaded.may_adopt("team-a", DEFAULT_CONNECTION)
