@@ -105,7 +105,7 @@ TEAM_OK: dict[str, Any] = {
 
 
 def team_spec(namespace: str, **changes: Any) -> dict[str, Any]:
-    spec = json.loads(json.dumps(TEAM_OK).replace("{ns}", namespace))
+    spec: dict[str, Any] = json.loads(json.dumps(TEAM_OK).replace("{ns}", namespace))
     spec.update(changes)
     return spec
 
