@@ -252,6 +252,10 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
         kubeconfig=kubeconfig,
     )  # fmt: skip
     assert "STATUS: deployed" in install.stdout
+    assert (
+        "default connection for: *" in install.stdout
+        and "in status (Synced=False, reason PolicyDenied)" in install.stdout
+    )
     cluster.kubectl("wait", "--for=condition=Established", "crd/incusinstances.incus.truenas.io", "--timeout=60s")
 
     # What it may do, and nothing more.
