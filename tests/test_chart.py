@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
+from truenas_incus_operator.policy import Policy
 
 from .conftest import ROOT, Cluster
 from .harness import Harness, OperatorProcess, operator_env, start_simulator, unique
@@ -256,6 +257,10 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
         kubeconfig=kubeconfig,
     )  # fmt: skip
     assert "STATUS: deployed" in install.stdout
+    assert (
+        "default connection for: *" in install.stdout
+        and "in status (Synced=False, reason PolicyDenied)" in install.stdout
+    )
     cluster.kubectl("wait", "--for=condition=Established", "crd/incusinstances.incus.truenas.io", "--timeout=60s")
 
     # What it may do, and nothing more.
@@ -294,3 +299,97 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
         "incusinstances.incus.truenas.io",
         "truenasconnections.incus.truenas.io",
     }
+
+
+# ----- the administrator's policy ----------------------------------------------------------------------------
+MULTI_TENANT = CHART / "examples" / "multi-tenant.yaml"
+
+
+def render_files(*files: Path, release: str = "tio") -> list[dict[str, Any]]:
+    args = ["template", release, str(CHART), "--namespace", "tio-system", "--kube-version", KUBE_VERSION]
+    for path in files:
+        args += ["-f", str(path)]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def test_policy_is_a_configmap_mounted_read_only() -> None:
+    documents = render()
+    configmaps = {c["metadata"]["name"]: c for c in by_kind(documents, "ConfigMap")}
+    policy_map = configmaps["tio-truenas-incus-operator-policy"]
+    assert policy_map["metadata"]["namespace"] == "tio-system"
+    loaded = Policy.model_validate(yaml.safe_load(policy_map["data"]["policy.yaml"]))
+    assert loaded == Policy(), "the chart's default is the built-in homelab policy"
+    (deployment,) = by_kind(documents, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["TIO_POLICY_FILE"] == "/etc/truenas-incus-operator/policy/policy.yaml"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["policy"] == {"name": "policy", "mountPath": "/etc/truenas-incus-operator/policy", "readOnly": True}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["policy"]["configMap"] == {"name": "tio-truenas-incus-operator-policy"}
+
+
+def test_changing_the_policy_restarts_the_operator() -> None:
+    def checksum(*sets: str) -> str:
+        (deployment,) = by_kind(render(*sets), "Deployment")
+        value: str = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/policy"]
+        return value
+
+    assert checksum() == checksum("resyncSeconds=30")
+    assert checksum() != checksum("policy.defaultConnectionNamespaces={home}")
+
+
+def test_multi_tenant_example_renders_the_policy_and_admission() -> None:
+    documents = render_files(MULTI_TENANT)
+    (policy_map,) = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-policy")]
+    loaded = Policy.model_validate(yaml.safe_load(policy_map["data"]["policy.yaml"]))
+    assert loaded.default_connection_namespaces == ["infra"] and len(loaded.rules) == 2
+    (vap,) = by_kind(documents, "ValidatingAdmissionPolicy")
+    messages = [v["message"] for v in vap["spec"]["validations"]]
+    for field in ("deviceTypes", "hostPathPrefixes", "nicParents", "storagePools", "proxyPorts", "instanceNamePrefix"):
+        assert any(m.startswith(f"policy.rules[0].{field}: ") for m in messages), field
+        assert any(m.startswith(f"policy.defaultRule.{field}: ") for m in messages), field
+    assert messages[0].startswith("policy.defaultConnectionNamespaces: ")
+    (binding,) = by_kind(documents, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    selector = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
+    assert selector["values"] == ["infra", "team-a", "team-b"], "only the watched namespaces"
+
+
+def test_homelab_admission_only_gates_passthrough() -> None:
+    (vap,) = by_kind(render(), "ValidatingAdmissionPolicy")
+    assert [v["message"].split(":")[0] for v in vap["spec"]["validations"]] == [
+        "policy.defaultConnectionNamespaces",
+        "policy.defaultRule.deviceTypes",
+    ]
+    (binding,) = by_kind(render(), "ValidatingAdmissionPolicyBinding")
+    assert "matchResources" not in binding["spec"], "cluster-wide when the operator watches the cluster"
+
+
+def test_admission_can_be_switched_off() -> None:
+    documents = render("policy.admission.enabled=false")
+    assert not by_kind(documents, "ValidatingAdmissionPolicy")
+    assert not by_kind(documents, "ValidatingAdmissionPolicyBinding")
+    assert by_kind(documents, "ConfigMap"), "the operator still enforces the policy"
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (["policy.defaultRule.deviceTypes={FLOPPY}"], "/policy/defaultRule/deviceTypes/0"),
+        (["policy.rules[0].hostPathPrefixes={relative}"], "/policy/rules/0/hostPathPrefixes/0"),
+        (["policy.rules[0].hostPathPrefixes={/mnt/tank/../etc}"], "/policy/rules/0/hostPathPrefixes/0"),
+        (["policy.rules[0].namespaces={team-[ab]}"], "/policy/rules/0/namespaces/0"),
+        (["policy.rules[0].proxyPorts[0].from=70000"], "/policy/rules/0/proxyPorts/0/from"),
+        (["policy.rules[0].instanceNamePrefix=bad_prefix"], "/policy/rules/0/instanceNamePrefix"),
+        (["policy.defaultRule.devices={DISK}"], "additional properties 'devices' not allowed"),
+    ],
+)
+def test_values_schema_refuses_bad_policies(values: list[str], message: str) -> None:
+    args = ["template", "tio", str(CHART), "--kube-version", KUBE_VERSION]
+    for item in values:
+        args += ["--set", item]
+    result = helm(*args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr

@@ -169,7 +169,9 @@ def test_a_younger_conflicting_resource_never_acts_across_restarts(harness: Harn
     shared = unique("dup")
     assert owner.apply("app", {"name": shared, "environment": {"OWNER": "a"}}).returncode == 0
     harness.wait_ready(namespace, "app")
-    assert intruder.apply("dup", {"name": shared, "environment": {"OWNER": "b"}, "powerState": "Stopped"}).returncode == 0
+    assert (
+        intruder.apply("dup", {"name": shared, "environment": {"OWNER": "b"}, "powerState": "Stopped"}).returncode == 0
+    )
     harness.wait_synced_false(intruder_ns, "dup", "Conflict")
     before = writes(harness)
     for _ in range(3):

@@ -43,7 +43,8 @@ def build(
     clock: Callable[[], datetime] = utc_now,
     policy: Policy | None = None,
 ) -> Operator:
-    """Raises ``ValueError`` (naming the file and the problem) when the policy cannot be loaded."""
+    """Raises ``PolicyError`` when the policy file cannot be used: never run with a policy other than
+    the administrator's."""
     connections = ConnectionManager(
         settings.resync_seconds, settings.retry_max_seconds, settings.call_timeout_seconds, settings.job_timeout_seconds
     )

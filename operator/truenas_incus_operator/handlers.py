@@ -12,6 +12,7 @@ import kopf
 from .app import Operator, build
 from .kube import Kube
 from .models import API_GROUP, API_VERSION
+from .policy import PolicyError
 from .problems import OperatorError
 from .settings import Settings
 
@@ -35,7 +36,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
-    operator = build(Settings(), Kube(), _post_event)
+    try:
+        operator = build(Settings(), Kube(), _post_event)
+    except PolicyError as exc:
+        # Never run with a policy other than the administrator's: stop instead of allowing everything.
+        raise kopf.PermanentError(str(exc)) from None
     try:
         await operator.ledger.load()  # before any loop acts: ownership survives restarts
     except OperatorError as exc:

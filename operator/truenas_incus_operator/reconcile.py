@@ -145,6 +145,8 @@ class Blocked:
 
     reason: str
     message: str
+    ours: bool = False
+    """The instance (if it exists) is this resource's: status may report it (e.g. PolicyDenied)."""
 
 
 @dataclass(frozen=True)

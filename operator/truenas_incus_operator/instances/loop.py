@@ -15,11 +15,11 @@ from pydantic import ValidationError
 
 from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
-from ..policy import Policy
+from ..policy import POLICY_REASON, Policy
 from ..problems import OperatorError, Problem, fail, problem_of
-from ..reconcile import Desired, Ownership, Plan, instance_config, plan
+from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
 from ..settings import Settings
-from ..truenas import TrueNASError
+from ..truenas import ObservedInstance, TrueNASError
 from .executor import Executor, is_device_action
 from .ledger import Ledger
 from .reporter import Reporter
@@ -83,6 +83,13 @@ class InstanceLoops:
         self._watch_key(state, key, wake)
         connection: Connection | None = None
         try:
+            denied = self._policy_denial(desired, key)
+            if denied is not None:
+                # Refused before the connection is even looked at: no TrueNAS call, no write, no delete.
+                observed = self._owned_observation(body, key)  # keeps instanceId: the instance stays ours
+                await self.reporter.write(state, desired, observed, plan=Plan(blocked=denied))
+                self.reporter.post_once(body, state, "Warning", denied.reason, denied.message)
+                return self.settings.resync_seconds
             connection = self.connections.get(key)
             self._listen(state, connection, desired.instance_name, wake)
             if not connection.ready.is_set():
@@ -100,6 +107,18 @@ class InstanceLoops:
             return await self.reporter.failed(body, state, desired, problem, observed, version)
         state.failures = 0
         return self.settings.resync_seconds * random.uniform(0.9, 1.1)
+
+    def _policy_denial(self, desired: Desired, key: str) -> Blocked | None:
+        """The administrator's policy (policy.py), checked again here: admission can be off or bypassed."""
+        found = self.policy.violations(desired.namespace, key, desired.spec, desired.name)
+        return Blocked(POLICY_REASON, "; ".join(map(str, found)), ours=True) if found else None
+
+    def _owned_observation(self, body: Mapping[str, Any], key: str) -> ObservedInstance | None:
+        """What the cache holds of the resource's instance, if the ledger gives it to the resource."""
+        connection = self.connections.connections.get(key)
+        if connection is None or not connection.ready.is_set() or not self.desired(body, connection).owns:
+            return None
+        return connection.cache.get(desired_from(body).instance_name)
 
     def _watch_key(self, state: LoopState, key: str, wake: Wake) -> None:
         if state.watching_key == key:
