@@ -441,6 +441,10 @@ def economy_measure(env: Environment, idle: float) -> dict[str, Any]:
         "by_method": per_method,
         "writes": after["writes"] - before["writes"],
         "queries_per_resync_interval": round(per_method.get("virt.instance.query", 0) / (idle / env.resync), 2),
+        # The device audit: at most TIO_DEVICE_AUDITS_PER_RESYNC (10) instances per interval, whatever N.
+        "device_reads_per_resync_interval": round(
+            per_method.get("virt.instance.device_list", 0) / (idle / env.resync), 2
+        ),
     }
 
 

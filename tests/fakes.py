@@ -165,6 +165,11 @@ class FakeBackend:
         if config.name in self.instances:
             raise AlreadyExists([FieldError("create.name", f"Name {config.name!r} already exists")])
         self.creating.add(config.name)
+        if on_progress is not None:
+            on_progress(
+                {"id": 41, "method": "virt.instance.create", "state": "RUNNING",
+                 "progress": {"percent": 30, "description": "Downloading image"}}
+            )  # fmt: skip
         try:
             if self.gate is not None:
                 await self.gate.wait()

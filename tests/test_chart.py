@@ -344,7 +344,7 @@ def test_multi_tenant_example_renders_the_policy_and_admission() -> None:
     documents = render_files(MULTI_TENANT)
     (policy_map,) = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-policy")]
     loaded = Policy.model_validate(yaml.safe_load(policy_map["data"]["policy.yaml"]))
-    assert loaded.default_connection_namespaces == ["infra"] and len(loaded.rules) == 2
+    assert loaded.default_connection_namespaces == ["infra", "team-*"] and len(loaded.rules) == 2
     (vap,) = by_kind(documents, "ValidatingAdmissionPolicy")
     messages = [v["message"] for v in vap["spec"]["validations"]]
     for field in ("deviceTypes", "hostPathPrefixes", "nicParents", "storagePools", "proxyPorts", "instanceNamePrefix"):

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from truenas_incus_operator.connections import InstanceCache
-from truenas_incus_operator.instances import deletion
+from truenas_incus_operator.instances import deletion, executor
 from truenas_incus_operator.instances.ledger import record_name
 from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.policy import Grant, Policy
@@ -286,3 +286,81 @@ def test_cache_replace_all_wakes_only_what_changed() -> None:
     cache.unlisten("a", no_wake)
     cache.notify_all()
     assert sorted(woken) == ["a", "b", "b", "c", "c"]
+
+
+# ----- devices: removal and drift ------------------------------------------------------------------------------
+DISK = {"name": "data", "type": "DISK", "source": "/mnt/tank/data", "destination": "/data"}
+
+
+async def test_removing_the_last_device_or_the_whole_field_removes_it_on_truenas() -> None:
+    laters: list[dict[str, Any]] = [{"devices": []}, {}]
+    for later in laters:
+        fake = fake_operator()
+        state = await one_pass(fake, resource(devices=[DISK]))
+        assert [d.name for d in fake.backend.devices["web01"]] == ["data"]
+        await one_pass(fake, resource(generation=2, **later), state)
+        assert fake.backend.devices["web01"] == [], later
+        assert "delete_device web01 data" in fake.backend.calls
+
+
+async def test_an_adopted_instance_keeps_its_devices_until_the_spec_manages_them() -> None:
+    backend = FakeBackend(instances={"web01": observed("web01")})
+    from truenas_incus_operator.truenas import DeviceConfig
+
+    backend.devices["web01"] = [DeviceConfig("gpu0", "GPU")]
+    policy = Policy(adoption=[Grant()])
+    fake = fake_operator(backend, policy=policy)
+    asked = {"incus.truenas.io/adopt": "true"}
+    state = await one_pass(fake, resource(annotations=asked))
+    assert [d.name for d in backend.devices["web01"]] == ["gpu0"], "no devices in the spec: left alone"
+    state = await one_pass(fake, resource(annotations=asked, generation=2, devices=[DISK]), state)
+    assert [d.name for d in backend.devices["web01"]] == ["data"], "now the spec's devices are applied"
+    assert ledger_record(fake)["devices"] == "managed"
+    await one_pass(fake, resource(annotations=asked, generation=3), state)
+    assert backend.devices["web01"] == [], "and removing the field removes them"
+
+
+async def test_devices_changed_outside_the_operator_are_restored_within_the_audit_rotation() -> None:
+    fake = fake_operator()
+    fake.connection.device_audits_per_resync = 2
+    states = {}
+    for name in ("a", "b", "c", "d", "e"):
+        fake.connection.cache.listen(name, no_wake)
+        states[name] = await one_pass(fake, resource(name, devices=[DISK]))
+        await one_pass(fake, resource(name, devices=[DISK]), states[name])  # compared once after the create
+    fake.backend.devices["c"] = []  # removed in the TrueNAS UI
+    for _ in range(3):  # three resync intervals: 2 audits each covers all five
+        await fake.connection.refresh()
+        fake.connection._schedule_device_audits()
+        before = len(fake.backend.calls)
+        for name in ("a", "b", "c", "d", "e"):
+            await one_pass(fake, resource(name, devices=[DISK]), states[name])
+        audited = {c for c in fake.backend.calls[before:] if c.startswith("list_devices")}
+        assert len(audited) <= 2, f"at most device_audits_per_resync instances per interval: {audited}"
+    assert [d.name for d in fake.backend.devices["c"]] == ["data"]
+    assert any(e[1] == "DriftCorrected" and "adding data" in e[2] for e in fake.events)
+
+
+async def test_the_running_create_job_shows_in_status_and_goes_when_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(executor, "JOB_REPORT_SECONDS", 0.01)
+    backend = FakeBackend(gate=asyncio.Event())
+    fake = fake_operator(backend)
+    creating = asyncio.create_task(one_pass(fake, resource()))
+
+    def job_shown() -> dict[str, Any] | None:
+        return next((s["job"] for s in fake.kube.statuses("web01") if s.get("job")), None)
+
+    for _ in range(200):
+        if job_shown():
+            break
+        await asyncio.sleep(0.01)
+    assert job_shown() == {
+        "id": 41, "method": "virt.instance.create", "state": "RUNNING", "progress": 30,
+        "description": "Downloading image",
+    }  # fmt: skip
+    assert fake.kube.statuses("web01")[-1]["phase"] == "Creating"
+    assert backend.gate is not None
+    backend.gate.set()
+    await creating
+    last = fake.kube.statuses("web01")[-1]
+    assert last["phase"] == "Running" and last["job"] is None, "cleared (a null in the merge patch removes it)"

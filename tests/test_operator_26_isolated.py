@@ -1,7 +1,8 @@
 """The operator on TrueNAS 26 with its own operator per test: SIGKILLs, and the 25.10 -> 26 upgrade.
 
-Kept apart from test_operator_26.py on purpose: that module's operator watches every namespace,
-and two operators sharing the finalizer would each run the deletion, on their own simulator.
+Kept apart from test_operator_26.py on purpose: each test here runs its own operator (killed, or
+across an upgrade); module operators watch only their module's namespaces (``-n 'prefix*'``), so
+no two operators ever run the deletion of one resource.
 """
 
 from __future__ import annotations

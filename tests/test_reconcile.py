@@ -110,7 +110,7 @@ def test_type_mismatch_and_transitions() -> None:
 def test_config_changes(spec: dict[str, Any], seen: dict[str, Any], expected: dict[str, Any]) -> None:
     result = plan(desired(OURS, **spec), observed(**seen))
     if not expected:
-        assert result.actions == () and result.converged
+        assert result.actions == () and result.blocked is None and result.waiting is None
         return
     (update,) = result.actions
     assert isinstance(update, Update)

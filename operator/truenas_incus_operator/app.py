@@ -46,7 +46,11 @@ def build(
     """Raises ``PolicyError`` when the policy file cannot be used: never run with a policy other than
     the administrator's."""
     connections = ConnectionManager(
-        settings.resync_seconds, settings.retry_max_seconds, settings.call_timeout_seconds, settings.job_timeout_seconds
+        settings.resync_seconds,
+        settings.retry_max_seconds,
+        settings.call_timeout_seconds,
+        settings.job_timeout_seconds,
+        device_audits_per_resync=settings.device_audits_per_resync,
     )
     wakeups = Wakeups()
     policy = policy if policy is not None else load_policy(settings.policy_file)

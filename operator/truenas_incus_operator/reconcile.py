@@ -33,6 +33,10 @@ class Ownership:
     """The resource carries ``incus.truenas.io/adopt: "true"`` (a request, not a right)."""
     adopt_allowed: bool = False
     """The administrator's policy allows adoption for this namespace and connection."""
+    devices_managed: bool = False
+    """The operator manages the instance's devices even when the spec lists none: it created the
+    instance, or it applied the spec's devices to it before (so removing them from the spec removes
+    them on TrueNAS)."""
 
 
 TRANSITIONAL = ("STARTING", "STOPPING", "FREEZING", "ABORTING")
@@ -76,8 +80,13 @@ class Desired:
         return bool(EFFECTIVE_DEFAULTS["autostart"] if self.spec.autostart is None else self.spec.autostart)
 
     @property
-    def manages_devices(self) -> bool:
+    def lists_devices(self) -> bool:
         return bool(self.spec.devices or self.spec.nics)
+
+    @property
+    def manages_devices(self) -> bool:
+        """Whether the instance's devices must match the spec's (absent or empty lists included)."""
+        return bool(self.spec.devices or self.spec.nics or self.ownership.devices_managed)
 
 
 # ----- actions ---------------------------------------------------------------------------------------
@@ -154,13 +163,9 @@ class Plan:
     actions: tuple[Action, ...] = ()
     blocked: Blocked | None = None
     waiting: str | None = None
-    """TrueNAS is busy with the instance (e.g. STARTING); look again soon."""
+    """TrueNAS is busy with the instance (e.g. STARTING): the event that ends it (or the next resync) wakes the loop."""
     unsupported: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
-
-    @property
-    def converged(self) -> bool:
-        return not self.actions and self.blocked is None and self.waiting is None
 
 
 # ----- translation -------------------------------------------------------------------------------------

@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     )
 
     resync_seconds: float = Field(60.0, gt=0, description="How often each connection re-reads all instances.")
+    device_audits_per_resync: int = Field(
+        10,
+        ge=0,
+        description=(
+            "Instances per connection whose devices are compared with TrueNAS each resync interval (round robin), "
+            "to notice device changes made outside the operator. 0: only on spec changes and restarts."
+        ),
+    )
     retry_min_seconds: float = Field(2.0, gt=0, description="First retry delay after a failure.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay (bounded backoff).")
     call_timeout_seconds: float = Field(60.0, gt=0)

@@ -36,6 +36,9 @@ class InstanceCache:
                 del self._listeners[instance_name]
         self._all_listeners.discard(wake)
 
+    def is_watched(self, instance_name: str) -> bool:
+        return bool(self._listeners.get(instance_name))
+
     def notify(self, instance_name: str) -> None:
         for wake in list(self._listeners.get(instance_name, ())):
             wake()

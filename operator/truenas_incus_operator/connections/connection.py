@@ -31,6 +31,7 @@ class Connection:
         job_timeout: float = 900.0,
         reload: Loader | None = None,
         on_state: Callable[[Connection], None] | None = None,
+        device_audits_per_resync: int = 10,
     ) -> None:
         self.key = key
         self.config = config
@@ -47,6 +48,11 @@ class Connection:
         self.cache = InstanceCache(self._schedule_lookup)
         self.epoch = 0
         """Counts connects: what was read before a reconnect (say, across a TrueNAS upgrade) may be stale."""
+        self.device_audits_per_resync = device_audits_per_resync
+        self.audit_marks: dict[str, int] = {}
+        """Per instance: the audit round in which its devices are due to be compared with TrueNAS again."""
+        self._audit_round = 0
+        self._audit_cursor = ""
         self.ready = asyncio.Event()
         self.job_slots = asyncio.Semaphore(config.max_concurrent_calls)
         self._task: asyncio.Task[None] | None = None
@@ -135,6 +141,22 @@ class Connection:
                 await asyncio.wait_for(self._refresh_requested.wait(), self.resync_seconds)
             self._refresh_requested.clear()
             await self.refresh()
+            self._schedule_device_audits()
+
+    def _schedule_device_audits(self) -> None:
+        """Devices changed outside the operator show in no query: each interval, the next few watched
+        instances (in name order, round robin) read theirs. At most ``device_audits_per_resync`` device
+        reads per interval, however many instances; each is audited every ceil(N / that) intervals."""
+        names = sorted(name for name in self.cache.instances if self.cache.is_watched(name))
+        if not names or self.device_audits_per_resync <= 0:
+            return
+        after = [name for name in names if name > self._audit_cursor]
+        chosen = (after + [name for name in names if name <= self._audit_cursor])[: self.device_audits_per_resync]
+        self._audit_round += 1
+        self._audit_cursor = chosen[-1]
+        for name in chosen:
+            self.audit_marks[name] = self._audit_round
+            self.cache.notify(name)
 
     # ----- observations -------------------------------------------------------------------------------
     def request_refresh(self) -> None:

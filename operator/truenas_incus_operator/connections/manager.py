@@ -19,8 +19,10 @@ class ConnectionManager:
         call_timeout: float,
         job_timeout: float,
         on_state: Callable[[Connection], None] | None = None,
+        device_audits_per_resync: int = 10,
     ) -> None:
         self.resync_seconds = resync_seconds
+        self.device_audits_per_resync = device_audits_per_resync
         self.retry_max_seconds = retry_max_seconds
         self.call_timeout = call_timeout
         self.job_timeout = job_timeout
@@ -61,6 +63,7 @@ class ConnectionManager:
             job_timeout=self.job_timeout,
             reload=reload,
             on_state=self.on_state,
+            device_audits_per_resync=self.device_audits_per_resync,
         )
         self.connections[key] = connection
         self.problems.pop(key, None)

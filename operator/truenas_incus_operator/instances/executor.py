@@ -3,13 +3,15 @@ in the ownership ledger, in an Event). Every write to TrueNAS is checked against
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from ..connections import Connection
-from ..models import Phase
-from ..problems import fail
+from ..models import JobStatus, Phase
+from ..problems import OperatorError, fail
 from ..reconcile import (
     Action,
     AddDevice,
@@ -24,6 +26,7 @@ from ..reconcile import (
     Update,
     UpdateDevice,
 )
+from ..status import clip
 from ..truenas import AlreadyExists, CallFailed, InstanceBackend, JobFailed, ObservedInstance, TransportError
 from .ledger import Ledger, Record
 from .reporter import Reporter
@@ -32,8 +35,44 @@ from .resource import LoopState, ResourceKey
 log = logging.getLogger(__name__)
 
 
+JOB_REPORT_SECONDS = 1.0
+
+
+class JobReport:
+    """The latest progress TrueNAS sent for a job (``on_progress`` callbacks), as ``status.job``."""
+
+    def __init__(self) -> None:
+        self.status: JobStatus | None = None
+
+    def update(self, job: dict[str, Any]) -> None:
+        raw = job.get("progress")
+        progress: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        ident = job.get("id")
+        if not isinstance(ident, int):
+            return
+        percent = progress.get("percent")
+        previous = self.status
+        self.status = JobStatus(
+            id=ident,
+            method=str(job.get("method") or (previous.method if previous else "")),
+            state=str(job.get("state") or (previous.state if previous else "RUNNING")),
+            progress=int(percent) if isinstance(percent, int | float) else None,
+            description=clip(str(progress["description"]), 1024) if progress.get("description") else None,
+        )
+
+
 def is_device_action(action: Action) -> bool:
     return isinstance(action, AddDevice | UpdateDevice | RemoveDevice)
+
+
+def describe_device_action(action: Action) -> str:
+    if isinstance(action, AddDevice):
+        return f"adding {action.device.name}"
+    if isinstance(action, UpdateDevice):
+        return f"restoring {action.device.name}"
+    if isinstance(action, RemoveDevice):
+        return f"removing {action.name}"
+    return type(action).__name__
 
 
 class Executor:
@@ -93,6 +132,8 @@ class Executor:
                 await backend.delete(name)
             connection.remember_gone(name)
         if is_device_action(action):
+            if not record.manages_devices:
+                await self.ledger.mark_devices_managed(record)  # removing them from the spec now removes them
             await connection.refresh_one(name)
 
     def owned(self, desired: Desired, connection: Connection) -> Record:
@@ -116,9 +157,11 @@ class Executor:
         name = desired.instance_name
         await self.reporter.write(state, desired, None, activity=Phase.CREATING, version=connection.version)
         self.creating.add(key)
+        job = JobReport()
+        reporting = asyncio.create_task(self._report_job(job, state, desired, connection), name=f"job {name}")
         try:
             async with connection.job_slots:
-                created = await _backend(connection).create(action.config)
+                created = await _backend(connection).create(action.config, on_progress=job.update)
         except AlreadyExists:
             # Claimed in an earlier pass (before a crash): the earlier create call made it; it is ours.
             if desired.owns and await connection.refresh_one(name) is not None:
@@ -136,9 +179,25 @@ class Executor:
         # A transport error or a timeout is not an answer: the job may still run, the record stays.
         finally:
             self.creating.discard(key)
+            reporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporting
         connection.remember(created)
         await self.ledger.set_state(record, "created")
         self.reporter.post_event(body, "Normal", "Created", f"created {created.type} {name} on TrueNAS")
+
+    async def _report_job(self, job: JobReport, state: LoopState, desired: Desired, connection: Connection) -> None:
+        """Shows the running TrueNAS job in status.job (at most once per JOB_REPORT_SECONDS)."""
+        shown: JobStatus | None = None
+        while True:
+            await asyncio.sleep(JOB_REPORT_SECONDS)
+            current = job.status
+            if current is not None and current != shown:
+                with contextlib.suppress(OperatorError):
+                    await self.reporter.write(
+                        state, desired, None, activity=Phase.CREATING, job=current, version=connection.version
+                    )
+                    shown = current
 
     async def stop(self, connection: Connection, name: str, timeout: int) -> None:
         """Graceful within ``timeout`` seconds, then forced."""

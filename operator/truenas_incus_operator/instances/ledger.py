@@ -45,7 +45,13 @@ class Record:
     """The connection key the owner used (``<default>`` or ``namespace/name``)."""
     state: str
     """creating (claimed before the create call), created, or adopted."""
+    devices_managed: bool = False
+    """Set once the operator applied the spec's devices to an adopted instance."""
     resource_version: str = ""
+
+    @property
+    def manages_devices(self) -> bool:
+        return self.state in ("creating", "created") or self.devices_managed
 
     @property
     def name(self) -> str:
@@ -70,6 +76,7 @@ class Record:
                 "owner": self.owner,
                 "connection": self.connection,
                 "state": self.state,
+                **({"devices": "managed"} if self.devices_managed else {}),
             },
         }
 
@@ -84,6 +91,7 @@ class Record:
                 owner=data["owner"],
                 connection=data.get("connection", ""),
                 state=data.get("state", "created"),
+                devices_managed=data.get("devices") == "managed",
                 resource_version=str(body.get("metadata", {}).get("resourceVersion", "")),
             )
         except KeyError:
@@ -127,14 +135,18 @@ class Ledger:
         return record
 
     async def set_state(self, record: Record, state: str) -> Record:
-        if record.state == state:
+        return await self._update(record, replace(record, state=state))
+
+    async def mark_devices_managed(self, record: Record) -> Record:
+        return await self._update(record, replace(record, devices_managed=True))
+
+    async def _update(self, record: Record, wanted: Record) -> Record:
+        if wanted == record:
             return record
-        updated = await self.kube.replace_configmap(
-            self.namespace, replace(record, state=state).manifest(self.namespace)
-        )
+        updated = await self.kube.replace_configmap(self.namespace, wanted.manifest(self.namespace))
         if updated is None:
             raise fail("Conflict", f"the ownership record of {record.instance!r} changed meanwhile")
-        fresh = Record.from_manifest(updated) or replace(record, state=state)
+        fresh = Record.from_manifest(updated) or wanted
         self.records[(record.truenas, record.instance)] = fresh
         return fresh
 

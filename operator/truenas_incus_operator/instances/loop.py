@@ -17,10 +17,10 @@ from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
 from ..policy import POLICY_REASON, Policy
 from ..problems import OperatorError, Problem, fail, problem_of
-from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
+from ..reconcile import Blocked, Create, Desired, Ownership, Plan, instance_config, plan
 from ..settings import Settings
 from ..truenas import ObservedInstance, TrueNASError
-from .executor import Executor, is_device_action
+from .executor import Executor, describe_device_action, is_device_action
 from .ledger import Ledger
 from .reporter import Reporter
 from .resource import LoopState, Wake, adopt_requested, connection_key, desired_from, resource_key
@@ -146,6 +146,7 @@ class InstanceLoops:
             holder=record.owner if record is not None and record.owner_uid != desired.uid else None,
             adopt_requested=adopt_requested(body),
             adopt_allowed=self.policy.may_adopt(desired.namespace, connection.key),
+            devices_managed=record is not None and record.owner_uid == desired.uid and record.manages_devices,
         )
         return replace(desired, ownership=ownership)
 
@@ -162,7 +163,9 @@ class InstanceLoops:
             unsupported = tuple(backend.unsupported_fields(wanted))
             observed = connection.cache.get(desired.instance_name)
             devices = None
-            seen = (desired.generation, connection.epoch)
+            seen = self._devices_key(desired, connection)
+            if state.devices_seen is None and not desired.lists_devices:
+                state.devices_seen = seen  # nothing to compare at start: audits and spec changes look
             if observed is not None and desired.owns and desired.manages_devices and state.devices_seen != seen:
                 devices = await backend.list_devices(desired.instance_name)
             current = plan(
@@ -179,9 +182,23 @@ class InstanceLoops:
                 await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
                 self._announce(body, state, current, client.system_version)
                 return
+            fixes = [a for a in current.actions if is_device_action(a)]
+            if fixes and state.devices_seen is not None and state.devices_seen[0] == desired.generation:
+                # Compared before for this very spec: someone changed the devices on TrueNAS.
+                changes = ", ".join(describe_device_action(a) for a in fixes)
+                self.reporter.post_event(body, "Normal", "DriftCorrected", f"devices changed on TrueNAS; {changes}")
             for action in current.actions:
                 await self.executor.execute(body, state, desired, connection, observed, action)
+            if any(isinstance(action, Create) for action in current.actions):
+                state.devices_seen = seen  # created with exactly the spec's devices
         raise fail("NotConverged", "the instance did not converge after repeated changes; will retry")
+
+    @staticmethod
+    def _devices_key(desired: Desired, connection: Connection) -> tuple[int, int, int]:
+        """When devices are compared with TrueNAS: on a spec change, after a reconnect (when the spec
+        lists devices), and when the connection's audit rotation reaches the instance."""
+        epoch = connection.epoch if desired.lists_devices else 0
+        return desired.generation, epoch, connection.audit_marks.get(desired.instance_name, 0)
 
     def _announce(self, body: Mapping[str, Any], state: LoopState, current: Plan, system_version: str) -> None:
         """Events for a settled pass: why it is blocked, or which fields this TrueNAS cannot honour."""

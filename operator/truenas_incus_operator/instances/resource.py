@@ -60,8 +60,8 @@ class LoopState:
     failures: int = 0
     posted: tuple[str, str] | None = None
     """The last problem posted as an Event (one Event per distinct problem)."""
-    devices_seen: tuple[int, int] | None = None
-    """(generation, connection epoch) whose devices were compared with TrueNAS."""
+    devices_seen: tuple[int, int, int] | None = None
+    """(generation, connection epoch, audit round) whose devices were compared with TrueNAS."""
     unsupported_posted: tuple[str, ...] = ()
     written_at: float = 0.0
     listening: tuple[Connection, str] | None = None

@@ -100,7 +100,7 @@ InstanceEventCallback = Callable[[str, str, dict[str, Any] | None], None]
 
 
 class InstanceBackend(Protocol):
-    """One API family (``virt.instance`` now, ``container.*`` later) behind one interface."""
+    """One API family (``virt.instance`` on 25.x, ``container.*`` on 26) behind one interface."""
 
     family: str
     supports_events: bool

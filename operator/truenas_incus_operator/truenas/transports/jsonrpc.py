@@ -71,6 +71,9 @@ class JsonRpcTransport:
         self._subscriptions: dict[str, list[EventCallback]] = {}
         self._jobs: dict[int, _JobWatch] = {}
         self._job_by_message: dict[int, int] = {}
+        self._progress_by_message: dict[int, Callable[[dict[str, Any]], None]] = {}
+        self._progress_by_job: dict[int, Callable[[dict[str, Any]], None]] = {}
+        """New-style jobs report progress only through events: who wants to hear of which job."""
         self._connect_lock = asyncio.Lock()
         self._generation = 0
 
@@ -231,10 +234,16 @@ class JsonRpcTransport:
         for message_id in fields.get("message_ids") or []:
             if isinstance(message_id, int) and message_id in self._pending:
                 self._job_by_message[message_id] = job_id
+                progress = self._progress_by_message.get(message_id)
+                if progress is not None:
+                    self._progress_by_job[job_id] = progress
         watch = self._jobs.get(job_id)
         if watch is not None:
             watch.job = {**(watch.job or {}), **fields}
             watch.changed.set()
+        progress = self._progress_by_job.get(job_id)
+        if progress is not None:
+            progress({**fields, "id": job_id})
 
     # ----- calls ----------------------------------------------------------------------------------
     def _usable_socket(self) -> aiohttp.ClientWebSocketResponse:
@@ -293,6 +302,8 @@ class JsonRpcTransport:
         # New-style jobs (25.10): the answer comes when the job ends. The job's ADDED event names our
         # request id (message_ids), which is how a dropped connection or a failure finds the job.
         ident = next(self._ids)
+        if on_progress is not None:
+            self._progress_by_message[ident] = on_progress
         try:
             async with self._limit:
                 return await self._raw_call(method, list(params), timeout, ident)
@@ -315,7 +326,10 @@ class JsonRpcTransport:
                     raise error_from_job(jobs[0]) from None
             raise
         finally:
-            self._job_by_message.pop(ident, None)
+            job_id = self._job_by_message.pop(ident, None)
+            self._progress_by_message.pop(ident, None)
+            if job_id is not None:
+                self._progress_by_job.pop(job_id, None)
 
     async def wait_job(
         self,
