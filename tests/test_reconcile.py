@@ -256,3 +256,11 @@ def test_status_partially_applied_and_stopped() -> None:
     assert status["phase"] == "Stopped"
     assert conditions(status) == {"Ready": ("True", "Stopped"), "Synced": ("True", "PartiallyApplied")}
     assert "memory" in next(c["message"] for c in status["conditions"] if c["type"] == "Synced")
+
+
+def test_a_resource_that_owns_an_instance_elsewhere_creates_no_second_one() -> None:
+    moved = Ownership(elsewhere="'web' on nas-a:443")
+    for seen in (None, observed()):
+        result = plan(desired(moved), seen)
+        assert result.actions == () and result.blocked is not None and result.blocked.reason == "OwnsElsewhere"
+        assert "nas-a:443" in result.blocked.message

@@ -33,6 +33,9 @@ class Ownership:
     """The resource carries ``incus.truenas.io/adopt: "true"`` (a request, not a right)."""
     adopt_allowed: bool = False
     """The administrator's policy allows adoption for this namespace and connection."""
+    elsewhere: str | None = None
+    """This resource already owns an existing instance under another name or on another TrueNAS
+    (``name on host:port``): it must not create or adopt a second one."""
     devices_managed: bool = False
     """The operator manages the instance's devices even when the spec lists none: it created the
     instance, or it applied the spec's devices to it before (so removing them from the spec removes
@@ -272,6 +275,15 @@ def plan(
             blocked=Blocked(
                 "Conflict",
                 f"the instance {desired.instance_name!r} is already managed by IncusInstance {ownership.holder}",
+            )
+        )
+    if ownership.elsewhere is not None and not ownership.mine:
+        return Plan(
+            blocked=Blocked(
+                "OwnsElsewhere",
+                f"this resource already owns the instance {ownership.elsewhere}; it cannot also manage "
+                f"{desired.instance_name!r} here (was its connection or name changed around admission?). Restore "
+                "the spec, or delete the resource",
             )
         )
     if observed is None:

@@ -140,13 +140,23 @@ class InstanceLoops:
     def desired(self, body: Mapping[str, Any], connection: Connection) -> Desired:
         """The resource as the planner sees it, with what the ledger and the policy say of it."""
         desired = desired_from(body)
-        record = self.ledger.get(connection.config.identity, desired.instance_name)
+        identity = connection.config.identity
+        record = self.ledger.get(identity, desired.instance_name)
+        elsewhere = next(
+            (
+                f"{r.instance!r} on {r.truenas}"
+                for r in self.ledger.owned_by(desired.uid)
+                if (r.truenas, r.instance) != (identity, desired.instance_name) and r.state != "creating"
+            ),
+            None,
+        )
         ownership = Ownership(
             mine=record is not None and record.owner_uid == desired.uid,
             holder=record.owner if record is not None and record.owner_uid != desired.uid else None,
             adopt_requested=adopt_requested(body),
             adopt_allowed=self.policy.may_adopt(desired.namespace, connection.key),
             devices_managed=record is not None and record.owner_uid == desired.uid and record.manages_devices,
+            elsewhere=elsewhere,
         )
         return replace(desired, ownership=ownership)
 
