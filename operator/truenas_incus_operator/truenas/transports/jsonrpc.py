@@ -25,7 +25,7 @@ import aiohttp
 
 from ..errors import AuthenticationFailed, CallFailed, CallTimeout, TransportError, TrueNASError
 from ..jobs import is_finished, job_result
-from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc
+from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc, scrubbed
 
 log = logging.getLogger(__name__)
 JOB_POLL_INTERVAL = 5.0
@@ -80,6 +80,7 @@ class JsonRpcTransport:
                 return
             await self._open()
 
+    @scrubbed
     async def _open(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
@@ -262,6 +263,7 @@ class JsonRpcTransport:
         finally:
             self._pending.pop(ident, None)
 
+    @scrubbed
     async def call(self, method: str, *params: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
         attempts = READ_ATTEMPTS if idempotent else 1
         for attempt in range(attempts):
@@ -274,6 +276,7 @@ class JsonRpcTransport:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @scrubbed
     async def call_job(
         self,
         method: str,
@@ -316,6 +319,7 @@ class JsonRpcTransport:
         finally:
             self._job_by_message.pop(ident, None)
 
+    @scrubbed
     async def wait_job(
         self,
         job_id: int,
@@ -355,6 +359,7 @@ class JsonRpcTransport:
         elif watch.job is None:
             raise CallFailed(f"job {job_id} is unknown to TrueNAS (restarted?)")
 
+    @scrubbed
     async def subscribe(self, collection: str, callback: EventCallback) -> None:
         first = collection not in self._subscriptions
         self._subscriptions.setdefault(collection, []).append(callback)
