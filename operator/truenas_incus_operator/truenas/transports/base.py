@@ -64,6 +64,19 @@ class Secret:
 
 
 REDACTED = "********"
+_KEY_CHARACTERS = re.compile(r"[!-~]+")
+
+
+def refuse_malformed_key(secret: Secret) -> None:
+    """A key with whitespace, control or non-ASCII characters never leaves the client: HTTP
+    libraries refuse it in a header, and say so with the header in their error and debug logs."""
+    if not _KEY_CHARACTERS.fullmatch(secret.reveal()):
+        raise AuthenticationFailed(
+            "the API key is empty or holds whitespace, a line break, a control or non-ASCII character; "
+            "TrueNAS API keys look like <id>-<64 letters and digits>"
+        )
+
+
 _BREAKS = re.compile(r"[\s\x00-\x1f\x7f]+")
 _MIN_FRAGMENT = 6
 

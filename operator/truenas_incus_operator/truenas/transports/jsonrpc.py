@@ -25,7 +25,7 @@ import aiohttp
 
 from ..errors import AuthenticationFailed, CallFailed, CallTimeout, TransportError, TrueNASError
 from ..jobs import is_finished, job_result
-from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc, scrubbed
+from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc, refuse_malformed_key, scrubbed
 
 log = logging.getLogger(__name__)
 JOB_POLL_INTERVAL = 5.0
@@ -111,6 +111,7 @@ class JsonRpcTransport:
         self._connected.set()
 
     async def _handshake(self) -> None:
+        refuse_malformed_key(self.options.api_key)
         ok = await self._raw_call(
             "auth.login_with_api_key", [self.options.api_key.reveal()], self.options.connect_timeout
         )

@@ -28,7 +28,7 @@ from ..errors import (
     validation_error,
 )
 from ..jobs import is_finished, job_result
-from .base import ConnectionOptions, EventCallback, scrubbed
+from .base import ConnectionOptions, EventCallback, refuse_malformed_key, scrubbed
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class RestTransport:
 
     @scrubbed
     async def connect(self) -> None:
+        refuse_malformed_key(self.options.api_key)
         if self._client is None:
             verify: Any = self.options.ssl_context if self.options.ssl_context is not None else True
             self._client = httpx.AsyncClient(
