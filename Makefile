@@ -5,13 +5,17 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test unit lint crd controlplane venv clean bench bench-smoke
+.PHONY: run test unit lint crd controlplane argocd-health venv clean bench bench-smoke
 
 venv:
 	@bash tools/bootstrap.sh
 
 controlplane: venv
 	@bash tools/build-controlplane.sh >/dev/null
+
+# Argo CD's Lua runtime for the health-check tests (tools/argocd-health), cached like the control plane.
+argocd-health:
+	@bash tools/build-argocd-health.sh >/dev/null
 
 run: venv
 	@PYTHONPATH=tools $(PY) -m truenas_incus_dev start
@@ -26,7 +30,7 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest -m "not e2e" -n 2 $(PYTEST_ARGS)
 
-test: venv controlplane lint
+test: venv controlplane argocd-health lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: venv controlplane

@@ -205,6 +205,7 @@ def environment(workdir: Path, resync: float, job_duration: float = 0.0, max_cal
     try:
         plane.kubectl("apply", "-f", str(ROOT / "crds"))
         plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        plane.kubectl("create", "namespace", "truenas-incus-operator")  # the ownership ledger's home
         env = Environment(workdir, plane, thread, resync, max_calls)
         yield env
     finally:

@@ -92,6 +92,7 @@ def cluster(control_plane: LocalControlPlane) -> Cluster:
     """The control plane with this project's CRDs (and a stand-in Argo CD Application CRD) Established."""
     c = Cluster(control_plane)
     c.kubectl("apply", "-f", str(ROOT / "crds"))
+    c.kubectl("create", "namespace", "truenas-incus-operator")  # the default ownership-ledger namespace
     c.kubectl("apply", "-f", str(ROOT / "tests" / "fixtures" / "argocd-application-crd.yaml"))
     c.kubectl(
         "wait",

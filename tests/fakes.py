@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import Any
 from truenas_incus_operator.app import Operator, build
 from truenas_incus_operator.connections import Connection, ConnectionConfig
 from truenas_incus_operator.kube import Kube, SecretObject
+from truenas_incus_operator.policy import Policy
 from truenas_incus_operator.problems import fail
 from truenas_incus_operator.settings import Settings
 from truenas_incus_operator.truenas import (
@@ -33,6 +35,9 @@ from truenas_incus_operator.truenas import (
 from truenas_incus_operator.truenas.types import InstanceEventCallback
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+LEDGER_NAMESPACE = "tio-system"
+TRUENAS = "nas.invalid:443"
+"""The fake connection's TrueNAS identity (wss://nas.invalid)."""
 
 
 @dataclass
@@ -47,7 +52,9 @@ class Patch:
 
 class FakeKube(Kube):
     """Records every patch; ``secrets`` (``(namespace, name, key) -> text``), ``secret_labels`` and
-    ``secret_annotations`` (``(namespace, name) -> dict``) answer ``read_secret``."""
+    ``secret_annotations`` (``(namespace, name) -> dict``) answer ``read_secret``; ``configmaps`` holds
+    ConfigMaps with the API server's create/replace/delete semantics (409 on a name taken or a stale
+    version)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,6 +63,46 @@ class FakeKube(Kube):
         self.secrets: dict[tuple[str, str, str], str] = {}
         self.secret_labels: dict[tuple[str, str], dict[str, str]] = {}
         self.secret_annotations: dict[tuple[str, str], dict[str, str]] = {}
+        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        self._version = 0
+
+    def _stamp(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._version += 1
+        stored = copy.deepcopy(body)
+        stored["metadata"]["resourceVersion"] = str(self._version)
+        return stored
+
+    async def list_configmaps(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        key, _, value = label_selector.partition("=")
+        return [
+            copy.deepcopy(cm)
+            for (ns, _name), cm in self.configmaps.items()
+            if ns == namespace and cm["metadata"].get("labels", {}).get(key) == value
+        ]
+
+    async def create_configmap(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        self.calls.append("create_configmap")
+        key = (namespace, body["metadata"]["name"])
+        if key in self.configmaps:
+            return None
+        self.configmaps[key] = self._stamp(body)
+        return copy.deepcopy(self.configmaps[key])
+
+    async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.configmaps.get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def replace_configmap(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        key = (namespace, body["metadata"]["name"])
+        current = self.configmaps.get(key)
+        if current is None or current["metadata"]["resourceVersion"] != body["metadata"].get("resourceVersion"):
+            return None
+        self.configmaps[key] = self._stamp(body)
+        return copy.deepcopy(self.configmaps[key])
+
+    async def delete_configmap(self, namespace: str, name: str, resource_version: str | None = None) -> None:
+        self.calls.append("delete_configmap")
+        self.configmaps.pop((namespace, name), None)
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.calls.append("patch_status")
@@ -259,7 +306,7 @@ class FakeOperator:
     events: list[tuple[str, str, str]]
 
 
-def fake_operator(backend: FakeBackend | None = None, **settings: Any) -> FakeOperator:
+def fake_operator(backend: FakeBackend | None = None, policy: Policy | None = None, **settings: Any) -> FakeOperator:
     """The operator's real graph (``app.build``) over a FakeKube and a connected FakeBackend."""
     kube = FakeKube()
     backend = backend or FakeBackend()
@@ -268,8 +315,8 @@ def fake_operator(backend: FakeBackend | None = None, **settings: Any) -> FakeOp
     def post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         events.append((kind, reason, message))
 
-    values = {"resync_seconds": 30.0, "retry_min_seconds": 1.0, **settings}
-    operator = build(Settings(**values), kube, post_event, clock=lambda: NOW)
+    values = {"resync_seconds": 30.0, "retry_min_seconds": 1.0, "ledger_namespace": LEDGER_NAMESPACE, **settings}
+    operator = build(Settings(**values), kube, post_event, clock=lambda: NOW, policy=policy)
     config = ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-test"))
     connection = Connection("<default>", config, resync_seconds=30.0)
     connection.client = TrueNASClient(NoTransport(), backend, (25, 10), "TrueNAS-25.10.1")  # type: ignore[arg-type]

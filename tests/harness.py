@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from truenas_simulator import Simulator, SimulatorThread
 
 from .conftest import Cluster, wait_until
@@ -51,6 +53,11 @@ class OperatorProcess:
     starts: int = 0
 
     def start(self) -> OperatorProcess:
+        if "TIO_LEDGER_NAMESPACE" not in self.env:
+            # Its own ownership ledger, kept across restarts of this operator (never shared with another test's).
+            ledger = f"tio-ledger-{uuid.uuid4().hex[:8]}"
+            self.cluster.kubectl("create", "namespace", ledger)
+            self.env["TIO_LEDGER_NAMESPACE"] = ledger
         env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), **self.env}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -239,18 +246,39 @@ class Chaos:
             self.operator.start()
 
 
+ADOPT_ANYWHERE: dict[str, Any] = {"adoption": [{"namespaces": ["*"], "connections": ["*"]}]}
+"""A policy for tests of the operator's mechanics: adoption allowed (tenancy tests use their own)."""
+
+
+def write_policy(workdir: Path, policy: dict[str, Any]) -> dict[str, str]:
+    """The administrator's policy as a file, and the environment that points the operator at it."""
+    path = workdir / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return {"TIO_POLICY_FILE": str(path)}
+
+
 def operator_with_simulator(
-    cluster: Cluster, workdir: Path, profile: str, job_duration: float, args: list[str] | None = None
+    cluster: Cluster,
+    workdir: Path,
+    profile: str,
+    job_duration: float,
+    args: list[str] | None = None,
+    policy: dict[str, Any] | None = None,
 ) -> Harness:
     """A simulator of ``profile`` and the operator (default connection to it) as a subprocess."""
     sim = start_simulator(profile, job_duration=job_duration)
-    operator = OperatorProcess(cluster, operator_env(sim, workdir), workdir / "operator.log", args=args or ["-A"])
+    env = {**operator_env(sim, workdir), **write_policy(workdir, ADOPT_ANYWHERE if policy is None else policy)}
+    operator = OperatorProcess(cluster, env, workdir / "operator.log", args=args or ["-A"])
     return Harness(cluster, sim, operator.start(), workdir)
 
 
-def module_operator(cluster: Cluster, workdir: Path, prefix: str, profile: str) -> Iterator[Harness]:
+def module_operator(
+    cluster: Cluster, workdir: Path, prefix: str, profile: str, policy: dict[str, Any] | None = None
+) -> Iterator[Harness]:
     """A module's operator (and simulator), watching only that module's namespaces (``prefix*``)."""
-    running = operator_with_simulator(cluster, workdir, profile, job_duration=0.05, args=["-n", f"{prefix}*"])
+    running = operator_with_simulator(
+        cluster, workdir, profile, job_duration=0.05, args=["-n", f"{prefix}*"], policy=policy
+    )
     try:
         yield running
     finally:

@@ -65,6 +65,8 @@ IMMUTABLE_CHANGES = [
     ("type", {"type": "VM"}, "spec.type is immutable"),
     ("image", {"image": "debian/trixie"}, "spec.image is immutable"),
     ("storage-pool", {"storagePool": "fast"}, "spec.storagePool is immutable"),
+    # Trust finding 3: pointing a created resource at another NAS would take over a same-named instance there.
+    ("connection-ref", {"connectionRef": {"name": "other-nas"}}, "spec.connectionRef is immutable"),
 ]
 # What the operator writes: an instance that exists (instanceId), a create under way (Creating).
 CREATED = [

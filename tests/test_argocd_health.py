@@ -1,208 +1,70 @@
-"""The Argo CD health check (Lua), run with Debian's Lua 5.4 against sample IncusInstances."""
+"""The Argo CD health check (resource_customizations/incus.truenas.io/IncusInstance) in Argo CD's
+own Lua runtime (tools/argocd-health: gopher-lua as Argo CD pins it), on the captured objects of
+health_test.yaml, in both ways Argo CD runs it; and the harness itself against Argo CD's rules."""
 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from .argocd import (
+    CHECK_DIR,
+    HEALTH_TESTS,
+    MODES,
+    SCRIPT,
+    TESTDATA,
+    binary,
+    expected_health,
+    health,
+    run_health_tests,
+)
 from .conftest import ROOT
 
-SCRIPT = ROOT / "charts" / "truenas-incus-operator" / "docs" / "argocd-health.lua"
-DOC = SCRIPT.with_name("argocd-health.md")
+pytestmark = pytest.mark.e2e  # needs Argo CD's Lua runtime, a Go build (tools/argocd-health)
+
+DOC = ROOT / "charts" / "truenas-incus-operator" / "docs" / "argocd-health.md"
+CASES = sorted(expected_health())
 
 
-def lua_value(value: Any) -> str:
-    """A Lua table constructor for a JSON-like value (None -> nil, so keys vanish as in Argo CD)."""
-    if value is None:
-        return "nil"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "{" + ", ".join(lua_value(v) for v in value) + "}"
-    return "{" + ", ".join(f"[{lua_value(k)}] = {lua_value(v)}" for k, v in value.items()) + "}"
+@pytest.fixture(scope="module")
+def runs() -> dict[str, tuple[int, dict[str, dict[str, Any]]]]:
+    return {mode: run_health_tests(mode) for mode in MODES}
 
 
-def health(obj: dict[str, Any]) -> tuple[str, str]:
-    lua = shutil.which("lua5.4")
-    assert lua, "lua5.4 is missing: tools/bootstrap.sh installs it (apt-get install lua5.4)"
-    program = f'obj = {lua_value(obj)}\nlocal hs = dofile("{SCRIPT}")\nio.write(hs.status, "\\t", hs.message)'
-    result = subprocess.run([lua, "-"], input=program, capture_output=True, text=True, check=True)
-    status, _, message = result.stdout.partition("\t")
-    return status, message
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("input_path", CASES)
+def test_health_test_yaml(runs: dict[str, tuple[int, dict[str, dict[str, Any]]]], mode: str, input_path: str) -> None:
+    result = runs[mode][1][input_path]
+    assert result["actual"] == result["expected"] == expected_health()[input_path]
 
 
-def instance(
-    status: dict[str, Any] | None = None, spec: dict[str, Any] | None = None, **metadata: Any
-) -> dict[str, Any]:
-    return {
-        "apiVersion": "incus.truenas.io/v1alpha1",
-        "kind": "IncusInstance",
-        "metadata": {"name": "web01", "namespace": "apps", "generation": 1, **metadata},
-        "spec": {"type": "CONTAINER", "image": "debian/bookworm", **(spec or {})},
-        "status": status,
-    }
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_the_harness_fails_on_a_wrong_expectation(mode: str, tmp_path: Path) -> None:
+    """The runner behind test_health_test_yaml does report a mismatch (exit 1, ok false)."""
+    (tmp_path / "testdata").mkdir()
+    first = CASES[0]
+    (tmp_path / first).write_text((CHECK_DIR / first).read_text())
+    tests = {"tests": [{"healthStatus": {"status": "Healthy", "message": "surely not"}, "inputPath": first}]}
+    (tmp_path / "health_test.yaml").write_text(yaml.safe_dump(tests))
+    out = subprocess.run(
+        [str(binary()), *MODES[mode], "-script", str(SCRIPT), "-tests", str(tmp_path / "health_test.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 1 and '"ok":false' in out.stdout, out
 
 
-def conditions(
-    ready: tuple[str, str, str], synced: tuple[str, str, str] = ("True", "ReconcileSuccess", "in sync")
-) -> list[Any]:
-    return [
-        {"type": "Ready", "status": ready[0], "reason": ready[1], "message": ready[2]},
-        {"type": "Synced", "status": synced[0], "reason": synced[1], "message": synced[2]},
-    ]
-
-
-CASES = [
-    ("no-status-yet", instance(), "Progressing", "Waiting for the operator"),
-    (
-        "running",
-        instance(
-            {"phase": "Running", "observedGeneration": 1, "conditions": conditions(("True", "Available", "running"))}
-        ),
-        "Healthy",
-        "running",
-    ),
-    (
-        "creating",
-        instance(
-            {
-                "phase": "Creating",
-                "observedGeneration": 1,
-                "conditions": conditions(("False", "Creating", "being created")),
-            }
-        ),
-        "Progressing",
-        "Creating: being created",
-    ),
-    (
-        "starting",
-        instance(
-            {"phase": "Starting", "observedGeneration": 1, "conditions": conditions(("False", "Starting", "starting"))}
-        ),
-        "Progressing",
-        "Starting: starting",
-    ),
-    (
-        "validation-failed",
-        instance(
-            {
-                "phase": "Error",
-                "observedGeneration": 1,
-                "conditions": conditions(
-                    ("False", "NotFound", "missing"),
-                    (
-                        "False",
-                        "ValidationFailed",
-                        "virt_instance_create.memory: Cannot reserve more than physical memory",
-                    ),
-                ),
-            }
-        ),
-        "Degraded",
-        "ValidationFailed: virt_instance_create.memory: Cannot reserve more than physical memory",
-    ),
-    (
-        "stopped-as-asked",
-        instance(
-            {"phase": "Stopped", "observedGeneration": 1, "conditions": conditions(("True", "Stopped", "stopped"))},
-            {"powerState": "Stopped"},
-        ),
-        "Suspended",
-        "Stopped, as spec.powerState asks",
-    ),
-    (
-        "stopped-out-of-band",
-        instance(
-            {
-                "phase": "Stopped",
-                "observedGeneration": 1,
-                "conditions": conditions(("False", "NotRunning", "TrueNAS reports STOPPED")),
-            }
-        ),
-        "Progressing",
-        "Stopped: TrueNAS reports STOPPED",
-    ),
-    (
-        "stopping-towards-stopped",
-        instance(
-            {"phase": "Stopping", "observedGeneration": 2, "conditions": conditions(("False", "Stopping", "stopping"))},
-            {"powerState": "Stopped"},
-            generation=2,
-        ),
-        "Progressing",
-        "Stopping: stopping",
-    ),
-    (
-        "spec-not-yet-acted-on",
-        instance(
-            {"phase": "Running", "observedGeneration": 1, "conditions": conditions(("True", "Available", "running"))},
-            generation=2,
-        ),
-        "Progressing",
-        "Waiting for the operator to apply generation 2",
-    ),
-    (
-        "deleting",
-        instance(
-            {"phase": "Deleting", "observedGeneration": 1, "conditions": conditions(("False", "Deleting", "deleting"))},
-            deletionTimestamp="2026-11-26T10:00:00Z",
-        ),
-        "Progressing",
-        "Deleting the instance on TrueNAS",
-    ),
-    (
-        "delete-refused",
-        instance(
-            {
-                "phase": "Deleting",
-                "observedGeneration": 1,
-                "conditions": conditions(("False", "NotSynced", "x"), ("False", "DeleteFailed", "CallFailed: busy")),
-            },
-            deletionTimestamp="2026-11-26T10:00:00Z",
-        ),
-        "Degraded",
-        "DeleteFailed: CallFailed: busy",
-    ),
-    (
-        "manual-power",
-        instance(
-            {
-                "phase": "Stopped",
-                "observedGeneration": 1,
-                "conditions": conditions(("True", "Manual", "power left alone")),
-            },
-            {"powerState": "Manual"},
-        ),
-        "Healthy",
-        "power left alone",
-    ),
-    (
-        "not-ours",
-        instance(
-            {
-                "phase": "Error",
-                "observedGeneration": 1,
-                "conditions": conditions(("False", "NotFound", "x"), ("False", "AlreadyExists", "exists")),
-            }
-        ),
-        "Degraded",
-        "AlreadyExists: exists",
-    ),
-]
-
-
-@pytest.mark.parametrize("obj,expected_status,expected_message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_health(obj: dict[str, Any], expected_status: str, expected_message: str) -> None:
-    assert health(obj) == (expected_status, expected_message)
+def test_every_testdata_file_has_a_case() -> None:
+    files = sorted(f"testdata/{p.name}" for p in TESTDATA.glob("*.yaml"))
+    assert files == CASES
+    listed = [t["inputPath"] for t in yaml.safe_load(HEALTH_TESTS.read_text())["tests"]]
+    assert len(listed) == len(set(listed)), "a case is listed twice"
 
 
 def test_doc_embeds_the_tested_script() -> None:
@@ -211,3 +73,65 @@ def test_doc_embeds_the_tested_script() -> None:
     assert block, "the argocd-cm snippet is missing"
     embedded = "\n".join(line[4:] for line in block.group(1).rstrip().splitlines())
     assert embedded.strip() == SCRIPT.read_text().strip()
+
+
+# ----- the harness is Argo CD's runtime, not any Lua -------------------------------------------------------
+def obj(**metadata: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "incus.truenas.io/v1alpha1",
+        "kind": "IncusInstance",
+        "metadata": {"name": "web01", "namespace": "apps", "generation": 1, **metadata},
+        "spec": {"type": "CONTAINER", "image": "debian/bookworm"},
+    }
+
+
+HEALTHY = 'return {status = "Healthy", message = "script ran"}'
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_deletion_is_pending_before_any_script(mode: str) -> None:
+    """gitops-engine GetResourceHealth: deletionTimestamp set -> Progressing "Pending deletion"."""
+    deleting = obj(deletionTimestamp="2026-11-26T10:00:00Z", finalizers=["incus.truenas.io/finalizer"])
+    assert health(deleting, HEALTHY, mode) == {"status": "Progressing", "message": "Pending deletion"}
+    assert health(deleting, SCRIPT, mode) == {"status": "Progressing", "message": "Pending deletion"}
+    # ... except for an Argo CD hook that still carries the hook finalizer.
+    hook = obj(deletionTimestamp="2026-11-26T10:00:00Z", finalizers=["argocd.argoproj.io/hook-finalizer"])
+    assert health(hook, HEALTHY, mode) == {"status": "Healthy", "message": "script ran"}
+
+
+def test_argocd_cm_scripts_have_no_string_library() -> None:
+    """argocd-cm without useOpenLibs: only package, base, table and a safe os (via require)."""
+    script = 'return {status = "Healthy", message = string.format("%s", "x")}'
+    result = health(obj(), script, "argocd-cm")
+    assert result is not None and result["status"] == "Unknown"
+    assert "attempt to index a non-table object(nil) with key 'format'" in result["message"]
+    assert health(obj(), script, "built-in") == {"status": "Healthy", "message": "x"}
+    probe = 'return {status = "Healthy", message = type(os) .. " " .. type(require("os").time) .. " " .. type(ipairs)}'
+    assert health(obj(), probe, "argocd-cm") == {"status": "Healthy", "message": "nil function function"}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_lua_5_1_with_nulls_dropped_and_float_numbers(mode: str) -> None:
+    """gopher-lua is Lua 5.1 (unpack, no table.unpack); decodeValue drops null array items."""
+    probe = (
+        'return {status = "Healthy", message = tostring(unpack ~= nil and table.unpack == nil) .. " "'
+        ' .. #obj.items .. " " .. obj.items[2] .. " " .. obj.n / 2 .. " " .. tostring(obj.gone)}'
+    )
+    value = {**obj(), "items": ["a", None, "b"], "n": 3, "gone": None}
+    assert health(value, probe, mode) == {"status": "Healthy", "message": "true 2 b 1.5 nil"}
+
+
+@pytest.mark.parametrize(
+    "script,expected",
+    [
+        ('return {status = "Fine"}', {"status": "Unknown", "message": "Lua returned an invalid health status"}),
+        ('return "Healthy"', {"status": "Unknown", "message": "expect table output from Lua script, not string"}),
+        ("return {}", {}),
+        ("return nil", {}),
+        ('return {status = "Degraded"}', {"status": "Degraded"}),
+        ('error("boom")', {"status": "Unknown", "message": "<string>:1: boom"}),
+    ],
+)
+def test_result_handling(script: str, expected: dict[str, str]) -> None:
+    """util/lua/lua.go ExecuteHealthLua: how the returned value becomes {status, message}."""
+    assert health(obj(), script) == expected

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
+from truenas_incus_operator.policy import Policy
 
 from .conftest import ROOT, Cluster
 from .harness import Harness, OperatorProcess, operator_env, start_simulator, unique
@@ -108,17 +109,21 @@ def test_cluster_wide_rbac() -> None:
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     ]
-    assert not by_kind(documents, "Role")
+    (ledger,) = by_kind(documents, "Role")  # the ownership ledger in the release namespace, nothing more
+    assert ledger["metadata"]["namespace"] == "tio-system"
+    assert ledger["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "update", "delete"]}
+    ]
 
 
 def test_namespaced_rbac() -> None:
     documents = render("watch.namespaces={apps,db}")
     assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
-    roles = by_kind(documents, "Role")
+    roles = [r for r in by_kind(documents, "Role") if not r["metadata"]["name"].endswith("-ledger")]
     assert [r["metadata"]["namespace"] for r in roles] == ["apps", "db"]
     assert all(r["rules"] == EXPECTED_RULES for r in roles)
     bindings = by_kind(documents, "RoleBinding")
-    assert [b["subjects"][0]["namespace"] for b in bindings] == ["tio-system", "tio-system"]
+    assert [b["subjects"][0]["namespace"] for b in bindings] == ["tio-system"] * 3
     (deployment,) = by_kind(documents, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=apps" in args and "--namespace=db" in args and "--all-namespaces" not in args
@@ -232,6 +237,7 @@ def lifecycle_as_service_account(
     sim = start_simulator("25.10", job_duration=0.05)
     operator = OperatorProcess(cluster, operator_env(sim, workdir), workdir / "operator.log", args=args)
     operator.env["KUBECONFIG"] = str(kubeconfig)
+    operator.env["TIO_LEDGER_NAMESPACE"] = "tio-system"  # what the chart sets: the release namespace
     operator.start()
     try:
         lifecycle(Harness(cluster, sim, operator, workdir), namespace)
@@ -251,6 +257,10 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
         kubeconfig=kubeconfig,
     )  # fmt: skip
     assert "STATUS: deployed" in install.stdout
+    assert (
+        "default connection for: *" in install.stdout
+        and "in status (Synced=False, reason PolicyDenied)" in install.stdout
+    )
     cluster.kubectl("wait", "--for=condition=Established", "crd/incusinstances.incus.truenas.io", "--timeout=60s")
 
     # What it may do, and nothing more.
@@ -266,6 +276,10 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
     assert can_i(cluster, "create", "events", "apps")
     for verb, resource in (("create", "pods"), ("create", "secrets"), ("update", "configmaps"), ("delete", "events")):
         assert not can_i(cluster, verb, resource, "apps"), (verb, resource)
+    # The ownership ledger: ConfigMaps in its own namespace only, where tenants have no access.
+    for verb in ("get", "list", "create", "update", "delete"):
+        assert can_i(cluster, verb, "configmaps", "tio-system"), verb
+        assert not can_i(cluster, verb, "configmaps", "elsewhere"), verb
     assert not can_i(cluster, "list", "namespaces") and not can_i(cluster, "list", "customresourcedefinitions")
 
     sa_kubeconfig = service_account_kubeconfig(
@@ -285,3 +299,97 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
         "incusinstances.incus.truenas.io",
         "truenasconnections.incus.truenas.io",
     }
+
+
+# ----- the administrator's policy ----------------------------------------------------------------------------
+MULTI_TENANT = CHART / "examples" / "multi-tenant.yaml"
+
+
+def render_files(*files: Path, release: str = "tio") -> list[dict[str, Any]]:
+    args = ["template", release, str(CHART), "--namespace", "tio-system", "--kube-version", KUBE_VERSION]
+    for path in files:
+        args += ["-f", str(path)]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def test_policy_is_a_configmap_mounted_read_only() -> None:
+    documents = render()
+    configmaps = {c["metadata"]["name"]: c for c in by_kind(documents, "ConfigMap")}
+    policy_map = configmaps["tio-truenas-incus-operator-policy"]
+    assert policy_map["metadata"]["namespace"] == "tio-system"
+    loaded = Policy.model_validate(yaml.safe_load(policy_map["data"]["policy.yaml"]))
+    assert loaded == Policy(), "the chart's default is the built-in homelab policy"
+    (deployment,) = by_kind(documents, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["TIO_POLICY_FILE"] == "/etc/truenas-incus-operator/policy/policy.yaml"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["policy"] == {"name": "policy", "mountPath": "/etc/truenas-incus-operator/policy", "readOnly": True}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["policy"]["configMap"] == {"name": "tio-truenas-incus-operator-policy"}
+
+
+def test_changing_the_policy_restarts_the_operator() -> None:
+    def checksum(*sets: str) -> str:
+        (deployment,) = by_kind(render(*sets), "Deployment")
+        value: str = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/policy"]
+        return value
+
+    assert checksum() == checksum("resyncSeconds=30")
+    assert checksum() != checksum("policy.defaultConnectionNamespaces={home}")
+
+
+def test_multi_tenant_example_renders_the_policy_and_admission() -> None:
+    documents = render_files(MULTI_TENANT)
+    (policy_map,) = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-policy")]
+    loaded = Policy.model_validate(yaml.safe_load(policy_map["data"]["policy.yaml"]))
+    assert loaded.default_connection_namespaces == ["infra"] and len(loaded.rules) == 2
+    (vap,) = by_kind(documents, "ValidatingAdmissionPolicy")
+    messages = [v["message"] for v in vap["spec"]["validations"]]
+    for field in ("deviceTypes", "hostPathPrefixes", "nicParents", "storagePools", "proxyPorts", "instanceNamePrefix"):
+        assert any(m.startswith(f"policy.rules[0].{field}: ") for m in messages), field
+        assert any(m.startswith(f"policy.defaultRule.{field}: ") for m in messages), field
+    assert messages[0].startswith("policy.defaultConnectionNamespaces: ")
+    (binding,) = by_kind(documents, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    selector = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
+    assert selector["values"] == ["infra", "team-a", "team-b"], "only the watched namespaces"
+
+
+def test_homelab_admission_only_gates_passthrough() -> None:
+    (vap,) = by_kind(render(), "ValidatingAdmissionPolicy")
+    assert [v["message"].split(":")[0] for v in vap["spec"]["validations"]] == [
+        "policy.defaultConnectionNamespaces",
+        "policy.defaultRule.deviceTypes",
+    ]
+    (binding,) = by_kind(render(), "ValidatingAdmissionPolicyBinding")
+    assert "matchResources" not in binding["spec"], "cluster-wide when the operator watches the cluster"
+
+
+def test_admission_can_be_switched_off() -> None:
+    documents = render("policy.admission.enabled=false")
+    assert not by_kind(documents, "ValidatingAdmissionPolicy")
+    assert not by_kind(documents, "ValidatingAdmissionPolicyBinding")
+    assert by_kind(documents, "ConfigMap"), "the operator still enforces the policy"
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (["policy.defaultRule.deviceTypes={FLOPPY}"], "/policy/defaultRule/deviceTypes/0"),
+        (["policy.rules[0].hostPathPrefixes={relative}"], "/policy/rules/0/hostPathPrefixes/0"),
+        (["policy.rules[0].hostPathPrefixes={/mnt/tank/../etc}"], "/policy/rules/0/hostPathPrefixes/0"),
+        (["policy.rules[0].namespaces={team-[ab]}"], "/policy/rules/0/namespaces/0"),
+        (["policy.rules[0].proxyPorts[0].from=70000"], "/policy/rules/0/proxyPorts/0/from"),
+        (["policy.rules[0].instanceNamePrefix=bad_prefix"], "/policy/rules/0/instanceNamePrefix"),
+        (["policy.defaultRule.devices={DISK}"], "additional properties 'devices' not allowed"),
+    ],
+)
+def test_values_schema_refuses_bad_policies(values: list[str], message: str) -> None:
+    args = ["template", "tio", str(CHART), "--kube-version", KUBE_VERSION]
+    for item in values:
+        args += ["--set", item]
+    result = helm(*args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr

@@ -11,11 +11,12 @@ import pytest
 
 from truenas_incus_operator.connections import InstanceCache
 from truenas_incus_operator.instances import deletion
+from truenas_incus_operator.instances.ledger import record_name
 from truenas_incus_operator.instances.resource import LoopState
+from truenas_incus_operator.policy import Grant, Policy
 from truenas_incus_operator.problems import OperatorError
-from truenas_incus_operator.reconcile import CREATED_ANNOTATION
 
-from .fakes import FakeBackend, FakeOperator, fake_operator, observed, resource
+from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, FakeOperator, fake_operator, observed, resource
 
 
 def no_wake() -> None:
@@ -33,13 +34,22 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 # ----- the loop ------------------------------------------------------------------------------------------
+def ledger_record(fake: FakeOperator, instance: str = "web01") -> dict[str, str]:
+    body = fake.kube.configmaps.get((LEDGER_NAMESPACE, record_name(TRUENAS, instance)))
+    assert body is not None, f"no ledger record for {instance}"
+    data: dict[str, str] = body["data"]
+    return data
+
+
 async def test_a_pass_records_ownership_before_it_creates_then_reports_running() -> None:
     fake = fake_operator()
     order = fake.kube.calls  # Kubernetes and TrueNAS calls, in the order they happened
     fake.backend.on_call = order.append
     state = await one_pass(fake, resource(cpu="2"))
-    assert order.index("patch_annotations") < order.index("create web01")
-    assert fake.kube.patches[0].body == {CREATED_ANNOTATION: "web01"}
+    assert order.index("create_configmap") < order.index("create web01")
+    record = ledger_record(fake)
+    assert record["ownerUID"] == "uid-web01" and record["owner"] == "apps/web01" and record["state"] == "created"
+    assert not [p for p in fake.kube.patches if p.kind == "annotations"], "ownership is not an annotation"
     assert fake.backend.instances["web01"].cpu == "2"
     last = fake.kube.statuses("web01")[-1]
     assert last["phase"] == "Running" and last["instanceId"] == "web01"
@@ -52,7 +62,6 @@ async def test_a_second_pass_with_nothing_to_do_writes_nothing() -> None:
     fake = fake_operator()
     body = resource()
     state = await one_pass(fake, body)
-    body["metadata"]["annotations"][CREATED_ANNOTATION] = "web01"
     writes = len(fake.kube.patches)
     calls = len(fake.backend.calls)
     await one_pass(fake, body, state)
@@ -60,13 +69,33 @@ async def test_a_second_pass_with_nothing_to_do_writes_nothing() -> None:
     assert fake.backend.calls[calls:] == [], "a converged pass reads only the cache"
 
 
-async def test_an_existing_foreign_instance_is_never_touched() -> None:
+async def test_an_existing_foreign_instance_is_never_touched_whatever_the_annotations_say() -> None:
     fake = fake_operator(FakeBackend(instances={"web01": observed("web01", environment={"A": "1"})}))
-    await one_pass(fake, resource(environment={"B": "2"}))
+    forged = {"incus.truenas.io/created-instance": "web01"}
+    await one_pass(fake, resource(environment={"B": "2"}, annotations=forged))
     assert fake.backend.calls == [], "no create, no update, no stop"
     last = fake.kube.statuses("web01")[-1]
     assert conditions(last)["Synced"] == ("False", "AlreadyExists")
+    assert (last["instanceId"] is None and "cpu" not in last) or last["cpu"] is None
     assert [e for e in fake.events if e[1] == "AlreadyExists"]
+    assert fake.kube.configmaps == {}
+
+
+async def test_adoption_needs_the_annotation_and_the_administrators_policy() -> None:
+    existing = {"web01": observed("web01", environment={"A": "1"})}
+    asked = {"incus.truenas.io/adopt": "true"}
+    refused = fake_operator(FakeBackend(instances=dict(existing)))
+    await one_pass(refused, resource(environment={"B": "2"}, annotations=asked))
+    assert refused.backend.calls == []
+    assert conditions(refused.kube.statuses("web01")[-1])["Synced"] == ("False", "AdoptionNotAllowed")
+    policy = Policy(adoption=[Grant(namespaces=["apps"], connections=["<default>"])])
+    allowed = fake_operator(FakeBackend(instances=dict(existing)), policy=policy)
+    await one_pass(allowed, resource(environment={"B": "2"}, annotations=asked))
+    assert ledger_record(allowed)["state"] == "adopted"
+    assert allowed.backend.instances["web01"].environment == {"B": "2"}
+    other_namespace = fake_operator(FakeBackend(instances=dict(existing)), policy=policy)
+    await one_pass(other_namespace, resource(namespace="tenant", environment={"B": "2"}, annotations=asked))
+    assert other_namespace.backend.calls == []
 
 
 async def test_a_failing_pass_backs_off_and_posts_one_event_per_distinct_problem() -> None:
@@ -92,24 +121,34 @@ async def test_an_invalid_spec_is_reported_not_raised() -> None:
     assert state.posted is not None
 
 
-# ----- claims ------------------------------------------------------------------------------------------------
-async def test_the_older_resource_holds_the_claim_and_the_younger_reports_conflict() -> None:
+# ----- ownership across resources and restarts --------------------------------------------------------------
+async def test_the_first_resource_to_claim_holds_the_instance_and_the_other_reports_conflict() -> None:
     fake = fake_operator()
-    older = resource("a", instance="shared", created="2026-11-30T09:00:00Z")
-    younger = resource("b", instance="shared", created="2026-11-30T10:00:00Z")
-    await one_pass(fake, younger)
+    first = resource("a", instance="shared")
+    second = resource("b", instance="shared")
+    await one_pass(fake, first)
     assert fake.backend.calls.count("create shared") == 1
-    fake.operator.wakeups.register(("apps", "b")).set()
-    fake.operator.wakeups.events[("apps", "b")].clear()
-    await one_pass(fake, older)
-    assert fake.operator.wakeups.events[("apps", "b")].is_set(), "the loser is woken to say so"
     calls = len(fake.backend.calls)
-    await one_pass(fake, younger)
-    assert fake.backend.calls[calls:] == [], "the younger resource does nothing"
+    await one_pass(fake, second)
+    assert fake.backend.calls[calls:] == [], "the other resource does nothing"
     assert conditions(fake.kube.statuses("b")[-1])["Synced"] == ("False", "Conflict")
     assert "apps/a" in fake.kube.statuses("b")[-1]["message"]
-    fake.operator.claims.release(("apps", "a"))
-    assert fake.operator.claims.held == {}
+    # Deleting the blocked resource leaves the holder's instance alone.
+    await fake.operator.deletion.delete(resource("b", instance="shared", deleting=True), 0)
+    assert "shared" in fake.backend.instances and ledger_record(fake, "shared")["owner"] == "apps/a"
+
+
+async def test_ownership_survives_a_restart() -> None:
+    fake = fake_operator()
+    await one_pass(fake, resource("a", instance="shared"))
+    restarted = fake_operator(fake.backend)
+    restarted.kube.configmaps = fake.kube.configmaps
+    await restarted.operator.ledger.load()
+    restarted.connection.cache.replace_all(fake.backend.instances.values())
+    calls = len(fake.backend.calls)
+    await one_pass(restarted, resource("b", instance="shared", environment={"X": "1"}))
+    assert fake.backend.calls[calls:] == [], "a younger resource never acts before the owner is back"
+    assert conditions(restarted.kube.statuses("b")[-1])["Synced"] == ("False", "Conflict")
 
 
 # ----- wake-ups ----------------------------------------------------------------------------------------------
@@ -122,9 +161,9 @@ def test_wakeups_ignore_the_operators_own_writes() -> None:
     assert event.is_set()
     event.clear()
     body["status"] = {"phase": "Running"}
-    body["metadata"]["annotations"][CREATED_ANNOTATION] = "web01"
+    body["metadata"]["annotations"]["incus.truenas.io/last-handled-configuration"] = "{}"
     wakeups.resource_changed(body)
-    assert not event.is_set(), "status and the ownership annotation are the operator's own writes"
+    assert not event.is_set(), "status and kopf's annotations are the operator's own writes"
     for change in ({"generation": 2}, {"annotations": {"incus.truenas.io/adopt": "true"}}, {"deletionTimestamp": "x"}):
         body["metadata"].update(change)
         wakeups.resource_changed(body)
@@ -152,7 +191,7 @@ async def test_deletion_waits_for_a_create_in_flight_then_deletes_it() -> None:
         if "create web01" in backend.calls:
             break
         await asyncio.sleep(0.01)
-    deleting = resource(annotations={CREATED_ANNOTATION: "web01"}, deleting=True)
+    deleting = resource(deleting=True)
     with pytest.raises(OperatorError) as waiting:
         await fake.operator.deletion.delete(deleting, 0)
     assert waiting.value.problem.reason == "CreateInProgress" and waiting.value.retry_after
@@ -168,21 +207,31 @@ async def test_deletion_waits_for_a_create_in_flight_then_deletes_it() -> None:
 
 async def test_deletion_leaves_an_instance_it_never_managed() -> None:
     fake = fake_operator(FakeBackend(instances={"web01": observed("web01")}))
-    await fake.operator.deletion.delete(resource(deleting=True), 0)
+    forged = {"incus.truenas.io/created-instance": "web01", "incus.truenas.io/adopt": "true"}
+    await fake.operator.deletion.delete(resource(deleting=True, annotations=forged), 0)
     assert "web01" in fake.backend.instances
     assert not [c for c in fake.backend.calls if c.startswith(("stop", "delete"))]
 
 
 async def test_a_failing_delete_posts_one_event_per_distinct_problem(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = fake_operator()
+    await one_pass(fake, resource())  # it owns web01
     fake.connection.ready.clear()
     fake.connection.problem = None
-    body = resource(annotations={CREATED_ANNOTATION: "web01"}, deleting=True)
+    fake.events.clear()
+    body = resource(deleting=True)
     monkeypatch.setattr(deletion, "CONNECT_WAIT_SECONDS", 0.01)
     for retry in range(3):
         with pytest.raises(OperatorError):
             await fake.operator.deletion.delete(body, retry)
     assert [e[1] for e in fake.events] == ["Unreachable"]
+
+
+async def test_a_resource_that_owns_nothing_is_deleted_without_its_connection() -> None:
+    fake = fake_operator()
+    fake.operator.connections.connections.clear()  # its TrueNASConnection is gone
+    await fake.operator.deletion.delete(resource(connectionRef={"name": "gone"}, deleting=True), 0)
+    assert fake.backend.calls == []
 
 
 # ----- the connection's cache ------------------------------------------------------------------------------

@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from .conftest import Cluster
-from .harness import Chaos, Harness, OperatorProcess, operator_env, start_simulator, unique, wait_until
+from .harness import (
+    ADOPT_ANYWHERE,
+    Chaos,
+    Harness,
+    OperatorProcess,
+    operator_env,
+    start_simulator,
+    unique,
+    wait_until,
+    write_policy,
+)
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
 
@@ -69,9 +79,8 @@ def test_sigkill_on_26_never_duplicates_or_leaks(cluster: Cluster, namespace: st
 # ----- the upgrade -------------------------------------------------------------------------------------------
 def test_instances_survive_the_upgrade_from_25_10_to_26(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
     sim = start_simulator("25.10", job_duration=0.05)
-    operator = OperatorProcess(
-        cluster, operator_env(sim, tmp_path), tmp_path / "operator.log", args=["-n", namespace]
-    ).start()
+    env = {**operator_env(sim, tmp_path), **write_policy(tmp_path, ADOPT_ANYWHERE)}  # the legacy VM is adopted
+    operator = OperatorProcess(cluster, env, tmp_path / "operator.log", args=["-n", namespace]).start()
     harness = Harness(cluster, sim, operator, tmp_path)
     try:
         web, idle, legacy_vm = unique("web"), unique("idle"), unique("vm")

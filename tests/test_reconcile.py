@@ -12,12 +12,13 @@ import pytest
 from truenas_incus_operator.models import IncusInstanceSpec, Phase
 from truenas_incus_operator.problems import Problem
 from truenas_incus_operator.reconcile import (
-    CREATED_ANNOTATION,
     AddDevice,
+    Adopt,
+    Claim,
     Create,
     Delete,
     Desired,
-    MarkCreating,
+    Ownership,
     RemoveDevice,
     Start,
     Stop,
@@ -34,12 +35,12 @@ from truenas_incus_operator.truenas.types import UNSET, DeviceConfig, ObservedIm
 MIB = 2**20
 
 
-def desired(annotations: dict[str, str] | None = None, **spec: Any) -> Desired:
+def desired(ownership: Ownership | None = None, **spec: Any) -> Desired:
     body = {"type": "CONTAINER", "image": "debian/bookworm", **spec}
-    return Desired("ns", "web", 3, IncusInstanceSpec.model_validate(body), annotations or {})
+    return Desired("ns", "web", 3, IncusInstanceSpec.model_validate(body), uid="u1", ownership=ownership or Ownership())
 
 
-OURS = {CREATED_ANNOTATION: "web"}
+OURS = Ownership(mine=True)
 
 
 def observed(**fields: Any) -> ObservedInstance:
@@ -50,12 +51,20 @@ def observed(**fields: Any) -> ObservedInstance:
     return replace(base, **fields)
 
 
-def test_missing_instance_is_created_after_marking() -> None:
+def test_missing_instance_is_created_after_claiming_it_in_the_ledger() -> None:
     result = plan(desired(cpu="2"), None)
-    assert [type(a) for a in result.actions] == [MarkCreating, Create]
+    assert [type(a) for a in result.actions] == [Claim, Create]
     assert isinstance(result.actions[1], Create) and result.actions[1].config.cpu == "2"
-    # Already marked (e.g. a crash after marking): create without marking again.
+    # Already claimed (e.g. a crash after claiming): create without claiming again.
     assert [type(a) for a in plan(desired(OURS), None).actions] == [Create]
+
+
+def test_an_instance_another_resource_holds_is_never_touched() -> None:
+    held = Ownership(holder="other/web", adopt_requested=True, adopt_allowed=True)
+    for seen in (None, observed(cpu="1")):
+        result = plan(desired(held, cpu="2"), seen)
+        assert result.actions == () and result.blocked is not None
+        assert result.blocked.reason == "Conflict" and "other/web" in result.blocked.message
 
 
 def test_vm_that_the_backend_cannot_create_is_blocked_with_advice() -> None:
@@ -64,11 +73,19 @@ def test_vm_that_the_backend_cannot_create_is_blocked_with_advice() -> None:
     assert result.blocked.reason == "Unsupported" and "incus.truenas.io/adopt" in result.blocked.message
 
 
-def test_foreign_instance_is_not_managed_and_status_grants_nothing() -> None:
+def test_foreign_instance_is_adopted_only_where_the_policy_allows() -> None:
     result = plan(desired(cpu="2"), observed(cpu="1"))
     assert result.blocked is not None and result.blocked.reason == "AlreadyExists" and result.actions == ()
-    adopted = plan(desired({"incus.truenas.io/adopt": "true"}, cpu="2"), observed(cpu="1"))
-    assert adopted.actions == (Update(replace(adopted.actions[0].changes)),) and adopted.blocked is None  # type: ignore[union-attr]
+    refused = plan(desired(Ownership(adopt_requested=True), cpu="2"), observed(cpu="1"))
+    assert refused.blocked is not None and refused.blocked.reason == "AdoptionNotAllowed" and refused.actions == ()
+    assert "policy" in refused.blocked.message
+    allowed = plan(desired(Ownership(adopt_requested=True, adopt_allowed=True), cpu="2"), observed(cpu="1"))
+    assert allowed.actions == (Adopt(),) and allowed.blocked is None
+    # Allowed but not asked for: the policy alone adopts nothing.
+    assert plan(desired(Ownership(adopt_allowed=True)), observed()).blocked.reason == "AlreadyExists"  # type: ignore[union-attr]
+    # Once recorded as the owner it manages the instance like one it created.
+    adopted = plan(desired(OURS, cpu="2"), observed(cpu="1"))
+    assert isinstance(adopted.actions[0], Update) and adopted.actions[0].changes.cpu == "2"
 
 
 def test_type_mismatch_and_transitions() -> None:

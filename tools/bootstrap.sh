@@ -7,15 +7,6 @@ cd "$root"
 py=${PYTHON:-python3}
 "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
   || { echo "bootstrap: Python >= 3.11 is required ($py is $("$py" --version 2>&1))" >&2; exit 1; }
-# Lua 5.4 from Debian's packages runs the Argo CD health check in the tests.
-if ! command -v lua5.4 >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "bootstrap: installing lua5.4 (Debian package) for the Argo CD health-check tests" >&2
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.4 >/dev/null
-  else
-    echo "bootstrap: lua5.4 is missing; install it (apt-get install lua5.4) or the Argo CD health tests fail" >&2
-  fi
-fi
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv" >&2
   "$py" -m venv .venv

@@ -24,8 +24,25 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_policy() -> str | None:
+    """Why the administrator's policy (TIO_POLICY_FILE) cannot be used, or None."""
+    from .policy import PolicyError, load_policy
+    from .settings import Settings
+
+    try:
+        load_policy(Settings().policy_file)
+    except PolicyError as exc:
+        return str(exc)
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
     import logging
+
+    problem = _check_policy()
+    if problem is not None:
+        print(f"truenas-incus-operator: refusing to start: {problem}", file=sys.stderr)
+        return 2
 
     import kopf
 

@@ -12,6 +12,7 @@ import kopf
 from .app import Operator, build
 from .kube import Kube
 from .models import API_GROUP, API_VERSION
+from .policy import PolicyError
 from .problems import OperatorError
 from .settings import Settings
 
@@ -35,7 +36,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
-    operator = build(Settings(), Kube(), _post_event)
+    try:
+        operator = build(Settings(), Kube(), _post_event)
+    except PolicyError as exc:
+        # Never run with a policy other than the administrator's: stop instead of allowing everything.
+        raise kopf.PermanentError(str(exc)) from None
+    try:
+        await operator.ledger.load()  # before any loop acts: ownership survives restarts
+    except OperatorError as exc:
+        await operator.close()
+        raise kopf.PermanentError(f"cannot read the ownership ledger: {exc.problem.message}") from None
     await operator.connection_resources.configure_default()
     memo["operator"] = operator
 
@@ -71,6 +81,25 @@ async def instance_deleted(body: kopf.Body, retry: int, memo: kopf.Memo, **_: An
         await _operator(memo).deletion.delete(body, retry)
     except OperatorError as exc:
         raise kopf.TemporaryError(exc.problem.message, delay=exc.retry_after or 0) from None
+
+
+@kopf.index(*INSTANCES)
+def instances_by_connection(namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], bool]:
+    """IncusInstances by the TrueNASConnection they name: a connection in use is not let go."""
+    reference = spec.get("connectionRef") or {}
+    name = reference.get("name") if isinstance(reference, Mapping) else None
+    return {(namespace or "", str(name)): True} if name else {}
+
+
+@kopf.on.delete(*CONNECTIONS)
+async def connection_deleted(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Keeps the finalizer (and the credentials last loaded) until no IncusInstance uses it."""
+    index = cast(kopf.Index[tuple[str, str], bool], kwargs["instances_by_connection"])
+    namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+    users = index.get((namespace, name))
+    if users:
+        raise kopf.TemporaryError(f"still used by {len(users)} IncusInstance(s); waiting for them to go", delay=5)
+    await _operator(memo).connection_resources.remove(f"{namespace}/{name}")
 
 
 @kopf.on.event(*CONNECTIONS)

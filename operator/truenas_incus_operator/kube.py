@@ -29,6 +29,11 @@ from .problems import OperatorError, Problem, fail
 
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 KUBE_REASON = "KubernetesError"
+_GONE = Problem("NotFound", "the object does not exist")
+
+
+class _Conflict(Exception):
+    """409: the object exists already, or changed since it was read."""
 
 
 def _pem(data: str | bytes | None) -> bytes | None:
@@ -107,8 +112,10 @@ class Kube:
         json: Any = None,
         headers: dict[str, str] | None = None,
         not_found: Problem | None = None,
+        conflict_ok: bool = False,
     ) -> Any:
-        """Raises ``OperatorError``: ``not_found`` for a 404 when given, else reason KubernetesError."""
+        """Raises ``OperatorError``: ``not_found`` for a 404 when given, else reason KubernetesError;
+        with ``conflict_ok`` a 409 raises ``_Conflict`` for the caller to handle."""
         for attempt in (1, 2):
             if self._session is None:
                 server, context, auth = self._login()
@@ -125,6 +132,8 @@ class Kube:
                         continue
                     if response.status == 404 and not_found is not None:
                         raise OperatorError(not_found)
+                    if response.status == 409 and conflict_ok:
+                        raise _Conflict()
                     if response.status >= 400:
                         raise fail(KUBE_REASON, f"Kubernetes API: {response.status} {response.reason}")
                     return await response.json()
@@ -151,6 +160,68 @@ class Kube:
     ) -> None:
         body = {"metadata": {"annotations": annotations}}
         await self._request("PATCH", self._object_path(plural, namespace, name), body, MERGE_PATCH)
+
+    # ----- ConfigMaps (the ownership ledger, in the operator's own namespace) ---------------------
+    async def list_configmaps(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        missing = Problem(
+            "LedgerUnavailable", f"namespace {namespace} does not exist (the ownership ledger lives there)"
+        )
+        found = await self._request(
+            "GET",
+            f"/api/v1/namespaces/{quote(namespace)}/configmaps?labelSelector={quote(label_selector)}",
+            not_found=missing,
+        )
+        items: list[dict[str, Any]] = found.get("items") or []
+        return items
+
+    async def create_configmap(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created object, or None when one of that name exists already (409)."""
+        try:
+            created: dict[str, Any] = await self._request(
+                "POST", f"/api/v1/namespaces/{quote(namespace)}/configmaps", body, conflict_ok=True
+            )
+        except _Conflict:
+            return None
+        return created
+
+    async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = await self._request(
+                "GET", f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}", not_found=_GONE
+            )
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
+        return found
+
+    async def replace_configmap(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Optimistic update (``metadata.resourceVersion`` must match); None when it changed meanwhile."""
+        name = body["metadata"]["name"]
+        try:
+            replaced: dict[str, Any] = await self._request(
+                "PUT", f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}", body, conflict_ok=True
+            )
+        except _Conflict:
+            return None
+        return replaced
+
+    async def delete_configmap(self, namespace: str, name: str, resource_version: str | None = None) -> None:
+        """Deletes (only that version, when given); a missing object counts as deleted."""
+        options = {"preconditions": {"resourceVersion": resource_version}} if resource_version else None
+        try:
+            await self._request(
+                "DELETE",
+                f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}",
+                options,
+                not_found=_GONE,
+                conflict_ok=True,
+            )
+        except OperatorError as exc:
+            if exc.problem is not _GONE:
+                raise
+        except _Conflict:
+            raise fail(KUBE_REASON, f"ConfigMap {namespace}/{name} changed while deleting it") from None
 
     async def read_secret(self, namespace: str, name: str) -> SecretObject:
         """A Secret, its labels and annotations; raises ``OperatorError`` (SecretNotFound)."""

@@ -391,6 +391,11 @@ INSTANCE_ROOT_RULES: list[JsonValue] = [
         f"spec.image is immutable {_CREATED_NOTE}: an instance cannot be rebuilt from another image",
     ),
     _immutable("storagePool", f"spec.storagePool is immutable {_CREATED_NOTE}"),
+    _immutable(
+        "connectionRef",
+        f"spec.connectionRef is immutable {_CREATED_NOTE}: the resource stays bound to the TrueNAS its instance "
+        "lives on",
+    ),
 ]
 
 
@@ -524,7 +529,11 @@ class IncusInstanceSpec(_Model):
         ),
     )
     connection_ref: ConnectionReference | None = Field(
-        None, description="The TrueNASConnection to use. Omitted: the operator's default connection."
+        None,
+        description=(
+            "The TrueNASConnection to use. Omitted: the operator's default connection. Immutable once the "
+            "instance exists (the resource stays bound to the TrueNAS its instance lives on)."
+        ),
     )
 
     @field_validator("memory")

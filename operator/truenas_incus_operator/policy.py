@@ -5,19 +5,50 @@ ConfigMap in the operator's namespace and points ``TIO_POLICY_FILE`` at it), nev
 tenant writes. Pure: loading parses a file, evaluating reads nothing.
 
 Connections are named as the operator keys them: ``<default>`` for the operator's own connection,
-``namespace/name`` for a TrueNASConnection. Namespace and connection patterns are shell globs.
+``namespace/name`` for a TrueNASConnection. Namespace and connection patterns are shell globs
+(``*`` and ``?`` only, so that the chart can turn them into the same regular expressions for its
+ValidatingAdmissionPolicy).
+
+How rules apply: the first entry of ``rules`` whose ``namespaces`` and ``connections`` match the
+resource's namespace and connection applies; when none matches, ``defaultRule`` does. A field a
+rule leaves out takes the built-in default, which is open (any host path, NIC parent, pool, PROXY
+port and name) except for passthrough devices (USB, GPU, PCI), which are off until a rule allows
+them, as KubeVirt's host-disk gate is. So the homelab needs no policy at all, and a shared cluster
+writes a restrictive ``defaultRule`` and one rule per team.
+
+The chart's ValidatingAdmissionPolicy (``templates/admission-policy.yaml``) checks the same rules
+in CEL; the operator checks them again before acting (``violations``), because admission can be
+switched off or bypassed, and reports a refusal as ``Synced=False, reason=PolicyDenied``.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from .models import DeviceType, IncusInstanceSpec
+
 DEFAULT_CONNECTION = "<default>"
+NAMESPACE_PLACEHOLDER = "{namespace}"
+DEFAULT_POOL = "<default>"
+"""In ``storagePools``: the pool TrueNAS picks when ``spec.storagePool`` is omitted."""
+PASSTHROUGH_DEVICE_TYPES: tuple[str, ...] = (DeviceType.USB, DeviceType.GPU, DeviceType.PCI)
+DEFAULT_DEVICE_TYPES: tuple[str, ...] = tuple(t.value for t in DeviceType if t not in PASSTHROUGH_DEVICE_TYPES)
+POLICY_REASON = "PolicyDenied"
+
+# Globs of namespaces (DNS labels) and connection keys (<default>, namespace/name): '*' and '?' only.
+GLOB_PATTERN = r"^[a-z0-9.*?<>/-]{1,317}$"
+Glob = Annotated[str, Field(pattern=GLOB_PATTERN)]
+HOST_PATH_PREFIX_PATTERN = r"^/[A-Za-z0-9._/{}@+:-]*$"
+NAME_PREFIX_PATTERN = r"^([A-Za-z0-9-]|\{namespace\}){1,62}$"
+NIC_PARENT_PATTERN = r"^[A-Za-z0-9._-]{1,15}$"
 
 
 class _Policy(BaseModel):
@@ -27,8 +58,8 @@ class _Policy(BaseModel):
 class Grant(_Policy):
     """Namespaces allowed something on connections."""
 
-    namespaces: list[str] = Field(default_factory=lambda: ["*"], description="Namespace globs.")
-    connections: list[str] = Field(default_factory=lambda: ["*"], description="Connection globs.")
+    namespaces: list[Glob] = Field(default_factory=lambda: ["*"], description="Namespace globs.")
+    connections: list[Glob] = Field(default_factory=lambda: ["*"], description="Connection globs.")
 
     def covers(self, namespace: str, connection: str) -> bool:
         return any(fnmatchcase(namespace, p) for p in self.namespaces) and any(
@@ -36,8 +67,97 @@ class Grant(_Policy):
         )
 
 
+class PortRange(_Policy):
+    """Host ports ``from`` to ``to`` (inclusive); ``to`` omitted: the single port ``from``."""
+
+    from_: Annotated[int, Field(ge=1, le=65535, alias="from")]
+    to: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PortRange:
+        if self.to is not None and self.to < self.from_:
+            raise ValueError(f"to ({self.to}) is below from ({self.from_})")
+        return self
+
+    @property
+    def last(self) -> int:
+        return self.from_ if self.to is None else self.to
+
+    def __contains__(self, port: int) -> bool:
+        return self.from_ <= port <= self.last
+
+    def __str__(self) -> str:
+        return str(self.from_) if self.to is None or self.to == self.from_ else f"{self.from_}-{self.to}"
+
+
+class Rule(Grant):
+    """What the namespaces may do on the connections. A field left out (null) takes the built-in
+    default: every device type but USB, GPU and PCI; any host path, NIC parent, pool, PROXY port
+    and instance name. An empty list allows nothing."""
+
+    device_types: list[DeviceType] | None = Field(
+        None,
+        description="Device types allowed in spec.devices (NIC also covers spec.nics). Default: all but USB, GPU, PCI.",
+    )
+    host_path_prefixes: list[Annotated[str, Field(pattern=HOST_PATH_PREFIX_PATTERN, max_length=1024)]] | None = Field(
+        None,
+        description=(
+            "DISK and CDROM sources must lie under one of these paths, compared by path components; "
+            "{namespace} stands for the resource's namespace. Default: any path."
+        ),
+    )
+    nic_parents: list[Annotated[str, Field(pattern=NIC_PARENT_PATTERN)]] | None = Field(
+        None,
+        description=(
+            "Host interfaces and bridges spec.nics[].parent may name (a NIC without a parent uses "
+            "TrueNAS's default network and is always allowed). Default: any."
+        ),
+    )
+    storage_pools: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None,
+        description=(
+            "Pools spec.storagePool may name; '<default>' allows omitting it (TrueNAS's default pool). Default: any."
+        ),
+    )
+    proxy_ports: list[PortRange] | None = Field(
+        None, description="Host ports (extra.source_port) a PROXY device may listen on. Default: any."
+    )
+    instance_name_prefix: Annotated[str, Field(pattern=NAME_PREFIX_PATTERN)] | None = Field(
+        None,
+        description=(
+            "The instance name (spec.name, else metadata.name) must start with this; "
+            "{namespace} stands for the namespace, e.g. '{namespace}-'. Default: any name."
+        ),
+    )
+
+    @field_validator("host_path_prefixes")
+    @classmethod
+    def _plain_paths(cls, value: list[str] | None) -> list[str] | None:
+        for prefix in value or []:
+            parts = prefix.split("/")[1:]
+            if "//" in prefix or any(part in (".", "..") for part in parts):
+                raise ValueError(f"{prefix!r}: write prefixes without '//', '.' or '..'")
+        return value
+
+    def allowed_device_types(self) -> tuple[str, ...]:
+        return DEFAULT_DEVICE_TYPES if self.device_types is None else tuple(str(t) for t in self.device_types)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A refusal: the policy rule (``policy.rules[0].hostPathPrefixes``) and the spec field
+    (``spec.devices[data].source``) it refuses, and why."""
+
+    rule: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.field}: {self.message}"
+
+
 class Policy(_Policy):
-    default_connection_namespaces: list[str] = Field(
+    default_connection_namespaces: list[Glob] = Field(
         default_factory=lambda: ["*"],
         description="Namespaces whose IncusInstances may use the operator's default connection (its own key).",
     )
@@ -48,6 +168,12 @@ class Policy(_Policy):
             "(with the incus.truenas.io/adopt annotation). Empty: nowhere."
         ),
     )
+    rules: list[Rule] = Field(
+        default_factory=list, description="Per namespace and connection; the first that matches applies."
+    )
+    default_rule: Rule = Field(
+        default_factory=Rule, description="Applies where no rule matches (its namespaces and connections are ignored)."
+    )
 
     def may_use_default_connection(self, namespace: str) -> bool:
         return any(fnmatchcase(namespace, p) for p in self.default_connection_namespaces)
@@ -55,13 +181,172 @@ class Policy(_Policy):
     def may_adopt(self, namespace: str, connection: str) -> bool:
         return any(grant.covers(namespace, connection) for grant in self.adoption)
 
+    def rule_for(self, namespace: str, connection: str) -> tuple[str, Rule]:
+        """The rule that applies, and its name in the policy (``policy.rules[1]``, ``policy.defaultRule``)."""
+        for index, rule in enumerate(self.rules):
+            if rule.covers(namespace, connection):
+                return f"policy.rules[{index}]", rule
+        return "policy.defaultRule", self.default_rule
+
+    def violations(
+        self, namespace: str, connection: str, spec: IncusInstanceSpec, instance_name: str | None = None
+    ) -> list[Violation]:
+        """Everything in ``spec`` the policy refuses for a resource in ``namespace`` on ``connection``
+        (``<default>`` or ``namespace/name``). ``instance_name``: the resource's metadata.name, the
+        instance name when spec.name is omitted. Empty: allowed."""
+        found: list[Violation] = []
+        if connection == DEFAULT_CONNECTION and not self.may_use_default_connection(namespace):
+            found.append(
+                Violation(
+                    "policy.defaultConnectionNamespaces",
+                    "spec.connectionRef",
+                    f"namespace {namespace} may not use the operator's default connection: name a TrueNASConnection",
+                )
+            )
+        label, rule = self.rule_for(namespace, connection)
+        found += _device_types(label, rule, spec)
+        found += _host_paths(label, rule, spec, namespace)
+        found += _nic_parents(label, rule, spec)
+        found += _storage_pool(label, rule, spec)
+        found += _proxy_ports(label, rule, spec)
+        found += _name_prefix(label, rule, spec, namespace, instance_name)
+        return found
+
+
+def _device_types(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
+    allowed = rule.allowed_device_types()
+    where = f"{label}.deviceTypes"
+    listed = ", ".join(allowed) or "none"
+    found = [
+        Violation(where, f"spec.devices[{d.name}].type", f"{d.type} devices are not allowed (allowed: {listed})")
+        for d in spec.devices or []
+        if str(d.type) not in allowed
+    ]
+    if DeviceType.NIC not in allowed:
+        found += [
+            Violation(where, f"spec.nics[{n.name}]", f"NIC devices are not allowed (allowed: {listed})")
+            for n in spec.nics or []
+        ]
+    return found
+
+
+def _host_paths(label: str, rule: Rule, spec: IncusInstanceSpec, namespace: str) -> list[Violation]:
+    if rule.host_path_prefixes is None:
+        return []
+    prefixes = [p.replace(NAMESPACE_PLACEHOLDER, namespace) for p in rule.host_path_prefixes]
+    found = []
+    for device in spec.devices or []:
+        if device.type not in (DeviceType.DISK, DeviceType.CDROM) or device.source is None:
+            continue
+        if not any(path_under(device.source, prefix) for prefix in prefixes):
+            shown = ", ".join(prefixes) or "none"
+            why = "is not under an allowed path"
+            if ".." in device.source.split("/"):
+                why = "has a '..' component, so it is under no allowed path"
+            found.append(
+                Violation(
+                    f"{label}.hostPathPrefixes",
+                    f"spec.devices[{device.name}].source",
+                    f"{device.source} {why} ({shown})",
+                )
+            )
+    return found
+
+
+def path_under(path: str, prefix: str) -> bool:
+    """Whether ``path`` lies at or below ``prefix``, by path components. A relative path or one with
+    a ``..`` component never does ('.' and repeated '/' are ignored, as the kernel ignores them)."""
+    if not path.startswith("/") or path.startswith("//") or ".." in path.split("/"):
+        return False
+    parts = PurePosixPath(path).parts
+    wanted = PurePosixPath(prefix).parts
+    return parts[: len(wanted)] == wanted
+
+
+def _nic_parents(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
+    if rule.nic_parents is None:
+        return []
+    shown = ", ".join(rule.nic_parents) or "none"
+    return [
+        Violation(
+            f"{label}.nicParents", f"spec.nics[{n.name}].parent", f"{n.parent} is not an allowed parent ({shown})"
+        )
+        for n in spec.nics or []
+        if n.parent is not None and n.parent not in rule.nic_parents
+    ]
+
+
+def _storage_pool(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
+    if rule.storage_pools is None:
+        return []
+    pool = spec.storage_pool or DEFAULT_POOL
+    if pool in rule.storage_pools:
+        return []
+    shown = ", ".join(rule.storage_pools) or "none"
+    what = f"pool {pool}" if spec.storage_pool else f"TrueNAS's default pool ({DEFAULT_POOL}): set spec.storagePool"
+    return [Violation(f"{label}.storagePools", "spec.storagePool", f"{what} is not allowed (allowed: {shown})")]
+
+
+def _proxy_ports(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
+    if rule.proxy_ports is None:
+        return []
+    shown = ", ".join(map(str, rule.proxy_ports)) or "none"
+    found = []
+    for device in spec.devices or []:
+        if device.type != DeviceType.PROXY:
+            continue
+        raw = (device.extra or {}).get("source_port")
+        port = _port(raw)
+        if port is None or not any(port in allowed for allowed in rule.proxy_ports):
+            said = "no host port" if raw is None else f"host port {raw}"
+            found.append(
+                Violation(
+                    f"{label}.proxyPorts",
+                    f"spec.devices[{device.name}].extra.source_port",
+                    f"{said} is not an allowed port ({shown})",
+                )
+            )
+    return found
+
+
+def _port(value: int | str | None) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,5}", value):
+        return int(value)
+    return None
+
+
+def _name_prefix(
+    label: str, rule: Rule, spec: IncusInstanceSpec, namespace: str, instance_name: str | None
+) -> list[Violation]:
+    if rule.instance_name_prefix is None:
+        return []
+    prefix = rule.instance_name_prefix.replace(NAMESPACE_PLACEHOLDER, namespace)
+    name, field = (spec.name, "spec.name") if spec.name else (instance_name or "", "metadata.name")
+    if name.startswith(prefix):
+        return []
+    return [Violation(f"{label}.instanceNamePrefix", field, f"instance name {name!r} must start with {prefix!r}")]
+
+
+class PolicyError(ValueError):
+    """The policy file cannot be used; the message names the file and what is wrong."""
+
 
 def load_policy(path: Path | None) -> Policy:
     """The policy in ``path`` (YAML), or the default one (no file): every namespace may use the
-    default connection, nothing may be adopted. Raises ``ValueError`` naming what is wrong."""
+    default connection, nothing may be adopted, passthrough devices are off and everything else is
+    open. Raises ``PolicyError`` naming the file and what is wrong."""
     if path is None:
         return Policy()
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PolicyError(f"cannot read the policy file {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the policy must be a mapping")
-    return Policy.model_validate(data)
+        raise PolicyError(f"{path}: the policy must be a mapping")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise PolicyError(f"invalid policy file {path}: {problems}") from None

@@ -12,7 +12,6 @@ from typing import Any
 
 from .models import (
     ADOPT_ANNOTATION,
-    API_GROUP,
     EFFECTIVE_DEFAULTS,
     DeletionPolicy,
     IncusInstanceSpec,
@@ -20,8 +19,21 @@ from .models import (
 )
 from .truenas.types import UNSET, DeviceConfig, InstanceChanges, InstanceConfig, ObservedInstance
 
-CREATED_ANNOTATION = f"{API_GROUP}/created-instance"
-"""Written before the create call: this resource created (or is creating) the named instance."""
+
+@dataclass(frozen=True)
+class Ownership:
+    """What the ownership ledger (and the administrator's policy) say about the instance name on
+    this TrueNAS. Never derived from annotations or status: tenants write those."""
+
+    mine: bool = False
+    """The ledger names this resource (by UID) as the instance's owner."""
+    holder: str | None = None
+    """Another resource (``namespace/name``) holds the instance in the ledger."""
+    adopt_requested: bool = False
+    """The resource carries ``incus.truenas.io/adopt: "true"`` (a request, not a right)."""
+    adopt_allowed: bool = False
+    """The administrator's policy allows adoption for this namespace and connection."""
+
 
 TRANSITIONAL = ("STARTING", "STOPPING", "FREEZING", "ABORTING")
 
@@ -34,25 +46,17 @@ class Desired:
     name: str
     generation: int
     spec: IncusInstanceSpec
-    annotations: dict[str, str]
+    uid: str = ""
     deleting: bool = False
+    ownership: Ownership = Ownership()
 
     @property
     def instance_name(self) -> str:
         return self.spec.name or self.name
 
     @property
-    def created_by_us(self) -> bool:
-        return self.annotations.get(CREATED_ANNOTATION) == self.instance_name
-
-    @property
-    def may_manage_existing(self) -> bool:
-        """Whether an instance that already exists under the name may be managed.
-
-        Only the annotations count, never status: status is a report, and anyone allowed to write it
-        (including this operator reporting on a foreign instance) must not create ownership.
-        """
-        return self.created_by_us or self.annotations.get(ADOPT_ANNOTATION, "").lower() == "true"
+    def owns(self) -> bool:
+        return self.ownership.mine
 
     @property
     def power_state(self) -> str:
@@ -78,8 +82,13 @@ class Desired:
 
 # ----- actions ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MarkCreating:
-    """Record ``CREATED_ANNOTATION`` on the resource before creating (crash safety)."""
+class Claim:
+    """Record this resource as the owner in the ledger before creating (crash safety, no twin)."""
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Record this resource as the owner of an instance that exists and that nobody holds."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,7 @@ class Delete:
     pass
 
 
-Action = MarkCreating | Create | Update | AddDevice | UpdateDevice | RemoveDevice | Start | Stop | Delete
+Action = Claim | Adopt | Create | Update | AddDevice | UpdateDevice | RemoveDevice | Start | Stop | Delete
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,8 @@ class Blocked:
 
     reason: str
     message: str
+    ours: bool = False
+    """The instance (if it exists) is this resource's: status may report it (e.g. PolicyDenied)."""
 
 
 @dataclass(frozen=True)
@@ -250,22 +261,22 @@ def plan(
     ``devices`` is None when they were not read this time.
     """
     config = config or instance_config(desired)
+    ownership = desired.ownership
+    if ownership.holder is not None:
+        return Plan(
+            blocked=Blocked(
+                "Conflict",
+                f"the instance {desired.instance_name!r} is already managed by IncusInstance {ownership.holder}",
+            )
+        )
     if observed is None:
         if "type" in unsupported:
             return Plan(blocked=Blocked("Unsupported", _vm_unsupported_message(desired)), unsupported=unsupported)
-        actions: list[Action] = [] if desired.created_by_us else [MarkCreating()]
+        actions: list[Action] = [] if ownership.mine else [Claim()]
         actions.append(Create(config))
         return Plan(actions=tuple(actions), unsupported=unsupported)
 
-    if not desired.may_manage_existing:
-        return Plan(
-            blocked=Blocked(
-                "AlreadyExists",
-                f"an instance named {desired.instance_name!r} already exists on TrueNAS and was not created by this "
-                f'resource; to manage it, annotate the resource with {ADOPT_ANNOTATION}: "true"',
-            )
-        )
-    if observed.type != str(desired.spec.type):
+    if observed.type != str(desired.spec.type) and (ownership.mine or ownership.adopt_requested):
         return Plan(
             blocked=Blocked(
                 "TypeMismatch",
@@ -273,6 +284,8 @@ def plan(
                 f"{desired.spec.type}",
             )
         )
+    if not ownership.mine:
+        return _not_ours(desired)
     if observed.status in TRANSITIONAL:
         return Plan(waiting=f"TrueNAS reports {observed.status}", unsupported=unsupported)
 
@@ -297,7 +310,7 @@ def plan_delete(desired: Desired, observed: ObservedInstance | None) -> Plan:
     """Steps to remove the instance when the resource is deleted."""
     if desired.deletion_policy == DeletionPolicy.ORPHAN or observed is None:
         return Plan()
-    if not desired.may_manage_existing:
+    if not desired.owns:
         return Plan(
             notes=(f"the instance {desired.instance_name!r} was never managed by this resource; left in place",)
         )
@@ -310,10 +323,33 @@ def plan_delete(desired: Desired, observed: ObservedInstance | None) -> Plan:
     return Plan(actions=tuple(steps))
 
 
+def _not_ours(desired: Desired) -> Plan:
+    """An instance exists under the name and this resource does not own it."""
+    name = desired.instance_name
+    if desired.ownership.adopt_requested and desired.ownership.adopt_allowed:
+        return Plan(actions=(Adopt(),))
+    if desired.ownership.adopt_requested:
+        return Plan(
+            blocked=Blocked(
+                "AdoptionNotAllowed",
+                f"an instance named {name!r} already exists on TrueNAS; the administrator's policy does not allow "
+                f"adoption in namespace {desired.namespace!r} on this connection (policy: adoption)",
+            )
+        )
+    return Plan(
+        blocked=Blocked(
+            "AlreadyExists",
+            f"an instance named {name!r} already exists on TrueNAS and was not created by this resource; to manage "
+            f'it, annotate the resource with {ADOPT_ANNOTATION}: "true" where the administrator\'s policy allows '
+            "adoption",
+        )
+    )
+
+
 def _vm_unsupported_message(desired: Desired) -> str:
     return (
         f"this TrueNAS cannot create the Incus VM {desired.instance_name!r}: only TrueNAS 25.04.0 and 25.04.1 "
         "create VMs through virt.instance; 25.04.2 and later create VMs through the vm.* API, and TrueNAS 26 "
         "has no Incus VMs at all. Existing Incus VMs on 25.04.2-25.10 stay manageable: annotate this resource "
-        f'with {ADOPT_ANNOTATION}: "true" to take one over, or use type CONTAINER'
+        f'with {ADOPT_ANNOTATION}: "true" to take one over (where the policy allows adoption), or use type CONTAINER'
     )

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     )
     truenas_max_concurrent_calls: int = Field(20, ge=1, le=20)
 
+    ledger_namespace: str = Field(
+        default_factory=lambda: _own_namespace(),
+        description="Namespace of the ownership ledger (the operator's own; tenants must not write there).",
+    )
     policy_file: Path | None = Field(
         None, description="The administrator's policy (policy.py); unset: the default policy."
     )
@@ -45,3 +49,14 @@ class Settings(BaseSettings):
 
     def default_ca(self) -> str | None:
         return self.truenas_ca_file.read_text() if self.truenas_ca_file else None
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _own_namespace() -> str:
+    """In a pod: the pod's namespace; elsewhere: truenas-incus-operator."""
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "truenas-incus-operator"
+    except OSError:
+        return "truenas-incus-operator"

@@ -160,7 +160,7 @@ def render_instance(
     version: str | None = None,
 ) -> IncusInstanceStatus:
     """The whole status of an IncusInstance."""
-    if plan is not None and plan.blocked is not None:
+    if plan is not None and plan.blocked is not None and not plan.blocked.ours:
         observed = None  # not ours (AlreadyExists, Conflict, ...): report nothing of it as ours
     current_phase = phase(desired, observed, activity, problem or _blocked_problem(plan))
     ready = ready_condition(desired, observed, plan, activity, problem)

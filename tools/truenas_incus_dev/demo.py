@@ -22,6 +22,7 @@ from truenas_simulator import Simulator, SimulatorThread
 from .localcluster import REPO_ROOT, LocalControlPlane, binaries_dir, start_for_people, wait_for_interrupt
 
 EXAMPLES = REPO_ROOT / "examples"
+LEDGER_NAMESPACE = "truenas-incus-operator"
 
 
 def start(workdir: Path) -> int:
@@ -37,6 +38,12 @@ def run_against_configured(workdir: Path) -> int:
     applied = subprocess.run([str(kubectl), "apply", "-f", str(REPO_ROOT / "crds")], check=False)
     if applied.returncode != 0:
         print("error: could not install the CRDs (see above)", file=sys.stderr)
+        return 1
+    # The ownership ledger's home (TIO_LEDGER_NAMESPACE, default truenas-incus-operator).
+    ledger = os.environ.get("TIO_LEDGER_NAMESPACE", LEDGER_NAMESPACE)
+    exists = subprocess.run([str(kubectl), "get", "namespace", ledger], capture_output=True, check=False)
+    if exists.returncode != 0 and subprocess.run([str(kubectl), "create", "namespace", ledger], check=False).returncode:
+        print(f"error: could not create the namespace {ledger} for the ownership ledger", file=sys.stderr)
         return 1
     # Become the operator, so that signals (Ctrl-C, SIGTERM) reach it directly.
     os.execv(sys.executable, [sys.executable, "-m", "truenas_incus_operator", "run", "-A"])
@@ -55,6 +62,7 @@ def run_demo(workdir: Path) -> int:
         print(f"demo: control plane ready in {seconds:.1f}s", flush=True)
         plane.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
         plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        plane.kubectl("create", "namespace", LEDGER_NAMESPACE)
         main_sim = SimulatorThread(Simulator("25.10"), tls=True, cert_dir=workdir / "simulator-tls").start()
         legacy_sim = SimulatorThread(Simulator("25.04.0"), tls=True, cert_dir=workdir / "simulator-legacy-tls").start()
         try:

@@ -54,3 +54,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/* The policy file: the policy values without the chart's own switches. */}}
+{{- define "truenas-incus-operator.policyFile" -}}
+{{- omit .Values.policy "admission" | toYaml }}
+{{- end }}
+
+{{/* Globs (* and ?) as a CEL list of anchored regular expressions. */}}
+{{- define "truenas-incus-operator.globRegexes" -}}
+{{- $out := list -}}
+{{- range . -}}
+{{- $out = append $out (printf "^%s$" (regexQuoteMeta . | replace "\\*" ".*" | replace "\\?" ".")) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end }}

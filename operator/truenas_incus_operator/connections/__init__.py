@@ -8,9 +8,17 @@
 """
 
 from .cache import InstanceCache
-from .config import DEFAULT_KEY, ConnectionConfig
+from .config import DEFAULT_KEY, ConnectionConfig, truenas_identity
 from .connection import Connection
 from .manager import ConnectionManager
 from .resources import ConnectionResources
 
-__all__ = ["DEFAULT_KEY", "Connection", "ConnectionConfig", "ConnectionManager", "ConnectionResources", "InstanceCache"]
+__all__ = [
+    "DEFAULT_KEY",
+    "Connection",
+    "ConnectionConfig",
+    "ConnectionManager",
+    "ConnectionResources",
+    "InstanceCache",
+    "truenas_identity",
+]

@@ -30,6 +30,15 @@ from ..truenas import Secret
 
 DEFAULT_KEY = "<default>"
 """The key of the operator's default connection (TrueNASConnections are ``namespace/name``)."""
+DEFAULT_PORTS = {"wss": 443, "https": 443, "ws": 80, "http": 80}
+
+
+def truenas_identity(url: str) -> str:
+    """Which TrueNAS a URL reaches, for the ownership ledger: ``wss://NAS.example/api`` -> ``nas.example:443``."""
+    parts = urlsplit(url)
+    port = parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
+    return f"{(parts.hostname or '').lower()}:{port}"
+
 
 CREDENTIALS_LABEL = "incus.truenas.io/credentials"
 """A Secret the operator may read for a TrueNASConnection carries this label with value ``"true"``."""
@@ -49,6 +58,10 @@ class ConnectionConfig:
     ca_pem: str | None = None
     insecure_skip_verify: bool = False
     max_concurrent_calls: int = 20
+
+    @property
+    def identity(self) -> str:
+        return truenas_identity(self.url)
 
 
 Loader = Callable[[], Awaitable[ConnectionConfig]]

@@ -64,9 +64,9 @@ class ConnectionResources:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         key = f"{namespace}/{name}"
-        if meta.get("deletionTimestamp"):
-            await self.remove(key)
-            return
+        deleting = bool(meta.get("deletionTimestamp"))
+        if deleting and key in self.manager.connections:
+            return  # keep the credentials last loaded: the IncusInstances being deleted still need them
         generation = int(meta.get("generation") or 0)
         reported = self._reported.get(key)
         previous = reported.status if reported else dict(body.get("status") or {})

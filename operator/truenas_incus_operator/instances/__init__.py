@@ -2,18 +2,18 @@
 
 - ``resource``: the desired state read from the live body, and a loop's memory between passes;
 - ``wakeups``: which loop to wake on a watch event (only for changes it acts on);
-- ``claims``: one resource per instance: the older one holds the claim;
+- ``ledger``: who owns which instance on which TrueNAS (ConfigMaps in the operator's namespace);
 - ``loop``: observe -> plan -> act -> report, until the daemon stops;
 - ``executor``: one planned action on TrueNAS;
 - ``reporter``: status writes, Events (one per distinct problem), backoff;
 - ``deletion``: stop and delete the instance when the resource goes (or leave it: Orphan).
 """
 
-from .claims import Claims
 from .deletion import Deletion
 from .executor import Executor
+from .ledger import Ledger
 from .loop import InstanceLoops
 from .reporter import Reporter
 from .wakeups import Wakeups
 
-__all__ = ["Claims", "Deletion", "Executor", "InstanceLoops", "Reporter", "Wakeups"]
+__all__ = ["Deletion", "Executor", "InstanceLoops", "Ledger", "Reporter", "Wakeups"]

@@ -1,20 +1,23 @@
-"""Deleting an IncusInstance: stop and delete its instance on TrueNAS (or leave it, with
-``deletionPolicy: Orphan``). kopf keeps the finalizer until this succeeds."""
+"""Deleting an IncusInstance: stop and delete the instances the ledger says it owns (or leave them,
+with ``deletionPolicy: Orphan``), then release the ledger records. kopf keeps the finalizer until
+this succeeds. A resource that owns nothing is done at once, whatever state its connection is in."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-from ..connections import ConnectionManager
+from ..connections import Connection, ConnectionManager
 from ..models import Phase
 from ..problems import OperatorError, Problem, fail, problem_of
-from ..reconcile import plan_delete
+from ..reconcile import Desired, Ownership, plan_delete
 from ..settings import Settings
 from ..truenas import NotFound, TrueNASError
 from .executor import Executor
+from .ledger import Ledger, Record
 from .reporter import Reporter
 from .resource import LoopState, ResourceKey, connection_key, desired_from, resource_key
 
@@ -24,10 +27,16 @@ DELETE_ATTEMPTS = 4
 
 class Deletion:
     def __init__(
-        self, settings: Settings, connections: ConnectionManager, reporter: Reporter, executor: Executor
+        self,
+        settings: Settings,
+        connections: ConnectionManager,
+        ledger: Ledger,
+        reporter: Reporter,
+        executor: Executor,
     ) -> None:
         self.settings = settings
         self.connections = connections
+        self.ledger = ledger
         self.reporter = reporter
         self.executor = executor
         self._posted: dict[ResourceKey, LoopState] = {}
@@ -37,61 +46,39 @@ class Deletion:
         self._posted.pop(key, None)
 
     async def delete(self, body: Mapping[str, Any], retry: int) -> None:
-        """Raises ``OperatorError`` with ``retry_after`` when deletion cannot finish yet."""
+        """Raises ``OperatorError`` (with ``retry_after``) when deletion cannot finish yet."""
         desired = desired_from(body)
         key = resource_key(body)
         state = LoopState(status=dict(body.get("status") or {}))
         version = None
         try:
+            if key in self.executor.creating:
+                raise fail("CreateInProgress", f"{desired.instance_name} is being created", retry_after=1.0)
+            records = self.ledger.owned_by(desired.uid)
+            if not records:
+                self.forget(key)
+                return  # it never created nor adopted anything: nothing to do on TrueNAS
             if desired.deletion_policy == "Orphan":
-                self.reporter.post_event(
-                    body, "Normal", "Orphaned", f"left {desired.instance_name} on TrueNAS (deletionPolicy: Orphan)"
-                )
+                for record in records:
+                    await self.ledger.release(record)
+                    self.reporter.post_event(
+                        body, "Normal", "Orphaned", f"left {record.instance} on TrueNAS (deletionPolicy: Orphan)"
+                    )
                 self.forget(key)
                 return
-            connection = self.connections.get(connection_key(desired.namespace, desired.spec))
-            if not connection.ready.is_set():
-                try:
-                    await asyncio.wait_for(connection.ready.wait(), CONNECT_WAIT_SECONDS)
-                except TimeoutError:
-                    problem = connection.problem or Problem("Unreachable", "TrueNAS is not connected")
-                    raise OperatorError(problem) from None
+            connection = await self._connection(desired)
             version = connection.version
-            if (desired.namespace, desired.name) in self.executor.creating:
-                raise fail("CreateInProgress", f"{desired.instance_name} is being created", retry_after=1.0)
-            for _ in range(DELETE_ATTEMPTS):
-                observed = await connection.refresh_one(desired.instance_name)
-                current = plan_delete(desired, observed)
-                if current.waiting:
-                    await asyncio.sleep(1)
-                    continue
-                if not current.actions:
-                    client = connection.client
-                    if (
-                        observed is None
-                        and desired.created_by_us
-                        and client is not None
-                        and await client.instances.create_in_progress(desired.instance_name)
-                    ):
-                        # Started before a crash: it would leave an instance behind once it ends.
-                        raise fail(
-                            "CreateInProgress",
-                            f"a create job for {desired.instance_name} is still running",
-                            retry_after=2.0,
-                        )
-                    if observed is None and desired.may_manage_existing:
-                        self.reporter.post_event(
-                            body, "Normal", "Deleted", f"deleted {desired.instance_name} on TrueNAS"
-                        )
-                    self.forget(key)
-                    return
-                await self.reporter.write(state, desired, observed, activity=Phase.DELETING, version=version)
-                for action in current.actions:
-                    try:
-                        await self.executor.execute(body, state, desired, connection, observed, action)
-                    except NotFound:
-                        connection.remember_gone(desired.instance_name)
-            raise fail("DeleteFailed", "the instance is still there after deleting it")
+            for record in records:
+                if record.truenas != connection.config.identity:
+                    raise fail(
+                        "DeleteFailed",
+                        f"this resource owns {record.instance!r} on {record.truenas}, but its connection now reaches "
+                        f"{connection.config.identity}; restore the connection's URL to delete it",
+                    )
+                await self._delete_one(body, state, desired, connection, record)
+                self.reporter.post_event(body, "Normal", "Deleted", f"deleted {record.instance} on TrueNAS")
+            self.forget(key)
+            return
         except OperatorError as exc:
             if exc.retry_after is not None:
                 raise  # waiting for something that will end by itself (a create in flight): no report
@@ -104,3 +91,51 @@ class Deletion:
             await self.reporter.write(state, desired, None, problem=problem, version=version)
         self.reporter.post_once(body, self._posted.setdefault(key, state), "Warning", problem.reason, problem.message)
         raise OperatorError(problem, retry_after=delay)
+
+    async def _connection(self, desired: Desired) -> Connection:
+        connection = self.connections.get(connection_key(desired.namespace, desired.spec))
+        if not connection.ready.is_set():
+            try:
+                await asyncio.wait_for(connection.ready.wait(), CONNECT_WAIT_SECONDS)
+            except TimeoutError:
+                problem = connection.problem or Problem("Unreachable", "TrueNAS is not connected")
+                raise OperatorError(problem) from None
+        return connection
+
+    async def _delete_one(
+        self, body: Mapping[str, Any], state: LoopState, desired: Desired, connection: Connection, record: Record
+    ) -> None:
+        fresh = await self.ledger.reread(record.truenas, record.instance)
+        if fresh is None or fresh.owner_uid != desired.uid:
+            return  # not (or no longer) ours: never touch it
+        # The instance the record names (spec.name cannot change once it exists).
+        ours = replace(
+            desired, spec=desired.spec.model_copy(update={"name": fresh.instance}), ownership=Ownership(mine=True)
+        )
+        for _ in range(DELETE_ATTEMPTS):
+            observed = await connection.refresh_one(fresh.instance)
+            current = plan_delete(ours, observed)
+            if current.waiting:
+                await asyncio.sleep(1)
+                continue
+            if not current.actions:
+                client = connection.client
+                if (
+                    observed is None
+                    and fresh.state == "creating"
+                    and client is not None
+                    and await client.instances.create_in_progress(fresh.instance)
+                ):
+                    # Started before a crash: it would leave an instance behind once it ends.
+                    raise fail(
+                        "CreateInProgress", f"a create job for {fresh.instance} is still running", retry_after=2.0
+                    )
+                await self.ledger.release(fresh)
+                return
+            await self.reporter.write(state, ours, observed, activity=Phase.DELETING, version=connection.version)
+            for action in current.actions:
+                try:
+                    await self.executor.execute(body, state, ours, connection, observed, action)
+                except NotFound:
+                    connection.remember_gone(fresh.instance)
+        raise fail("DeleteFailed", "the instance is still there after deleting it")

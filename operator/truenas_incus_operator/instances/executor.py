@@ -1,5 +1,5 @@
 """Carries out one planned action on TrueNAS, and records what it did (in the connection's cache,
-in the ownership annotation, in an Event)."""
+in the ownership ledger, in an Event). Every write to TrueNAS is checked against the ledger first."""
 
 from __future__ import annotations
 
@@ -8,25 +8,26 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..connections import Connection
-from ..kube import Kube
 from ..models import Phase
+from ..problems import fail
 from ..reconcile import (
-    CREATED_ANNOTATION,
     Action,
     AddDevice,
+    Adopt,
+    Claim,
     Create,
     Delete,
     Desired,
-    MarkCreating,
     RemoveDevice,
     Start,
     Stop,
     Update,
     UpdateDevice,
 )
-from ..truenas import AlreadyExists, InstanceBackend, JobFailed, ObservedInstance, TransportError, TrueNASError
+from ..truenas import AlreadyExists, CallFailed, InstanceBackend, JobFailed, ObservedInstance, TransportError
+from .ledger import Ledger, Record
 from .reporter import Reporter
-from .resource import PLURAL, LoopState, ResourceKey
+from .resource import LoopState, ResourceKey
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ def is_device_action(action: Action) -> bool:
 
 
 class Executor:
-    def __init__(self, kube: Kube, reporter: Reporter) -> None:
-        self.kube = kube
+    def __init__(self, ledger: Ledger, reporter: Reporter) -> None:
+        self.ledger = ledger
         self.reporter = reporter
         self.creating: set[ResourceKey] = set()
         """Resources whose create call is in flight in this process (deletion waits for them)."""
@@ -54,11 +55,21 @@ class Executor:
         backend = _backend(connection)
         name = desired.instance_name
         version = connection.version
-        if isinstance(action, MarkCreating):
-            await self.kube.patch_annotations(PLURAL, desired.namespace, desired.name, {CREATED_ANNOTATION: name})
-            state.annotations[CREATED_ANNOTATION] = name
-        elif isinstance(action, Create):
-            await self._create(body, state, desired, connection, action)
+        if isinstance(action, Claim | Adopt):
+            record = await self.ledger.claim(
+                connection.config.identity,
+                name,
+                owner_uid=desired.uid,
+                owner=f"{desired.namespace}/{desired.name}",
+                connection=connection.key,
+                state="adopted" if isinstance(action, Adopt) else "creating",
+            )
+            if isinstance(action, Adopt):
+                self.reporter.post_event(body, "Normal", "Adopted", f"took over {name} on TrueNAS ({record.truenas})")
+            return
+        record = self.owned(desired, connection)
+        if isinstance(action, Create):
+            await self._create(body, state, desired, connection, action, record)
         elif isinstance(action, Update):
             async with connection.job_slots:
                 connection.remember(await backend.update(name, action.changes))
@@ -84,8 +95,22 @@ class Executor:
         if is_device_action(action):
             await connection.refresh_one(name)
 
+    def owned(self, desired: Desired, connection: Connection) -> Record:
+        """The ledger record that lets ``desired`` write to its instance; raises otherwise."""
+        record = self.ledger.get(connection.config.identity, desired.instance_name)
+        if record is None or record.owner_uid != desired.uid:
+            holder = f" (IncusInstance {record.owner} owns it)" if record is not None else ""
+            raise fail("NotOwner", f"this resource does not own the instance {desired.instance_name!r}{holder}")
+        return record
+
     async def _create(
-        self, body: Mapping[str, Any], state: LoopState, desired: Desired, connection: Connection, action: Create
+        self,
+        body: Mapping[str, Any],
+        state: LoopState,
+        desired: Desired,
+        connection: Connection,
+        action: Create,
+        record: Record,
     ) -> None:
         key = (desired.namespace, desired.name)
         name = desired.instance_name
@@ -95,19 +120,24 @@ class Executor:
             async with connection.job_slots:
                 created = await _backend(connection).create(action.config)
         except AlreadyExists:
-            if desired.created_by_us and await connection.refresh_one(name) is not None:
-                return  # an earlier attempt (before a crash) created it: it is ours
+            # Claimed in an earlier pass (before a crash): the earlier create call made it; it is ours.
+            if desired.owns and await connection.refresh_one(name) is not None:
+                await self.ledger.set_state(record, "created")
+                return
             # Someone else's instance took the name between our look and our create.
-            await self._forget_creation(desired, state)
+            await self.ledger.release(record)
             await connection.refresh_one(name)
             raise
-        except TrueNASError:
+        except CallFailed:
+            # TrueNAS answered: nothing was created. Give the name back so a corrected spec can go on.
             if await connection.refresh_one(name) is None:
-                await self._forget_creation(desired, state)
+                await self.ledger.release(record)
             raise
+        # A transport error or a timeout is not an answer: the job may still run, the record stays.
         finally:
             self.creating.discard(key)
         connection.remember(created)
+        await self.ledger.set_state(record, "created")
         self.reporter.post_event(body, "Normal", "Created", f"created {created.type} {name} on TrueNAS")
 
     async def stop(self, connection: Connection, name: str, timeout: int) -> None:
@@ -120,10 +150,6 @@ class Executor:
             except JobFailed as exc:
                 log.info("graceful stop of %s failed (%s); forcing", name, exc.message)
             await backend.stop(name, force=True)
-
-    async def _forget_creation(self, desired: Desired, state: LoopState) -> None:
-        await self.kube.patch_annotations(PLURAL, desired.namespace, desired.name, {CREATED_ANNOTATION: None})
-        state.annotations[CREATED_ANNOTATION] = None
 
 
 def _backend(connection: Connection) -> InstanceBackend:

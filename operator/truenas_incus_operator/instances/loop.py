@@ -8,20 +8,22 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
 
 from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
+from ..policy import POLICY_REASON, Policy
 from ..problems import OperatorError, Problem, fail, problem_of
-from ..reconcile import Desired, Plan, instance_config, plan
+from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
 from ..settings import Settings
-from ..truenas import TrueNASError
-from .claims import Claims
+from ..truenas import ObservedInstance, TrueNASError
 from .executor import Executor, is_device_action
+from .ledger import Ledger
 from .reporter import Reporter
-from .resource import LoopState, Wake, connection_key, desired_from, resource_key
+from .resource import LoopState, Wake, adopt_requested, connection_key, desired_from, resource_key
 from .wakeups import Wakeups
 
 log = logging.getLogger(__name__)
@@ -34,16 +36,18 @@ class InstanceLoops:
         settings: Settings,
         connections: ConnectionManager,
         wakeups: Wakeups,
-        claims: Claims,
+        ledger: Ledger,
         reporter: Reporter,
         executor: Executor,
+        policy: Policy | None = None,
     ) -> None:
         self.settings = settings
         self.connections = connections
         self.wakeups = wakeups
-        self.claims = claims
+        self.ledger = ledger
         self.reporter = reporter
         self.executor = executor
+        self.policy = policy or Policy()
 
     async def run(self, body: Mapping[str, Any], stopped: Any) -> None:
         """Reconciles one IncusInstance until the daemon is stopped. ``body`` is kopf's live view."""
@@ -62,13 +66,12 @@ class InstanceLoops:
                 connection.cache.unlisten(instance, wake)
             if state.watching_key is not None:
                 self.connections.unwatch_key(state.watching_key, wake)
-            self.claims.release(key)
             self.wakeups.forget(key)
 
     async def reconcile_once(self, body: Mapping[str, Any], state: LoopState, wake: Wake) -> float:
         """One pass; returns the seconds until the next unprompted pass."""
         try:
-            desired = desired_from(body, state.annotations)
+            desired = desired_from(body)
         except ValidationError as exc:
             # Admission refuses this; an older CRD might not have. Report and wait for a change.
             message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -80,27 +83,42 @@ class InstanceLoops:
         self._watch_key(state, key, wake)
         connection: Connection | None = None
         try:
+            denied = self._policy_denial(desired, key)
+            if denied is not None:
+                # Refused before the connection is even looked at: no TrueNAS call, no write, no delete.
+                observed = self._owned_observation(body, key)  # keeps instanceId: the instance stays ours
+                await self.reporter.write(state, desired, observed, plan=Plan(blocked=denied))
+                self.reporter.post_once(body, state, "Warning", denied.reason, denied.message)
+                return self.settings.resync_seconds
             connection = self.connections.get(key)
             self._listen(state, connection, desired.instance_name, wake)
             if not connection.ready.is_set():
                 raise OperatorError(connection.problem or Problem("Connecting", "connecting to TrueNAS"))
-            conflict = self.claims.claim(key, desired, body)
-            if conflict is not None:
-                await self.reporter.write(state, desired, None, plan=Plan(blocked=conflict), version=connection.version)
-                self.reporter.post_once(body, state, "Warning", conflict.reason, conflict.message)
-                return self.settings.resync_seconds
-            await self._converge(body, state, desired, connection)
+            await self._converge(body, state, connection)
         except (OperatorError, TrueNASError) as exc:
             problem = problem_of(exc)
             if problem.reason == KUBE_REASON:
                 log.warning("%s/%s: %s", desired.namespace, desired.name, problem.message)
                 return self.reporter.backoff(state)  # the status write would fail the same way
-            ready = connection is not None and connection.ready.is_set()
-            observed = connection.cache.get(desired.instance_name) if connection is not None and ready else None
+            observed = None
+            if connection is not None and connection.ready.is_set() and self.desired(body, connection).owns:
+                observed = connection.cache.get(desired.instance_name)  # never report a foreign instance
             version = connection.version if connection is not None else None
             return await self.reporter.failed(body, state, desired, problem, observed, version)
         state.failures = 0
         return self.settings.resync_seconds * random.uniform(0.9, 1.1)
+
+    def _policy_denial(self, desired: Desired, key: str) -> Blocked | None:
+        """The administrator's policy (policy.py), checked again here: admission can be off or bypassed."""
+        found = self.policy.violations(desired.namespace, key, desired.spec, desired.name)
+        return Blocked(POLICY_REASON, "; ".join(map(str, found)), ours=True) if found else None
+
+    def _owned_observation(self, body: Mapping[str, Any], key: str) -> ObservedInstance | None:
+        """What the cache holds of the resource's instance, if the ledger gives it to the resource."""
+        connection = self.connections.connections.get(key)
+        if connection is None or not connection.ready.is_set() or not self.desired(body, connection).owns:
+            return None
+        return connection.cache.get(desired_from(body).instance_name)
 
     def _watch_key(self, state: LoopState, key: str, wake: Wake) -> None:
         if state.watching_key == key:
@@ -119,15 +137,25 @@ class InstanceLoops:
         connection.cache.listen(instance, wake)
         state.listening = (connection, instance)
 
-    async def _converge(
-        self, body: Mapping[str, Any], state: LoopState, desired: Desired, connection: Connection
-    ) -> None:
+    def desired(self, body: Mapping[str, Any], connection: Connection) -> Desired:
+        """The resource as the planner sees it, with what the ledger and the policy say of it."""
+        desired = desired_from(body)
+        record = self.ledger.get(connection.config.identity, desired.instance_name)
+        ownership = Ownership(
+            mine=record is not None and record.owner_uid == desired.uid,
+            holder=record.owner if record is not None and record.owner_uid != desired.uid else None,
+            adopt_requested=adopt_requested(body),
+            adopt_allowed=self.policy.may_adopt(desired.namespace, connection.key),
+        )
+        return replace(desired, ownership=ownership)
+
+    async def _converge(self, body: Mapping[str, Any], state: LoopState, connection: Connection) -> None:
         client = connection.client
         if client is None:
             raise OperatorError(connection.problem or Problem("Connecting", "connecting to TrueNAS"))
         backend = client.instances
         for _ in range(MAX_STEPS_PER_PASS):
-            desired = desired_from(body, state.annotations)
+            desired = self.desired(body, connection)
             if desired.deleting:
                 return  # the delete handler takes over; kopf stops this loop
             wanted = instance_config(desired)
@@ -135,7 +163,7 @@ class InstanceLoops:
             observed = connection.cache.get(desired.instance_name)
             devices = None
             seen = (desired.generation, connection.epoch)
-            if observed is not None and desired.manages_devices and state.devices_seen != seen:
+            if observed is not None and desired.owns and desired.manages_devices and state.devices_seen != seen:
                 devices = await backend.list_devices(desired.instance_name)
             current = plan(
                 desired,

@@ -4,12 +4,12 @@ the loop remembers between passes."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..connections import DEFAULT_KEY
-from ..models import IncusInstanceSpec
-from ..reconcile import Desired
+from ..models import ADOPT_ANNOTATION, IncusInstanceSpec
+from ..reconcile import Desired, Ownership
 
 if TYPE_CHECKING:
     from ..connections import Connection
@@ -27,26 +27,24 @@ def resource_key(body: Mapping[str, Any]) -> ResourceKey:
     return meta.get("namespace", ""), meta.get("name", "")
 
 
-def desired_from(body: Mapping[str, Any], written: Mapping[str, str | None] | None = None) -> Desired:
-    """Raises pydantic's ``ValidationError`` for a spec the models refuse.
-
-    ``written``: annotations this operator patched that the watch may not have delivered yet.
-    """
+def desired_from(body: Mapping[str, Any], ownership: Ownership | None = None) -> Desired:
+    """Raises pydantic's ``ValidationError`` for a spec the models refuse. ``ownership`` comes from
+    the ledger and the policy (``InstanceLoops``), never from the body."""
     meta = body.get("metadata", {})
-    annotations = dict(meta.get("annotations") or {})
-    for key, value in (written or {}).items():
-        if value is None:
-            annotations.pop(key, None)
-        else:
-            annotations[key] = value
     return Desired(
         namespace=meta.get("namespace", ""),
         name=meta.get("name", ""),
         generation=int(meta.get("generation") or 0),
         spec=IncusInstanceSpec.model_validate(dict(body.get("spec") or {})),
-        annotations=annotations,
+        uid=str(meta.get("uid", "")),
         deleting=bool(meta.get("deletionTimestamp")),
+        ownership=ownership or Ownership(),
     )
+
+
+def adopt_requested(body: Mapping[str, Any]) -> bool:
+    annotations = body.get("metadata", {}).get("annotations") or {}
+    return str(annotations.get(ADOPT_ANNOTATION, "")).lower() == "true"
 
 
 def connection_key(namespace: str, spec: IncusInstanceSpec) -> str:
@@ -68,5 +66,3 @@ class LoopState:
     written_at: float = 0.0
     listening: tuple[Connection, str] | None = None
     watching_key: str | None = None
-    annotations: dict[str, str | None] = field(default_factory=dict)
-    """Annotations patched by this loop (kopf's view catches up with the next watch event)."""

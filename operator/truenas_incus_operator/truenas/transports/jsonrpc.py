@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -375,5 +376,9 @@ class _ErrorReply(Exception):
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0]
+    """The first line of an error, without object reprs (aiohttp prints ``ssl:<SSLContext ... at 0x...>``)."""
+    text = (str(exc) or type(exc).__name__).splitlines()[0]
+    return _REPR.sub("", text)
+
+
+_REPR = re.compile(r" ?ssl:(<[^>]*>|default|None|True|False)")

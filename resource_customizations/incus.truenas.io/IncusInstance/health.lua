@@ -1,14 +1,16 @@
 -- Argo CD health for incus.truenas.io/IncusInstance (truenas-incus-operator).
--- Degraded: Synced=False (TrueNAS refused, unreachable, not ours, delete failed, ...).
+-- Degraded: Synced=False (TrueNAS refused the spec, unreachable, not ours, ...), or TrueNAS
+--           reports the instance in ERROR.
 -- Progressing: no status yet, the operator has not acted on the latest spec, creating, starting,
---              stopping, deleting.
+--              stopping, stopped or frozen when it should run.
 -- Suspended: spec.powerState is Stopped and the instance is stopped.
 -- Healthy: Ready=True.
+-- Argo CD never runs this for an object being deleted (deletionTimestamp set): it shows
+-- Progressing "Pending deletion" itself, so there is no deletion branch here; a stuck deletion
+-- shows in status (phase Deleting, Synced=False DeleteFailed) and in the object's Events.
 local hs = {status = "Progressing", message = "Waiting for the operator"}
 local status = obj.status
-local deleting = obj.metadata ~= nil and obj.metadata.deletionTimestamp ~= nil
 if status == nil then
-  if deleting then hs.message = "Deleting" end
   return hs
 end
 local ready, synced
@@ -23,13 +25,18 @@ if synced ~= nil and synced.status == "False" then
   hs.message = (synced.reason or "NotSynced") .. ": " .. (synced.message or "")
   return hs
 end
-if deleting then
-  hs.message = "Deleting the instance on TrueNAS"
-  return hs
-end
 local generation = obj.metadata and obj.metadata.generation
 if generation ~= nil and status.observedGeneration ~= nil and status.observedGeneration < generation then
   hs.message = "Waiting for the operator to apply generation " .. generation
+  return hs
+end
+local detail = ""
+if ready ~= nil and ready.message ~= nil then
+  detail = ": " .. ready.message
+end
+if status.phase == "Error" then
+  hs.status = "Degraded"
+  hs.message = "Error" .. detail
   return hs
 end
 if obj.spec ~= nil and obj.spec.powerState == "Stopped" and status.phase == "Stopped" then
@@ -42,8 +49,5 @@ if ready ~= nil and ready.status == "True" then
   hs.message = ready.message or "Ready"
   return hs
 end
-hs.message = status.phase or "Pending"
-if ready ~= nil and ready.message ~= nil then
-  hs.message = hs.message .. ": " .. ready.message
-end
+hs.message = (status.phase or "Pending") .. detail
 return hs
