@@ -456,6 +456,7 @@ def drift_rest(env: Environment, trials: int, workdir: Path) -> dict[str, Any]:
         assert rest.ca_file is not None
         env.plane.kubectl("create", "secret", "generic", "key", "-n", ns, f"--from-literal=apiKey={rest.api_key}")
         env.plane.kubectl("create", "secret", "generic", "ca", "-n", ns, f"--from-file=ca.crt={rest.ca_file}")
+        env.plane.kubectl("label", "secret", "key", "ca", "-n", ns, "incus.truenas.io/credentials=true")
         connection = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "TrueNASConnection",

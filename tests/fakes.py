@@ -6,6 +6,7 @@ planner, without a cluster or a simulator."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,7 @@ from typing import Any
 
 from truenas_incus_operator.app import Operator, build
 from truenas_incus_operator.connections import Connection, ConnectionConfig
-from truenas_incus_operator.kube import Kube
+from truenas_incus_operator.kube import Kube, SecretObject
 from truenas_incus_operator.policy import Policy
 from truenas_incus_operator.problems import fail
 from truenas_incus_operator.settings import Settings
@@ -50,14 +51,18 @@ class Patch:
 
 
 class FakeKube(Kube):
-    """Records every patch; ``secrets`` answers ``read_secret_key``; ``configmaps`` holds ConfigMaps
-    with the API server's create/replace/delete semantics (409 on a name taken or a stale version)."""
+    """Records every patch; ``secrets`` (``(namespace, name, key) -> text``), ``secret_labels`` and
+    ``secret_annotations`` (``(namespace, name) -> dict``) answer ``read_secret``; ``configmaps`` holds
+    ConfigMaps with the API server's create/replace/delete semantics (409 on a name taken or a stale
+    version)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.patches: list[Patch] = []
         self.calls: list[str] = []
         self.secrets: dict[tuple[str, str, str], str] = {}
+        self.secret_labels: dict[tuple[str, str], dict[str, str]] = {}
+        self.secret_annotations: dict[tuple[str, str], dict[str, str]] = {}
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
         self._version = 0
 
@@ -109,11 +114,36 @@ class FakeKube(Kube):
         self.calls.append("patch_annotations")
         self.patches.append(Patch("annotations", plural, namespace, name, dict(annotations)))
 
-    async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
-        try:
-            return self.secrets[(namespace, name, key)]
-        except KeyError:
-            raise fail("SecretNotFound", f"Secret {namespace}/{name} does not exist") from None
+    def add_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: Mapping[str, str],
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
+        """A Secret with ``data`` (plain text) and its metadata."""
+        for key, value in data.items():
+            self.secrets[(namespace, name, key)] = value
+        self.secret_labels[(namespace, name)] = dict(labels or {})
+        self.secret_annotations[(namespace, name)] = dict(annotations or {})
+
+    async def read_secret(self, namespace: str, name: str) -> SecretObject:
+        self.calls.append(f"read_secret {namespace}/{name}")
+        data = {
+            key: base64.b64encode(value.encode()).decode()
+            for (ns, secret, key), value in self.secrets.items()
+            if (ns, secret) == (namespace, name)
+        }
+        if not data and (namespace, name) not in self.secret_labels:
+            raise fail("SecretNotFound", f"Secret {namespace}/{name} does not exist")
+        return SecretObject(
+            namespace,
+            name,
+            labels=self.secret_labels.get((namespace, name), {}),
+            annotations=self.secret_annotations.get((namespace, name), {}),
+            data=data,
+        )
 
     async def close(self) -> None:
         return None

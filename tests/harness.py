@@ -208,8 +208,8 @@ class Harness:
     ) -> str:
         """A TrueNASConnection (with its key and CA Secrets) in ``namespace`` for ``sim``."""
         assert sim.ca_file is not None
-        secret_key = secret_manifest(f"{name}-key", {"apiKey": sim.api_key})
-        secret_ca = secret_manifest(f"{name}-ca", {"ca.crt": sim.ca_file.read_text()})
+        secret_key = secret_manifest(f"{name}-key", {"apiKey": sim.api_key}, labels=CREDENTIALS)
+        secret_ca = secret_manifest(f"{name}-ca", {"ca.crt": sim.ca_file.read_text()}, labels=CREDENTIALS)
         connection = {
             "apiVersion": "incus.truenas.io/v1alpha1",
             "kind": "TrueNASConnection",
@@ -286,11 +286,25 @@ def module_operator(
         running.sim.stop()
 
 
-def secret_manifest(name: str, data: dict[str, str]) -> dict[str, Any]:
+CREDENTIALS = {"incus.truenas.io/credentials": "true"}
+"""The label a Secret needs before the operator uses it for a TrueNASConnection."""
+
+
+def secret_manifest(
+    name: str,
+    data: dict[str, str],
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name}
+    if labels:
+        metadata["labels"] = labels
+    if annotations:
+        metadata["annotations"] = annotations
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name},
+        "metadata": metadata,
         "type": "Opaque",
         "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
     }

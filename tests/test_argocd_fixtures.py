@@ -251,6 +251,7 @@ def test_unreachable_and_wrong_key(harness: Harness, namespace: str) -> None:
         harness.cluster.kubectl(
             "create", "secret", "generic", "bad-key", "-n", namespace, "--from-literal=apiKey=1-wrong"
         )
+        harness.cluster.kubectl("label", "secret", "bad-key", "-n", namespace, "incus.truenas.io/credentials=true")
         harness.cluster.kubectl(
             "patch", "truenasconnection", wrong, "-n", namespace, "--type=merge",
             "-p", json.dumps({"spec": {"apiKeySecretRef": {"name": "bad-key", "key": "apiKey"}}}),

@@ -12,7 +12,7 @@ import pytest
 from truenas_simulator import ApiKey, Image, Simulator, SimulatorThread
 
 from .conftest import Cluster, module_prefix
-from .harness import GIB, Harness, module_operator, start_simulator, unique, wait_until
+from .harness import CREDENTIALS, GIB, Harness, module_operator, start_simulator, unique, wait_until
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
 
@@ -313,6 +313,7 @@ def test_wrong_api_key_then_secret_fixed(harness: Harness, namespace: str) -> No
         harness.cluster.kubectl(
             "create", "secret", "generic", "wrong", "-n", namespace, "--from-literal=apiKey=1-wrong"
         )
+        harness.cluster.kubectl("label", "secret", "wrong", "-n", namespace, "incus.truenas.io/credentials=true")
         harness.cluster.kubectl(
             "patch", "truenasconnection", connection, "-n", namespace, "--type=merge",
             "-p", json.dumps({"spec": {"apiKeySecretRef": {"name": "wrong", "key": "apiKey"}}}),
@@ -335,6 +336,7 @@ def test_wrong_api_key_then_secret_fixed(harness: Harness, namespace: str) -> No
             "-o",
             "json",
         ).stdout
+        fixed = json.dumps({**json.loads(fixed), "metadata": {"name": "wrong", "labels": CREDENTIALS}})
         assert harness.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=fixed).returncode == 0
         harness.wait_ready(namespace, name, timeout=40)
     finally:

@@ -178,6 +178,7 @@ def truenas_connection_crd() -> dict[str, Any]:
             {"name": "Version", "type": "string", "jsonPath": ".status.version"},
             {"name": "API", "type": "string", "jsonPath": ".status.apiFamily"},
             {"name": "Ready", "type": "string", "jsonPath": ready},
+            {"name": "Secure", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Secure")].status'},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )

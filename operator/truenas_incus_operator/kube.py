@@ -1,5 +1,6 @@
 """The few Kubernetes calls kopf does not make for us: status and annotation patches from the
-reconcile loops, and reading the Secrets that TrueNASConnections name. kopf posts the Events.
+reconcile loops, and reading the Secrets that TrueNASConnections name (whether the operator may
+use one is ``connections/config.py``'s decision). kopf posts the Events.
 
 Three HTTP calls over aiohttp (already there for kopf), logged in with kopf's own helpers
 (in-cluster service account, else the kubeconfig). The official ``kubernetes`` client would do the
@@ -14,6 +15,8 @@ import base64
 import os
 import ssl
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -39,6 +42,28 @@ def _pem(data: str | bytes | None) -> bytes | None:
         return None
     raw = data.encode() if isinstance(data, str) else data
     return raw if raw.lstrip().startswith(b"-----BEGIN") else base64.b64decode(raw)
+
+
+@dataclass(frozen=True)
+class SecretObject:
+    """A Secret as the API returns it: ``data`` holds base64, and never shows in ``repr``."""
+
+    namespace: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    data: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def text(self, key: str) -> str:
+        """One key as text, surrounding whitespace removed; raises ``OperatorError``
+        (SecretNotFound, SecretUnreadable)."""
+        where = f"Secret {self.namespace}/{self.name}"
+        if key not in self.data:
+            raise fail("SecretNotFound", f"{where} has no key {key!r}")
+        try:
+            return base64.b64decode(self.data[key]).decode().strip()
+        except (ValueError, UnicodeDecodeError):
+            raise fail("SecretUnreadable", f"{where} key {key!r} is not UTF-8 text") from None
 
 
 class Kube:
@@ -198,19 +223,20 @@ class Kube:
         except _Conflict:
             raise fail(KUBE_REASON, f"ConfigMap {namespace}/{name} changed while deleting it") from None
 
-    async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
-        """One key of a Secret as text; raises ``OperatorError`` (SecretNotFound, SecretUnreadable)."""
+    async def read_secret(self, namespace: str, name: str) -> SecretObject:
+        """A Secret, its labels and annotations; raises ``OperatorError`` (SecretNotFound)."""
         missing = Problem("SecretNotFound", f"Secret {namespace}/{name} does not exist")
         secret = await self._request(
             "GET", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}", not_found=missing
         )
-        data = secret.get("data") or {}
-        if key not in data:
-            raise fail("SecretNotFound", f"Secret {namespace}/{name} has no key {key!r}")
-        try:
-            return base64.b64decode(data[key]).decode().strip()
-        except (ValueError, UnicodeDecodeError):
-            raise fail("SecretUnreadable", f"Secret {namespace}/{name} key {key!r} is not UTF-8 text") from None
+        meta = secret.get("metadata") or {}
+        return SecretObject(
+            namespace,
+            name,
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+            data=dict(secret.get("data") or {}),
+        )
 
     async def close(self) -> None:
         await self._reset()

@@ -688,10 +688,18 @@ class ConnectionTLS(_Model):
     """TLS settings. Certificates are verified against the system CAs unless a CA is given."""
 
     ca_secret_ref: SecretKeyReference | None = Field(
-        None, description="A Secret key holding the PEM CA bundle that signed TrueNAS's certificate."
+        None,
+        description=(
+            "A Secret key holding the PEM CA bundle that signed TrueNAS's certificate "
+            "(the Secret must carry the label incus.truenas.io/credentials=true)."
+        ),
     )
     insecure_skip_verify: bool | None = Field(
-        None, description="Skip certificate verification. Off by default; for tests only."
+        None,
+        description=(
+            "Skip certificate verification (reported as Secure=False, InsecureSkipVerify). Off by default; "
+            "for tests only."
+        ),
     )
 
 
@@ -699,14 +707,30 @@ class TrueNASConnectionSpec(_Model):
     """How to reach one TrueNAS system."""
 
     url: Annotated[str, Field(pattern=r"^(wss|https|ws|http)://[^/\s]+(/.*)?$", max_length=2048)] = Field(
-        description="wss://host or https://host (ws:// and http:// only for loopback simulators)."
+        description=(
+            "wss://host or https://host. Plain ws:// and http:// are refused (InsecureTransport) except to "
+            "loopback or with allowInsecureTransport."
+        )
     )
     transport: TransportType | None = Field(
         None,
         description="websocket (JSON-RPC, the default and the only one TrueNAS 26 has) or rest (/api/v2.0 on 25.x).",
     )
-    api_key_secret_ref: SecretKeyReference = Field(description="The Secret key holding the TrueNAS API key.")
+    api_key_secret_ref: SecretKeyReference = Field(
+        description=(
+            "The Secret key holding the TrueNAS API key. The Secret must carry the label "
+            "incus.truenas.io/credentials=true, and may list the hosts its key may go to in the annotation "
+            "incus.truenas.io/allowed-hosts."
+        )
+    )
     tls: ConnectionTLS | None = Field(None, description="TLS verification settings.")
+    allow_insecure_transport: bool | None = Field(
+        None,
+        description=(
+            "Allow plain ws:// or http:// to a host other than loopback: the API key and all traffic travel "
+            "unencrypted, and TrueNAS revokes a key it receives that way. Off by default."
+        ),
+    )
     max_concurrent_calls: Annotated[int, Field(ge=1, le=20)] | None = Field(
         None, description="Concurrent calls on this connection (TrueNAS allows 20). Effective default: 20."
     )
@@ -717,7 +741,10 @@ class TrueNASConnectionStatus(_Model):
 
     conditions: list[Condition] | None = Field(
         None,
-        description="Ready: the operator logged in and detected the API.",
+        description=(
+            "Ready: the operator logged in and detected the API. Secure: False (PlainTransport, "
+            "InsecureSkipVerify) when the key travels unencrypted or to an unverified server."
+        ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     version: str | None = Field(None, description="TrueNAS version, e.g. TrueNAS-25.10.1.")

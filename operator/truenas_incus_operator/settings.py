@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     truenas_api_key_file: Path | None = Field(None, description="File holding the API key (a mounted Secret).")
     truenas_ca_file: Path | None = Field(None, description="PEM CA bundle that signed TrueNAS's certificate.")
     truenas_insecure_skip_verify: bool = Field(False, description="Skip TLS verification (tests only).")
+    truenas_allow_insecure_transport: bool = Field(
+        False, description="Allow plain ws:// or http:// to a host other than loopback (the key travels in clear)."
+    )
     truenas_max_concurrent_calls: int = Field(20, ge=1, le=20)
 
     ledger_namespace: str = Field(

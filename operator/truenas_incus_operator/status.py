@@ -202,6 +202,26 @@ def render_invalid_spec(
     )
 
 
+def secure_condition(url: str, insecure_skip_verify: bool) -> ConditionUpdate:
+    """Secure: whether the key and the traffic travel encrypted to a server whose certificate is verified."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("ws", "http"):
+        return (
+            "False",
+            "PlainTransport",
+            f"{scheme}:// sends the API key and all traffic unencrypted (allowed only to loopback or with "
+            "allowInsecureTransport)",
+        )
+    if insecure_skip_verify:
+        return (
+            "False",
+            "InsecureSkipVerify",
+            "tls.insecureSkipVerify: TrueNAS's certificate is not verified, so whoever can intercept the "
+            "connection can pose as TrueNAS and receive the API key",
+        )
+    return ("True", "Verified", f"{scheme}:// with TrueNAS's certificate verified")
+
+
 def render_connection(
     previous: Mapping[str, Any] | None,
     problem: Problem | None,
@@ -211,12 +231,15 @@ def render_connection(
     version: str | None = None,
     api_version: str | None = None,
     api_family: str | None = None,
+    secure: ConditionUpdate | None = None,
 ) -> TrueNASConnectionStatus:
-    """A TrueNASConnection's status; what was learned while connected stays while it is not."""
+    """A TrueNASConnection's status; what was learned while connected stays while it is not.
+    ``secure`` (from ``secure_condition``) adds the Secure condition."""
     ready = ("False", problem.reason, problem.message) if problem else ("True", "Connected", "logged in to TrueNAS")
     before = previous or {}
+    updates = {"Ready": ready} if secure is None else {"Ready": ready, "Secure": secure}
     return TrueNASConnectionStatus(
-        conditions=merge_conditions(previous_conditions(previous), {"Ready": ready}, generation, now),
+        conditions=merge_conditions(previous_conditions(previous), updates, generation, now),
         version=version or before.get("version"),
         api_version=api_version or before.get("apiVersion"),
         api_family=api_family or before.get("apiFamily"),

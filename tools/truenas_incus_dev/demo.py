@@ -120,6 +120,8 @@ def _apply_examples(plane: LocalControlPlane, legacy: SimulatorThread) -> None:
     assert legacy.ca_file is not None
     plane.kubectl("create", "secret", "generic", "nas-key", "-n", "legacy", f"--from-literal=apiKey={legacy.api_key}")
     plane.kubectl("create", "secret", "generic", "nas-ca", "-n", "legacy", f"--from-file=ca.crt={legacy.ca_file}")
+    # The operator uses only Secrets that opt in (docs/security.md).
+    plane.kubectl("label", "secret", "nas-key", "nas-ca", "-n", "legacy", "incus.truenas.io/credentials=true")
     connection = {
         "apiVersion": "incus.truenas.io/v1alpha1",
         "kind": "TrueNASConnection",

@@ -37,7 +37,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{- /* Only what the operator does: watch its resources, patch them (finalizer, annotations) and
-       their status, read the Secrets a TrueNASConnection names, post Events. Never writes spec. */}}
+       their status, read the Secrets a TrueNASConnection names, post Events. Never writes spec.
+       RBAC cannot grant `get` on Secrets by label: the operator itself uses only Secrets labelled
+       incus.truenas.io/credentials=true. */}}
 {{- define "truenas-incus-operator.rules" -}}
 - apiGroups: ["incus.truenas.io"]
   resources: ["incusinstances", "truenasconnections"]

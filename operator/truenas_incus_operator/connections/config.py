@@ -2,15 +2,27 @@
 
 Two sources: the operator's settings (the default connection) and a TrueNASConnection with its
 Secrets. Both are read again after TrueNAS refuses a key, so a rotated key needs no restart.
+
+Whoever may create a TrueNASConnection chooses the URL, so the credentials are guarded here, where
+the operator decides what to send where (docs/security.md):
+
+- a Secret is used only when it opts in with the label ``incus.truenas.io/credentials: "true"``
+  (RBAC cannot grant ``get`` on Secrets by label, so the operator's own check is the gate);
+- an API key Secret annotated ``incus.truenas.io/allowed-hosts`` goes only to the hosts it lists
+  (written by the Secret's owner, whom the connection's author cannot override);
+- plain ``ws://``/``http://`` only to loopback, unless the connection (or the settings) allows it;
+- a key with whitespace or control characters inside is refused before it reaches a transport.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..kube import Kube
+from ..kube import Kube, SecretObject
 from ..models import EFFECTIVE_DEFAULTS, TrueNASConnectionSpec
 from ..problems import fail
 from ..settings import Settings
@@ -26,6 +38,16 @@ def truenas_identity(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
     return f"{(parts.hostname or '').lower()}:{port}"
+
+
+CREDENTIALS_LABEL = "incus.truenas.io/credentials"
+"""A Secret the operator may read for a TrueNASConnection carries this label with value ``"true"``."""
+ALLOWED_HOSTS_ANNOTATION = "incus.truenas.io/allowed-hosts"
+"""Optional, on the API key Secret: the hosts (``host`` or ``host:port``, comma-separated) its key
+may be sent to."""
+PLAIN_SCHEMES = ("ws", "http")
+API_KEY_SHAPE = "<id>-<64 letters and digits>"
+_PRINTABLE = re.compile(r"[!-~]+")
 
 
 @dataclass(frozen=True)
@@ -50,6 +72,8 @@ def settings_loader(settings: Settings) -> Loader:
     """The default connection from ``TIO_TRUENAS_*``; key and CA files are re-read on each load."""
 
     async def load() -> ConnectionConfig:
+        url = str(settings.truenas_url)
+        check_transport(url, settings.truenas_allow_insecure_transport, "TIO_TRUENAS_ALLOW_INSECURE_TRANSPORT=true")
         try:
             api_key = settings.default_api_key()
             ca_pem = settings.default_ca()
@@ -59,8 +83,10 @@ def settings_loader(settings: Settings) -> Loader:
             raise fail(
                 "ConfigurationError", "TIO_TRUENAS_URL is set but there is no API key (TIO_TRUENAS_API_KEY_FILE)"
             )
+        source = f"{settings.truenas_api_key_file}" if settings.truenas_api_key_file else "TIO_TRUENAS_API_KEY"
+        check_api_key(api_key, source)
         return ConnectionConfig(
-            url=str(settings.truenas_url),
+            url=url,
             api_key=Secret(api_key),
             transport=str(settings.truenas_transport),
             ca_pem=ca_pem,
@@ -72,15 +98,19 @@ def settings_loader(settings: Settings) -> Loader:
 
 
 def resource_loader(kube: Kube, namespace: str, spec: TrueNASConnectionSpec) -> Loader:
-    """A TrueNASConnection: its key (and CA) from Secrets in its namespace."""
+    """A TrueNASConnection: its key (and CA) from Secrets in its namespace that opt in."""
 
     async def load() -> ConnectionConfig:
+        check_transport(spec.url, bool(spec.allow_insecure_transport), "spec.allowInsecureTransport: true")
         ref = spec.api_key_secret_ref
-        api_key = await kube.read_secret_key(namespace, ref.name, ref.key)
+        key_secret = await _credentials(kube, namespace, ref.name)
+        check_allowed_host(key_secret, spec.url)
+        api_key = key_secret.text(ref.key)
+        check_api_key(api_key, f"Secret {namespace}/{ref.name} key {ref.key!r}")
         ca_pem = None
         if spec.tls and spec.tls.ca_secret_ref:
             ca_ref = spec.tls.ca_secret_ref
-            ca_pem = await kube.read_secret_key(namespace, ca_ref.name, ca_ref.key)
+            ca_pem = (await _credentials(kube, namespace, ca_ref.name)).text(ca_ref.key)
         return ConnectionConfig(
             url=spec.url,
             api_key=Secret(api_key),
@@ -91,3 +121,82 @@ def resource_loader(kube: Kube, namespace: str, spec: TrueNASConnectionSpec) -> 
         )
 
     return load
+
+
+async def _credentials(kube: Kube, namespace: str, name: str) -> SecretObject:
+    """A Secret that opted in; refused (SecretNotAllowed) before its data is looked at otherwise."""
+    secret = await kube.read_secret(namespace, name)
+    if secret.labels.get(CREDENTIALS_LABEL) != "true":
+        raise fail(
+            "SecretNotAllowed",
+            f"Secret {namespace}/{name} is not labelled {CREDENTIALS_LABEL}=true: the operator uses only "
+            f"Secrets that opt in. If this Secret is meant for TrueNAS, its owner can run "
+            f"kubectl label secret {name} -n {namespace} {CREDENTIALS_LABEL}=true",
+        )
+    return secret
+
+
+def check_transport(url: str, allow_insecure: bool, how_to_allow: str) -> None:
+    """Plain ``ws://``/``http://`` only to loopback unless explicitly allowed (InsecureTransport)."""
+    parts = urlsplit(url)
+    if parts.scheme not in PLAIN_SCHEMES or allow_insecure or is_loopback(parts.hostname):
+        return
+    raise fail(
+        "InsecureTransport",
+        f"{parts.scheme}://{parts.hostname} would send the API key unencrypted (and TrueNAS revokes a key "
+        f"it receives that way): use {'wss' if parts.scheme == 'ws' else 'https'}://, or set {how_to_allow} "
+        f"if the network path is trusted",
+    )
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(secret: SecretObject) -> list[str] | None:
+    """The annotation's entries (lower case), or None when the Secret does not restrict hosts."""
+    value = secret.annotations.get(ALLOWED_HOSTS_ANNOTATION)
+    if value is None:
+        return None
+    return [entry.lower() for entry in re.split(r"[\s,]+", value) if entry]
+
+
+def check_allowed_host(secret: SecretObject, url: str) -> None:
+    """The Secret's owner may bind its key to hosts: ``host`` (any port) or ``host:port``."""
+    entries = allowed_hosts(secret)
+    if entries is None:
+        return
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or (443 if parts.scheme in ("wss", "https") else 80)
+    except ValueError:
+        port = 0
+    shown = f"[{host}]" if ":" in host else host
+    if host in entries or f"{shown}:{port}" in entries:
+        return
+    raise fail(
+        "HostNotAllowed",
+        f"Secret {secret.namespace}/{secret.name} may not be sent to {shown}:{port}: its annotation "
+        f"{ALLOWED_HOSTS_ANNOTATION} does not list that host",
+    )
+
+
+def check_api_key(api_key: str, source: str) -> None:
+    """Refuses a key that could not travel as one header or login value (InvalidAPIKey). The
+    message names where the key came from, never the key."""
+    if not api_key:
+        raise fail("InvalidAPIKey", f"{source} is empty")
+    if not _PRINTABLE.fullmatch(api_key):
+        raise fail(
+            "InvalidAPIKey",
+            f"{source} holds whitespace, a line break, a control or non-ASCII character inside the key; "
+            f"TrueNAS API keys look like {API_KEY_SHAPE}",
+        )

@@ -17,7 +17,7 @@ from ..kube import Kube
 from ..models import TrueNASConnectionSpec
 from ..problems import OperatorError, Problem
 from ..settings import Settings
-from ..status import applied, as_patch, differs, render_connection, utc_now
+from ..status import ConditionUpdate, applied, as_patch, differs, render_connection, secure_condition, utc_now
 from .config import DEFAULT_KEY, resource_loader, settings_loader
 from .connection import Connection
 from .manager import ConnectionManager
@@ -32,6 +32,7 @@ class _Reported:
     name: str
     generation: int
     status: dict[str, Any]
+    secure: ConditionUpdate | None = None
 
 
 class ConnectionResources:
@@ -47,6 +48,9 @@ class ConnectionResources:
         """The connection from the operator's settings (``TIO_TRUENAS_*``), if any."""
         if not self.settings.truenas_url:
             return
+        secure = secure_condition(str(self.settings.truenas_url), self.settings.truenas_insecure_skip_verify)
+        if secure[0] == "False":
+            log.warning("default connection: %s (%s)", secure[2], secure[1])
         load = settings_loader(self.settings)
         try:
             config = await load()
@@ -72,6 +76,7 @@ class ConnectionResources:
         except ValidationError as exc:
             await self._unusable(key, Problem("InvalidSpec", str(exc.errors()[0]["msg"])))
             return
+        self._reported[key].secure = secure_condition(spec.url, bool(spec.tls and spec.tls.insecure_skip_verify))
 
         load = resource_loader(self.kube, namespace, spec)
         try:
@@ -122,6 +127,7 @@ class ConnectionResources:
             version=client.system_version if client else None,
             api_version=client.transport.name if client else None,
             api_family=client.api_family if client else None,
+            secure=reported.secure,
         )
         patch = as_patch(status)
         if not differs(reported.status, patch):

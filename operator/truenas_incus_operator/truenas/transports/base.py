@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import hashlib
 import hmac
+import json
+import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from ..errors import (
     AuthenticationFailed,
@@ -16,7 +21,9 @@ from ..errors import (
     FieldError,
     JobFailed,
     NotAuthorized,
+    TransportError,
     TrueNASError,
+    ValidationFailed,
     strip_errno_prefix,
     validation_error,
 )
@@ -48,6 +55,115 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(hashlib.sha256(self._value.encode()).digest())
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every form of the key it may carry replaced by ``********``."""
+        for form in _forms(self._value):
+            text = text.replace(form, REDACTED)
+        return text
+
+
+REDACTED = "********"
+_KEY_CHARACTERS = re.compile(r"[!-~]+")
+
+
+def refuse_malformed_key(secret: Secret) -> None:
+    """A key with whitespace, control or non-ASCII characters never leaves the client: HTTP
+    libraries refuse it in a header, and say so with the header in their error and debug logs."""
+    if not _KEY_CHARACTERS.fullmatch(secret.reveal()):
+        raise AuthenticationFailed(
+            "the API key is empty or holds whitespace, a line break, a control or non-ASCII character; "
+            "TrueNAS API keys look like <id>-<64 letters and digits>"
+        )
+
+
+_BREAKS = re.compile(r"[\s\x00-\x1f\x7f]+")
+_MIN_FRAGMENT = 6
+
+
+def _forms(value: str) -> list[str]:
+    """The key as error texts may carry it: raw, escaped (Python ``repr`` of str or bytes, JSON),
+    the secret part after ``<id>-``, and each piece between whitespace or control characters (an
+    HTTP library's "Illegal header value b'Bearer 1-ab\\ncd'" escapes the break it refuses).
+    Longest first, so a fragment never breaks a longer match."""
+    if not value:
+        return []
+    forms = {
+        value,
+        value.encode("unicode_escape").decode("ascii"),
+        repr(value.encode("utf-8", "backslashreplace"))[2:-1],
+        json.dumps(value)[1:-1],
+    }
+    _, dash, secret = value.partition("-")
+    if dash and len(secret) >= _MIN_FRAGMENT:
+        forms.add(secret)
+    forms.update(part for part in _BREAKS.split(value) if len(part) >= _MIN_FRAGMENT)
+    return sorted((f for f in forms if f), key=len, reverse=True)
+
+
+@contextmanager
+def scrubbing(secret: Secret) -> Iterator[None]:
+    """Defence in depth around everything a transport does: no exception leaves it with the key in
+    its text, whatever library produced it. A ``TrueNASError`` is cleaned in place (message, args,
+    field errors) and loses a chained cause that carried the key; any other exception whose text
+    carries the key becomes a ``TransportError`` with the key replaced."""
+    try:
+        yield
+    except TrueNASError as exc:
+        _scrub_error(exc, secret)
+        raise
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        cleaned = secret.scrub(text)
+        if cleaned != text or _chain_leaks(exc, secret):
+            raise TransportError(cleaned) from None
+        raise
+
+
+class _HasOptions(Protocol):
+    options: ConnectionOptions
+
+
+_T = TypeVar("_T", bound=_HasOptions)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def scrubbed(
+    method: Callable[Concatenate[_T, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[_T, _P], Coroutine[Any, Any, _R]]:
+    """A transport method under ``scrubbing(self.options.api_key)``."""
+
+    @functools.wraps(method)
+    async def wrapper(self: _T, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with scrubbing(self.options.api_key):
+            return await method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _scrub_error(exc: TrueNASError, secret: Secret) -> None:
+    exc.message = secret.scrub(exc.message)
+    exc.args = tuple(secret.scrub(arg) if isinstance(arg, str) else arg for arg in exc.args)
+    if isinstance(exc, ValidationFailed):
+        exc.errors = [dataclasses.replace(e, message=secret.scrub(e.message)) for e in exc.errors]
+    if _chain_leaks(exc, secret):
+        exc.__cause__ = None
+        exc.__context__ = None
+        exc.__suppress_context__ = True
+
+
+def _chain_leaks(exc: BaseException, secret: Secret) -> bool:
+    """Whether an exception this one was raised from (or while handling) carries the key."""
+    seen: set[int] = set()
+    link = exc.__cause__ or exc.__context__
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        text = f"{link} {link.args!r}"
+        if secret.scrub(text) != text:
+            return True
+        link = link.__cause__ or link.__context__
+    return False
 
 
 @dataclass

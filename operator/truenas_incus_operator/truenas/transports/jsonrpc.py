@@ -26,7 +26,7 @@ import aiohttp
 
 from ..errors import AuthenticationFailed, CallFailed, CallTimeout, TransportError, TrueNASError
 from ..jobs import is_finished, job_result
-from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc
+from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc, refuse_malformed_key, scrubbed
 
 log = logging.getLogger(__name__)
 JOB_POLL_INTERVAL = 5.0
@@ -84,6 +84,7 @@ class JsonRpcTransport:
                 return
             await self._open()
 
+    @scrubbed
     async def _open(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
@@ -114,6 +115,7 @@ class JsonRpcTransport:
         self._connected.set()
 
     async def _handshake(self) -> None:
+        refuse_malformed_key(self.options.api_key)
         ok = await self._raw_call(
             "auth.login_with_api_key", [self.options.api_key.reveal()], self.options.connect_timeout
         )
@@ -272,6 +274,7 @@ class JsonRpcTransport:
         finally:
             self._pending.pop(ident, None)
 
+    @scrubbed
     async def call(self, method: str, *params: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
         attempts = READ_ATTEMPTS if idempotent else 1
         for attempt in range(attempts):
@@ -284,6 +287,7 @@ class JsonRpcTransport:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @scrubbed
     async def call_job(
         self,
         method: str,
@@ -331,6 +335,7 @@ class JsonRpcTransport:
             if job_id is not None:
                 self._progress_by_job.pop(job_id, None)
 
+    @scrubbed
     async def wait_job(
         self,
         job_id: int,
@@ -370,6 +375,7 @@ class JsonRpcTransport:
         elif watch.job is None:
             raise CallFailed(f"job {job_id} is unknown to TrueNAS (restarted?)")
 
+    @scrubbed
     async def subscribe(self, collection: str, callback: EventCallback) -> None:
         first = collection not in self._subscriptions
         self._subscriptions.setdefault(collection, []).append(callback)

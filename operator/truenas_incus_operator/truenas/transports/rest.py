@@ -28,7 +28,7 @@ from ..errors import (
     validation_error,
 )
 from ..jobs import is_finished, job_result
-from .base import ConnectionOptions, EventCallback
+from .base import ConnectionOptions, EventCallback, refuse_malformed_key, scrubbed
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ class RestTransport:
         self._limit = asyncio.Semaphore(options.max_concurrent_calls)
         self._client: httpx.AsyncClient | None = None
 
+    @scrubbed
     async def connect(self) -> None:
+        refuse_malformed_key(self.options.api_key)
         if self._client is None:
             verify: Any = self.options.ssl_context if self.options.ssl_context is not None else True
             self._client = httpx.AsyncClient(
@@ -105,6 +107,7 @@ class RestTransport:
             await self._client.aclose()
             self._client = None
 
+    @scrubbed
     async def call(self, method: str, *params: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
         if self._client is None:
             raise TransportError("not connected")
@@ -172,6 +175,7 @@ class RestTransport:
         message = body.get("message") if isinstance(body, dict) else response.text[:200]
         raise CallFailed(f"{method}: HTTP {status}: {message}", errno.EFAULT, method)
 
+    @scrubbed
     async def call_job(
         self,
         method: str,
@@ -184,6 +188,7 @@ class RestTransport:
             raise CallFailed(f"{method}: expected a job id, got {type(job_id).__name__}", method=method)
         return await self.wait_job(job_id, timeout, on_progress)
 
+    @scrubbed
     async def wait_job(
         self,
         job_id: int,
