@@ -1,11 +1,16 @@
 # The two commands that matter (see README.md):
 #   make run    the main job: the operator against your cluster and TrueNAS, or a local demo
 #   make test   the whole test suite (what CI runs)
+# Dependencies are locked (uv.lock, exported with hashes to requirements/*.txt; every install uses them):
+#   make lock          after adding, removing or changing a dependency in pyproject.toml (also after a
+#                      merge that did): re-locks, keeping the other pins; commit uv.lock and requirements/
+#   make lock-upgrade  take the newest releases pyproject.toml allows
+# `make lint` (so CI) fails when pyproject.toml and the lock disagree.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test unit lint crd controlplane argocd-health venv clean bench bench-smoke
+.PHONY: run test unit lint lock lock-upgrade crd controlplane argocd-health venv clean bench bench-smoke
 
 venv:
 	@bash tools/bootstrap.sh
@@ -20,7 +25,14 @@ argocd-health:
 run: venv
 	@PYTHONPATH=tools $(PY) -m truenas_incus_dev start
 
+lock: venv
+	@bash tools/lock.sh
+
+lock-upgrade: venv
+	@bash tools/lock.sh --upgrade
+
 lint: venv
+	bash tools/lock.sh --check
 	$(VENV)/bin/ruff check operator tests tools benchmarks
 	$(VENV)/bin/ruff format --check operator tests tools benchmarks
 	$(VENV)/bin/mypy

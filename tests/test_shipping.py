@@ -42,10 +42,18 @@ def build_stage_steps() -> tuple[list[tuple[str, str]], list[str]]:
 
 def test_dockerfile_is_slim_and_non_root() -> None:
     text = DOCKERFILE.read_text()
-    assert re.findall(r"^FROM (\S+)", text, re.M) == ["python:3.11-slim", "python:3.11-slim"]
+    bases = re.findall(r"^FROM (\S+)", text, re.M)
+    # Pinned to a full Python version and Debian release, the same in both stages.
+    assert len(bases) == 2 and bases[0] == bases[1], bases
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", bases[0]), bases[0]
     assert re.search(r"^USER 65532:65532$", text, re.M)
     assert 'ENTRYPOINT ["truenas-incus-operator"]' in text
     assert "[dev]" not in text, "the image installs runtime dependencies only"
+    # Only locked dependencies: the runtime lock with hashes, then the project without its dependencies.
+    _, runs = build_stage_steps()
+    assert any("--require-hashes -r runtime.txt" in run for run in runs)
+    project = [run for run in runs if run.endswith(" .")]
+    assert project and all("--no-deps" in run and "--no-build-isolation" in run for run in project)
 
 
 def test_image_install_steps_in_a_fresh_venv_and_the_entry_point_starts(
