@@ -13,6 +13,7 @@ marked e2e.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -65,10 +66,10 @@ async def test_deleting_a_resource_whose_spec_the_model_refuses_still_deletes_it
     await one_pass(fake, resource())
     assert "web01" in fake.backend.instances
     edited = resource(environment={"X": "\u00a0"}, deleting=True, generation=2)
-    try:
-        await fake.operator.deletion.delete(edited, 0)
-    except OperatorError:
-        pass  # a reported, retried problem would be acceptable; a crash is not
+    for retry in range(3):  # a reported, retried problem (OperatorError) is acceptable; a crash is not
+        with contextlib.suppress(OperatorError):
+            await fake.operator.deletion.delete(edited, retry)
+            break
     assert "web01" not in fake.backend.instances, "the instance was left on TrueNAS"
 
 
@@ -188,7 +189,7 @@ async def test_rest_transport_bounds_the_size_of_an_answer() -> None:
         accepted = True
         try:
             await transport.connect()
-        except Exception:  # noqa: BLE001 - any refusal will do
+        except Exception:
             accepted = False
         assert not accepted, f"the operator read and kept a {size // 2**20} MiB answer from a tenant's server"
     finally:
@@ -305,4 +306,3 @@ async def test_an_alias_url_cannot_adopt_an_instance_another_tenant_owns() -> No
     await one_pass(fake, thief)
     assert fake.backend.instances["web01"].environment != {"OWNED": "by-b"}, "tenant B rewrote tenant A's instance"
     assert not fake.operator.ledger.owned_by("uid-b"), "tenant B now owns tenant A's instance in the ledger"
-
