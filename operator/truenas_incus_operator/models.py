@@ -84,7 +84,11 @@ EXTRA_INT_MAX = 2**31 - 1
 # destination, readonly; truenas/backends/container.py device_attributes: dtype, source, target) or,
 # for NICs, from spec.nics (reconcile.desired_devices -> nic_type, parent, mac; container.py: nic_attach).
 EXTRA_OWNED_KEYS = ("dev_type", "dtype", "name", "source", "destination", "target", "readonly")
-EXTRA_NIC_OWNED_KEYS = ("nic_type", "parent", "mac", "nic_attach")
+# ``network`` (an Incus managed network on 25.x) too: it would bypass the policy's nicParents.
+EXTRA_NIC_OWNED_KEYS = ("nic_type", "parent", "mac", "nic_attach", "network")
+RE2_SPACE = "\t\n\f\r "
+"""What ``\\s`` matches in the API server's CEL regexes (RE2): ASCII only, so a value of Unicode spaces
+is not blank there and must not be blank here either (a spec admission accepts must parse)."""
 
 ADOPT_ANNOTATION = f"{API_GROUP}/adopt"
 
@@ -556,7 +560,7 @@ class IncusInstanceSpec(_Model):
         for key, item in (value or {}).items():
             if len(key) > ENV_KEY_MAX_LENGTH or not re.match(r"^\w[\w/]*$", key, re.ASCII):
                 raise ValueError(f"key {key!r} must match ^\\w[\\w/]*$ and be at most {ENV_KEY_MAX_LENGTH} characters")
-            if not item.strip():
+            if not item.strip(RE2_SPACE):
                 raise ValueError(f"value of {key!r} must not be blank")
         if sum(len(item) for item in (value or {}).values()) > ENV_VALUES_TOTAL_MAX_LENGTH:
             raise ValueError(f"values together may not exceed {ENV_VALUES_TOTAL_MAX_LENGTH} characters")

@@ -126,7 +126,9 @@ class Rule(Grant):
         None,
         description=(
             "The instance name (spec.name, else metadata.name) must start with this; "
-            "{namespace} stands for the namespace, e.g. '{namespace}-'. Default: any name."
+            "{namespace} stands for the namespace, e.g. '{namespace}-'. With {namespace}, the rest of the "
+            "name may not contain '-': namespace names contain '-' too, so 'team-b-web' would otherwise "
+            "fit both 'team-' and 'team-b-'. Default: any name."
         ),
     )
 
@@ -324,9 +326,11 @@ def _name_prefix(
         return []
     prefix = rule.instance_name_prefix.replace(NAMESPACE_PLACEHOLDER, namespace)
     name, field = (spec.name, "spec.name") if spec.name else (instance_name or "", "metadata.name")
-    if name.startswith(prefix):
+    per_namespace = NAMESPACE_PLACEHOLDER in rule.instance_name_prefix
+    if name.startswith(prefix) and not (per_namespace and "-" in name[len(prefix) :]):
         return []
-    return [Violation(f"{label}.instanceNamePrefix", field, f"instance name {name!r} must start with {prefix!r}")]
+    wanted = f"must start with {prefix!r}" + (" and continue without '-'" if per_namespace else "")
+    return [Violation(f"{label}.instanceNamePrefix", field, f"instance name {name!r} {wanted}")]
 
 
 class PolicyError(ValueError):

@@ -16,6 +16,7 @@ the operator decides what to send where (docs/security.md):
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable
@@ -34,10 +35,20 @@ DEFAULT_PORTS = {"wss": 443, "https": 443, "ws": 80, "http": 80}
 
 
 def truenas_identity(url: str) -> str:
-    """Which TrueNAS a URL reaches, for the ownership ledger: ``wss://NAS.example/api`` -> ``nas.example:443``."""
+    """Which TrueNAS a URL reaches, for the ownership ledger: ``wss://NAS.example./api`` ->
+    ``nas.example:443``. One spelling per host: lower case, no trailing dot, IDNA for names,
+    canonical IP literals (so ``[0:0::1]`` and ``[::1]`` are one TrueNAS)."""
     parts = urlsplit(url)
     port = parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
-    return f"{(parts.hostname or '').lower()}:{port}"
+    host = (parts.hostname or "").rstrip(".").lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        with contextlib.suppress(UnicodeError):
+            host = host.encode("idna").decode("ascii")
+    else:
+        host = f"[{address.compressed}]" if address.version == 6 else address.compressed
+    return f"{host}:{port}"
 
 
 CREDENTIALS_LABEL = "incus.truenas.io/credentials"

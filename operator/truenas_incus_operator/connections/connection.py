@@ -13,6 +13,7 @@ from ..problems import Problem, problem_of
 from ..truenas import AuthenticationFailed, ObservedInstance, TransportError, TrueNASClient, TrueNASError, connect
 from .cache import InstanceCache
 from .config import ConnectionConfig, Loader
+from .slots import JobSlots
 
 log = logging.getLogger(__name__)
 LOOKUP_SETTLE_SECONDS = 0.05
@@ -54,7 +55,7 @@ class Connection:
         self._audit_round = 0
         self._audit_cursor = ""
         self.ready = asyncio.Event()
-        self.job_slots = asyncio.Semaphore(config.max_concurrent_calls)
+        self.job_slots = JobSlots(config.max_concurrent_calls)
         self._task: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()
         self._refresh_requested = asyncio.Event()

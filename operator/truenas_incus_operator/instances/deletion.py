@@ -19,7 +19,7 @@ from ..truenas import NotFound, TrueNASError
 from .executor import Executor
 from .ledger import Ledger, Record
 from .reporter import Reporter
-from .resource import LoopState, ResourceKey, connection_key, desired_from, resource_key
+from .resource import LoopState, ResourceKey, deletion_view, resource_key
 
 CONNECT_WAIT_SECONDS = 10.0
 DELETE_ATTEMPTS = 4
@@ -47,7 +47,7 @@ class Deletion:
 
     async def delete(self, body: Mapping[str, Any], retry: int) -> None:
         """Raises ``OperatorError`` (with ``retry_after``) when deletion cannot finish yet."""
-        desired = desired_from(body)
+        desired = deletion_view(body)
         key = resource_key(body)
         state = LoopState(status=dict(body.get("status") or {}))
         version = None
@@ -66,9 +66,9 @@ class Deletion:
                     )
                 self.forget(key)
                 return
-            connection = await self._connection(desired)
-            version = connection.version
             for record in records:
+                connection = await self._connection(record.connection)
+                version = connection.version
                 if record.truenas != connection.config.identity:
                     raise fail(
                         "DeleteFailed",
@@ -92,8 +92,9 @@ class Deletion:
         self.reporter.post_once(body, self._posted.setdefault(key, state), "Warning", problem.reason, problem.message)
         raise OperatorError(problem, retry_after=delay)
 
-    async def _connection(self, desired: Desired) -> Connection:
-        connection = self.connections.get(connection_key(desired.namespace, desired.spec))
+    async def _connection(self, key: str) -> Connection:
+        """The connection the owner used when it claimed the instance (recorded in the ledger)."""
+        connection = self.connections.get(key)
         if not connection.ready.is_set():
             try:
                 await asyncio.wait_for(connection.ready.wait(), CONNECT_WAIT_SECONDS)

@@ -110,7 +110,7 @@ class Executor:
         if isinstance(action, Create):
             await self._create(body, state, desired, connection, action, record)
         elif isinstance(action, Update):
-            async with connection.job_slots:
+            async with connection.job_slots.slot(desired.namespace):
                 connection.remember(await backend.update(name, action.changes))
         elif isinstance(action, AddDevice):
             await backend.add_device(name, action.device)
@@ -120,15 +120,15 @@ class Executor:
             await backend.delete_device(name, action.name)
         elif isinstance(action, Start):
             await self.reporter.write(state, desired, observed, activity=Phase.STARTING, version=version)
-            async with connection.job_slots:
+            async with connection.job_slots.slot(desired.namespace):
                 await backend.start(name)
             await connection.refresh_one(name)
         elif isinstance(action, Stop):
             await self.reporter.write(state, desired, observed, activity=Phase.STOPPING, version=version)
-            await self.stop(connection, name, action.timeout)
+            await self.stop(connection, desired.namespace, name, action.timeout)
             await connection.refresh_one(name)
         elif isinstance(action, Delete):
-            async with connection.job_slots:
+            async with connection.job_slots.slot(desired.namespace):
                 await backend.delete(name)
             connection.remember_gone(name)
         if is_device_action(action):
@@ -160,7 +160,7 @@ class Executor:
         job = JobReport()
         reporting = asyncio.create_task(self._report_job(job, state, desired, connection), name=f"job {name}")
         try:
-            async with connection.job_slots:
+            async with connection.job_slots.slot(desired.namespace):
                 created = await _backend(connection).create(action.config, on_progress=job.update)
         except AlreadyExists:
             # Claimed in an earlier pass (before a crash): the earlier create call made it; it is ours.
@@ -199,10 +199,10 @@ class Executor:
                     )
                     shown = current
 
-    async def stop(self, connection: Connection, name: str, timeout: int) -> None:
+    async def stop(self, connection: Connection, namespace: str, name: str, timeout: int) -> None:
         """Graceful within ``timeout`` seconds, then forced."""
         backend = _backend(connection)
-        async with connection.job_slots:
+        async with connection.job_slots.slot(namespace):
             try:
                 await backend.stop(name, timeout=timeout)
                 return

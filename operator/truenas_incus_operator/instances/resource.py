@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from ..connections import DEFAULT_KEY
 from ..models import ADOPT_ANNOTATION, IncusInstanceSpec
 from ..reconcile import Desired, Ownership
@@ -40,6 +42,33 @@ def desired_from(body: Mapping[str, Any], ownership: Ownership | None = None) ->
         deleting=bool(meta.get("deletionTimestamp")),
         ownership=ownership or Ownership(),
     )
+
+
+def deletion_view(body: Mapping[str, Any]) -> Desired:
+    """The resource as deletion needs it. Never refused because the spec does not parse (an outdated
+    CRD, a model stricter than admission): deletion needs only the name, the deletion policy and the
+    stop timeout; which TrueNAS to call comes from the ledger records."""
+    try:
+        return desired_from(body)
+    except ValidationError:
+        raw = dict(body.get("spec") or {})
+        kind = raw.get("type") if raw.get("type") in ("VM", "CONTAINER") else "CONTAINER"
+        needed = {key: raw[key] for key in ("name", "deletionPolicy", "stopTimeoutSeconds") if key in raw}
+        for fields in (needed, {}):
+            try:
+                spec = IncusInstanceSpec.model_validate({"type": kind, "image": "unparsed", **fields})
+                break
+            except ValidationError:
+                continue
+        meta = body.get("metadata", {})
+        return Desired(
+            namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""),
+            generation=int(meta.get("generation") or 0),
+            spec=spec,
+            uid=str(meta.get("uid", "")),
+            deleting=True,
+        )
 
 
 def adopt_requested(body: Mapping[str, Any]) -> bool:

@@ -34,6 +34,10 @@ READ_ATTEMPTS = 3
 """Reads (queries) are retried after a dropped connection; writes never are."""
 
 
+MAX_MESSAGE_BYTES = 32 * 2**20
+"""Largest JSON-RPC message accepted (a query of thousands of instances is a few MiB)."""
+
+
 def websocket_url(url: str, api_version: str = "current") -> str:
     parts = urlsplit(url)
     scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
@@ -94,7 +98,7 @@ class JsonRpcTransport:
                 ssl=(self.options.ssl_context or True) if self.url.startswith("wss") else False,
                 timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
                 heartbeat=30.0,
-                max_msg_size=64 * 2**20,
+                max_msg_size=MAX_MESSAGE_BYTES,
                 autoping=True,
             )
         except aiohttp.WSServerHandshakeError as exc:

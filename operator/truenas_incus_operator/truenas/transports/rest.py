@@ -77,6 +77,10 @@ def _query_string(params: tuple[Any, ...]) -> dict[str, str]:
     return query
 
 
+MAX_ANSWER_BYTES = 32 * 2**20
+"""A query of thousands of instances is a few MiB; nothing TrueNAS answers comes near this."""
+
+
 class RestTransport:
     name = "rest"
     supports_events = False
@@ -130,9 +134,7 @@ class RestTransport:
         for attempt in range(attempts):
             try:
                 async with self._limit:
-                    response = await self._client.request(
-                        verb, path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **request
-                    )
+                    response = await self._bounded(verb, path, timeout, request)
             except httpx.TimeoutException:
                 error: TransportError = CallTimeout(f"{method}: no answer from TrueNAS within the timeout")
             except httpx.HTTPError as exc:
@@ -147,6 +149,27 @@ class RestTransport:
                 raise error
             await asyncio.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _bounded(self, verb: str, path: str, timeout: float | None, request: dict[str, Any]) -> httpx.Response:
+        """The response, read up to MAX_ANSWER_BYTES: a server that answers more (a hostile URL in a
+        TrueNASConnection, say) is refused instead of filling the operator's memory."""
+        assert self._client is not None
+        built = self._client.build_request(verb, path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **request)
+        response = await self._client.send(built, stream=True)
+        try:
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > MAX_ANSWER_BYTES:
+                raise TransportError(f"{path}: the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB; refused")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise TransportError(f"{path}: the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB; refused")
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        return httpx.Response(response.status_code, headers=response.headers, content=b"".join(chunks), request=built)
 
     def _result(self, method: str, response: httpx.Response) -> Any:
         status = response.status_code
