@@ -48,7 +48,7 @@ VARIATIONS: dict[str, dict[str, Any]] = {
                 "type": "PROXY",
                 "extra": {"source_proto": "TCP", "source_port": 8080, "dest_proto": "TCP", "dest_port": 80},
             },
-            {"name": "tpm", "type": "TPM", "extra": {"nested": {"list": [1, "two", True], "empty": {}}}},
+            {"name": "tpm", "type": "TPM", "extra": {"path": "/dev/tpm0", "pathrm": "/dev/tpmrm0"}},
         ]
     },
     "devices-empty": {"devices": []},

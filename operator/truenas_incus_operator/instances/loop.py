@@ -17,7 +17,7 @@ from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
 from ..policy import POLICY_REASON, Policy
 from ..problems import OperatorError, Problem, fail, problem_of
-from ..reconcile import Blocked, Create, Desired, Ownership, Plan, instance_config, plan
+from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
 from ..settings import Settings
 from ..truenas import ObservedInstance, TrueNASError
 from .executor import Executor, describe_device_action, is_device_action
@@ -199,8 +199,6 @@ class InstanceLoops:
                 self.reporter.post_event(body, "Normal", "DriftCorrected", f"devices changed on TrueNAS; {changes}")
             for action in current.actions:
                 await self.executor.execute(body, state, desired, connection, observed, action)
-            if any(isinstance(action, Create) for action in current.actions):
-                state.devices_seen = seen  # created with exactly the spec's devices
         raise fail("NotConverged", "the instance did not converge after repeated changes; will retry")
 
     @staticmethod
