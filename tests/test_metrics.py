@@ -262,3 +262,46 @@ async def test_the_endpoint_serves_the_registry_from_a_thread() -> None:
     samples = [s for s in families["tio_actions"].samples if s.name == "tio_actions_total"]
     assert [(s.labels, s.value) for s in samples] == [({"kind": "create", "result": "ok"}, 1.0)]
     assert "python_gc_objects_collected" not in families, "only the operator's own registry"
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_operator_has() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exposed = {
+        sample.name
+        for family in text_string_to_metric_families(generate_latest(_populated().registry).decode())
+        for sample in family.samples
+    }
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"\btio_[a-z_]+", target["expr"]))
+    assert queried and queried <= exposed, queried - exposed
+
+
+def _populated() -> Metrics:
+    """A Metrics with one value in every family, so every sample name shows."""
+    metrics = Metrics()
+    observer = metrics.truenas("nas", 20)
+    observer.call_started()
+    observer.call_finished("virt.instance.query", "ok", 0.01)
+    observer.call_started()
+    observer.job_finished("virt.instance.create", "SUCCESS", 1.0)
+    observer.event_received("core.get_jobs", 0.1)
+    observer.reconnected()
+    with metrics.reconcile_pass(("apps", "a"), type("S", (), {"failures": 0, "status": {"phase": "Running"}})()):
+        pass
+    with metrics.action(object()):
+        pass
+
+    class Client:
+        system_version = "TrueNAS-25.10.1"
+        api_family = "virt.instance"
+        transport = ScriptedTransport()
+
+    metrics.connection_state("nas", Client())
+    metrics.resource_status(("apps", "a"), {"conditions": [{"type": "Synced", "status": "True", "reason": "X"}]})
+    return metrics
