@@ -16,6 +16,7 @@ from typing import Any
 from truenas_incus_operator.app import Operator, build
 from truenas_incus_operator.connections import Connection, ConnectionConfig
 from truenas_incus_operator.kube import Kube, SecretObject
+from truenas_incus_operator.metrics import Metrics
 from truenas_incus_operator.policy import Policy
 from truenas_incus_operator.problems import fail
 from truenas_incus_operator.settings import Settings
@@ -311,7 +312,9 @@ class FakeOperator:
     events: list[tuple[str, str, str]]
 
 
-def fake_operator(backend: FakeBackend | None = None, policy: Policy | None = None, **settings: Any) -> FakeOperator:
+def fake_operator(
+    backend: FakeBackend | None = None, policy: Policy | None = None, metrics: Metrics | None = None, **settings: Any
+) -> FakeOperator:
     """The operator's real graph (``app.build``) over a FakeKube and a connected FakeBackend."""
     kube = FakeKube()
     backend = backend or FakeBackend()
@@ -321,7 +324,7 @@ def fake_operator(backend: FakeBackend | None = None, policy: Policy | None = No
         events.append((kind, reason, message))
 
     values = {"resync_seconds": 30.0, "retry_min_seconds": 1.0, "ledger_namespace": LEDGER_NAMESPACE, **settings}
-    operator = build(Settings(**values), kube, post_event, clock=lambda: NOW, policy=policy)
+    operator = build(Settings(**values), kube, post_event, clock=lambda: NOW, policy=policy, metrics=metrics)
     config = ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-test"))
     connection = Connection("<default>", config, resync_seconds=30.0)
     connection.client = TrueNASClient(NoTransport(), backend, (25, 10), "TrueNAS-25.10.1")  # type: ignore[arg-type]
@@ -363,3 +366,51 @@ def resource(
         "metadata": meta,
         "spec": {"type": "CONTAINER", "image": "debian/bookworm", **spec},
     }
+
+
+@dataclass
+class ScriptedTransport:
+    """A transport whose answers a test scripts: ``answers`` (method -> result, or an exception to
+    raise), jobs that end as ``job_ends`` says (a job dict passed to ``on_progress``), and ``gate``
+    (when set) holding every call until it is set. For tests of what wraps a transport (observe.py)."""
+
+    name: str = "websocket"
+    system_version: str | None = "TrueNAS-25.10.1"
+    supports_events: bool = True
+    answers: dict[str, Any] = field(default_factory=dict)
+    job_ends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gate: asyncio.Event | None = None
+    subscriptions: dict[str, Callable[[str, Any, dict[str, Any] | None], None]] = field(default_factory=dict)
+    on_reconnect: list[Callable[[], None]] = field(default_factory=list)
+
+    async def connect(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def _answer(self, method: str) -> Any:
+        if self.gate is not None:
+            await self.gate.wait()
+        answer = self.answers.get(method)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def call(self, method: str, *params: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
+        return await self._answer(method)
+
+    async def call_job(
+        self,
+        method: str,
+        *params: Any,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        end = self.job_ends.get(method)
+        if end is not None and on_progress is not None:
+            on_progress(end)
+        return await self._answer(method)
+
+    async def subscribe(self, collection: str, callback: Callable[[str, Any, dict[str, Any] | None], None]) -> None:
+        self.subscriptions[collection] = callback

@@ -144,9 +144,45 @@ def test_default_connection_values() -> None:
     assert "TIO_TRUENAS_API_KEY" not in env, "the key itself never goes into the pod spec"
 
 
+def test_metrics_port_service_and_an_optional_service_monitor() -> None:
+    documents = render()
+    (deployment,) = by_kind(documents, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["TIO_METRICS_PORT"] == "9090"
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    (service,) = by_kind(documents, "Service")
+    assert service["metadata"]["name"] == "tio-truenas-incus-operator-metrics"
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert by_kind(documents, "ServiceMonitor") == [], "off by default: it needs the Prometheus Operator's CRD"
+
+    documents = render("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom")
+    (service,) = by_kind(documents, "Service")
+    (monitor,) = by_kind(documents, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == "tio-system" and monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["tio-system"]}
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}
+    ]
+
+    documents = render("metrics.enabled=false", "metrics.serviceMonitor.enabled=true")
+    (deployment,) = by_kind(documents, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "TIO_METRICS_PORT" not in {e["name"] for e in container["env"]}
+    assert [p["name"] for p in container["ports"]] == ["health"]
+    assert by_kind(documents, "Service") == [] and by_kind(documents, "ServiceMonitor") == []
+
+
 @pytest.mark.parametrize(
     "values,message",
     [
+        (["metrics.port=8080"], "/metrics/port"),
+        (["metrics.serviceMonitor.interval=often"], "/metrics/serviceMonitor/interval"),
         (["truenas.transport=grpc"], "value must be one of 'websocket', 'rest'"),
         (["truenas.url=wss://nas"], "/truenas/apiKeySecret/name"),
         (["truenas.maxConcurrentCalls=50"], "maximum: got 50, want 20"),

@@ -1,4 +1,4 @@
-"""Command line: ``truenas-incus-operator run|crd`` (also ``python -m truenas_incus_operator``).
+"""Command line: ``truenas-incus-operator run|crd|doctor`` (also ``python -m truenas_incus_operator``).
 
 The local control plane and the demo are development tooling: ``tools/truenas_incus_dev``.
 """
@@ -68,6 +68,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor
+
+    return doctor(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="truenas-incus-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     crd.add_argument("--output", default="crds", help="folder to write into (default: crds)")
     crd.add_argument("--stdout", action="store_true", help="print the manifests instead")
     crd.set_defaults(func=_crd)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check a NAS before installing, read-only (the same TIO_TRUENAS_* settings as run)",
+        description="Reachability, TLS, version and API family, the key's roles, virtualization, the image "
+        "registry, and which fields of the given manifests this NAS can honour. Never writes. Exit code 1 "
+        "when a blocking problem is found.",
+    )
+    doctor.add_argument("-f", "--file", action="append", help="an IncusInstance manifest to check (repeatable)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--timeout", type=float, default=15.0, help="seconds per connection attempt and call")
+    doctor.set_defaults(func=_doctor)
 
     return parser
 

@@ -46,6 +46,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     except OperatorError as exc:
         await operator.close()
         raise kopf.PermanentError(f"cannot read the ownership ledger: {exc.problem.message}") from None
+    try:
+        operator.serve_metrics()
+    except OSError as exc:
+        await operator.close()
+        raise kopf.PermanentError(f"cannot serve metrics on TIO_METRICS_PORT: {exc}") from None
     await operator.connection_resources.configure_default()
     memo["operator"] = operator
 

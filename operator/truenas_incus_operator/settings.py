@@ -36,6 +36,14 @@ class Settings(BaseSettings):
         None, description="The administrator's policy (policy.py); unset: the default policy."
     )
 
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port (/metrics); 0: not served. The chart sets 9090.",
+    )
+    metrics_address: str = Field("0.0.0.0", description="Address the metrics server listens on.")
+
     resync_seconds: float = Field(60.0, gt=0, description="How often each connection re-reads all instances.")
     device_audits_per_resync: int = Field(
         10,

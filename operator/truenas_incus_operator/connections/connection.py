@@ -9,6 +9,7 @@ import logging
 import random
 from collections.abc import Callable
 
+from ..metrics import Metrics
 from ..problems import Problem, problem_of
 from ..truenas import AuthenticationFailed, ObservedInstance, TransportError, TrueNASClient, TrueNASError, connect
 from .cache import InstanceCache
@@ -33,8 +34,10 @@ class Connection:
         reload: Loader | None = None,
         on_state: Callable[[Connection], None] | None = None,
         device_audits_per_resync: int = 10,
+        metrics: Metrics | None = None,
     ) -> None:
         self.key = key
+        self.metrics = metrics
         self.config = config
         self.reload = reload
         """Re-reads the configuration (e.g. the API key Secret) after an authentication failure."""
@@ -79,6 +82,8 @@ class Connection:
             with contextlib.suppress(Exception):
                 await self.client.close()
             self.client = None
+        if self.metrics is not None:
+            self.metrics.forget_connection(self.key)
 
     async def _run(self) -> None:
         delay = 1.0
@@ -109,6 +114,8 @@ class Connection:
 
     def _state_changed(self) -> None:
         self.cache.notify_all()
+        if self.metrics is not None:
+            self.metrics.connection_state(self.key, self.client)
         if self.on_state is not None:
             self.on_state(self)
 
@@ -123,6 +130,7 @@ class Connection:
             max_concurrent_calls=config.max_concurrent_calls,
             call_timeout=self.call_timeout,
             job_timeout=self.job_timeout,
+            observer=self.metrics.truenas(self.key, config.max_concurrent_calls) if self.metrics else None,
         )
         reconnect = getattr(self.client.transport, "on_reconnect", None)
         if isinstance(reconnect, list):

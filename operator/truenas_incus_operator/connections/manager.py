@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..metrics import Metrics
 from ..problems import OperatorError, Problem, fail
 from .config import DEFAULT_KEY, ConnectionConfig, Loader
 from .connection import Connection
@@ -20,7 +21,9 @@ class ConnectionManager:
         job_timeout: float,
         on_state: Callable[[Connection], None] | None = None,
         device_audits_per_resync: int = 10,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.resync_seconds = resync_seconds
         self.device_audits_per_resync = device_audits_per_resync
         self.retry_max_seconds = retry_max_seconds
@@ -64,6 +67,7 @@ class ConnectionManager:
             reload=reload,
             on_state=self.on_state,
             device_audits_per_resync=self.device_audits_per_resync,
+            metrics=self.metrics,
         )
         self.connections[key] = connection
         self.problems.pop(key, None)

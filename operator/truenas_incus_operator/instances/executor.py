@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..connections import Connection
+from ..metrics import Metrics
 from ..models import JobStatus, Phase
 from ..problems import OperatorError, fail
 from ..reconcile import (
@@ -76,13 +77,26 @@ def describe_device_action(action: Action) -> str:
 
 
 class Executor:
-    def __init__(self, ledger: Ledger, reporter: Reporter) -> None:
+    def __init__(self, ledger: Ledger, reporter: Reporter, metrics: Metrics | None = None) -> None:
         self.ledger = ledger
         self.reporter = reporter
+        self.metrics = metrics if metrics is not None else Metrics()
         self.creating: set[ResourceKey] = set()
         """Resources whose create call is in flight in this process (deletion waits for them)."""
 
     async def execute(
+        self,
+        body: Mapping[str, Any],
+        state: LoopState,
+        desired: Desired,
+        connection: Connection,
+        observed: ObservedInstance | None,
+        action: Action,
+    ) -> None:
+        with self.metrics.action(action):
+            await self._execute(body, state, desired, connection, observed, action)
+
+    async def _execute(
         self,
         body: Mapping[str, Any],
         state: LoopState,

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
+from ..metrics import Metrics
 from ..policy import POLICY_REASON, Policy
 from ..problems import OperatorError, Problem, fail, problem_of
 from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
@@ -40,8 +41,10 @@ class InstanceLoops:
         reporter: Reporter,
         executor: Executor,
         policy: Policy | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
         self.connections = connections
         self.wakeups = wakeups
         self.ledger = ledger
@@ -58,7 +61,8 @@ class InstanceLoops:
         try:
             while not stopped:
                 event.clear()
-                delay = await self.reconcile_once(body, state, wake)
+                with self.metrics.reconcile_pass(key, state):
+                    delay = await self.reconcile_once(body, state, wake)
                 await _sleep(event, stopped, delay)
         finally:
             if state.listening is not None:
@@ -67,6 +71,7 @@ class InstanceLoops:
             if state.watching_key is not None:
                 self.connections.unwatch_key(state.watching_key, wake)
             self.wakeups.forget(key)
+            self.metrics.forget_resource(key)
 
     async def reconcile_once(self, body: Mapping[str, Any], state: LoopState, wake: Wake) -> float:
         """One pass; returns the seconds until the next unprompted pass."""

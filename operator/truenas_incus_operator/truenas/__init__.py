@@ -21,6 +21,7 @@ from .errors import (
     TrueNASError,
     ValidationFailed,
 )
+from .observe import Observer
 from .transports.base import Secret
 from .types import (
     UNSET,
@@ -50,6 +51,7 @@ __all__ = [
     "NotFound",
     "ObservedImage",
     "ObservedInstance",
+    "Observer",
     "Secret",
     "TransportError",
     "TrueNASClient",

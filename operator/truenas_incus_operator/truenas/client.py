@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .backends.container import ContainerBackend
 from .backends.virt import VirtInstanceBackend
 from .errors import APIUnavailable, CallFailed, TrueNASError
+from .observe import ObservedTransport, Observer
 from .transports.base import ConnectionOptions, Secret, Transport
 from .transports.jsonrpc import JsonRpcTransport
 from .transports.rest import RestTransport
@@ -60,8 +61,11 @@ async def connect(
     call_timeout: float = 60.0,
     job_timeout: float = 15 * 60.0,
     connect_timeout: float = 10.0,
+    observer: Observer | None = None,
 ) -> TrueNASClient:
-    """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``."""
+    """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``.
+
+    ``observer`` (observe.py) is told of every call, job and event through this client."""
     secure = url.startswith(("wss://", "https://"))
     options = ConnectionOptions(
         url=url,
@@ -78,6 +82,8 @@ async def connect(
         chosen = RestTransport(options)
     else:
         raise ValueError(f"unknown transport {transport!r}: use websocket or rest")
+    if observer is not None:
+        chosen = ObservedTransport(chosen, observer)
     try:
         await chosen.connect()
         version = parse_version(chosen.system_version)

@@ -1,0 +1,391 @@
+"""``truenas-incus-operator doctor``: a read-only preflight against a real NAS, before installing.
+
+Same connection settings as ``run`` (the ``TIO_TRUENAS_*`` environment). It reports reachability,
+TLS (which CA, the certificate's expiry), the TrueNAS version, API family and transport, the key's
+roles and which of the operator's calls they allow, the virtualization state, the image registry,
+and, for manifests given with ``-f``, which fields this NAS cannot honour.
+
+It never writes: every call goes through an observer that refuses anything but the reads listed in
+``READS`` (and the transport's own login, options and subscriptions), so a bug here cannot change
+the NAS. Exit code: 0 when nothing blocks, 1 when a blocking problem was found, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from cryptography import x509
+from pydantic import ValidationError
+
+from .connections.config import DEFAULT_PORTS, ConnectionConfig, settings_loader
+from .instances.resource import desired_from
+from .problems import OperatorError
+from .reconcile import instance_config
+from .settings import Settings
+from .truenas import TrueNASClient, TrueNASError, connect, ssl_context
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+EXPIRY_WARN_DAYS = 30
+
+READS = frozenset(
+    {
+        "auth.me",
+        "virt.global.config",
+        "virt.instance.image_choices",
+        "lxc.config",
+        "container.image.query_registry",
+    }
+)
+"""The only calls doctor makes itself (connect() adds the family probe, also a read)."""
+
+OPERATOR_CALLS: dict[str, dict[str, tuple[str, ...]]] = {
+    "virt.instance": {
+        "read": ("virt.instance.query", "virt.instance.device_list", "virt.global.config"),
+        "write": (
+            "virt.instance.create",
+            "virt.instance.update",
+            "virt.instance.start",
+            "virt.instance.stop",
+            "virt.instance.delete",
+            "virt.instance.device_add",
+            "virt.instance.device_update",
+            "virt.instance.device_delete",
+        ),
+    },
+    "container": {
+        "read": ("container.query", "container.device.query", "container.image.query_registry", "lxc.config"),
+        "write": (
+            "container.create",
+            "container.update",
+            "container.start",
+            "container.stop",
+            "container.delete",
+            "container.device.create",
+            "container.device.update",
+            "container.device.delete",
+        ),
+    },
+}
+"""What the operator calls, per API family (backends/virt.py, backends/container.py)."""
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+    """Every call made through the client, in order (reads only)."""
+
+    def add(self, name: str, status: str, summary: str, **details: Any) -> Check:
+        check = Check(name, status, summary, details)
+        self.checks.append(check)
+        return check
+
+    @property
+    def blocked(self) -> bool:
+        return any(c.status == FAIL for c in self.checks)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": not self.blocked, "checks": [asdict(c) for c in self.checks], "calls": sorted(set(self.calls))}
+
+    def as_text(self) -> str:
+        marks = {OK: "ok  ", WARN: "WARN", FAIL: "FAIL", SKIP: "skip"}
+        lines = []
+        for check in self.checks:
+            lines.append(f"[{marks[check.status]}] {check.name}: {check.summary}")
+            for key, value in check.details.items():
+                shown = ", ".join(map(str, value)) if isinstance(value, list | tuple) else value
+                lines.append(f"         {key}: {shown}")
+        verdict = "blocking problems found" if self.blocked else "nothing blocks installing the operator"
+        lines.append(f"doctor: {verdict}")
+        return "\n".join(lines) + "\n"
+
+
+class WriteRefused(TrueNASError):
+    """doctor tried a call outside its reads: refused before it left the process."""
+
+
+class ReadOnlyObserver:
+    """A ``truenas.Observer`` that records every call doctor's client makes."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def call_started(self) -> None:
+        return None
+
+    def call_finished(self, method: str, outcome: str, seconds: float) -> None:
+        self.report.calls.append(method)
+
+    def job_finished(self, method: str, state: str, seconds: float) -> None:
+        self.report.calls.append(method)
+
+    def event_received(self, collection: str, lag: float | None) -> None:
+        return None
+
+    def reconnected(self) -> None:
+        return None
+
+
+async def read(client: TrueNASClient, method: str, *params: Any) -> Any:
+    """The one way doctor calls TrueNAS: only the reads in ``READS``."""
+    if method not in READS:
+        raise WriteRefused(f"doctor calls only reads; {method} is not one")
+    return await client.transport.call(method, *params, idempotent=True)
+
+
+# ----- the checks ----------------------------------------------------------------------------------------
+async def run_doctor(settings: Settings, manifests: Iterable[Path] = (), timeout: float = 15.0) -> Report:
+    report = Report()
+    if not settings.truenas_url:
+        report.add("configuration", FAIL, "TIO_TRUENAS_URL is not set (doctor checks the default connection)")
+        return report
+    try:
+        config = await settings_loader(settings)()
+    except OperatorError as exc:
+        report.add("configuration", FAIL, exc.problem.message, reason=exc.problem.reason)
+        return report
+    report.add("configuration", OK, f"{config.url} over {config.transport}", url=config.url)
+    if not await _reachability_and_tls(report, config, settings, timeout):
+        return report
+    try:
+        client = await connect(
+            config.url,
+            config.api_key,
+            transport=config.transport,
+            ca_pem=config.ca_pem,
+            insecure_skip_verify=config.insecure_skip_verify,
+            max_concurrent_calls=config.max_concurrent_calls,
+            call_timeout=timeout,
+            connect_timeout=timeout,
+            observer=ReadOnlyObserver(report),
+        )
+    except TrueNASError as exc:
+        report.add("login and version", FAIL, f"{type(exc).__name__}: {config.api_key.scrub(exc.message)}")
+        return report
+    try:
+        report.add(
+            "login and version",
+            OK,
+            f"{client.system_version}: API family {client.api_family} over {client.transport.name}",
+            version=client.system_version,
+            api_family=client.api_family,
+            transport=client.transport.name,
+        )
+        await _roles(report, client)
+        await _virtualization(report, client)
+        await _registry(report, client)
+        for path in manifests:
+            _manifest(report, client, path)
+    finally:
+        await client.close()
+    return report
+
+
+async def _reachability_and_tls(report: Report, config: ConnectionConfig, settings: Settings, timeout: float) -> bool:
+    parts = urlsplit(config.url)
+    host = parts.hostname or ""
+    port = parts.port or DEFAULT_PORTS.get(parts.scheme, 443)
+    secure = parts.scheme in ("wss", "https")
+    if settings.truenas_ca_file:
+        ca = f"TIO_TRUENAS_CA_FILE ({settings.truenas_ca_file})"
+    else:
+        ca = "the system's CA certificates"
+    if config.insecure_skip_verify:
+        ca = "none: verification is off (TIO_TRUENAS_INSECURE_SKIP_VERIFY)"
+    context = ssl_context(config.ca_pem, config.insecure_skip_verify) if secure else None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=host if context else None), timeout
+        )
+    except ssl.SSLCertVerificationError as exc:
+        report.add("reachability", OK, f"{host}:{port} answers")
+        report.add("TLS", FAIL, f"the certificate is not trusted: {exc.verify_message}", ca=ca)
+        return False
+    except (OSError, TimeoutError) as exc:
+        report.add("reachability", FAIL, f"cannot reach {host}:{port}: {exc.__class__.__name__}: {exc}")
+        return False
+    try:
+        report.add("reachability", OK, f"{host}:{port} answers")
+        if not secure:
+            report.add("TLS", WARN, "plain transport: the API key travels unencrypted (loopback or allowed only)")
+            return True
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            report.add("TLS", WARN, "no certificate to inspect", ca=ca)
+            return True
+        certificate = x509.load_der_x509_certificate(der)
+        expires = certificate.not_valid_after_utc
+        days = (expires - datetime.now(UTC)).days
+        details = {
+            "ca": ca,
+            "subject": certificate.subject.rfc4514_string(),
+            "issuer": certificate.issuer.rfc4514_string(),
+            "expires": expires.isoformat(),
+            "days_left": days,
+        }
+        if days < 0:
+            report.add("TLS", FAIL, f"the certificate expired on {expires:%Y-%m-%d}", **details)
+        elif config.insecure_skip_verify:
+            report.add("TLS", WARN, "the certificate is not verified (insecureSkipVerify)", **details)
+        elif days < EXPIRY_WARN_DAYS:
+            report.add("TLS", WARN, f"verified; the certificate expires in {days} days", **details)
+        else:
+            report.add("TLS", OK, f"verified against {ca}; expires in {days} days", **details)
+        return True
+    finally:
+        writer.close()
+        reader.feed_eof()
+
+
+def _roles_of(me: dict[str, Any]) -> tuple[list[str], bool]:
+    privilege = me.get("privilege") or {}
+    roles = privilege.get("roles") or []
+    if isinstance(roles, dict):
+        roles = roles.get("$set") or []
+    allowlist = privilege.get("allowlist") or []
+    everything = any(isinstance(a, dict) and a.get("method") == "*" for a in allowlist)
+    return sorted(str(r) for r in roles), everything
+
+
+async def _roles(report: Report, client: TrueNASClient) -> None:
+    calls = OPERATOR_CALLS.get(client.api_family, {"read": (), "write": ()})
+    try:
+        me = await read(client, "auth.me")
+    except TrueNASError as exc:
+        report.add(
+            "key roles", WARN, f"cannot read the key's privileges ({type(exc).__name__}); use the websocket transport"
+        )
+        return
+    roles, everything = _roles_of(me if isinstance(me, dict) else {})
+    details: dict[str, Any] = {"user": str((me or {}).get("pw_name", "?")), "roles": roles}
+    if everything or "FULL_ADMIN" in roles:
+        report.add("key roles", OK, "every operator call is allowed", **details, allowed=calls["read"] + calls["write"])
+    elif "READONLY_ADMIN" in roles:
+        report.add(
+            "key roles",
+            FAIL,
+            "read-only: the operator could watch instances but not create, change or delete any",
+            **details,
+            allowed=calls["read"],
+            refused=calls["write"],
+        )
+    else:
+        report.add(
+            "key roles",
+            WARN,
+            "doctor cannot tell from these roles which calls TrueNAS allows; try one instance first",
+            **details,
+            needed=calls["read"] + calls["write"],
+        )
+
+
+async def _virtualization(report: Report, client: TrueNASClient) -> None:
+    try:
+        if client.api_family == "container":
+            config = await read(client, "lxc.config")
+            pool, bridge = config.get("preferred_pool"), config.get("bridge")
+            details = {"pool": pool, "bridge": bridge or "automatic", "v4_network": config.get("v4_network")}
+            configured = bool(pool)
+        else:
+            config = await read(client, "virt.global.config")
+            pool, bridge, state = config.get("pool"), config.get("bridge"), config.get("state")
+            details = {
+                "state": state,
+                "pool": pool,
+                "storage_pools": config.get("storage_pools") or [],
+                "bridge": bridge or "automatic",
+            }
+            configured = bool(pool) and state == "INITIALIZED"
+    except TrueNASError as exc:
+        report.add("virtualization", FAIL, f"cannot read the configuration: {exc.message}")
+        return
+    if configured:
+        report.add("virtualization", OK, f"configured on pool {pool}", **details)
+    else:
+        report.add(
+            "virtualization",
+            FAIL,
+            "not configured: choose a pool in TrueNAS (Instances / Containers > Configuration) first",
+            **details,
+        )
+
+
+async def _registry(report: Report, client: TrueNASClient) -> None:
+    method = "container.image.query_registry" if client.api_family == "container" else "virt.instance.image_choices"
+    try:
+        images = await read(client, method, *([] if method.startswith("container") else [{}]))
+    except TrueNASError as exc:
+        report.add("image registry", FAIL, f"TrueNAS cannot list images ({method}): {exc.message}")
+        return
+    count = len(images or [])
+    if count:
+        report.add("image registry", OK, f"TrueNAS reaches the image registry: {count} images", method=method)
+    else:
+        report.add("image registry", WARN, "the image registry lists no images", method=method)
+
+
+def _documents(path: Path) -> Iterator[dict[str, Any]]:
+    for document in yaml.safe_load_all(path.read_text()):
+        if isinstance(document, dict) and document.get("kind") == "IncusInstance":
+            yield document
+
+
+def _manifest(report: Report, client: TrueNASClient, path: Path) -> None:
+    try:
+        documents = list(_documents(path))
+    except (OSError, yaml.YAMLError) as exc:
+        report.add(f"manifest {path}", FAIL, f"cannot read it: {exc}")
+        return
+    if not documents:
+        report.add(f"manifest {path}", WARN, "no IncusInstance in it")
+    for document in documents:
+        name = str((document.get("metadata") or {}).get("name", "?"))
+        try:
+            desired = desired_from(document)
+        except ValidationError as exc:
+            errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            report.add(f"manifest {name}", FAIL, f"the spec is invalid: {errors}")
+            continue
+        unsupported = list(client.instances.unsupported_fields(instance_config(desired)))
+        if unsupported:
+            report.add(
+                f"manifest {name}",
+                WARN,
+                f"{client.system_version} cannot honour some fields (status would say PartiallyApplied)",
+                unsupported=unsupported,
+            )
+        else:
+            report.add(f"manifest {name}", OK, f"{client.system_version} can honour every field")
+
+
+def main(args: Any) -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"doctor: bad settings: {exc}", file=sys.stderr)
+        return 2
+    report = asyncio.run(run_doctor(settings, [Path(p) for p in args.file or []], args.timeout))
+    if args.json:
+        sys.stdout.write(json.dumps(report.as_json(), indent=2) + "\n")
+    else:
+        sys.stdout.write(report.as_text())
+    return 1 if report.blocked else 0
