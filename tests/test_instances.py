@@ -286,3 +286,74 @@ def test_cache_replace_all_wakes_only_what_changed() -> None:
     cache.unlisten("a", no_wake)
     cache.notify_all()
     assert sorted(woken) == ["a", "b", "b", "c", "c"]
+
+
+# ----- events racing reads (issue 12, item 4: no lost drift events) ---------------------------------------
+async def test_a_full_query_answered_before_an_event_does_not_undo_it() -> None:
+    """The lost drift event: TrueNAS answers the resync query (RUNNING), an out-of-band stop's event
+    arrives before the connection has applied that answer, and the older answer overwrote the stop
+    until the next resync (25.5 s in the benchmark)."""
+    fake = fake_operator()
+    body = resource(powerState="Manual")
+    state = await one_pass(fake, body)
+    assert state.status["phase"] == "Running"
+    fake.backend.answer_gate = asyncio.Event()
+    query = asyncio.create_task(fake.connection.refresh())
+    await asyncio.sleep(0)  # TrueNAS has computed the answer: web01 RUNNING
+    assert fake.backend.calls[-1] == "list_instances"
+    fake.backend.instances["web01"] = observed("web01", status="STOPPED")  # stopped in the TrueNAS UI
+    fake.connection._on_event("changed", "web01", {"id": "web01", "status": "STOPPED"})
+    fake.backend.answer_gate.set()  # the older answer comes in after the event
+    await query
+    current = fake.connection.cache.get("web01")
+    assert current is not None and current.status == "STOPPED"
+    await one_pass(fake, body, state)
+    assert state.status["phase"] == "Stopped"
+
+
+async def test_a_lookup_answered_before_an_event_does_not_undo_it() -> None:
+    """The same race for one instance: the executor's read after its own change is in flight when an
+    out-of-band stop's event arrives. Its answer goes back to the caller (what TrueNAS said after the
+    caller's action) but not into the cache, which keeps the newer event."""
+    fake = fake_operator(FakeBackend(instances={"web01": observed("web01")}))
+    fake.connection.cache.replace_all(fake.backend.instances.values())
+    fake.backend.answer_gate = asyncio.Event()
+    lookup = asyncio.create_task(fake.connection.refresh_one("web01"))
+    await asyncio.sleep(0)  # answered: RUNNING
+    fake.backend.instances["web01"] = observed("web01", status="STOPPED")
+    fake.connection._on_event("changed", "web01", {"id": "web01", "status": "STOPPED"})
+    fake.backend.answer_gate.set()
+    answer = await lookup
+    assert answer is not None and answer.status == "RUNNING"
+    current = fake.connection.cache.get("web01")
+    assert current is not None and current.status == "STOPPED"
+    await asyncio.sleep(0.2)  # the instance is read again, after the settle delay
+    current = fake.connection.cache.get("web01")
+    assert current is not None and current.status == "STOPPED"
+    assert fake.backend.calls.count("get_instance web01") == 2
+    await fake.connection.close()
+
+
+async def test_an_event_during_a_lookup_in_flight_is_not_swallowed() -> None:
+    """A RUNNING event whose lookup is refused because one is already in flight (answered before the
+    event) still gets its own read."""
+    fake = fake_operator(FakeBackend(instances={"web01": observed("web01", status="STOPPED")}))
+    fake.connection.cache.replace_all(fake.backend.instances.values())
+    fake.backend.answer_gate = asyncio.Event()
+    fake.connection._on_event("changed", "web01", {"id": "web01", "status": "RUNNING"})  # lookup 1
+    for _ in range(100):
+        if fake.backend.calls:
+            break
+        await asyncio.sleep(0.01)
+    assert fake.backend.calls == ["get_instance web01"]  # answered STOPPED, held
+    fake.backend.instances["web01"] = observed("web01")
+    fake.connection._on_event("changed", "web01", {"id": "web01", "status": "RUNNING"})
+    fake.backend.answer_gate.set()
+    for _ in range(100):
+        if fake.backend.calls.count("get_instance web01") == 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)
+    current = fake.connection.cache.get("web01")
+    assert current is not None and current.status == "RUNNING" and current.addresses == ("10.0.0.2",)
+    await fake.connection.close()
