@@ -361,3 +361,28 @@ async def test_drop_rate_knob_drops_connections_and_reads_recover() -> None:
         sim.knobs.drop_rate = 0.0
         assert sim.counters.faults["dropped"] >= 1, "the seeded RNG should have dropped some calls"
         assert sim.counters.by_method["auth.login_with_api_key"] == 1 + sim.counters.faults["dropped"]
+
+
+# ----- faults injected live (issue 12, item 6) ---------------------------------------------------------------
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10"])
+async def test_a_job_wait_fails_when_its_connection_is_closed_and_the_job_goes_on(profile: str) -> None:
+    """The operator rebuilds its client after a lost connection: a job followed on the old one was
+    stranded until the job timeout (15 min), its wait swallowing "connection closed"."""
+    async with serve(profile, job_duration=3.0) as (sim, server):
+        old = await connect(server.ws_url, sim.api_key, transport="websocket", job_timeout=600)
+        create = asyncio.create_task(
+            old.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
+        )
+        await asyncio.sleep(0.5)
+        await old.close()
+        with pytest.raises(TransportError, match="closed"):
+            await asyncio.wait_for(create, 2)
+        # The job runs on; the new connection finds it and sees its result.
+        async with client_for(server, "websocket") as new:
+            assert await new.instances.create_in_progress("c1")
+            for _ in range(100):
+                if not await new.instances.create_in_progress("c1"):
+                    break
+                await asyncio.sleep(0.1)
+            found = await new.instances.get_instance("c1")
+            assert found is not None and found.status == "RUNNING"

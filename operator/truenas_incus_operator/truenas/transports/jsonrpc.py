@@ -130,6 +130,8 @@ class JsonRpcTransport:
 
     async def close(self) -> None:
         self._closed = True
+        for watch in self._jobs.values():
+            watch.changed.set()  # their waits end: a job is followed on the connection that replaces this one
         if self._reconnector:
             self._reconnector.cancel()
         if self._ws is not None:
@@ -335,6 +337,8 @@ class JsonRpcTransport:
                         on_progress(job)
                     if is_finished(job):
                         return job_result(job, job_id)
+                if self._closed:
+                    raise TransportError(f"connection closed while following job {job_id}")
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise CallTimeout(f"job {job_id} did not finish in time")
@@ -350,7 +354,9 @@ class JsonRpcTransport:
         try:
             jobs = await self.call("core.get_jobs", [["id", "=", job_id]], idempotent=True)
         except TransportError:
-            return
+            if self._closed:
+                raise
+            return  # dropped: the reconnect brings the events back; poll again later
         if jobs:
             watch.job = jobs[0]
         elif watch.job is None:
