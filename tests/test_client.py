@@ -30,6 +30,7 @@ from truenas_incus_operator.truenas import (
     ValidationFailed,
     connect,
 )
+from truenas_incus_operator.truenas.transports.base import ConnectionOptions, Secret
 from truenas_simulator import ApiKey, Simulator, SimulatorServer
 from truenas_simulator.tls import CertificateAuthority, server_context
 
@@ -386,3 +387,21 @@ async def test_a_job_wait_fails_when_its_connection_is_closed_and_the_job_goes_o
                 await asyncio.sleep(0.1)
             found = await new.instances.get_instance("c1")
             assert found is not None and found.status == "RUNNING"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_hung_truenas_is_reported_after_one_read_timeout_not_three(transport: str) -> None:
+    """A timed-out read was retried like a dropped one: a hung TrueNAS took 3 x 60 s to report.
+    A timeout is an answer about TrueNAS, not about the connection: reads are not retried after it,
+    and their own default timeout is shorter than a write's."""
+    assert ConnectionOptions(url="wss://nas", api_key=Secret("1-x")).read_timeout <= 20
+    kwargs = {"call_timeout": 600, "read_timeout": 1.0}
+    async with serve("25.10") as (sim, server), client_for(server, transport, **kwargs) as client:
+        sim.knobs.hung_calls = {"virt.instance.query"}
+        before = sim.counters.by_method["virt.instance.query"]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(CallTimeout):
+            await asyncio.wait_for(client.instances.list_instances(), 60)
+        assert loop.time() - started < 2.5, "a read times out after the read timeout, not the call timeout"
+        assert sim.counters.by_method["virt.instance.query"] - before == 1, "a timed-out read is not retried"

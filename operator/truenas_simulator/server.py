@@ -310,9 +310,10 @@ class SimulatorServer:
             for key, value in changes.items():
                 if not hasattr(knobs, key):
                     return web.json_response({"message": f"unknown knob {key!r}"}, status=400)
-                setattr(knobs, key, set(value) if key == "hung_methods" else value)
+                setattr(knobs, key, set(value) if key in ("hung_methods", "hung_calls") else value)
         data = asdict(knobs)
         data["hung_methods"] = sorted(knobs.hung_methods)
+        data["hung_calls"] = sorted(knobs.hung_calls)
         return web.json_response(data)
 
     async def _control_seed(self, request: web.Request) -> web.Response:

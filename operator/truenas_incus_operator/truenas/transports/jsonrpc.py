@@ -31,7 +31,8 @@ from .base import ConnectionOptions, EventCallback, error_from_job, error_from_j
 log = logging.getLogger(__name__)
 JOB_POLL_INTERVAL = 5.0
 READ_ATTEMPTS = 3
-"""Reads (queries) are retried after a dropped connection; writes never are."""
+"""Reads (queries) are retried after a dropped connection; writes never are, and nothing is
+retried after a timeout (a hung TrueNAS would take attempts x timeout to report)."""
 
 
 def websocket_url(url: str, api_version: str = "current") -> str:
@@ -267,11 +268,14 @@ class JsonRpcTransport:
 
     async def call(self, method: str, *params: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
         attempts = READ_ATTEMPTS if idempotent else 1
+        timeout = timeout or (self.options.read_timeout if idempotent else self.options.call_timeout)
         for attempt in range(attempts):
             await self.wait_connected()
             try:
                 async with self._limit:
-                    return await self._raw_call(method, list(params), timeout or self.options.call_timeout)
+                    return await self._raw_call(method, list(params), timeout)
+            except CallTimeout:
+                raise
             except TransportError:
                 if attempt + 1 == attempts or self._closed:
                     raise
