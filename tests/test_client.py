@@ -405,3 +405,16 @@ async def test_a_hung_truenas_is_reported_after_one_read_timeout_not_three(trans
             await asyncio.wait_for(client.instances.list_instances(), 60)
         assert loop.time() - started < 2.5, "a read times out after the read timeout, not the call timeout"
         assert sim.counters.by_method["virt.instance.query"] - before == 1, "a timed-out read is not retried"
+
+
+async def test_frames_that_are_json_but_not_objects_are_logged_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """A valid JSON frame that is not an object killed the reader: a reconnect, and another with every
+    such frame (a storm), the cause never logged."""
+    async with serve("25.10") as (sim, server), client_for(server, "websocket") as client:
+        with caplog.at_level(logging.WARNING, logger="truenas_incus_operator"):
+            for frame in ("[1, 2, 3]", '"hello"', "42", "null", '{"id": "x", "result": 1}'):
+                assert await server.send_raw(frame) == 1
+            assert await client.instances.list_instances() == []
+        assert sim.counters.by_method["auth.login_with_api_key"] == 1, "the connection was never lost"
+        skipped = [r.getMessage() for r in caplog.records if "not a JSON object" in r.getMessage()]
+        assert len(skipped) == 4 and "list" in skipped[0]

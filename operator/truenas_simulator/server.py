@@ -123,6 +123,15 @@ class SimulatorServer:
             dropped += 1
         return dropped
 
+    async def send_raw(self, text: str) -> int:
+        """Sends ``text`` as is to every WebSocket client: frames TrueNAS should never send (faults)."""
+        sent = 0
+        for ws in list(self.websockets):
+            if not ws.closed:
+                await ws.send_str(text)
+                sent += 1
+        return sent
+
     # ----- routes -----------------------------------------------------------------------------------
     def _routes(self) -> None:
         r = self.app.router

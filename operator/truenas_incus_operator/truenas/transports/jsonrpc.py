@@ -199,14 +199,28 @@ class JsonRpcTransport:
                 except json.JSONDecodeError:
                     log.warning("ignoring a message from TrueNAS that is not JSON")
                     continue
-                if "id" in data and ("result" in data or "error" in data):
-                    self._resolve(data)
-                elif data.get("method") == "collection_update":
-                    self._event(data.get("params") or {})
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            pass
+                if not isinstance(data, dict):
+                    log.warning("ignoring a message from TrueNAS that is not a JSON object (%s)", type(data).__name__)
+                    continue
+                try:
+                    self._dispatch(data)
+                except Exception:
+                    # One odd message must not cost the connection (and every call in flight).
+                    log.exception("ignoring a message from TrueNAS that could not be handled")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.info("connection to %s lost: %s", self.url, _describe(exc))
+        except Exception:
+            log.exception("reading from %s failed", self.url)
+            raise
         finally:
             self._lost(generation)
+
+    def _dispatch(self, data: dict[str, Any]) -> None:
+        if "id" in data and ("result" in data or "error" in data):
+            self._resolve(data)
+        elif data.get("method") == "collection_update":
+            params = data.get("params")
+            self._event(params if isinstance(params, dict) else {})
 
     def _resolve(self, data: dict[str, Any]) -> None:
         future = self._pending.pop(data["id"], None) if isinstance(data["id"], int) else None
