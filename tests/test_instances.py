@@ -7,14 +7,17 @@ import asyncio
 import functools
 from typing import Any
 
+import jsonschema
 import pytest
 
 from truenas_incus_operator.connections import InstanceCache
+from truenas_incus_operator.crd import incus_instance_crd
 from truenas_incus_operator.instances import deletion
 from truenas_incus_operator.instances.ledger import record_name
 from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.policy import Grant, Policy
 from truenas_incus_operator.problems import OperatorError
+from truenas_incus_operator.truenas import FieldError, ValidationFailed
 
 from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, FakeOperator, fake_operator, observed, resource
 
@@ -357,3 +360,46 @@ async def test_an_event_during_a_lookup_in_flight_is_not_swallowed() -> None:
     current = fake.connection.cache.get("web01")
     assert current is not None and current.status == "RUNNING" and current.addresses == ("10.0.0.2",)
     await fake.connection.close()
+
+
+# ----- faults (issue 12, item 6) --------------------------------------------------------------------------
+def _without_nulls(value: Any) -> Any:
+    """A JSON merge patch's nulls delete fields; what the API server stores (and validates) has none."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def crd_refusals(status: dict[str, Any]) -> list[str]:
+    """What the IncusInstance CRD's status schema refuses in ``status`` (maxLength, enums, types)."""
+    schema = incus_instance_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    validator = jsonschema.Draft7Validator(schema)
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message[:80]}"
+        for e in validator.iter_errors(_without_nulls(status))
+    ]
+
+
+async def test_a_40_kib_truenas_message_gives_a_status_patch_the_crd_accepts() -> None:
+    """TrueNAS messages can be huge (tracebacks): a 40 KiB one made the status patch fail (422,
+    conditions[].message is at most 32768), so the user saw nothing at all."""
+    huge = "Traceback (most recent call last): " + "x" * (40 * 1024)
+
+    def refuse(call: str) -> None:
+        if call.startswith("create"):
+            raise ValidationFailed([FieldError("virt_instance_create.image", huge)])
+
+    fake = fake_operator(FakeBackend(on_call=refuse))
+    state = await one_pass(fake, resource())
+    statuses = fake.kube.statuses("web01")
+    assert statuses, "a status was written"
+    assert conditions(statuses[-1])["Synced"] == ("False", "ValidationFailed")
+    for status in statuses:
+        assert crd_refusals(status) == []
+    synced = next(c for c in state.status["conditions"] if c["type"] == "Synced")
+    assert synced["message"].startswith("virt_instance_create.image: Traceback") and "(truncated)" in synced["message"]
+    assert len(synced["message"]) <= 4096 and len(state.status["message"]) <= 4096
+    assert [len(message) <= 1024 for _, _, message in fake.events] == [True]
+    assert crd_refusals({"conditions": [{**synced, "message": huge}]}), "the schema check itself can fail"
