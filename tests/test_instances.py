@@ -10,16 +10,24 @@ from typing import Any
 import jsonschema
 import pytest
 
-from truenas_incus_operator.connections import InstanceCache
+from truenas_incus_operator.connections import (
+    Connection,
+    ConnectionConfig,
+    ConnectionManager,
+    ConnectionResources,
+    InstanceCache,
+)
+from truenas_incus_operator.connections.resources import _Reported
 from truenas_incus_operator.crd import incus_instance_crd
 from truenas_incus_operator.instances import deletion
 from truenas_incus_operator.instances.ledger import record_name
 from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.policy import Grant, Policy
-from truenas_incus_operator.problems import OperatorError
-from truenas_incus_operator.truenas import FieldError, ValidationFailed
+from truenas_incus_operator.problems import OperatorError, Problem
+from truenas_incus_operator.settings import Settings
+from truenas_incus_operator.truenas import FieldError, Secret, ValidationFailed
 
-from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, FakeOperator, fake_operator, observed, resource
+from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, FakeKube, FakeOperator, fake_operator, observed, resource
 
 
 def no_wake() -> None:
@@ -403,3 +411,39 @@ async def test_a_40_kib_truenas_message_gives_a_status_patch_the_crd_accepts() -
     assert len(synced["message"]) <= 4096 and len(state.status["message"]) <= 4096
     assert [len(message) <= 1024 for _, _, message in fake.events] == [True]
     assert crd_refusals({"conditions": [{**synced, "message": huge}]}), "the schema check itself can fail"
+
+
+class GatedKube(FakeKube):
+    """Holds status patches until ``gate`` is set, as a slow API server would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        await self.gate.wait()
+        await super().patch_status(plural, namespace, name, status)
+
+
+async def test_a_connection_state_change_during_a_status_write_is_written_too() -> None:
+    """Ready must follow the connection: a change that came while the previous one was being
+    written was dropped, leaving Ready=False on a connection that had come back (or the reverse)."""
+    kube = GatedKube()
+    manager = ConnectionManager(30.0, 300.0, 60.0, 900.0)
+    resources = ConnectionResources(Settings(ledger_namespace=LEDGER_NAMESPACE), kube, manager)
+    resources._reported["apps/nas"] = _Reported("apps", "nas", 1, {})
+    connection = Connection(
+        "apps/nas", ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-x")), resync_seconds=30
+    )
+    connection.problem = Problem("Unreachable", "TrueNAS went away")
+    resources._state_changed(connection)  # lost: its write is held by the API server
+    await asyncio.sleep(0)
+    connection.problem = None
+    resources._state_changed(connection)  # back, while the first write is in flight
+    kube.gate.set()
+    for _ in range(100):
+        if not resources._writes:
+            break
+        await asyncio.sleep(0.01)
+    written = [conditions(p.body)["Ready"] for p in kube.patches]
+    assert written[-1] == ("True", "Connected"), written

@@ -42,6 +42,7 @@ class ConnectionResources:
         manager.on_state = self._state_changed
         self._reported: dict[str, _Reported] = {}
         self._writes: dict[str, asyncio.Task[None]] = {}
+        self._stale: set[str] = set()
 
     async def configure_default(self) -> None:
         """The connection from the operator's settings (``TIO_TRUENAS_*``), if any."""
@@ -98,14 +99,20 @@ class ConnectionResources:
     def _state_changed(self, connection: Connection) -> None:
         """The connection came up or went down: the resource's Ready condition follows."""
         key = connection.key
-        if key == DEFAULT_KEY or key not in self._reported or key in self._writes:
+        if key == DEFAULT_KEY or key not in self._reported:
             return
+        self._stale.add(key)
+        if key in self._writes:
+            return  # the write in flight writes again when it is done: a change is never dropped
 
         async def write() -> None:
             try:
-                await self._write(key, connection.problem, connection)
+                while key in self._stale:
+                    self._stale.discard(key)
+                    await self._write(key, connection.problem, connection)
             finally:
                 self._writes.pop(key, None)
+                self._stale.discard(key)
 
         self._writes[key] = asyncio.get_running_loop().create_task(write(), name=f"status {key}")
 
