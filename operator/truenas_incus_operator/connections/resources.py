@@ -66,8 +66,12 @@ class ConnectionResources:
             return  # keep the credentials last loaded: the IncusInstances being deleted still need them
         generation = int(meta.get("generation") or 0)
         reported = self._reported.get(key)
-        previous = reported.status if reported else dict(body.get("status") or {})
-        self._reported[key] = _Reported(namespace, name, generation, previous)
+        if reported is None:
+            self._reported[key] = _Reported(namespace, name, generation, dict(body.get("status") or {}))
+        else:
+            # The same record: a copy would miss what a write in flight is about to record, and the
+            # next write would then compare with a status the API server no longer holds.
+            reported.generation = generation
         try:
             spec = TrueNASConnectionSpec.model_validate(dict(body.get("spec") or {}))
         except ValidationError as exc:
