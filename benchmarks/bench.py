@@ -273,9 +273,14 @@ def drift(
     target: SimulatorThread | None = None,
     spec: dict[str, Any] | None = None,
     namespace: str | None = None,
-    random_start: bool = False,
+    spread: float = 0.0,
 ) -> dict[str, Any]:
-    """Out-of-band stops of `powerState: Manual` instances; latency until status says Stopped."""
+    """Out-of-band stops of `powerState: Manual` instances; latency until status says Stopped.
+
+    Each trial waits a random 0..``spread`` s first, so that the trials land at random points of the
+    resync cycle (the pauses add up over many intervals): right after the previous trial, every
+    trial would fall at the same point of the cycle, after a poll (REST) or away from the query
+    that an event can race (JSON-RPC)."""
     sim = target or env.sim
     ns = namespace or env.namespace(f"drift-{label}")
     batch = names(f"drift-{label}", trials)
@@ -284,17 +289,21 @@ def drift(
     delays = []
     rng = random.Random(3)
     for name in batch:
-        if random_start:
-            # Start at a random point of the poll interval: right after the previous trial would
-            # always land just after a poll and measure one whole interval.
-            time.sleep(rng.uniform(0, env.resync))
+        if spread:
+            time.sleep(rng.uniform(0, spread))
         started = time.monotonic()
         sim.run(functools.partial(sim.sim.set_power, name, "STOPPED"))
         env.all_in_phase(ns, [name], "Stopped", 4 * env.resync + 10)
         reached = env.watcher.when(ns, name, "Stopped")
         assert reached is not None, f"{name}: status never showed Stopped"
         delays.append(reached - started)
-    return {"trials": trials, "p50_s": round(statistics.median(delays), 3), "max_s": round(max(delays), 3)}
+    return {
+        "trials": trials,
+        "p50_s": round(statistics.median(delays), 3),
+        "p99_s": round(percentile(delays, 99), 3),
+        "max_s": round(max(delays), 3),
+        "over_1s": sum(1 for d in delays if d > 1.0),
+    }
 
 
 def restart(env: Environment, namespace: str, batch: list[str]) -> dict[str, Any]:
@@ -338,11 +347,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if "memory" in args.only:
                 print("5. memory ...", flush=True)
                 results["memory_mb"] = run_memory(args, workdir)
+            if "drift" in args.only:
+                with environment(workdir / "drift-ws", resync=args.resync) as env:
+                    env.start_operator()
+                    # Other instances make the resync query as large (and as slow) as in the full run.
+                    background = names("bg", args.n)
+                    env.create(env.namespace("bg"), background, {"powerState": "Manual"})
+                    env.all_in_phase("bg", background, "Running", 600)
+                    print(f"4. drift over JSON-RPC events, {args.n} other instances ...", flush=True)
+                    results["drift_websocket"] = drift(env, args.drift, "ws", spread=args.drift_spread)
+                    results["drift_websocket"]["other_instances"] = args.n
+                    print(f"   {results['drift_websocket']}", flush=True)
             if "drift_rest" in args.only:
                 with environment(workdir / "drift", resync=args.resync) as env:
                     env.start_operator()
                     print("4. drift over REST (polling) ...", flush=True)
-                    results["drift_rest"] = drift_rest(env, max(3, args.drift // 2), workdir)
+                    results["drift_rest"] = drift_rest(env, args.drift_rest, workdir)
                     print(f"   {results['drift_rest']}", flush=True)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -374,10 +394,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["restart"] = restart(env, "bulk", names("bulk", args.n))
             print(f"   {results['restart']}", flush=True)
             print("4. drift over JSON-RPC events ...", flush=True)
-            results["drift_websocket"] = drift(env, args.drift, "ws")
+            results["drift_websocket"] = drift(env, args.drift, "ws", spread=args.drift_spread)
             print(f"   {results['drift_websocket']}", flush=True)
             print("4. drift over REST (polling) ...", flush=True)
-            results["drift_rest"] = drift_rest(env, max(3, args.drift // 2), workdir)
+            results["drift_rest"] = drift_rest(env, args.drift_rest, workdir)
             print(f"   {results['drift_rest']}", flush=True)
         with environment(workdir / "memory100", resync=args.resync) as env:
             env.start_operator()
@@ -469,7 +489,7 @@ def drift_rest(env: Environment, trials: int, workdir: Path) -> dict[str, Any]:
             },
         }
         env.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "truenasconnections", connection)
-        return drift(env, trials, "rest", rest, {"connectionRef": {"name": "rest"}}, ns, random_start=True)
+        return drift(env, trials, "rest", rest, {"connectionRef": {"name": "rest"}}, ns, spread=env.resync)
     finally:
         rest.stop()
 
@@ -499,16 +519,21 @@ def main(argv: list[str] | None = None) -> int:
         "--idle", type=float, default=300.0, help="idle seconds for the economy benchmark (default 300)"
     )
     parser.add_argument("--resync", type=float, default=30.0, help="operator resync interval (default 30)")
-    parser.add_argument("--drift", type=int, default=20, help="drift trials (default 20)")
+    parser.add_argument("--drift", type=int, default=100, help="drift trials over JSON-RPC (default 100)")
+    parser.add_argument("--drift-rest", type=int, default=10, help="drift trials over REST (default 10)")
+    parser.add_argument(
+        "--drift-spread", type=float, default=3.0, help="random pause before each JSON-RPC drift trial (default 3 s)"
+    )
     parser.add_argument("--job", type=float, default=2.0, help="create job seconds for benchmark 7 (default 2)")
     parser.add_argument("--limit", type=int, default=20, help="concurrent calls per connection for benchmark 7")
     parser.add_argument("--output", type=Path, help="write the results as JSON here too")
     parser.add_argument(
-        "--only", type=lambda v: set(v.split(",")), default=set(), help="run only some: memory,drift_rest"
+        "--only", type=lambda v: set(v.split(",")), default=set(), help="run only some: memory,drift,drift_rest"
     )
     args = parser.parse_args(argv)
     if args.smoke:
-        args.n, args.single, args.idle, args.drift, args.resync, args.job = 50, 10, 10.0, 4, 5.0, 0.2
+        args.n, args.single, args.idle, args.drift, args.resync, args.job = 50, 10, 10.0, 10, 5.0, 0.2
+        args.drift_rest, args.drift_spread = 3, 0.5
     results = run(args)
     text = json.dumps(results, indent=2)
     print(text)

@@ -156,7 +156,8 @@ class FakeKube(Kube):
 @dataclass
 class FakeBackend:
     """A TrueNAS that keeps instances in a dict. ``calls`` logs every method; ``gate`` (when set)
-    holds ``create`` until it is set, as a long create job would."""
+    holds ``create`` until it is set, as a long create job would; ``answer_gate`` (when set) holds the
+    answers of reads that TrueNAS has already computed, as a slow network or a busy client would."""
 
     family: str = "fake"
     supports_events: bool = False
@@ -166,6 +167,7 @@ class FakeBackend:
     gate: asyncio.Event | None = None
     creating: set[str] = field(default_factory=set)
     on_call: Callable[[str], None] | None = None
+    answer_gate: asyncio.Event | None = None
 
     def _log(self, call: str) -> None:
         self.calls.append(call)
@@ -183,11 +185,17 @@ class FakeBackend:
 
     async def list_instances(self) -> list[ObservedInstance]:
         self._log("list_instances")
-        return list(self.instances.values())
+        answer = list(self.instances.values())
+        if self.answer_gate is not None:
+            await self.answer_gate.wait()
+        return answer
 
     async def get_instance(self, name: str) -> ObservedInstance | None:
         self._log(f"get_instance {name}")
-        return self.instances.get(name)
+        answer = self.instances.get(name)
+        if self.answer_gate is not None:
+            await self.answer_gate.wait()
+        return answer
 
     async def create(
         self, config: InstanceConfig, on_progress: Callable[[dict[str, Any]], None] | None = None

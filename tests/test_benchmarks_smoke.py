@@ -40,4 +40,6 @@ def test_benchmark_smoke_run_completes(tmp_path: Path) -> None:
     assert results["bulk"]["all_running"] and results["job_latency"]["all_running"]
     assert results["restart"]["all_observed"]
     assert results["single"]["count"] == 10 and results["bulk"]["count"] == 50
+    assert results["drift_websocket"]["trials"] == 10
+    assert set(results["drift_websocket"]) >= {"p50_s", "p99_s", "max_s"}
     assert set(results["memory_mb"]) == {"0", "70", "100"}

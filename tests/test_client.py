@@ -30,6 +30,7 @@ from truenas_incus_operator.truenas import (
     ValidationFailed,
     connect,
 )
+from truenas_incus_operator.truenas.transports.base import ConnectionOptions, Secret
 from truenas_simulator import ApiKey, Simulator, SimulatorServer
 from truenas_simulator.tls import CertificateAuthority, server_context
 
@@ -361,3 +362,59 @@ async def test_drop_rate_knob_drops_connections_and_reads_recover() -> None:
         sim.knobs.drop_rate = 0.0
         assert sim.counters.faults["dropped"] >= 1, "the seeded RNG should have dropped some calls"
         assert sim.counters.by_method["auth.login_with_api_key"] == 1 + sim.counters.faults["dropped"]
+
+
+# ----- faults injected live (issue 12, item 6) ---------------------------------------------------------------
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10"])
+async def test_a_job_wait_fails_when_its_connection_is_closed_and_the_job_goes_on(profile: str) -> None:
+    """The operator rebuilds its client after a lost connection: a job followed on the old one was
+    stranded until the job timeout (15 min), its wait swallowing "connection closed"."""
+    async with serve(profile, job_duration=3.0) as (sim, server):
+        old = await connect(server.ws_url, sim.api_key, transport="websocket", job_timeout=600)
+        create = asyncio.create_task(
+            old.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
+        )
+        await asyncio.sleep(0.5)
+        await old.close()
+        with pytest.raises(TransportError, match="closed"):
+            await asyncio.wait_for(create, 2)
+        # The job runs on; the new connection finds it and sees its result.
+        async with client_for(server, "websocket") as new:
+            assert await new.instances.create_in_progress("c1")
+            for _ in range(100):
+                if not await new.instances.create_in_progress("c1"):
+                    break
+                await asyncio.sleep(0.1)
+            found = await new.instances.get_instance("c1")
+            assert found is not None and found.status == "RUNNING"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_hung_truenas_is_reported_after_one_read_timeout_not_three(transport: str) -> None:
+    """A timed-out read was retried like a dropped one: a hung TrueNAS took 3 x 60 s to report.
+    A timeout is an answer about TrueNAS, not about the connection: reads are not retried after it,
+    and their own default timeout is shorter than a write's."""
+    assert ConnectionOptions(url="wss://nas", api_key=Secret("1-x")).read_timeout <= 20
+    kwargs = {"call_timeout": 600, "read_timeout": 1.0}
+    async with serve("25.10") as (sim, server), client_for(server, transport, **kwargs) as client:
+        sim.knobs.hung_calls = {"virt.instance.query"}
+        before = sim.counters.by_method["virt.instance.query"]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(CallTimeout):
+            await asyncio.wait_for(client.instances.list_instances(), 60)
+        assert loop.time() - started < 2.5, "a read times out after the read timeout, not the call timeout"
+        assert sim.counters.by_method["virt.instance.query"] - before == 1, "a timed-out read is not retried"
+
+
+async def test_frames_that_are_json_but_not_objects_are_logged_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """A valid JSON frame that is not an object killed the reader: a reconnect, and another with every
+    such frame (a storm), the cause never logged."""
+    async with serve("25.10") as (sim, server), client_for(server, "websocket") as client:
+        with caplog.at_level(logging.WARNING, logger="truenas_incus_operator"):
+            for frame in ("[1, 2, 3]", '"hello"', "42", "null", '{"id": "x", "result": 1}'):
+                assert await server.send_raw(frame) == 1
+            assert await client.instances.list_instances() == []
+        assert sim.counters.by_method["auth.login_with_api_key"] == 1, "the connection was never lost"
+        skipped = [r.getMessage() for r in caplog.records if "not a JSON object" in r.getMessage()]
+        assert len(skipped) == 4 and "list" in skipped[0]

@@ -7,16 +7,27 @@ import asyncio
 import functools
 from typing import Any
 
+import jsonschema
 import pytest
 
-from truenas_incus_operator.connections import InstanceCache
+from truenas_incus_operator.connections import (
+    Connection,
+    ConnectionConfig,
+    ConnectionManager,
+    ConnectionResources,
+    InstanceCache,
+)
+from truenas_incus_operator.connections.resources import _Reported
+from truenas_incus_operator.crd import incus_instance_crd
 from truenas_incus_operator.instances import deletion, executor
 from truenas_incus_operator.instances.ledger import record_name
 from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.policy import Grant, Policy
-from truenas_incus_operator.problems import OperatorError
+from truenas_incus_operator.problems import OperatorError, Problem
+from truenas_incus_operator.settings import Settings
+from truenas_incus_operator.truenas import FieldError, Secret, ValidationFailed
 
-from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, FakeOperator, fake_operator, observed, resource
+from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, FakeKube, FakeOperator, fake_operator, observed, resource
 
 
 def no_wake() -> None:
@@ -364,3 +375,153 @@ async def test_the_running_create_job_shows_in_status_and_goes_when_it_ends(monk
     await creating
     last = fake.kube.statuses("web01")[-1]
     assert last["phase"] == "Running" and last["job"] is None, "cleared (a null in the merge patch removes it)"
+
+
+# ----- events racing reads (issue 12, item 4: no lost drift events) ---------------------------------------
+async def test_a_full_query_answered_before_an_event_does_not_undo_it() -> None:
+    """The lost drift event: TrueNAS answers the resync query (RUNNING), an out-of-band stop's event
+    arrives before the connection has applied that answer, and the older answer overwrote the stop
+    until the next resync (25.5 s in the benchmark)."""
+    fake = fake_operator()
+    body = resource(powerState="Manual")
+    state = await one_pass(fake, body)
+    assert state.status["phase"] == "Running"
+    fake.backend.answer_gate = asyncio.Event()
+    query = asyncio.create_task(fake.connection.refresh())
+    await asyncio.sleep(0)  # TrueNAS has computed the answer: web01 RUNNING
+    assert fake.backend.calls[-1] == "list_instances"
+    fake.backend.instances["web01"] = observed("web01", status="STOPPED")  # stopped in the TrueNAS UI
+    fake.connection._on_event("changed", "web01", {"id": "web01", "status": "STOPPED"})
+    fake.backend.answer_gate.set()  # the older answer comes in after the event
+    await query
+    current = fake.connection.cache.get("web01")
+    assert current is not None and current.status == "STOPPED"
+    await one_pass(fake, body, state)
+    assert state.status["phase"] == "Stopped"
+
+
+async def test_a_lookup_answered_before_an_event_does_not_undo_it() -> None:
+    """The same race for one instance: the executor's read after its own change is in flight when an
+    out-of-band stop's event arrives. Its answer goes back to the caller (what TrueNAS said after the
+    caller's action) but not into the cache, which keeps the newer event."""
+    fake = fake_operator(FakeBackend(instances={"web01": observed("web01")}))
+    fake.connection.cache.replace_all(fake.backend.instances.values())
+    fake.backend.answer_gate = asyncio.Event()
+    lookup = asyncio.create_task(fake.connection.refresh_one("web01"))
+    await asyncio.sleep(0)  # answered: RUNNING
+    fake.backend.instances["web01"] = observed("web01", status="STOPPED")
+    fake.connection._on_event("changed", "web01", {"id": "web01", "status": "STOPPED"})
+    fake.backend.answer_gate.set()
+    answer = await lookup
+    assert answer is not None and answer.status == "RUNNING"
+    current = fake.connection.cache.get("web01")
+    assert current is not None and current.status == "STOPPED"
+    await asyncio.sleep(0.2)  # the instance is read again, after the settle delay
+    current = fake.connection.cache.get("web01")
+    assert current is not None and current.status == "STOPPED"
+    assert fake.backend.calls.count("get_instance web01") == 2
+    await fake.connection.close()
+
+
+async def test_an_event_during_a_lookup_in_flight_is_not_swallowed() -> None:
+    """A RUNNING event whose lookup is refused because one is already in flight (answered before the
+    event) still gets its own read."""
+    fake = fake_operator(FakeBackend(instances={"web01": observed("web01", status="STOPPED")}))
+    fake.connection.cache.replace_all(fake.backend.instances.values())
+    fake.backend.answer_gate = asyncio.Event()
+    fake.connection._on_event("changed", "web01", {"id": "web01", "status": "RUNNING"})  # lookup 1
+    for _ in range(100):
+        if fake.backend.calls:
+            break
+        await asyncio.sleep(0.01)
+    assert fake.backend.calls == ["get_instance web01"]  # answered STOPPED, held
+    fake.backend.instances["web01"] = observed("web01")
+    fake.connection._on_event("changed", "web01", {"id": "web01", "status": "RUNNING"})
+    fake.backend.answer_gate.set()
+    for _ in range(100):
+        if fake.backend.calls.count("get_instance web01") == 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)
+    current = fake.connection.cache.get("web01")
+    assert current is not None and current.status == "RUNNING" and current.addresses == ("10.0.0.2",)
+    await fake.connection.close()
+
+
+# ----- faults (issue 12, item 6) --------------------------------------------------------------------------
+def _without_nulls(value: Any) -> Any:
+    """A JSON merge patch's nulls delete fields; what the API server stores (and validates) has none."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def crd_refusals(status: dict[str, Any]) -> list[str]:
+    """What the IncusInstance CRD's status schema refuses in ``status`` (maxLength, enums, types)."""
+    schema = incus_instance_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    validator = jsonschema.Draft7Validator(schema)
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message[:80]}"
+        for e in validator.iter_errors(_without_nulls(status))
+    ]
+
+
+async def test_a_40_kib_truenas_message_gives_a_status_patch_the_crd_accepts() -> None:
+    """TrueNAS messages can be huge (tracebacks): a 40 KiB one made the status patch fail (422,
+    conditions[].message is at most 32768), so the user saw nothing at all."""
+    huge = "Traceback (most recent call last): " + "x" * (40 * 1024)
+
+    def refuse(call: str) -> None:
+        if call.startswith("create"):
+            raise ValidationFailed([FieldError("virt_instance_create.image", huge)])
+
+    fake = fake_operator(FakeBackend(on_call=refuse))
+    state = await one_pass(fake, resource())
+    statuses = fake.kube.statuses("web01")
+    assert statuses, "a status was written"
+    assert conditions(statuses[-1])["Synced"] == ("False", "ValidationFailed")
+    for status in statuses:
+        assert crd_refusals(status) == []
+    synced = next(c for c in state.status["conditions"] if c["type"] == "Synced")
+    assert synced["message"].startswith("virt_instance_create.image: Traceback") and "(truncated)" in synced["message"]
+    assert len(synced["message"]) <= 4096 and len(state.status["message"]) <= 4096
+    assert [len(message) <= 1024 for _, _, message in fake.events] == [True]
+    assert crd_refusals({"conditions": [{**synced, "message": huge}]}), "the schema check itself can fail"
+
+
+class GatedKube(FakeKube):
+    """Holds status patches until ``gate`` is set, as a slow API server would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        await self.gate.wait()
+        await super().patch_status(plural, namespace, name, status)
+
+
+async def test_a_connection_state_change_during_a_status_write_is_written_too() -> None:
+    """Ready must follow the connection: a change that came while the previous one was being
+    written was dropped, leaving Ready=False on a connection that had come back (or the reverse)."""
+    kube = GatedKube()
+    manager = ConnectionManager(30.0, 300.0, 60.0, 900.0)
+    resources = ConnectionResources(Settings(ledger_namespace=LEDGER_NAMESPACE), kube, manager)
+    resources._reported["apps/nas"] = _Reported("apps", "nas", 1, {})
+    connection = Connection(
+        "apps/nas", ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-x")), resync_seconds=30
+    )
+    connection.problem = Problem("Unreachable", "TrueNAS went away")
+    resources._state_changed(connection)  # lost: its write is held by the API server
+    await asyncio.sleep(0)
+    connection.problem = None
+    resources._state_changed(connection)  # back, while the first write is in flight
+    kube.gate.set()
+    for _ in range(100):
+        if not resources._writes:
+            break
+        await asyncio.sleep(0.01)
+    written = [conditions(p.body)["Ready"] for p in kube.patches]
+    assert written[-1] == ("True", "Connected"), written

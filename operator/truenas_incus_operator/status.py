@@ -46,8 +46,12 @@ MAX_MESSAGE = 4096
 """TrueNAS's messages can be long (tracebacks); status and Events carry at most this many characters."""
 
 
+TRUNCATED = " ... (truncated)"
+
+
 def clip(message: str, limit: int = MAX_MESSAGE) -> str:
-    return message if len(message) <= limit else message[: limit - 15] + " ... (truncated)"
+    """At most ``limit`` characters, the mark included."""
+    return message if len(message) <= limit else message[: limit - len(TRUNCATED)] + TRUNCATED
 
 
 def utc_now() -> datetime:

@@ -123,6 +123,15 @@ class SimulatorServer:
             dropped += 1
         return dropped
 
+    async def send_raw(self, text: str) -> int:
+        """Sends ``text`` as is to every WebSocket client: frames TrueNAS should never send (faults)."""
+        sent = 0
+        for ws in list(self.websockets):
+            if not ws.closed:
+                await ws.send_str(text)
+                sent += 1
+        return sent
+
     # ----- routes -----------------------------------------------------------------------------------
     def _routes(self) -> None:
         r = self.app.router
@@ -310,9 +319,10 @@ class SimulatorServer:
             for key, value in changes.items():
                 if not hasattr(knobs, key):
                     return web.json_response({"message": f"unknown knob {key!r}"}, status=400)
-                setattr(knobs, key, set(value) if key == "hung_methods" else value)
+                setattr(knobs, key, set(value) if key in ("hung_methods", "hung_calls") else value)
         data = asdict(knobs)
         data["hung_methods"] = sorted(knobs.hung_methods)
+        data["hung_calls"] = sorted(knobs.hung_calls)
         return web.json_response(data)
 
     async def _control_seed(self, request: web.Request) -> web.Response:

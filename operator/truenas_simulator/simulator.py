@@ -232,6 +232,8 @@ class Simulator:
         self.counters.count(method)
         if self.knobs.latency > 0:
             await asyncio.sleep(self.knobs.latency)
+        if method in self.knobs.hung_calls or "*" in self.knobs.hung_calls:
+            await asyncio.Event().wait()  # hung: never answers (the session's close cancels it)
         entry = self.methods.get(method)
         if entry is None:
             raise MethodNotFound(method)

@@ -56,6 +56,8 @@ class Knobs:
     """Probability that a WebSocket call closes the connection instead of answering."""
     hung_methods: set[str] = field(default_factory=set)
     """Job methods whose jobs never finish (until core.job_abort)."""
+    hung_calls: set[str] = field(default_factory=set)
+    """Methods that are never answered, as a hung middleware's (``"*"``: every method)."""
     rest_5xx_rate: float = 0.0
     """Probability that a REST request answers 502."""
     host_memory: int = 64 * GIB

@@ -2,6 +2,11 @@
 
 No I/O: the connection feeds it query results and ``collection_update`` events; where an event
 does not carry enough, the cache asks for a lookup through ``request_lookup``.
+
+Reads race events: TrueNAS can answer a query, then send an event for a change made after it,
+and the event can be applied before the answer is. A read therefore starts with ``begin_read``
+and hands its answer over with the sequence number it got; whatever changed after that number
+is newer than the answer and stays (and is read again, in case the answer knew more).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ class InstanceCache:
         self._request_lookup = request_lookup
         self._listeners: dict[str, set[Wake]] = {}
         self._all_listeners: set[Wake] = set()
+        self.seq = 0
+        """Counts changes applied from events and job results."""
+        self._changed_at: dict[str, int] = {}
+        self._reads = 0
 
     # ----- listeners ------------------------------------------------------------------------------
     def listen(self, instance_name: str, wake: Wake) -> None:
@@ -51,17 +60,48 @@ class InstanceCache:
     def get(self, name: str) -> ObservedInstance | None:
         return self.instances.get(name)
 
-    def replace_all(self, listed: Iterable[ObservedInstance]) -> None:
-        """A full query: wakes the loops of the instances that changed, appeared or went."""
+    def begin_read(self) -> int:
+        """Before a query or lookup is sent: what its answer is newer than. Pair with ``end_read``."""
+        self._reads += 1
+        return self.seq
+
+    def end_read(self) -> None:
+        self._reads -= 1
+        if self._reads == 0:
+            self._changed_at.clear()  # every later read starts after these changes
+
+    def _newer_than(self, name: str, since: int) -> bool:
+        return self._changed_at.get(name, 0) > since
+
+    def replace_all(self, listed: Iterable[ObservedInstance], since: int | None = None) -> None:
+        """A full query (begun at ``since``): wakes the loops of the instances that changed, appeared
+        or went. Instances changed after ``since`` keep what the cache knows and are read again."""
         fresh = {instance.name: instance for instance in listed}
         before = self.instances
+        if since is not None:
+            for name in [n for n in self._changed_at if self._newer_than(n, since)]:
+                fresh.pop(name, None)
+                if name in before:
+                    fresh[name] = before[name]
+                self._request_lookup(name)
         self.instances = fresh
         for name in set(before) | set(fresh):
             if before.get(name) != fresh.get(name):
                 self.notify(name)
 
+    def read_one(self, name: str, instance: ObservedInstance | None, since: int) -> None:
+        """A lookup's answer (begun at ``since``); an event that came after it wins, and asks again."""
+        if self._newer_than(name, since):
+            self._request_lookup(name)
+            return
+        self.store(name, instance)
+
     def store(self, name: str, instance: ObservedInstance | None) -> None:
-        """Records one observation; wakes only when it changed (else a failing loop wakes itself)."""
+        """Records one observation newer than any read in flight (an event, a job's result); wakes
+        only when it changed (else a failing loop wakes itself)."""
+        self.seq += 1
+        if self._reads:
+            self._changed_at[name] = self.seq
         before = self.instances.get(name)
         if instance is None:
             self.instances.pop(name, None)

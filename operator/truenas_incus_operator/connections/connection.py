@@ -63,6 +63,7 @@ class Connection:
         self._refresh_lock = asyncio.Lock()
         self._refresh_requested = asyncio.Event()
         self._lookups: dict[str, asyncio.Task[None]] = {}
+        self._lookup_again: set[str] = set()
 
     # ----- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -175,13 +176,23 @@ class Connection:
         """Re-reads every instance with one query and wakes the loops whose instance changed."""
         client = self._client()
         async with self._refresh_lock:
-            listed = await client.instances.list_instances()
-        self.cache.replace_all(listed)
+            since = self.cache.begin_read()
+            try:
+                listed = await client.instances.list_instances()
+                self.cache.replace_all(listed, since)
+            finally:
+                self.cache.end_read()
 
     async def refresh_one(self, name: str) -> ObservedInstance | None:
-        """Re-reads one instance (after the operator changed it)."""
-        instance = await self._client().instances.get_instance(name)
-        self.cache.store(name, instance)
+        """Re-reads one instance (after the operator changed it): TrueNAS's answer, which the cache
+        takes unless an event newer than the answer came in meanwhile."""
+        client = self._client()
+        since = self.cache.begin_read()
+        try:
+            instance = await client.instances.get_instance(name)
+            self.cache.read_one(name, instance, since)
+        finally:
+            self.cache.end_read()
         return instance
 
     def remember(self, instance: ObservedInstance) -> None:
@@ -200,16 +211,22 @@ class Connection:
 
     def _schedule_lookup(self, name: str) -> None:
         if name in self._lookups:
+            self._lookup_again.add(name)  # the one in flight may have been answered before this event
             return
 
         async def lookup() -> None:
             try:
-                await asyncio.sleep(LOOKUP_SETTLE_SECONDS)
-                await self.refresh_one(name)
+                while True:
+                    self._lookup_again.discard(name)
+                    await asyncio.sleep(LOOKUP_SETTLE_SECONDS)
+                    await self.refresh_one(name)
+                    if name not in self._lookup_again:
+                        break
             except TrueNASError as exc:
                 log.info("TrueNAS connection %s: reading %s after an event failed: %s", self.key, name, exc.message)
             finally:
                 self._lookups.pop(name, None)
+                self._lookup_again.discard(name)
 
         self._lookups[name] = asyncio.get_running_loop().create_task(lookup(), name=f"lookup {name}")
 

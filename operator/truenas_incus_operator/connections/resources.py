@@ -43,6 +43,7 @@ class ConnectionResources:
         manager.on_state = self._state_changed
         self._reported: dict[str, _Reported] = {}
         self._writes: dict[str, asyncio.Task[None]] = {}
+        self._stale: set[str] = set()
 
     async def configure_default(self) -> None:
         """The connection from the operator's settings (``TIO_TRUENAS_*``), if any."""
@@ -69,8 +70,12 @@ class ConnectionResources:
             return  # keep the credentials last loaded: the IncusInstances being deleted still need them
         generation = int(meta.get("generation") or 0)
         reported = self._reported.get(key)
-        previous = reported.status if reported else dict(body.get("status") or {})
-        self._reported[key] = _Reported(namespace, name, generation, previous)
+        if reported is None:
+            self._reported[key] = _Reported(namespace, name, generation, dict(body.get("status") or {}))
+        else:
+            # The same record: a copy would miss what a write in flight is about to record, and the
+            # next write would then compare with a status the API server no longer holds.
+            reported.generation = generation
         try:
             spec = TrueNASConnectionSpec.model_validate(dict(body.get("spec") or {}))
         except ValidationError as exc:
@@ -103,14 +108,20 @@ class ConnectionResources:
     def _state_changed(self, connection: Connection) -> None:
         """The connection came up or went down: the resource's Ready condition follows."""
         key = connection.key
-        if key == DEFAULT_KEY or key not in self._reported or key in self._writes:
+        if key == DEFAULT_KEY or key not in self._reported:
             return
+        self._stale.add(key)
+        if key in self._writes:
+            return  # the write in flight writes again when it is done: a change is never dropped
 
         async def write() -> None:
             try:
-                await self._write(key, connection.problem, connection)
+                while key in self._stale:
+                    self._stale.discard(key)
+                    await self._write(key, connection.problem, connection)
             finally:
                 self._writes.pop(key, None)
+                self._stale.discard(key)
 
         self._writes[key] = asyncio.get_running_loop().create_task(write(), name=f"status {key}")
 

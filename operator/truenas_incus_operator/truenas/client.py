@@ -59,6 +59,7 @@ async def connect(
     insecure_skip_verify: bool = False,
     max_concurrent_calls: int = 20,
     call_timeout: float = 60.0,
+    read_timeout: float = 20.0,
     job_timeout: float = 15 * 60.0,
     connect_timeout: float = 10.0,
     observer: Observer | None = None,
@@ -73,6 +74,7 @@ async def connect(
         ssl_context=ssl_context(ca_pem, insecure_skip_verify) if secure else None,
         max_concurrent_calls=max_concurrent_calls,
         call_timeout=call_timeout,
+        read_timeout=min(read_timeout, call_timeout),
         job_timeout=job_timeout,
         connect_timeout=connect_timeout,
     )

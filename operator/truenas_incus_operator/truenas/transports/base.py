@@ -174,6 +174,7 @@ class ConnectionOptions:
     ssl_context: ssl.SSLContext | None = None
     max_concurrent_calls: int = 20
     call_timeout: float = 60.0
+    read_timeout: float = 20.0  # reads (queries) answer fast; a longer wait only hides a hung TrueNAS
     job_timeout: float = 15 * 60.0
     connect_timeout: float = 10.0
     api_version: str = "current"

@@ -31,7 +31,8 @@ from .base import ConnectionOptions, EventCallback, error_from_job, error_from_j
 log = logging.getLogger(__name__)
 JOB_POLL_INTERVAL = 5.0
 READ_ATTEMPTS = 3
-"""Reads (queries) are retried after a dropped connection; writes never are."""
+"""Reads (queries) are retried after a dropped connection; writes never are, and nothing is
+retried after a timeout (a hung TrueNAS would take attempts x timeout to report)."""
 
 
 MAX_MESSAGE_BYTES = 32 * 2**20
@@ -139,6 +140,8 @@ class JsonRpcTransport:
 
     async def close(self) -> None:
         self._closed = True
+        for watch in self._jobs.values():
+            watch.changed.set()  # their waits end: a job is followed on the connection that replaces this one
         if self._reconnector:
             self._reconnector.cancel()
         if self._ws is not None:
@@ -205,14 +208,28 @@ class JsonRpcTransport:
                 except json.JSONDecodeError:
                     log.warning("ignoring a message from TrueNAS that is not JSON")
                     continue
-                if "id" in data and ("result" in data or "error" in data):
-                    self._resolve(data)
-                elif data.get("method") == "collection_update":
-                    self._event(data.get("params") or {})
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            pass
+                if not isinstance(data, dict):
+                    log.warning("ignoring a message from TrueNAS that is not a JSON object (%s)", type(data).__name__)
+                    continue
+                try:
+                    self._dispatch(data)
+                except Exception:
+                    # One odd message must not cost the connection (and every call in flight).
+                    log.exception("ignoring a message from TrueNAS that could not be handled")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.info("connection to %s lost: %s", self.url, _describe(exc))
+        except Exception:
+            log.exception("reading from %s failed", self.url)
+            raise
         finally:
             self._lost(generation)
+
+    def _dispatch(self, data: dict[str, Any]) -> None:
+        if "id" in data and ("result" in data or "error" in data):
+            self._resolve(data)
+        elif data.get("method") == "collection_update":
+            params = data.get("params")
+            self._event(params if isinstance(params, dict) else {})
 
     def _resolve(self, data: dict[str, Any]) -> None:
         future = self._pending.pop(data["id"], None) if isinstance(data["id"], int) else None
@@ -281,11 +298,14 @@ class JsonRpcTransport:
     @scrubbed
     async def call(self, method: str, *params: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
         attempts = READ_ATTEMPTS if idempotent else 1
+        timeout = timeout or (self.options.read_timeout if idempotent else self.options.call_timeout)
         for attempt in range(attempts):
             await self.wait_connected()
             try:
                 async with self._limit:
-                    return await self._raw_call(method, list(params), timeout or self.options.call_timeout)
+                    return await self._raw_call(method, list(params), timeout)
+            except CallTimeout:
+                raise
             except TransportError:
                 if attempt + 1 == attempts or self._closed:
                     raise
@@ -358,6 +378,8 @@ class JsonRpcTransport:
                         on_progress(job)
                     if is_finished(job):
                         return job_result(job, job_id)
+                if self._closed:
+                    raise TransportError(f"connection closed while following job {job_id}")
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise CallTimeout(f"job {job_id} did not finish in time")
@@ -373,7 +395,9 @@ class JsonRpcTransport:
         try:
             jobs = await self.call("core.get_jobs", [["id", "=", job_id]], idempotent=True)
         except TransportError:
-            return
+            if self._closed:
+                raise
+            return  # dropped: the reconnect brings the events back; poll again later
         if jobs:
             watch.job = jobs[0]
         elif watch.job is None:

@@ -130,16 +130,17 @@ class RestTransport:
         elif shape.startswith("named:"):
             names = shape.removeprefix("named:").split(",")
             request["json"] = dict(zip(names, params, strict=False))
-        attempts = 3 if idempotent else 1
+        attempts = 3 if idempotent else 1  # after a dropped connection or a 5xx; never after a timeout
+        timeout = timeout or (self.options.read_timeout if idempotent else None)
         for attempt in range(attempts):
             try:
                 async with self._limit:
                     response = await self._bounded(verb, path, timeout, request)
             except httpx.TimeoutException:
-                error: TransportError = CallTimeout(f"{method}: no answer from TrueNAS within the timeout")
+                raise CallTimeout(f"{method}: no answer from TrueNAS within the timeout") from None
             except httpx.HTTPError as exc:
                 reason = (str(exc) or type(exc).__name__).splitlines()[0]
-                error = TransportError(f"{method}: cannot reach {self.base}: {reason}")
+                error: TransportError = TransportError(f"{method}: cannot reach {self.base}: {reason}")
             else:
                 if response.status_code in (502, 503, 504):
                     error = TransportError(f"{method}: TrueNAS answered HTTP {response.status_code}")
