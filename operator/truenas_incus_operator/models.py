@@ -770,7 +770,10 @@ class TrueNASConnectionStatus(_Model):
     )
     version: str | None = Field(None, description="TrueNAS version, e.g. TrueNAS-25.10.1.")
     api_version: str | None = Field(None, description="The API version the operator speaks, e.g. v25.10.0.")
-    api_family: str | None = Field(None, description="The API family used for instances: virt.instance or container.")
+    api_family: str | None = Field(
+        None,
+        description=("The API families used for instances: virt.instance or container, with +vm where VMs use vm.*."),
+    )
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
 
 
