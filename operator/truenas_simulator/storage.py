@@ -14,6 +14,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CallError, InstanceNotFound, ValidationErrors
@@ -416,3 +417,22 @@ class StorageService:
         return self.sim.jobs.submit(
             "filesystem.put", params, body, message_id=ctx.message_id, credentials=ctx.credentials
         )
+
+
+def write_mirror(images: list[Image], directory: Path) -> Path:
+    """The simplestreams fixture as files: a local mirror (``TIO_VM_IMAGE_SERVER=<directory>``)."""
+    _, products = simplestreams_index(images)
+    paths = ["streams/v1/index.json", "streams/v1/images.json"]
+    paths += [
+        item["path"]
+        for product in products["products"].values()
+        for version in product["versions"].values()
+        for item in version["items"].values()
+    ]
+    for path in paths:
+        data = simplestreams_file(images, path)
+        assert data is not None
+        target = directory / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return directory

@@ -138,6 +138,8 @@ class VMBackend:
         self._names: dict[int, str] = {}
         self._base_locks: dict[str, asyncio.Lock] = {}
         self._pool: str | None = None
+        self._environment: dict[str, dict[str, str]] = {}
+        """What each VM's seed says (vm.query cannot show a guest's environment); this process's memory only."""
 
     # ----- what this family can do ------------------------------------------------------------------
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
@@ -157,16 +159,21 @@ class VMBackend:
         return unsupported
 
     def honoured(self, config: InstanceConfig) -> InstanceConfig:
-        """What the VM gets: a vCPU count (1 unless given), whole MiB of memory (1 GiB unless given), and
-        the environment only through the seed at first boot (not observable, so not compared)."""
+        """What the VM gets: a vCPU count (1 unless given), whole MiB of memory (1 GiB unless given), NICs
+        by parent (and MAC); the environment goes into the seed (read by cloud-init at first boot)."""
         memory = config.memory // 2**20 * 2**20 if config.memory is not None else DEFAULT_MEMORY
         return replace(
             config,
             cpu=str(cpu_count(config.cpu)),
             memory=memory,
-            environment={},
             devices=tuple(
-                replace(d, name=nic_key(d.extra.get("parent"))) for d in config.devices if d.type in SUPPORTED_DEVICES
+                replace(
+                    d,
+                    name=nic_key(d.extra.get("parent")),
+                    extra={k: v for k, v in d.extra.items() if k in ("parent", "mac") and v},
+                )
+                for d in config.devices
+                if d.type in SUPPORTED_DEVICES
             ),
         )
 
@@ -177,7 +184,7 @@ class VMBackend:
         name = instance_name(entry["name"])
         self._ids[name] = entry["id"]
         self._names[entry["id"]] = name
-        return observed(entry)
+        return replace(observed(entry), environment=dict(self._environment.get(name, {})))
 
     def _forget(self, name: str) -> None:
         ident = self._ids.pop(name, None)
@@ -254,6 +261,7 @@ class VMBackend:
             await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": True})
             await self._delete_dataset(home)
             raise
+        self._environment[config.name] = dict(config.environment)
         created = await self._entry(config.name)
         return self._remember(created or entry)
 
@@ -423,6 +431,9 @@ class VMBackend:
             payload["memory"] = max(20, changes.memory // 2**20)
         if changes.autostart is not None:
             payload["autostart"] = changes.autostart
+        if changes.environment is not None:
+            # cloud-init read the seed at first boot; a later environment is remembered, not delivered.
+            self._environment[name] = dict(changes.environment)
         # Running VMs take memory and vCPU changes at their next start (vm.update redefines nothing live).
         entry = await self.transport.call("vm.update", await self._id(name), payload)
         return self._remember(entry)
