@@ -22,6 +22,7 @@ from .harness import (
     wait_until,
     write_policy,
 )
+from .test_client_vm import mime_parts
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
 
@@ -80,8 +81,9 @@ def test_two_vms_from_one_alias_update_stop_delete(harness: Harness, namespace: 
     machine = vm(harness, first)
     assert machine.state == "RUNNING" and machine.config["memory"] == 2048 and machine.config["vcpus"] == 2
     seed = machine.guest["nocloud"]
-    assert seed["meta-data"].startswith(f"instance-id: {first}\n") and "packages: [nginx]" in seed["user-data"]
-    assert "TZ=" in seed["user-data"]  # environment and user-data as one MIME multi-part
+    parts = [p.decode() for p in mime_parts(seed["user-data"])]  # environment and user-data as one multi-part
+    assert seed["meta-data"].startswith(f"instance-id: {first}\n") and parts[1] == spec["cloudInit"]["userData"]
+    assert "TZ=" in parts[0]
 
     started = time.monotonic()
     plain = {k: v for k, v in spec.items() if k not in ("cloudInit", "environment", "nics")}
