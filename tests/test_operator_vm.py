@@ -55,7 +55,7 @@ def converts(harness: Harness) -> int:
 
 def test_two_vms_from_one_alias_update_stop_delete(harness: Harness, namespace: str) -> None:
     first, second = unique("vm"), unique("vm")
-    spec = {
+    spec: dict[str, Any] = {
         "type": "VM",
         "image": "debian/bookworm",
         "cpu": "2",
