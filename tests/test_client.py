@@ -75,7 +75,9 @@ TRANSPORTS = ["websocket", "rest"]
 async def test_lifecycle(profile: str, transport: str) -> None:
     async with serve(profile) as (sim, server), client_for(server, transport) as client:
         backend = client.instances
-        assert client.api_family == "virt.instance"
+        assert client.api_family == (
+            "virt.instance+vm" if profile != "25.04.0" and transport == "websocket" else "virt.instance"
+        )
         assert client.version[:2] == {"25.04.0": (25, 4), "25.04.2": (25, 4), "25.10": (25, 10)}[profile]
         config = InstanceConfig(
             name="web01",
@@ -129,7 +131,8 @@ async def test_vm_on_25_04_0() -> None:
         assert vm.type == "VM" and vm.status == "STOPPED"
         assert sim.instances["vm1"].type == "VM"
         assert client.instances.unsupported_fields(InstanceConfig(name="x", type="VM", image="i")) == []
-    async with serve("25.10") as (_sim, server), client_for(server, "websocket") as client:
+    # From 25.04.2 on VMs live in vm.* (test_client_vm.py), which the REST facade does not map.
+    async with serve("25.10") as (_sim, server), client_for(server, "rest") as client:
         assert client.instances.unsupported_fields(InstanceConfig(name="x", type="VM", image="i")) == ["type"]
         with pytest.raises(ValidationFailed) as caught:
             await client.instances.create(InstanceConfig(name="vm1", type="VM", image="ubuntu/noble"))
@@ -250,7 +253,8 @@ async def test_reads_retry_after_a_drop_but_writes_do_not() -> None:
         await server.drop_connections()
         assert await asyncio.wait_for(read, 10) == []
         sim.knobs.latency = 0.3
-        write = asyncio.create_task(client.instances.delete_device("c1", "x"))
+        containers = getattr(client.instances, "containers", client.instances)  # past the routing's reads
+        write = asyncio.create_task(containers.delete_device("c1", "x"))
         await asyncio.sleep(0.1)
         await server.drop_connections()
         with pytest.raises(TransportError):
@@ -297,7 +301,7 @@ async def test_truenas_26_is_detected_and_served_by_container_backend() -> None:
     async with serve("26.0") as (sim, server):
         client = await connect(server.ws_url, sim.api_key)
         try:
-            assert client.api_family == "container" and client.version[:2] == (26, 0)
+            assert client.api_family == "container+vm" and client.version[:2] == (26, 0)
         finally:
             await client.close()
         with pytest.raises(APIUnavailable, match="REST"):

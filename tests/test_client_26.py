@@ -60,7 +60,7 @@ async def test_container_lifecycle_on_26() -> None:
 )
 async def test_image_aliases_map_to_registry_names(alias: str, name: str) -> None:
     async with serve("26.0") as (sim, server), client_for(server, "websocket") as client:
-        image = await client.instances.resolve_image(alias)  # type: ignore[attr-defined]
+        image = await client.instances.containers.resolve_image(alias)  # type: ignore[attr-defined]
         assert image == {"name": name, "version": sim.containers.registry()[name][-1]}
 
 

@@ -24,7 +24,13 @@ from truenas_simulator.tls import CertificateAuthority
 from .harness import start_simulator
 
 PROFILES = ["25.04.0", "25.04.2", "25.10", "26.0"]
-FAMILY = {"25.04.0": "virt.instance", "25.04.2": "virt.instance", "25.10": "virt.instance", "26.0": "container"}
+# From 25.04.2 on, VMs go through vm.* next to the container family (backends/routing.py).
+FAMILY = {
+    "25.04.0": "virt.instance",
+    "25.04.2": "virt.instance+vm",
+    "25.10": "virt.instance+vm",
+    "26.0": "container+vm",
+}
 UNSUPPORTED = {
     "25.04.0": ["nics[].hwaddr"],
     "25.04.2": ["nics[].hwaddr"],

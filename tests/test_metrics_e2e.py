@@ -93,7 +93,11 @@ def test_create_update_delete_are_counted_as_they_happen(running: tuple[Harness,
     wait_until(
         lambda: scrape.value("tio_truenas_connection_up", connection="<default>") == 1, what="the connection is up"
     )
-    info = {"connection": "<default>", "version": "TrueNAS-25.10.1", "api_family": "virt.instance"}
+    info = {
+        "connection": "<default>",
+        "version": "TrueNAS-25.10.1",
+        "api_family": "virt.instance+vm",
+    }  # VMs through vm.* on 25.10
     assert scrape.value("tio_truenas_connection_info", **info, transport="websocket") == 1
     assert scrape.value("tio_truenas_calls_limit", connection="<default>") == 20
 

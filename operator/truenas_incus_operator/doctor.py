@@ -75,8 +75,33 @@ OPERATOR_CALLS: dict[str, dict[str, tuple[str, ...]]] = {
             "container.device.delete",
         ),
     },
+    "vm": {
+        "read": ("vm.query", "vm.device.query", "pool.dataset.query", "core.get_jobs"),
+        "write": (
+            "vm.create",
+            "vm.update",
+            "vm.start",
+            "vm.stop",
+            "vm.delete",
+            "vm.device.create",
+            "vm.device.update",
+            "vm.device.delete",
+            "vm.device.convert",
+            "vm.import_disk_image",
+            "pool.dataset.create",
+            "pool.dataset.update",
+            "pool.dataset.delete",
+            "pool.snapshot.create",
+            "filesystem.put",
+        ),
+    },
 }
-"""What the operator calls, per API family (backends/virt.py, backends/container.py)."""
+"""What the operator calls, per API family (backends/virt.py, container.py, vm.py). A connection's
+family is ``virt.instance+vm`` or ``container+vm`` where VMs go through ``vm.*``."""
+
+
+def families(client: TrueNASClient) -> list[str]:
+    return client.api_family.split("+")
 
 
 @dataclass
@@ -267,7 +292,10 @@ def _roles_of(me: dict[str, Any]) -> tuple[list[str], bool]:
 
 
 async def _roles(report: Report, client: TrueNASClient) -> None:
-    calls = OPERATOR_CALLS.get(client.api_family, {"read": (), "write": ()})
+    calls: dict[str, tuple[str, ...]] = {"read": (), "write": ()}
+    for family in families(client):
+        for kind, methods in OPERATOR_CALLS.get(family, {}).items():
+            calls[kind] = calls[kind] + methods
     try:
         me = await read(client, "auth.me")
     except TrueNASError as exc:
@@ -300,7 +328,7 @@ async def _roles(report: Report, client: TrueNASClient) -> None:
 
 async def _virtualization(report: Report, client: TrueNASClient) -> None:
     try:
-        if client.api_family == "container":
+        if families(client)[0] == "container":
             config = await read(client, "lxc.config")
             pool, bridge = config.get("preferred_pool"), config.get("bridge")
             details = {"pool": pool, "bridge": bridge or "automatic", "v4_network": config.get("v4_network")}
@@ -330,7 +358,8 @@ async def _virtualization(report: Report, client: TrueNASClient) -> None:
 
 
 async def _registry(report: Report, client: TrueNASClient) -> None:
-    method = "container.image.query_registry" if client.api_family == "container" else "virt.instance.image_choices"
+    container = families(client)[0] == "container"
+    method = "container.image.query_registry" if container else "virt.instance.image_choices"
     try:
         images = await read(client, method, *([] if method.startswith("container") else [{}]))
     except TrueNASError as exc:

@@ -403,6 +403,25 @@ INSTANCE_ROOT_RULES: list[JsonValue] = [
 ]
 
 
+CLOUD_INIT_MAX_LENGTH = 65536
+MAX_ROOT_DISK = 2**50
+
+
+class CloudInit(_Model):
+    """NoCloud data for a VM's cloud-init (TrueNAS vm.* has none: the operator writes a seed ISO)."""
+
+    user_data: Annotated[str, Field(max_length=CLOUD_INIT_MAX_LENGTH)] | None = Field(
+        None,
+        description=(
+            "cloud-init user-data (#cloud-config, a script, ...). With spec.environment both are given to "
+            "cloud-init as one MIME multi-part user-data. Read at the VM's first boot; changes later are not applied."
+        ),
+    )
+    network_config: Annotated[str, Field(max_length=CLOUD_INIT_MAX_LENGTH)] | None = Field(
+        None, description="cloud-init network-config (version 1 or 2). Omitted: cloud-init's default (DHCP)."
+    )
+
+
 class IncusInstanceSpec(_Model):
     """Desired state of a TrueNAS Incus instance. Fields left out keep TrueNAS's defaults, reported in status."""
 
@@ -516,6 +535,21 @@ class IncusInstanceSpec(_Model):
         ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
+    root_disk_size: int | str | None = Field(
+        None,
+        description=(
+            "VMs on the vm.* API (TrueNAS 25.04.2 and later): size of the root disk in bytes or as a quantity "
+            "(20Gi). Only grows the image's own size, never shrinks it. Applied when the VM is created."
+        ),
+        json_schema_extra={"x-kubernetes-int-or-string": True, "maxLength": 64},
+    )
+    cloud_init: CloudInit | None = Field(
+        None,
+        description=(
+            "VMs on the vm.* API: cloud-init data, given to the guest through a NoCloud seed (a 'cidata' ISO "
+            "attached as CDROM). Applied when the VM is created."
+        ),
+    )
     power_state: PowerState | None = Field(
         None,
         description=(
@@ -551,6 +585,20 @@ class IncusInstanceSpec(_Model):
         if not MIN_MEMORY <= amount <= MAX_MEMORY:
             raise ValueError(f"must be at least 32Mi ({MIN_MEMORY} bytes) and at most {MAX_MEMORY_QUANTITY}")
         return value
+
+    @field_validator("root_disk_size")
+    @classmethod
+    def _root_disk_in_bytes(cls, value: int | str | None) -> int | str | None:
+        if value is None:
+            return None
+        if isinstance(value, str) and len(value) > 64:
+            raise ValueError("must be at most 64 characters")
+        if not 0 < parse_bytes(value) <= MAX_ROOT_DISK:
+            raise ValueError("must be a positive size of at most 1Pi")
+        return value
+
+    def root_disk_bytes(self) -> int | None:
+        return None if self.root_disk_size is None else parse_bytes(self.root_disk_size)
 
     @field_validator("environment")
     @classmethod
@@ -753,7 +801,10 @@ class TrueNASConnectionStatus(_Model):
     )
     version: str | None = Field(None, description="TrueNAS version, e.g. TrueNAS-25.10.1.")
     api_version: str | None = Field(None, description="The API version the operator speaks, e.g. v25.10.0.")
-    api_family: str | None = Field(None, description="The API family used for instances: virt.instance or container.")
+    api_family: str | None = Field(
+        None,
+        description=("The API families used for instances: virt.instance or container, with +vm where VMs use vm.*."),
+    )
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
 
 

@@ -207,6 +207,9 @@ def instance_config(desired: Desired) -> InstanceConfig:
         autostart=desired.autostart,
         environment=dict(spec.environment or {}),
         devices=desired_devices(spec),
+        root_disk_size=spec.root_disk_bytes(),
+        cloud_init_user_data=spec.cloud_init.user_data if spec.cloud_init else None,
+        cloud_init_network_config=spec.cloud_init.network_config if spec.cloud_init else None,
     )
 
 

@@ -46,6 +46,14 @@ class Profile:
     """Job objects carry ``message_ids`` (25.10)."""
     has_container: bool = False
     """The 26.x ``container.*`` API."""
+    has_vm: bool = False
+    """libvirt ``vm.*`` / ``vm.device.*`` (25.04.2 and later; truenas-vm-container.md §1)."""
+    vm_convert: bool = False
+    """``vm.device.convert`` (25.10.0 and later)."""
+    vm_import_disk_image: bool = False
+    """``vm.import_disk_image`` (25.04.2 and 25.10; removed in 26)."""
+    snapshot_namespace: str = "pool.snapshot"
+    """``zfs.snapshot`` until 25.04, ``pool.snapshot`` from 25.10 on."""
 
     @property
     def current_api(self) -> str:
@@ -76,6 +84,9 @@ PROFILES: dict[str, Profile] = {
         system_version="TrueNAS-25.04.2.6",
         api_versions=("v25.04.0", "v25.04.1", "v25.04.2"),
         schema_version="v25_04_2",
+        has_vm=True,
+        vm_import_disk_image=True,
+        snapshot_namespace="zfs.snapshot",
     ),
     "25.10": Profile(
         name="25.10",
@@ -89,6 +100,9 @@ PROFILES: dict[str, Profile] = {
         set_bootable_disk=True,
         vm_autostart_forbidden=True,
         message_ids=True,
+        has_vm=True,
+        vm_convert=True,
+        vm_import_disk_image=True,
     ),
     "26.0": Profile(
         name="26.0",
@@ -100,6 +114,8 @@ PROFILES: dict[str, Profile] = {
         legacy_jobs_option=True,
         message_ids=True,
         has_container=True,
+        has_vm=True,
+        vm_convert=True,
     ),
 }
 PROFILE_ALIASES = {"25.04": "25.04.0", "25.10.0": "25.10", "25.10.1": "25.10", "26": "26.0", "26.0.0": "26.0"}

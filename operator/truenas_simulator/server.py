@@ -19,6 +19,7 @@ from aiohttp import WSMsgType, web
 from .errors import CallError, MatchNotFound, MethodNotFound, ValidationErrors, errname
 from .simulator import Session, Simulator
 from .state import Image
+from .storage import simplestreams_file
 
 JSONRPC_CONCURRENCY_ERROR = "Maximum number of concurrent calls ({}) has exceeded"
 
@@ -152,6 +153,11 @@ class SimulatorServer:
         r.add_post("/_simulator/virt-state", self._control_virt_state)
         r.add_post("/_simulator/images", self._control_add_image)
         r.add_post("/_simulator/upgrade", self._control_upgrade)
+        r.add_post("/_upload", self._upload)
+        r.add_get("/_simulator/vms", self._control_vms)
+        r.add_patch("/_simulator/vms/{name}", self._control_change_vm)
+        r.add_get("/_simulator/storage", self._control_storage)
+        r.add_get("/_simulator/simplestreams/{path:.*}", self._simplestreams)
 
     async def _versions(self, request: web.Request) -> web.Response:
         return web.json_response(list(self.sim.profile.api_versions))
@@ -387,6 +393,78 @@ class SimulatorServer:
             return web.json_response({"message": f"missing {exc.args[0]}"}, status=400)
         self.sim.images[image.alias] = image
         return web.json_response({"alias": image.alias}, status=201)
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """``POST /_upload`` (apps/file_app.py): multipart ``data`` (``{"method", "params"}``) then ``file``;
+        ``Authorization: Bearer <api key>``; answers ``{"job_id": N}``."""
+        reader = await request.multipart()
+        part = await reader.next()
+        if part is None or getattr(part, "name", None) != "data":
+            return web.Response(status=405, text='"data" part must be the first on payload')
+        try:
+            data = json.loads(await part.read())  # type: ignore[union-attr]
+        except Exception as exc:
+            return web.Response(status=400, text=str(exc))
+        if not isinstance(data, dict) or "method" not in data:
+            return web.Response(status=422)
+        header = request.headers.get("Authorization", "")
+        if not header:
+            return web.Response(status=401)
+        session = Session(transport="rest", secure=request.secure, loopback=_is_loopback(request))
+        scheme, _, credential = header.partition(" ")
+        if scheme != "Bearer" or self.sim.authenticate_key(credential.strip(), session) != "SUCCESS":
+            await self.sim.refusal_delay()
+            return web.Response(status=401, text="Invalid API key")
+        filepart = await reader.next()
+        if filepart is None or getattr(filepart, "name", None) != "file":
+            return web.Response(status=405, text='"file" not found as second part on payload')
+        content = await filepart.read()  # type: ignore[union-attr]
+        try:
+            job_id = await self.sim.upload(session, data["method"], data.get("params") or [], bytes(content))
+        except MethodNotFound:
+            return web.Response(status=422, text=f"[ENOMETHOD] Method {data['method']!r} not found")
+        return web.json_response({"job_id": job_id})
+
+    async def _control_vms(self, request: web.Request) -> web.Response:
+        """Every VM with what its guest saw at its last start (root disk image, NoCloud seed)."""
+        return web.json_response(
+            [{**vm.entry(self.sim.profile.name), "guest": vm.guest} for vm in self.sim.vms.vms.values()]
+        )
+
+    async def _control_change_vm(self, request: web.Request) -> web.Response:
+        """Out-of-band changes to a VM: ``{"state": "STOPPED"}``, ``{"memory": 1024}``,
+        ``{"ignores_shutdown": true}``."""
+        vm = self.sim.vms.by_name(request.match_info["name"])
+        if vm is None:
+            raise web.HTTPNotFound()
+        changes = await request.json()
+        if "ignores_shutdown" in changes:
+            vm.ignores_shutdown = bool(changes.pop("ignores_shutdown"))
+        state = changes.pop("state", None)
+        vm.config.update(changes)
+        if state is not None:
+            self.sim.vms.set_state(vm, state)
+        else:
+            self.sim.vms.emit("changed", vm)
+        return web.json_response(vm.entry(self.sim.profile.name))
+
+    async def _control_storage(self, request: web.Request) -> web.Response:
+        storage = self.sim.storage
+        return web.json_response(
+            {
+                "datasets": [d.entry() for d in storage.datasets.values()],
+                "snapshots": sorted(storage.snapshots),
+                "files": {path: len(content) for path, content in storage.files.items()},
+            }
+        )
+
+    async def _simplestreams(self, request: web.Request) -> web.Response:
+        """A tiny simplestreams mirror of the catalogue's VM images (tests; not a TrueNAS endpoint)."""
+        data = simplestreams_file(list(self.sim.images.values()), request.match_info["path"])
+        if data is None:
+            raise web.HTTPNotFound()
+        kind = "application/json" if request.match_info["path"].endswith(".json") else "application/octet-stream"
+        return web.Response(body=data, content_type=kind)
 
     async def _control_virt_state(self, request: web.Request) -> web.Response:
         self.sim.global_config.state = (await request.json())["state"]

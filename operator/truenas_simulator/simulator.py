@@ -26,8 +26,10 @@ from .scram import MIN_ITERATIONS, ClientFirst, ScramParseError, ScramSecrets, p
 from .scram import server_first as scram_server_first
 from .scram import verify_client_final as scram_verify_client_final
 from .state import DEFAULT_IMAGES, ApiKey, CallCounters, GlobalConfig, Image, Instance, Knobs
+from .storage import StorageService
 from .validation import load_schema, validate
 from .virt import VirtService
+from .vm import VMService
 
 UNAUTHENTICATED_METHODS = frozenset(
     {
@@ -123,6 +125,8 @@ class Simulator:
         self.sessions: set[Session] = set()
         self.virt = VirtService(self)
         self.containers = ContainerService(self)
+        self.storage = StorageService(self)
+        self.vms = VMService(self)
         self.methods: dict[str, tuple[Handler, bool]] = {}
         self.booted = time.time()
         self._scram: dict[int, ScramSecrets] = {}
@@ -196,6 +200,50 @@ class Simulator:
                 "lxc.config": c.lxc_config,
             }
             self.methods.update({name: (handler, False) for name, handler in container_plain.items()})
+        if self.profile.has_vm:
+            self._register_vm()
+
+    def _register_vm(self) -> None:
+        vms, storage = self.vms, self.storage
+        snapshots = self.profile.snapshot_namespace
+        plain: dict[str, Handler] = {
+            "vm.query": vms.query,
+            "vm.get_instance": vms.get_instance,
+            "vm.create": vms.create,
+            "vm.update": vms.update,
+            "vm.delete": vms.delete,
+            "vm.start": vms.start,
+            "vm.poweroff": vms.poweroff,
+            "vm.status": vms.status,
+            "vm.device.query": vms.device_query,
+            "vm.device.create": vms.device_create,
+            "vm.device.update": vms.device_update,
+            "vm.device.delete": vms.device_delete,
+            "vm.device.nic_attach_choices": vms.nic_attach_choices,
+            "pool.dataset.query": storage.dataset_query,
+            "pool.dataset.create": storage.dataset_create,
+            "pool.dataset.update": storage.dataset_update,
+            "pool.dataset.delete": storage.dataset_delete,
+            f"{snapshots}.query": storage.snapshot_query,
+            f"{snapshots}.create": storage.snapshot_create,
+            f"{snapshots}.clone": storage.snapshot_clone,
+            f"{snapshots}.delete": storage.snapshot_delete,
+        }
+        jobs: dict[str, Handler] = {"vm.stop": vms.stop}
+        if self.profile.vm_convert:
+            jobs["vm.device.convert"] = vms.convert
+        if self.profile.vm_import_disk_image:
+            jobs["vm.import_disk_image"] = vms.import_disk_image
+        self.methods.update({name: (handler, False) for name, handler in plain.items()})
+        self.methods.update({name: (handler, True) for name, handler in jobs.items()})
+
+    async def upload(self, session: Session, method: str, params: list[Any], content: bytes) -> int:
+        """``POST /_upload``: the job the ``data`` part names, fed by the ``file`` part; its id."""
+        self.counters.count(method)
+        if method != "filesystem.put" or not self.profile.has_vm:
+            raise MethodNotFound(method)
+        ctx = CallContext(session=session, message_id=None, schema=self.profile.schema_version, prevalidated=False)
+        return self.storage.put_job(ctx, params, content).id
 
     # ----- sessions -------------------------------------------------------------------------------
     def open_session(self, session: Session) -> Session:
@@ -423,6 +471,8 @@ class Simulator:
         known = {"core.get_jobs", "*"} | ({"virt.instance.query"} if self.profile.has_virt else set())
         if self.profile.has_container:
             known |= {"container.query", "container.device.query"}
+        if self.profile.has_vm:
+            known |= {"vm.query", "vm.device.query"}
         if base not in known:
             raise CallError(f"Invalid event name {name!r}", errno.ENOENT)
         if ctx.session.send_event is None:

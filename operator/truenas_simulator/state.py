@@ -203,6 +203,14 @@ class CallCounters:
             "container.device.query",
             "container.image.query_registry",
             "lxc.config",
+            "vm.query",
+            "vm.get_instance",
+            "vm.status",
+            "vm.device.query",
+            "vm.device.nic_attach_choices",
+            "pool.dataset.query",
+            "pool.snapshot.query",
+            "zfs.snapshot.query",
         }
     )
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from truenas_simulator import Simulator, SimulatorThread
+from truenas_simulator.storage import write_mirror
 
 from .localcluster import REPO_ROOT, LocalControlPlane, binaries_dir, start_for_people, wait_for_interrupt
 
@@ -77,6 +78,8 @@ def run_demo(workdir: Path) -> int:
                 TIO_TRUENAS_URL=main_sim.ws_url,
                 TIO_TRUENAS_API_KEY_FILE=str(key_file),
                 TIO_TRUENAS_CA_FILE=str(main_sim.ca_file),
+                # VM images for vm.* from a local simplestreams mirror of the simulator's test images
+                TIO_VM_IMAGE_SERVER=str(write_mirror(list(main_sim.sim.images.values()), workdir / "vm-images")),
             )
             log = (workdir / "operator.log").open("w")
             processes.append(
@@ -116,6 +119,7 @@ def run_demo(workdir: Path) -> int:
 def _apply_examples(plane: LocalControlPlane, legacy: SimulatorThread) -> None:
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "container.yaml"))
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "with-devices.yaml"))
+    plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "vm.yaml"))  # a vm.* VM on 25.10
     plane.kubectl("create", "namespace", "legacy")
     assert legacy.ca_file is not None
     plane.kubectl("create", "secret", "generic", "nas-key", "-n", "legacy", f"--from-literal=apiKey={legacy.api_key}")

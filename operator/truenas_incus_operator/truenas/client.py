@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from dataclasses import dataclass
 
 from .backends.container import ContainerBackend
+from .backends.routing import RoutingBackend
 from .backends.virt import VirtInstanceBackend
+from .backends.vm import VMBackend
 from .errors import APIUnavailable, CallFailed, TrueNASError
 from .observe import ObservedTransport, Observer
 from .transports.base import ConnectionOptions, Secret, Transport
@@ -63,10 +66,14 @@ async def connect(
     job_timeout: float = 15 * 60.0,
     connect_timeout: float = 10.0,
     observer: Observer | None = None,
+    vm_image_server: str | None = None,
 ) -> TrueNASClient:
     """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``.
 
-    ``observer`` (observe.py) is told of every call, job and event through this client."""
+    ``observer`` (observe.py) is told of every call, job and event through this client.
+    ``vm_image_server``: the simplestreams server (or local mirror) VM images come from on ``vm.*``;
+    unset: ``$TIO_VM_IMAGE_SERVER``, else the Linux Containers image server.
+    """
     secure = url.startswith(("wss://", "https://"))
     options = ConnectionOptions(
         url=url,
@@ -89,15 +96,26 @@ async def connect(
     try:
         await chosen.connect()
         version = parse_version(chosen.system_version)
-        backend = await choose_backend(chosen, version)
+        backend = await choose_backend(chosen, version, vm_image_server)
     except BaseException:
         await chosen.close()
         raise
     return TrueNASClient(chosen, backend, version, chosen.system_version or "")
 
 
-async def choose_backend(transport: Transport, version: tuple[int, ...]) -> InstanceBackend:
-    """The API family for instances on this server (product.md §4)."""
+async def choose_backend(
+    transport: Transport, version: tuple[int, ...], vm_image_server: str | None = None
+) -> InstanceBackend:
+    """The API family for instances on this server (product.md §4); from 25.04.2 on, VMs go to ``vm.*``
+    (truenas-vm-container.md §1) through a routing backend beside the containers' family."""
+    containers = await choose_container_backend(transport, version)
+    if version >= (25, 4, 2) and transport.name == "websocket":  # the REST facade maps no vm.* routes
+        image_server = vm_image_server or os.environ.get("TIO_VM_IMAGE_SERVER") or None
+        return RoutingBackend(containers, VMBackend(transport, version, image_server))
+    return containers
+
+
+async def choose_container_backend(transport: Transport, version: tuple[int, ...]) -> InstanceBackend:
     shown = ".".join(map(str, version)) or "unknown"
     if version and version >= (26,):
         try:

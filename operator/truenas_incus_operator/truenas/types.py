@@ -35,6 +35,10 @@ class InstanceConfig:
     autostart: bool = True
     environment: dict[str, str] = field(default_factory=dict)
     devices: tuple[DeviceConfig, ...] = ()
+    root_disk_size: int | None = None
+    """Bytes; VMs on vm.* only (grow the image's disk)."""
+    cloud_init_user_data: str | None = None
+    cloud_init_network_config: str | None = None
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,10 @@ class ContainerBackend:
                 unsupported.append(f"devices[{device.name}].readonly")
         if config.devices:
             unsupported.append("devices[].name")
+        if config.root_disk_size is not None:
+            unsupported.append("rootDiskSize")  # the vm.* backend's field
+        if config.cloud_init_user_data is not None or config.cloud_init_network_config is not None:
+            unsupported.append("cloudInit")
         return unsupported
 
     def honoured(self, config: InstanceConfig) -> InstanceConfig:

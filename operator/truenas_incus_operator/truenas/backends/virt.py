@@ -92,6 +92,10 @@ class VirtInstanceBackend:
             unsupported.append("type")
         if not self.nic_mac and any(d.type == "NIC" and d.extra.get("mac") for d in config.devices):
             unsupported.append("nics[].hwaddr")
+        if config.root_disk_size is not None:
+            unsupported.append("rootDiskSize")  # the vm.* backend's field
+        if config.cloud_init_user_data is not None or config.cloud_init_network_config is not None:
+            unsupported.append("cloudInit")
         return unsupported
 
     def honoured(self, config: InstanceConfig) -> InstanceConfig:

@@ -1,0 +1,573 @@
+"""The libvirt ``vm.*`` API family (TrueNAS 25.04.2 and later): IncusInstances of type VM.
+
+``vm.*`` has no images and no cloud-init (truenas-vm-container.md §2.6), so this backend builds both:
+
+1. it finds the alias's VM image (``disk.qcow2``) in a simplestreams index (``images.ImageServer``);
+2. once per image version it uploads the image (``/_upload`` + ``filesystem.put``) and writes it into
+   a volume, the cached base (``vm.device.convert`` on 25.10+/26, ``vm.import_disk_image`` on 25.04.2),
+   then snapshots it (``@base``): the snapshot is the mark of a finished base;
+3. each VM's root disk is a clone of that snapshot, grown to ``rootDiskSize`` if that is larger;
+4. ``environment`` and ``cloudInit`` go into a NoCloud seed ISO (``seed.py``) attached as CDROM;
+5. ``vm.create`` (memory in MiB, vcpus from ``cpu``, autostart), the root disk, the seed and the NICs.
+
+Names are deterministic, so a create that is repeated after a crash finds what the first one made:
+
+    <pool>/incus-operator/images/<product>_<serial>        the cached base volume (@base once converted)
+    <pool>/incus-operator/images/<product>_<serial>-upload the uploaded file (deleted after conversion)
+    <pool>/incus-operator/vms/<vm>                         per VM: seed.iso, and its root disk clone /root
+
+VM names allow letters, digits and ``_`` only, so ``web-01`` is ``web_01`` on TrueNAS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from ..errors import AlreadyExists, CallFailed, FieldError, NotFound, TransportError, ValidationFailed
+from ..images import DEFAULT_IMAGE_SERVER, ImageServer, VMImage, qcow2_virtual_size
+from ..jobs import is_finished, job_result
+from ..seed import seed_iso, user_data
+from ..transports.base import Transport
+from ..types import (
+    UNSET,
+    DeviceConfig,
+    InstanceChanges,
+    InstanceConfig,
+    InstanceEventCallback,
+    ObservedImage,
+    ObservedInstance,
+)
+
+log = logging.getLogger(__name__)
+
+ROOT = "incus-operator"
+DEFAULT_MEMORY = 1024 * 2**20
+SUPPORTED_DEVICES = ("NIC",)
+STATUS = {"RUNNING": "RUNNING", "STOPPED": "STOPPED", "SUSPENDED": "FROZEN", "ERROR": "ERROR"}
+PROGRESS_SPAN = {"download": (0, 10), "upload": (10, 30), "convert": (30, 95)}
+
+
+def vm_name(name: str) -> str:
+    """``web-01`` -> ``web_01`` (vm.* names are ``^[a-zA-Z_0-9]+$``; instance names have no ``_``)."""
+    return name.replace("-", "_")
+
+
+def instance_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def dataset_key(image: VMImage) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{image.product}_{image.version}")
+
+
+def cpu_count(cpu: str | None) -> int:
+    return int(cpu) if cpu is not None and cpu.isdigit() and int(cpu) > 0 else 1
+
+
+def observed(entry: dict[str, Any]) -> ObservedInstance:
+    total = int(entry.get("vcpus") or 1) * int(entry.get("cores") or 1) * int(entry.get("threads") or 1)
+    return ObservedInstance(
+        id=str(entry["id"]),
+        name=instance_name(entry["name"]),
+        type="VM",
+        status=STATUS.get(str((entry.get("status") or {}).get("state")), "UNKNOWN"),
+        cpu=str(total),
+        memory=int(entry["memory"]) * 2**20 if entry.get("memory") is not None else None,
+        autostart=bool(entry.get("autostart")),
+        environment={},
+        addresses=(),  # vm.query reports no guest addresses on any version (§5)
+        image=ObservedImage(description=entry.get("description") or None),
+        storage_pool=None,
+    )
+
+
+def device_identity(device: DeviceConfig) -> str:
+    return nic_key(device.extra.get("parent")) if device.type == "NIC" else device.name
+
+
+def nic_key(parent: Any) -> str:
+    """vm.device has no names: a NIC is known by what it attaches to, in every family's identity."""
+    return f"nic-{parent or 'default'}"
+
+
+def device_from_entry(entry: dict[str, Any], root_paths: tuple[str, ...]) -> DeviceConfig:
+    attributes = entry.get("attributes") or {}
+    kind = str(attributes.get("dtype"))
+    name = str(entry["id"])
+    if kind == "NIC":
+        extra = {"parent": attributes.get("nic_attach"), "mac": attributes.get("mac")}
+        return DeviceConfig(nic_key(extra["parent"]), "NIC", extra={k: v for k, v in extra.items() if v})
+    path = str(attributes.get("path") or "")
+    # The root disk and the seed are the operator's own (like a profile's devices): never managed as spec devices.
+    inherited = path in root_paths
+    return DeviceConfig(name, kind, source=path or None, extra={}, inherited=inherited)
+
+
+class VMBackend:
+    family = "vm"
+
+    def __init__(
+        self,
+        transport: Transport,
+        version: tuple[int, ...],
+        image_server: str | ImageServer | None = None,
+        arch: str = "amd64",
+    ) -> None:
+        self.transport = transport
+        self.version = version
+        self.images = (
+            image_server
+            if isinstance(image_server, ImageServer)
+            else ImageServer(image_server or DEFAULT_IMAGE_SERVER, arch)
+        )
+        self.supports_events = transport.supports_events
+        self.convert_method = "vm.device.convert" if version >= (25, 10) else "vm.import_disk_image"
+        self.snapshot_namespace = "pool.snapshot" if version >= (25, 10) else "zfs.snapshot"
+        self._ids: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._base_locks: dict[str, asyncio.Lock] = {}
+        self._pool: str | None = None
+        self._environment: dict[str, dict[str, str]] = {}
+        """What each VM's seed says (vm.query cannot show a guest's environment); this process's memory only."""
+
+    # ----- what this family can do ------------------------------------------------------------------
+    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
+        unsupported = []
+        if config.type != "VM":
+            unsupported.append("type")
+        if config.cpu is not None and not config.cpu.isdigit():
+            unsupported.append("cpu")  # a set of host CPUs: vm.* pins only with an equal vcpu count
+        for device in config.devices:
+            if device.type not in SUPPORTED_DEVICES:
+                unsupported.append(f"devices[{device.name}] ({device.type})")
+        nics = [d for d in config.devices if d.type == "NIC"]
+        if nics:
+            unsupported.append("nics[].name")
+        if len({nic_key(d.extra.get("parent")) for d in nics}) < len(nics):
+            unsupported.append("nics[].parent (one NIC per parent)")
+        return unsupported
+
+    def honoured(self, config: InstanceConfig) -> InstanceConfig:
+        """What the VM gets: a vCPU count (1 unless given), whole MiB of memory (1 GiB unless given), NICs
+        by parent (and MAC); the environment goes into the seed (read by cloud-init at first boot)."""
+        memory = config.memory // 2**20 * 2**20 if config.memory is not None else DEFAULT_MEMORY
+        return replace(
+            config,
+            cpu=str(cpu_count(config.cpu)),
+            memory=memory,
+            devices=tuple(
+                replace(
+                    d,
+                    name=nic_key(d.extra.get("parent")),
+                    extra={k: v for k, v in d.extra.items() if k in ("parent", "mac") and v},
+                )
+                for d in config.devices
+                if d.type in SUPPORTED_DEVICES
+            ),
+        )
+
+    device_identity = staticmethod(device_identity)
+
+    # ----- bookkeeping -------------------------------------------------------------------------------------
+    def _remember(self, entry: dict[str, Any]) -> ObservedInstance:
+        name = instance_name(entry["name"])
+        self._ids[name] = entry["id"]
+        self._names[entry["id"]] = name
+        return replace(observed(entry), environment=dict(self._environment.get(name, {})))
+
+    def _forget(self, name: str) -> None:
+        ident = self._ids.pop(name, None)
+        if ident is not None:
+            self._names.pop(ident, None)
+
+    async def _entry(self, name: str) -> dict[str, Any] | None:
+        entries = await self.transport.call("vm.query", [["name", "=", vm_name(name)]], {}, idempotent=True)
+        return entries[0] if entries else None
+
+    async def _id(self, name: str) -> int:
+        if name not in self._ids:
+            await self.get_instance(name)
+        if name not in self._ids:
+            raise NotFound([FieldError(None, f"VM {vm_name(name)} does not exist", errno.ENOENT)], "vm.get_instance")
+        return self._ids[name]
+
+    async def pool(self, wanted: str | None) -> str:
+        if wanted:
+            return wanted
+        if self._pool is None:
+            for method, key in (("lxc.config", "preferred_pool"), ("virt.global.config", "pool")):
+                try:
+                    config = await self.transport.call(method, idempotent=True)
+                except CallFailed:
+                    continue
+                if isinstance(config, dict) and config.get(key):
+                    self._pool = str(config[key])
+                    break
+        if self._pool is None:
+            raise ValidationFailed(
+                [FieldError("storagePool", "no default pool on this TrueNAS: set spec.storagePool")], "vm.create"
+            )
+        return self._pool
+
+    # ----- instances -------------------------------------------------------------------------------------------
+    async def list_instances(self) -> list[ObservedInstance]:
+        entries = await self.transport.call("vm.query", [], {}, idempotent=True)
+        self._ids.clear()
+        self._names.clear()
+        return [self._remember(e) for e in entries]
+
+    async def get_instance(self, name: str) -> ObservedInstance | None:
+        entry = await self._entry(name)
+        if entry is None:
+            self._forget(name)
+            return None
+        return self._remember(entry)
+
+    async def create(
+        self, config: InstanceConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> ObservedInstance:
+        name = vm_name(config.name)
+        if await self._entry(config.name) is not None:
+            # Made by an earlier pass (before a crash) or by someone else: the ledger decides which.
+            raise AlreadyExists([FieldError("vm_create.name", "This name already exists.", errno.EEXIST)], "vm.create")
+        pool = await self.pool(config.storage_pool)
+        image = await self.images.resolve(config.image)
+        base = await self.ensure_base(pool, image, on_progress)
+        home = f"{pool}/{ROOT}/vms/{name}"
+        try:
+            root = await self._root_disk(home, base, config.root_disk_size)
+            seed = await self._seed(home, config)
+            entry = await self._create_vm(config, name, image)
+        except AlreadyExists:
+            raise
+        except BaseException:
+            if await self._entry(config.name) is None:  # nothing of ours uses the clone: do not leak it
+                await self._delete_dataset(home)
+            raise
+        try:
+            await self._attach(entry["id"], root, seed, config.devices)
+        except BaseException:
+            await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": True})
+            await self._delete_dataset(home)
+            raise
+        self._environment[config.name] = dict(config.environment)
+        created = await self._entry(config.name)
+        return self._remember(created or entry)
+
+    async def _create_vm(self, config: InstanceConfig, name: str, image: VMImage) -> dict[str, Any]:
+        memory = config.memory if config.memory is not None else DEFAULT_MEMORY
+        payload = {
+            "name": name,
+            "description": f"{config.image} ({image.product} {image.version}), managed by truenas-incus-operator",
+            "memory": max(20, memory // 2**20),
+            "vcpus": cpu_count(config.cpu),
+            "autostart": config.autostart,
+        }
+        try:
+            entry: dict[str, Any] = await self.transport.call("vm.create", payload)
+        except ValidationFailed as exc:
+            if any(e.errno == errno.EEXIST for e in exc.errors):
+                raise AlreadyExists.from_validation(exc) from None
+            raise
+        return entry
+
+    async def _attach(self, ident: int, root: str, seed: str, devices: tuple[DeviceConfig, ...]) -> None:
+        await self.transport.call(
+            "vm.device.create", {"vm": ident, "attributes": {"dtype": "DISK", "path": root, "type": "VIRTIO"}}
+        )
+        await self.transport.call("vm.device.create", {"vm": ident, "attributes": {"dtype": "CDROM", "path": seed}})
+        for device in devices:
+            if device.type == "NIC":
+                await self.transport.call("vm.device.create", {"vm": ident, "attributes": nic_attributes(device)})
+
+    # ----- the cached base, the root disk, the seed ------------------------------------------------------------
+    async def _datasets(self, prefix: str) -> dict[str, dict[str, Any]]:
+        entries = await self.transport.call("pool.dataset.query", [["id", "^", prefix]], {}, idempotent=True)
+        return {e["id"]: e for e in entries}
+
+    async def _ensure_dataset(self, name: str, **extra: Any) -> None:
+        if name in await self._datasets(name):
+            return
+        try:
+            await self.transport.call("pool.dataset.create", {"name": name, **extra})
+        except ValidationFailed as exc:
+            if not any(e.errno == errno.EEXIST for e in exc.errors):
+                raise
+
+    async def _snapshot_exists(self, snapshot: str) -> bool:
+        found = await self.transport.call(
+            f"{self.snapshot_namespace}.query", [["id", "=", snapshot]], {}, idempotent=True
+        )
+        return bool(found)
+
+    async def ensure_base(
+        self, pool: str, image: VMImage, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> str:
+        """The snapshot of the cached base volume for ``image``; made (upload + convert) only once."""
+        key = dataset_key(image)
+        base = f"{pool}/{ROOT}/images/{key}"
+        snapshot = f"{base}@base"
+        lock = self._base_locks.setdefault(snapshot, asyncio.Lock())
+        async with lock:
+            if await self._snapshot_exists(snapshot):
+                return snapshot
+            report = Progress(on_progress, image)
+            await self._ensure_dataset(f"{pool}/{ROOT}")
+            await self._ensure_dataset(f"{pool}/{ROOT}/images")
+            await self._ensure_dataset(f"{pool}/{ROOT}/vms")
+            report("download", 0, f"Downloading {image.product} {image.version}")
+            data = await self.images.fetch(image.path)
+            report("download", 100, "Downloaded")
+            upload_dir = f"{base}-upload"
+            await self._ensure_dataset(upload_dir)
+            path = f"/mnt/{upload_dir}/disk.qcow2"
+            report("upload", 0, "Uploading the image to TrueNAS")
+            await self.upload(path, data, lambda job: report("upload", job_percent(job), "Uploading", job))
+            size = qcow2_virtual_size(data)
+            volumes = await self._datasets(base)
+            if base not in volumes:
+                await self.transport.call(
+                    "pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": round_up(size), "sparse": True}
+                )
+            report("convert", 0, "Writing the image into the base volume")
+            if self.convert_method == "vm.device.convert":
+                args: dict[str, Any] = {"source": path, "destination": f"/dev/zvol/{base}"}
+            else:
+                args = {"diskimg": path, "zvol": base}
+            await self.transport.call_job(
+                self.convert_method,
+                args,
+                on_progress=lambda job: report("convert", job_percent(job), "Converting", job),
+            )
+            await self.transport.call(f"{self.snapshot_namespace}.create", {"dataset": base, "name": "base"})
+            await self._delete_dataset(upload_dir)
+            report("convert", 100, "Base image ready")
+            return snapshot
+
+    async def _root_disk(self, home: str, base: str, size: int | None) -> str:
+        await self._ensure_dataset(home)
+        root = f"{home}/root"
+        existing = await self._datasets(root)
+        if root not in existing:
+            await self.transport.call(f"{self.snapshot_namespace}.clone", {"snapshot": base, "dataset_dst": root})
+            existing = await self._datasets(root)
+        volsize = ((existing.get(root) or {}).get("volsize") or {}).get("parsed")
+        if size is not None and isinstance(volsize, int) and size > volsize:
+            await self.transport.call("pool.dataset.update", root, {"volsize": round_up(size)})
+        return f"/dev/zvol/{root}"
+
+    async def _seed(self, home: str, config: InstanceConfig) -> str:
+        path = f"/mnt/{home}/seed.iso"
+        data = seed_iso(
+            instance_id=f"{config.name}",
+            hostname=config.name,
+            user=user_data(config.environment, config.cloud_init_user_data),
+            network=config.cloud_init_network_config,
+        )
+        await self.upload(path, data)
+        return path
+
+    async def _delete_dataset(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.transport.call("pool.dataset.delete", name, {"recursive": True})
+
+    async def upload(self, path: str, data: bytes, on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``POST /_upload`` with ``filesystem.put`` (apps/file_app.py), then waits for its job."""
+        options = getattr(self.transport, "options", None)
+        if options is None:
+            raise TransportError("this transport cannot upload files")
+        parts = urlsplit(options.url)
+        scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
+        url = urlunsplit((scheme, parts.netloc, "/_upload", "", ""))
+        form = aiohttp.FormData()
+        form.add_field("data", json.dumps({"method": "filesystem.put", "params": [path, {"mode": 0o644}]}))
+        form.add_field("file", data, filename=path.rsplit("/", 1)[-1], content_type="application/octet-stream")
+        headers = {"Authorization": f"Bearer {options.api_key.reveal()}"}
+        ssl_option: Any = options.ssl_context if scheme == "https" and options.ssl_context is not None else None
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=options.job_timeout)) as http,
+                http.post(url, data=form, headers=headers, ssl=ssl_option) as response,
+            ):
+                text = await response.text()
+                if response.status != 200:
+                    raise CallFailed(f"upload of {path} refused: HTTP {response.status} {text[:200]}", method="_upload")
+                job_id = int(json.loads(text)["job_id"])
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"upload of {path}: {type(exc).__name__}") from None
+        # The job may be over already (small files): its events went by before anyone listened for them.
+        jobs = await self.transport.call("core.get_jobs", [["id", "=", job_id]], {}, idempotent=True)
+        if jobs and is_finished(jobs[0]):
+            if on_progress is not None:
+                on_progress(jobs[0])
+            job_result(jobs[0], job_id)
+            return
+        wait = getattr(self.transport, "wait_job", None)
+        if wait is None:
+            raise TransportError("this transport cannot follow jobs")
+        await wait(job_id, None, on_progress)
+
+    # ----- update / delete / power ---------------------------------------------------------------------------
+    async def update(self, name: str, changes: InstanceChanges) -> ObservedInstance:
+        payload: dict[str, Any] = {}
+        if changes.cpu is UNSET:
+            payload.update(vcpus=1, cores=1, threads=1)
+        elif isinstance(changes.cpu, str):
+            payload.update(vcpus=cpu_count(changes.cpu), cores=1, threads=1)
+        if changes.memory is UNSET:
+            payload["memory"] = DEFAULT_MEMORY // 2**20
+        elif isinstance(changes.memory, int):
+            payload["memory"] = max(20, changes.memory // 2**20)
+        if changes.autostart is not None:
+            payload["autostart"] = changes.autostart
+        if changes.environment is not None:
+            # cloud-init read the seed at first boot; a later environment is remembered, not delivered.
+            self._environment[name] = dict(changes.environment)
+        # Running VMs take memory and vCPU changes at their next start (vm.update redefines nothing live).
+        entry = await self.transport.call("vm.update", await self._id(name), payload)
+        return self._remember(entry)
+
+    async def delete(self, name: str) -> None:
+        """The VM, its root disk clone and its seed; never the cached base (other VMs clone it)."""
+        entry = await self._entry(name)
+        if entry is not None:
+            if (entry.get("status") or {}).get("state") in ("RUNNING", "SUSPENDED"):
+                await self.transport.call("vm.poweroff", entry["id"])
+            await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": False})
+        pool = self._pool_of(entry) or await self.pool(None)
+        await self._delete_dataset(f"{pool}/{ROOT}/vms/{vm_name(name)}")
+        self._forget(name)
+
+    @staticmethod
+    def _pool_of(entry: dict[str, Any] | None) -> str | None:
+        for device in (entry or {}).get("devices") or []:
+            path = str((device.get("attributes") or {}).get("path") or "")
+            match = re.match(rf"^/dev/zvol/([^/]+)/{ROOT}/vms/", path)
+            if match:
+                return match.group(1)
+        return None
+
+    async def start(self, name: str) -> None:
+        await self.transport.call("vm.start", await self._id(name))
+
+    async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:
+        # vm.stop has no timeout: the VM's shutdown_timeout (5..300 s) applies, then force_after_timeout.
+        ident = await self._id(name)
+        if timeout is not None and not force:
+            await self.transport.call("vm.update", ident, {"shutdown_timeout": min(300, max(5, timeout))})
+        options = {"force": True} if force or timeout == 0 else {"force_after_timeout": True}
+        await self.transport.call_job("vm.stop", ident, options)
+
+    async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None:
+        await self.stop(name, timeout, force)
+        await self.start(name)
+
+    async def create_in_progress(self, name: str) -> bool:
+        return False  # the create is this client's own sequence of calls, not one TrueNAS job
+
+    # ----- devices ----------------------------------------------------------------------------------------------
+    async def list_devices(self, name: str) -> list[DeviceConfig]:
+        ident = await self._id(name)
+        entries = await self.transport.call("vm.device.query", [["vm", "=", ident]], {}, idempotent=True)
+        own = f"/{ROOT}/vms/{vm_name(name)}/"
+        roots = tuple(
+            str((e.get("attributes") or {}).get("path"))
+            for e in entries
+            if own in str((e.get("attributes") or {}).get("path") or "")
+        )
+        return [device_from_entry(e, roots) for e in entries]
+
+    async def add_device(self, name: str, device: DeviceConfig) -> None:
+        await self.transport.call(
+            "vm.device.create", {"vm": await self._id(name), "attributes": nic_attributes(device)}
+        )
+
+    async def _device_id(self, name: str, device_name: str) -> int:
+        if device_name.isdigit():
+            return int(device_name)
+        ident = await self._id(name)
+        entries = await self.transport.call("vm.device.query", [["vm", "=", ident]], {}, idempotent=True)
+        for entry in entries:
+            attributes = entry.get("attributes") or {}
+            if attributes.get("dtype") == "NIC" and nic_key(attributes.get("nic_attach")) == device_name:
+                return int(entry["id"])
+        raise NotFound([FieldError(None, f"VM Device {device_name} does not exist", errno.ENOENT)], "vm.device")
+
+    async def update_device(self, name: str, device: DeviceConfig, target: str | None = None) -> None:
+        ident = await self._device_id(name, target or device.name)
+        await self.transport.call("vm.device.update", ident, {"attributes": nic_attributes(device)})
+
+    async def delete_device(self, name: str, device_name: str) -> None:
+        await self.transport.call("vm.device.delete", await self._device_id(name, device_name))
+
+    # ----- events ---------------------------------------------------------------------------------------------
+    def instance_from_event(self, fields: dict[str, Any]) -> ObservedInstance | None:
+        state = (fields.get("status") or {}).get("state")
+        # 25.10's libvirt events overwrite status.state with libvirt names (SHUTOFF, ...): not a full entry.
+        if {"id", "name", "memory", "status"} <= fields.keys() and state in STATUS:
+            return self._remember(fields)
+        return None
+
+    async def watch(self, callback: InstanceEventCallback) -> bool:
+        if not self.transport.supports_events:
+            return False
+
+        def relay(msg: str, ident: Any, fields: dict[str, Any] | None) -> None:
+            name = self._names.get(ident)
+            if fields and fields.get("name"):
+                name = instance_name(str(fields["name"]))
+            if name is not None:
+                callback(msg, name, fields)
+
+        await self.transport.subscribe("vm.query", relay)
+        return True
+
+
+def nic_attributes(device: DeviceConfig) -> dict[str, Any]:
+    """A spec NIC on vm.*: VIRTIO on ``parent`` (bridge or macvtap, as TrueNAS decides from the parent)."""
+    attributes: dict[str, Any] = {"dtype": "NIC", "type": "VIRTIO", "nic_attach": device.extra.get("parent")}
+    if device.extra.get("mac"):
+        attributes["mac"] = device.extra["mac"]
+    return attributes
+
+
+def round_up(size: int, unit: int = 2**20) -> int:
+    return -(-size // unit) * unit
+
+
+def job_percent(job: dict[str, Any]) -> int:
+    return int(((job.get("progress") or {}).get("percent")) or 0)
+
+
+class Progress:
+    """Folds download, upload and conversion into one job-like progress for ``status.job``."""
+
+    def __init__(self, sink: Callable[[dict[str, Any]], None] | None, image: VMImage) -> None:
+        self.sink = sink
+        self.image = image
+
+    def __call__(self, phase: str, percent: int, description: str, job: dict[str, Any] | None = None) -> None:
+        """``job``: the TrueNAS job of this phase (upload, conversion); the download is the client's own (id 0)."""
+        if self.sink is None:
+            return
+        low, high = PROGRESS_SPAN[phase]
+        overall = low + (high - low) * max(0, min(100, percent)) // 100
+        self.sink(
+            {
+                "id": int((job or {}).get("id") or 0),
+                "method": str((job or {}).get("method") or f"download {self.image.product} {self.image.version}"),
+                "state": "RUNNING",
+                "progress": {"percent": overall, "description": description, "extra": None},
+            }
+        )

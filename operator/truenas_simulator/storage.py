@@ -1,0 +1,438 @@
+"""ZFS as the VM path needs it: datasets and volumes (``pool.dataset.*``), snapshots and clones
+(``zfs.snapshot.*`` on 25.04.2, ``pool.snapshot.*`` on 25.10/26), files uploaded through
+``/_upload`` + ``filesystem.put``; plus the test images a simplestreams mirror serves and a reader
+for the NoCloud seed ISOs a guest would mount (truenas-vm-container.md §2.6).
+
+Wording [SRC] where the reference or the middleware source gives it; the ``pool.dataset`` messages
+marked [INF] follow ``plugins/pool_/dataset.py`` from memory of its shape, not an exact copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import CallError, InstanceNotFound, ValidationErrors
+from .filters import check_query_args, filter_list
+from .jobs import Job
+from .state import GIB, Image
+
+if TYPE_CHECKING:
+    from .simulator import CallContext, Simulator
+
+QCOW2_MAGIC = b"QFI\xfb"
+TEST_IMAGE_VIRTUAL_SIZE = 4 * GIB
+
+
+# ----- test images (what a simplestreams mirror serves) ---------------------------------------------
+def qcow2_image(virtual_size: int, payload: bytes) -> bytes:
+    """A qcow2 header (version 3, 64 KiB clusters) announcing ``virtual_size``, then ``payload``.
+
+    Enough for what TrueNAS reads before converting (the format and the virtual size); not a bootable
+    disk: the simulator boots nothing.
+    """
+    header = QCOW2_MAGIC + struct.pack(">IQIIQ", 3, 0, 0, 16, virtual_size)
+    return header + b"\0" * (104 - len(header)) + payload
+
+
+def qcow2_virtual_size(data: bytes) -> int | None:
+    if len(data) < 32 or data[:4] != QCOW2_MAGIC:
+        return None
+    return int(struct.unpack(">Q", data[24:32])[0])
+
+
+def vm_image_bytes(image: Image) -> bytes:
+    return qcow2_image(TEST_IMAGE_VIRTUAL_SIZE, f"test image {image.alias} {image.serial}\n".encode())
+
+
+def simplestreams_index(images: list[Image], arch: str = "amd64") -> tuple[dict[str, Any], dict[str, Any]]:
+    """``streams/v1/index.json`` and ``streams/v1/images.json`` for the VM-capable ``images``.
+
+    The shape of the Incus image server's index: products keyed ``os:release:arch:variant`` with
+    ``aliases`` (comma separated), ``versions`` keyed by serial, and a ``disk.qcow2`` item
+    (``ftype: disk-kvm.img``) in each version that has a VM image.
+    """
+    products: dict[str, Any] = {}
+    for image in images:
+        if "VM" not in image.instance_types or arch not in image.archs:
+            continue
+        os_ = image.alias.split("/")[0]
+        key = f"{os_}:{image.release}:{arch}:{image.variant}"
+        data = vm_image_bytes(image)
+        path = f"images/{os_}/{image.release}/{arch}/{image.variant}/{image.serial}/disk.qcow2"
+        aliases = [image.alias, f"{os_}/{image.release}/{image.variant}"]
+        products[key] = {
+            "aliases": ",".join(dict.fromkeys(aliases)),
+            "arch": arch,
+            "os": image.os,
+            "release": image.release,
+            "variant": image.variant,
+            "versions": {
+                image.serial: {
+                    "items": {
+                        "disk.qcow2": {
+                            "ftype": "disk-kvm.img",
+                            "path": path,
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                            "size": len(data),
+                        }
+                    }
+                }
+            },
+        }
+    images_json = {
+        "content_id": "images",
+        "datatype": "image-downloads",
+        "format": "products:1.0",
+        "products": products,
+    }
+    index = {
+        "format": "index:1.0",
+        "index": {
+            "images": {"datatype": "image-downloads", "path": "streams/v1/images.json", "products": sorted(products)}
+        },
+    }
+    return index, images_json
+
+
+def simplestreams_file(images: list[Image], path: str) -> bytes | None:
+    """The bytes a mirror serves at ``path`` (index, products, or an image), or None."""
+    index, products = simplestreams_index(images)
+    if path == "streams/v1/index.json":
+        return json.dumps(index).encode()
+    if path == "streams/v1/images.json":
+        return json.dumps(products).encode()
+    for image in images:
+        data = vm_image_bytes(image)
+        for product in products["products"].values():
+            for version in product["versions"].values():
+                item = version["items"]["disk.qcow2"]
+                if item["path"] == path and item["sha256"] == hashlib.sha256(data).hexdigest():
+                    return data
+    return None
+
+
+# ----- ISO 9660 (Joliet) reader: what a guest's cloud-init would find on a CDROM --------------------
+def read_iso(data: bytes) -> tuple[str, dict[str, bytes]] | None:
+    """The volume label and the root directory's files (Joliet names when present), or None.
+
+    Written independently of the operator's ISO writer, from ECMA-119 and the Joliet specification,
+    so a broken seed ISO fails here as it would in a guest.
+    """
+    sector = 2048
+    if len(data) < 17 * sector or data[16 * sector + 1 : 16 * sector + 6] != b"CD001":
+        return None
+    label = data[16 * sector + 40 : 16 * sector + 72].decode("ascii", "replace").strip()
+    root_record: bytes | None = None
+    joliet = False
+    position = 16
+    while (position + 1) * sector <= len(data):
+        descriptor = data[position * sector : (position + 1) * sector]
+        kind = descriptor[0]
+        if kind == 255 or descriptor[1:6] != b"CD001":
+            break
+        if kind == 1 and root_record is None:
+            root_record = descriptor[156:190]
+        if kind == 2 and descriptor[88:91] in (b"%/@", b"%/C", b"%/E"):
+            root_record, joliet = descriptor[156:190], True
+        position += 1
+    if root_record is None:
+        return None
+    extent, size = struct.unpack("<I", root_record[2:6])[0], struct.unpack("<I", root_record[10:14])[0]
+    directory = data[extent * sector : extent * sector + size]
+    files: dict[str, bytes] = {}
+    offset = 0
+    while offset < len(directory):
+        length = directory[offset]
+        if length == 0:  # records do not cross sectors: skip to the next one
+            offset = (offset // sector + 1) * sector
+            continue
+        record = directory[offset : offset + length]
+        offset += length
+        flags, name_length = record[25], record[32]
+        raw = record[33 : 33 + name_length]
+        if raw in (b"\0", b"\1") or flags & 2:
+            continue
+        name = raw.decode("utf-16-be" if joliet else "ascii", "replace").split(";")[0].rstrip(".")
+        start, length_ = struct.unpack("<I", record[2:6])[0], struct.unpack("<I", record[10:14])[0]
+        files[name if joliet else name.lower()] = data[start * sector : start * sector + length_]
+    return label, files
+
+
+# ----- datasets, snapshots, files ----------------------------------------------------------------------
+@dataclass
+class Dataset:
+    name: str
+    type: str = "FILESYSTEM"
+    volsize: int | None = None
+    origin: str | None = None
+    """The snapshot a clone was made from."""
+    content: str | None = None
+    """What a volume holds: the sha256 of the disk image written into it (clones inherit it)."""
+
+    @property
+    def pool(self) -> str:
+        return self.name.split("/")[0]
+
+    @property
+    def mountpoint(self) -> str | None:
+        return f"/mnt/{self.name}" if self.type == "FILESYSTEM" else None
+
+    def entry(self) -> dict[str, Any]:
+        def prop(value: Any) -> dict[str, Any]:
+            text = "" if value is None else str(value)
+            return {"parsed": value, "rawvalue": text, "value": text, "source": "LOCAL"}
+
+        return {
+            "id": self.name,
+            "type": self.type,
+            "name": self.name,
+            "pool": self.pool,
+            "encrypted": False,
+            "mountpoint": self.mountpoint,
+            "volsize": prop(self.volsize) if self.type == "VOLUME" else None,
+            "origin": prop(self.origin or ""),
+            "children": [],
+        }
+
+
+@dataclass
+class Snapshot:
+    dataset: str
+    name: str
+    content: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset}@{self.name}"
+
+    def entry(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.id,
+            "pool": self.dataset.split("/")[0],
+            "type": "SNAPSHOT",
+            "snapshot_name": self.name,
+            "dataset": self.dataset,
+            "createtxg": "1",
+            "properties": {},
+        }
+
+
+@dataclass
+class StorageService:
+    sim: Simulator
+    datasets: dict[str, Dataset] = field(default_factory=dict)
+    snapshots: dict[str, Snapshot] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for pool in self.sim.global_config.storage_pools:
+            self.datasets[pool] = Dataset(pool)
+
+    # ----- helpers -------------------------------------------------------------------------------
+    def dataset(self, name: str) -> Dataset:
+        found = self.datasets.get(name)
+        if found is None:
+            raise InstanceNotFound("Dataset", name)
+        return found
+
+    def zvol_of(self, path: str) -> Dataset | None:
+        """``/dev/zvol/tank/x`` -> the volume, or None."""
+        if not path.startswith("/dev/zvol/"):
+            return None
+        found = self.datasets.get(path.removeprefix("/dev/zvol/"))
+        return found if found is not None and found.type == "VOLUME" else None
+
+    def directory_exists(self, path: str) -> bool:
+        return any(d.mountpoint == path for d in self.datasets.values())
+
+    def in_use(self, name: str) -> str | None:
+        """The name of a RUNNING VM with a disk on ``name`` (or a child of it)."""
+        for vm in self.sim.vms.vms.values():
+            if vm.state != "RUNNING":
+                continue
+            for attributes in vm.devices.values():
+                path = str(attributes.get("path") or "")
+                if path in (f"/dev/zvol/{name}",) or path.startswith((f"/dev/zvol/{name}/", f"/mnt/{name}/")):
+                    return vm.name
+        return None
+
+    # ----- pool.dataset ------------------------------------------------------------------------
+    def dataset_query(self, ctx: CallContext, params: list[Any]) -> Any:
+        filters, options = check_query_args(params, "pool.dataset.query")
+        return filter_list([d.entry() for d in self.datasets.values()], filters, options)
+
+    def dataset_create(self, ctx: CallContext, params: list[Any]) -> Any:
+        data = params[0] if params else None
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
+            raise ValidationErrors([("pool_dataset_create.name", "Field required", errno.EINVAL)])
+        name, kind = data["name"], data.get("type", "FILESYSTEM")
+        errors = ValidationErrors()
+        if kind not in ("FILESYSTEM", "VOLUME"):
+            errors.add("pool_dataset_create.type", "Input should be 'FILESYSTEM' or 'VOLUME'")
+        if name in self.datasets:
+            errors.add("pool_dataset_create.name", f"Path {name} already exists", errno.EEXIST)  # [INF]
+        parent = name.rpartition("/")[0]
+        if not parent or parent not in self.datasets:
+            errors.add("pool_dataset_create.name", "Parent dataset does not exist for specified name")  # [INF]
+        elif self.datasets[parent].type == "VOLUME":
+            errors.add("pool_dataset_create.name", "Parent dataset must not be a volume")  # [INF]
+        volsize = data.get("volsize")
+        if kind == "VOLUME" and (not isinstance(volsize, int) or isinstance(volsize, bool) or volsize <= 0):
+            errors.add("pool_dataset_create.volsize", "This field is required")  # [INF]
+        errors.check()
+        created = Dataset(name, kind, volsize if kind == "VOLUME" else None)
+        self.datasets[name] = created
+        return created.entry()
+
+    def dataset_update(self, ctx: CallContext, params: list[Any]) -> Any:
+        found = self.dataset(params[0] if params else None)  # type: ignore[arg-type]
+        data = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
+        if "volsize" in data:
+            size = data["volsize"]
+            if found.type != "VOLUME":
+                raise ValidationErrors([("pool_dataset_update.volsize", "This field is only valid for volumes", 22)])
+            if found.volsize is not None and size < found.volsize:
+                raise ValidationErrors(
+                    [
+                        (
+                            "pool_dataset_update.volsize",
+                            "You cannot shrink a zvol from GUI as this may lead to data loss.",
+                            22,
+                        )
+                    ]
+                )  # [INF]
+            found.volsize = size
+        return found.entry()
+
+    def dataset_delete(self, ctx: CallContext, params: list[Any]) -> Any:
+        name = params[0] if params else None
+        found = self.dataset(name)  # type: ignore[arg-type]
+        options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
+        children = [d for d in self.datasets if d.startswith(f"{found.name}/")]
+        if children and not options.get("recursive"):
+            raise CallError(
+                f"Failed to delete dataset: cannot destroy '{found.name}': filesystem has children", errno.EBUSY
+            )  # [INF]
+        doomed = [found.name, *children]
+        for item in doomed:
+            for snap in [s for s in self.snapshots.values() if s.dataset == item]:
+                clones = [d.name for d in self.datasets.values() if d.origin == snap.id and d.name not in doomed]
+                if clones:
+                    raise CallError(
+                        f"Failed to delete dataset: cannot destroy '{item}': filesystem has dependent clones\n"
+                        f"use '-R' to destroy the following datasets:\n" + "\n".join(clones),
+                        errno.EBUSY,
+                    )  # zfs destroy's wording
+        user = self.in_use(found.name)
+        if user is not None:
+            raise CallError(f"Failed to delete dataset: cannot destroy '{found.name}': dataset is busy", errno.EBUSY)
+        for item in doomed:
+            self.datasets.pop(item, None)
+            for snap_id in [s for s, snap in self.snapshots.items() if snap.dataset == item]:
+                del self.snapshots[snap_id]
+            prefix = f"/mnt/{item}/"
+            for path in [p for p in self.files if p.startswith(prefix)]:
+                del self.files[path]
+        return True
+
+    # ----- snapshots and clones ------------------------------------------------------------------
+    def snapshot_query(self, ctx: CallContext, params: list[Any]) -> Any:
+        filters, options = check_query_args(params, "pool.snapshot.query")
+        return filter_list([s.entry() for s in self.snapshots.values()], filters, options)
+
+    def snapshot_create(self, ctx: CallContext, params: list[Any]) -> Any:
+        data = params[0] if params else None
+        prefix = "snapshot_create" if self.sim.profile.snapshot_namespace == "zfs.snapshot" else "pool_snapshot_create"
+        if not isinstance(data, dict) or not data.get("dataset") or not data.get("name"):
+            raise ValidationErrors([(f"{prefix}.name", "You must specify either name or naming schema", 22)])
+        dataset = self.datasets.get(data["dataset"])
+        snap_id = f"{data['dataset']}@{data['name']}"
+        if dataset is None:
+            raise CallError(f"Failed to snapshot {snap_id}: dataset does not exist", errno.ENOENT)
+        if snap_id in self.snapshots:
+            raise CallError(f"Failed to snapshot {snap_id}: dataset already exists", errno.EEXIST)
+        snap = Snapshot(dataset.name, data["name"], dataset.content)
+        self.snapshots[snap_id] = snap
+        return snap.entry()
+
+    def snapshot_clone(self, ctx: CallContext, params: list[Any]) -> Any:
+        data = params[0] if params else None
+        if not isinstance(data, dict) or not data.get("snapshot") or not data.get("dataset_dst"):
+            raise ValidationErrors([("snapshot_clone.snapshot", "Field required", 22)])
+        snap = self.snapshots.get(data["snapshot"])
+        target = data["dataset_dst"]
+        if snap is None:
+            raise CallError(f"Failed to clone snapshot: dataset does not exist: {data['snapshot']}", errno.ENOENT)
+        if target in self.datasets:
+            raise CallError(f"Failed to clone snapshot: dataset already exists: {target}", errno.EEXIST)
+        if target.rpartition("/")[0] not in self.datasets:
+            raise CallError(f"Failed to clone snapshot: parent does not exist: {target}", errno.ENOENT)
+        source = self.datasets[snap.dataset]
+        self.datasets[target] = Dataset(target, source.type, source.volsize, origin=snap.id, content=snap.content)
+        return True
+
+    def snapshot_delete(self, ctx: CallContext, params: list[Any]) -> Any:
+        snap_id = params[0] if params else None
+        snap = self.snapshots.get(snap_id) if isinstance(snap_id, str) else None
+        if snap is None:
+            raise InstanceNotFound("Snapshot", snap_id)
+        clones = [d.name for d in self.datasets.values() if d.origin == snap.id]
+        if clones:
+            raise ValidationErrors(
+                [
+                    (
+                        "options.defer",
+                        f"Please set this attribute as {snap.id!r} snapshot has dependent clones: {', '.join(clones)}",
+                        22,
+                    )
+                ]
+            )
+        del self.snapshots[snap.id]
+        return True
+
+    # ----- filesystem.put (through /_upload only) -------------------------------------------------
+    def put_job(self, ctx: CallContext, params: list[Any], content: bytes) -> Job:
+        """``filesystem.put [path, {mode?, append?}]`` fed by the upload's ``file`` part."""
+
+        async def body(job: Job) -> Any:
+            path = params[0] if params else None
+            if not isinstance(path, str) or not path.startswith("/mnt/"):
+                raise ValidationErrors([("filesystem.put.path", "Path must reside within /mnt", 22)])  # [INF]
+            parent = path.rpartition("/")[0]
+            if not self.directory_exists(parent):
+                raise CallError(f"{parent}: No such file or directory", errno.ENOENT)  # [INF]
+            options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
+            previous = self.files.get(path, b"") if options.get("append") else b""
+            await self.sim.virt.work(job, "Uploading")
+            self.files[path] = previous + content
+            return True
+
+        return self.sim.jobs.submit(
+            "filesystem.put", params, body, message_id=ctx.message_id, credentials=ctx.credentials
+        )
+
+
+def write_mirror(images: list[Image], directory: Path) -> Path:
+    """The simplestreams fixture as files: a local mirror (``TIO_VM_IMAGE_SERVER=<directory>``)."""
+    _, products = simplestreams_index(images)
+    paths = ["streams/v1/index.json", "streams/v1/images.json"]
+    paths += [
+        item["path"]
+        for product in products["products"].values()
+        for version in product["versions"].values()
+        for item in version["items"].values()
+    ]
+    for path in paths:
+        data = simplestreams_file(images, path)
+        assert data is not None
+        target = directory / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return directory

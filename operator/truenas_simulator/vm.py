@@ -1,0 +1,491 @@
+"""libvirt VMs: ``vm.*`` and ``vm.device.*`` as TrueNAS 25.04.2, 25.10 and 26 implement them
+(truenas-vm-container.md §2, §4, §6), with ``vm.device.convert`` (25.10+/26) and
+``vm.import_disk_image`` (25.04.2/25.10) writing uploaded disk images into volumes.
+
+What a guest would see at start is recorded per VM (``guest``): the image its root disk holds and
+the NoCloud seed its cloud-init would read from a ``cidata`` CDROM.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import re
+import shlex
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import CallError, InstanceNotFound, ValidationErrors
+from .filters import check_query_args, filter_list
+from .jobs import Job
+from .storage import qcow2_virtual_size, read_iso
+from .validation import load_schema, validate
+
+if TYPE_CHECKING:
+    from .simulator import CallContext, Simulator
+
+VM_NAME = re.compile(r"^[a-zA-Z_0-9]+$")
+DISK_IMAGE_EXTENSIONS = ("qcow2", "qed", "raw", "vdi", "vhdx", "vmdk")
+DEFAULT_ORDER = {"CDROM": 1000, "DISK": 1001, "RAW": 1001}
+
+
+@dataclass
+class VM:
+    id: int
+    config: dict[str, Any]
+    """The validated ``vm_create`` fields (defaults filled in)."""
+    state: str = "STOPPED"
+    pid: int | None = None
+    defined: bool = False
+    devices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    orders: dict[int, int | None] = field(default_factory=dict)
+    ignores_shutdown: bool = False
+    guest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.config["name"])
+
+    def device_entry(self, ident: int) -> dict[str, Any]:
+        attributes = self.devices[ident]
+        order = self.orders.get(ident)
+        if order is None:
+            order = DEFAULT_ORDER.get(str(attributes.get("dtype")), 1002)
+        return {"id": ident, "vm": self.id, "order": order, "attributes": dict(attributes)}
+
+    def entry(self, profile_name: str) -> dict[str, Any]:
+        data = dict(self.config)
+        if data.get("bootloader_ovmf") is None:
+            data["bootloader_ovmf"] = "OVMF_CODE_4M.secboot.fd" if data.get("enable_secure_boot") else "OVMF_CODE_4M.fd"
+        domain_state: str | None
+        if self.state == "RUNNING":
+            domain_state = "RUNNING"
+        elif self.state == "SUSPENDED":
+            domain_state = "PAUSED"
+        else:  # 25.x defines the domain at create (SHUTOFF); 26 only at the first start (null)
+            domain_state = "SHUTOFF" if (self.defined or profile_name != "26.0") else None
+        data.update(
+            {
+                "id": self.id,
+                "devices": [self.device_entry(i) for i in self.devices],
+                "display_available": any(a.get("dtype") == "DISPLAY" for a in self.devices.values()),
+                "status": {"state": self.state, "pid": self.pid, "domain_state": domain_state},
+            }
+        )
+        return data
+
+
+class VMService:
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.vms: dict[int, VM] = {}
+        self.next_id = 1
+        self.next_device_id = 1
+        self.pid = 7000
+
+    # ----- helpers -------------------------------------------------------------------------------
+    @property
+    def schema(self) -> str:
+        return self.sim.profile.schema_version
+
+    def _validated(self, kind: str, value: Any, attribute: str) -> Any:
+        result, errors = validate(load_schema(f"{self.schema}.{kind}"), value, attribute)
+        if errors:
+            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
+        return result
+
+    def get(self, ident: Any) -> VM:
+        vm = self.vms.get(ident) if isinstance(ident, int) and not isinstance(ident, bool) else None
+        if vm is None:
+            if not isinstance(ident, int) or isinstance(ident, bool):
+                raise ValidationErrors([("id", "Input should be a valid integer", errno.EINVAL)])
+            raise InstanceNotFound("VM", ident)
+        return vm
+
+    def by_name(self, name: str) -> VM | None:
+        return next((vm for vm in self.vms.values() if vm.name == name), None)
+
+    def emit(self, msg: str, vm: VM | int) -> None:
+        if isinstance(vm, int):
+            self.sim.events.emit("vm.query", msg, vm)
+        else:
+            self.sim.events.emit("vm.query", msg, vm.id, vm.entry(self.sim.profile.name))
+
+    def set_state(self, vm: VM, state: str) -> None:
+        vm.state = state
+        if state == "RUNNING":
+            self.pid += 1
+            vm.pid = self.pid
+            vm.defined = True
+            vm.guest = self._guest_view(vm)
+        elif state == "STOPPED":
+            vm.pid = None
+        self.emit("changed", vm)  # 26: a fresh full entry on each libvirt domain event (§4)
+
+    def _guest_view(self, vm: VM) -> dict[str, Any]:
+        """What the guest finds at boot: its root disk's image and a NoCloud seed, if any."""
+        storage = self.sim.storage
+        disks, seed = [], None
+        for ident in sorted(vm.devices, key=lambda i: vm.device_entry(i)["order"]):
+            attributes = vm.devices[ident]
+            if attributes.get("dtype") == "DISK":
+                zvol = storage.zvol_of(str(attributes.get("path")))
+                disks.append({"path": attributes.get("path"), "image": zvol.content if zvol else None})
+            elif attributes.get("dtype") == "CDROM":
+                parsed = read_iso(storage.files.get(str(attributes.get("path")), b""))
+                if parsed is not None and parsed[0].lower() == "cidata":  # cloud-init's NoCloud label
+                    seed = {name: content.decode("utf-8", "replace") for name, content in parsed[1].items()}
+        return {"disks": disks, "nocloud": seed}
+
+    def _common_validation(self, data: dict[str, Any], schema: str, vm: VM | None) -> None:
+        """vms.py common_validation (the subset a client can trip over) [SRC 25.10/26]."""
+        errors = ValidationErrors()
+        name = data.get("name")
+        if name is not None:
+            if not VM_NAME.match(name):
+                errors.add(f"{schema}.name", "Only alphanumeric characters are allowed.")
+            other = self.by_name(name)
+            if other is not None and other is not vm:
+                errors.add(f"{schema}.name", "This name already exists.", errno.EEXIST)
+        memory = data.get("memory", vm.config["memory"] if vm else None)
+        min_memory = data.get("min_memory", vm.config.get("min_memory") if vm else None)
+        if min_memory is not None and memory is not None and min_memory > memory:
+            errors.add(f"{schema}.min_memory", "Minimum memory should not be greater than defined/maximum memory")
+        merged = {**(vm.config if vm else {}), **data}
+        total = merged.get("vcpus", 1) * merged.get("cores", 1) * merged.get("threads", 1)
+        maximum = self.sim.knobs.host_cores
+        if total > maximum:
+            errors.add(
+                f"{schema}.vcpus",
+                f'Maximum {maximum} vcpus are supported.Please ensure the product of "{schema}.vcpus", '
+                f'"{schema}.cores" and "{schema}.threads" is less than {maximum}.',
+            )
+        if merged.get("pin_vcpus") and not merged.get("cpuset"):
+            errors.add(f"{schema}.cpuset", f'Must be specified when "{schema}.pin_vcpus" is set.')
+        if merged.get("cpu_model") and merged.get("cpu_mode", "CUSTOM") != "CUSTOM":
+            errors.add(f"{schema}.cpu_model", 'This attribute should not be specified when "cpu_mode" is not "CUSTOM".')
+        try:
+            shlex.split(str(merged.get("command_line_args") or ""))
+        except ValueError as exc:
+            errors.add(f"{schema}.command_line_args", f"Parse error: {exc}")
+        errors.check()
+
+    # ----- reads ---------------------------------------------------------------------------------
+    def query(self, ctx: CallContext, params: list[Any]) -> Any:
+        filters, options = check_query_args(params, "vm.query")
+        return filter_list([vm.entry(self.sim.profile.name) for vm in self.vms.values()], filters, options)
+
+    def get_instance(self, ctx: CallContext, params: list[Any]) -> Any:
+        return self.get(params[0] if params else None).entry(self.sim.profile.name)
+
+    def status(self, ctx: CallContext, params: list[Any]) -> Any:
+        return self.get(params[0] if params else None).entry(self.sim.profile.name)["status"]
+
+    def nic_attach_choices(self, ctx: CallContext, params: list[Any]) -> Any:
+        interfaces = sorted(self.sim.host_interfaces)
+        if self.sim.profile.has_container:  # 26: grouped by mode
+            return {
+                "BRIDGE": [i for i in interfaces if i.startswith("br")],
+                "MACVLAN": [i for i in interfaces if not i.startswith("br")],
+            }
+        return {i: i for i in interfaces}
+
+    # ----- create / update / delete ----------------------------------------------------------------
+    def create(self, ctx: CallContext, params: list[Any]) -> Any:
+        data = self._validated("vm.create.args", params[0] if params else None, "vm_create")
+        self._common_validation(data, "vm_create", None)
+        if data.get("uuid") is None:
+            data["uuid"] = str(uuid.uuid4())
+        vm = VM(id=self.next_id, config=data, defined=self.sim.profile.name != "26.0")
+        self.next_id += 1
+        self.vms[vm.id] = vm
+        self.emit("added", vm)
+        return vm.entry(self.sim.profile.name)
+
+    def update(self, ctx: CallContext, params: list[Any]) -> Any:
+        vm = self.get(params[0] if params else None)
+        data = self._validated("vm.update.args", params[1] if len(params) > 1 else {}, "vm_update")
+        if "name" in data and data["name"] != vm.name and vm.state in ("RUNNING", "SUSPENDED"):
+            raise CallError("VM name can only be changed when VM is inactive")
+        self._common_validation(data, "vm_update", vm)
+        vm.config.update(data)
+        self.emit("changed", vm)
+        return vm.entry(self.sim.profile.name)
+
+    def delete(self, ctx: CallContext, params: list[Any]) -> Any:
+        vm = self.get(params[0] if params else None)
+        options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
+        if vm.state in ("RUNNING", "SUSPENDED"):
+            vm.state, vm.pid = "STOPPED", None  # destroyed first
+        if options.get("zvols"):
+            for attributes in vm.devices.values():
+                zvol = self.sim.storage.zvol_of(str(attributes.get("path") or ""))
+                if attributes.get("dtype") == "DISK" and zvol is not None:
+                    self.sim.storage.dataset_delete(ctx, [zvol.name, {"recursive": True}])
+        for ident in list(vm.devices):
+            self.sim.events.emit("vm.device.query", "removed", ident)
+        del self.vms[vm.id]
+        self.emit("removed", vm.id)
+        return None if self.sim.profile.name == "26.0" else True
+
+    # ----- power ---------------------------------------------------------------------------------
+    def start(self, ctx: CallContext, params: list[Any]) -> Any:
+        vm = self.get(params[0] if params else None)
+        twenty_six = self.sim.profile.name == "26.0"
+        if vm.state == "RUNNING" or (twenty_six and vm.state == "SUSPENDED"):
+            raise CallError(f"VM {vm.name!r} is already running" if twenty_six else f"{vm.name!r} is already running")
+        if vm.state == "SUSPENDED":
+            raise CallError(f"{vm.name!r} VM is suspended and can only be resumed/powered off")
+        missing = [
+            str(a.get("path"))
+            for a in vm.devices.values()
+            if (a.get("dtype") == "DISK" and self.sim.storage.zvol_of(str(a.get("path"))) is None)
+            or (a.get("dtype") == "CDROM" and str(a.get("path")) not in self.sim.storage.files)
+        ]
+        if missing:
+            if twenty_six:
+                raise CallError(f"Cannot start domain {vm.name!r}:\npath: {missing[0]} does not exist")
+            raise CallError(f"VM will not start as {', '.join(missing)} device(s) are not available.")
+        memory = int(vm.config["memory"]) * 2**20
+        running = sum(int(v.config["memory"]) * 2**20 for v in self.vms.values() if v.state == "RUNNING")
+        overcommit = bool((params[1] if len(params) > 1 and isinstance(params[1], dict) else {}).get("overcommit"))
+        if memory + running > self.sim.knobs.host_memory and not overcommit:
+            raise CallError(f"Cannot guarantee memory for guest {vm.name}", errno.ENOMEM)
+        self.set_state(vm, "RUNNING")
+        return None
+
+    def stop(self, ctx: CallContext, params: list[Any]) -> Job:
+        ident = params[0] if params else None
+
+        async def body(job: Job) -> Any:
+            data = self._validated("vm.stop.args", {"id": ident, "options": params[1] if len(params) > 1 else {}}, "")
+            vm = self.get(data["id"])
+            options = data["options"]
+            if vm.state != "RUNNING":
+                if self.sim.profile.name == "26.0":
+                    raise Exception(f"Domain {vm.name!r} is not active")  # pylibvirt Error: a plain exception
+                raise CallError("VM state is currently not 'RUNNING'")
+            if not options["force"]:
+                await self.sim.virt.work(job, "Stopping")
+            if vm.ignores_shutdown and not options["force"] and not options["force_after_timeout"]:
+                return None  # succeeds after shutdown_timeout although the guest is still up (§2.4)
+            self.set_state(vm, "STOPPED")
+            return None
+
+        return self.sim.jobs.submit(
+            "vm.stop", params, body, lock=f"stop_vm_{ident}", message_id=ctx.message_id, credentials=ctx.credentials
+        )
+
+    def poweroff(self, ctx: CallContext, params: list[Any]) -> Any:
+        vm = self.get(params[0] if params else None)
+        if vm.state not in ("RUNNING", "SUSPENDED"):
+            if self.sim.profile.name == "26.0":
+                raise CallError(f"Domain {vm.name!r} is not active")
+            raise CallError("VM state is currently not 'RUNNING / SUSPENDED'")
+        self.set_state(vm, "STOPPED")
+        return None
+
+    # ----- devices -------------------------------------------------------------------------------
+    def device_query(self, ctx: CallContext, params: list[Any]) -> Any:
+        filters, options = check_query_args(params, "vm.device.query")
+        entries = [vm.device_entry(i) for vm in self.vms.values() for i in vm.devices]
+        return filter_list(entries, filters, options)
+
+    def _device_attributes(self, raw: Any, vm: VM, exclude: int | None, prefix: str) -> dict[str, Any]:
+        schema = load_schema(f"{self.schema}.vm.device.create.args")["properties"]["attributes"]
+        result, errors = validate(schema, raw, f"{prefix}.attributes")
+        if errors:
+            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
+        problems = ValidationErrors()
+        kind = result["dtype"]
+        storage = self.sim.storage
+        if kind == "DISK":
+            if result.get("create_zvol"):
+                if not result.get("zvol_name") or not result.get("zvol_volsize"):
+                    problems.add("attributes.zvol_name", "This field is required.")
+            elif not result.get("path"):
+                problems.add("attributes.path", "Disk path is required.")
+            elif not str(result["path"]).startswith("/dev/zvol/"):
+                problems.add("attributes.path", 'Disk path must start with "/dev/zvol/"')
+            elif storage.zvol_of(result["path"]) is None:
+                if self.sim.profile.name == "26.0":
+                    zvol = result["path"].removeprefix("/dev/zvol/")
+                    problems.add("attributes.path", f"Zvol ({zvol}) path ({result['path']}) does not exist.")
+                else:
+                    problems.add("attributes.path", "Zvol referenced by path does not exist")
+            for ident, other in vm.devices.items():
+                if ident != exclude and other.get("dtype") == "DISK" and other.get("path") == result.get("path"):
+                    problems.add("attributes.path", f'{vm.name} has "{result["path"]}" already configured')
+        elif kind == "CDROM":
+            path = str(result["path"])
+            parent = path.rpartition("/")[0]
+            if path not in storage.files:
+                problems.add("attributes.path", f"{path} does not exist")  # [INF]
+            elif parent.count("/") < 3 and self.sim.profile.name == "26.0":
+                problems.add("attributes.path", "CDROM file must be in a child dataset of a pool")  # [INF]
+        elif kind == "NIC":
+            attach = result.get("nic_attach")
+            if attach is not None and attach not in self.sim.host_interfaces:
+                problems.add("attributes.nic_attach", "Not a valid choice.")
+            mac = result.get("mac")
+            if isinstance(mac, str) and mac.lower().startswith("ff"):
+                problems.add("attributes.mac", "MAC address must not start with `ff`")
+            if mac is None and self.sim.profile.name == "26.0":
+                result["mac"] = f"00:a0:98:{vm.id % 256:02x}:{self.next_device_id % 256:02x}:7e"
+        elif kind == "DISPLAY" and not result.get("password"):
+            problems.add("attributes.password", "Password is required for display devices")
+        problems.check()
+        if kind == "DISK" and result.get("create_zvol"):
+            storage.dataset_create(
+                None,  # type: ignore[arg-type]
+                [{"name": result["zvol_name"], "type": "VOLUME", "volsize": result["zvol_volsize"]}],
+            )
+            result["path"] = f"/dev/zvol/{result['zvol_name']}"
+            result["create_zvol"] = False
+        return dict(result)
+
+    def device_create(self, ctx: CallContext, params: list[Any]) -> Any:
+        data = self._validated("vm.device.create.args", params[0] if params else None, "vm_device_create")
+        vm = self.get(data["vm"])
+        raw = (params[0] or {}).get("attributes")
+        attributes = self._device_attributes(raw, vm, None, "vm_device_create")
+        ident = self.next_device_id
+        self.next_device_id += 1
+        vm.devices[ident] = attributes
+        vm.orders[ident] = data.get("order")
+        entry = vm.device_entry(ident)
+        self.sim.events.emit("vm.device.query", "added", ident, entry)
+        return entry
+
+    def _device_owner(self, ident: Any) -> VM:
+        for vm in self.vms.values():
+            if isinstance(ident, int) and ident in vm.devices:
+                return vm
+        raise InstanceNotFound("VM Device", ident)
+
+    def device_update(self, ctx: CallContext, params: list[Any]) -> Any:
+        ident = params[0] if params else None
+        vm = self._device_owner(ident)
+        data = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
+        assert isinstance(ident, int)
+        merged = {**vm.devices[ident], **(data.get("attributes") or {})}
+        if merged.get("dtype") != vm.devices[ident].get("dtype"):
+            raise ValidationErrors([("attributes.dtype", "Device type cannot be changed", errno.EINVAL)])
+        vm.devices[ident] = self._device_attributes(merged, vm, ident, "vm_device_update")
+        if "order" in data:
+            vm.orders[ident] = data["order"]
+        entry = vm.device_entry(ident)
+        self.sim.events.emit("vm.device.query", "changed", ident, entry)
+        return entry
+
+    def device_delete(self, ctx: CallContext, params: list[Any]) -> Any:
+        ident = params[0] if params else None
+        vm = self._device_owner(ident)
+        if vm.state in ("RUNNING", "SUSPENDED"):
+            raise CallError("Please stop/resume associated VM before deleting VM device.")
+        assert isinstance(ident, int)
+        attributes = vm.devices.pop(ident)
+        vm.orders.pop(ident, None)
+        options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
+        zvol = self.sim.storage.zvol_of(str(attributes.get("path") or ""))
+        if options.get("zvol") and zvol is not None:
+            self.sim.storage.dataset_delete(ctx, [zvol.name, {"recursive": True}])
+        self.sim.events.emit("vm.device.query", "removed", ident)
+        return True
+
+    # ----- disk images into volumes ------------------------------------------------------------------
+    def _write_image(self, job: Job, source: str, zvol_name: str, attribute: str) -> Any:
+        storage = self.sim.storage
+        data = storage.files[source]
+        virtual = qcow2_virtual_size(data) or len(data)
+        zvol = storage.datasets[zvol_name]
+        if zvol.volsize is not None and zvol.volsize < virtual:
+            have = max(1, round(zvol.volsize / 2**30))
+            need = -(-virtual // 2**30)
+            raise CallError(f"{zvol_name} too small (~{have}G). Minimum size must be {need}G", errno.ENOSPC)
+        zvol.content = hashlib.sha256(data).hexdigest()
+        return True
+
+    def _in_running_vm(self, path: str) -> VM | None:
+        for vm in self.vms.values():
+            if vm.state == "RUNNING" and any(a.get("path") == path for a in vm.devices.values()):
+                return vm
+        return None
+
+    def convert(self, ctx: CallContext, params: list[Any]) -> Job:
+        """``vm.device.convert [{source, destination}]`` (25.10+/26; job, lock ``vm.device.convert``)."""
+
+        async def body(job: Job) -> Any:
+            data = params[0] if params else None
+            if not isinstance(data, dict) or set(data) != {"source", "destination"}:
+                raise ValidationErrors([("vm.device.convert", "Field required", errno.EINVAL)])
+            source, destination = str(data["source"]), str(data["destination"])
+            errors = ValidationErrors()
+            image_side = [p for p in (source, destination) if p.rsplit(".", 1)[-1].lower() in DISK_IMAGE_EXTENSIONS]
+            zvol_side = [p for p in (source, destination) if p.startswith("/dev/zvol/")]
+            if len(image_side) != 1 or len(zvol_side) != 1:
+                errors.add("vm.device.convert", "One path must be a disk image and the other must be a ZFS volume")
+                errors.check()
+            image, zvol_path = image_side[0], zvol_side[0]
+            image_attr = "vm.device.convert.source" if image == source else "vm.device.convert.destination"
+            zvol_attr = "vm.device.convert.destination" if image == source else "vm.device.convert.source"
+            storage = self.sim.storage
+            if not re.match(r"^/mnt/[^/]+/", image):
+                errors.add(image_attr, f"{image!r} is an invalid location")
+            elif image == source and image not in storage.files:
+                errors.add(image_attr, f"{image!r} does not exist")
+            zvol = storage.zvol_of(zvol_path)
+            if zvol is None:
+                errors.add(zvol_attr, f"{zvol_path.removeprefix('/dev/zvol/')!r} is not a volume")
+            errors.check()
+            assert zvol is not None
+            user = self._in_running_vm(zvol_path)
+            if user is not None:
+                zvol_name = zvol_path.removeprefix("/dev/zvol/")
+                raise CallError(
+                    f"{zvol_name!r} is part of running VM. {user.name!r} must be stopped first",
+                    errno.EBUSY,
+                )
+            if image != source:  # zvol -> image file
+                await self._progress(job)
+                storage.files[image] = b"exported"
+                return True
+            self._write_image(job, image, zvol.name, zvol_attr)
+            await self._progress(job)
+            return True
+
+        return self.sim.jobs.submit(
+            "vm.device.convert", params, body, lock="vm.device.convert",
+            message_id=ctx.message_id, credentials=ctx.credentials,
+        )  # fmt: skip
+
+    def import_disk_image(self, ctx: CallContext, params: list[Any]) -> Job:
+        """``vm.import_disk_image [{diskimg, zvol}]`` (25.04.2/25.10; zvol is a dataset name)."""
+
+        async def body(job: Job) -> Any:
+            data = params[0] if params else None
+            if not isinstance(data, dict) or not {"diskimg", "zvol"} <= set(data):
+                raise ValidationErrors([("vm.import_disk_image.diskimg", "Field required", errno.EINVAL)])
+            storage = self.sim.storage
+            errors = ValidationErrors()
+            if data["diskimg"] not in storage.files:
+                errors.add("vm.import_disk_image.diskimg", "Disk image does not exist")  # [INF]
+            zvol = storage.datasets.get(str(data["zvol"]))
+            if zvol is None or zvol.type != "VOLUME":
+                errors.add("vm.import_disk_image.zvol", "zvol does not exist")  # [INF]
+            errors.check()
+            self._write_image(job, data["diskimg"], str(data["zvol"]), "vm.import_disk_image.zvol")
+            await self._progress(job)
+            return True
+
+        return self.sim.jobs.submit(
+            "vm.import_disk_image", params, body, lock="vm.import_disk_image",
+            message_id=ctx.message_id, credentials=ctx.credentials,
+        )  # fmt: skip
+
+    async def _progress(self, job: Job) -> None:
+        """``qemu-img convert -p`` percentages, over the knob's job time."""
+        job.set_progress(0, "Converting disk image")
+        await self.sim.virt.work(job, "Converting disk image")
+        job.set_progress(100, "Conversion complete")

@@ -1,0 +1,199 @@
+"""The vm.* backend (and the routing beside the containers' family) against the simulator over real
+sockets: create from an alias, the cached base, clones, the NoCloud seed, lifecycle, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+from typing import Any
+
+import pytest
+
+from truenas_incus_operator.truenas import (
+    DeviceConfig,
+    ImageNotFound,
+    InstanceChanges,
+    InstanceConfig,
+)
+from truenas_incus_operator.truenas.backends.routing import RoutingBackend
+from truenas_incus_operator.truenas.backends.vm import VMBackend
+from truenas_incus_operator.truenas.seed import user_data
+from truenas_simulator import Simulator
+
+from .test_client import client_for, serve
+
+GIB = 2**30
+VM_PROFILES = ["25.04.2", "25.10", "26.0"]
+
+
+def mirror(server: Any) -> str:
+    return f"{server.url}/_simulator/simplestreams/"
+
+
+def vm_config(name: str = "web-01", **fields: Any) -> InstanceConfig:
+    defaults: dict[str, Any] = {
+        "type": "VM",
+        "image": "debian/bookworm",
+        "cpu": "2",
+        "memory": 2 * GIB,
+        "autostart": False,
+        "devices": (DeviceConfig("eth1", "NIC", extra={"nic_type": "BRIDGED", "parent": "br0"}),),
+    }
+    return InstanceConfig(name=name, **{**defaults, **fields})
+
+
+def mime_parts(text: str) -> list[bytes]:
+    """The payloads of a MIME multi-part user-data, decoded as cloud-init decodes them."""
+    parts = []
+    for part in email.message_from_string(text).walk():
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes):
+            parts.append(payload)
+    return parts
+
+
+def converts(sim: Simulator) -> int:
+    return sim.counters.by_method["vm.device.convert"] + sim.counters.by_method["vm.import_disk_image"]
+
+
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_create_from_alias_converts_once_and_clones_after(profile: str) -> None:
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        backend = c.instances
+        assert isinstance(backend, RoutingBackend) and backend.family.endswith("+vm")
+        progress: list[dict[str, Any]] = []
+        config = vm_config(
+            environment={"TZ": "UTC"},
+            root_disk_size=10 * GIB,
+            cloud_init_user_data="#cloud-config\npackages: [nginx]\n",
+            cloud_init_network_config="version: 2\nethernets: {}\n",
+        )
+        assert backend.unsupported_fields(config) == ["nics[].name"]
+        created = await backend.create(config, on_progress=progress.append)
+        assert (created.name, created.type, created.status, created.cpu, created.memory) == (
+            "web-01", "VM", "STOPPED", "2", 2 * GIB,
+        )  # fmt: skip
+        assert converts(sim) == 1 and sim.counters.by_method["filesystem.put"] == 2  # the image, the seed
+        assert progress and all(isinstance(p["id"], int) for p in progress)
+        assert max(p["progress"]["percent"] for p in progress) == 95
+        vm = sim.vms.by_name("web_01")
+        assert vm is not None and vm.config["memory"] == 2048 and vm.config["vcpus"] == 2
+        kinds = sorted(a["dtype"] for a in vm.devices.values())
+        assert kinds == ["CDROM", "DISK", "NIC"]
+        root = sim.storage.datasets["tank/incus-operator/vms/web_01/root"]
+        assert root.origin is not None and root.origin.endswith("@base") and root.volsize == 10 * GIB
+        assert not any(d.endswith("-upload") for d in sim.storage.datasets)  # the upload is cleaned up
+
+        await backend.start("web-01")
+        running = await backend.get_instance("web-01")
+        assert running is not None and running.status == "RUNNING"
+        guest = vm.guest
+        assert guest["disks"][0]["image"] == root.content and root.content is not None
+        seed = guest["nocloud"]
+        assert seed["meta-data"] == "instance-id: web-01\nlocal-hostname: web-01\n"
+        parts = [p.decode() for p in mime_parts(seed["user-data"])]
+        assert parts[1] == "#cloud-config\npackages: [nginx]\n" and 'TZ=\\"UTC\\"' in parts[0]
+        assert seed["network-config"] == "version: 2\nethernets: {}\n"
+
+        sim.counters.reset()
+        second = await backend.create(vm_config("web-02"))
+        assert second.status == "STOPPED" and converts(sim) == 0 and sim.counters.by_method["filesystem.put"] == 1
+        clone = sim.storage.datasets["tank/incus-operator/vms/web_02/root"]
+        assert clone.origin == root.origin and clone.volsize == 4 * GIB  # the image's own size
+
+        updated = await backend.update("web-01", InstanceChanges(cpu="4", memory=GIB, autostart=True))
+        assert (updated.cpu, updated.memory, updated.autostart) == ("4", GIB, True)
+        await backend.stop("web-01", timeout=20)
+        assert vm.state == "STOPPED" and vm.config["shutdown_timeout"] == 20
+
+        await backend.delete("web-01")
+        await backend.delete("web-02")
+        assert sim.vms.vms == {}
+        left = {d for d in sim.storage.datasets if "/vms/" in d}
+        assert left == set(), left
+        bases = [s for s in sim.storage.snapshots if s.endswith("@base")]
+        assert len(bases) == 1  # the cached base stays for the next VM
+
+
+async def test_the_base_is_protected_while_a_clone_uses_it_and_parallel_creates_convert_once() -> None:
+    async with serve("25.10") as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        await asyncio.gather(*(c.instances.create(vm_config(f"vm-{i}", devices=())) for i in range(3)))
+        assert converts(sim) == 1 and len(sim.vms.vms) == 3
+        base = next(d for d in sim.storage.datasets if d.startswith("tank/incus-operator/images/"))
+        with pytest.raises(Exception, match="dependent clones"):
+            await c.transport.call("pool.dataset.delete", base, {"recursive": True})
+
+
+async def test_devices_nics_are_named_by_parent_and_root_and_seed_are_not_managed() -> None:
+    async with serve("26.0") as (_sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        backend = c.instances
+        await backend.create(vm_config())
+        devices = await backend.list_devices("web-01")
+        managed = [d for d in devices if not d.inherited]
+        assert [(d.name, d.type, d.extra["parent"]) for d in managed] == [("nic-br0", "NIC", "br0")]
+        honoured = backend.honoured(vm_config())
+        assert [backend.device_identity(d) for d in honoured.devices] == [backend.device_identity(managed[0])]
+        await backend.add_device("web-01", DeviceConfig("eth2", "NIC", extra={"parent": "enp1s0"}))
+        await backend.delete_device("web-01", "nic-br0")
+        after = [d.name for d in await backend.list_devices("web-01") if not d.inherited]
+        assert after == ["nic-enp1s0"]
+
+
+async def test_unknown_alias_and_containers_still_go_to_their_family() -> None:
+    async with serve("25.10") as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        with pytest.raises(ImageNotFound, match=r"alpine/3\.22"):
+            await c.instances.create(vm_config(image="alpine/3.22"))
+        container = await c.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
+        assert container.type == "CONTAINER" and "c1" in sim.instances
+        names = {(i.name, i.type) for i in await c.instances.list_instances()}
+        assert names == {("c1", "CONTAINER")}
+        assert c.instances.unsupported_fields(InstanceConfig("c2", "CONTAINER", "x", root_disk_size=GIB)) == [
+            "rootDiskSize"
+        ]
+
+
+async def test_25_04_0_keeps_incus_vms() -> None:
+    async with serve("25.04.0") as (_sim, server), client_for(server, "websocket") as c:
+        assert not isinstance(c.instances, RoutingBackend) and c.api_family == "virt.instance"
+
+
+async def test_events_bring_full_vm_entries() -> None:
+    async with serve("26.0") as (_sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        seen: list[tuple[str, str]] = []
+        assert await c.instances.watch(lambda kind, name, fields: seen.append((kind, name)))
+        await c.instances.create(vm_config())
+        await c.instances.start("web-01")
+        for _ in range(50):
+            if ("changed", "web-01") in seen:
+                break
+            await asyncio.sleep(0.02)
+        assert ("added", "web-01") in seen and ("changed", "web-01") in seen
+        entry = (await c.transport.call("vm.query", [["name", "=", "web_01"]], {}))[0]
+        observed = c.instances.instance_from_event(entry)
+        assert observed is not None and observed.status == "RUNNING" and observed.type == "VM"
+
+
+def test_environment_and_user_data_become_one_multipart() -> None:
+    combined = user_data({"A": "1"}, "#!/bin/sh\necho hi\n")
+    assert combined is not None and combined.startswith("Content-Type: multipart/mixed")
+    parts = mime_parts(combined)
+    assert parts[0].startswith(b"#cloud-config") and parts[1] == b"#!/bin/sh\necho hi\n"
+    assert user_data({}, None) is None and user_data({}, "x") == "x"
+
+
+def test_vm_backend_reports_what_vm_star_cannot_do() -> None:
+    backend = VMBackend.__new__(VMBackend)
+    config = vm_config(
+        cpu="0-3",
+        devices=(
+            DeviceConfig("data", "DISK", source="/mnt/tank/data", destination="/data"),
+            DeviceConfig("a", "NIC", extra={"parent": "br0"}),
+            DeviceConfig("b", "NIC", extra={"parent": "br0"}),
+        ),
+    )
+    assert VMBackend.unsupported_fields(backend, config) == [
+        "cpu",
+        "devices[data] (DISK)",
+        "nics[].name",
+        "nics[].parent (one NIC per parent)",
+    ]
