@@ -40,7 +40,7 @@ lint: venv
 
 # The fast tier: everything that does not need the local control plane (no Go build).
 unit: venv
-	$(VENV)/bin/pytest -m "not e2e" -n 2 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not e2e" -n 4 --dist worksteal $(PYTEST_ARGS)
 
 test: venv controlplane argocd-health lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
