@@ -143,7 +143,7 @@ class Elector:
         if version != self._observed_version:
             # Measured from when *we* saw the change (after the read), never the holder's clock.
             self._observed_version, self._observed_at = version, self.clock()
-        if holder != self.holder and not self.leading:
+        if holder != self.holder and holder != self.identity and not self.leading:
             log.info("leader election: standby; %s is held by %s", self.where, holder or "nobody")
         self.holder = holder
 
