@@ -175,3 +175,27 @@ async def test_the_watchdog_ends_the_process_when_no_renewal_succeeds_in_time(mo
     assert done.wait(2)
     thread.join(2)
     assert exits == [f"no renewal of the Lease {NS}/{NAME} for 10 s"]
+
+
+def test_a_standby_serves_tio_leader_0_and_the_leaders_metrics_say_1() -> None:
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from truenas_incus_operator.metrics import Metrics, serve_standby_metrics
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop = serve_standby_metrics(port, "127.0.0.1")
+    assert stop is not None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        stop()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples == {"tio_leader": 0.0}
+    assert Metrics().registry.get_sample_value("tio_leader") == 1.0
+    assert serve_standby_metrics(0) is None
