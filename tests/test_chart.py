@@ -383,8 +383,8 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
     assert can_i(cluster, "list", "namespaces") and not can_i(cluster, "create", "namespaces")
     lifecycle_as_service_account(cluster, sa_kubeconfig, tmp_path / "cluster-wide", ["-A"], "elsewhere")
     # With leader election: its one Lease in the release namespace, nothing else.
-    helm("upgrade", "tio", str(CHART), "-n", "tio-system", "--reuse-values", "--set", "leaderElection.enabled=true",
-         kubeconfig=kubeconfig)  # fmt: skip
+    helm("upgrade", "tio", str(CHART), "-n", "tio-system",
+         "--set", "watch.namespaces=null", "--set", "leaderElection.enabled=true", kubeconfig=kubeconfig)  # fmt: skip
     assert can_i(cluster, "create", "leases.coordination.k8s.io", "tio-system")
     assert can_i(cluster, "get", "leases.coordination.k8s.io/tio-truenas-incus-operator", "tio-system")
     assert can_i(cluster, "update", "leases.coordination.k8s.io/tio-truenas-incus-operator", "tio-system")
