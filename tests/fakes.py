@@ -54,8 +54,8 @@ class Patch:
 class FakeKube(Kube):
     """Records every patch; ``secrets`` (``(namespace, name, key) -> text``), ``secret_labels`` and
     ``secret_annotations`` (``(namespace, name) -> dict``) answer ``read_secret``; ``configmaps`` holds
-    ConfigMaps with the API server's create/replace/delete semantics (409 on a name taken or a stale
-    version)."""
+    ConfigMaps (and ``leases`` Leases) with the API server's create/replace/delete semantics (409 on a
+    name taken or a stale version)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -65,6 +65,8 @@ class FakeKube(Kube):
         self.secret_labels: dict[tuple[str, str], dict[str, str]] = {}
         self.secret_annotations: dict[tuple[str, str], dict[str, str]] = {}
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        self.leases: dict[tuple[str, str], dict[str, Any]] = {}
+        """Leases, with the same create/replace semantics as ``configmaps``."""
         self._version = 0
 
     def _stamp(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +106,29 @@ class FakeKube(Kube):
     async def delete_configmap(self, namespace: str, name: str, resource_version: str | None = None) -> None:
         self.calls.append("delete_configmap")
         self.configmaps.pop((namespace, name), None)
+
+    async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.leases.get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        self.calls.append("create_lease")
+        store = self.leases
+        key = (namespace, body["metadata"]["name"])
+        if key in store:
+            return None
+        store[key] = self._stamp(body)
+        return copy.deepcopy(store[key])
+
+    async def replace_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        self.calls.append("replace_lease")
+        store = self.leases
+        key = (namespace, body["metadata"]["name"])
+        current = store.get(key)
+        if current is None or current["metadata"]["resourceVersion"] != body["metadata"].get("resourceVersion"):
+            return None
+        store[key] = self._stamp(body)
+        return copy.deepcopy(store[key])
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.calls.append("patch_status")

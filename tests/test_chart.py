@@ -64,6 +64,10 @@ def test_deployment_is_restricted_and_single() -> None:
     (deployment,) = by_kind(documents, "Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # No election by default: no Lease, no Role for it, no PodDisruptionBudget.
+    assert "TIO_LEADER_ELECTION" not in {e["name"] for e in spec["template"]["spec"]["containers"][0]["env"]}
+    assert not by_kind(documents, "PodDisruptionBudget")
+    assert not [r for r in by_kind(documents, "Role") if r["metadata"]["name"].endswith("-election")]
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -178,9 +182,52 @@ def test_metrics_port_service_and_an_optional_service_monitor() -> None:
     assert by_kind(documents, "Service") == [] and by_kind(documents, "ServiceMonitor") == []
 
 
+def test_a_standby_with_leader_election() -> None:
+    documents = render("leaderElection.enabled=true", "replicas=2", "updateStrategy=RollingUpdate")
+    (deployment,) = by_kind(documents, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    (container,) = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TIO_LEADER_ELECTION"]["value"] == "true"
+    assert env["TIO_LEASE_NAME"]["value"] == "tio-truenas-incus-operator"
+    assert (env["TIO_LEASE_DURATION_SECONDS"]["value"], env["TIO_LEASE_RENEW_DEADLINE_SECONDS"]["value"]) == (
+        "15",
+        "10",
+    )
+    assert env["TIO_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # The election's RBAC: create leases, get and update only its own, in the release namespace only.
+    (role,) = [r for r in by_kind(documents, "Role") if r["metadata"]["name"].endswith("-election")]
+    assert role["metadata"]["namespace"] == "tio-system"
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["tio-truenas-incus-operator"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    (binding,) = [b for b in by_kind(documents, "RoleBinding") if b["metadata"]["name"].endswith("-election")]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (budget,) = by_kind(documents, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    # One replica with election: no budget (it would only block drains).
+    assert not by_kind(render("leaderElection.enabled=true"), "PodDisruptionBudget")
+
+
 @pytest.mark.parametrize(
     "values,message",
     [
+        (["replicas=2"], "replicas > 1 needs leaderElection.enabled=true"),
+        (["updateStrategy=RollingUpdate"], "RollingUpdate needs leaderElection.enabled=true"),
+        (
+            ["leaderElection.enabled=true", "leaderElection.renewDeadlineSeconds=15"],
+            "renewDeadlineSeconds must be less than leaseDurationSeconds",
+        ),
+        (["updateStrategy=OnDelete"], "value must be one of 'Recreate', 'RollingUpdate'"),
         (["metrics.port=8080"], "/metrics/port"),
         (["metrics.serviceMonitor.interval=often"], "/metrics/serviceMonitor/interval"),
         (["truenas.transport=grpc"], "value must be one of 'websocket', 'rest'"),
@@ -266,12 +313,19 @@ def lifecycle(harness: Harness, namespace: str) -> None:
 
 
 def lifecycle_as_service_account(
-    cluster: Cluster, kubeconfig: Path, workdir: Path, args: list[str], namespace: str
+    cluster: Cluster,
+    kubeconfig: Path,
+    workdir: Path,
+    args: list[str],
+    namespace: str,
+    env: dict[str, str] | None = None,
 ) -> None:
     """The operator with the ServiceAccount's token runs the lifecycle and is never refused anything."""
     workdir.mkdir()
     sim = start_simulator("25.10", job_duration=0.05)
-    operator = OperatorProcess(cluster, operator_env(sim, workdir), workdir / "operator.log", args=args)
+    operator = OperatorProcess(
+        cluster, {**operator_env(sim, workdir), **(env or {})}, workdir / "operator.log", args=args
+    )
     operator.env["KUBECONFIG"] = str(kubeconfig)
     operator.env["TIO_LEDGER_NAMESPACE"] = "tio-system"  # what the chart sets: the release namespace
     operator.start()
@@ -328,6 +382,24 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
     assert can_i(cluster, "get", "secrets", "elsewhere") and not can_i(cluster, "list", "secrets", "elsewhere")
     assert can_i(cluster, "list", "namespaces") and not can_i(cluster, "create", "namespaces")
     lifecycle_as_service_account(cluster, sa_kubeconfig, tmp_path / "cluster-wide", ["-A"], "elsewhere")
+    # With leader election: its one Lease in the release namespace, nothing else.
+    helm("upgrade", "tio", str(CHART), "-n", "tio-system",
+         "--set", "watch.namespaces=null", "--set", "leaderElection.enabled=true", kubeconfig=kubeconfig)  # fmt: skip
+    assert can_i(cluster, "create", "leases.coordination.k8s.io", "tio-system")
+    assert can_i(cluster, "get", "leases.coordination.k8s.io/tio-truenas-incus-operator", "tio-system")
+    assert can_i(cluster, "update", "leases.coordination.k8s.io/tio-truenas-incus-operator", "tio-system")
+    assert not can_i(cluster, "update", "leases.coordination.k8s.io/someone-elses", "tio-system")
+    for verb in ("list", "watch", "delete"):
+        assert not can_i(cluster, verb, "leases.coordination.k8s.io", "tio-system"), verb
+    assert not can_i(cluster, "create", "leases.coordination.k8s.io", "elsewhere")
+    lifecycle_as_service_account(
+        cluster, sa_kubeconfig, tmp_path / "elected", ["-A"], "elsewhere",
+        {"TIO_LEADER_ELECTION": "true", "TIO_LEASE_NAME": "tio-truenas-incus-operator"},
+    )  # fmt: skip
+    lease = json.loads(
+        cluster.kubectl("get", "lease", "tio-truenas-incus-operator", "-n", "tio-system", "-o", "json").stdout
+    )
+    assert lease["spec"].get("holderIdentity") is None  # released on the clean stop
     # Uninstalling keeps the CRDs (and so every IncusInstance).
     helm("uninstall", "tio", "-n", "tio-system", kubeconfig=kubeconfig)
     crds = json.loads(cluster.kubectl("get", "crd", "-o", "json").stdout)["items"]

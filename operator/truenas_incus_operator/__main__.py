@@ -37,7 +37,12 @@ def _check_policy() -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
     import logging
+    from collections.abc import Coroutine
+
+    from .settings import Settings
 
     problem = _check_policy()
     if problem is not None:
@@ -59,12 +64,26 @@ def _run(args: argparse.Namespace) -> int:
 
     kopf.configure(verbose=args.verbose, debug=args.debug, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    kopf.run(
-        standalone=True,
-        clusterwide=args.all_namespaces or not args.namespace,
-        namespaces=args.namespace or (),
-        liveness_endpoint=args.liveness,
-    )
+
+    def operator() -> Coroutine[None, None, None]:
+        # Standalone: kopf's peering is not used; TIO_LEADER_ELECTION elects over a Lease (election.py).
+        return kopf.operator(
+            standalone=True,
+            clusterwide=args.all_namespaces or not args.namespace,
+            namespaces=args.namespace or (),
+            liveness_endpoint=args.liveness,
+        )
+
+    settings = Settings()
+    if not settings.leader_election:
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(operator())
+        return 0
+
+    from .election import run_elected
+
+    with contextlib.suppress(asyncio.CancelledError):
+        return asyncio.run(run_elected(settings, args.liveness, operator))
     return 0
 
 

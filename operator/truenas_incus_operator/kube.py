@@ -1,8 +1,9 @@
 """The few Kubernetes calls kopf does not make for us: status and annotation patches from the
-reconcile loops, and reading the Secrets that TrueNASConnections name (whether the operator may
-use one is ``connections/config.py``'s decision). kopf posts the Events.
+reconcile loops, the ownership ledger's ConfigMaps, the leader election's Lease, and reading the
+Secrets that TrueNASConnections name (whether the operator may use one is
+``connections/config.py``'s decision). kopf posts the Events.
 
-Three HTTP calls over aiohttp (already there for kopf), logged in with kopf's own helpers
+Plain HTTP calls over aiohttp (already there for kopf), logged in with kopf's own helpers
 (in-cluster service account, else the kubeconfig). The official ``kubernetes`` client would do the
 same from worker threads; it is left out on purpose: it costs ~20 MB of imports (kopf imports it
 whenever it is installed) and per-thread malloc arenas that grew the operator by ~80 KB per
@@ -222,6 +223,39 @@ class Kube:
                 raise
         except _Conflict:
             raise fail(KUBE_REASON, f"ConfigMap {namespace}/{name} changed while deleting it") from None
+
+    # ----- Leases (leader election, in the operator's own namespace) -------------------------------
+    @staticmethod
+    def _lease_path(namespace: str, name: str = "") -> str:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{quote(namespace)}/leases"
+        return f"{path}/{quote(name)}" if name else path
+
+    async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = await self._request("GET", self._lease_path(namespace, name), not_found=_GONE)
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
+        return found
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created Lease, or None when another candidate created it first (409)."""
+        try:
+            created: dict[str, Any] = await self._request("POST", self._lease_path(namespace), body, conflict_ok=True)
+        except _Conflict:
+            return None
+        return created
+
+    async def replace_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Optimistic update (``metadata.resourceVersion`` must match); None when another wrote it meanwhile."""
+        try:
+            replaced: dict[str, Any] = await self._request(
+                "PUT", self._lease_path(namespace, body["metadata"]["name"]), body, conflict_ok=True
+            )
+        except _Conflict:
+            return None
+        return replaced
 
     async def read_secret(self, namespace: str, name: str) -> SecretObject:
         """A Secret, its labels and annotations; raises ``OperatorError`` (SecretNotFound)."""

@@ -21,7 +21,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -34,6 +34,9 @@ PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 JOB_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0)
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+LEADER_METRIC = "tio_leader"
+LEADER_HELP = "1 in the replica that acts (holds the Lease, or runs without election), 0 in a standby"
 
 ACTION_KINDS: Mapping[str, str] = {
     "Create": "create",
@@ -171,6 +174,8 @@ class Metrics:
         )
         for phase in Phase:
             self.by_phase.labels(phase.value)
+        self.leader = Gauge(LEADER_METRIC, LEADER_HELP, registry=r)
+        self.leader.set(1)  # a Metrics exists only in the replica that acts
         self._resources: dict[Any, tuple[str, str, str]] = {}
         self._ever_up: set[str] = set()
         self._server: Any = None
@@ -272,6 +277,23 @@ class Metrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+def serve_standby_metrics(port: int, address: str = "0.0.0.0") -> Callable[[], None] | None:
+    """A standby's ``/metrics`` (``tio_leader 0`` only), when ``port`` is set; returns the function
+    that stops it (blocking: call it from a thread) before the operator serves its own."""
+    if not port:
+        return None
+    registry = CollectorRegistry()
+    Gauge(LEADER_METRIC, LEADER_HELP, registry=registry).set(0)
+    server, thread = start_http_server(port, address, registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 class ConnectionObserver:

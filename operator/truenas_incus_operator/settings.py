@@ -44,6 +44,25 @@ class Settings(BaseSettings):
     )
     metrics_address: str = Field("0.0.0.0", description="Address the metrics server listens on.")
 
+    leader_election: bool = Field(
+        False,
+        description=(
+            "Act only while holding a Lease in the ledger namespace (election.py): run two replicas, one acts, "
+            "the other waits and takes over when the first stops renewing."
+        ),
+    )
+    lease_name: str = Field("truenas-incus-operator", description="The election's Lease (in the ledger namespace).")
+    lease_duration_seconds: float = Field(
+        15.0, gt=0, description="How long a standby waits after the last renewal it saw before taking over."
+    )
+    lease_renew_deadline_seconds: float = Field(
+        10.0, gt=0, description="The leader exits when it could not renew for this long (less than the duration)."
+    )
+    lease_retry_seconds: float = Field(2.0, gt=0, description="How often the leader renews and a standby looks.")
+    pod_name: str | None = Field(
+        None, description="The holder identity's prefix (the chart sets the pod's name); unset: the host name."
+    )
+
     resync_seconds: float = Field(60.0, gt=0, description="How often each connection re-reads all instances.")
     device_audits_per_resync: int = Field(
         10,

@@ -12,6 +12,7 @@ import inspect
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,21 @@ class Session:
     py_exceptions: bool = False
     scram: tuple[ClientFirst, str, ScramSecrets] | None = None
     """A SCRAM exchange between its first and final message: (client-first, server-first, secrets)."""
+    span: SessionSpan | None = None
+    """When it was open and what it called (``Simulator.session_spans``)."""
+
+
+@dataclass
+class SessionSpan:
+    """One WebSocket session's life, for tests of who talked to TrueNAS when (monotonic seconds)."""
+
+    transport: str
+    opened: float
+    closed: float | None = None
+    calls: int = 0
+    writes: int = 0
+    first_write: float | None = None
+    last_write: float | None = None
 
 
 @dataclass
@@ -123,6 +139,8 @@ class Simulator:
         self.counters = CallCounters()
         self.random = random.Random(seed)
         self.sessions: set[Session] = set()
+        self.session_spans: deque[SessionSpan] = deque(maxlen=10_000)
+        """The WebSocket sessions opened (the last 10,000), open or closed."""
         self.virt = VirtService(self)
         self.containers = ContainerService(self)
         self.storage = StorageService(self)
@@ -248,6 +266,8 @@ class Simulator:
     # ----- sessions -------------------------------------------------------------------------------
     def open_session(self, session: Session) -> Session:
         self.sessions.add(session)
+        session.span = SessionSpan(session.transport, time.monotonic())
+        self.session_spans.append(session.span)
         return session
 
     def close_session(self, session: Session) -> None:
@@ -255,6 +275,8 @@ class Simulator:
             self.events.unsubscribe(ident)
         session.subscriptions.clear()
         self.sessions.discard(session)
+        if session.span is not None:
+            session.span.closed = time.monotonic()
 
     def authenticate_key(self, key: Any, session: Session) -> str:
         """Returns SUCCESS, AUTH_ERR or EXPIRED, and marks the session logged in on success."""
@@ -278,6 +300,13 @@ class Simulator:
     async def call(self, session: Session, method: str, params: list[Any], message_id: Any = None) -> Any:
         """Runs one call as the middleware would; raises the middleware's exceptions."""
         self.counters.count(method)
+        if session.span is not None:
+            session.span.calls += 1
+            if CallCounters.is_write(method):
+                now = time.monotonic()
+                session.span.writes += 1
+                session.span.first_write = session.span.first_write or now
+                session.span.last_write = now
         if self.knobs.latency > 0:
             await asyncio.sleep(self.knobs.latency)
         if method in self.knobs.hung_calls or "*" in self.knobs.hung_calls:
