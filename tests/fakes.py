@@ -253,6 +253,9 @@ class FakeBackend:
     async def create_in_progress(self, name: str) -> bool:
         return name in self.creating
 
+    async def discard_unfinished(self, name: str) -> None:
+        self._log(f"discard_unfinished {name}")
+
     async def list_devices(self, name: str) -> list[DeviceConfig]:
         self._log(f"list_devices {name}")
         return list(self.devices.get(name, []))

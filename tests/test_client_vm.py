@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 
 from truenas_incus_operator.truenas import (
+    AlreadyExists,
     DeviceConfig,
     ImageNotFound,
     InstanceChanges,
     InstanceConfig,
 )
 from truenas_incus_operator.truenas.backends.routing import RoutingBackend
-from truenas_incus_operator.truenas.backends.vm import VMBackend
+from truenas_incus_operator.truenas.backends.vm import VMBackend, dataset_key
 from truenas_incus_operator.truenas.seed import user_data
 from truenas_simulator import Simulator
 
@@ -122,6 +123,83 @@ async def test_the_base_is_protected_while_a_clone_uses_it_and_parallel_creates_
         base = next(d for d in sim.storage.datasets if d.startswith("tank/incus-operator/images/"))
         with pytest.raises(Exception, match="dependent clones"):
             await c.transport.call("pool.dataset.delete", base, {"recursive": True})
+
+
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_a_half_built_vm_is_completed_and_an_unfinished_create_leaves_nothing(profile: str) -> None:
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        backend = c.instances
+        assert isinstance(backend, RoutingBackend)
+        vms = backend.vms
+        config = vm_config(environment={"A": "1"})
+        image = await vms.images.resolve("debian/bookworm")
+        base = await vms.ensure_base("tank", image)
+        # The operator stopped right after vm.create: the clone and the seed exist, no device is attached.
+        home = "tank/incus-operator/vms/web_01"
+        await vms._root_disk(home, base, None)
+        await vms._seed(home, config)
+        await vms._create_vm(config, "web_01", image)
+        half = sim.vms.by_name("web_01")
+        assert half is not None and half.devices == {}
+        completed = await backend.create(config)
+        assert completed.name == "web-01" and converts(sim) == 1
+        attached = sorted((a["dtype"], a.get("path") or a.get("nic_attach")) for a in half.devices.values())
+        assert attached == [
+            ("CDROM", f"/mnt/{home}/seed.iso"), ("DISK", f"/dev/zvol/{home}/root"), ("NIC", "br0"),
+        ]  # fmt: skip
+        await backend.create(config)  # again (another crash before the ledger said so): nothing twice
+        assert len(half.devices) == 3
+        await backend.start("web-01")
+        assert half.guest["disks"][0]["image"] is not None and half.guest["nocloud"] is not None
+
+        # A create cut short before vm.create: no VM, but a clone and a seed; deleting finds them.
+        await vms._root_disk("tank/incus-operator/vms/web_02", base, None)
+        await vms._seed("tank/incus-operator/vms/web_02", vm_config("web-02"))
+        await backend.discard_unfinished("web-02")
+        assert not [d for d in sim.storage.datasets if "web_02" in d]
+        assert not [f for f in sim.storage.files if "web_02" in f]
+        # A half-built VM (no devices name its pool) is deleted with its dataset.
+        await vms._root_disk("tank/incus-operator/vms/web_03", base, None)
+        await vms._create_vm(vm_config("web-03"), "web_03", image)
+        await backend.delete("web-03")
+        assert sim.vms.by_name("web_03") is None and not [d for d in sim.storage.datasets if "web_03" in d]
+
+        # Someone else's VM under the name is never completed, and the create leaves nothing behind.
+        await c.transport.call("vm.create", {"name": "other", "memory": 512})
+        with pytest.raises(AlreadyExists):
+            await backend.create(vm_config("other"))
+        assert not sim.vms.vms[max(sim.vms.vms)].devices
+        assert not [d for d in sim.storage.datasets if "/other" in d]
+
+
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10"])
+async def test_a_conversion_started_before_a_crash_is_followed_not_repeated(profile: str) -> None:
+    async with (
+        serve(profile, job_duration=0.3) as (sim, server),
+        client_for(server, "websocket", vm_image_server=mirror(server)) as c,
+    ):
+        backend = c.instances
+        assert isinstance(backend, RoutingBackend)
+        vms = backend.vms
+        image = await vms.images.resolve("debian/bookworm")
+        base = f"tank/incus-operator/images/{dataset_key(image)}"
+        # What the first process did before it was killed: upload, volume, and the conversion's start.
+        for name in ("tank/incus-operator", "tank/incus-operator/images", f"{base}-upload"):
+            await c.transport.call("pool.dataset.create", {"name": name})
+        path = f"/mnt/{base}-upload/disk.qcow2"
+        await vms.upload(path, await vms.images.fetch(image.path))
+        await c.transport.call("pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": 4 * GIB})
+        args = (
+            {"source": path, "destination": f"/dev/zvol/{base}"}
+            if profile == "25.10"
+            else {"diskimg": path, "zvol": base}
+        )
+        method = "vm.device.convert" if profile == "25.10" else "vm.import_disk_image"
+        await c.transport.call(method, args)  # the job id comes back at once; nobody waits for it
+        assert await vms.ensure_base("tank", image) == f"{base}@base"
+        assert converts(sim) == 1 and f"{base}@base" in sim.storage.snapshots
+        assert f"{base}-upload" not in sim.storage.datasets
+        assert sim.storage.datasets[base].content is not None
 
 
 async def test_devices_nics_are_named_by_parent_and_root_and_seed_are_not_managed() -> None:

@@ -161,6 +161,7 @@ class InstanceLoops:
             adopt_requested=adopt_requested(body),
             adopt_allowed=self.policy.may_adopt(desired.namespace, connection.key),
             devices_managed=record is not None and record.owner_uid == desired.uid and record.manages_devices,
+            unfinished=record is not None and record.owner_uid == desired.uid and record.state == "creating",
             elsewhere=elsewhere,
         )
         return replace(desired, ownership=ownership)

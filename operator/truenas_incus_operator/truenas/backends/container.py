@@ -281,6 +281,9 @@ class ContainerBackend:
     async def create_in_progress(self, name: str) -> bool:
         return await job_running(self.transport, "container.create", name)
 
+    async def discard_unfinished(self, name: str) -> None:
+        return None  # a create is one job: it leaves an instance or nothing
+
     # ----- devices ----------------------------------------------------------------------------------------------
     async def list_devices(self, name: str) -> list[DeviceConfig]:
         entries = await self.transport.call(

@@ -104,6 +104,10 @@ class RoutingBackend:
     async def create_in_progress(self, name: str) -> bool:
         return await self.containers.create_in_progress(name)
 
+    async def discard_unfinished(self, name: str) -> None:
+        await self.containers.discard_unfinished(name)
+        await self.vms.discard_unfinished(name)
+
     # ----- devices -------------------------------------------------------------------------------------
     async def list_devices(self, name: str) -> list[DeviceConfig]:
         return await (await self._backend(name)).list_devices(name)

@@ -184,6 +184,9 @@ class VirtInstanceBackend:
     async def create_in_progress(self, name: str) -> bool:
         return await job_running(self.transport, "virt.instance.create", name)
 
+    async def discard_unfinished(self, name: str) -> None:
+        return None  # a create is one job: it leaves an instance or nothing
+
     async def list_devices(self, name: str) -> list[DeviceConfig]:
         entries = await self.transport.call("virt.instance.device_list", name, idempotent=True)
         return [device_config(e) for e in entries]
