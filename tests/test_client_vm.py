@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import email
+import hashlib
+import tracemalloc
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from truenas_incus_operator.truenas import (
     AlreadyExists,
@@ -15,11 +20,14 @@ from truenas_incus_operator.truenas import (
     ImageNotFound,
     InstanceChanges,
     InstanceConfig,
+    TransportError,
 )
 from truenas_incus_operator.truenas.backends.routing import RoutingBackend
 from truenas_incus_operator.truenas.backends.vm import VMBackend, dataset_key
+from truenas_incus_operator.truenas.images import ImageServer, VMImage
 from truenas_incus_operator.truenas.seed import user_data
 from truenas_simulator import Simulator
+from truenas_simulator.storage import write_mirror
 
 from .test_client import client_for, serve
 
@@ -275,3 +283,81 @@ def test_vm_backend_reports_what_vm_star_cannot_do() -> None:
         "nics[].name",
         "nics[].parent (one NIC per parent)",
     ]
+
+
+# ----- downloads: streamed, and checked against the index --------------------------------------------------
+BIG = 48 * 2**20
+
+
+def big_image(directory: Path) -> VMImage:
+    """A 48 MiB image file in a local mirror, and its index entry."""
+    path = directory / "images/big/disk.qcow2"
+    path.parent.mkdir(parents=True)
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for index in range(BIG // 2**20):
+            chunk = bytes([index % 251]) * 2**20
+            digest.update(chunk)
+            out.write(chunk)
+    return VMImage("big:1:amd64:default", "1", "images/big/disk.qcow2", digest.hexdigest(), BIG)
+
+
+async def peak_while(work: Any) -> tuple[Any, int]:
+    tracemalloc.start()
+    try:
+        result = await work
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+async def test_a_mirror_image_is_checksummed_in_pieces_and_a_mismatch_is_refused(tmp_path: Path) -> None:
+    image = big_image(tmp_path / "mirror")
+    server = ImageServer(str(tmp_path / "mirror"))
+    path, peak = await peak_while(server.download(image, tmp_path))
+    assert path == tmp_path / "mirror" / image.path and peak < 8 * 2**20, peak
+    with pytest.raises(TransportError, match=r"sha256 .* does not match the simplestreams index .*refused"):
+        await server.download(replace(image, sha256="0" * 64), tmp_path)
+
+
+async def test_an_http_download_is_streamed_to_a_file_and_a_mismatch_is_refused(tmp_path: Path) -> None:
+    image = big_image(tmp_path / "mirror")
+    source = tmp_path / "mirror" / image.path
+
+    async def serve_file(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        with source.open("rb") as stream:
+            while chunk := stream.read(2**20):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/images/big/disk.qcow2", serve_file)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        server = ImageServer(f"http://127.0.0.1:{port}/")
+        (tmp_path / "dl").mkdir()
+        path, peak = await peak_while(server.download(image, tmp_path / "dl"))
+        assert path.stat().st_size == BIG and peak < 8 * 2**20, peak
+        with pytest.raises(TransportError, match="does not match"):
+            await server.download(replace(image, sha256="f" * 64), tmp_path / "dl")
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_tampered_mirror_image_never_reaches_truenas(tmp_path: Path) -> None:
+    async with serve("25.10") as (sim, server), client_for(server, "websocket") as c:
+        directory = write_mirror(list(sim.images.values()), tmp_path / "mirror")
+        image_file = next((directory / "images").rglob("disk.qcow2"))
+        image_file.write_bytes(image_file.read_bytes() + b"tampered")
+        assert isinstance(c.instances, RoutingBackend)
+        c.instances.vms.images = ImageServer(str(directory))
+        with pytest.raises(TransportError, match="does not match the simplestreams index"):
+            await c.instances.create(vm_config())
+        assert converts(sim) == 0 and sim.counters.by_method["filesystem.put"] == 0 and sim.vms.vms == {}

@@ -27,8 +27,10 @@ import errno
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -43,7 +45,7 @@ from ..errors import (
     TrueNASError,
     ValidationFailed,
 )
-from ..images import DEFAULT_IMAGE_SERVER, ImageServer, VMImage, qcow2_virtual_size
+from ..images import DEFAULT_IMAGE_SERVER, ImageServer, VMImage, file_virtual_size
 from ..jobs import is_finished, job_result
 from ..seed import seed_iso, user_data
 from ..transports.base import Transport
@@ -430,14 +432,15 @@ class VMBackend:
         await self._ensure_dataset(f"{pool}/{ROOT}")
         await self._ensure_dataset(f"{pool}/{ROOT}/images")
         await self._ensure_dataset(f"{pool}/{ROOT}/vms")
-        report("download", 0, f"Downloading {image.product} {image.version}")
-        data = await self.images.fetch(image.path)
-        report("download", 100, "Downloaded")
-        await self._ensure_dataset(upload_dir)
         path = f"/mnt/{upload_dir}/disk.qcow2"
-        report("upload", 0, "Uploading the image to TrueNAS")
-        await self.upload(path, data, lambda job: report("upload", job_percent(job), "Uploading", job))
-        size = qcow2_virtual_size(data)
+        with tempfile.TemporaryDirectory(prefix="tio-vm-image-") as scratch:
+            report("download", 0, f"Downloading {image.product} {image.version}")
+            local = await self.images.download(image, Path(scratch))  # streamed, sha256 checked
+            report("download", 100, "Downloaded")
+            await self._ensure_dataset(upload_dir)
+            report("upload", 0, "Uploading the image to TrueNAS")
+            await self.upload(path, local, lambda job: report("upload", job_percent(job), "Uploading", job))
+            size = file_virtual_size(local)
         volumes = await self._datasets(base)
         if base not in volumes:
             await self.transport.call(
@@ -481,7 +484,9 @@ class VMBackend:
         with contextlib.suppress(NotFound):
             await self.transport.call("pool.dataset.delete", name, {"recursive": True})
 
-    async def upload(self, path: str, data: bytes, on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+    async def upload(
+        self, path: str, data: bytes | Path, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         """``POST /_upload`` with ``filesystem.put`` (apps/file_app.py), then waits for its job."""
         options = getattr(self.transport, "options", None)
         if options is None:
@@ -491,18 +496,25 @@ class VMBackend:
         url = urlunsplit((scheme, parts.netloc, "/_upload", "", ""))
         form = aiohttp.FormData()
         form.add_field("data", json.dumps({"method": "filesystem.put", "params": [path, {"mode": 0o644}]}))
-        form.add_field("file", data, filename=path.rsplit("/", 1)[-1], content_type="application/octet-stream")
         headers = {"Authorization": f"Bearer {options.api_key.reveal()}"}
         ssl_option: Any = options.ssl_context if scheme == "https" and options.ssl_context is not None else None
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=options.job_timeout)) as http,
-                http.post(url, data=form, headers=headers, ssl=ssl_option) as response,
-            ):
-                text = await response.text()
-                if response.status != 200:
-                    raise CallFailed(f"upload of {path} refused: HTTP {response.status} {text[:200]}", method="_upload")
-                job_id = int(json.loads(text)["job_id"])
+            with contextlib.ExitStack() as files:
+                # A file is streamed from disk by aiohttp in pieces, never read whole.
+                content: Any = files.enter_context(data.open("rb")) if isinstance(data, Path) else data
+                form.add_field(
+                    "file", content, filename=path.rsplit("/", 1)[-1], content_type="application/octet-stream"
+                )
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=options.job_timeout)) as http,
+                    http.post(url, data=form, headers=headers, ssl=ssl_option) as response,
+                ):
+                    text = await response.text()
+                    if response.status != 200:
+                        raise CallFailed(
+                            f"upload of {path} refused: HTTP {response.status} {text[:200]}", method="_upload"
+                        )
+                    job_id = int(json.loads(text)["job_id"])
         except aiohttp.ClientError as exc:
             raise TransportError(f"upload of {path}: {type(exc).__name__}") from None
         # The job may be over already (small files): its events went by before anyone listened for them.
