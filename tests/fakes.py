@@ -174,6 +174,9 @@ class FakeBackend:
         if self.on_call is not None:
             self.on_call(call)
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        return []  # changes apply when made
+
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
         return []
 

@@ -361,3 +361,42 @@ async def test_a_tampered_mirror_image_never_reaches_truenas(tmp_path: Path) -> 
         with pytest.raises(TransportError, match="does not match the simplestreams index"):
             await c.instances.create(vm_config())
         assert converts(sim) == 0 and sim.counters.by_method["filesystem.put"] == 0 and sim.vms.vms == {}
+
+
+# ----- what changes after first boot is reported -----------------------------------------------------------
+async def test_seed_and_running_changes_are_reported_as_deferred_also_after_a_restart() -> None:
+    async with serve("25.10") as (sim, server):
+        config = vm_config(environment={"TZ": "UTC"}, cloud_init_user_data="#cloud-config\n")
+        async with client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+            backend = c.instances
+            created = await backend.create(config)
+            assert backend.deferred_fields(config, created) == []
+            await backend.start("web-01")
+            running = await backend.get_instance("web-01")
+            assert running is not None
+            later = replace(config, environment={"TZ": "CET"}, cloud_init_user_data="#cloud-config\nx: 1\n")
+            assert backend.deferred_fields(later, running) == [
+                "environment (applies at first boot only)",
+                "cloudInit (applies at first boot only)",
+            ]
+            updated = await backend.update("web-01", InstanceChanges(memory=4 * GIB, cpu="3"))
+            assert backend.deferred_fields(config, updated) == [
+                "cpu (takes effect at the next start)",
+                "memory (takes effect at the next start)",
+            ]
+            await backend.stop("web-01", force=True)
+            stopped = await backend.get_instance("web-01")
+            assert stopped is not None and backend.deferred_fields(config, stopped) == []
+
+        # The operator restarted: its memory is gone, the seed's marks on TrueNAS are not.
+        async with client_for(server, "websocket", vm_image_server=mirror(server)) as fresh:
+            observed = {i.name: i for i in await fresh.instances.list_instances()}["web-01"]
+            assert fresh.instances.deferred_fields(later, observed) == [
+                "environment (applies at first boot only)",
+                "cloudInit (applies at first boot only)",
+            ]
+            assert fresh.instances.deferred_fields(config, observed) == []
+            # The environment it cannot see is planned once more: nothing is written to TrueNAS for it.
+            sim.counters.reset()
+            after = await fresh.instances.update("web-01", InstanceChanges(environment={"TZ": "UTC"}))
+            assert after.environment == {"TZ": "UTC"} and sim.counters.by_method["vm.update"] == 0

@@ -113,6 +113,12 @@ class InstanceBackend(Protocol):
         """Spec fields of ``config`` this backend cannot honour (reported, never silently dropped)."""
         ...
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        """Spec fields TrueNAS took (or cannot deliver any more) that the instance does not use yet, each
+        with when it applies, e.g. ``memory (takes effect at the next start)``: reported beside the
+        unsupported ones, never retried."""
+        ...
+
     def honoured(self, config: InstanceConfig) -> InstanceConfig:
         """``config`` reduced to what this backend applies, in its terms (what observations compare to)."""
         ...

@@ -126,6 +126,9 @@ class ContainerBackend:
         self._registry_at = 0.0
 
     # ----- what this family can do ------------------------------------------------------------------
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        return []  # changes apply when made
+
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
         unsupported = []
         if config.type == "VM":

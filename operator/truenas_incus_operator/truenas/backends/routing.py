@@ -49,6 +49,9 @@ class RoutingBackend:
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
         return self._for(config).unsupported_fields(config)
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        return self._for(config).deferred_fields(config, observed)
+
     def honoured(self, config: InstanceConfig) -> InstanceConfig:
         return self._for(config).honoured(config)
 

@@ -86,6 +86,9 @@ class VirtInstanceBackend:
         self.can_create_vms = version < (25, 4, 2)
         self.nic_mac = version >= (25, 10)
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        return []  # changes apply when made
+
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
         unsupported = []
         if config.type == "VM" and not self.can_create_vms:

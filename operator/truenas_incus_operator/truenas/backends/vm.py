@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import re
@@ -103,11 +104,23 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
 
 
 MANAGED_MARK = "managed by truenas-incus-operator"
+SEED_MARK = re.compile(r"seed env=(\w+) cloud-init=(\w+)")
+FIRST_BOOT_ONLY = "applies at first boot only"
+NEXT_START = "takes effect at the next start"
 
 
 def made_by_operator(entry: dict[str, Any]) -> bool:
     """The operator's own VMs say so in their description (``_create_vm``)."""
     return str(entry.get("description") or "").endswith(MANAGED_MARK)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def seed_marks(config: InstanceConfig) -> tuple[str, str]:
+    """What the seed holds, as short digests kept in the VM's description (they outlive the operator)."""
+    return fingerprint(config.environment), fingerprint(config.cloud_init_user_data, config.cloud_init_network_config)
 
 
 def device_identity(device: DeviceConfig) -> str:
@@ -156,6 +169,10 @@ class VMBackend:
         self._names: dict[int, str] = {}
         self._base_locks: dict[str, asyncio.Lock] = {}
         self._pool: str | None = None
+        self._seeds: dict[str, tuple[str, str]] = {}
+        """Per VM, the seed marks of its description (what cloud-init was given)."""
+        self._restart_pending: dict[str, list[str]] = {}
+        """Per running VM, the fields changed since it started (this process's memory only)."""
         self._environment: dict[str, dict[str, str]] = {}
         """What each VM's seed says (vm.query cannot show a guest's environment); this process's memory only."""
 
@@ -197,11 +214,33 @@ class VMBackend:
 
     device_identity = staticmethod(device_identity)
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        """cloud-init reads the seed once: a later ``environment`` or ``cloudInit`` is never delivered. vm.update
+        redefines nothing live: memory and vCPUs changed on a running VM apply at its next start."""
+        if observed is None or observed.type != "VM":
+            return []
+        deferred = []
+        seeded = self._seeds.get(config.name)
+        if seeded is not None:
+            env, cloud_init = seed_marks(config)
+            if env != seeded[0]:
+                deferred.append(f"environment ({FIRST_BOOT_ONLY})")
+            if cloud_init != seeded[1]:
+                deferred.append(f"cloudInit ({FIRST_BOOT_ONLY})")
+        if observed.status == "RUNNING":
+            deferred += [f"{field} ({NEXT_START})" for field in self._restart_pending.get(config.name, [])]
+        return deferred
+
     # ----- bookkeeping -------------------------------------------------------------------------------------
     def _remember(self, entry: dict[str, Any]) -> ObservedInstance:
         name = instance_name(entry["name"])
         self._ids[name] = entry["id"]
         self._names[entry["id"]] = name
+        marks = SEED_MARK.search(str(entry.get("description") or ""))
+        if marks is not None:
+            self._seeds[name] = (marks.group(1), marks.group(2))
+        if (entry.get("status") or {}).get("state") != "RUNNING":
+            self._restart_pending.pop(name, None)  # the next start takes them
         return replace(observed(entry), environment=dict(self._environment.get(name, {})))
 
     def _forget(self, name: str) -> None:
@@ -300,6 +339,10 @@ class VMBackend:
         seed = f"/mnt/{home}/seed.iso"
         if seed not in paths:  # never attached, so never read: (re)written from the spec
             await self._seed(home, config)
+            marked = SEED_MARK.sub(
+                "seed env={} cloud-init={}".format(*seed_marks(config)), entry.get("description") or ""
+            )
+            await self.transport.call("vm.update", entry["id"], {"description": marked})
             await self.transport.call(
                 "vm.device.create", {"vm": entry["id"], "attributes": {"dtype": "CDROM", "path": seed}}
             )
@@ -338,7 +381,7 @@ class VMBackend:
         memory = config.memory if config.memory is not None else DEFAULT_MEMORY
         payload = {
             "name": name,
-            "description": f"{config.image} ({image.product} {image.version}), {MANAGED_MARK}",
+            "description": description(config, f"{image.product} {image.version}"),
             "memory": max(20, memory // 2**20),
             "vcpus": cpu_count(config.cpu),
             "autostart": config.autostart,
@@ -543,10 +586,22 @@ class VMBackend:
         if changes.autostart is not None:
             payload["autostart"] = changes.autostart
         if changes.environment is not None:
-            # cloud-init read the seed at first boot; a later environment is remembered, not delivered.
+            # cloud-init read the seed at first boot: a later environment is not delivered (deferred_fields
+            # says so from the seed's mark). Remembered only, so that it is not planned again.
             self._environment[name] = dict(changes.environment)
-        # Running VMs take memory and vCPU changes at their next start (vm.update redefines nothing live).
+        if not payload:  # e.g. the environment after an operator restart: nothing to write on TrueNAS
+            entry = await self._entry(name)
+            if entry is None:
+                raise NotFound([FieldError(None, f"VM {vm_name(name)} does not exist", errno.ENOENT)], "vm.update")
+            return self._remember(entry)
         entry = await self.transport.call("vm.update", await self._id(name), payload)
+        if (entry.get("status") or {}).get("state") == "RUNNING":
+            # Running VMs take memory and vCPU changes at their next start (vm.update redefines nothing live).
+            changed = [
+                f for f, keys in (("cpu", ("vcpus",)), ("memory", ("memory",))) if any(k in payload for k in keys)
+            ]
+            pending = self._restart_pending.setdefault(name, [])
+            pending += [f for f in changed if f not in pending]
         return self._remember(entry)
 
     async def delete(self, name: str) -> None:
@@ -635,6 +690,11 @@ class VMBackend:
 
         await self.transport.subscribe("vm.query", relay)
         return True
+
+
+def description(config: InstanceConfig, version: str) -> str:
+    env, cloud_init = seed_marks(config)
+    return f"{config.image} ({version}), seed env={env} cloud-init={cloud_init}, {MANAGED_MARK}"
 
 
 def nic_attributes(device: DeviceConfig) -> dict[str, Any]:
