@@ -199,6 +199,9 @@ class FakeBackend:
         if self.on_call is not None:
             self.on_call(call)
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        return []  # changes apply when made
+
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
         return []
 
@@ -277,6 +280,9 @@ class FakeBackend:
 
     async def create_in_progress(self, name: str) -> bool:
         return name in self.creating
+
+    async def discard_unfinished(self, name: str) -> None:
+        self._log(f"discard_unfinished {name}")
 
     async def list_devices(self, name: str) -> list[DeviceConfig]:
         self._log(f"list_devices {name}")

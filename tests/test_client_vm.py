@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import email
+import hashlib
+import tracemalloc
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from truenas_incus_operator.truenas import (
+    AlreadyExists,
     DeviceConfig,
     ImageNotFound,
     InstanceChanges,
     InstanceConfig,
+    TransportError,
 )
 from truenas_incus_operator.truenas.backends.routing import RoutingBackend
-from truenas_incus_operator.truenas.backends.vm import VMBackend
+from truenas_incus_operator.truenas.backends.vm import VMBackend, dataset_key
+from truenas_incus_operator.truenas.images import ImageServer, VMImage
 from truenas_incus_operator.truenas.seed import user_data
 from truenas_simulator import Simulator
+from truenas_simulator.storage import write_mirror
 
 from .test_client import client_for, serve
 
@@ -124,6 +133,83 @@ async def test_the_base_is_protected_while_a_clone_uses_it_and_parallel_creates_
             await c.transport.call("pool.dataset.delete", base, {"recursive": True})
 
 
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_a_half_built_vm_is_completed_and_an_unfinished_create_leaves_nothing(profile: str) -> None:
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        backend = c.instances
+        assert isinstance(backend, RoutingBackend)
+        vms = backend.vms
+        config = vm_config(environment={"A": "1"})
+        image = await vms.images.resolve("debian/bookworm")
+        base = await vms.ensure_base("tank", image)
+        # The operator stopped right after vm.create: the clone and the seed exist, no device is attached.
+        home = "tank/incus-operator/vms/web_01"
+        await vms._root_disk(home, base, None)
+        await vms._seed(home, config)
+        await vms._create_vm(config, "web_01", image)
+        half = sim.vms.by_name("web_01")
+        assert half is not None and half.devices == {}
+        completed = await backend.create(config)
+        assert completed.name == "web-01" and converts(sim) == 1
+        attached = sorted((a["dtype"], a.get("path") or a.get("nic_attach")) for a in half.devices.values())
+        assert attached == [
+            ("CDROM", f"/mnt/{home}/seed.iso"), ("DISK", f"/dev/zvol/{home}/root"), ("NIC", "br0"),
+        ]  # fmt: skip
+        await backend.create(config)  # again (another crash before the ledger said so): nothing twice
+        assert len(half.devices) == 3
+        await backend.start("web-01")
+        assert half.guest["disks"][0]["image"] is not None and half.guest["nocloud"] is not None
+
+        # A create cut short before vm.create: no VM, but a clone and a seed; deleting finds them.
+        await vms._root_disk("tank/incus-operator/vms/web_02", base, None)
+        await vms._seed("tank/incus-operator/vms/web_02", vm_config("web-02"))
+        await backend.discard_unfinished("web-02")
+        assert not [d for d in sim.storage.datasets if "web_02" in d]
+        assert not [f for f in sim.storage.files if "web_02" in f]
+        # A half-built VM (no devices name its pool) is deleted with its dataset.
+        await vms._root_disk("tank/incus-operator/vms/web_03", base, None)
+        await vms._create_vm(vm_config("web-03"), "web_03", image)
+        await backend.delete("web-03")
+        assert sim.vms.by_name("web_03") is None and not [d for d in sim.storage.datasets if "web_03" in d]
+
+        # Someone else's VM under the name is never completed, and the create leaves nothing behind.
+        await c.transport.call("vm.create", {"name": "other", "memory": 512})
+        with pytest.raises(AlreadyExists):
+            await backend.create(vm_config("other"))
+        assert not sim.vms.vms[max(sim.vms.vms)].devices
+        assert not [d for d in sim.storage.datasets if "/other" in d]
+
+
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10"])
+async def test_a_conversion_started_before_a_crash_is_followed_not_repeated(profile: str) -> None:
+    async with (
+        serve(profile, job_duration=0.3) as (sim, server),
+        client_for(server, "websocket", vm_image_server=mirror(server)) as c,
+    ):
+        backend = c.instances
+        assert isinstance(backend, RoutingBackend)
+        vms = backend.vms
+        image = await vms.images.resolve("debian/bookworm")
+        base = f"tank/incus-operator/images/{dataset_key(image)}"
+        # What the first process did before it was killed: upload, volume, and the conversion's start.
+        for name in ("tank/incus-operator", "tank/incus-operator/images", f"{base}-upload"):
+            await c.transport.call("pool.dataset.create", {"name": name})
+        path = f"/mnt/{base}-upload/disk.qcow2"
+        await vms.upload(path, await vms.images.fetch(image.path))
+        await c.transport.call("pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": 4 * GIB})
+        args = (
+            {"source": path, "destination": f"/dev/zvol/{base}"}
+            if profile == "25.10"
+            else {"diskimg": path, "zvol": base}
+        )
+        method = "vm.device.convert" if profile == "25.10" else "vm.import_disk_image"
+        await c.transport.call(method, args)  # the job id comes back at once; nobody waits for it
+        assert await vms.ensure_base("tank", image) == f"{base}@base"
+        assert converts(sim) == 1 and f"{base}@base" in sim.storage.snapshots
+        assert f"{base}-upload" not in sim.storage.datasets
+        assert sim.storage.datasets[base].content is not None
+
+
 async def test_devices_nics_are_named_by_parent_and_root_and_seed_are_not_managed() -> None:
     async with serve("26.0") as (_sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
         backend = c.instances
@@ -197,3 +283,120 @@ def test_vm_backend_reports_what_vm_star_cannot_do() -> None:
         "nics[].name",
         "nics[].parent (one NIC per parent)",
     ]
+
+
+# ----- downloads: streamed, and checked against the index --------------------------------------------------
+BIG = 48 * 2**20
+
+
+def big_image(directory: Path) -> VMImage:
+    """A 48 MiB image file in a local mirror, and its index entry."""
+    path = directory / "images/big/disk.qcow2"
+    path.parent.mkdir(parents=True)
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for index in range(BIG // 2**20):
+            chunk = bytes([index % 251]) * 2**20
+            digest.update(chunk)
+            out.write(chunk)
+    return VMImage("big:1:amd64:default", "1", "images/big/disk.qcow2", digest.hexdigest(), BIG)
+
+
+async def peak_while(work: Any) -> tuple[Any, int]:
+    tracemalloc.start()
+    try:
+        result = await work
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+async def test_a_mirror_image_is_checksummed_in_pieces_and_a_mismatch_is_refused(tmp_path: Path) -> None:
+    image = big_image(tmp_path / "mirror")
+    server = ImageServer(str(tmp_path / "mirror"))
+    path, peak = await peak_while(server.download(image, tmp_path))
+    assert path == tmp_path / "mirror" / image.path and peak < 8 * 2**20, peak
+    with pytest.raises(TransportError, match=r"sha256 .* does not match the simplestreams index .*refused"):
+        await server.download(replace(image, sha256="0" * 64), tmp_path)
+
+
+async def test_an_http_download_is_streamed_to_a_file_and_a_mismatch_is_refused(tmp_path: Path) -> None:
+    image = big_image(tmp_path / "mirror")
+    source = tmp_path / "mirror" / image.path
+
+    async def serve_file(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        with source.open("rb") as stream:
+            while chunk := stream.read(2**20):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/images/big/disk.qcow2", serve_file)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        server = ImageServer(f"http://127.0.0.1:{port}/")
+        (tmp_path / "dl").mkdir()
+        path, peak = await peak_while(server.download(image, tmp_path / "dl"))
+        assert path.stat().st_size == BIG and peak < 8 * 2**20, peak
+        with pytest.raises(TransportError, match="does not match"):
+            await server.download(replace(image, sha256="f" * 64), tmp_path / "dl")
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_tampered_mirror_image_never_reaches_truenas(tmp_path: Path) -> None:
+    async with serve("25.10") as (sim, server), client_for(server, "websocket") as c:
+        directory = write_mirror(list(sim.images.values()), tmp_path / "mirror")
+        image_file = next((directory / "images").rglob("disk.qcow2"))
+        image_file.write_bytes(image_file.read_bytes() + b"tampered")
+        assert isinstance(c.instances, RoutingBackend)
+        c.instances.vms.images = ImageServer(str(directory))
+        with pytest.raises(TransportError, match="does not match the simplestreams index"):
+            await c.instances.create(vm_config())
+        assert converts(sim) == 0 and sim.counters.by_method["filesystem.put"] == 0 and sim.vms.vms == {}
+
+
+# ----- what changes after first boot is reported -----------------------------------------------------------
+async def test_seed_and_running_changes_are_reported_as_deferred_also_after_a_restart() -> None:
+    async with serve("25.10") as (sim, server):
+        config = vm_config(environment={"TZ": "UTC"}, cloud_init_user_data="#cloud-config\n")
+        async with client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+            backend = c.instances
+            created = await backend.create(config)
+            assert backend.deferred_fields(config, created) == []
+            await backend.start("web-01")
+            running = await backend.get_instance("web-01")
+            assert running is not None
+            later = replace(config, environment={"TZ": "CET"}, cloud_init_user_data="#cloud-config\nx: 1\n")
+            assert backend.deferred_fields(later, running) == [
+                "environment (applies at first boot only)",
+                "cloudInit (applies at first boot only)",
+            ]
+            updated = await backend.update("web-01", InstanceChanges(memory=4 * GIB, cpu="3"))
+            assert backend.deferred_fields(config, updated) == [
+                "cpu (takes effect at the next start)",
+                "memory (takes effect at the next start)",
+            ]
+            await backend.stop("web-01", force=True)
+            stopped = await backend.get_instance("web-01")
+            assert stopped is not None and backend.deferred_fields(config, stopped) == []
+
+        # The operator restarted: its memory is gone, the seed's marks on TrueNAS are not.
+        async with client_for(server, "websocket", vm_image_server=mirror(server)) as fresh:
+            observed = {i.name: i for i in await fresh.instances.list_instances()}["web-01"]
+            assert fresh.instances.deferred_fields(later, observed) == [
+                "environment (applies at first boot only)",
+                "cloudInit (applies at first boot only)",
+            ]
+            assert fresh.instances.deferred_fields(config, observed) == []
+            # The environment it cannot see is planned once more: nothing is written to TrueNAS for it.
+            sim.counters.reset()
+            after = await fresh.instances.update("web-01", InstanceChanges(environment={"TZ": "UTC"}))
+            assert after.environment == {"TZ": "UTC"} and sim.counters.by_method["vm.update"] == 0

@@ -15,9 +15,11 @@ import httpx
 import pytest
 
 from tests.fakes import NOW, FakeKube, fake_operator
+from truenas_incus_operator.connections import Connection
 from truenas_incus_operator.connections.config import (
     ALLOWED_HOSTS_ANNOTATION,
     CREDENTIALS_LABEL,
+    ConnectionConfig,
     resource_loader,
     settings_loader,
 )
@@ -34,6 +36,7 @@ from truenas_incus_operator.truenas import (
     ValidationFailed,
     connect,
 )
+from truenas_incus_operator.truenas.backends.routing import RoutingBackend
 from truenas_incus_operator.truenas.transports.base import scrubbing
 from truenas_simulator import Simulator, SimulatorServer
 
@@ -264,3 +267,30 @@ async def test_a_connection_reports_why_it_will_not_use_a_secret_and_what_is_ins
     with pytest.raises(OperatorError) as caught:
         fake.operator.connections.get(f"{NS}/evil")
     assert caught.value.problem.reason == "SecretNotAllowed"
+
+
+# ----- where VM images come from -------------------------------------------------------------------------
+async def test_the_vm_image_server_comes_from_the_connection_else_from_the_operators_settings() -> None:
+    kube = kube_with(labels=OPT_IN)
+    own = await resource_loader(kube, NS, spec(vmImageServer="/srv/mirror"), "https://mirror.example")()
+    assert own.vm_image_server == "/srv/mirror"
+    fallback = await resource_loader(kube, NS, spec(), "https://mirror.example")()
+    assert fallback.vm_image_server == "https://mirror.example"
+    assert (await resource_loader(kube, NS, spec())()).vm_image_server is None
+    default = Settings(truenas_url="wss://nas.example.internal", truenas_api_key=KEY, vm_image_server="file:///m")
+    assert (await settings_loader(default)()).vm_image_server == "file:///m"
+
+
+async def test_a_connection_hands_its_vm_image_server_to_the_vm_backend() -> None:
+    sim = Simulator("25.10", seed=3)
+    server = await SimulatorServer(sim).start()
+    try:
+        config = ConnectionConfig(url=server.ws_url, api_key=Secret(sim.api_key), vm_image_server="/srv/mirror")
+        connection = Connection("ns/nas", config, resync_seconds=30.0)
+        await connection._connect()
+        assert connection.client is not None
+        backend = connection.client.instances
+        assert isinstance(backend, RoutingBackend) and backend.vms.images.url == "/srv/mirror/"
+        await connection.client.close()
+    finally:
+        await server.stop()

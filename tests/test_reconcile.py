@@ -59,6 +59,14 @@ def test_missing_instance_is_created_after_claiming_it_in_the_ledger() -> None:
     assert [type(a) for a in plan(desired(OURS), None).actions] == [Create]
 
 
+def test_an_instance_whose_create_never_returned_is_created_again_so_the_backend_can_complete_it() -> None:
+    # The ledger still says "creating" (the operator stopped inside the create call): a VM may be half-built.
+    unfinished = Ownership(mine=True, unfinished=True)
+    result = plan(desired(unfinished, cpu="2"), observed(status="STOPPED"))
+    assert [type(a) for a in result.actions] == [Create]
+    assert plan(desired(unfinished), observed(status="STARTING")).waiting is not None
+
+
 def test_an_instance_another_resource_holds_is_never_touched() -> None:
     held = Ownership(holder="other/web", adopt_requested=True, adopt_allowed=True)
     for seen in (None, observed(cpu="1")):

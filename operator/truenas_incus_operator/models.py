@@ -786,6 +786,15 @@ class TrueNASConnectionSpec(_Model):
     max_concurrent_calls: Annotated[int, Field(ge=1, le=20)] | None = Field(
         None, description="Concurrent calls on this connection (TrueNAS allows 20). Effective default: 20."
     )
+    vm_image_server: Annotated[str, Field(min_length=1, max_length=2048)] | None = Field(
+        None,
+        description=(
+            "Where VMs on vm.* (TrueNAS 25.04.2 and later) get their disk images: a simplestreams server "
+            "(https://...), or a local mirror on the operator's host (file:// URL or directory path) for NAS "
+            "hosts without internet access. Unset: the operator's TIO_VM_IMAGE_SERVER, else "
+            "https://images.linuxcontainers.org."
+        ),
+    )
 
 
 class TrueNASConnectionStatus(_Model):

@@ -36,6 +36,10 @@ class Ownership:
     elsewhere: str | None = None
     """This resource already owns an existing instance under another name or on another TrueNAS
     (``name on host:port``): it must not create or adopt a second one."""
+    unfinished: bool = False
+    """The ledger still says ``creating``: the create call of this resource never returned (the
+    operator stopped during it), so an instance under the name may be half-built (vm.* builds a VM in
+    several calls). The create is called again: the backend completes what it finds, or says it exists."""
     devices_managed: bool = False
     """The operator manages the instance's devices even when the spec lists none: it created the
     instance, or it applied the spec's devices to it before (so removing them from the spec removes
@@ -308,6 +312,8 @@ def plan(
         return _not_ours(desired)
     if observed.status in TRANSITIONAL:
         return Plan(waiting=f"TrueNAS reports {observed.status}", unsupported=unsupported)
+    if ownership.unfinished:
+        return Plan(actions=(Create(config),), unsupported=unsupported)
 
     steps: list[Action] = []
     changes = config_changes(config, observed)

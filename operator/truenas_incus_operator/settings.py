@@ -27,6 +27,14 @@ class Settings(BaseSettings):
         False, description="Allow plain ws:// or http:// to a host other than loopback (the key travels in clear)."
     )
     truenas_max_concurrent_calls: int = Field(20, ge=1, le=20)
+    vm_image_server: str | None = Field(
+        None,
+        description=(
+            "Where VM images come from on the default connection (and TrueNASConnections without "
+            "spec.vmImageServer): a simplestreams URL or a local mirror (file:// or a directory). "
+            "Unset: https://images.linuxcontainers.org."
+        ),
+    )
 
     ledger_namespace: str = Field(
         default_factory=lambda: _own_namespace(),

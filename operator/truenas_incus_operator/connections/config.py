@@ -69,6 +69,8 @@ class ConnectionConfig:
     ca_pem: str | None = None
     insecure_skip_verify: bool = False
     max_concurrent_calls: int = 20
+    vm_image_server: str | None = None
+    """Where VM images come from (simplestreams URL or local mirror); None: the client's default."""
 
     @property
     def identity(self) -> str:
@@ -103,13 +105,17 @@ def settings_loader(settings: Settings) -> Loader:
             ca_pem=ca_pem,
             insecure_skip_verify=settings.truenas_insecure_skip_verify,
             max_concurrent_calls=settings.truenas_max_concurrent_calls,
+            vm_image_server=settings.vm_image_server,
         )
 
     return load
 
 
-def resource_loader(kube: Kube, namespace: str, spec: TrueNASConnectionSpec) -> Loader:
-    """A TrueNASConnection: its key (and CA) from Secrets in its namespace that opt in."""
+def resource_loader(
+    kube: Kube, namespace: str, spec: TrueNASConnectionSpec, settings_vm_image_server: str | None = None
+) -> Loader:
+    """A TrueNASConnection: its key (and CA) from Secrets in its namespace that opt in; VM images from its
+    ``vmImageServer``, else from the operator's (``TIO_VM_IMAGE_SERVER``)."""
 
     async def load() -> ConnectionConfig:
         check_transport(spec.url, bool(spec.allow_insecure_transport), "spec.allowInsecureTransport: true")
@@ -129,6 +135,7 @@ def resource_loader(kube: Kube, namespace: str, spec: TrueNASConnectionSpec) -> 
             ca_pem=ca_pem,
             insecure_skip_verify=bool(spec.tls and spec.tls.insecure_skip_verify),
             max_concurrent_calls=spec.max_concurrent_calls or EFFECTIVE_DEFAULTS["max_concurrent_calls"],
+            vm_image_server=spec.vm_image_server or settings_vm_image_server,
         )
 
     return load

@@ -129,6 +129,7 @@ class Connection:
             ca_pem=config.ca_pem,
             insecure_skip_verify=config.insecure_skip_verify,
             max_concurrent_calls=config.max_concurrent_calls,
+            vm_image_server=config.vm_image_server,
             call_timeout=self.call_timeout,
             job_timeout=self.job_timeout,
             observer=self.metrics.truenas(self.key, config.max_concurrent_calls) if self.metrics else None,

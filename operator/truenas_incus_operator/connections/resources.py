@@ -83,7 +83,7 @@ class ConnectionResources:
             return
         self._reported[key].secure = secure_condition(spec.url, bool(spec.tls and spec.tls.insecure_skip_verify))
 
-        load = resource_loader(self.kube, namespace, spec)
+        load = resource_loader(self.kube, namespace, spec, self.settings.vm_image_server)
         try:
             config = await load()
         except OperatorError as exc:

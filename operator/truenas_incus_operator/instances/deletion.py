@@ -131,6 +131,9 @@ class Deletion:
                     raise fail(
                         "CreateInProgress", f"a create job for {fresh.instance} is still running", retry_after=2.0
                     )
+                if observed is None and fresh.state == "creating" and client is not None:
+                    # Its create never finished: what it made before the instance existed goes too.
+                    await client.instances.discard_unfinished(fresh.instance)
                 await self.ledger.release(fresh)
                 return
             await self.reporter.write(state, ours, observed, activity=Phase.DELETING, version=connection.version)

@@ -28,7 +28,15 @@ from ..reconcile import (
     UpdateDevice,
 )
 from ..status import clip
-from ..truenas import AlreadyExists, CallFailed, InstanceBackend, JobFailed, ObservedInstance, TransportError
+from ..truenas import (
+    AlreadyExists,
+    CallFailed,
+    InstanceBackend,
+    JobFailed,
+    ObservedInstance,
+    TransportError,
+    TrueNASError,
+)
 from .ledger import Ledger, Record
 from .reporter import Reporter
 from .resource import LoopState, ResourceKey
@@ -189,6 +197,9 @@ class Executor:
             # TrueNAS answered: nothing was created. Give the name back so a corrected spec can go on.
             if await connection.refresh_one(name) is None:
                 await self.ledger.release(record)
+                # Released: nothing of this create may stay on TrueNAS (vm.*: its per-VM dataset).
+                with contextlib.suppress(TrueNASError):
+                    await _backend(connection).discard_unfinished(name)
             raise
         # A transport error or a timeout is not an answer: the job may still run, the record stays.
         finally:

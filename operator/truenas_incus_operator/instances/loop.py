@@ -161,6 +161,7 @@ class InstanceLoops:
             adopt_requested=adopt_requested(body),
             adopt_allowed=self.policy.may_adopt(desired.namespace, connection.key),
             devices_managed=record is not None and record.owner_uid == desired.uid and record.manages_devices,
+            unfinished=record is not None and record.owner_uid == desired.uid and record.state == "creating",
             elsewhere=elsewhere,
         )
         return replace(desired, ownership=ownership)
@@ -175,8 +176,8 @@ class InstanceLoops:
             if desired.deleting:
                 return  # the delete handler takes over; kopf stops this loop
             wanted = instance_config(desired)
-            unsupported = tuple(backend.unsupported_fields(wanted))
             observed = connection.cache.get(desired.instance_name)
+            unsupported = (*backend.unsupported_fields(wanted), *backend.deferred_fields(wanted, observed))
             devices = None
             seen = self._devices_key(desired, connection)
             if state.devices_seen is None and not desired.lists_devices:

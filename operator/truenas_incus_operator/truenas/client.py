@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import ssl
 from dataclasses import dataclass
@@ -110,8 +109,7 @@ async def choose_backend(
     (truenas-vm-container.md §1) through a routing backend beside the containers' family."""
     containers = await choose_container_backend(transport, version)
     if version >= (25, 4, 2) and transport.name == "websocket":  # the REST facade maps no vm.* routes
-        image_server = vm_image_server or os.environ.get("TIO_VM_IMAGE_SERVER") or None
-        return RoutingBackend(containers, VMBackend(transport, version, image_server))
+        return RoutingBackend(containers, VMBackend(transport, version, vm_image_server))
     return containers
 
 

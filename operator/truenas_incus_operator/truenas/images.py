@@ -8,6 +8,8 @@ VM images, a ``disk.qcow2`` item (``ftype: disk-kvm.img``) in each version. The 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import struct
 import time
@@ -22,6 +24,8 @@ from .errors import ImageNotFound, TransportError
 
 DEFAULT_IMAGE_SERVER = "https://images.linuxcontainers.org"
 INDEX_TTL = 600.0
+CHUNK = 1 << 20
+"""Downloads and checksums go in pieces of 1 MiB: an image never sits in memory whole."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,31 @@ def qcow2_virtual_size(data: bytes) -> int:
     if len(data) >= 32 and data[:4] == b"QFI\xfb":
         return int(struct.unpack(">Q", data[24:32])[0])
     return len(data)
+
+
+def file_virtual_size(path: Path) -> int:
+    """``qcow2_virtual_size`` of a file, reading only its header."""
+    with path.open("rb") as stream:
+        header = stream.read(32)
+    if len(header) == 32 and header[:4] == b"QFI\xfb":
+        return int(struct.unpack(">Q", header[24:32])[0])
+    return path.stat().st_size
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(image: VMImage, actual: str, source: str) -> None:
+    if image.sha256 and actual != image.sha256.lower():
+        raise TransportError(
+            f"VM image {image.product} {image.version} from {source}: sha256 {actual} does not match the "
+            f"simplestreams index ({image.sha256}); refused (a damaged download or a tampered mirror)"
+        )
 
 
 class ImageServer:
@@ -73,6 +102,36 @@ class ImageServer:
         if response.status_code != 200:
             raise TransportError(f"image server {self.url}: HTTP {response.status_code} for {path}")
         return response.content
+
+    async def download(self, image: VMImage, directory: Path) -> Path:
+        """The image as a file whose sha256 matches the index: a local mirror's own file, or a download
+        streamed into ``directory`` (memory stays bounded by ``CHUNK`` whatever the image's size)."""
+        local = self._local()
+        if local is not None:
+            path = local / image.path
+            try:
+                actual = await asyncio.to_thread(file_sha256, path)
+            except OSError as exc:
+                raise TransportError(f"image mirror {local}: cannot read {image.path}: {exc.strerror}") from None
+            check_sha256(image, actual, str(local))
+            return path
+        target = directory / "disk.qcow2"
+        digest = hashlib.sha256()
+        try:
+            async with (
+                httpx.AsyncClient(timeout=self.timeout, follow_redirects=True) as http,
+                http.stream("GET", urljoin(self.url, image.path)) as response,
+            ):
+                if response.status_code != 200:
+                    raise TransportError(f"image server {self.url}: HTTP {response.status_code} for {image.path}")
+                with target.open("wb") as out:
+                    async for chunk in response.aiter_bytes(CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"image server {self.url}: {type(exc).__name__}") from None
+        check_sha256(image, digest.hexdigest(), self.url)
+        return target
 
     async def products(self, refresh: bool = False) -> dict[str, Any]:
         if refresh or not self._products or time.monotonic() - self._read_at > INDEX_TTL:

@@ -113,6 +113,12 @@ class InstanceBackend(Protocol):
         """Spec fields of ``config`` this backend cannot honour (reported, never silently dropped)."""
         ...
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        """Spec fields TrueNAS took (or cannot deliver any more) that the instance does not use yet, each
+        with when it applies, e.g. ``memory (takes effect at the next start)``: reported beside the
+        unsupported ones, never retried."""
+        ...
+
     def honoured(self, config: InstanceConfig) -> InstanceConfig:
         """``config`` reduced to what this backend applies, in its terms (what observations compare to)."""
         ...
@@ -141,6 +147,12 @@ class InstanceBackend(Protocol):
 
     async def create_in_progress(self, name: str) -> bool:
         """Whether TrueNAS is still running a create job for ``name`` (e.g. one started before a crash)."""
+        ...
+
+    async def discard_unfinished(self, name: str) -> None:
+        """Removes what a create of ``name`` that never finished left on TrueNAS, when no instance exists
+        under the name (vm.*: the per-VM dataset with its root disk clone and seed). Families whose create
+        is one TrueNAS job leave nothing: a no-op there."""
         ...
 
     async def list_devices(self, name: str) -> list[DeviceConfig]: ...

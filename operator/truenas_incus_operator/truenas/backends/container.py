@@ -126,6 +126,9 @@ class ContainerBackend:
         self._registry_at = 0.0
 
     # ----- what this family can do ------------------------------------------------------------------
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        return []  # changes apply when made
+
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
         unsupported = []
         if config.type == "VM":
@@ -280,6 +283,9 @@ class ContainerBackend:
 
     async def create_in_progress(self, name: str) -> bool:
         return await job_running(self.transport, "container.create", name)
+
+    async def discard_unfinished(self, name: str) -> None:
+        return None  # a create is one job: it leaves an instance or nothing
 
     # ----- devices ----------------------------------------------------------------------------------------------
     async def list_devices(self, name: str) -> list[DeviceConfig]:

@@ -49,6 +49,9 @@ class RoutingBackend:
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
         return self._for(config).unsupported_fields(config)
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        return self._for(config).deferred_fields(config, observed)
+
     def honoured(self, config: InstanceConfig) -> InstanceConfig:
         return self._for(config).honoured(config)
 
@@ -103,6 +106,10 @@ class RoutingBackend:
 
     async def create_in_progress(self, name: str) -> bool:
         return await self.containers.create_in_progress(name)
+
+    async def discard_unfinished(self, name: str) -> None:
+        await self.containers.discard_unfinished(name)
+        await self.vms.discard_unfinished(name)
 
     # ----- devices -------------------------------------------------------------------------------------
     async def list_devices(self, name: str) -> list[DeviceConfig]:

@@ -86,6 +86,9 @@ class VirtInstanceBackend:
         self.can_create_vms = version < (25, 4, 2)
         self.nic_mac = version >= (25, 10)
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        return []  # changes apply when made
+
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
         unsupported = []
         if config.type == "VM" and not self.can_create_vms:
@@ -183,6 +186,9 @@ class VirtInstanceBackend:
 
     async def create_in_progress(self, name: str) -> bool:
         return await job_running(self.transport, "virt.instance.create", name)
+
+    async def discard_unfinished(self, name: str) -> None:
+        return None  # a create is one job: it leaves an instance or nothing
 
     async def list_devices(self, name: str) -> list[DeviceConfig]:
         entries = await self.transport.call("virt.instance.device_list", name, idempotent=True)

@@ -24,18 +24,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from ..errors import AlreadyExists, CallFailed, FieldError, NotFound, TransportError, ValidationFailed
-from ..images import DEFAULT_IMAGE_SERVER, ImageServer, VMImage, qcow2_virtual_size
+from ..errors import (
+    AlreadyExists,
+    CallFailed,
+    FieldError,
+    NotFound,
+    TransportError,
+    TrueNASError,
+    ValidationFailed,
+)
+from ..images import DEFAULT_IMAGE_SERVER, ImageServer, VMImage, file_virtual_size
 from ..jobs import is_finished, job_result
 from ..seed import seed_iso, user_data
 from ..transports.base import Transport
@@ -92,6 +103,26 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
     )
 
 
+MANAGED_MARK = "managed by truenas-incus-operator"
+SEED_MARK = re.compile(r"seed env=(\w+) cloud-init=(\w+)")
+FIRST_BOOT_ONLY = "applies at first boot only"
+NEXT_START = "takes effect at the next start"
+
+
+def made_by_operator(entry: dict[str, Any]) -> bool:
+    """The operator's own VMs say so in their description (``_create_vm``)."""
+    return str(entry.get("description") or "").endswith(MANAGED_MARK)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def seed_marks(config: InstanceConfig) -> tuple[str, str]:
+    """What the seed holds, as short digests kept in the VM's description (they outlive the operator)."""
+    return fingerprint(config.environment), fingerprint(config.cloud_init_user_data, config.cloud_init_network_config)
+
+
 def device_identity(device: DeviceConfig) -> str:
     return nic_key(device.extra.get("parent")) if device.type == "NIC" else device.name
 
@@ -138,6 +169,10 @@ class VMBackend:
         self._names: dict[int, str] = {}
         self._base_locks: dict[str, asyncio.Lock] = {}
         self._pool: str | None = None
+        self._seeds: dict[str, tuple[str, str]] = {}
+        """Per VM, the seed marks of its description (what cloud-init was given)."""
+        self._restart_pending: dict[str, list[str]] = {}
+        """Per running VM, the fields changed since it started (this process's memory only)."""
         self._environment: dict[str, dict[str, str]] = {}
         """What each VM's seed says (vm.query cannot show a guest's environment); this process's memory only."""
 
@@ -179,11 +214,33 @@ class VMBackend:
 
     device_identity = staticmethod(device_identity)
 
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        """cloud-init reads the seed once: a later ``environment`` or ``cloudInit`` is never delivered. vm.update
+        redefines nothing live: memory and vCPUs changed on a running VM apply at its next start."""
+        if observed is None or observed.type != "VM":
+            return []
+        deferred = []
+        seeded = self._seeds.get(config.name)
+        if seeded is not None:
+            env, cloud_init = seed_marks(config)
+            if env != seeded[0]:
+                deferred.append(f"environment ({FIRST_BOOT_ONLY})")
+            if cloud_init != seeded[1]:
+                deferred.append(f"cloudInit ({FIRST_BOOT_ONLY})")
+        if observed.status == "RUNNING":
+            deferred += [f"{field} ({NEXT_START})" for field in self._restart_pending.get(config.name, [])]
+        return deferred
+
     # ----- bookkeeping -------------------------------------------------------------------------------------
     def _remember(self, entry: dict[str, Any]) -> ObservedInstance:
         name = instance_name(entry["name"])
         self._ids[name] = entry["id"]
         self._names[entry["id"]] = name
+        marks = SEED_MARK.search(str(entry.get("description") or ""))
+        if marks is not None:
+            self._seeds[name] = (marks.group(1), marks.group(2))
+        if (entry.get("status") or {}).get("state") != "RUNNING":
+            self._restart_pending.pop(name, None)  # the next start takes them
         return replace(observed(entry), environment=dict(self._environment.get(name, {})))
 
     def _forget(self, name: str) -> None:
@@ -237,39 +294,94 @@ class VMBackend:
     async def create(
         self, config: InstanceConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
     ) -> ObservedInstance:
+        """Builds the VM; a VM of the operator's under the name whose create was cut short (the operator
+        stopped between ``vm.create`` and its devices) is completed instead: the caller holds the
+        ledger record that says the create never finished."""
         name = vm_name(config.name)
-        if await self._entry(config.name) is not None:
-            # Made by an earlier pass (before a crash) or by someone else: the ledger decides which.
+        existing = await self._entry(config.name)
+        if existing is not None and not made_by_operator(existing):
             raise AlreadyExists([FieldError("vm_create.name", "This name already exists.", errno.EEXIST)], "vm.create")
         pool = await self.pool(config.storage_pool)
         image = await self.images.resolve(config.image)
         base = await self.ensure_base(pool, image, on_progress)
         home = f"{pool}/{ROOT}/vms/{name}"
+        if existing is not None:
+            return await self._complete(existing, home, base, config)
         try:
             root = await self._root_disk(home, base, config.root_disk_size)
             seed = await self._seed(home, config)
             entry = await self._create_vm(config, name, image)
-        except AlreadyExists:
-            raise
         except BaseException:
-            if await self._entry(config.name) is None:  # nothing of ours uses the clone: do not leak it
-                await self._delete_dataset(home)
+            # Nothing of this create may stay behind unless a VM of the name uses it.
+            await self._discard_home(config.name, home)
             raise
         try:
             await self._attach(entry["id"], root, seed, config.devices)
         except BaseException:
-            await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": True})
-            await self._delete_dataset(home)
+            with contextlib.suppress(TrueNASError):
+                await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": True})
+            await self._discard_home(config.name, home)
             raise
         self._environment[config.name] = dict(config.environment)
         created = await self._entry(config.name)
         return self._remember(created or entry)
 
+    async def _complete(self, entry: dict[str, Any], home: str, base: str, config: InstanceConfig) -> ObservedInstance:
+        """Attaches what a half-built VM lacks: the root disk (cloned if missing), the seed, the NICs."""
+        devices = [d.get("attributes") or {} for d in entry.get("devices") or []]
+        paths = {str(a.get("path")) for a in devices if a.get("path")}
+        nics = {nic_key(a.get("nic_attach")) for a in devices if a.get("dtype") == "NIC"}
+        root = await self._root_disk(home, base, config.root_disk_size)
+        if root not in paths:
+            await self.transport.call(
+                "vm.device.create", {"vm": entry["id"], "attributes": {"dtype": "DISK", "path": root, "type": "VIRTIO"}}
+            )
+        seed = f"/mnt/{home}/seed.iso"
+        if seed not in paths:  # never attached, so never read: (re)written from the spec
+            await self._seed(home, config)
+            marked = SEED_MARK.sub(
+                "seed env={} cloud-init={}".format(*seed_marks(config)), entry.get("description") or ""
+            )
+            await self.transport.call("vm.update", entry["id"], {"description": marked})
+            await self.transport.call(
+                "vm.device.create", {"vm": entry["id"], "attributes": {"dtype": "CDROM", "path": seed}}
+            )
+        for device in config.devices:
+            if device.type == "NIC" and nic_key(device.extra.get("parent")) not in nics:
+                await self.transport.call("vm.device.create", {"vm": entry["id"], "attributes": nic_attributes(device)})
+        log.info("completed the half-built VM %s (root disk, seed, NICs)", entry["name"])
+        self._environment[config.name] = dict(config.environment)
+        completed = await self._entry(config.name)
+        return self._remember(completed or entry)
+
+    async def _discard_home(self, name: str, home: str | None = None) -> None:
+        """Deletes the per-VM dataset(s) of ``name`` (every pool's) unless a VM of the name uses them.
+        Best effort: a failure here must not hide the error that brought us here."""
+        try:
+            entry = await self._entry(name)
+            used = " ".join(str((d.get("attributes") or {}).get("path")) for d in (entry or {}).get("devices") or [])
+            homes = [home] if home is not None else await self._homes(name)
+            for dataset in homes:
+                if entry is None or f"{dataset}/" not in used:
+                    await self._delete_dataset(dataset)
+        except TrueNASError as exc:
+            log.warning("could not remove what the create of %s left behind: %s", name, exc)
+
+    async def _homes(self, name: str) -> list[str]:
+        """``<pool>/incus-operator/vms/<vm>`` on every pool (a half-built VM's devices do not name its pool)."""
+        suffix = f"/{ROOT}/vms/{vm_name(name)}"
+        entries = await self.transport.call("pool.dataset.query", [["id", "$", suffix]], {}, idempotent=True)
+        return [str(e["id"]) for e in entries if str(e["id"]).count("/") == 3]
+
+    async def discard_unfinished(self, name: str) -> None:
+        if await self._entry(name) is None:
+            await self._discard_home(name)
+
     async def _create_vm(self, config: InstanceConfig, name: str, image: VMImage) -> dict[str, Any]:
         memory = config.memory if config.memory is not None else DEFAULT_MEMORY
         payload = {
             "name": name,
-            "description": f"{config.image} ({image.product} {image.version}), managed by truenas-incus-operator",
+            "description": description(config, f"{image.product} {image.version}"),
             "memory": max(20, memory // 2**20),
             "vcpus": cpu_count(config.cpu),
             "autostart": config.autostart,
@@ -320,40 +432,73 @@ class VMBackend:
         snapshot = f"{base}@base"
         lock = self._base_locks.setdefault(snapshot, asyncio.Lock())
         async with lock:
+            upload_dir = f"{base}-upload"
             if await self._snapshot_exists(snapshot):
+                if upload_dir in await self._datasets(base):  # the operator stopped right after snapshotting
+                    await self._delete_dataset(upload_dir)
                 return snapshot
             report = Progress(on_progress, image)
-            await self._ensure_dataset(f"{pool}/{ROOT}")
-            await self._ensure_dataset(f"{pool}/{ROOT}/images")
-            await self._ensure_dataset(f"{pool}/{ROOT}/vms")
-            report("download", 0, f"Downloading {image.product} {image.version}")
-            data = await self.images.fetch(image.path)
-            report("download", 100, "Downloaded")
-            upload_dir = f"{base}-upload"
-            await self._ensure_dataset(upload_dir)
-            path = f"/mnt/{upload_dir}/disk.qcow2"
-            report("upload", 0, "Uploading the image to TrueNAS")
-            await self.upload(path, data, lambda job: report("upload", job_percent(job), "Uploading", job))
-            size = qcow2_virtual_size(data)
-            volumes = await self._datasets(base)
-            if base not in volumes:
-                await self.transport.call(
-                    "pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": round_up(size), "sparse": True}
-                )
-            report("convert", 0, "Writing the image into the base volume")
-            if self.convert_method == "vm.device.convert":
-                args: dict[str, Any] = {"source": path, "destination": f"/dev/zvol/{base}"}
+            earlier = await self._earlier_conversion(base)
+            if earlier is not None:
+                # A conversion started before the operator stopped: follow it, never convert twice.
+                report("convert", job_percent(earlier), "Writing the image into the base volume (resumed)")
+                if not is_finished(earlier):
+                    wait = getattr(self.transport, "wait_job", None)
+                    if wait is None:
+                        raise TransportError("this transport cannot follow jobs")
+                    await wait(
+                        int(earlier["id"]), None, lambda job: report("convert", job_percent(job), "Converting", job)
+                    )
             else:
-                args = {"diskimg": path, "zvol": base}
-            await self.transport.call_job(
-                self.convert_method,
-                args,
-                on_progress=lambda job: report("convert", job_percent(job), "Converting", job),
-            )
+                await self._convert(pool, base, image, upload_dir, report)
             await self.transport.call(f"{self.snapshot_namespace}.create", {"dataset": base, "name": "base"})
             await self._delete_dataset(upload_dir)
             report("convert", 100, "Base image ready")
             return snapshot
+
+    async def _earlier_conversion(self, base: str) -> dict[str, Any] | None:
+        """The newest conversion into ``base`` that TrueNAS runs or finished successfully, if the base
+        volume exists (a failed one is redone)."""
+        if base not in await self._datasets(base):
+            return None
+        jobs = await self.transport.call("core.get_jobs", [["method", "=", self.convert_method]], {}, idempotent=True)
+        target = f"/dev/zvol/{base}" if self.convert_method == "vm.device.convert" else base
+        for job in sorted(jobs, key=lambda j: int(j.get("id") or 0), reverse=True):
+            arguments = job.get("arguments") or [{}]
+            args = arguments[0] if arguments and isinstance(arguments[0], dict) else {}
+            if target in (args.get("destination"), args.get("zvol")):
+                return job if job.get("state") in ("WAITING", "RUNNING", "SUCCESS") else None
+        return None
+
+    async def _convert(self, pool: str, base: str, image: VMImage, upload_dir: str, report: Progress) -> None:
+        """Download, upload and write the image into the base volume."""
+        await self._ensure_dataset(f"{pool}/{ROOT}")
+        await self._ensure_dataset(f"{pool}/{ROOT}/images")
+        await self._ensure_dataset(f"{pool}/{ROOT}/vms")
+        path = f"/mnt/{upload_dir}/disk.qcow2"
+        with tempfile.TemporaryDirectory(prefix="tio-vm-image-") as scratch:
+            report("download", 0, f"Downloading {image.product} {image.version}")
+            local = await self.images.download(image, Path(scratch))  # streamed, sha256 checked
+            report("download", 100, "Downloaded")
+            await self._ensure_dataset(upload_dir)
+            report("upload", 0, "Uploading the image to TrueNAS")
+            await self.upload(path, local, lambda job: report("upload", job_percent(job), "Uploading", job))
+            size = file_virtual_size(local)
+        volumes = await self._datasets(base)
+        if base not in volumes:
+            await self.transport.call(
+                "pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": round_up(size), "sparse": True}
+            )
+        report("convert", 0, "Writing the image into the base volume")
+        if self.convert_method == "vm.device.convert":
+            args: dict[str, Any] = {"source": path, "destination": f"/dev/zvol/{base}"}
+        else:
+            args = {"diskimg": path, "zvol": base}
+        await self.transport.call_job(
+            self.convert_method,
+            args,
+            on_progress=lambda job: report("convert", job_percent(job), "Converting", job),
+        )
 
     async def _root_disk(self, home: str, base: str, size: int | None) -> str:
         await self._ensure_dataset(home)
@@ -382,7 +527,9 @@ class VMBackend:
         with contextlib.suppress(NotFound):
             await self.transport.call("pool.dataset.delete", name, {"recursive": True})
 
-    async def upload(self, path: str, data: bytes, on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+    async def upload(
+        self, path: str, data: bytes | Path, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         """``POST /_upload`` with ``filesystem.put`` (apps/file_app.py), then waits for its job."""
         options = getattr(self.transport, "options", None)
         if options is None:
@@ -392,18 +539,25 @@ class VMBackend:
         url = urlunsplit((scheme, parts.netloc, "/_upload", "", ""))
         form = aiohttp.FormData()
         form.add_field("data", json.dumps({"method": "filesystem.put", "params": [path, {"mode": 0o644}]}))
-        form.add_field("file", data, filename=path.rsplit("/", 1)[-1], content_type="application/octet-stream")
         headers = {"Authorization": f"Bearer {options.api_key.reveal()}"}
         ssl_option: Any = options.ssl_context if scheme == "https" and options.ssl_context is not None else None
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=options.job_timeout)) as http,
-                http.post(url, data=form, headers=headers, ssl=ssl_option) as response,
-            ):
-                text = await response.text()
-                if response.status != 200:
-                    raise CallFailed(f"upload of {path} refused: HTTP {response.status} {text[:200]}", method="_upload")
-                job_id = int(json.loads(text)["job_id"])
+            with contextlib.ExitStack() as files:
+                # A file is streamed from disk by aiohttp in pieces, never read whole.
+                content: Any = files.enter_context(data.open("rb")) if isinstance(data, Path) else data
+                form.add_field(
+                    "file", content, filename=path.rsplit("/", 1)[-1], content_type="application/octet-stream"
+                )
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=options.job_timeout)) as http,
+                    http.post(url, data=form, headers=headers, ssl=ssl_option) as response,
+                ):
+                    text = await response.text()
+                    if response.status != 200:
+                        raise CallFailed(
+                            f"upload of {path} refused: HTTP {response.status} {text[:200]}", method="_upload"
+                        )
+                    job_id = int(json.loads(text)["job_id"])
         except aiohttp.ClientError as exc:
             raise TransportError(f"upload of {path}: {type(exc).__name__}") from None
         # The job may be over already (small files): its events went by before anyone listened for them.
@@ -432,31 +586,35 @@ class VMBackend:
         if changes.autostart is not None:
             payload["autostart"] = changes.autostart
         if changes.environment is not None:
-            # cloud-init read the seed at first boot; a later environment is remembered, not delivered.
+            # cloud-init read the seed at first boot: a later environment is not delivered (deferred_fields
+            # says so from the seed's mark). Remembered only, so that it is not planned again.
             self._environment[name] = dict(changes.environment)
-        # Running VMs take memory and vCPU changes at their next start (vm.update redefines nothing live).
+        if not payload:  # e.g. the environment after an operator restart: nothing to write on TrueNAS
+            entry = await self._entry(name)
+            if entry is None:
+                raise NotFound([FieldError(None, f"VM {vm_name(name)} does not exist", errno.ENOENT)], "vm.update")
+            return self._remember(entry)
         entry = await self.transport.call("vm.update", await self._id(name), payload)
+        if (entry.get("status") or {}).get("state") == "RUNNING":
+            # Running VMs take memory and vCPU changes at their next start (vm.update redefines nothing live).
+            changed = [
+                f for f, keys in (("cpu", ("vcpus",)), ("memory", ("memory",))) if any(k in payload for k in keys)
+            ]
+            pending = self._restart_pending.setdefault(name, [])
+            pending += [f for f in changed if f not in pending]
         return self._remember(entry)
 
     async def delete(self, name: str) -> None:
-        """The VM, its root disk clone and its seed; never the cached base (other VMs clone it)."""
+        """The VM, its root disk clone and its seed; never the cached base (other VMs clone it). The
+        per-VM dataset is found by name on every pool: a half-built VM has no devices that name it."""
         entry = await self._entry(name)
         if entry is not None:
             if (entry.get("status") or {}).get("state") in ("RUNNING", "SUSPENDED"):
                 await self.transport.call("vm.poweroff", entry["id"])
             await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": False})
-        pool = self._pool_of(entry) or await self.pool(None)
-        await self._delete_dataset(f"{pool}/{ROOT}/vms/{vm_name(name)}")
+        for home in await self._homes(name):
+            await self._delete_dataset(home)
         self._forget(name)
-
-    @staticmethod
-    def _pool_of(entry: dict[str, Any] | None) -> str | None:
-        for device in (entry or {}).get("devices") or []:
-            path = str((device.get("attributes") or {}).get("path") or "")
-            match = re.match(rf"^/dev/zvol/([^/]+)/{ROOT}/vms/", path)
-            if match:
-                return match.group(1)
-        return None
 
     async def start(self, name: str) -> None:
         await self.transport.call("vm.start", await self._id(name))
@@ -532,6 +690,11 @@ class VMBackend:
 
         await self.transport.subscribe("vm.query", relay)
         return True
+
+
+def description(config: InstanceConfig, version: str) -> str:
+    env, cloud_init = seed_marks(config)
+    return f"{config.image} ({version}), seed env={env} cloud-init={cloud_init}, {MANAGED_MARK}"
 
 
 def nic_attributes(device: DeviceConfig) -> dict[str, Any]:
