@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from truenas_simulator import Simulator, SimulatorThread
+from truenas_simulator.storage import write_mirror
 
 from .conftest import Cluster, wait_until
 
@@ -268,6 +269,8 @@ def operator_with_simulator(
     """A simulator of ``profile`` and the operator (default connection to it) as a subprocess."""
     sim = start_simulator(profile, job_duration=job_duration)
     env = {**operator_env(sim, workdir), **write_policy(workdir, ADOPT_ANYWHERE if policy is None else policy)}
+    # VM images from a local mirror of the simulator's images (no internet here).
+    env["TIO_VM_IMAGE_SERVER"] = str(write_mirror(list(sim.sim.images.values()), workdir / "vm-image-mirror"))
     operator = OperatorProcess(cluster, env, workdir / "operator.log", args=args or ["-A"])
     return Harness(cluster, sim, operator.start(), workdir)
 

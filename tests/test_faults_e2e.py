@@ -43,7 +43,7 @@ def test_a_secret_key_that_is_not_utf8_is_named_in_both_statuses(harness: Harnes
     binary = {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "nas-key"},
+        "metadata": {"name": "nas-key", "labels": {"incus.truenas.io/credentials": "true"}},
         "type": "Opaque",
         "data": {"apiKey": base64.b64encode(b"\xff\xfe1-not-utf8\x80").decode()},
     }

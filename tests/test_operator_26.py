@@ -112,12 +112,13 @@ def test_adoption_safety_on_26(harness: Harness, namespace: str) -> None:
     assert harness.calls().get("container.create", 0) == creates
 
 
-def test_vm_on_26_says_why_and_what_to_do(harness: Harness, namespace: str) -> None:
+def test_vm_on_26_goes_through_vm_api(harness: Harness, namespace: str) -> None:
+    """26 has no Incus VMs; a VM resource becomes a libvirt VM through vm.* (issue 16)."""
     name = unique("vm")
-    harness.apply(namespace, name, {"type": "VM", "image": "ubuntu/noble"})
-    status = harness.wait_synced_false(namespace, name, "Unsupported")
-    assert "TrueNAS 26 has no Incus VMs" in status["message"] and "type CONTAINER" in status["message"]
-    assert name not in harness.instance_names()
+    harness.apply(namespace, name, {"type": "VM", "image": "debian/bookworm", "cpu": "2", "memory": "1Gi"})
+    status = harness.wait_ready(namespace, name, timeout=60)
+    assert status["phase"] == "Running"
+    assert harness.calls().get("vm.create", 0) >= 1 and harness.calls().get("vm.device.convert", 0) >= 1
 
 
 def test_bad_image_alias_on_26(harness: Harness, namespace: str) -> None:

@@ -272,3 +272,10 @@ def test_a_resource_that_owns_an_instance_elsewhere_creates_no_second_one() -> N
         result = plan(desired(moved), seen)
         assert result.actions == () and result.blocked is not None and result.blocked.reason == "OwnsElsewhere"
         assert "nas-a:443" in result.blocked.message
+
+
+def test_an_adopted_instance_that_vanished_is_not_re_created() -> None:
+    gone = plan(desired(Ownership(mine=True, adopted=True)), None)
+    assert gone.actions == () and gone.blocked is not None and gone.blocked.reason == "InstanceGone"
+    # One it created is put back (drift), as before.
+    assert [type(a) for a in plan(desired(OURS), None).actions] == [Create]

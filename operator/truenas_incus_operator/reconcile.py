@@ -36,6 +36,8 @@ class Ownership:
     elsewhere: str | None = None
     """This resource already owns an existing instance under another name or on another TrueNAS
     (``name on host:port``): it must not create or adopt a second one."""
+    adopted: bool = False
+    """The ledger says the resource adopted the instance (the operator did not create it)."""
     unfinished: bool = False
     """The ledger still says ``creating``: the create call of this resource never returned (the
     operator stopped during it), so an instance under the name may be half-built (vm.* builds a VM in
@@ -294,6 +296,16 @@ def plan(
             )
         )
     if observed is None:
+        if ownership.mine and ownership.adopted:
+            return Plan(
+                blocked=Blocked(
+                    "InstanceGone",
+                    f"the adopted instance {desired.instance_name!r} no longer exists on TrueNAS (deleted outside the "
+                    "operator, or not carried over by a TrueNAS upgrade); the operator does not re-create what it "
+                    "did not create: delete this resource (nothing is left to delete on TrueNAS)",
+                    ours=True,
+                )
+            )
         if "type" in unsupported:
             return Plan(blocked=Blocked("Unsupported", _vm_unsupported_message(desired)), unsupported=unsupported)
         actions: list[Action] = [] if ownership.mine else [Claim()]

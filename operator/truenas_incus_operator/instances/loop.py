@@ -162,6 +162,7 @@ class InstanceLoops:
             adopt_allowed=self.policy.may_adopt(desired.namespace, connection.key),
             devices_managed=record is not None and record.owner_uid == desired.uid and record.manages_devices,
             unfinished=record is not None and record.owner_uid == desired.uid and record.state == "creating",
+            adopted=record is not None and record.owner_uid == desired.uid and record.state == "adopted",
             elsewhere=elsewhere,
         )
         return replace(desired, ownership=ownership)
