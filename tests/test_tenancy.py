@@ -139,7 +139,8 @@ def test_deleting_a_conflicting_resource_leaves_the_owners_instance(harness: Har
     shared = unique("shared")
     assert owner.apply("app", {"name": shared, "environment": {"OWNER": "a"}}).returncode == 0
     harness.wait_ready(namespace, "app")
-    assert intruder.apply("grab", {"name": shared, "environment": {"OWNER": "b"}}).returncode == 0
+    forged = {"incus.truenas.io/adopt": "true", "incus.truenas.io/created-instance": shared}
+    assert intruder.apply("grab", {"name": shared, "environment": {"OWNER": "b"}}, forged).returncode == 0
     status = harness.wait_synced_false(intruder_ns, "grab", "Conflict")
     assert f"{namespace}/app" in status["message"]
     creates = harness.calls().get("virt.instance.create", 0)
@@ -169,12 +170,12 @@ def test_a_younger_conflicting_resource_never_acts_across_restarts(harness: Harn
     shared = unique("dup")
     assert owner.apply("app", {"name": shared, "environment": {"OWNER": "a"}}).returncode == 0
     harness.wait_ready(namespace, "app")
-    assert (
-        intruder.apply("dup", {"name": shared, "environment": {"OWNER": "b"}, "powerState": "Stopped"}).returncode == 0
-    )
+    forged = {"incus.truenas.io/adopt": "true", "incus.truenas.io/created-instance": shared}
+    spec = {"name": shared, "environment": {"OWNER": "b"}, "powerState": "Stopped"}
+    assert intruder.apply("dup", spec, forged).returncode == 0
     harness.wait_synced_false(intruder_ns, "dup", "Conflict")
     before = writes(harness)
-    for _ in range(3):
+    for _ in range(5):
         harness.operator.kill()
         harness.operator.start()
         harness.wait_status(
