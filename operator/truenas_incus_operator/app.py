@@ -14,6 +14,7 @@ from .connections import ConnectionManager, ConnectionResources
 from .instances import Deletion, Executor, InstanceLoops, Ledger, Reporter, Wakeups
 from .instances.resource import EventPoster
 from .kube import Kube
+from .memory import MemoryRelease
 from .metrics import Metrics
 from .policy import Policy, load_policy
 from .settings import Settings
@@ -32,6 +33,7 @@ class Operator:
     loops: InstanceLoops
     deletion: Deletion
     metrics: Metrics
+    release: MemoryRelease
 
     def serve_metrics(self) -> None:
         """Serves Prometheus metrics when ``TIO_METRICS_PORT`` is set (raises ``OSError`` if it cannot)."""
@@ -39,6 +41,7 @@ class Operator:
             self.metrics.serve(self.settings.metrics_port, self.settings.metrics_address)
 
     async def close(self) -> None:
+        self.release.close()
         await self.connection_resources.close()
         await self.connections.close()
         await self.kube.close()
@@ -69,6 +72,7 @@ def build(
     ledger = Ledger(kube, settings.ledger_namespace)
     reporter = Reporter(settings, kube, post_event, clock)
     executor = Executor(ledger, reporter, metrics)
+    release = MemoryRelease(settings.memory_release_seconds)
     return Operator(
         settings=settings,
         kube=kube,
@@ -77,7 +81,8 @@ def build(
         wakeups=wakeups,
         ledger=ledger,
         policy=policy,
-        loops=InstanceLoops(settings, connections, wakeups, ledger, reporter, executor, policy, metrics),
+        loops=InstanceLoops(settings, connections, wakeups, ledger, reporter, executor, policy, metrics, release),
         deletion=Deletion(settings, connections, ledger, reporter, executor),
         metrics=metrics,
+        release=release,
     )

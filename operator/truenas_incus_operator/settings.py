@@ -72,6 +72,17 @@ class Settings(BaseSettings):
             "to notice device changes made outside the operator. 0: only on spec changes and restarts."
         ),
     )
+    memory_release_seconds: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "Give freed memory back to the OS (glibc malloc_trim) this long after the last loop pass that wrote "
+            "something, e.g. after a burst of creates. 0: never."
+        ),
+    )
+    max_acting_loops: int = Field(
+        0, ge=0, description="At most this many IncusInstance loops run a pass at once. 0: no bound."
+    )
     retry_min_seconds: float = Field(2.0, gt=0, description="First retry delay after a failure.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay (bounded backoff).")
     call_timeout_seconds: float = Field(60.0, gt=0)

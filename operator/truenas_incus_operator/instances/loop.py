@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
+from ..memory import MemoryRelease
 from ..metrics import Metrics
 from ..policy import POLICY_REASON, Policy
 from ..problems import OperatorError, Problem, fail, problem_of
@@ -42,8 +43,14 @@ class InstanceLoops:
         executor: Executor,
         policy: Policy | None = None,
         metrics: Metrics | None = None,
+        release: MemoryRelease | None = None,
     ) -> None:
         self.settings = settings
+        self.release = release
+        # Bounds the loops that run a pass at once (TIO_MAX_ACTING_LOOPS). A pass never waits for
+        # another loop, so holding a permit cannot deadlock; asyncio.Semaphore hands permits out in
+        # arrival order, so no loop starves.
+        self.gate = asyncio.Semaphore(settings.max_acting_loops) if settings.max_acting_loops else None
         self.metrics = metrics if metrics is not None else Metrics()
         self.connections = connections
         self.wakeups = wakeups
@@ -61,8 +68,16 @@ class InstanceLoops:
         try:
             while not stopped:
                 event.clear()
-                with self.metrics.reconcile_pass(key, state):
-                    delay = await self.reconcile_once(body, state, wake)
+                written = state.status
+                if self.gate is not None:
+                    async with self.gate:
+                        with self.metrics.reconcile_pass(key, state):
+                            delay = await self.reconcile_once(body, state, wake)
+                else:
+                    with self.metrics.reconcile_pass(key, state):
+                        delay = await self.reconcile_once(body, state, wake)
+                if state.status is not written and self.release is not None:
+                    self.release.activity()
                 await _sleep(event, stopped, delay)
         finally:
             if state.listening is not None:
