@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -404,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "--operator-env", action="append", default=[], metavar="NAME=VALUE", help="extra operator environment"
     )
     args = parser.parse_args(argv)
+    # A plain SIGTERM would skip the clean-up and leave the simulators and the control plane running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.operator_env = dict(item.split("=", 1) for item in args.operator_env)
     if args.smoke:
         args.n, args.connections, args.idle, args.resync = 60, 3, 10.0, 5.0

@@ -1,10 +1,15 @@
-"""Memory after bursts: the trim once writes settle, and the bound on loops acting at once."""
+"""Memory after bursts: the trim once the loops' writes settle (memory.py)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
+import kopf
+import pytest
+
+from truenas_incus_operator.kube import kopf_login
 from truenas_incus_operator.memory import MemoryRelease, _glibc_trim
 
 from .fakes import fake_operator, resource
@@ -62,8 +67,8 @@ def test_glibc_trim_is_found_and_callable_here() -> None:
     assert trim() in (0, 1)
 
 
-async def test_loops_bounded_to_one_pass_at_once_all_converge_and_trim_after() -> None:
-    fake = fake_operator(max_acting_loops=1, memory_release_seconds=0.05)
+async def test_a_burst_of_loops_converges_then_trims_once() -> None:
+    fake = fake_operator(memory_release_seconds=0.05)
     trims: list[int] = []
     trimmed = asyncio.Event()
 
@@ -98,6 +103,31 @@ async def test_loops_bounded_to_one_pass_at_once_all_converge_and_trim_after() -
         stopped.event.set()
         await asyncio.gather(*tasks)
     assert all(fake.kube.statuses(b["metadata"]["name"])[-1].get("phase") == "Running" for b in bodies)
-    assert most == 1, "never two passes at once"
+    assert most > 1, "the loops ran passes concurrently (a burst)"
     assert len(fake.backend.instances) == 20
     assert trims == [1], "one trim after the burst settled"
+
+
+async def test_kopf_talks_to_the_api_server_over_a_bounded_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kopf's own session has no bound (``limit=0``); ours caps it (TIO_KUBE_CONNECTIONS)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:6443', insecure-skip-tls-verify: true}}]\n"
+        "users: [{name: u, user: {token: abc}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u, namespace: apps}}]\n"
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    settings = kopf.OperatorSettings()
+    bounded = kopf_login(settings, 32)
+    assert isinstance(bounded, kopf.AiohttpSession)
+    try:
+        assert bounded.server == "https://127.0.0.1:6443" and bounded.default_namespace == "apps"
+        assert bounded.aiohttp_session.connector is not None and bounded.aiohttp_session.connector.limit == 32
+        assert bounded.aiohttp_session.headers["Authorization"] == "Bearer abc"
+    finally:
+        await bounded.aiohttp_session.close()
+    assert kopf_login(settings, 0) is None, "0: kopf's own login and session"

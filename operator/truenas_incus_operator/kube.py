@@ -67,6 +67,29 @@ class SecretObject:
             raise fail("SecretUnreadable", f"{where} key {key!r} is not UTF-8 text") from None
 
 
+def kopf_login(settings: kopf.OperatorSettings, connections: int) -> kopf.AiohttpSession | None:
+    """kopf's own login (service account, else kubeconfig), with at most ``connections`` open at once.
+
+    kopf's built-in session has no bound (``TCPConnector(limit=0)``): a burst of 1000 creates opens
+    hundreds of TLS connections to the API server at once (finalizer patches, Events), each with a
+    128 KiB asyncio buffer and OpenSSL's own, and the process keeps that memory afterwards
+    (BENCHMARKS.md, "Memory after bursts"). 0: kopf's unbounded session."""
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None or not connections:
+        return None
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        trust_env=info.trust_env,
+    )
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        expiration=info.expiration,
+        aiohttp_session=session,
+    )
+
+
 class Kube:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None

@@ -80,8 +80,10 @@ class Settings(BaseSettings):
             "something, e.g. after a burst of creates. 0: never."
         ),
     )
-    max_acting_loops: int = Field(
-        0, ge=0, description="At most this many IncusInstance loops run a pass at once. 0: no bound."
+    kube_connections: int = Field(
+        32,
+        ge=0,
+        description="At most this many connections from kopf to the API server at once. 0: kopf's default (no bound).",
     )
     retry_min_seconds: float = Field(2.0, gt=0, description="First retry delay after a failure.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay (bounded backoff).")

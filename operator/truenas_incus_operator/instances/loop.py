@@ -47,10 +47,6 @@ class InstanceLoops:
     ) -> None:
         self.settings = settings
         self.release = release
-        # Bounds the loops that run a pass at once (TIO_MAX_ACTING_LOOPS). A pass never waits for
-        # another loop, so holding a permit cannot deadlock; asyncio.Semaphore hands permits out in
-        # arrival order, so no loop starves.
-        self.gate = asyncio.Semaphore(settings.max_acting_loops) if settings.max_acting_loops else None
         self.metrics = metrics if metrics is not None else Metrics()
         self.connections = connections
         self.wakeups = wakeups
@@ -69,15 +65,10 @@ class InstanceLoops:
             while not stopped:
                 event.clear()
                 written = state.status
-                if self.gate is not None:
-                    async with self.gate:
-                        with self.metrics.reconcile_pass(key, state):
-                            delay = await self.reconcile_once(body, state, wake)
-                else:
-                    with self.metrics.reconcile_pass(key, state):
-                        delay = await self.reconcile_once(body, state, wake)
+                with self.metrics.reconcile_pass(key, state):
+                    delay = await self.reconcile_once(body, state, wake)
                 if state.status is not written and self.release is not None:
-                    self.release.activity()
+                    self.release.activity()  # the status changed: memory may come back once writes settle
                 await _sleep(event, stopped, delay)
         finally:
             if state.listening is not None:
