@@ -14,7 +14,6 @@ from .connections import ConnectionManager, ConnectionResources
 from .instances import Deletion, Executor, InstanceLoops, Ledger, Reporter, Wakeups
 from .instances.resource import EventPoster
 from .kube import Kube
-from .memory import MemoryRelease
 from .metrics import Metrics
 from .policy import Policy, load_policy
 from .settings import Settings
@@ -33,7 +32,6 @@ class Operator:
     loops: InstanceLoops
     deletion: Deletion
     metrics: Metrics
-    release: MemoryRelease
 
     def serve_metrics(self) -> None:
         """Serves Prometheus metrics when ``TIO_METRICS_PORT`` is set (raises ``OSError`` if it cannot)."""
@@ -41,7 +39,6 @@ class Operator:
             self.metrics.serve(self.settings.metrics_port, self.settings.metrics_address)
 
     async def close(self) -> None:
-        self.release.close()
         await self.connection_resources.close()
         await self.connections.close()
         await self.kube.close()
@@ -72,7 +69,6 @@ def build(
     ledger = Ledger(kube, settings.ledger_namespace)
     reporter = Reporter(settings, kube, post_event, clock)
     executor = Executor(ledger, reporter, metrics)
-    release = MemoryRelease(settings.memory_release_seconds)
     return Operator(
         settings=settings,
         kube=kube,
@@ -81,8 +77,7 @@ def build(
         wakeups=wakeups,
         ledger=ledger,
         policy=policy,
-        loops=InstanceLoops(settings, connections, wakeups, ledger, reporter, executor, policy, metrics, release),
+        loops=InstanceLoops(settings, connections, wakeups, ledger, reporter, executor, policy, metrics),
         deletion=Deletion(settings, connections, ledger, reporter, executor),
         metrics=metrics,
-        release=release,
     )

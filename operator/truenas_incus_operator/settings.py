@@ -72,14 +72,6 @@ class Settings(BaseSettings):
             "to notice device changes made outside the operator. 0: only on spec changes and restarts."
         ),
     )
-    memory_release_seconds: float = Field(
-        10.0,
-        ge=0,
-        description=(
-            "Give freed memory back to the OS (glibc malloc_trim) this long after the last loop pass that wrote "
-            "something, e.g. after a burst of creates. 0: never."
-        ),
-    )
     kube_connections: int = Field(
         32,
         ge=0,

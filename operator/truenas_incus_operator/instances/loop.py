@@ -15,7 +15,6 @@ from pydantic import ValidationError
 
 from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
-from ..memory import MemoryRelease
 from ..metrics import Metrics
 from ..policy import POLICY_REASON, Policy
 from ..problems import OperatorError, Problem, fail, problem_of
@@ -43,10 +42,8 @@ class InstanceLoops:
         executor: Executor,
         policy: Policy | None = None,
         metrics: Metrics | None = None,
-        release: MemoryRelease | None = None,
     ) -> None:
         self.settings = settings
-        self.release = release
         self.metrics = metrics if metrics is not None else Metrics()
         self.connections = connections
         self.wakeups = wakeups
@@ -64,11 +61,8 @@ class InstanceLoops:
         try:
             while not stopped:
                 event.clear()
-                written = state.status
                 with self.metrics.reconcile_pass(key, state):
                     delay = await self.reconcile_once(body, state, wake)
-                if state.status is not written and self.release is not None:
-                    self.release.activity()  # the status changed: memory may come back once writes settle
                 await _sleep(event, stopped, delay)
         finally:
             if state.listening is not None:
