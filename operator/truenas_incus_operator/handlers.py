@@ -31,7 +31,7 @@ def _operator(memo: kopf.Memo) -> Operator:
 
 @kopf.on.login()
 async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | kopf.AiohttpSession | None:
-    """kopf's login, with its connections to the API server bounded (TIO_KUBE_CONNECTIONS)."""
+    """kopf's login, with its requests to the API server bounded (TIO_KUBE_CONNECTIONS)."""
     bounded = kopf_login(settings, Settings().kube_connections)
     if bounded is not None:
         return bounded

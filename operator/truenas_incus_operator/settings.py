@@ -75,7 +75,10 @@ class Settings(BaseSettings):
     kube_connections: int = Field(
         32,
         ge=0,
-        description="At most this many connections from kopf to the API server at once. 0: kopf's default (no bound).",
+        description=(
+            "At most this many of kopf's API requests in flight at once (watch-streams apart), so at most about as "
+            "many connections. 0: kopf's own session (no bound)."
+        ),
     )
     retry_min_seconds: float = Field(2.0, gt=0, description="First retry delay after a failure.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay (bounded backoff).")
