@@ -103,6 +103,7 @@ class Environment:
     sim: SimulatorThread
     resync: float
     max_calls: int = 20
+    operator_env: dict[str, str] = field(default_factory=dict)
     operator: subprocess.Popen[bytes] | None = None
     api: client.ApiClient = field(init=False)
     custom: client.CustomObjectsApi = field(init=False)
@@ -127,6 +128,7 @@ class Environment:
             "TIO_TRUENAS_CA_FILE": str(self.sim.ca_file),
             "TIO_RESYNC_SECONDS": str(self.resync),
             "TIO_TRUENAS_MAX_CONCURRENT_CALLS": str(self.max_calls),
+            **self.operator_env,
         }
         # As in the image: without the `kubernetes` client, which kopf would import if it could (~20 MB).
         paths = [str(without_kubernetes(self.workdir)), env.get("PYTHONPATH", "")]
@@ -145,12 +147,12 @@ class Environment:
             self.operator.wait(timeout=60)
             self.operator = None
 
-    def rss_mb(self) -> float:
+    def rss_mb(self, key: str = "VmRSS") -> float:
         assert self.operator is not None
         for line in Path(f"/proc/{self.operator.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
+        raise RuntimeError(f"no {key}")
 
     def namespace(self, name: str) -> str:
         self.plane.kubectl("create", "namespace", name)
@@ -195,7 +197,13 @@ def without_kubernetes(workdir: Path) -> Path:
 
 
 @contextmanager
-def environment(workdir: Path, resync: float, job_duration: float = 0.0, max_calls: int = 20) -> Iterator[Environment]:
+def environment(
+    workdir: Path,
+    resync: float,
+    job_duration: float = 0.0,
+    max_calls: int = 20,
+    operator_env: dict[str, str] | None = None,
+) -> Iterator[Environment]:
     plane = LocalControlPlane(workdir=workdir / "controlplane", bin_dir=binaries_dir()).start()
     sim = Simulator("25.10", seed=1)
     sim.knobs.job_duration = job_duration
@@ -206,7 +214,7 @@ def environment(workdir: Path, resync: float, job_duration: float = 0.0, max_cal
         plane.kubectl("apply", "-f", str(ROOT / "crds"))
         plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         plane.kubectl("create", "namespace", "truenas-incus-operator")  # the ownership ledger's home
-        env = Environment(workdir, plane, thread, resync, max_calls)
+        env = Environment(workdir, plane, thread, resync, max_calls, dict(operator_env or {}))
         yield env
     finally:
         if env is not None:
@@ -339,7 +347,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "parameters": {"n": args.n, "idle_s": args.idle, "resync_s": args.resync, "smoke": args.smoke},
+        "parameters": {
+            "n": args.n,
+            "idle_s": args.idle,
+            "resync_s": args.resync,
+            "smoke": args.smoke,
+            "operator_env": args.operator_env,
+        },
     }
     workdir = Path(tempfile.mkdtemp(prefix="tio-bench-"))
     if args.only:
@@ -348,7 +362,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print("5. memory ...", flush=True)
                 results["memory_mb"] = run_memory(args, workdir)
             if "drift" in args.only:
-                with environment(workdir / "drift-ws", resync=args.resync) as env:
+                with environment(workdir / "drift-ws", resync=args.resync, operator_env=args.operator_env) as env:
                     env.start_operator()
                     # Other instances make the resync query as large (and as slow) as in the full run.
                     background = names("bg", args.n)
@@ -359,7 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["drift_websocket"]["other_instances"] = args.n
                     print(f"   {results['drift_websocket']}", flush=True)
             if "drift_rest" in args.only:
-                with environment(workdir / "drift", resync=args.resync) as env:
+                with environment(workdir / "drift", resync=args.resync, operator_env=args.operator_env) as env:
                     env.start_operator()
                     print("4. drift over REST (polling) ...", flush=True)
                     results["drift_rest"] = drift_rest(env, args.drift_rest, workdir)
@@ -368,7 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
         return results
     try:
-        with environment(workdir / "main", resync=args.resync) as env:
+        with environment(workdir / "main", resync=args.resync, operator_env=args.operator_env) as env:
             env.start_operator()
             time.sleep(3)
             results["memory_mb"] = {"0": round(env.rss_mb(), 1)}
@@ -399,7 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print("4. drift over REST (polling) ...", flush=True)
             results["drift_rest"] = drift_rest(env, args.drift_rest, workdir)
             print(f"   {results['drift_rest']}", flush=True)
-        with environment(workdir / "memory100", resync=args.resync) as env:
+        with environment(workdir / "memory100", resync=args.resync, operator_env=args.operator_env) as env:
             env.start_operator()
             env.create(env.namespace("m"), names("m", 100))
             env.all_in_phase("m", names("m", 100), "Running", 120)
@@ -408,7 +422,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"5. memory: {results['memory_mb']}", flush=True)
         print(f"7. bulk with {args.job}s jobs, {args.limit} concurrent calls ...", flush=True)
         with environment(
-            workdir / "latency", resync=args.resync, job_duration=args.job / 2, max_calls=args.limit
+            workdir / "latency",
+            resync=args.resync,
+            job_duration=args.job / 2,
+            max_calls=args.limit,
+            operator_env=args.operator_env,
         ) as env:
             env.start_operator()
             measured = bulk(env, args.n, "slow")
@@ -423,9 +441,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_memory(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
-    """Operator RSS with 0, 100 and N IncusInstances (one environment, growing)."""
+    """Operator RSS with 0, 100 and N IncusInstances (one environment, growing), then N after a restart.
+
+    The N figure is read 5 s after the last CR reached Running (as before), and again 30 s and
+    60 s later (a burst's memory can come back once the loops settle); ``peak`` is VmHWM."""
     memory: dict[str, float] = {}
-    with environment(workdir / "memory", resync=args.resync) as env:
+    with environment(workdir / "memory", resync=args.resync, operator_env=args.operator_env) as env:
         env.start_operator()
         time.sleep(3)
         memory["0"] = round(env.rss_mb(), 1)
@@ -433,12 +454,20 @@ def run_memory(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
         for target in (100, args.n):
             ns = env.namespace(f"mem{target}")
             batch = names(f"mem{target}", target - created)
+            started = time.monotonic()
             env.create(ns, batch)
             env.all_in_phase(ns, batch, "Running", 600)
+            if target == args.n:
+                memory[f"{target} burst seconds"] = round(time.monotonic() - started, 1)
             created = target
             time.sleep(5)
             memory[str(target)] = round(env.rss_mb(), 1)
             print(f"   {memory}", flush=True)
+        for later in (30, 60):
+            time.sleep(30)
+            memory[f"{args.n} +{later}s"] = round(env.rss_mb(), 1)
+        memory[f"{args.n} peak"] = round(env.rss_mb("VmHWM"), 1)
+        print(f"   {memory}", flush=True)
         # The figures above include the high-water mark of creating them all at once; a restarted
         # operator with the same CRs shows the steady-state footprint.
         env.stop_operator()
@@ -530,7 +559,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", type=lambda v: set(v.split(",")), default=set(), help="run only some: memory,drift,drift_rest"
     )
+    parser.add_argument(
+        "--operator-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the operator process (e.g. to compare memory settings); repeatable",
+    )
     args = parser.parse_args(argv)
+    args.operator_env = dict(item.split("=", 1) for item in args.operator_env)
     if args.smoke:
         args.n, args.single, args.idle, args.drift, args.resync, args.job = 50, 10, 10.0, 10, 5.0, 0.2
         args.drift_rest, args.drift_spread = 3, 0.5

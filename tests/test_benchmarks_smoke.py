@@ -43,3 +43,22 @@ def test_benchmark_smoke_run_completes(tmp_path: Path) -> None:
     assert results["drift_websocket"]["trials"] == 10
     assert set(results["drift_websocket"]) >= {"p50_s", "p99_s", "max_s"}
     assert set(results["memory_mb"]) == {"0", "70", "100"}
+
+
+def test_scale_smoke_run_completes(tmp_path: Path) -> None:
+    """benchmarks/scale.py with 60 instances over 3 simulator processes (the real run: 5000 over 10)."""
+    output = tmp_path / "scale.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tools")},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["burst"]["all_running"] and results["burst"]["count"] == 60
+    assert len(results["idle"]["per_connection"]) == 3
+    assert set(results["idle"]["cpu_seconds"]) >= {"operator", "simulators", "kube-apiserver", "etcd"}
+    assert set(results["rss_mb"]) == {"0", "60 +5s", "60 +10s", "60 peak", "60 after restart"}

@@ -10,7 +10,7 @@ from typing import Any, cast
 import kopf
 
 from .app import Operator, build
-from .kube import Kube
+from .kube import Kube, kopf_login
 from .models import API_GROUP, API_VERSION
 from .policy import PolicyError
 from .problems import OperatorError
@@ -27,6 +27,15 @@ def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -
 def _operator(memo: kopf.Memo) -> Operator:
     operator: Operator = memo["operator"]
     return operator
+
+
+@kopf.on.login()
+async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | kopf.AiohttpSession | None:
+    """kopf's login, with its requests to the API server bounded (TIO_KUBE_CONNECTIONS)."""
+    bounded = kopf_login(settings, Settings().kube_connections)
+    if bounded is not None:
+        return bounded
+    return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
 
 
 @kopf.on.startup()

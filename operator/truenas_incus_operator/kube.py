@@ -12,6 +12,7 @@ IncusInstance in our benchmarks (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import ssl
@@ -65,6 +66,58 @@ class SecretObject:
             return base64.b64decode(self.data[key]).decode().strip()
         except (ValueError, UnicodeDecodeError):
             raise fail("SecretUnreadable", f"{where} key {key!r} is not UTF-8 text") from None
+
+
+def kopf_login(settings: kopf.OperatorSettings, requests: int) -> kopf.AiohttpSession | None:
+    """kopf's own login (service account, else kubeconfig), with at most ``requests`` API requests in
+    flight at once, watch-streams apart.
+
+    kopf's built-in session has no bound (``TCPConnector(limit=0)``): a burst of 1000 creates opens
+    hundreds of TLS connections to the API server at once (finalizer patches, Events), each with a
+    128 KiB asyncio buffer and OpenSSL's own, and the process keeps that memory afterwards
+    (BENCHMARKS.md, "Memory after bursts"). A bound on the pool itself would not do: every
+    watch-stream holds a connection for as long as it runs (one per resource kind, per namespace with
+    ``-n``), so enough of them would leave no connection for the patches. 0: kopf's own session."""
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None or not requests:
+        return None
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        trust_env=info.trust_env,
+        trace_configs=[_bounded_requests(requests)],
+    )
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        expiration=info.expiration,
+        aiohttp_session=session,
+    )
+
+
+def _bounded_requests(limit: int) -> aiohttp.TraceConfig:
+    """Lets at most ``limit`` requests wait for their response at once; watch-streams pass freely.
+
+    aiohttp awaits ``on_request_start`` before it takes a connection, and sends exactly one of
+    ``on_request_end`` / ``on_request_exception`` for every request whose start completed."""
+    gate = asyncio.Semaphore(limit)
+
+    async def start(session: aiohttp.ClientSession, ctx: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        if params.url.query.get("watch") == "true":
+            return
+        await gate.acquire()
+        ctx.holds = True
+
+    async def end(session: aiohttp.ClientSession, ctx: Any, params: Any) -> None:
+        if getattr(ctx, "holds", False):
+            ctx.holds = False
+            gate.release()
+
+    config = aiohttp.TraceConfig()
+    config.on_request_start.append(start)
+    config.on_request_end.append(end)
+    config.on_request_exception.append(end)
+    return config
 
 
 class Kube:

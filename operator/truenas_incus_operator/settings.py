@@ -80,6 +80,14 @@ class Settings(BaseSettings):
             "to notice device changes made outside the operator. 0: only on spec changes and restarts."
         ),
     )
+    kube_connections: int = Field(
+        32,
+        ge=0,
+        description=(
+            "At most this many of kopf's API requests in flight at once (watch-streams apart), so at most about as "
+            "many connections. 0: kopf's own session (no bound)."
+        ),
+    )
     retry_min_seconds: float = Field(2.0, gt=0, description="First retry delay after a failure.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay (bounded backoff).")
     call_timeout_seconds: float = Field(60.0, gt=0)
