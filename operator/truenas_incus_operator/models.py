@@ -711,7 +711,9 @@ class IncusInstanceStatus(_Model):
     ip_addresses: list[str] | None = Field(None, description="Global IP addresses of the running instance.")
     image: ImageStatus | None = Field(None, description="The image TrueNAS reports for the instance.")
     job: JobStatus | None = Field(None, description="The TrueNAS job in flight, if any.")
-    last_sync_time: datetime | None = Field(None, description="When TrueNAS was last observed.")
+    last_sync_time: datetime | None = Field(
+        None, description="When the operator last wrote this status (it writes only changes: idle, nothing)."
+    )
     message: str | None = Field(None, description="A one-line human summary.")
 
 

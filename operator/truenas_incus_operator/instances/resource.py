@@ -92,6 +92,5 @@ class LoopState:
     devices_seen: tuple[int, int, int] | None = None
     """(generation, connection epoch, audit round) whose devices were compared with TrueNAS."""
     unsupported_posted: tuple[str, ...] = ()
-    written_at: float = 0.0
     listening: tuple[Connection, str] | None = None
     watching_key: str | None = None
