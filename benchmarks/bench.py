@@ -96,6 +96,15 @@ class PhaseWatcher:
         self._stop = True
 
 
+def kube_clients(plane: LocalControlPlane) -> tuple[client.ApiClient, client.CustomObjectsApi, PhaseWatcher]:
+    """The benchmarks' own Kubernetes clients (the operator does not use this library)."""
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=str(plane.kubeconfig), client_configuration=configuration)
+    configuration.connection_pool_maxsize = 32
+    api = client.ApiClient(configuration)
+    return api, client.CustomObjectsApi(api), PhaseWatcher(api)
+
+
 @dataclass
 class Environment:
     workdir: Path
@@ -110,12 +119,7 @@ class Environment:
     watcher: PhaseWatcher = field(init=False)
 
     def __post_init__(self) -> None:
-        configuration = client.Configuration()
-        config.load_kube_config(config_file=str(self.plane.kubeconfig), client_configuration=configuration)
-        configuration.connection_pool_maxsize = 32
-        self.api = client.ApiClient(configuration)
-        self.custom = client.CustomObjectsApi(self.api)
-        self.watcher = PhaseWatcher(self.api)
+        self.api, self.custom, self.watcher = kube_clients(self.plane)
 
     def start_operator(self) -> float:
         key = self.workdir / "api-key"

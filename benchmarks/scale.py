@@ -37,8 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import GROUP, PLURAL, ROOT, VERSION, PhaseWatcher, machine, without_kubernetes
-from kubernetes import client, config
+from bench import GROUP, PLURAL, ROOT, VERSION, PhaseWatcher, kube_clients, machine, without_kubernetes
+from kubernetes import client
 
 from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
 
@@ -123,12 +123,7 @@ class Scale:
     watcher: PhaseWatcher = field(init=False)
 
     def __post_init__(self) -> None:
-        configuration = client.Configuration()
-        config.load_kube_config(config_file=str(self.plane.kubeconfig), client_configuration=configuration)
-        configuration.connection_pool_maxsize = 32
-        self.api = client.ApiClient(configuration)
-        self.custom = client.CustomObjectsApi(self.api)
-        self.watcher = PhaseWatcher(self.api)
+        self.api, self.custom, self.watcher = kube_clients(self.plane)
 
     def connect(self) -> None:
         for sim in self.sims:
