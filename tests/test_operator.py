@@ -351,7 +351,9 @@ def test_unreachable_truenas_then_it_comes_up(harness: Harness, namespace: str, 
     sim.stop()
     name = unique("unr")
     harness.apply(namespace, name, {"connectionRef": {"name": connection}})
-    status = harness.wait_synced_false(namespace, name, "Unreachable")
+    # The operator may have connected before the stop: the loss shows at the next call or query (reconnect
+    # attempts of up to 10 s each), so allow more than one attempt under load.
+    status = harness.wait_synced_false(namespace, name, "Unreachable", timeout=60)
     assert f"127.0.0.1:{port}" in status["message"]
     harness.wait_event(namespace, name, "Unreachable")
     ident, _, secret = key.partition("-")
