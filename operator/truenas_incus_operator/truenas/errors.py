@@ -6,6 +6,7 @@
     ├── AuthenticationFailed           the API key was refused (wrong, revoked, expired)
     ├── NotAuthorized                  logged in, but the key's role may not do this
     ├── APIUnavailable                 the server lacks the API family (virt.* on TrueNAS 26, REST on 26)
+    ├── ImageServerError               a VM image server or mirror failed or was refused (images.py's one error)
     └── CallFailed                     TrueNAS answered with an error (CallError): ``errno``, ``message``
         ├── ValidationFailed           field errors: ``errors`` = [FieldError(attribute, message, errno)]
         │   ├── NotFound               the instance (or device) does not exist
@@ -51,6 +52,12 @@ class NotAuthorized(TrueNASError):
 
 class APIUnavailable(TrueNASError):
     """The server does not offer the API family or transport asked for."""
+
+
+class ImageServerError(TrueNASError):
+    """A VM image server (or local mirror) failed, lied or was refused: unreachable, hanging, reset,
+    not JSON, ill-shaped, too large, redirected elsewhere, a bad path or checksum. Never TrueNAS's fault,
+    so never a reason to reconnect to TrueNAS."""
 
 
 class CallFailed(TrueNASError):
