@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email
 import hashlib
+import json
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -401,3 +402,53 @@ async def test_seed_and_running_changes_are_reported_as_deferred_also_after_a_re
             sim.counters.reset()
             after = await fresh.instances.update("web-01", InstanceChanges(environment={"TZ": "UTC"}))
             assert after.environment == {"TZ": "UTC"} and sim.counters.by_method["vm.update"] == 0
+
+
+# ----- bases are keyed by content (issue 19, finding 1) ----------------------------------------------------
+def planted_mirror(sim: Simulator, directory: Path) -> tuple[Path, str]:
+    """A mirror that claims the real product and version of every image with other bytes, and
+    indexes those bytes' sha256 (so its own checks pass): Bob's index."""
+    write_mirror(list(sim.images.values()), directory)
+    products_file = directory / "streams/v1/images.json"
+    document = json.loads(products_file.read_text())
+    planted = ""
+    for key, product in document["products"].items():
+        for version in product["versions"].values():
+            item = version["items"]["disk.qcow2"]
+            image_file = directory / item["path"]
+            data = image_file.read_bytes()
+            data = data[: -len(b"bob's bytes")] + b"bob's bytes"
+            image_file.write_bytes(data)
+            item["sha256"] = hashlib.sha256(data).hexdigest()
+            if key == "debian:bookworm:amd64:default":
+                planted = item["sha256"]
+    products_file.write_text(json.dumps(document))
+    return directory, planted
+
+
+async def test_a_base_planted_under_the_same_product_and_version_is_never_cloned(tmp_path: Path) -> None:
+    async with serve("25.10") as (sim, server), client_for(server, "websocket") as c:
+        assert isinstance(c.instances, RoutingBackend)
+        bob_mirror, bob_sha = planted_mirror(sim, tmp_path / "bob")
+        c.instances.vms.images = ImageServer(str(bob_mirror))
+        await c.instances.create(vm_config("bob-vm"))
+        assert sim.storage.datasets["tank/incus-operator/vms/bob_vm/root"].content == bob_sha
+
+        c.instances.vms.images = ImageServer(mirror(server))  # the administrator's server
+        real = await c.instances.vms.images.resolve("debian/bookworm")
+        assert real.product == "debian:bookworm:amd64:default" and real.sha256 != bob_sha
+        await c.instances.create(vm_config("alice-vm"))
+        alice = sim.storage.datasets["tank/incus-operator/vms/alice_vm/root"]
+        assert alice.content == real.sha256  # the real bytes, converted on their own
+        assert converts(sim) == 2
+        assert alice.origin is not None and real.sha256 in alice.origin and bob_sha not in alice.origin
+
+
+async def test_seeds_and_uploads_are_readable_by_their_owner_only() -> None:
+    """The seed holds the tenant's cloud-init and environment: no other tenant's host-path grant may read it."""
+    async with serve("25.10") as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        await c.instances.create(vm_config(environment={"TOKEN": "s3cret"}))
+        assert sim.storage.modes, "nothing was uploaded"
+        seed = "/mnt/tank/incus-operator/vms/web_01/seed.iso"
+        assert seed in sim.storage.modes
+        assert {path: oct(mode) for path, mode in sim.storage.modes.items() if mode & 0o077} == {}

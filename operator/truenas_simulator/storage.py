@@ -230,6 +230,8 @@ class StorageService:
     datasets: dict[str, Dataset] = field(default_factory=dict)
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+    modes: dict[str, int] = field(default_factory=dict)
+    """Each file's permission bits: ``filesystem.put``'s ``mode``, else 0o644 (the middleware's umask)."""
 
     def __post_init__(self) -> None:
         for pool in self.sim.global_config.storage_pools:
@@ -412,6 +414,8 @@ class StorageService:
             previous = self.files.get(path, b"") if options.get("append") else b""
             await self.sim.virt.work(job, "Uploading")
             self.files[path] = previous + content
+            mode = options.get("mode")
+            self.modes[path] = mode if isinstance(mode, int) and not isinstance(mode, bool) else 0o644
             return True
 
         return self.sim.jobs.submit(

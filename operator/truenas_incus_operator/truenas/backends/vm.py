@@ -12,8 +12,8 @@
 
 Names are deterministic, so a create that is repeated after a crash finds what the first one made:
 
-    <pool>/incus-operator/images/<product>_<serial>        the cached base volume (@base once converted)
-    <pool>/incus-operator/images/<product>_<serial>-upload the uploaded file (deleted after conversion)
+    <pool>/incus-operator/images/<product>_<serial>_sha256-<hex>         the cached base (@base once converted)
+    <pool>/incus-operator/images/<product>_<serial>_sha256-<hex>-upload  the uploaded file (deleted after)
     <pool>/incus-operator/vms/<vm>                         per VM: seed.iso, and its root disk clone /root
 
 VM names allow letters, digits and ``_`` only, so ``web-01`` is ``web_01`` on TrueNAS.
@@ -66,6 +66,8 @@ ROOT = "incus-operator"
 DEFAULT_MEMORY = 1024 * 2**20
 SUPPORTED_DEVICES = ("NIC",)
 STATUS = {"RUNNING": "RUNNING", "STOPPED": "STOPPED", "SUSPENDED": "FROZEN", "ERROR": "ERROR"}
+FILE_MODE = 0o600
+"""Seeds and uploaded images on the pool: readable by their owner only."""
 PROGRESS_SPAN = {"download": (0, 10), "upload": (10, 30), "convert": (30, 95)}
 
 
@@ -79,7 +81,11 @@ def instance_name(name: str) -> str:
 
 
 def dataset_key(image: VMImage) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{image.product}_{image.version}")
+    """The cached base's name: keyed by content. The sha256 the image was checked against before it was
+    converted is part of the name, so a base is reused only for the same bytes, whichever server (or
+    tenant) names the same product and version; its ``@base`` snapshot, taken only after a successful
+    conversion, is the proof that it is whole."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{image.product}_{image.version}") + f"_sha256-{image.sha256}"
 
 
 def cpu_count(cpu: str | None) -> int:
@@ -538,7 +544,10 @@ class VMBackend:
         scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
         url = urlunsplit((scheme, parts.netloc, "/_upload", "", ""))
         form = aiohttp.FormData()
-        form.add_field("data", json.dumps({"method": "filesystem.put", "params": [path, {"mode": 0o644}]}))
+        # Owner only: a seed holds the tenant's cloud-init and environment, and pool paths may be shared
+        # with other tenants through host-path grants. libvirt (dynamic_ownership) hands the files to
+        # the VM's qemu process when it starts.
+        form.add_field("data", json.dumps({"method": "filesystem.put", "params": [path, {"mode": FILE_MODE}]}))
         headers = {"Authorization": f"Bearer {options.api_key.reveal()}"}
         ssl_option: Any = options.ssl_context if scheme == "https" and options.ssl_context is not None else None
         try:
