@@ -24,6 +24,7 @@ from truenas_incus_operator.connections.config import (
     settings_loader,
 )
 from truenas_incus_operator.models import TrueNASConnectionSpec
+from truenas_incus_operator.policy import Policy
 from truenas_incus_operator.problems import OperatorError, problem_of
 from truenas_incus_operator.settings import Settings
 from truenas_incus_operator.status import as_patch, render_connection, secure_condition
@@ -37,6 +38,7 @@ from truenas_incus_operator.truenas import (
     connect,
 )
 from truenas_incus_operator.truenas.backends.routing import RoutingBackend
+from truenas_incus_operator.truenas.images import ImageSource
 from truenas_incus_operator.truenas.transports.base import scrubbing
 from truenas_simulator import Simulator, SimulatorServer
 
@@ -272,20 +274,40 @@ async def test_a_connection_reports_why_it_will_not_use_a_secret_and_what_is_ins
 # ----- where VM images come from -------------------------------------------------------------------------
 async def test_the_vm_image_server_comes_from_the_connection_else_from_the_operators_settings() -> None:
     kube = kube_with(labels=OPT_IN)
-    own = await resource_loader(kube, NS, spec(vmImageServer="/srv/mirror"), "https://mirror.example")()
-    assert own.vm_image_server == "/srv/mirror"
-    fallback = await resource_loader(kube, NS, spec(), "https://mirror.example")()
-    assert fallback.vm_image_server == "https://mirror.example"
-    assert (await resource_loader(kube, NS, spec())()).vm_image_server is None
+    settings = Settings.model_construct(vm_image_server="https://mirror.example")
+    allowing = Policy.model_validate({"defaultRule": {"vmImageServers": ["file:///srv/mirror"]}})
+    own = await resource_loader(kube, NS, spec(vmImageServer="/srv/mirror"), settings, allowing, "nas")()
+    assert own.vm_image_server is not None
+    assert (own.vm_image_server.url, own.vm_image_server.trusted) == ("/srv/mirror", True)
+    fallback = await resource_loader(kube, NS, spec(), settings)()
+    assert fallback.vm_image_server is not None and fallback.vm_image_server.url == "https://mirror.example/"
+    unset = (await resource_loader(kube, NS, spec())()).vm_image_server
+    assert unset is not None and unset.url == "https://images.linuxcontainers.org/"
     default = Settings(truenas_url="wss://nas.example.internal", truenas_api_key=KEY, vm_image_server="file:///m")
-    assert (await settings_loader(default)()).vm_image_server == "file:///m"
+    made = (await settings_loader(default)()).vm_image_server
+    assert made is not None and (made.url, made.trusted) == ("file:///m", True)
+
+
+async def test_a_tenant_names_no_image_server_the_policy_does_not_allow() -> None:
+    """Finding 2 and 3 of issue 19: by default only the operator's own server; a local path never."""
+    kube = kube_with(labels=OPT_IN)
+    settings = Settings.model_construct(vm_image_server="https://mirror.example")
+    for named in ("/srv/mirror", "file:///var/run/secrets", "https://bob.example/", "http://10.0.0.1/"):
+        error = await refusal(resource_loader(kube, NS, spec(vmImageServer=named), settings, Policy(), "nas"))
+        assert error.problem.reason == "PolicyDenied"
+        assert "spec.vmImageServer" in error.problem.message and "vmImageServers" in error.problem.message
+    anywhere = Policy.model_validate({"defaultRule": {"vmImageServers": ["*"]}})
+    public = await resource_loader(kube, NS, spec(vmImageServer="https://bob.example"), settings, anywhere, "nas")()
+    assert public.vm_image_server is not None and not public.vm_image_server.trusted
 
 
 async def test_a_connection_hands_its_vm_image_server_to_the_vm_backend() -> None:
     sim = Simulator("25.10", seed=3)
     server = await SimulatorServer(sim).start()
     try:
-        config = ConnectionConfig(url=server.ws_url, api_key=Secret(sim.api_key), vm_image_server="/srv/mirror")
+        config = ConnectionConfig(
+            url=server.ws_url, api_key=Secret(sim.api_key), vm_image_server=ImageSource("/srv/mirror")
+        )
         connection = Connection("ns/nas", config, resync_seconds=30.0)
         await connection._connect()
         assert connection.client is not None

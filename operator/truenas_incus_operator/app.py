@@ -73,7 +73,7 @@ def build(
         settings=settings,
         kube=kube,
         connections=connections,
-        connection_resources=ConnectionResources(settings, kube, connections),
+        connection_resources=ConnectionResources(settings, kube, connections, policy),
         wakeups=wakeups,
         ledger=ledger,
         policy=policy,

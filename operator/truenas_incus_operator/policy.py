@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .models import DeviceType, IncusInstanceSpec
+from .models import DeviceType, IncusInstanceSpec, InstanceType
+from .quantity import parse_bytes
 
 DEFAULT_CONNECTION = "<default>"
 NAMESPACE_PLACEHOLDER = "{namespace}"
@@ -49,6 +51,17 @@ Glob = Annotated[str, Field(pattern=GLOB_PATTERN)]
 HOST_PATH_PREFIX_PATTERN = r"^/[A-Za-z0-9._/{}@+:-]*$"
 NAME_PREFIX_PATTERN = r"^([A-Za-z0-9-]|\{namespace\}){1,62}$"
 NIC_PARENT_PATTERN = r"^[A-Za-z0-9._-]{1,15}$"
+ANY_PUBLIC_SERVER = "*"
+"""In ``vmImageServers``: any https server, at public addresses only (checked on every connect)."""
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])"
+_PORT = r"(?::[0-9]{1,5})?"
+IMAGE_SERVER_ENTRY = re.compile(
+    rf"^(?:\*|{_HOST}{_PORT}|https?://{_HOST}{_PORT}(?:/[A-Za-z0-9._~%/+-]*)?|(?:file://)?/[A-Za-z0-9._~%/+-]*)$"
+)
+VM_DEFAULT_MEMORY = 2**30
+"""What a VM gets without spec.memory (backends/vm.py), and one vCPU without spec.cpu."""
+DEFAULT_MAX_CONNECTIONS = 16
 
 
 class _Policy(BaseModel):
@@ -132,6 +145,52 @@ class Rule(Grant):
         ),
     )
 
+    vm_image_servers: list[Annotated[str, Field(max_length=2048)]] | None = Field(
+        None,
+        description=(
+            "Image servers a TrueNASConnection's spec.vmImageServer may name: 'https://host[:port]/path' "
+            "(that URL and below, by path components), 'host' or 'host:port' (https on that host), "
+            "'file:///dir' or '/dir' (that local mirror exactly), or '*' (any https server at public "
+            "addresses only). The ones named here are trusted: they may be internal. Default: only the "
+            "operator's own (TIO_VM_IMAGE_SERVER)."
+        ),
+    )
+    max_root_disk_size: int | str | None = Field(
+        None, description="Largest spec.rootDiskSize (bytes or a quantity such as 100Gi). Default: no cap."
+    )
+    max_memory: int | str | None = Field(
+        None,
+        description=(
+            "Largest spec.memory (bytes or a quantity); an omitted memory is a VM's 1Gi, and no limit "
+            "(so refused) for a container. Default: no cap."
+        ),
+    )
+    max_vcpus: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        None,
+        alias="maxVCPUs",
+        description=(
+            "Most CPUs spec.cpu may give (a count, or the size of a CPU set); an omitted cpu is a VM's one "
+            "vCPU, and no limit (so refused) for a container. Default: no cap."
+        ),
+    )
+
+    @field_validator("vm_image_servers")
+    @classmethod
+    def _image_server_entries(cls, value: list[str] | None) -> list[str] | None:
+        for entry in value or []:
+            if not IMAGE_SERVER_ENTRY.fullmatch(entry) or "/../" in f"{entry}/" or "/./" in f"{entry}/":
+                raise ValueError(
+                    f"{entry!r}: write 'https://host[:port]/path', 'host[:port]', 'file:///dir', '/dir' or '*'"
+                )
+        return value
+
+    @field_validator("max_root_disk_size", "max_memory")
+    @classmethod
+    def _sizes(cls, value: int | str | None) -> int | str | None:
+        if value is not None and parse_bytes(value) <= 0:
+            raise ValueError("must be a positive size")
+        return value
+
     @field_validator("host_path_prefixes")
     @classmethod
     def _plain_paths(cls, value: list[str] | None) -> list[str] | None:
@@ -158,6 +217,32 @@ class Violation:
         return f"{self.rule}: {self.field}: {self.message}"
 
 
+class Quota(_Policy):
+    """How much one namespace may hold; the first entry of ``quotas`` whose namespaces match applies."""
+
+    namespaces: list[Glob] = Field(default_factory=lambda: ["*"], description="Namespace globs.")
+    max_connections: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description=(
+            "TrueNASConnections a namespace may have in use (each holds a client and a WebSocket); the ones "
+            "beyond are refused (Ready=False, QuotaExceeded). Null: no cap."
+        ),
+    )
+    max_vms: Annotated[int, Field(ge=0)] | None = Field(
+        None, alias="maxVMs", description="IncusInstances of type VM a namespace may have. Null: no cap."
+    )
+
+
+@dataclass(frozen=True)
+class ImageServerDecision:
+    """What a TrueNASConnection's ``spec.vmImageServer`` comes to: the server to use and whether it is
+    trusted (the administrator named it: it may be local or internal), or the violation."""
+
+    url: str
+    trusted: bool
+    violation: Violation | None = None
+
+
 class Policy(_Policy):
     default_connection_namespaces: list[Glob] = Field(
         default_factory=lambda: ["*"],
@@ -176,6 +261,45 @@ class Policy(_Policy):
     default_rule: Rule = Field(
         default_factory=Rule, description="Applies where no rule matches (its namespaces and connections are ignored)."
     )
+    quotas: list[Quota] = Field(
+        default_factory=list, description="Per namespace; the first whose namespaces match applies."
+    )
+    default_quota: Quota = Field(
+        default_factory=lambda: Quota(max_connections=DEFAULT_MAX_CONNECTIONS),
+        description=f"Applies where no quota matches. Default: {DEFAULT_MAX_CONNECTIONS} TrueNASConnections.",
+    )
+
+    def quota_for(self, namespace: str) -> tuple[str, Quota]:
+        for index, quota in enumerate(self.quotas):
+            if any(fnmatchcase(namespace, p) for p in quota.namespaces):
+                return f"policy.quotas[{index}]", quota
+        return "policy.defaultQuota", self.default_quota
+
+    def image_server(self, namespace: str, connection: str, named: str | None, own: str) -> ImageServerDecision:
+        """Whether a TrueNASConnection (``connection``, in ``namespace``) may take its VM images from
+        ``named`` (its spec.vmImageServer); ``own`` is the operator's (TIO_VM_IMAGE_SERVER or the default).
+        The operator's own is always allowed and trusted."""
+        if named is None or _server_key(named) == _server_key(own):
+            return ImageServerDecision(_normal(own), True)
+        label, rule = self.rule_for(namespace, connection)
+        entries = rule.vm_image_servers or []
+        for entry in entries:
+            if entry != ANY_PUBLIC_SERVER and _entry_covers(entry, named):
+                return ImageServerDecision(_normal(named), True)
+        scheme = urlsplit(named).scheme.lower()
+        if ANY_PUBLIC_SERVER in entries and scheme == "https" and _server_key(named)[1]:
+            return ImageServerDecision(_normal(named), False)
+        shown = ", ".join(entries) if entries else f"only the operator's own, {own}"
+        why = "is not an allowed image server"
+        if scheme not in ("http", "https"):
+            why = "is a local path or file:// URL, which only the administrator may choose"
+        elif ANY_PUBLIC_SERVER in entries:
+            why = "is not an allowed image server ('*' allows https only)"
+        return ImageServerDecision(
+            _normal(named),
+            False,
+            Violation(f"{label}.vmImageServers", "spec.vmImageServer", f"{named} {why} (allowed: {shown})"),
+        )
 
     def may_use_default_connection(self, namespace: str) -> bool:
         return any(fnmatchcase(namespace, p) for p in self.default_connection_namespaces)
@@ -212,7 +336,79 @@ class Policy(_Policy):
         found += _storage_pool(label, rule, spec)
         found += _proxy_ports(label, rule, spec)
         found += _name_prefix(label, rule, spec, namespace, instance_name)
+        found += _caps(label, rule, spec)
         return found
+
+
+def _normal(url: str) -> str:
+    return url.rstrip("/") + "/" if "://" in url and not url.startswith("file://") else url
+
+
+def _server_key(url: str) -> tuple[str, str, int, tuple[str, ...]]:
+    """(scheme, host, port, path components) of an http(s) URL; ('local', '', 0, parts) for a local
+    mirror; a URL that does not parse has no host (and matches nothing)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            return scheme, "", 0, ()
+        host = (parts.hostname or "").rstrip(".").lower()
+        return scheme, host, port, tuple(p for p in parts.path.split("/") if p)
+    path = parts.path if scheme == "file" and not parts.netloc else url if not scheme else ""
+    if not path.startswith("/") or any(p in (".", "..") for p in path.split("/")):
+        return "local", "", 0, ("<not a plain absolute path>",)
+    return "local", "", 0, tuple(p for p in path.split("/") if p)
+
+
+def _entry_covers(entry: str, named: str) -> bool:
+    wanted = _server_key(named)
+    if not wanted[1] and wanted[0] != "local":
+        return False
+    if "://" not in entry and not entry.startswith("/"):  # host or host:port: https on that host
+        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        return wanted[0] == "https" and wanted[1] == host.lower() and (not port or wanted[2] == int(port))
+    allowed = _server_key(entry)
+    if allowed[0] == "local":
+        return wanted == allowed  # a local mirror exactly, never below it
+    return wanted[:3] == allowed[:3] and wanted[3][: len(allowed[3])] == allowed[3]
+
+
+def cpu_count(cpu: str) -> int:
+    """CPUs a ``spec.cpu`` gives: a count, or the size of a set such as ``0-3,8``."""
+    if cpu.isdigit():
+        return int(cpu)
+    total = 0
+    for item in cpu.split(","):
+        low, _, high = item.partition("-")
+        total += int(high) - int(low) + 1 if high else 1
+    return total
+
+
+def _caps(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
+    found = []
+    is_vm = spec.type == InstanceType.VM
+    cap = rule.max_root_disk_size
+    if cap is not None and spec.root_disk_size is not None and parse_bytes(spec.root_disk_size) > parse_bytes(cap):
+        found.append(
+            Violation(
+                f"{label}.maxRootDiskSize", "spec.rootDiskSize", f"{spec.root_disk_size} is larger than allowed ({cap})"
+            )
+        )
+    if rule.max_memory is not None:
+        memory = parse_bytes(spec.memory) if spec.memory is not None else VM_DEFAULT_MEMORY if is_vm else None
+        if memory is None or memory > parse_bytes(rule.max_memory):
+            said = "omitted (no limit)" if memory is None else f"{spec.memory or '1Gi (the VM default)'}"
+            found.append(
+                Violation(f"{label}.maxMemory", "spec.memory", f"{said} is more than allowed ({rule.max_memory})")
+            )
+    if rule.max_vcpus is not None:
+        cpus = cpu_count(spec.cpu) if spec.cpu is not None else 1 if is_vm else None
+        if cpus is None or cpus > rule.max_vcpus:
+            said = "omitted (no limit)" if cpus is None else f"{spec.cpu} ({cpus} CPUs)"
+            found.append(Violation(f"{label}.maxVCPUs", "spec.cpu", f"{said} is more than allowed ({rule.max_vcpus})"))
+    return found
 
 
 def _device_types(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:

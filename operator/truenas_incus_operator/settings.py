@@ -32,8 +32,22 @@ class Settings(BaseSettings):
         description=(
             "Where VM images come from on the default connection (and TrueNASConnections without "
             "spec.vmImageServer): a simplestreams URL or a local mirror (file:// or a directory). "
-            "Unset: https://images.linuxcontainers.org."
+            "Unset: https://images.linuxcontainers.org. The administrator's choice, so trusted: it may be "
+            "internal; tenants may name others only where the policy's vmImageServers allows."
         ),
+    )
+    scratch_dir: Path | None = Field(
+        None,
+        description=(
+            "Where VM images are downloaded before their upload to TrueNAS (the chart mounts a scratch volume "
+            "here); free space for the image is checked first. Unset: the system's temporary directory."
+        ),
+    )
+    vm_image_max_bytes: int = Field(
+        64 * 2**30, gt=0, description="Largest VM image the operator downloads (the index's size is checked)."
+    )
+    vm_image_index_max_bytes: int = Field(
+        32 * 2**20, gt=0, description="Largest simplestreams index or products file the operator reads."
     )
 
     ledger_namespace: str = Field(

@@ -25,9 +25,11 @@ from urllib.parse import urlsplit
 
 from ..kube import Kube, SecretObject
 from ..models import EFFECTIVE_DEFAULTS, TrueNASConnectionSpec
+from ..policy import POLICY_REASON, Policy
 from ..problems import fail
 from ..settings import Settings
 from ..truenas import Secret
+from ..truenas.images import DEFAULT_IMAGE_SERVER, ImageSource
 
 DEFAULT_KEY = "<default>"
 """The key of the operator's default connection (TrueNASConnections are ``namespace/name``)."""
@@ -69,8 +71,9 @@ class ConnectionConfig:
     ca_pem: str | None = None
     insecure_skip_verify: bool = False
     max_concurrent_calls: int = 20
-    vm_image_server: str | None = None
-    """Where VM images come from (simplestreams URL or local mirror); None: the client's default."""
+    vm_image_server: ImageSource | None = None
+    """Where VM images come from (simplestreams URL or local mirror) and the bounds on it; None: the
+    client's default."""
 
     @property
     def identity(self) -> str:
@@ -105,19 +108,50 @@ def settings_loader(settings: Settings) -> Loader:
             ca_pem=ca_pem,
             insecure_skip_verify=settings.truenas_insecure_skip_verify,
             max_concurrent_calls=settings.truenas_max_concurrent_calls,
-            vm_image_server=settings.vm_image_server,
+            vm_image_server=image_source(settings, settings.vm_image_server, trusted=True),
         )
 
     return load
 
 
+def image_source(settings: Settings, url: str | None, trusted: bool) -> ImageSource:
+    return ImageSource(
+        url or DEFAULT_IMAGE_SERVER,
+        trusted=trusted,
+        max_index_bytes=settings.vm_image_index_max_bytes,
+        max_image_bytes=settings.vm_image_max_bytes,
+        scratch_dir=settings.scratch_dir,
+    )
+
+
+def vm_image_source(
+    settings: Settings, policy: Policy, namespace: str, name: str, spec: TrueNASConnectionSpec
+) -> ImageSource:
+    """A TrueNASConnection's image server: its ``vmImageServer`` where the policy allows it (trusted when
+    the policy names it), else the operator's own; refused (PolicyDenied) otherwise."""
+    own = settings.vm_image_server or DEFAULT_IMAGE_SERVER
+    decision = policy.image_server(namespace, f"{namespace}/{name}", spec.vm_image_server, own)
+    if decision.violation is not None:
+        raise fail(POLICY_REASON, str(decision.violation))
+    return image_source(settings, decision.url, decision.trusted)
+
+
 def resource_loader(
-    kube: Kube, namespace: str, spec: TrueNASConnectionSpec, settings_vm_image_server: str | None = None
+    kube: Kube,
+    namespace: str,
+    spec: TrueNASConnectionSpec,
+    settings: Settings | None = None,
+    policy: Policy | None = None,
+    name: str = "",
 ) -> Loader:
-    """A TrueNASConnection: its key (and CA) from Secrets in its namespace that opt in; VM images from its
-    ``vmImageServer``, else from the operator's (``TIO_VM_IMAGE_SERVER``)."""
+    """A TrueNASConnection ``namespace/name``: its key (and CA) from Secrets in its namespace that opt in;
+    VM images from its ``vmImageServer`` where the policy allows it, else from the operator's
+    (``TIO_VM_IMAGE_SERVER``)."""
+    settings = settings or Settings.model_construct()
+    policy = policy or Policy()
 
     async def load() -> ConnectionConfig:
+        images = vm_image_source(settings, policy, namespace, name, spec)  # before any Secret is read
         check_transport(spec.url, bool(spec.allow_insecure_transport), "spec.allowInsecureTransport: true")
         ref = spec.api_key_secret_ref
         key_secret = await _credentials(kube, namespace, ref.name)
@@ -135,7 +169,7 @@ def resource_loader(
             ca_pem=ca_pem,
             insecure_skip_verify=bool(spec.tls and spec.tls.insecure_skip_verify),
             max_concurrent_calls=spec.max_concurrent_calls or EFFECTIVE_DEFAULTS["max_concurrent_calls"],
-            vm_image_server=spec.vm_image_server or settings_vm_image_server,
+            vm_image_server=images,
         )
 
     return load

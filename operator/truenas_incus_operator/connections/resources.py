@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..kube import Kube
 from ..models import TrueNASConnectionSpec
+from ..policy import Policy
 from ..problems import OperatorError, Problem
 from ..settings import Settings
 from ..status import ConditionUpdate, applied, as_patch, differs, render_connection, secure_condition, utc_now
@@ -36,8 +37,11 @@ class _Reported:
 
 
 class ConnectionResources:
-    def __init__(self, settings: Settings, kube: Kube, manager: ConnectionManager) -> None:
+    def __init__(
+        self, settings: Settings, kube: Kube, manager: ConnectionManager, policy: Policy | None = None
+    ) -> None:
         self.settings = settings
+        self.policy = policy or Policy()
         self.kube = kube
         self.manager = manager
         manager.on_state = self._state_changed
@@ -82,8 +86,12 @@ class ConnectionResources:
             await self._unusable(key, Problem("InvalidSpec", str(exc.errors()[0]["msg"])))
             return
         self._reported[key].secure = secure_condition(spec.url, bool(spec.tls and spec.tls.insecure_skip_verify))
+        over = self._over_quota(namespace, key)
+        if over is not None:
+            await self._unusable(key, over)
+            return
 
-        load = resource_loader(self.kube, namespace, spec, self.settings.vm_image_server)
+        load = resource_loader(self.kube, namespace, spec, self.settings, self.policy, name)
         try:
             config = await load()
         except OperatorError as exc:
@@ -93,6 +101,21 @@ class ConnectionResources:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(connection.ready.wait(), 15)
         await self._write(key, connection.problem, connection)
+
+    def _over_quota(self, namespace: str, key: str) -> Problem | None:
+        """The policy's connection quota: at most ``maxConnections`` of a namespace's TrueNASConnections
+        hold a client (and a WebSocket) at once; the others are refused until one goes."""
+        label, quota = self.policy.quota_for(namespace)
+        if quota.max_connections is None or key in self.manager.connections:
+            return None
+        used = sum(1 for k in self.manager.connections if k.startswith(f"{namespace}/"))
+        if used < quota.max_connections:
+            return None
+        return Problem(
+            "QuotaExceeded",
+            f"{label}.maxConnections: namespace {namespace} already uses {used} TrueNASConnections, the most "
+            f"the policy allows ({quota.max_connections}); delete one, then change this one to retry",
+        )
 
     async def remove(self, key: str) -> None:
         self._reported.pop(key, None)

@@ -11,6 +11,7 @@ from .backends.routing import RoutingBackend
 from .backends.virt import VirtInstanceBackend
 from .backends.vm import VMBackend
 from .errors import APIUnavailable, CallFailed, TrueNASError
+from .images import ImageSource
 from .observe import ObservedTransport, Observer
 from .transports.base import ConnectionOptions, Secret, Transport
 from .transports.jsonrpc import JsonRpcTransport
@@ -65,7 +66,7 @@ async def connect(
     job_timeout: float = 15 * 60.0,
     connect_timeout: float = 10.0,
     observer: Observer | None = None,
-    vm_image_server: str | None = None,
+    vm_image_server: str | ImageSource | None = None,
 ) -> TrueNASClient:
     """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``.
 
@@ -103,7 +104,7 @@ async def connect(
 
 
 async def choose_backend(
-    transport: Transport, version: tuple[int, ...], vm_image_server: str | None = None
+    transport: Transport, version: tuple[int, ...], vm_image_server: str | ImageSource | None = None
 ) -> InstanceBackend:
     """The API family for instances on this server (product.md §4); from 25.04.2 on, VMs go to ``vm.*``
     (truenas-vm-container.md §1) through a routing backend beside the containers' family."""

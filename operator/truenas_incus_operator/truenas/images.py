@@ -60,6 +60,30 @@ _PATH = re.compile(r"[A-Za-z0-9._~:@+,=/-]{1,1024}")
 
 
 @dataclass(frozen=True)
+class ImageSource:
+    """Where a connection's VM images come from, and the bounds on what that server may send."""
+
+    url: str = DEFAULT_IMAGE_SERVER
+    trusted: bool = True
+    """Chosen by the administrator (``TIO_VM_IMAGE_SERVER`` or named in the policy): may be a local
+    mirror or an internal address. False: https at public addresses only."""
+    max_index_bytes: int = MAX_INDEX_BYTES
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    scratch_dir: Path | None = None
+    """Where downloads go (``TIO_SCRATCH_DIR``); None: the system's temporary directory."""
+
+    def server(self, arch: str = "amd64") -> ImageServer:
+        return ImageServer(
+            self.url,
+            arch,
+            trusted=self.trusted,
+            max_index_bytes=self.max_index_bytes,
+            max_image_bytes=self.max_image_bytes,
+            scratch_dir=self.scratch_dir,
+        )
+
+
+@dataclass(frozen=True)
 class VMImage:
     product: str
     """``debian:bookworm:amd64:default``."""
@@ -339,6 +363,10 @@ class ImageServer:
                 os.unlink(name)
             raise
         return target
+
+    def downloaded(self, path: Path) -> bool:
+        """Whether ``path`` is a download of ours (the caller removes it), not a local mirror's file."""
+        return self._local() is None and path.name.startswith("tio-vm-image-")
 
     def _check_size(self, image: VMImage, size: int, source: str) -> None:
         if size != image.size:

@@ -27,8 +27,8 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +46,7 @@ from ..errors import (
     TrueNASError,
     ValidationFailed,
 )
-from ..images import DEFAULT_IMAGE_SERVER, ImageServer, VMImage, file_virtual_size
+from ..images import DEFAULT_IMAGE_SERVER, ImageServer, ImageSource, VMImage, file_virtual_size
 from ..jobs import is_finished, job_result
 from ..seed import seed_iso, user_data
 from ..transports.base import Transport
@@ -158,11 +158,13 @@ class VMBackend:
         self,
         transport: Transport,
         version: tuple[int, ...],
-        image_server: str | ImageServer | None = None,
+        image_server: str | ImageServer | ImageSource | None = None,
         arch: str = "amd64",
     ) -> None:
         self.transport = transport
         self.version = version
+        if isinstance(image_server, ImageSource):
+            image_server = image_server.server(arch)
         self.images = (
             image_server
             if isinstance(image_server, ImageServer)
@@ -482,14 +484,20 @@ class VMBackend:
         await self._ensure_dataset(f"{pool}/{ROOT}/images")
         await self._ensure_dataset(f"{pool}/{ROOT}/vms")
         path = f"/mnt/{upload_dir}/disk.qcow2"
-        with tempfile.TemporaryDirectory(prefix="tio-vm-image-") as scratch:
-            report("download", 0, f"Downloading {image.product} {image.version}")
-            local = await self.images.download(image, Path(scratch))  # streamed, sha256 checked
+        report("download", 0, f"Downloading {image.product} {image.version}")
+        # Streamed into the scratch directory (TIO_SCRATCH_DIR, free space checked first), size and sha256
+        # checked; a local mirror's own file otherwise.
+        local = await self.images.download(image)
+        try:
             report("download", 100, "Downloaded")
             await self._ensure_dataset(upload_dir)
             report("upload", 0, "Uploading the image to TrueNAS")
             await self.upload(path, local, lambda job: report("upload", job_percent(job), "Uploading", job))
             size = file_virtual_size(local)
+        finally:
+            if self.images.downloaded(local):
+                with contextlib.suppress(OSError):
+                    os.unlink(local)
         volumes = await self._datasets(base)
         if base not in volumes:
             await self.transport.call(
