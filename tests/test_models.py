@@ -308,3 +308,32 @@ def test_largest_admissible_spec_fits_the_annotation_budget() -> None:
     assert not valid({**body, "environment": longer_env})
     assert not valid({**body, "image": body["image"] + "x"})
     assert not valid({**body, "nics": [*body["nics"], {"name": "one-more"}]})
+
+
+# ----- URLs: a port is 1-65535 digits only (issue 19 item 9: ':+1234' crashed the loop) ---------------------
+URLS = [("wss://nas.example", True), ("wss://nas.example:8443/api", True), ("https://[::1]:443", True)]
+URLS += [("ws://127.0.0.1:6000", True), ("wss://nas_01.lan", True)]
+URLS += [("wss://nas.example:+1234", False), ("wss://nas.example:-1", False), ("wss://nas.example:65536", False)]
+URLS += [("wss://nas.example:0", False), ("wss://nas.example:12a", False), ("wss://user@nas.example", False)]
+URLS += [("wss://nas.example:", False), ("wss://[::1", False)]
+
+
+@pytest.mark.parametrize("url,accepted", URLS, ids=[u for u, _ in URLS])
+def test_connection_urls_have_a_host_and_a_plain_port(url: str, accepted: bool) -> None:
+    for field in ("url", "vmImageServer"):
+        candidate = url if field == "url" else url.replace("wss://", "https://").replace("ws://", "http://")
+        try:
+            TrueNASConnectionSpec.model_validate({**connection(), field: candidate})
+        except ValidationError as exc:
+            assert not accepted, exc
+            assert exc.errors()[0]["loc"] == (field,)
+        else:
+            assert accepted, f"{field}={candidate} was accepted"
+
+
+@pytest.mark.parametrize("server", ["/srv/mirror", "file:///srv/mirror", "https://images.example/x"])
+def test_vm_image_server_is_a_url_or_an_absolute_path(server: str) -> None:
+    TrueNASConnectionSpec.model_validate({**connection(), "vmImageServer": server})
+    for bad in ("relative/dir", "ftp://x/", "file://host/x", "https://x y/"):
+        with pytest.raises(ValidationError):
+            TrueNASConnectionSpec.model_validate({**connection(), "vmImageServer": bad})

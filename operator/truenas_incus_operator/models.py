@@ -738,6 +738,14 @@ class SecretKeyReference(_Model):
     )
 
 
+# A host (name or bracketed IPv6 literal) and an optional port of 1-65535 written as plain digits: a URL
+# such as wss://nas:+1234 parses in some libraries and not in others (issue 19 item 9), so none is admitted.
+_URL_HOST = r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])"
+_URL_PORT = r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
+CONNECTION_URL_PATTERN = rf"^(wss|https|ws|http)://{_URL_HOST}{_URL_PORT}(/\S*)?$"
+IMAGE_SERVER_PATTERN = rf"^(https?://{_URL_HOST}{_URL_PORT}(/\S*)?|file:///\S*|/\S*)$"
+
+
 class ConnectionTLS(_Model):
     """TLS settings. Certificates are verified against the system CAs unless a CA is given."""
 
@@ -760,7 +768,7 @@ class ConnectionTLS(_Model):
 class TrueNASConnectionSpec(_Model):
     """How to reach one TrueNAS system."""
 
-    url: Annotated[str, Field(pattern=r"^(wss|https|ws|http)://[^/\s]+(/.*)?$", max_length=2048)] = Field(
+    url: Annotated[str, Field(pattern=CONNECTION_URL_PATTERN, max_length=2048)] = Field(
         description=(
             "wss://host or https://host. Plain ws:// and http:// are refused (InsecureTransport) except to "
             "loopback or with allowInsecureTransport."
@@ -788,13 +796,14 @@ class TrueNASConnectionSpec(_Model):
     max_concurrent_calls: Annotated[int, Field(ge=1, le=20)] | None = Field(
         None, description="Concurrent calls on this connection (TrueNAS allows 20). Effective default: 20."
     )
-    vm_image_server: Annotated[str, Field(min_length=1, max_length=2048)] | None = Field(
+    vm_image_server: Annotated[str, Field(pattern=IMAGE_SERVER_PATTERN, min_length=1, max_length=2048)] | None = Field(
         None,
         description=(
             "Where VMs on vm.* (TrueNAS 25.04.2 and later) get their disk images: a simplestreams server "
             "(https://...), or a local mirror on the operator's host (file:// URL or directory path) for NAS "
-            "hosts without internet access. Unset: the operator's TIO_VM_IMAGE_SERVER, else "
-            "https://images.linuxcontainers.org."
+            "hosts without internet access. Only a server the administrator's policy allows (vmImageServers; "
+            "by default only the operator's own), else the connection is refused (PolicyDenied). Unset: the "
+            "operator's TIO_VM_IMAGE_SERVER, else https://images.linuxcontainers.org."
         ),
     )
 
