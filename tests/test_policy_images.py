@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fakes import FakeKube
+from tests.fakes import FakeKube, fake_operator, resource
 from truenas_incus_operator.connections import Connection
 from truenas_incus_operator.connections.config import ConnectionConfig
 from truenas_incus_operator.connections.manager import ConnectionManager
 from truenas_incus_operator.connections.resources import ConnectionResources
+from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.models import IncusInstanceSpec
 from truenas_incus_operator.policy import Policy, PolicyError, load_policy
 from truenas_incus_operator.settings import Settings
@@ -132,3 +134,27 @@ async def test_a_namespace_over_its_connection_quota_gets_no_further_connection(
     assert problem.reason == "QuotaExceeded" and "policy.quotas[0].maxConnections" in problem.message
     ready = [p.body["conditions"] for p in kube.patches][-1]
     assert any(c["type"] == "Ready" and c["reason"] == "QuotaExceeded" for c in ready)
+
+
+async def test_a_namespace_at_its_vm_quota_gets_no_further_vm_but_keeps_its_own(tmp_path: Path) -> None:
+    """Item 8 of issue 19: the policy had no VM limits. maxVMs: 2; a third VM is refused before any
+    TrueNAS call; the first two keep being reconciled; containers do not count."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("quotas:\n  - namespaces: [team-*]\n    maxVMs: 2\n")
+    fake = fake_operator(policy_file=path)
+    vms = [resource(f"vm{i}", namespace=NS, type="VM") for i in range(3)]
+    for body in [*vms[:2], resource("box", namespace=NS)]:
+        await fake.operator.loops.reconcile_once(body, LoopState(status={}), lambda: None)
+    assert {"create vm0", "create vm1", "create box"} <= set(fake.backend.calls)
+    fake.backend.calls.clear()
+    await fake.operator.loops.reconcile_once(vms[2], LoopState(status={}), lambda: None)
+    assert fake.backend.calls == []
+    last = fake.kube.statuses("vm2")[-1]
+    synced = next(c for c in last["conditions"] if c["type"] == "Synced")
+    assert synced["reason"] == "PolicyDenied" and synced["message"].startswith("policy.quotas[0].maxVMs: spec.type")
+    # The first two are still theirs, and another namespace has its own count.
+    await fake.operator.loops.reconcile_once(vms[0], LoopState(status={}), lambda: None)
+    elsewhere = resource("vm9", namespace="team-b", type="VM")
+    await fake.operator.loops.reconcile_once(elsewhere, LoopState(status={}), lambda: None)
+    assert "create vm9" in fake.backend.calls
+    assert not any(c["reason"] == "PolicyDenied" for c in fake.kube.statuses("vm0")[-1]["conditions"])

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
 from ..metrics import Metrics
-from ..policy import POLICY_REASON, Policy
+from ..policy import POLICY_REASON, Policy, Violation
 from ..problems import OperatorError, Problem, fail, problem_of
 from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
 from ..settings import Settings
@@ -51,6 +51,8 @@ class InstanceLoops:
         self.reporter = reporter
         self.executor = executor
         self.policy = policy or Policy()
+        self._vm_slots: dict[str, set[str]] = {}
+        """Per namespace, the UIDs of the VM resources that count against the policy's maxVMs."""
 
     async def run(self, body: Mapping[str, Any], stopped: Any) -> None:
         """Reconciles one IncusInstance until the daemon is stopped. ``body`` is kopf's live view."""
@@ -72,6 +74,8 @@ class InstanceLoops:
                 self.connections.unwatch_key(state.watching_key, wake)
             self.wakeups.forget(key)
             self.metrics.forget_resource(key)
+            meta = body.get("metadata") or {}
+            self._vm_slots.get(str(meta.get("namespace")), set()).discard(str(meta.get("uid", "")))
 
     async def reconcile_once(self, body: Mapping[str, Any], state: LoopState, wake: Wake) -> float:
         """One pass; returns the seconds until the next unprompted pass."""
@@ -116,7 +120,26 @@ class InstanceLoops:
     def _policy_denial(self, desired: Desired, key: str) -> Blocked | None:
         """The administrator's policy (policy.py), checked again here: admission can be off or bypassed."""
         found = self.policy.violations(desired.namespace, key, desired.spec, desired.name)
+        if not found:
+            found = self._vm_quota(desired)
         return Blocked(POLICY_REASON, "; ".join(map(str, found)), ours=True) if found else None
+
+    def _vm_quota(self, desired: Desired) -> list[Violation]:
+        """The namespace's maxVMs: a VM resource takes a slot when it first passes; one that owns an
+        instance already (the ledger says so) always keeps its slot, so a restart refuses only new ones."""
+        slots = self._vm_slots.setdefault(desired.namespace, set())
+        if desired.spec.type != "VM":
+            slots.discard(desired.uid)
+            return []
+        label, quota = self.policy.quota_for(desired.namespace)
+        if quota.max_vms is None or desired.uid in slots or self.ledger.owned_by(desired.uid):
+            slots.add(desired.uid)
+            return []
+        if len(slots) < quota.max_vms:
+            slots.add(desired.uid)
+            return []
+        message = f"namespace {desired.namespace} has {len(slots)} VMs, the most the policy allows ({quota.max_vms})"
+        return [Violation(f"{label}.maxVMs", "spec.type", message)]
 
     def _owned_observation(self, body: Mapping[str, Any], key: str) -> ObservedInstance | None:
         """What the cache holds of the resource's instance, if the ledger gives it to the resource."""
