@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from truenas_incus_operator.metrics import Metrics
 from truenas_incus_operator.truenas import (
     AlreadyExists,
     DeviceConfig,
@@ -452,3 +453,35 @@ async def test_seeds_and_uploads_are_readable_by_their_owner_only() -> None:
         seed = "/mnt/tank/incus-operator/vms/web_01/seed.iso"
         assert seed in sim.storage.modes
         assert {path: oct(mode) for path, mode in sim.storage.modes.items() if mode & 0o077} == {}
+
+
+# ----- unused bases are collected after a grace period (issue 19 item 8) --------------------------------------
+async def test_an_unused_base_is_collected_after_the_grace_period_and_a_used_one_never() -> None:
+    metrics = Metrics()
+    observer = metrics.truenas("<default>", 20)
+    async with (
+        serve("25.10") as (sim, server),
+        client_for(server, "websocket", vm_image_server=mirror(server), observer=observer) as c,
+    ):
+        assert isinstance(c.instances, RoutingBackend)
+        vms = c.instances.vms
+        vms.base_grace_seconds = 100.0
+        await c.instances.create(vm_config("web-01"))
+        await c.instances.create(vm_config("web-02", image="ubuntu/noble"))
+        bases = sorted(d for d in sim.storage.datasets if d.startswith("tank/incus-operator/images/"))
+        assert len(bases) == 2
+        debian = next(b for b in bases if "debian" in b)
+        await c.instances.delete("web-01")  # the debian base is unused from now on
+        assert await vms.collect_bases(now=1000.0) == []  # first seen unused
+        assert await vms.collect_bases(now=1099.0) == []  # still within the grace period
+        assert await vms.collect_bases(now=1100.0) == [debian]
+        assert metrics.registry.get_sample_value("tio_vm_bases_collected_total") == 1
+        left = sorted(d for d in sim.storage.datasets if d.startswith("tank/incus-operator/images/"))
+        assert left == [b for b in bases if b != debian] and f"{debian}@base" not in sim.storage.snapshots
+        assert await vms.collect_bases(now=10**6) == []  # the ubuntu base has its clone: never collected
+        # Used again within the grace period: the clock starts over.
+        await c.instances.create(vm_config("web-03"))
+        await c.instances.delete("web-03")
+        assert await vms.collect_bases(now=2000.0) == []
+        await c.instances.create(vm_config("web-04"))
+        assert await vms.collect_bases(now=2200.0) == []

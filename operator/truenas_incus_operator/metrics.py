@@ -161,6 +161,11 @@ class Metrics:
             ["connection", "collection"],
             registry=r,
         )
+        self.bases_collected = Counter(
+            "tio_vm_bases_collected",
+            "Cached VM bases deleted after no VM used them for TIO_VM_BASE_GRACE_SECONDS",
+            registry=r,
+        )
         self.event_lag = Histogram(
             "tio_truenas_event_lag_seconds",
             "An event's arrival vs the time TrueNAS gives for the change (only job ends carry one)",
@@ -325,3 +330,7 @@ class ConnectionObserver:
 
     def reconnected(self) -> None:
         self.metrics.reconnects.labels(self.connection).inc()
+
+    def base_collected(self) -> None:
+        """The VM backend deleted an unused cached base (backends/vm.py ``collect_bases``)."""
+        self.metrics.bases_collected.inc()

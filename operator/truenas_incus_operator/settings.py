@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     vm_image_max_bytes: int = Field(
         64 * 2**30, gt=0, description="Largest VM image the operator downloads (the index's size is checked)."
     )
+    vm_base_grace_seconds: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description=(
+            "A cached VM base (one per image sha256 on each pool) that no VM clones is deleted after being "
+            "unused this long (counted from when the operator first saw it unused; tio_vm_bases_collected)."
+        ),
+    )
     vm_image_index_max_bytes: int = Field(
         32 * 2**20, gt=0, description="Largest simplestreams index or products file the operator reads."
     )

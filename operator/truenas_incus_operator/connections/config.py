@@ -121,6 +121,7 @@ def image_source(settings: Settings, url: str | None, trusted: bool) -> ImageSou
         max_index_bytes=settings.vm_image_index_max_bytes,
         max_image_bytes=settings.vm_image_max_bytes,
         scratch_dir=settings.scratch_dir,
+        base_grace_seconds=settings.vm_base_grace_seconds,
     )
 
 

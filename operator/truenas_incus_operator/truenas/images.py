@@ -71,6 +71,8 @@ class ImageSource:
     max_image_bytes: int = MAX_IMAGE_BYTES
     scratch_dir: Path | None = None
     """Where downloads go (``TIO_SCRATCH_DIR``); None: the system's temporary directory."""
+    base_grace_seconds: float = 24 * 3600.0
+    """How long a cached base no VM uses stays on the pool (``TIO_VM_BASE_GRACE_SECONDS``)."""
 
     def server(self, arch: str = "amd64") -> ImageServer:
         return ImageServer(

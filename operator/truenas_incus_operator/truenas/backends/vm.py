@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -66,6 +67,9 @@ ROOT = "incus-operator"
 DEFAULT_MEMORY = 1024 * 2**20
 SUPPORTED_DEVICES = ("NIC",)
 STATUS = {"RUNNING": "RUNNING", "STOPPED": "STOPPED", "SUSPENDED": "FROZEN", "ERROR": "ERROR"}
+BASE_GRACE_SECONDS = 24 * 3600.0
+"""How long an unused cached base stays (``TIO_VM_BASE_GRACE_SECONDS``): a VM of the same image made
+within it needs no download."""
 FILE_MODE = 0o600
 """Seeds and uploaded images on the pool: readable by their owner only."""
 PROGRESS_SPAN = {"download": (0, 10), "upload": (10, 30), "convert": (30, 95)}
@@ -163,7 +167,10 @@ class VMBackend:
     ) -> None:
         self.transport = transport
         self.version = version
+        self.base_grace_seconds = BASE_GRACE_SECONDS
+        """A cached base no VM clones is deleted once it has been unused this long (``collect_bases``)."""
         if isinstance(image_server, ImageSource):
+            self.base_grace_seconds = image_server.base_grace_seconds
             image_server = image_server.server(arch)
         self.images = (
             image_server
@@ -183,6 +190,10 @@ class VMBackend:
         """Per running VM, the fields changed since it started (this process's memory only)."""
         self._environment: dict[str, dict[str, str]] = {}
         """What each VM's seed says (vm.query cannot show a guest's environment); this process's memory only."""
+        self._unused_since: dict[str, float] = {}
+        self._in_use: dict[str, int] = {}
+        """Per base snapshot, the creates between ``ensure_base`` and the clone (never collected meanwhile)."""
+        self._next_collect = 0.0
 
     # ----- what this family can do ------------------------------------------------------------------
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
@@ -290,7 +301,59 @@ class VMBackend:
         entries = await self.transport.call("vm.query", [], {}, idempotent=True)
         self._ids.clear()
         self._names.clear()
-        return [self._remember(e) for e in entries]
+        observed = [self._remember(e) for e in entries]
+        now = time.monotonic()
+        if now >= self._next_collect:  # once per resync interval at most, bounded by the grace period
+            self._next_collect = now + max(60.0, min(self.base_grace_seconds / 4, 3600.0))
+            try:
+                await self.collect_bases(now)
+            except TrueNASError as exc:
+                log.warning("could not collect unused VM bases: %s", exc)
+        return observed
+
+    async def collect_bases(self, now: float) -> list[str]:
+        """Deletes the cached bases (``<pool>/incus-operator/images/*`` with ``@base``) that no dataset has
+        cloned for ``base_grace_seconds``, measured on this process's clock from when it first saw them
+        unused (a restart starts the wait over: later, never sooner). ZFS itself refuses to destroy a
+        snapshot with clones, so a clone made meanwhile keeps its base. Returns the bases deleted."""
+        images = await self.transport.call(
+            "pool.dataset.query", [["id", "~", f"^[^/]+/{ROOT}/images/[^/]+$"]], {}, idempotent=True
+        )
+        clones = await self.transport.call(
+            "pool.dataset.query", [["id", "~", f"^[^/]+/{ROOT}/vms/"]], {}, idempotent=True
+        )
+        origins = {str(((e.get("origin") or {}).get("value")) or "") for e in clones}
+        collected = []
+        seen = set()
+        for entry in images:
+            base = str(entry["id"])
+            snapshot = f"{base}@base"
+            if base.endswith("-upload") or self._in_use.get(snapshot) or snapshot in origins:
+                self._unused_since.pop(base, None)
+                continue
+            seen.add(base)
+            since = self._unused_since.setdefault(base, now)
+            if now - since < self.base_grace_seconds or not await self._snapshot_exists(snapshot):
+                continue
+            lock = self._base_locks.setdefault(snapshot, asyncio.Lock())
+            if lock.locked():
+                continue
+            async with lock:
+                try:
+                    await self.transport.call("pool.dataset.delete", base, {"recursive": True})
+                except CallFailed as exc:  # a clone appeared, or the dataset is busy: next time
+                    log.info("kept the VM base %s: %s", base, exc)
+                    continue
+            self._unused_since.pop(base, None)
+            seen.discard(base)
+            collected.append(base)
+            log.info("collected the VM base %s (unused for %.0f s)", base, now - since)
+            counted = getattr(getattr(self.transport, "observer", None), "base_collected", None)
+            if callable(counted):  # the operator's metrics (tio_vm_bases_collected)
+                counted()
+        for base in set(self._unused_since) - seen:
+            self._unused_since.pop(base, None)
+        return collected
 
     async def get_instance(self, name: str) -> ObservedInstance | None:
         entry = await self._entry(name)
@@ -311,6 +374,24 @@ class VMBackend:
             raise AlreadyExists([FieldError("vm_create.name", "This name already exists.", errno.EEXIST)], "vm.create")
         pool = await self.pool(config.storage_pool)
         image = await self.images.resolve(config.image)
+        snapshot = f"{pool}/{ROOT}/images/{dataset_key(image)}@base"
+        self._in_use[snapshot] = self._in_use.get(snapshot, 0) + 1
+        try:
+            return await self._build(config, name, existing, pool, image, on_progress)
+        finally:
+            self._in_use[snapshot] -= 1
+            if not self._in_use[snapshot]:
+                del self._in_use[snapshot]
+
+    async def _build(
+        self,
+        config: InstanceConfig,
+        name: str,
+        existing: dict[str, Any] | None,
+        pool: str,
+        image: VMImage,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ) -> ObservedInstance:
         base = await self.ensure_base(pool, image, on_progress)
         home = f"{pool}/{ROOT}/vms/{name}"
         if existing is not None:
