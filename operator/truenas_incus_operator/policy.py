@@ -289,7 +289,8 @@ class Policy(_Policy):
         scheme = urlsplit(named).scheme.lower()
         if ANY_PUBLIC_SERVER in entries and scheme == "https" and _server_key(named)[1]:
             return ImageServerDecision(_normal(named), False)
-        shown = ", ".join(entries) if entries else f"only the operator's own, {own}"
+        # The operator's own server is not shown: it may be a path on the operator's filesystem.
+        shown = ", ".join(entries) if entries else "only the operator's own, TIO_VM_IMAGE_SERVER"
         why = "is not an allowed image server"
         if scheme not in ("http", "https"):
             why = "is a local path or file:// URL, which only the administrator may choose"
