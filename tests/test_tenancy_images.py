@@ -29,6 +29,7 @@ from .test_tenancy import Tenant, other_namespace
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
 
 BOB_MIRROR = "bob-mirror"
+BROKEN_MIRROR = "broken-mirror"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def harness(
     policy = {
         "rules": [
             {"namespaces": [f"{prefix}*-bob"], "vmImageServers": [f"file://{workdir / BOB_MIRROR}"]},
+            {"namespaces": [f"{prefix}*-broken"], "vmImageServers": [f"file://{workdir / BROKEN_MIRROR}"]},
             {"namespaces": [f"{prefix}*-capped"], "maxRootDiskSize": "50Gi", "maxMemory": "4Gi", "maxVCPUs": 2},
         ],
         "quotas": [{"namespaces": [f"{prefix}*-quota"], "maxConnections": 2, "maxVMs": 1}],
@@ -244,6 +246,24 @@ def test_a_url_port_that_is_not_plain_digits_is_refused_at_admission(harness: Ha
     }
     result = tenant.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
     assert result.returncode != 0 and "spec.url" in result.stderr
+
+
+def test_a_non_json_index_is_an_image_server_error_not_a_crash_in_sync(harness: Harness, namespace: str) -> None:
+    broken_ns = other_namespace(harness.cluster, namespace, "broken")
+    tenant = Tenant(harness.cluster, broken_ns, "tenant-broken")
+    mirror = harness.workdir / BROKEN_MIRROR
+    (mirror / "streams/v1").mkdir(parents=True)
+    (mirror / "streams/v1/index.json").write_text("<html>not json</html>")
+    connection(tenant, harness, vmImageServer=f"file://{mirror}")
+    wait_until(lambda: ready(harness, broken_ns, "nas").get("status") == "True", 60)
+    assert tenant.apply("vm", vm_spec(connectionRef={"name": "nas"})).returncode == 0
+    status = harness.wait_synced_false(broken_ns, "vm", "ImageServerError", timeout=60)
+    message = next(c["message"] for c in status["conditions"] if c["type"] == "Synced")
+    assert "not JSON" in message
+    assert harness.operator.alive(), "the operator survived the index"
+    # The loop goes on: a fixed index is picked up without touching the resource.
+    write_mirror(list(harness.sim.sim.images.values()), mirror)
+    harness.wait_ready(broken_ns, "vm", timeout=180)
 
 
 def test_a_vms_seed_is_readable_by_its_owner_only(harness: Harness, namespace: str) -> None:
