@@ -219,3 +219,10 @@ async def test_the_scratch_directory_must_hold_the_image(fake: Fake, tmp_path: P
     with pytest.raises(ImageServerError, match=r"TIO_SCRATCH_DIR"):
         await server.download(huge, tmp_path)
     assert fake.hits.count(image.path) == 0
+
+
+async def test_a_missing_scratch_directory_is_named_not_a_crash(fake: Fake, tmp_path: Path) -> None:
+    server = ImageServer(url(fake), scratch_dir=tmp_path / "absent")
+    image = await server.resolve("debian/bookworm")
+    with pytest.raises(ImageServerError, match=r"scratch directory .*absent.*TIO_SCRATCH_DIR"):
+        await server.download(image)

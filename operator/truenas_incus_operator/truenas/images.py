@@ -318,7 +318,13 @@ class ImageServer:
 
     # ----- the image ---------------------------------------------------------------------------------
     def _check_scratch(self, directory: Path, image: VMImage) -> None:
-        free = shutil.disk_usage(directory).free
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError as exc:
+            raise ImageServerError(
+                f"the scratch directory {directory} cannot be used ({exc.strerror}): set TIO_SCRATCH_DIR to a "
+                f"writable directory (the chart's scratch volume)"
+            ) from None
         if free < image.size + SCRATCH_MARGIN:
             raise ImageServerError(
                 f"the scratch directory {directory} has {free // 2**20} MiB free; VM image {image.product} "
@@ -345,7 +351,13 @@ class ImageServer:
             return source
         directory = directory or self.scratch_dir or Path(tempfile.gettempdir())
         self._check_scratch(directory, image)
-        handle, name = tempfile.mkstemp(prefix="tio-vm-image-", suffix=".qcow2", dir=directory)
+        try:
+            handle, name = tempfile.mkstemp(prefix="tio-vm-image-", suffix=".qcow2", dir=directory)
+        except OSError as exc:
+            raise ImageServerError(
+                f"the scratch directory {directory} cannot be written ({exc.strerror}): set TIO_SCRATCH_DIR to a "
+                f"writable directory (the chart's scratch volume)"
+            ) from None
         target = Path(name)
         digest = hashlib.sha256()
         size = 0
