@@ -438,6 +438,28 @@ def test_policy_is_a_configmap_mounted_read_only() -> None:
     assert volumes["policy"]["configMap"] == {"name": "tio-truenas-incus-operator-policy"}
 
 
+def test_the_image_server_caps_and_quotas_of_the_policy_reach_the_operator() -> None:
+    """Issue 19: vmImageServers, VM caps and quotas are values the administrator can set."""
+    documents = render(
+        "policy.rules[0].namespaces={team-*}",
+        "policy.rules[0].vmImageServers={https://mirror.example/streams,cache.internal}",
+        "policy.rules[0].maxRootDiskSize=100Gi",
+        "policy.rules[0].maxMemory=8Gi",
+        "policy.rules[0].maxVCPUs=4",
+        "policy.quotas[0].namespaces={team-*}",
+        "policy.quotas[0].maxConnections=3",
+        "policy.quotas[0].maxVMs=10",
+        "policy.defaultQuota.maxConnections=1",
+    )
+    (policy_map,) = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-policy")]
+    loaded = Policy.model_validate(yaml.safe_load(policy_map["data"]["policy.yaml"]))
+    rule = loaded.rules[0]
+    assert rule.vm_image_servers == ["https://mirror.example/streams", "cache.internal"]
+    assert (rule.max_root_disk_size, rule.max_memory, rule.max_vcpus) == ("100Gi", "8Gi", 4)
+    assert (loaded.quotas[0].max_connections, loaded.quotas[0].max_vms) == (3, 10)
+    assert loaded.default_quota.max_connections == 1
+
+
 def test_changing_the_policy_restarts_the_operator() -> None:
     def checksum(*sets: str) -> str:
         (deployment,) = by_kind(render(*sets), "Deployment")
@@ -493,6 +515,9 @@ def test_admission_can_be_switched_off() -> None:
         (["policy.rules[0].proxyPorts[0].from=70000"], "/policy/rules/0/proxyPorts/0/from"),
         (["policy.rules[0].instanceNamePrefix=bad_prefix"], "/policy/rules/0/instanceNamePrefix"),
         (["policy.defaultRule.devices={DISK}"], "additional properties 'devices' not allowed"),
+        (["policy.rules[0].vmImageServers={ftp://x/}"], "/policy/rules/0/vmImageServers/0"),
+        (["policy.rules[0].maxVCPUs=0"], "/policy/rules/0/maxVCPUs"),
+        (["policy.quotas[0].maxConnections=-1"], "/policy/quotas/0/maxConnections"),
     ],
 )
 def test_values_schema_refuses_bad_policies(values: list[str], message: str) -> None:
