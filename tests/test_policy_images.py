@@ -67,6 +67,12 @@ def test_an_allow_listed_url_prefix_or_host_is_trusted_and_a_star_allows_public_
     # Components, not characters: the prefix does not cover a sibling path.
     sibling = rules.image_server(NS, TNC, "https://mirror.team-a.internal/simplestreams-bob/", OWN)
     assert sibling.violation is None and not sibling.trusted  # only through '*'
+    for dotted in (
+        "https://mirror.team-a.internal/simplestreams/../private",
+        "https://mirror.team-a.internal/simplestreams/%2e%2e/x",
+    ):
+        escaped = rules.image_server(NS, TNC, dotted, OWN)
+        assert escaped.violation is None and not escaped.trusted, dotted  # not under the prefix: only through '*'
     plain = rules.image_server(NS, TNC, "http://images.linuxcontainers.org/", OWN)
     assert plain.violation is not None and "https" in plain.violation.message
 
