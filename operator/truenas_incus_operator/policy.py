@@ -356,10 +356,10 @@ def _server_key(url: str) -> tuple[str, str, int, tuple[str, ...]]:
         except ValueError:
             return scheme, "", 0, ()
         host = (parts.hostname or "").rstrip(".").lower()
-        path = tuple(p for p in parts.path.split("/") if p)
-        if any(p in (".", "..") or "%" in p for p in path):  # dot segments, written or encoded: under no prefix
-            path = ("<not a plain path>",)
-        return scheme, host, port, path
+        segments = tuple(p for p in parts.path.split("/") if p)
+        if any(p in (".", "..") or "%" in p for p in segments):  # dot segments, written or encoded: under no prefix
+            segments = ("<not a plain path>",)
+        return scheme, host, port, segments
     path = parts.path if scheme == "file" and not parts.netloc else url if not scheme else ""
     if not path.startswith("/") or any(p in (".", "..") for p in path.split("/")):
         return "local", "", 0, ("<not a plain absolute path>",)
