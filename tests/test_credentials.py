@@ -338,7 +338,10 @@ async def test_reloads_back_off_and_stop_when_the_connection_goes() -> None:
     fake = fake_operator()
     resources = fake.operator.connection_resources
     await resources.sync(connection_body())
-    reads = lambda: fake.kube.calls.count(f"read_secret {NS}/nas-key")  # noqa: E731
+
+    def reads() -> int:
+        return fake.kube.calls.count(f"read_secret {NS}/nas-key")
+
     await asyncio.sleep(3.5)  # retries after 1 s and 2 s more: 3 reads in all, not one per event or per tick
     assert reads() == 2 + 1, fake.kube.calls
     await resources.remove(f"{NS}/nas")
