@@ -93,18 +93,44 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor(args)
 
 
+def _settings_help() -> str:
+    """Every TIO_* setting ``run`` reads, with its default (from settings.py, so it stays complete)."""
+    import textwrap
+
+    from .settings import Settings
+
+    lines = ['configuration (environment; README.md, "Configuration"):']
+    for name, info in Settings.model_fields.items():
+        if info.default_factory is not None:
+            default = "computed"
+        elif info.default is None:
+            default = "unset"
+        else:
+            default = str(getattr(info.default, "value", info.default))
+        lines.append(f"  TIO_{name.upper()} (default {default})")
+        lines += textwrap.wrap(info.description or "", width=96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="truenas-incus-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the operator (configuration: TIO_* environment, see settings.py)")
+    run = commands.add_parser(
+        "run",
+        help="run the operator (configuration: the TIO_* environment, listed by run --help)",
+        description="Run the operator against the cluster of the kubeconfig (KUBECONFIG, else ~/.kube/config) "
+        "or the pod's service account.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "-n", "--namespace", action="append", help="watch this namespace or glob pattern (repeatable); default: all"
     )
     run.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     run.add_argument("--liveness", default=None, help="serve kopf's health endpoint, e.g. http://0.0.0.0:8080/healthz")
-    run.add_argument("-v", "--verbose", action="store_true")
-    run.add_argument("--debug", action="store_true")
+    run.add_argument("-v", "--verbose", action="store_true", help="log at info level (kopf's verbose)")
+    run.add_argument("--debug", action="store_true", help="log at debug level (kopf's debug; chart: logLevel=debug)")
     run.set_defaults(func=_run)
 
     crd = commands.add_parser("crd", help="write the CRD manifests generated from the models")
