@@ -4,6 +4,7 @@ the operator's settings with their defaults."""
 
 from __future__ import annotations
 
+import argparse
 import re
 
 from truenas_incus_operator.__main__ import build_parser
@@ -40,8 +41,8 @@ def test_the_readme_table_lists_every_variable_and_nothing_else() -> None:
 
 def test_run_help_lists_every_setting_with_its_default() -> None:
     parser = build_parser()
-    run = parser._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
-    text = run.format_help()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    text = commands.choices["run"].format_help()
     for variable in settings_variables():
         assert variable in text, variable
     assert "TIO_RESYNC_SECONDS (default 60.0)" in " ".join(text.split())
