@@ -46,3 +46,17 @@ def test_run_help_lists_every_setting_with_its_default() -> None:
     for variable in settings_variables():
         assert variable in text, variable
     assert "TIO_RESYNC_SECONDS (default 60.0)" in " ".join(text.split())
+
+
+def test_every_status_reason_has_a_troubleshooting_entry() -> None:
+    """Each reason the README's status table lists: what it means, what to check, the command."""
+    table = README.split("## What the status says", 1)[1].split("\n## ", 1)[0]
+    reasons: set[str] = set()
+    for cells in re.findall(r"^\|\s*(?:[A-Za-z]+=(?:True|False))?\s*\| ([A-Za-z /,]+) \|", table, flags=re.M):
+        reasons |= {r.strip() for r in re.split(r"[/,]", cells) if r.strip()}
+    assert {"SecretNotFound", "Conflict", "PolicyDenied"} <= reasons, reasons
+    page = (ROOT / "docs" / "troubleshooting.md").read_text()
+    entries = set(re.findall(r"\*\*([A-Za-z]+)\*\*", page))
+    ready_reasons = {"Available", "Stopped", "Manual", "Creating", "Starting", "Stopping", "Deleting", "Progressing"}
+    ready_reasons |= {"Transitioning", "NotRunning", "NotStopped", "NotSynced", "ReconcileSuccess", "PartiallyApplied"}
+    assert reasons - ready_reasons - entries == set(), "reasons without a troubleshooting entry"
