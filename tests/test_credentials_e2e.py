@@ -293,7 +293,9 @@ def test_a_secret_fixed_after_the_connection_refused_it_is_used_without_touching
     cluster.kubectl("label", "secret", "nas-key", "-n", namespace, "incus.truenas.io/credentials=true")
     wait_connection(cluster, namespace, "nas", "Ready", "HostNotAllowed", timeout=SECRET_CONVERGES)
     time.sleep(5)
-    cluster.kubectl("annotate", "--overwrite", "secret", "nas-key", "-n", namespace, f"{hosts}={urlsplit(sim.ws_url).hostname}")
+    cluster.kubectl(
+        "annotate", "--overwrite", "secret", "nas-key", "-n", namespace, f"{hosts}={urlsplit(sim.ws_url).hostname}"
+    )
     started = time.monotonic()
     wait_connection(cluster, namespace, "nas", "Ready", "Connected", timeout=SECRET_CONVERGES)
     print(f"connected {time.monotonic() - started:.1f} s after the Secret was fixed")
