@@ -54,12 +54,18 @@ def _run(args: argparse.Namespace) -> int:
     from . import handlers  # noqa: F401 - registers the handlers
 
     patterns = any(any(ch in ns for ch in "*?[!") for ns in args.namespace or [])
-    if args.namespace and not args.all_namespaces and not patterns:
+    clusterwide = args.all_namespaces or not args.namespace
+    if clusterwide or not patterns:
 
         @kopf.on.startup()
-        def fixed_namespaces(settings: kopf.OperatorSettings, **_: object) -> None:
-            # Named namespaces (not patterns) need no discovery of CRDs or namespaces, so no
-            # cluster-wide RBAC.
+        def no_scanning(settings: kopf.OperatorSettings, **_: object) -> None:
+            # Cluster-wide or named namespaces (not patterns) need no watch of namespaces, and the
+            # CRDs are looked up once at startup: so no cluster-wide RBAC for them, and a CRD being
+            # deleted stays served. kopf's CRD watch would stop serving it (a terminating CRD loses
+            # the "patch" verb in discovery, though its resources can still be patched), and the
+            # finalizers of its resources would then never be removed: the CRD delete would hang.
+            # The cost: the CRDs must exist when the operator starts (Helm and make run install
+            # them first); glob patterns still need the namespace watch, and with it kopf's.
             settings.scanning.disabled = True
 
     kopf.configure(verbose=args.verbose, debug=args.debug, log_format=kopf.LogFormat.PLAIN)
@@ -69,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         # Standalone: kopf's peering is not used; TIO_LEADER_ELECTION elects over a Lease (election.py).
         return kopf.operator(
             standalone=True,
-            clusterwide=args.all_namespaces or not args.namespace,
+            clusterwide=clusterwide,
             namespaces=args.namespace or (),
             liveness_endpoint=args.liveness,
         )
