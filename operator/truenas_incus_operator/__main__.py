@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor",
         help="check a NAS before installing, read-only (the same TIO_TRUENAS_* settings as run)",
-        description="Reachability, TLS, version and API family, the key's roles, virtualization, the image "
-        "registry, and which fields of the given manifests this NAS can honour. Never writes. Exit code 1 "
-        "when a blocking problem is found.",
+        description="Reachability, TLS (the presented certificate when untrusted), version and API family, the "
+        "key's roles, virtualization, the image registry, the VM image server, and for the given manifests "
+        "what the operator would refuse (VMs it cannot create, missing images, memory the NAS lacks) or leave "
+        "unhonoured. Never writes. Exit code 1 when a blocking problem is found.",
     )
     doctor.add_argument("-f", "--file", action="append", help="an IncusInstance manifest to check (repeatable)")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
