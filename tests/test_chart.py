@@ -15,6 +15,7 @@ import yaml
 
 from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
 from truenas_incus_operator.policy import Policy
+from truenas_simulator.storage import write_mirror
 
 from .conftest import ROOT, Cluster
 from .harness import Harness, OperatorProcess, operator_env, start_simulator, unique
@@ -85,6 +86,126 @@ def test_deployment_is_restricted_and_single() -> None:
         assert set(document["metadata"]["labels"]) >= RECOMMENDED_LABELS, document["kind"]
 
 
+SCRATCH = "/var/cache/truenas-incus-operator"
+
+
+def container_of(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = by_kind(documents, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    result: dict[str, Any] = container
+    return result
+
+
+def volumes_of(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    (deployment,) = by_kind(documents, "Deployment")
+    return {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_a_scratch_volume_sized_for_vm_images() -> None:
+    """VM images (hundreds of MB) are downloaded to TIO_SCRATCH_DIR: a volume of its own, not the 16Mi /tmp."""
+    documents = render()
+    container = container_of(documents)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TIO_SCRATCH_DIR"] == SCRATCH
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[SCRATCH] == "scratch"
+    assert volumes_of(documents)["scratch"] == {"name": "scratch", "emptyDir": {"sizeLimit": "10Gi"}}
+    assert "TIO_VM_IMAGE_SERVER" not in env, "unset: the operator's built-in default"
+    bigger = volumes_of(render("scratch.sizeLimit=40Gi"))["scratch"]
+    assert bigger == {"name": "scratch", "emptyDir": {"sizeLimit": "40Gi"}}
+    claimed = volumes_of(render("scratch.persistentVolumeClaim.claimName=images"))["scratch"]
+    assert claimed == {"name": "scratch", "persistentVolumeClaim": {"claimName": "images"}}
+
+
+def test_vm_image_server_and_extra_env_volumes_and_mounts() -> None:
+    documents = render(
+        "vmImageServer=https://images.example.org/",
+        "extraEnv[0].name=TIO_DEVICE_AUDITS_PER_RESYNC",
+        "extraEnv[0].value=5",
+        "extraVolumes[0].name=mirror",
+        "extraVolumes[0].persistentVolumeClaim.claimName=mirror",
+        "extraVolumeMounts[0].name=mirror",
+        "extraVolumeMounts[0].mountPath=/srv/mirror",
+        "extraVolumeMounts[0].readOnly=true",
+    )
+    container = container_of(documents)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TIO_VM_IMAGE_SERVER"] == "https://images.example.org/"
+    assert env["TIO_DEVICE_AUDITS_PER_RESYNC"] == "5"
+    assert {"name": "mirror", "mountPath": "/srv/mirror", "readOnly": True} in container["volumeMounts"]
+    assert volumes_of(documents)["mirror"] == {"name": "mirror", "persistentVolumeClaim": {"claimName": "mirror"}}
+
+
+def test_a_vm_is_created_through_the_charts_rendered_environment(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """The operator with exactly the environment the chart renders (the kubelet's mounts replaced by
+    local files and folders) creates a VM from the chart's vmImageServer, downloading into TIO_SCRATCH_DIR."""
+    sim = start_simulator("25.10", job_duration=0.05)
+    operator: OperatorProcess | None = None
+    try:
+        mirror = write_mirror(list(sim.sim.images.values()), tmp_path / "mirror")
+        documents = render(
+            f"truenas.url={sim.ws_url}",
+            "truenas.apiKeySecret.name=nas-key",
+            "truenas.caSecret.name=nas-ca",
+            f"vmImageServer={mirror}",
+            "metrics.enabled=false",
+        )
+        container = container_of(documents)
+        rendered = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        assert rendered["TIO_VM_IMAGE_SERVER"] == str(mirror) and rendered["TIO_SCRATCH_DIR"] == SCRATCH
+        files = operator_env(sim, tmp_path)  # the key file the Secret mount would provide
+        (tmp_path / "scratch").mkdir()
+        (tmp_path / "policy.yaml").write_text(policy_text(documents))
+        assert sim.ca_file is not None
+        mounted = {
+            "/etc/truenas-incus-operator/api-key/key": files["TIO_TRUENAS_API_KEY_FILE"],
+            "/etc/truenas-incus-operator/ca/ca.crt": str(sim.ca_file),
+            "/etc/truenas-incus-operator/policy/policy.yaml": str(tmp_path / "policy.yaml"),
+            SCRATCH: str(tmp_path / "scratch"),
+        }
+        env = {name: mounted.get(value, value) for name, value in rendered.items()}
+        unmapped = [v for v in env.values() if v.startswith(("/etc/", "/var/"))]
+        assert not unmapped, f"a path the test does not provide: {unmapped}"
+        env.pop("TIO_LEDGER_NAMESPACE")  # the release namespace: here the harness's own ledger namespace
+        env["TIO_RETRY_MIN_SECONDS"] = "0.5"  # tests' usual backoff; not a chart value
+        operator = OperatorProcess(cluster, env, tmp_path / "operator.log", args=["-n", namespace]).start()
+        harness = Harness(cluster, sim, operator, tmp_path)
+        name = unique("vm")
+        spec = {"type": "VM", "image": "debian/bookworm", "cpu": "1", "memory": "1Gi", "rootDiskSize": "10Gi"}
+        harness.apply(namespace, name, spec)
+        status = harness.wait_ready(namespace, name, timeout=120)
+        assert status["phase"] == "Running"
+        assert harness.delete(namespace, name).returncode == 0
+    finally:
+        if operator is not None:
+            operator.stop()
+        sim.stop()
+
+
+def test_the_conventional_keys_make_it_a_subchart() -> None:
+    """``global`` (every parent chart passes it), ``nameOverride`` and ``fullnameOverride`` are accepted."""
+    documents = render("global.imageRegistry=registry.example", "nameOverride=tio-op")
+    (deployment,) = by_kind(documents, "Deployment")
+    assert deployment["metadata"]["name"] == "tio-tio-op"
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/name"] == "tio-op"
+    documents = render("fullnameOverride=incus")
+    names = {d["metadata"]["name"] for d in documents if d["kind"] in ("Deployment", "ServiceAccount", "ClusterRole")}
+    assert names == {"incus"}
+    (deployment,) = by_kind(documents, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "incus"
+
+
+def test_helm_knows_a_current_kubernetes_without_a_cluster() -> None:
+    """Built with Helm's Kubernetes-version link flags: without --kube-version (and without a cluster)
+    `helm template` and `helm lint` accept the chart's kubeVersion (>=1.31) instead of assuming v1.20."""
+    template = helm("template", "tio", str(CHART), check=False)
+    assert template.returncode == 0, template.stderr
+    lint = helm("lint", "--strict", str(CHART), check=False)
+    assert lint.returncode == 0 and "[ERROR]" not in lint.stdout, lint.stdout + lint.stderr
+
+
 def test_crds_are_kept_and_identical_to_crds_folder() -> None:
     crds = by_kind(render(), "CustomResourceDefinition")
     assert len(crds) == 2
@@ -108,11 +229,8 @@ EXPECTED_RULES = [
 def test_cluster_wide_rbac() -> None:
     documents = render()
     (role,) = by_kind(documents, "ClusterRole")
-    assert role["rules"][:4] == EXPECTED_RULES
-    assert role["rules"][4:] == [
-        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
-        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
-    ]
+    # Nothing on CRDs or namespaces even cluster-wide: no scanning (a CRD delete must not hang).
+    assert role["rules"] == EXPECTED_RULES
     (ledger,) = by_kind(documents, "Role")  # the ownership ledger in the release namespace, nothing more
     assert ledger["metadata"]["namespace"] == "tio-system"
     assert ledger["rules"] == [
@@ -371,6 +489,11 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
         assert can_i(cluster, verb, "configmaps", "tio-system"), verb
         assert not can_i(cluster, verb, "configmaps", "elsewhere"), verb
     assert not can_i(cluster, "list", "namespaces") and not can_i(cluster, "list", "customresourcedefinitions")
+    # Its own policy: whatever holds it, the operator cannot rewrite or remove it (issue 19).
+    kind, name = policy_source(render("watch.namespaces={apps}"))
+    cluster.kubectl("get", kind.lower(), name, "-n", "tio-system")
+    for verb in ("update", "patch", "delete"):
+        assert not can_i(cluster, verb, f"{kind.lower()}s/{name}", "tio-system"), (verb, kind)
 
     sa_kubeconfig = service_account_kubeconfig(
         cluster, tmp_path / "sa.kubeconfig", "tio-system", "tio-truenas-incus-operator"
@@ -380,7 +503,7 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
     # Cluster-wide: a ClusterRole instead, and the same lifecycle.
     helm("upgrade", "tio", str(CHART), "-n", "tio-system", "--set", "watch.namespaces=null", kubeconfig=kubeconfig)
     assert can_i(cluster, "get", "secrets", "elsewhere") and not can_i(cluster, "list", "secrets", "elsewhere")
-    assert can_i(cluster, "list", "namespaces") and not can_i(cluster, "create", "namespaces")
+    assert not can_i(cluster, "list", "namespaces") and not can_i(cluster, "list", "customresourcedefinitions")
     lifecycle_as_service_account(cluster, sa_kubeconfig, tmp_path / "cluster-wide", ["-A"], "elsewhere")
     # With leader election: its one Lease in the release namespace, nothing else.
     helm("upgrade", "tio", str(CHART), "-n", "tio-system",
@@ -400,8 +523,13 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
         cluster.kubectl("get", "lease", "tio-truenas-incus-operator", "-n", "tio-system", "-o", "json").stdout
     )
     assert lease["spec"].get("holderIdentity") is None  # released on the clean stop
-    # Uninstalling keeps the CRDs (and so every IncusInstance).
+    # Uninstalling keeps the CRDs (and so every IncusInstance), and leaves no ledger record: the
+    # lifecycles deleted their instances, and each record went with its instance (docs/operations.md).
     helm("uninstall", "tio", "-n", "tio-system", kubeconfig=kubeconfig)
+    left = cluster.kubectl(
+        "get", "configmaps", "-n", "tio-system", "-l", "incus.truenas.io/ownership=true", "-o", "name"
+    )
+    assert left.stdout.strip() == "", left.stdout
     crds = json.loads(cluster.kubectl("get", "crd", "-o", "json").stdout)["items"]
     assert {c["metadata"]["name"] for c in crds} >= {
         "incusinstances.incus.truenas.io",
@@ -420,22 +548,39 @@ def render_files(*files: Path, release: str = "tio") -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
 
 
-def test_policy_is_a_configmap_mounted_read_only() -> None:
+def policy_source(documents: list[dict[str, Any]]) -> tuple[str, str]:
+    """The kind and name of the object the Deployment mounts the policy from."""
+    volume = volumes_of(documents)["policy"]
+    if "secret" in volume:
+        return "Secret", volume["secret"]["secretName"]
+    return "ConfigMap", volume["configMap"]["name"]
+
+
+def policy_text(documents: list[dict[str, Any]]) -> str:
+    kind, name = policy_source(documents)
+    (source,) = [d for d in by_kind(documents, kind) if d["metadata"]["name"] == name]
+    if kind == "Secret":
+        return base64.b64decode(source["data"]["policy.yaml"]).decode()
+    text: str = source["data"]["policy.yaml"]
+    return text
+
+
+def test_policy_is_a_secret_mounted_read_only() -> None:
+    """A Secret: the operator's ServiceAccount writes ConfigMaps in the release namespace (its ledger),
+    never Secrets, so it cannot rewrite its own policy (proven on a real API server above)."""
     documents = render()
-    configmaps = {c["metadata"]["name"]: c for c in by_kind(documents, "ConfigMap")}
-    policy_map = configmaps["tio-truenas-incus-operator-policy"]
-    assert policy_map["metadata"]["namespace"] == "tio-system"
-    loaded = Policy.model_validate(yaml.safe_load(policy_map["data"]["policy.yaml"]))
+    assert policy_source(documents) == ("Secret", "tio-truenas-incus-operator-policy")
+    (policy_secret,) = [s for s in by_kind(documents, "Secret") if s["metadata"]["name"].endswith("-policy")]
+    assert policy_secret["metadata"]["namespace"] == "tio-system"
+    loaded = Policy.model_validate(yaml.safe_load(policy_text(documents)))
     assert loaded == Policy(), "the chart's default is the built-in homelab policy"
     (deployment,) = by_kind(documents, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TIO_POLICY_FILE"] == "/etc/truenas-incus-operator/policy/policy.yaml"
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["policy"] == {"name": "policy", "mountPath": "/etc/truenas-incus-operator/policy", "readOnly": True}
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["policy"]["configMap"] == {"name": "tio-truenas-incus-operator-policy"}
 
 
 def test_the_image_server_caps_and_quotas_of_the_policy_reach_the_operator() -> None:
@@ -472,8 +617,7 @@ def test_changing_the_policy_restarts_the_operator() -> None:
 
 def test_multi_tenant_example_renders_the_policy_and_admission() -> None:
     documents = render_files(MULTI_TENANT)
-    (policy_map,) = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-policy")]
-    loaded = Policy.model_validate(yaml.safe_load(policy_map["data"]["policy.yaml"]))
+    loaded = Policy.model_validate(yaml.safe_load(policy_text(documents)))
     assert loaded.default_connection_namespaces == ["infra", "team-*"] and len(loaded.rules) == 2
     (vap,) = by_kind(documents, "ValidatingAdmissionPolicy")
     messages = [v["message"] for v in vap["spec"]["validations"]]
@@ -502,7 +646,7 @@ def test_admission_can_be_switched_off() -> None:
     documents = render("policy.admission.enabled=false")
     assert not by_kind(documents, "ValidatingAdmissionPolicy")
     assert not by_kind(documents, "ValidatingAdmissionPolicyBinding")
-    assert by_kind(documents, "ConfigMap"), "the operator still enforces the policy"
+    assert policy_text(documents), "the operator still enforces the policy"
 
 
 @pytest.mark.parametrize(

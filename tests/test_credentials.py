@@ -8,6 +8,7 @@ status flags what is not secure.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -316,3 +317,56 @@ async def test_a_connection_hands_its_vm_image_server_to_the_vm_backend() -> Non
         await connection.client.close()
     finally:
         await server.stop()
+
+
+# ----- a Secret that comes or is fixed later (issue 21 item 2) -------------------------------------------
+def ready_reason(fake: Any, name: str) -> str | None:
+    reasons = [
+        c["reason"] for status in fake.kube.statuses(name) for c in status.get("conditions", []) if c["type"] == "Ready"
+    ]
+    return reasons[-1] if reasons else None
+
+
+async def wait_for(check: Any, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def connection_body(name: str = "nas") -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": NS, "name": name, "generation": 1},
+        "spec": {"url": "wss://nas.example.internal", "apiKeySecretRef": {"name": "nas-key", "key": "apiKey"}},
+    }
+
+
+async def test_a_connection_reads_its_secret_again_until_it_can_be_used_without_an_event() -> None:
+    fake = fake_operator()
+    resources = fake.operator.connection_resources
+    await resources.sync(connection_body())
+    assert ready_reason(fake, "nas") == "SecretNotFound"
+    # No event comes (nothing changed on the resource): the Secret appears, not yet opted in.
+    fake.kube.add_secret(NS, "nas-key", {"apiKey": KEY})
+    await wait_for(lambda: ready_reason(fake, "nas") == "SecretNotAllowed", timeout=5)
+    # Its owner binds it to another host: refused for that reason now.
+    fake.kube.secret_labels[(NS, "nas-key")] = dict(OPT_IN)
+    fake.kube.secret_annotations[(NS, "nas-key")] = {ALLOWED_HOSTS_ANNOTATION: "elsewhere.example"}
+    await wait_for(lambda: ready_reason(fake, "nas") == "HostNotAllowed", timeout=12)
+    await resources.close()
+
+
+async def test_reloads_back_off_and_stop_when_the_connection_goes() -> None:
+    fake = fake_operator()
+    resources = fake.operator.connection_resources
+    await resources.sync(connection_body())
+
+    def reads() -> int:
+        return fake.kube.calls.count(f"read_secret {NS}/nas-key")
+
+    await asyncio.sleep(3.5)  # retries after 1 s and 2 s more: 3 reads in all, not one per event or per tick
+    assert reads() == 2 + 1, fake.kube.calls
+    await resources.remove(f"{NS}/nas")
+    before = reads()
+    await asyncio.sleep(4.5)
+    assert reads() == before, "a removed connection is not read again"

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import WSMsgType, web
@@ -135,12 +136,14 @@ def connection_condition(cluster: Cluster, namespace: str, name: str, kind: str)
     return next((dict(c) for c in status.get("conditions", []) if c["type"] == kind), {})
 
 
-def wait_connection(cluster: Cluster, namespace: str, name: str, kind: str, reason: str) -> dict[str, Any]:
+def wait_connection(
+    cluster: Cluster, namespace: str, name: str, kind: str, reason: str, timeout: float = 30
+) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         condition = connection_condition(cluster, namespace, name, kind)
         return condition if condition.get("reason") == reason else None
 
-    result: dict[str, Any] = wait_until(check, 30, what=f"TrueNASConnection {name}: {kind} reason {reason}")
+    result: dict[str, Any] = wait_until(check, timeout, what=f"TrueNASConnection {name}: {kind} reason {reason}")
     return result
 
 
@@ -242,6 +245,60 @@ def test_a_key_with_a_line_break_over_rest_shows_nowhere(harness: Harness, clust
     cluster.kubectl("annotate", "truenasconnection", "nas", "-n", namespace, "touch=1")
     wait_connection(cluster, namespace, "nas", "Ready", "Connected")
     harness.wait_ready(namespace, name, timeout=60)
+
+
+# ----- issue 21 item 2: a Secret that comes later, or is fixed later -------------------------------------
+SECRET_CONVERGES = 30
+"""Seconds a connection may take to notice a corrected Secret: the operator re-reads at most 10 s
+apart (docs/troubleshooting.md); the rest is margin for a loaded machine."""
+
+
+def ca_secret_and_tls(harness: Harness, cluster: Cluster, namespace: str) -> dict[str, Any]:
+    assert harness.sim.ca_file is not None
+    ca = secret_manifest("nas-ca", {"ca.crt": harness.sim.ca_file.read_text()}, labels=CREDENTIALS)
+    cluster.apply(ca, namespace)
+    return {"caSecretRef": {"name": "nas-ca", "key": "ca.crt"}}
+
+
+def test_a_secret_created_after_its_connection_is_used_without_touching_it(
+    harness: Harness, cluster: Cluster, namespace: str
+) -> None:
+    """GitOps order (SealedSecrets, ExternalSecrets): the connection first, its Secret a while later."""
+    sim = harness.sim
+    tls = ca_secret_and_tls(harness, cluster, namespace)
+    cluster.apply(connection("nas", sim.ws_url, "nas-key", "apiKey", tls=tls), namespace)
+    name = unique("later")
+    harness.apply(namespace, name, {"connectionRef": {"name": "nas"}})
+    wait_connection(cluster, namespace, "nas", "Ready", "SecretNotFound")
+    time.sleep(12)  # long enough that a re-read only at the start (or on the operator's own writes) is over
+    cluster.apply(secret_manifest("nas-key", {"apiKey": sim.api_key}, labels=CREDENTIALS), namespace)
+    started = time.monotonic()
+    wait_connection(cluster, namespace, "nas", "Ready", "Connected", timeout=SECRET_CONVERGES)
+    print(f"connected {time.monotonic() - started:.1f} s after the Secret was created")
+    harness.wait_ready(namespace, name, timeout=60)
+
+
+def test_a_secret_fixed_after_the_connection_refused_it_is_used_without_touching_it(
+    harness: Harness, cluster: Cluster, namespace: str
+) -> None:
+    """Unlabelled (SecretNotAllowed), then bound to another host (HostNotAllowed), then right."""
+    sim = harness.sim
+    tls = ca_secret_and_tls(harness, cluster, namespace)
+    cluster.apply(secret_manifest("nas-key", {"apiKey": sim.api_key}), namespace)
+    cluster.apply(connection("nas", sim.ws_url, "nas-key", "apiKey", tls=tls), namespace)
+    wait_connection(cluster, namespace, "nas", "Ready", "SecretNotAllowed")
+    time.sleep(5)
+    hosts = "incus.truenas.io/allowed-hosts"
+    cluster.kubectl("annotate", "secret", "nas-key", "-n", namespace, f"{hosts}=truenas.example.internal")
+    cluster.kubectl("label", "secret", "nas-key", "-n", namespace, "incus.truenas.io/credentials=true")
+    wait_connection(cluster, namespace, "nas", "Ready", "HostNotAllowed", timeout=SECRET_CONVERGES)
+    time.sleep(5)
+    cluster.kubectl(
+        "annotate", "--overwrite", "secret", "nas-key", "-n", namespace, f"{hosts}={urlsplit(sim.ws_url).hostname}"
+    )
+    started = time.monotonic()
+    wait_connection(cluster, namespace, "nas", "Ready", "Connected", timeout=SECRET_CONVERGES)
+    print(f"connected {time.monotonic() - started:.1f} s after the Secret was fixed")
 
 
 # ----- the insecure flag -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,12 +14,15 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from truenas_incus_operator.doctor import FAIL, OK, WARN, Report, run_doctor
 from truenas_incus_operator.settings import Settings
 from truenas_simulator import SimulatorThread
 from truenas_simulator.profiles import get_profile
 from truenas_simulator.state import CallCounters, GlobalConfig
+from truenas_simulator.storage import write_mirror
 from truenas_simulator.tls import CertificateAuthority
 
 from .harness import start_simulator
@@ -95,11 +99,14 @@ async def test_a_ready_nas_passes_and_the_manifest_shows_what_it_cannot_honour(
     sim: SimulatorThread, manifest: Path
 ) -> None:
     profile = get_profile(sim.sim.profile.name)
-    report = await run_doctor(settings_for(sim), [manifest])
+    mirror = str(write_mirror(list(sim.sim.images.values()), manifest.parent / "mirror"))
+    report = await run_doctor(settings_for(sim, vm_image_server=mirror), [manifest])
     checks = by_name(report)
     assert not report.blocked, report.as_text()
     others = [c.status for c in report.checks if c.name not in ("manifest web01", "TLS")]
-    assert others == [OK] * 6, report.as_text()
+    vms = "vm" in FAMILY[profile.name].split("+")
+    assert others == [OK] * (7 if vms else 6), report.as_text()  # the VM image server where VMs use vm.*
+    assert ("VM image server" in checks) == vms
     assert checks["login and version"].details == {
         "version": profile.system_version,
         "api_family": FAMILY[profile.name],
@@ -209,3 +216,99 @@ def test_the_command_line_prints_json_and_exits_non_zero_when_blocked(tmp_path: 
     for output in (as_json.stdout, as_json.stderr, as_text.stdout, as_text.stderr):
         assert sim.api_key.partition("-")[2] not in output
     assert unset.returncode == 1 and "TIO_TRUENAS_URL is not set" in unset.stdout
+
+
+# ----- doctor agrees with the operator (issue 21 item 6) ---------------------------------------------------
+def instance_manifest(tmp_path: Path, name: str, **spec: Any) -> Path:
+    document = {
+        "apiVersion": "incus.truenas.io/v1alpha1",
+        "kind": "IncusInstance",
+        "metadata": {"name": name, "namespace": "apps"},
+        "spec": {"type": "CONTAINER", "image": "debian/bookworm", **spec},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def mirror_for(sim: SimulatorThread, tmp_path: Path) -> str:
+    return str(write_mirror(list(sim.sim.images.values()), tmp_path / "mirror"))
+
+
+async def test_a_vm_over_rest_is_refused_as_the_operator_refuses_it(tmp_path: Path) -> None:
+    sim = start_simulator("25.10")
+    try:
+        vm = instance_manifest(tmp_path, "vm01", type="VM", rootDiskSize="10Gi")
+        report = await run_doctor(settings_for(sim, transport="rest"), [vm])
+        assert_only_reads(sim, report)
+    finally:
+        sim.stop()
+    check = by_name(report)["manifest vm01"]
+    assert check.status == FAIL and report.blocked, report.as_text()
+    assert check.details["reason"] == "Unsupported" and "vm.*" in check.summary
+
+
+@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+async def test_a_missing_image_and_memory_no_nas_has_are_refused(profile: str, tmp_path: Path) -> None:
+    sim = start_simulator(profile)
+    try:
+        mirror = mirror_for(sim, tmp_path)
+        missing = instance_manifest(tmp_path, "typo", image="debian/bookwrm")
+        huge = instance_manifest(tmp_path, "huge", type="VM", memory="4Ti", rootDiskSize="10Gi")
+        vm_missing = instance_manifest(tmp_path, "vmtypo", type="VM", image="debian/bookwrm", rootDiskSize="10Gi")
+        fine = instance_manifest(tmp_path, "fine", type="VM", memory="2Gi", rootDiskSize="10Gi")
+        report = await run_doctor(settings_for(sim, vm_image_server=mirror), [missing, huge, vm_missing, fine])
+        assert_only_reads(sim, report)
+    finally:
+        sim.stop()
+    checks = by_name(report)
+    assert checks["manifest typo"].status == FAIL and "debian/bookwrm" in checks["manifest typo"].summary
+    assert checks["manifest typo"].details["reason"] == "ImageNotFound"
+    assert checks["manifest vmtypo"].status == FAIL and checks["manifest vmtypo"].details["reason"] == "ImageNotFound"
+    assert checks["manifest huge"].status == FAIL and "memory" in checks["manifest huge"].summary
+    assert checks["manifest fine"].status != FAIL, report.as_text()
+    assert checks["VM image server"].status == OK and checks["VM image server"].details["url"] == mirror
+
+
+async def test_an_unreachable_vm_image_server_is_reported(tmp_path: Path) -> None:
+    sim = start_simulator("25.10")
+    try:
+        report = await run_doctor(settings_for(sim, vm_image_server=str(tmp_path / "no-mirror-here")))
+    finally:
+        sim.stop()
+    check = by_name(report)["VM image server"]
+    assert check.status == WARN and "VMs cannot be created" in check.summary, report.as_text()
+    assert "TIO_VM_IMAGE_SERVER" in check.summary
+
+
+async def test_an_untrusted_certificate_is_shown_with_what_to_set(tmp_path: Path) -> None:
+    sim = start_simulator("25.10")
+    try:
+        other_ca = tmp_path / "other.pem"
+        other_ca.write_bytes(CertificateAuthority.create("someone else").cert_pem)
+        report = await run_doctor(settings_for(sim, truenas_ca_file=other_ca))
+        assert sim.ca_file is not None
+        presented = ssl.get_server_certificate(("127.0.0.1", int(sim.ws_url.rsplit(":", 1)[1])))
+    finally:
+        sim.stop()
+    tls = by_name(report)["TLS"]
+    assert tls.status == FAIL
+    fingerprint = x509.load_pem_x509_certificate(presented.encode()).fingerprint(hashes.SHA256()).hex(":").upper()
+    assert tls.details["sha256_fingerprint"] == fingerprint
+    assert "CN=" in tls.details["subject"] and "CN=" in tls.details["issuer"]
+    assert "TIO_TRUENAS_CA_FILE" in tls.details["fix"]
+    assert "login and version" not in by_name(report), "the key is never sent to an untrusted server"
+
+
+async def test_a_manifests_connection_ref_is_said_to_be_checked_against_the_environments_nas(
+    tmp_path: Path,
+) -> None:
+    sim = start_simulator("25.10")
+    try:
+        other = instance_manifest(tmp_path, "elsewhere", connectionRef={"name": "lab-nas"})
+        report = await run_doctor(settings_for(sim, vm_image_server=mirror_for(sim, tmp_path)), [other])
+    finally:
+        sim.stop()
+    check = by_name(report)["manifest elsewhere"]
+    assert "lab-nas" in check.summary and "TIO_TRUENAS_URL" in check.summary, check.summary
+    assert check.details["checked_against"] == sim.ws_url

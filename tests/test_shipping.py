@@ -165,3 +165,37 @@ def test_main_command_runs_the_operator_against_a_configured_cluster_and_truenas
         code = process.wait(timeout=60)
         sim.stop()
     assert code == 0, (tmp_path / "start.log").read_text()[-2000:]
+
+
+def test_main_command_uses_the_default_kubeconfig_and_builds_nothing(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """Like kubectl: without KUBECONFIG, ~/.kube/config; and no local control plane is built just for a
+    kubectl (its binaries are made unavailable, and no kubectl is on PATH)."""
+    sim = start_simulator("25.10")
+    home = tmp_path / "home"
+    (home / ".kube").mkdir(parents=True)
+    shutil.copy(cluster.kubeconfig, home / ".kube" / "config")
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    env.update(operator_env(sim, tmp_path))
+    env["HOME"] = str(home)
+    env["PYTHONPATH"] = str(ROOT / "tools")
+    env["TIO_CONTROLPLANE_BIN"] = str(tmp_path / "no-binaries-here")  # a build or a kubectl from it fails
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "kubectl").exists())
+    log = (tmp_path / "start.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "truenas_incus_dev", "start", "--dir", str(tmp_path)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    log.close()
+    try:
+        harness = Harness(cluster, sim, OperatorProcess(cluster, {}, tmp_path / "unused.log"), tmp_path)
+        harness.apply(namespace, "default-kubeconfig", {})
+        harness.wait_ready(namespace, "default-kubeconfig", timeout=90)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        sim.stop()
+    output = (tmp_path / "start.log").read_text()
+    assert code == 0, output[-2000:]
+    assert f"KUBECONFIG={home / '.kube' / 'config'}" in output, output[:2000]

@@ -54,12 +54,18 @@ def _run(args: argparse.Namespace) -> int:
     from . import handlers  # noqa: F401 - registers the handlers
 
     patterns = any(any(ch in ns for ch in "*?[!") for ns in args.namespace or [])
-    if args.namespace and not args.all_namespaces and not patterns:
+    clusterwide = args.all_namespaces or not args.namespace
+    if clusterwide or not patterns:
 
         @kopf.on.startup()
-        def fixed_namespaces(settings: kopf.OperatorSettings, **_: object) -> None:
-            # Named namespaces (not patterns) need no discovery of CRDs or namespaces, so no
-            # cluster-wide RBAC.
+        def no_scanning(settings: kopf.OperatorSettings, **_: object) -> None:
+            # Cluster-wide or named namespaces (not patterns) need no watch of namespaces, and the
+            # CRDs are looked up once at startup: so no cluster-wide RBAC for them, and a CRD being
+            # deleted stays served. kopf's CRD watch would stop serving it (a terminating CRD loses
+            # the "patch" verb in discovery, though its resources can still be patched), and the
+            # finalizers of its resources would then never be removed: the CRD delete would hang.
+            # The cost: the CRDs must exist when the operator starts (Helm and make run install
+            # them first); glob patterns still need the namespace watch, and with it kopf's.
             settings.scanning.disabled = True
 
     kopf.configure(verbose=args.verbose, debug=args.debug, log_format=kopf.LogFormat.PLAIN)
@@ -69,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         # Standalone: kopf's peering is not used; TIO_LEADER_ELECTION elects over a Lease (election.py).
         return kopf.operator(
             standalone=True,
-            clusterwide=args.all_namespaces or not args.namespace,
+            clusterwide=clusterwide,
             namespaces=args.namespace or (),
             liveness_endpoint=args.liveness,
         )
@@ -93,18 +99,44 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor(args)
 
 
+def _settings_help() -> str:
+    """Every TIO_* setting ``run`` reads, with its default (from settings.py, so it stays complete)."""
+    import textwrap
+
+    from .settings import Settings
+
+    lines = ['configuration (environment; README.md, "Configuration"):']
+    for name, info in Settings.model_fields.items():
+        if info.default_factory is not None:
+            default = "computed"
+        elif info.default is None:
+            default = "unset"
+        else:
+            default = str(getattr(info.default, "value", info.default))
+        lines.append(f"  TIO_{name.upper()} (default {default})")
+        lines += textwrap.wrap(info.description or "", width=96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="truenas-incus-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the operator (configuration: TIO_* environment, see settings.py)")
+    run = commands.add_parser(
+        "run",
+        help="run the operator (configuration: the TIO_* environment, listed by run --help)",
+        description="Run the operator against the cluster of the kubeconfig (KUBECONFIG, else ~/.kube/config) "
+        "or the pod's service account.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "-n", "--namespace", action="append", help="watch this namespace or glob pattern (repeatable); default: all"
     )
     run.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     run.add_argument("--liveness", default=None, help="serve kopf's health endpoint, e.g. http://0.0.0.0:8080/healthz")
-    run.add_argument("-v", "--verbose", action="store_true")
-    run.add_argument("--debug", action="store_true")
+    run.add_argument("-v", "--verbose", action="store_true", help="log at info level (kopf's verbose)")
+    run.add_argument("--debug", action="store_true", help="log at debug level (kopf's debug; chart: logLevel=debug)")
     run.set_defaults(func=_run)
 
     crd = commands.add_parser("crd", help="write the CRD manifests generated from the models")
@@ -115,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor",
         help="check a NAS before installing, read-only (the same TIO_TRUENAS_* settings as run)",
-        description="Reachability, TLS, version and API family, the key's roles, virtualization, the image "
-        "registry, and which fields of the given manifests this NAS can honour. Never writes. Exit code 1 "
-        "when a blocking problem is found.",
+        description="Reachability, TLS (the presented certificate when untrusted), version and API family, the "
+        "key's roles, virtualization, the image registry, the VM image server, and for the given manifests "
+        "what the operator would refuse (VMs it cannot create, missing images, memory the NAS lacks) or leave "
+        "unhonoured. Never writes. Exit code 1 when a blocking problem is found.",
     )
     doctor.add_argument("-f", "--file", action="append", help="an IncusInstance manifest to check (repeatable)")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")

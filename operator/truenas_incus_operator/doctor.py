@@ -3,7 +3,12 @@
 Same connection settings as ``run`` (the ``TIO_TRUENAS_*`` environment). It reports reachability,
 TLS (which CA, the certificate's expiry), the TrueNAS version, API family and transport, the key's
 roles and which of the operator's calls they allow, the virtualization state, the image registry,
-and, for manifests given with ``-f``, which fields this NAS cannot honour.
+the VM image server (``TIO_VM_IMAGE_SERVER``) and, for manifests given with ``-f``, what the
+operator would do with each: refuse it (a VM this NAS or transport cannot create, an image neither
+TrueNAS's registry nor the VM image server has, more memory than the NAS has) or leave fields
+unhonoured. A manifest is checked against the environment's NAS (``TIO_TRUENAS_URL``) even when it
+names a TrueNASConnection: doctor says so. On a TLS failure it shows the certificate the server
+presented (subject, issuer, SHA-256 fingerprint) and the variable to set.
 
 It never writes: every call goes through an observer that refuses anything but the reads listed in
 ``READS`` (and the transport's own login, options and subscriptions), so a bug here cannot change
@@ -25,14 +30,19 @@ from urllib.parse import urlsplit
 
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from pydantic import ValidationError
 
 from .connections.config import DEFAULT_PORTS, ConnectionConfig, settings_loader
 from .instances.resource import desired_from
 from .problems import OperatorError
-from .reconcile import instance_config
+from .quantity import format_bytes
+from .reconcile import _vm_unsupported_message, instance_config
 from .settings import Settings
 from .truenas import TrueNASClient, TrueNASError, connect, ssl_context
+from .truenas.backends.container import ContainerBackend
+from .truenas.errors import ImageNotFound
+from .truenas.images import DEFAULT_IMAGE_SERVER, ImageServer
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 EXPIRY_WARN_DAYS = 30
@@ -44,6 +54,7 @@ READS = frozenset(
         "virt.instance.image_choices",
         "lxc.config",
         "container.image.query_registry",
+        "system.info",
     }
 )
 """The only calls doctor makes itself (connect() adds the family probe, also a read)."""
@@ -117,6 +128,12 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     """Every call made through the client, in order (reads only)."""
+    images: Any = None
+    """What TrueNAS's image registry listed (virt: alias -> image; 26: a list of names), if read."""
+    host_memory: int | None = None
+    """The NAS's physical memory in bytes (system.info physmem), if read."""
+    vm_images: ImageServer | None = None
+    """The VM image server, when its index could be read."""
 
     def add(self, name: str, status: str, summary: str, **details: Any) -> Check:
         check = Check(name, status, summary, details)
@@ -217,8 +234,11 @@ async def run_doctor(settings: Settings, manifests: Iterable[Path] = (), timeout
         await _roles(report, client)
         await _virtualization(report, client)
         await _registry(report, client)
+        await _host_memory(report, client)
+        if "vm" in families(client):
+            await _vm_image_server(report, settings, timeout)
         for path in manifests:
-            _manifest(report, client, path)
+            await _manifest(report, client, path, config.url)
     finally:
         await client.close()
     return report
@@ -242,7 +262,15 @@ async def _reachability_and_tls(report: Report, config: ConnectionConfig, settin
         )
     except ssl.SSLCertVerificationError as exc:
         report.add("reachability", OK, f"{host}:{port} answers")
-        report.add("TLS", FAIL, f"the certificate is not trusted: {exc.verify_message}", ca=ca)
+        presented = await _presented_certificate(host, port, timeout)
+        fix = (
+            "set TIO_TRUENAS_CA_FILE to the PEM file of the CA that signed this certificate (for a self-signed "
+            "TrueNAS certificate: the certificate itself, System > Certificates > Download); check the "
+            "fingerprint with the NAS first"
+        )
+        if exc.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH: the CA is right, the name is not
+            fix = f"the certificate does not name {host}: use a host name it lists in TIO_TRUENAS_URL"
+        report.add("TLS", FAIL, f"the certificate is not trusted: {exc.verify_message}", ca=ca, **presented, fix=fix)
         return False
     except (OSError, TimeoutError) as exc:
         report.add("reachability", FAIL, f"cannot reach {host}:{port}: {exc.__class__.__name__}: {exc}")
@@ -260,13 +288,7 @@ async def _reachability_and_tls(report: Report, config: ConnectionConfig, settin
         certificate = x509.load_der_x509_certificate(der)
         expires = certificate.not_valid_after_utc
         days = (expires - datetime.now(UTC)).days
-        details = {
-            "ca": ca,
-            "subject": certificate.subject.rfc4514_string(),
-            "issuer": certificate.issuer.rfc4514_string(),
-            "expires": expires.isoformat(),
-            "days_left": days,
-        }
+        details = {"ca": ca, **_certificate_details(certificate), "expires": expires.isoformat(), "days_left": days}
         if days < 0:
             report.add("TLS", FAIL, f"the certificate expired on {expires:%Y-%m-%d}", **details)
         elif config.insecure_skip_verify:
@@ -276,6 +298,35 @@ async def _reachability_and_tls(report: Report, config: ConnectionConfig, settin
         else:
             report.add("TLS", OK, f"verified against {ca}; expires in {days} days", **details)
         return True
+    finally:
+        writer.close()
+        reader.feed_eof()
+
+
+def _certificate_details(certificate: x509.Certificate) -> dict[str, Any]:
+    return {
+        "subject": certificate.subject.rfc4514_string(),
+        "issuer": certificate.issuer.rfc4514_string(),
+        "sha256_fingerprint": certificate.fingerprint(hashes.SHA256()).hex(":").upper(),
+    }
+
+
+async def _presented_certificate(host: str, port: int, timeout: float) -> dict[str, Any]:
+    """The certificate the server presents, read without verification (nothing is sent but the TLS
+    handshake; the key never goes to an untrusted server)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout
+        )
+    except (OSError, TimeoutError):
+        return {}
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        return _certificate_details(x509.load_der_x509_certificate(der)) if der else {}
     finally:
         writer.close()
         reader.feed_eof()
@@ -365,6 +416,7 @@ async def _registry(report: Report, client: TrueNASClient) -> None:
     except TrueNASError as exc:
         report.add("image registry", FAIL, f"TrueNAS cannot list images ({method}): {exc.message}")
         return
+    report.images = images or ([] if container else {})
     count = len(images or [])
     if count:
         report.add("image registry", OK, f"TrueNAS reaches the image registry: {count} images", method=method)
@@ -378,7 +430,73 @@ def _documents(path: Path) -> Iterator[dict[str, Any]]:
             yield document
 
 
-def _manifest(report: Report, client: TrueNASClient, path: Path) -> None:
+async def _host_memory(report: Report, client: TrueNASClient) -> None:
+    try:
+        info = await read(client, "system.info")
+    except TrueNASError:
+        return  # only the manifests' memory check needs it: they say it was not checked
+    physmem = info.get("physmem") if isinstance(info, dict) else None
+    report.host_memory = int(physmem) if isinstance(physmem, int | float) and physmem > 0 else None
+
+
+async def _vm_image_server(report: Report, settings: Settings, timeout: float) -> None:
+    """The index VM images come from (the operator downloads them itself: vm.* has no images)."""
+    url = settings.vm_image_server or DEFAULT_IMAGE_SERVER
+    server = ImageServer(url, timeout=timeout)
+    try:
+        products = await asyncio.wait_for(server.products(), timeout)
+    except (TrueNASError, OSError, ValueError, TimeoutError) as exc:
+        message = exc.message if isinstance(exc, TrueNASError) else f"{type(exc).__name__}: {exc}"
+        report.add(
+            "VM image server",
+            WARN,
+            f"cannot read {url}: {message}; VMs cannot be created until it is reachable (set TIO_VM_IMAGE_SERVER "
+            "to a reachable simplestreams server or a local mirror)",
+            url=url,
+        )
+        return
+    vms = [key for key, product in products.items() if _has_vm_image(product)]
+    report.vm_images = server
+    if vms:
+        report.add("VM image server", OK, f"{url} lists {len(vms)} VM images", url=url)
+    else:
+        report.add("VM image server", WARN, f"{url} lists no VM image (disk.qcow2)", url=url)
+
+
+def _has_vm_image(product: Any) -> bool:
+    versions = product.get("versions") if isinstance(product, dict) else None
+    return isinstance(versions, dict) and any(
+        isinstance(v, dict) and "disk.qcow2" in (v.get("items") or {}) for v in versions.values()
+    )
+
+
+async def _image_problem(report: Report, client: TrueNASClient, image: str, vm: bool) -> str | None:
+    """Why the operator would find no image for ``image`` (None: found, or not checked)."""
+    if vm and "vm" in families(client):
+        if report.vm_images is None:
+            return None  # the VM image server check already says why
+        try:
+            await report.vm_images.resolve(image)
+        except ImageNotFound as exc:
+            return exc.message
+        except (TrueNASError, OSError, ValueError):
+            return None
+        return None
+    backend = getattr(client.instances, "containers", client.instances)
+    if isinstance(backend, ContainerBackend):
+        try:
+            await backend.resolve_image(image)  # container.image.query_registry: a read
+        except ImageNotFound as exc:
+            return exc.message
+        except TrueNASError:
+            return None
+        return None
+    if isinstance(report.images, dict) and report.images and image not in report.images:
+        return f"TrueNAS's image registry has no image {image!r} (virt.instance.image_choices)"
+    return None
+
+
+async def _manifest(report: Report, client: TrueNASClient, path: Path, url: str) -> None:
     try:
         documents = list(_documents(path))
     except (OSError, yaml.YAMLError) as exc:
@@ -394,16 +512,49 @@ def _manifest(report: Report, client: TrueNASClient, path: Path) -> None:
             errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             report.add(f"manifest {name}", FAIL, f"the spec is invalid: {errors}")
             continue
-        unsupported = list(client.instances.unsupported_fields(instance_config(desired)))
+        where: dict[str, Any] = {}
+        against = ""
+        reference = desired.spec.connection_ref
+        if reference is not None:
+            where = {"connection": reference.name, "checked_against": url}
+            against = (
+                f" (checked against the environment's NAS, TIO_TRUENAS_URL={url}, not the TrueNASConnection "
+                f"{reference.name!r} the manifest names)"
+            )
+        config = instance_config(desired)
+        unsupported = list(client.instances.unsupported_fields(config))
+        vm = str(desired.spec.type) == "VM"
+        if "type" in unsupported:
+            message = _vm_unsupported_message(desired)
+            if client.transport.name == "rest" and client.version >= (25, 4, 2):
+                message = f"VMs need the websocket transport (the REST API has no vm.* calls): {message}"
+            report.add(f"manifest {name}", FAIL, message + against, reason="Unsupported", **where)
+            continue
+        image = await _image_problem(report, client, desired.spec.image, vm)
+        if image is not None:
+            report.add(f"manifest {name}", FAIL, image + against, reason="ImageNotFound", **where)
+            continue
+        memory = config.memory
+        if memory is not None and report.host_memory is not None and memory > report.host_memory:
+            report.add(
+                f"manifest {name}",
+                FAIL,
+                f"memory {format_bytes(memory)} is more than this NAS has ({format_bytes(report.host_memory)})"
+                + against,
+                reason="InsufficientMemory",
+                **where,
+            )
+            continue
         if unsupported:
             report.add(
                 f"manifest {name}",
                 WARN,
-                f"{client.system_version} cannot honour some fields (status would say PartiallyApplied)",
+                f"{client.system_version} cannot honour some fields (status would say PartiallyApplied)" + against,
                 unsupported=unsupported,
+                **where,
             )
         else:
-            report.add(f"manifest {name}", OK, f"{client.system_version} can honour every field")
+            report.add(f"manifest {name}", OK, f"{client.system_version} can honour every field" + against, **where)
 
 
 def main(args: Any) -> int:

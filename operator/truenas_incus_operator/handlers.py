@@ -18,6 +18,7 @@ from .settings import Settings
 
 INSTANCES = (API_GROUP, API_VERSION, "incusinstances")
 CONNECTIONS = (API_GROUP, API_VERSION, "truenasconnections")
+FINALIZER = f"{API_GROUP}/finalizer"
 
 
 def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
@@ -40,7 +41,7 @@ async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInf
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.level = logging.WARNING
@@ -82,6 +83,7 @@ async def instance_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, *
         wakeups.resource_deleted((body.metadata.namespace or "", body.metadata.name or ""))
     else:
         wakeups.resource_changed(body)
+        await _hold_connection(memo, body.metadata.namespace or "", body.spec)
 
 
 @kopf.daemon(*INSTANCES, cancellation_timeout=10.0, initial_delay=lambda **_: random.uniform(0, 0.2))
@@ -105,11 +107,19 @@ def instances_by_connection(namespace: str | None, spec: kopf.Spec, **_: Any) ->
     return {(namespace or "", str(name)): True} if name else {}
 
 
-@kopf.on.delete(*CONNECTIONS)
-async def connection_deleted(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    """Keeps the finalizer (and the credentials last loaded) until no IncusInstance uses it."""
+def _named_by_instances(namespace: str | None, name: str | None, **kwargs: Any) -> bool:
+    """The delete handler's filter: kopf holds the finalizer only while this is true."""
     index = cast(kopf.Index[tuple[str, str], bool], kwargs["instances_by_connection"])
+    return bool(index.get((namespace or "", name or "")))
+
+
+@kopf.on.delete(*CONNECTIONS, when=_named_by_instances)
+async def connection_deleted(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Keeps the finalizer (and the credentials last loaded) until no IncusInstance uses it. kopf
+    holds the finalizer only while the filter matches: a connection that nothing names has none, so
+    it is deleted at once, with or without the operator."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+    index = cast(kopf.Index[tuple[str, str], bool], kwargs["instances_by_connection"])
     users = index.get((namespace, name))
     if users:
         raise kopf.TemporaryError(f"still used by {len(users)} IncusInstance(s); waiting for them to go", delay=5)
@@ -119,7 +129,38 @@ async def connection_deleted(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) ->
 @kopf.on.event(*CONNECTIONS)
 async def connection_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     resources = _operator(memo).connection_resources
+    key = (body.metadata.namespace or "", body.metadata.name or "")
     if type == "DELETED":
-        await resources.remove(f"{body.metadata.namespace}/{body.metadata.name}")
+        _finalized(memo).discard(key)
+        await resources.remove(f"{key[0]}/{key[1]}")
     else:
+        if FINALIZER in (body.metadata.get("finalizers") or []):
+            _finalized(memo).add(key)
+        else:
+            _finalized(memo).discard(key)
         await resources.sync(body)
+
+
+def _finalized(memo: kopf.Memo) -> set[tuple[str, str]]:
+    """TrueNASConnections last seen with the finalizer."""
+    finalized: set[tuple[str, str]] = memo.setdefault("finalized_connections", set())
+    return finalized
+
+
+async def _hold_connection(memo: kopf.Memo, namespace: str, spec: Mapping[str, Any]) -> None:
+    """An IncusInstance names a TrueNASConnection: kopf adds the connection's finalizer on the
+    connection's next event (its delete handler's filter now matches), so cause one at once (an
+    annotation the operator owns) rather than leave a window in which deleting the connection would
+    strand the instance's teardown."""
+    reference = spec.get("connectionRef") or {}
+    name = reference.get("name") if isinstance(reference, Mapping) else None
+    if not name or (namespace, str(name)) in _finalized(memo):
+        return
+    _finalized(memo).add((namespace, str(name)))  # once: its next event says whether it took
+    try:
+        await _operator(memo).kube.patch_annotations(
+            CONNECTIONS[2], namespace, str(name), {f"{API_GROUP}/in-use": "true"}
+        )
+    except OperatorError as exc:
+        _finalized(memo).discard((namespace, str(name)))
+        logging.getLogger(__name__).info("TrueNASConnection %s/%s: %s", namespace, name, exc.problem.message)

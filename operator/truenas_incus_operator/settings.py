@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     truenas_allow_insecure_transport: bool = Field(
         False, description="Allow plain ws:// or http:// to a host other than loopback (the key travels in clear)."
     )
-    truenas_max_concurrent_calls: int = Field(20, ge=1, le=20)
+    truenas_max_concurrent_calls: int = Field(
+        20, ge=1, le=20, description="Calls in flight at once on the default connection (TrueNAS allows 20)."
+    )
     vm_image_server: str | None = Field(
         None,
         description=(
@@ -112,8 +114,10 @@ class Settings(BaseSettings):
     )
     retry_min_seconds: float = Field(2.0, gt=0, description="First retry delay after a failure.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest retry delay (bounded backoff).")
-    call_timeout_seconds: float = Field(60.0, gt=0)
-    job_timeout_seconds: float = Field(15 * 60.0, gt=0)
+    call_timeout_seconds: float = Field(60.0, gt=0, description="Longest wait for one TrueNAS call's answer.")
+    job_timeout_seconds: float = Field(
+        15 * 60.0, gt=0, description="Longest wait for one TrueNAS job (create, start, stop, delete) to finish."
+    )
 
     def default_api_key(self) -> str | None:
         if self.truenas_api_key_file is not None:

@@ -1,7 +1,9 @@
 """The README's main command (``make run`` -> ``python -m truenas_incus_dev start``).
 
-- With ``KUBECONFIG`` and ``TIO_TRUENAS_URL`` set: installs the CRDs into that cluster and runs the
-  operator against that TrueNAS (key from ``TIO_TRUENAS_API_KEY_FILE`` or ``TIO_TRUENAS_API_KEY``).
+- With ``TIO_TRUENAS_URL`` set and a kubeconfig (``KUBECONFIG``, else ``~/.kube/config`` as kubectl
+  does): installs the CRDs into that cluster (server-side apply from Python: nothing is built, no
+  kubectl needed) and runs the operator against that TrueNAS (key from ``TIO_TRUENAS_API_KEY_FILE``
+  or ``TIO_TRUENAS_API_KEY``).
 - Otherwise the embedded default: a local control plane, two TrueNAS simulators (25.10 as the
   default connection, 25.04.0 behind a TrueNASConnection for the VM example), the operator, and
   the examples, shown reaching Running as ``kubectl get -w`` shows them.
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -17,34 +20,60 @@ from typing import Any
 
 import yaml
 
+from truenas_incus_operator.kube import Kube
+from truenas_incus_operator.problems import OperatorError
 from truenas_simulator import Simulator, SimulatorThread
 from truenas_simulator.storage import write_mirror
 
-from .localcluster import REPO_ROOT, LocalControlPlane, binaries_dir, start_for_people, wait_for_interrupt
+from .localcluster import REPO_ROOT, LocalControlPlane, start_for_people, wait_for_interrupt
 
 EXAMPLES = REPO_ROOT / "examples"
 LEDGER_NAMESPACE = "truenas-incus-operator"
 
 
+def kubeconfig() -> str | None:
+    """The kubeconfig kubectl would use: ``KUBECONFIG``, else ``~/.kube/config`` when it exists."""
+    explicit = os.environ.get("KUBECONFIG")
+    if explicit:
+        return explicit
+    default = Path.home() / ".kube" / "config"
+    return str(default) if default.exists() else None
+
+
 def start(workdir: Path) -> int:
-    if os.environ.get("KUBECONFIG") and os.environ.get("TIO_TRUENAS_URL"):
+    if os.environ.get("TIO_TRUENAS_URL") and kubeconfig():
         return run_against_configured(workdir)
     return run_demo(workdir)
 
 
+async def install(ledger: str) -> None:
+    """The CRDs (server-side apply, so a second run changes nothing) and the ledger's namespace."""
+    kube = Kube()  # the operator's own client: the same kubeconfig handling as `run`
+    apply = {"Content-Type": "application/apply-patch+yaml"}
+    try:
+        for path in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+            crd = yaml.safe_load(path.read_text())
+            name = crd["metadata"]["name"]
+            where = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+            await kube._request("PATCH", f"{where}?fieldManager=truenas-incus-operator&force=true", crd, apply)
+            print(f"start: CRD {name} applied", flush=True)
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ledger}}
+        where = f"/api/v1/namespaces/{ledger}"
+        await kube._request("PATCH", f"{where}?fieldManager=truenas-incus-operator", namespace, apply)
+    finally:
+        await kube.close()
+
+
 def run_against_configured(workdir: Path) -> int:
-    kubeconfig = os.environ["KUBECONFIG"]
-    print(f"start: KUBECONFIG={kubeconfig}, TrueNAS at {os.environ['TIO_TRUENAS_URL']}", flush=True)
-    kubectl = binaries_dir() / "kubectl"
-    applied = subprocess.run([str(kubectl), "apply", "-f", str(REPO_ROOT / "crds")], check=False)
-    if applied.returncode != 0:
-        print("error: could not install the CRDs (see above)", file=sys.stderr)
-        return 1
+    config = kubeconfig()
+    print(f"start: KUBECONFIG={config}, TrueNAS at {os.environ['TIO_TRUENAS_URL']}", flush=True)
+    os.environ["KUBECONFIG"] = str(config)
     # The ownership ledger's home (TIO_LEDGER_NAMESPACE, default truenas-incus-operator).
     ledger = os.environ.get("TIO_LEDGER_NAMESPACE", LEDGER_NAMESPACE)
-    exists = subprocess.run([str(kubectl), "get", "namespace", ledger], capture_output=True, check=False)
-    if exists.returncode != 0 and subprocess.run([str(kubectl), "create", "namespace", ledger], check=False).returncode:
-        print(f"error: could not create the namespace {ledger} for the ownership ledger", file=sys.stderr)
+    try:
+        asyncio.run(install(ledger))
+    except OperatorError as exc:
+        print(f"error: could not install the CRDs or the namespace {ledger}: {exc.problem.message}", file=sys.stderr)
         return 1
     # Become the operator, so that signals (Ctrl-C, SIGTERM) reach it directly.
     os.execv(sys.executable, [sys.executable, "-m", "truenas_incus_operator", "run", "-A"])

@@ -1,15 +1,25 @@
-{{/* The chart's name. */}}
+{{/* The chart's name (nameOverride replaces it, as in every chart). */}}
 {{- define "truenas-incus-operator.name" -}}
-{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* A release-qualified name for the operator's objects. */}}
+{{/* A release-qualified name for the operator's objects (fullnameOverride replaces it). */}}
 {{- define "truenas-incus-operator.fullname" -}}
-{{- if contains .Chart.Name .Release.Name }}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Where the scratch volume (VM images on their way to TrueNAS) is mounted: TIO_SCRATCH_DIR. */}}
+{{- define "truenas-incus-operator.scratchPath" -}}
+/var/cache/truenas-incus-operator
 {{- end }}
 
 {{/* Labels on every object (Helm's recommended set). */}}

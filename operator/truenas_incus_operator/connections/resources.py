@@ -1,6 +1,13 @@
 """TrueNASConnection resources and the default connection: configure the connection each one
 describes, and keep the resource's status true to the connection (written when it connects, when
-it is lost and when its configuration cannot be loaded)."""
+it is lost and when its configuration cannot be loaded).
+
+A configuration that cannot be loaded (its Secret missing, not labelled, bound to other hosts, ...)
+is loaded again with a backoff of 1 s doubling to at most ``RELOAD_MAX_SECONDS``, until it loads or
+the resource changes: a Secret created or corrected later is used without touching the resource.
+Not a Secret watch: kopf would need ``list``/``watch`` on every Secret the operator may read, and
+the operator's RBAC stays ``get`` only (docs/security.md). One GET per Secret per 10 s at most, and
+only for connections that cannot be used."""
 
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from .manager import ConnectionManager
 
 log = logging.getLogger(__name__)
 PLURAL = "truenasconnections"
+RELOAD_MIN_SECONDS = 1.0
+RELOAD_MAX_SECONDS = 10.0
 
 
 @dataclass
@@ -48,6 +57,9 @@ class ConnectionResources:
         self._reported: dict[str, _Reported] = {}
         self._writes: dict[str, asyncio.Task[None]] = {}
         self._stale: set[str] = set()
+        self._reloads: dict[str, asyncio.Task[None]] = {}
+        """A connection's reload until it is done; a new event cancels one still waiting."""
+        self._waiting: set[str] = set()
 
     async def configure_default(self) -> None:
         """The connection from the operator's settings (``TIO_TRUENAS_*``), if any."""
@@ -67,8 +79,13 @@ class ConnectionResources:
     async def sync(self, body: Mapping[str, Any]) -> None:
         """(Re)configures the connection a TrueNASConnection describes, and reports on it."""
         meta = body["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        self._cancel_reload(key)  # this event's body is newer than the one a pending reload holds
+        await self._sync(key, body, attempt=0)
+
+    async def _sync(self, key: str, body: Mapping[str, Any], attempt: int) -> None:
+        meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        key = f"{namespace}/{name}"
         deleting = bool(meta.get("deletionTimestamp"))
         if deleting and key in self.manager.connections:
             return  # keep the credentials last loaded: the IncusInstances being deleted still need them
@@ -89,6 +106,8 @@ class ConnectionResources:
         over = self._over_quota(namespace, key)
         if over is not None:
             await self._unusable(key, over)
+            if not deleting:
+                self._reload_later(key, body, attempt)  # a connection of the namespace may go meanwhile
             return
 
         load = resource_loader(self.kube, namespace, spec, self.settings, self.policy, name)
@@ -96,6 +115,8 @@ class ConnectionResources:
             config = await load()
         except OperatorError as exc:
             await self._unusable(key, exc.problem)
+            if not deleting:
+                self._reload_later(key, body, attempt)
             return
         connection = await self.manager.configure(key, config, reload=load)
         with contextlib.suppress(TimeoutError):
@@ -114,10 +135,39 @@ class ConnectionResources:
         return Problem(
             "QuotaExceeded",
             f"{label}.maxConnections: namespace {namespace} already uses {used} TrueNASConnections, the most "
-            f"the policy allows ({quota.max_connections}); delete one, then change this one to retry",
+            f"the policy allows ({quota.max_connections}); it is used once one of them goes",
         )
 
+    def _reload_later(self, key: str, body: Mapping[str, Any], attempt: int) -> None:
+        """Loads the configuration again after a backoff: its Secrets may come or be fixed later."""
+        self._cancel_reload(key)  # one reload per connection: a sync that ran alongside leaves none behind
+        delay = min(RELOAD_MIN_SECONDS * 2 ** min(attempt, 16), RELOAD_MAX_SECONDS)
+
+        async def reload() -> None:
+            await asyncio.sleep(delay)
+            self._waiting.discard(key)  # from here on an event starts a sync of its own, this one goes on
+            await self._sync(key, body, attempt + 1)
+
+        task = asyncio.get_running_loop().create_task(reload(), name=f"reload {key}")
+        self._reloads[key] = task
+        self._waiting.add(key)
+
+        def done(_: asyncio.Task[None]) -> None:
+            if self._reloads.get(key) is task:
+                del self._reloads[key]
+
+        task.add_done_callback(done)
+
+    def _cancel_reload(self, key: str, running: bool = False) -> None:
+        """Cancels the reload still waiting (or, with ``running``, also one under way)."""
+        if key in self._waiting or running:
+            task = self._reloads.pop(key, None)
+            if task is not None:
+                task.cancel()
+        self._waiting.discard(key)
+
     async def remove(self, key: str) -> None:
+        self._cancel_reload(key, running=True)
         self._reported.pop(key, None)
         task = self._writes.pop(key, None)
         if task is not None:
@@ -174,6 +224,14 @@ class ConnectionResources:
         reported.status = applied(reported.status, patch)
 
     async def close(self) -> None:
+        reloads = list(self._reloads.values())
+        self._reloads.clear()
+        self._waiting.clear()
+        for reload in reloads:
+            reload.cancel()
+        for reload in reloads:
+            with contextlib.suppress(asyncio.CancelledError):
+                await reload
         for task in list(self._writes.values()):
             task.cancel()
         for task in list(self._writes.values()):
