@@ -596,8 +596,7 @@ def test_the_image_server_caps_and_quotas_of_the_policy_reach_the_operator() -> 
         "policy.quotas[0].maxVMs=10",
         "policy.defaultQuota.maxConnections=1",
     )
-    (policy_map,) = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-policy")]
-    loaded = Policy.model_validate(yaml.safe_load(policy_map["data"]["policy.yaml"]))
+    loaded = Policy.model_validate(yaml.safe_load(policy_text(documents)))
     rule = loaded.rules[0]
     assert rule.vm_image_servers == ["https://mirror.example/streams", "cache.internal"]
     assert (rule.max_root_disk_size, rule.max_memory, rule.max_vcpus) == ("100Gi", "8Gi", 4)
