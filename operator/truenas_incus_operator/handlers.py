@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -13,11 +14,12 @@ from .app import Operator, build
 from .kube import Kube, kopf_login
 from .models import API_GROUP, API_VERSION
 from .policy import PolicyError
-from .problems import OperatorError
+from .problems import OperatorError, Problem
 from .settings import Settings
 
 INSTANCES = (API_GROUP, API_VERSION, "incusinstances")
 CONNECTIONS = (API_GROUP, API_VERSION, "truenasconnections")
+EVENT_COMPONENT = "truenas-incus-operator"
 
 
 def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
@@ -44,6 +46,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.level = logging.WARNING
+    # Events come from the operator, as `kubectl describe` and `kubectl get events` show (not "kopf"/"dev").
+    settings.posting.reporting_component = EVENT_COMPONENT
+    settings.posting.reporting_instance = Settings().pod_name or socket.gethostname()
     settings.networking.request_timeout = 60
     try:
         operator = build(Settings(), Kube(), _post_event)
@@ -71,8 +76,15 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.probe(id="truenas")
 def probe(memo: kopf.Memo, **_: Any) -> dict[str, str]:
+    """Per connection: ``ready``, ``connecting``, or why it is down (``AuthenticationFailed``, ``Unreachable``, ...)."""
     connections = _operator(memo).connections.connections
-    return {key: "ready" if c.ready.is_set() else "connecting" for key, c in connections.items()}
+    return {key: _health(c.ready.is_set(), c.problem) for key, c in connections.items()}
+
+
+def _health(ready: bool, problem: Problem | None) -> str:
+    if ready:
+        return "ready"
+    return "connecting" if problem is None or problem.reason == "Connecting" else problem.reason
 
 
 @kopf.on.event(*INSTANCES)

@@ -17,7 +17,7 @@ from ..kube import Kube
 from ..models import TrueNASConnectionSpec
 from ..problems import OperatorError, Problem
 from ..settings import Settings
-from ..status import ConditionUpdate, applied, as_patch, differs, render_connection, secure_condition, utc_now
+from ..status import applied, as_patch, differs, render_connection, secure_condition, utc_now
 from .config import DEFAULT_KEY, resource_loader, settings_loader
 from .connection import Connection
 from .manager import ConnectionManager
@@ -32,7 +32,10 @@ class _Reported:
     name: str
     generation: int
     status: dict[str, Any]
-    secure: ConditionUpdate | None = None
+    transport_security: tuple[str, bool] | None = None
+    """(url, insecureSkipVerify) of the spec: what the Secure condition is about."""
+    verified: bool = False
+    """A connection with this url and TLS setting was made (its certificate was verified)."""
 
 
 class ConnectionResources:
@@ -81,7 +84,10 @@ class ConnectionResources:
         except ValidationError as exc:
             await self._unusable(key, Problem("InvalidSpec", str(exc.errors()[0]["msg"])))
             return
-        self._reported[key].secure = secure_condition(spec.url, bool(spec.tls and spec.tls.insecure_skip_verify))
+        security = (spec.url, bool(spec.tls and spec.tls.insecure_skip_verify))
+        if self._reported[key].transport_security != security:
+            self._reported[key].transport_security = security
+            self._reported[key].verified = False  # Secure=True again only once this configuration connects
 
         load = resource_loader(self.kube, namespace, spec, self.settings.vm_image_server)
         try:
@@ -130,6 +136,10 @@ class ConnectionResources:
         if reported is None:
             return
         client = connection.client if connection is not None and problem is None else None
+        if client is not None:
+            reported.verified = True
+        security = reported.transport_security
+        secure = None if security is None else secure_condition(*security, verified=reported.verified)
         status = render_connection(
             reported.status,
             problem,
@@ -138,7 +148,7 @@ class ConnectionResources:
             version=client.system_version if client else None,
             api_version=client.transport.name if client else None,
             api_family=client.api_family if client else None,
-            secure=reported.secure,
+            secure=secure,
         )
         patch = as_patch(status)
         if not differs(reported.status, patch):
