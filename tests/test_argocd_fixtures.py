@@ -33,6 +33,8 @@ FIXED_NAMESPACE = "apps"
 FIXED_TIME = "2026-01-01T00:00:00Z"
 # Python object addresses in messages ("<ssl.SSLContext object at 0x7f...>") change every run.
 ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+# "not been observed since 2026-12-03T13:20:00Z": the time of the run.
+SINCE = re.compile(r"since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 # Every testdata file, and the test that captures it.
 FIXTURES = {
@@ -52,6 +54,7 @@ FIXTURES = {
     "degraded_unreachable.yaml": "test_unreachable_and_wrong_key",
     "degraded_authentication_failed.yaml": "test_unreachable_and_wrong_key",
     "progressing_delete_failed.yaml": "test_delete_failed",
+    "degraded_unknown_not_observed.yaml": "test_not_observed",
 }
 
 
@@ -94,6 +97,7 @@ def normalized(live: dict[str, Any]) -> dict[str, Any]:
 
 def scrubbed(text: str, namespace: str) -> str:
     """A message without the run's namespace and Python object addresses."""
+    text = SINCE.sub(f"since {FIXED_TIME}", text)
     return ADDRESS.sub(" at 0x0", text.replace(f"{namespace}/", f"{FIXED_NAMESPACE}/"))
 
 
@@ -267,6 +271,24 @@ def test_unreachable_and_wrong_key(harness: Harness, namespace: str) -> None:
         capture(harness, namespace, "fx-unreachable", "degraded_unreachable.yaml")
         harness.wait_synced_false(namespace, "fx-auth", "AuthenticationFailed")
         capture(harness, namespace, "fx-auth", "degraded_authentication_failed.yaml")
+    finally:
+        sim.stop()
+
+
+def test_not_observed(harness: Harness, namespace: str) -> None:
+    """A running instance whose TrueNAS cannot be asked any more: phase Unknown, the last observation kept."""
+    sim = start_simulator("25.10")
+    try:
+        connection = harness.connect_namespace(namespace, sim, name="nas")
+        harness.apply(namespace, "fx-unknown", {"connectionRef": {"name": connection}})
+        harness.wait_ready(namespace, "fx-unknown", timeout=60)
+        harness.cluster.kubectl(
+            "patch", "truenasconnection", connection, "-n", namespace, "--type=merge",
+            "-p", json.dumps({"spec": {"url": "wss://127.0.0.1:9"}}),
+        )  # fmt: skip
+        status = harness.wait_status(namespace, "fx-unknown", "phase Unknown", phase_is("Unknown"), timeout=60)
+        assert status["instanceId"] and status["binding"]["name"] == "fx-unknown"
+        capture(harness, namespace, "fx-unknown", "degraded_unknown_not_observed.yaml")
     finally:
         sim.stop()
 
