@@ -5,9 +5,12 @@ then), the immutability rules still hold, and a retried failing create never rep
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,20 +32,43 @@ SPECS = {
 }
 
 
-@pytest.fixture
-def outage(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Harness]:
-    """An operator of its own (it is restarted) with a TLS simulator whose CA outlives a restart."""
-    certs = tmp_path / "certs"
-    sim = start_simulator("25.10", cert_dir=certs, job_duration=0.05, auth_fail_delay=0.0)
-    mirror = write_mirror(list(sim.sim.images.values()), tmp_path / "mirror")
-    env = {**operator_env(sim, tmp_path, TIO_VM_IMAGE_SERVER=str(mirror)), **write_policy(tmp_path, ADOPT_ANYWHERE)}
-    operator = OperatorProcess(cluster, env, tmp_path / "operator.log", args=["-n", namespace])
-    running = Harness(cluster, sim, operator.start(), tmp_path)
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def own_operator(cluster: Cluster, namespace: str, workdir: Path, **env: str) -> Iterator[Harness]:
+    """An operator of its own (it is restarted), serving /healthz, with a TLS simulator whose CA
+    outlives a restart of the simulator."""
+    sim = start_simulator("25.10", cert_dir=workdir / "certs", job_duration=0.05, auth_fail_delay=0.0)
+    mirror = write_mirror(list(sim.sim.images.values()), workdir / "mirror")
+    env = {
+        **operator_env(sim, workdir, TIO_VM_IMAGE_SERVER=str(mirror)),
+        **write_policy(workdir, ADOPT_ANYWHERE),
+        **env,
+    }
+    health = f"http://127.0.0.1:{free_port()}/healthz"
+    operator = OperatorProcess(cluster, env, workdir / "operator.log", args=["-n", namespace, f"--liveness={health}"])
+    operator.env["HEALTH_URL_FOR_TEST"] = health
+    running = Harness(cluster, sim, operator.start(), workdir)
     try:
         yield running
     finally:
         running.operator.stop()
         running.sim.stop()
+
+
+@pytest.fixture
+def outage(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Harness]:
+    yield from own_operator(cluster, namespace, tmp_path)
+
+
+def healthz(harness: Harness) -> dict[str, Any]:
+    with urllib.request.urlopen(harness.operator.env["HEALTH_URL_FOR_TEST"], timeout=5) as response:
+        result: dict[str, Any] = json.load(response)
+        return result
 
 
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -93,6 +119,7 @@ def test_an_outage_keeps_the_observation_and_the_immutability(outage: Harness, n
         namespace, name, "Unknown/AuthenticationFailed", _unobserved("AuthenticationFailed"), 90
     )
     _assert_kept(status, seen, "AuthenticationFailed")
+    assert healthz(harness)["truenas"] == {"<default>": "AuthenticationFailed"}
     _refused(harness, namespace, name, {"image": "ubuntu/noble"})
     _refused(harness, namespace, name, {"name": "renamed"})
 
@@ -180,3 +207,39 @@ def test_synced_does_not_flap_while_a_failing_create_is_retried(outage: Harness,
     assert all(c["status"] == "True" for c in synced[first_true:]), synced[first_true:]
     creating = [s for s in watch.statuses if s.get("phase") == "Creating"]
     assert len(creating) >= 4
+    # The Events: from the operator, one per distinct problem, with an action.
+    events = harness.events(namespace, name)
+    assert {e["reason"] for e in events} >= {"CallFailed", "Created"}, events
+    for event in events:
+        assert event["source"]["component"] == event["reportingComponent"] == "truenas-incus-operator", event
+        assert event["reportingInstance"] not in ("", "dev") and event["action"] != "Action?", event
+    table = harness.cluster.kubectl("get", "incusinstance", name, "-n", namespace).stdout.splitlines()
+    header, row = table[0].split(), table[1].split()
+    assert dict(zip(header, row, strict=False))["SYNCED"] == "True", table
+
+
+def test_logs_name_the_object_and_can_be_json(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    for log_format in ("text", "json"):
+        workdir = tmp_path / log_format
+        workdir.mkdir()
+        running = own_operator(cluster, namespace, workdir, TIO_LOG_FORMAT=log_format)
+        harness = next(running)
+        try:
+            name = unique(f"log-{log_format}")
+            harness.apply(namespace, name, {"image": "plan9/4th"})  # refused: a line about the object
+            harness.wait_synced_false(namespace, name, "ImageNotFound", timeout=60)
+            harness.wait_event(namespace, name, "ImageNotFound")
+            harness.delete(namespace, name)
+        finally:
+            next(running, None)
+        lines = [line for line in harness.operator.logs().splitlines() if line.strip()]
+        about = [line for line in lines if name in line]
+        assert about, lines[-20:]
+        if log_format == "json":
+            records = [json.loads(line) for line in lines]  # every line is one JSON object
+            assert all("timestamp" in r and "severity" in r and "message" in r for r in records)
+            mine = [r for r in records if (r.get("object") or {}).get("name") == name]
+            assert mine and all(r["object"]["namespace"] == namespace for r in mine), about
+        else:
+            assert all(re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in about), about
+            assert all(f"[{namespace}/{name}]" in line for line in about), about

@@ -9,6 +9,7 @@ from typing import Any
 from truenas_incus_operator import handlers
 from truenas_incus_operator.crd import incus_instance_crd
 from truenas_incus_operator.instances.resource import LoopState
+from truenas_incus_operator.kube import Events
 from truenas_incus_operator.problems import Problem
 from truenas_incus_operator.status import secure_condition
 
@@ -81,3 +82,34 @@ def test_kubectl_get_shows_synced() -> None:
     assert names.index("Synced") == names.index("Ready") + 1
     synced = columns[names.index("Synced")]
     assert synced["jsonPath"] == '.status.conditions[?(@.type=="Synced")].status'
+
+
+async def test_events_come_from_the_operator() -> None:
+    posted: list[tuple[str, dict[str, Any]]] = []
+
+    class Recording:
+        async def create_event(self, namespace: str, event: dict[str, Any]) -> None:
+            posted.append((namespace, event))
+
+    events = Events(Recording(), "operator-7f9c", limit=3)  # type: ignore[arg-type]
+    body = resource()
+    body["metadata"]["uid"] = "u-1"
+    events(body, "Normal", "Created", "created CONTAINER web01 on TrueNAS")
+    events(body, "Warning", "ImageNotFound", "x" * 5000)
+    await events.close()
+    (namespace, created), (_, refused) = posted
+    assert namespace == "apps" and created["involvedObject"] == {
+        "apiVersion": "incus.truenas.io/v1alpha1", "kind": "IncusInstance", "name": "web01", "namespace": "apps",
+        "uid": "u-1",
+    }  # fmt: skip
+    for event in (created, refused):
+        assert event["source"] == {"component": "truenas-incus-operator"}
+        assert (event["reportingComponent"], event["reportingInstance"]) == ("truenas-incus-operator", "operator-7f9c")
+    assert (created["action"], refused["action"]) == ("Create", "Reconcile")
+    assert len(refused["message"]) == 1024
+    # Never blocks the loops: past the limit waiting, Events are dropped, not queued without bound.
+    for _ in range(10):
+        events(body, "Warning", "Unreachable", "down")
+    assert events.dropped == 7
+    await events.close()
+    assert len(posted) == 5

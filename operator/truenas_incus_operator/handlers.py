@@ -11,7 +11,7 @@ from typing import Any, cast
 import kopf
 
 from .app import Operator, build
-from .kube import Kube, kopf_login
+from .kube import EVENT_COMPONENT, Events, Kube, kopf_login
 from .models import API_GROUP, API_VERSION
 from .policy import PolicyError
 from .problems import OperatorError, Problem
@@ -19,11 +19,6 @@ from .settings import Settings
 
 INSTANCES = (API_GROUP, API_VERSION, "incusinstances")
 CONNECTIONS = (API_GROUP, API_VERSION, "truenasconnections")
-EVENT_COMPONENT = "truenas-incus-operator"
-
-
-def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
-    kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message[:1024])
 
 
 def _operator(memo: kopf.Memo) -> Operator:
@@ -46,12 +41,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.level = logging.WARNING
-    # Events come from the operator, as `kubectl describe` and `kubectl get events` show (not "kopf"/"dev").
+    # Events come from the operator, as `kubectl describe` and `kubectl get events` show (not "kopf"/"dev"):
+    # the operator's own through kube.Events, kopf's (a handler failing) with the same names.
+    instance = Settings().pod_name or socket.gethostname()
     settings.posting.reporting_component = EVENT_COMPONENT
-    settings.posting.reporting_instance = Settings().pod_name or socket.gethostname()
+    settings.posting.reporting_instance = instance
     settings.networking.request_timeout = 60
+    kube = Kube()
+    events = Events(kube, instance)
+    memo["events"] = events
     try:
-        operator = build(Settings(), Kube(), _post_event)
+        operator = build(Settings(), kube, events)
     except PolicyError as exc:
         # Never run with a policy other than the administrator's: stop instead of allowing everything.
         raise kopf.PermanentError(str(exc)) from None
@@ -71,6 +71,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    events: Events | None = memo.get("events")
+    if events is not None:
+        await events.close()
     await _operator(memo).close()
 
 
