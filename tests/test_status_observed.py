@@ -133,3 +133,14 @@ def test_synced_stays_false_through_a_retried_create() -> None:
     done = render(want, RUNNING, failed, plan=plan(replace(want, bound=None), RUNNING), now=T0 + timedelta(minutes=5))
     synced = condition(done, "Synced")
     assert synced["status"] == "True" and synced["lastTransitionTime"] != since
+
+
+def test_a_failed_delete_keeps_what_was_observed() -> None:
+    before = running_status()
+    want = replace(desired(), deleting=True)
+    failed = Problem("DeleteFailed", "CallFailed: Simulated failure of virt.instance.delete")
+    status = render(want, None, before, problem=failed, connected=False)
+    assert status["phase"] == "Deleting" and status["instanceId"] == "web" and status["binding"] == before["binding"]
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Deleting") and "does not exist" not in ready["message"]
+    assert condition(status, "Synced")["reason"] == "DeleteFailed"

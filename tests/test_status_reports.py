@@ -113,3 +113,20 @@ async def test_events_come_from_the_operator() -> None:
     assert events.dropped == 7
     await events.close()
     assert len(posted) == 5
+
+
+async def test_an_operator_restart_does_not_flap_a_running_status() -> None:
+    fake = fake_operator()
+    state = LoopState(status={})
+    body = resource(cpu="2")
+    for _ in range(2):
+        await fake.operator.loops.reconcile_once(body, state, no_wake)
+    writes = len(fake.kube.statuses("web01"))
+    # A restart: the loop starts again from the resource's status, its connection still connecting.
+    fake.connection.ready.clear()
+    fake.connection.client = None
+    fake.connection.problem = Problem("Connecting", "connecting to wss://nas.invalid")
+    body["status"] = dict(state.status)
+    await fake.operator.loops.reconcile_once(body, LoopState(status=dict(state.status)), no_wake)
+    assert len(fake.kube.statuses("web01")) == writes, "nothing to say while connecting: the status stays"
+    assert [e for e in fake.events if e[1] == "Connecting"] == []

@@ -249,6 +249,8 @@ def _unobserved(
     known = kept.instance_id is not None or kept.binding is not None
     current_phase = phase(desired, None, None, problem, connected=False, known=known)
     ready = unobserved_condition(before, problem, known, now)
+    if desired.deleting:
+        ready = ("False", "Deleting", "the resource is being deleted; see the Synced condition")
     synced = synced_condition(None, problem) if problem is not None else ("Unknown", "NotObserved", ready[2])
     return kept.model_copy(
         update={

@@ -75,7 +75,11 @@ class Reporter:
         connected: bool = True,
     ) -> float:
         """Reports a failed pass; returns the backoff delay. ``connected`` False: TrueNAS could not be
-        asked, so the status keeps its last observation (``status.render_instance``)."""
+        asked, so the status keeps its last observation (``status.render_instance``). While the
+        connection is only being set up (an operator restart), a status that holds an observation is
+        left as it is: no Unknown-then-Running flap at every restart."""
+        if not connected and problem.reason in NORMAL_REASONS and _holds_observation(state.status):
+            return self.backoff(state)
         try:
             await self.write(state, desired, observed, problem=problem, version=version, connected=connected)
         except OperatorError as exc:
@@ -110,3 +114,7 @@ class Reporter:
         settings = self.settings
         delay = min(settings.retry_max_seconds, settings.retry_min_seconds * 2.0 ** (state.failures - 1))
         return delay * random.uniform(0.8, 1.2)
+
+
+def _holds_observation(status: Mapping[str, Any]) -> bool:
+    return bool(status.get("instanceId") or status.get("binding"))
