@@ -66,9 +66,13 @@ def outage(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Harness
 
 
 def healthz(harness: Harness) -> dict[str, Any]:
-    with urllib.request.urlopen(harness.operator.env["HEALTH_URL_FOR_TEST"], timeout=5) as response:
-        result: dict[str, Any] = json.load(response)
-        return result
+    """The operator's /healthz, or {} while it does not answer yet."""
+    try:
+        with urllib.request.urlopen(harness.operator.env["HEALTH_URL_FOR_TEST"], timeout=5) as response:
+            result: dict[str, Any] = json.load(response)
+            return result
+    except OSError:
+        return {}
 
 
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -107,7 +111,7 @@ def test_an_outage_keeps_the_observation_and_the_immutability(outage: Harness, n
     name = unique(kind)
     harness.apply(namespace, name, spec)
     seen = harness.wait_ready(namespace, name, timeout=180 if kind == "vm" else 60)
-    assert seen.get("instanceId") and seen.get("binding", {}).get("image") == "debian/bookworm", seen
+    assert seen.get("instanceId"), seen
     key_file = harness.workdir / "api-key"
     good_key = key_file.read_text()
 
@@ -119,7 +123,9 @@ def test_an_outage_keeps_the_observation_and_the_immutability(outage: Harness, n
         namespace, name, "Unknown/AuthenticationFailed", _unobserved("AuthenticationFailed"), 90
     )
     _assert_kept(status, seen, "AuthenticationFailed")
-    assert healthz(harness)["truenas"] == {"<default>": "AuthenticationFailed"}
+    assert harness.cluster.wait_for(lambda: healthz(harness), 30, what="healthz")["truenas"] == {
+        "<default>": "AuthenticationFailed"
+    }
     _refused(harness, namespace, name, {"image": "ubuntu/noble"})
     _refused(harness, namespace, name, {"name": "renamed"})
 
@@ -142,7 +148,11 @@ def test_an_outage_keeps_the_observation_and_the_immutability(outage: Harness, n
     harness.sim = revived
     back = harness.wait_ready(namespace, name, timeout=120)
     assert back["instanceId"] == seen["instanceId"] and back["binding"] == seen["binding"]
-    assert harness.instance_names(revived) >= {name}
+    if kind == "vm":  # vm.* names have no '-'
+        assert revived.run(lambda: revived.sim.vms.by_name(name.replace("-", "_"))) is not None
+    else:
+        assert name in harness.instance_names(revived)
+    assert seen["binding"]["image"] == "debian/bookworm" and seen["binding"]["name"] == name, seen
 
 
 class StatusWatch:
@@ -175,15 +185,19 @@ class StatusWatch:
         self.process.terminate()
         self.process.wait(timeout=10)
         self.reader.join(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 def test_synced_does_not_flap_while_a_failing_create_is_retried(outage: Harness, namespace: str) -> None:
     harness = outage
     harness.sim.run(lambda: harness.sim.sim.knobs.error_rates.update({"virt.instance.create": 1.0}))
     name = unique("flap")
-    watch = StatusWatch(harness.cluster, namespace, name)
+    # Connected first: the first failure is then the create's (JobFailed), not Connecting.
+    harness.cluster.wait_for(lambda: healthz(harness).get("truenas") == {"<default>": "ready"}, 60, what="healthz")
+    harness.apply(namespace, name, {"cpu": "1"})
+    watch = StatusWatch(harness.cluster, namespace, name)  # kubectl get -w needs the object to exist
     try:
-        harness.apply(namespace, name, {"cpu": "1"})
         # Several retries (backoff 0.5 s doubling to 4 s): each writes Creating, then the failure.
         harness.cluster.wait_for(
             lambda: (
@@ -209,13 +223,13 @@ def test_synced_does_not_flap_while_a_failing_create_is_retried(outage: Harness,
     assert len(creating) >= 4
     # The Events: from the operator, one per distinct problem, with an action.
     events = harness.events(namespace, name)
-    assert {e["reason"] for e in events} >= {"CallFailed", "Created"}, events
+    assert sorted(e["reason"] for e in events) == ["Created", "JobFailed"], events  # one per distinct problem
     for event in events:
         assert event["source"]["component"] == event["reportingComponent"] == "truenas-incus-operator", event
         assert event["reportingInstance"] not in ("", "dev") and event["action"] != "Action?", event
     table = harness.cluster.kubectl("get", "incusinstance", name, "-n", namespace).stdout.splitlines()
-    header, row = table[0].split(), table[1].split()
-    assert dict(zip(header, row, strict=False))["SYNCED"] == "True", table
+    start = table[0].index("SYNCED")  # columns by position: an empty one (MEMORY here) shifts split()
+    assert table[1][start:].split()[0] == "True", table
 
 
 def test_logs_name_the_object_and_can_be_json(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
