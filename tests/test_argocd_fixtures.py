@@ -117,11 +117,19 @@ def essence(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def capture(harness: Harness, namespace: str, name: str, fixture: str) -> dict[str, Any]:
+def capture(
+    harness: Harness, namespace: str, name: str, fixture: str, until: Any = None, timeout: float = 30.0
+) -> dict[str, Any]:
+    """``until(status)``: capture the first version read that shows it (a retry can come between)."""
     assert fixture in FIXTURES, f"{fixture} is not listed in FIXTURES"
-    live: dict[str, Any] = yaml.safe_load(
-        harness.cluster.kubectl("get", "incusinstance", name, "-n", namespace, "-o", "yaml").stdout
-    )
+
+    def read() -> dict[str, Any] | None:
+        live: dict[str, Any] = yaml.safe_load(
+            harness.cluster.kubectl("get", "incusinstance", name, "-n", namespace, "-o", "yaml").stdout
+        )
+        return live if until is None or until(live.get("status") or {}) else None
+
+    live: dict[str, Any] = harness.cluster.wait_for(read, timeout=timeout, interval=0.05, what=f"{name} for {fixture}")
     path = TESTDATA / fixture
     if UPDATE:
         path.write_text(yaml.safe_dump(normalized(live), sort_keys=False))
@@ -137,6 +145,12 @@ def capture(harness: Harness, namespace: str, name: str, fixture: str) -> dict[s
             shown["message"] = scrubbed(shown["message"], namespace)
         assert shown == expected, f"{mode}: {json.dumps(live.get('status'), indent=1)}"
     return live
+
+
+def connection_ready(harness: Harness, namespace: str, name: str) -> tuple[str, str] | None:
+    status = harness.cluster.get("truenasconnection", name, namespace).get("status") or {}
+    ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+    return (ready["status"], ready["reason"]) if ready else None
 
 
 def phase_is(value: str) -> Any:
@@ -229,22 +243,24 @@ def test_truenas_reports_error(harness: Harness, namespace: str) -> None:
 
 def test_synced_false_reasons(harness: Harness, namespace: str) -> None:
     harness.sim.run(lambda: harness.sim.sim.seed_instance(name="fx-taken", type="CONTAINER", status="RUNNING"))
-    cases: list[tuple[str, dict[str, Any], str, str]] = [
-        ("fx-taken", {}, "AlreadyExists", "degraded_already_exists.yaml"),
-        ("fx-image", {"image": "plan9/4th"}, "ImageNotFound", "degraded_image_not_found.yaml"),
-        ("fx-big", {"memory": "512Gi"}, "ValidationFailed", "degraded_validation_failed.yaml"),
+    cases: list[tuple[str, dict[str, Any], str, str, str]] = [
+        ("fx-taken", {}, "AlreadyExists", "Error", "degraded_already_exists.yaml"),
+        ("fx-image", {"image": "plan9/4th"}, "ImageNotFound", "Error", "degraded_image_not_found.yaml"),
+        ("fx-big", {"memory": "512Gi"}, "ValidationFailed", "Error", "degraded_validation_failed.yaml"),
         (
             "fx-noconn",
             {"connectionRef": {"name": "missing"}},
             "ConnectionNotFound",
+            "Pending",
             "degraded_connection_not_found.yaml",
         ),
     ]
-    for name, spec, _, _ in cases:
+    for name, spec, *_ in cases:
         harness.apply(namespace, name, spec)
-    for name, _, reason, fixture in cases:
+    for name, _, reason, phase, fixture in cases:
+        # Between failed creates the retry shows Creating (Synced still False): capture the failure itself.
         harness.wait_synced_false(namespace, name, reason)
-        capture(harness, namespace, name, fixture)
+        capture(harness, namespace, name, fixture, until=phase_is(phase))
 
 
 def test_unreachable_and_wrong_key(harness: Harness, namespace: str) -> None:
@@ -265,6 +281,13 @@ def test_unreachable_and_wrong_key(harness: Harness, namespace: str) -> None:
             "patch", "truenasconnection", connection, "-n", namespace, "--type=merge",
             "-p", json.dumps({"spec": {"url": "wss://127.0.0.1:9"}}),
         )  # fmt: skip
+        # Both connections down before the instances name them: nothing was ever observed (Pending).
+        for name, reason in ((connection, "Unreachable"), (wrong, "AuthenticationFailed")):
+            harness.cluster.wait_for(
+                lambda name=name, reason=reason: connection_ready(harness, namespace, name) == ("False", reason),
+                timeout=60,
+                what=f"TrueNASConnection {name}: {reason}",
+            )
         harness.apply(namespace, "fx-unreachable", {"connectionRef": {"name": connection}})
         harness.apply(namespace, "fx-auth", {"connectionRef": {"name": wrong}})
         harness.wait_synced_false(namespace, "fx-unreachable", "Unreachable")
