@@ -257,3 +257,27 @@ def test_logs_name_the_object_and_can_be_json(cluster: Cluster, namespace: str, 
         else:
             assert all(re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in about), about
             assert all(f"[{namespace}/{name}]" in line for line in about), about
+
+
+def test_secure_only_once_a_connection_was_verified(outage: Harness, namespace: str) -> None:
+    harness = outage
+    name = harness.connect_namespace(namespace, harness.sim, name="nas")
+    url = harness.sim.ws_url
+    harness.cluster.kubectl(
+        "patch", "truenasconnection", name, "-n", namespace, "--type=merge",
+        "-p", json.dumps({"spec": {"url": "wss://127.0.0.1:9"}}),
+    )  # fmt: skip
+
+    def conditions() -> dict[str, tuple[str, str]]:
+        status = harness.cluster.get("truenasconnection", name, namespace).get("status") or {}
+        return {c["type"]: (c["status"], c["reason"]) for c in status.get("conditions", [])}
+
+    def shows(ready: tuple[str, str], secure: tuple[str, str]) -> Any:
+        return lambda: (lambda c: c.get("Ready") == ready and c.get("Secure") == secure)(conditions())
+
+    # Nothing listens there: nothing was verified, so Secure is not True.
+    harness.cluster.wait_for(shows(("False", "Unreachable"), ("Unknown", "NotVerified")), 60, what="NotVerified")
+    harness.cluster.kubectl(
+        "patch", "truenasconnection", name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"url": url}})
+    )
+    harness.cluster.wait_for(shows(("True", "Connected"), ("True", "Verified")), 60, what="Verified")
