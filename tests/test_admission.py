@@ -68,11 +68,16 @@ IMMUTABLE_CHANGES = [
     # Trust finding 3: pointing a created resource at another NAS would take over a same-named instance there.
     ("connection-ref", {"connectionRef": {"name": "other-nas"}}, "spec.connectionRef is immutable"),
 ]
-# What the operator writes: an instance that exists (instanceId), a create under way (Creating).
+# What the operator writes: an instance that exists (instanceId), a create under way (Creating), and
+# status.binding alone: what an outage leaves (issue 21 item 1), whatever the phase says.
+BINDING = {"name": "web01", "type": "CONTAINER", "image": "debian/bookworm", "storagePool": "tank"}
 CREATED = [
     ("exists", {"phase": "Running", "instanceId": "web01"}),
     ("exists-in-error", {"phase": "Error", "instanceId": "web01"}),
     ("creating", {"phase": "Creating"}),
+    ("bound-not-observed", {"phase": "Unknown", "binding": BINDING}),
+    ("bound-in-error", {"phase": "Error", "binding": BINDING}),
+    ("bound-pending", {"phase": "Pending", "binding": BINDING}),
 ]
 # Nothing was created yet: never reconciled, waiting, or a create that failed.
 NOT_CREATED = [("no-status", None), ("pending", {"phase": "Pending"}), ("create-failed", {"phase": "Error"})]
@@ -190,7 +195,14 @@ def test_printer_columns(cluster: Cluster, namespace: str) -> None:
                     "reason": "Available",
                     "message": "running",
                     "lastTransitionTime": "2026-01-01T00:00:00Z",
-                }
+                },
+                {
+                    "type": "Synced",
+                    "status": "False",
+                    "reason": "PolicyDenied",
+                    "message": "denied",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                },
             ],
         }
     }
@@ -206,8 +218,10 @@ def test_printer_columns(cluster: Cluster, namespace: str) -> None:
         json.dumps(status),
     )
     table = cluster.kubectl("get", "incusinstances", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "TYPE", "PHASE", "CPU", "MEMORY", "AUTOSTART", "IP", "READY", "AGE"]
-    assert table[1].split()[:8] == ["cols", "CONTAINER", "Running", "2", "2Gi", "true", "10.142.87.23", "True"]
+    assert table[0].split() == ["NAME", "TYPE", "PHASE", "CPU", "MEMORY", "AUTOSTART", "IP", "READY", "SYNCED", "AGE"]
+    assert table[1].split()[:9] == [
+        "cols", "CONTAINER", "Running", "2", "2Gi", "true", "10.142.87.23", "True", "False",
+    ]  # fmt: skip
     short = cluster.kubectl("get", "ii", "-n", namespace, "-o", "name").stdout.strip()
     assert short == "incusinstance.incus.truenas.io/cols"
 

@@ -33,6 +33,8 @@ FIXED_NAMESPACE = "apps"
 FIXED_TIME = "2026-01-01T00:00:00Z"
 # Python object addresses in messages ("<ssl.SSLContext object at 0x7f...>") change every run.
 ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+# "not been observed since 2026-12-03T13:20:00Z": the time of the run.
+SINCE = re.compile(r"since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 # Every testdata file, and the test that captures it.
 FIXTURES = {
@@ -52,6 +54,7 @@ FIXTURES = {
     "degraded_unreachable.yaml": "test_unreachable_and_wrong_key",
     "degraded_authentication_failed.yaml": "test_unreachable_and_wrong_key",
     "progressing_delete_failed.yaml": "test_delete_failed",
+    "degraded_unknown_not_observed.yaml": "test_not_observed",
 }
 
 
@@ -94,6 +97,7 @@ def normalized(live: dict[str, Any]) -> dict[str, Any]:
 
 def scrubbed(text: str, namespace: str) -> str:
     """A message without the run's namespace and Python object addresses."""
+    text = SINCE.sub(f"since {FIXED_TIME}", text)
     return ADDRESS.sub(" at 0x0", text.replace(f"{namespace}/", f"{FIXED_NAMESPACE}/"))
 
 
@@ -113,11 +117,19 @@ def essence(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def capture(harness: Harness, namespace: str, name: str, fixture: str) -> dict[str, Any]:
+def capture(
+    harness: Harness, namespace: str, name: str, fixture: str, until: Any = None, timeout: float = 30.0
+) -> dict[str, Any]:
+    """``until(status)``: capture the first version read that shows it (a retry can come between)."""
     assert fixture in FIXTURES, f"{fixture} is not listed in FIXTURES"
-    live: dict[str, Any] = yaml.safe_load(
-        harness.cluster.kubectl("get", "incusinstance", name, "-n", namespace, "-o", "yaml").stdout
-    )
+
+    def read() -> dict[str, Any] | None:
+        live: dict[str, Any] = yaml.safe_load(
+            harness.cluster.kubectl("get", "incusinstance", name, "-n", namespace, "-o", "yaml").stdout
+        )
+        return live if until is None or until(live.get("status") or {}) else None
+
+    live: dict[str, Any] = harness.cluster.wait_for(read, timeout=timeout, interval=0.05, what=f"{name} for {fixture}")
     path = TESTDATA / fixture
     if UPDATE:
         path.write_text(yaml.safe_dump(normalized(live), sort_keys=False))
@@ -133,6 +145,12 @@ def capture(harness: Harness, namespace: str, name: str, fixture: str) -> dict[s
             shown["message"] = scrubbed(shown["message"], namespace)
         assert shown == expected, f"{mode}: {json.dumps(live.get('status'), indent=1)}"
     return live
+
+
+def connection_ready(harness: Harness, namespace: str, name: str) -> tuple[str, str] | None:
+    status = harness.cluster.get("truenasconnection", name, namespace).get("status") or {}
+    ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+    return (ready["status"], ready["reason"]) if ready else None
 
 
 def phase_is(value: str) -> Any:
@@ -225,22 +243,24 @@ def test_truenas_reports_error(harness: Harness, namespace: str) -> None:
 
 def test_synced_false_reasons(harness: Harness, namespace: str) -> None:
     harness.sim.run(lambda: harness.sim.sim.seed_instance(name="fx-taken", type="CONTAINER", status="RUNNING"))
-    cases: list[tuple[str, dict[str, Any], str, str]] = [
-        ("fx-taken", {}, "AlreadyExists", "degraded_already_exists.yaml"),
-        ("fx-image", {"image": "plan9/4th"}, "ImageNotFound", "degraded_image_not_found.yaml"),
-        ("fx-big", {"memory": "512Gi"}, "ValidationFailed", "degraded_validation_failed.yaml"),
+    cases: list[tuple[str, dict[str, Any], str, str, str]] = [
+        ("fx-taken", {}, "AlreadyExists", "Error", "degraded_already_exists.yaml"),
+        ("fx-image", {"image": "plan9/4th"}, "ImageNotFound", "Error", "degraded_image_not_found.yaml"),
+        ("fx-big", {"memory": "512Gi"}, "ValidationFailed", "Error", "degraded_validation_failed.yaml"),
         (
             "fx-noconn",
             {"connectionRef": {"name": "missing"}},
             "ConnectionNotFound",
+            "Pending",
             "degraded_connection_not_found.yaml",
         ),
     ]
-    for name, spec, _, _ in cases:
+    for name, spec, *_ in cases:
         harness.apply(namespace, name, spec)
-    for name, _, reason, fixture in cases:
+    for name, _, reason, phase, fixture in cases:
+        # Between failed creates the retry shows Creating (Synced still False): capture the failure itself.
         harness.wait_synced_false(namespace, name, reason)
-        capture(harness, namespace, name, fixture)
+        capture(harness, namespace, name, fixture, until=phase_is(phase))
 
 
 def test_unreachable_and_wrong_key(harness: Harness, namespace: str) -> None:
@@ -261,12 +281,37 @@ def test_unreachable_and_wrong_key(harness: Harness, namespace: str) -> None:
             "patch", "truenasconnection", connection, "-n", namespace, "--type=merge",
             "-p", json.dumps({"spec": {"url": "wss://127.0.0.1:9"}}),
         )  # fmt: skip
+        # Both connections down before the instances name them: nothing was ever observed (Pending).
+        for name, reason in ((connection, "Unreachable"), (wrong, "AuthenticationFailed")):
+            harness.cluster.wait_for(
+                lambda name=name, reason=reason: connection_ready(harness, namespace, name) == ("False", reason),
+                timeout=60,
+                what=f"TrueNASConnection {name}: {reason}",
+            )
         harness.apply(namespace, "fx-unreachable", {"connectionRef": {"name": connection}})
         harness.apply(namespace, "fx-auth", {"connectionRef": {"name": wrong}})
         harness.wait_synced_false(namespace, "fx-unreachable", "Unreachable")
         capture(harness, namespace, "fx-unreachable", "degraded_unreachable.yaml")
         harness.wait_synced_false(namespace, "fx-auth", "AuthenticationFailed")
         capture(harness, namespace, "fx-auth", "degraded_authentication_failed.yaml")
+    finally:
+        sim.stop()
+
+
+def test_not_observed(harness: Harness, namespace: str) -> None:
+    """A running instance whose TrueNAS cannot be asked any more: phase Unknown, the last observation kept."""
+    sim = start_simulator("25.10")
+    try:
+        connection = harness.connect_namespace(namespace, sim, name="nas")
+        harness.apply(namespace, "fx-unknown", {"connectionRef": {"name": connection}})
+        harness.wait_ready(namespace, "fx-unknown", timeout=60)
+        harness.cluster.kubectl(
+            "patch", "truenasconnection", connection, "-n", namespace, "--type=merge",
+            "-p", json.dumps({"spec": {"url": "wss://127.0.0.1:9"}}),
+        )  # fmt: skip
+        status = harness.wait_status(namespace, "fx-unknown", "phase Unknown", phase_is("Unknown"), timeout=60)
+        assert status["instanceId"] and status["binding"]["name"] == "fx-unknown"
+        capture(harness, namespace, "fx-unknown", "degraded_unknown_not_observed.yaml")
     finally:
         sim.stop()
 

@@ -96,6 +96,7 @@ def test_status_subresource_columns_and_short_names() -> None:
         "Autostart",
         "IP",
         "Ready",
+        "Synced",
         "Age",
     ]
     assert instance["spec"]["names"]["shortNames"] == ["ii", "incus"]

@@ -452,10 +452,11 @@ def test_status_shape_and_the_operator_never_writes_spec(harness: Harness, names
     body = harness.get(namespace, name)
     status = body["status"]
     allowed = {
-        "phase", "instanceId", "observedGeneration", "conditions", "cpu", "memory", "autostart",
+        "phase", "instanceId", "binding", "observedGeneration", "conditions", "cpu", "memory", "autostart",
         "ipAddresses", "image", "job", "lastSyncTime", "message",
     }  # fmt: skip
     assert set(status) <= allowed, set(status) - allowed
+    assert status["binding"] == {"name": name, "type": "CONTAINER", "image": "debian/bookworm"}, status
     for condition in status["conditions"]:
         assert set(condition) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
         assert condition["observedGeneration"] == 2

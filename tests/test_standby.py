@@ -60,8 +60,11 @@ def acted_before_leading(log: str) -> list[str]:
     """Lines of operator work (kopf, the ledger, TrueNAS) logged by a process start before it led."""
     found = []
     for start in log.split("leader election: candidate ")[1:]:
-        before = start.split("leader election: leading as ", 1)[0]
-        for line in before.splitlines()[1:]:
+        before, *led = start.split("leader election: leading as ", 1)
+        lines = before.splitlines()[1:]
+        if led and lines and not before.endswith("\n"):
+            lines = lines[:-1]  # the "leading as" line's own prefix ([time] logger [level])
+        for line in lines:
             if "leader election:" not in line and line.strip():
                 found.append(line)
     return found

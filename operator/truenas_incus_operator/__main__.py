@@ -68,7 +68,11 @@ def _run(args: argparse.Namespace) -> int:
             # them first); glob patterns still need the namespace watch, and with it kopf's.
             settings.scanning.disabled = True
 
-    kopf.configure(verbose=args.verbose, debug=args.debug, log_format=kopf.LogFormat.PLAIN)
+    # Timestamps, and the object's namespace/name on every line about one (kopf's and ours, see
+    # resource.about); TIO_LOG_FORMAT=json: one JSON object a line, the object under "object".
+    json_logs = Settings().log_format == "json"
+    log_format = kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL
+    kopf.configure(verbose=args.verbose, debug=args.debug, log_format=log_format, log_prefix=not json_logs)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
     def operator() -> Coroutine[None, None, None]:

@@ -157,6 +157,7 @@ def incus_instance_crd() -> dict[str, Any]:
             {"name": "Autostart", "type": "boolean", "jsonPath": ".status.autostart"},
             {"name": "IP", "type": "string", "jsonPath": ".status.ipAddresses[0]"},
             {"name": "Ready", "type": "string", "jsonPath": ready},
+            {"name": "Synced", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Synced")].status'},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )

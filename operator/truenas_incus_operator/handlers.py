@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
 
 from .app import Operator, build
-from .kube import Kube, kopf_login
+from .kube import EVENT_COMPONENT, Events, Kube, kopf_login
 from .models import API_GROUP, API_VERSION
 from .policy import PolicyError
-from .problems import OperatorError
+from .problems import OperatorError, Problem
 from .settings import Settings
 
 INSTANCES = (API_GROUP, API_VERSION, "incusinstances")
 CONNECTIONS = (API_GROUP, API_VERSION, "truenasconnections")
 FINALIZER = f"{API_GROUP}/finalizer"
-
-
-def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
-    kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message[:1024])
 
 
 def _operator(memo: kopf.Memo) -> Operator:
@@ -45,9 +42,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.level = logging.WARNING
+    # Events come from the operator, as `kubectl describe` and `kubectl get events` show (not "kopf"/"dev"):
+    # the operator's own through kube.Events, kopf's (a handler failing) with the same names.
+    instance = Settings().pod_name or socket.gethostname()
+    settings.posting.reporting_component = EVENT_COMPONENT
+    settings.posting.reporting_instance = instance
     settings.networking.request_timeout = 60
+    kube = Kube()
+    events = Events(kube, instance)
+    memo["events"] = events
     try:
-        operator = build(Settings(), Kube(), _post_event)
+        operator = build(Settings(), kube, events)
     except PolicyError as exc:
         # Never run with a policy other than the administrator's: stop instead of allowing everything.
         raise kopf.PermanentError(str(exc)) from None
@@ -67,13 +72,23 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    events: Events | None = memo.get("events")
+    if events is not None:
+        await events.close()
     await _operator(memo).close()
 
 
 @kopf.on.probe(id="truenas")
 def probe(memo: kopf.Memo, **_: Any) -> dict[str, str]:
+    """Per connection: ``ready``, ``connecting``, or why it is down (``AuthenticationFailed``, ``Unreachable``, ...)."""
     connections = _operator(memo).connections.connections
-    return {key: "ready" if c.ready.is_set() else "connecting" for key, c in connections.items()}
+    return {key: _health(c.ready.is_set(), c.problem) for key, c in connections.items()}
+
+
+def _health(ready: bool, problem: Problem | None) -> str:
+    if ready:
+        return "ready"
+    return "connecting" if problem is None or problem.reason == "Connecting" else problem.reason
 
 
 @kopf.on.event(*INSTANCES)

@@ -1,7 +1,8 @@
 """The few Kubernetes calls kopf does not make for us: status and annotation patches from the
 reconcile loops, the ownership ledger's ConfigMaps, the leader election's Lease, and reading the
 Secrets that TrueNASConnections name (whether the operator may use one is
-``connections/config.py``'s decision). kopf posts the Events.
+``connections/config.py``'s decision), and the Events the operator posts (``Events``: as the
+operator, not as kopf).
 
 Plain HTTP calls over aiohttp (already there for kopf), logged in with kopf's own helpers
 (in-cluster service account, else the kubeconfig). The official ``kubernetes`` client would do the
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import ssl
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,7 +32,10 @@ import kopf
 from .models import API_GROUP, API_VERSION
 from .problems import OperatorError, Problem, fail
 
+log = logging.getLogger(__name__)
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
+EVENT_COMPONENT = "truenas-incus-operator"
+"""Who reports the operator's Events (``kubectl describe``'s From, ``reportingComponent``)."""
 KUBE_REASON = "KubernetesError"
 _GONE = Problem("NotFound", "the object does not exist")
 
@@ -325,10 +331,82 @@ class Kube:
             data=dict(secret.get("data") or {}),
         )
 
+    async def create_event(self, namespace: str, event: dict[str, Any]) -> None:
+        await self._request("POST", f"/api/v1/namespaces/{quote(namespace)}/events", event)
+
     async def close(self) -> None:
         await self._reset()
         _remove(self._files)
         self._files.clear()
+
+
+ACTION_BY_REASON = {"Created": "Create", "Adopted": "Adopt", "Deleted": "Delete", "DeleteFailed": "Delete"}
+"""An Event's ``action`` (what the operator was doing); anything else happened while reconciling."""
+
+
+class Events:
+    """Posts Events about an object as the operator: source and reportingComponent
+    ``truenas-incus-operator``, reportingInstance the pod, and an ``action`` (kopf's own say ``kopf``,
+    ``dev`` and ``Action?``). ``events(body, type, reason, message)`` never blocks and never raises:
+    one task posts them in order; past ``limit`` waiting, more are dropped (and said so in the log)."""
+
+    def __init__(self, kube: Kube, instance: str, limit: int = 1000) -> None:
+        self.kube = kube
+        self.instance = instance
+        self.limit = limit
+        self.dropped = 0
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self, body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+        meta = body.get("metadata") or {}
+        namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+        if self._queue.qsize() >= self.limit:
+            self.dropped += 1
+            log.warning("dropped an Event (%s %s on %s/%s): %d waiting", kind, reason, namespace, name, self.limit)
+            return
+        now = datetime.now(UTC)
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "metadata": {"generateName": f"{name}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "name": name,
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "action": ACTION_BY_REASON.get(reason, "Reconcile"),
+            "source": {"component": EVENT_COMPONENT},
+            "reportingComponent": EVENT_COMPONENT,
+            "reportingInstance": self.instance,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "count": 1,
+        }
+        self._queue.put_nowait((namespace, event))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._post(), name="events")
+
+    async def _post(self) -> None:
+        while not self._queue.empty():
+            namespace, event = self._queue.get_nowait()
+            try:
+                await self.kube.create_event(namespace, event)
+            except OperatorError as exc:
+                log.warning("cannot post an Event (%s): %s", event["reason"], exc.problem.message)
+
+    async def close(self) -> None:
+        """Posts what is waiting (bounded by the API's own timeouts), then stops."""
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 5)
+            except TimeoutError:
+                self._task.cancel()
 
 
 def _remove(paths: list[str]) -> None:

@@ -365,8 +365,15 @@ _CROSS_FIELD_RULES: list[JsonValue] = [
 # phase other than Pending and Error. Until then image, type, name and storagePool can be corrected in
 # place (a typo, a create TrueNAS refused); afterwards they are immutable. Root-level transition rules,
 # because only the whole object sees the status next to the spec.
+#
+# status.binding is the anchor: the operator sets it once, when it starts the create or sees the
+# instance it created or adopted, keeps it through connection and authentication failures, and removes
+# it only when TrueNAS answers that the instance is gone. Tenants have no rights on the status
+# subresource, and a spec update cannot change the status (the API server keeps the old one), so
+# oldSelf.status is what the operator last wrote. instanceId and the phase still count, for a status
+# written before status.binding existed.
 _NOT_CREATED = (
-    "!has(oldSelf.status) || (!has(oldSelf.status.instanceId) && "
+    "!has(oldSelf.status) || (!has(oldSelf.status.binding) && !has(oldSelf.status.instanceId) && "
     "(!has(oldSelf.status.phase) || oldSelf.status.phase in ['Pending', 'Error']))"
 )
 
@@ -380,7 +387,7 @@ def _immutable(field: str, message: str) -> JsonDict:
     return _cel(f"{_NOT_CREATED} || ({same})", message, f".spec.{field}")
 
 
-_CREATED_NOTE = "once the instance exists on TrueNAS (status.instanceId set or a create under way)"
+_CREATED_NOTE = "once the instance exists on TrueNAS (status.binding set: created, adopted or a create under way)"
 # Checked on the whole object: metadata.name becomes the instance name when spec.name is omitted.
 INSTANCE_ROOT_RULES: list[JsonValue] = [
     _cel(
@@ -688,6 +695,18 @@ class JobStatus(_Model):
     description: str | None = Field(None, description="Progress description from TrueNAS.")
 
 
+class InstanceBinding(_Model):
+    """The instance a resource is bound to, with the spec fields it was created (or adopted) with."""
+
+    name: str = Field(description="The instance's name on TrueNAS.")
+    type: str = Field(description="CONTAINER or VM, as created or adopted.")
+    image: str = Field(description="spec.image when the instance was created or adopted.")
+    storage_pool: str | None = Field(None, description="spec.storagePool when the instance was created or adopted.")
+    connection_ref: str | None = Field(
+        None, description="spec.connectionRef.name when the instance was created or adopted; empty: the default."
+    )
+
+
 class IncusInstanceStatus(_Model):
     """Observed state, read back from TrueNAS."""
 
@@ -699,6 +718,15 @@ class IncusInstanceStatus(_Model):
         ),
     )
     instance_id: str | None = Field(None, description="The instance's id on TrueNAS.")
+    binding: InstanceBinding | None = Field(
+        None,
+        description=(
+            "Set by the operator when it starts creating the instance or sees the one it created or adopted; "
+            "kept while TrueNAS cannot be reached or refuses the key; removed only when TrueNAS reports the "
+            "instance gone. While set, spec.name, type, image, storagePool and connectionRef are immutable, and "
+            "a spec that differs from it is never reported Ready."
+        ),
+    )
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
     conditions: list[Condition] | None = Field(
         None,

@@ -15,6 +15,7 @@ from .models import (
     EFFECTIVE_DEFAULTS,
     DeletionPolicy,
     IncusInstanceSpec,
+    InstanceBinding,
     PowerState,
 )
 from .truenas.types import UNSET, DeviceConfig, InstanceChanges, InstanceConfig, ObservedInstance
@@ -62,10 +63,44 @@ class Desired:
     uid: str = ""
     deleting: bool = False
     ownership: Ownership = Ownership()
+    bound: InstanceBinding | None = None
+    """``status.binding`` as the operator last wrote it: the instance the resource is bound to and the
+    spec it was created or adopted with (tenants cannot write status; it only ever restricts)."""
 
     @property
     def instance_name(self) -> str:
         return self.spec.name or self.name
+
+    @property
+    def connection_ref(self) -> str | None:
+        return self.spec.connection_ref.name if self.spec.connection_ref else None
+
+    def binding(self) -> InstanceBinding:
+        """What ``status.binding`` records when this spec creates or adopts the instance."""
+        return InstanceBinding(
+            name=self.instance_name,
+            type=str(self.spec.type),
+            image=self.spec.image,
+            storage_pool=self.spec.storage_pool,
+            connection_ref=self.connection_ref,
+        )
+
+    def immutable_changes(self) -> tuple[str, ...]:
+        """The spec fields that differ from what the bound instance was created or adopted with
+        (admission refuses these changes; this holds where it was bypassed or raced)."""
+        if self.bound is None:
+            return ()
+        now, then = self.binding(), self.bound
+        fields = (
+            ("spec.name", now.name, then.name),
+            ("spec.type", now.type, then.type),
+            ("spec.image", now.image, then.image),
+            ("spec.storagePool", now.storage_pool, then.storage_pool),
+            ("spec.connectionRef", now.connection_ref, then.connection_ref),
+        )
+        return tuple(
+            f"{field} is {new!r}, the instance was made with {old!r}" for field, new, old in fields if new != old
+        )
 
     @property
     def owns(self) -> bool:
@@ -279,6 +314,21 @@ def plan(
     """
     config = config or instance_config(desired)
     ownership = desired.ownership
+    changed = desired.immutable_changes()
+    if changed:
+        bound = desired.bound
+        same_instance = bound is not None and (bound.name, bound.connection_ref) == (
+            desired.instance_name,
+            desired.connection_ref,
+        )
+        return Plan(
+            blocked=Blocked(
+                "ImmutableFieldChanged",
+                "; ".join(changed) + ": an instance cannot be renamed, moved or rebuilt; restore the spec, or delete "
+                "the resource and create a new one",
+                ours=same_instance and ownership.mine,
+            )
+        )
     if ownership.holder is not None:
         return Plan(
             blocked=Blocked(

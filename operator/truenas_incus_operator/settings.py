@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -95,6 +96,11 @@ class Settings(BaseSettings):
         None, description="The holder identity's prefix (the chart sets the pod's name); unset: the host name."
     )
 
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: [time] logger [level] [namespace/name] message; json: one JSON object a line "
+        "(timestamp, severity, message, object).",
+    )
     resync_seconds: float = Field(60.0, gt=0, description="How often each connection re-reads all instances.")
     device_audits_per_resync: int = Field(
         10,

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ from .models import (
     ConditionStatus,
     ImageStatus,
     IncusInstanceStatus,
+    InstanceBinding,
     JobStatus,
     Phase,
     PowerState,
@@ -59,18 +60,49 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+OBSERVED_FIELDS = ("instanceId", "binding", "cpu", "memory", "autostart", "ipAddresses", "image")
+"""What a status knows of the instance on TrueNAS: kept, as last observed, while TrueNAS cannot be asked."""
+
+
 def phase(
-    desired: Desired, observed: ObservedInstance | None, activity: Phase | None, problem: Problem | None
+    desired: Desired,
+    observed: ObservedInstance | None,
+    activity: Phase | None,
+    problem: Problem | None,
+    connected: bool = True,
+    known: bool = False,
 ) -> Phase:
+    """``connected``: TrueNAS could be asked; ``known``: the status holds an earlier observation."""
     if desired.deleting:
         return Phase.DELETING
     if activity is not None:
         return activity
+    if not connected:
+        return Phase.UNKNOWN if known else Phase.PENDING
     if observed is None:
         if problem is None or problem.reason in WAITING_REASONS:
             return Phase.PENDING
         return Phase.ERROR
     return PHASE_BY_TRUENAS_STATUS.get(observed.status, Phase.UNKNOWN)
+
+
+def unobserved_condition(
+    previous: Sequence[Condition], problem: Problem | None, known: bool, now: datetime
+) -> ConditionUpdate:
+    """Ready while TrueNAS cannot be asked: Unknown, since when, and why (the status keeps the last observation)."""
+    why = f"{problem.reason}: {problem.message}" if problem is not None else "not connected"
+    if not known:
+        return "False", "NotObserved", clip(f"TrueNAS cannot be asked yet ({why})")
+    before = next((c for c in previous if c.type == "Ready"), None)
+    since = before.last_transition_time if before is not None and before.status == ConditionStatus.UNKNOWN else now
+    return (
+        "Unknown",
+        "NotObserved",
+        clip(
+            f"TrueNAS has not been observed since {since.isoformat().replace('+00:00', 'Z')} ({why}); the rest of "
+            "the status is the last observation"
+        ),
+    )
 
 
 def ready_condition(
@@ -91,6 +123,9 @@ def ready_condition(
         return "False", activity.value, f"the operator is {activity.value.lower()} the instance"
     if problem is not None:
         return "False", "NotSynced", "the last reconcile failed; see the Synced condition"
+    if plan is not None and plan.blocked is not None:
+        # The spec cannot be followed (changed immutable field, policy, ...): whatever runs is not it.
+        return "False", "NotSynced", f"the spec is not applied ({plan.blocked.reason}); see the Synced condition"
     if plan is not None and plan.waiting:
         return "False", "Transitioning", plan.waiting
     if plan is not None and plan.actions:
@@ -107,7 +142,15 @@ def ready_condition(
     return "True", "Available", "the instance is running and matches the spec"
 
 
-def synced_condition(plan: Plan | None, problem: Problem | None) -> ConditionUpdate:
+def synced_condition(
+    plan: Plan | None, problem: Problem | None, activity: Phase | None = None, previous: Sequence[Condition] = ()
+) -> ConditionUpdate:
+    """Whether the last reconcile succeeded. Starting an action (a create, a start, a stop) is not a
+    success: until it succeeds Synced keeps what it said (a retry of a failing create does not flap)."""
+    if problem is None and activity is not None:
+        before = next((c for c in previous if c.type == "Synced"), None)
+        if before is not None:
+            return str(before.status), before.reason, before.message
     if problem is not None:
         return "False", problem.reason, problem.message
     if plan is not None and plan.blocked is not None:
@@ -162,20 +205,27 @@ def render_instance(
     activity: Phase | None = None,
     job: JobStatus | None = None,
     version: str | None = None,
+    connected: bool = True,
 ) -> IncusInstanceStatus:
-    """The whole status of an IncusInstance."""
+    """The whole status of an IncusInstance.
+
+    ``connected`` False: TrueNAS could not be asked (no connection, a refused key, ...), so ``observed``
+    says nothing; what the status knew of the instance stays, phase Unknown, Ready Unknown since then.
+    Only TrueNAS's answer (connected, no such instance) removes it."""
+    before = previous_conditions(previous)
     if plan is not None and plan.blocked is not None and not plan.blocked.ours:
         observed = None  # not ours (AlreadyExists, Conflict, ...): report nothing of it as ours
+    if not connected and activity is None:
+        return _unobserved(desired, previous or {}, before, now, problem or _blocked_problem(plan), job, version)
     current_phase = phase(desired, observed, activity, problem or _blocked_problem(plan))
     ready = ready_condition(desired, observed, plan, activity, problem)
-    synced = synced_condition(plan, problem)
+    synced = synced_condition(plan, problem, activity, before)
     return IncusInstanceStatus(
         phase=current_phase,
         instance_id=observed.id if observed else None,
+        binding=_binding(desired, observed, activity, previous or {}),
         observed_generation=desired.generation,
-        conditions=merge_conditions(
-            previous_conditions(previous), {"Ready": ready, "Synced": synced}, desired.generation, now
-        ),
+        conditions=merge_conditions(before, {"Ready": ready, "Synced": synced}, desired.generation, now),
         cpu=observed.cpu if observed else None,
         memory=format_bytes(observed.memory) if observed and observed.memory is not None else None,
         autostart=observed.autostart if observed else None,
@@ -184,6 +234,64 @@ def render_instance(
         job=job,
         message=_message(current_phase, synced, observed, version),
     )
+
+
+def _unobserved(
+    desired: Desired,
+    previous: Mapping[str, Any],
+    before: list[Condition],
+    now: datetime,
+    problem: Problem | None,
+    job: JobStatus | None,
+    version: str | None,
+) -> IncusInstanceStatus:
+    kept = _last_observation(previous)
+    known = kept.instance_id is not None or kept.binding is not None
+    current_phase = phase(desired, None, None, problem, connected=False, known=known)
+    ready = unobserved_condition(before, problem, known, now)
+    if desired.deleting:
+        ready = ("False", "Deleting", "the resource is being deleted; see the Synced condition")
+    synced = synced_condition(None, problem) if problem is not None else ("Unknown", "NotObserved", ready[2])
+    return kept.model_copy(
+        update={
+            "phase": current_phase,
+            "observed_generation": desired.generation,
+            "conditions": merge_conditions(before, {"Ready": ready, "Synced": synced}, desired.generation, now),
+            "job": job,
+            "message": _message(current_phase, synced, None, version),
+        }
+    )
+
+
+def _last_observation(previous: Mapping[str, Any]) -> IncusInstanceStatus:
+    """The observation fields of a status as read back (one that does not parse is dropped, not the rest)."""
+    kept: dict[str, Any] = {}
+    for key in OBSERVED_FIELDS:
+        if previous.get(key) is None:
+            continue
+        try:
+            IncusInstanceStatus.model_validate({key: previous[key]})
+        except ValidationError:
+            continue
+        kept[key] = previous[key]
+    return IncusInstanceStatus.model_validate(kept)
+
+
+def _binding(
+    desired: Desired, observed: ObservedInstance | None, activity: Phase | None, previous: Mapping[str, Any]
+) -> InstanceBinding | None:
+    """Set once (a create under way, or the instance seen as ours); removed only when TrueNAS answered
+    that the very instance it names is gone."""
+    kept = _last_observation(previous).binding
+    if kept is not None:
+        if observed is not None or activity is not None:
+            return kept
+        if (kept.name, kept.connection_ref) != (desired.instance_name, desired.connection_ref):
+            return kept  # the spec names another instance (refused as ImmutableFieldChanged): this one is not gone
+        return None
+    if observed is not None or activity == Phase.CREATING:
+        return desired.binding()
+    return None
 
 
 def render_invalid_spec(
@@ -206,8 +314,10 @@ def render_invalid_spec(
     )
 
 
-def secure_condition(url: str, insecure_skip_verify: bool) -> ConditionUpdate:
-    """Secure: whether the key and the traffic travel encrypted to a server whose certificate is verified."""
+def secure_condition(url: str, insecure_skip_verify: bool, verified: bool = True) -> ConditionUpdate:
+    """Secure: whether the key and the traffic travel encrypted to a server whose certificate is verified.
+    ``verified``: a connection was made (so TrueNAS's certificate was verified); until then a secure
+    configuration is Unknown, not True."""
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("ws", "http"):
         return (
@@ -222,6 +332,13 @@ def secure_condition(url: str, insecure_skip_verify: bool) -> ConditionUpdate:
             "InsecureSkipVerify",
             "tls.insecureSkipVerify: TrueNAS's certificate is not verified, so whoever can intercept the "
             "connection can pose as TrueNAS and receive the API key",
+        )
+    if not verified:
+        return (
+            "Unknown",
+            "NotVerified",
+            f"{scheme}:// with certificate verification; no connection has been made yet, so TrueNAS's "
+            "certificate has not been verified",
         )
     return ("True", "Verified", f"{scheme}:// with TrueNAS's certificate verified")
 

@@ -25,7 +25,7 @@ from ..models import TrueNASConnectionSpec
 from ..policy import Policy
 from ..problems import OperatorError, Problem
 from ..settings import Settings
-from ..status import ConditionUpdate, applied, as_patch, differs, render_connection, secure_condition, utc_now
+from ..status import applied, as_patch, differs, render_connection, secure_condition, utc_now
 from .config import DEFAULT_KEY, resource_loader, settings_loader
 from .connection import Connection
 from .manager import ConnectionManager
@@ -42,7 +42,10 @@ class _Reported:
     name: str
     generation: int
     status: dict[str, Any]
-    secure: ConditionUpdate | None = None
+    transport_security: tuple[str, bool] | None = None
+    """(url, insecureSkipVerify) of the spec: what the Secure condition is about."""
+    verified: bool = False
+    """A connection with this url and TLS setting was made (its certificate was verified)."""
 
 
 class ConnectionResources:
@@ -102,7 +105,10 @@ class ConnectionResources:
         except ValidationError as exc:
             await self._unusable(key, Problem("InvalidSpec", str(exc.errors()[0]["msg"])))
             return
-        self._reported[key].secure = secure_condition(spec.url, bool(spec.tls and spec.tls.insecure_skip_verify))
+        security = (spec.url, bool(spec.tls and spec.tls.insecure_skip_verify))
+        if self._reported[key].transport_security != security:
+            self._reported[key].transport_security = security
+            self._reported[key].verified = False  # Secure=True again only once this configuration connects
         over = self._over_quota(namespace, key)
         if over is not None:
             await self._unusable(key, over)
@@ -203,6 +209,10 @@ class ConnectionResources:
         if reported is None:
             return
         client = connection.client if connection is not None and problem is None else None
+        if client is not None:
+            reported.verified = True
+        security = reported.transport_security
+        secure = None if security is None else secure_condition(*security, verified=reported.verified)
         status = render_connection(
             reported.status,
             problem,
@@ -211,7 +221,7 @@ class ConnectionResources:
             version=client.system_version if client else None,
             api_version=client.transport.name if client else None,
             api_family=client.api_family if client else None,
-            secure=reported.secure,
+            secure=secure,
         )
         patch = as_patch(status)
         if not differs(reported.status, patch):

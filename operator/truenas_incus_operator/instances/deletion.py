@@ -88,7 +88,8 @@ class Deletion:
             problem = Problem("DeleteFailed", f"{reason.reason}: {reason.message}")
         delay = min(self.settings.retry_max_seconds, self.settings.retry_min_seconds * 2.0**retry)
         with contextlib.suppress(OperatorError):  # the status is a report; deletion goes on either way
-            await self.reporter.write(state, desired, None, problem=problem, version=version)
+            # Nothing was observed here (None is "not looked at", not "gone"): the status keeps what it saw.
+            await self.reporter.write(state, desired, None, problem=problem, version=version, connected=False)
         self.reporter.post_once(body, self._posted.setdefault(key, state), "Warning", problem.reason, problem.message)
         raise OperatorError(problem, retry_after=delay)
 

@@ -24,7 +24,7 @@ from ..truenas import ObservedInstance, TrueNASError
 from .executor import Executor, describe_device_action, is_device_action
 from .ledger import Ledger
 from .reporter import Reporter
-from .resource import LoopState, Wake, adopt_requested, connection_key, desired_from, resource_key
+from .resource import LoopState, Wake, about, adopt_requested, connection_key, desired_from, resource_key
 from .wakeups import Wakeups
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,9 @@ class InstanceLoops:
             if denied is not None:
                 # Refused before the connection is even looked at: no TrueNAS call, no write, no delete.
                 observed = self._owned_observation(body, key)  # keeps instanceId: the instance stays ours
-                await self.reporter.write(state, desired, observed, plan=Plan(blocked=denied))
+                known = self.connections.connections.get(key)
+                connected = known is not None and known.ready.is_set()
+                await self.reporter.write(state, desired, observed, plan=Plan(blocked=denied), connected=connected)
                 self.reporter.post_once(body, state, "Warning", denied.reason, denied.message)
                 return self.settings.resync_seconds
             connection = self.connections.get(key)
@@ -107,13 +109,15 @@ class InstanceLoops:
         except (OperatorError, TrueNASError) as exc:
             problem = problem_of(exc)
             if problem.reason == KUBE_REASON:
-                log.warning("%s/%s: %s", desired.namespace, desired.name, problem.message)
+                log.warning("%s", problem.message, extra=about(desired.namespace, desired.name))
                 return self.reporter.backoff(state)  # the status write would fail the same way
             observed = None
-            if connection is not None and connection.ready.is_set() and self.desired(body, connection).owns:
+            connected = connection is not None and connection.ready.is_set()
+            if connection is not None and connected and self.desired(body, connection).owns:
                 observed = connection.cache.get(desired.instance_name)  # never report a foreign instance
             version = connection.version if connection is not None else None
-            return await self.reporter.failed(body, state, desired, problem, observed, version)
+            # Not connected: TrueNAS was not asked, so nothing is known to be gone (status keeps what it saw).
+            return await self.reporter.failed(body, state, desired, problem, observed, version, connected)
         state.failures = 0
         return self.settings.resync_seconds * random.uniform(0.9, 1.1)
 

@@ -16,9 +16,11 @@ from ..reconcile import Desired, Plan
 from ..settings import Settings
 from ..status import applied, as_patch, clip, differs, render_instance, render_invalid_spec
 from ..truenas import ObservedInstance
-from .resource import PLURAL, EventPoster, LoopState
+from .resource import PLURAL, EventPoster, LoopState, about
 
 log = logging.getLogger(__name__)
+NORMAL_REASONS = frozenset({"Connecting"})
+"""Reasons that are a normal step, not a problem: their Event is Normal, not a Warning."""
 
 
 class Reporter:
@@ -39,6 +41,7 @@ class Reporter:
         activity: Phase | None = None,
         job: JobStatus | None = None,
         version: str | None = None,
+        connected: bool = True,
     ) -> None:
         """Writes the status if it changed; raises ``OperatorError``. Only changes are written: an idle
         operator sends the API server nothing (no heartbeat: 1000 resources cost 200 patches a minute)."""
@@ -53,6 +56,7 @@ class Reporter:
             activity=activity,
             job=job,
             version=version,
+            connected=connected,
         )
         patch = as_patch(status.model_copy(update={"last_sync_time": now}))
         if not differs(state.status, patch):
@@ -68,13 +72,20 @@ class Reporter:
         problem: Problem,
         observed: ObservedInstance | None,
         version: str | None,
+        connected: bool = True,
     ) -> float:
-        """Reports a failed pass; returns the backoff delay."""
+        """Reports a failed pass; returns the backoff delay. ``connected`` False: TrueNAS could not be
+        asked, so the status keeps its last observation (``status.render_instance``). While the
+        connection is only being set up (an operator restart), a status that holds an observation is
+        left as it is: no Unknown-then-Running flap at every restart."""
+        if not connected and problem.reason in NORMAL_REASONS and _holds_observation(state.status):
+            return self.backoff(state)
         try:
-            await self.write(state, desired, observed, problem=problem, version=version)
+            await self.write(state, desired, observed, problem=problem, version=version, connected=connected)
         except OperatorError as exc:
-            log.warning("%s/%s: cannot write status: %s", desired.namespace, desired.name, exc.problem.message)
-        self.post_once(body, state, "Warning", problem.reason, problem.message)
+            log.warning("cannot write status: %s", exc.problem.message, extra=about(desired.namespace, desired.name))
+        kind = "Normal" if problem.reason in NORMAL_REASONS else "Warning"
+        self.post_once(body, state, kind, problem.reason, problem.message)
         return self.backoff(state)
 
     async def invalid_spec(self, body: Mapping[str, Any], state: LoopState, problem: Problem) -> None:
@@ -86,7 +97,9 @@ class Reporter:
                 await self.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
                 state.status = applied(state.status, patch)
             except OperatorError as exc:
-                log.warning("%s/%s: cannot write status: %s", meta["namespace"], meta["name"], exc.problem.message)
+                log.warning(
+                    "cannot write status: %s", exc.problem.message, extra=about(meta["namespace"], meta["name"])
+                )
         self.post_once(body, state, "Warning", problem.reason, problem.message)
 
     def post_once(self, body: Mapping[str, Any], state: LoopState, kind: str, reason: str, message: str) -> None:
@@ -101,3 +114,7 @@ class Reporter:
         settings = self.settings
         delay = min(settings.retry_max_seconds, settings.retry_min_seconds * 2.0 ** (state.failures - 1))
         return delay * random.uniform(0.8, 1.2)
+
+
+def _holds_observation(status: Mapping[str, Any]) -> bool:
+    return bool(status.get("instanceId") or status.get("binding"))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ..connections import DEFAULT_KEY
-from ..models import ADOPT_ANNOTATION, IncusInstanceSpec
+from ..models import ADOPT_ANNOTATION, IncusInstanceSpec, InstanceBinding
 from ..reconcile import Desired, Ownership
 
 if TYPE_CHECKING:
@@ -29,6 +29,12 @@ def resource_key(body: Mapping[str, Any]) -> ResourceKey:
     return meta.get("namespace", ""), meta.get("name", "")
 
 
+def about(namespace: str, name: str, kind: str = "IncusInstance") -> dict[str, Any]:
+    """``log.warning(..., extra=about(ns, name))``: the log line names the object as kopf's own lines do
+    (text: a ``[namespace/name]`` prefix; JSON: an ``object`` field)."""
+    return {"k8s_ref": {"apiVersion": "incus.truenas.io/v1alpha1", "kind": kind, "namespace": namespace, "name": name}}
+
+
 def desired_from(body: Mapping[str, Any], ownership: Ownership | None = None) -> Desired:
     """Raises pydantic's ``ValidationError`` for a spec the models refuse. ``ownership`` comes from
     the ledger and the policy (``InstanceLoops``), never from the body."""
@@ -41,7 +47,16 @@ def desired_from(body: Mapping[str, Any], ownership: Ownership | None = None) ->
         uid=str(meta.get("uid", "")),
         deleting=bool(meta.get("deletionTimestamp")),
         ownership=ownership or Ownership(),
+        bound=_binding(body),
     )
+
+
+def _binding(body: Mapping[str, Any]) -> InstanceBinding | None:
+    raw = (body.get("status") or {}).get("binding")
+    try:
+        return InstanceBinding.model_validate(raw) if isinstance(raw, Mapping) else None
+    except ValidationError:
+        return None
 
 
 def deletion_view(body: Mapping[str, Any]) -> Desired:

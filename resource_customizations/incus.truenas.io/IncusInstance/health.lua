@@ -1,6 +1,7 @@
 -- Argo CD health for incus.truenas.io/IncusInstance (truenas-incus-operator).
--- Degraded: Synced=False (TrueNAS refused the spec, unreachable, not ours, ...), or TrueNAS
---           reports the instance in ERROR.
+-- Degraded: Synced=False (TrueNAS refused the spec, unreachable, not ours, ...), TrueNAS
+--           reports the instance in ERROR, or phase Unknown (the instance is not observed: the
+--           status shows the last observation, which nobody can vouch for).
 -- Progressing: no status yet, the operator has not acted on the latest spec, creating, starting,
 --              stopping, stopped or frozen when it should run.
 -- Suspended: spec.powerState is Stopped and the instance is stopped.
@@ -34,9 +35,9 @@ local detail = ""
 if ready ~= nil and ready.message ~= nil then
   detail = ": " .. ready.message
 end
-if status.phase == "Error" then
+if status.phase == "Error" or status.phase == "Unknown" then
   hs.status = "Degraded"
-  hs.message = "Error" .. detail
+  hs.message = status.phase .. detail
   return hs
 end
 if obj.spec ~= nil and obj.spec.powerState == "Stopped" and status.phase == "Stopped" then
