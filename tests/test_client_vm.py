@@ -29,7 +29,7 @@ from truenas_incus_operator.truenas.backends.vm import VMBackend, dataset_key
 from truenas_incus_operator.truenas.images import ImageServer, VMImage
 from truenas_incus_operator.truenas.seed import user_data
 from truenas_simulator import Simulator
-from truenas_simulator.storage import write_mirror
+from truenas_simulator.storage import vm_image_bytes, write_mirror
 
 from .test_client import client_for, serve
 
@@ -485,3 +485,83 @@ async def test_an_unused_base_is_collected_after_the_grace_period_and_a_used_one
         assert await vms.collect_bases(now=2000.0) == []
         await c.instances.create(vm_config("web-04"))
         assert await vms.collect_bases(now=2200.0) == []
+
+
+# ----- vm.device.convert: one lock, a queue of one (issue 23 item 1) ---------------------------------------------
+THREE_IMAGES = ("debian/bookworm", "ubuntu/noble", "fedora/42")
+
+
+async def until(condition: Any, seconds: float = 20.0) -> bool:
+    """Polls ``condition`` (bounded); whether it came true."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(condition())
+
+
+def whole(sim: Simulator, vm: str) -> str | None:
+    """What the VM's root disk holds (None: nothing was ever written into its base)."""
+    return sim.storage.datasets[f"tank/incus-operator/vms/{vm}/root"].content
+
+
+@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+async def test_three_images_converted_at_once_each_get_their_own_bytes(profile: str) -> None:
+    """TrueNAS merges a third call on the ``vm.device.convert`` lock into the waiting one: without one
+    conversion at a time and a proof per volume, one base stays empty and is cloned."""
+    async with (
+        serve(profile, job_duration=0.4) as (sim, server),
+        client_for(server, "websocket", vm_image_server=mirror(server)) as c,
+    ):
+        names = [f"vm-{i}" for i in range(len(THREE_IMAGES))]
+        await asyncio.gather(
+            *(c.instances.create(vm_config(n, image=i, devices=())) for n, i in zip(names, THREE_IMAGES, strict=True))
+        )
+        images = [sim.images[alias] for alias in THREE_IMAGES]
+        expected = [hashlib.sha256(vm_image_bytes(image)).hexdigest() for image in images]
+        assert [whole(sim, n.replace("-", "_")) for n in names] == expected
+        for snapshot in (s for s in sim.storage.snapshots if s.endswith("@base")):
+            assert sim.storage.snapshots[snapshot].content is not None, f"{snapshot} was taken of an empty volume"
+
+
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10", "26.0"])
+async def test_a_conversion_merged_into_another_clients_job_is_done_again(profile: str) -> None:
+    """Another client (the UI, a script) has a conversion running on the lock and one waiting: the
+    operator's call is answered with the waiting job, which writes another image (25.10/26: into
+    another volume; 25.04.2's lock is per volume: into ours). The base is snapshotted only once a
+    successful job names this volume and this image."""
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        assert isinstance(c.instances, RoutingBackend)
+        vms = c.instances.vms
+        image = await vms.images.resolve("debian/bookworm")
+        base = f"tank/incus-operator/images/{dataset_key(image)}"
+        for name in ("tank/other", "tank/other/up"):
+            await c.transport.call("pool.dataset.create", {"name": name})
+        await c.transport.call("pool.dataset.create", {"name": "tank/other/v1", "type": "VOLUME", "volsize": 4 * GIB})
+        foreign = "/mnt/tank/other/up/disk.qcow2"
+        await vms.upload(foreign, vm_image_bytes(sim.images["fedora/42"]))
+        method = vms.convert_method
+        if method == "vm.device.convert":
+            lock, waiting = "vm.device.convert", {"source": foreign, "destination": "/dev/zvol/tank/other/v1"}
+        else:
+            lock, waiting = f"zvol_disk_image_{base}", {"diskimg": foreign, "zvol": base}
+        gate = asyncio.Event()
+
+        async def held(job: Any) -> bool:
+            await gate.wait()
+            return True
+
+        running = sim.jobs.submit(method, [{"source": foreign, "destination": "elsewhere"}], held, lock=lock)
+        other = asyncio.create_task(c.transport.call(method, waiting))  # the other client's second one waits
+        assert await until(lambda: any(j.arguments == [waiting] for j in sim.jobs.jobs.values()))
+        queued = next(j for j in sim.jobs.jobs.values() if j.arguments == [waiting])
+        create = asyncio.create_task(c.instances.create(vm_config(devices=())))
+        await until(lambda: create.done() or len(queued.message_ids or []) >= 2)  # the operator's call joined it
+        assert len(queued.message_ids or []) == 2, "the operator's conversion was not merged"
+        gate.set()
+        created = await asyncio.wait_for(create, 30)
+        await other
+        assert created.name == "web-01" and running.state == "SUCCESS"
+        expected = hashlib.sha256(vm_image_bytes(sim.images["debian/bookworm"])).hexdigest()
+        assert sim.storage.snapshots[f"{base}@base"].content == expected
+        assert whole(sim, "web_01") == expected

@@ -72,6 +72,8 @@ BASE_GRACE_SECONDS = 24 * 3600.0
 within it needs no download."""
 FILE_MODE = 0o600
 """Seeds and uploaded images on the pool: readable by their owner only."""
+CONVERT_ATTEMPTS = 3
+"""Conversions into one base before the create fails (each answered with another call's job)."""
 PROGRESS_SPAN = {"download": (0, 10), "upload": (10, 30), "convert": (30, 95)}
 
 
@@ -183,6 +185,9 @@ class VMBackend:
         self._ids: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._base_locks: dict[str, asyncio.Lock] = {}
+        self._convert_lock = asyncio.Lock()
+        """One conversion at a time on this connection: TrueNAS runs ``vm.device.convert`` under one lock
+        with a queue of one and answers a further call with the waiting job, whatever its arguments."""
         self._pool: str | None = None
         self._seeds: dict[str, tuple[str, str]] = {}
         """Per VM, the seed marks of its description (what cloud-init was given)."""
@@ -535,9 +540,15 @@ class VMBackend:
                     wait = getattr(self.transport, "wait_job", None)
                     if wait is None:
                         raise TransportError("this transport cannot follow jobs")
-                    await wait(
-                        int(earlier["id"]), None, lambda job: report("convert", job_percent(job), "Converting", job)
-                    )
+                    async with self._convert_lock:
+                        await wait(
+                            int(earlier["id"]),
+                            None,
+                            lambda job: report("convert", job_percent(job), "Converting", job),
+                        )
+                # The job named this volume when it was found; it must also have ended well.
+                if not await self._proven(base, None, int(earlier["id"]) - 1):
+                    await self._convert(pool, base, image, upload_dir, report)
             else:
                 await self._convert(pool, base, image, upload_dir, report)
             await self.transport.call(f"{self.snapshot_namespace}.create", {"dataset": base, "name": "base"})
@@ -584,16 +595,65 @@ class VMBackend:
             await self.transport.call(
                 "pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": round_up(size), "sparse": True}
             )
-        report("convert", 0, "Writing the image into the base volume")
         if self.convert_method == "vm.device.convert":
             args: dict[str, Any] = {"source": path, "destination": f"/dev/zvol/{base}"}
         else:
             args = {"diskimg": path, "zvol": base}
-        await self.transport.call_job(
-            self.convert_method,
-            args,
-            on_progress=lambda job: report("convert", job_percent(job), "Converting", job),
+        for attempt in range(CONVERT_ATTEMPTS):
+            report("convert", 0, "Writing the image into the base volume")
+            async with self._convert_lock:
+                # 25.10+/26: vm.device.convert has one lock for every conversion and a queue of one; a call
+                # beyond it is answered with the waiting job, whoever made it (another client, the UI).
+                # 25.04.2: vm.import_disk_image's lock is per volume, another client's call into this
+                # volume merges the same way. So the answer proves nothing: a job that names this volume
+                # and this image, newer than the call, and successful, does.
+                floor = await self._newest_job_id()
+                await self.transport.call_job(
+                    self.convert_method,
+                    args,
+                    on_progress=lambda job: report("convert", job_percent(job), "Converting", job),
+                )
+                if await self._proven(base, path, floor):
+                    return
+            log.warning(
+                "TrueNAS answered the conversion into %s with another call's job (attempt %d of %d): converting again",
+                base,
+                attempt + 1,
+                CONVERT_ATTEMPTS,
+            )
+        raise CallFailed(
+            f"{self.convert_method} into {base}: TrueNAS answered {CONVERT_ATTEMPTS} calls with other conversions'"
+            " jobs (its queue of one on the conversion lock; another client is converting): the base is not used"
+            " until a conversion of its own succeeds",
+            method=self.convert_method,
         )
+
+    async def _newest_job_id(self) -> int:
+        jobs = await self.transport.call("core.get_jobs", [], {"order_by": ["-id"], "limit": 1}, idempotent=True)
+        return int(jobs[0]["id"]) if jobs else 0
+
+    def _names_volume(self, job: dict[str, Any], base: str, source: str | None) -> bool:
+        """Whether ``job``'s arguments name the volume ``base`` (and the image file ``source``, if given)."""
+        arguments = job.get("arguments") or [{}]
+        args = arguments[-1] if arguments and isinstance(arguments[-1], dict) else {}
+        if self.convert_method == "vm.device.convert":
+            target, image = args.get("destination"), args.get("source")
+            wanted = f"/dev/zvol/{base}"
+        else:
+            target, image = args.get("zvol"), args.get("diskimg")
+            wanted = base
+        return target == wanted and (source is None or image == source)
+
+    async def _proven(self, base: str, source: str | None, after: int) -> bool:
+        """Whether TrueNAS holds a successful conversion into ``base`` (from ``source``) with an id above
+        ``after``: the only proof that the volume was written (the answer to the call is none)."""
+        jobs = await self.transport.call(
+            "core.get_jobs",
+            [["method", "=", self.convert_method], ["state", "=", "SUCCESS"], ["id", ">", after]],
+            {},
+            idempotent=True,
+        )
+        return any(self._names_volume(job, base, source) for job in jobs)
 
     async def _root_disk(self, home: str, base: str, size: int | None) -> str:
         await self._ensure_dataset(home)
