@@ -305,3 +305,32 @@ async def test_import_disk_image_locks_per_volume(profile: str) -> None:
     for ident in {*own, *into_v0}:
         await asyncio.wait_for(sim.jobs.jobs[ident].done.wait(), 10)
     assert all(sim.storage.datasets[v].content for v in volumes)
+
+
+# ----- pool.dataset.delete and clones, per version (issue 23 items 5 and 6) ----------------------------------------
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_a_recursive_delete_destroys_other_trees_clones_on_26_and_is_refused_before(profile: str) -> None:
+    """26: plugins/zfs/destroy_impl.py (DESTROY_RESOURCES channel program) destroys the clones of every
+    snapshot in the tree; 25.x's zfs destroy -r refuses while they exist."""
+    sim = Simulator(profile)
+    snapshots = "pool.snapshot" if profile != "25.04.2" else "zfs.snapshot"
+    await call(sim, "pool.dataset.create", {"name": "tank/images"})
+    await call(sim, "pool.dataset.create", {"name": "tank/images/base", "type": "VOLUME", "volsize": GIB})
+    await call(sim, f"{snapshots}.create", {"dataset": "tank/images/base", "name": "base"})
+    await call(sim, f"{snapshots}.clone", {"snapshot": "tank/images/base@base", "dataset_dst": "tank/vm1"})
+    await call(sim, f"{snapshots}.create", {"dataset": "tank/vm1", "name": "s"})
+    await call(sim, f"{snapshots}.clone", {"snapshot": "tank/vm1@s", "dataset_dst": "tank/vm2"})
+    await call(sim, "pool.dataset.create", {"name": "tank/plain", "type": "VOLUME", "volsize": GIB})
+    await call(sim, f"{snapshots}.create", {"dataset": "tank/plain", "name": "s"})
+    with pytest.raises(CallError, match="filesystem has children"):  # a snapshot, and no recursive
+        await call(sim, "pool.dataset.delete", "tank/plain")
+    with pytest.raises(CallError, match="dependent clones"):
+        await call(sim, "pool.dataset.delete", "tank/images/base")
+    if profile == "26.0":
+        assert await call(sim, "pool.dataset.delete", "tank/images", {"recursive": True})
+        assert not {"tank/images/base", "tank/vm1", "tank/vm2"} & set(sim.storage.datasets)  # clones of clones too
+        assert set(sim.storage.snapshots) == {"tank/plain@s"}
+    else:
+        with pytest.raises(CallError, match="dependent clones"):
+            await call(sim, "pool.dataset.delete", "tank/images", {"recursive": True})
+        assert {"tank/images/base", "tank/vm1", "tank/vm2"} <= set(sim.storage.datasets)
