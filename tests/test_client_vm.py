@@ -18,6 +18,7 @@ from aiohttp import web
 from truenas_incus_operator.metrics import Metrics
 from truenas_incus_operator.truenas import (
     AlreadyExists,
+    CallFailed,
     DeviceConfig,
     ImageNotFound,
     ImageServerError,
@@ -565,3 +566,68 @@ async def test_a_conversion_merged_into_another_clients_job_is_done_again(profil
         expected = hashlib.sha256(vm_image_bytes(sim.images["debian/bookworm"])).hexdigest()
         assert sim.storage.snapshots[f"{base}@base"].content == expected
         assert whole(sim, "web_01") == expected
+
+
+# ----- deleting never reaches another VM's clone (issue 23 item 5) ------------------------------------------------
+async def stopped_vm_on(c: Any, name: str, zvol: str) -> None:
+    """Someone else's stopped VM (the TrueNAS UI's, a script's) with its disk on ``zvol``."""
+    entry = await c.transport.call("vm.create", {"name": name, "memory": 512})
+    await c.transport.call(
+        "vm.device.create", {"vm": entry["id"], "attributes": {"dtype": "DISK", "path": f"/dev/zvol/{zvol}"}}
+    )
+
+
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_collecting_a_base_never_destroys_a_clone_made_outside_the_operator(profile: str) -> None:
+    """26's recursive delete destroys the clones of the base's snapshot: a base is deleted snapshot
+    first, never recursively, so a clone anywhere keeps it (on every version)."""
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        assert isinstance(c.instances, RoutingBackend)
+        vms = c.instances.vms
+        vms.base_grace_seconds = 100.0
+        await c.instances.create(vm_config("web-01", devices=()))
+        base = next(d for d in sim.storage.datasets if d.startswith("tank/incus-operator/images/"))
+        # A stopped VM of the user's, cloned from the operator's base in the TrueNAS UI.
+        await c.transport.call(
+            f"{vms.snapshot_namespace}.clone", {"snapshot": f"{base}@base", "dataset_dst": "tank/mine"}
+        )
+        await stopped_vm_on(c, "mine", "tank/mine")
+        await c.instances.delete("web-01")
+        assert await vms.collect_bases(now=1000.0) == []
+        assert await vms.collect_bases(now=2000.0) == []  # past the grace period: kept, the user's clone uses it
+        assert "tank/mine" in sim.storage.datasets and f"{base}@base" in sim.storage.snapshots
+        mine = sim.vms.by_name("mine")
+        assert mine is not None
+        await c.transport.call("vm.start", mine.id)
+        assert mine.guest["disks"][0]["image"] is not None  # its disk is still whole
+        await c.transport.call("vm.poweroff", mine.id)
+        # Once the user's clone is gone, the base is collected.
+        await c.transport.call("vm.delete", mine.id, {"zvols": False, "force": False})
+        await c.transport.call("pool.dataset.delete", "tank/mine")
+        assert await vms.collect_bases(now=3000.0) == [base]
+        assert base not in sim.storage.datasets and f"{base}@base" not in sim.storage.snapshots
+
+
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_deleting_a_vm_never_destroys_a_clone_of_its_disk(profile: str) -> None:
+    """A VM cloned in the TrueNAS UI from the operator's VM's disk (a snapshot of its root, cloned):
+    deleting the operator's VM refuses, naming why, and destroys nothing of the other VM."""
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        assert isinstance(c.instances, RoutingBackend)
+        vms = c.instances.vms
+        await c.instances.create(vm_config("web-01", devices=()))
+        await c.instances.create(vm_config("web-02", devices=()))
+        root = "tank/incus-operator/vms/web_01/root"
+        await c.transport.call(f"{vms.snapshot_namespace}.create", {"dataset": root, "name": "copy"})
+        await c.transport.call(
+            f"{vms.snapshot_namespace}.clone", {"snapshot": f"{root}@copy", "dataset_dst": "tank/copy"}
+        )
+        await stopped_vm_on(c, "copy", "tank/copy")
+        with pytest.raises(CallFailed, match="tank/copy"):
+            await c.instances.delete("web-01")
+        assert "tank/copy" in sim.storage.datasets and root in sim.storage.datasets
+        assert "tank/incus-operator/vms/web_02/root" in sim.storage.datasets  # the other operator VM too
+        # A VM whose disk nobody cloned goes whole, its base stays for the others.
+        await c.instances.delete("web-02")
+        assert not [d for d in sim.storage.datasets if "web_02" in d]
+        assert [s for s in sim.storage.snapshots if s.endswith("@base")]

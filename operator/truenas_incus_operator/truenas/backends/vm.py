@@ -319,8 +319,10 @@ class VMBackend:
     async def collect_bases(self, now: float) -> list[str]:
         """Deletes the cached bases (``<pool>/incus-operator/images/*`` with ``@base``) that no dataset has
         cloned for ``base_grace_seconds``, measured on this process's clock from when it first saw them
-        unused (a restart starts the wait over: later, never sooner). ZFS itself refuses to destroy a
-        snapshot with clones, so a clone made meanwhile keeps its base. Returns the bases deleted."""
+        unused (a restart starts the wait over: later, never sooner). The ``@base`` snapshot is deleted on
+        its own before the volume, never with a recursive delete (on 26 that destroys its clones): TrueNAS
+        refuses to delete a snapshot that has clones on every version, so a clone made meanwhile, or one
+        outside the operator's datasets, keeps its base. Returns the bases deleted."""
         images = await self.transport.call(
             "pool.dataset.query", [["id", "~", f"^[^/]+/{ROOT}/images/[^/]+$"]], {}, idempotent=True
         )
@@ -345,7 +347,9 @@ class VMBackend:
                 continue
             async with lock:
                 try:
-                    await self.transport.call("pool.dataset.delete", base, {"recursive": True})
+                    # The snapshot first, never recursively: a clone anywhere (one made meanwhile, another
+                    # VM's, a copy made in the TrueNAS UI) makes TrueNAS refuse, on every version.
+                    await self._delete_dataset(base)
                 except CallFailed as exc:  # a clone appeared, or the dataset is busy: next time
                     log.info("kept the VM base %s: %s", base, exc)
                     continue
@@ -558,16 +562,21 @@ class VMBackend:
 
     async def _earlier_conversion(self, base: str) -> dict[str, Any] | None:
         """The newest conversion into ``base`` that TrueNAS runs or finished successfully, if the base
-        volume exists (a failed one is redone)."""
-        if base not in await self._datasets(base):
+        volume exists (a failed one is redone). A finished one counts only while the upload it read is
+        still there (the operator stopped between the conversion and ``@base``): a volume left without
+        ``@base`` by an interrupted collection may be named by an older job of an earlier volume."""
+        datasets = await self._datasets(base)
+        if base not in datasets:
             return None
+        uploaded = f"{base}-upload" in datasets
         jobs = await self.transport.call("core.get_jobs", [["method", "=", self.convert_method]], {}, idempotent=True)
         target = f"/dev/zvol/{base}" if self.convert_method == "vm.device.convert" else base
         for job in sorted(jobs, key=lambda j: int(j.get("id") or 0), reverse=True):
             arguments = job.get("arguments") or [{}]
             args = arguments[0] if arguments and isinstance(arguments[0], dict) else {}
             if target in (args.get("destination"), args.get("zvol")):
-                return job if job.get("state") in ("WAITING", "RUNNING", "SUCCESS") else None
+                running = job.get("state") in ("WAITING", "RUNNING")
+                return job if running or (job.get("state") == "SUCCESS" and uploaded) else None
         return None
 
     async def _convert(self, pool: str, base: str, image: VMImage, upload_dir: str, report: Progress) -> None:
@@ -679,8 +688,31 @@ class VMBackend:
         return path
 
     async def _delete_dataset(self, name: str) -> None:
-        with contextlib.suppress(NotFound):
-            await self.transport.call("pool.dataset.delete", name, {"recursive": True})
+        """Deletes ``name`` and the datasets under it, deepest first, each snapshot on its own, and never
+        recursively: on 26 ``pool.dataset.delete(..., {recursive: true})`` destroys the clones of every
+        snapshot in the tree wherever they live (plugins/zfs/destroy_impl.py), so one call on a base or a
+        VM's home could take another VM's disk with it; 25.x refuses. A snapshot that has a clone is
+        refused on every version, and the refusal is raised, naming it: nothing outside ``name`` goes."""
+        tree = [n for n in await self._datasets(name) if n == name or n.startswith(f"{name}/")]
+        for dataset in sorted(tree, key=lambda n: n.count("/"), reverse=True):
+            snapshots = await self.transport.call(
+                f"{self.snapshot_namespace}.query", [["dataset", "=", dataset]], {}, idempotent=True
+            )
+            for snapshot in snapshots:
+                try:
+                    await self.transport.call(f"{self.snapshot_namespace}.delete", str(snapshot["id"]))
+                except NotFound:
+                    continue
+                except CallFailed as exc:
+                    raise CallFailed(
+                        f"{name} was not deleted: its snapshot {snapshot['id']} could not be deleted (TrueNAS: "
+                        f"{exc.message}). A clone of it elsewhere (another VM's disk) is never destroyed by the "
+                        "operator: delete or promote that clone first",
+                        errno=exc.errno,
+                        method=exc.method,
+                    ) from None
+            with contextlib.suppress(NotFound):
+                await self.transport.call("pool.dataset.delete", dataset)
 
     async def upload(
         self, path: str, data: bytes | Path, on_progress: Callable[[dict[str, Any]], None] | None = None
