@@ -5,7 +5,8 @@
 1. it finds the alias's VM image (``disk.qcow2``) in a simplestreams index (``images.ImageServer``);
 2. once per image version it uploads the image (``/_upload`` + ``filesystem.put``) and writes it into
    a volume, the cached base (``vm.device.convert`` on 25.10+/26, ``vm.import_disk_image`` on 25.04.2),
-   then snapshots it (``@base``): the snapshot is the mark of a finished base;
+   one conversion at a time per connection, then snapshots it (``@base``) once ``core.get_jobs`` shows a
+   successful conversion of this image into this volume: the snapshot is the mark of a finished base;
 3. each VM's root disk is a clone of that snapshot, grown to ``rootDiskSize`` if that is larger;
 4. ``environment`` and ``cloudInit`` go into a NoCloud seed ISO (``seed.py``) attached as CDROM;
 5. ``vm.create`` (memory in MiB, vcpus from ``cpu``, autostart), the root disk, the seed and the NICs.
