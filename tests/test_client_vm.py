@@ -631,3 +631,22 @@ async def test_deleting_a_vm_never_destroys_a_clone_of_its_disk(profile: str) ->
         await c.instances.delete("web-02")
         assert not [d for d in sim.storage.datasets if "web_02" in d]
         assert [s for s in sim.storage.snapshots if s.endswith("@base")]
+
+
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_a_conversion_never_proven_fails_the_create_and_nothing_is_cloned(profile: str) -> None:
+    """A TrueNAS whose job list never shows the conversion (lying, or another client's jobs answering
+    each call): three tries, then the create fails saying why, with no ``@base`` and no clone."""
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        honest = sim.methods["core.get_jobs"][0]
+
+        def lying(ctx: Any, params: list[Any]) -> Any:
+            jobs = honest(ctx, params)
+            return [j for j in jobs if j.get("method") not in ("vm.device.convert", "vm.import_disk_image")]
+
+        sim.methods["core.get_jobs"] = (lying, False)
+        with pytest.raises(CallFailed, match="answered 3 calls with other conversions' jobs"):
+            await c.instances.create(vm_config(devices=()))
+        assert converts(sim) == 3
+        assert not [s for s in sim.storage.snapshots if s.endswith("@base")]
+        assert not [d for d in sim.storage.datasets if "/vms/web_01" in d] and sim.vms.by_name("web_01") is None
