@@ -18,6 +18,7 @@ from aiohttp import web
 from truenas_incus_operator.metrics import Metrics
 from truenas_incus_operator.truenas import (
     AlreadyExists,
+    CallFailed,
     DeviceConfig,
     ImageNotFound,
     ImageServerError,
@@ -29,7 +30,7 @@ from truenas_incus_operator.truenas.backends.vm import VMBackend, dataset_key
 from truenas_incus_operator.truenas.images import ImageServer, VMImage
 from truenas_incus_operator.truenas.seed import user_data
 from truenas_simulator import Simulator
-from truenas_simulator.storage import write_mirror
+from truenas_simulator.storage import vm_image_bytes, write_mirror
 
 from .test_client import client_for, serve
 
@@ -485,3 +486,167 @@ async def test_an_unused_base_is_collected_after_the_grace_period_and_a_used_one
         assert await vms.collect_bases(now=2000.0) == []
         await c.instances.create(vm_config("web-04"))
         assert await vms.collect_bases(now=2200.0) == []
+
+
+# ----- vm.device.convert: one lock, a queue of one (issue 23 item 1) ---------------------------------------------
+THREE_IMAGES = ("debian/bookworm", "ubuntu/noble", "fedora/42")
+
+
+async def until(condition: Any, seconds: float = 20.0) -> bool:
+    """Polls ``condition`` (bounded); whether it came true."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(condition())
+
+
+def whole(sim: Simulator, vm: str) -> str | None:
+    """What the VM's root disk holds (None: nothing was ever written into its base)."""
+    return sim.storage.datasets[f"tank/incus-operator/vms/{vm}/root"].content
+
+
+@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+async def test_three_images_converted_at_once_each_get_their_own_bytes(profile: str) -> None:
+    """TrueNAS merges a third call on the ``vm.device.convert`` lock into the waiting one: without one
+    conversion at a time and a proof per volume, one base stays empty and is cloned."""
+    async with (
+        serve(profile, job_duration=0.4) as (sim, server),
+        client_for(server, "websocket", vm_image_server=mirror(server)) as c,
+    ):
+        names = [f"vm-{i}" for i in range(len(THREE_IMAGES))]
+        await asyncio.gather(
+            *(c.instances.create(vm_config(n, image=i, devices=())) for n, i in zip(names, THREE_IMAGES, strict=True))
+        )
+        images = [sim.images[alias] for alias in THREE_IMAGES]
+        expected = [hashlib.sha256(vm_image_bytes(image)).hexdigest() for image in images]
+        assert [whole(sim, n.replace("-", "_")) for n in names] == expected
+        for snapshot in (s for s in sim.storage.snapshots if s.endswith("@base")):
+            assert sim.storage.snapshots[snapshot].content is not None, f"{snapshot} was taken of an empty volume"
+
+
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10", "26.0"])
+async def test_a_conversion_merged_into_another_clients_job_is_done_again(profile: str) -> None:
+    """Another client (the UI, a script) has a conversion running on the lock and one waiting: the
+    operator's call is answered with the waiting job, which writes another image (25.10/26: into
+    another volume; 25.04.2's lock is per volume: into ours). The base is snapshotted only once a
+    successful job names this volume and this image."""
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        assert isinstance(c.instances, RoutingBackend)
+        vms = c.instances.vms
+        image = await vms.images.resolve("debian/bookworm")
+        base = f"tank/incus-operator/images/{dataset_key(image)}"
+        for name in ("tank/other", "tank/other/up"):
+            await c.transport.call("pool.dataset.create", {"name": name})
+        await c.transport.call("pool.dataset.create", {"name": "tank/other/v1", "type": "VOLUME", "volsize": 4 * GIB})
+        foreign = "/mnt/tank/other/up/disk.qcow2"
+        await vms.upload(foreign, vm_image_bytes(sim.images["fedora/42"]))
+        method = vms.convert_method
+        if method == "vm.device.convert":
+            lock, waiting = "vm.device.convert", {"source": foreign, "destination": "/dev/zvol/tank/other/v1"}
+        else:
+            lock, waiting = f"zvol_disk_image_{base}", {"diskimg": foreign, "zvol": base}
+        gate = asyncio.Event()
+
+        async def held(job: Any) -> bool:
+            await gate.wait()
+            return True
+
+        running = sim.jobs.submit(method, [{"source": foreign, "destination": "elsewhere"}], held, lock=lock)
+        other = asyncio.create_task(c.transport.call(method, waiting))  # the other client's second one waits
+        assert await until(lambda: any(j.arguments == [waiting] for j in sim.jobs.jobs.values()))
+        queued = next(j for j in sim.jobs.jobs.values() if j.arguments == [waiting])
+        create = asyncio.create_task(c.instances.create(vm_config(devices=())))
+        await until(lambda: create.done() or len(queued.message_ids or []) >= 2)  # the operator's call joined it
+        assert len(queued.message_ids or []) == 2, "the operator's conversion was not merged"
+        gate.set()
+        created = await asyncio.wait_for(create, 30)
+        await other
+        assert created.name == "web-01" and running.state == "SUCCESS"
+        expected = hashlib.sha256(vm_image_bytes(sim.images["debian/bookworm"])).hexdigest()
+        assert sim.storage.snapshots[f"{base}@base"].content == expected
+        assert whole(sim, "web_01") == expected
+
+
+# ----- deleting never reaches another VM's clone (issue 23 item 5) ------------------------------------------------
+async def stopped_vm_on(c: Any, name: str, zvol: str) -> None:
+    """Someone else's stopped VM (the TrueNAS UI's, a script's) with its disk on ``zvol``."""
+    entry = await c.transport.call("vm.create", {"name": name, "memory": 512})
+    await c.transport.call(
+        "vm.device.create", {"vm": entry["id"], "attributes": {"dtype": "DISK", "path": f"/dev/zvol/{zvol}"}}
+    )
+
+
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_collecting_a_base_never_destroys_a_clone_made_outside_the_operator(profile: str) -> None:
+    """26's recursive delete destroys the clones of the base's snapshot: a base is deleted snapshot
+    first, never recursively, so a clone anywhere keeps it (on every version)."""
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        assert isinstance(c.instances, RoutingBackend)
+        vms = c.instances.vms
+        vms.base_grace_seconds = 100.0
+        await c.instances.create(vm_config("web-01", devices=()))
+        base = next(d for d in sim.storage.datasets if d.startswith("tank/incus-operator/images/"))
+        # A stopped VM of the user's, cloned from the operator's base in the TrueNAS UI.
+        await c.transport.call(
+            f"{vms.snapshot_namespace}.clone", {"snapshot": f"{base}@base", "dataset_dst": "tank/mine"}
+        )
+        await stopped_vm_on(c, "mine", "tank/mine")
+        await c.instances.delete("web-01")
+        assert await vms.collect_bases(now=1000.0) == []
+        assert await vms.collect_bases(now=2000.0) == []  # past the grace period: kept, the user's clone uses it
+        assert "tank/mine" in sim.storage.datasets and f"{base}@base" in sim.storage.snapshots
+        mine = sim.vms.by_name("mine")
+        assert mine is not None
+        await c.transport.call("vm.start", mine.id)
+        assert mine.guest["disks"][0]["image"] is not None  # its disk is still whole
+        await c.transport.call("vm.poweroff", mine.id)
+        # Once the user's clone is gone, the base is collected.
+        await c.transport.call("vm.delete", mine.id, {"zvols": False, "force": False})
+        await c.transport.call("pool.dataset.delete", "tank/mine")
+        assert await vms.collect_bases(now=3000.0) == [base]
+        assert base not in sim.storage.datasets and f"{base}@base" not in sim.storage.snapshots
+
+
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_deleting_a_vm_never_destroys_a_clone_of_its_disk(profile: str) -> None:
+    """A VM cloned in the TrueNAS UI from the operator's VM's disk (a snapshot of its root, cloned):
+    deleting the operator's VM refuses, naming why, and destroys nothing of the other VM."""
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        assert isinstance(c.instances, RoutingBackend)
+        vms = c.instances.vms
+        await c.instances.create(vm_config("web-01", devices=()))
+        await c.instances.create(vm_config("web-02", devices=()))
+        root = "tank/incus-operator/vms/web_01/root"
+        await c.transport.call(f"{vms.snapshot_namespace}.create", {"dataset": root, "name": "copy"})
+        await c.transport.call(
+            f"{vms.snapshot_namespace}.clone", {"snapshot": f"{root}@copy", "dataset_dst": "tank/copy"}
+        )
+        await stopped_vm_on(c, "copy", "tank/copy")
+        with pytest.raises(CallFailed, match="tank/copy"):
+            await c.instances.delete("web-01")
+        assert "tank/copy" in sim.storage.datasets and root in sim.storage.datasets
+        assert "tank/incus-operator/vms/web_02/root" in sim.storage.datasets  # the other operator VM too
+        # A VM whose disk nobody cloned goes whole, its base stays for the others.
+        await c.instances.delete("web-02")
+        assert not [d for d in sim.storage.datasets if "web_02" in d]
+        assert [s for s in sim.storage.snapshots if s.endswith("@base")]
+
+
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_a_conversion_never_proven_fails_the_create_and_nothing_is_cloned(profile: str) -> None:
+    """A TrueNAS whose job list never shows the conversion (lying, or another client's jobs answering
+    each call): three tries, then the create fails saying why, with no ``@base`` and no clone."""
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        honest = sim.methods["core.get_jobs"][0]
+
+        def lying(ctx: Any, params: list[Any]) -> Any:
+            jobs = honest(ctx, params)
+            return [j for j in jobs if j.get("method") not in ("vm.device.convert", "vm.import_disk_image")]
+
+        sim.methods["core.get_jobs"] = (lying, False)
+        with pytest.raises(CallFailed, match="answered 3 calls with other conversions' jobs"):
+            await c.instances.create(vm_config(devices=()))
+        assert converts(sim) == 3
+        assert not [s for s in sim.storage.snapshots if s.endswith("@base")]
+        assert not [d for d in sim.storage.datasets if "/vms/web_01" in d] and sim.vms.by_name("web_01") is None

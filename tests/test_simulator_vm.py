@@ -3,6 +3,7 @@ disk image conversion, per profile (truenas-vm-container.md §2, §4, §6)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -252,3 +253,84 @@ def test_simplestreams_fixture_lists_only_vm_images() -> None:
 
 def test_iso_reader_rejects_what_is_not_an_iso() -> None:
     assert read_iso(b"") is None and read_iso(b"\0" * 40000) is None
+
+
+# ----- the conversion lock and its queue of one (issue 23 items 1 and 6) ------------------------------------------
+async def three_volumes(sim: Simulator) -> list[str]:
+    await call(sim, "pool.dataset.create", {"name": "tank/images"})
+    for n in range(3):
+        put_file(sim, f"/mnt/tank/images/{n}.qcow2", qcow2_image(GIB, f"image {n}".encode()))
+        await call(sim, "pool.dataset.create", {"name": f"tank/v{n}", "type": "VOLUME", "volsize": GIB})
+    return [f"tank/v{n}" for n in range(3)]
+
+
+@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+async def test_a_third_conversion_is_handed_the_waiting_job_whatever_its_arguments(profile: str) -> None:
+    """vm_devices.py: ``@job(lock='vm.device.convert', lock_queue_size=1)``; job.py ``JobsQueue.add``."""
+    sim = Simulator(profile)
+    sim.knobs.job_duration = 0.2
+    volumes = await three_volumes(sim)
+    ids = []
+    for n, volume in enumerate(volumes):
+        args = {"source": f"/mnt/tank/images/{n}.qcow2", "destination": f"/dev/zvol/{volume}"}
+        ids.append(await sim.call(session(sim), "vm.device.convert", [args]))
+        await asyncio.sleep(0.02)  # the first one runs, the second waits
+    assert ids[0] != ids[1] and ids[2] == ids[1]  # no job of its own, no error
+    for ident in set(ids):
+        await asyncio.wait_for(sim.jobs.jobs[ident].done.wait(), 10)
+    contents = [sim.storage.datasets[v].content for v in volumes]
+    assert contents[0] and contents[1] and contents[2] is None  # the third volume was never written
+    assert len([j for j in sim.jobs.jobs.values() if j.method == "vm.device.convert"]) == 2
+
+
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10"])
+async def test_import_disk_image_locks_per_volume(profile: str) -> None:
+    """disk_utils.py: ``lock=lambda args: f"zvol_disk_image_{args[-1]['zvol']}"``, ``lock_queue_size=1``."""
+    sim = Simulator(profile)
+    sim.knobs.job_duration = 0.2
+    volumes = await three_volumes(sim)
+    own = [
+        await sim.call(session(sim), "vm.import_disk_image", [{"diskimg": f"/mnt/tank/images/{n}.qcow2", "zvol": v}])
+        for n, v in enumerate(volumes)
+    ]
+    assert len(set(own)) == 3  # other volumes: other locks, never merged
+    await asyncio.sleep(0.02)
+    into_v0 = [
+        await sim.call(
+            session(sim), "vm.import_disk_image", [{"diskimg": f"/mnt/tank/images/{n}.qcow2", "zvol": "tank/v0"}]
+        )
+        for n in (1, 2)
+    ]
+    assert into_v0[0] == into_v0[1] and into_v0[0] not in own  # the same volume: the waiting one is handed back
+    for ident in {*own, *into_v0}:
+        await asyncio.wait_for(sim.jobs.jobs[ident].done.wait(), 10)
+    assert all(sim.storage.datasets[v].content for v in volumes)
+
+
+# ----- pool.dataset.delete and clones, per version (issue 23 items 5 and 6) ----------------------------------------
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_a_recursive_delete_destroys_other_trees_clones_on_26_and_is_refused_before(profile: str) -> None:
+    """26: plugins/zfs/destroy_impl.py (DESTROY_RESOURCES channel program) destroys the clones of every
+    snapshot in the tree; 25.x's zfs destroy -r refuses while they exist."""
+    sim = Simulator(profile)
+    snapshots = "pool.snapshot" if profile != "25.04.2" else "zfs.snapshot"
+    await call(sim, "pool.dataset.create", {"name": "tank/images"})
+    await call(sim, "pool.dataset.create", {"name": "tank/images/base", "type": "VOLUME", "volsize": GIB})
+    await call(sim, f"{snapshots}.create", {"dataset": "tank/images/base", "name": "base"})
+    await call(sim, f"{snapshots}.clone", {"snapshot": "tank/images/base@base", "dataset_dst": "tank/vm1"})
+    await call(sim, f"{snapshots}.create", {"dataset": "tank/vm1", "name": "s"})
+    await call(sim, f"{snapshots}.clone", {"snapshot": "tank/vm1@s", "dataset_dst": "tank/vm2"})
+    await call(sim, "pool.dataset.create", {"name": "tank/plain", "type": "VOLUME", "volsize": GIB})
+    await call(sim, f"{snapshots}.create", {"dataset": "tank/plain", "name": "s"})
+    with pytest.raises(CallError, match="filesystem has children"):  # a snapshot, and no recursive
+        await call(sim, "pool.dataset.delete", "tank/plain")
+    with pytest.raises(CallError, match="dependent clones"):
+        await call(sim, "pool.dataset.delete", "tank/images/base")
+    if profile == "26.0":
+        assert await call(sim, "pool.dataset.delete", "tank/images", {"recursive": True})
+        assert not {"tank/images/base", "tank/vm1", "tank/vm2"} & set(sim.storage.datasets)  # clones of clones too
+        assert set(sim.storage.snapshots) == {"tank/plain@s"}
+    else:
+        with pytest.raises(CallError, match="dependent clones"):
+            await call(sim, "pool.dataset.delete", "tank/images", {"recursive": True})
+        assert {"tank/images/base", "tank/vm1", "tank/vm2"} <= set(sim.storage.datasets)

@@ -102,14 +102,20 @@ class JobManager:
         message_id: Any = None,
         credentials: dict[str, Any] | None = None,
         logs: bool = False,
+        lock_queue_size: int = LOCK_QUEUE_SIZE,
     ) -> Job:
+        """``lock_queue_size``: how many jobs may wait on ``lock`` (the ``@job`` decorator's; the running
+        one is not counted). ``JobsQueue.add`` (middlewared/job.py) hands a call beyond it the newest
+        waiting job on the lock, *whatever its arguments*, and creates no job of its own: the caller
+        gets that job's id, no error, no ``added`` event (for a key with full admin rights, which every
+        simulated key has; another user's job would be refused with EBUSY)."""
         if lock is not None:
             queued = self.waiting.setdefault(lock, [])
-            if len(queued) >= LOCK_QUEUE_SIZE:
-                # TrueNAS does not queue a sixth job on one lock; it hands back the last queued one.
+            if len(queued) >= lock_queue_size:
                 last = queued[-1]
                 if message_id is not None and last.message_ids is not None:
                     last.message_ids.append(message_id)
+                    self.changed(last)  # queued_job.send_changed_event()
                 return last
         job = Job(
             id=self.next_id,

@@ -323,6 +323,12 @@ class StorageService:
                 f"Failed to delete dataset: cannot destroy '{found.name}': filesystem has children", errno.EBUSY
             )  # [INF]
         doomed = [found.name, *children]
+        if options.get("recursive") and self.sim.profile.name == "26.0":
+            # 26: plugins/zfs/destroy_impl.py runs truenas_pylibzfs's DESTROY_RESOURCES channel program
+            # ("recursive: Recursively destroy all descendants as well as release any holds and destroy
+            # any clones or snapshots"): the clones of every snapshot in the tree go too, wherever they
+            # live, and theirs in turn. 25.x (libzfs, zfs destroy -r) refuses below.
+            doomed = self._with_clones(doomed)
         for item in doomed:
             for snap in [s for s in self.snapshots.values() if s.dataset == item]:
                 clones = [d.name for d in self.datasets.values() if d.origin == snap.id and d.name not in doomed]
@@ -332,9 +338,18 @@ class StorageService:
                         f"use '-R' to destroy the following datasets:\n" + "\n".join(clones),
                         errno.EBUSY,
                     )  # zfs destroy's wording
-        user = self.in_use(found.name)
-        if user is not None:
-            raise CallError(f"Failed to delete dataset: cannot destroy '{found.name}': dataset is busy", errno.EBUSY)
+        snapshots = [s.id for s in self.snapshots.values() if s.dataset == found.name]
+        if snapshots and not options.get("recursive"):
+            # ZFS destroys no dataset that has snapshots unless recursively (zfs destroy without -r;
+            # 26: destroy_nonrecursive_impl's destroy_resource) [INF]
+            raise CallError(
+                f"Failed to delete dataset: cannot destroy '{found.name}': filesystem has children\n"
+                f"use '-r' to destroy the following datasets:\n" + "\n".join(snapshots),
+                errno.EBUSY,
+            )
+        for item in doomed:
+            if self.in_use(item) is not None:
+                raise CallError(f"Failed to delete dataset: cannot destroy '{item}': dataset is busy", errno.EBUSY)
         for item in doomed:
             self.datasets.pop(item, None)
             for snap_id in [s for s, snap in self.snapshots.items() if snap.dataset == item]:
@@ -343,6 +358,17 @@ class StorageService:
             for path in [p for p in self.files if p.startswith(prefix)]:
                 del self.files[path]
         return True
+
+    def _with_clones(self, names: list[str]) -> list[str]:
+        """``names``, their descendants, the clones of any of their snapshots, and so on (26's recursive delete)."""
+        doomed = list(names)
+        for item in doomed:  # grows while it is walked
+            for snap in [s for s in self.snapshots.values() if s.dataset == item]:
+                for clone in [d.name for d in self.datasets.values() if d.origin == snap.id]:
+                    for name in [clone, *(d for d in self.datasets if d.startswith(f"{clone}/"))]:
+                        if name not in doomed:
+                            doomed.append(name)
+        return doomed
 
     # ----- snapshots and clones ------------------------------------------------------------------
     def snapshot_query(self, ctx: CallContext, params: list[Any]) -> Any:

@@ -455,8 +455,12 @@ class VMService:
             await self._progress(job)
             return True
 
+        # plugins/vm/vm_devices.py (25.10.x, 26.0): ``@job(lock='vm.device.convert', lock_queue_size=1)``.
+        # One lock for every conversion and a queue of one: with one conversion running and one waiting,
+        # a third call (any source, any destination) is handed the waiting job (jobs.py, JobsQueue.add)
+        # and its own volume is never written.
         return self.sim.jobs.submit(
-            "vm.device.convert", params, body, lock="vm.device.convert",
+            "vm.device.convert", params, body, lock="vm.device.convert", lock_queue_size=1,
             message_id=ctx.message_id, credentials=ctx.credentials,
         )  # fmt: skip
 
@@ -479,8 +483,12 @@ class VMService:
             await self._progress(job)
             return True
 
+        # plugins/vm/disk_utils.py (25.04.2): ``@job(lock_queue_size=1, lock=lambda args:
+        # f"zvol_disk_image_{args[-1]['zvol']}")``: a lock per volume, so only calls into the same
+        # volume are merged.
+        data = params[-1] if params and isinstance(params[-1], dict) else {}
         return self.sim.jobs.submit(
-            "vm.import_disk_image", params, body, lock="vm.import_disk_image",
+            "vm.import_disk_image", params, body, lock=f"zvol_disk_image_{data.get('zvol')}", lock_queue_size=1,
             message_id=ctx.message_id, credentials=ctx.credentials,
         )  # fmt: skip
 

@@ -5,7 +5,8 @@
 1. it finds the alias's VM image (``disk.qcow2``) in a simplestreams index (``images.ImageServer``);
 2. once per image version it uploads the image (``/_upload`` + ``filesystem.put``) and writes it into
    a volume, the cached base (``vm.device.convert`` on 25.10+/26, ``vm.import_disk_image`` on 25.04.2),
-   then snapshots it (``@base``): the snapshot is the mark of a finished base;
+   one conversion at a time per connection, then snapshots it (``@base``) once ``core.get_jobs`` shows a
+   successful conversion of this image into this volume: the snapshot is the mark of a finished base;
 3. each VM's root disk is a clone of that snapshot, grown to ``rootDiskSize`` if that is larger;
 4. ``environment`` and ``cloudInit`` go into a NoCloud seed ISO (``seed.py``) attached as CDROM;
 5. ``vm.create`` (memory in MiB, vcpus from ``cpu``, autostart), the root disk, the seed and the NICs.
@@ -72,6 +73,8 @@ BASE_GRACE_SECONDS = 24 * 3600.0
 within it needs no download."""
 FILE_MODE = 0o600
 """Seeds and uploaded images on the pool: readable by their owner only."""
+CONVERT_ATTEMPTS = 3
+"""Conversions into one base before the create fails (each answered with another call's job)."""
 PROGRESS_SPAN = {"download": (0, 10), "upload": (10, 30), "convert": (30, 95)}
 
 
@@ -183,6 +186,9 @@ class VMBackend:
         self._ids: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._base_locks: dict[str, asyncio.Lock] = {}
+        self._convert_lock = asyncio.Lock()
+        """One conversion at a time on this connection: TrueNAS runs ``vm.device.convert`` under one lock
+        with a queue of one and answers a further call with the waiting job, whatever its arguments."""
         self._pool: str | None = None
         self._seeds: dict[str, tuple[str, str]] = {}
         """Per VM, the seed marks of its description (what cloud-init was given)."""
@@ -314,8 +320,10 @@ class VMBackend:
     async def collect_bases(self, now: float) -> list[str]:
         """Deletes the cached bases (``<pool>/incus-operator/images/*`` with ``@base``) that no dataset has
         cloned for ``base_grace_seconds``, measured on this process's clock from when it first saw them
-        unused (a restart starts the wait over: later, never sooner). ZFS itself refuses to destroy a
-        snapshot with clones, so a clone made meanwhile keeps its base. Returns the bases deleted."""
+        unused (a restart starts the wait over: later, never sooner). The ``@base`` snapshot is deleted on
+        its own before the volume, never with a recursive delete (on 26 that destroys its clones): TrueNAS
+        refuses to delete a snapshot that has clones on every version, so a clone made meanwhile, or one
+        outside the operator's datasets, keeps its base. Returns the bases deleted."""
         images = await self.transport.call(
             "pool.dataset.query", [["id", "~", f"^[^/]+/{ROOT}/images/[^/]+$"]], {}, idempotent=True
         )
@@ -340,7 +348,9 @@ class VMBackend:
                 continue
             async with lock:
                 try:
-                    await self.transport.call("pool.dataset.delete", base, {"recursive": True})
+                    # The snapshot first, never recursively: a clone anywhere (one made meanwhile, another
+                    # VM's, a copy made in the TrueNAS UI) makes TrueNAS refuse, on every version.
+                    await self._delete_dataset(base)
                 except CallFailed as exc:  # a clone appeared, or the dataset is busy: next time
                     log.info("kept the VM base %s: %s", base, exc)
                     continue
@@ -535,9 +545,15 @@ class VMBackend:
                     wait = getattr(self.transport, "wait_job", None)
                     if wait is None:
                         raise TransportError("this transport cannot follow jobs")
-                    await wait(
-                        int(earlier["id"]), None, lambda job: report("convert", job_percent(job), "Converting", job)
-                    )
+                    async with self._convert_lock:
+                        await wait(
+                            int(earlier["id"]),
+                            None,
+                            lambda job: report("convert", job_percent(job), "Converting", job),
+                        )
+                # The job named this volume when it was found; it must also have ended well.
+                if not await self._proven(base, None, int(earlier["id"]) - 1):
+                    await self._convert(pool, base, image, upload_dir, report)
             else:
                 await self._convert(pool, base, image, upload_dir, report)
             await self.transport.call(f"{self.snapshot_namespace}.create", {"dataset": base, "name": "base"})
@@ -547,16 +563,21 @@ class VMBackend:
 
     async def _earlier_conversion(self, base: str) -> dict[str, Any] | None:
         """The newest conversion into ``base`` that TrueNAS runs or finished successfully, if the base
-        volume exists (a failed one is redone)."""
-        if base not in await self._datasets(base):
+        volume exists (a failed one is redone). A finished one counts only while the upload it read is
+        still there (the operator stopped between the conversion and ``@base``): a volume left without
+        ``@base`` by an interrupted collection may be named by an older job of an earlier volume."""
+        datasets = await self._datasets(base)
+        if base not in datasets:
             return None
+        uploaded = f"{base}-upload" in datasets
         jobs = await self.transport.call("core.get_jobs", [["method", "=", self.convert_method]], {}, idempotent=True)
         target = f"/dev/zvol/{base}" if self.convert_method == "vm.device.convert" else base
         for job in sorted(jobs, key=lambda j: int(j.get("id") or 0), reverse=True):
             arguments = job.get("arguments") or [{}]
             args = arguments[0] if arguments and isinstance(arguments[0], dict) else {}
             if target in (args.get("destination"), args.get("zvol")):
-                return job if job.get("state") in ("WAITING", "RUNNING", "SUCCESS") else None
+                running = job.get("state") in ("WAITING", "RUNNING")
+                return job if running or (job.get("state") == "SUCCESS" and uploaded) else None
         return None
 
     async def _convert(self, pool: str, base: str, image: VMImage, upload_dir: str, report: Progress) -> None:
@@ -584,16 +605,65 @@ class VMBackend:
             await self.transport.call(
                 "pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": round_up(size), "sparse": True}
             )
-        report("convert", 0, "Writing the image into the base volume")
         if self.convert_method == "vm.device.convert":
             args: dict[str, Any] = {"source": path, "destination": f"/dev/zvol/{base}"}
         else:
             args = {"diskimg": path, "zvol": base}
-        await self.transport.call_job(
-            self.convert_method,
-            args,
-            on_progress=lambda job: report("convert", job_percent(job), "Converting", job),
+        for attempt in range(CONVERT_ATTEMPTS):
+            report("convert", 0, "Writing the image into the base volume")
+            async with self._convert_lock:
+                # 25.10+/26: vm.device.convert has one lock for every conversion and a queue of one; a call
+                # beyond it is answered with the waiting job, whoever made it (another client, the UI).
+                # 25.04.2: vm.import_disk_image's lock is per volume, another client's call into this
+                # volume merges the same way. So the answer proves nothing: a job that names this volume
+                # and this image, newer than the call, and successful, does.
+                floor = await self._newest_job_id()
+                await self.transport.call_job(
+                    self.convert_method,
+                    args,
+                    on_progress=lambda job: report("convert", job_percent(job), "Converting", job),
+                )
+                if await self._proven(base, path, floor):
+                    return
+            log.warning(
+                "TrueNAS answered the conversion into %s with another call's job (attempt %d of %d): converting again",
+                base,
+                attempt + 1,
+                CONVERT_ATTEMPTS,
+            )
+        raise CallFailed(
+            f"{self.convert_method} into {base}: TrueNAS answered {CONVERT_ATTEMPTS} calls with other conversions'"
+            " jobs (its queue of one on the conversion lock; another client is converting): the base is not used"
+            " until a conversion of its own succeeds",
+            method=self.convert_method,
         )
+
+    async def _newest_job_id(self) -> int:
+        jobs = await self.transport.call("core.get_jobs", [], {"order_by": ["-id"], "limit": 1}, idempotent=True)
+        return int(jobs[0]["id"]) if jobs else 0
+
+    def _names_volume(self, job: dict[str, Any], base: str, source: str | None) -> bool:
+        """Whether ``job``'s arguments name the volume ``base`` (and the image file ``source``, if given)."""
+        arguments = job.get("arguments") or [{}]
+        args = arguments[-1] if arguments and isinstance(arguments[-1], dict) else {}
+        if self.convert_method == "vm.device.convert":
+            target, image = args.get("destination"), args.get("source")
+            wanted = f"/dev/zvol/{base}"
+        else:
+            target, image = args.get("zvol"), args.get("diskimg")
+            wanted = base
+        return target == wanted and (source is None or image == source)
+
+    async def _proven(self, base: str, source: str | None, after: int) -> bool:
+        """Whether TrueNAS holds a successful conversion into ``base`` (from ``source``) with an id above
+        ``after``: the only proof that the volume was written (the answer to the call is none)."""
+        jobs = await self.transport.call(
+            "core.get_jobs",
+            [["method", "=", self.convert_method], ["state", "=", "SUCCESS"], ["id", ">", after]],
+            {},
+            idempotent=True,
+        )
+        return any(self._names_volume(job, base, source) for job in jobs)
 
     async def _root_disk(self, home: str, base: str, size: int | None) -> str:
         await self._ensure_dataset(home)
@@ -619,8 +689,31 @@ class VMBackend:
         return path
 
     async def _delete_dataset(self, name: str) -> None:
-        with contextlib.suppress(NotFound):
-            await self.transport.call("pool.dataset.delete", name, {"recursive": True})
+        """Deletes ``name`` and the datasets under it, deepest first, each snapshot on its own, and never
+        recursively: on 26 ``pool.dataset.delete(..., {recursive: true})`` destroys the clones of every
+        snapshot in the tree wherever they live (plugins/zfs/destroy_impl.py), so one call on a base or a
+        VM's home could take another VM's disk with it; 25.x refuses. A snapshot that has a clone is
+        refused on every version, and the refusal is raised, naming it: nothing outside ``name`` goes."""
+        tree = [n for n in await self._datasets(name) if n == name or n.startswith(f"{name}/")]
+        for dataset in sorted(tree, key=lambda n: n.count("/"), reverse=True):
+            snapshots = await self.transport.call(
+                f"{self.snapshot_namespace}.query", [["dataset", "=", dataset]], {}, idempotent=True
+            )
+            for snapshot in snapshots:
+                try:
+                    await self.transport.call(f"{self.snapshot_namespace}.delete", str(snapshot["id"]))
+                except NotFound:
+                    continue
+                except CallFailed as exc:
+                    raise CallFailed(
+                        f"{name} was not deleted: its snapshot {snapshot['id']} could not be deleted (TrueNAS: "
+                        f"{exc.message}). A clone of it elsewhere (another VM's disk) is never destroyed by the "
+                        "operator: delete or promote that clone first",
+                        errno=exc.errno,
+                        method=exc.method,
+                    ) from None
+            with contextlib.suppress(NotFound):
+                await self.transport.call("pool.dataset.delete", dataset)
 
     async def upload(
         self, path: str, data: bytes | Path, on_progress: Callable[[dict[str, Any]], None] | None = None
