@@ -15,7 +15,7 @@ from typing import Any
 
 from truenas_incus_operator.app import Operator, build
 from truenas_incus_operator.connections import Connection, ConnectionConfig
-from truenas_incus_operator.kube import Kube, SecretObject
+from truenas_incus_operator.kube import KUBE_REASON, Kube, SecretObject
 from truenas_incus_operator.metrics import Metrics
 from truenas_incus_operator.policy import Policy
 from truenas_incus_operator.problems import fail
@@ -105,6 +105,9 @@ class FakeKube(Kube):
 
     async def delete_configmap(self, namespace: str, name: str, resource_version: str | None = None) -> None:
         self.calls.append("delete_configmap")
+        current = self.configmaps.get((namespace, name))
+        if current is not None and resource_version and current["metadata"]["resourceVersion"] != resource_version:
+            raise fail(KUBE_REASON, f"ConfigMap {namespace}/{name} changed while deleting it")  # 409, as the API server
         self.configmaps.pop((namespace, name), None)
 
     async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:

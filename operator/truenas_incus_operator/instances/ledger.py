@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..connections import truenas_identity
 from ..kube import Kube
 from ..models import API_GROUP
-from ..problems import fail
+from ..problems import OperatorError, fail
 
 log = logging.getLogger(__name__)
 LEDGER_LABEL = f"{API_GROUP}/ownership"
+CLAIM_ATTEMPTS = 5
 
-__all__ = ["LEDGER_LABEL", "Ledger", "Record", "record_name", "truenas_identity"]
+__all__ = ["LEDGER_LABEL", "Ledger", "Record", "describe_holder", "record_name", "truenas_identity"]
 
 
 def record_name(truenas: str, instance: str) -> str:
@@ -47,7 +49,11 @@ class Record:
     """creating (claimed before the create call), created, or adopted."""
     devices_managed: bool = False
     """Set once the operator applied the spec's devices to an adopted instance."""
+    joins: int = 0
+    """How many times another actor of the same owner found this record on its own claim (409)."""
     resource_version: str = ""
+    fresh: bool = field(default=False, compare=False)
+    """Created by the claim that returned it (never read back from the API server)."""
 
     @property
     def manages_devices(self) -> bool:
@@ -77,6 +83,7 @@ class Record:
                 "connection": self.connection,
                 "state": self.state,
                 **({"devices": "managed"} if self.devices_managed else {}),
+                **({"joins": str(self.joins)} if self.joins else {}),
             },
         }
 
@@ -92,6 +99,7 @@ class Record:
                 connection=data.get("connection", ""),
                 state=data.get("state", "created"),
                 devices_managed=data.get("devices") == "managed",
+                joins=int(joins) if (joins := str(data.get("joins", "0"))).isdigit() else 0,
                 resource_version=str(body.get("metadata", {}).get("resourceVersion", "")),
             )
         except KeyError:
@@ -121,34 +129,60 @@ class Ledger:
     async def claim(
         self, truenas: str, instance: str, *, owner_uid: str, owner: str, connection: str, state: str
     ) -> Record:
-        """Records ``owner_uid`` as the owner; raises ``OperatorError`` (Conflict) if another holds it."""
+        """Records ``owner_uid`` as the owner; raises ``OperatorError`` (Conflict) if another holds it.
+
+        The record returned is ``fresh`` only when this call created it. A 409 from the same UID (a
+        second actor for the same resource: another operator without an election, or this one
+        before a restart) is no fresh claim: this call *joins* the record (bumps ``joins``, so the
+        creator can no longer release it) and the caller re-plans as owned and unfinished."""
         wanted = Record(truenas, instance, owner_uid, owner, connection, state)
-        created = await self.kube.create_configmap(self.namespace, wanted.manifest(self.namespace))
-        if created is None:
+        for _ in range(CLAIM_ATTEMPTS):
+            created = await self.kube.create_configmap(self.namespace, wanted.manifest(self.namespace))
+            if created is not None:
+                record = replace(Record.from_manifest(created) or wanted, fresh=True)
+                self.records[(truenas, instance)] = record
+                return record
             held = await self.reread(truenas, instance)
-            if held is not None and held.owner_uid == owner_uid:
-                return held
-            holder = held.owner if held is not None else "another resource"
-            raise fail("Conflict", f"the instance {instance!r} is already managed by IncusInstance {holder}")
-        record = Record.from_manifest(created) or wanted
-        self.records[(truenas, instance)] = record
-        return record
+            if held is None:
+                continue  # released between our create and our read: try again
+            if held.owner_uid != owner_uid:
+                raise fail(
+                    "Conflict", f"the instance {instance!r} is already managed by {describe_holder(held, owner)}"
+                )
+            joined = await self.kube.replace_configmap(
+                self.namespace, replace(held, joins=held.joins + 1).manifest(self.namespace)
+            )
+            if joined is None:
+                continue  # changed meanwhile: read it again
+            record = Record.from_manifest(joined) or held
+            self.records[(truenas, instance)] = record
+            return record
+        raise fail("Conflict", f"the ownership record of {instance!r} kept changing; will retry")
 
     async def set_state(self, record: Record, state: str) -> Record:
-        return await self._update(record, replace(record, state=state))
+        return await self._update(record, lambda r: replace(r, state=state))
 
     async def mark_devices_managed(self, record: Record) -> Record:
-        return await self._update(record, replace(record, devices_managed=True))
+        return await self._update(record, lambda r: replace(r, devices_managed=True))
 
-    async def _update(self, record: Record, wanted: Record) -> Record:
-        if wanted == record:
-            return record
-        updated = await self.kube.replace_configmap(self.namespace, wanted.manifest(self.namespace))
-        if updated is None:
-            raise fail("Conflict", f"the ownership record of {record.instance!r} changed meanwhile")
-        fresh = Record.from_manifest(updated) or wanted
-        self.records[(record.truenas, record.instance)] = fresh
-        return fresh
+    async def _update(self, record: Record, change: Callable[[Record], Record]) -> Record:
+        """Optimistic; when another actor of the same owner changed the record meanwhile (a join, its
+        own state change), the change is applied again on what the API server has."""
+        current = record
+        for _ in range(CLAIM_ATTEMPTS):
+            wanted = change(current)
+            if wanted == current:
+                return current
+            updated = await self.kube.replace_configmap(self.namespace, wanted.manifest(self.namespace))
+            if updated is not None:
+                fresh = Record.from_manifest(updated) or wanted
+                self.records[(record.truenas, record.instance)] = fresh
+                return fresh
+            reread = await self.reread(record.truenas, record.instance)
+            if reread is None or reread.owner_uid != record.owner_uid:
+                break
+            current = reread
+        raise fail("Conflict", f"the ownership record of {record.instance!r} changed meanwhile")
 
     async def reread(self, truenas: str, instance: str) -> Record | None:
         """The record as the API server has it now (before a delete, and after a lost race)."""
@@ -164,3 +198,26 @@ class Ledger:
         """Forgets an owner (its instance is gone, or left on TrueNAS with Orphan)."""
         await self.kube.delete_configmap(self.namespace, record.name, record.resource_version or None)
         self.records.pop((record.truenas, record.instance), None)
+
+    async def release_own_claim(self, claimed: Record) -> bool:
+        """Releases a record this very call created, unless another actor joined it since (then the
+        record stays, as that actor's create may be running): True when released. Only the version
+        ``claimed`` was created as is deleted (a precondition), so a join and this release cannot
+        both win."""
+        try:
+            await self.release(claimed)
+        except OperatorError:
+            current = await self.reread(claimed.truenas, claimed.instance)
+            if current is not None and current.resource_version != claimed.resource_version:
+                return False
+            raise
+        return True
+
+
+def describe_holder(held: Record, asking: str) -> str:
+    """Who holds a record, as told to another resource: never the holder's namespace or name (that
+    is another tenant's business), except that the very resource asking is told it is an earlier
+    one of its name (deleted and re-created while the record stayed)."""
+    if held.owner == asking:
+        return f"an earlier resource with this name (UID {held.owner_uid})"
+    return "another IncusInstance"
