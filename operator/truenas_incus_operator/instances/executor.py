@@ -125,7 +125,7 @@ class Executor:
         claimed = self._claimed.pop(key, None)
         if isinstance(action, Claim | Adopt):
             record = await self.ledger.claim(
-                connection.config.identity,
+                connection.identity,
                 name,
                 owner_uid=desired.uid,
                 owner=f"{desired.namespace}/{desired.name}",
@@ -172,7 +172,7 @@ class Executor:
 
     def owned(self, desired: Desired, connection: Connection) -> Record:
         """The ledger record that lets ``desired`` write to its instance; raises otherwise."""
-        record = self.ledger.get(connection.config.identity, desired.instance_name)
+        record = self.ledger.get(connection.identity, desired.instance_name)
         if record is None or record.owner_uid != desired.uid:
             holder = f" ({describe_holder(record, f'{desired.namespace}/{desired.name}')} owns it)" if record else ""
             raise fail("NotOwner", f"this resource does not own the instance {desired.instance_name!r}{holder}")

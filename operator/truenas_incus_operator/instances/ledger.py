@@ -6,9 +6,10 @@ owner (409 on create). Written before the create call (crash safety: never a sec
 someone else's instance), checked before every write and every delete, read back at startup
 (durable across restarts). Annotations and status never count: tenants write those.
 
-The TrueNAS identity is the normalised ``host:port`` of the connection's URL: the default
-connection and a TrueNASConnection that reach one NAS by the same address share one ledger entry
-per instance name.
+The TrueNAS identity is what the NAS says about itself (``system.global.id``, as ``nas-<uuid>``):
+every connection that reaches one NAS, by whatever URL spelling, shares one ledger entry per
+instance name. Records an earlier version keyed by the URL's ``host:port`` are moved on the first
+connect through that address (``migrate``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class Ledger:
         self.kube = kube
         self.namespace = namespace
         self.records: dict[tuple[str, str], Record] = {}
+        self._migrated: set[tuple[str, str]] = set()
 
     async def load(self) -> None:
         """Reads every record (at startup, before any loop acts)."""
@@ -119,6 +121,32 @@ class Ledger:
         records = [r for r in (Record.from_manifest(item) for item in items) if r is not None]
         self.records = {(r.truenas, r.instance): r for r in records}
         log.info("ownership ledger: %d records in namespace %s", len(self.records), self.namespace)
+
+    async def migrate(self, address: str, nas: str) -> None:
+        """Moves the records an earlier version keyed by the connection's address (``host:port``) to
+        the NAS's own identity, once per (address, NAS) in this process. The address reached this
+        NAS when the record was written (the only NAS it reached from here), so the record is this
+        NAS's. A record already under the NAS's identity for the same instance wins: a different
+        owner there is logged and the old record left (it then blocks nothing new; see
+        docs/security.md)."""
+        if address == nas or (address, nas) in self._migrated:
+            return
+        for old in [r for r in self.records.values() if r.truenas == address]:
+            moved = replace(old, truenas=nas, resource_version="", fresh=False)
+            created = await self.kube.create_configmap(self.namespace, moved.manifest(self.namespace))
+            if created is None:
+                held = await self.reread(nas, old.instance)
+                if held is None or held.owner_uid != old.owner_uid:
+                    log.warning(
+                        "ownership ledger: %s on %s has another owner under %s; record %s left as it is",
+                        old.instance, address, nas, old.name,
+                    )  # fmt: skip
+                    continue
+            else:
+                self.records[(nas, old.instance)] = Record.from_manifest(created) or moved
+            await self.release(old)
+            log.info("ownership ledger: %s moved from %s to %s", old.instance, address, nas)
+        self._migrated.add((address, nas))
 
     def get(self, truenas: str, instance: str) -> Record | None:
         return self.records.get((truenas, instance))

@@ -145,7 +145,7 @@ class InstanceLoops:
     def desired(self, body: Mapping[str, Any], connection: Connection) -> Desired:
         """The resource as the planner sees it, with what the ledger and the policy say of it."""
         desired = desired_from(body)
-        identity = connection.config.identity
+        identity = connection.identity
         record = self.ledger.get(identity, desired.instance_name)
         elsewhere = next(
             (
@@ -174,6 +174,7 @@ class InstanceLoops:
         if client is None:
             raise OperatorError(connection.problem or Problem("Connecting", "connecting to TrueNAS"))
         backend = client.instances
+        await self.ledger.migrate(connection.config.identity, connection.identity)
         await self._recheck_holder(body, connection)
         for _ in range(MAX_STEPS_PER_PASS):
             desired = self.desired(body, connection)
@@ -217,7 +218,7 @@ class InstanceLoops:
         loaded at startup, and a stale record an administrator deleted (or one released by another
         operator) must stop blocking without a restart. One read per pass of a blocked resource."""
         desired = desired_from(body)
-        held = self.ledger.get(connection.config.identity, desired.instance_name)
+        held = self.ledger.get(connection.identity, desired.instance_name)
         if held is not None and held.owner_uid != desired.uid:
             await self.ledger.reread(held.truenas, held.instance)
 
