@@ -66,6 +66,8 @@ class FakeKube(Kube):
         self.secret_annotations: dict[tuple[str, str], dict[str, str]] = {}
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
         self.leases: dict[tuple[str, str], dict[str, Any]] = {}
+        self.secret_manifests: dict[tuple[str, str], dict[str, Any]] = {}
+        """Secrets the operator writes (its credential copies), with create/replace semantics."""
         """Leases, with the same create/replace semantics as ``configmaps``."""
         self._version = 0
 
@@ -109,6 +111,27 @@ class FakeKube(Kube):
         if current is not None and resource_version and current["metadata"]["resourceVersion"] != resource_version:
             raise fail(KUBE_REASON, f"ConfigMap {namespace}/{name} changed while deleting it")  # 409, as the API server
         self.configmaps.pop((namespace, name), None)
+
+    async def read_secret_manifest(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.secret_manifests.get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        self.calls.append("create_secret")
+        key = (namespace, body["metadata"]["name"])
+        if key in self.secret_manifests:
+            return None
+        self.secret_manifests[key] = self._stamp(body)
+        return copy.deepcopy(self.secret_manifests[key])
+
+    async def replace_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        self.calls.append("replace_secret")
+        key = (namespace, body["metadata"]["name"])
+        current = self.secret_manifests.get(key)
+        if current is None or current["metadata"]["resourceVersion"] != body["metadata"].get("resourceVersion"):
+            return None
+        self.secret_manifests[key] = self._stamp(body)
+        return copy.deepcopy(self.secret_manifests[key])
 
     async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.leases.get((namespace, name))

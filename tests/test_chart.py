@@ -116,7 +116,14 @@ def test_cluster_wide_rbac() -> None:
     (ledger,) = by_kind(documents, "Role")  # the ownership ledger in the release namespace, nothing more
     assert ledger["metadata"]["namespace"] == "tio-system"
     assert ledger["rules"] == [
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "update", "delete"]}
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "update", "delete"]},
+        # The credential copies (issue 19 item 7): one Secret by name, created by the chart.
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["tio-truenas-incus-operator-credentials"],
+            "verbs": ["get", "update"],
+        },
     ]
 
 

@@ -325,6 +325,40 @@ class Kube:
             data=dict(secret.get("data") or {}),
         )
 
+    # ----- the operator's own Secret (credential copies, in its namespace) --------------------------
+    async def read_secret_manifest(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The whole Secret (with ``resourceVersion``), or None when it does not exist."""
+        try:
+            found: dict[str, Any] = await self._request(
+                "GET", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}", not_found=_GONE
+            )
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
+        return found
+
+    async def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created Secret, or None when one of that name exists already (409)."""
+        try:
+            created: dict[str, Any] = await self._request(
+                "POST", f"/api/v1/namespaces/{quote(namespace)}/secrets", body, conflict_ok=True
+            )
+        except _Conflict:
+            return None
+        return created
+
+    async def replace_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Optimistic update (``metadata.resourceVersion`` must match); None when it changed meanwhile."""
+        name = body["metadata"]["name"]
+        try:
+            replaced: dict[str, Any] = await self._request(
+                "PUT", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}", body, conflict_ok=True
+            )
+        except _Conflict:
+            return None
+        return replaced
+
     async def close(self) -> None:
         await self._reset()
         _remove(self._files)

@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         default_factory=lambda: _own_namespace(),
         description="Namespace of the ownership ledger (the operator's own; tenants must not write there).",
     )
+    credentials_secret: str = Field(
+        "truenas-incus-operator-credentials",
+        description=(
+            "Secret in the ledger's namespace holding a copy of each TrueNASConnection's credentials, so "
+            "that a connection being deleted can still delete its instances after its Secret is gone and "
+            "the operator restarted (the chart creates it and grants only that name)."
+        ),
+    )
     policy_file: Path | None = Field(
         None, description="The administrator's policy (policy.py); unset: the default policy."
     )
