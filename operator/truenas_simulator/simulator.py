@@ -149,11 +149,10 @@ class Simulator:
         self.vms = VMService(self)
         self.methods: dict[str, tuple[Handler, bool]] = {}
         self.booted = time.time()
-        identity = random.Random(None if seed is None else f"identity-{seed}")  # leaves self.random's sequence alone
-        self.system_uuid = uuid.UUID(int=identity.getrandbits(128), version=4).hex
+        self.system_uuid = uuid.uuid4().hex
         """What ``system.global.id`` answers: the system's UUID in TrueNAS's database (32 hex digits),
-        one per simulator (as one per NAS); seeded simulators repeat theirs."""
-        self.hostid = identity.getrandbits(32).to_bytes(4, "little")
+        one per simulator as one per NAS (never seeded: two seeded simulators are still two NAS)."""
+        self.hostid = secrets.token_bytes(4)
         """The contents of /etc/hostid, from which ``system.host_id`` is derived."""
         self._scram: dict[int, ScramSecrets] = {}
         self._register()
