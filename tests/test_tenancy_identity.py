@@ -144,3 +144,17 @@ def test_two_operators_without_an_election_create_each_instance_once_and_leave_n
     finally:
         harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 0.05))
         second.stop()
+
+
+@pytest.mark.parametrize("source", ["/mnt/./tank/x", "/mnt//tank/x"])
+def test_admission_and_the_operator_agree_on_dot_and_double_slash_host_paths(
+    harness: Harness, namespace: str, source: str
+) -> None:
+    """Item 9: the chart's admission policy (string prefixes) refused ``/mnt/./x`` and ``/mnt//x``
+    where the operator's policy (path components) allowed them; now the schema refuses both forms
+    for everyone, naming the field, so neither gate sees them."""
+    tenant = Tenant(harness.cluster, namespace, "tenant-a")
+    device = {"name": "data", "type": "DISK", "source": source, "destination": "/data"}
+    result = tenant.apply("paths", {"devices": [device]})
+    assert result.returncode != 0
+    assert "spec.devices[0].source" in result.stderr, result.stderr
