@@ -55,7 +55,7 @@ def build(
 ) -> Operator:
     """Raises ``PolicyError`` when the policy file cannot be used: never run with a policy other than
     the administrator's."""
-    metrics = metrics if metrics is not None else Metrics()
+    metrics = metrics if metrics is not None else Metrics(connection_names=settings.metrics_connection_names)
     connections = ConnectionManager(
         settings.resync_seconds,
         settings.retry_max_seconds,

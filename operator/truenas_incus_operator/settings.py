@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         description="Serve Prometheus metrics on this port (/metrics); 0: not served. The chart sets 9090.",
     )
     metrics_address: str = Field("0.0.0.0", description="Address the metrics server listens on.")
+    metrics_connection_names: bool = Field(
+        False,
+        description=(
+            "Label TrueNASConnections' metrics with their namespace/name. Default: a pseudonym (tnc-<12 hex>, "
+            "logged once per connection), since the metrics endpoint has no authentication."
+        ),
+    )
 
     leader_election: bool = Field(
         False,
