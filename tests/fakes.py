@@ -66,9 +66,11 @@ class FakeKube(Kube):
         self.secret_annotations: dict[tuple[str, str], dict[str, str]] = {}
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
         self.leases: dict[tuple[str, str], dict[str, Any]] = {}
+        """Leases, with the same create/replace semantics as ``configmaps``."""
         self.secret_manifests: dict[tuple[str, str], dict[str, Any]] = {}
         """Secrets the operator writes (its credential copies), with create/replace semantics."""
-        """Leases, with the same create/replace semantics as ``configmaps``."""
+        self.incus_instances: dict[tuple[str, str], dict[str, Any]] = {}
+        """IncusInstances ``read_incus_instance`` answers (tests put the bodies they use)."""
         self._version = 0
 
     def _stamp(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +113,10 @@ class FakeKube(Kube):
         if current is not None and resource_version and current["metadata"]["resourceVersion"] != resource_version:
             raise fail(KUBE_REASON, f"ConfigMap {namespace}/{name} changed while deleting it")  # 409, as the API server
         self.configmaps.pop((namespace, name), None)
+
+    async def read_incus_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.incus_instances.get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
 
     async def read_secret_manifest(self, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.secret_manifests.get((namespace, name))

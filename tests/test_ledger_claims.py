@@ -140,3 +140,46 @@ async def test_a_stale_record_deleted_by_hand_stops_blocking_without_a_restart()
     assert synced(fake, "web01") == ("True", "ReconcileSuccess")
     record = fake.kube.configmaps[(LEDGER_NAMESPACE, record_name(TRUENAS, "web01"))]
     assert record["data"]["ownerUID"] == "uid-second"
+
+
+# ----- records whose resource went while the operator was down ---------------------------------------------
+def resource_gone(fake: FakeOperator) -> None:
+    """The resource was deleted while no operator ran (its finalizer removed by hand)."""
+    fake.kube.incus_instances.clear()
+
+
+async def test_a_record_whose_resource_was_deleted_while_the_operator_was_down_is_reaped() -> None:
+    """Finding 9: such a record was never reaped (the instance ran for ever, a re-created resource
+    was in Conflict with its dead self). With deletionPolicy Delete recorded, the instance goes."""
+    fake = fake_operator()
+    body = resource()
+    fake.kube.incus_instances[("apps", "web01")] = body
+    await one_pass(fake, body)
+    assert "web01" in fake.backend.instances
+    resource_gone(fake)
+    reaped = await fake.operator.reaper.sweep()
+    assert reaped == 1
+    assert "web01" not in fake.backend.instances, "deleted, as its deletionPolicy (Delete) said"
+    assert fake.kube.configmaps == {}
+    # A re-created resource of that name creates afresh.
+    await one_pass(fake, resource(uid="uid-again"))
+    assert synced(fake, "web01") == ("True", "ReconcileSuccess")
+
+
+async def test_a_reaped_record_of_an_orphan_or_unknown_policy_only_releases_the_instance() -> None:
+    fake = fake_operator()
+    body = resource(deletionPolicy="Orphan")
+    fake.kube.incus_instances[("apps", "web01")] = body
+    await one_pass(fake, body)
+    resource_gone(fake)
+    assert await fake.operator.reaper.sweep() == 1
+    assert "web01" in fake.backend.instances and fake.kube.configmaps == {}
+
+
+async def test_a_record_whose_resource_exists_is_kept() -> None:
+    fake = fake_operator()
+    body = resource()
+    fake.kube.incus_instances[("apps", "web01")] = body
+    await one_pass(fake, body)
+    assert await fake.operator.reaper.sweep() == 0
+    assert len(fake.kube.configmaps) == 1 and "web01" in fake.backend.instances

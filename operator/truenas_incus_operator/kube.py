@@ -359,6 +359,17 @@ class Kube:
             return None
         return replaced
 
+    async def read_incus_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """An IncusInstance, or None when it does not exist (the ledger's reaper asks)."""
+        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/incusinstances/{quote(name)}"
+        try:
+            found: dict[str, Any] = await self._request("GET", path, not_found=_GONE)
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
+        return found
+
     async def close(self) -> None:
         await self._reset()
         _remove(self._files)

@@ -131,6 +131,7 @@ class Executor:
                 owner=f"{desired.namespace}/{desired.name}",
                 connection=connection.key,
                 state="adopted" if isinstance(action, Adopt) else "creating",
+                deletion_policy=desired.deletion_policy,
             )
             if not record.fresh:
                 return True  # joined this resource's own record: owned (and maybe unfinished); plan again

@@ -50,6 +50,9 @@ class Record:
     """creating (claimed before the create call), created, or adopted."""
     devices_managed: bool = False
     """Set once the operator applied the spec's devices to an adopted instance."""
+    deletion_policy: str = ""
+    """The owner's spec.deletionPolicy as last seen (Delete or Orphan; empty: not known, a record of
+    an earlier version): what a reaped record's instance gets when its resource vanished."""
     joins: int = 0
     """How many times another actor of the same owner found this record on its own claim (409)."""
     resource_version: str = ""
@@ -84,6 +87,7 @@ class Record:
                 "connection": self.connection,
                 "state": self.state,
                 **({"devices": "managed"} if self.devices_managed else {}),
+                **({"deletionPolicy": self.deletion_policy} if self.deletion_policy else {}),
                 **({"joins": str(self.joins)} if self.joins else {}),
             },
         }
@@ -100,6 +104,7 @@ class Record:
                 connection=data.get("connection", ""),
                 state=data.get("state", "created"),
                 devices_managed=data.get("devices") == "managed",
+                deletion_policy=str(data.get("deletionPolicy") or ""),
                 joins=int(joins) if (joins := str(data.get("joins", "0"))).isdigit() else 0,
                 resource_version=str(body.get("metadata", {}).get("resourceVersion", "")),
             )
@@ -155,7 +160,15 @@ class Ledger:
         return [r for r in self.records.values() if r.owner_uid == owner_uid]
 
     async def claim(
-        self, truenas: str, instance: str, *, owner_uid: str, owner: str, connection: str, state: str
+        self,
+        truenas: str,
+        instance: str,
+        *,
+        owner_uid: str,
+        owner: str,
+        connection: str,
+        state: str,
+        deletion_policy: str = "",
     ) -> Record:
         """Records ``owner_uid`` as the owner; raises ``OperatorError`` (Conflict) if another holds it.
 
@@ -163,7 +176,7 @@ class Ledger:
         second actor for the same resource: another operator without an election, or this one
         before a restart) is no fresh claim: this call *joins* the record (bumps ``joins``, so the
         creator can no longer release it) and the caller re-plans as owned and unfinished."""
-        wanted = Record(truenas, instance, owner_uid, owner, connection, state)
+        wanted = Record(truenas, instance, owner_uid, owner, connection, state, deletion_policy=deletion_policy)
         for _ in range(CLAIM_ATTEMPTS):
             created = await self.kube.create_configmap(self.namespace, wanted.manifest(self.namespace))
             if created is not None:
@@ -189,6 +202,9 @@ class Ledger:
 
     async def set_state(self, record: Record, state: str) -> Record:
         return await self._update(record, lambda r: replace(r, state=state))
+
+    async def set_deletion_policy(self, record: Record, policy: str) -> Record:
+        return await self._update(record, lambda r: replace(r, deletion_policy=policy))
 
     async def mark_devices_managed(self, record: Record) -> Record:
         return await self._update(record, lambda r: replace(r, devices_managed=True))

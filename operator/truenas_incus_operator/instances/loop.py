@@ -221,6 +221,9 @@ class InstanceLoops:
         held = self.ledger.get(connection.identity, desired.instance_name)
         if held is not None and held.owner_uid != desired.uid:
             await self.ledger.reread(held.truenas, held.instance)
+        elif held is not None and held.deletion_policy != desired.deletion_policy:
+            # What a reaper does with the instance if this resource ever vanishes unseen (docs/security.md).
+            await self.ledger.set_deletion_policy(held, desired.deletion_policy)
 
     @staticmethod
     def _devices_key(desired: Desired, connection: Connection) -> tuple[int, int, int]:
