@@ -158,3 +158,26 @@ def test_admission_and_the_operator_agree_on_dot_and_double_slash_host_paths(
     result = tenant.apply("paths", {"devices": [device]})
     assert result.returncode != 0
     assert "spec.devices[0].source" in result.stderr, result.stderr
+
+
+def test_a_resource_deleted_while_the_operator_was_down_has_its_instance_reaped(
+    harness: Harness, namespace: str
+) -> None:
+    """Item 9: a resource deleted while no operator ran (its finalizer removed by hand) left its
+    ledger record for ever: the instance ran on, and a re-created resource of the same name was in
+    Conflict with its dead self."""
+    tenant = Tenant(harness.cluster, namespace, "tenant-a")
+    name = f"gone-{namespace[-6:]}"
+    assert tenant.apply("app", {"name": name}).returncode == 0
+    harness.wait_ready(namespace, "app", timeout=90)
+    harness.operator.stop()
+    try:
+        patch = json.dumps({"metadata": {"finalizers": None}})
+        harness.cluster.kubectl("patch", "incusinstance", "app", "-n", namespace, "--type=merge", "-p", patch)
+        harness.cluster.kubectl("delete", "incusinstance", "app", "-n", namespace, "--wait=true", "--timeout=30s")
+    finally:
+        harness.operator.start()
+    wait_until(lambda: name not in harness.instance_names(), timeout=150, what="the instance reaped (Delete)")
+    wait_until(lambda: not [r for r in ledger(harness) if r["instance"] == name], timeout=30, what="record released")
+    assert tenant.apply("app", {"name": name}).returncode == 0
+    harness.wait_ready(namespace, "app", timeout=90)
