@@ -132,8 +132,12 @@ def test_two_operators_without_an_election_create_each_instance_once_and_leave_n
         names = [f"two-{i}-{namespace[-6:]}" for i in range(count)]
         for index, name in enumerate(names):
             assert tenant.apply(f"app{index}", {"name": name}).returncode == 0
-        for index in range(count):
-            harness.wait_ready(namespace, f"app{index}", timeout=240)
+        try:
+            for index in range(count):
+                harness.wait_ready(namespace, f"app{index}", timeout=240)
+        except AssertionError:
+            seen = {f"app{i}": harness.get(namespace, f"app{i}").get("status", {}).get("message") for i in range(count)}
+            raise AssertionError(f"not all Ready: {seen}; ledger: {ledger(harness)}") from None
         uids = {harness.get(namespace, f"app{index}")["metadata"]["uid"]: name for index, name in enumerate(names)}
         assert set(names) <= harness.instance_names()
         records = {r["instance"]: r["ownerUID"] for r in ledger(harness) if r["instance"] in set(names)}
