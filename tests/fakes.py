@@ -71,6 +71,8 @@ class FakeKube(Kube):
         """Secrets the operator writes (its credential copies), with create/replace semantics."""
         self.incus_instances: dict[tuple[str, str], dict[str, Any]] = {}
         """IncusInstances ``read_incus_instance`` answers (tests put the bodies they use)."""
+        self.serves_incus_instances = True
+        """False: the API server serves no IncusInstances (their CRD is missing)."""
         self._version = 0
 
     def _stamp(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +116,12 @@ class FakeKube(Kube):
             raise fail(KUBE_REASON, f"ConfigMap {namespace}/{name} changed while deleting it")  # 409, as the API server
         self.configmaps.pop((namespace, name), None)
 
+    async def incus_instances_served(self, namespace: str) -> bool:
+        return self.serves_incus_instances
+
     async def read_incus_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if not self.serves_incus_instances:
+            return None
         found = self.incus_instances.get((namespace, name))
         return copy.deepcopy(found) if found is not None else None
 

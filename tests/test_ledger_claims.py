@@ -183,3 +183,16 @@ async def test_a_record_whose_resource_exists_is_kept() -> None:
     await one_pass(fake, body)
     assert await fake.operator.reaper.sweep() == 0
     assert len(fake.kube.configmaps) == 1 and "web01" in fake.backend.instances
+
+
+async def test_nothing_is_reaped_while_the_api_server_does_not_serve_incusinstances() -> None:
+    """Every read of an owner answers 404 when the CRD is missing (an operator started before its
+    CRDs, against an old ledger): that is no proof that the owners are gone."""
+    fake = fake_operator()
+    body = resource()
+    fake.kube.incus_instances[("apps", "web01")] = body
+    await one_pass(fake, body)
+    resource_gone(fake)
+    fake.kube.serves_incus_instances = False
+    assert await fake.operator.reaper.sweep() == 0
+    assert "web01" in fake.backend.instances and len(fake.kube.configmaps) == 1

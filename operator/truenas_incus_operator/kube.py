@@ -370,6 +370,18 @@ class Kube:
             raise
         return found
 
+    async def incus_instances_served(self, namespace: str) -> bool:
+        """Whether the API server serves IncusInstances in ``namespace`` (a 404 there: the CRD is
+        missing, so a 404 for one of them proves nothing)."""
+        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/incusinstances?limit=1"
+        try:
+            await self._request("GET", path, not_found=_GONE)
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return False
+            raise
+        return True
+
     async def close(self) -> None:
         await self._reset()
         _remove(self._files)

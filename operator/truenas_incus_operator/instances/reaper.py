@@ -65,6 +65,8 @@ class Reaper:
             return True  # not a record this operator wrote: leave it
         try:
             body = await self.kube.read_incus_instance(namespace, name)
+            if body is None and not await self.kube.incus_instances_served(namespace):
+                return True  # no IncusInstance is served (the CRD is missing): that proves nothing
         except OperatorError:
             return True  # cannot tell (forbidden, unreachable): never reap on doubt
         return body is not None and (body.get("metadata") or {}).get("uid") == record.owner_uid
