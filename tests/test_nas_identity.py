@@ -144,3 +144,16 @@ async def test_a_nas_that_answers_no_system_uuid_is_not_connected() -> None:
             await connect(server.ws_url, sim.api_key)
     finally:
         await server.stop()
+
+
+async def test_a_key_that_may_not_read_the_nas_identity_is_told_which_role_it_needs() -> None:
+    """No identity, no ledger key made up from the URL (a tenant could pick a restricted key to get
+    a second identity for the same NAS): the connect fails, naming the role."""
+    from truenas_incus_operator.truenas import NotAuthorized
+    from truenas_incus_operator.truenas.client import read_system_id
+
+    from .fakes import ScriptedTransport
+
+    transport = ScriptedTransport(answers={"system.global.id": NotAuthorized("system.global.id: Not authorized")})
+    with pytest.raises(NotAuthorized, match="READONLY_ADMIN"):
+        await read_system_id(transport)  # type: ignore[arg-type]

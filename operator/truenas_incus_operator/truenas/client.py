@@ -10,7 +10,7 @@ from .backends.container import ContainerBackend
 from .backends.routing import RoutingBackend
 from .backends.virt import VirtInstanceBackend
 from .backends.vm import VMBackend
-from .errors import APIUnavailable, CallFailed, TrueNASError
+from .errors import APIUnavailable, CallFailed, NotAuthorized, TrueNASError
 from .observe import ObservedTransport, Observer
 from .transports.base import ConnectionOptions, Secret, Transport
 from .transports.jsonrpc import JsonRpcTransport
@@ -115,7 +115,13 @@ async def read_system_id(transport: Transport) -> str:
     same answer; unlike ``system.host_id`` (from /etc/hostid, per machine) it stays the same across
     an HA failover and a reinstall that restores the configuration. Hostile input: only 32 hex
     digits are accepted."""
-    answer = await transport.call("system.global.id", idempotent=True)
+    try:
+        answer = await transport.call("system.global.id", idempotent=True)
+    except NotAuthorized:
+        raise NotAuthorized(
+            "system.global.id: not authorized; the operator keys ownership on the NAS's own identity, which "
+            "TrueNAS shows to the role READONLY_ADMIN: add that role to the API key's user (docs/security.md)"
+        ) from None
     text = answer.strip().lower().replace("-", "") if isinstance(answer, str) else ""
     if not _SYSTEM_UUID.fullmatch(text):
         raise CallFailed("system.global.id did not answer a system UUID (32 hexadecimal digits)")
