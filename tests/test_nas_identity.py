@@ -156,4 +156,4 @@ async def test_a_key_that_may_not_read_the_nas_identity_is_told_which_role_it_ne
 
     transport = ScriptedTransport(answers={"system.global.id": NotAuthorized("system.global.id: Not authorized")})
     with pytest.raises(NotAuthorized, match="READONLY_ADMIN"):
-        await read_system_id(transport)  # type: ignore[arg-type]
+        await read_system_id(transport)
