@@ -15,7 +15,7 @@ from typing import Any
 
 from truenas_incus_operator.app import Operator, build
 from truenas_incus_operator.connections import Connection, ConnectionConfig
-from truenas_incus_operator.kube import Kube, SecretObject
+from truenas_incus_operator.kube import KUBE_REASON, Kube, SecretObject
 from truenas_incus_operator.metrics import Metrics
 from truenas_incus_operator.policy import Policy
 from truenas_incus_operator.problems import fail
@@ -67,6 +67,12 @@ class FakeKube(Kube):
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
         self.leases: dict[tuple[str, str], dict[str, Any]] = {}
         """Leases, with the same create/replace semantics as ``configmaps``."""
+        self.secret_manifests: dict[tuple[str, str], dict[str, Any]] = {}
+        """Secrets the operator writes (its credential copies), with create/replace semantics."""
+        self.incus_instances: dict[tuple[str, str], dict[str, Any]] = {}
+        """IncusInstances ``read_incus_instance`` answers (tests put the bodies they use)."""
+        self.serves_incus_instances = True
+        """False: the API server serves no IncusInstances (their CRD is missing)."""
         self._version = 0
 
     def _stamp(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +111,40 @@ class FakeKube(Kube):
 
     async def delete_configmap(self, namespace: str, name: str, resource_version: str | None = None) -> None:
         self.calls.append("delete_configmap")
+        current = self.configmaps.get((namespace, name))
+        if current is not None and resource_version and current["metadata"]["resourceVersion"] != resource_version:
+            raise fail(KUBE_REASON, f"ConfigMap {namespace}/{name} changed while deleting it")  # 409, as the API server
         self.configmaps.pop((namespace, name), None)
+
+    async def incus_instances_served(self, namespace: str) -> bool:
+        return self.serves_incus_instances
+
+    async def read_incus_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if not self.serves_incus_instances:
+            return None
+        found = self.incus_instances.get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def read_secret_manifest(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.secret_manifests.get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        self.calls.append("create_secret")
+        key = (namespace, body["metadata"]["name"])
+        if key in self.secret_manifests:
+            return None
+        self.secret_manifests[key] = self._stamp(body)
+        return copy.deepcopy(self.secret_manifests[key])
+
+    async def replace_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        self.calls.append("replace_secret")
+        key = (namespace, body["metadata"]["name"])
+        current = self.secret_manifests.get(key)
+        if current is None or current["metadata"]["resourceVersion"] != body["metadata"].get("resourceVersion"):
+            return None
+        self.secret_manifests[key] = self._stamp(body)
+        return copy.deepcopy(self.secret_manifests[key])
 
     async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.leases.get((namespace, name))

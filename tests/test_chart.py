@@ -234,7 +234,14 @@ def test_cluster_wide_rbac() -> None:
     (ledger,) = by_kind(documents, "Role")  # the ownership ledger in the release namespace, nothing more
     assert ledger["metadata"]["namespace"] == "tio-system"
     assert ledger["rules"] == [
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "update", "delete"]}
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "update", "delete"]},
+        # The credential copies (issue 19 item 7): one Secret by name, created by the chart.
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["tio-truenas-incus-operator-credentials"],
+            "verbs": ["get", "update"],
+        },
     ]
 
 
@@ -446,6 +453,7 @@ def lifecycle_as_service_account(
     )
     operator.env["KUBECONFIG"] = str(kubeconfig)
     operator.env["TIO_LEDGER_NAMESPACE"] = "tio-system"  # what the chart sets: the release namespace
+    operator.env["TIO_CREDENTIALS_SECRET"] = "tio-truenas-incus-operator-credentials"  # and its credential copies
     operator.start()
     try:
         lifecycle(Harness(cluster, sim, operator, workdir), namespace)
@@ -475,6 +483,10 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
     assert can_i(cluster, "get", "secrets", "apps")
     assert not can_i(cluster, "list", "secrets", "apps") and not can_i(cluster, "watch", "secrets", "apps")
     assert not can_i(cluster, "get", "secrets", "elsewhere") and not can_i(cluster, "get", "secrets", "tio-system")
+    # Its one Secret there (credential copies for teardown, issue 19 item 7): by name, get and update only.
+    copies = "secrets/tio-truenas-incus-operator-credentials"
+    assert can_i(cluster, "get", copies, "tio-system") and can_i(cluster, "update", copies, "tio-system")
+    assert not can_i(cluster, "delete", copies, "tio-system") and not can_i(cluster, "create", "secrets", "tio-system")
     for verb in ("get", "list", "watch", "patch"):
         assert can_i(cluster, verb, "incusinstances.incus.truenas.io", "apps")
         assert not can_i(cluster, verb, "incusinstances.incus.truenas.io", "elsewhere")

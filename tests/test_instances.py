@@ -143,7 +143,7 @@ async def test_the_first_resource_to_claim_holds_the_instance_and_the_other_repo
     await one_pass(fake, second)
     assert fake.backend.calls[calls:] == [], "the other resource does nothing"
     assert conditions(fake.kube.statuses("b")[-1])["Synced"] == ("False", "Conflict")
-    assert "apps/a" in fake.kube.statuses("b")[-1]["message"]
+    assert "another IncusInstance" in fake.kube.statuses("b")[-1]["message"], "the holder is not named (issue 19)"
     # Deleting the blocked resource leaves the holder's instance alone.
     await fake.operator.deletion.delete(resource("b", instance="shared", deleting=True), 0)
     assert "shared" in fake.backend.instances and ledger_record(fake, "shared")["owner"] == "apps/a"

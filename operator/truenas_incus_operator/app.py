@@ -6,12 +6,13 @@ Tests build the same graph with a fake Kube, fake backends and their own clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from .connections import ConnectionManager, ConnectionResources
-from .instances import Deletion, Executor, InstanceLoops, Ledger, Reporter, Wakeups
+from .instances import Deletion, Executor, InstanceLoops, Ledger, Reaper, Reporter, Wakeups
 from .instances.resource import EventPoster
 from .kube import Kube
 from .metrics import Metrics
@@ -32,6 +33,13 @@ class Operator:
     loops: InstanceLoops
     deletion: Deletion
     metrics: Metrics
+    reaper: Reaper
+    _reaping: asyncio.Task[None] | None = None
+
+    def start_reaper(self) -> None:
+        """Sweeps the ledger for records whose resource vanished unseen (instances/reaper.py)."""
+        if self._reaping is None:
+            self._reaping = asyncio.get_running_loop().create_task(self.reaper.run(), name="ledger reaper")
 
     def serve_metrics(self) -> None:
         """Serves Prometheus metrics when ``TIO_METRICS_PORT`` is set (raises ``OSError`` if it cannot)."""
@@ -39,6 +47,11 @@ class Operator:
             self.metrics.serve(self.settings.metrics_port, self.settings.metrics_address)
 
     async def close(self) -> None:
+        if self._reaping is not None:
+            self._reaping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaping
+            self._reaping = None
         await self.connection_resources.close()
         await self.connections.close()
         await self.kube.close()
@@ -55,7 +68,7 @@ def build(
 ) -> Operator:
     """Raises ``PolicyError`` when the policy file cannot be used: never run with a policy other than
     the administrator's."""
-    metrics = metrics if metrics is not None else Metrics()
+    metrics = metrics if metrics is not None else Metrics(connection_names=settings.metrics_connection_names)
     connections = ConnectionManager(
         settings.resync_seconds,
         settings.retry_max_seconds,
@@ -80,4 +93,5 @@ def build(
         loops=InstanceLoops(settings, connections, wakeups, ledger, reporter, executor, policy, metrics),
         deletion=Deletion(settings, connections, ledger, reporter, executor),
         metrics=metrics,
+        reaper=Reaper(kube, connections, ledger, executor),
     )

@@ -67,6 +67,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         await operator.close()
         raise kopf.PermanentError(f"cannot serve metrics on TIO_METRICS_PORT: {exc}") from None
     await operator.connection_resources.configure_default()
+    operator.start_reaper()
     memo["operator"] = operator
 
 

@@ -334,6 +334,63 @@ class Kube:
     async def create_event(self, namespace: str, event: dict[str, Any]) -> None:
         await self._request("POST", f"/api/v1/namespaces/{quote(namespace)}/events", event)
 
+    # ----- the operator's own Secret (credential copies, in its namespace) --------------------------
+    async def read_secret_manifest(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The whole Secret (with ``resourceVersion``), or None when it does not exist."""
+        try:
+            found: dict[str, Any] = await self._request(
+                "GET", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}", not_found=_GONE
+            )
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
+        return found
+
+    async def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created Secret, or None when one of that name exists already (409)."""
+        try:
+            created: dict[str, Any] = await self._request(
+                "POST", f"/api/v1/namespaces/{quote(namespace)}/secrets", body, conflict_ok=True
+            )
+        except _Conflict:
+            return None
+        return created
+
+    async def replace_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Optimistic update (``metadata.resourceVersion`` must match); None when it changed meanwhile."""
+        name = body["metadata"]["name"]
+        try:
+            replaced: dict[str, Any] = await self._request(
+                "PUT", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}", body, conflict_ok=True
+            )
+        except _Conflict:
+            return None
+        return replaced
+
+    async def read_incus_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """An IncusInstance, or None when it does not exist (the ledger's reaper asks)."""
+        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/incusinstances/{quote(name)}"
+        try:
+            found: dict[str, Any] = await self._request("GET", path, not_found=_GONE)
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
+        return found
+
+    async def incus_instances_served(self, namespace: str) -> bool:
+        """Whether the API server serves IncusInstances in ``namespace`` (a 404 there: the CRD is
+        missing, so a 404 for one of them proves nothing)."""
+        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/incusinstances?limit=1"
+        try:
+            await self._request("GET", path, not_found=_GONE)
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return False
+            raise
+        return True
+
     async def close(self) -> None:
         await self._reset()
         _remove(self._files)

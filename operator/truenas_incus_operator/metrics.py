@@ -7,9 +7,10 @@ thread.
 
 Labels are bounded and hold no secret: results, action kinds, TrueNAS method names (literals in the
 backends), error class names, job states, phases and Synced reasons (the operator's vocabulary),
-and connection keys (``<default>`` or ``namespace/name`` of a TrueNASConnection: as many as there
-are connections). No label names an instance or a resource; histograms carry no connection label
-except the event lag's.
+and connection labels (``<default>``, or a TrueNASConnection's pseudonym ``tnc-<12 hex>``; its
+``namespace/name`` only with ``TIO_METRICS_CONNECTION_NAMES=true``: as many as there are
+connections, and all of a connection's series go when it does). No label names an instance or a
+resource; histograms carry no connection label except the event lag's.
 
 Metric names are listed in README.md ("Metrics").
 """
@@ -17,6 +18,7 @@ Metric names are listed in README.md ("Metrics").
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
 import threading
@@ -86,8 +88,13 @@ class ClientFacts(Protocol):
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, connection_names: bool = True) -> None:
+        """``connection_names``: label TrueNASConnections ``namespace/name``; False (the operator's
+        default, ``TIO_METRICS_CONNECTION_NAMES``): a pseudonym (``connection_label``)."""
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.connection_names = connection_names
+        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        """Per connection label: the (metric, label values) it has, so that forgetting it removes all."""
         r = self.registry
         self.passes = Counter(
             "tio_reconcile_passes",
@@ -183,6 +190,7 @@ class Metrics:
         self.leader.set(1)  # a Metrics exists only in the replica that acts
         self._resources: dict[Any, tuple[str, str, str]] = {}
         self._ever_up: set[str] = set()
+        self._announced: set[str] = set()
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -238,32 +246,54 @@ class Metrics:
         self.actions.labels(kind, "ok").inc()
 
     # ----- connections ---------------------------------------------------------------------------------
+    def connection_label(self, connection: str) -> str:
+        """The ``connection`` label of a connection key: ``<default>`` as it is; a TrueNASConnection's
+        ``namespace/name`` only when names are opted in, else ``tnc-`` and 12 hex digits of its
+        SHA-256 (stable across restarts, so dashboards keep their series; not a secret: it confirms
+        a guessed name, it does not list names). The operator logs each key's label once."""
+        if self.connection_names or "/" not in connection:
+            return connection
+        return "tnc-" + hashlib.sha256(connection.encode()).hexdigest()[:12]
+
+    def series(self, connection: str, metric: Any, *values: str) -> Any:
+        """``metric.labels(connection_label, *values)``, remembered for ``forget_connection``."""
+        label = self.connection_label(connection)
+        self._series.setdefault(label, set()).add((metric, values))
+        return metric.labels(label, *values)
+
     def truenas(self, connection: str, max_concurrent_calls: int) -> ConnectionObserver:
         """The observer for one connection's client (``truenas.connect(observer=...)``)."""
-        self.limit.labels(connection).set(max_concurrent_calls)
+        if self.connection_label(connection) != connection and connection not in self._announced:
+            self._announced.add(connection)
+            log.info("metrics: TrueNASConnection %s is labelled %s", connection, self.connection_label(connection))
+        self.series(connection, self.limit).set(max_concurrent_calls)
         return ConnectionObserver(self, connection)
 
     def connection_state(self, connection: str, client: ClientFacts | None) -> None:
         """The connection came up (with ``client``) or was lost (None)."""
+        label = self.connection_label(connection)
         if client is None:
-            self.up.labels(connection).set(0)
+            self.series(connection, self.up).set(0)
             with contextlib.suppress(KeyError):
-                self.info.remove(connection)
+                self.info.remove(label)
             return
         if connection in self._ever_up:
-            self.reconnects.labels(connection).inc()
+            self.series(connection, self.reconnects).inc()
         self._ever_up.add(connection)
-        self.up.labels(connection).set(1)
-        self.info.labels(connection).info(
+        self.series(connection, self.up).set(1)
+        self.series(connection, self.info).info(
             {"version": client.system_version, "api_family": client.api_family, "transport": client.transport.name}
         )
 
     def forget_connection(self, connection: str) -> None:
-        """The connection was closed for good (removed or reconfigured): its gauges go."""
+        """The connection was closed for good (removed or reconfigured): every series of it goes
+        (counters too: a deleted tenant's connection is not listed for ever; Prometheus takes a
+        reconfigured connection's restart from zero as a counter reset)."""
         self._ever_up.discard(connection)
-        for metric in (self.up, self.info, self.in_flight, self.limit):
+        label = self.connection_label(connection)
+        for metric, values in self._series.pop(label, set()):
             with contextlib.suppress(KeyError):
-                metric.remove(connection)
+                metric.remove(label, *values)
 
     # ----- serving ---------------------------------------------------------------------------------------
     def serve(self, port: int, address: str = "0.0.0.0") -> int:
@@ -308,28 +338,28 @@ class ConnectionObserver:
     def __init__(self, metrics: Metrics, connection: str) -> None:
         self.metrics = metrics
         self.connection = connection
-        self._in_flight = metrics.in_flight.labels(connection)
+        self._in_flight = metrics.series(connection, metrics.in_flight)
 
     def call_started(self) -> None:
         self._in_flight.inc()
 
     def call_finished(self, method: str, outcome: str, seconds: float) -> None:
         self._in_flight.dec()
-        self.metrics.calls.labels(self.connection, method, outcome).inc()
+        self.metrics.series(self.connection, self.metrics.calls, method, outcome).inc()
         self.metrics.call_seconds.labels(method).observe(seconds)
 
     def job_finished(self, method: str, state: str, seconds: float) -> None:
         self._in_flight.dec()
-        self.metrics.jobs.labels(self.connection, method, state).inc()
+        self.metrics.series(self.connection, self.metrics.jobs, method, state).inc()
         self.metrics.job_seconds.labels(method, state).observe(seconds)
 
     def event_received(self, collection: str, lag: float | None) -> None:
-        self.metrics.events.labels(self.connection, collection).inc()
+        self.metrics.series(self.connection, self.metrics.events, collection).inc()
         if lag is not None:
-            self.metrics.event_lag.labels(self.connection).observe(lag)
+            self.metrics.series(self.connection, self.metrics.event_lag).observe(lag)
 
     def reconnected(self) -> None:
-        self.metrics.reconnects.labels(self.connection).inc()
+        self.metrics.series(self.connection, self.metrics.reconnects).inc()
 
     def base_collected(self) -> None:
         """The VM backend deleted an unused cached base (backends/vm.py ``collect_bases``)."""

@@ -69,6 +69,12 @@ ENV_VALUES_TOTAL_MAX_LENGTH = 4096
 DEVICES_MAX_ITEMS = 32
 NICS_MAX_ITEMS = 16
 DEVICE_PATH_MAX_LENGTH = 1024
+_PATH_COMPONENT = r"([^/.][^/]*|\.[^/]+)"
+HOST_PATH_PATTERN = rf"^/?{_PATH_COMPONENT}(/{_PATH_COMPONENT})*/?$"
+"""A device source: no empty (``//``) and no ``.`` component. The chart's admission policy compares
+sources with allowed prefixes as strings, the operator's policy by components; they disagreed on
+exactly these forms (``/mnt/./x`` and ``/mnt//x``: refused by one, allowed by the other), so
+neither is accepted at all. ``..`` stays the policies' to refuse (both do, naming their rule)."""
 DEVICE_PATHS_TOTAL_MAX_LENGTH = 2048
 NIC_PARENT_MAX_LENGTH = 15  # Linux IFNAMSIZ - 1
 EXTRA_MAX_ENTRIES = 8
@@ -230,12 +236,15 @@ class InstanceDevice(_Model):
             "Types a TrueNAS version lacks (e.g. TPM and PROXY for TrueNAS 26 containers) are reported in status."
         )
     )
-    source: Annotated[str, Field(min_length=1, max_length=DEVICE_PATH_MAX_LENGTH)] | None = Field(
-        None,
-        description=(
-            "Source: a host path under /mnt/ or a /dev/zvol/ path for DISK, the ISO path for CDROM. "
-            f"Sources and destinations of all devices together: at most {DEVICE_PATHS_TOTAL_MAX_LENGTH} characters."
-        ),
+    source: Annotated[str, Field(min_length=1, max_length=DEVICE_PATH_MAX_LENGTH, pattern=HOST_PATH_PATTERN)] | None = (
+        Field(
+            None,
+            description=(
+                "Source: a host path under /mnt/ or a /dev/zvol/ path for DISK, the ISO path for CDROM; "
+                "written plainly (no '//' and no '.' component). "
+                f"Sources and destinations of all devices together: at most {DEVICE_PATHS_TOTAL_MAX_LENGTH} characters."
+            ),
+        )
     )
     destination: Annotated[str, Field(min_length=1, max_length=DEVICE_PATH_MAX_LENGTH)] | None = Field(
         None, description="Path inside the instance where a DISK is mounted (containers)."

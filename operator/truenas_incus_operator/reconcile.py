@@ -29,7 +29,8 @@ class Ownership:
     mine: bool = False
     """The ledger names this resource (by UID) as the instance's owner."""
     holder: str | None = None
-    """Another resource (``namespace/name``) holds the instance in the ledger."""
+    """Who else holds the instance in the ledger, as this resource may be told (``ledger.describe_holder``:
+    never another resource's namespace or name)."""
     adopt_requested: bool = False
     """The resource carries ``incus.truenas.io/adopt: "true"`` (a request, not a right)."""
     adopt_allowed: bool = False
@@ -333,7 +334,7 @@ def plan(
         return Plan(
             blocked=Blocked(
                 "Conflict",
-                f"the instance {desired.instance_name!r} is already managed by IncusInstance {ownership.holder}",
+                f"the instance {desired.instance_name!r} is already managed by {ownership.holder}",
             )
         )
     if ownership.elsewhere is not None and not ownership.mine:

@@ -65,6 +65,14 @@ class Settings(BaseSettings):
         default_factory=lambda: _own_namespace(),
         description="Namespace of the ownership ledger (the operator's own; tenants must not write there).",
     )
+    credentials_secret: str = Field(
+        "truenas-incus-operator-credentials",
+        description=(
+            "Secret in the ledger's namespace holding a copy of each TrueNASConnection's credentials, so "
+            "that a connection being deleted can still delete its instances after its Secret is gone and "
+            "the operator restarted (the chart creates it and grants only that name)."
+        ),
+    )
     policy_file: Path | None = Field(
         None, description="The administrator's policy (policy.py); unset: the default policy."
     )
@@ -76,6 +84,13 @@ class Settings(BaseSettings):
         description="Serve Prometheus metrics on this port (/metrics); 0: not served. The chart sets 9090.",
     )
     metrics_address: str = Field("0.0.0.0", description="Address the metrics server listens on.")
+    metrics_connection_names: bool = Field(
+        False,
+        description=(
+            "Label TrueNASConnections' metrics with their namespace/name. Default: a pseudonym (tnc-<12 hex>, "
+            "logged once per connection), since the metrics endpoint has no authentication."
+        ),
+    )
 
     leader_election: bool = Field(
         False,

@@ -369,8 +369,37 @@ def render_connection(
 
 
 def as_patch(status: BaseModel) -> dict[str, Any]:
-    """The status as a JSON merge patch: camelCase, JSON values, None kept (it removes a field)."""
-    return status.model_dump(by_alias=True, mode="json")
+    """The status as a JSON merge patch: camelCase, JSON values, None kept (it removes a field).
+    Every string is ``printable``: texts and names from TrueNAS are hostile input."""
+    escaped: dict[str, Any] = _printable_values(status.model_dump(by_alias=True, mode="json"))
+    return escaped
+
+
+def printable(text: str) -> str:
+    """``text`` with every control and format character (C0, DEL, C1, bidirectional overrides, zero-width
+    characters; line breaks and tabs too) escaped as ``\\xNN``/``\\uNNNN``: what a server sends can
+    neither forge lines nor drive a terminal in ``kubectl describe``, and stays readable."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch)
+    if named:
+        return named
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _printable_values(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {key: _printable_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_printable_values(item) for item in value]
+    return value
 
 
 def differs(previous: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:

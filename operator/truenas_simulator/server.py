@@ -591,4 +591,6 @@ async def _rest_call(request: web.Request) -> tuple[str, list[Any]]:
             return "virt.instance.image_choices", [] if body is None else [body]
     if path == "system/version" and verb == "GET":
         return "system.version", []
+    if path == "system/global/id" and verb == "GET":
+        return "system.global.id", []
     raise LookupError(path)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import inspect
 import random
 import secrets
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,6 +149,11 @@ class Simulator:
         self.vms = VMService(self)
         self.methods: dict[str, tuple[Handler, bool]] = {}
         self.booted = time.time()
+        self.system_uuid = uuid.uuid4().hex
+        """What ``system.global.id`` answers: the system's UUID in TrueNAS's database (32 hex digits),
+        one per simulator as one per NAS (never seeded: two seeded simulators are still two NAS)."""
+        self.hostid = secrets.token_bytes(4)
+        """The contents of /etc/hostid, from which ``system.host_id`` is derived."""
         self._scram: dict[int, ScramSecrets] = {}
         self._register()
 
@@ -167,6 +174,10 @@ class Simulator:
             "system.version": lambda ctx, p: self.profile.system_version,
             "system.version_short": lambda ctx, p: self.profile.system_version.removeprefix("TrueNAS-"),
             "system.info": self._system_info,
+            # plugins/system/globalid.py (READONLY_ADMIN, every supported version): the database's UUID.
+            "system.global.id": lambda ctx, p: self.system_uuid,
+            # plugins/system/info.py: sha256 hex of /etc/hostid (per machine: HA controllers differ).
+            "system.host_id": lambda ctx, p: hashlib.sha256(self.hostid).hexdigest(),
             "auth.login": self._login,
             "auth.login_with_api_key": self._login_with_api_key,
             "auth.login_with_token": self._login_with_token,

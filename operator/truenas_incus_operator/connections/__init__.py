@@ -8,7 +8,7 @@
 """
 
 from .cache import InstanceCache
-from .config import DEFAULT_KEY, ConnectionConfig, truenas_identity
+from .config import DEFAULT_KEY, ConnectionConfig, nas_identity, truenas_identity
 from .connection import Connection
 from .manager import ConnectionManager
 from .resources import ConnectionResources
@@ -20,5 +20,6 @@ __all__ = [
     "ConnectionManager",
     "ConnectionResources",
     "InstanceCache",
+    "nas_identity",
     "truenas_identity",
 ]

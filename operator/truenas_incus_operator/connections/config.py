@@ -37,7 +37,8 @@ DEFAULT_PORTS = {"wss": 443, "https": 443, "ws": 80, "http": 80}
 
 
 def truenas_identity(url: str) -> str:
-    """Which TrueNAS a URL reaches, for the ownership ledger: ``wss://NAS.example./api`` ->
+    """Which address a URL reaches (the ledger's key before the NAS's own identity was used; records
+    under it are migrated, ``Ledger.migrate``): ``wss://NAS.example./api`` ->
     ``nas.example:443``. One spelling per host: lower case, no trailing dot, IDNA for names,
     canonical IP literals (so ``[0:0::1]`` and ``[::1]`` are one TrueNAS)."""
     parts = urlsplit(url)
@@ -51,6 +52,12 @@ def truenas_identity(url: str) -> str:
     else:
         host = f"[{address.compressed}]" if address.version == 6 else address.compressed
     return f"{host}:{port}"
+
+
+def nas_identity(system_id: str) -> str:
+    """Which TrueNAS a connection reaches, as the NAS says (``system.global.id``): the ownership
+    ledger's key, the same however a URL spells the address."""
+    return f"nas-{system_id}"
 
 
 CREDENTIALS_LABEL = "incus.truenas.io/credentials"
@@ -77,6 +84,7 @@ class ConnectionConfig:
 
     @property
     def identity(self) -> str:
+        """The address's identity (``truenas_identity``); ownership uses ``Connection.identity``."""
         return truenas_identity(self.url)
 
 

@@ -13,7 +13,7 @@ from ..metrics import Metrics
 from ..problems import Problem, problem_of
 from ..truenas import AuthenticationFailed, ObservedInstance, TransportError, TrueNASClient, TrueNASError, connect
 from .cache import InstanceCache
-from .config import ConnectionConfig, Loader
+from .config import ConnectionConfig, Loader, nas_identity
 from .slots import JobSlots
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class Connection:
         self.call_timeout = call_timeout
         self.job_timeout = job_timeout
         self.client: TrueNASClient | None = None
+        self._identity: str | None = None
         self.problem: Problem | None = Problem("Connecting", f"connecting to {config.url}")
         self.cache = InstanceCache(self._schedule_lookup)
         self.epoch = 0
@@ -235,6 +236,17 @@ class Connection:
         if self.client is None:
             raise TransportError(self.problem.message if self.problem else "not connected")
         return self.client
+
+    @property
+    def identity(self) -> str:
+        """Which TrueNAS this is, for the ownership ledger: the NAS's own ``system.global.id`` as
+        read when the connection last came up (kept while it is down), so every URL spelling of one
+        NAS is one identity. Before the first connect (and for clients without one: fakes) the
+        address's identity."""
+        client = self.client
+        if client is not None and client.system_id:
+            self._identity = nas_identity(client.system_id)
+        return self._identity or self.config.identity
 
     @property
     def version(self) -> str | None:

@@ -26,8 +26,9 @@ from ..policy import Policy
 from ..problems import OperatorError, Problem
 from ..settings import Settings
 from ..status import applied, as_patch, differs, render_connection, secure_condition, utc_now
-from .config import DEFAULT_KEY, resource_loader, settings_loader
+from .config import DEFAULT_KEY, Loader, resource_loader, settings_loader
 from .connection import Connection
+from .credentials import CredentialCopies
 from .manager import ConnectionManager
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ConnectionResources:
         self.kube = kube
         self.manager = manager
         manager.on_state = self._state_changed
+        self.copies = CredentialCopies(kube, settings.ledger_namespace, settings.credentials_secret)
         self._reported: dict[str, _Reported] = {}
         self._writes: dict[str, asyncio.Task[None]] = {}
         self._stale: set[str] = set()
@@ -117,14 +119,25 @@ class ConnectionResources:
             return
 
         load = resource_loader(self.kube, namespace, spec, self.settings, self.policy, name)
+        reload: Loader | None = load
         try:
             config = await load()
         except OperatorError as exc:
-            await self._unusable(key, exc.problem)
-            if not deleting:
-                self._reload_later(key, body, attempt)
-            return
-        connection = await self.manager.configure(key, config, reload=load)
+            kept = await self.copies.recall(key) if deleting else None
+            if kept is None:
+                await self._unusable(key, exc.problem)
+                if not deleting:
+                    self._reload_later(key, body, attempt)
+                return
+            # Being deleted, its Secret already gone (a namespace torn down, the operator restarted
+            # meanwhile): the instances it owns are deleted with the credentials last used.
+            log.info(
+                "TrueNASConnection %s: %s; deleting its instances with the kept credentials", key, exc.problem.reason
+            )
+            config, reload = kept, None
+        else:
+            await self.copies.keep(key, config)
+        connection = await self.manager.configure(key, config, reload=reload)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(connection.ready.wait(), 15)
         await self._write(key, connection.problem, connection)
@@ -179,6 +192,7 @@ class ConnectionResources:
         if task is not None:
             task.cancel()
         await self.manager.remove(key)
+        await self.copies.forget(key)
 
     async def _unusable(self, key: str, problem: Problem) -> None:
         await self.manager.unusable(key, problem)

@@ -6,14 +6,16 @@
 - ``loop``: observe -> plan -> act -> report, until the daemon stops;
 - ``executor``: one planned action on TrueNAS;
 - ``reporter``: status writes, Events (one per distinct problem), backoff;
-- ``deletion``: stop and delete the instance when the resource goes (or leave it: Orphan).
+- ``deletion``: stop and delete the instance when the resource goes (or leave it: Orphan);
+- ``reaper``: records whose resource vanished unseen (deleted, or released, per its deletionPolicy).
 """
 
 from .deletion import Deletion
 from .executor import Executor
 from .ledger import Ledger
 from .loop import InstanceLoops
+from .reaper import Reaper
 from .reporter import Reporter
 from .wakeups import Wakeups
 
-__all__ = ["Deletion", "Executor", "InstanceLoops", "Ledger", "Reporter", "Wakeups"]
+__all__ = ["Deletion", "Executor", "InstanceLoops", "Ledger", "Reaper", "Reporter", "Wakeups"]

@@ -69,11 +69,15 @@ class Deletion:
             for record in records:
                 connection = await self._connection(record.connection)
                 version = connection.version
-                if record.truenas != connection.config.identity:
+                if record.truenas == connection.config.identity != connection.identity:
+                    await self.ledger.migrate(connection.config.identity, connection.identity)
+                    moved = self.ledger.get(connection.identity, record.instance)
+                    record = moved if moved is not None and moved.owner_uid == record.owner_uid else record
+                if record.truenas != connection.identity:
                     raise fail(
                         "DeleteFailed",
                         f"this resource owns {record.instance!r} on {record.truenas}, but its connection now reaches "
-                        f"{connection.config.identity}; restore the connection's URL to delete it",
+                        f"{connection.identity}; restore the connection's URL to delete it",
                     )
                 await self._delete_one(body, state, desired, connection, record)
                 self.reporter.post_event(body, "Normal", "Deleted", f"deleted {record.instance} on TrueNAS")

@@ -37,7 +37,7 @@ from ..truenas import (
     TransportError,
     TrueNASError,
 )
-from .ledger import Ledger, Record
+from .ledger import Ledger, Record, describe_holder
 from .reporter import Reporter
 from .resource import LoopState, ResourceKey
 
@@ -91,6 +91,9 @@ class Executor:
         self.metrics = metrics if metrics is not None else Metrics()
         self.creating: set[ResourceKey] = set()
         """Resources whose create call is in flight in this process (deletion waits for them)."""
+        self._claimed: dict[ResourceKey, Record] = {}
+        """The record a Claim of the current plan created, for the Create that follows it (only that
+        call may release it)."""
 
     async def execute(
         self,
@@ -100,9 +103,11 @@ class Executor:
         connection: Connection,
         observed: ObservedInstance | None,
         action: Action,
-    ) -> None:
+    ) -> bool:
+        """Carries out ``action``; True when the rest of the plan is void and the caller must re-plan
+        (a claim found this resource's own record: another actor, or an earlier pass, made it)."""
         with self.metrics.action(action):
-            await self._execute(body, state, desired, connection, observed, action)
+            return await self._execute(body, state, desired, connection, observed, action)
 
     async def _execute(
         self,
@@ -112,25 +117,32 @@ class Executor:
         connection: Connection,
         observed: ObservedInstance | None,
         action: Action,
-    ) -> None:
+    ) -> bool:
         backend = _backend(connection)
         name = desired.instance_name
         version = connection.version
+        key = (desired.namespace, desired.name)
+        claimed = self._claimed.pop(key, None)
         if isinstance(action, Claim | Adopt):
             record = await self.ledger.claim(
-                connection.config.identity,
+                connection.identity,
                 name,
                 owner_uid=desired.uid,
                 owner=f"{desired.namespace}/{desired.name}",
                 connection=connection.key,
                 state="adopted" if isinstance(action, Adopt) else "creating",
+                deletion_policy=desired.deletion_policy,
             )
+            if not record.fresh:
+                return True  # joined this resource's own record: owned (and maybe unfinished); plan again
             if isinstance(action, Adopt):
                 self.reporter.post_event(body, "Normal", "Adopted", f"took over {name} on TrueNAS ({record.truenas})")
-            return
+            else:
+                self._claimed[key] = record
+            return False
         record = self.owned(desired, connection)
         if isinstance(action, Create):
-            await self._create(body, state, desired, connection, action, record)
+            await self._create(body, state, desired, connection, action, record, claimed)
         elif isinstance(action, Update):
             async with connection.job_slots.slot(desired.namespace):
                 connection.remember(await backend.update(name, action.changes))
@@ -157,12 +169,13 @@ class Executor:
             if not record.manages_devices:
                 await self.ledger.mark_devices_managed(record)  # removing them from the spec now removes them
             await connection.refresh_one(name)
+        return False
 
     def owned(self, desired: Desired, connection: Connection) -> Record:
         """The ledger record that lets ``desired`` write to its instance; raises otherwise."""
-        record = self.ledger.get(connection.config.identity, desired.instance_name)
+        record = self.ledger.get(connection.identity, desired.instance_name)
         if record is None or record.owner_uid != desired.uid:
-            holder = f" (IncusInstance {record.owner} owns it)" if record is not None else ""
+            holder = f" ({describe_holder(record, f'{desired.namespace}/{desired.name}')} owns it)" if record else ""
             raise fail("NotOwner", f"this resource does not own the instance {desired.instance_name!r}{holder}")
         return record
 
@@ -174,7 +187,10 @@ class Executor:
         connection: Connection,
         action: Create,
         record: Record,
+        claimed: Record | None = None,
     ) -> None:
+        """``claimed``: the record the Claim just before this Create created (None when the record
+        predates this plan: an earlier pass, a crash, another actor of this resource)."""
         key = (desired.namespace, desired.name)
         name = desired.instance_name
         await self.reporter.write(state, desired, None, activity=Phase.CREATING, version=connection.version)
@@ -185,18 +201,28 @@ class Executor:
             async with connection.job_slots.slot(desired.namespace):
                 created = await _backend(connection).create(action.config, on_progress=job.update)
         except AlreadyExists:
-            # Claimed in an earlier pass (before a crash): the earlier create call made it; it is ours.
-            if desired.owns and await connection.refresh_one(name) is not None:
+            if claimed is not None and await self.ledger.release_own_claim(claimed):
+                # Our claim of a moment ago, joined by nobody: someone else's instance took the name
+                # between our look and our create.
+                await connection.refresh_one(name)
+                raise
+            # The record predates this call (an earlier pass before a crash, or another actor of this
+            # very resource joined it): the create call that holds the name is ours.
+            if await connection.refresh_one(name) is not None:
                 await self.ledger.set_state(record, "created")
                 return
-            # Someone else's instance took the name between our look and our create.
-            await self.ledger.release(record)
-            await connection.refresh_one(name)
-            raise
+            raise fail(
+                "CreateInProgress", f"another create call for {name} (of this resource) is running", retry_after=2.0
+            ) from None
         except CallFailed:
-            # TrueNAS answered: nothing was created. Give the name back so a corrected spec can go on.
-            if await connection.refresh_one(name) is None:
-                await self.ledger.release(record)
+            # TrueNAS answered: nothing was created. Give the name back so a corrected spec can go on,
+            # when this call claimed it and no other actor joined (else the record stays ours, and
+            # the next pass creates again).
+            if (
+                claimed is not None
+                and await connection.refresh_one(name) is None
+                and await self.ledger.release_own_claim(claimed)
+            ):
                 # Released: nothing of this create may stay on TrueNAS (vm.*: its per-VM dataset).
                 with contextlib.suppress(TrueNASError):
                     await _backend(connection).discard_unfinished(name)

@@ -6,27 +6,30 @@ owner (409 on create). Written before the create call (crash safety: never a sec
 someone else's instance), checked before every write and every delete, read back at startup
 (durable across restarts). Annotations and status never count: tenants write those.
 
-The TrueNAS identity is the normalised ``host:port`` of the connection's URL: the default
-connection and a TrueNASConnection that reach one NAS by the same address share one ledger entry
-per instance name.
+The TrueNAS identity is what the NAS says about itself (``system.global.id``, as ``nas-<uuid>``):
+every connection that reaches one NAS, by whatever URL spelling, shares one ledger entry per
+instance name. Records an earlier version keyed by the URL's ``host:port`` are moved on the first
+connect through that address (``migrate``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..connections import truenas_identity
 from ..kube import Kube
 from ..models import API_GROUP
-from ..problems import fail
+from ..problems import OperatorError, fail
 
 log = logging.getLogger(__name__)
 LEDGER_LABEL = f"{API_GROUP}/ownership"
+CLAIM_ATTEMPTS = 5
 
-__all__ = ["LEDGER_LABEL", "Ledger", "Record", "record_name", "truenas_identity"]
+__all__ = ["LEDGER_LABEL", "Ledger", "Record", "describe_holder", "record_name", "truenas_identity"]
 
 
 def record_name(truenas: str, instance: str) -> str:
@@ -47,7 +50,14 @@ class Record:
     """creating (claimed before the create call), created, or adopted."""
     devices_managed: bool = False
     """Set once the operator applied the spec's devices to an adopted instance."""
+    deletion_policy: str = ""
+    """The owner's spec.deletionPolicy as last seen (Delete or Orphan; empty: not known, a record of
+    an earlier version): what a reaped record's instance gets when its resource vanished."""
+    joins: int = 0
+    """How many times another actor of the same owner found this record on its own claim (409)."""
     resource_version: str = ""
+    fresh: bool = field(default=False, compare=False)
+    """Created by the claim that returned it (never read back from the API server)."""
 
     @property
     def manages_devices(self) -> bool:
@@ -77,6 +87,8 @@ class Record:
                 "connection": self.connection,
                 "state": self.state,
                 **({"devices": "managed"} if self.devices_managed else {}),
+                **({"deletionPolicy": self.deletion_policy} if self.deletion_policy else {}),
+                **({"joins": str(self.joins)} if self.joins else {}),
             },
         }
 
@@ -92,6 +104,8 @@ class Record:
                 connection=data.get("connection", ""),
                 state=data.get("state", "created"),
                 devices_managed=data.get("devices") == "managed",
+                deletion_policy=str(data.get("deletionPolicy") or ""),
+                joins=int(joins) if (joins := str(data.get("joins", "0"))).isdigit() else 0,
                 resource_version=str(body.get("metadata", {}).get("resourceVersion", "")),
             )
         except KeyError:
@@ -104,6 +118,7 @@ class Ledger:
         self.kube = kube
         self.namespace = namespace
         self.records: dict[tuple[str, str], Record] = {}
+        self._migrated: set[tuple[str, str]] = set()
 
     async def load(self) -> None:
         """Reads every record (at startup, before any loop acts)."""
@@ -112,6 +127,32 @@ class Ledger:
         self.records = {(r.truenas, r.instance): r for r in records}
         log.info("ownership ledger: %d records in namespace %s", len(self.records), self.namespace)
 
+    async def migrate(self, address: str, nas: str) -> None:
+        """Moves the records an earlier version keyed by the connection's address (``host:port``) to
+        the NAS's own identity, once per (address, NAS) in this process. The address reached this
+        NAS when the record was written (the only NAS it reached from here), so the record is this
+        NAS's. A record already under the NAS's identity for the same instance wins: a different
+        owner there is logged and the old record left (it then blocks nothing new; see
+        docs/security.md)."""
+        if address == nas or (address, nas) in self._migrated:
+            return
+        for old in [r for r in self.records.values() if r.truenas == address]:
+            moved = replace(old, truenas=nas, resource_version="", fresh=False)
+            created = await self.kube.create_configmap(self.namespace, moved.manifest(self.namespace))
+            if created is None:
+                held = await self.reread(nas, old.instance)
+                if held is None or held.owner_uid != old.owner_uid:
+                    log.warning(
+                        "ownership ledger: %s on %s has another owner under %s; record %s left as it is",
+                        old.instance, address, nas, old.name,
+                    )  # fmt: skip
+                    continue
+            else:
+                self.records[(nas, old.instance)] = Record.from_manifest(created) or moved
+            await self.release(old)
+            log.info("ownership ledger: %s moved from %s to %s", old.instance, address, nas)
+        self._migrated.add((address, nas))
+
     def get(self, truenas: str, instance: str) -> Record | None:
         return self.records.get((truenas, instance))
 
@@ -119,36 +160,73 @@ class Ledger:
         return [r for r in self.records.values() if r.owner_uid == owner_uid]
 
     async def claim(
-        self, truenas: str, instance: str, *, owner_uid: str, owner: str, connection: str, state: str
+        self,
+        truenas: str,
+        instance: str,
+        *,
+        owner_uid: str,
+        owner: str,
+        connection: str,
+        state: str,
+        deletion_policy: str = "",
     ) -> Record:
-        """Records ``owner_uid`` as the owner; raises ``OperatorError`` (Conflict) if another holds it."""
-        wanted = Record(truenas, instance, owner_uid, owner, connection, state)
-        created = await self.kube.create_configmap(self.namespace, wanted.manifest(self.namespace))
-        if created is None:
+        """Records ``owner_uid`` as the owner; raises ``OperatorError`` (Conflict) if another holds it.
+
+        The record returned is ``fresh`` only when this call created it. A 409 from the same UID (a
+        second actor for the same resource: another operator without an election, or this one
+        before a restart) is no fresh claim: this call *joins* the record (bumps ``joins``, so the
+        creator can no longer release it) and the caller re-plans as owned and unfinished."""
+        wanted = Record(truenas, instance, owner_uid, owner, connection, state, deletion_policy=deletion_policy)
+        for _ in range(CLAIM_ATTEMPTS):
+            created = await self.kube.create_configmap(self.namespace, wanted.manifest(self.namespace))
+            if created is not None:
+                record = replace(Record.from_manifest(created) or wanted, fresh=True)
+                self.records[(truenas, instance)] = record
+                return record
             held = await self.reread(truenas, instance)
-            if held is not None and held.owner_uid == owner_uid:
-                return held
-            holder = held.owner if held is not None else "another resource"
-            raise fail("Conflict", f"the instance {instance!r} is already managed by IncusInstance {holder}")
-        record = Record.from_manifest(created) or wanted
-        self.records[(truenas, instance)] = record
-        return record
+            if held is None:
+                continue  # released between our create and our read: try again
+            if held.owner_uid != owner_uid:
+                raise fail(
+                    "Conflict", f"the instance {instance!r} is already managed by {describe_holder(held, owner)}"
+                )
+            joined = await self.kube.replace_configmap(
+                self.namespace, replace(held, joins=held.joins + 1).manifest(self.namespace)
+            )
+            if joined is None:
+                continue  # changed meanwhile: read it again
+            record = Record.from_manifest(joined) or held
+            self.records[(truenas, instance)] = record
+            return record
+        raise fail("Conflict", f"the ownership record of {instance!r} kept changing; will retry")
 
     async def set_state(self, record: Record, state: str) -> Record:
-        return await self._update(record, replace(record, state=state))
+        return await self._update(record, lambda r: replace(r, state=state))
+
+    async def set_deletion_policy(self, record: Record, policy: str) -> Record:
+        return await self._update(record, lambda r: replace(r, deletion_policy=policy))
 
     async def mark_devices_managed(self, record: Record) -> Record:
-        return await self._update(record, replace(record, devices_managed=True))
+        return await self._update(record, lambda r: replace(r, devices_managed=True))
 
-    async def _update(self, record: Record, wanted: Record) -> Record:
-        if wanted == record:
-            return record
-        updated = await self.kube.replace_configmap(self.namespace, wanted.manifest(self.namespace))
-        if updated is None:
-            raise fail("Conflict", f"the ownership record of {record.instance!r} changed meanwhile")
-        fresh = Record.from_manifest(updated) or wanted
-        self.records[(record.truenas, record.instance)] = fresh
-        return fresh
+    async def _update(self, record: Record, change: Callable[[Record], Record]) -> Record:
+        """Optimistic; when another actor of the same owner changed the record meanwhile (a join, its
+        own state change), the change is applied again on what the API server has."""
+        current = record
+        for _ in range(CLAIM_ATTEMPTS):
+            wanted = change(current)
+            if wanted == current:
+                return current
+            updated = await self.kube.replace_configmap(self.namespace, wanted.manifest(self.namespace))
+            if updated is not None:
+                fresh = Record.from_manifest(updated) or wanted
+                self.records[(record.truenas, record.instance)] = fresh
+                return fresh
+            reread = await self.reread(record.truenas, record.instance)
+            if reread is None or reread.owner_uid != record.owner_uid:
+                break
+            current = reread
+        raise fail("Conflict", f"the ownership record of {record.instance!r} changed meanwhile")
 
     async def reread(self, truenas: str, instance: str) -> Record | None:
         """The record as the API server has it now (before a delete, and after a lost race)."""
@@ -164,3 +242,26 @@ class Ledger:
         """Forgets an owner (its instance is gone, or left on TrueNAS with Orphan)."""
         await self.kube.delete_configmap(self.namespace, record.name, record.resource_version or None)
         self.records.pop((record.truenas, record.instance), None)
+
+    async def release_own_claim(self, claimed: Record) -> bool:
+        """Releases a record this very call created, unless another actor joined it since (then the
+        record stays, as that actor's create may be running): True when released. Only the version
+        ``claimed`` was created as is deleted (a precondition), so a join and this release cannot
+        both win."""
+        try:
+            await self.release(claimed)
+        except OperatorError:
+            current = await self.reread(claimed.truenas, claimed.instance)
+            if current is not None and current.resource_version != claimed.resource_version:
+                return False
+            raise
+        return True
+
+
+def describe_holder(held: Record, asking: str) -> str:
+    """Who holds a record, as told to another resource: never the holder's namespace or name (that
+    is another tenant's business), except that the very resource asking is told it is an earlier
+    one of its name (deleted and re-created while the record stayed)."""
+    if held.owner == asking:
+        return f"an earlier resource with this name (UID {held.owner_uid})"
+    return "another IncusInstance"

@@ -22,7 +22,7 @@ from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
 from ..settings import Settings
 from ..truenas import ObservedInstance, TrueNASError
 from .executor import Executor, describe_device_action, is_device_action
-from .ledger import Ledger
+from .ledger import Ledger, describe_holder
 from .reporter import Reporter
 from .resource import LoopState, Wake, about, adopt_requested, connection_key, desired_from, resource_key
 from .wakeups import Wakeups
@@ -172,7 +172,7 @@ class InstanceLoops:
     def desired(self, body: Mapping[str, Any], connection: Connection) -> Desired:
         """The resource as the planner sees it, with what the ledger and the policy say of it."""
         desired = desired_from(body)
-        identity = connection.config.identity
+        identity = connection.identity
         record = self.ledger.get(identity, desired.instance_name)
         elsewhere = next(
             (
@@ -184,7 +184,9 @@ class InstanceLoops:
         )
         ownership = Ownership(
             mine=record is not None and record.owner_uid == desired.uid,
-            holder=record.owner if record is not None and record.owner_uid != desired.uid else None,
+            holder=describe_holder(record, f"{desired.namespace}/{desired.name}")
+            if record is not None and record.owner_uid != desired.uid
+            else None,
             adopt_requested=adopt_requested(body),
             adopt_allowed=self.policy.may_adopt(desired.namespace, connection.key),
             devices_managed=record is not None and record.owner_uid == desired.uid and record.manages_devices,
@@ -199,6 +201,8 @@ class InstanceLoops:
         if client is None:
             raise OperatorError(connection.problem or Problem("Connecting", "connecting to TrueNAS"))
         backend = client.instances
+        await self.ledger.migrate(connection.config.identity, connection.identity)
+        await self._recheck_holder(body, connection)
         for _ in range(MAX_STEPS_PER_PASS):
             desired = self.desired(body, connection)
             if desired.deleting:
@@ -232,8 +236,21 @@ class InstanceLoops:
                 changes = ", ".join(describe_device_action(a) for a in fixes)
                 self.reporter.post_event(body, "Normal", "DriftCorrected", f"devices changed on TrueNAS; {changes}")
             for action in current.actions:
-                await self.executor.execute(body, state, desired, connection, observed, action)
+                if await self.executor.execute(body, state, desired, connection, observed, action):
+                    break  # the ledger said more than the plan knew: plan again
         raise fail("NotConverged", "the instance did not converge after repeated changes; will retry")
+
+    async def _recheck_holder(self, body: Mapping[str, Any], connection: Connection) -> None:
+        """A record held by another UID is read again before it blocks this resource: the ledger is
+        loaded at startup, and a stale record an administrator deleted (or one released by another
+        operator) must stop blocking without a restart. One read per pass of a blocked resource."""
+        desired = desired_from(body)
+        held = self.ledger.get(connection.identity, desired.instance_name)
+        if held is not None and held.owner_uid != desired.uid:
+            await self.ledger.reread(held.truenas, held.instance)
+        elif held is not None and held.deletion_policy != desired.deletion_policy:
+            # What a reaper does with the instance if this resource ever vanishes unseen (docs/security.md).
+            await self.ledger.set_deletion_policy(held, desired.deletion_policy)
 
     @staticmethod
     def _devices_key(desired: Desired, connection: Connection) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from ..models import JobStatus, Phase
 from ..problems import OperatorError, Problem
 from ..reconcile import Desired, Plan
 from ..settings import Settings
-from ..status import applied, as_patch, clip, differs, render_instance, render_invalid_spec
+from ..status import applied, as_patch, clip, differs, printable, render_instance, render_invalid_spec
 from ..truenas import ObservedInstance
 from .resource import PLURAL, EventPoster, LoopState, about
 
@@ -27,7 +27,11 @@ class Reporter:
     def __init__(self, settings: Settings, kube: Kube, post_event: EventPoster, clock: Callable[[], datetime]) -> None:
         self.settings = settings
         self.kube = kube
-        self.post_event = post_event
+
+        def post_printable(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+            post_event(body, kind, reason, printable(message))  # texts and names from TrueNAS are hostile
+
+        self.post_event: EventPoster = post_printable
         self.clock = clock
 
     async def write(

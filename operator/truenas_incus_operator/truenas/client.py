@@ -10,7 +10,7 @@ from .backends.container import ContainerBackend
 from .backends.routing import RoutingBackend
 from .backends.virt import VirtInstanceBackend
 from .backends.vm import VMBackend
-from .errors import APIUnavailable, CallFailed, TrueNASError
+from .errors import APIUnavailable, CallFailed, NotAuthorized, TrueNASError
 from .images import ImageSource
 from .observe import ObservedTransport, Observer
 from .transports.base import ConnectionOptions, Secret, Transport
@@ -44,6 +44,8 @@ class TrueNASClient:
     instances: InstanceBackend
     version: tuple[int, ...]
     system_version: str
+    system_id: str = ""
+    """The NAS's own identity (``system.global.id``, see ``read_system_id``); empty only in fakes."""
 
     @property
     def api_family(self) -> str:
@@ -96,11 +98,35 @@ async def connect(
     try:
         await chosen.connect()
         version = parse_version(chosen.system_version)
+        system_id = await read_system_id(chosen)
         backend = await choose_backend(chosen, version, vm_image_server)
     except BaseException:
         await chosen.close()
         raise
-    return TrueNASClient(chosen, backend, version, chosen.system_version or "")
+    return TrueNASClient(chosen, backend, version, chosen.system_version or "", system_id)
+
+
+_SYSTEM_UUID = re.compile(r"[0-9a-f]{32}")
+
+
+async def read_system_id(transport: Transport) -> str:
+    """Which NAS this is, as the NAS says: ``system.global.id``, the 128-bit UUID TrueNAS keeps in its
+    configuration database (plugins/system/globalid.py; READONLY_ADMIN; the same method and answer
+    on 25.04.0, 25.04.2, 25.10 and 26.0). Unlike the URL, every spelling of the address gives the
+    same answer; unlike ``system.host_id`` (from /etc/hostid, per machine) it stays the same across
+    an HA failover and a reinstall that restores the configuration. Hostile input: only 32 hex
+    digits are accepted."""
+    try:
+        answer = await transport.call("system.global.id", idempotent=True)
+    except NotAuthorized:
+        raise NotAuthorized(
+            "system.global.id: not authorized; the operator keys ownership on the NAS's own identity, which "
+            "TrueNAS shows to the role READONLY_ADMIN: add that role to the API key's user (docs/security.md)"
+        ) from None
+    text = answer.strip().lower().replace("-", "") if isinstance(answer, str) else ""
+    if not _SYSTEM_UUID.fullmatch(text):
+        raise CallFailed("system.global.id did not answer a system UUID (32 hexadecimal digits)")
+    return text
 
 
 async def choose_backend(

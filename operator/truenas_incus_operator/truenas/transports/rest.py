@@ -58,6 +58,7 @@ _ROUTES: dict[str, tuple[str, str, str]] = {
     "core.get_jobs": ("GET", "/core/get_jobs", "query"),
     "core.job_abort": ("POST", "/core/job_abort", "body0"),
     "system.version": ("GET", "/system/version", "none"),
+    "system.global.id": ("GET", "/system/global/id", "none"),
 }
 _REST_OPS = {"=": "", "!=": "__neq", ">": "__gt", "<": "__lt", ">=": "__gte", "<=": "__lte", "~": "__regex"}
 

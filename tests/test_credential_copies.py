@@ -1,0 +1,99 @@
+"""Teardown survives restarts (issue 19 item 7), with fakes: the credentials a deletion needs
+outlive the tenant's Secret, as a copy in the operator's namespace (docs/security.md)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from truenas_incus_operator.connections import Connection, ConnectionConfig, ConnectionManager, ConnectionResources
+from truenas_incus_operator.connections.config import Loader
+from truenas_incus_operator.settings import Settings
+
+from .fakes import LEDGER_NAMESPACE, FakeKube
+
+KEY = "7-" + "k" * 64
+COPIES = "tio-credentials"
+
+
+class RecordingManager(ConnectionManager):
+    """Configures without connecting (no TrueNAS here): what would be used is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__(30.0, 300.0, 60.0, 900.0)
+
+    async def configure(self, key: str, config: ConnectionConfig, reload: Loader | None = None) -> Connection:
+        connection = Connection(key, config, resync_seconds=30.0)
+        connection.ready.set()
+        self.connections[key] = connection
+        self.problems.pop(key, None)
+        return connection
+
+
+def connection_body(deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "nas", "namespace": "apps", "generation": 1, "uid": "uid-nas"}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-03T13:00:00Z"
+    return {
+        "apiVersion": "incus.truenas.io/v1alpha1",
+        "kind": "TrueNASConnection",
+        "metadata": meta,
+        "spec": {"url": "wss://nas.invalid", "apiKeySecretRef": {"name": "nas-key", "key": "apiKey"}},
+    }
+
+
+def operator_process(kube: FakeKube) -> tuple[RecordingManager, ConnectionResources]:
+    manager = RecordingManager()
+    settings = Settings(ledger_namespace=LEDGER_NAMESPACE, credentials_secret=COPIES)
+    return manager, ConnectionResources(settings, kube, manager)
+
+
+def with_key_secret() -> FakeKube:
+    kube = FakeKube()
+    kube.add_secret("apps", "nas-key", {"apiKey": KEY}, labels={"incus.truenas.io/credentials": "true"})
+    return kube
+
+
+def delete_key_secret(kube: FakeKube) -> None:
+    kube.secrets.pop(("apps", "nas-key", "apiKey"))
+    kube.secret_labels.pop(("apps", "nas-key"))
+
+
+async def test_a_connection_being_deleted_after_a_restart_uses_the_copy_when_its_secret_is_gone() -> None:
+    """The finding: a namespace's contents deleted, the operator restarted 1 s later: the Secret was
+    gone, the TrueNASConnection (held by its finalizer) reported SecretNotFound for ever, and the
+    instances it owned were never deleted."""
+    kube = with_key_secret()
+    _, resources = operator_process(kube)
+    await resources.sync(connection_body())
+    delete_key_secret(kube)  # kubectl delete all,secrets,... -n apps; then the operator restarts
+    manager, restarted = operator_process(kube)
+    await restarted.sync(connection_body(deleting=True))
+    assert "apps/nas" in manager.connections, manager.problems
+    config = manager.connections["apps/nas"].config
+    assert config.api_key.reveal() == KEY and config.url == "wss://nas.invalid"
+
+
+async def test_a_live_connection_whose_secret_is_gone_does_not_use_the_copy() -> None:
+    """Deleting the Secret of a connection that stays revokes it: the copy is for teardown only."""
+    kube = with_key_secret()
+    _, resources = operator_process(kube)
+    await resources.sync(connection_body())
+    delete_key_secret(kube)
+    manager, restarted = operator_process(kube)
+    await restarted.sync(connection_body())
+    assert "apps/nas" not in manager.connections
+    assert manager.problems["apps/nas"].reason == "SecretNotFound"
+
+
+async def test_the_copy_goes_with_the_connection_and_holds_the_key_only_in_its_data() -> None:
+    kube = with_key_secret()
+    _, resources = operator_process(kube)
+    await resources.sync(connection_body())
+    stored = kube.secret_manifests[(LEDGER_NAMESPACE, COPIES)]
+    assert KEY not in json.dumps(stored["metadata"]), "names and annotations carry no key"
+    entries = [json.loads(base64.b64decode(value)) for value in stored["data"].values()]
+    assert [(e["connection"], e["apiKey"]) for e in entries] == [("apps/nas", KEY)]
+    await resources.remove("apps/nas")
+    assert kube.secret_manifests[(LEDGER_NAMESPACE, COPIES)].get("data") in (None, {})
