@@ -65,14 +65,16 @@ async def test_a_connection_being_deleted_after_a_restart_uses_the_copy_when_its
     gone, the TrueNASConnection (held by its finalizer) reported SecretNotFound for ever, and the
     instances it owned were never deleted."""
     kube = with_key_secret()
-    _, resources = operator_process(kube)
+    first, resources = operator_process(kube)
     await resources.sync(connection_body())
+    loaded = first.connections["apps/nas"].config
     delete_key_secret(kube)  # kubectl delete all,secrets,... -n apps; then the operator restarts
     manager, restarted = operator_process(kube)
     await restarted.sync(connection_body(deleting=True))
     assert "apps/nas" in manager.connections, manager.problems
     config = manager.connections["apps/nas"].config
     assert config.api_key.reveal() == KEY and config.url == "wss://nas.invalid"
+    assert config.vm_image_server is not None and config.vm_image_server == loaded.vm_image_server
 
 
 async def test_a_live_connection_whose_secret_is_gone_does_not_use_the_copy() -> None:

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..kube import KUBE_REASON, Kube
 from ..problems import OperatorError, fail
 from ..truenas import Secret
+from ..truenas.images import ImageSource
 from .config import ConnectionConfig
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,31 @@ def _entry(connection: str, config: ConnectionConfig) -> dict[str, Any]:
         "caPem": config.ca_pem,
         "insecureSkipVerify": config.insecure_skip_verify,
         "maxConcurrentCalls": config.max_concurrent_calls,
-        "vmImageServer": config.vm_image_server,
+        "vmImageServer": _image_source(config.vm_image_server),
     }
+
+
+def _image_source(source: ImageSource | None) -> dict[str, Any] | None:
+    """The image server as it was allowed when the credentials loaded (policy and settings applied)."""
+    if source is None:
+        return None
+    fields = dataclasses.asdict(source)
+    fields["scratch_dir"] = None if source.scratch_dir is None else str(source.scratch_dir)
+    return fields
+
+
+def _recalled_image_source(value: Any) -> ImageSource | None:
+    if not isinstance(value, dict):
+        return None  # also a copy written before image servers were bounded by the policy: the default
+    scratch = value.get("scratch_dir")
+    return ImageSource(
+        url=str(value["url"]),
+        trusted=bool(value["trusted"]),
+        max_index_bytes=int(value["max_index_bytes"]),
+        max_image_bytes=int(value["max_image_bytes"]),
+        scratch_dir=None if scratch is None else Path(str(scratch)),
+        base_grace_seconds=float(value["base_grace_seconds"]),
+    )
 
 
 def _config(entry: dict[str, Any]) -> ConnectionConfig:
@@ -57,7 +83,7 @@ def _config(entry: dict[str, Any]) -> ConnectionConfig:
         ca_pem=entry.get("caPem") or None,
         insecure_skip_verify=bool(entry.get("insecureSkipVerify")),
         max_concurrent_calls=int(entry.get("maxConcurrentCalls") or 20),
-        vm_image_server=entry.get("vmImageServer") or None,
+        vm_image_server=_recalled_image_source(entry.get("vmImageServer")),
     )
 
 
