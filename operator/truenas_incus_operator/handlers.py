@@ -46,7 +46,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
     try:
-        operator = build(Settings(), Kube(), _post_event)
+        settings_ = Settings()
+        operator = build(settings_, Kube(settings_.kube_timeout_seconds), _post_event)
     except PolicyError as exc:
         # Never run with a policy other than the administrator's: stop instead of allowing everything.
         raise kopf.PermanentError(str(exc)) from None

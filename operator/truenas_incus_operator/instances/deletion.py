@@ -133,6 +133,7 @@ class Deletion:
                     )
                 if observed is None and fresh.state == "creating" and client is not None:
                     # Its create never finished: what it made before the instance existed goes too.
+                    self.executor.fence.check()
                     await client.instances.discard_unfinished(fresh.instance)
                 await self.ledger.release(fresh)
                 return

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..connections import Connection
+from ..kube import FENCE, Fence
 from ..metrics import Metrics
 from ..models import JobStatus, Phase
 from ..problems import OperatorError, fail
@@ -85,8 +86,12 @@ def describe_device_action(action: Action) -> str:
 
 
 class Executor:
-    def __init__(self, ledger: Ledger, reporter: Reporter, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, ledger: Ledger, reporter: Reporter, metrics: Metrics | None = None, fence: Fence = FENCE
+    ) -> None:
         self.ledger = ledger
+        self.fence = fence
+        """Checked before every action: no write to TrueNAS without a proven Lease (election on)."""
         self.reporter = reporter
         self.metrics = metrics if metrics is not None else Metrics()
         self.creating: set[ResourceKey] = set()
@@ -101,6 +106,7 @@ class Executor:
         observed: ObservedInstance | None,
         action: Action,
     ) -> None:
+        self.fence.check()
         with self.metrics.action(action):
             await self._execute(body, state, desired, connection, observed, action)
 
