@@ -307,7 +307,7 @@ async def test_a_leader_past_its_renew_deadline_writes_nothing_to_truenas() -> N
 
     state = LoopState(status={})
     await fake.operator.loops.reconcile_once(body, state, lambda: None)
-    synced = [c for c in fake.kube.statuses("web01")[-1]["conditions"] if c["type"] == "Synced"][0]
+    synced = next(c for c in fake.kube.statuses("web01")[-1]["conditions"] if c["type"] == "Synced")
     assert synced["reason"] == "LeaseNotHeld"
     with pytest.raises(OperatorError):
         fence.check()

@@ -17,7 +17,6 @@ import base64
 import os
 import ssl
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path

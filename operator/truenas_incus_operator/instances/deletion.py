@@ -18,7 +18,7 @@ from ..settings import Settings
 from ..truenas import NotFound, TrueNASError
 from .executor import Executor
 from .ledger import Ledger, Record
-from .reporter import Reporter
+from .reporter import Reporter, backoff_delay
 from .resource import LoopState, ResourceKey, deletion_view, resource_key
 
 CONNECT_WAIT_SECONDS = 10.0
@@ -86,7 +86,7 @@ class Deletion:
         except TrueNASError as exc:
             reason = problem_of(exc)
             problem = Problem("DeleteFailed", f"{reason.reason}: {reason.message}")
-        delay = min(self.settings.retry_max_seconds, self.settings.retry_min_seconds * 2.0**retry)
+        delay = backoff_delay(self.settings, retry)
         with contextlib.suppress(OperatorError):  # the status is a report; deletion goes on either way
             await self.reporter.write(state, desired, None, problem=problem, version=version)
         self.reporter.post_once(body, self._posted.setdefault(key, state), "Warning", problem.reason, problem.message)

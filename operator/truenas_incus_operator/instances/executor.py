@@ -210,9 +210,7 @@ class Executor:
         # A transport error or a timeout is not an answer: the job may still run, the record stays.
         finally:
             self.creating.discard(key)
-            reporting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporting
+            await _stop_reporting(reporting)
         connection.remember(created)
         await self.ledger.set_state(record, "created")
         self.reporter.post_event(body, "Normal", "Created", f"created {created.type} {name} on TrueNAS")
@@ -224,11 +222,15 @@ class Executor:
             await asyncio.sleep(JOB_REPORT_SECONDS)
             current = job.status
             if current is not None and current != shown:
-                with contextlib.suppress(OperatorError):
+                try:
                     await self.reporter.write(
                         state, desired, None, activity=Phase.CREATING, job=current, version=connection.version
                     )
                     shown = current
+                except OperatorError:
+                    pass  # a report only; tried again with the next progress
+                except Exception:
+                    log.exception("%s/%s: cannot show the job's progress", desired.namespace, desired.name)
 
     async def stop(self, connection: Connection, namespace: str, name: str, timeout: int) -> None:
         """Graceful within ``timeout`` seconds, then forced."""
@@ -240,6 +242,20 @@ class Executor:
             except JobFailed as exc:
                 log.info("graceful stop of %s failed (%s); forcing", name, exc.message)
             await backend.stop(name, force=True)
+
+
+async def _stop_reporting(reporting: asyncio.Task[None]) -> None:
+    """Stops the progress reporter; whatever it ended with never replaces the create's own outcome
+    (a failed progress write masked a successful create: the ledger stayed ``creating``)."""
+    reporting.cancel()
+    try:
+        await reporting
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the create itself is being cancelled (the daemon stops): let that through
+    except Exception:
+        log.exception("the job progress reporter failed")
 
 
 def _backend(connection: Connection) -> InstanceBackend:

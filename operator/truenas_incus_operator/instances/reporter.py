@@ -74,6 +74,8 @@ class Reporter:
             await self.write(state, desired, observed, problem=problem, version=version)
         except OperatorError as exc:
             log.warning("%s/%s: cannot write status: %s", desired.namespace, desired.name, exc.problem.message)
+        except Exception:
+            log.exception("%s/%s: cannot write status", desired.namespace, desired.name)
         self.post_once(body, state, "Warning", problem.reason, problem.message)
         return self.backoff(state)
 
@@ -98,6 +100,11 @@ class Reporter:
 
     def backoff(self, state: LoopState) -> float:
         state.failures += 1
-        settings = self.settings
-        delay = min(settings.retry_max_seconds, settings.retry_min_seconds * 2.0 ** (state.failures - 1))
-        return delay * random.uniform(0.8, 1.2)
+        return backoff_delay(self.settings, state.failures - 1) * random.uniform(0.8, 1.2)
+
+
+def backoff_delay(settings: Settings, attempt: int) -> float:
+    """``retry_min * 2**attempt``, at most ``retry_max``; never overflows (a NAS gone for days
+    fails thousands of times: ``2.0 ** 1024`` raises OverflowError)."""
+    exponent = min(max(attempt, 0), 64)
+    return float(min(settings.retry_max_seconds, settings.retry_min_seconds * 2.0**exponent))

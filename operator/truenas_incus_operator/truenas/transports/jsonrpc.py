@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from ..errors import AuthenticationFailed, CallFailed, CallTimeout, TransportError, TrueNASError
+from ..errors import AuthenticationFailed, CallFailed, CallTimeout, MalformedAnswer, TransportError, TrueNASError
 from ..jobs import is_finished, job_result
 from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc, refuse_malformed_key, scrubbed
 
@@ -325,7 +325,7 @@ class JsonRpcTransport:
             async with self._limit:
                 job_id = await self._raw_call(method, list(params), self.options.call_timeout)
             if not isinstance(job_id, int):
-                raise CallFailed(f"{method}: expected a job id, got {type(job_id).__name__}", method=method)
+                raise MalformedAnswer(f"{method}: expected a job id, got {type(job_id).__name__}")
             return await self.wait_job(job_id, timeout, on_progress)
         # New-style jobs (25.10): the answer comes when the job ends. The job's ADDED event names our
         # request id (message_ids), which is how a dropped connection or a failure finds the job.
