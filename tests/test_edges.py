@@ -394,3 +394,72 @@ async def test_a_200_that_is_not_json_is_a_malformed_answer_over_rest() -> None:
         with pytest.raises(MalformedAnswer, match="not JSON"):
             await transport.connect()
         await transport.close()
+
+
+# ----- item 5: startup preconditions ---------------------------------------------------------------------
+class ClusterKube(FakeKube):
+    """A cluster as discovery, a dry-run create and SelfSubjectAccessReviews see it."""
+
+    def __init__(self, namespaces: set[str], served: set[str] | None, denied: set[tuple[str, str]]) -> None:
+        super().__init__()
+        self.namespaces, self.served, self.denied = namespaces, served, denied
+
+    async def namespace_exists(self, namespace: str) -> bool:
+        return namespace in self.namespaces
+
+    async def create_namespace(self, namespace: str) -> None:
+        self.namespaces.add(namespace)
+
+    async def served_resources(self, group_version: str) -> set[str] | None:
+        return self.served
+
+    async def may(
+        self, verb: str, group: str, resource: str, namespace: str = "", name: str = "", subresource: str = ""
+    ) -> bool:
+        return (verb, f"{resource}/{subresource}" if subresource else resource) not in self.denied
+
+
+ALL_SERVED = {"incusinstances", "incusinstances/status", "truenasconnections", "truenasconnections/status"}
+
+
+async def test_a_missing_ledger_namespace_is_created_when_the_operator_may(caplog: pytest.LogCaptureFixture) -> None:
+    from truenas_incus_operator.app import check_preconditions
+    from truenas_incus_operator.settings import Settings
+
+    kube = ClusterKube(set(), ALL_SERVED, set())
+    settings = Settings(ledger_namespace="tio-ledger")
+    with caplog.at_level("WARNING"):
+        assert await check_preconditions(settings, kube, None) == []
+    assert "tio-ledger" in kube.namespaces
+    assert "created namespace tio-ledger" in caplog.text
+
+
+async def test_each_missing_precondition_is_named_with_its_fix() -> None:
+    from truenas_incus_operator.app import check_preconditions
+    from truenas_incus_operator.settings import Settings
+
+    kube = ClusterKube(set(), {"incusinstances", "truenasconnections"}, {("create", "namespaces"), ("patch", "incusinstances/status")})
+    settings = Settings(ledger_namespace="tio-ledger", leader_election=True)
+    problems = await check_preconditions(settings, kube, ["apps"])
+    assert len(problems) == 3, problems
+    assert "namespace tio-ledger does not exist" in problems[0] and "kubectl create namespace tio-ledger" in problems[0]
+    assert "lacks incusinstances/status, truenasconnections/status" in problems[1]
+    assert problems[2] == (
+        "the operator's identity may not: patch incusinstances/status.incus.truenas.io in namespace apps "
+        "(the chart's RBAC grants these)"
+    )
+    kube.served = None
+    problems = await check_preconditions(settings, kube, ["apps"])
+    assert "serves no incus.truenas.io/v1alpha1: the CRDs are not installed" in problems[1]
+
+
+def test_the_needs_cover_the_lease_only_with_election_and_discovery_only_cluster_wide() -> None:
+    from truenas_incus_operator.app import needs
+    from truenas_incus_operator.settings import Settings
+
+    named = {str(n) for n in needs(Settings(ledger_namespace="l"), ["a", "b"])}
+    assert "get secrets in namespace a" in named and "get secrets in namespace b" in named
+    assert not any("lease" in n or "customresourcedefinitions" in n for n in named)
+    wide = {str(n) for n in needs(Settings(ledger_namespace="l", leader_election=True, lease_name="x"), None)}
+    assert "list customresourcedefinitions.apiextensions.k8s.io in every namespace (cluster-wide)" in wide
+    assert "update leases.coordination.k8s.io 'x' in namespace l" in wide

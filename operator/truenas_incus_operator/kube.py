@@ -390,6 +390,59 @@ class Kube:
         except (AttributeError, TypeError, ValueError):
             raise fail(KUBE_REASON, f"Kubernetes API: Secret {namespace}/{name} is not shaped as a Secret") from None
 
+    # ----- startup preconditions (app.check_preconditions) ----------------------------------------
+    async def served_resources(self, group_version: str) -> set[str] | None:
+        """The resources the API server serves under ``group/version`` (discovery; every
+        authenticated user may read it), or None when it serves no such version."""
+        found = await self._optional("GET", f"/apis/{group_version}")
+        if found is None:
+            return None
+        resources = found.get("resources") or []
+        return {str(r.get("name")) for r in resources if isinstance(r, dict)} if isinstance(resources, list) else set()
+
+    async def namespace_exists(self, namespace: str) -> bool:
+        """Whether ``namespace`` exists, told by a dry-run ConfigMap create (nothing is stored; the
+        operator may create ConfigMaps there, not read namespaces): 404 when it does not exist."""
+        probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "tio-preflight-"}}
+        path = f"/api/v1/namespaces/{quote(namespace)}/configmaps?dryRun=All"
+        return await self._optional("POST", path, probe) is not None
+
+    async def create_namespace(self, namespace: str) -> None:
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+        try:
+            await self._request("POST", "/api/v1/namespaces", body, conflict_ok=True)
+        except _Conflict:
+            return  # created meanwhile (another replica): as good
+
+    async def may(
+        self, verb: str, group: str, resource: str, namespace: str = "", name: str = "", subresource: str = ""
+    ) -> bool:
+        """A SelfSubjectAccessReview: whether the operator's own identity may do this."""
+        attributes = {
+            "verb": verb,
+            "group": group,
+            "resource": resource,
+            "namespace": namespace,
+            "name": name,
+            "subresource": subresource,
+        }
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {k: v for k, v in attributes.items() if v}},
+        }
+        answer = await self._request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review)
+        status = answer.get("status")
+        return isinstance(status, dict) and status.get("allowed") is True
+
+    async def _optional(self, method: str, path: str, body: Any = None) -> dict[str, Any] | None:
+        try:
+            return await self._request(method, path, body, not_found=_GONE)
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
+
     async def close(self) -> None:
         await self._reset()
 
