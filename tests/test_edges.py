@@ -438,7 +438,9 @@ async def test_each_missing_precondition_is_named_with_its_fix() -> None:
     from truenas_incus_operator.app import check_preconditions
     from truenas_incus_operator.settings import Settings
 
-    kube = ClusterKube(set(), {"incusinstances", "truenasconnections"}, {("create", "namespaces"), ("patch", "incusinstances/status")})
+    kube = ClusterKube(
+        set(), {"incusinstances", "truenasconnections"}, {("create", "namespaces"), ("patch", "incusinstances/status")}
+    )
     settings = Settings(ledger_namespace="tio-ledger", leader_election=True)
     problems = await check_preconditions(settings, kube, ["apps"])
     assert len(problems) == 3, problems
@@ -463,3 +465,71 @@ def test_the_needs_cover_the_lease_only_with_election_and_discovery_only_cluster
     wide = {str(n) for n in needs(Settings(ledger_namespace="l", leader_election=True, lease_name="x"), None)}
     assert "list customresourcedefinitions.apiextensions.k8s.io in every namespace (cluster-wide)" in wide
     assert "update leases.coordination.k8s.io 'x' in namespace l" in wide
+
+
+# ----- item 6: the connection's status says the API version and the transport apart -----------------------
+@pytest.mark.parametrize(("transport", "expected"), [("websocket", "v25.10.1"), ("rest", "v2.0")])
+async def test_the_connection_status_has_the_api_version_and_the_transport_apart(transport: str, expected: str) -> None:
+    from truenas_incus_operator.connections import Connection, ConnectionConfig, ConnectionManager
+    from truenas_incus_operator.connections.resources import ConnectionResources, _Reported
+    from truenas_incus_operator.settings import Settings
+    from truenas_incus_operator.truenas import Secret
+    from truenas_simulator import Simulator, SimulatorServer
+
+    sim = Simulator("25.10", seed=7)
+    server = await SimulatorServer(sim).start()
+    kube = FakeKube()
+    try:
+        url = server.ws_url if transport == "websocket" else server.url
+        config = ConnectionConfig(url=url, api_key=Secret(sim.api_key), transport=transport)
+        connection = Connection("ns/nas", config, resync_seconds=30.0)
+        await connection._connect()
+        resources = ConnectionResources(Settings(), kube, ConnectionManager(30.0, 60.0, 60.0, 900.0))
+        resources._reported["ns/nas"] = _Reported("ns", "nas", 1, {}, None)
+        await resources._write("ns/nas", None, connection)
+        status = kube.patches[-1].body
+        assert status["apiVersion"] == expected and status["transport"] == transport
+        await connection.close()
+    finally:
+        await server.stop()
+
+
+async def test_ready_is_progressing_for_the_new_generation_before_an_update_job() -> None:
+    """Else `kubectl wait --for=condition=Ready` returns at once after a spec change."""
+    fake = fake_operator()
+    state = LoopState(status={})
+    await fake.operator.loops.reconcile_once(resource(cpu="1"), state, lambda: None)
+    ready = next(c for c in fake.kube.statuses("web01")[-1]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["observedGeneration"]) == ("True", 1)
+    seen: list[tuple[str, str, int]] = []
+
+    def on_call(call: str) -> None:
+        if call == "update web01":
+            last = next(c for c in fake.kube.statuses("web01")[-1]["conditions"] if c["type"] == "Ready")
+            seen.append((last["status"], last["reason"], last["observedGeneration"]))
+
+    fake.backend.on_call = on_call
+    await fake.operator.loops.reconcile_once(resource(cpu="2", generation=2), state, lambda: None)
+    assert seen == [("False", "Progressing", 2)], "what the API server holds while the update job runs"
+    ready = next(c for c in fake.kube.statuses("web01")[-1]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["observedGeneration"]) == ("True", 2)
+
+
+async def test_a_deletion_that_only_waited_says_so_not_still_there_after_deleting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+
+    from .fakes import observed
+
+    fake = fake_operator()
+    await fake.operator.loops.reconcile_once(resource(), LoopState(status={}), lambda: None)
+    calls: list[str] = []
+    fake.backend.on_call = calls.append
+    fake.backend.instances["web01"] = observed("web01", status="STOPPING")
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(asyncio, "sleep", lambda _: real_sleep(0))
+    with pytest.raises(OperatorError) as raised:
+        await fake.operator.deletion.delete(resource(deleting=True), retry=0)
+    assert not [c for c in calls if c.startswith(("delete", "stop"))], calls
+    message = raised.value.problem.message
+    assert "after deleting" not in message and "STOPPING" in message, message

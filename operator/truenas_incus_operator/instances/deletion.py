@@ -113,12 +113,15 @@ class Deletion:
         ours = replace(
             desired, spec=desired.spec.model_copy(update={"name": fresh.instance}), ownership=Ownership(mine=True)
         )
+        waited: str | None = None
         for _ in range(DELETE_ATTEMPTS):
             observed = await connection.refresh_one(fresh.instance)
             current = plan_delete(ours, observed)
             if current.waiting:
+                waited = current.waiting
                 await asyncio.sleep(1)
                 continue
+            waited = None
             if not current.actions:
                 client = connection.client
                 if (
@@ -143,4 +146,7 @@ class Deletion:
                     await self.executor.execute(body, state, ours, connection, observed, action)
                 except NotFound:
                     connection.remember_gone(fresh.instance)
+        if waited is not None:
+            # Nothing was deleted: TrueNAS was busy with the instance the whole time.
+            raise fail("DeleteFailed", f"waiting to delete the instance: {waited}; will retry")
         raise fail("DeleteFailed", "the instance is still there after deleting it")

@@ -22,6 +22,7 @@ from ..reconcile import (
     Create,
     Delete,
     Desired,
+    Plan,
     RemoveDevice,
     Start,
     Stop,
@@ -138,6 +139,9 @@ class Executor:
         if isinstance(action, Create):
             await self._create(body, state, desired, connection, action, record)
         elif isinstance(action, Update):
+            # Ready=False (Progressing) for the new generation before the job: `kubectl wait
+            # --for=condition=Ready` after a spec change must not return on the old generation's True.
+            await self.reporter.write(state, desired, observed, plan=Plan(actions=(action,)), version=version)
             async with connection.job_slots.slot(desired.namespace):
                 connection.remember(await backend.update(name, action.changes))
         elif isinstance(action, AddDevice):

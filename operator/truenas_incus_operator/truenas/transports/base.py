@@ -199,6 +199,8 @@ class Transport(Protocol):
 
     name: str
     system_version: str | None
+    api_version: str | None
+    """The API version spoken: ``v25.10.1`` (JSON-RPC), ``v2.0`` (REST); None when not known."""
     supports_events: bool
 
     async def connect(self) -> None: ...

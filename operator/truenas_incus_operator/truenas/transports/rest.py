@@ -90,6 +90,8 @@ class RestTransport:
         self.options = options
         self.base = rest_base(options.url)
         self.system_version: str | None = None
+        self.api_version: str | None = "v2.0"
+        """REST has one version, v2.0."""
         self._limit = asyncio.Semaphore(options.max_concurrent_calls)
         self._client: httpx.AsyncClient | None = None
 
