@@ -533,3 +533,36 @@ async def test_a_deletion_that_only_waited_says_so_not_still_there_after_deletin
     assert not [c for c in calls if c.startswith(("delete", "stop"))], calls
     message = raised.value.problem.message
     assert "after deleting" not in message and "STOPPING" in message, message
+
+
+def test_one_outage_counts_one_reconnect() -> None:
+    """The transport reconnected (JSON-RPC), and a read that failed during the same gap made the
+    connection lost and up again: one outage, one count (it counted two)."""
+    from truenas_incus_operator.metrics import Metrics
+
+    from .fakes import ScriptedTransport
+
+    now = [1000.0]
+    metrics = Metrics()
+    metrics.clock = lambda: now[0]
+
+    class Client:
+        system_version = "TrueNAS-25.10.1"
+        api_family = "virt.instance"
+        transport = ScriptedTransport()
+
+    def count() -> float | None:
+        return metrics.registry.get_sample_value("tio_truenas_reconnects_total", {"connection": "ns/nas"})
+
+    observer = metrics.truenas("ns/nas", 20)
+    metrics.connection_state("ns/nas", Client())
+    observer.reconnected()  # the transport's own reconnect
+    now[0] += 2
+    metrics.connection_state("ns/nas", None)  # a read failed in the gap
+    now[0] += 1
+    metrics.connection_state("ns/nas", Client())
+    assert count() == 1
+    now[0] += 3600  # a later outage, seen only by the connection
+    metrics.connection_state("ns/nas", None)
+    metrics.connection_state("ns/nas", Client())
+    assert count() == 2

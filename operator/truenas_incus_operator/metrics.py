@@ -85,9 +85,17 @@ class ClientFacts(Protocol):
     def transport(self) -> _Named: ...
 
 
+SAME_OUTAGE_SECONDS = 60.0
+"""A connection that comes back up within this long of its transport's own reconnect recovers from
+the same outage (``tio_truenas_reconnects`` counts it once)."""
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.clock = clock
         r = self.registry
         self.passes = Counter(
             "tio_reconcile_passes",
@@ -178,6 +186,8 @@ class Metrics:
         self.leader.set(1)  # a Metrics exists only in the replica that acts
         self._resources: dict[Any, tuple[str, str, str]] = {}
         self._ever_up: set[str] = set()
+        self._transport_reconnected: dict[str, float] = {}
+        """When each connection's transport last re-established itself (``reconnected``)."""
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -245,7 +255,8 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 self.info.remove(connection)
             return
-        if connection in self._ever_up:
+        counted = self._transport_reconnected.pop(connection, None)
+        if connection in self._ever_up and (counted is None or self.clock() - counted > SAME_OUTAGE_SECONDS):
             self.reconnects.labels(connection).inc()
         self._ever_up.add(connection)
         self.up.labels(connection).set(1)
@@ -253,9 +264,16 @@ class Metrics:
             {"version": client.system_version, "api_family": client.api_family, "transport": client.transport.name}
         )
 
+    def transport_reconnected(self, connection: str) -> None:
+        """The transport re-established itself (JSON-RPC). Counted here; the connection coming back up
+        soon after (a read failed during the same gap) is the same outage, not a second one."""
+        self.reconnects.labels(connection).inc()
+        self._transport_reconnected[connection] = self.clock()
+
     def forget_connection(self, connection: str) -> None:
         """The connection was closed for good (removed or reconfigured): its gauges go."""
         self._ever_up.discard(connection)
+        self._transport_reconnected.pop(connection, None)
         for metric in (self.up, self.info, self.in_flight, self.limit):
             with contextlib.suppress(KeyError):
                 metric.remove(connection)
@@ -324,4 +342,4 @@ class ConnectionObserver:
             self.metrics.event_lag.labels(self.connection).observe(lag)
 
     def reconnected(self) -> None:
-        self.metrics.reconnects.labels(self.connection).inc()
+        self.metrics.transport_reconnected(self.connection)
