@@ -91,9 +91,7 @@ the same outage (``tio_truenas_reconnects`` counts it once)."""
 
 
 class Metrics:
-    def __init__(
-        self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.clock = clock
         r = self.registry
