@@ -404,7 +404,7 @@ class ClusterKube(FakeKube):
         super().__init__()
         self.namespaces, self.served, self.denied = namespaces, served, denied
 
-    async def namespace_exists(self, namespace: str) -> bool:
+    async def namespace_exists(self, namespace: str) -> bool | None:
         return namespace in self.namespaces
 
     async def create_namespace(self, namespace: str) -> None:

@@ -139,7 +139,7 @@ async def check_preconditions(settings: Settings, kube: Kube, namespaces: Sequen
     namespaces (and says so). Raises ``OperatorError`` when the API server cannot be asked."""
     problems: list[str] = []
     ledger = settings.ledger_namespace
-    if not await kube.namespace_exists(ledger):
+    if await kube.namespace_exists(ledger) is False:
         if await kube.may("create", "", "namespaces"):
             await kube.create_namespace(ledger)
             log.warning("created namespace %s: the ownership ledger lives there (TIO_LEDGER_NAMESPACE)", ledger)

@@ -32,6 +32,7 @@ from .problems import OperatorError, Problem, fail
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 KUBE_REASON = "KubernetesError"
 _GONE = Problem("NotFound", "the object does not exist")
+_FORBIDDEN = Problem(KUBE_REASON, "Kubernetes API: 403 Forbidden")
 
 
 class _Conflict(Exception):
@@ -197,13 +198,14 @@ class Kube:
         headers: dict[str, str] | None = None,
         not_found: Problem | None = None,
         conflict_ok: bool = False,
+        forbidden: Problem | None = None,
     ) -> dict[str, Any]:
         """The answer, a JSON object. Raises ``OperatorError`` only (the one boundary of this edge):
         ``not_found`` for a 404 when given, else reason KubernetesError (unreachable, timed out, an
         error status, an answer that is not a JSON object); with ``conflict_ok`` a 409 raises
         ``_Conflict`` for the caller to handle."""
         try:
-            return await self._attempts(method, path, json, headers, not_found, conflict_ok)
+            return await self._attempts(method, path, json, headers, not_found, conflict_ok, forbidden)
         except (OperatorError, _Conflict):
             raise
         except TimeoutError:
@@ -223,6 +225,7 @@ class Kube:
         headers: dict[str, str] | None,
         not_found: Problem | None,
         conflict_ok: bool,
+        forbidden: Problem | None = None,
     ) -> dict[str, Any]:
         for attempt in (1, 2):
             if self._session is None:
@@ -241,6 +244,8 @@ class Kube:
                     raise OperatorError(not_found)
                 if response.status == 409 and conflict_ok:
                     raise _Conflict()
+                if response.status == 403 and forbidden is not None:
+                    raise OperatorError(forbidden)
                 if response.status >= 400:
                     raise fail(KUBE_REASON, f"Kubernetes API: {response.status} {_clean(response.reason)}")
                 try:
@@ -400,12 +405,18 @@ class Kube:
         resources = found.get("resources") or []
         return {str(r.get("name")) for r in resources if isinstance(r, dict)} if isinstance(resources, list) else set()
 
-    async def namespace_exists(self, namespace: str) -> bool:
+    async def namespace_exists(self, namespace: str) -> bool | None:
         """Whether ``namespace`` exists, told by a dry-run ConfigMap create (nothing is stored; the
-        operator may create ConfigMaps there, not read namespaces): 404 when it does not exist."""
+        operator may create ConfigMaps there, not read namespaces): 404 when it does not exist.
+        None when the identity may not create ConfigMaps there (403: the RBAC check says so)."""
         probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "tio-preflight-"}}
         path = f"/api/v1/namespaces/{quote(namespace)}/configmaps?dryRun=All"
-        return await self._optional("POST", path, probe) is not None
+        try:
+            return await self._optional("POST", path, probe) is not None
+        except OperatorError as exc:
+            if exc.problem is _FORBIDDEN:
+                return None
+            raise
 
     async def create_namespace(self, namespace: str) -> None:
         body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
@@ -437,7 +448,7 @@ class Kube:
 
     async def _optional(self, method: str, path: str, body: Any = None) -> dict[str, Any] | None:
         try:
-            return await self._request(method, path, body, not_found=_GONE)
+            return await self._request(method, path, body, not_found=_GONE, forbidden=_FORBIDDEN)
         except OperatorError as exc:
             if exc.problem is _GONE:
                 return None
