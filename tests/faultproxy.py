@@ -121,6 +121,7 @@ class FaultProxy:
         asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
 
     async def _start(self) -> None:
         self._session = ClientSession(
@@ -135,10 +136,15 @@ class FaultProxy:
         self.port = int(self._runner.addresses[0][1])
 
     async def _stop(self) -> None:
+        self._wake_hung()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def _wake_hung(self) -> None:
         self._ended.set()

@@ -46,10 +46,26 @@ RUNS = 10
 
 
 def holder(cluster: Cluster, namespace: str) -> str:
+    """The Lease's holder identity ("" when free)."""
     found = cluster.kubectl("get", "lease", LEASE, "-n", namespace, "-o", "json", check=False)
     if found.returncode != 0:
         return ""
-    return str(json.loads(found.stdout)["spec"].get("holderIdentity") or "").partition("_")[0]
+    return str(json.loads(found.stdout)["spec"].get("holderIdentity") or "")
+
+
+def acting_leader(cluster: Cluster, namespace: str, replicas: dict[str, OperatorProcess]) -> str | None:
+    """The replica that holds the Lease *and* is the live process that won it (the Lease can still
+    name a process that has exited, until another takes over)."""
+    identity = holder(cluster, namespace)
+    name = identity.partition("_")[0]
+    replica = replicas.get(name)
+    if replica is None or not replica.alive():
+        return None
+    log = replica.logs()
+    if log.count("leader election: candidate ") != replica.starts:
+        return None  # the latest start has not said who it is yet
+    current = log.rsplit("leader election: candidate ", 1)[-1]  # this process start's lines
+    return name if current.startswith(identity) and f"leading as {identity}" in current else None
 
 
 def creates(sim: Any) -> Counter[str]:
@@ -89,14 +105,12 @@ def test_two_replicas_behind_a_faulty_lease_never_both_act(cluster: Cluster, nam
     names: list[str] = []
     stops: list[float] = []
     try:
-        wait_until(lambda: holder(cluster, ledger) in replicas, timeout=90, what="a leader")
         for run in range(RUNS):
             kind, fault = faults[run % len(faults)]
             # The first hang outlasts the old fixed 60 s client timeout: the standby's Lease read
             # then ended in a bare TimeoutError, and it started the operator without the Lease.
             length = 65.0 if run == 0 else 8.0
-            leader = holder(cluster, ledger)
-            assert leader in replicas, leader
+            leader = wait_until(lambda: acting_leader(cluster, ledger, replicas), timeout=90, what="a leader")
             standby = next(n for n in replicas if n != leader)
             led_before = replicas[standby].logs().count("leading as")
             started = time.monotonic()
@@ -120,7 +134,9 @@ def test_two_replicas_behind_a_faulty_lease_never_both_act(cluster: Cluster, nam
         assert creates(sim) == Counter(names)
         assert overlapping(sim) == []
         for name, replica in replicas.items():  # nothing of the operator ran in a process before it led
-            assert replica.logs().count("leader election: candidate ") == replica.starts, name
+            wait_until(
+                lambda r=replica: r.logs().count("leader election: candidate ") == r.starts, timeout=30, what=name
+            )
             assert acted_before_leading(replica.logs()) == [], name
         assert proxy.seen("hang") and proxy.seen("fail") and proxy.seen("reset")
         figures = {
@@ -164,16 +180,20 @@ def test_resources_converge_after_kubernetes_side_faults(cluster: Cluster, names
             harness.wait_ready(namespace, name, timeout=90)
         created_all = list(base)
 
-        def phase(label: str, fault: dict[str, Any], seconds: float, index: int) -> None:
-            """Faults on for ``seconds`` while a resource is created, one changed and one deleted."""
+        def phase(label: str, steps: list[tuple[dict[str, Any], float]], index: int) -> None:
+            """Faults on (each step for its seconds) while a resource is created, one changed and one
+            deleted; then the time until all of it converged."""
             new, changed, gone = unique(f"{label}"), base[index % 2], None
-            proxy.set(**fault)
+            proxy.set(**steps[0][0])
             harness.apply(namespace, new, {"cpu": "1"})
             harness.apply(namespace, changed, {"cpu": str(2 + index)})
             if index == 2:
                 gone = base[3]
                 harness.delete(namespace, gone, wait=False)
-            time.sleep(seconds)
+            for number, (fault, seconds) in enumerate(steps):
+                if number:
+                    proxy.set(**fault)
+                time.sleep(seconds)
             proxy.clear()
             ended = time.monotonic()
             created_all.append(new)
@@ -193,12 +213,10 @@ def test_resources_converge_after_kubernetes_side_faults(cluster: Cluster, names
                 wait_until(lambda: harness.instance(gone) is None, timeout=30, what=f"{gone} deleted on TrueNAS")
             recovery[label] = round(time.monotonic() - ended, 2)
 
-        phase("hung-status", {"hang": is_status_patch}, 12.0, 0)  # past the 5 s client timeout
-        phase("errors-500-429", {"fail": (500, is_write)}, 10.0, 1)
-        proxy.set(fail=(429, is_write))
-        time.sleep(10.0)  # 20 s of write errors in all: 10 s of 500, then 10 s of 429
-        proxy.clear()
-        phase("watch-resets", {"reset_watches_every": 3.0}, 20.0, 2)
+        phase("hung-status", [({"hang": is_status_patch}, 12.0)], 0)  # past the 5 s client timeout
+        # 20 s of errors on every write: 10 s of 500, then 10 s of 429 (with Retry-After).
+        phase("errors-500-429", [({"fail": (500, is_write)}, 10.0), ({"fail": (429, is_write)}, 10.0)], 1)
+        phase("watch-resets", [({"reset_watches_every": 3.0}, 20.0)], 2)
         assert proxy.seen("hang") and proxy.seen("fail") and proxy.seen("watch-reset"), proxy.faults.seen
         assert creates(sim) == Counter(created_all), "one create each"
         assert harness.instance_names() == set(created_all) - {base[3]}
