@@ -113,6 +113,7 @@ def test_two_replicas_behind_a_faulty_lease_never_both_act(cluster: Cluster, nam
             leader = wait_until(lambda: acting_leader(cluster, ledger, replicas), timeout=90, what="a leader")
             standby = next(n for n in replicas if n != leader)
             led_before = replicas[standby].logs().count("leading as")
+            kopf_before = replicas[standby].logs().count("Starting Kopf")
             started = time.monotonic()
             proxy.set(**fault)
             name = unique(f"r{run}")
@@ -124,6 +125,10 @@ def test_two_replicas_behind_a_faulty_lease_never_both_act(cluster: Cluster, nam
             if remaining > 0:
                 time.sleep(remaining)
             assert replicas[standby].logs().count("leading as") == led_before, f"{standby} led without the Lease"
+            # The old split brain: a Lease read that timed out fell through to running kopf.
+            assert replicas[standby].logs().count("Starting Kopf") == kopf_before, (
+                f"{standby} started without the Lease"
+            )
             assert replicas[standby].alive(), replicas[standby].logs()[-3000:]
             proxy.clear()
             replicas[leader].start()  # the container restarts, as Kubernetes would, as a candidate
