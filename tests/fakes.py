@@ -376,6 +376,7 @@ class NoTransport:
     """The fake client's transport: the fake backend never uses it."""
 
     name = "fake"
+    api_version = "v25.10.1"
 
     async def close(self) -> None:
         return None
@@ -454,6 +455,7 @@ class ScriptedTransport:
 
     name: str = "websocket"
     system_version: str | None = "TrueNAS-25.10.1"
+    api_version: str | None = "v25.10.1"
     supports_events: bool = True
     answers: dict[str, Any] = field(default_factory=dict)
     job_ends: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -32,6 +32,7 @@ from truenas_incus_operator.status import as_patch, render_connection, secure_co
 from truenas_incus_operator.truenas import (
     CallFailed,
     FieldError,
+    MalformedAnswer,
     Secret,
     TransportError,
     TrueNASError,
@@ -230,8 +231,8 @@ async def test_scrubbing_cleans_any_exception_that_leaves_a_transport() -> None:
         except ValueError:
             raise TransportError("lost") from ValueError(bad)
     assert chained.value.__cause__ is None and chained.value.__suppress_context__
-    with pytest.raises(KeyError), scrubbing(secret):
-        raise KeyError("unrelated")  # an error without the key passes unchanged
+    with pytest.raises(MalformedAnswer, match="KeyError: 'unrelated'"), scrubbing(secret):
+        raise KeyError("unrelated")  # an error without the key: the client's own error too (issue 20)
 
 
 # ----- the insecure flag in status -----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -199,3 +200,114 @@ def test_a_standby_serves_tio_leader_0_and_the_leaders_metrics_say_1() -> None:
     assert samples == {"tio_leader": 0.0}
     assert Metrics().registry.get_sample_value("tio_leader") == 1.0
     assert serve_standby_metrics(0) is None
+
+
+# ----- issue 20 item 1: the election fails closed -------------------------------------------------
+async def test_a_lease_read_that_times_out_leaves_the_candidate_standing_by() -> None:
+    """aiohttp raises a bare TimeoutError: the candidate must keep trying, never return as if it led."""
+    kube, clock = FakeKube(), Clock()
+    b = elector(kube, clock, "b")
+    b.retry = 0.01
+    real = kube.read_lease
+    failures = iter([TimeoutError(), ValueError("not JSON"), KeyError("spec")])
+
+    async def flaky(namespace: str, name: str) -> dict[str, Any] | None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return await real(namespace, name)
+
+    kube.read_lease = flaky  # type: ignore[method-assign]
+    await b.acquire()
+    assert b.leading and lease(kube)["spec"]["holderIdentity"] == "b"
+
+
+async def test_an_election_that_cannot_prove_the_lease_never_starts_the_operator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from truenas_incus_operator import election
+    from truenas_incus_operator.settings import Settings
+
+    async def broken(self: Elector) -> None:
+        raise TimeoutError()
+
+    started: list[bool] = []
+
+    async def operator() -> None:
+        started.append(True)
+
+    monkeypatch.setattr(election, "Kube", lambda *_: FakeKube())
+    monkeypatch.setattr(Elector, "acquire", broken)
+    settings = Settings(leader_election=True, metrics_port=0)
+    code = await election.run_elected(settings, None, operator)
+    assert started == [] and code == election.EXIT_LOST
+
+
+async def test_a_renewal_that_times_out_is_a_failed_renewal_not_the_end_of_renewing() -> None:
+    kube, clock = FakeKube(), Clock()
+    a = elector(kube, clock, "a")
+    a.retry = 0.01
+    assert await a.try_acquire_or_renew()
+    real, calls = kube.read_lease, []
+
+    async def flaky(namespace: str, name: str) -> dict[str, Any] | None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise TimeoutError()
+        if len(calls) == 3:
+            kube.leases[(NS, NAME)]["spec"]["holderIdentity"] = "b"  # then someone else holds it
+        return await real(namespace, name)
+
+    kube.read_lease = flaky  # type: ignore[method-assign]
+    await asyncio.wait_for(a.keep(), 5)  # returns when it sees the loss, not with the TimeoutError
+    assert a.lost and len(calls) == 3
+
+
+async def test_the_fence_refuses_writes_once_the_lease_is_no_longer_proven() -> None:
+    """After a pause (SIGSTOP, a stalled event loop) the leader re-checks before it writes."""
+    from truenas_incus_operator.kube import Fence
+    from truenas_incus_operator.problems import OperatorError
+
+    kube, clock = FakeKube(), Clock()
+    a = elector(kube, clock, "a")
+    fence = Fence()
+    fence.check()  # no election: always open
+    a.fence(fence)
+    with pytest.raises(OperatorError) as refused:
+        fence.check()  # not leading yet
+    assert refused.value.problem.reason == "LeaseNotHeld"
+    assert await a.try_acquire_or_renew()
+    fence.check()
+    clock.now += 9.9
+    fence.check()
+    clock.now += 0.2  # paused past the renew deadline: others may take over soon
+    with pytest.raises(OperatorError, match="Lease"):
+        fence.check()
+    assert await a.try_acquire_or_renew()
+    fence.check()
+
+
+async def test_a_leader_past_its_renew_deadline_writes_nothing_to_truenas() -> None:
+    from truenas_incus_operator.kube import Fence
+    from truenas_incus_operator.problems import OperatorError
+
+    from .fakes import fake_operator, resource
+
+    fake = fake_operator()
+    clock = Clock()
+    a = elector(fake.kube, clock, "a")
+    fence = Fence()
+    fake.operator.loops.executor.fence = fence
+    a.fence(fence)
+    assert await a.try_acquire_or_renew()
+    clock.now += 11  # paused past the deadline
+    fake.backend.on_call = lambda call: pytest.fail(f"wrote to TrueNAS while not proven: {call}")
+    body = resource()
+    from truenas_incus_operator.instances.resource import LoopState
+
+    state = LoopState(status={})
+    await fake.operator.loops.reconcile_once(body, state, lambda: None)
+    synced = next(c for c in fake.kube.statuses("web01")[-1]["conditions"] if c["type"] == "Synced")
+    assert synced["reason"] == "LeaseNotHeld"
+    with pytest.raises(OperatorError):
+        fence.check()

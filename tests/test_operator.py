@@ -424,7 +424,7 @@ def test_two_truenas_systems_in_two_namespaces(harness: Harness, cluster: Cluste
         assert harness.instance_names(second) == {b}
         assert a not in harness.instance_names() and b not in harness.instance_names()
         tnc = cluster.get("truenasconnection", "nas", other_ns)["status"]
-        assert tnc["version"] == "TrueNAS-25.04.2.6" and tnc["apiVersion"] == "rest"
+        assert tnc["version"] == "TrueNAS-25.04.2.6" and tnc["apiVersion"] == "v2.0" and tnc["transport"] == "rest"
     finally:
         first.stop()
         second.stop()

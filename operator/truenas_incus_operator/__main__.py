@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 CHART_CRDS = "charts/truenas-incus-operator/files/crds"
 
@@ -85,6 +89,12 @@ def _run(args: argparse.Namespace) -> int:
         )
 
     settings = Settings()
+    watched = None if args.all_namespaces or not args.namespace or patterns else list(args.namespace)
+    problems = asyncio.run(_preconditions(settings, watched))
+    if problems:
+        for problem in problems:
+            print(f"truenas-incus-operator: refusing to start: {problem}", file=sys.stderr)
+        return 2
     if not settings.leader_election:
         with contextlib.suppress(asyncio.CancelledError):
             asyncio.run(operator())
@@ -95,6 +105,21 @@ def _run(args: argparse.Namespace) -> int:
     with contextlib.suppress(asyncio.CancelledError):
         return asyncio.run(run_elected(settings, args.liveness, operator))
     return 0
+
+
+async def _preconditions(settings: Settings, namespaces: list[str] | None) -> list[str]:
+    """The ledger namespace, the CRDs and their served version, and the RBAC (app.check_preconditions)."""
+    from .app import check_preconditions
+    from .kube import Kube
+    from .problems import OperatorError
+
+    kube = Kube(settings.kube_timeout_seconds)
+    try:
+        return await check_preconditions(settings, kube, namespaces)
+    except OperatorError as exc:
+        return [f"cannot check the cluster's preconditions: {exc.problem.message}"]
+    finally:
+        await kube.close()
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,9 +17,12 @@ from .instances import Deletion, Executor, InstanceLoops, Ledger, Reaper, Report
 from .instances.resource import EventPoster
 from .kube import Kube
 from .metrics import Metrics
+from .models import API_GROUP, API_VERSION
 from .policy import Policy, load_policy
 from .settings import Settings
 from .status import utc_now
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,3 +99,88 @@ def build(
         metrics=metrics,
         reaper=Reaper(kube, connections, ledger, executor),
     )
+
+
+# ----- startup preconditions -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Need:
+    """One permission the operator needs, as a SelfSubjectAccessReview asks it."""
+
+    verb: str
+    group: str
+    resource: str
+    namespace: str = ""
+    """"" : in every namespace."""
+    name: str = ""
+    subresource: str = ""
+
+    def __str__(self) -> str:
+        kind = f"{self.resource}/{self.subresource}" if self.subresource else self.resource
+        kind = f"{kind}.{self.group}" if self.group else kind
+        where = f"in namespace {self.namespace}" if self.namespace else "in every namespace (cluster-wide)"
+        return f"{self.verb} {kind}{f' {self.name!r}' if self.name else ''} {where}"
+
+
+SERVED = ("incusinstances", "incusinstances/status", "truenasconnections", "truenasconnections/status")
+
+
+def needs(settings: Settings, namespaces: Sequence[str] | None) -> list[Need]:
+    """What the operator does with the API: kopf watches and patches (finalizers, annotations) both
+    kinds and posts Events; the loops patch status and read Secrets; the ledger's ConfigMaps and the
+    election's Lease live in the ledger namespace. ``namespaces`` None: cluster-wide (kopf then also
+    lists and watches CRDs and namespaces)."""
+    found: list[Need] = []
+    for namespace in namespaces or [""]:
+        for resource in ("incusinstances", "truenasconnections"):
+            found += [Need(verb, API_GROUP, resource, namespace) for verb in ("get", "list", "watch", "patch")]
+            found.append(Need("patch", API_GROUP, resource, namespace, subresource="status"))
+        found.append(Need("get", "", "secrets", namespace))
+        found.append(Need("create", "", "events", namespace))
+    if namespaces is None:
+        found += [Need(v, "apiextensions.k8s.io", "customresourcedefinitions") for v in ("list", "watch")]
+        found += [Need(v, "", "namespaces") for v in ("list", "watch")]
+    ledger = settings.ledger_namespace
+    found += [Need(verb, "", "configmaps", ledger) for verb in ("get", "list", "create", "update", "delete")]
+    if settings.leader_election:
+        found.append(Need("create", "coordination.k8s.io", "leases", ledger))
+        found += [Need(v, "coordination.k8s.io", "leases", ledger, settings.lease_name) for v in ("get", "update")]
+    return found
+
+
+async def check_preconditions(settings: Settings, kube: Kube, namespaces: Sequence[str] | None) -> list[str]:
+    """What keeps the operator from working, each a sentence naming the thing and the fix; [] when
+    nothing does. Creates the ledger namespace when it is missing and the operator may create
+    namespaces (and says so). Raises ``OperatorError`` when the API server cannot be asked."""
+    problems: list[str] = []
+    ledger = settings.ledger_namespace
+    if await kube.namespace_exists(ledger) is False:
+        if await kube.may("create", "", "namespaces"):
+            await kube.create_namespace(ledger)
+            log.warning("created namespace %s: the ownership ledger lives there (TIO_LEDGER_NAMESPACE)", ledger)
+        else:
+            problems.append(
+                f"namespace {ledger} does not exist (the ownership ledger lives there, TIO_LEDGER_NAMESPACE): "
+                f"create it with `kubectl create namespace {ledger}`"
+            )
+    served = await kube.served_resources(f"{API_GROUP}/{API_VERSION}")
+    missing = [r for r in SERVED if r not in (served or set())]
+    if served is None:
+        problems.append(
+            f"the API server serves no {API_GROUP}/{API_VERSION}: the CRDs are not installed (or are an older "
+            "version): `kubectl apply -f crds/` (or the chart's files/crds)"
+        )
+    elif missing:
+        problems.append(
+            f"the API server's {API_GROUP}/{API_VERSION} lacks {', '.join(missing)}: the installed CRDs are not "
+            "this version's; `kubectl apply -f crds/`"
+        )
+    denied = [need for need in needs(settings, namespaces) if not await _may(kube, need)]
+    if denied:
+        problems.append(
+            "the operator's identity may not: " + "; ".join(map(str, denied)) + " (the chart's RBAC grants these)"
+        )
+    return problems
+
+
+async def _may(kube: Kube, need: Need) -> bool:
+    return await kube.may(need.verb, need.group, need.resource, need.namespace, need.name, need.subresource)

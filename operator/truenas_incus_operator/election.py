@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .kube import Kube
+from .kube import FENCE, Fence, Kube
 from .metrics import serve_standby_metrics
 from .problems import OperatorError
 from .settings import Settings
@@ -115,9 +115,30 @@ class Elector:
     def where(self) -> str:
         return f"Lease {self.namespace}/{self.name}"
 
+    @property
+    def call_timeout(self) -> float:
+        """Each Lease read or write gives up after this long: a hung API server must not hold a
+        renewal past the renew deadline (the watchdog would end the process first anyway)."""
+        return self.renew_deadline / 2
+
+    def proven(self) -> bool:
+        """Whether this process may act now: it leads, and its last renewal is recent enough that no
+        other candidate can have taken the Lease (re-checked before every write after a pause)."""
+        valid_until = self.valid_until
+        return self.leading and not self.lost and valid_until is not None and self.clock() <= valid_until
+
+    def fence(self, fence: Fence = FENCE) -> None:
+        """Makes ``fence`` refuse writes whenever ``proven()`` is false."""
+        fence.arm(self.proven, self.where)
+
     # ----- one attempt -------------------------------------------------------------------------
     async def try_acquire_or_renew(self) -> bool:
-        """One read and at most one write; True when this process holds the Lease afterwards."""
+        """One read and at most one write; True when this process holds the Lease afterwards.
+        Raises on any failure (a timeout, an API error, a malformed answer): never "held"."""
+        async with asyncio.timeout(self.call_timeout):
+            return await self._try_acquire_or_renew()
+
+    async def _try_acquire_or_renew(self) -> bool:
         sent = self.clock()
         lease = await self.kube.read_lease(self.namespace, self.name)
         if lease is None:
@@ -179,13 +200,14 @@ class Elector:
 
     # ----- the phases --------------------------------------------------------------------------
     async def acquire(self) -> None:
-        """Waits (as a standby) until this process holds the Lease."""
+        """Waits (as a standby) until this process holds the Lease. Any failure of an attempt (an
+        ``OperatorError``, a timeout, a malformed Lease) means "not held": it fails closed."""
         while True:
             try:
                 if await self.try_acquire_or_renew():
                     return
-            except OperatorError as exc:
-                log.warning("leader election: cannot read or write the %s: %s", self.where, exc.problem.message)
+            except Exception as exc:
+                log.warning("leader election: cannot read or write the %s: %s", self.where, _describe(exc))
             await asyncio.sleep(self.retry)
 
     async def keep(self) -> None:
@@ -195,8 +217,8 @@ class Elector:
             await asyncio.sleep(self.retry)
             try:
                 await self.try_acquire_or_renew()
-            except OperatorError as exc:
-                log.warning("leader election: cannot renew the %s: %s", self.where, exc.problem.message)
+            except Exception as exc:
+                log.warning("leader election: cannot renew the %s: %s", self.where, _describe(exc))
 
     def watch(self, interval: float = 0.25) -> threading.Thread:
         """Starts the watchdog thread: ``os._exit`` once ``valid_until`` passes without a renewal."""
@@ -225,10 +247,20 @@ class Elector:
             body["spec"].update(holderIdentity=None, leaseDurationSeconds=1)
             if await self.kube.replace_lease(self.namespace, body) is not None:
                 log.info("leader election: released the %s", self.where)
-        except OperatorError as exc:
-            log.warning("leader election: cannot release the %s: %s", self.where, exc.problem.message)
+        except Exception as exc:
+            log.warning("leader election: cannot release the %s: %s", self.where, _describe(exc))
         finally:
             self.leading = False
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no holder proven"
+    if isinstance(exc, OperatorError):
+        return exc.problem.message
+    if isinstance(exc, TimeoutError):
+        return "no answer within the timeout"
+    return type(exc).__name__
 
 
 # ----- the standby's endpoints ---------------------------------------------------------------------
@@ -250,7 +282,7 @@ async def _serve_liveness(url: str, elector: Elector) -> web.AppRunner:
 async def run_elected(settings: Settings, liveness: str | None, operator: Callable[[], Awaitable[None]]) -> int:
     """Waits for the Lease, then runs ``operator`` (kopf) while renewing it; releases it after a
     clean stop. Returns the exit code."""
-    kube = Kube()
+    kube = Kube(settings.kube_timeout_seconds)
     elector = Elector(
         kube,
         settings.ledger_namespace,
@@ -276,6 +308,14 @@ async def run_elected(settings: Settings, liveness: str | None, operator: Callab
             acquiring.cancel()
             log.info("leader election: stopped while standing by")
             return 0
+        failure = acquiring.exception()
+        if failure is not None or not elector.proven():
+            # Fail closed: never run the operator on an election that did not prove the Lease.
+            log.critical(
+                "leader election: the %s was not acquired (%s); not starting", elector.where, _describe(failure)
+            )
+            await kube.close()
+            return EXIT_LOST
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -284,6 +324,7 @@ async def run_elected(settings: Settings, liveness: str | None, operator: Callab
         if standby_metrics is not None:
             await asyncio.to_thread(standby_metrics)
     elector.watch()
+    elector.fence()
 
     async def keep_or_exit() -> None:
         await elector.keep()

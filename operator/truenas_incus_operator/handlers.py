@@ -44,15 +44,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING
     # Events come from the operator, as `kubectl describe` and `kubectl get events` show (not "kopf"/"dev"):
     # the operator's own through kube.Events, kopf's (a handler failing) with the same names.
-    instance = Settings().pod_name or socket.gethostname()
+    settings_ = Settings()
+    instance = settings_.pod_name or socket.gethostname()
     settings.posting.reporting_component = EVENT_COMPONENT
     settings.posting.reporting_instance = instance
     settings.networking.request_timeout = 60
-    kube = Kube()
+    kube = Kube(settings_.kube_timeout_seconds)
     events = Events(kube, instance)
     memo["events"] = events
     try:
-        operator = build(Settings(), kube, events)
+        operator = build(settings_, kube, events)
     except PolicyError as exc:
         # Never run with a policy other than the administrator's: stop instead of allowing everything.
         raise kopf.PermanentError(str(exc)) from None

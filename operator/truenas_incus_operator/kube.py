@@ -19,7 +19,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,10 +38,38 @@ EVENT_COMPONENT = "truenas-incus-operator"
 """Who reports the operator's Events (``kubectl describe``'s From, ``reportingComponent``)."""
 KUBE_REASON = "KubernetesError"
 _GONE = Problem("NotFound", "the object does not exist")
+_FORBIDDEN = Problem(KUBE_REASON, "Kubernetes API: 403 Forbidden")
 
 
 class _Conflict(Exception):
     """409: the object exists already, or changed since it was read."""
+
+
+class Fence:
+    """Writes to TrueNAS and to the ledger happen only while the Lease is proven (with
+    ``TIO_LEADER_ELECTION``; without it the fence is open). The elector arms it once it leads; every
+    write re-checks it, so a leader that was paused (SIGSTOP, a stalled event loop, a long GC) past
+    its renew deadline refuses to write before the watchdog thread has even noticed."""
+
+    def __init__(self) -> None:
+        self._proven: Callable[[], bool] | None = None
+        self._where = ""
+
+    def arm(self, proven: Callable[[], bool], where: str) -> None:
+        self._proven, self._where = proven, where
+
+    def disarm(self) -> None:
+        self._proven = None
+
+    def check(self) -> None:
+        """Raises ``OperatorError`` (LeaseNotHeld) when the election is on and the Lease is not proven."""
+        if self._proven is not None and not self._proven():
+            raise fail("LeaseNotHeld", f"the {self._where} is not proven held: no writes until it is renewed")
+
+
+FENCE = Fence()
+"""The process's one fence (election.py arms it; the executor, the deletion and the ledger's
+writes check it)."""
 
 
 def _pem(data: str | bytes | None) -> bytes | None:
@@ -127,10 +155,11 @@ def _bounded_requests(limit: int) -> aiohttp.TraceConfig:
 
 
 class Kube:
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        """Seconds for one request, answer included (``TIO_KUBE_TIMEOUT_SECONDS``)."""
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
-        self._files: list[str] = []
 
     def _login(self) -> tuple[str, ssl.SSLContext, dict[str, str]]:
         settings = kopf.OperatorSettings()
@@ -147,22 +176,24 @@ class Kube:
         if info.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        certificate, key = info.certificate_path, info.private_key_path
         if info.certificate_data and info.private_key_data:
-            certificate, key = (
-                self._secret_file(_pem(info.certificate_data)),
-                self._secret_file(_pem(info.private_key_data)),
-            )
-        if certificate and key:
-            context.load_cert_chain(os.fsdecode(certificate), os.fsdecode(key))
+            # OpenSSL reads a client key only from a file: written for the load, removed at once (a
+            # re-login after a 401 leaves nothing behind either).
+            files = [self._secret_file(_pem(info.certificate_data)), self._secret_file(_pem(info.private_key_data))]
+            try:
+                context.load_cert_chain(files[0], files[1])
+            finally:
+                _remove(files)
+        elif info.certificate_path and info.private_key_path:
+            context.load_cert_chain(os.fsdecode(info.certificate_path), os.fsdecode(info.private_key_path))
         headers = {"Authorization": f"Bearer {info.token}"} if info.token else {}
         return info.server.rstrip("/"), context, headers
 
-    def _secret_file(self, data: bytes | None) -> str:
-        handle, path = tempfile.mkstemp(prefix="tio-kube-")
+    @staticmethod
+    def _secret_file(data: bytes | None) -> str:
+        handle, path = tempfile.mkstemp(prefix="tio-kube-")  # mode 0600
         with os.fdopen(handle, "wb") as f:
             f.write(data or b"")
-        self._files.append(path)
         return path
 
     async def _request(
@@ -173,9 +204,35 @@ class Kube:
         headers: dict[str, str] | None = None,
         not_found: Problem | None = None,
         conflict_ok: bool = False,
-    ) -> Any:
-        """Raises ``OperatorError``: ``not_found`` for a 404 when given, else reason KubernetesError;
-        with ``conflict_ok`` a 409 raises ``_Conflict`` for the caller to handle."""
+        forbidden: Problem | None = None,
+    ) -> dict[str, Any]:
+        """The answer, a JSON object. Raises ``OperatorError`` only (the one boundary of this edge):
+        ``not_found`` for a 404 when given, else reason KubernetesError (unreachable, timed out, an
+        error status, an answer that is not a JSON object); with ``conflict_ok`` a 409 raises
+        ``_Conflict`` for the caller to handle."""
+        try:
+            return await self._attempts(method, path, json, headers, not_found, conflict_ok, forbidden)
+        except (OperatorError, _Conflict):
+            raise
+        except TimeoutError:
+            raise fail(KUBE_REASON, f"Kubernetes API: no answer within {self.timeout:.0f} s") from None
+        except aiohttp.ClientError as exc:
+            raise fail(KUBE_REASON, f"Kubernetes API unreachable: {type(exc).__name__}") from None
+        except OSError as exc:
+            raise fail(KUBE_REASON, f"Kubernetes API unreachable: {type(exc).__name__}") from None
+        except Exception as exc:  # a login that failed, an answer we cannot read: never past this edge
+            raise fail(KUBE_REASON, f"Kubernetes API: {type(exc).__name__}") from None
+
+    async def _attempts(
+        self,
+        method: str,
+        path: str,
+        json: Any,
+        headers: dict[str, str] | None,
+        not_found: Problem | None,
+        conflict_ok: bool,
+        forbidden: Problem | None = None,
+    ) -> dict[str, Any]:
         for attempt in (1, 2):
             if self._session is None:
                 server, context, auth = self._login()
@@ -183,22 +240,27 @@ class Kube:
                 self._session = aiohttp.ClientSession(
                     headers=auth,
                     connector=aiohttp.TCPConnector(ssl=context, limit=16),
-                    timeout=aiohttp.ClientTimeout(total=60),
+                    timeout=aiohttp.ClientTimeout(total=self.timeout),
                 )
-            try:
-                async with self._session.request(method, self._server + path, json=json, headers=headers) as response:
-                    if response.status == 401 and attempt == 1:
-                        await self._reset()  # a rotated service-account token: log in again
-                        continue
-                    if response.status == 404 and not_found is not None:
-                        raise OperatorError(not_found)
-                    if response.status == 409 and conflict_ok:
-                        raise _Conflict()
-                    if response.status >= 400:
-                        raise fail(KUBE_REASON, f"Kubernetes API: {response.status} {response.reason}")
-                    return await response.json()
-            except aiohttp.ClientError as exc:
-                raise fail(KUBE_REASON, f"Kubernetes API unreachable: {type(exc).__name__}") from None
+            async with self._session.request(method, self._server + path, json=json, headers=headers) as response:
+                if response.status == 401 and attempt == 1:
+                    await self._reset()  # a rotated service-account token: log in again
+                    continue
+                if response.status == 404 and not_found is not None:
+                    raise OperatorError(not_found)
+                if response.status == 409 and conflict_ok:
+                    raise _Conflict()
+                if response.status == 403 and forbidden is not None:
+                    raise OperatorError(forbidden)
+                if response.status >= 400:
+                    raise fail(KUBE_REASON, f"Kubernetes API: {response.status} {_clean(response.reason)}")
+                try:
+                    answer = await response.json(content_type=None)
+                except ValueError:
+                    raise fail(KUBE_REASON, f"Kubernetes API: {response.status} with a body that is not JSON") from None
+                if not isinstance(answer, dict):
+                    raise fail(KUBE_REASON, "Kubernetes API: the answer is not a JSON object")
+                return answer
         raise fail(KUBE_REASON, "Kubernetes API: 401 Unauthorized")
 
     async def _reset(self) -> None:
@@ -231,11 +293,14 @@ class Kube:
             f"/api/v1/namespaces/{quote(namespace)}/configmaps?labelSelector={quote(label_selector)}",
             not_found=missing,
         )
-        items: list[dict[str, Any]] = found.get("items") or []
+        items = found.get("items") or []
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise fail(KUBE_REASON, "Kubernetes API: a ConfigMap list that is not a list of objects")
         return items
 
     async def create_configmap(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The created object, or None when one of that name exists already (409)."""
+        FENCE.check()
         try:
             created: dict[str, Any] = await self._request(
                 "POST", f"/api/v1/namespaces/{quote(namespace)}/configmaps", body, conflict_ok=True
@@ -257,6 +322,7 @@ class Kube:
 
     async def replace_configmap(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Optimistic update (``metadata.resourceVersion`` must match); None when it changed meanwhile."""
+        FENCE.check()
         name = body["metadata"]["name"]
         try:
             replaced: dict[str, Any] = await self._request(
@@ -269,6 +335,7 @@ class Kube:
     async def delete_configmap(self, namespace: str, name: str, resource_version: str | None = None) -> None:
         """Deletes (only that version, when given); a missing object counts as deleted."""
         options = {"preconditions": {"resourceVersion": resource_version}} if resource_version else None
+        FENCE.check()
         try:
             await self._request(
                 "DELETE",
@@ -323,13 +390,75 @@ class Kube:
             "GET", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}", not_found=missing
         )
         meta = secret.get("metadata") or {}
-        return SecretObject(
-            namespace,
-            name,
-            labels=dict(meta.get("labels") or {}),
-            annotations=dict(meta.get("annotations") or {}),
-            data=dict(secret.get("data") or {}),
-        )
+        try:
+            return SecretObject(
+                namespace,
+                name,
+                labels=_strings(meta.get("labels")),
+                annotations=_strings(meta.get("annotations")),
+                data=_strings(secret.get("data")),
+            )
+        except (AttributeError, TypeError, ValueError):
+            raise fail(KUBE_REASON, f"Kubernetes API: Secret {namespace}/{name} is not shaped as a Secret") from None
+
+    # ----- startup preconditions (app.check_preconditions) ----------------------------------------
+    async def served_resources(self, group_version: str) -> set[str] | None:
+        """The resources the API server serves under ``group/version`` (discovery; every
+        authenticated user may read it), or None when it serves no such version."""
+        found = await self._optional("GET", f"/apis/{group_version}")
+        if found is None:
+            return None
+        resources = found.get("resources") or []
+        return {str(r.get("name")) for r in resources if isinstance(r, dict)} if isinstance(resources, list) else set()
+
+    async def namespace_exists(self, namespace: str) -> bool | None:
+        """Whether ``namespace`` exists, told by a dry-run ConfigMap create (nothing is stored; the
+        operator may create ConfigMaps there, not read namespaces): 404 when it does not exist.
+        None when the identity may not create ConfigMaps there (403: the RBAC check says so)."""
+        probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "tio-preflight-"}}
+        path = f"/api/v1/namespaces/{quote(namespace)}/configmaps?dryRun=All"
+        try:
+            return await self._optional("POST", path, probe) is not None
+        except OperatorError as exc:
+            if exc.problem is _FORBIDDEN:
+                return None
+            raise
+
+    async def create_namespace(self, namespace: str) -> None:
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+        try:
+            await self._request("POST", "/api/v1/namespaces", body, conflict_ok=True)
+        except _Conflict:
+            return  # created meanwhile (another replica): as good
+
+    async def may(
+        self, verb: str, group: str, resource: str, namespace: str = "", name: str = "", subresource: str = ""
+    ) -> bool:
+        """A SelfSubjectAccessReview: whether the operator's own identity may do this."""
+        attributes = {
+            "verb": verb,
+            "group": group,
+            "resource": resource,
+            "namespace": namespace,
+            "name": name,
+            "subresource": subresource,
+        }
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {k: v for k, v in attributes.items() if v}},
+        }
+        answer = await self._request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review)
+        status = answer.get("status")
+        return isinstance(status, dict) and status.get("allowed") is True
+
+    async def _optional(self, method: str, path: str, body: Any = None) -> dict[str, Any] | None:
+        try:
+            return await self._request(method, path, body, not_found=_GONE, forbidden=_FORBIDDEN)
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
 
     async def create_event(self, namespace: str, event: dict[str, Any]) -> None:
         await self._request("POST", f"/api/v1/namespaces/{quote(namespace)}/events", event)
@@ -393,8 +522,19 @@ class Kube:
 
     async def close(self) -> None:
         await self._reset()
-        _remove(self._files)
-        self._files.clear()
+
+
+def _strings(value: Any) -> dict[str, str]:
+    """A map of strings from the API (labels, annotations, a Secret's data); raises TypeError otherwise."""
+    found = dict(value or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
+        raise TypeError("not a map of strings")
+    return found
+
+
+def _clean(text: str | None) -> str:
+    """A status line's reason phrase, as the server sent it: printable ASCII, bounded."""
+    return "".join(ch for ch in (text or "") if " " <= ch <= "~")[:80]
 
 
 ACTION_BY_REASON = {"Created": "Create", "Adopted": "Adopt", "Deleted": "Delete", "DeleteFailed": "Delete"}

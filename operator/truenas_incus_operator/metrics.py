@@ -87,12 +87,23 @@ class ClientFacts(Protocol):
     def transport(self) -> _Named: ...
 
 
+SAME_OUTAGE_SECONDS = 60.0
+"""A connection that comes back up within this long of its transport's own reconnect recovers from
+the same outage (``tio_truenas_reconnects`` counts it once)."""
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, connection_names: bool = True) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        connection_names: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """``connection_names``: label TrueNASConnections ``namespace/name``; False (the operator's
         default, ``TIO_METRICS_CONNECTION_NAMES``): a pseudonym (``connection_label``)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         self.connection_names = connection_names
+        self.clock = clock
         self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
         """Per connection label: the (metric, label values) it has, so that forgetting it removes all."""
         r = self.registry
@@ -191,6 +202,8 @@ class Metrics:
         self._resources: dict[Any, tuple[str, str, str]] = {}
         self._ever_up: set[str] = set()
         self._announced: set[str] = set()
+        self._transport_reconnected: dict[str, float] = {}
+        """When each connection's transport last re-established itself (``reconnected``)."""
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -277,7 +290,8 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 self.info.remove(label)
             return
-        if connection in self._ever_up:
+        counted = self._transport_reconnected.pop(connection, None)
+        if connection in self._ever_up and (counted is None or self.clock() - counted > SAME_OUTAGE_SECONDS):
             self.series(connection, self.reconnects).inc()
         self._ever_up.add(connection)
         self.series(connection, self.up).set(1)
@@ -285,11 +299,18 @@ class Metrics:
             {"version": client.system_version, "api_family": client.api_family, "transport": client.transport.name}
         )
 
+    def transport_reconnected(self, connection: str) -> None:
+        """The transport re-established itself (JSON-RPC). Counted here; the connection coming back up
+        soon after (a read failed during the same gap) is the same outage, not a second one."""
+        self.series(connection, self.reconnects).inc()
+        self._transport_reconnected[connection] = self.clock()
+
     def forget_connection(self, connection: str) -> None:
         """The connection was closed for good (removed or reconfigured): every series of it goes
         (counters too: a deleted tenant's connection is not listed for ever; Prometheus takes a
         reconfigured connection's restart from zero as a counter reset)."""
         self._ever_up.discard(connection)
+        self._transport_reconnected.pop(connection, None)
         label = self.connection_label(connection)
         for metric, values in self._series.pop(label, set()):
             with contextlib.suppress(KeyError):
@@ -359,7 +380,7 @@ class ConnectionObserver:
             self.metrics.series(self.connection, self.metrics.event_lag).observe(lag)
 
     def reconnected(self) -> None:
-        self.metrics.series(self.connection, self.metrics.reconnects).inc()
+        self.metrics.transport_reconnected(self.connection)
 
     def base_collected(self) -> None:
         """The VM backend deleted an unused cached base (backends/vm.py ``collect_bases``)."""

@@ -858,6 +858,7 @@ class TrueNASConnectionStatus(_Model):
     )
     version: str | None = Field(None, description="TrueNAS version, e.g. TrueNAS-25.10.1.")
     api_version: str | None = Field(None, description="The API version the operator speaks, e.g. v25.10.0.")
+    transport: str | None = Field(None, description="The transport in use: websocket (JSON-RPC) or rest.")
     api_family: str | None = Field(
         None,
         description=("The API families used for instances: virt.instance or container, with +vm where VMs use vm.*."),

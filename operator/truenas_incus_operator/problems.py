@@ -5,6 +5,8 @@
   when the caller should try again at a set time, ``retry_after`` seconds.
 - ``problem_of(exc)``: the one table from an error's kind to its reason. The TrueNAS client raises
   the specific error (``ImageNotFound``, ``AlreadyExists``, ...); nothing here reads messages.
+  Anything else (a bug: neither the Kubernetes edge, ``kube.py``, nor the TrueNAS client lets a
+  foreign exception out) is ``InternalError``, which the instance loop reports and retries.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .truenas.errors import (
     ImageNotFound,
     ImageServerError,
     JobFailed,
+    MalformedAnswer,
     NotAuthorized,
     TransportError,
     TrueNASError,
@@ -58,10 +61,14 @@ REASON_BY_ERROR: tuple[tuple[type[TrueNASError], str], ...] = (
     (AuthenticationFailed, "AuthenticationFailed"),
     (NotAuthorized, "NotAuthorized"),
     (APIUnavailable, "APIUnavailable"),
+    (MalformedAnswer, "MalformedAnswer"),
     (TransportError, "Unreachable"),
     (CallFailed, "CallFailed"),
     (TrueNASError, "CallFailed"),
 )
+
+INTERNAL_ERROR = "InternalError"
+"""The reason of anything outside both error trees (``problem_of``)."""
 
 # Problems that mean "not there yet" rather than "wrong": the connection is still being set up.
 WAITING_REASONS = frozenset({"Connecting", "ConnectionNotFound", "Unreachable", "NoConnection"})
@@ -74,4 +81,4 @@ def problem_of(exc: BaseException) -> Problem:
     if isinstance(exc, TrueNASError):
         reason = next(reason for kind, reason in REASON_BY_ERROR if isinstance(exc, kind))
         return Problem(reason, str(exc) if isinstance(exc, ValidationFailed) else exc.message)
-    return Problem("InternalError", f"{type(exc).__name__}: {exc}")
+    return Problem(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
             "to notice device changes made outside the operator. 0: only on spec changes and restarts."
         ),
     )
+    kube_timeout_seconds: float = Field(
+        60.0, gt=0, description="Seconds for one of the operator's own Kubernetes API requests (status, ledger, Lease)."
+    )
     kube_connections: int = Field(
         32,
         ge=0,

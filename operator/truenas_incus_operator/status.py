@@ -353,6 +353,7 @@ def render_connection(
     api_version: str | None = None,
     api_family: str | None = None,
     secure: ConditionUpdate | None = None,
+    transport: str | None = None,
 ) -> TrueNASConnectionStatus:
     """A TrueNASConnection's status; what was learned while connected stays while it is not.
     ``secure`` (from ``secure_condition``) adds the Secure condition."""
@@ -364,6 +365,7 @@ def render_connection(
         version=version or before.get("version"),
         api_version=api_version or before.get("apiVersion"),
         api_family=api_family or before.get("apiFamily"),
+        transport=transport or before.get("transport"),
         observed_generation=generation,
     )
 

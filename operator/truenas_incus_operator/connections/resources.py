@@ -233,7 +233,8 @@ class ConnectionResources:
             generation=reported.generation,
             now=utc_now(),
             version=client.system_version if client else None,
-            api_version=client.transport.name if client else None,
+            api_version=client.transport.api_version if client else None,
+            transport=client.transport.name if client else None,
             api_family=client.api_family if client else None,
             secure=secure,
         )

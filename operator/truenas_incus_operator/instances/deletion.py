@@ -18,7 +18,7 @@ from ..settings import Settings
 from ..truenas import NotFound, TrueNASError
 from .executor import Executor
 from .ledger import Ledger, Record
-from .reporter import Reporter
+from .reporter import Reporter, backoff_delay
 from .resource import LoopState, ResourceKey, deletion_view, resource_key
 
 CONNECT_WAIT_SECONDS = 10.0
@@ -90,7 +90,7 @@ class Deletion:
         except TrueNASError as exc:
             reason = problem_of(exc)
             problem = Problem("DeleteFailed", f"{reason.reason}: {reason.message}")
-        delay = min(self.settings.retry_max_seconds, self.settings.retry_min_seconds * 2.0**retry)
+        delay = backoff_delay(self.settings, retry)
         with contextlib.suppress(OperatorError):  # the status is a report; deletion goes on either way
             # Nothing was observed here (None is "not looked at", not "gone"): the status keeps what it saw.
             await self.reporter.write(state, desired, None, problem=problem, version=version, connected=False)
@@ -118,12 +118,15 @@ class Deletion:
         ours = replace(
             desired, spec=desired.spec.model_copy(update={"name": fresh.instance}), ownership=Ownership(mine=True)
         )
+        waited: str | None = None
         for _ in range(DELETE_ATTEMPTS):
             observed = await connection.refresh_one(fresh.instance)
             current = plan_delete(ours, observed)
             if current.waiting:
+                waited = current.waiting
                 await asyncio.sleep(1)
                 continue
+            waited = None
             if not current.actions:
                 client = connection.client
                 if (
@@ -138,6 +141,7 @@ class Deletion:
                     )
                 if observed is None and fresh.state == "creating" and client is not None:
                     # Its create never finished: what it made before the instance existed goes too.
+                    self.executor.fence.check()
                     await client.instances.discard_unfinished(fresh.instance)
                 await self.ledger.release(fresh)
                 return
@@ -147,4 +151,7 @@ class Deletion:
                     await self.executor.execute(body, state, ours, connection, observed, action)
                 except NotFound:
                     connection.remember_gone(fresh.instance)
+        if waited is not None:
+            # Nothing was deleted: TrueNAS was busy with the instance the whole time.
+            raise fail("DeleteFailed", f"waiting to delete the instance: {waited}; will retry")
         raise fail("DeleteFailed", "the instance is still there after deleting it")

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..connections import Connection
+from ..kube import FENCE, Fence
 from ..metrics import Metrics
 from ..models import JobStatus, Phase
 from ..problems import OperatorError, fail
@@ -21,6 +22,7 @@ from ..reconcile import (
     Create,
     Delete,
     Desired,
+    Plan,
     RemoveDevice,
     Start,
     Stop,
@@ -85,8 +87,12 @@ def describe_device_action(action: Action) -> str:
 
 
 class Executor:
-    def __init__(self, ledger: Ledger, reporter: Reporter, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, ledger: Ledger, reporter: Reporter, metrics: Metrics | None = None, fence: Fence = FENCE
+    ) -> None:
         self.ledger = ledger
+        self.fence = fence
+        """Checked before every action: no write to TrueNAS without a proven Lease (election on)."""
         self.reporter = reporter
         self.metrics = metrics if metrics is not None else Metrics()
         self.creating: set[ResourceKey] = set()
@@ -106,6 +112,7 @@ class Executor:
     ) -> bool:
         """Carries out ``action``; True when the rest of the plan is void and the caller must re-plan
         (a claim found this resource's own record: another actor, or an earlier pass, made it)."""
+        self.fence.check()
         with self.metrics.action(action):
             return await self._execute(body, state, desired, connection, observed, action)
 
@@ -144,6 +151,9 @@ class Executor:
         if isinstance(action, Create):
             await self._create(body, state, desired, connection, action, record, claimed)
         elif isinstance(action, Update):
+            # Ready=False (Progressing) for the new generation before the job: `kubectl wait
+            # --for=condition=Ready` after a spec change must not return on the old generation's True.
+            await self.reporter.write(state, desired, observed, plan=Plan(actions=(action,)), version=version)
             async with connection.job_slots.slot(desired.namespace):
                 connection.remember(await backend.update(name, action.changes))
         elif isinstance(action, AddDevice):
@@ -230,9 +240,7 @@ class Executor:
         # A transport error or a timeout is not an answer: the job may still run, the record stays.
         finally:
             self.creating.discard(key)
-            reporting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporting
+            await _stop_reporting(reporting)
         connection.remember(created)
         await self.ledger.set_state(record, "created")
         self.reporter.post_event(body, "Normal", "Created", f"created {created.type} {name} on TrueNAS")
@@ -244,11 +252,15 @@ class Executor:
             await asyncio.sleep(JOB_REPORT_SECONDS)
             current = job.status
             if current is not None and current != shown:
-                with contextlib.suppress(OperatorError):
+                try:
                     await self.reporter.write(
                         state, desired, None, activity=Phase.CREATING, job=current, version=connection.version
                     )
                     shown = current
+                except OperatorError:
+                    pass  # a report only; tried again with the next progress
+                except Exception:
+                    log.exception("%s/%s: cannot show the job's progress", desired.namespace, desired.name)
 
     async def stop(self, connection: Connection, namespace: str, name: str, timeout: int) -> None:
         """Graceful within ``timeout`` seconds, then forced."""
@@ -260,6 +272,20 @@ class Executor:
             except JobFailed as exc:
                 log.info("graceful stop of %s failed (%s); forcing", name, exc.message)
             await backend.stop(name, force=True)
+
+
+async def _stop_reporting(reporting: asyncio.Task[None]) -> None:
+    """Stops the progress reporter; whatever it ended with never replaces the create's own outcome
+    (a failed progress write masked a successful create: the ledger stayed ``creating``)."""
+    reporting.cancel()
+    try:
+        await reporting
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the create itself is being cancelled (the daemon stops): let that through
+    except Exception:
+        log.exception("the job progress reporter failed")
 
 
 def _backend(connection: Connection) -> InstanceBackend:

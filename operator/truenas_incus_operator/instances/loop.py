@@ -20,6 +20,7 @@ from ..policy import POLICY_REASON, Policy, Violation
 from ..problems import OperatorError, Problem, fail, problem_of
 from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
 from ..settings import Settings
+from ..status import clip
 from ..truenas import ObservedInstance, TrueNASError
 from .executor import Executor, describe_device_action, is_device_action
 from .ledger import Ledger, describe_holder
@@ -118,6 +119,14 @@ class InstanceLoops:
             version = connection.version if connection is not None else None
             # Not connected: TrueNAS was not asked, so nothing is known to be gone (status keeps what it saw).
             return await self.reporter.failed(body, state, desired, problem, observed, version, connected)
+        except Exception as exc:
+            # The last resort: a bug or an edge nobody mapped. Reported (status, one Event, the log
+            # with its traceback) and retried with backoff; the loop never dies of it. Nothing is
+            # known about the instance from this pass, so the status keeps its last observation.
+            log.exception("unexpected failure", extra=about(desired.namespace, desired.name))
+            problem = Problem("InternalError", clip(f"{type(exc).__name__}: {exc}", 512))
+            version = connection.version if connection is not None else None
+            return await self.reporter.failed(body, state, desired, problem, None, version, connected=False)
         state.failures = 0
         return self.settings.resync_seconds * random.uniform(0.9, 1.1)
 

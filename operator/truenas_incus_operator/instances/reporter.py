@@ -88,6 +88,8 @@ class Reporter:
             await self.write(state, desired, observed, problem=problem, version=version, connected=connected)
         except OperatorError as exc:
             log.warning("cannot write status: %s", exc.problem.message, extra=about(desired.namespace, desired.name))
+        except Exception:
+            log.exception("cannot write status", extra=about(desired.namespace, desired.name))
         kind = "Normal" if problem.reason in NORMAL_REASONS else "Warning"
         self.post_once(body, state, kind, problem.reason, problem.message)
         return self.backoff(state)
@@ -115,9 +117,14 @@ class Reporter:
 
     def backoff(self, state: LoopState) -> float:
         state.failures += 1
-        settings = self.settings
-        delay = min(settings.retry_max_seconds, settings.retry_min_seconds * 2.0 ** (state.failures - 1))
-        return delay * random.uniform(0.8, 1.2)
+        return backoff_delay(self.settings, state.failures - 1) * random.uniform(0.8, 1.2)
+
+
+def backoff_delay(settings: Settings, attempt: int) -> float:
+    """``retry_min * 2**attempt``, at most ``retry_max``; never overflows (a NAS gone for days
+    fails thousands of times: ``2.0 ** 1024`` raises OverflowError)."""
+    exponent = min(max(attempt, 0), 64)
+    return float(min(settings.retry_max_seconds, settings.retry_min_seconds * 2.0**exponent))
 
 
 def _holds_observation(status: Mapping[str, Any]) -> bool:

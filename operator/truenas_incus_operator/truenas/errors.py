@@ -2,7 +2,8 @@
 
     TrueNASError                       anything the client raises
     ├── TransportError                 could not reach TrueNAS, or the connection dropped
-    │   └── CallTimeout                no answer (or job end) within the timeout
+    │   ├── CallTimeout                no answer (or job end) within the timeout
+    │   └── MalformedAnswer            an answer that is not the API's shape (a 200 that is not JSON)
     ├── AuthenticationFailed           the API key was refused (wrong, revoked, expired)
     ├── NotAuthorized                  logged in, but the key's role may not do this
     ├── APIUnavailable                 the server lacks the API family (virt.* on TrueNAS 26, REST on 26)
@@ -40,6 +41,12 @@ class TransportError(TrueNASError):
 
 class CallTimeout(TransportError):
     """No answer within the timeout."""
+
+
+class MalformedAnswer(TransportError):
+    """The server answered, but not in the API's shape (a 200 whose body is not JSON, a reply that
+    is not an object, a job id that is not a number). A transport error, not ``CallFailed``: it
+    does not prove that TrueNAS did nothing (a create whose answer was mangled may have run)."""
 
 
 class AuthenticationFailed(TrueNASError):

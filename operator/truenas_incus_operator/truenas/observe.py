@@ -108,6 +108,14 @@ class ObservedTransport:
         self.inner.system_version = value
 
     @property
+    def api_version(self) -> str | None:
+        return self.inner.api_version
+
+    @api_version.setter
+    def api_version(self, value: str | None) -> None:
+        self.inner.api_version = value
+
+    @property
     def supports_events(self) -> bool:
         return self.inner.supports_events
 

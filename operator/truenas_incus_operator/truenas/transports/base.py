@@ -18,8 +18,10 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from ..errors import (
     AuthenticationFailed,
     CallFailed,
+    CallTimeout,
     FieldError,
     JobFailed,
+    MalformedAnswer,
     NotAuthorized,
     TransportError,
     TrueNASError,
@@ -113,11 +115,23 @@ def scrubbing(secret: Secret) -> Iterator[None]:
         _scrub_error(exc, secret)
         raise
     except Exception as exc:
-        text = f"{type(exc).__name__}: {exc}"
-        cleaned = secret.scrub(text)
-        if cleaned != text or _chain_leaks(exc, secret):
-            raise TransportError(cleaned) from None
-        raise
+        raise map_exception(exc, secret) from None
+
+
+def map_exception(exc: Exception, secret: Secret) -> TrueNASError:
+    """The one boundary of the TrueNAS edge (as httpx's ``map_exceptions``): whatever a library or a
+    malformed answer raised inside a transport leaves it as the client's own error, its text
+    scrubbed of the key. A timeout is ``CallTimeout``; a socket error ``TransportError``; an answer
+    that could not be read (``ValueError``, ``KeyError``, ``TypeError``, ... while taking it apart)
+    ``MalformedAnswer``; anything else ``TransportError``."""
+    text = secret.scrub(f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__)
+    if isinstance(exc, TimeoutError):
+        return CallTimeout(f"no answer from TrueNAS within the timeout ({text})")
+    if isinstance(exc, OSError):
+        return TransportError(f"cannot reach TrueNAS: {text}")
+    if isinstance(exc, ValueError | LookupError | TypeError | AttributeError | UnicodeError):
+        return MalformedAnswer(f"TrueNAS sent an answer the client cannot read: {text}")
+    return TransportError(text)
 
 
 class _HasOptions(Protocol):
@@ -185,6 +199,8 @@ class Transport(Protocol):
 
     name: str
     system_version: str | None
+    api_version: str | None
+    """The API version spoken: ``v25.10.1`` (JSON-RPC), ``v2.0`` (REST); None when not known."""
     supports_events: bool
 
     async def connect(self) -> None: ...

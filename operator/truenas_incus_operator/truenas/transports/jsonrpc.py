@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from ..errors import AuthenticationFailed, CallFailed, CallTimeout, TransportError, TrueNASError
+from ..errors import AuthenticationFailed, CallFailed, CallTimeout, MalformedAnswer, TransportError, TrueNASError
 from ..jobs import is_finished, job_result
 from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc, refuse_malformed_key, scrubbed
 
@@ -62,6 +62,8 @@ class JsonRpcTransport:
         self.options = options
         self.url = websocket_url(options.url, options.api_version)
         self.system_version: str | None = None
+        self.api_version: str | None = None
+        """The API version spoken (``/api/vXX.YY.Z``), None when the server does not say."""
         self.new_style_jobs = False
         self.on_reconnect: list[Callable[[], Awaitable[None] | None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -137,6 +139,29 @@ class JsonRpcTransport:
         await self._raw_call("core.subscribe", ["core.get_jobs"], self.options.connect_timeout)
         for collection in self._subscriptions:
             await self._raw_call("core.subscribe", [collection], self.options.connect_timeout)
+        self.api_version = await self._api_version()
+
+    async def _api_version(self) -> str | None:
+        """The pinned version, else the newest the server lists (``GET /api/versions``, which
+        ``/api/current`` speaks). Unauthenticated, no key sent; None when the server does not say."""
+        if self.options.api_version != "current":
+            return self.options.api_version
+        parts = urlsplit(self.url)
+        url = urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "/api/versions", "", ""))
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                url,
+                ssl=(self.options.ssl_context or True) if url.startswith("https") else False,
+                timeout=aiohttp.ClientTimeout(total=self.options.connect_timeout),
+            ) as response:
+                versions = await response.json(content_type=None) if response.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None
+        if isinstance(versions, list) and versions and isinstance(versions[-1], str):
+            newest = versions[-1]
+            return newest if re.fullmatch(r"v[0-9][0-9.]{0,30}", newest) else None
+        return None
 
     async def close(self) -> None:
         self._closed = True
@@ -325,7 +350,7 @@ class JsonRpcTransport:
             async with self._limit:
                 job_id = await self._raw_call(method, list(params), self.options.call_timeout)
             if not isinstance(job_id, int):
-                raise CallFailed(f"{method}: expected a job id, got {type(job_id).__name__}", method=method)
+                raise MalformedAnswer(f"{method}: expected a job id, got {type(job_id).__name__}")
             return await self.wait_job(job_id, timeout, on_progress)
         # New-style jobs (25.10): the answer comes when the job ends. The job's ADDED event names our
         # request id (message_ids), which is how a dropped connection or a failure finds the job.

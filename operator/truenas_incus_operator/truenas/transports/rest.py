@@ -22,6 +22,7 @@ from ..errors import (
     CallFailed,
     CallTimeout,
     FieldError,
+    MalformedAnswer,
     NotAuthorized,
     NotFound,
     TransportError,
@@ -90,6 +91,8 @@ class RestTransport:
         self.options = options
         self.base = rest_base(options.url)
         self.system_version: str | None = None
+        self.api_version: str | None = "v2.0"
+        """REST has one version, v2.0."""
         self._limit = asyncio.Semaphore(options.max_concurrent_calls)
         self._client: httpx.AsyncClient | None = None
 
@@ -176,7 +179,11 @@ class RestTransport:
     def _result(self, method: str, response: httpx.Response) -> Any:
         status = response.status_code
         if status == 200:
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:
+                kind = response.headers.get("content-type", "no content type").split(";")[0][:60]
+                raise MalformedAnswer(f"{method}: HTTP 200 with a body that is not JSON ({kind})") from None
         if status == 401:
             raise AuthenticationFailed("TrueNAS refused the API key (wrong, revoked or expired)")
         if status == 403:
@@ -210,7 +217,7 @@ class RestTransport:
     ) -> Any:
         job_id = await self.call(method, *params)
         if not isinstance(job_id, int):
-            raise CallFailed(f"{method}: expected a job id, got {type(job_id).__name__}", method=method)
+            raise MalformedAnswer(f"{method}: expected a job id, got {type(job_id).__name__}")
         return await self.wait_job(job_id, timeout, on_progress)
 
     @scrubbed
