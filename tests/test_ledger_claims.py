@@ -166,6 +166,24 @@ async def test_a_record_whose_resource_was_deleted_while_the_operator_was_down_i
     assert synced(fake, "web01") == ("True", "ReconcileSuccess")
 
 
+async def test_a_reaper_without_a_proven_lease_deletes_nothing() -> None:
+    """The reaper deletes on TrueNAS outside the executor's actions: it too stops at the Lease fence
+    (a paused leader's sweep must not delete what the new leader manages)."""
+    from truenas_incus_operator.kube import Fence
+
+    fake = fake_operator()
+    body = resource()
+    fake.kube.incus_instances[("apps", "web01")] = body
+    await one_pass(fake, body)
+    resource_gone(fake)
+    fence = Fence()
+    fence.arm(lambda: False, "Lease test/lease")
+    fake.operator.reaper.executor.fence = fence
+    assert await fake.operator.reaper.sweep() == 0
+    assert "web01" in fake.backend.instances, "deleted on TrueNAS without a proven Lease"
+    assert record_name(TRUENAS, "web01") in {name for _, name in fake.kube.configmaps}
+
+
 async def test_a_reaped_record_of_an_orphan_or_unknown_policy_only_releases_the_instance() -> None:
     fake = fake_operator()
     body = resource(deletionPolicy="Orphan")

@@ -264,6 +264,7 @@ class Executor:
 
     async def stop(self, connection: Connection, namespace: str, name: str, timeout: int) -> None:
         """Graceful within ``timeout`` seconds, then forced."""
+        self.fence.check()
         backend = _backend(connection)
         async with connection.job_slots.slot(namespace):
             try:

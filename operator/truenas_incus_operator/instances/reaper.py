@@ -87,6 +87,7 @@ class Reaper:
             return False  # the connection reaches another NAS now: never delete there
         backend = connection.client.instances
         observed = await connection.refresh_one(record.instance)
+        self.executor.fence.check()  # no delete on TrueNAS without a proven Lease (election on)
         if observed is not None:
             if observed.status == "RUNNING":
                 await self.executor.stop(connection, record.owner.partition("/")[0], record.instance, timeout=30)
