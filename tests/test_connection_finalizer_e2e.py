@@ -4,6 +4,7 @@ instances, so their teardown still has the credentials."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -60,6 +61,12 @@ def test_a_connection_in_use_waits_for_its_instances(harness: Harness, cluster: 
         what="the deletion to start",
     )
     assert FINALIZER in finalizers(cluster, namespace, "nas"), "held while an instance names it"
+    # Said once, by the operator (kopf's own "Handler ... failed temporarily" Events said `Action?`).
+    waiting = harness.wait_event(namespace, "nas", "InUse")
+    assert waiting["type"] == "Normal" and waiting["action"] == "Delete", waiting
+    assert "1 IncusInstance" in waiting["message"], waiting
+    time.sleep(6)  # the handler's next retry (5 s) posts nothing new
+    assert [e["reason"] for e in harness.events(namespace, "nas")].count("InUse") == 1
     assert harness.delete(namespace, name).returncode == 0  # its teardown still has the credentials
     assert name not in harness.instance_names()
     wait_until(
@@ -67,3 +74,5 @@ def test_a_connection_in_use_waits_for_its_instances(harness: Harness, cluster: 
         60,
         what="the connection to go once nothing names it",
     )
+    for event in harness.events(namespace, "nas") + harness.events(namespace, name):
+        assert event["reportingComponent"] == "truenas-incus-operator" and event["action"] != "Action?", event

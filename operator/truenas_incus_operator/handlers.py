@@ -11,7 +11,7 @@ from typing import Any, cast
 import kopf
 
 from .app import Operator, build
-from .kube import EVENT_COMPONENT, Events, Kube, kopf_login
+from .kube import Events, Kube, kopf_login
 from .models import API_GROUP, API_VERSION
 from .policy import PolicyError
 from .problems import OperatorError, Problem
@@ -41,13 +41,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
-    settings.posting.level = logging.WARNING
-    # Events come from the operator, as `kubectl describe` and `kubectl get events` show (not "kopf"/"dev"):
-    # the operator's own through kube.Events, kopf's (a handler failing) with the same names.
+    # Events come from the operator only (kube.Events: component, pod, action), as `kubectl describe`
+    # and `kubectl get events` show. kopf's own (a handler failing temporarily, at every retry) say
+    # `Action?` and repeat what the operator already reports once (DeleteFailed, InUse).
+    settings.posting.enabled = False
     settings_ = Settings()
     instance = settings_.pod_name or socket.gethostname()
-    settings.posting.reporting_component = EVENT_COMPONENT
-    settings.posting.reporting_instance = instance
     settings.networking.request_timeout = 60
     kube = Kube(settings_.kube_timeout_seconds)
     events = Events(kube, instance)
@@ -131,7 +130,7 @@ def _named_by_instances(namespace: str | None, name: str | None, **kwargs: Any) 
 
 
 @kopf.on.delete(*CONNECTIONS, when=_named_by_instances)
-async def connection_deleted(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+async def connection_deleted(body: kopf.Body, memo: kopf.Memo, retry: int, **kwargs: Any) -> None:
     """Keeps the finalizer (and the credentials last loaded) until no IncusInstance uses it. kopf
     holds the finalizer only while the filter matches: a connection that nothing names has none, so
     it is deleted at once, with or without the operator."""
@@ -139,7 +138,11 @@ async def connection_deleted(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) ->
     index = cast(kopf.Index[tuple[str, str], bool], kwargs["instances_by_connection"])
     users = index.get((namespace, name))
     if users:
-        raise kopf.TemporaryError(f"still used by {len(users)} IncusInstance(s); waiting for them to go", delay=5)
+        message = f"still used by {len(users)} IncusInstance(s); waiting for them to go"
+        if retry == 0:  # once per deletion, not at every retry
+            events: Events = memo["events"]
+            events(body, "Normal", "InUse", message)
+        raise kopf.TemporaryError(message, delay=5)
     await _operator(memo).connection_resources.remove(f"{namespace}/{name}")
 
 

@@ -537,7 +537,13 @@ def _clean(text: str | None) -> str:
     return "".join(ch for ch in (text or "") if " " <= ch <= "~")[:80]
 
 
-ACTION_BY_REASON = {"Created": "Create", "Adopted": "Adopt", "Deleted": "Delete", "DeleteFailed": "Delete"}
+ACTION_BY_REASON = {
+    "Created": "Create",
+    "Adopted": "Adopt",
+    "Deleted": "Delete",
+    "DeleteFailed": "Delete",
+    "InUse": "Delete",
+}
 """An Event's ``action`` (what the operator was doing); anything else happened while reconciling."""
 
 
