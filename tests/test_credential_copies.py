@@ -9,6 +9,7 @@ from typing import Any
 
 from truenas_incus_operator.connections import Connection, ConnectionConfig, ConnectionManager, ConnectionResources
 from truenas_incus_operator.connections.config import Loader
+from truenas_incus_operator.policy import Policy, Quota
 from truenas_incus_operator.settings import Settings
 
 from .fakes import LEDGER_NAMESPACE, FakeKube
@@ -22,8 +23,11 @@ class RecordingManager(ConnectionManager):
 
     def __init__(self) -> None:
         super().__init__(30.0, 300.0, 60.0, 900.0)
+        self.reloads: dict[str, Loader | None] = {}
+        """The loader each connection would call again after TrueNAS refused its key."""
 
     async def configure(self, key: str, config: ConnectionConfig, reload: Loader | None = None) -> Connection:
+        self.reloads[key] = reload
         connection = Connection(key, config, resync_seconds=30.0)
         connection.ready.set()
         self.connections[key] = connection
@@ -43,10 +47,10 @@ def connection_body(deleting: bool = False) -> dict[str, Any]:
     }
 
 
-def operator_process(kube: FakeKube) -> tuple[RecordingManager, ConnectionResources]:
+def operator_process(kube: FakeKube, policy: Policy | None = None) -> tuple[RecordingManager, ConnectionResources]:
     manager = RecordingManager()
     settings = Settings(ledger_namespace=LEDGER_NAMESPACE, credentials_secret=COPIES)
-    return manager, ConnectionResources(settings, kube, manager)
+    return manager, ConnectionResources(settings, kube, manager, policy)
 
 
 def with_key_secret() -> FakeKube:
@@ -99,3 +103,33 @@ async def test_the_copy_goes_with_the_connection_and_holds_the_key_only_in_its_d
     assert [(e["connection"], e["apiKey"]) for e in entries] == [("apps/nas", KEY)]
     await resources.remove("apps/nas")
     assert kube.secret_manifests[(LEDGER_NAMESPACE, COPIES)].get("data") in (None, {})
+
+
+async def test_a_key_rotated_after_truenas_refused_the_old_one_reaches_the_copy() -> None:
+    """The connection reloads its configuration itself when TrueNAS refuses the key (the documented
+    rotation): the copy must follow, or a teardown after a restart used the revoked key for ever."""
+    kube = with_key_secret()
+    manager, resources = operator_process(kube)
+    await resources.sync(connection_body())
+    rotated = "8-" + "r" * 64
+    kube.secrets[("apps", "nas-key", "apiKey")] = rotated
+    reload = manager.reloads["apps/nas"]
+    assert reload is not None
+    await reload()  # what Connection does on AuthenticationFailed
+    delete_key_secret(kube)
+    restarted_manager, restarted = operator_process(kube)
+    await restarted.sync(connection_body(deleting=True))
+    assert restarted_manager.connections["apps/nas"].config.api_key.reveal() == rotated
+
+
+async def test_a_connection_being_deleted_is_not_refused_by_the_quota() -> None:
+    """After a restart a connection being deleted is not yet in use: at the namespace's quota it
+    was refused (QuotaExceeded) and its instances' teardown never got credentials."""
+    kube = with_key_secret()
+    policy = Policy(default_quota=Quota(max_connections=1))
+    manager, resources = operator_process(kube, policy)
+    other = connection_body()
+    other["metadata"] = {**other["metadata"], "name": "other", "uid": "uid-other"}
+    await resources.sync(other)  # the namespace's one connection in use
+    await resources.sync(connection_body(deleting=True))
+    assert "apps/nas" in manager.connections, manager.problems

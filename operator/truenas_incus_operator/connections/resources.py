@@ -26,7 +26,7 @@ from ..policy import Policy
 from ..problems import OperatorError, Problem
 from ..settings import Settings
 from ..status import applied, as_patch, differs, render_connection, secure_condition, utc_now
-from .config import DEFAULT_KEY, Loader, resource_loader, settings_loader
+from .config import DEFAULT_KEY, ConnectionConfig, Loader, resource_loader, settings_loader
 from .connection import Connection
 from .credentials import CredentialCopies
 from .manager import ConnectionManager
@@ -111,14 +111,23 @@ class ConnectionResources:
         if self._reported[key].transport_security != security:
             self._reported[key].transport_security = security
             self._reported[key].verified = False  # Secure=True again only once this configuration connects
-        over = self._over_quota(namespace, key)
+        # A connection being deleted is not refused by the quota: its instances' teardown needs it.
+        over = None if deleting else self._over_quota(namespace, key)
         if over is not None:
             await self._unusable(key, over)
             if not deleting:
                 self._reload_later(key, body, attempt)  # a connection of the namespace may go meanwhile
             return
 
-        load = resource_loader(self.kube, namespace, spec, self.settings, self.policy, name)
+        read = resource_loader(self.kube, namespace, spec, self.settings, self.policy, name)
+
+        async def load() -> ConnectionConfig:
+            # Every load refreshes the copy, also the connection's own reload after TrueNAS refused
+            # the key: a rotated key must reach the copy a teardown may need after a restart.
+            loaded = await read()
+            await self.copies.keep(key, loaded)
+            return loaded
+
         reload: Loader | None = load
         try:
             config = await load()
@@ -135,8 +144,6 @@ class ConnectionResources:
                 "TrueNASConnection %s: %s; deleting its instances with the kept credentials", key, exc.problem.reason
             )
             config, reload = kept, None
-        else:
-            await self.copies.keep(key, config)
         connection = await self.manager.configure(key, config, reload=reload)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(connection.ready.wait(), 15)
