@@ -488,6 +488,27 @@ async def test_an_unused_base_is_collected_after_the_grace_period_and_a_used_one
         assert await vms.collect_bases(now=2200.0) == []
 
 
+async def test_the_resync_query_collects_bases_only_while_writes_are_allowed() -> None:
+    """Base collection deletes datasets from inside the resync query: a leader whose Lease is not
+    proven (``may_write``, the operator's fence) must not."""
+    async with serve("25.10") as (_, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        assert isinstance(c.instances, RoutingBackend)
+        vms = c.instances.vms
+        collected: list[float] = []
+
+        async def record(now: float) -> list[str]:
+            collected.append(now)
+            return []
+
+        vms.collect_bases = record  # type: ignore[method-assign]
+        vms.may_write = lambda: False
+        await vms.list_instances()
+        assert collected == []
+        vms.may_write = lambda: True
+        await vms.list_instances()
+        assert len(collected) == 1
+
+
 # ----- vm.device.convert: one lock, a queue of one (issue 23 item 1) ---------------------------------------------
 THREE_IMAGES = ("debian/bookworm", "ubuntu/noble", "fedora/42")
 

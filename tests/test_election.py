@@ -311,3 +311,36 @@ async def test_a_leader_past_its_renew_deadline_writes_nothing_to_truenas() -> N
     assert synced["reason"] == "LeaseNotHeld"
     with pytest.raises(OperatorError):
         fence.check()
+
+
+async def test_a_lease_that_lapses_while_waiting_for_a_job_slot_writes_nothing() -> None:
+    """The fence is checked again once the job slot is held: the wait for a slot (all taken by other
+    creates) and the status write before it can outlast the renew deadline."""
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from truenas_incus_operator.instances.resource import LoopState
+    from truenas_incus_operator.kube import Fence
+
+    from .fakes import fake_operator, resource
+
+    fake = fake_operator()
+    lapsed = False
+    fence = Fence()
+    fence.arm(lambda: not lapsed, "Lease test/lease")
+    fake.operator.loops.executor.fence = fence
+    slots = fake.connection.job_slots
+    take = slots.slot
+
+    @contextlib.asynccontextmanager
+    async def slow_slot(namespace: str) -> AsyncIterator[None]:
+        nonlocal lapsed
+        async with take(namespace):
+            lapsed = True  # the slot came after the renew deadline had passed
+            yield
+
+    slots.slot = slow_slot  # type: ignore[method-assign]
+    fake.backend.on_call = lambda call: pytest.fail(f"wrote to TrueNAS after the Lease lapsed: {call}")
+    await fake.operator.loops.reconcile_once(resource(), LoopState(status={}), lambda: None)
+    synced = next(c for c in fake.kube.statuses("web01")[-1]["conditions"] if c["type"] == "Synced")
+    assert synced["reason"] == "LeaseNotHeld"

@@ -61,6 +61,10 @@ class Fence:
     def disarm(self) -> None:
         self._proven = None
 
+    def is_open(self) -> bool:
+        """Whether writes may go now (no election, or the Lease proven)."""
+        return self._proven is None or self._proven()
+
     def check(self) -> None:
         """Raises ``OperatorError`` (LeaseNotHeld) when the election is on and the Lease is not proven."""
         if self._proven is not None and not self._proven():

@@ -9,6 +9,7 @@ import logging
 import random
 from collections.abc import Callable
 
+from ..kube import FENCE
 from ..metrics import Metrics
 from ..problems import Problem, problem_of
 from ..truenas import AuthenticationFailed, ObservedInstance, TransportError, TrueNASClient, TrueNASError, connect
@@ -131,6 +132,7 @@ class Connection:
             insecure_skip_verify=config.insecure_skip_verify,
             max_concurrent_calls=config.max_concurrent_calls,
             vm_image_server=config.vm_image_server,
+            may_write=FENCE.is_open,
             call_timeout=self.call_timeout,
             job_timeout=self.job_timeout,
             observer=self.metrics.truenas(self.key, config.max_concurrent_calls) if self.metrics else None,

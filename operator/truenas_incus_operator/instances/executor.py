@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from ..connections import Connection
@@ -154,7 +154,7 @@ class Executor:
             # Ready=False (Progressing) for the new generation before the job: `kubectl wait
             # --for=condition=Ready` after a spec change must not return on the old generation's True.
             await self.reporter.write(state, desired, observed, plan=Plan(actions=(action,)), version=version)
-            async with connection.job_slots.slot(desired.namespace):
+            async with self._slot(connection, desired.namespace):
                 connection.remember(await backend.update(name, action.changes))
         elif isinstance(action, AddDevice):
             await backend.add_device(name, action.device)
@@ -164,7 +164,7 @@ class Executor:
             await backend.delete_device(name, action.name)
         elif isinstance(action, Start):
             await self.reporter.write(state, desired, observed, activity=Phase.STARTING, version=version)
-            async with connection.job_slots.slot(desired.namespace):
+            async with self._slot(connection, desired.namespace):
                 await backend.start(name)
             await connection.refresh_one(name)
         elif isinstance(action, Stop):
@@ -172,7 +172,7 @@ class Executor:
             await self.stop(connection, desired.namespace, name, action.timeout)
             await connection.refresh_one(name)
         elif isinstance(action, Delete):
-            async with connection.job_slots.slot(desired.namespace):
+            async with self._slot(connection, desired.namespace):
                 await backend.delete(name)
             connection.remember_gone(name)
         if is_device_action(action):
@@ -180,6 +180,14 @@ class Executor:
                 await self.ledger.mark_devices_managed(record)  # removing them from the spec now removes them
             await connection.refresh_one(name)
         return False
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, connection: Connection, namespace: str) -> AsyncIterator[None]:
+        """A job slot, then the Lease fence again: the wait for a slot (and the status write before
+        it) can outlast the renew deadline, so the check at the action's start is not enough."""
+        async with connection.job_slots.slot(namespace):
+            self.fence.check()
+            yield
 
     def owned(self, desired: Desired, connection: Connection) -> Record:
         """The ledger record that lets ``desired`` write to its instance; raises otherwise."""
@@ -208,7 +216,7 @@ class Executor:
         job = JobReport()
         reporting = asyncio.create_task(self._report_job(job, state, desired, connection), name=f"job {name}")
         try:
-            async with connection.job_slots.slot(desired.namespace):
+            async with self._slot(connection, desired.namespace):
                 created = await _backend(connection).create(action.config, on_progress=job.update)
         except AlreadyExists:
             if claimed is not None and await self.ledger.release_own_claim(claimed):
@@ -266,7 +274,7 @@ class Executor:
         """Graceful within ``timeout`` seconds, then forced."""
         self.fence.check()
         backend = _backend(connection)
-        async with connection.job_slots.slot(namespace):
+        async with self._slot(connection, namespace):
             try:
                 await backend.stop(name, timeout=timeout)
                 return

@@ -41,6 +41,8 @@ class Reaper:
                 await self.sweep()
             except (OperatorError, TrueNASError) as exc:
                 log.warning("ownership ledger: sweep for vanished owners failed: %s", exc)
+            except Exception:  # a bug must not end the sweeps for the life of the process
+                log.exception("ownership ledger: sweep for vanished owners failed unexpectedly")
             await asyncio.sleep(INTERVAL_SECONDS)
 
     async def sweep(self) -> int:
@@ -91,6 +93,7 @@ class Reaper:
         if observed is not None:
             if observed.status == "RUNNING":
                 await self.executor.stop(connection, record.owner.partition("/")[0], record.instance, timeout=30)
+                self.executor.fence.check()  # the stop may have outlasted the renew deadline
             with contextlib.suppress(NotFound):
                 await backend.delete(record.instance)
             connection.remember_gone(record.instance)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backends.container import ContainerBackend
@@ -69,12 +70,15 @@ async def connect(
     connect_timeout: float = 10.0,
     observer: Observer | None = None,
     vm_image_server: str | ImageSource | None = None,
+    may_write: Callable[[], bool] = lambda: True,
 ) -> TrueNASClient:
     """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``.
 
     ``observer`` (observe.py) is told of every call, job and event through this client.
     ``vm_image_server``: the simplestreams server (or local mirror) VM images come from on ``vm.*``;
     unset: ``$TIO_VM_IMAGE_SERVER``, else the Linux Containers image server.
+    ``may_write``: asked before the client writes on its own (the VM backend's base collection during
+    the resync query); the operator passes its Lease fence.
     """
     secure = url.startswith(("wss://", "https://"))
     options = ConnectionOptions(
@@ -99,7 +103,7 @@ async def connect(
         await chosen.connect()
         version = parse_version(chosen.system_version)
         system_id = await read_system_id(chosen)
-        backend = await choose_backend(chosen, version, vm_image_server)
+        backend = await choose_backend(chosen, version, vm_image_server, may_write)
     except BaseException:
         await chosen.close()
         raise
@@ -130,13 +134,16 @@ async def read_system_id(transport: Transport) -> str:
 
 
 async def choose_backend(
-    transport: Transport, version: tuple[int, ...], vm_image_server: str | ImageSource | None = None
+    transport: Transport,
+    version: tuple[int, ...],
+    vm_image_server: str | ImageSource | None = None,
+    may_write: Callable[[], bool] = lambda: True,
 ) -> InstanceBackend:
     """The API family for instances on this server (product.md §4); from 25.04.2 on, VMs go to ``vm.*``
     (truenas-vm-container.md §1) through a routing backend beside the containers' family."""
     containers = await choose_container_backend(transport, version)
     if version >= (25, 4, 2) and transport.name == "websocket":  # the REST facade maps no vm.* routes
-        return RoutingBackend(containers, VMBackend(transport, version, vm_image_server))
+        return RoutingBackend(containers, VMBackend(transport, version, vm_image_server, may_write=may_write))
     return containers
 
 

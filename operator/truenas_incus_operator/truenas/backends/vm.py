@@ -167,9 +167,13 @@ class VMBackend:
         version: tuple[int, ...],
         image_server: str | ImageServer | ImageSource | None = None,
         arch: str = "amd64",
+        may_write: Callable[[], bool] = lambda: True,
     ) -> None:
         self.transport = transport
         self.version = version
+        self.may_write = may_write
+        """Whether this process may write to TrueNAS outside an action (the operator's Lease fence): the
+        resync query's base collection asks it first."""
         self.base_grace_seconds = BASE_GRACE_SECONDS
         """A cached base no VM clones is deleted once it has been unused this long (``collect_bases``)."""
         if isinstance(image_server, ImageSource):
@@ -309,7 +313,7 @@ class VMBackend:
         self._names.clear()
         observed = [self._remember(e) for e in entries]
         now = time.monotonic()
-        if now >= self._next_collect:  # once per resync interval at most, bounded by the grace period
+        if now >= self._next_collect and self.may_write():  # once per resync interval at most, bounded by the grace
             self._next_collect = now + max(60.0, min(self.base_grace_seconds / 4, 3600.0))
             try:
                 await self.collect_bases(now)
