@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from truenas_incus_operator.instances.resource import LoopState
-from truenas_incus_operator.status import printable
+from truenas_incus_operator.status import MAX_MESSAGE, printable
 from truenas_incus_operator.truenas import FieldError, InstanceConfig, ObservedInstance, ValidationFailed
 
 from .fakes import FakeBackend, fake_operator, resource
@@ -46,3 +46,20 @@ async def test_a_servers_control_characters_are_escaped_in_status_and_events() -
 def test_printable_leaves_ordinary_text_alone() -> None:
     assert printable("Image 'debian/bookworm' not found: ünïcode ok") == "Image 'debian/bookworm' not found: ünïcode ok"
     assert printable("a\tb\nc\u200bd") == "a\\tb\\nc\\u200bd"
+
+
+class FloodingBackend(FakeBackend):
+    async def create(self, config: InstanceConfig, on_progress: Any = None) -> ObservedInstance:
+        self._log(f"create {config.name}")
+        raise ValidationFailed([FieldError("virt_instance_create.image", "\U000e0041" * 5000)])
+
+
+async def test_escaping_never_makes_a_status_string_longer_than_the_crd_allows() -> None:
+    """Each format character becomes a 10-character escape: escaped after clipping, 5000 of them gave
+    a 40807-character condition message, over the CRD's maxLength, and every status write was refused."""
+    fake = fake_operator(FloodingBackend())
+    await fake.operator.loops.reconcile_once(resource(), LoopState(status={}), no_wake)
+    last = fake.kube.statuses("web01")[-1]
+    messages = [last["message"], *(c["message"] for c in last["conditions"])]
+    assert "\\U000e0041" in last["message"]
+    assert max(len(m) for m in messages) <= MAX_MESSAGE, [len(m) for m in messages]

@@ -396,7 +396,11 @@ def _escape(ch: str) -> str:
 
 def _printable_values(value: Any) -> Any:
     if isinstance(value, str):
-        return printable(value)
+        escaped = printable(value)
+        # An escape is up to 10 characters for one: clipped again, so that a string never grows past
+        # what it was or MAX_MESSAGE (the CRD's maxLength held for the original; a refused patch would
+        # stop every status write of the resource).
+        return escaped if escaped is value else clip(escaped, max(len(value), MAX_MESSAGE))
     if isinstance(value, dict):
         return {key: _printable_values(item) for key, item in value.items()}
     if isinstance(value, list):
