@@ -10,6 +10,7 @@ from truenas_incus_operator import handlers
 from truenas_incus_operator.crd import incus_instance_crd
 from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.kube import Events
+from truenas_incus_operator.metrics import Metrics
 from truenas_incus_operator.problems import Problem
 from truenas_incus_operator.status import secure_condition
 
@@ -59,13 +60,20 @@ def test_healthz_says_why_a_connection_is_down() -> None:
         return SimpleNamespace(ready=SimpleNamespace(is_set=lambda: ready), problem=problem)
 
     connections = {
-        "a/up": connection(True, None),
+        "<default>": connection(True, None),
         "a/key": connection(False, Problem("AuthenticationFailed", "refused")),
         "a/new": connection(False, Problem("Connecting", "connecting to wss://nas")),
     }
-    memo: Any = {"operator": SimpleNamespace(connections=SimpleNamespace(connections=connections))}
+    metrics = Metrics(connection_names=False)
+    memo: Any = {"operator": SimpleNamespace(connections=SimpleNamespace(connections=connections), metrics=metrics)}
     probe: Any = handlers.probe  # kopf's decorator keeps the function; its type wants kopf's kwargs
-    assert probe(memo=memo) == {"a/up": "ready", "a/key": "AuthenticationFailed", "a/new": "connecting"}
+    assert probe(memo=memo) == {
+        "<default>": "ready",
+        metrics.connection_label("a/key"): "AuthenticationFailed",
+        metrics.connection_label("a/new"): "connecting",
+    }
+    # Unauthenticated: a tenant's namespace and connection name are not listed (issue 19 item 9).
+    assert not any(key.startswith("a/") for key in probe(memo=memo))
 
 
 def test_secure_is_true_only_once_a_connection_was_verified() -> None:

@@ -81,9 +81,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.probe(id="truenas")
 def probe(memo: kopf.Memo, **_: Any) -> dict[str, str]:
-    """Per connection: ``ready``, ``connecting``, or why it is down (``AuthenticationFailed``, ``Unreachable``, ...)."""
-    connections = _operator(memo).connections.connections
-    return {key: _health(c.ready.is_set(), c.problem) for key, c in connections.items()}
+    """Per connection: ``ready``, ``connecting``, or why it is down (``AuthenticationFailed``, ``Unreachable``, ...).
+    Keyed as the metrics label connections (a pseudonym per TrueNASConnection unless names are opted
+    in): the endpoint has no authentication, so it does not list the tenants' resources."""
+    operator = _operator(memo)
+    label = operator.metrics.connection_label
+    return {label(key): _health(c.ready.is_set(), c.problem) for key, c in operator.connections.connections.items()}
 
 
 def _health(ready: bool, problem: Problem | None) -> str:
