@@ -141,6 +141,9 @@ def needs(settings: Settings, namespaces: Sequence[str] | None) -> list[Need]:
         found += [Need(v, "", "namespaces") for v in ("list", "watch")]
     ledger = settings.ledger_namespace
     found += [Need(verb, "", "configmaps", ledger) for verb in ("get", "list", "create", "update", "delete")]
+    # The credentials' copies for teardown across restarts (connections/credentials.py): without
+    # them a connection works, but a teardown after a restart may find no key.
+    found += [Need(verb, "", "secrets", ledger, settings.credentials_secret) for verb in ("get", "update")]
     if settings.leader_election:
         found.append(Need("create", "coordination.k8s.io", "leases", ledger))
         found += [Need(v, "coordination.k8s.io", "leases", ledger, settings.lease_name) for v in ("get", "update")]

@@ -343,7 +343,8 @@ def _roles_of(me: dict[str, Any]) -> tuple[list[str], bool]:
 
 
 async def _roles(report: Report, client: TrueNASClient) -> None:
-    calls: dict[str, tuple[str, ...]] = {"read": (), "write": ()}
+    # Every connect reads the NAS's identity (client.read_system_id; ownership keys on it).
+    calls: dict[str, tuple[str, ...]] = {"read": ("system.global.id",), "write": ()}
     for family in families(client):
         for kind, methods in OPERATOR_CALLS.get(family, {}).items():
             calls[kind] = calls[kind] + methods

@@ -6,7 +6,8 @@ A configuration that cannot be loaded (its Secret missing, not labelled, bound t
 is loaded again with a backoff of 1 s doubling to at most ``RELOAD_MAX_SECONDS``, until it loads or
 the resource changes: a Secret created or corrected later is used without touching the resource.
 Not a Secret watch: kopf would need ``list``/``watch`` on every Secret the operator may read, and
-the operator's RBAC stays ``get`` only (docs/security.md). One GET per Secret per 10 s at most, and
+the operator's RBAC on tenants' Secrets stays ``get`` only (docs/security.md; the one Secret it
+writes is its credentials' copies, by name, in its own namespace). One GET per Secret per 10 s at most, and
 only for connections that cannot be used."""
 
 from __future__ import annotations
