@@ -329,7 +329,15 @@ def test_delete_failed(harness: Harness, namespace: str) -> None:
         assert event["type"] == "Warning" and "Simulated failure of virt.instance.delete" in event["message"]
         described = harness.cluster.kubectl("describe", "incusinstance", "fx-delete", "-n", namespace).stdout
         assert "DeleteFailed" in described
-        capture(harness, namespace, "fx-delete", "progressing_delete_failed.yaml")
+        # Between failures a retry shows Ready "the operator is deleting the instance" (Synced stays
+        # False/DeleteFailed): capture the state the failure leaves, as the fixture records it.
+        capture(
+            harness,
+            namespace,
+            "fx-delete",
+            "progressing_delete_failed.yaml",
+            until=lambda status: "see the Synced condition" in str(status.get("conditions")),
+        )
     finally:
         harness.sim.run(lambda: harness.sim.sim.knobs.error_rates.clear())
     harness.cluster.wait_for(lambda: not harness.exists(namespace, "fx-delete"), what="the deletion to finish")

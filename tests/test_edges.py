@@ -455,7 +455,7 @@ async def test_each_missing_precondition_is_named_with_its_fix() -> None:
     assert "serves no incus.truenas.io/v1alpha1: the CRDs are not installed" in problems[1]
 
 
-def test_the_needs_cover_the_lease_only_with_election_and_discovery_only_cluster_wide() -> None:
+def test_the_needs_cover_the_lease_only_with_election_and_discovery_only_when_kopf_scans() -> None:
     from truenas_incus_operator.app import needs
     from truenas_incus_operator.settings import Settings
 
@@ -463,8 +463,16 @@ def test_the_needs_cover_the_lease_only_with_election_and_discovery_only_cluster
     assert "get secrets in namespace a" in named and "get secrets in namespace b" in named
     assert not any("lease" in n or "customresourcedefinitions" in n for n in named)
     wide = {str(n) for n in needs(Settings(ledger_namespace="l", leader_election=True, lease_name="x"), None)}
-    assert "list customresourcedefinitions.apiextensions.k8s.io in every namespace (cluster-wide)" in wide
+    assert "get secrets in every namespace (cluster-wide)" in wide
     assert "update leases.coordination.k8s.io 'x' in namespace l" in wide
+    # kopf scans (CRDs, namespaces) only for namespace patterns: -A needs no cluster-wide CRD rights,
+    # which the chart does not grant (a CRD being deleted would stop being served, its delete hang).
+    assert not any(
+        "customresourcedefinitions" in n or n.startswith(("list namespaces", "watch namespaces")) for n in wide
+    )
+    scanning = {str(n) for n in needs(Settings(ledger_namespace="l"), None, scanning=True)}
+    assert "list customresourcedefinitions.apiextensions.k8s.io in every namespace (cluster-wide)" in scanning
+    assert "watch namespaces in every namespace (cluster-wide)" in scanning
 
 
 # ----- item 6: the connection's status says the API version and the transport apart -----------------------

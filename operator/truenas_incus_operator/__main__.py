@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = Settings()
     watched = None if args.all_namespaces or not args.namespace or patterns else list(args.namespace)
-    problems = asyncio.run(_preconditions(settings, watched))
+    problems = asyncio.run(_preconditions(settings, watched, scanning=patterns))
     if problems:
         for problem in problems:
             print(f"truenas-incus-operator: refusing to start: {problem}", file=sys.stderr)
@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _preconditions(settings: Settings, namespaces: list[str] | None) -> list[str]:
+async def _preconditions(settings: Settings, namespaces: list[str] | None, scanning: bool) -> list[str]:
     """The ledger namespace, the CRDs and their served version, and the RBAC (app.check_preconditions)."""
     from .app import check_preconditions
     from .kube import Kube
@@ -115,7 +115,7 @@ async def _preconditions(settings: Settings, namespaces: list[str] | None) -> li
 
     kube = Kube(settings.kube_timeout_seconds)
     try:
-        return await check_preconditions(settings, kube, namespaces)
+        return await check_preconditions(settings, kube, namespaces, scanning)
     except OperatorError as exc:
         return [f"cannot check the cluster's preconditions: {exc.problem.message}"]
     finally:

@@ -124,11 +124,12 @@ class Need:
 SERVED = ("incusinstances", "incusinstances/status", "truenasconnections", "truenasconnections/status")
 
 
-def needs(settings: Settings, namespaces: Sequence[str] | None) -> list[Need]:
+def needs(settings: Settings, namespaces: Sequence[str] | None, scanning: bool = False) -> list[Need]:
     """What the operator does with the API: kopf watches and patches (finalizers, annotations) both
-    kinds and posts Events; the loops patch status and read Secrets; the ledger's ConfigMaps and the
-    election's Lease live in the ledger namespace. ``namespaces`` None: cluster-wide (kopf then also
-    lists and watches CRDs and namespaces)."""
+    kinds; the operator posts Events, patches status and reads Secrets; the ledger's ConfigMaps and
+    the election's Lease live in the ledger namespace. ``namespaces`` None: in every namespace.
+    ``scanning``: kopf also lists and watches CRDs and namespaces (only for namespace patterns;
+    __main__ turns kopf's scanning off otherwise)."""
     found: list[Need] = []
     for namespace in namespaces or [""]:
         for resource in ("incusinstances", "truenasconnections"):
@@ -136,7 +137,7 @@ def needs(settings: Settings, namespaces: Sequence[str] | None) -> list[Need]:
             found.append(Need("patch", API_GROUP, resource, namespace, subresource="status"))
         found.append(Need("get", "", "secrets", namespace))
         found.append(Need("create", "", "events", namespace))
-    if namespaces is None:
+    if scanning:
         found += [Need(v, "apiextensions.k8s.io", "customresourcedefinitions") for v in ("list", "watch")]
         found += [Need(v, "", "namespaces") for v in ("list", "watch")]
     ledger = settings.ledger_namespace
@@ -150,7 +151,9 @@ def needs(settings: Settings, namespaces: Sequence[str] | None) -> list[Need]:
     return found
 
 
-async def check_preconditions(settings: Settings, kube: Kube, namespaces: Sequence[str] | None) -> list[str]:
+async def check_preconditions(
+    settings: Settings, kube: Kube, namespaces: Sequence[str] | None, scanning: bool = False
+) -> list[str]:
     """What keeps the operator from working, each a sentence naming the thing and the fix; [] when
     nothing does. Creates the ledger namespace when it is missing and the operator may create
     namespaces (and says so). Raises ``OperatorError`` when the API server cannot be asked."""
@@ -177,7 +180,7 @@ async def check_preconditions(settings: Settings, kube: Kube, namespaces: Sequen
             f"the API server's {API_GROUP}/{API_VERSION} lacks {', '.join(missing)}: the installed CRDs are not "
             "this version's; `kubectl apply -f crds/`"
         )
-    denied = [need for need in needs(settings, namespaces) if not await _may(kube, need)]
+    denied = [need for need in needs(settings, namespaces, scanning) if not await _may(kube, need)]
     if denied:
         problems.append(
             "the operator's identity may not: " + "; ".join(map(str, denied)) + " (the chart's RBAC grants these)"
