@@ -313,16 +313,17 @@ class Kube:
             return None
         return created
 
-    async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+    async def _get(self, path: str) -> dict[str, Any] | None:
+        """The object at ``path``, or None on a 404; every other failure raises as ``_request`` does."""
         try:
-            found: dict[str, Any] = await self._request(
-                "GET", f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}", not_found=_GONE
-            )
+            return await self._request("GET", path, not_found=_GONE)
         except OperatorError as exc:
             if exc.problem is _GONE:
                 return None
             raise
-        return found
+
+    async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get(f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}")
 
     async def replace_configmap(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Optimistic update (``metadata.resourceVersion`` must match); None when it changed meanwhile."""
@@ -361,13 +362,7 @@ class Kube:
         return f"{path}/{quote(name)}" if name else path
 
     async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = await self._request("GET", self._lease_path(namespace, name), not_found=_GONE)
-        except OperatorError as exc:
-            if exc.problem is _GONE:
-                return None
-            raise
-        return found
+        return await self._get(self._lease_path(namespace, name))
 
     async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The created Lease, or None when another candidate created it first (409)."""
@@ -470,15 +465,7 @@ class Kube:
     # ----- the operator's own Secret (credential copies, in its namespace) --------------------------
     async def read_secret_manifest(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The whole Secret (with ``resourceVersion``), or None when it does not exist."""
-        try:
-            found: dict[str, Any] = await self._request(
-                "GET", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}", not_found=_GONE
-            )
-        except OperatorError as exc:
-            if exc.problem is _GONE:
-                return None
-            raise
-        return found
+        return await self._get(f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}")
 
     async def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The created Secret, or None when one of that name exists already (409)."""
@@ -503,26 +490,15 @@ class Kube:
 
     async def read_incus_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
         """An IncusInstance, or None when it does not exist (the ledger's reaper asks)."""
-        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/incusinstances/{quote(name)}"
-        try:
-            found: dict[str, Any] = await self._request("GET", path, not_found=_GONE)
-        except OperatorError as exc:
-            if exc.problem is _GONE:
-                return None
-            raise
-        return found
+        return await self._get(
+            f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/incusinstances/{quote(name)}"
+        )
 
     async def incus_instances_served(self, namespace: str) -> bool:
         """Whether the API server serves IncusInstances in ``namespace`` (a 404 there: the CRD is
         missing, so a 404 for one of them proves nothing)."""
         path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/incusinstances?limit=1"
-        try:
-            await self._request("GET", path, not_found=_GONE)
-        except OperatorError as exc:
-            if exc.problem is _GONE:
-                return False
-            raise
-        return True
+        return await self._get(path) is not None
 
     async def close(self) -> None:
         await self._reset()
