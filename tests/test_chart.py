@@ -412,8 +412,9 @@ def can_i(cluster: Cluster, verb: str, resource: str, namespace: str | None = No
 
 
 def forbidden(logs: str) -> list[str]:
-    """Lines where the API server refused the operator something."""
-    return [line for line in logs.splitlines() if "Forbidden" in line or re.search(r"\b403\b", line)]
+    """Lines where the API server refused the operator something (a status 403; not a quoted value such
+    as a resourceVersion that happens to be '403' in kopf's debug lines)."""
+    return [line for line in logs.splitlines() if "Forbidden" in line or re.search(r"(?<!['\"])\b403\b(?!['\"])", line)]
 
 
 def lifecycle(harness: Harness, namespace: str) -> None:
