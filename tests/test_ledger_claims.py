@@ -99,6 +99,43 @@ async def test_two_operators_leave_the_instance_owned_when_one_create_finds_the_
     assert synced(b, "web01") == ("True", "ReconcileSuccess")
 
 
+async def test_an_operator_that_read_the_record_at_startup_joins_it_before_it_creates() -> None:
+    """CI, stop 28: operator B started while A's create waited, so B *loaded* A's fresh record
+    (state ``creating``, same UID) instead of meeting it with a 409, and created without joining
+    it. B's create won; A's was refused (AlreadyExists) and A released the record it had created,
+    which nobody had joined: B's instance was left with no owner, and both reported AlreadyExists."""
+    a, b, backend = two_operators()
+    body = resource()
+    backend.gate = asyncio.Event()
+    b_pass: asyncio.Task[LoopState] | None = None
+
+    async def b_starts_and_creates() -> None:
+        nonlocal b_pass
+        await b.operator.ledger.load()  # B's startup, after A's claim
+        b_pass = asyncio.create_task(one_pass(b, body))
+        for _ in range(200):
+            if "web01" in backend.creating:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("B never called create")
+
+    backend.before_create = b_starts_and_creates
+    await one_pass(a, body)
+    assert b_pass is not None
+    backend.gate.set()
+    await b_pass
+    key = (LEDGER_NAMESPACE, record_name(TRUENAS, "web01"))
+    assert "web01" in backend.instances
+    assert key in a.kube.configmaps, "the instance B created for this resource has an owner"
+    assert a.kube.configmaps[key]["data"]["ownerUID"] == "uid-web01"
+    await one_pass(a, body)
+    await one_pass(b, body)
+    assert a.kube.configmaps[key]["data"]["state"] == "created"
+    assert backend.made == 1
+    assert synced(a, "web01") == ("True", "ReconcileSuccess")
+    assert synced(b, "web01") == ("True", "ReconcileSuccess")
+
+
 def message(fake: FakeOperator, name: str) -> str:
     text: str = fake.kube.statuses(name)[-1]["message"]
     return text

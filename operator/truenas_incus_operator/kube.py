@@ -326,15 +326,24 @@ class Kube:
         return await self._get(f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}")
 
     async def replace_configmap(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """Optimistic update (``metadata.resourceVersion`` must match); None when it changed meanwhile."""
+        """Optimistic update (``metadata.resourceVersion`` must match); None when it changed meanwhile
+        (a 409) or is gone (a 404): either way the caller reads it again."""
         FENCE.check()
         name = body["metadata"]["name"]
         try:
             replaced: dict[str, Any] = await self._request(
-                "PUT", f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}", body, conflict_ok=True
+                "PUT",
+                f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}",
+                body,
+                not_found=_GONE,
+                conflict_ok=True,
             )
         except _Conflict:
             return None
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
         return replaced
 
     async def delete_configmap(self, namespace: str, name: str, resource_version: str | None = None) -> None:

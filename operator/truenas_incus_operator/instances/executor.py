@@ -149,6 +149,14 @@ class Executor:
             return False
         record = self.owned(desired, connection)
         if isinstance(action, Create):
+            if claimed is None:
+                # A record this plan did not claim (read at startup, an earlier pass's, another
+                # actor's of this resource): joined first, so whoever claimed it cannot release it
+                # while this create runs.
+                joined = await self.ledger.join(record)
+                if joined is None:
+                    return True  # released or taken meanwhile: plan again
+                record = joined
             await self._create(body, state, desired, connection, action, record, claimed)
         elif isinstance(action, Update):
             # Ready=False (Progressing) for the new generation before the job: `kubectl wait

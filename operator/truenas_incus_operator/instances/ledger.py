@@ -190,15 +190,31 @@ class Ledger:
                 raise fail(
                     "Conflict", f"the instance {instance!r} is already managed by {describe_holder(held, owner)}"
                 )
-            joined = await self.kube.replace_configmap(
-                self.namespace, replace(held, joins=held.joins + 1).manifest(self.namespace)
-            )
+            joined = await self.join(held)
             if joined is None:
-                continue  # changed meanwhile: read it again
-            record = Record.from_manifest(joined) or held
-            self.records[(truenas, instance)] = record
-            return record
+                continue  # released or taken meanwhile: try again
+            return joined
         raise fail("Conflict", f"the ownership record of {instance!r} kept changing; will retry")
+
+    async def join(self, record: Record) -> Record | None:
+        """Marks ``record`` as joined by one more actor of its owner (bumps ``joins``): done before
+        every create call that did not claim the record itself (a record read at startup, an
+        earlier pass's), so the actor that did claim it can no longer release it (its release is
+        conditional on the version it created). None when the record is gone or held by another
+        owner now: the caller plans again."""
+        current: Record | None = record
+        for _ in range(CLAIM_ATTEMPTS):
+            if current is None or current.owner_uid != record.owner_uid:
+                return None
+            joined = await self.kube.replace_configmap(
+                self.namespace, replace(current, joins=current.joins + 1).manifest(self.namespace)
+            )
+            if joined is not None:
+                fresh = Record.from_manifest(joined) or replace(current, joins=current.joins + 1)
+                self.records[(record.truenas, record.instance)] = fresh
+                return fresh
+            current = await self.reread(record.truenas, record.instance)
+        raise fail("Conflict", f"the ownership record of {record.instance!r} kept changing; will retry")
 
     async def set_state(self, record: Record, state: str) -> Record:
         return await self._update(record, lambda r: replace(r, state=state))
