@@ -494,3 +494,7 @@ class ScriptedTransport:
 
     async def subscribe(self, collection: str, callback: Callable[[str, Any, dict[str, Any] | None], None]) -> None:
         self.subscriptions[collection] = callback
+
+    def unsubscribe(self, collection: str, callback: Callable[[str, Any, dict[str, Any] | None], None]) -> None:
+        if self.subscriptions.get(collection) is callback:
+            del self.subscriptions[collection]

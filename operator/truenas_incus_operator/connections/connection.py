@@ -12,7 +12,15 @@ from collections.abc import Callable
 from ..kube import FENCE
 from ..metrics import Metrics
 from ..problems import Problem, problem_of
-from ..truenas import AuthenticationFailed, ObservedInstance, TransportError, TrueNASClient, TrueNASError, connect
+from ..truenas import (
+    AuthenticationFailed,
+    ObservedInstance,
+    TransportError,
+    TransportPool,
+    TrueNASClient,
+    TrueNASError,
+    connect,
+)
 from .cache import InstanceCache
 from .config import ConnectionConfig, Loader, nas_identity
 from .slots import JobSlots
@@ -36,8 +44,12 @@ class Connection:
         on_state: Callable[[Connection], None] | None = None,
         device_audits_per_resync: int = 10,
         metrics: Metrics | None = None,
+        pool: TransportPool | None = None,
     ) -> None:
         self.key = key
+        self.pool = pool
+        """Where this connection's transport comes from: shared with every connection of the same
+        URL, key and TLS settings (one socket per NAS and key, however many TrueNASConnections)."""
         self.metrics = metrics
         self.config = config
         self.reload = reload
@@ -112,7 +124,7 @@ class Connection:
         client, self.client = self.client, None
         if client is not None:
             with contextlib.suppress(Exception):
-                await client.close()
+                await client.close(broken=True)  # a shared transport is not handed on after it failed
         self._state_changed()
 
     def _state_changed(self) -> None:
@@ -136,6 +148,7 @@ class Connection:
             call_timeout=self.call_timeout,
             job_timeout=self.job_timeout,
             observer=self.metrics.truenas(self.key, config.max_concurrent_calls) if self.metrics else None,
+            pool=self.pool,
         )
         reconnect = getattr(self.client.transport, "on_reconnect", None)
         if isinstance(reconnect, list):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from ..metrics import Metrics
 from ..problems import OperatorError, Problem, fail
+from ..truenas import TransportPool
 from .config import DEFAULT_KEY, ConnectionConfig, Loader
 from .connection import Connection
 
@@ -31,6 +32,8 @@ class ConnectionManager:
         self.job_timeout = job_timeout
         self.on_state = on_state
         self.connections: dict[str, Connection] = {}
+        self.transports = TransportPool()
+        """One transport per URL, key and TLS settings, shared by the connections that name them."""
         self.problems: dict[str, Problem] = {}
         """Keys whose configuration is unusable (e.g. a missing Secret), with the reason."""
         self._waiters: dict[str, set[Wake]] = {}
@@ -68,6 +71,7 @@ class ConnectionManager:
             on_state=self.on_state,
             device_audits_per_resync=self.device_audits_per_resync,
             metrics=self.metrics,
+            pool=self.transports,
         )
         self.connections[key] = connection
         self.problems.pop(key, None)

@@ -25,6 +25,7 @@ from .errors import (
 )
 from .observe import Observer
 from .transports.base import Secret
+from .transports.shared import TransportPool
 from .types import (
     UNSET,
     DeviceConfig,
@@ -58,6 +59,7 @@ __all__ = [
     "Observer",
     "Secret",
     "TransportError",
+    "TransportPool",
     "TrueNASClient",
     "TrueNASError",
     "ValidationFailed",

@@ -17,6 +17,7 @@ from .observe import ObservedTransport, Observer
 from .transports.base import ConnectionOptions, Secret, Transport
 from .transports.jsonrpc import JsonRpcTransport
 from .transports.rest import RestTransport
+from .transports.shared import SharedTransport, TransportPool
 from .types import InstanceBackend
 
 
@@ -47,12 +48,18 @@ class TrueNASClient:
     system_version: str
     system_id: str = ""
     """The NAS's own identity (``system.global.id``, see ``read_system_id``); empty only in fakes."""
+    shared: SharedTransport | None = None
+    """This client's view of a pooled transport (``connect(pool=...)``), else None."""
 
     @property
     def api_family(self) -> str:
         return self.instances.family
 
-    async def close(self) -> None:
+    async def close(self, *, broken: bool = False) -> None:
+        """``broken``: the holder saw this client fail; a pooled transport is then not handed to
+        anyone new (transports/shared.py)."""
+        if broken and self.shared is not None:
+            self.shared.retire()
         await self.transport.close()
 
 
@@ -71,6 +78,7 @@ async def connect(
     observer: Observer | None = None,
     vm_image_server: str | ImageSource | None = None,
     may_write: Callable[[], bool] = lambda: True,
+    pool: TransportPool | None = None,
 ) -> TrueNASClient:
     """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``.
 
@@ -79,24 +87,37 @@ async def connect(
     unset: ``$TIO_VM_IMAGE_SERVER``, else the Linux Containers image server.
     ``may_write``: asked before the client writes on its own (the VM backend's base collection during
     the resync query); the operator passes its Lease fence.
+    ``pool``: share one transport with every other client of the pool that has the same URL, key,
+    TLS settings, call limit and timeouts (transports/shared.py); the backend and the observer stay
+    this client's.
     """
-    secure = url.startswith(("wss://", "https://"))
-    options = ConnectionOptions(
-        url=url,
-        api_key=api_key if isinstance(api_key, Secret) else Secret(api_key),
-        ssl_context=ssl_context(ca_pem, insecure_skip_verify) if secure else None,
-        max_concurrent_calls=max_concurrent_calls,
-        call_timeout=call_timeout,
-        read_timeout=min(read_timeout, call_timeout),
-        job_timeout=job_timeout,
-        connect_timeout=connect_timeout,
-    )
-    if transport == "websocket":
-        chosen: Transport = JsonRpcTransport(options)
-    elif transport == "rest":
-        chosen = RestTransport(options)
-    else:
+    if transport not in ("websocket", "rest"):
         raise ValueError(f"unknown transport {transport!r}: use websocket or rest")
+    secret = api_key if isinstance(api_key, Secret) else Secret(api_key)
+
+    def open_transport() -> Transport:
+        secure = url.startswith(("wss://", "https://"))
+        options = ConnectionOptions(
+            url=url,
+            api_key=secret,
+            ssl_context=ssl_context(ca_pem, insecure_skip_verify) if secure else None,
+            max_concurrent_calls=max_concurrent_calls,
+            call_timeout=call_timeout,
+            read_timeout=min(read_timeout, call_timeout),
+            job_timeout=job_timeout,
+            connect_timeout=connect_timeout,
+        )
+        return JsonRpcTransport(options) if transport == "websocket" else RestTransport(options)
+
+    shared: SharedTransport | None = None
+    chosen: Transport
+    if pool is not None:
+        tls = (ca_pem, insecure_skip_verify)
+        limits = (max_concurrent_calls, call_timeout, read_timeout, job_timeout, connect_timeout)
+        key = (transport, url, secret, tls, limits)
+        chosen = shared = pool.view(key, open_transport)
+    else:
+        chosen = open_transport()
     if observer is not None:
         chosen = ObservedTransport(chosen, observer)
     try:
@@ -107,7 +128,7 @@ async def connect(
     except BaseException:
         await chosen.close()
         raise
-    return TrueNASClient(chosen, backend, version, chosen.system_version or "", system_id)
+    return TrueNASClient(chosen, backend, version, chosen.system_version or "", system_id, shared)
 
 
 _SYSTEM_UUID = re.compile(r"[0-9a-f]{32}")

@@ -87,6 +87,7 @@ class ObservedTransport:
         self.inner = inner
         self.observer = observer
         self._clock = clock
+        self._relays: list[tuple[str, EventCallback, EventCallback]] = []
         reconnect = getattr(inner, "on_reconnect", None)
         if isinstance(reconnect, list):
             reconnect.append(observer.reconnected)
@@ -180,4 +181,10 @@ class ObservedTransport:
             self.observer.event_received(collection, None)  # instance events carry no time
             callback(msg, ident, fields)
 
+        self._relays.append((collection, callback, relay))
         await self.inner.subscribe(collection, relay)
+
+    def unsubscribe(self, collection: str, callback: EventCallback) -> None:
+        for entry in [e for e in self._relays if e[0] == collection and e[1] is callback]:
+            self._relays.remove(entry)
+            self.inner.unsubscribe(collection, entry[2])

@@ -225,6 +225,10 @@ class Transport(Protocol):
         """Follows ``collection_update`` events; re-established after reconnects."""
         ...
 
+    def unsubscribe(self, collection: str, callback: EventCallback) -> None:
+        """``callback`` hears no more events (a shared transport's holder closed); unknown ones are ignored."""
+        ...
+
 
 def error_from_jsonrpc(error: dict[str, Any], method: str) -> TrueNASError:
     """Maps a JSON-RPC error object (truenas-api.md §2.1) to the client's hierarchy."""

@@ -270,7 +270,7 @@ class JsonRpcTransport:
         fields = params.get("fields")
         if collection == "core.get_jobs" and isinstance(fields, dict):
             self._job_event(params.get("id"), fields)
-        for callback in self._subscriptions.get(str(collection), []):
+        for callback in list(self._subscriptions.get(str(collection), ())):
             try:
                 callback(str(params.get("msg")), params.get("id"), fields)
             except Exception:
@@ -434,6 +434,13 @@ class JsonRpcTransport:
         self._subscriptions.setdefault(collection, []).append(callback)
         if first and self._connected.is_set():
             await self.call("core.subscribe", collection)
+
+    def unsubscribe(self, collection: str, callback: EventCallback) -> None:
+        """Drops the callback; the server-side subscription stays (re-made on reconnects while the
+        collection has listeners; one subscription per collection costs nothing per holder)."""
+        callbacks = self._subscriptions.get(collection, [])
+        with contextlib.suppress(ValueError):
+            callbacks.remove(callback)
 
 
 class _ErrorReply(Exception):

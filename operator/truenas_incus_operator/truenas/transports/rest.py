@@ -246,3 +246,6 @@ class RestTransport:
 
     async def subscribe(self, collection: str, callback: EventCallback) -> None:
         raise APIUnavailable("REST has no event subscriptions; poll instead")
+
+    def unsubscribe(self, collection: str, callback: EventCallback) -> None:
+        return None  # nothing was ever subscribed

@@ -1,0 +1,140 @@
+"""One transport per URL, key and TLS settings (issue 19 item 4: 600 TrueNASConnections to one NAS
+were 601 WebSockets): clients of one pool share a socket, against the simulator over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from truenas_incus_operator.connections import ConnectionManager
+from truenas_incus_operator.connections.config import ConnectionConfig
+from truenas_incus_operator.truenas import (
+    AuthenticationFailed,
+    InstanceConfig,
+    Secret,
+    TransportPool,
+    TrueNASClient,
+    connect,
+)
+
+from .test_client import serve
+
+
+def sockets(server: Any) -> int:
+    return len(server.websockets)
+
+
+async def sockets_become(server: Any, count: int) -> None:
+    """The server drops a closed socket a moment after the client closes it."""
+    for _ in range(100):
+        if sockets(server) == count:
+            return
+        await asyncio.sleep(0.05)
+    assert sockets(server) == count
+
+
+async def pooled(server: Any, pool: TransportPool, **kwargs: Any) -> TrueNASClient:
+    return await connect(server.ws_url, kwargs.pop("api_key", server.sim.api_key), pool=pool, **kwargs)
+
+
+async def test_clients_of_one_url_and_key_share_one_socket_and_each_hears_its_events() -> None:
+    async with serve("25.10") as (sim, server):
+        pool = TransportPool()
+        first, second = await pooled(server, pool), await pooled(server, pool)
+        assert sockets(server) == 1 and len(pool) == 1
+        heard: dict[str, asyncio.Queue[str]] = {"first": asyncio.Queue(), "second": asyncio.Queue()}
+        assert await first.instances.watch(lambda kind, name, fields: heard["first"].put_nowait(name))
+        assert await second.instances.watch(lambda kind, name, fields: heard["second"].put_nowait(name))
+        await first.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
+        assert await asyncio.wait_for(heard["second"].get(), 5) == "c1"
+        assert await asyncio.wait_for(heard["first"].get(), 5) == "c1"
+        # One closes: the other goes on over the same socket, and the closed one hears nothing more.
+        await first.close()
+        while not heard["first"].empty():
+            heard["first"].get_nowait()
+        sim.set_power("c1", "STOPPED")
+        assert await asyncio.wait_for(heard["second"].get(), 5) == "c1"
+        await asyncio.sleep(0.2)
+        assert heard["first"].empty(), "a closed client's callback still hears events"
+        assert [i.name for i in await second.instances.list_instances()] == ["c1"]
+        assert sockets(server) == 1
+        # The last one closes the socket.
+        await second.close()
+        await sockets_become(server, 0)
+        assert len(pool) == 0
+
+
+async def test_other_tls_settings_or_limits_or_keys_never_share() -> None:
+    async with serve("25.10") as (_sim, server):
+        pool = TransportPool()
+        clients = [
+            await pooled(server, pool),
+            await pooled(server, pool, max_concurrent_calls=5),
+            await pooled(server, pool, call_timeout=30.0),
+        ]
+        assert sockets(server) == 3
+        try:
+            await pooled(server, pool, api_key="1-" + "x" * 64)
+        except AuthenticationFailed:
+            pass
+        else:
+            raise AssertionError("a wrong key was let in over another key's socket")
+        await sockets_become(server, 3)
+        assert len(pool) == 3, "the refused key's transport is left in the pool"
+        for client in clients:
+            await client.close()
+        await sockets_become(server, 0)
+
+
+async def test_a_failed_transport_is_not_handed_to_new_clients() -> None:
+    """A holder that saw the transport fail (a hung socket) retires it: the next connect opens a
+    fresh socket while the other holder keeps the old one until it lets go."""
+    async with serve("25.10") as (_sim, server):
+        pool = TransportPool()
+        first, second = await pooled(server, pool), await pooled(server, pool)
+        await first.close(broken=True)
+        third = await pooled(server, pool)
+        assert sockets(server) == 2
+        assert third.transport is not second.transport
+        assert await second.instances.list_instances() == []
+        await second.close()
+        await sockets_become(server, 1)
+        assert await third.instances.list_instances() == []
+        await third.close()
+
+
+async def test_a_refused_first_connect_leaves_nothing_for_the_next() -> None:
+    async with serve("25.10") as (_sim, server):
+        pool = TransportPool()
+        server.sim.knobs.hung_calls.add("auth.login_with_api_key")
+        try:
+            await pooled(server, pool, connect_timeout=0.5)
+        except Exception as exc:
+            assert type(exc).__name__ in ("CallTimeout", "TransportError"), repr(exc)
+        else:
+            raise AssertionError("connected through a hung login")
+        server.sim.knobs.hung_calls.discard("auth.login_with_api_key")
+        assert len(pool) == 0
+        client = await pooled(server, pool, connect_timeout=0.5)
+        assert await client.instances.list_instances() == []
+        await client.close()
+
+
+async def test_connections_of_one_nas_and_key_open_one_socket() -> None:
+    """Through the connection manager, as TrueNASConnections use it: ten connections with the same
+    URL and key are one WebSocket; each still has its own cache and its own readiness."""
+    async with serve("25.10") as (_sim, server):
+        manager = ConnectionManager(resync_seconds=30, retry_max_seconds=5, call_timeout=10, job_timeout=60)
+        config = ConnectionConfig(url=server.ws_url, api_key=Secret(server.sim.api_key), transport="websocket")
+        connections = [await manager.configure(f"tenant/c{i}", config) for i in range(10)]
+        for connection in connections:
+            await asyncio.wait_for(connection.ready.wait(), 10)
+        assert sockets(server) == 1
+        await connections[0].client.instances.create(  # type: ignore[union-attr]
+            InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm")
+        )
+        for connection in connections:
+            assert (await connection.refresh_one("c1")) is not None
+        for i in range(10):
+            await manager.remove(f"tenant/c{i}")
+        await sockets_become(server, 0)
