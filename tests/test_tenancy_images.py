@@ -214,6 +214,24 @@ def test_a_namespace_gets_no_more_connections_than_its_quota(harness: Harness, n
     assert "maxConnections" in refused["message"]
 
 
+def test_connections_with_one_url_and_key_share_one_websocket(harness: Harness, namespace: str) -> None:
+    """Finding 4: 600 TrueNASConnections to one NAS were 601 WebSockets. Now connections with the same
+    URL, key and TLS settings share one, in any namespace: six more connections open at most one
+    more socket, and deleting them leaves the one the operator already had."""
+    sockets = lambda: harness.sim.run(lambda: len(harness.sim.server.websockets))  # noqa: E731
+    tenant = Tenant(harness.cluster, namespace, "tenant-sockets")
+    before = sockets()
+    names = [f"same{i}" for i in range(6)]
+    for name in names:
+        connection(tenant, harness, name=name)
+    for name in names:
+        wait_until(lambda name=name: ready(harness, namespace, name).get("status") == "True", 60)
+    assert sockets() <= before + 1, f"{sockets()} sockets for 6 connections with one URL and key ({before} before)"
+    for name in names:
+        assert tenant.kubectl("delete", "truenasconnection", name).returncode == 0
+    wait_until(lambda: sockets() <= before, 60, what="the connections' shared socket closed")
+
+
 # ----- finding 8: the policy had no VM limits ----------------------------------------------------------------------
 def test_vm_sizes_and_counts_are_capped_by_the_policy(harness: Harness, namespace: str) -> None:
     capped_ns = other_namespace(harness.cluster, namespace, "capped")
