@@ -11,6 +11,7 @@ import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from truenas_incus_operator.app import Operator, build
@@ -498,3 +499,23 @@ class ScriptedTransport:
     def unsubscribe(self, collection: str, callback: Callable[[str, Any, dict[str, Any] | None], None]) -> None:
         if self.subscriptions.get(collection) is callback:
             del self.subscriptions[collection]
+
+    async def wait_job(
+        self,
+        job_id: int,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        method: str = "",
+    ) -> Any:
+        return await self.call_job(method or "wait_job", on_progress=on_progress)
+
+    async def upload(
+        self,
+        path: str,
+        data: bytes | Path,
+        *,
+        mode: int,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        await self.call_job("filesystem.put", on_progress=on_progress)

@@ -26,9 +26,9 @@ from truenas_incus_operator.truenas import (
     InstanceConfig,
 )
 from truenas_incus_operator.truenas.backends.routing import RoutingBackend
-from truenas_incus_operator.truenas.backends.vm import VMBackend, dataset_key
+from truenas_incus_operator.truenas.backends.vm import FILE_MODE, VMBackend, dataset_key
+from truenas_incus_operator.truenas.backends.vm.seed import user_data
 from truenas_incus_operator.truenas.images import ImageServer, VMImage
-from truenas_incus_operator.truenas.seed import user_data
 from truenas_simulator import Simulator
 from truenas_simulator.storage import vm_image_bytes, write_mirror
 
@@ -147,7 +147,7 @@ async def test_a_half_built_vm_is_completed_and_an_unfinished_create_leaves_noth
         base = await vms.ensure_base("tank", image)
         # The operator stopped right after vm.create: the clone and the seed exist, no device is attached.
         home = "tank/incus-operator/vms/web_01"
-        await vms._root_disk(home, base, None)
+        await vms.bases.root_disk(home, base, None)
         await vms._seed(home, config)
         await vms._create_vm(config, "web_01", image)
         half = sim.vms.by_name("web_01")
@@ -164,13 +164,13 @@ async def test_a_half_built_vm_is_completed_and_an_unfinished_create_leaves_noth
         assert half.guest["disks"][0]["image"] is not None and half.guest["nocloud"] is not None
 
         # A create cut short before vm.create: no VM, but a clone and a seed; deleting finds them.
-        await vms._root_disk("tank/incus-operator/vms/web_02", base, None)
+        await vms.bases.root_disk("tank/incus-operator/vms/web_02", base, None)
         await vms._seed("tank/incus-operator/vms/web_02", vm_config("web-02"))
         await backend.discard_unfinished("web-02")
         assert not [d for d in sim.storage.datasets if "web_02" in d]
         assert not [f for f in sim.storage.files if "web_02" in f]
         # A half-built VM (no devices name its pool) is deleted with its dataset.
-        await vms._root_disk("tank/incus-operator/vms/web_03", base, None)
+        await vms.bases.root_disk("tank/incus-operator/vms/web_03", base, None)
         await vms._create_vm(vm_config("web-03"), "web_03", image)
         await backend.delete("web-03")
         assert sim.vms.by_name("web_03") is None and not [d for d in sim.storage.datasets if "web_03" in d]
@@ -198,7 +198,7 @@ async def test_a_conversion_started_before_a_crash_is_followed_not_repeated(prof
         for name in ("tank/incus-operator", "tank/incus-operator/images", f"{base}-upload"):
             await c.transport.call("pool.dataset.create", {"name": name})
         path = f"/mnt/{base}-upload/disk.qcow2"
-        await vms.upload(path, await vms.images.fetch(image.path))
+        await vms.transport.upload(path, await vms.images.fetch(image.path), mode=FILE_MODE)
         await c.transport.call("pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": 4 * GIB})
         args = (
             {"source": path, "destination": f"/dev/zvol/{base}"}
@@ -561,7 +561,7 @@ async def test_a_conversion_merged_into_another_clients_job_is_done_again(profil
             await c.transport.call("pool.dataset.create", {"name": name})
         await c.transport.call("pool.dataset.create", {"name": "tank/other/v1", "type": "VOLUME", "volsize": 4 * GIB})
         foreign = "/mnt/tank/other/up/disk.qcow2"
-        await vms.upload(foreign, vm_image_bytes(sim.images["fedora/42"]))
+        await vms.transport.upload(foreign, vm_image_bytes(sim.images["fedora/42"]), mode=FILE_MODE)
         method = vms.convert_method
         if method == "vm.device.convert":
             lock, waiting = "vm.device.convert", {"source": foreign, "destination": "/dev/zvol/tank/other/v1"}
@@ -671,3 +671,26 @@ async def test_a_conversion_never_proven_fails_the_create_and_nothing_is_cloned(
         assert converts(sim) == 3
         assert not [s for s in sim.storage.snapshots if s.endswith("@base")]
         assert not [d for d in sim.storage.datasets if "/vms/web_01" in d] and sim.vms.by_name("web_01") is None
+
+
+# ----- job metrics see the VM backend's jobs (issue 22 item 1) ----------------------------------------------------
+async def test_uploads_and_conversions_are_counted_as_jobs() -> None:
+    """Uploads went around the transport (``/_upload`` in the backend, ``wait_job`` through
+    ``getattr``), so job metrics never saw them; now they are the transport's ``upload`` and
+    ``wait_job`` and count as ``filesystem.put`` and conversion jobs."""
+    metrics = Metrics()
+    observer = metrics.truenas("<default>", 20)
+    async with (
+        serve("25.10") as (_sim, server),
+        client_for(server, "websocket", vm_image_server=mirror(server), observer=observer) as c,
+    ):
+        await c.instances.create(vm_config("web-01"))
+
+        def jobs(method: str) -> float:
+            value = metrics.registry.get_sample_value(
+                "tio_truenas_jobs_total", {"connection": "<default>", "method": method, "state": "SUCCESS"}
+            )
+            return value or 0.0
+
+        assert jobs("filesystem.put") == 2, "the image and the seed: two uploads"
+        assert jobs("vm.device.convert") == 1

@@ -218,7 +218,12 @@ def test_connections_with_one_url_and_key_share_one_websocket(harness: Harness, 
     """Finding 4: 600 TrueNASConnections to one NAS were 601 WebSockets. Now connections with the same
     URL, key and TLS settings share one, in any namespace: six more connections open at most one
     more socket, and deleting them leaves the one the operator already had."""
-    sockets = lambda: harness.sim.run(lambda: len(harness.sim.server.websockets))  # noqa: E731
+
+    def sockets() -> int:
+        server = harness.sim.server
+        assert server is not None
+        return harness.sim.run(lambda: len(server.websockets))
+
     tenant = Tenant(harness.cluster, namespace, "tenant-sockets")
     before = sockets()
     names = [f"same{i}" for i in range(6)]

@@ -185,6 +185,9 @@ class ReadOnlyObserver:
     def reconnected(self) -> None:
         return None
 
+    def base_collected(self) -> None:
+        return None  # doctor's client only reads: it collects nothing
+
 
 async def read(client: TrueNASClient, method: str, *params: Any) -> Any:
     """The one way doctor calls TrueNAS: only the reads in ``READS``."""

@@ -383,5 +383,5 @@ class ConnectionObserver:
         self.metrics.transport_reconnected(self.connection)
 
     def base_collected(self) -> None:
-        """The VM backend deleted an unused cached base (backends/vm.py ``collect_bases``)."""
+        """The VM backend deleted an unused cached base (backends/vm/bases.py ``collect_bases``)."""
         self.metrics.bases_collected.inc()

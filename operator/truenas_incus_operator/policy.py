@@ -60,7 +60,7 @@ IMAGE_SERVER_ENTRY = re.compile(
     rf"^(?:\*|{_HOST}{_PORT}|https?://{_HOST}{_PORT}(?:/[A-Za-z0-9._~%/+-]*)?|(?:file://)?/[A-Za-z0-9._~%/+-]*)$"
 )
 VM_DEFAULT_MEMORY = 2**30
-"""What a VM gets without spec.memory (backends/vm.py), and one vCPU without spec.cpu."""
+"""What a VM gets without spec.memory (backends/vm/entries.py), and one vCPU without spec.cpu."""
 DEFAULT_MAX_CONNECTIONS = 16
 
 

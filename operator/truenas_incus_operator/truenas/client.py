@@ -124,7 +124,7 @@ async def connect(
         await chosen.connect()
         version = parse_version(chosen.system_version)
         system_id = await read_system_id(chosen)
-        backend = await choose_backend(chosen, version, vm_image_server, may_write)
+        backend = await choose_backend(chosen, version, vm_image_server, may_write, observer)
     except BaseException:
         await chosen.close()
         raise
@@ -159,12 +159,15 @@ async def choose_backend(
     version: tuple[int, ...],
     vm_image_server: str | ImageSource | None = None,
     may_write: Callable[[], bool] = lambda: True,
+    observer: Observer | None = None,
 ) -> InstanceBackend:
     """The API family for instances on this server (product.md §4); from 25.04.2 on, VMs go to ``vm.*``
     (truenas-vm-container.md §1) through a routing backend beside the containers' family."""
     containers = await choose_container_backend(transport, version)
     if version >= (25, 4, 2) and transport.name == "websocket":  # the REST facade maps no vm.* routes
-        return RoutingBackend(containers, VMBackend(transport, version, vm_image_server, may_write=may_write))
+        return RoutingBackend(
+            containers, VMBackend(transport, version, vm_image_server, may_write=may_write, observer=observer)
+        )
     return containers
 
 

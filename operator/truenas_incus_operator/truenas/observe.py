@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import CallTimeout, JobFailed, TransportError, TrueNASError
@@ -48,6 +49,10 @@ class Observer(Protocol):
 
     def reconnected(self) -> None:
         """The transport re-established its connection by itself (WebSocket)."""
+        ...
+
+    def base_collected(self) -> None:
+        """The VM backend deleted an unused cached base (backends/vm/bases.py ``collect_bases``)."""
         ...
 
 
@@ -170,6 +175,43 @@ class ObservedTransport:
         state = "SUCCESS"
         try:
             return await self.inner.call_job(method, *params, on_progress=progress, timeout=timeout)
+        except BaseException as exc:
+            state = job_state_of(exc)
+            raise
+        finally:
+            self.observer.job_finished(method, state, time.monotonic() - started)
+
+    async def wait_job(
+        self,
+        job_id: int,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        method: str = "",
+    ) -> Any:
+        """Counted as a job of ``method`` (the caller's name for it: never the server's text, which
+        would make a label of whatever a NAS sends)."""
+        return await self._job(
+            method or "job", lambda: self.inner.wait_job(job_id, timeout, on_progress, method=method)
+        )
+
+    async def upload(
+        self,
+        path: str,
+        data: bytes | Path,
+        *,
+        mode: int,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """Counted as a ``filesystem.put`` job."""
+        await self._job("filesystem.put", lambda: self.inner.upload(path, data, mode=mode, on_progress=on_progress))
+
+    async def _job(self, method: str, run: Callable[[], Awaitable[Any]]) -> Any:
+        self.observer.call_started()
+        started = time.monotonic()
+        state = "SUCCESS"
+        try:
+            return await run()
         except BaseException as exc:
             state = job_state_of(exc)
             raise

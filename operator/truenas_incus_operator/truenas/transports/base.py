@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from ..errors import (
@@ -227,6 +228,31 @@ class Transport(Protocol):
 
     def unsubscribe(self, collection: str, callback: EventCallback) -> None:
         """``callback`` hears no more events (a shared transport's holder closed); unknown ones are ignored."""
+        ...
+
+    async def wait_job(
+        self,
+        job_id: int,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        method: str = "",
+    ) -> Any:
+        """Follows a job started elsewhere (by an upload, before a restart) to its end: its result, or
+        raises as ``call_job`` does. ``method``: what the job is, for metrics (the caller's name for
+        it, never the server's text)."""
+        ...
+
+    async def upload(
+        self,
+        path: str,
+        data: bytes | Path,
+        *,
+        mode: int,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """Writes ``data`` (bytes, or a file streamed from disk) to ``path`` on the NAS with ``mode``
+        (``POST /_upload`` + ``filesystem.put``, upload.py) and waits for its job."""
         ...
 
 

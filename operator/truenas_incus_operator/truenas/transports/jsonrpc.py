@@ -19,6 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +28,7 @@ import aiohttp
 from ..errors import AuthenticationFailed, CallFailed, CallTimeout, MalformedAnswer, TransportError, TrueNASError
 from ..jobs import is_finished, job_result
 from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc, refuse_malformed_key, scrubbed
+from .upload import upload_file
 
 log = logging.getLogger(__name__)
 JOB_POLL_INTERVAL = 5.0
@@ -390,6 +392,8 @@ class JsonRpcTransport:
         job_id: int,
         timeout: float | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        method: str = "",
     ) -> Any:
         """Waits for a job to end: events first, a ``core.get_jobs`` poll when they are quiet."""
         watch = self._jobs.setdefault(job_id, _JobWatch())
@@ -441,6 +445,16 @@ class JsonRpcTransport:
         callbacks = self._subscriptions.get(collection, [])
         with contextlib.suppress(ValueError):
             callbacks.remove(callback)
+
+    async def upload(
+        self,
+        path: str,
+        data: bytes | Path,
+        *,
+        mode: int,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        await upload_file(self, self.options, path, data, mode=mode, on_progress=on_progress)
 
 
 class _ErrorReply(Exception):

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,6 +31,7 @@ from ..errors import (
 )
 from ..jobs import is_finished, job_result
 from .base import ConnectionOptions, EventCallback, refuse_malformed_key, scrubbed
+from .upload import upload_file
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +228,8 @@ class RestTransport:
         job_id: int,
         timeout: float | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        method: str = "",
     ) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self.options.job_timeout)
@@ -249,3 +253,13 @@ class RestTransport:
 
     def unsubscribe(self, collection: str, callback: EventCallback) -> None:
         return None  # nothing was ever subscribed
+
+    async def upload(
+        self,
+        path: str,
+        data: bytes | Path,
+        *,
+        mode: int,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        await upload_file(self, self.options, path, data, mode=mode, on_progress=on_progress)

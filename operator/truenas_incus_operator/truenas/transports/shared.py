@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import TransportError
@@ -183,6 +184,26 @@ class SharedTransport:
         timeout: float | None = None,
     ) -> Any:
         return await self._check_open().call_job(method, *params, on_progress=on_progress, timeout=timeout)
+
+    async def wait_job(
+        self,
+        job_id: int,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        method: str = "",
+    ) -> Any:
+        return await self._check_open().wait_job(job_id, timeout, on_progress, method=method)
+
+    async def upload(
+        self,
+        path: str,
+        data: bytes | Path,
+        *,
+        mode: int,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        await self._check_open().upload(path, data, mode=mode, on_progress=on_progress)
 
     async def subscribe(self, collection: str, callback: EventCallback) -> None:
         inner = self._check_open()

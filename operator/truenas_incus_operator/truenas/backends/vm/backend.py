@@ -1,0 +1,488 @@
+"""The ``vm.*`` backend proper: VMs built from a cached base, a seed and ``vm.create`` (the
+package's docstring), then updated, powered and deleted through ``vm.*``."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from ...errors import AlreadyExists, CallFailed, FieldError, NotFound, TrueNASError, ValidationFailed
+from ...images import DEFAULT_IMAGE_SERVER, ImageServer, ImageSource, VMImage
+from ...observe import Observer
+from ...transports.base import Transport
+from ...types import UNSET, DeviceConfig, InstanceChanges, InstanceConfig, InstanceEventCallback, ObservedInstance
+from .bases import BASE_GRACE_SECONDS, FILE_MODE, ROOT, BaseImages, dataset_key
+from .entries import (
+    DEFAULT_MEMORY,
+    STATUS,
+    SUPPORTED_DEVICES,
+    cpu_count,
+    device_from_entry,
+    device_identity,
+    instance_name,
+    nic_attributes,
+    nic_key,
+    observed,
+    vm_name,
+)
+from .marks import FIRST_BOOT_ONLY, NEXT_START, SEED_MARK, description, made_by_operator, seed_marks
+from .seed import seed_iso, user_data
+
+log = logging.getLogger(__name__)
+
+
+class VMBackend:
+    family = "vm"
+
+    def __init__(
+        self,
+        transport: Transport,
+        version: tuple[int, ...],
+        image_server: str | ImageServer | ImageSource | None = None,
+        arch: str = "amd64",
+        may_write: Callable[[], bool] = lambda: True,
+        observer: Observer | None = None,
+    ) -> None:
+        self.transport = transport
+        self.version = version
+        self.may_write = may_write
+        """Whether this process may write to TrueNAS outside an action (the operator's Lease fence): the
+        resync query's base collection asks it first."""
+        grace = BASE_GRACE_SECONDS
+        if isinstance(image_server, ImageSource):
+            grace = image_server.base_grace_seconds
+            image_server = image_server.server(arch)
+        images = (
+            image_server
+            if isinstance(image_server, ImageServer)
+            else ImageServer(image_server or DEFAULT_IMAGE_SERVER, arch)
+        )
+        self.bases = BaseImages(transport, version, images, observer)
+        self.bases.base_grace_seconds = grace
+        self.supports_events = transport.supports_events
+        self._ids: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._pool: str | None = None
+        self._seeds: dict[str, tuple[str, str]] = {}
+        """Per VM, the seed marks of its description (what cloud-init was given)."""
+        self._restart_pending: dict[str, list[str]] = {}
+        """Per running VM, the fields changed since it started (this process's memory only)."""
+        self._environment: dict[str, dict[str, str]] = {}
+        """What each VM's seed says (vm.query cannot show a guest's environment); this process's memory only."""
+        self._next_collect = 0.0
+
+    # ----- the cached bases (bases.py), as this backend's callers see them ----------------------------------
+    @property
+    def images(self) -> ImageServer:
+        return self.bases.images
+
+    @images.setter
+    def images(self, server: ImageServer) -> None:
+        self.bases.images = server
+
+    @property
+    def base_grace_seconds(self) -> float:
+        return self.bases.base_grace_seconds
+
+    @base_grace_seconds.setter
+    def base_grace_seconds(self, seconds: float) -> None:
+        self.bases.base_grace_seconds = seconds
+
+    @property
+    def convert_method(self) -> str:
+        return self.bases.convert_method
+
+    @property
+    def snapshot_namespace(self) -> str:
+        return self.bases.snapshot_namespace
+
+    async def collect_bases(self, now: float) -> list[str]:
+        return await self.bases.collect_bases(now)
+
+    async def ensure_base(
+        self, pool: str, image: VMImage, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> str:
+        return await self.bases.ensure_base(pool, image, on_progress)
+
+    # ----- what this family can do ------------------------------------------------------------------
+    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
+        unsupported = []
+        if config.type != "VM":
+            unsupported.append("type")
+        if config.cpu is not None and not config.cpu.isdigit():
+            unsupported.append("cpu")  # a set of host CPUs: vm.* pins only with an equal vcpu count
+        for device in config.devices:
+            if device.type not in SUPPORTED_DEVICES:
+                unsupported.append(f"devices[{device.name}] ({device.type})")
+        nics = [d for d in config.devices if d.type == "NIC"]
+        if nics:
+            unsupported.append("nics[].name")
+        if len({nic_key(d.extra.get("parent")) for d in nics}) < len(nics):
+            unsupported.append("nics[].parent (one NIC per parent)")
+        return unsupported
+
+    def honoured(self, config: InstanceConfig) -> InstanceConfig:
+        """What the VM gets: a vCPU count (1 unless given), whole MiB of memory (1 GiB unless given), NICs
+        by parent (and MAC); the environment goes into the seed (read by cloud-init at first boot)."""
+        memory = config.memory // 2**20 * 2**20 if config.memory is not None else DEFAULT_MEMORY
+        return replace(
+            config,
+            cpu=str(cpu_count(config.cpu)),
+            memory=memory,
+            devices=tuple(
+                replace(
+                    d,
+                    name=nic_key(d.extra.get("parent")),
+                    extra={k: v for k, v in d.extra.items() if k in ("parent", "mac") and v},
+                )
+                for d in config.devices
+                if d.type in SUPPORTED_DEVICES
+            ),
+        )
+
+    device_identity = staticmethod(device_identity)
+
+    def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        """cloud-init reads the seed once: a later ``environment`` or ``cloudInit`` is never delivered. vm.update
+        redefines nothing live: memory and vCPUs changed on a running VM apply at its next start."""
+        if observed is None or observed.type != "VM":
+            return []
+        deferred = []
+        seeded = self._seeds.get(config.name)
+        if seeded is not None:
+            env, cloud_init = seed_marks(config)
+            if env != seeded[0]:
+                deferred.append(f"environment ({FIRST_BOOT_ONLY})")
+            if cloud_init != seeded[1]:
+                deferred.append(f"cloudInit ({FIRST_BOOT_ONLY})")
+        if observed.status == "RUNNING":
+            deferred += [f"{field} ({NEXT_START})" for field in self._restart_pending.get(config.name, [])]
+        return deferred
+
+    # ----- bookkeeping -------------------------------------------------------------------------------------
+    def _remember(self, entry: dict[str, Any]) -> ObservedInstance:
+        name = instance_name(entry["name"])
+        self._ids[name] = entry["id"]
+        self._names[entry["id"]] = name
+        marks = SEED_MARK.search(str(entry.get("description") or ""))
+        if marks is not None:
+            self._seeds[name] = (marks.group(1), marks.group(2))
+        if (entry.get("status") or {}).get("state") != "RUNNING":
+            self._restart_pending.pop(name, None)  # the next start takes them
+        return replace(observed(entry), environment=dict(self._environment.get(name, {})))
+
+    def _forget(self, name: str) -> None:
+        ident = self._ids.pop(name, None)
+        if ident is not None:
+            self._names.pop(ident, None)
+
+    async def _entry(self, name: str) -> dict[str, Any] | None:
+        entries = await self.transport.call("vm.query", [["name", "=", vm_name(name)]], {}, idempotent=True)
+        return entries[0] if entries else None
+
+    async def _id(self, name: str) -> int:
+        if name not in self._ids:
+            await self.get_instance(name)
+        if name not in self._ids:
+            raise NotFound([FieldError(None, f"VM {vm_name(name)} does not exist", errno.ENOENT)], "vm.get_instance")
+        return self._ids[name]
+
+    async def pool(self, wanted: str | None) -> str:
+        if wanted:
+            return wanted
+        if self._pool is None:
+            for method, key in (("lxc.config", "preferred_pool"), ("virt.global.config", "pool")):
+                try:
+                    config = await self.transport.call(method, idempotent=True)
+                except CallFailed:
+                    continue
+                if isinstance(config, dict) and config.get(key):
+                    self._pool = str(config[key])
+                    break
+        if self._pool is None:
+            raise ValidationFailed(
+                [FieldError("storagePool", "no default pool on this TrueNAS: set spec.storagePool")], "vm.create"
+            )
+        return self._pool
+
+    # ----- instances -------------------------------------------------------------------------------------------
+    async def list_instances(self) -> list[ObservedInstance]:
+        entries = await self.transport.call("vm.query", [], {}, idempotent=True)
+        self._ids.clear()
+        self._names.clear()
+        observed = [self._remember(e) for e in entries]
+        now = time.monotonic()
+        if now >= self._next_collect and self.may_write():  # once per resync interval at most, bounded by the grace
+            self._next_collect = now + max(60.0, min(self.base_grace_seconds / 4, 3600.0))
+            try:
+                await self.collect_bases(now)
+            except TrueNASError as exc:
+                log.warning("could not collect unused VM bases: %s", exc)
+        return observed
+
+    async def get_instance(self, name: str) -> ObservedInstance | None:
+        entry = await self._entry(name)
+        if entry is None:
+            self._forget(name)
+            return None
+        return self._remember(entry)
+
+    async def create(
+        self, config: InstanceConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> ObservedInstance:
+        """Builds the VM; a VM of the operator's under the name whose create was cut short (the operator
+        stopped between ``vm.create`` and its devices) is completed instead: the caller holds the
+        ledger record that says the create never finished."""
+        name = vm_name(config.name)
+        existing = await self._entry(config.name)
+        if existing is not None and not made_by_operator(existing):
+            raise AlreadyExists([FieldError("vm_create.name", "This name already exists.", errno.EEXIST)], "vm.create")
+        pool = await self.pool(config.storage_pool)
+        image = await self.images.resolve(config.image)
+        with self.bases.using(f"{pool}/{ROOT}/images/{dataset_key(image)}@base"):
+            return await self._build(config, name, existing, pool, image, on_progress)
+
+    async def _build(
+        self,
+        config: InstanceConfig,
+        name: str,
+        existing: dict[str, Any] | None,
+        pool: str,
+        image: VMImage,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ) -> ObservedInstance:
+        base = await self.bases.ensure_base(pool, image, on_progress)
+        home = f"{pool}/{ROOT}/vms/{name}"
+        if existing is not None:
+            return await self._complete(existing, home, base, config)
+        try:
+            root = await self.bases.root_disk(home, base, config.root_disk_size)
+            seed = await self._seed(home, config)
+            entry = await self._create_vm(config, name, image)
+        except BaseException:
+            # Nothing of this create may stay behind unless a VM of the name uses it.
+            await self._discard_home(config.name, home)
+            raise
+        try:
+            await self._attach(entry["id"], root, seed, config.devices)
+        except BaseException:
+            with contextlib.suppress(TrueNASError):
+                await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": True})
+            await self._discard_home(config.name, home)
+            raise
+        self._environment[config.name] = dict(config.environment)
+        created = await self._entry(config.name)
+        return self._remember(created or entry)
+
+    async def _complete(self, entry: dict[str, Any], home: str, base: str, config: InstanceConfig) -> ObservedInstance:
+        """Attaches what a half-built VM lacks: the root disk (cloned if missing), the seed, the NICs."""
+        devices = [d.get("attributes") or {} for d in entry.get("devices") or []]
+        paths = {str(a.get("path")) for a in devices if a.get("path")}
+        nics = {nic_key(a.get("nic_attach")) for a in devices if a.get("dtype") == "NIC"}
+        root = await self.bases.root_disk(home, base, config.root_disk_size)
+        if root not in paths:
+            await self.transport.call(
+                "vm.device.create", {"vm": entry["id"], "attributes": {"dtype": "DISK", "path": root, "type": "VIRTIO"}}
+            )
+        seed = f"/mnt/{home}/seed.iso"
+        if seed not in paths:  # never attached, so never read: (re)written from the spec
+            await self._seed(home, config)
+            marked = SEED_MARK.sub(
+                "seed env={} cloud-init={}".format(*seed_marks(config)), entry.get("description") or ""
+            )
+            await self.transport.call("vm.update", entry["id"], {"description": marked})
+            await self.transport.call(
+                "vm.device.create", {"vm": entry["id"], "attributes": {"dtype": "CDROM", "path": seed}}
+            )
+        for device in config.devices:
+            if device.type == "NIC" and nic_key(device.extra.get("parent")) not in nics:
+                await self.transport.call("vm.device.create", {"vm": entry["id"], "attributes": nic_attributes(device)})
+        log.info("completed the half-built VM %s (root disk, seed, NICs)", entry["name"])
+        self._environment[config.name] = dict(config.environment)
+        completed = await self._entry(config.name)
+        return self._remember(completed or entry)
+
+    async def _discard_home(self, name: str, home: str | None = None) -> None:
+        """Deletes the per-VM dataset(s) of ``name`` (every pool's) unless a VM of the name uses them.
+        Best effort: a failure here must not hide the error that brought us here."""
+        try:
+            entry = await self._entry(name)
+            used = " ".join(str((d.get("attributes") or {}).get("path")) for d in (entry or {}).get("devices") or [])
+            homes = [home] if home is not None else await self._homes(name)
+            for dataset in homes:
+                if entry is None or f"{dataset}/" not in used:
+                    await self.bases.delete_dataset(dataset)
+        except TrueNASError as exc:
+            log.warning("could not remove what the create of %s left behind: %s", name, exc)
+
+    async def _homes(self, name: str) -> list[str]:
+        """``<pool>/incus-operator/vms/<vm>`` on every pool (a half-built VM's devices do not name its pool)."""
+        suffix = f"/{ROOT}/vms/{vm_name(name)}"
+        entries = await self.transport.call("pool.dataset.query", [["id", "$", suffix]], {}, idempotent=True)
+        return [str(e["id"]) for e in entries if str(e["id"]).count("/") == 3]
+
+    async def discard_unfinished(self, name: str) -> None:
+        if await self._entry(name) is None:
+            await self._discard_home(name)
+
+    async def _create_vm(self, config: InstanceConfig, name: str, image: VMImage) -> dict[str, Any]:
+        memory = config.memory if config.memory is not None else DEFAULT_MEMORY
+        payload = {
+            "name": name,
+            "description": description(config, f"{image.product} {image.version}"),
+            "memory": max(20, memory // 2**20),
+            "vcpus": cpu_count(config.cpu),
+            "autostart": config.autostart,
+        }
+        try:
+            entry: dict[str, Any] = await self.transport.call("vm.create", payload)
+        except ValidationFailed as exc:
+            if any(e.errno == errno.EEXIST for e in exc.errors):
+                raise AlreadyExists.from_validation(exc) from None
+            raise
+        return entry
+
+    async def _attach(self, ident: int, root: str, seed: str, devices: tuple[DeviceConfig, ...]) -> None:
+        await self.transport.call(
+            "vm.device.create", {"vm": ident, "attributes": {"dtype": "DISK", "path": root, "type": "VIRTIO"}}
+        )
+        await self.transport.call("vm.device.create", {"vm": ident, "attributes": {"dtype": "CDROM", "path": seed}})
+        for device in devices:
+            if device.type == "NIC":
+                await self.transport.call("vm.device.create", {"vm": ident, "attributes": nic_attributes(device)})
+
+    # ----- the seed ------------------------------------------------------------------------------------------
+    async def _seed(self, home: str, config: InstanceConfig) -> str:
+        path = f"/mnt/{home}/seed.iso"
+        data = seed_iso(
+            instance_id=f"{config.name}",
+            hostname=config.name,
+            user=user_data(config.environment, config.cloud_init_user_data),
+            network=config.cloud_init_network_config,
+        )
+        await self.transport.upload(path, data, mode=FILE_MODE)
+        return path
+
+    # ----- update / delete / power ---------------------------------------------------------------------------
+    async def update(self, name: str, changes: InstanceChanges) -> ObservedInstance:
+        payload: dict[str, Any] = {}
+        if changes.cpu is UNSET:
+            payload.update(vcpus=1, cores=1, threads=1)
+        elif isinstance(changes.cpu, str):
+            payload.update(vcpus=cpu_count(changes.cpu), cores=1, threads=1)
+        if changes.memory is UNSET:
+            payload["memory"] = DEFAULT_MEMORY // 2**20
+        elif isinstance(changes.memory, int):
+            payload["memory"] = max(20, changes.memory // 2**20)
+        if changes.autostart is not None:
+            payload["autostart"] = changes.autostart
+        if changes.environment is not None:
+            # cloud-init read the seed at first boot: a later environment is not delivered (deferred_fields
+            # says so from the seed's mark). Remembered only, so that it is not planned again.
+            self._environment[name] = dict(changes.environment)
+        if not payload:  # e.g. the environment after an operator restart: nothing to write on TrueNAS
+            entry = await self._entry(name)
+            if entry is None:
+                raise NotFound([FieldError(None, f"VM {vm_name(name)} does not exist", errno.ENOENT)], "vm.update")
+            return self._remember(entry)
+        entry = await self.transport.call("vm.update", await self._id(name), payload)
+        if (entry.get("status") or {}).get("state") == "RUNNING":
+            # Running VMs take memory and vCPU changes at their next start (vm.update redefines nothing live).
+            changed = [
+                f for f, keys in (("cpu", ("vcpus",)), ("memory", ("memory",))) if any(k in payload for k in keys)
+            ]
+            pending = self._restart_pending.setdefault(name, [])
+            pending += [f for f in changed if f not in pending]
+        return self._remember(entry)
+
+    async def delete(self, name: str) -> None:
+        """The VM, its root disk clone and its seed; never the cached base (other VMs clone it). The
+        per-VM dataset is found by name on every pool: a half-built VM has no devices that name it."""
+        entry = await self._entry(name)
+        if entry is not None:
+            if (entry.get("status") or {}).get("state") in ("RUNNING", "SUSPENDED"):
+                await self.transport.call("vm.poweroff", entry["id"])
+            await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": False})
+        for home in await self._homes(name):
+            await self.bases.delete_dataset(home)
+        self._forget(name)
+
+    async def start(self, name: str) -> None:
+        await self.transport.call("vm.start", await self._id(name))
+
+    async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:
+        # vm.stop has no timeout: the VM's shutdown_timeout (5..300 s) applies, then force_after_timeout.
+        ident = await self._id(name)
+        if timeout is not None and not force:
+            await self.transport.call("vm.update", ident, {"shutdown_timeout": min(300, max(5, timeout))})
+        options = {"force": True} if force or timeout == 0 else {"force_after_timeout": True}
+        await self.transport.call_job("vm.stop", ident, options)
+
+    async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None:
+        await self.stop(name, timeout, force)
+        await self.start(name)
+
+    async def create_in_progress(self, name: str) -> bool:
+        return False  # the create is this client's own sequence of calls, not one TrueNAS job
+
+    # ----- devices ----------------------------------------------------------------------------------------------
+    async def list_devices(self, name: str) -> list[DeviceConfig]:
+        ident = await self._id(name)
+        entries = await self.transport.call("vm.device.query", [["vm", "=", ident]], {}, idempotent=True)
+        own = f"/{ROOT}/vms/{vm_name(name)}/"
+        roots = tuple(
+            str((e.get("attributes") or {}).get("path"))
+            for e in entries
+            if own in str((e.get("attributes") or {}).get("path") or "")
+        )
+        return [device_from_entry(e, roots) for e in entries]
+
+    async def add_device(self, name: str, device: DeviceConfig) -> None:
+        await self.transport.call(
+            "vm.device.create", {"vm": await self._id(name), "attributes": nic_attributes(device)}
+        )
+
+    async def _device_id(self, name: str, device_name: str) -> int:
+        if device_name.isdigit():
+            return int(device_name)
+        ident = await self._id(name)
+        entries = await self.transport.call("vm.device.query", [["vm", "=", ident]], {}, idempotent=True)
+        for entry in entries:
+            attributes = entry.get("attributes") or {}
+            if attributes.get("dtype") == "NIC" and nic_key(attributes.get("nic_attach")) == device_name:
+                return int(entry["id"])
+        raise NotFound([FieldError(None, f"VM Device {device_name} does not exist", errno.ENOENT)], "vm.device")
+
+    async def update_device(self, name: str, device: DeviceConfig, target: str | None = None) -> None:
+        ident = await self._device_id(name, target or device.name)
+        await self.transport.call("vm.device.update", ident, {"attributes": nic_attributes(device)})
+
+    async def delete_device(self, name: str, device_name: str) -> None:
+        await self.transport.call("vm.device.delete", await self._device_id(name, device_name))
+
+    # ----- events ---------------------------------------------------------------------------------------------
+    def instance_from_event(self, fields: dict[str, Any]) -> ObservedInstance | None:
+        state = (fields.get("status") or {}).get("state")
+        # 25.10's libvirt events overwrite status.state with libvirt names (SHUTOFF, ...): not a full entry.
+        if {"id", "name", "memory", "status"} <= fields.keys() and state in STATUS:
+            return self._remember(fields)
+        return None
+
+    async def watch(self, callback: InstanceEventCallback) -> bool:
+        if not self.transport.supports_events:
+            return False
+
+        def relay(msg: str, ident: Any, fields: dict[str, Any] | None) -> None:
+            name = self._names.get(ident)
+            if fields and fields.get("name"):
+                name = instance_name(str(fields["name"]))
+            if name is not None:
+                callback(msg, name, fields)
+
+        await self.transport.subscribe("vm.query", relay)
+        return True

@@ -1,0 +1,72 @@
+"""What ``vm.query`` and ``vm.device.query`` entries mean as observations, and the names on both
+sides: VM names allow letters, digits and ``_`` only, so ``web-01`` is ``web_01`` on TrueNAS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...types import DeviceConfig, ObservedImage, ObservedInstance
+
+DEFAULT_MEMORY = 1024 * 2**20
+SUPPORTED_DEVICES = ("NIC",)
+STATUS = {"RUNNING": "RUNNING", "STOPPED": "STOPPED", "SUSPENDED": "FROZEN", "ERROR": "ERROR"}
+
+
+def vm_name(name: str) -> str:
+    """``web-01`` -> ``web_01`` (vm.* names are ``^[a-zA-Z_0-9]+$``; instance names have no ``_``)."""
+    return name.replace("-", "_")
+
+
+def instance_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def cpu_count(cpu: str | None) -> int:
+    return int(cpu) if cpu is not None and cpu.isdigit() and int(cpu) > 0 else 1
+
+
+def observed(entry: dict[str, Any]) -> ObservedInstance:
+    total = int(entry.get("vcpus") or 1) * int(entry.get("cores") or 1) * int(entry.get("threads") or 1)
+    return ObservedInstance(
+        id=str(entry["id"]),
+        name=instance_name(entry["name"]),
+        type="VM",
+        status=STATUS.get(str((entry.get("status") or {}).get("state")), "UNKNOWN"),
+        cpu=str(total),
+        memory=int(entry["memory"]) * 2**20 if entry.get("memory") is not None else None,
+        autostart=bool(entry.get("autostart")),
+        environment={},
+        addresses=(),  # vm.query reports no guest addresses on any version (§5)
+        image=ObservedImage(description=entry.get("description") or None),
+        storage_pool=None,
+    )
+
+
+def device_identity(device: DeviceConfig) -> str:
+    return nic_key(device.extra.get("parent")) if device.type == "NIC" else device.name
+
+
+def nic_key(parent: Any) -> str:
+    """vm.device has no names: a NIC is known by what it attaches to, in every family's identity."""
+    return f"nic-{parent or 'default'}"
+
+
+def device_from_entry(entry: dict[str, Any], root_paths: tuple[str, ...]) -> DeviceConfig:
+    attributes = entry.get("attributes") or {}
+    kind = str(attributes.get("dtype"))
+    name = str(entry["id"])
+    if kind == "NIC":
+        extra = {"parent": attributes.get("nic_attach"), "mac": attributes.get("mac")}
+        return DeviceConfig(nic_key(extra["parent"]), "NIC", extra={k: v for k, v in extra.items() if v})
+    path = str(attributes.get("path") or "")
+    # The root disk and the seed are the operator's own (like a profile's devices): never managed as spec devices.
+    inherited = path in root_paths
+    return DeviceConfig(name, kind, source=path or None, extra={}, inherited=inherited)
+
+
+def nic_attributes(device: DeviceConfig) -> dict[str, Any]:
+    """A spec NIC on vm.*: VIRTIO on ``parent`` (bridge or macvtap, as TrueNAS decides from the parent)."""
+    attributes: dict[str, Any] = {"dtype": "NIC", "type": "VIRTIO", "nic_attach": device.extra.get("parent")}
+    if device.extra.get("mac"):
+        attributes["mac"] = device.extra["mac"]
+    return attributes

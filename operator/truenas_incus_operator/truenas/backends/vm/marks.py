@@ -1,0 +1,36 @@
+"""The marks the operator leaves in a VM's description (they outlive the operator): that it made the
+VM, and short digests of what its seed holds (so a later environment or cloud-init is known to be
+undelivered)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from ...types import InstanceConfig
+
+MANAGED_MARK = "managed by truenas-incus-operator"
+SEED_MARK = re.compile(r"seed env=(\w+) cloud-init=(\w+)")
+FIRST_BOOT_ONLY = "applies at first boot only"
+NEXT_START = "takes effect at the next start"
+
+
+def made_by_operator(entry: dict[str, Any]) -> bool:
+    """The operator's own VMs say so in their description (``_create_vm``)."""
+    return str(entry.get("description") or "").endswith(MANAGED_MARK)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def seed_marks(config: InstanceConfig) -> tuple[str, str]:
+    """What the seed holds, as short digests kept in the VM's description (they outlive the operator)."""
+    return fingerprint(config.environment), fingerprint(config.cloud_init_user_data, config.cloud_init_network_config)
+
+
+def description(config: InstanceConfig, version: str) -> str:
+    env, cloud_init = seed_marks(config)
+    return f"{config.image} ({version}), seed env={env} cloud-init={cloud_init}, {MANAGED_MARK}"
