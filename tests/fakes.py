@@ -19,7 +19,7 @@ from truenas_incus_operator.connections import Connection, ConnectionConfig
 from truenas_incus_operator.kube import KUBE_REASON, Kube, SecretObject
 from truenas_incus_operator.metrics import Metrics
 from truenas_incus_operator.policy import Policy
-from truenas_incus_operator.problems import fail
+from truenas_incus_operator.problems import Reason, fail
 from truenas_incus_operator.settings import Settings
 from truenas_incus_operator.truenas import (
     UNSET,
@@ -202,7 +202,7 @@ class FakeKube(Kube):
             if (ns, secret) == (namespace, name)
         }
         if not data and (namespace, name) not in self.secret_labels:
-            raise fail("SecretNotFound", f"Secret {namespace}/{name} does not exist")
+            raise fail(Reason.SECRET_NOT_FOUND, f"Secret {namespace}/{name} does not exist")
         return SecretObject(
             namespace,
             name,

@@ -8,6 +8,7 @@ import argparse
 import re
 
 from truenas_incus_operator.__main__ import build_parser
+from truenas_incus_operator.problems import Reason
 from truenas_incus_operator.settings import Settings
 
 from .conftest import ROOT
@@ -59,4 +60,23 @@ def test_every_status_reason_has_a_troubleshooting_entry() -> None:
     entries = set(re.findall(r"\*\*([A-Za-z]+)\*\*", page))
     ready_reasons = {"Available", "Stopped", "Manual", "Creating", "Starting", "Stopping", "Deleting", "Progressing"}
     ready_reasons |= {"Transitioning", "NotRunning", "NotStopped", "NotSynced", "ReconcileSuccess", "PartiallyApplied"}
+    ready_reasons |= {"Connected", "Verified"}
     assert reasons - ready_reasons - entries == set(), "reasons without a troubleshooting entry"
+
+
+def test_the_status_table_lists_exactly_the_reasons_the_operator_writes() -> None:
+    """Issue 22 item 4: the README's table missed reasons the code emits (KubernetesError,
+    LedgerUnavailable, ...). Every reason is a ``Reason`` (``fail``, ``Problem`` and ``Blocked``
+    take nothing else), and the table lists each once-named reason, and no other."""
+    table = README.split("## What the status says", 1)[1].split("\n## ", 1)[0]
+    listed: set[str] = set()
+    for row in re.findall(r"^\|([^|\n]*)\|([^|\n]+)\|", table, flags=re.M):
+        condition, reasons = row[0].strip(), row[1].strip()
+        if "=" not in condition and condition != "":
+            continue  # the phase table and the headers
+        listed |= {r.strip() for r in re.split(r"[/,]", reasons) if r.strip()}
+    listed.discard("reason")
+    assert listed == {r.value for r in Reason}, (
+        f"in the code, not the README: {sorted({r.value for r in Reason} - listed)}; "
+        f"in the README, not the code: {sorted(listed - {r.value for r in Reason})}"
+    )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from truenas_incus_operator.election import Elector, holder_identity
-from truenas_incus_operator.problems import fail
+from truenas_incus_operator.problems import Reason, fail
 
 from .fakes import FakeKube
 
@@ -134,7 +134,7 @@ async def test_a_failed_renewal_does_not_extend_the_leaders_time() -> None:
     valid_until = a.valid_until
 
     async def down(namespace: str, name: str) -> dict[str, Any] | None:
-        raise fail("KubernetesError", "Kubernetes API unreachable")
+        raise fail(Reason.KUBERNETES_ERROR, "Kubernetes API unreachable")
 
     kube.read_lease = down  # type: ignore[method-assign]
     clock.now += 2

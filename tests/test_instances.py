@@ -23,7 +23,7 @@ from truenas_incus_operator.instances import deletion, executor
 from truenas_incus_operator.instances.ledger import record_name
 from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.policy import Grant, Policy
-from truenas_incus_operator.problems import OperatorError, Problem
+from truenas_incus_operator.problems import OperatorError, Problem, Reason
 from truenas_incus_operator.settings import Settings
 from truenas_incus_operator.truenas import FieldError, Secret, ValidationFailed
 
@@ -513,7 +513,7 @@ async def test_a_connection_state_change_during_a_status_write_is_written_too() 
     connection = Connection(
         "apps/nas", ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-x")), resync_seconds=30
     )
-    connection.problem = Problem("Unreachable", "TrueNAS went away")
+    connection.problem = Problem(Reason.UNREACHABLE, "TrueNAS went away")
     resources._state_changed(connection)  # lost: its write is held by the API server
     await asyncio.sleep(0)
     connection.problem = None

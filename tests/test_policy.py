@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from truenas_incus_operator.__main__ import main
+from truenas_incus_operator.instances.ledger import RecordState
 from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.models import IncusInstanceSpec
 from truenas_incus_operator.policy import (
@@ -497,7 +498,7 @@ async def test_a_tightened_policy_stops_changes_but_never_deletes(tmp_path: Path
     backend = FakeBackend(instances={"web01": observed("web01")})
     fake = fake_with_policy(tmp_path, "defaultRule: {deviceTypes: [DISK]}", backend)
     await fake.operator.ledger.claim(
-        TRUENAS, "web01", owner_uid="uid-web01", owner="apps/web01", connection="<default>", state="created"
+        TRUENAS, "web01", owner_uid="uid-web01", owner="apps/web01", connection="<default>", state=RecordState.CREATED
     )
     body = resource(
         namespace="apps",

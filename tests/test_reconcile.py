@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from truenas_incus_operator.models import IncusInstanceSpec, Phase
-from truenas_incus_operator.problems import Problem
+from truenas_incus_operator.problems import Problem, Reason
 from truenas_incus_operator.reconcile import (
     AddDevice,
     Adopt,
@@ -235,9 +235,9 @@ def test_status_keeps_transition_time_while_unchanged() -> None:
 @pytest.mark.parametrize(
     "problem,phase",
     [
-        (Problem("Unreachable", "x"), Phase.PENDING),
-        (Problem("ConnectionNotFound", "x"), Phase.PENDING),
-        (Problem("ImageNotFound", "x"), Phase.ERROR),
+        (Problem(Reason.UNREACHABLE, "x"), Phase.PENDING),
+        (Problem(Reason.CONNECTION_NOT_FOUND, "x"), Phase.PENDING),
+        (Problem(Reason.IMAGE_NOT_FOUND, "x"), Phase.ERROR),
     ],
 )
 def test_status_problem_without_instance(problem: Problem, phase: Phase) -> None:

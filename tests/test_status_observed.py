@@ -8,14 +8,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from truenas_incus_operator.models import IncusInstanceSpec, InstanceBinding, Phase
-from truenas_incus_operator.problems import Problem
+from truenas_incus_operator.problems import Problem, Reason
 from truenas_incus_operator.reconcile import Desired, Ownership, plan
 from truenas_incus_operator.status import as_patch, render_instance
 from truenas_incus_operator.truenas.types import ObservedImage, ObservedInstance
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 OURS = Ownership(mine=True)
-BAD_KEY = Problem("AuthenticationFailed", "TrueNAS refused the API key")
+BAD_KEY = Problem(Reason.AUTHENTICATION_FAILED, "TrueNAS refused the API key")
 
 
 def desired(bound: InstanceBinding | None = None, **spec: Any) -> Desired:
@@ -53,7 +53,11 @@ def test_a_running_instance_records_its_binding() -> None:
 
 def test_an_outage_keeps_what_was_observed_and_says_since_when() -> None:
     before = running_status()
-    for problem in (BAD_KEY, Problem("Unreachable", "cannot reach wss://nas:443"), Problem("Connecting", "...")):
+    for problem in (
+        BAD_KEY,
+        Problem(Reason.UNREACHABLE, "cannot reach wss://nas:443"),
+        Problem(Reason.CONNECTING, "..."),
+    ):
         status = render(desired(), None, before, problem=problem, connected=False, now=T0 + timedelta(minutes=1))
         assert status["phase"] == "Unknown", problem
         for key in ("instanceId", "binding", "cpu", "memory", "autostart", "ipAddresses", "image"):
@@ -117,7 +121,7 @@ def test_a_spec_the_instance_cannot_follow_is_never_ready() -> None:
 
 def test_synced_stays_false_through_a_retried_create() -> None:
     want = desired()
-    refused = Problem("ImageNotFound", "image debian/nope not found")
+    refused = Problem(Reason.IMAGE_NOT_FOUND, "image debian/nope not found")
     failed = render(want, None, {}, problem=refused)
     assert failed["phase"] == "Error"
     since = condition(failed, "Synced")["lastTransitionTime"]
@@ -138,7 +142,7 @@ def test_synced_stays_false_through_a_retried_create() -> None:
 def test_a_failed_delete_keeps_what_was_observed() -> None:
     before = running_status()
     want = replace(desired(), deleting=True)
-    failed = Problem("DeleteFailed", "CallFailed: Simulated failure of virt.instance.delete")
+    failed = Problem(Reason.DELETE_FAILED, "CallFailed: Simulated failure of virt.instance.delete")
     status = render(want, None, before, problem=failed, connected=False)
     assert status["phase"] == "Deleting" and status["instanceId"] == "web" and status["binding"] == before["binding"]
     ready = condition(status, "Ready")

@@ -11,7 +11,7 @@ from truenas_incus_operator.crd import incus_instance_crd
 from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.kube import Events
 from truenas_incus_operator.metrics import Metrics
-from truenas_incus_operator.problems import Problem
+from truenas_incus_operator.problems import Problem, Reason
 from truenas_incus_operator.status import secure_condition
 
 from .fakes import fake_operator, resource
@@ -35,7 +35,7 @@ async def test_a_loop_keeps_the_observation_when_the_key_is_refused() -> None:
     assert seen["phase"] == "Running" and seen["instanceId"], seen
     fake.connection.ready.clear()
     fake.connection.client = None
-    fake.connection.problem = Problem("AuthenticationFailed", "TrueNAS refused the API key")
+    fake.connection.problem = Problem(Reason.AUTHENTICATION_FAILED, "TrueNAS refused the API key")
     body["status"] = seen
     await fake.operator.loops.reconcile_once(body, state, no_wake)
     status = fake.kube.statuses("web01")[-1]
@@ -61,8 +61,8 @@ def test_healthz_says_why_a_connection_is_down() -> None:
 
     connections = {
         "<default>": connection(True, None),
-        "a/key": connection(False, Problem("AuthenticationFailed", "refused")),
-        "a/new": connection(False, Problem("Connecting", "connecting to wss://nas")),
+        "a/key": connection(False, Problem(Reason.AUTHENTICATION_FAILED, "refused")),
+        "a/new": connection(False, Problem(Reason.CONNECTING, "connecting to wss://nas")),
     }
     metrics = Metrics(connection_names=False)
     memo: Any = {"operator": SimpleNamespace(connections=SimpleNamespace(connections=connections), metrics=metrics)}
@@ -133,7 +133,7 @@ async def test_an_operator_restart_does_not_flap_a_running_status() -> None:
     # A restart: the loop starts again from the resource's status, its connection still connecting.
     fake.connection.ready.clear()
     fake.connection.client = None
-    fake.connection.problem = Problem("Connecting", "connecting to wss://nas.invalid")
+    fake.connection.problem = Problem(Reason.CONNECTING, "connecting to wss://nas.invalid")
     body["status"] = dict(state.status)
     await fake.operator.loops.reconcile_once(body, LoopState(status=dict(state.status)), no_wake)
     assert len(fake.kube.statuses("web01")) == writes, "nothing to say while connecting: the status stays"

@@ -30,14 +30,14 @@ import aiohttp
 import kopf
 
 from .models import API_GROUP, API_VERSION
-from .problems import OperatorError, Problem, fail
+from .problems import OperatorError, Problem, Reason, fail
 
 log = logging.getLogger(__name__)
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 EVENT_COMPONENT = "truenas-incus-operator"
 """Who reports the operator's Events (``kubectl describe``'s From, ``reportingComponent``)."""
-KUBE_REASON = "KubernetesError"
-_GONE = Problem("NotFound", "the object does not exist")
+KUBE_REASON = Reason.KUBERNETES_ERROR
+_GONE = Problem(Reason.NOT_FOUND, "the object does not exist")
 _FORBIDDEN = Problem(KUBE_REASON, "Kubernetes API: 403 Forbidden")
 
 
@@ -68,7 +68,7 @@ class Fence:
     def check(self) -> None:
         """Raises ``OperatorError`` (LeaseNotHeld) when the election is on and the Lease is not proven."""
         if self._proven is not None and not self._proven():
-            raise fail("LeaseNotHeld", f"the {self._where} is not proven held: no writes until it is renewed")
+            raise fail(Reason.LEASE_NOT_HELD, f"the {self._where} is not proven held: no writes until it is renewed")
 
 
 FENCE = Fence()
@@ -99,11 +99,11 @@ class SecretObject:
         (SecretNotFound, SecretUnreadable)."""
         where = f"Secret {self.namespace}/{self.name}"
         if key not in self.data:
-            raise fail("SecretNotFound", f"{where} has no key {key!r}")
+            raise fail(Reason.SECRET_NOT_FOUND, f"{where} has no key {key!r}")
         try:
             return base64.b64decode(self.data[key]).decode().strip()
         except (ValueError, UnicodeDecodeError):
-            raise fail("SecretUnreadable", f"{where} key {key!r} is not UTF-8 text") from None
+            raise fail(Reason.SECRET_UNREADABLE, f"{where} key {key!r} is not UTF-8 text") from None
 
 
 def kopf_login(settings: kopf.OperatorSettings, requests: int) -> kopf.AiohttpSession | None:
@@ -290,7 +290,7 @@ class Kube:
     # ----- ConfigMaps (the ownership ledger, in the operator's own namespace) ---------------------
     async def list_configmaps(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         missing = Problem(
-            "LedgerUnavailable", f"namespace {namespace} does not exist (the ownership ledger lives there)"
+            Reason.LEDGER_UNAVAILABLE, f"namespace {namespace} does not exist (the ownership ledger lives there)"
         )
         found = await self._request(
             "GET",
@@ -393,7 +393,7 @@ class Kube:
 
     async def read_secret(self, namespace: str, name: str) -> SecretObject:
         """A Secret, its labels and annotations; raises ``OperatorError`` (SecretNotFound)."""
-        missing = Problem("SecretNotFound", f"Secret {namespace}/{name} does not exist")
+        missing = Problem(Reason.SECRET_NOT_FOUND, f"Secret {namespace}/{name} does not exist")
         secret = await self._request(
             "GET", f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}", not_found=missing
         )

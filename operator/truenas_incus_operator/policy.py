@@ -35,15 +35,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from .models import DeviceType, IncusInstanceSpec, InstanceType
+from .problems import Reason
 from .quantity import parse_bytes
 
 DEFAULT_CONNECTION = "<default>"
+"""The key of the operator's default connection (TrueNASConnections are ``namespace/name``); the one
+definition (connections.DEFAULT_KEY is this)."""
 NAMESPACE_PLACEHOLDER = "{namespace}"
 DEFAULT_POOL = "<default>"
 """In ``storagePools``: the pool TrueNAS picks when ``spec.storagePool`` is omitted."""
 PASSTHROUGH_DEVICE_TYPES: tuple[str, ...] = (DeviceType.USB, DeviceType.GPU, DeviceType.PCI)
 DEFAULT_DEVICE_TYPES: tuple[str, ...] = tuple(t.value for t in DeviceType if t not in PASSTHROUGH_DEVICE_TYPES)
-POLICY_REASON = "PolicyDenied"
+POLICY_REASON = Reason.POLICY_DENIED
 
 # Globs of namespaces (DNS labels) and connection keys (<default>, namespace/name): '*' and '?' only.
 GLOB_PATTERN = r"^[a-z0-9.*?<>/-]{1,317}$"

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from .truenas.errors import (
     AlreadyExists,
@@ -29,11 +30,86 @@ from .truenas.errors import (
 )
 
 
+class Reason(StrEnum):
+    """Every reason the operator writes into a condition: an IncusInstance's Ready and Synced, a
+    TrueNASConnection's Ready and Secure. The README's status table lists exactly these
+    (tests/test_configuration_docs.py), and each problem has an entry in docs/troubleshooting.md."""
+
+    # Ready=True
+    AVAILABLE = "Available"
+    STOPPED = "Stopped"
+    MANUAL = "Manual"
+    # Ready=False (Creating, Starting, Stopping, Deleting: the operator is doing it now, as the phase)
+    CREATING = "Creating"
+    STARTING = "Starting"
+    STOPPING = "Stopping"
+    DELETING = "Deleting"
+    PROGRESSING = "Progressing"
+    TRANSITIONING = "Transitioning"
+    NOT_RUNNING = "NotRunning"
+    NOT_STOPPED = "NotStopped"
+    NOT_FOUND = "NotFound"
+    NOT_OBSERVED = "NotObserved"
+    NOT_SYNCED = "NotSynced"
+    # Synced=True
+    RECONCILE_SUCCESS = "ReconcileSuccess"
+    PARTIALLY_APPLIED = "PartiallyApplied"
+    # Synced=False: what the plan refuses
+    ALREADY_EXISTS = "AlreadyExists"
+    ADOPTION_NOT_ALLOWED = "AdoptionNotAllowed"
+    CONFLICT = "Conflict"
+    INSTANCE_GONE = "InstanceGone"
+    OWNS_ELSEWHERE = "OwnsElsewhere"
+    NOT_OWNER = "NotOwner"
+    TYPE_MISMATCH = "TypeMismatch"
+    IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"
+    UNSUPPORTED = "Unsupported"
+    POLICY_DENIED = "PolicyDenied"
+    INVALID_SPEC = "InvalidSpec"
+    NOT_CONVERGED = "NotConverged"
+    CREATE_IN_PROGRESS = "CreateInProgress"
+    DELETE_FAILED = "DeleteFailed"
+    # Synced=False: what TrueNAS answered (REASON_BY_ERROR)
+    VALIDATION_FAILED = "ValidationFailed"
+    IMAGE_NOT_FOUND = "ImageNotFound"
+    IMAGE_SERVER_ERROR = "ImageServerError"
+    JOB_FAILED = "JobFailed"
+    CALL_FAILED = "CallFailed"
+    AUTHENTICATION_FAILED = "AuthenticationFailed"
+    NOT_AUTHORIZED = "NotAuthorized"
+    API_UNAVAILABLE = "APIUnavailable"
+    MALFORMED_ANSWER = "MalformedAnswer"
+    UNREACHABLE = "Unreachable"
+    # Synced=False (and a TrueNASConnection's Ready=False): the connection and its configuration
+    CONNECTING = "Connecting"
+    CONNECTION_NOT_FOUND = "ConnectionNotFound"
+    NO_CONNECTION = "NoConnection"
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    CONFIGURATION_ERROR = "ConfigurationError"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    SECRET_UNREADABLE = "SecretUnreadable"
+    SECRET_NOT_ALLOWED = "SecretNotAllowed"
+    HOST_NOT_ALLOWED = "HostNotAllowed"
+    INSECURE_TRANSPORT = "InsecureTransport"
+    INVALID_API_KEY = "InvalidAPIKey"
+    # Synced=False: the operator's own footing
+    KUBERNETES_ERROR = "KubernetesError"
+    LEDGER_UNAVAILABLE = "LedgerUnavailable"
+    LEASE_NOT_HELD = "LeaseNotHeld"
+    INTERNAL_ERROR = "InternalError"
+    # A TrueNASConnection's Ready=True, and its Secure condition
+    CONNECTED = "Connected"
+    VERIFIED = "Verified"
+    NOT_VERIFIED = "NotVerified"
+    PLAIN_TRANSPORT = "PlainTransport"
+    INSECURE_SKIP_VERIFY = "InsecureSkipVerify"
+
+
 @dataclass(frozen=True)
 class Problem:
     """Why the last reconcile failed: the Synced=False reason and TrueNAS's (or our) message."""
 
-    reason: str
+    reason: Reason
     message: str
 
 
@@ -46,32 +122,32 @@ class OperatorError(Exception):
         self.retry_after = retry_after
 
 
-def fail(reason: str, message: str, retry_after: float | None = None) -> OperatorError:
-    """``raise fail("NotConverged", "...")``."""
+def fail(reason: Reason, message: str, retry_after: float | None = None) -> OperatorError:
+    """``raise fail(Reason.NOT_CONVERGED, "...")``."""
     return OperatorError(Problem(reason, message), retry_after)
 
 
 # Most specific first: the first matching class names the reason.
-REASON_BY_ERROR: tuple[tuple[type[TrueNASError], str], ...] = (
-    (AlreadyExists, "ValidationFailed"),
-    (ValidationFailed, "ValidationFailed"),
-    (ImageNotFound, "ImageNotFound"),
-    (ImageServerError, "ImageServerError"),
-    (JobFailed, "JobFailed"),
-    (AuthenticationFailed, "AuthenticationFailed"),
-    (NotAuthorized, "NotAuthorized"),
-    (APIUnavailable, "APIUnavailable"),
-    (MalformedAnswer, "MalformedAnswer"),
-    (TransportError, "Unreachable"),
-    (CallFailed, "CallFailed"),
-    (TrueNASError, "CallFailed"),
+REASON_BY_ERROR: tuple[tuple[type[TrueNASError], Reason], ...] = (
+    (AlreadyExists, Reason.VALIDATION_FAILED),
+    (ValidationFailed, Reason.VALIDATION_FAILED),
+    (ImageNotFound, Reason.IMAGE_NOT_FOUND),
+    (ImageServerError, Reason.IMAGE_SERVER_ERROR),
+    (JobFailed, Reason.JOB_FAILED),
+    (AuthenticationFailed, Reason.AUTHENTICATION_FAILED),
+    (NotAuthorized, Reason.NOT_AUTHORIZED),
+    (APIUnavailable, Reason.API_UNAVAILABLE),
+    (MalformedAnswer, Reason.MALFORMED_ANSWER),
+    (TransportError, Reason.UNREACHABLE),
+    (CallFailed, Reason.CALL_FAILED),
+    (TrueNASError, Reason.CALL_FAILED),
 )
 
-INTERNAL_ERROR = "InternalError"
+INTERNAL_ERROR = Reason.INTERNAL_ERROR
 """The reason of anything outside both error trees (``problem_of``)."""
 
 # Problems that mean "not there yet" rather than "wrong": the connection is still being set up.
-WAITING_REASONS = frozenset({"Connecting", "ConnectionNotFound", "Unreachable", "NoConnection"})
+WAITING_REASONS = frozenset({Reason.CONNECTING, Reason.CONNECTION_NOT_FOUND, Reason.UNREACHABLE, Reason.NO_CONNECTION})
 
 
 def problem_of(exc: BaseException) -> Problem:

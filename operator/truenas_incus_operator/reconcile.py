@@ -18,6 +18,7 @@ from .models import (
     InstanceBinding,
     PowerState,
 )
+from .problems import Reason
 from .truenas.types import UNSET, DeviceConfig, InstanceChanges, InstanceConfig, ObservedInstance
 
 
@@ -197,7 +198,7 @@ Action = Claim | Adopt | Create | Update | AddDevice | UpdateDevice | RemoveDevi
 class Blocked:
     """The reconciler must not act; ``reason`` and ``message`` go into the Synced condition."""
 
-    reason: str
+    reason: Reason
     message: str
     ours: bool = False
     """The instance (if it exists) is this resource's: status may report it (e.g. PolicyDenied)."""
@@ -324,7 +325,7 @@ def plan(
         )
         return Plan(
             blocked=Blocked(
-                "ImmutableFieldChanged",
+                Reason.IMMUTABLE_FIELD_CHANGED,
                 "; ".join(changed) + ": an instance cannot be renamed, moved or rebuilt; restore the spec, or delete "
                 "the resource and create a new one",
                 ours=same_instance and ownership.mine,
@@ -333,14 +334,14 @@ def plan(
     if ownership.holder is not None:
         return Plan(
             blocked=Blocked(
-                "Conflict",
+                Reason.CONFLICT,
                 f"the instance {desired.instance_name!r} is already managed by {ownership.holder}",
             )
         )
     if ownership.elsewhere is not None and not ownership.mine:
         return Plan(
             blocked=Blocked(
-                "OwnsElsewhere",
+                Reason.OWNS_ELSEWHERE,
                 f"this resource already owns the instance {ownership.elsewhere}; it cannot also manage "
                 f"{desired.instance_name!r} here (was its connection or name changed around admission?). Restore "
                 "the spec, or delete the resource",
@@ -350,7 +351,7 @@ def plan(
         if ownership.mine and ownership.adopted:
             return Plan(
                 blocked=Blocked(
-                    "InstanceGone",
+                    Reason.INSTANCE_GONE,
                     f"the adopted instance {desired.instance_name!r} no longer exists on TrueNAS (deleted outside the "
                     "operator, or not carried over by a TrueNAS upgrade); the operator does not re-create what it "
                     "did not create: delete this resource (nothing is left to delete on TrueNAS)",
@@ -358,7 +359,7 @@ def plan(
                 )
             )
         if "type" in unsupported:
-            return Plan(blocked=Blocked("Unsupported", _vm_unsupported_message(desired)), unsupported=unsupported)
+            return Plan(blocked=Blocked(Reason.UNSUPPORTED, _vm_unsupported_message(desired)), unsupported=unsupported)
         actions: list[Action] = [] if ownership.mine else [Claim()]
         actions.append(Create(config))
         return Plan(actions=tuple(actions), unsupported=unsupported)
@@ -366,7 +367,7 @@ def plan(
     if observed.type != str(desired.spec.type) and (ownership.mine or ownership.adopt_requested):
         return Plan(
             blocked=Blocked(
-                "TypeMismatch",
+                Reason.TYPE_MISMATCH,
                 f"the instance {desired.instance_name!r} on TrueNAS is a {observed.type}, the spec asks for a "
                 f"{desired.spec.type}",
             )
@@ -420,14 +421,14 @@ def _not_ours(desired: Desired) -> Plan:
     if desired.ownership.adopt_requested:
         return Plan(
             blocked=Blocked(
-                "AdoptionNotAllowed",
+                Reason.ADOPTION_NOT_ALLOWED,
                 f"an instance named {name!r} already exists on TrueNAS; the administrator's policy does not allow "
                 f"adoption in namespace {desired.namespace!r} on this connection (policy: adoption)",
             )
         )
     return Plan(
         blocked=Blocked(
-            "AlreadyExists",
+            Reason.ALREADY_EXISTS,
             f"an instance named {name!r} already exists on TrueNAS and was not created by this resource; to manage "
             f'it, annotate the resource with {ADOPT_ANNOTATION}: "true" where the administrator\'s policy allows '
             "adoption",

@@ -24,7 +24,7 @@ from .models import (
     PowerState,
     TrueNASConnectionStatus,
 )
-from .problems import WAITING_REASONS, Problem
+from .problems import WAITING_REASONS, Problem, Reason
 from .quantity import format_bytes
 from .reconcile import Desired, Plan
 from .truenas.types import ObservedInstance
@@ -40,7 +40,14 @@ PHASE_BY_TRUENAS_STATUS = {
     "ERROR": Phase.ERROR,
 }
 
-ConditionUpdate = tuple[str, str, str]
+ConditionUpdate = tuple[str, Reason, str]
+ACTIVITY_REASONS = {
+    Phase.CREATING: Reason.CREATING,
+    Phase.STARTING: Reason.STARTING,
+    Phase.STOPPING: Reason.STOPPING,
+    Phase.DELETING: Reason.DELETING,
+}
+"""Ready=False while the operator does that (the reason is the phase's name)."""
 """(status, reason, message) of one condition."""
 
 MAX_MESSAGE = 4096
@@ -92,12 +99,12 @@ def unobserved_condition(
     """Ready while TrueNAS cannot be asked: Unknown, since when, and why (the status keeps the last observation)."""
     why = f"{problem.reason}: {problem.message}" if problem is not None else "not connected"
     if not known:
-        return "False", "NotObserved", clip(f"TrueNAS cannot be asked yet ({why})")
+        return "False", Reason.NOT_OBSERVED, clip(f"TrueNAS cannot be asked yet ({why})")
     before = next((c for c in previous if c.type == "Ready"), None)
     since = before.last_transition_time if before is not None and before.status == ConditionStatus.UNKNOWN else now
     return (
         "Unknown",
-        "NotObserved",
+        Reason.NOT_OBSERVED,
         clip(
             f"TrueNAS has not been observed since {since.isoformat().replace('+00:00', 'Z')} ({why}); the rest of "
             "the status is the last observation"
@@ -115,31 +122,32 @@ def ready_condition(
     """Ready: exists, power state as desired, spec applied."""
     if observed is None:
         if activity == Phase.CREATING:
-            return "False", "Creating", "the instance is being created on TrueNAS"
+            return "False", Reason.CREATING, "the instance is being created on TrueNAS"
         if activity == Phase.DELETING:
-            return "False", "Deleting", "the instance is being deleted on TrueNAS"
-        return "False", "NotFound", "the instance does not exist on TrueNAS"
+            return "False", Reason.DELETING, "the instance is being deleted on TrueNAS"
+        return "False", Reason.NOT_FOUND, "the instance does not exist on TrueNAS"
     if activity is not None:
-        return "False", activity.value, f"the operator is {activity.value.lower()} the instance"
+        reason = ACTIVITY_REASONS.get(activity, Reason.PROGRESSING)
+        return "False", reason, f"the operator is {activity.value.lower()} the instance"
     if problem is not None:
-        return "False", "NotSynced", "the last reconcile failed; see the Synced condition"
+        return "False", Reason.NOT_SYNCED, "the last reconcile failed; see the Synced condition"
     if plan is not None and plan.blocked is not None:
         # The spec cannot be followed (changed immutable field, policy, ...): whatever runs is not it.
-        return "False", "NotSynced", f"the spec is not applied ({plan.blocked.reason}); see the Synced condition"
+        return "False", Reason.NOT_SYNCED, f"the spec is not applied ({plan.blocked.reason}); see the Synced condition"
     if plan is not None and plan.waiting:
-        return "False", "Transitioning", plan.waiting
+        return "False", Reason.TRANSITIONING, plan.waiting
     if plan is not None and plan.actions:
-        return "False", "Progressing", "changes are being applied"
+        return "False", Reason.PROGRESSING, "changes are being applied"
     power = desired.power_state
     if power == PowerState.RUNNING and observed.status != "RUNNING":
-        return "False", "NotRunning", f"TrueNAS reports {observed.status}"
+        return "False", Reason.NOT_RUNNING, f"TrueNAS reports {observed.status}"
     if power == PowerState.STOPPED and observed.status != "STOPPED":
-        return "False", "NotStopped", f"TrueNAS reports {observed.status}"
+        return "False", Reason.NOT_STOPPED, f"TrueNAS reports {observed.status}"
     if power == PowerState.MANUAL:
-        return "True", "Manual", f"power is managed outside the operator; TrueNAS reports {observed.status}"
+        return "True", Reason.MANUAL, f"power is managed outside the operator; TrueNAS reports {observed.status}"
     if observed.status == "STOPPED":
-        return "True", "Stopped", "the instance is stopped, as the spec asks"
-    return "True", "Available", "the instance is running and matches the spec"
+        return "True", Reason.STOPPED, "the instance is stopped, as the spec asks"
+    return "True", Reason.AVAILABLE, "the instance is running and matches the spec"
 
 
 def synced_condition(
@@ -149,16 +157,16 @@ def synced_condition(
     success: until it succeeds Synced keeps what it said (a retry of a failing create does not flap)."""
     if problem is None and activity is not None:
         before = next((c for c in previous if c.type == "Synced"), None)
-        if before is not None:
-            return str(before.status), before.reason, before.message
+        if before is not None and before.reason in set(Reason):  # one an earlier version wrote is not kept
+            return str(before.status), Reason(before.reason), before.message
     if problem is not None:
         return "False", problem.reason, problem.message
     if plan is not None and plan.blocked is not None:
         return "False", plan.blocked.reason, plan.blocked.message
     if plan is not None and plan.unsupported:
         fields = ", ".join(plan.unsupported)
-        return "True", "PartiallyApplied", f"this TrueNAS cannot honour: {fields}"
-    return "True", "ReconcileSuccess", "in sync with TrueNAS"
+        return "True", Reason.PARTIALLY_APPLIED, f"this TrueNAS cannot honour: {fields}"
+    return "True", Reason.RECONCILE_SUCCESS, "in sync with TrueNAS"
 
 
 def previous_conditions(previous: Mapping[str, Any] | None) -> list[Condition]:
@@ -250,8 +258,8 @@ def _unobserved(
     current_phase = phase(desired, None, None, problem, connected=False, known=known)
     ready = unobserved_condition(before, problem, known, now)
     if desired.deleting:
-        ready = ("False", "Deleting", "the resource is being deleted; see the Synced condition")
-    synced = synced_condition(None, problem) if problem is not None else ("Unknown", "NotObserved", ready[2])
+        ready = ("False", Reason.DELETING, "the resource is being deleted; see the Synced condition")
+    synced = synced_condition(None, problem) if problem is not None else ("Unknown", Reason.NOT_OBSERVED, ready[2])
     return kept.model_copy(
         update={
             "phase": current_phase,
@@ -304,7 +312,7 @@ def render_invalid_spec(
         conditions=merge_conditions(
             previous_conditions(previous),
             {
-                "Ready": ("False", "InvalidSpec", problem.message),
+                "Ready": ("False", Reason.INVALID_SPEC, problem.message),
                 "Synced": ("False", problem.reason, problem.message),
             },
             generation,
@@ -322,25 +330,25 @@ def secure_condition(url: str, insecure_skip_verify: bool, verified: bool = True
     if scheme in ("ws", "http"):
         return (
             "False",
-            "PlainTransport",
+            Reason.PLAIN_TRANSPORT,
             f"{scheme}:// sends the API key and all traffic unencrypted (allowed only to loopback or with "
             "allowInsecureTransport)",
         )
     if insecure_skip_verify:
         return (
             "False",
-            "InsecureSkipVerify",
+            Reason.INSECURE_SKIP_VERIFY,
             "tls.insecureSkipVerify: TrueNAS's certificate is not verified, so whoever can intercept the "
             "connection can pose as TrueNAS and receive the API key",
         )
     if not verified:
         return (
             "Unknown",
-            "NotVerified",
+            Reason.NOT_VERIFIED,
             f"{scheme}:// with certificate verification; no connection has been made yet, so TrueNAS's "
             "certificate has not been verified",
         )
-    return ("True", "Verified", f"{scheme}:// with TrueNAS's certificate verified")
+    return ("True", Reason.VERIFIED, f"{scheme}:// with TrueNAS's certificate verified")
 
 
 def render_connection(
@@ -357,7 +365,9 @@ def render_connection(
 ) -> TrueNASConnectionStatus:
     """A TrueNASConnection's status; what was learned while connected stays while it is not.
     ``secure`` (from ``secure_condition``) adds the Secure condition."""
-    ready = ("False", problem.reason, problem.message) if problem else ("True", "Connected", "logged in to TrueNAS")
+    ready = (
+        ("False", problem.reason, problem.message) if problem else ("True", Reason.CONNECTED, "logged in to TrueNAS")
+    )
     before = previous or {}
     updates = {"Ready": ready} if secure is None else {"Ready": ready, "Secure": secure}
     return TrueNASConnectionStatus(

@@ -25,13 +25,13 @@ from urllib.parse import urlsplit
 
 from ..kube import Kube, SecretObject
 from ..models import EFFECTIVE_DEFAULTS, TrueNASConnectionSpec
-from ..policy import POLICY_REASON, Policy
-from ..problems import fail
+from ..policy import DEFAULT_CONNECTION, POLICY_REASON, Policy
+from ..problems import Reason, fail
 from ..settings import Settings
 from ..truenas import Secret
 from ..truenas.images import DEFAULT_IMAGE_SERVER, ImageSource
 
-DEFAULT_KEY = "<default>"
+DEFAULT_KEY = DEFAULT_CONNECTION
 """The key of the operator's default connection (TrueNASConnections are ``namespace/name``)."""
 DEFAULT_PORTS = {"wss": 443, "https": 443, "ws": 80, "http": 80}
 
@@ -102,10 +102,10 @@ def settings_loader(settings: Settings) -> Loader:
             api_key = settings.default_api_key()
             ca_pem = settings.default_ca()
         except OSError as exc:
-            raise fail("ConfigurationError", f"{exc.filename}: {exc.strerror}") from None
+            raise fail(Reason.CONFIGURATION_ERROR, f"{exc.filename}: {exc.strerror}") from None
         if not api_key:
             raise fail(
-                "ConfigurationError", "TIO_TRUENAS_URL is set but there is no API key (TIO_TRUENAS_API_KEY_FILE)"
+                Reason.CONFIGURATION_ERROR, "TIO_TRUENAS_URL is set but there is no API key (TIO_TRUENAS_API_KEY_FILE)"
             )
         source = f"{settings.truenas_api_key_file}" if settings.truenas_api_key_file else "TIO_TRUENAS_API_KEY"
         check_api_key(api_key, source)
@@ -189,7 +189,7 @@ async def _credentials(kube: Kube, namespace: str, name: str) -> SecretObject:
     secret = await kube.read_secret(namespace, name)
     if secret.labels.get(CREDENTIALS_LABEL) != "true":
         raise fail(
-            "SecretNotAllowed",
+            Reason.SECRET_NOT_ALLOWED,
             f"Secret {namespace}/{name} is not labelled {CREDENTIALS_LABEL}=true: the operator uses only "
             f"Secrets that opt in. If this Secret is meant for TrueNAS, its owner can run "
             f"kubectl label secret {name} -n {namespace} {CREDENTIALS_LABEL}=true",
@@ -203,7 +203,7 @@ def check_transport(url: str, allow_insecure: bool, how_to_allow: str) -> None:
     if parts.scheme not in PLAIN_SCHEMES or allow_insecure or is_loopback(parts.hostname):
         return
     raise fail(
-        "InsecureTransport",
+        Reason.INSECURE_TRANSPORT,
         f"{parts.scheme}://{parts.hostname} would send the API key unencrypted (and TrueNAS revokes a key "
         f"it receives that way): use {'wss' if parts.scheme == 'ws' else 'https'}://, or set {how_to_allow} "
         f"if the network path is trusted",
@@ -244,7 +244,7 @@ def check_allowed_host(secret: SecretObject, url: str) -> None:
     if host in entries or f"{shown}:{port}" in entries:
         return
     raise fail(
-        "HostNotAllowed",
+        Reason.HOST_NOT_ALLOWED,
         f"Secret {secret.namespace}/{secret.name} may not be sent to {shown}:{port}: its annotation "
         f"{ALLOWED_HOSTS_ANNOTATION} does not list that host",
     )
@@ -254,10 +254,10 @@ def check_api_key(api_key: str, source: str) -> None:
     """Refuses a key that could not travel as one header or login value (InvalidAPIKey). The
     message names where the key came from, never the key."""
     if not api_key:
-        raise fail("InvalidAPIKey", f"{source} is empty")
+        raise fail(Reason.INVALID_API_KEY, f"{source} is empty")
     if not _PRINTABLE.fullmatch(api_key):
         raise fail(
-            "InvalidAPIKey",
+            Reason.INVALID_API_KEY,
             f"{source} holds whitespace, a line break, a control or non-ASCII character inside the key; "
             f"TrueNAS API keys look like {API_KEY_SHAPE}",
         )

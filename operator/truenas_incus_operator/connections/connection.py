@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ..kube import FENCE
 from ..metrics import Metrics
-from ..problems import Problem, problem_of
+from ..problems import Problem, Reason, problem_of
 from ..truenas import (
     AuthenticationFailed,
     ObservedInstance,
@@ -62,7 +62,7 @@ class Connection:
         self.job_timeout = job_timeout
         self.client: TrueNASClient | None = None
         self._identity: str | None = None
-        self.problem: Problem | None = Problem("Connecting", f"connecting to {config.url}")
+        self.problem: Problem | None = Problem(Reason.CONNECTING, f"connecting to {config.url}")
         self.cache = InstanceCache(self._schedule_lookup)
         self.epoch = 0
         """Counts connects: what was read before a reconnect (say, across a TrueNAS upgrade) may be stale."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..metrics import Metrics
-from ..problems import OperatorError, Problem, fail
+from ..problems import OperatorError, Problem, Reason, fail
 from ..truenas import TransportPool
 from .config import DEFAULT_KEY, ConnectionConfig, Loader
 from .connection import Connection
@@ -87,7 +87,7 @@ class ConnectionManager:
         self._wake_key(key)
 
     async def remove(self, key: str) -> None:
-        await self.unusable(key, Problem("ConnectionNotFound", f"TrueNASConnection {key} does not exist"))
+        await self.unusable(key, Problem(Reason.CONNECTION_NOT_FOUND, f"TrueNASConnection {key} does not exist"))
 
     def get(self, key: str) -> Connection:
         """The connection for ``key``; raises ``OperatorError`` when there is none."""
@@ -99,9 +99,10 @@ class ConnectionManager:
             raise OperatorError(problem)
         if key == DEFAULT_KEY:
             raise fail(
-                "NoConnection", "no spec.connectionRef and the operator has no default connection (set TIO_TRUENAS_URL)"
+                Reason.NO_CONNECTION,
+                "no spec.connectionRef and the operator has no default connection (set TIO_TRUENAS_URL)",
             )
-        raise fail("ConnectionNotFound", f"TrueNASConnection {key} does not exist (yet)")
+        raise fail(Reason.CONNECTION_NOT_FOUND, f"TrueNASConnection {key} does not exist (yet)")
 
     async def close(self) -> None:
         for connection in list(self.connections.values()):

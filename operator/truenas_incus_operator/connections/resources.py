@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from ..kube import Kube
 from ..models import TrueNASConnectionSpec
 from ..policy import Policy
-from ..problems import OperatorError, Problem
+from ..problems import OperatorError, Problem, Reason
 from ..settings import Settings
 from ..status import applied, as_patch, differs, render_connection, secure_condition, utc_now
 from .config import DEFAULT_KEY, ConnectionConfig, Loader, resource_loader, settings_loader
@@ -106,7 +106,7 @@ class ConnectionResources:
         try:
             spec = TrueNASConnectionSpec.model_validate(dict(body.get("spec") or {}))
         except ValidationError as exc:
-            await self._unusable(key, Problem("InvalidSpec", str(exc.errors()[0]["msg"])))
+            await self._unusable(key, Problem(Reason.INVALID_SPEC, str(exc.errors()[0]["msg"])))
             return
         security = (spec.url, bool(spec.tls and spec.tls.insecure_skip_verify))
         if self._reported[key].transport_security != security:
@@ -160,7 +160,7 @@ class ConnectionResources:
         if used < quota.max_connections:
             return None
         return Problem(
-            "QuotaExceeded",
+            Reason.QUOTA_EXCEEDED,
             f"{label}.maxConnections: namespace {namespace} already uses {used} TrueNASConnections, the most "
             f"the policy allows ({quota.max_connections}); it is used once one of them goes",
         )

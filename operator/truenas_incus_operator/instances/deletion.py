@@ -12,12 +12,12 @@ from typing import Any
 
 from ..connections import Connection, ConnectionManager
 from ..models import Phase
-from ..problems import OperatorError, Problem, fail, problem_of
+from ..problems import OperatorError, Problem, Reason, fail, problem_of
 from ..reconcile import Desired, Ownership, plan_delete
 from ..settings import Settings
 from ..truenas import NotFound, TrueNASError
 from .executor import Executor
-from .ledger import Ledger, Record
+from .ledger import Ledger, Record, RecordState
 from .reporter import Reporter, backoff_delay
 from .resource import LoopState, ResourceKey, deletion_view, resource_key
 
@@ -53,7 +53,7 @@ class Deletion:
         version = None
         try:
             if key in self.executor.creating:
-                raise fail("CreateInProgress", f"{desired.instance_name} is being created", retry_after=1.0)
+                raise fail(Reason.CREATE_IN_PROGRESS, f"{desired.instance_name} is being created", retry_after=1.0)
             records = self.ledger.owned_by(desired.uid)
             if not records:
                 self.forget(key)
@@ -75,7 +75,7 @@ class Deletion:
                     record = moved if moved is not None and moved.owner_uid == record.owner_uid else record
                 if record.truenas != connection.identity:
                     raise fail(
-                        "DeleteFailed",
+                        Reason.DELETE_FAILED,
                         f"this resource owns {record.instance!r} on {record.truenas}, but its connection now reaches "
                         f"{connection.identity}; restore the connection's URL to delete it",
                     )
@@ -89,7 +89,7 @@ class Deletion:
             problem = exc.problem
         except TrueNASError as exc:
             reason = problem_of(exc)
-            problem = Problem("DeleteFailed", f"{reason.reason}: {reason.message}")
+            problem = Problem(Reason.DELETE_FAILED, f"{reason.reason}: {reason.message}")
         delay = backoff_delay(self.settings, retry)
         with contextlib.suppress(OperatorError):  # the status is a report; deletion goes on either way
             # Nothing was observed here (None is "not looked at", not "gone"): the status keeps what it saw.
@@ -104,7 +104,7 @@ class Deletion:
             try:
                 await asyncio.wait_for(connection.ready.wait(), CONNECT_WAIT_SECONDS)
             except TimeoutError:
-                problem = connection.problem or Problem("Unreachable", "TrueNAS is not connected")
+                problem = connection.problem or Problem(Reason.UNREACHABLE, "TrueNAS is not connected")
                 raise OperatorError(problem) from None
         return connection
 
@@ -131,15 +131,17 @@ class Deletion:
                 client = connection.client
                 if (
                     observed is None
-                    and fresh.state == "creating"
+                    and fresh.state == RecordState.CREATING
                     and client is not None
                     and await client.instances.create_in_progress(fresh.instance)
                 ):
                     # Started before a crash: it would leave an instance behind once it ends.
                     raise fail(
-                        "CreateInProgress", f"a create job for {fresh.instance} is still running", retry_after=2.0
+                        Reason.CREATE_IN_PROGRESS,
+                        f"a create job for {fresh.instance} is still running",
+                        retry_after=2.0,
                     )
-                if observed is None and fresh.state == "creating" and client is not None:
+                if observed is None and fresh.state == RecordState.CREATING and client is not None:
                     # Its create never finished: what it made before the instance existed goes too.
                     self.executor.fence.check()
                     await client.instances.discard_unfinished(fresh.instance)
@@ -153,5 +155,5 @@ class Deletion:
                     connection.remember_gone(fresh.instance)
         if waited is not None:
             # Nothing was deleted: TrueNAS was busy with the instance the whole time.
-            raise fail("DeleteFailed", f"waiting to delete the instance: {waited}; will retry")
-        raise fail("DeleteFailed", "the instance is still there after deleting it")
+            raise fail(Reason.DELETE_FAILED, f"waiting to delete the instance: {waited}; will retry")
+        raise fail(Reason.DELETE_FAILED, "the instance is still there after deleting it")

@@ -13,7 +13,7 @@ from ..connections import Connection
 from ..kube import FENCE, Fence
 from ..metrics import Metrics
 from ..models import JobStatus, Phase
-from ..problems import OperatorError, fail
+from ..problems import OperatorError, Reason, fail
 from ..reconcile import (
     Action,
     AddDevice,
@@ -39,7 +39,7 @@ from ..truenas import (
     TransportError,
     TrueNASError,
 )
-from .ledger import Ledger, Record, describe_holder
+from .ledger import Ledger, Record, RecordState, describe_holder
 from .reporter import Reporter
 from .resource import LoopState, ResourceKey
 
@@ -137,7 +137,7 @@ class Executor:
                 owner_uid=desired.uid,
                 owner=f"{desired.namespace}/{desired.name}",
                 connection=connection.key,
-                state="adopted" if isinstance(action, Adopt) else "creating",
+                state=RecordState.ADOPTED if isinstance(action, Adopt) else RecordState.CREATING,
                 deletion_policy=desired.deletion_policy,
             )
             if not record.fresh:
@@ -202,7 +202,7 @@ class Executor:
         record = self.ledger.get(connection.identity, desired.instance_name)
         if record is None or record.owner_uid != desired.uid:
             holder = f" ({describe_holder(record, f'{desired.namespace}/{desired.name}')} owns it)" if record else ""
-            raise fail("NotOwner", f"this resource does not own the instance {desired.instance_name!r}{holder}")
+            raise fail(Reason.NOT_OWNER, f"this resource does not own the instance {desired.instance_name!r}{holder}")
         return record
 
     async def _create(
@@ -235,10 +235,12 @@ class Executor:
             # The record predates this call (an earlier pass before a crash, or another actor of this
             # very resource joined it): the create call that holds the name is ours.
             if await connection.refresh_one(name) is not None:
-                await self.ledger.set_state(record, "created")
+                await self.ledger.set_state(record, RecordState.CREATED)
                 return
             raise fail(
-                "CreateInProgress", f"another create call for {name} (of this resource) is running", retry_after=2.0
+                Reason.CREATE_IN_PROGRESS,
+                f"another create call for {name} (of this resource) is running",
+                retry_after=2.0,
             ) from None
         except CallFailed:
             # TrueNAS answered: nothing was created. Give the name back so a corrected spec can go on,
@@ -258,7 +260,7 @@ class Executor:
             self.creating.discard(key)
             await _stop_reporting(reporting)
         connection.remember(created)
-        await self.ledger.set_state(record, "created")
+        await self.ledger.set_state(record, RecordState.CREATED)
         self.reporter.post_event(body, "Normal", "Created", f"created {created.type} {name} on TrueNAS")
 
     async def _report_job(self, job: JobReport, state: LoopState, desired: Desired, connection: Connection) -> None:

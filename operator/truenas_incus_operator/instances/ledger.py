@@ -18,23 +18,32 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from ..connections import truenas_identity
 from ..kube import Kube
 from ..models import API_GROUP
-from ..problems import OperatorError, fail
+from ..problems import OperatorError, Reason, fail
 
 log = logging.getLogger(__name__)
 LEDGER_LABEL = f"{API_GROUP}/ownership"
 CLAIM_ATTEMPTS = 5
 
-__all__ = ["LEDGER_LABEL", "Ledger", "Record", "describe_holder", "record_name", "truenas_identity"]
+__all__ = ["LEDGER_LABEL", "Ledger", "Record", "RecordState", "describe_holder", "record_name", "truenas_identity"]
 
 
 def record_name(truenas: str, instance: str) -> str:
     digest = hashlib.sha256(f"{truenas}\n{instance}".encode()).hexdigest()[:40]
     return f"tio-owner-{digest}"
+
+
+class RecordState(StrEnum):
+    CREATING = "creating"
+    """Claimed before the create call; the create may not have finished."""
+    CREATED = "created"
+    ADOPTED = "adopted"
+    """Taken over (``incus.truenas.io/adopt``): the operator did not create it and never re-creates it."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +55,7 @@ class Record:
     """``namespace/name`` of the owning IncusInstance (for messages; the UID decides)."""
     connection: str
     """The connection key the owner used (``<default>`` or ``namespace/name``)."""
-    state: str
-    """creating (claimed before the create call), created, or adopted."""
+    state: RecordState
     devices_managed: bool = False
     """Set once the operator applied the spec's devices to an adopted instance."""
     deletion_policy: str = ""
@@ -61,7 +69,7 @@ class Record:
 
     @property
     def manages_devices(self) -> bool:
-        return self.state in ("creating", "created") or self.devices_managed
+        return self.state in (RecordState.CREATING, RecordState.CREATED) or self.devices_managed
 
     @property
     def name(self) -> str:
@@ -102,7 +110,7 @@ class Record:
                 owner_uid=data["ownerUID"],
                 owner=data["owner"],
                 connection=data.get("connection", ""),
-                state=data.get("state", "created"),
+                state=_state(data.get("state")),
                 devices_managed=data.get("devices") == "managed",
                 deletion_policy=str(data.get("deletionPolicy") or ""),
                 joins=int(joins) if (joins := str(data.get("joins", "0"))).isdigit() else 0,
@@ -167,7 +175,7 @@ class Ledger:
         owner_uid: str,
         owner: str,
         connection: str,
-        state: str,
+        state: RecordState,
         deletion_policy: str = "",
     ) -> Record:
         """Records ``owner_uid`` as the owner; raises ``OperatorError`` (Conflict) if another holds it.
@@ -188,13 +196,13 @@ class Ledger:
                 continue  # released between our create and our read: try again
             if held.owner_uid != owner_uid:
                 raise fail(
-                    "Conflict", f"the instance {instance!r} is already managed by {describe_holder(held, owner)}"
+                    Reason.CONFLICT, f"the instance {instance!r} is already managed by {describe_holder(held, owner)}"
                 )
             joined = await self.join(held)
             if joined is None:
                 continue  # released or taken meanwhile: try again
             return joined
-        raise fail("Conflict", f"the ownership record of {instance!r} kept changing; will retry")
+        raise fail(Reason.CONFLICT, f"the ownership record of {instance!r} kept changing; will retry")
 
     async def join(self, record: Record) -> Record | None:
         """Marks ``record`` as joined by one more actor of its owner (bumps ``joins``): done before
@@ -214,9 +222,9 @@ class Ledger:
                 self.records[(record.truenas, record.instance)] = fresh
                 return fresh
             current = await self.reread(record.truenas, record.instance)
-        raise fail("Conflict", f"the ownership record of {record.instance!r} kept changing; will retry")
+        raise fail(Reason.CONFLICT, f"the ownership record of {record.instance!r} kept changing; will retry")
 
-    async def set_state(self, record: Record, state: str) -> Record:
+    async def set_state(self, record: Record, state: RecordState) -> Record:
         return await self._update(record, lambda r: replace(r, state=state))
 
     async def set_deletion_policy(self, record: Record, policy: str) -> Record:
@@ -242,7 +250,7 @@ class Ledger:
             if reread is None or reread.owner_uid != record.owner_uid:
                 break
             current = reread
-        raise fail("Conflict", f"the ownership record of {record.instance!r} changed meanwhile")
+        raise fail(Reason.CONFLICT, f"the ownership record of {record.instance!r} changed meanwhile")
 
     async def reread(self, truenas: str, instance: str) -> Record | None:
         """The record as the API server has it now (before a delete, and after a lost race)."""
@@ -272,6 +280,15 @@ class Ledger:
                 return False
             raise
         return True
+
+
+def _state(written: object) -> RecordState:
+    """A record's state as written; one this version does not know (an administrator's edit, a newer
+    version's) counts as created: owned and finished, so nothing is created again on a guess."""
+    try:
+        return RecordState(str(written or RecordState.CREATED))
+    except ValueError:
+        return RecordState.CREATED
 
 
 def describe_holder(held: Record, asking: str) -> str:

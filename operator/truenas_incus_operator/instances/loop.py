@@ -17,13 +17,13 @@ from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
 from ..metrics import Metrics
 from ..policy import POLICY_REASON, Policy, Violation
-from ..problems import OperatorError, Problem, fail, problem_of
+from ..problems import OperatorError, Problem, Reason, fail, problem_of
 from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
 from ..settings import Settings
 from ..status import clip
 from ..truenas import ObservedInstance, TrueNASError
 from .executor import Executor, describe_device_action, is_device_action
-from .ledger import Ledger, describe_holder
+from .ledger import Ledger, RecordState, describe_holder
 from .reporter import Reporter
 from .resource import LoopState, Wake, about, adopt_requested, connection_key, desired_from, resource_key
 from .wakeups import Wakeups
@@ -85,7 +85,7 @@ class InstanceLoops:
         except ValidationError as exc:
             # Admission refuses this; an older CRD might not have. Report and wait for a change.
             message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            await self.reporter.invalid_spec(body, state, Problem("InvalidSpec", message))
+            await self.reporter.invalid_spec(body, state, Problem(Reason.INVALID_SPEC, message))
             return self.settings.retry_max_seconds
         if desired.deleting:
             return self.settings.resync_seconds
@@ -105,7 +105,7 @@ class InstanceLoops:
             connection = self.connections.get(key)
             self._listen(state, connection, desired.instance_name, wake)
             if not connection.ready.is_set():
-                raise OperatorError(connection.problem or Problem("Connecting", "connecting to TrueNAS"))
+                raise OperatorError(connection.problem or Problem(Reason.CONNECTING, "connecting to TrueNAS"))
             await self._converge(body, state, connection)
         except (OperatorError, TrueNASError) as exc:
             problem = problem_of(exc)
@@ -124,7 +124,7 @@ class InstanceLoops:
             # with its traceback) and retried with backoff; the loop never dies of it. Nothing is
             # known about the instance from this pass, so the status keeps its last observation.
             log.exception("unexpected failure", extra=about(desired.namespace, desired.name))
-            problem = Problem("InternalError", clip(f"{type(exc).__name__}: {exc}", 512))
+            problem = Problem(Reason.INTERNAL_ERROR, clip(f"{type(exc).__name__}: {exc}", 512))
             version = connection.version if connection is not None else None
             return await self.reporter.failed(body, state, desired, problem, None, version, connected=False)
         state.failures = 0
@@ -187,7 +187,7 @@ class InstanceLoops:
             (
                 f"{r.instance!r} on {r.truenas}"
                 for r in self.ledger.owned_by(desired.uid)
-                if (r.truenas, r.instance) != (identity, desired.instance_name) and r.state != "creating"
+                if (r.truenas, r.instance) != (identity, desired.instance_name) and r.state != RecordState.CREATING
             ),
             None,
         )
@@ -199,8 +199,8 @@ class InstanceLoops:
             adopt_requested=adopt_requested(body),
             adopt_allowed=self.policy.may_adopt(desired.namespace, connection.key),
             devices_managed=record is not None and record.owner_uid == desired.uid and record.manages_devices,
-            unfinished=record is not None and record.owner_uid == desired.uid and record.state == "creating",
-            adopted=record is not None and record.owner_uid == desired.uid and record.state == "adopted",
+            unfinished=record is not None and record.owner_uid == desired.uid and record.state == RecordState.CREATING,
+            adopted=record is not None and record.owner_uid == desired.uid and record.state == RecordState.ADOPTED,
             elsewhere=elsewhere,
         )
         return replace(desired, ownership=ownership)
@@ -208,7 +208,7 @@ class InstanceLoops:
     async def _converge(self, body: Mapping[str, Any], state: LoopState, connection: Connection) -> None:
         client = connection.client
         if client is None:
-            raise OperatorError(connection.problem or Problem("Connecting", "connecting to TrueNAS"))
+            raise OperatorError(connection.problem or Problem(Reason.CONNECTING, "connecting to TrueNAS"))
         backend = client.instances
         await self.ledger.migrate(connection.config.identity, connection.identity)
         await self._recheck_holder(body, connection)
@@ -247,7 +247,7 @@ class InstanceLoops:
             for action in current.actions:
                 if await self.executor.execute(body, state, desired, connection, observed, action):
                     break  # the ledger said more than the plan knew: plan again
-        raise fail("NotConverged", "the instance did not converge after repeated changes; will retry")
+        raise fail(Reason.NOT_CONVERGED, "the instance did not converge after repeated changes; will retry")
 
     async def _recheck_holder(self, body: Mapping[str, Any], connection: Connection) -> None:
         """A record held by another UID is read again before it blocks this resource: the ledger is

@@ -19,7 +19,7 @@ from ..kube import Kube
 from ..problems import OperatorError
 from ..truenas import NotFound, TrueNASError
 from .executor import Executor
-from .ledger import Ledger, Record
+from .ledger import Ledger, Record, RecordState
 
 log = logging.getLogger(__name__)
 START_DELAY_SECONDS = 30.0
@@ -97,7 +97,7 @@ class Reaper:
             with contextlib.suppress(NotFound):
                 await backend.delete(record.instance)
             connection.remember_gone(record.instance)
-        elif record.state == "creating":
+        elif record.state == RecordState.CREATING:
             await backend.discard_unfinished(record.instance)
         await self.ledger.release(record)
         log.info(
