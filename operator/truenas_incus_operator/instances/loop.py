@@ -18,12 +18,13 @@ from ..kube import KUBE_REASON
 from ..metrics import Metrics
 from ..policy import POLICY_REASON, Policy, Violation
 from ..problems import OperatorError, Problem, Reason, fail, problem_of
-from ..reconcile import Blocked, Desired, Ownership, Plan, instance_config, plan
+from ..reconcile import Blocked, Desired, Plan, instance_config, plan
 from ..settings import Settings
 from ..status import clip
 from ..truenas import ObservedInstance, TrueNASError
 from .executor import Executor, describe_device_action, is_device_action
-from .ledger import Ledger, RecordState, describe_holder
+from .ledger import Ledger
+from .ownership import ownership_of
 from .reporter import Reporter
 from .resource import LoopState, Wake, about, adopt_requested, connection_key, desired_from, resource_key
 from .wakeups import Wakeups
@@ -96,7 +97,7 @@ class InstanceLoops:
             denied = self._policy_denial(desired, key)
             if denied is not None:
                 # Refused before the connection is even looked at: no TrueNAS call, no write, no delete.
-                observed = self._owned_observation(body, key)  # keeps instanceId: the instance stays ours
+                observed = self._owned_observation(desired, body, key)  # keeps instanceId: the instance stays ours
                 known = self.connections.connections.get(key)
                 connected = known is not None and known.ready.is_set()
                 await self.reporter.write(state, desired, observed, plan=Plan(blocked=denied), connected=connected)
@@ -106,7 +107,7 @@ class InstanceLoops:
             self._listen(state, connection, desired.instance_name, wake)
             if not connection.ready.is_set():
                 raise OperatorError(connection.problem or Problem(Reason.CONNECTING, "connecting to TrueNAS"))
-            await self._converge(body, state, connection)
+            await self._converge(desired, body, state, connection)
         except (OperatorError, TrueNASError) as exc:
             problem = problem_of(exc)
             if problem.reason == KUBE_REASON:
@@ -114,7 +115,7 @@ class InstanceLoops:
                 return self.reporter.backoff(state)  # the status write would fail the same way
             observed = None
             connected = connection is not None and connection.ready.is_set()
-            if connection is not None and connected and self.desired(body, connection).owns:
+            if connection is not None and connected and self.desired(desired, body, connection).owns:
                 observed = connection.cache.get(desired.instance_name)  # never report a foreign instance
             version = connection.version if connection is not None else None
             # Not connected: TrueNAS was not asked, so nothing is known to be gone (status keeps what it saw).
@@ -154,12 +155,12 @@ class InstanceLoops:
         message = f"namespace {desired.namespace} has {len(slots)} VMs, the most the policy allows ({quota.max_vms})"
         return [Violation(f"{label}.maxVMs", "spec.type", message)]
 
-    def _owned_observation(self, body: Mapping[str, Any], key: str) -> ObservedInstance | None:
+    def _owned_observation(self, parsed: Desired, body: Mapping[str, Any], key: str) -> ObservedInstance | None:
         """What the cache holds of the resource's instance, if the ledger gives it to the resource."""
         connection = self.connections.connections.get(key)
-        if connection is None or not connection.ready.is_set() or not self.desired(body, connection).owns:
+        if connection is None or not connection.ready.is_set() or not self.desired(parsed, body, connection).owns:
             return None
-        return connection.cache.get(desired_from(body).instance_name)
+        return connection.cache.get(parsed.instance_name)
 
     def _watch_key(self, state: LoopState, key: str, wake: Wake) -> None:
         if state.watching_key == key:
@@ -178,44 +179,33 @@ class InstanceLoops:
         connection.cache.listen(instance, wake)
         state.listening = (connection, instance)
 
-    def desired(self, body: Mapping[str, Any], connection: Connection) -> Desired:
-        """The resource as the planner sees it, with what the ledger and the policy say of it."""
-        desired = desired_from(body)
+    def desired(self, parsed: Desired, body: Mapping[str, Any], connection: Connection) -> Desired:
+        """The resource as the planner sees it, with what the ledger and the policy say of it now
+        (``parsed``: the pass's one parse of the body; the ledger may change between steps)."""
         identity = connection.identity
-        record = self.ledger.get(identity, desired.instance_name)
-        elsewhere = next(
-            (
-                f"{r.instance!r} on {r.truenas}"
-                for r in self.ledger.owned_by(desired.uid)
-                if (r.truenas, r.instance) != (identity, desired.instance_name) and r.state != RecordState.CREATING
-            ),
-            None,
-        )
-        ownership = Ownership(
-            mine=record is not None and record.owner_uid == desired.uid,
-            holder=describe_holder(record, f"{desired.namespace}/{desired.name}")
-            if record is not None and record.owner_uid != desired.uid
-            else None,
+        ownership = ownership_of(
+            parsed,
+            identity,
+            self.ledger.get(identity, parsed.instance_name),
+            self.ledger.owned_by(parsed.uid),
             adopt_requested=adopt_requested(body),
-            adopt_allowed=self.policy.may_adopt(desired.namespace, connection.key),
-            devices_managed=record is not None and record.owner_uid == desired.uid and record.manages_devices,
-            unfinished=record is not None and record.owner_uid == desired.uid and record.state == RecordState.CREATING,
-            adopted=record is not None and record.owner_uid == desired.uid and record.state == RecordState.ADOPTED,
-            elsewhere=elsewhere,
+            adopt_allowed=self.policy.may_adopt(parsed.namespace, connection.key),
         )
-        return replace(desired, ownership=ownership)
+        return replace(parsed, ownership=ownership)
 
-    async def _converge(self, body: Mapping[str, Any], state: LoopState, connection: Connection) -> None:
+    async def _converge(
+        self, parsed: Desired, body: Mapping[str, Any], state: LoopState, connection: Connection
+    ) -> None:
         client = connection.client
         if client is None:
             raise OperatorError(connection.problem or Problem(Reason.CONNECTING, "connecting to TrueNAS"))
         backend = client.instances
         await self.ledger.migrate(connection.config.identity, connection.identity)
-        await self._recheck_holder(body, connection)
+        await self._recheck_holder(parsed, connection)
         for _ in range(MAX_STEPS_PER_PASS):
-            desired = self.desired(body, connection)
-            if desired.deleting:
-                return  # the delete handler takes over; kopf stops this loop
+            if (body.get("metadata") or {}).get("deletionTimestamp"):
+                return  # deleted during the pass: the delete handler takes over; kopf stops this loop
+            desired = self.desired(parsed, body, connection)
             wanted = instance_config(desired)
             observed = connection.cache.get(desired.instance_name)
             unsupported = (*backend.unsupported_fields(wanted), *backend.deferred_fields(wanted, observed))
@@ -249,11 +239,10 @@ class InstanceLoops:
                     break  # the ledger said more than the plan knew: plan again
         raise fail(Reason.NOT_CONVERGED, "the instance did not converge after repeated changes; will retry")
 
-    async def _recheck_holder(self, body: Mapping[str, Any], connection: Connection) -> None:
+    async def _recheck_holder(self, desired: Desired, connection: Connection) -> None:
         """A record held by another UID is read again before it blocks this resource: the ledger is
         loaded at startup, and a stale record an administrator deleted (or one released by another
         operator) must stop blocking without a restart. One read per pass of a blocked resource."""
-        desired = desired_from(body)
         held = self.ledger.get(connection.identity, desired.instance_name)
         if held is not None and held.owner_uid != desired.uid:
             await self.ledger.reread(held.truenas, held.instance)
