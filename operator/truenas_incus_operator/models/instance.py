@@ -1,26 +1,13 @@
-"""The custom resources' spec and status: the single source of truth.
-
-``crd.py`` turns these models into the CRDs in ``crds/``; the operator parses live objects with the
-same models. Every rule the API server can check is written twice on purpose: as Pydantic validation
-(for the operator and unit tests) and as schema keywords or CEL (``x-kubernetes-validations``) for
-admission, so ``kubectl apply`` refuses bad manifests before they reach TrueNAS. The exception is
-the root-level transition rules (``INSTANCE_ROOT_RULES``: immutability once the instance exists),
-which need the old object and exist only as CEL.
-
-No field has a default here: what users omit stays omitted (Argo CD would otherwise show diffs), and
-the operator applies defaults itself (``EFFECTIVE_DEFAULTS``) and reports the effective values.
-"""
+"""The IncusInstance: its spec (devices, NICs, cloud-init), its status, and the resource."""
 
 from __future__ import annotations
 
 import re
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     ConfigDict,
     Field,
     StrictInt,
@@ -29,146 +16,41 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
-from pydantic.config import JsonDict, JsonValue
 
-from .quantity import MIB, parse_bytes
-
-API_GROUP = "incus.truenas.io"
-API_VERSION = "v1alpha1"
-
-# Incus instance names are hostnames: letters, digits and '-', 1-63 characters, a letter first.
-INSTANCE_NAME_PATTERN = r"^[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
-# Incus limits.cpu: a count ("2") or a set of CPUs ("0-3", "1,3", "0-1,6").
-_CPU_ITEM = r"[0-9]{1,4}(?:-[0-9]{1,4})?"
-CPU_PATTERN = rf"^(?:[1-9][0-9]{{0,3}}|[0-9]{{1,4}}-[0-9]{{1,4}}(?:,{_CPU_ITEM})*|[0-9]{{1,4}}(?:,{_CPU_ITEM})+)$"
-ENV_KEY_PATTERN = r"^\w[\w/]*$"
-MAC_PATTERN = r"^([0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}$"
-DEVICE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-MIN_MEMORY = 32 * MIB
-# An upper bound keeps the CEL check exact (asApproximateFloat is exact below 2^53) and no host has more.
-MAX_MEMORY = 2**50
-MAX_MEMORY_QUANTITY = "1Pi"
-# Kubernetes object names (DNS-1123 subdomain) and Secret keys (IsConfigMapKey: [-._a-zA-Z0-9]+, not
-# "." or "..", not starting with "..").
-DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-SECRET_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
-
-# Bounds on every free-form field. kopf copies the whole spec into the annotation
-# incus.truenas.io/last-handled-configuration as ASCII JSON (a non-ASCII character costs up to 12
-# bytes there), and all annotations together are capped at 256 KiB: with these limits the largest
-# admissible spec serializes to less than 128 KiB (tests/test_models.py builds it; test_admission.py
-# stores it). Strings restricted to ASCII by a pattern count 1 byte a character, free text 12.
-MAX_SPEC_JSON_BYTES = 128 * 1024
-IMAGE_MAX_LENGTH = 200
-STORAGE_POOL_MAX_LENGTH = 200
-ENV_MAX_ENTRIES = 64
-ENV_KEY_MAX_LENGTH = 128
-ENV_VALUE_MAX_LENGTH = 1024  # TrueNAS's own limit (str_max_length=1024)
-ENV_VALUES_TOTAL_MAX_LENGTH = 4096
-DEVICES_MAX_ITEMS = 32
-NICS_MAX_ITEMS = 16
-DEVICE_PATH_MAX_LENGTH = 1024
-_PATH_COMPONENT = r"([^/.][^/]*|\.[^/]+)"
-HOST_PATH_PATTERN = rf"^/?{_PATH_COMPONENT}(/{_PATH_COMPONENT})*/?$"
-"""A device source: no empty (``//``) and no ``.`` component. The chart's admission policy compares
-sources with allowed prefixes as strings, the operator's policy by components; they disagreed on
-exactly these forms (``/mnt/./x`` and ``/mnt//x``: refused by one, allowed by the other), so
-neither is accepted at all. ``..`` stays the policies' to refuse (both do, naming their rule)."""
-DEVICE_PATHS_TOTAL_MAX_LENGTH = 2048
-NIC_PARENT_MAX_LENGTH = 15  # Linux IFNAMSIZ - 1
-EXTRA_MAX_ENTRIES = 8
-EXTRA_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
-EXTRA_VALUE_MAX_LENGTH = 64
-# Printable ASCII without '"' and '\\' (TrueNAS's type-specific fields are identifiers, ids and paths).
-EXTRA_VALUE_PATTERN = r"^[ !#-\[\]-~]*$"
-EXTRA_INT_MIN = -(2**31)
-EXTRA_INT_MAX = 2**31 - 1
-
-# Keys of devices[].extra that the typed fields own: the backends build them from name, type, source,
-# destination and readonly (truenas/backends/virt.py device_payload: dev_type, name, source,
-# destination, readonly; truenas/backends/container.py device_attributes: dtype, source, target) or,
-# for NICs, from spec.nics (reconcile.desired_devices -> nic_type, parent, mac; container.py: nic_attach).
-EXTRA_OWNED_KEYS = ("dev_type", "dtype", "name", "source", "destination", "target", "readonly")
-# ``network`` (an Incus managed network on 25.x) too: it would bypass the policy's nicParents.
-EXTRA_NIC_OWNED_KEYS = ("nic_type", "parent", "mac", "nic_attach", "network")
-RE2_SPACE = "\t\n\f\r "
-"""What ``\\s`` matches in the API server's CEL regexes (RE2): ASCII only, so a value of Unicode spaces
-is not blank there and must not be blank here either (a spec admission accepts must parse)."""
-
-ADOPT_ANNOTATION = f"{API_GROUP}/adopt"
-
-
-class _Model(BaseModel):
-    """camelCase on the wire, snake_case in Python; unknown fields are refused."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_enum_values=True,
-    )
-
-
-def _cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
-    validation: JsonDict = {"rule": rule, "message": message}
-    if field_path:
-        validation["fieldPath"] = field_path
-    return validation
-
-
-def _cel_list(values: tuple[str, ...] | list[str]) -> str:
-    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
-
-
-class InstanceType(StrEnum):
-    VM = "VM"
-    CONTAINER = "CONTAINER"
-
-
-class DeviceType(StrEnum):
-    DISK = "DISK"
-    NIC = "NIC"
-    GPU = "GPU"
-    USB = "USB"
-    TPM = "TPM"
-    PROXY = "PROXY"
-    PCI = "PCI"
-    CDROM = "CDROM"
-
-
-class NICType(StrEnum):
-    BRIDGED = "bridged"
-    MACVLAN = "macvlan"
-
-
-class PowerState(StrEnum):
-    RUNNING = "Running"
-    STOPPED = "Stopped"
-    MANUAL = "Manual"
-
-
-class DeletionPolicy(StrEnum):
-    DELETE = "Delete"
-    ORPHAN = "Orphan"
-
-
-class TransportType(StrEnum):
-    WEBSOCKET = "websocket"
-    REST = "rest"
-
-
-class Phase(StrEnum):
-    PENDING = "Pending"
-    CREATING = "Creating"
-    STARTING = "Starting"
-    RUNNING = "Running"
-    STOPPING = "Stopping"
-    STOPPED = "Stopped"
-    FROZEN = "Frozen"
-    ERROR = "Error"
-    DELETING = "Deleting"
-    UNKNOWN = "Unknown"
+from ..quantity import parse_bytes
+from .cel import _CROSS_FIELD_RULES, _DEVICE_RULES, _EXTRA_RULES, DEVICE_TYPES_BY_INSTANCE_TYPE, _cel
+from .common import Condition, DeletionPolicy, DeviceType, InstanceType, NICType, Phase, PowerState, _Model
+from .limits import (
+    CPU_PATTERN,
+    DEVICE_NAME_PATTERN,
+    DEVICE_PATH_MAX_LENGTH,
+    DEVICE_PATHS_TOTAL_MAX_LENGTH,
+    DEVICES_MAX_ITEMS,
+    DNS1123_SUBDOMAIN_PATTERN,
+    ENV_KEY_MAX_LENGTH,
+    ENV_MAX_ENTRIES,
+    ENV_VALUE_MAX_LENGTH,
+    ENV_VALUES_TOTAL_MAX_LENGTH,
+    EXTRA_INT_MAX,
+    EXTRA_INT_MIN,
+    EXTRA_KEY_PATTERN,
+    EXTRA_MAX_ENTRIES,
+    EXTRA_NIC_OWNED_KEYS,
+    EXTRA_OWNED_KEYS,
+    EXTRA_VALUE_MAX_LENGTH,
+    EXTRA_VALUE_PATTERN,
+    HOST_PATH_PATTERN,
+    IMAGE_MAX_LENGTH,
+    INSTANCE_NAME_PATTERN,
+    MAC_PATTERN,
+    MAX_MEMORY,
+    MAX_MEMORY_QUANTITY,
+    MIN_MEMORY,
+    NIC_PARENT_MAX_LENGTH,
+    NICS_MAX_ITEMS,
+    RE2_SPACE,
+    STORAGE_POOL_MAX_LENGTH,
+)
 
 
 def _extra_value(value: int | str) -> int | str:
@@ -196,28 +78,6 @@ ExtraValue = Annotated[
             "minimum": EXTRA_INT_MIN,
             "maximum": EXTRA_INT_MAX,
         }
-    ),
-]
-
-_EXTRA_RULES: list[JsonValue] = [
-    _cel(
-        f"self.all(k, k.matches('{EXTRA_KEY_PATTERN}'))",
-        "keys must be TrueNAS field names: lowercase letters, digits and '_', at most 32 characters",
-    ),
-]
-
-_DEVICE_RULES: list[JsonValue] = [
-    _cel(
-        f"!has(self.extra) || !self.extra.exists(k, k in {_cel_list(EXTRA_OWNED_KEYS)})",
-        "extra may not set " + ", ".join(EXTRA_OWNED_KEYS) + ": the typed fields name, type, source, "
-        "destination and readonly own them",
-        ".extra",
-    ),
-    _cel(
-        f"self.type != 'NIC' || !has(self.extra) || !self.extra.exists(k, k in {_cel_list(EXTRA_NIC_OWNED_KEYS)})",
-        "extra of a NIC may not set " + ", ".join(EXTRA_NIC_OWNED_KEYS) + ": declare the NIC in spec.nics "
-        "(type, parent, hwaddr)",
-        ".extra",
     ),
 ]
 
@@ -306,117 +166,6 @@ class ConnectionReference(_Model):
     name: Annotated[str, Field(pattern=DNS1123_SUBDOMAIN_PATTERN, min_length=1, max_length=253)] = Field(
         description="Name of a TrueNASConnection in this namespace (a Kubernetes object name)."
     )
-
-
-# Device types each instance type can have. Admission cannot know which TrueNAS a connection reaches,
-# so it refuses what every TrueNAS version refuses; a type one version lacks (TPM and PROXY on
-# TrueNAS 26 containers, truenas-vm-container.md §3.5) is reported in status by that version's backend.
-#  * virt.instance, 25.04-25.10 (truenas-api.md §5, schemas truenas-schemas/v25_*.virt.device.json):
-#    DISK, NIC, USB, TPM and GPU for both types (TPM: "containers default /dev/tpm0");
-#    PCI only for VMs ("PCI passthrough is only supported for vms"), CDROM only for VMs (25.10,
-#    "Container instance type is not supported"); PROXY is built with bind=host and without NAT
-#    (truenas-api.md §5, "Incus mapping"), which Incus allows for containers only (Incus docs,
-#    reference/devices_proxy: "VMs (NAT mode only)").
-#  * container.*, 26 (truenas-vm-container.md §3.5): FILESYSTEM (our DISK), NIC, GPU, USB.
-#  * vm.*, 25.04.2+ (truenas-vm-container.md §2.5): no PROXY device at all (nor TPM/GPU: a VM flag and PCI).
-DEVICE_TYPES_BY_INSTANCE_TYPE: dict[str, tuple[str, ...]] = {
-    "VM": ("DISK", "NIC", "GPU", "USB", "TPM", "PCI", "CDROM"),
-    "CONTAINER": ("DISK", "NIC", "GPU", "USB", "TPM", "PROXY"),
-}
-_VM_ONLY = tuple(t for t in DEVICE_TYPES_BY_INSTANCE_TYPE["VM"] if t not in DEVICE_TYPES_BY_INSTANCE_TYPE["CONTAINER"])
-_CONTAINER_ONLY = tuple(
-    t for t in DEVICE_TYPES_BY_INSTANCE_TYPE["CONTAINER"] if t not in DEVICE_TYPES_BY_INSTANCE_TYPE["VM"]
-)
-
-
-def _device_type_rule(instance_type: str, refused: tuple[str, ...], why: str) -> JsonDict:
-    # A static message: messageExpression listing the offending names costs too much for the API
-    # server's estimate; the message names the types, and each name in the list has one type.
-    kinds = " or ".join(refused)
-    present = f"self.devices.exists(d, d.type in {_cel_list(refused)})"
-    return _cel(
-        f"self.type != '{instance_type}' || !has(self.devices) || !{present}",
-        f"spec.devices: a {instance_type} cannot have {kinds} devices: {why}",
-        ".devices",
-    )
-
-
-_CROSS_FIELD_RULES: list[JsonValue] = [
-    _device_type_rule("CONTAINER", _VM_ONLY, " and ".join(_VM_ONLY) + " devices are only supported for VMs"),
-    _device_type_rule(
-        "VM", _CONTAINER_ONLY, " and ".join(_CONTAINER_ONLY) + " devices are only supported for containers"
-    ),
-    _cel(
-        "!has(self.devices) || self.devices.all(d, d.type != 'DISK' || has(d.source))",
-        "spec.devices: a DISK device needs a source",
-        ".devices",
-    ),
-    _cel(
-        "self.type == 'VM' || !has(self.devices) || self.devices.all(d, d.type != 'DISK' || has(d.destination))",
-        "spec.devices: a DISK device of a CONTAINER needs a destination",
-        ".devices",
-    ),
-    _cel(
-        "!has(self.devices) || !has(self.nics) || self.nics.all(n, self.devices.all(d, d.name != n.name))",
-        "spec.nics: a NIC may not share its name with an entry of spec.devices",
-        ".nics",
-    ),
-    _cel(
-        "!has(self.devices) || self.devices.map(d, (has(d.source) ? size(d.source) : 0) + "
-        f"(has(d.destination) ? size(d.destination) : 0)).sum() <= {DEVICE_PATHS_TOTAL_MAX_LENGTH}",
-        f"spec.devices: sources and destinations of all devices together may not exceed "
-        f"{DEVICE_PATHS_TOTAL_MAX_LENGTH} characters",
-        ".devices",
-    ),
-]
-
-# An instance exists on TrueNAS (or is being created) once the operator wrote status.instanceId or a
-# phase other than Pending and Error. Until then image, type, name and storagePool can be corrected in
-# place (a typo, a create TrueNAS refused); afterwards they are immutable. Root-level transition rules,
-# because only the whole object sees the status next to the spec.
-#
-# status.binding is the anchor: the operator sets it once, when it starts the create or sees the
-# instance it created or adopted, keeps it through connection and authentication failures, and removes
-# it only when TrueNAS answers that the instance is gone. Tenants have no rights on the status
-# subresource, and a spec update cannot change the status (the API server keeps the old one), so
-# oldSelf.status is what the operator last wrote. instanceId and the phase still count, for a status
-# written before status.binding existed.
-_NOT_CREATED = (
-    "!has(oldSelf.status) || (!has(oldSelf.status.binding) && !has(oldSelf.status.instanceId) && "
-    "(!has(oldSelf.status.phase) || oldSelf.status.phase in ['Pending', 'Error']))"
-)
-
-
-def _immutable(field: str, message: str) -> JsonDict:
-    """Also refuses adding or removing an optional field (``has`` on both sides)."""
-    same = (
-        f"has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
-        f"(!has(self.spec.{field}) || self.spec.{field} == oldSelf.spec.{field})"
-    )
-    return _cel(f"{_NOT_CREATED} || ({same})", message, f".spec.{field}")
-
-
-_CREATED_NOTE = "once the instance exists on TrueNAS (status.binding set: created, adopted or a create under way)"
-# Checked on the whole object: metadata.name becomes the instance name when spec.name is omitted.
-INSTANCE_ROOT_RULES: list[JsonValue] = [
-    _cel(
-        f"has(self.spec.name) || self.metadata.name.matches('{INSTANCE_NAME_PATTERN}')",
-        "metadata.name is not a valid Incus instance name (letters, digits and '-', 1-63 characters, "
-        "starting with a letter): set spec.name",
-    ),
-    _immutable("name", f"spec.name is immutable {_CREATED_NOTE}: the instance cannot be renamed"),
-    _immutable("type", f"spec.type is immutable {_CREATED_NOTE}"),
-    _immutable(
-        "image",
-        f"spec.image is immutable {_CREATED_NOTE}: an instance cannot be rebuilt from another image",
-    ),
-    _immutable("storagePool", f"spec.storagePool is immutable {_CREATED_NOTE}"),
-    _immutable(
-        "connectionRef",
-        f"spec.connectionRef is immutable {_CREATED_NOTE}: the resource stays bound to the TrueNAS its instance "
-        "lives on",
-    ),
-]
 
 
 CLOUD_INIT_MAX_LENGTH = 65536
@@ -660,29 +409,6 @@ class IncusInstanceSpec(_Model):
         return None if self.memory is None else parse_bytes(self.memory)
 
 
-class ConditionStatus(StrEnum):
-    TRUE = "True"
-    FALSE = "False"
-    UNKNOWN = "Unknown"
-
-
-class Condition(_Model):
-    """A condition in the standard Kubernetes shape."""
-
-    type: Annotated[str, Field(max_length=316)] = Field(description="Condition type: Ready or Synced.")
-    status: ConditionStatus = Field(description="True, False or Unknown.")
-    reason: Annotated[str, Field(max_length=1024)] = Field(
-        description="A CamelCase reason, e.g. Available, AlreadyExists, ValidationFailed, Unreachable."
-    )
-    message: Annotated[str, Field(max_length=32768)] = Field(
-        description="Human-readable detail, including TrueNAS's own error message."
-    )
-    last_transition_time: datetime = Field(description="When the status last changed.")
-    observed_generation: Annotated[int, Field(ge=0)] | None = Field(
-        None, description="metadata.generation this condition was computed for."
-    )
-
-
 class ImageStatus(_Model):
     """The image the instance was built from, as TrueNAS reports it."""
 
@@ -762,127 +488,3 @@ class IncusInstance(_Model):
     metadata: dict[str, Any] = Field(description="Standard object metadata.")
     spec: IncusInstanceSpec = Field(description="Desired state.")
     status: IncusInstanceStatus | None = Field(None, description="Observed state.")
-
-
-class SecretKeyReference(_Model):
-    """A key of a Secret in the same namespace."""
-
-    name: Annotated[str, Field(pattern=DNS1123_SUBDOMAIN_PATTERN, min_length=1, max_length=253)] = Field(
-        description="Secret name (a Kubernetes object name)."
-    )
-    key: Annotated[str, Field(pattern=SECRET_KEY_PATTERN, min_length=1, max_length=253)] = Field(
-        description="Key within the Secret: letters, digits, '-', '_' and '.', not '.' or '..' or starting with '..'."
-    )
-
-
-# A host (name or bracketed IPv6 literal) and an optional port of 1-65535 written as plain digits: a URL
-# such as wss://nas:+1234 parses in some libraries and not in others (issue 19 item 9), so none is admitted.
-_URL_HOST = r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])"
-_URL_PORT = r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
-CONNECTION_URL_PATTERN = rf"^(wss|https|ws|http)://{_URL_HOST}{_URL_PORT}(/\S*)?$"
-IMAGE_SERVER_PATTERN = rf"^(https?://{_URL_HOST}{_URL_PORT}(/\S*)?|file:///\S*|/\S*)$"
-
-
-class ConnectionTLS(_Model):
-    """TLS settings. Certificates are verified against the system CAs unless a CA is given."""
-
-    ca_secret_ref: SecretKeyReference | None = Field(
-        None,
-        description=(
-            "A Secret key holding the PEM CA bundle that signed TrueNAS's certificate "
-            "(the Secret must carry the label incus.truenas.io/credentials=true)."
-        ),
-    )
-    insecure_skip_verify: bool | None = Field(
-        None,
-        description=(
-            "Skip certificate verification (reported as Secure=False, InsecureSkipVerify). Off by default; "
-            "for tests only."
-        ),
-    )
-
-
-class TrueNASConnectionSpec(_Model):
-    """How to reach one TrueNAS system."""
-
-    url: Annotated[str, Field(pattern=CONNECTION_URL_PATTERN, max_length=2048)] = Field(
-        description=(
-            "wss://host or https://host. Plain ws:// and http:// are refused (InsecureTransport) except to "
-            "loopback or with allowInsecureTransport."
-        )
-    )
-    transport: TransportType | None = Field(
-        None,
-        description="websocket (JSON-RPC, the default and the only one TrueNAS 26 has) or rest (/api/v2.0 on 25.x).",
-    )
-    api_key_secret_ref: SecretKeyReference = Field(
-        description=(
-            "The Secret key holding the TrueNAS API key. The Secret must carry the label "
-            "incus.truenas.io/credentials=true, and may list the hosts its key may go to in the annotation "
-            "incus.truenas.io/allowed-hosts."
-        )
-    )
-    tls: ConnectionTLS | None = Field(None, description="TLS verification settings.")
-    allow_insecure_transport: bool | None = Field(
-        None,
-        description=(
-            "Allow plain ws:// or http:// to a host other than loopback: the API key and all traffic travel "
-            "unencrypted, and TrueNAS revokes a key it receives that way. Off by default."
-        ),
-    )
-    max_concurrent_calls: Annotated[int, Field(ge=1, le=20)] | None = Field(
-        None, description="Concurrent calls on this connection (TrueNAS allows 20). Effective default: 20."
-    )
-    vm_image_server: Annotated[str, Field(pattern=IMAGE_SERVER_PATTERN, min_length=1, max_length=2048)] | None = Field(
-        None,
-        description=(
-            "Where VMs on vm.* (TrueNAS 25.04.2 and later) get their disk images: a simplestreams server "
-            "(https://...), or a local mirror on the operator's host (file:// URL or directory path) for NAS "
-            "hosts without internet access. Only a server the administrator's policy allows (vmImageServers; "
-            "by default only the operator's own), else the connection is refused (PolicyDenied). Unset: the "
-            "operator's TIO_VM_IMAGE_SERVER, else https://images.linuxcontainers.org."
-        ),
-    )
-
-
-class TrueNASConnectionStatus(_Model):
-    """What the operator learned about the connection."""
-
-    conditions: list[Condition] | None = Field(
-        None,
-        description=(
-            "Ready: the operator logged in and detected the API. Secure: False (PlainTransport, "
-            "InsecureSkipVerify) when the key travels unencrypted or to an unverified server."
-        ),
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )
-    version: str | None = Field(None, description="TrueNAS version, e.g. TrueNAS-25.10.1.")
-    api_version: str | None = Field(None, description="The API version the operator speaks, e.g. v25.10.0.")
-    transport: str | None = Field(None, description="The transport in use: websocket (JSON-RPC) or rest.")
-    api_family: str | None = Field(
-        None,
-        description=("The API families used for instances: virt.instance or container, with +vm where VMs use vm.*."),
-    )
-    observed_generation: int | None = Field(None, description="The spec generation last acted on.")
-
-
-class TrueNASConnection(_Model):
-    """A TrueNAS system that IncusInstances in this namespace can use."""
-
-    api_version: Literal["incus.truenas.io/v1alpha1"] = Field(description="incus.truenas.io/v1alpha1")
-    kind: Literal["TrueNASConnection"] = Field(description="TrueNASConnection")
-    metadata: dict[str, Any] = Field(description="Standard object metadata.")
-    spec: TrueNASConnectionSpec = Field(description="How to reach TrueNAS.")
-    status: TrueNASConnectionStatus | None = Field(None, description="Observed state.")
-
-
-# The operator's defaults for fields users omit (never written into spec).
-EFFECTIVE_DEFAULTS: dict[str, Any] = {
-    "autostart": True,
-    "power_state": PowerState.RUNNING,
-    "stop_timeout_seconds": 30,
-    "deletion_policy": DeletionPolicy.DELETE,
-    "nic_type": NICType.BRIDGED,
-    "transport": TransportType.WEBSOCKET,
-    "max_concurrent_calls": 20,
-}
