@@ -10,9 +10,11 @@ unhonoured. A manifest is checked against the environment's NAS (``TIO_TRUENAS_U
 names a TrueNASConnection: doctor says so. On a TLS failure it shows the certificate the server
 presented (subject, issuer, SHA-256 fingerprint) and the variable to set.
 
-It never writes: every call goes through an observer that refuses anything but the reads listed in
-``READS`` (and the transport's own login, options and subscriptions), so a bug here cannot change
-the NAS. Exit code: 0 when nothing blocks, 1 when a blocking problem was found, 2 on bad usage.
+It never writes: doctor's own calls go through ``read()``, which refuses anything but the reads
+listed in ``READS`` before it leaves the process; ``connect()`` adds only its login, the version,
+the NAS's identity and the family probe (all reads). The observer records every call for the
+report. The key's roles are checked against the calls each backend declares (``calls(version)``).
+Exit code: 0 when nothing blocks, 1 when a blocking problem was found, 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from .reconcile import _vm_unsupported_message, instance_config
 from .settings import Settings
 from .truenas import TrueNASClient, TrueNASError, connect, ssl_context
 from .truenas.backends.container import ContainerBackend
+from .truenas.backends.virt import VirtInstanceBackend
+from .truenas.backends.vm import VMBackend
 from .truenas.errors import ImageNotFound
 from .truenas.images import DEFAULT_IMAGE_SERVER, ImageServer
 
@@ -59,56 +63,13 @@ READS = frozenset(
 )
 """The only calls doctor makes itself (connect() adds the family probe, also a read)."""
 
-OPERATOR_CALLS: dict[str, dict[str, tuple[str, ...]]] = {
-    "virt.instance": {
-        "read": ("virt.instance.query", "virt.instance.device_list", "virt.global.config"),
-        "write": (
-            "virt.instance.create",
-            "virt.instance.update",
-            "virt.instance.start",
-            "virt.instance.stop",
-            "virt.instance.delete",
-            "virt.instance.device_add",
-            "virt.instance.device_update",
-            "virt.instance.device_delete",
-        ),
-    },
-    "container": {
-        "read": ("container.query", "container.device.query", "container.image.query_registry", "lxc.config"),
-        "write": (
-            "container.create",
-            "container.update",
-            "container.start",
-            "container.stop",
-            "container.delete",
-            "container.device.create",
-            "container.device.update",
-            "container.device.delete",
-        ),
-    },
-    "vm": {
-        "read": ("vm.query", "vm.device.query", "pool.dataset.query", "core.get_jobs"),
-        "write": (
-            "vm.create",
-            "vm.update",
-            "vm.start",
-            "vm.stop",
-            "vm.delete",
-            "vm.device.create",
-            "vm.device.update",
-            "vm.device.delete",
-            "vm.device.convert",
-            "vm.import_disk_image",
-            "pool.dataset.create",
-            "pool.dataset.update",
-            "pool.dataset.delete",
-            "pool.snapshot.create",
-            "filesystem.put",
-        ),
-    },
+BACKENDS: dict[str, type[VirtInstanceBackend] | type[ContainerBackend] | type[VMBackend]] = {
+    VirtInstanceBackend.family: VirtInstanceBackend,
+    ContainerBackend.family: ContainerBackend,
+    VMBackend.family: VMBackend,
 }
-"""What the operator calls, per API family (backends/virt.py, container.py, vm.py). A connection's
-family is ``virt.instance+vm`` or ``container+vm`` where VMs go through ``vm.*``."""
+"""The API families; each declares the calls it makes (``calls(version)``). A connection's family is
+``virt.instance+vm`` or ``container+vm`` where VMs go through ``vm.*``."""
 
 
 def families(client: TrueNASClient) -> list[str]:
@@ -349,8 +310,11 @@ async def _roles(report: Report, client: TrueNASClient) -> None:
     # Every connect reads the NAS's identity (client.read_system_id; ownership keys on it).
     calls: dict[str, tuple[str, ...]] = {"read": ("system.global.id",), "write": ()}
     for family in families(client):
-        for kind, methods in OPERATOR_CALLS.get(family, {}).items():
-            calls[kind] = calls[kind] + methods
+        backend = BACKENDS.get(family)
+        if backend is not None:
+            declared = backend.calls(client.version)
+            calls["read"] += tuple(m for m in declared.reads if m not in calls["read"])
+            calls["write"] += tuple(m for m in declared.writes if m not in calls["write"])
     try:
         me = await read(client, "auth.me")
     except TrueNASError as exc:

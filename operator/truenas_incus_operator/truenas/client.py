@@ -84,7 +84,7 @@ async def connect(
 
     ``observer`` (observe.py) is told of every call, job and event through this client.
     ``vm_image_server``: the simplestreams server (or local mirror) VM images come from on ``vm.*``;
-    unset: ``$TIO_VM_IMAGE_SERVER``, else the Linux Containers image server.
+    unset: the Linux Containers image server (the operator passes its ``TIO_VM_IMAGE_SERVER`` setting).
     ``may_write``: asked before the client writes on its own (the VM backend's base collection during
     the resync query); the operator passes its Lease fence.
     ``pool``: share one transport with every other client of the pool that has the same URL, key,

@@ -8,6 +8,15 @@ from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
+class Calls:
+    """The TrueNAS methods a backend calls on a given version: what a key's roles must allow
+    (doctor checks them; tests/test_declared_calls.py holds every backend to its list)."""
+
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """A device as the operator wants it (or as a backend reports it)."""
 

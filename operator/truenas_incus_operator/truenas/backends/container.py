@@ -21,6 +21,7 @@ from ..jobs import job_running
 from ..transports.base import Transport
 from ..types import (
     UNSET,
+    Calls,
     DeviceConfig,
     InstanceChanges,
     InstanceConfig,
@@ -114,6 +115,22 @@ def device_attributes(device: DeviceConfig) -> dict[str, Any]:
 
 class ContainerBackend:
     family = "container"
+
+    @staticmethod
+    def calls(version: tuple[int, ...]) -> Calls:
+        return Calls(
+            reads=("container.query", "container.device.query", "container.image.query_registry", "lxc.config"),
+            writes=(
+                "container.create",
+                "container.update",
+                "container.start",
+                "container.stop",
+                "container.delete",
+                "container.device.create",
+                "container.device.update",
+                "container.device.delete",
+            ),
+        )
 
     def __init__(self, transport: Transport, version: tuple[int, ...], arch: str = "amd64") -> None:
         self.transport = transport

@@ -11,6 +11,7 @@ from ..jobs import job_running
 from ..transports.base import Transport
 from ..types import (
     UNSET,
+    Calls,
     DeviceConfig,
     InstanceChanges,
     InstanceConfig,
@@ -78,6 +79,23 @@ def device_config(entry: dict[str, Any]) -> DeviceConfig:
 
 class VirtInstanceBackend:
     family = "virt.instance"
+
+    @staticmethod
+    def calls(version: tuple[int, ...]) -> Calls:
+        return Calls(
+            reads=("virt.instance.query", "virt.instance.device_list", "virt.global.config"),
+            writes=(
+                "virt.instance.create",
+                "virt.instance.update",
+                "virt.instance.start",
+                "virt.instance.stop",
+                "virt.instance.restart",
+                "virt.instance.delete",
+                "virt.instance.device_add",
+                "virt.instance.device_update",
+                "virt.instance.device_delete",
+            ),
+        )
 
     def __init__(self, transport: Transport, version: tuple[int, ...]) -> None:
         self.transport = transport

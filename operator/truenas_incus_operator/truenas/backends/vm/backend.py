@@ -15,7 +15,15 @@ from ...errors import AlreadyExists, CallFailed, FieldError, NotFound, TrueNASEr
 from ...images import DEFAULT_IMAGE_SERVER, ImageServer, ImageSource, VMImage
 from ...observe import Observer
 from ...transports.base import Transport
-from ...types import UNSET, DeviceConfig, InstanceChanges, InstanceConfig, InstanceEventCallback, ObservedInstance
+from ...types import (
+    UNSET,
+    Calls,
+    DeviceConfig,
+    InstanceChanges,
+    InstanceConfig,
+    InstanceEventCallback,
+    ObservedInstance,
+)
 from .bases import BASE_GRACE_SECONDS, FILE_MODE, ROOT, BaseImages, dataset_key
 from .entries import (
     DEFAULT_MEMORY,
@@ -38,6 +46,41 @@ log = logging.getLogger(__name__)
 
 class VMBackend:
     family = "vm"
+
+    @staticmethod
+    def calls(version: tuple[int, ...]) -> Calls:
+        """The VMs' calls and the cached bases' (bases.py: its snapshot and conversion methods by version)."""
+        snapshots = "pool.snapshot" if version >= (25, 10) else "zfs.snapshot"
+        return Calls(
+            reads=(
+                "vm.query",
+                "vm.device.query",
+                "pool.dataset.query",
+                f"{snapshots}.query",
+                "core.get_jobs",
+                "lxc.config",
+                "virt.global.config",
+            ),
+            writes=(
+                "vm.create",
+                "vm.update",
+                "vm.start",
+                "vm.stop",
+                "vm.poweroff",
+                "vm.delete",
+                "vm.device.create",
+                "vm.device.update",
+                "vm.device.delete",
+                "vm.device.convert" if version >= (25, 10) else "vm.import_disk_image",
+                "pool.dataset.create",
+                "pool.dataset.update",
+                "pool.dataset.delete",
+                f"{snapshots}.create",
+                f"{snapshots}.clone",
+                f"{snapshots}.delete",
+                "filesystem.put",
+            ),
+        )
 
     def __init__(
         self,
