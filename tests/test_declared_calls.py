@@ -4,12 +4,11 @@ and every snapshot call). A whole lifecycle of each API family against the simul
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from truenas_incus_operator.doctor import BACKENDS
 from truenas_incus_operator.truenas import DeviceConfig, InstanceChanges, InstanceConfig, TrueNASClient
+from truenas_incus_operator.truenas.backends.routing import RoutingBackend
 
 from .test_client import client_for, serve
 from .test_client_vm import mirror, vm_config
@@ -91,7 +90,8 @@ async def vm_lifecycle(client: TrueNASClient) -> None:
     await backend.start("vm-01")
     await backend.delete("vm-01")  # running: powered off first
     await backend.delete("vm-02")
-    vms: Any = backend.vms
+    assert isinstance(backend, RoutingBackend)
+    vms = backend.vms
     vms.base_grace_seconds = 0.0
     await vms.collect_bases(now=0.0)
     await vms.collect_bases(now=1.0)  # both bases unused: collected (snapshot and dataset deleted)
