@@ -100,7 +100,6 @@ async def test_lifecycle(profile: str, transport: str) -> None:
         stopped = await backend.get_instance("web01")
         assert stopped is not None and stopped.status == "STOPPED" and stopped.addresses == ()
         await backend.start("web01")
-        await backend.restart("web01", force=True)
         assert sim.instances["web01"].status == "RUNNING"
 
         proxy = DeviceConfig(

@@ -694,3 +694,26 @@ async def test_uploads_and_conversions_are_counted_as_jobs() -> None:
 
         assert jobs("filesystem.put") == 2, "the image and the seed: two uploads"
         assert jobs("vm.device.convert") == 1
+
+
+# ----- capabilities from the observation alone (issue 22 item 2) ----------------------------------------------
+def test_deferred_fields_come_from_the_observation_not_the_backends_memory() -> None:
+    """What a running VM cannot take now (a changed seed, memory or vCPUs until the next start) was
+    read from the backend's private memory of earlier calls: a backend that had not seen the VM's
+    description said nothing. Now the observation carries the seed marks and the pending fields."""
+    from truenas_incus_operator.truenas.backends.vm.marks import seed_marks
+    from truenas_incus_operator.truenas.types import ObservedImage, ObservedInstance
+
+    from .fakes import ScriptedTransport
+
+    fresh = VMBackend(ScriptedTransport(), (25, 10))  # has seen nothing
+    config = vm_config("web-01", environment={"A": "2"})
+    seeded = seed_marks(vm_config("web-01", environment={"A": "1"}))
+    observed = ObservedInstance(
+        id="1", name="web-01", type="VM", status="RUNNING", cpu="2", memory=2 * GIB, autostart=False,
+        environment={}, addresses=(), image=ObservedImage(), family="vm", seed=seeded, pending=("memory",),
+    )  # fmt: skip
+    assert fresh.deferred_fields(config, observed) == [
+        "environment (applies at first boot only)",
+        "memory (takes effect at the next start)",
+    ]

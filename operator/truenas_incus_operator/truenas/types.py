@@ -106,6 +106,13 @@ class ObservedInstance:
     addresses: tuple[str, ...]
     image: ObservedImage
     storage_pool: str | None = None
+    family: str = ""
+    """The API family that reported it (``virt.instance``, ``container``, ``vm``): which one manages it."""
+    seed: tuple[str, str] | None = None
+    """vm.*: the digests of what its seed holds (environment, cloud-init), from its description."""
+    pending: tuple[str, ...] = ()
+    """Fields changed on the running instance that take effect at its next start (vm.* redefines
+    nothing live); known only to the process that changed them."""
 
 
 InstanceEventCallback = Callable[[str, str, dict[str, Any] | None], None]
@@ -116,7 +123,6 @@ class InstanceBackend(Protocol):
     """One API family (``virt.instance`` on 25.x, ``container.*`` on 26) behind one interface."""
 
     family: str
-    supports_events: bool
 
     def unsupported_fields(self, config: InstanceConfig) -> list[str]:
         """Spec fields of ``config`` this backend cannot honour (reported, never silently dropped)."""
@@ -151,8 +157,6 @@ class InstanceBackend(Protocol):
     async def start(self, name: str) -> None: ...
 
     async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None: ...
-
-    async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None: ...
 
     async def create_in_progress(self, name: str) -> bool:
         """Whether TrueNAS is still running a create job for ``name`` (e.g. one started before a crash)."""

@@ -52,6 +52,7 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
         addresses=(),
         image=ObservedImage(),
         storage_pool=str(entry.get("dataset") or "").split("/")[0] or None,
+        family="container",
     )
 
 
@@ -136,7 +137,6 @@ class ContainerBackend:
         self.transport = transport
         self.version = version
         self.arch = arch
-        self.supports_events = transport.supports_events
         self._ids: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._registry: list[dict[str, Any]] = []
@@ -293,10 +293,6 @@ class ContainerBackend:
         # 26 has no timeout argument: a graceful stop waits the container's shutdown_timeout, then kills it.
         options = {"force": True} if force else {"force_after_timeout": True}
         await self.transport.call_job("container.stop", await self._id(name), options)
-
-    async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None:
-        await self.stop(name, timeout, force)
-        await self.start(name)
 
     async def create_in_progress(self, name: str) -> bool:
         return await job_running(self.transport, "container.create", name)

@@ -27,7 +27,6 @@ class RoutingBackend:
         self.containers = containers
         self.vms = vms
         self.family = f"{containers.family}+{vms.family}"
-        self.supports_events = containers.supports_events
         self._owner: dict[str, InstanceBackend] = {}
 
     def _for(self, config: InstanceConfig) -> InstanceBackend:
@@ -50,6 +49,9 @@ class RoutingBackend:
         return self._for(config).unsupported_fields(config)
 
     def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
+        if observed is not None and observed.family:  # the family that reported it manages it
+            backend = self.vms if observed.family == self.vms.family else self.containers
+            return backend.deferred_fields(config, observed)
         return self._for(config).deferred_fields(config, observed)
 
     def honoured(self, config: InstanceConfig) -> InstanceConfig:
@@ -100,9 +102,6 @@ class RoutingBackend:
 
     async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:
         await (await self._backend(name)).stop(name, timeout, force)
-
-    async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None:
-        await (await self._backend(name)).restart(name, timeout, force)
 
     async def create_in_progress(self, name: str) -> bool:
         return await self.containers.create_in_progress(name)

@@ -45,6 +45,7 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
             description=image.get("description"),
         ),
         storage_pool=entry.get("storage_pool"),
+        family="virt.instance",
     )
 
 
@@ -89,7 +90,6 @@ class VirtInstanceBackend:
                 "virt.instance.update",
                 "virt.instance.start",
                 "virt.instance.stop",
-                "virt.instance.restart",
                 "virt.instance.delete",
                 "virt.instance.device_add",
                 "virt.instance.device_update",
@@ -100,7 +100,6 @@ class VirtInstanceBackend:
     def __init__(self, transport: Transport, version: tuple[int, ...]) -> None:
         self.transport = transport
         self.version = version
-        self.supports_events = transport.supports_events
         self.can_create_vms = version < (25, 4, 2)
         self.nic_mac = version >= (25, 10)
 
@@ -198,9 +197,6 @@ class VirtInstanceBackend:
     async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:
         # TrueNAS refuses force=false without a timeout; a plain stop gets a 30 s grace period.
         await self.transport.call_job("virt.instance.stop", name, _stop_args(timeout, force))
-
-    async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None:
-        await self.transport.call_job("virt.instance.restart", name, _stop_args(timeout, force))
 
     async def create_in_progress(self, name: str) -> bool:
         return await job_running(self.transport, "virt.instance.create", name)

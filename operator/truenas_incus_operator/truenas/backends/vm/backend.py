@@ -107,12 +107,9 @@ class VMBackend:
         )
         self.bases = BaseImages(transport, version, images, observer)
         self.bases.base_grace_seconds = grace
-        self.supports_events = transport.supports_events
         self._ids: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._pool: str | None = None
-        self._seeds: dict[str, tuple[str, str]] = {}
-        """Per VM, the seed marks of its description (what cloud-init was given)."""
         self._restart_pending: dict[str, list[str]] = {}
         """Per running VM, the fields changed since it started (this process's memory only)."""
         self._environment: dict[str, dict[str, str]] = {}
@@ -192,19 +189,19 @@ class VMBackend:
 
     def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
         """cloud-init reads the seed once: a later ``environment`` or ``cloudInit`` is never delivered. vm.update
-        redefines nothing live: memory and vCPUs changed on a running VM apply at its next start."""
+        redefines nothing live: memory and vCPUs changed on a running VM apply at its next start. Both
+        from the observation alone (its seed marks and pending changes), not this backend's memory."""
         if observed is None or observed.type != "VM":
             return []
         deferred = []
-        seeded = self._seeds.get(config.name)
-        if seeded is not None:
+        if observed.seed is not None:
             env, cloud_init = seed_marks(config)
-            if env != seeded[0]:
+            if env != observed.seed[0]:
                 deferred.append(f"environment ({FIRST_BOOT_ONLY})")
-            if cloud_init != seeded[1]:
+            if cloud_init != observed.seed[1]:
                 deferred.append(f"cloudInit ({FIRST_BOOT_ONLY})")
         if observed.status == "RUNNING":
-            deferred += [f"{field} ({NEXT_START})" for field in self._restart_pending.get(config.name, [])]
+            deferred += [f"{field} ({NEXT_START})" for field in observed.pending]
         return deferred
 
     # ----- bookkeeping -------------------------------------------------------------------------------------
@@ -213,11 +210,14 @@ class VMBackend:
         self._ids[name] = entry["id"]
         self._names[entry["id"]] = name
         marks = SEED_MARK.search(str(entry.get("description") or ""))
-        if marks is not None:
-            self._seeds[name] = (marks.group(1), marks.group(2))
         if (entry.get("status") or {}).get("state") != "RUNNING":
             self._restart_pending.pop(name, None)  # the next start takes them
-        return replace(observed(entry), environment=dict(self._environment.get(name, {})))
+        return replace(
+            observed(entry),
+            environment=dict(self._environment.get(name, {})),
+            seed=(marks.group(1), marks.group(2)) if marks is not None else None,
+            pending=tuple(self._restart_pending.get(name, ())),
+        )
 
     def _forget(self, name: str) -> None:
         ident = self._ids.pop(name, None)
@@ -465,10 +465,6 @@ class VMBackend:
             await self.transport.call("vm.update", ident, {"shutdown_timeout": min(300, max(5, timeout))})
         options = {"force": True} if force or timeout == 0 else {"force_after_timeout": True}
         await self.transport.call_job("vm.stop", ident, options)
-
-    async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None:
-        await self.stop(name, timeout, force)
-        await self.start(name)
 
     async def create_in_progress(self, name: str) -> bool:
         return False  # the create is this client's own sequence of calls, not one TrueNAS job

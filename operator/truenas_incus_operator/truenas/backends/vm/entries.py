@@ -39,6 +39,7 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
         addresses=(),  # vm.query reports no guest addresses on any version (§5)
         image=ObservedImage(description=entry.get("description") or None),
         storage_pool=None,
+        family="vm",
     )
 
 
