@@ -138,3 +138,16 @@ async def test_connections_of_one_nas_and_key_open_one_socket() -> None:
         for i in range(10):
             await manager.remove(f"tenant/c{i}")
         await sockets_become(server, 0)
+
+
+async def test_one_ca_read_from_a_file_and_from_a_secret_is_one_socket(tmp_path: Any) -> None:
+    """The default connection reads its CA from a file (with its last newline); a TrueNASConnection's
+    CA comes from a Secret, stripped: the same CA, so one socket (seen in the README walk-through)."""
+    async with serve("25.10", tls=True, cert_dir=tmp_path) as (_sim, server):
+        pem = (tmp_path / "ca.crt").read_text()
+        pool = TransportPool()
+        first = await pooled(server, pool, ca_pem=pem if pem.endswith("\n") else pem + "\n")
+        second = await pooled(server, pool, ca_pem=pem.strip())
+        assert sockets(server) == 1
+        await first.close()
+        await second.close()

@@ -112,7 +112,7 @@ async def connect(
     shared: SharedTransport | None = None
     chosen: Transport
     if pool is not None:
-        tls = (ca_pem, insecure_skip_verify)
+        tls = (ca_pem.strip() if ca_pem else None, insecure_skip_verify)  # a file's last newline is no other CA
         limits = (max_concurrent_calls, call_timeout, read_timeout, job_timeout, connect_timeout)
         key = (transport, url, secret, tls, limits)
         chosen = shared = pool.view(key, open_transport)
