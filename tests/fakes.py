@@ -407,10 +407,8 @@ def fake_operator(
     operator = build(Settings(**values), kube, post_event, clock=lambda: NOW, policy=policy, metrics=metrics)
     config = ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-test"))
     connection = Connection("<default>", config, resync_seconds=30.0)
-    connection.client = TrueNASClient(NoTransport(), backend, (25, 10), "TrueNAS-25.10.1")  # type: ignore[arg-type]
-    connection.problem = None
-    connection.ready.set()
-    connection.cache.replace_all(backend.instances.values())
+    client = TrueNASClient(NoTransport(), backend, (25, 10), "TrueNAS-25.10.1")  # type: ignore[arg-type]
+    connection.attach(client, backend.instances.values())
     operator.connections.connections["<default>"] = connection
     return FakeOperator(operator, kube, backend, connection, events)
 

@@ -39,10 +39,7 @@ def synced(fake: FakeOperator, name: str) -> tuple[str, str]:
 def connected(key: str, url: str, backend: FakeBackend, system_id: str = SYSTEM_ID) -> Connection:
     connection = Connection(key, ConnectionConfig(url=url, api_key=Secret("1-test")), resync_seconds=30.0)
     client = TrueNASClient(NoTransport(), backend, (25, 10), "TrueNAS-25.10.1", system_id)  # type: ignore[arg-type]
-    connection.client = client
-    connection.problem = None
-    connection.ready.set()
-    connection.cache.replace_all(backend.instances.values())
+    connection.attach(client, backend.instances.values())
     return connection
 
 

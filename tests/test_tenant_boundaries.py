@@ -310,10 +310,8 @@ async def test_an_alias_url_cannot_adopt_an_instance_another_tenant_owns() -> No
         ConnectionConfig(url="wss://nas.invalid./api/current", api_key=Secret("1-tenant-b")),
         resync_seconds=30.0,
     )
-    alias.client = TrueNASClient(NoTransport(), fake.backend, (25, 10), "TrueNAS-25.10.1")  # type: ignore[arg-type]
-    alias.problem = None
-    alias.ready.set()
-    alias.cache.replace_all(fake.backend.instances.values())
+    client = TrueNASClient(NoTransport(), fake.backend, (25, 10), "TrueNAS-25.10.1")  # type: ignore[arg-type]
+    alias.attach(client, fake.backend.instances.values())
     fake.operator.connections.connections["team-b/nas"] = alias
     thief = resource(
         "web01",

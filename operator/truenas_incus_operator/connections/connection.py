@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..kube import FENCE
 from ..metrics import Metrics
@@ -155,10 +155,19 @@ class Connection:
             reconnect.append(self.request_refresh)
         await self.client.instances.watch(self._on_event)
         await self.refresh()
+        self.attach(self.client)
+        log.info("TrueNAS connection %s: %s, %s", self.key, self.client.system_version, self.client.api_family)
+
+    def attach(self, client: TrueNASClient, instances: Iterable[ObservedInstance] | None = None) -> None:
+        """Takes ``client`` as this connection's, logged in and read (``instances``: what it listed,
+        when the caller read them itself): ready from now on. The one way a connection becomes
+        connected, for ``_connect`` and for tests that bring a client of their own."""
+        self.client = client
+        if instances is not None:
+            self.cache.replace_all(instances)
         self.epoch += 1
         self.problem = None
         self.ready.set()
-        log.info("TrueNAS connection %s: %s, %s", self.key, self.client.system_version, self.client.api_family)
         self._state_changed()
 
     async def _observe(self) -> None:
