@@ -717,3 +717,25 @@ def test_deferred_fields_come_from_the_observation_not_the_backends_memory() -> 
         "environment (applies at first boot only)",
         "memory (takes effect at the next start)",
     ]
+
+
+# ----- roles: filesystem.put is FULL_ADMIN only (issue 23 item 4) ----------------------------------------------
+VIRT_ROLES = ("READONLY_ADMIN", "VIRT_INSTANCE_WRITE", "VIRT_INSTANCE_DELETE", "VIRT_IMAGE_WRITE", "VM_DEVICE_WRITE")
+
+
+async def test_a_key_without_full_admin_creates_containers_and_is_told_vms_need_it() -> None:
+    """plugins/filesystem.py: ``filesystem.put`` has ``roles=['FULL_ADMIN']``, and the file app answers
+    403 when the key may not call the method (apps/file_app.py). The README advised a key with the
+    virtualization roles: every VM create then failed with "HTTP 403" and no word on what to do."""
+    from truenas_incus_operator.truenas import NotAuthorized
+    from truenas_simulator import ApiKey
+
+    async with serve("25.10") as (sim, server):
+        sim.api_keys[7] = ApiKey(id=7, secret="virt-only", username="virt", roles=VIRT_ROLES)
+        async with client_for(server, "websocket", vm_image_server=mirror(server), api_key="7-virt-only") as c:
+            me = await c.transport.call("auth.me")
+            assert me["privilege"]["roles"]["$set"] == list(VIRT_ROLES)
+            await c.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
+            with pytest.raises(NotAuthorized, match="FULL_ADMIN"):
+                await c.instances.create(vm_config("vm-01"))
+            assert await c.instances.get_instance("vm-01") is None  # nothing half-built is left

@@ -312,3 +312,18 @@ async def test_a_manifests_connection_ref_is_said_to_be_checked_against_the_envi
     check = by_name(report)["manifest elsewhere"]
     assert "lab-nas" in check.summary and "TIO_TRUENAS_URL" in check.summary, check.summary
     assert check.details["checked_against"] == sim.ws_url
+
+
+async def test_a_key_without_full_admin_is_told_it_can_manage_containers_but_not_create_vms() -> None:
+    """Issue 23 item 4: filesystem.put (every VM's image and seed upload) is FULL_ADMIN only."""
+    sim = start_simulator("25.10")
+    roles = ("READONLY_ADMIN", "VIRT_INSTANCE_WRITE", "VIRT_IMAGE_WRITE", "VM_DEVICE_WRITE")
+    try:
+        sim.run(lambda: setattr(next(iter(sim.sim.api_keys.values())), "roles", roles))
+        report = await run_doctor(settings_for(sim))
+        assert_only_reads(sim, report)
+    finally:
+        sim.stop()
+    uploads = by_name(report)["VM uploads"]
+    assert uploads.status == WARN and "FULL_ADMIN" in uploads.summary, report.as_text()
+    assert sorted(uploads.details["roles"]) == sorted(roles)

@@ -324,6 +324,14 @@ async def _roles(report: Report, client: TrueNASClient) -> None:
         return
     roles, everything = _roles_of(me if isinstance(me, dict) else {})
     details: dict[str, Any] = {"user": str((me or {}).get("pw_name", "?")), "roles": roles}
+    if "vm" in families(client) and not everything and "FULL_ADMIN" not in roles:
+        report.add(
+            "VM uploads",
+            WARN,
+            "VMs upload their image and seed with filesystem.put, which TrueNAS allows only to FULL_ADMIN: "
+            "this key can manage containers but not create VMs (README, roles per feature)",
+            **details,
+        )
     if everything or "FULL_ADMIN" in roles:
         report.add("key roles", OK, "every operator call is allowed", **details, allowed=calls["read"] + calls["write"])
     elif "READONLY_ADMIN" in roles:

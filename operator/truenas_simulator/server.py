@@ -423,6 +423,8 @@ class SimulatorServer:
             job_id = await self.sim.upload(session, data["method"], data.get("params") or [], bytes(content))
         except MethodNotFound:
             return web.Response(status=422, text=f"[ENOMETHOD] Method {data['method']!r} not found")
+        except PermissionError:
+            return web.Response(status=403, text="403: Forbidden")  # aiohttp's HTTPForbidden()
         return web.json_response({"job_id": job_id})
 
     async def _control_vms(self, request: web.Request) -> web.Response:

@@ -55,6 +55,9 @@ UPFRONT_SCHEMAS = {
     "virt.instance.create": ("virt.instance.create.args", "virt_instance_create"),
     "virt.instance.update": ("virt.instance.update.args", "virt_instance_update"),
 }
+FULL_ADMIN_ONLY = frozenset({"filesystem.put", "filesystem.get"})
+"""Methods only FULL_ADMIN may call (plugins/filesystem.py: ``roles=['FULL_ADMIN']`` on ``put`` and
+``get``, 25.04 to 26): a key with the virtualization roles cannot upload a VM image or seed."""
 
 
 @dataclass(eq=False)
@@ -271,6 +274,8 @@ class Simulator:
         self.counters.count(method)
         if method != "filesystem.put" or not self.profile.has_vm:
             raise MethodNotFound(method)
+        if session.api_key is not None and not session.api_key.full_admin:
+            raise PermissionError(method)  # the file app's authorize(): HTTP 403 (apps/file_app.py)
         ctx = CallContext(session=session, message_id=None, schema=self.profile.schema_version, prevalidated=False)
         return self.storage.put_job(ctx, params, content).id
 
@@ -329,6 +334,8 @@ class Simulator:
         if method not in UNAUTHENTICATED_METHODS and not session.authenticated:
             raise CallError("Not authenticated", ENOTAUTHENTICATED)
         if session.api_key is not None and session.api_key.readonly and CallCounters.is_write(method):
+            raise CallError("Not authorized", errno.EACCES)
+        if session.api_key is not None and method in FULL_ADMIN_ONLY and not session.api_key.full_admin:
             raise CallError("Not authorized", errno.EACCES)
         current = session.api_version in ("current", self.profile.current_api)
         schema = self.profile.schema_version if current else self.profile.schema_for_api(session.api_version)
@@ -706,8 +713,8 @@ class Simulator:
                 "otp_digits": 6,
             },
             "privilege": {
-                "roles": {"$set": ["FULL_ADMIN"] if admin else ["READONLY_ADMIN"]},
-                "allowlist": [{"method": "*", "resource": "*"}] if admin else [],
+                "roles": {"$set": list(key.role_names) if key else ["FULL_ADMIN"]},
+                "allowlist": [{"method": "*", "resource": "*"}] if admin and (key is None or key.full_admin) else [],
                 "web_shell": admin,
                 "webui_access": True,
             },

@@ -176,6 +176,18 @@ class ApiKey:
     revoked: bool = False
     readonly: bool = False
     """A key whose user has a read-only role: writes are refused with "Not authorized"."""
+    roles: tuple[str, ...] = ()
+    """The user's roles as ``auth.me`` shows them; empty: FULL_ADMIN, or READONLY_ADMIN when
+    ``readonly``. A key without FULL_ADMIN may not call the FULL_ADMIN-only methods
+    (``FULL_ADMIN_ONLY`` in simulator.py), whatever else its roles allow."""
+
+    @property
+    def role_names(self) -> tuple[str, ...]:
+        return self.roles or (("READONLY_ADMIN",) if self.readonly else ("FULL_ADMIN",))
+
+    @property
+    def full_admin(self) -> bool:
+        return "FULL_ADMIN" in self.role_names
 
     @property
     def key(self) -> str:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from ..errors import CallFailed, MalformedAnswer
+from ..errors import CallFailed, MalformedAnswer, NotAuthorized
 from ..jobs import is_finished, job_result
 from .base import ConnectionOptions, Transport, scrubbing
 
@@ -65,6 +65,14 @@ async def _post(options: ConnectionOptions, path: str, data: bytes | Path, mode:
         ):
             body = await response.content.read(MAX_ANSWER_BYTES + 1)
             text = body[:MAX_ANSWER_BYTES].decode("utf-8", "replace")
+            if response.status == 403:
+                # The file app authorizes the method for the key (apps/file_app.py), and
+                # filesystem.put is FULL_ADMIN only (plugins/filesystem.py).
+                raise NotAuthorized(
+                    "filesystem.put: not authorized (HTTP 403). Uploading a VM's image and seed needs the "
+                    "FULL_ADMIN role on TrueNAS: give the API key's user FULL_ADMIN to create VMs (README, "
+                    '"Roles"); containers need only the virtualization roles'
+                )
             if response.status != 200:
                 raise CallFailed(f"upload of {path} refused: HTTP {response.status} {text[:200]}", method="_upload")
     try:
