@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from truenas_incus_operator.connections import ConnectionManager
 from truenas_incus_operator.connections.config import ConnectionConfig
 from truenas_incus_operator.truenas import (
     AuthenticationFailed,
+    CallTimeout,
     InstanceConfig,
     Secret,
+    TransportError,
     TransportPool,
     TrueNASClient,
     connect,
@@ -151,3 +155,82 @@ async def test_one_ca_read_from_a_file_and_from_a_secret_is_one_socket(tmp_path:
         assert sockets(server) == 1
         await first.close()
         await second.close()
+
+
+# ----- review findings on the shared transport (hostile-tenant review, 2026-12-04) --------------------------
+async def test_connections_of_one_transport_share_its_job_slots_and_a_namespace_its_quarter() -> None:
+    """Finding 1: job slots were per connection while the call limit is the socket's: a tenant with
+    four TrueNASConnections of one key held 4 x 5 job slots, the socket's whole limit."""
+    manager = ConnectionManager(resync_seconds=30, retry_max_seconds=5, call_timeout=10, job_timeout=60)
+    config = ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-" + "k" * 64))
+    first, second = manager.job_slots_for(config), manager.job_slots_for(config)
+    assert first is second
+    other = ConnectionConfig(url="wss://nas.invalid", api_key=Secret("2-" + "k" * 64))
+    assert manager.job_slots_for(other) is not first
+    assert (first.jobs, first.per_namespace) == (16, 4), "4 of the 20 calls stay for reads"
+    held = [first.slot("team-a") for _ in range(first.per_namespace)]
+    for slot in held:
+        await slot.__aenter__()
+    try:
+        with pytest.raises(TimeoutError):  # the namespace's quarter is of the socket
+            await asyncio.wait_for(second.slot("team-a").__aenter__(), 0.2)
+        async with second.slot("team-b"):  # another namespace goes on
+            pass
+    finally:
+        for slot in held:
+            await slot.__aexit__(None, None, None)
+
+
+async def test_a_failed_first_subscribe_does_not_silence_the_next_holder() -> None:
+    """Finding 2: the collection was recorded before ``core.subscribe`` answered; when that failed,
+    every later holder of the transport skipped the subscribe and heard no events."""
+    async with serve("25.10") as (sim, server):
+        pool = TransportPool()
+        first = await pooled(server, pool, call_timeout=0.5)
+        second = await pooled(server, pool, call_timeout=0.5)  # the same socket, held throughout
+        sim.knobs.hung_calls.add("core.subscribe")
+        with pytest.raises(CallTimeout):
+            await first.instances.watch(lambda *args: None)
+        sim.knobs.hung_calls.discard("core.subscribe")
+        await first.close(broken=True)
+        heard: asyncio.Queue[str] = asyncio.Queue()
+        assert await second.instances.watch(lambda kind, name, fields: heard.put_nowait(name))
+        await second.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
+        assert await asyncio.wait_for(heard.get(), 5) == "c1"
+        await second.close()
+
+
+async def test_one_holders_ended_wait_does_not_end_anothers_watch_of_the_job() -> None:
+    """Finding 3: the first waiter on a job removed its watch for every holder."""
+    async with serve("25.10") as (_sim, server):
+        pool = TransportPool()
+        first, second = await pooled(server, pool), await pooled(server, pool)
+        inner: Any = first.transport.shared.inner if hasattr(first.transport, "shared") else None
+        assert inner is not None and inner is second.transport.shared.inner  # type: ignore[attr-defined]
+        waits = [asyncio.create_task(c.transport.wait_job(987654)) for c in (first, second)]
+        await asyncio.sleep(0.1)
+        waits[0].cancel()
+        await asyncio.sleep(0.1)
+        assert 987654 in inner._jobs, "the other holder's wait lost its watch"
+        waits[1].cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        assert 987654 not in inner._jobs
+        await first.close()
+        await second.close()
+
+
+async def test_a_transport_whose_key_was_refused_is_not_handed_to_the_next_connect() -> None:
+    """Finding 4: a holder that failed while connecting did not retire the transport, so new holders
+    kept joining a socket that could no longer log in, and were told "not connected" instead of
+    "key refused"."""
+    async with serve("25.10", auth_fail_delay=0.0) as (sim, server):
+        pool = TransportPool()
+        first = await pooled(server, pool, connect_timeout=0.5)
+        for key in sim.api_keys.values():
+            key.revoked = True
+        await server.drop_connections()  # the inner reconnects, and its key is refused
+        with pytest.raises((TransportError, AuthenticationFailed)):
+            await pooled(server, pool, connect_timeout=0.5)
+        with pytest.raises(AuthenticationFailed):  # a fresh transport, told the truth
+            await pooled(server, pool, connect_timeout=0.5)
+        await first.close()

@@ -45,6 +45,7 @@ class Connection:
         device_audits_per_resync: int = 10,
         metrics: Metrics | None = None,
         pool: TransportPool | None = None,
+        job_slots: JobSlots | None = None,
     ) -> None:
         self.key = key
         self.pool = pool
@@ -72,7 +73,8 @@ class Connection:
         self._audit_round = 0
         self._audit_cursor = ""
         self.ready = asyncio.Event()
-        self.job_slots = JobSlots(config.max_concurrent_calls)
+        self.job_slots = job_slots if job_slots is not None else JobSlots(config.max_concurrent_calls)
+        """Shared with every connection of the same transport (``ConnectionManager``)."""
         self._task: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()
         self._refresh_requested = asyncio.Event()

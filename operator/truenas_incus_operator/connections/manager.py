@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 
 from ..metrics import Metrics
 from ..problems import OperatorError, Problem, Reason, fail
 from ..truenas import TransportPool
 from .config import DEFAULT_KEY, ConnectionConfig, Loader
 from .connection import Connection
+from .slots import JobSlots
 
 Wake = Callable[[], None]
 
@@ -34,6 +36,8 @@ class ConnectionManager:
         self.connections: dict[str, Connection] = {}
         self.transports = TransportPool()
         """One transport per URL, key and TLS settings, shared by the connections that name them."""
+        self._job_slots: weakref.WeakValueDictionary[Hashable, JobSlots] = weakref.WeakValueDictionary()
+        """The job slots of each shared transport (gone with its last connection)."""
         self.problems: dict[str, Problem] = {}
         """Keys whose configuration is unusable (e.g. a missing Secret), with the reason."""
         self._waiters: dict[str, set[Wake]] = {}
@@ -72,12 +76,31 @@ class ConnectionManager:
             device_audits_per_resync=self.device_audits_per_resync,
             metrics=self.metrics,
             pool=self.transports,
+            job_slots=self.job_slots_for(config),
         )
         self.connections[key] = connection
         self.problems.pop(key, None)
         connection.start()
         self._wake_key(key)
         return connection
+
+    def job_slots_for(self, config: ConnectionConfig) -> JobSlots:
+        """The job slots of ``config``'s transport: one per URL, key, TLS settings and call limit, as
+        the transport pool shares them (a namespace's quarter is of the socket, not of each connection)."""
+        ca = config.ca_pem.strip() if config.ca_pem else None
+        key = (
+            config.transport,
+            config.url,
+            config.api_key,
+            ca,
+            config.insecure_skip_verify,
+            config.max_concurrent_calls,
+        )
+        slots = self._job_slots.get(key)
+        if slots is None:
+            slots = JobSlots(config.max_concurrent_calls)
+            self._job_slots[key] = slots
+        return slots
 
     async def unusable(self, key: str, problem: Problem) -> None:
         current = self.connections.pop(key, None)

@@ -11,7 +11,7 @@ from .backends.container import ContainerBackend
 from .backends.routing import RoutingBackend
 from .backends.virt import VirtInstanceBackend
 from .backends.vm import VMBackend
-from .errors import APIUnavailable, CallFailed, NotAuthorized, TrueNASError
+from .errors import APIUnavailable, AuthenticationFailed, CallFailed, NotAuthorized, TransportError, TrueNASError
 from .images import ImageSource
 from .observe import ObservedTransport, Observer
 from .transports.base import ConnectionOptions, Secret, Transport
@@ -125,7 +125,9 @@ async def connect(
         version = parse_version(chosen.system_version)
         system_id = await read_system_id(chosen)
         backend = await choose_backend(chosen, version, vm_image_server, may_write, observer)
-    except BaseException:
+    except BaseException as exc:
+        if shared is not None and isinstance(exc, TransportError | AuthenticationFailed):
+            shared.retire()  # no answer, or the key refused: nobody new joins this transport
         await chosen.close()
         raise
     return TrueNASClient(chosen, backend, version, chosen.system_version or "", system_id, shared)

@@ -49,11 +49,13 @@ def websocket_url(url: str, api_version: str = "current") -> str:
 
 
 class _JobWatch:
-    __slots__ = ("changed", "job")
+    __slots__ = ("changed", "job", "waiters")
 
     def __init__(self) -> None:
         self.job: dict[str, Any] | None = None
         self.changed = asyncio.Event()
+        self.waiters = 0
+        """Waits on this job (two holders of a shared transport may follow one job)."""
 
 
 class JsonRpcTransport:
@@ -397,6 +399,7 @@ class JsonRpcTransport:
     ) -> Any:
         """Waits for a job to end: events first, a ``core.get_jobs`` poll when they are quiet."""
         watch = self._jobs.setdefault(job_id, _JobWatch())
+        watch.waiters += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self.options.job_timeout)
         try:
@@ -418,7 +421,9 @@ class JsonRpcTransport:
                 except TimeoutError:
                     await self._poll_job(job_id, watch)
         finally:
-            self._jobs.pop(job_id, None)
+            watch.waiters -= 1
+            if watch.waiters <= 0 and self._jobs.get(job_id) is watch:
+                del self._jobs[job_id]  # the last waiter: others still hear the job's events
 
     async def _poll_job(self, job_id: int, watch: _JobWatch) -> None:
         try:
@@ -437,7 +442,13 @@ class JsonRpcTransport:
         first = collection not in self._subscriptions
         self._subscriptions.setdefault(collection, []).append(callback)
         if first and self._connected.is_set():
-            await self.call("core.subscribe", collection)
+            try:
+                await self.call("core.subscribe", collection)
+            except BaseException:
+                # Not subscribed: the next subscriber (another holder of a shared transport) must
+                # ask again, not find the collection recorded and hear nothing.
+                self.unsubscribe(collection, callback)
+                raise
 
     def unsubscribe(self, collection: str, callback: EventCallback) -> None:
         """Drops the callback; the server-side subscription stays (re-made on reconnects while the
@@ -445,6 +456,8 @@ class JsonRpcTransport:
         callbacks = self._subscriptions.get(collection, [])
         with contextlib.suppress(ValueError):
             callbacks.remove(callback)
+        if not callbacks:
+            self._subscriptions.pop(collection, None)  # the next subscriber asks the server again
 
     async def upload(
         self,
