@@ -61,6 +61,8 @@ def tenancy(cluster: Cluster) -> Iterator[tuple[str, str]]:
     rendered = helm(
         "template", release, str(CHART), "-n", "tio-system", "--kube-version", KUBE_VERSION, "-f", str(MULTI_TENANT),
         "--set", f"watch.namespaces={{{team},{outsider}}}", "--show-only", "templates/admission-policy.yaml",
+        "--set", "policy.rules[0].maxMemory=4Gi", "--set", "policy.rules[0].maxVCPUs=4",
+        "--set", "policy.rules[0].maxRootDiskSize=53687091200",
     ).stdout  # fmt: skip
     documents = [d for d in yaml.safe_load_all(rendered) if d]
     assert [d["kind"] for d in documents] == ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
@@ -87,6 +89,8 @@ def tenancy(cluster: Cluster) -> Iterator[tuple[str, str]]:
 
 TEAM_OK: dict[str, Any] = {
     "storagePool": "tenants",
+    "memory": "1Gi",  # within the rule's VM caps (maxMemory 4Gi, maxVCPUs 4)
+    "cpu": "2",
     "devices": [
         {"name": "data", "type": "DISK", "source": "/mnt/tank/tenants/{ns}/data", "destination": "/srv/data"},
         {
@@ -125,6 +129,10 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("proxy-port-string", {"devices": [{"name": "ssh", "type": "PROXY", "extra": {"source_proto": "TCP", "source_port": "21000", "dest_proto": "TCP", "dest_port": 22}}]}, "policy.rules[0].proxyPorts"),
     ("proxy-no-port", {"devices": [{"name": "p", "type": "PROXY", "extra": {"source_proto": "TCP"}}]}, "policy.rules[0].proxyPorts"),
     ("name-squat", {"name": "web"}, "policy.rules[0].instanceNamePrefix"),
+    ("memory-cap", {"memory": "8Gi"}, "policy.rules[0].maxMemory"),
+    ("memory-cap-bytes", {"memory": 8 * 2**30}, "policy.rules[0].maxMemory"),
+    ("cpu-cap", {"cpu": "8"}, "policy.rules[0].maxVCPUs"),
+    ("root-disk-cap", {"type": "VM", "devices": [], "nics": [], "rootDiskSize": "100Gi"}, "policy.rules[0].maxRootDiskSize"),
 ]  # fmt: skip
 
 
@@ -147,6 +155,12 @@ def test_tenant_within_the_rules_is_admitted(cluster: Cluster, tenancy: tuple[st
     assert result.returncode == 0, result.stderr
     # Named through spec.name instead of metadata.name: the prefix applies to the instance name.
     result = as_tenant(cluster, manifest("db", **team_spec(team, name=f"{team}-db")), team)
+    assert result.returncode == 0, result.stderr
+    # A VM within the caps, and a CPU set (counted by the operator, not at admission: never stricter).
+    vm = team_spec(team, type="VM", devices=[], nics=[], rootDiskSize="20Gi", memory=2**30)
+    result = as_tenant(cluster, manifest(f"{team}-vm", **vm), team)
+    assert result.returncode == 0, result.stderr
+    result = as_tenant(cluster, manifest(f"{team}-set", **team_spec(team, cpu="0-7")), team)
     assert result.returncode == 0, result.stderr
     # Changing it to something the policy refuses is refused as well.
     bad = team_spec(team, nics=[{"name": "eth1", "parent": "enp1s0"}])
