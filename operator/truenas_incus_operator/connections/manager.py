@@ -7,7 +7,7 @@ from collections.abc import Callable, Hashable
 
 from ..metrics import Metrics
 from ..problems import OperatorError, Problem, Reason, fail
-from ..truenas import TransportPool
+from ..truenas import TransportPool, share_key
 from .config import DEFAULT_KEY, ConnectionConfig, Loader
 from .connection import Connection
 from .slots import JobSlots
@@ -87,12 +87,11 @@ class ConnectionManager:
     def job_slots_for(self, config: ConnectionConfig) -> JobSlots:
         """The job slots of ``config``'s transport: one per URL, key, TLS settings and call limit, as
         the transport pool shares them (a namespace's quarter is of the socket, not of each connection)."""
-        ca = config.ca_pem.strip() if config.ca_pem else None
-        key = (
-            config.transport,
+        key = share_key(
             config.url,
             config.api_key,
-            ca,
+            config.transport,
+            config.ca_pem,
             config.insecure_skip_verify,
             config.max_concurrent_calls,
         )

@@ -5,7 +5,7 @@ Transports: JSON-RPC over WebSocket (default) and REST v2.0 (25.x). Backends: ``
 hierarchy under ``TrueNASError``). Everything the operator uses is exported here.
 """
 
-from .client import TrueNASClient, connect, parse_version, ssl_context
+from .client import TrueNASClient, connect, parse_version, share_key, ssl_context
 from .errors import (
     AlreadyExists,
     APIUnavailable,
@@ -65,5 +65,6 @@ __all__ = [
     "ValidationFailed",
     "connect",
     "parse_version",
+    "share_key",
     "ssl_context",
 ]

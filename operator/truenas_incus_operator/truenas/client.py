@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from .backends.container import ContainerBackend
@@ -63,6 +63,15 @@ class TrueNASClient:
         await self.transport.close()
 
 
+def share_key(
+    url: str, api_key: Secret, transport: str, ca_pem: str | None, insecure_skip_verify: bool, max_concurrent_calls: int
+) -> tuple[Hashable, ...]:
+    """What clients must have in common to share one transport (``connect(pool=...)`` adds the
+    timeouts): the URL as written, the key, the CA (a file's last newline is no other CA), the
+    verification switch and the call limit. The operator keys its job slots on it too."""
+    return (transport, url, api_key, ca_pem.strip() if ca_pem else None, insecure_skip_verify, max_concurrent_calls)
+
+
 async def connect(
     url: str,
     api_key: str | Secret,
@@ -112,9 +121,8 @@ async def connect(
     shared: SharedTransport | None = None
     chosen: Transport
     if pool is not None:
-        tls = (ca_pem.strip() if ca_pem else None, insecure_skip_verify)  # a file's last newline is no other CA
-        limits = (max_concurrent_calls, call_timeout, read_timeout, job_timeout, connect_timeout)
-        key = (transport, url, secret, tls, limits)
+        shares = share_key(url, secret, transport, ca_pem, insecure_skip_verify, max_concurrent_calls)
+        key = (shares, (call_timeout, read_timeout, job_timeout, connect_timeout))
         chosen = shared = pool.view(key, open_transport)
     else:
         chosen = open_transport()
