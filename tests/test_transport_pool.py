@@ -20,6 +20,7 @@ from truenas_incus_operator.truenas import (
     TrueNASClient,
     connect,
 )
+from truenas_incus_operator.truenas.transports.jsonrpc import JsonRpcTransport
 
 from .test_client import serve
 
@@ -205,8 +206,9 @@ async def test_one_holders_ended_wait_does_not_end_anothers_watch_of_the_job() -
     async with serve("25.10") as (_sim, server):
         pool = TransportPool()
         first, second = await pooled(server, pool), await pooled(server, pool)
-        inner: Any = first.transport.shared.inner if hasattr(first.transport, "shared") else None
-        assert inner is not None and inner is second.transport.shared.inner  # type: ignore[attr-defined]
+        assert first.shared is not None and second.shared is not None
+        inner = first.shared.shared.inner
+        assert isinstance(inner, JsonRpcTransport) and inner is second.shared.shared.inner
         waits = [asyncio.create_task(c.transport.wait_job(987654)) for c in (first, second)]
         await asyncio.sleep(0.1)
         waits[0].cancel()
@@ -234,3 +236,27 @@ async def test_a_transport_whose_key_was_refused_is_not_handed_to_the_next_conne
         with pytest.raises(AuthenticationFailed):  # a fresh transport, told the truth
             await pooled(server, pool, connect_timeout=0.5)
         await first.close()
+
+
+async def test_a_later_holder_is_not_subscribed_twice_and_hears_each_event_once() -> None:
+    """The server-side subscription is one per collection and socket: a holder that subscribes
+    after another closed must not ask again (two subscriptions deliver every event twice)."""
+    async with serve("25.10") as (sim, server):
+        pool = TransportPool()
+        keeper = await pooled(server, pool)  # keeps the socket open throughout
+        first = await pooled(server, pool)
+        assert await first.instances.watch(lambda *args: None)
+        await first.close()
+        heard: list[tuple[str, str]] = []
+        assert await keeper.instances.watch(lambda kind, name, fields: heard.append((kind, name)))
+        await keeper.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
+        await asyncio.sleep(0.3)
+        heard.clear()
+        sim.set_power("c1", "STOPPED")
+        for _ in range(50):
+            if heard:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert heard == [("changed", "c1")], heard
+        await keeper.close()

@@ -80,6 +80,9 @@ class JsonRpcTransport:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._limit = asyncio.Semaphore(options.max_concurrent_calls)
         self._subscriptions: dict[str, list[EventCallback]] = {}
+        self._acknowledged: set[str] = set()
+        """Collections the server has subscribed this socket to (once each, whoever listens)."""
+        self._subscribing = asyncio.Lock()
         self._jobs: dict[int, _JobWatch] = {}
         self._job_by_message: dict[int, int] = {}
         self._progress_by_message: dict[int, Callable[[dict[str, Any]], None]] = {}
@@ -141,8 +144,10 @@ class JsonRpcTransport:
         self.new_style_jobs = isinstance(options, dict) and options.get("legacy_jobs") is False
         self.system_version = await self._raw_call("system.version", [], self.options.connect_timeout)
         await self._raw_call("core.subscribe", ["core.get_jobs"], self.options.connect_timeout)
-        for collection in self._subscriptions:
+        self._acknowledged = set()  # a new socket: nothing subscribed on it yet
+        for collection in [c for c, callbacks in self._subscriptions.items() if callbacks]:
             await self._raw_call("core.subscribe", [collection], self.options.connect_timeout)
+            self._acknowledged.add(collection)
         self.api_version = await self._api_version()
 
     async def _api_version(self) -> str | None:
@@ -439,25 +444,26 @@ class JsonRpcTransport:
 
     @scrubbed
     async def subscribe(self, collection: str, callback: EventCallback) -> None:
-        first = collection not in self._subscriptions
         self._subscriptions.setdefault(collection, []).append(callback)
-        if first and self._connected.is_set():
+        async with self._subscribing:
+            if collection in self._acknowledged or not self._connected.is_set():
+                return  # subscribed already, or the (re)connect's handshake subscribes it
             try:
                 await self.call("core.subscribe", collection)
             except BaseException:
-                # Not subscribed: the next subscriber (another holder of a shared transport) must
-                # ask again, not find the collection recorded and hear nothing.
+                # Not subscribed: this callback goes, and the next subscriber (another holder of a
+                # shared transport) asks the server again instead of hearing nothing.
                 self.unsubscribe(collection, callback)
                 raise
+            self._acknowledged.add(collection)
 
     def unsubscribe(self, collection: str, callback: EventCallback) -> None:
-        """Drops the callback; the server-side subscription stays (re-made on reconnects while the
-        collection has listeners; one subscription per collection costs nothing per holder)."""
+        """Drops the callback; the server-side subscription stays (one per collection and socket, so
+        a later subscriber is not subscribed twice and hears each event once; re-made on reconnects
+        only while the collection has listeners)."""
         callbacks = self._subscriptions.get(collection, [])
         with contextlib.suppress(ValueError):
             callbacks.remove(callback)
-        if not callbacks:
-            self._subscriptions.pop(collection, None)  # the next subscriber asks the server again
 
     async def upload(
         self,
