@@ -48,6 +48,7 @@ ACTIVITY_REASONS = {
     Phase.DELETING: Reason.DELETING,
 }
 """Ready=False while the operator does that (the reason is the phase's name)."""
+KNOWN_REASONS = frozenset(Reason)
 """(status, reason, message) of one condition."""
 
 MAX_MESSAGE = 4096
@@ -157,7 +158,7 @@ def synced_condition(
     success: until it succeeds Synced keeps what it said (a retry of a failing create does not flap)."""
     if problem is None and activity is not None:
         before = next((c for c in previous if c.type == "Synced"), None)
-        if before is not None and before.reason in set(Reason):  # one an earlier version wrote is not kept
+        if before is not None and before.reason in KNOWN_REASONS:  # one an earlier version wrote is not kept
             return str(before.status), Reason(before.reason), before.message
     if problem is not None:
         return "False", problem.reason, problem.message
