@@ -62,17 +62,19 @@ def two_operators() -> tuple[FakeOperator, FakeOperator, SharedTrueNAS]:
     return first, second, backend
 
 
-async def test_two_operators_leave_the_instance_owned_when_one_create_finds_the_others() -> None:
-    """Operator A claims and calls create; meanwhile operator B (no election) sees the same resource,
-    finds A's record (409, same UID) and creates; A's create is refused (AlreadyExists). Today A
-    releases the record it created, and B's instance is left with no owner."""
+async def race_creates(b_reads_the_ledger_first: bool) -> tuple[FakeOperator, FakeOperator, SharedTrueNAS]:
+    """A claims and calls create; while A's create waits, B (no election) runs a pass for the same
+    resource and calls create first; A's create is then refused (AlreadyExists). With
+    ``b_reads_the_ledger_first``, B starts then (loads the ledger, so it finds A's record without a 409)."""
     a, b, backend = two_operators()
     body = resource()
     backend.gate = asyncio.Event()
     b_pass: asyncio.Task[LoopState] | None = None
 
-    async def b_joins() -> None:
+    async def b_creates() -> None:
         nonlocal b_pass
+        if b_reads_the_ledger_first:
+            await b.operator.ledger.load()  # B's startup, after A's claim
         b_pass = asyncio.create_task(one_pass(b, body))
         for _ in range(200):
             if "web01" in backend.creating:
@@ -80,20 +82,30 @@ async def test_two_operators_leave_the_instance_owned_when_one_create_finds_the_
             await asyncio.sleep(0.01)
         raise AssertionError("B never called create")
 
-    backend.before_create = b_joins
+    backend.before_create = b_creates
     await one_pass(a, body)
     assert b_pass is not None
     backend.gate.set()
     await b_pass
-    key = (LEDGER_NAMESPACE, record_name(TRUENAS, "web01"))
+    return a, b, backend
+
+
+LEDGER_KEY = (LEDGER_NAMESPACE, record_name(TRUENAS, "web01"))
+
+
+async def test_two_operators_leave_the_instance_owned_when_one_create_finds_the_others() -> None:
+    """Operator A claims and calls create; meanwhile operator B (no election) sees the same resource,
+    finds A's record (409, same UID) and creates; A's create is refused (AlreadyExists). Today A
+    releases the record it created, and B's instance is left with no owner."""
+    a, b, backend = await race_creates(b_reads_the_ledger_first=False)
     assert "web01" in backend.instances
-    assert key in a.kube.configmaps, "the instance B created for this resource has an owner"
-    assert a.kube.configmaps[key]["data"]["ownerUID"] == "uid-web01"
-    assert a.kube.configmaps[key]["data"]["state"] == "created"
+    assert LEDGER_KEY in a.kube.configmaps, "the instance B created for this resource has an owner"
+    assert a.kube.configmaps[LEDGER_KEY]["data"]["ownerUID"] == "uid-web01"
+    assert a.kube.configmaps[LEDGER_KEY]["data"]["state"] == "created"
     # Both converge on the one instance, neither creates again nor releases.
-    await one_pass(a, body)
-    await one_pass(b, body)
-    assert key in a.kube.configmaps
+    await one_pass(a, resource())
+    await one_pass(b, resource())
+    assert LEDGER_KEY in a.kube.configmaps
     assert backend.made == 1, "one instance; the other create calls were refused by TrueNAS"
     assert synced(a, "web01") == ("True", "ReconcileSuccess")
     assert synced(b, "web01") == ("True", "ReconcileSuccess")
@@ -104,33 +116,13 @@ async def test_an_operator_that_read_the_record_at_startup_joins_it_before_it_cr
     (state ``creating``, same UID) instead of meeting it with a 409, and created without joining
     it. B's create won; A's was refused (AlreadyExists) and A released the record it had created,
     which nobody had joined: B's instance was left with no owner, and both reported AlreadyExists."""
-    a, b, backend = two_operators()
-    body = resource()
-    backend.gate = asyncio.Event()
-    b_pass: asyncio.Task[LoopState] | None = None
-
-    async def b_starts_and_creates() -> None:
-        nonlocal b_pass
-        await b.operator.ledger.load()  # B's startup, after A's claim
-        b_pass = asyncio.create_task(one_pass(b, body))
-        for _ in range(200):
-            if "web01" in backend.creating:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("B never called create")
-
-    backend.before_create = b_starts_and_creates
-    await one_pass(a, body)
-    assert b_pass is not None
-    backend.gate.set()
-    await b_pass
-    key = (LEDGER_NAMESPACE, record_name(TRUENAS, "web01"))
+    a, b, backend = await race_creates(b_reads_the_ledger_first=True)
     assert "web01" in backend.instances
-    assert key in a.kube.configmaps, "the instance B created for this resource has an owner"
-    assert a.kube.configmaps[key]["data"]["ownerUID"] == "uid-web01"
-    await one_pass(a, body)
-    await one_pass(b, body)
-    assert a.kube.configmaps[key]["data"]["state"] == "created"
+    assert LEDGER_KEY in a.kube.configmaps, "the instance B created for this resource has an owner"
+    assert a.kube.configmaps[LEDGER_KEY]["data"]["ownerUID"] == "uid-web01"
+    await one_pass(a, resource())
+    await one_pass(b, resource())
+    assert a.kube.configmaps[LEDGER_KEY]["data"]["state"] == "created"
     assert backend.made == 1
     assert synced(a, "web01") == ("True", "ReconcileSuccess")
     assert synced(b, "web01") == ("True", "ReconcileSuccess")
