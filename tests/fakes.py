@@ -242,10 +242,10 @@ class FakeBackend:
     def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
         return []  # changes apply when made
 
-    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
+    def unsupported_fields(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> list[str]:
         return []
 
-    def honoured(self, config: InstanceConfig) -> InstanceConfig:
+    def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:
         return config
 
     def device_identity(self, device: DeviceConfig) -> str:
@@ -345,8 +345,8 @@ class FakeBackend:
             return observed(fields["name"], status=fields["status"])
         return None
 
-    async def watch(self, callback: InstanceEventCallback) -> bool:
-        return False
+    async def watch(self, callback: InstanceEventCallback) -> None:
+        return None
 
     def _get(self, name: str) -> ObservedInstance:
         if name not in self.instances:

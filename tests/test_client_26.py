@@ -77,7 +77,7 @@ async def test_events_name_the_container() -> None:
     async with serve("26.0") as (sim, server), client_for(server, "websocket") as client:
         await client.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
         seen: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
-        assert await client.instances.watch(lambda kind, name, fields: seen.put_nowait((kind, name, fields)))
+        await client.instances.watch(lambda kind, name, fields: seen.put_nowait((kind, name, fields)))
         sim.set_power("c1", "RUNNING")
         kind, name, fields = await asyncio.wait_for(seen.get(), 5)
         assert (kind, name) == ("changed", "c1") and fields["status"]["state"] == "RUNNING"

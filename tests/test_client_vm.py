@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from truenas_incus_operator.metrics import Metrics
+from truenas_incus_operator.reconcile import config_changes
 from truenas_incus_operator.truenas import (
     AlreadyExists,
     CallFailed,
@@ -249,7 +250,7 @@ async def test_25_04_0_keeps_incus_vms() -> None:
 async def test_events_bring_full_vm_entries() -> None:
     async with serve("26.0") as (_sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
         seen: list[tuple[str, str]] = []
-        assert await c.instances.watch(lambda kind, name, fields: seen.append((kind, name)))
+        await c.instances.watch(lambda kind, name, fields: seen.append((kind, name)))
         await c.instances.create(vm_config())
         await c.instances.start("web-01")
         for _ in range(50):
@@ -400,10 +401,13 @@ async def test_seed_and_running_changes_are_reported_as_deferred_also_after_a_re
                 "cloudInit (applies at first boot only)",
             ]
             assert fresh.instances.deferred_fields(config, observed) == []
-            # The environment it cannot see is planned once more: nothing is written to TrueNAS for it.
+            # The environment vm.query cannot show is unknown, not made up from the last spec: the planner
+            # asks for no change of it, and an update that carries one writes nothing to TrueNAS.
+            assert observed.environment is None
+            assert config_changes(later, observed).environment is None
             sim.counters.reset()
             after = await fresh.instances.update("web-01", InstanceChanges(environment={"TZ": "UTC"}))
-            assert after.environment == {"TZ": "UTC"} and sim.counters.by_method["vm.update"] == 0
+            assert after.environment is None and sim.counters.by_method["vm.update"] == 0
 
 
 # ----- bases are keyed by content (issue 19, finding 1) ----------------------------------------------------
@@ -717,6 +721,29 @@ def test_deferred_fields_come_from_the_observation_not_the_backends_memory() -> 
         "environment (applies at first boot only)",
         "memory (takes effect at the next start)",
     ]
+
+
+def test_which_familys_rules_apply_comes_from_the_observation_not_the_routers_memory() -> None:
+    """A legacy Incus VM (``virt.instance`` on 25.10) follows virt.instance's rules. The router chose
+    them from what it had listed before: a router that had listed nothing judged the VM by vm.*'s rules
+    (its CPU set unsupported, the NIC renamed by parent), a plan against the wrong family."""
+    from truenas_incus_operator.truenas.backends.virt import VirtInstanceBackend
+    from truenas_incus_operator.truenas.types import ObservedImage, ObservedInstance
+
+    from .fakes import ScriptedTransport
+
+    transport = ScriptedTransport()
+    fresh = RoutingBackend(VirtInstanceBackend(transport, (25, 10)), VMBackend(transport, (25, 10)))
+    config = vm_config("legacy", cpu="0-1")
+    legacy = ObservedInstance(
+        id="legacy", name="legacy", type="VM", status="RUNNING", cpu="0-1", memory=2 * GIB, autostart=False,
+        environment={}, addresses=(), image=ObservedImage(), family="virt.instance",
+    )  # fmt: skip
+    assert fresh.unsupported_fields(config, legacy) == ["type"]  # virt.instance on 25.10 creates no VMs
+    assert fresh.honoured(config, legacy) == config
+    # Not yet created: a VM goes to vm.*, and vm.*'s rules apply.
+    assert fresh.unsupported_fields(config) == ["cpu", "nics[].name"]
+    assert fresh.honoured(config).devices[0].name == "nic-br0"
 
 
 # ----- roles: filesystem.put is FULL_ADMIN only (issue 23 item 4) ----------------------------------------------

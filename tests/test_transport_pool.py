@@ -48,8 +48,8 @@ async def test_clients_of_one_url_and_key_share_one_socket_and_each_hears_its_ev
         first, second = await pooled(server, pool), await pooled(server, pool)
         assert sockets(server) == 1 and len(pool) == 1
         heard: dict[str, asyncio.Queue[str]] = {"first": asyncio.Queue(), "second": asyncio.Queue()}
-        assert await first.instances.watch(lambda kind, name, fields: heard["first"].put_nowait(name))
-        assert await second.instances.watch(lambda kind, name, fields: heard["second"].put_nowait(name))
+        await first.instances.watch(lambda kind, name, fields: heard["first"].put_nowait(name))
+        await second.instances.watch(lambda kind, name, fields: heard["second"].put_nowait(name))
         await first.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
         assert await asyncio.wait_for(heard["second"].get(), 5) == "c1"
         assert await asyncio.wait_for(heard["first"].get(), 5) == "c1"
@@ -195,7 +195,7 @@ async def test_a_failed_first_subscribe_does_not_silence_the_next_holder() -> No
         sim.knobs.hung_calls.discard("core.subscribe")
         await first.close(broken=True)
         heard: asyncio.Queue[str] = asyncio.Queue()
-        assert await second.instances.watch(lambda kind, name, fields: heard.put_nowait(name))
+        await second.instances.watch(lambda kind, name, fields: heard.put_nowait(name))
         await second.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
         assert await asyncio.wait_for(heard.get(), 5) == "c1"
         await second.close()
@@ -245,10 +245,10 @@ async def test_a_later_holder_is_not_subscribed_twice_and_hears_each_event_once(
         pool = TransportPool()
         keeper = await pooled(server, pool)  # keeps the socket open throughout
         first = await pooled(server, pool)
-        assert await first.instances.watch(lambda *args: None)
+        await first.instances.watch(lambda *args: None)
         await first.close()
         heard: list[tuple[str, str]] = []
-        assert await keeper.instances.watch(lambda kind, name, fields: heard.append((kind, name)))
+        await keeper.instances.watch(lambda kind, name, fields: heard.append((kind, name)))
         await keeper.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
         await asyncio.sleep(0.3)
         heard.clear()

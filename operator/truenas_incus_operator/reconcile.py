@@ -257,7 +257,8 @@ def instance_config(desired: Desired) -> InstanceConfig:
 
 
 def config_changes(config: InstanceConfig, observed: ObservedInstance) -> InstanceChanges:
-    """cpu, memory, autostart and environment that differ (omitted limits mean no limit)."""
+    """cpu, memory, autostart and environment that differ (omitted limits mean no limit). An environment
+    TrueNAS cannot show (``None``) is not compared: the backend's ``deferred_fields`` says when it differs."""
     memory = config.memory
     if memory is not None:
         memory = memory // 2**20 * 2**20  # TrueNAS keeps whole MiB; compare like with like
@@ -265,7 +266,9 @@ def config_changes(config: InstanceConfig, observed: ObservedInstance) -> Instan
         cpu=None if config.cpu == observed.cpu else (config.cpu if config.cpu is not None else UNSET),
         memory=None if memory == observed.memory else (memory if memory is not None else UNSET),
         autostart=None if config.autostart == observed.autostart else config.autostart,
-        environment=None if config.environment == observed.environment else dict(config.environment),
+        environment=None
+        if observed.environment is None or config.environment == observed.environment
+        else dict(config.environment),
     )
 
 

@@ -208,7 +208,7 @@ class InstanceLoops:
             desired = self.desired(parsed, body, connection)
             wanted = instance_config(desired)
             observed = connection.cache.get(desired.instance_name)
-            unsupported = (*backend.unsupported_fields(wanted), *backend.deferred_fields(wanted, observed))
+            unsupported = (*backend.unsupported_fields(wanted, observed), *backend.deferred_fields(wanted, observed))
             devices = None
             seen = self._devices_key(desired, connection)
             if state.devices_seen is None and not desired.lists_devices:
@@ -220,7 +220,7 @@ class InstanceLoops:
                 observed,
                 devices,
                 unsupported,
-                config=backend.honoured(wanted),
+                config=backend.honoured(wanted, observed),
                 identity=backend.device_identity,
             )
             if devices is not None and not any(is_device_action(a) for a in current.actions):

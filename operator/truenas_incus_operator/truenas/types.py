@@ -102,7 +102,8 @@ class ObservedInstance:
     cpu: str | None
     memory: int | None
     autostart: bool
-    environment: dict[str, str]
+    environment: dict[str, str] | None
+    """None where TrueNAS cannot show it (vm.*: the seed holds it; ``seed`` tells whether it changed)."""
     addresses: tuple[str, ...]
     image: ObservedImage
     storage_pool: str | None = None
@@ -124,8 +125,10 @@ class InstanceBackend(Protocol):
 
     family: str
 
-    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
-        """Spec fields of ``config`` this backend cannot honour (reported, never silently dropped)."""
+    # What a family can do: pure functions of (config, observation), never of what the backend did before.
+    def unsupported_fields(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> list[str]:
+        """Spec fields of ``config`` this backend cannot honour (reported, never silently dropped);
+        ``observed`` says which family manages an existing instance."""
         ...
 
     def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
@@ -134,7 +137,7 @@ class InstanceBackend(Protocol):
         unsupported ones, never retried."""
         ...
 
-    def honoured(self, config: InstanceConfig) -> InstanceConfig:
+    def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:
         """``config`` reduced to what this backend applies, in its terms (what observations compare to)."""
         ...
 
@@ -182,6 +185,6 @@ class InstanceBackend(Protocol):
         """The instance an event describes in full, or None when it carries only some fields."""
         ...
 
-    async def watch(self, callback: InstanceEventCallback) -> bool:
-        """Follows instance changes; False when the transport has no events (callers poll)."""
+    async def watch(self, callback: InstanceEventCallback) -> None:
+        """Follows instance changes where the transport has events (REST has none: callers poll)."""
         ...

@@ -146,7 +146,7 @@ class ContainerBackend:
     def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
         return []  # changes apply when made
 
-    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
+    def unsupported_fields(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> list[str]:
         unsupported = []
         if config.type == "VM":
             unsupported.append("type")
@@ -167,7 +167,7 @@ class ContainerBackend:
             unsupported.append("cloudInit")
         return unsupported
 
-    def honoured(self, config: InstanceConfig) -> InstanceConfig:
+    def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:
         """The part of ``config`` this family can apply, in its own terms."""
         return replace(
             config,
@@ -325,9 +325,9 @@ class ContainerBackend:
             return self._remember(fields)
         return None
 
-    async def watch(self, callback: InstanceEventCallback) -> bool:
+    async def watch(self, callback: InstanceEventCallback) -> None:
         if not self.transport.supports_events:
-            return False
+            return
 
         def relay(msg: str, ident: Any, fields: dict[str, Any] | None) -> None:
             name = (fields or {}).get("name") or self._names.get(ident)
@@ -335,4 +335,3 @@ class ContainerBackend:
                 callback(msg, str(name), fields)
 
         await self.transport.subscribe("container.query", relay)
-        return True

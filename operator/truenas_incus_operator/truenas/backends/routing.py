@@ -44,18 +44,22 @@ class RoutingBackend:
                 return backend
         return self.containers  # raises its own NotFound
 
-    # ----- what each family can do -------------------------------------------------------------------
-    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
-        return self._for(config).unsupported_fields(config)
+    # ----- what each family can do: pure, from the spec and the observation ------------------------
+    def _capable(self, config: InstanceConfig, observed: ObservedInstance | None) -> InstanceBackend:
+        """The family whose rules apply: the one that reported the instance (a legacy Incus VM stays with
+        ``virt.instance``), else the one a create of ``config.type`` goes to."""
+        if observed is not None and observed.family:
+            return self.vms if observed.family == self.vms.family else self.containers
+        return self.vms if config.type == "VM" else self.containers
+
+    def unsupported_fields(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> list[str]:
+        return self._capable(config, observed).unsupported_fields(config, observed)
 
     def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
-        if observed is not None and observed.family:  # the family that reported it manages it
-            backend = self.vms if observed.family == self.vms.family else self.containers
-            return backend.deferred_fields(config, observed)
-        return self._for(config).deferred_fields(config, observed)
+        return self._capable(config, observed).deferred_fields(config, observed)
 
-    def honoured(self, config: InstanceConfig) -> InstanceConfig:
-        return self._for(config).honoured(config)
+    def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:
+        return self._capable(config, observed).honoured(config, observed)
 
     def device_identity(self, device: DeviceConfig) -> str:
         # VM NICs, on both sides, are named after their parent (vm.py nic_key), which either family's
@@ -132,6 +136,6 @@ class RoutingBackend:
             return found
         return self.containers.instance_from_event(fields)
 
-    async def watch(self, callback: InstanceEventCallback) -> bool:
-        watched = await self.containers.watch(callback)
-        return await self.vms.watch(callback) and watched
+    async def watch(self, callback: InstanceEventCallback) -> None:
+        await self.containers.watch(callback)
+        await self.vms.watch(callback)

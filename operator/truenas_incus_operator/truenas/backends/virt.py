@@ -106,7 +106,7 @@ class VirtInstanceBackend:
     def deferred_fields(self, config: InstanceConfig, observed: ObservedInstance | None) -> list[str]:
         return []  # changes apply when made
 
-    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
+    def unsupported_fields(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> list[str]:
         unsupported = []
         if config.type == "VM" and not self.can_create_vms:
             unsupported.append("type")
@@ -118,7 +118,7 @@ class VirtInstanceBackend:
             unsupported.append("cloudInit")
         return unsupported
 
-    def honoured(self, config: InstanceConfig) -> InstanceConfig:
+    def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:
         """The part of ``config`` this family can apply (a NIC's MAC only from 25.10)."""
         if self.nic_mac:
             return config
@@ -223,15 +223,14 @@ class VirtInstanceBackend:
             return observed(fields)
         return None
 
-    async def watch(self, callback: InstanceEventCallback) -> bool:
+    async def watch(self, callback: InstanceEventCallback) -> None:
         if not self.transport.supports_events:
-            return False
+            return
 
         def relay(msg: str, ident: Any, fields: dict[str, Any] | None) -> None:
             callback(msg, str(ident), fields)
 
         await self.transport.subscribe("virt.instance.query", relay)
-        return True
 
 
 def _stop_args(timeout: int | None, force: bool) -> dict[str, Any]:

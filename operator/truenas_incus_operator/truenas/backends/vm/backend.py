@@ -112,8 +112,6 @@ class VMBackend:
         self._pool: str | None = None
         self._restart_pending: dict[str, list[str]] = {}
         """Per running VM, the fields changed since it started (this process's memory only)."""
-        self._environment: dict[str, dict[str, str]] = {}
-        """What each VM's seed says (vm.query cannot show a guest's environment); this process's memory only."""
         self._next_collect = 0.0
 
     # ----- the cached bases (bases.py), as this backend's callers see them ----------------------------------
@@ -150,7 +148,7 @@ class VMBackend:
         return await self.bases.ensure_base(pool, image, on_progress)
 
     # ----- what this family can do ------------------------------------------------------------------
-    def unsupported_fields(self, config: InstanceConfig) -> list[str]:
+    def unsupported_fields(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> list[str]:
         unsupported = []
         if config.type != "VM":
             unsupported.append("type")
@@ -166,7 +164,7 @@ class VMBackend:
             unsupported.append("nics[].parent (one NIC per parent)")
         return unsupported
 
-    def honoured(self, config: InstanceConfig) -> InstanceConfig:
+    def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:
         """What the VM gets: a vCPU count (1 unless given), whole MiB of memory (1 GiB unless given), NICs
         by parent (and MAC); the environment goes into the seed (read by cloud-init at first boot)."""
         memory = config.memory // 2**20 * 2**20 if config.memory is not None else DEFAULT_MEMORY
@@ -214,7 +212,7 @@ class VMBackend:
             self._restart_pending.pop(name, None)  # the next start takes them
         return replace(
             observed(entry),
-            environment=dict(self._environment.get(name, {})),
+            environment=None,  # in the seed, which vm.query cannot show: ``seed`` holds its digest
             seed=(marks.group(1), marks.group(2)) if marks is not None else None,
             pending=tuple(self._restart_pending.get(name, ())),
         )
@@ -318,7 +316,6 @@ class VMBackend:
                 await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": True})
             await self._discard_home(config.name, home)
             raise
-        self._environment[config.name] = dict(config.environment)
         created = await self._entry(config.name)
         return self._remember(created or entry)
 
@@ -346,7 +343,6 @@ class VMBackend:
             if device.type == "NIC" and nic_key(device.extra.get("parent")) not in nics:
                 await self.transport.call("vm.device.create", {"vm": entry["id"], "attributes": nic_attributes(device)})
         log.info("completed the half-built VM %s (root disk, seed, NICs)", entry["name"])
-        self._environment[config.name] = dict(config.environment)
         completed = await self._entry(config.name)
         return self._remember(completed or entry)
 
@@ -424,11 +420,9 @@ class VMBackend:
             payload["memory"] = max(20, changes.memory // 2**20)
         if changes.autostart is not None:
             payload["autostart"] = changes.autostart
-        if changes.environment is not None:
-            # cloud-init read the seed at first boot: a later environment is not delivered (deferred_fields
-            # says so from the seed's mark). Remembered only, so that it is not planned again.
-            self._environment[name] = dict(changes.environment)
-        if not payload:  # e.g. the environment after an operator restart: nothing to write on TrueNAS
+        # ``changes.environment``: cloud-init read the seed at first boot; a later environment is not
+        # delivered (deferred_fields says so from the seed's mark), and the planner never asks for it.
+        if not payload:
             entry = await self._entry(name)
             if entry is None:
                 raise NotFound([FieldError(None, f"VM {vm_name(name)} does not exist", errno.ENOENT)], "vm.update")
@@ -512,9 +506,9 @@ class VMBackend:
             return self._remember(fields)
         return None
 
-    async def watch(self, callback: InstanceEventCallback) -> bool:
+    async def watch(self, callback: InstanceEventCallback) -> None:
         if not self.transport.supports_events:
-            return False
+            return
 
         def relay(msg: str, ident: Any, fields: dict[str, Any] | None) -> None:
             name = self._names.get(ident)
@@ -524,4 +518,3 @@ class VMBackend:
                 callback(msg, name, fields)
 
         await self.transport.subscribe("vm.query", relay)
-        return True
