@@ -34,7 +34,7 @@ from truenas_incus_operator.truenas import (
     Secret,
     TrueNASClient,
 )
-from truenas_incus_operator.truenas.types import InstanceEventCallback
+from truenas_incus_operator.truenas.types import InstanceEventCallback, InstanceStatus
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 LEDGER_NAMESPACE = "tio-system"
@@ -309,11 +309,11 @@ class FakeBackend:
 
     async def start(self, name: str) -> None:
         self._log(f"start {name}")
-        self.instances[name] = replace(self._get(name), status="RUNNING")
+        self.instances[name] = replace(self._get(name), status=InstanceStatus.RUNNING)
 
     async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:
         self._log(f"stop {name}")
-        self.instances[name] = replace(self._get(name), status="STOPPED")
+        self.instances[name] = replace(self._get(name), status=InstanceStatus.STOPPED)
 
     async def restart(self, name: str, timeout: int | None = None, force: bool = False) -> None:
         self._log(f"restart {name}")
@@ -359,7 +359,7 @@ def observed(name: str, status: str = "RUNNING", **values: Any) -> ObservedInsta
         "id": name,
         "name": name,
         "type": "CONTAINER",
-        "status": status,
+        "status": InstanceStatus.of(status),
         "cpu": None,
         "memory": None,
         "autostart": True,

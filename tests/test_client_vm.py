@@ -706,7 +706,7 @@ def test_deferred_fields_come_from_the_observation_not_the_backends_memory() -> 
     read from the backend's private memory of earlier calls: a backend that had not seen the VM's
     description said nothing. Now the observation carries the seed marks and the pending fields."""
     from truenas_incus_operator.truenas.backends.vm.marks import seed_marks
-    from truenas_incus_operator.truenas.types import ObservedImage, ObservedInstance
+    from truenas_incus_operator.truenas.types import InstanceStatus, ObservedImage, ObservedInstance
 
     from .fakes import ScriptedTransport
 
@@ -714,7 +714,7 @@ def test_deferred_fields_come_from_the_observation_not_the_backends_memory() -> 
     config = vm_config("web-01", environment={"A": "2"})
     seeded = seed_marks(vm_config("web-01", environment={"A": "1"}))
     observed = ObservedInstance(
-        id="1", name="web-01", type="VM", status="RUNNING", cpu="2", memory=2 * GIB, autostart=False,
+        id="1", name="web-01", type="VM", status=InstanceStatus.RUNNING, cpu="2", memory=2 * GIB, autostart=False,
         environment={}, addresses=(), image=ObservedImage(), family="vm", seed=seeded, pending=("memory",),
     )  # fmt: skip
     assert fresh.deferred_fields(config, observed) == [
@@ -728,7 +728,7 @@ def test_which_familys_rules_apply_comes_from_the_observation_not_the_routers_me
     them from what it had listed before: a router that had listed nothing judged the VM by vm.*'s rules
     (its CPU set unsupported, the NIC renamed by parent), a plan against the wrong family."""
     from truenas_incus_operator.truenas.backends.virt import VirtInstanceBackend
-    from truenas_incus_operator.truenas.types import ObservedImage, ObservedInstance
+    from truenas_incus_operator.truenas.types import InstanceStatus, ObservedImage, ObservedInstance
 
     from .fakes import ScriptedTransport
 
@@ -736,7 +736,7 @@ def test_which_familys_rules_apply_comes_from_the_observation_not_the_routers_me
     fresh = RoutingBackend(VirtInstanceBackend(transport, (25, 10)), VMBackend(transport, (25, 10)))
     config = vm_config("legacy", cpu="0-1")
     legacy = ObservedInstance(
-        id="legacy", name="legacy", type="VM", status="RUNNING", cpu="0-1", memory=2 * GIB, autostart=False,
+        id="legacy", name="legacy", type="VM", status=InstanceStatus.RUNNING, cpu="0-1", memory=2 * GIB, autostart=False,
         environment={}, addresses=(), image=ObservedImage(), family="virt.instance",
     )  # fmt: skip
     assert fresh.unsupported_fields(config, legacy) == ["type"]  # virt.instance on 25.10 creates no VMs

@@ -30,7 +30,7 @@ from truenas_incus_operator.reconcile import (
 )
 from truenas_incus_operator.status import as_patch, render_instance
 from truenas_incus_operator.truenas.backends.container import ContainerBackend
-from truenas_incus_operator.truenas.types import UNSET, DeviceConfig, ObservedImage, ObservedInstance
+from truenas_incus_operator.truenas.types import UNSET, DeviceConfig, InstanceStatus, ObservedImage, ObservedInstance
 
 MIB = 2**20
 
@@ -45,9 +45,11 @@ OURS = Ownership(mine=True)
 
 def observed(**fields: Any) -> ObservedInstance:
     base = ObservedInstance(
-        id="web", name="web", type="CONTAINER", status="RUNNING", cpu=None, memory=None, autostart=True,
+        id="web", name="web", type="CONTAINER", status=InstanceStatus.RUNNING, cpu=None, memory=None, autostart=True,
         environment={}, addresses=("10.0.0.2",), image=ObservedImage(os="Debian"),
     )  # fmt: skip
+    if "status" in fields:
+        fields["status"] = InstanceStatus(fields["status"])
     return replace(base, **fields)
 
 
@@ -279,3 +281,13 @@ def test_an_adopted_instance_that_vanished_is_not_re_created() -> None:
     assert gone.actions == () and gone.blocked is not None and gone.blocked.reason == "InstanceGone"
     # One it created is put back (drift), as before.
     assert [type(a) for a in plan(desired(OURS), None).actions] == [Create]
+
+
+def test_a_status_word_the_operator_does_not_know_is_unknown_and_left_alone() -> None:
+    """TrueNAS's states are one enum (issue 22 item 4); a newer TrueNAS's word is UNKNOWN, never a crash."""
+    assert InstanceStatus.of("RUNNING") is InstanceStatus.RUNNING
+    assert InstanceStatus.of("HIBERNATED") is InstanceStatus.UNKNOWN
+    assert InstanceStatus.of(None) is InstanceStatus.UNKNOWN
+    assert InstanceStatus.STOPPING.transitional and not InstanceStatus.FROZEN.transitional
+    result = plan(desired(OURS), observed(status=InstanceStatus.of("HIBERNATED")))
+    assert result.actions == () and "UNKNOWN" in result.notes[0]

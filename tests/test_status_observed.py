@@ -11,7 +11,7 @@ from truenas_incus_operator.models import IncusInstanceSpec, InstanceBinding, Ph
 from truenas_incus_operator.problems import Problem, Reason
 from truenas_incus_operator.reconcile import Desired, Ownership, plan
 from truenas_incus_operator.status import as_patch, render_instance
-from truenas_incus_operator.truenas.types import ObservedImage, ObservedInstance
+from truenas_incus_operator.truenas.types import InstanceStatus, ObservedImage, ObservedInstance
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 OURS = Ownership(mine=True)
@@ -24,7 +24,7 @@ def desired(bound: InstanceBinding | None = None, **spec: Any) -> Desired:
 
 
 RUNNING = ObservedInstance(
-    id="web", name="web", type="CONTAINER", status="RUNNING", cpu="2", memory=2**30, autostart=True,
+    id="web", name="web", type="CONTAINER", status=InstanceStatus.RUNNING, cpu="2", memory=2**30, autostart=True,
     environment={}, addresses=("10.0.0.2",), image=ObservedImage(os="Debian", release="bookworm"),
 )  # fmt: skip
 

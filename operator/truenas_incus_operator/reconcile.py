@@ -19,7 +19,10 @@ from .models import (
     PowerState,
 )
 from .problems import Reason
-from .truenas.types import UNSET, DeviceConfig, InstanceChanges, InstanceConfig, ObservedInstance
+from .truenas.types import UNSET, DeviceConfig, InstanceChanges, InstanceConfig, InstanceStatus, ObservedInstance
+
+UNCHANGEABLE = (InstanceStatus.FROZEN, InstanceStatus.ERROR, InstanceStatus.UNKNOWN)
+"""States the operator leaves alone: it reports them and acts on none."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,6 @@ class Ownership:
     """The operator manages the instance's devices even when the spec lists none: it created the
     instance, or it applied the spec's devices to it before (so removing them from the spec removes
     them on TrueNAS)."""
-
-
-TRANSITIONAL = ("STARTING", "STOPPING", "FREEZING", "ABORTING")
 
 
 @dataclass(frozen=True)
@@ -377,7 +377,7 @@ def plan(
         )
     if not ownership.mine:
         return _not_ours(desired)
-    if observed.status in TRANSITIONAL:
+    if observed.status.transitional:
         return Plan(waiting=f"TrueNAS reports {observed.status}", unsupported=unsupported)
     if ownership.unfinished:
         return Plan(actions=(Create(config),), unsupported=unsupported)
@@ -389,12 +389,12 @@ def plan(
     if devices is not None:
         steps.extend(device_actions(config.devices, devices, identity))
     power = desired.power_state
-    if power == PowerState.RUNNING and observed.status == "STOPPED":
+    if power == PowerState.RUNNING and observed.status == InstanceStatus.STOPPED:
         steps.append(Start())
-    elif power == PowerState.STOPPED and observed.status == "RUNNING":
+    elif power == PowerState.STOPPED and observed.status == InstanceStatus.RUNNING:
         steps.append(Stop(desired.stop_timeout))
     notes: tuple[str, ...] = ()
-    if power != PowerState.MANUAL and observed.status in ("FROZEN", "ERROR", "UNKNOWN"):
+    if power != PowerState.MANUAL and observed.status in UNCHANGEABLE:
         notes = (f"TrueNAS reports {observed.status}; the operator does not change a {observed.status} instance",)
     return Plan(actions=tuple(steps), unsupported=unsupported, notes=notes)
 
@@ -407,10 +407,10 @@ def plan_delete(desired: Desired, observed: ObservedInstance | None) -> Plan:
         return Plan(
             notes=(f"the instance {desired.instance_name!r} was never managed by this resource; left in place",)
         )
-    if observed.status in TRANSITIONAL:
+    if observed.status.transitional:
         return Plan(waiting=f"TrueNAS reports {observed.status}")
     steps: list[Action] = []
-    if observed.status == "RUNNING":
+    if observed.status == InstanceStatus.RUNNING:
         steps.append(Stop(desired.stop_timeout))
     steps.append(Delete())
     return Plan(actions=tuple(steps))

@@ -27,17 +27,17 @@ from .models import (
 from .problems import WAITING_REASONS, Problem, Reason
 from .quantity import format_bytes
 from .reconcile import Desired, Plan
-from .truenas.types import ObservedInstance
+from .truenas.types import InstanceStatus, ObservedInstance
 
 PHASE_BY_TRUENAS_STATUS = {
-    "RUNNING": Phase.RUNNING,
-    "STOPPED": Phase.STOPPED,
-    "STARTING": Phase.STARTING,
-    "STOPPING": Phase.STOPPING,
-    "FROZEN": Phase.FROZEN,
-    "FREEZING": Phase.FROZEN,
-    "THAWED": Phase.RUNNING,
-    "ERROR": Phase.ERROR,
+    InstanceStatus.RUNNING: Phase.RUNNING,
+    InstanceStatus.STOPPED: Phase.STOPPED,
+    InstanceStatus.STARTING: Phase.STARTING,
+    InstanceStatus.STOPPING: Phase.STOPPING,
+    InstanceStatus.FROZEN: Phase.FROZEN,
+    InstanceStatus.FREEZING: Phase.FROZEN,
+    InstanceStatus.THAWED: Phase.RUNNING,
+    InstanceStatus.ERROR: Phase.ERROR,
 }
 
 ConditionUpdate = tuple[str, Reason, str]
@@ -140,13 +140,13 @@ def ready_condition(
     if plan is not None and plan.actions:
         return "False", Reason.PROGRESSING, "changes are being applied"
     power = desired.power_state
-    if power == PowerState.RUNNING and observed.status != "RUNNING":
+    if power == PowerState.RUNNING and observed.status != InstanceStatus.RUNNING:
         return "False", Reason.NOT_RUNNING, f"TrueNAS reports {observed.status}"
-    if power == PowerState.STOPPED and observed.status != "STOPPED":
+    if power == PowerState.STOPPED and observed.status != InstanceStatus.STOPPED:
         return "False", Reason.NOT_STOPPED, f"TrueNAS reports {observed.status}"
     if power == PowerState.MANUAL:
         return "True", Reason.MANUAL, f"power is managed outside the operator; TrueNAS reports {observed.status}"
-    if observed.status == "STOPPED":
+    if observed.status == InstanceStatus.STOPPED:
         return "True", Reason.STOPPED, "the instance is stopped, as the spec asks"
     return "True", Reason.AVAILABLE, "the instance is running and matches the spec"
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from ..truenas import ObservedInstance
+from ..truenas import InstanceStatus, ObservedInstance
 
 Wake = Callable[[], None]
 FromEvent = Callable[[dict[str, Any]], ObservedInstance | None]
@@ -122,7 +122,8 @@ class InstanceCache:
         current = self.instances.get(name)
         status = (fields or {}).get("status")
         if current is not None and isinstance(status, str):
-            addresses = current.addresses if status == "RUNNING" else ()
-            self.store(name, replace(current, status=status, addresses=addresses))
+            state = InstanceStatus.of(status)
+            addresses = current.addresses if state == InstanceStatus.RUNNING else ()
+            self.store(name, replace(current, status=state, addresses=addresses))
         if current is None or status == "RUNNING":
             self._request_lookup(name)  # addresses (and new instances) only come with a full read

@@ -17,7 +17,7 @@ import logging
 from ..connections import ConnectionManager
 from ..kube import Kube
 from ..problems import OperatorError
-from ..truenas import NotFound, TrueNASError
+from ..truenas import InstanceStatus, NotFound, TrueNASError
 from .executor import Executor
 from .ledger import Ledger, Record, RecordState
 
@@ -91,7 +91,7 @@ class Reaper:
         observed = await connection.refresh_one(record.instance)
         self.executor.fence.check()  # no delete on TrueNAS without a proven Lease (election on)
         if observed is not None:
-            if observed.status == "RUNNING":
+            if observed.status == InstanceStatus.RUNNING:
                 await self.executor.stop(connection, record.owner.partition("/")[0], record.instance, timeout=30)
                 self.executor.fence.check()  # the stop may have outlasted the renew deadline
             with contextlib.suppress(NotFound):

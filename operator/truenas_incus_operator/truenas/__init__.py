@@ -32,6 +32,7 @@ from .types import (
     InstanceBackend,
     InstanceChanges,
     InstanceConfig,
+    InstanceStatus,
     ObservedImage,
     ObservedInstance,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "InstanceBackend",
     "InstanceChanges",
     "InstanceConfig",
+    "InstanceStatus",
     "JobFailed",
     "MalformedAnswer",
     "NotAuthorized",

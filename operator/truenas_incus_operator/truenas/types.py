@@ -4,7 +4,42 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
+
+
+class InstanceStatus(StrEnum):
+    """An instance's state in TrueNAS's words (virt.instance's ``status`` on 25.04.1+, the container and
+    vm.* families mapped onto them by their backends)."""
+
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    STOPPING = "STOPPING"
+    FREEZING = "FREEZING"
+    FROZEN = "FROZEN"
+    THAWED = "THAWED"
+    ABORTING = "ABORTING"
+    ERROR = "ERROR"
+    UNKNOWN = "UNKNOWN"
+
+    @classmethod
+    def of(cls, value: object) -> InstanceStatus:
+        """``value`` as a status; a word this operator does not know (a newer TrueNAS) is UNKNOWN."""
+        try:
+            return cls(str(value).upper()) if value else cls.UNKNOWN
+        except ValueError:
+            return cls.UNKNOWN
+
+    @property
+    def transitional(self) -> bool:
+        """TrueNAS is on its way to another state: wait, do not act."""
+        return self in (
+            InstanceStatus.STARTING,
+            InstanceStatus.STOPPING,
+            InstanceStatus.FREEZING,
+            InstanceStatus.ABORTING,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,8 +132,7 @@ class ObservedInstance:
     id: str
     name: str
     type: str
-    status: str
-    """RUNNING, STOPPED, STARTING, STOPPING, FROZEN, ERROR or UNKNOWN (TrueNAS's words)."""
+    status: InstanceStatus
     cpu: str | None
     memory: int | None
     autostart: bool

@@ -26,6 +26,7 @@ from ..types import (
     InstanceChanges,
     InstanceConfig,
     InstanceEventCallback,
+    InstanceStatus,
     ObservedImage,
     ObservedInstance,
 )
@@ -44,7 +45,7 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
         id=str(entry["id"]),
         name=entry["name"],
         type="CONTAINER",
-        status=(entry.get("status") or {}).get("state") or "UNKNOWN",
+        status=InstanceStatus.of((entry.get("status") or {}).get("state")),
         cpu=entry.get("cpuset"),
         memory=None,
         autostart=bool(entry.get("autostart")),

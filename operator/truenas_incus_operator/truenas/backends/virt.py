@@ -16,6 +16,7 @@ from ..types import (
     InstanceChanges,
     InstanceConfig,
     InstanceEventCallback,
+    InstanceStatus,
     ObservedImage,
     ObservedInstance,
 )
@@ -30,7 +31,7 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
         id=str(entry["id"]),
         name=entry["name"],
         type=entry.get("type") or "CONTAINER",
-        status=entry.get("status") or "UNKNOWN",
+        status=InstanceStatus.of(entry.get("status")),
         cpu=entry.get("cpu"),
         memory=entry.get("memory"),
         autostart=bool(entry.get("autostart")),

@@ -22,6 +22,7 @@ from ...types import (
     InstanceChanges,
     InstanceConfig,
     InstanceEventCallback,
+    InstanceStatus,
     ObservedInstance,
 )
 from .bases import BASE_GRACE_SECONDS, FILE_MODE, ROOT, BaseImages, dataset_key
@@ -198,7 +199,7 @@ class VMBackend:
                 deferred.append(f"environment ({FIRST_BOOT_ONLY})")
             if cloud_init != observed.seed[1]:
                 deferred.append(f"cloudInit ({FIRST_BOOT_ONLY})")
-        if observed.status == "RUNNING":
+        if observed.status == InstanceStatus.RUNNING:
             deferred += [f"{field} ({NEXT_START})" for field in observed.pending]
         return deferred
 
@@ -212,7 +213,6 @@ class VMBackend:
             self._restart_pending.pop(name, None)  # the next start takes them
         return replace(
             observed(entry),
-            environment=None,  # in the seed, which vm.query cannot show: ``seed`` holds its digest
             seed=(marks.group(1), marks.group(2)) if marks is not None else None,
             pending=tuple(self._restart_pending.get(name, ())),
         )

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...types import DeviceConfig, ObservedImage, ObservedInstance
+from ...types import DeviceConfig, InstanceStatus, ObservedImage, ObservedInstance
 
 DEFAULT_MEMORY = 1024 * 2**20
 SUPPORTED_DEVICES = ("NIC",)
-STATUS = {"RUNNING": "RUNNING", "STOPPED": "STOPPED", "SUSPENDED": "FROZEN", "ERROR": "ERROR"}
+STATUS = {
+    "RUNNING": InstanceStatus.RUNNING,
+    "STOPPED": InstanceStatus.STOPPED,
+    "SUSPENDED": InstanceStatus.FROZEN,
+    "ERROR": InstanceStatus.ERROR,
+}
+"""vm.query's ``status.state`` (plugins/vm/vm_lifecycle.py) in the operator's terms."""
 
 
 def vm_name(name: str) -> str:
@@ -31,11 +37,11 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
         id=str(entry["id"]),
         name=instance_name(entry["name"]),
         type="VM",
-        status=STATUS.get(str((entry.get("status") or {}).get("state")), "UNKNOWN"),
+        status=STATUS.get(str((entry.get("status") or {}).get("state")), InstanceStatus.UNKNOWN),
         cpu=str(total),
         memory=int(entry["memory"]) * 2**20 if entry.get("memory") is not None else None,
         autostart=bool(entry.get("autostart")),
-        environment={},
+        environment=None,  # in the seed, which vm.query cannot show: the observation's ``seed`` holds its digest
         addresses=(),  # vm.query reports no guest addresses on any version (§5)
         image=ObservedImage(description=entry.get("description") or None),
         storage_pool=None,
