@@ -15,7 +15,7 @@ import time
 
 from truenas_incus_operator.connections import ConnectionManager
 from truenas_incus_operator.connections.config import ConnectionConfig
-from truenas_incus_operator.truenas import Secret
+from truenas_incus_operator.truenas import Secret, Timings
 from truenas_simulator import Simulator
 from truenas_simulator.runner import SimulatorThread
 
@@ -29,7 +29,7 @@ def rss_mib() -> float:
 
 
 async def connect_many(count: int, shared: bool, sim: SimulatorThread) -> dict[str, float]:
-    manager = ConnectionManager(resync_seconds=300, retry_max_seconds=5, call_timeout=30, job_timeout=60)
+    manager = ConnectionManager(resync_seconds=300, retry_max_seconds=5, timings=Timings(call=30, job=60))
     before = rss_mib()
     config = ConnectionConfig(url=sim.ws_url, api_key=Secret(sim.api_key), transport="websocket")
     started = time.monotonic()

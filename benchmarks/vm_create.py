@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from truenas_incus_operator.truenas import InstanceConfig, connect
+from truenas_incus_operator.truenas import Endpoint, InstanceConfig, Secret, connect
+from truenas_incus_operator.truenas.images import ImageSource
 from truenas_simulator import Simulator, SimulatorServer
 
 
@@ -17,7 +18,11 @@ async def measure(job_duration: float) -> tuple[float, float, int]:
     sim = Simulator("25.10", seed=1)
     sim.knobs.job_duration = job_duration
     server = await SimulatorServer(sim).start()
-    client = await connect(server.ws_url, sim.api_key, vm_image_server=f"{server.url}/_simulator/simplestreams/")
+    client = await connect(
+        Endpoint(
+            server.ws_url, Secret(sim.api_key), vm_image_server=ImageSource(f"{server.url}/_simulator/simplestreams/")
+        )
+    )
     times = []
     try:
         for index in range(2):

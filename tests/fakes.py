@@ -25,6 +25,7 @@ from truenas_incus_operator.truenas import (
     UNSET,
     AlreadyExists,
     DeviceConfig,
+    Endpoint,
     FieldError,
     InstanceChanges,
     InstanceConfig,
@@ -32,8 +33,13 @@ from truenas_incus_operator.truenas import (
     ObservedImage,
     ObservedInstance,
     Secret,
+    Timings,
+    TransportPool,
     TrueNASClient,
+    connect,
 )
+from truenas_incus_operator.truenas.images import ImageSource
+from truenas_incus_operator.truenas.observe import Observer
 from truenas_incus_operator.truenas.types import InstanceEventCallback, InstanceStatus
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -517,3 +523,28 @@ class ScriptedTransport:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         await self.call_job("filesystem.put", on_progress=on_progress)
+
+
+async def connect_to(
+    url: str,
+    api_key: str | Secret,
+    *,
+    vm_image_server: str | ImageSource | None = None,
+    call_timeout: float = 60.0,
+    read_timeout: float = 20.0,
+    job_timeout: float = 15 * 60.0,
+    connect_timeout: float = 10.0,
+    observer: Observer | None = None,
+    may_write: Callable[[], bool] = lambda: True,
+    pool: TransportPool | None = None,
+    **fields: Any,
+) -> TrueNASClient:
+    """``truenas.connect`` from keyword arguments (the tests' shorthand): an ``Endpoint`` and ``Timings``."""
+    endpoint = Endpoint(
+        url,
+        api_key if isinstance(api_key, Secret) else Secret(api_key),
+        vm_image_server=ImageSource(vm_image_server) if isinstance(vm_image_server, str) else vm_image_server,
+        **fields,
+    )
+    timings = Timings(call=call_timeout, read=read_timeout, job=job_timeout, connect=connect_timeout)
+    return await connect(endpoint, timings, observer=observer, may_write=may_write, pool=pool)

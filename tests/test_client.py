@@ -28,11 +28,12 @@ from truenas_incus_operator.truenas import (
     TransportError,
     TrueNASClient,
     ValidationFailed,
-    connect,
 )
 from truenas_incus_operator.truenas.transports.base import ConnectionOptions, Secret
 from truenas_simulator import ApiKey, Simulator, SimulatorServer
 from truenas_simulator.tls import CertificateAuthority, server_context
+
+from .fakes import connect_to
 
 GIB = 2**30
 Served = tuple[Simulator, SimulatorServer]
@@ -59,7 +60,7 @@ async def serve(
 @asynccontextmanager
 async def client_for(server: SimulatorServer, transport: str, **kwargs: Any) -> AsyncIterator[TrueNASClient]:
     url = server.ws_url if transport == "websocket" else server.url
-    client = await connect(url, kwargs.pop("api_key", server.sim.api_key), transport=transport, **kwargs)
+    client = await connect_to(url, kwargs.pop("api_key", server.sim.api_key), transport=transport, **kwargs)
     try:
         yield client
     finally:
@@ -203,7 +204,9 @@ async def test_unreachable_and_timeouts(transport: str) -> None:
     async with serve("25.10") as (_sim, server):
         port = server.port
     with pytest.raises(TransportError):
-        await connect(f"{'ws' if transport == 'websocket' else 'http'}://127.0.0.1:{port}", "1-x", transport=transport)
+        await connect_to(
+            f"{'ws' if transport == 'websocket' else 'http'}://127.0.0.1:{port}", "1-x", transport=transport
+        )
     async with (
         serve("25.10", hung_methods={"virt.instance.start"}) as (_sim, server),
         client_for(server, transport, job_timeout=0.5) as client,
@@ -299,13 +302,13 @@ async def test_watch_reports_out_of_band_changes() -> None:
 # ----- version detection -----------------------------------------------------------------------------------
 async def test_truenas_26_is_detected_and_served_by_container_backend() -> None:
     async with serve("26.0") as (sim, server):
-        client = await connect(server.ws_url, sim.api_key)
+        client = await connect_to(server.ws_url, sim.api_key)
         try:
             assert client.api_family == "container+vm" and client.version[:2] == (26, 0)
         finally:
             await client.close()
         with pytest.raises(APIUnavailable, match="REST"):
-            await connect(server.url, sim.api_key, transport="rest")
+            await connect_to(server.url, sim.api_key, transport="rest")
 
 
 # ----- TLS and secrets ------------------------------------------------------------------------------------
@@ -318,7 +321,7 @@ async def test_tls_is_verified(tmp_path: Path) -> None:
             assert await client.instances.list_instances() == []
         for transport in TRANSPORTS:
             with pytest.raises(TransportError, match=r"(?i)certificate"):
-                await connect(
+                await connect_to(
                     server.ws_url if transport == "websocket" else server.url, sim.api_key, transport=transport
                 )
         async with client_for(server, "websocket", insecure_skip_verify=True) as client:
@@ -344,7 +347,9 @@ async def test_api_key_never_appears_in_logs_or_errors(caplog: pytest.LogCapture
                         await call(client)
                     texts += [str(caught.value), repr(caught.value)]
             with pytest.raises(AuthenticationFailed) as refused:
-                await connect(server.ws_url if transport == "websocket" else server.url, key + "x", transport=transport)
+                await connect_to(
+                    server.ws_url if transport == "websocket" else server.url, key + "x", transport=transport
+                )
             texts.append(str(refused.value))
         await server.drop_connections()
     texts += [r.getMessage() for r in caplog.records]
@@ -374,7 +379,7 @@ async def test_a_job_wait_fails_when_its_connection_is_closed_and_the_job_goes_o
     """The operator rebuilds its client after a lost connection: a job followed on the old one was
     stranded until the job timeout (15 min), its wait swallowing "connection closed"."""
     async with serve(profile, job_duration=3.0) as (sim, server):
-        old = await connect(server.ws_url, sim.api_key, transport="websocket", job_timeout=600)
+        old = await connect_to(server.ws_url, sim.api_key, transport="websocket", job_timeout=600)
         create = asyncio.create_task(
             old.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
         )

@@ -22,7 +22,7 @@ class RecordingManager(ConnectionManager):
     """Configures without connecting (no TrueNAS here): what would be used is recorded."""
 
     def __init__(self) -> None:
-        super().__init__(30.0, 300.0, 60.0, 900.0)
+        super().__init__(30.0, 300.0)
         self.reloads: dict[str, Loader | None] = {}
         """The loader each connection would call again after TrueNAS refused its key."""
 

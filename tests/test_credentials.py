@@ -37,12 +37,13 @@ from truenas_incus_operator.truenas import (
     TransportError,
     TrueNASError,
     ValidationFailed,
-    connect,
 )
 from truenas_incus_operator.truenas.backends.routing import RoutingBackend
 from truenas_incus_operator.truenas.images import ImageSource
 from truenas_incus_operator.truenas.transports.base import scrubbing
 from truenas_simulator import Simulator, SimulatorServer
+
+from .fakes import connect_to
 
 NS = "apps"
 KEY = "7-" + "Qx3v" * 16
@@ -199,7 +200,7 @@ async def test_a_bad_key_never_reaches_an_error_text(transport: str, caplog: pyt
     bad = sim.api_key[:12] + "\n" + sim.api_key[12:]
     try:
         with pytest.raises(Exception) as caught:
-            client = await connect(server.url if transport == "rest" else server.ws_url, bad, transport=transport)
+            client = await connect_to(server.url if transport == "rest" else server.ws_url, bad, transport=transport)
             await client.close()
     finally:
         await server.stop()

@@ -492,7 +492,7 @@ async def test_the_connection_status_has_the_api_version_and_the_transport_apart
         config = ConnectionConfig(url=url, api_key=Secret(sim.api_key), transport=transport)
         connection = Connection("ns/nas", config, resync_seconds=30.0)
         await connection._connect()
-        resources = ConnectionResources(Settings(), kube, ConnectionManager(30.0, 60.0, 60.0, 900.0))
+        resources = ConnectionResources(Settings(), kube, ConnectionManager(30.0, 60.0))
         resources._reported["ns/nas"] = _Reported("ns", "nas", 1, {}, None)
         await resources._write("ns/nas", None, connection)
         status = kube.patches[-1].body

@@ -507,7 +507,7 @@ async def test_a_connection_state_change_during_a_status_write_is_written_too() 
     """Ready must follow the connection: a change that came while the previous one was being
     written was dropped, leaving Ready=False on a connection that had come back (or the reverse)."""
     kube = GatedKube()
-    manager = ConnectionManager(30.0, 300.0, 60.0, 900.0)
+    manager = ConnectionManager(30.0, 300.0)
     resources = ConnectionResources(Settings(ledger_namespace=LEDGER_NAMESPACE), kube, manager)
     resources._reported["apps/nas"] = _Reported("apps", "nas", 1, {})
     connection = Connection(

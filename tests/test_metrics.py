@@ -13,11 +13,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from truenas_incus_operator.metrics import Metrics
-from truenas_incus_operator.truenas import CallFailed, CallTimeout, InstanceConfig, JobFailed, TransportError, connect
+from truenas_incus_operator.truenas import CallFailed, CallTimeout, InstanceConfig, JobFailed, TransportError
 from truenas_incus_operator.truenas.observe import ObservedTransport
 from truenas_simulator import Simulator, SimulatorServer
 
-from .fakes import ScriptedTransport, fake_operator, resource
+from .fakes import ScriptedTransport, connect_to, fake_operator, resource
 
 KEY = "1-test"
 
@@ -223,7 +223,7 @@ async def test_the_client_against_the_simulator_reports_every_call_job_and_job_e
     server = await SimulatorServer(sim).start()
     metrics = Metrics()
     try:
-        client = await connect(server.ws_url, sim.api_key, observer=metrics.truenas("<default>", 20))
+        client = await connect_to(server.ws_url, sim.api_key, observer=metrics.truenas("<default>", 20))
         try:
             await client.instances.create(InstanceConfig(name="web01", type="CONTAINER", image="debian/bookworm"))
             await client.instances.list_instances()

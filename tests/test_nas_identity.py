@@ -11,10 +11,19 @@ from truenas_incus_operator.connections import Connection, ConnectionConfig
 from truenas_incus_operator.instances.ledger import Record, record_name
 from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.policy import Grant, Policy
-from truenas_incus_operator.truenas import CallFailed, Secret, TrueNASClient, connect
+from truenas_incus_operator.truenas import CallFailed, Secret, TrueNASClient
 from truenas_simulator import Simulator, SimulatorServer
 
-from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, FakeOperator, NoTransport, fake_operator, resource
+from .fakes import (
+    LEDGER_NAMESPACE,
+    TRUENAS,
+    FakeBackend,
+    FakeOperator,
+    NoTransport,
+    connect_to,
+    fake_operator,
+    resource,
+)
 
 SYSTEM_ID = "0123456789abcdef0123456789abcdef"
 NAS = f"nas-{SYSTEM_ID}"
@@ -113,13 +122,13 @@ async def test_every_supported_version_answers_the_same_identity_for_every_spell
         assert "127.0.0.1" in server.ws_url
         seen = set()
         for url in (server.ws_url, server.ws_url.replace("127.0.0.1", "localhost")):
-            client = await connect(url, sim.api_key)
+            client = await connect_to(url, sim.api_key)
             try:
                 seen.add(client.system_id)
             finally:
                 await client.close()
         if profile != "26.0":  # the REST facade (deprecated) is gone from 26
-            rest = await connect(server.url, sim.api_key, transport="rest")
+            rest = await connect_to(server.url, sim.api_key, transport="rest")
             try:
                 seen.add(rest.system_id)
             finally:
@@ -138,7 +147,7 @@ async def test_a_nas_that_answers_no_system_uuid_is_not_connected() -> None:
     server = await SimulatorServer(sim).start()
     try:
         with pytest.raises(CallFailed, match=r"system\.global\.id"):
-            await connect(server.ws_url, sim.api_key)
+            await connect_to(server.ws_url, sim.api_key)
     finally:
         await server.stop()
 

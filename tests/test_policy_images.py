@@ -123,7 +123,7 @@ def test_connection_and_vm_quotas_per_namespace() -> None:
 async def test_a_namespace_over_its_connection_quota_gets_no_further_connection() -> None:
     """Finding 4 of issue 19: 600 TrueNASConnections in one namespace, 600 clients and WebSockets."""
     kube = FakeKube()
-    manager = ConnectionManager(30.0, 300.0, 60.0, 900.0)
+    manager = ConnectionManager(30.0, 300.0)
     quota = Policy.model_validate({"quotas": [{"namespaces": [NS], "maxConnections": 2}]})
     resources = ConnectionResources(Settings.model_construct(ledger_namespace="ops"), kube, manager, quota)
     for name in ("one", "two", "elsewhere"):

@@ -15,9 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from truenas_incus_operator.truenas import client as client_module
-from truenas_incus_operator.truenas import connect, ssl_context
+from truenas_incus_operator.truenas import ssl_context
 from truenas_simulator import Simulator, SimulatorServer
 from truenas_simulator.tls import CertificateAuthority, server_context, truenas_default_certificate
+
+from .fakes import connect_to
 
 
 def strict(cadata: str) -> ssl.SSLContext:
@@ -49,7 +51,7 @@ async def test_private_ca_and_leaf_verify_strictly(tmp_path: Path, monkeypatch: 
     server = await SimulatorServer(Simulator("25.10"), ssl_context=context).start()
     try:
         await handshake(server, strict(ca.cert_pem.decode()), "127.0.0.1")
-        client = await connect(server.ws_url, server.sim.api_key, ca_pem=ca.cert_pem.decode())
+        client = await connect_to(server.ws_url, server.sim.api_key, ca_pem=ca.cert_pem.decode())
         try:
             assert client.system_version == "TrueNAS-25.10.1"
         finally:

@@ -15,13 +15,14 @@ from truenas_incus_operator.truenas import (
     CallTimeout,
     InstanceConfig,
     Secret,
+    Timings,
     TransportError,
     TransportPool,
     TrueNASClient,
-    connect,
 )
 from truenas_incus_operator.truenas.transports.jsonrpc import JsonRpcTransport
 
+from .fakes import connect_to
 from .test_client import serve
 
 
@@ -39,7 +40,7 @@ async def sockets_become(server: Any, count: int) -> None:
 
 
 async def pooled(server: Any, pool: TransportPool, **kwargs: Any) -> TrueNASClient:
-    return await connect(server.ws_url, kwargs.pop("api_key", server.sim.api_key), pool=pool, **kwargs)
+    return await connect_to(server.ws_url, kwargs.pop("api_key", server.sim.api_key), pool=pool, **kwargs)
 
 
 async def test_clients_of_one_url_and_key_share_one_socket_and_each_hears_its_events() -> None:
@@ -129,7 +130,7 @@ async def test_connections_of_one_nas_and_key_open_one_socket() -> None:
     """Through the connection manager, as TrueNASConnections use it: ten connections with the same
     URL and key are one WebSocket; each still has its own cache and its own readiness."""
     async with serve("25.10") as (_sim, server):
-        manager = ConnectionManager(resync_seconds=30, retry_max_seconds=5, call_timeout=10, job_timeout=60)
+        manager = ConnectionManager(resync_seconds=30, retry_max_seconds=5, timings=Timings(call=10, job=60))
         config = ConnectionConfig(url=server.ws_url, api_key=Secret(server.sim.api_key), transport="websocket")
         connections = [await manager.configure(f"tenant/c{i}", config) for i in range(10)]
         for connection in connections:
@@ -162,7 +163,7 @@ async def test_one_ca_read_from_a_file_and_from_a_secret_is_one_socket(tmp_path:
 async def test_connections_of_one_transport_share_its_job_slots_and_a_namespace_its_quarter() -> None:
     """Finding 1: job slots were per connection while the call limit is the socket's: a tenant with
     four TrueNASConnections of one key held 4 x 5 job slots, the socket's whole limit."""
-    manager = ConnectionManager(resync_seconds=30, retry_max_seconds=5, call_timeout=10, job_timeout=60)
+    manager = ConnectionManager(resync_seconds=30, retry_max_seconds=5, timings=Timings(call=10, job=60))
     config = ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-" + "k" * 64))
     first, second = manager.job_slots_for(config), manager.job_slots_for(config)
     assert first is second

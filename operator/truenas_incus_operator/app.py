@@ -21,6 +21,7 @@ from .models import API_GROUP, API_VERSION
 from .policy import Policy, load_policy
 from .settings import Settings
 from .status import utc_now
+from .truenas import Timings
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ def build(
     connections = ConnectionManager(
         settings.resync_seconds,
         settings.retry_max_seconds,
-        settings.call_timeout_seconds,
-        settings.job_timeout_seconds,
+        Timings(call=settings.call_timeout_seconds, job=settings.job_timeout_seconds),
         device_audits_per_resync=settings.device_audits_per_resync,
         metrics=metrics,
     )

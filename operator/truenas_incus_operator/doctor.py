@@ -24,7 +24,7 @@ import json
 import ssl
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from .problems import OperatorError
 from .quantity import format_bytes
 from .reconcile import _vm_unsupported_message, instance_config
 from .settings import Settings
-from .truenas import TrueNASClient, TrueNASError, connect, ssl_context
+from .truenas import Timings, TrueNASClient, TrueNASError, connect, ssl_context
 from .truenas.backends.container import ContainerBackend
 from .truenas.backends.virt import VirtInstanceBackend
 from .truenas.backends.vm import VMBackend
@@ -173,14 +173,8 @@ async def run_doctor(settings: Settings, manifests: Iterable[Path] = (), timeout
         return report
     try:
         client = await connect(
-            config.url,
-            config.api_key,
-            transport=config.transport,
-            ca_pem=config.ca_pem,
-            insecure_skip_verify=config.insecure_skip_verify,
-            max_concurrent_calls=config.max_concurrent_calls,
-            call_timeout=timeout,
-            connect_timeout=timeout,
+            replace(config, vm_image_server=None),  # doctor checks the image server itself, later
+            Timings(call=timeout, connect=timeout),
             observer=ReadOnlyObserver(report),
         )
     except TrueNASError as exc:

@@ -28,7 +28,7 @@ from ..models import EFFECTIVE_DEFAULTS, TrueNASConnectionSpec
 from ..policy import DEFAULT_CONNECTION, POLICY_REASON, Policy
 from ..problems import Reason, fail
 from ..settings import Settings
-from ..truenas import Secret
+from ..truenas import Endpoint, Secret
 from ..truenas.images import DEFAULT_IMAGE_SERVER, ImageSource
 
 DEFAULT_KEY = DEFAULT_CONNECTION
@@ -71,16 +71,10 @@ _PRINTABLE = re.compile(r"[!-~]+")
 
 
 @dataclass(frozen=True)
-class ConnectionConfig:
-    url: str
-    api_key: Secret
-    transport: str = "websocket"
-    ca_pem: str | None = None
-    insecure_skip_verify: bool = False
-    max_concurrent_calls: int = 20
-    vm_image_server: ImageSource | None = None
-    """Where VM images come from (simplestreams URL or local mirror) and the bounds on it; None: the
-    client's default."""
+class ConnectionConfig(Endpoint):
+    """A connection's TrueNAS as the operator configured it (``TIO_TRUENAS_*`` or a TrueNASConnection):
+    what ``truenas.connect`` takes. ``vm_image_server`` is an ``ImageSource`` with the policy's bounds
+    (or None: the client's default)."""
 
     @property
     def identity(self) -> str:

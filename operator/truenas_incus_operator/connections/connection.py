@@ -13,8 +13,10 @@ from ..kube import FENCE
 from ..metrics import Metrics
 from ..problems import Problem, Reason, problem_of
 from ..truenas import (
+    DEFAULT_TIMINGS,
     AuthenticationFailed,
     ObservedInstance,
+    Timings,
     TransportError,
     TransportPool,
     TrueNASClient,
@@ -38,8 +40,7 @@ class Connection:
         *,
         resync_seconds: float,
         retry_max_seconds: float = 300.0,
-        call_timeout: float = 60.0,
-        job_timeout: float = 900.0,
+        timings: Timings = DEFAULT_TIMINGS,
         reload: Loader | None = None,
         on_state: Callable[[Connection], None] | None = None,
         device_audits_per_resync: int = 10,
@@ -59,8 +60,7 @@ class Connection:
         """Called when the connection is established or lost."""
         self.resync_seconds = resync_seconds
         self.retry_max_seconds = retry_max_seconds
-        self.call_timeout = call_timeout
-        self.job_timeout = job_timeout
+        self.timings = timings
         self.client: TrueNASClient | None = None
         self._identity: str | None = None
         self.problem: Problem | None = Problem(Reason.CONNECTING, f"connecting to {config.url}")
@@ -139,16 +139,9 @@ class Connection:
     async def _connect(self) -> None:
         config = self.config
         self.client = await connect(
-            config.url,
-            config.api_key,
-            transport=config.transport,
-            ca_pem=config.ca_pem,
-            insecure_skip_verify=config.insecure_skip_verify,
-            max_concurrent_calls=config.max_concurrent_calls,
-            vm_image_server=config.vm_image_server,
+            config,
+            self.timings,
             may_write=FENCE.is_open,
-            call_timeout=self.call_timeout,
-            job_timeout=self.job_timeout,
             observer=self.metrics.truenas(self.key, config.max_concurrent_calls) if self.metrics else None,
             pool=self.pool,
         )

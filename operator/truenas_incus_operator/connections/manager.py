@@ -7,7 +7,7 @@ from collections.abc import Callable, Hashable
 
 from ..metrics import Metrics
 from ..problems import OperatorError, Problem, Reason, fail
-from ..truenas import TransportPool, share_key
+from ..truenas import DEFAULT_TIMINGS, Timings, TransportPool
 from .config import DEFAULT_KEY, ConnectionConfig, Loader
 from .connection import Connection
 from .slots import JobSlots
@@ -20,8 +20,7 @@ class ConnectionManager:
         self,
         resync_seconds: float,
         retry_max_seconds: float,
-        call_timeout: float,
-        job_timeout: float,
+        timings: Timings = DEFAULT_TIMINGS,
         on_state: Callable[[Connection], None] | None = None,
         device_audits_per_resync: int = 10,
         metrics: Metrics | None = None,
@@ -30,8 +29,7 @@ class ConnectionManager:
         self.resync_seconds = resync_seconds
         self.device_audits_per_resync = device_audits_per_resync
         self.retry_max_seconds = retry_max_seconds
-        self.call_timeout = call_timeout
-        self.job_timeout = job_timeout
+        self.timings = timings
         self.on_state = on_state
         self.connections: dict[str, Connection] = {}
         self.transports = TransportPool()
@@ -69,8 +67,7 @@ class ConnectionManager:
             config,
             resync_seconds=self.resync_seconds,
             retry_max_seconds=self.retry_max_seconds,
-            call_timeout=self.call_timeout,
-            job_timeout=self.job_timeout,
+            timings=self.timings,
             reload=reload,
             on_state=self.on_state,
             device_audits_per_resync=self.device_audits_per_resync,
@@ -87,14 +84,7 @@ class ConnectionManager:
     def job_slots_for(self, config: ConnectionConfig) -> JobSlots:
         """The job slots of ``config``'s transport: one per URL, key, TLS settings and call limit, as
         the transport pool shares them (a namespace's quarter is of the socket, not of each connection)."""
-        key = share_key(
-            config.url,
-            config.api_key,
-            config.transport,
-            config.ca_pem,
-            config.insecure_skip_verify,
-            config.max_concurrent_calls,
-        )
+        key = config.share_key
         slots = self._job_slots.get(key)
         if slots is None:
             slots = JobSlots(config.max_concurrent_calls)

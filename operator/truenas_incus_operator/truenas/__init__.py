@@ -1,11 +1,11 @@
-"""The TrueNAS client: ``await connect(url, api_key)`` -> ``TrueNASClient`` with ``.instances``.
+"""The TrueNAS client: ``await connect(Endpoint(url, Secret(api_key)))`` -> ``TrueNASClient`` with ``.instances``.
 
 Transports: JSON-RPC over WebSocket (default) and REST v2.0 (25.x). Backends: ``virt.instance``
 (25.x) and ``container.*`` (26), chosen from the server's version. Errors: see ``errors`` (one
 hierarchy under ``TrueNASError``). Everything the operator uses is exported here.
 """
 
-from .client import TrueNASClient, connect, parse_version, share_key, ssl_context
+from .client import DEFAULT_TIMINGS, Endpoint, Timings, TrueNASClient, connect, parse_version, ssl_context
 from .errors import (
     AlreadyExists,
     APIUnavailable,
@@ -38,6 +38,7 @@ from .types import (
 )
 
 __all__ = [
+    "DEFAULT_TIMINGS",
     "UNSET",
     "APIUnavailable",
     "AlreadyExists",
@@ -45,6 +46,7 @@ __all__ = [
     "CallFailed",
     "CallTimeout",
     "DeviceConfig",
+    "Endpoint",
     "FieldError",
     "ImageNotFound",
     "ImageServerError",
@@ -60,6 +62,7 @@ __all__ = [
     "ObservedInstance",
     "Observer",
     "Secret",
+    "Timings",
     "TransportError",
     "TransportPool",
     "TrueNASClient",
@@ -67,6 +70,5 @@ __all__ = [
     "ValidationFailed",
     "connect",
     "parse_version",
-    "share_key",
     "ssl_context",
 ]

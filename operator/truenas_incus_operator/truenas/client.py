@@ -63,67 +63,82 @@ class TrueNASClient:
         await self.transport.close()
 
 
-def share_key(
-    url: str, api_key: Secret, transport: str, ca_pem: str | None, insecure_skip_verify: bool, max_concurrent_calls: int
-) -> tuple[Hashable, ...]:
-    """What clients must have in common to share one transport (``connect(pool=...)`` adds the
-    timeouts): the URL as written, the key, the CA (a file's last newline is no other CA), the
-    verification switch and the call limit. The operator keys its job slots on it too."""
-    return (transport, url, api_key, ca_pem.strip() if ca_pem else None, insecure_skip_verify, max_concurrent_calls)
+@dataclass(frozen=True)
+class Timings:
+    """How long a client waits, in seconds: for one call's answer, for a read (at most ``call``), for a
+    job, and for the connection itself."""
+
+    call: float = 60.0
+    read: float = 20.0
+    job: float = 15 * 60.0
+    connect: float = 10.0
+
+
+DEFAULT_TIMINGS = Timings()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One TrueNAS and how to reach it: what ``connect()`` needs besides its timings."""
+
+    url: str
+    api_key: Secret
+    transport: str = "websocket"
+    """``websocket`` (JSON-RPC 2.0) or ``rest`` (REST v2.0, 25.x only)."""
+    ca_pem: str | None = None
+    insecure_skip_verify: bool = False
+    max_concurrent_calls: int = 20
+    vm_image_server: ImageSource | None = None
+    """The simplestreams server (or local mirror) VM images come from on ``vm.*``; None: the Linux
+    Containers image server."""
+
+    @property
+    def share_key(self) -> tuple[Hashable, ...]:
+        """What clients must have in common to share one transport (``connect(pool=...)`` adds the
+        timings): the URL as written, the key, the CA (a file's last newline is no other CA), the
+        verification switch and the call limit. The operator keys its job slots on it too."""
+        ca = self.ca_pem.strip() if self.ca_pem else None
+        return (self.transport, self.url, self.api_key, ca, self.insecure_skip_verify, self.max_concurrent_calls)
 
 
 async def connect(
-    url: str,
-    api_key: str | Secret,
+    endpoint: Endpoint,
+    timings: Timings = DEFAULT_TIMINGS,
     *,
-    transport: str = "websocket",
-    ca_pem: str | None = None,
-    insecure_skip_verify: bool = False,
-    max_concurrent_calls: int = 20,
-    call_timeout: float = 60.0,
-    read_timeout: float = 20.0,
-    job_timeout: float = 15 * 60.0,
-    connect_timeout: float = 10.0,
     observer: Observer | None = None,
-    vm_image_server: str | ImageSource | None = None,
     may_write: Callable[[], bool] = lambda: True,
     pool: TransportPool | None = None,
 ) -> TrueNASClient:
     """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``.
 
     ``observer`` (observe.py) is told of every call, job and event through this client.
-    ``vm_image_server``: the simplestreams server (or local mirror) VM images come from on ``vm.*``;
-    unset: the Linux Containers image server (the operator passes its ``TIO_VM_IMAGE_SERVER`` setting).
     ``may_write``: asked before the client writes on its own (the VM backend's base collection during
     the resync query); the operator passes its Lease fence.
-    ``pool``: share one transport with every other client of the pool that has the same URL, key,
-    TLS settings, call limit and timeouts (transports/shared.py); the backend and the observer stay
+    ``pool``: share one transport with every other client of the pool that has the same
+    ``endpoint.share_key`` and timings (transports/shared.py); the backend and the observer stay
     this client's.
     """
-    if transport not in ("websocket", "rest"):
-        raise ValueError(f"unknown transport {transport!r}: use websocket or rest")
-    secret = api_key if isinstance(api_key, Secret) else Secret(api_key)
+    if endpoint.transport not in ("websocket", "rest"):
+        raise ValueError(f"unknown transport {endpoint.transport!r}: use websocket or rest")
 
     def open_transport() -> Transport:
-        secure = url.startswith(("wss://", "https://"))
+        secure = endpoint.url.startswith(("wss://", "https://"))
         options = ConnectionOptions(
-            url=url,
-            api_key=secret,
-            ssl_context=ssl_context(ca_pem, insecure_skip_verify) if secure else None,
-            max_concurrent_calls=max_concurrent_calls,
-            call_timeout=call_timeout,
-            read_timeout=min(read_timeout, call_timeout),
-            job_timeout=job_timeout,
-            connect_timeout=connect_timeout,
+            url=endpoint.url,
+            api_key=endpoint.api_key,
+            ssl_context=ssl_context(endpoint.ca_pem, endpoint.insecure_skip_verify) if secure else None,
+            max_concurrent_calls=endpoint.max_concurrent_calls,
+            call_timeout=timings.call,
+            read_timeout=min(timings.read, timings.call),
+            job_timeout=timings.job,
+            connect_timeout=timings.connect,
         )
-        return JsonRpcTransport(options) if transport == "websocket" else RestTransport(options)
+        return JsonRpcTransport(options) if endpoint.transport == "websocket" else RestTransport(options)
 
     shared: SharedTransport | None = None
     chosen: Transport
     if pool is not None:
-        shares = share_key(url, secret, transport, ca_pem, insecure_skip_verify, max_concurrent_calls)
-        key = (shares, (call_timeout, read_timeout, job_timeout, connect_timeout))
-        chosen = shared = pool.view(key, open_transport)
+        chosen = shared = pool.view((endpoint.share_key, timings), open_transport)
     else:
         chosen = open_transport()
     if observer is not None:
@@ -132,7 +147,7 @@ async def connect(
         await chosen.connect()
         version = parse_version(chosen.system_version)
         system_id = await read_system_id(chosen)
-        backend = await choose_backend(chosen, version, vm_image_server, may_write, observer)
+        backend = await choose_backend(chosen, version, endpoint.vm_image_server, may_write, observer)
     except BaseException as exc:
         if shared is not None and isinstance(exc, TransportError | AuthenticationFailed):
             shared.retire()  # no answer, or the key refused: nobody new joins this transport
