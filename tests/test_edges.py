@@ -245,7 +245,7 @@ def test_the_loop_backoff_stays_bounded_after_thousands_of_failures() -> None:
 async def test_the_deletion_backoff_stays_bounded_after_thousands_of_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = fake_operator(retry_max_seconds=300.0)
     await fake.operator.loops.reconcile_once(resource(), LoopState(status={}), lambda: None)  # created, owned
-    fake.connection.ready.clear()
+    fake.connection.detach()
     from truenas_incus_operator.instances import deletion
 
     monkeypatch.setattr(deletion, "CONNECT_WAIT_SECONDS", 0.01)

@@ -25,9 +25,19 @@ from truenas_incus_operator.instances.resource import LoopState
 from truenas_incus_operator.policy import Grant, Policy
 from truenas_incus_operator.problems import OperatorError, Problem, Reason
 from truenas_incus_operator.settings import Settings
-from truenas_incus_operator.truenas import FieldError, Secret, ValidationFailed
+from truenas_incus_operator.truenas import FieldError, Secret, TrueNASClient, ValidationFailed
 
-from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, FakeKube, FakeOperator, fake_operator, observed, resource
+from .fakes import (
+    LEDGER_NAMESPACE,
+    TRUENAS,
+    FakeBackend,
+    FakeKube,
+    FakeOperator,
+    NoTransport,
+    fake_operator,
+    observed,
+    resource,
+)
 
 
 def no_wake() -> None:
@@ -111,8 +121,7 @@ async def test_adoption_needs_the_annotation_and_the_administrators_policy() -> 
 
 async def test_a_failing_pass_backs_off_and_posts_one_event_per_distinct_problem() -> None:
     fake = fake_operator()
-    fake.connection.ready.clear()
-    fake.connection.problem = None
+    fake.connection.detach()
     body = resource()
     state = LoopState(status={})
     delays = [await fake.operator.loops.reconcile_once(body, state, no_wake) for _ in range(4)]
@@ -227,8 +236,7 @@ async def test_deletion_leaves_an_instance_it_never_managed() -> None:
 async def test_a_failing_delete_posts_one_event_per_distinct_problem(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = fake_operator()
     await one_pass(fake, resource())  # it owns web01
-    fake.connection.ready.clear()
-    fake.connection.problem = None
+    fake.connection.detach()
     fake.events.clear()
     body = resource(deleting=True)
     monkeypatch.setattr(deletion, "CONNECT_WAIT_SECONDS", 0.01)
@@ -513,10 +521,10 @@ async def test_a_connection_state_change_during_a_status_write_is_written_too() 
     connection = Connection(
         "apps/nas", ConnectionConfig(url="wss://nas.invalid", api_key=Secret("1-x")), resync_seconds=30
     )
-    connection.problem = Problem(Reason.UNREACHABLE, "TrueNAS went away")
+    connection.detach(Problem(Reason.UNREACHABLE, "TrueNAS went away"))
     resources._state_changed(connection)  # lost: its write is held by the API server
     await asyncio.sleep(0)
-    connection.problem = None
+    connection.attach(TrueNASClient(NoTransport(), FakeBackend(), (25, 10), "TrueNAS-25.10.1"))  # type: ignore[arg-type]
     resources._state_changed(connection)  # back, while the first write is in flight
     kube.gate.set()
     for _ in range(100):

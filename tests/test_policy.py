@@ -518,7 +518,7 @@ async def test_a_tightened_policy_stops_changes_but_never_deletes(tmp_path: Path
 
 async def test_default_connection_refused_even_while_it_is_down(tmp_path: Path) -> None:
     fake = fake_with_policy(tmp_path, "defaultConnectionNamespaces: [home]")
-    fake.connection.ready.clear()
+    fake.connection.detach()
     await one_pass(fake, resource(namespace="team-a"))
     condition = synced(fake, "web01")
     assert condition["reason"] == "PolicyDenied" and condition["message"].startswith(

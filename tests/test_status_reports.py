@@ -33,9 +33,7 @@ async def test_a_loop_keeps_the_observation_when_the_key_is_refused() -> None:
     await fake.operator.loops.reconcile_once(body, state, no_wake)  # created, then observed running
     seen = dict(state.status)
     assert seen["phase"] == "Running" and seen["instanceId"], seen
-    fake.connection.ready.clear()
-    fake.connection.client = None
-    fake.connection.problem = Problem(Reason.AUTHENTICATION_FAILED, "TrueNAS refused the API key")
+    fake.connection.detach(Problem(Reason.AUTHENTICATION_FAILED, "TrueNAS refused the API key"))
     body["status"] = seen
     await fake.operator.loops.reconcile_once(body, state, no_wake)
     status = fake.kube.statuses("web01")[-1]
@@ -49,8 +47,7 @@ async def test_a_loop_keeps_the_observation_when_the_key_is_refused() -> None:
 
 async def test_connecting_is_not_a_warning() -> None:
     fake = fake_operator()
-    fake.connection.ready.clear()
-    fake.connection.problem = None  # the loop reports Connecting
+    fake.connection.detach()  # no problem known yet: the loop reports Connecting
     await fake.operator.loops.reconcile_once(resource(), LoopState(status={}), no_wake)
     assert [e[:2] for e in fake.events] == [("Normal", "Connecting")]
 
@@ -131,9 +128,7 @@ async def test_an_operator_restart_does_not_flap_a_running_status() -> None:
         await fake.operator.loops.reconcile_once(body, state, no_wake)
     writes = len(fake.kube.statuses("web01"))
     # A restart: the loop starts again from the resource's status, its connection still connecting.
-    fake.connection.ready.clear()
-    fake.connection.client = None
-    fake.connection.problem = Problem(Reason.CONNECTING, "connecting to wss://nas.invalid")
+    fake.connection.detach(Problem(Reason.CONNECTING, "connecting to wss://nas.invalid"))
     body["status"] = dict(state.status)
     await fake.operator.loops.reconcile_once(body, LoopState(status=dict(state.status)), no_wake)
     assert len(fake.kube.statuses("web01")) == writes, "nothing to say while connecting: the status stays"

@@ -120,14 +120,20 @@ class Connection:
                         self.config = await self.reload()
 
     async def _lost(self, problem: Problem) -> None:
-        self.problem = problem
-        self.ready.clear()
         log.warning("TrueNAS connection %s: %s", self.key, problem.message)
-        client, self.client = self.client, None
+        client = self.detach(problem)
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close(broken=True)  # a shared transport is not handed on after it failed
+
+    def detach(self, problem: Problem | None = None) -> TrueNASClient | None:
+        """The one way a connection stops being ready (``attach`` is the way back): ``problem`` says why
+        (None: still connecting). Returns the client it held, for the caller to close."""
+        client, self.client = self.client, None
+        self.problem = problem
+        self.ready.clear()
         self._state_changed()
+        return client
 
     def _state_changed(self) -> None:
         self.cache.notify_all()
