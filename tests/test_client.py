@@ -378,12 +378,12 @@ async def test_drop_rate_knob_drops_connections_and_reads_recover() -> None:
 async def test_a_job_wait_fails_when_its_connection_is_closed_and_the_job_goes_on(profile: str) -> None:
     """The operator rebuilds its client after a lost connection: a job followed on the old one was
     stranded until the job timeout (15 min), its wait swallowing "connection closed"."""
-    async with serve(profile, job_duration=3.0) as (sim, server):
+    async with serve(profile, job_duration=2.0) as (sim, server):
         old = await connect_to(server.ws_url, sim.api_key, transport="websocket", job_timeout=600)
         create = asyncio.create_task(
             old.instances.create(InstanceConfig(name="c1", type="CONTAINER", image="debian/bookworm"))
         )
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.3)
         await old.close()
         with pytest.raises(TransportError, match="closed"):
             await asyncio.wait_for(create, 2)

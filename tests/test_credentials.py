@@ -358,7 +358,11 @@ async def test_a_connection_reads_its_secret_again_until_it_can_be_used_without_
     await resources.close()
 
 
-async def test_reloads_back_off_and_stop_when_the_connection_goes() -> None:
+async def test_reloads_back_off_and_stop_when_the_connection_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from truenas_incus_operator.connections import resources as module
+
+    monkeypatch.setattr(module, "RELOAD_MIN_SECONDS", 0.5)  # half the real backoff, the same sequence
+    monkeypatch.setattr(module, "RELOAD_MAX_SECONDS", 5.0)
     fake = fake_operator()
     resources = fake.operator.connection_resources
     await resources.sync(connection_body())
@@ -366,9 +370,9 @@ async def test_reloads_back_off_and_stop_when_the_connection_goes() -> None:
     def reads() -> int:
         return fake.kube.calls.count(f"read_secret {NS}/nas-key")
 
-    await asyncio.sleep(3.5)  # retries after 1 s and 2 s more: 3 reads in all, not one per event or per tick
+    await asyncio.sleep(1.75)  # retries after 0.5 s and 1 s more: 3 reads in all, not one per event or per tick
     assert reads() == 2 + 1, fake.kube.calls
     await resources.remove(f"{NS}/nas")
     before = reads()
-    await asyncio.sleep(4.5)
+    await asyncio.sleep(2.25)
     assert reads() == before, "a removed connection is not read again"
