@@ -14,7 +14,7 @@ from .errors import CallError, InstanceNotFound, ValidationErrors
 from .filters import check_query_args, filter_list
 from .jobs import Job
 from .state import Image, Instance
-from .validation import load_schema, validate
+from .validation import load_schema, validated
 
 if TYPE_CHECKING:
     from .simulator import CallContext, Simulator
@@ -132,10 +132,7 @@ class ContainerService:
 
     @staticmethod
     def _validated(kind: str, value: Any, attribute: str) -> Any:
-        result, errors = validate(load_schema(f"{SCHEMA}.{kind}"), value, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
-        return result
+        return validated(load_schema(f"{SCHEMA}.{kind}"), value, attribute)
 
     def _set_state(self, container: Container, state: str) -> None:
         container.state = state
@@ -298,9 +295,7 @@ class ContainerService:
 
     def _device_attributes(self, raw: Any, attribute: str, container: Container, exclude: int | None) -> dict[str, Any]:
         schema = load_schema(f"{SCHEMA}.container.device.entry")["properties"]["attributes"]
-        result, errors = validate(schema, raw, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
+        result = validated(schema, raw, attribute)
         if result["dtype"] == "FILESYSTEM":
             problems = ValidationErrors()
             source, target = result["source"], result["target"]

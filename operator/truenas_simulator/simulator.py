@@ -30,7 +30,7 @@ from .scram import server_first as scram_server_first
 from .scram import verify_client_final as scram_verify_client_final
 from .state import DEFAULT_IMAGES, ApiKey, CallCounters, GlobalConfig, Image, Instance, Knobs
 from .storage import StorageService
-from .validation import load_schema, validate
+from .validation import load_schema, validated
 from .virt import VirtService
 from .vm import VMService
 
@@ -372,11 +372,8 @@ class Simulator:
         index = 0 if method.endswith(".create") else 1
         if len(params) <= index:
             raise ValidationErrors([(attribute, "Field required", errno.EINVAL)])
-        value, errors = validate(load_schema(f"{schema}.{kind}"), params[index], attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
         adapted = list(params)
-        adapted[index] = value
+        adapted[index] = validated(load_schema(f"{schema}.{kind}"), params[index], attribute)
         return adapted
 
     def _fault(self, method: str) -> CallError | None:

@@ -12,7 +12,7 @@ from .errors import CallError, InstanceNotFound, ValidationErrors
 from .filters import check_query_args, filter_list
 from .jobs import Job
 from .state import MIB, Instance
-from .validation import load_schema, validate
+from .validation import load_schema, validate, validated
 
 if TYPE_CHECKING:
     from .simulator import CallContext, Simulator
@@ -95,10 +95,7 @@ class VirtService:
     def _args(self, ctx: CallContext, schema_kind: str, value: Any, attribute: str) -> Any:
         if ctx.prevalidated:
             return value
-        result, errors = validate(self._schema(ctx, schema_kind), value, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
-        return result
+        return validated(self._schema(ctx, schema_kind), value, attribute)
 
     def job(
         self,
@@ -453,10 +450,7 @@ class VirtService:
     def _device_arg(self, ctx: CallContext, params: list[Any], attribute: str) -> tuple[Instance, dict[str, Any]]:
         instance = self.get(params[0] if params else None)
         raw = params[1] if len(params) > 1 else None
-        result, errors = validate(self._schema(ctx, "virt.device"), raw, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
-        return instance, result
+        return instance, validated(self._schema(ctx, "virt.device"), raw, attribute)
 
     def device_add(self, ctx: CallContext, params: list[Any]) -> Any:
         instance, device = self._device_arg(ctx, params, "virt_device_add")

@@ -20,7 +20,7 @@ from .errors import CallError, InstanceNotFound, ValidationErrors
 from .filters import check_query_args, filter_list
 from .jobs import Job
 from .storage import qcow2_virtual_size, read_iso
-from .validation import load_schema, validate
+from .validation import load_schema, validated
 
 if TYPE_CHECKING:
     from .simulator import CallContext, Simulator
@@ -90,10 +90,7 @@ class VMService:
         return self.sim.profile.schema_version
 
     def _validated(self, kind: str, value: Any, attribute: str) -> Any:
-        result, errors = validate(load_schema(f"{self.schema}.{kind}"), value, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
-        return result
+        return validated(load_schema(f"{self.schema}.{kind}"), value, attribute)
 
     def get(self, ident: Any) -> VM:
         vm = self.vms.get(ident) if isinstance(ident, int) and not isinstance(ident, bool) else None
@@ -294,9 +291,7 @@ class VMService:
 
     def _device_attributes(self, raw: Any, vm: VM, exclude: int | None, prefix: str) -> dict[str, Any]:
         schema = load_schema(f"{self.schema}.vm.device.create.args")["properties"]["attributes"]
-        result, errors = validate(schema, raw, f"{prefix}.attributes")
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
+        result = validated(schema, raw, f"{prefix}.attributes")
         problems = ValidationErrors()
         kind = result["dtype"]
         storage = self.sim.storage
