@@ -17,9 +17,9 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .errors import CallError, MatchNotFound, MethodNotFound, ValidationErrors, errname
+from .images import simplestreams_file
 from .simulator import Session, Simulator
 from .state import Image
-from .storage import simplestreams_file
 
 JSONRPC_CONCURRENCY_ERROR = "Maximum number of concurrent calls ({}) has exceeded"
 

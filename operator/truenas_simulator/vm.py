@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CallError, InstanceNotFound, ValidationErrors
 from .filters import check_query_args, filter_list
+from .images import qcow2_virtual_size, read_iso
 from .jobs import Job
-from .storage import qcow2_virtual_size, read_iso
 from .validation import load_schema, validated
 
 if TYPE_CHECKING:
