@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .container import Container, ContainerService, registry_name
 from .errors import ENOTAUTHENTICATED, CallError, InstanceNotFound, MethodNotFound, ValidationErrors
 from .events import EventBus
 from .filters import check_query_args, filter_list
@@ -28,11 +27,12 @@ from .profiles import Profile, get_profile
 from .scram import MIN_ITERATIONS, ClientFirst, ScramParseError, ScramSecrets, parse_client_first
 from .scram import server_first as scram_server_first
 from .scram import verify_client_final as scram_verify_client_final
+from .services.container import Container, ContainerService, registry_name
+from .services.storage import StorageService
+from .services.virt import VirtService
+from .services.vm import VMService
 from .state import DEFAULT_IMAGES, ApiKey, CallCounters, GlobalConfig, Image, Instance, Knobs
-from .storage import StorageService
 from .validation import load_schema, validated
-from .virt import VirtService
-from .vm import VMService
 
 UNAUTHENTICATED_METHODS = frozenset(
     {

@@ -16,14 +16,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import CallError, InstanceNotFound, ValidationErrors
-from .filters import check_query_args, filter_list
-from .images import qcow2_virtual_size, read_iso
-from .jobs import Job
-from .validation import load_schema, validated
+from ..errors import CallError, InstanceNotFound, ValidationErrors
+from ..filters import check_query_args, filter_list
+from ..images import qcow2_virtual_size, read_iso
+from ..jobs import Job
+from ..validation import load_schema, validated
 
 if TYPE_CHECKING:
-    from .simulator import CallContext, Simulator
+    from ..simulator import CallContext, Simulator
 
 VM_NAME = re.compile(r"^[a-zA-Z_0-9]+$")
 DISK_IMAGE_EXTENSIONS = ("qcow2", "qed", "raw", "vdi", "vhdx", "vmdk")

@@ -8,14 +8,14 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import CallError, InstanceNotFound, ValidationErrors
-from .filters import check_query_args, filter_list
-from .jobs import Job
-from .state import MIB, Instance
-from .validation import load_schema, validate, validated
+from ..errors import CallError, InstanceNotFound, ValidationErrors
+from ..filters import check_query_args, filter_list
+from ..jobs import Job
+from ..state import MIB, Instance
+from ..validation import load_schema, validate, validated
 
 if TYPE_CHECKING:
-    from .simulator import CallContext, Simulator
+    from ..simulator import CallContext, Simulator
 
 INCUS_NAME = re.compile(r"^[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 VERBOSE_NAME = "VirtInstance"

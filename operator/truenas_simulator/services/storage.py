@@ -13,12 +13,12 @@ import errno
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import CallError, InstanceNotFound, ValidationErrors
-from .filters import check_query_args, filter_list
-from .jobs import Job
+from ..errors import CallError, InstanceNotFound, ValidationErrors
+from ..filters import check_query_args, filter_list
+from ..jobs import Job
 
 if TYPE_CHECKING:
-    from .simulator import CallContext, Simulator
+    from ..simulator import CallContext, Simulator
 
 
 # ----- datasets, snapshots, files ----------------------------------------------------------------------

@@ -10,14 +10,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import CallError, InstanceNotFound, ValidationErrors
-from .filters import check_query_args, filter_list
-from .jobs import Job
-from .state import Image, Instance
-from .validation import load_schema, validated
+from ..errors import CallError, InstanceNotFound, ValidationErrors
+from ..filters import check_query_args, filter_list
+from ..jobs import Job
+from ..state import Image, Instance
+from ..validation import load_schema, validated
 
 if TYPE_CHECKING:
-    from .simulator import CallContext, Simulator
+    from ..simulator import CallContext, Simulator
 
 SCHEMA = "v26_0_0"
 HOSTNAME = re.compile(
