@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 
 from truenas_simulator import Simulator
+from truenas_simulator.context import Session
 from truenas_simulator.errors import CallError, MethodNotFound, ValidationErrors
-from truenas_simulator.simulator import Session
 from truenas_simulator.validation import load_schema
 
 GIB = 2**30

@@ -12,8 +12,8 @@ import pytest
 import scramp
 
 from truenas_simulator import Simulator
+from truenas_simulator.context import Session
 from truenas_simulator.errors import CallError, MethodNotFound, ValidationErrors
-from truenas_simulator.simulator import Session
 
 
 def quick(profile: str) -> Simulator:

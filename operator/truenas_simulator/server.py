@@ -16,9 +16,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from .context import Session
 from .errors import CallError, MatchNotFound, MethodNotFound, ValidationErrors, errname
 from .images import simplestreams_file
-from .simulator import Session, Simulator
+from .simulator import Simulator
 from .state import Image
 
 JSONRPC_CONCURRENCY_ERROR = "Maximum number of concurrent calls ({}) has exceeded"

@@ -16,15 +16,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from .context import CallContext, Handler, Session, SessionSpan
 from .errors import ENOTAUTHENTICATED, CallError, InstanceNotFound, MethodNotFound, ValidationErrors
 from .events import EventBus
 from .filters import check_query_args, filter_list
 from .jobs import Job, JobManager
 from .profiles import Profile, get_profile
-from .scram import MIN_ITERATIONS, ClientFirst, ScramParseError, ScramSecrets, parse_client_first
+from .scram import MIN_ITERATIONS, ScramParseError, ScramSecrets, parse_client_first
 from .scram import server_first as scram_server_first
 from .scram import verify_client_final as scram_verify_client_final
 from .services.container import Container, ContainerService, registry_name
@@ -60,66 +60,6 @@ FULL_ADMIN_ONLY = frozenset({"filesystem.put", "filesystem.get"})
 ``get``, 25.04 to 26): a key with the virtualization roles cannot upload a VM image or seed."""
 
 
-@dataclass(eq=False)
-class Session:
-    """One WebSocket connection, or one REST request."""
-
-    transport: str = "websocket"
-    api_version: str = "current"
-    secure: bool = True
-    loopback: bool = True
-    authenticated: bool = False
-    api_key: ApiKey | None = None
-    legacy_jobs: bool = True
-    send_event: Callable[[dict[str, Any]], None] | None = None
-    subscriptions: set[str] = field(default_factory=set)
-    close: Callable[[], None] | None = None
-    private_methods: bool = False
-    py_exceptions: bool = False
-    scram: tuple[ClientFirst, str, ScramSecrets] | None = None
-    """A SCRAM exchange between its first and final message: (client-first, server-first, secrets)."""
-    span: SessionSpan | None = None
-    """When it was open and what it called (``Simulator.session_spans``)."""
-
-
-@dataclass
-class SessionSpan:
-    """One WebSocket session's life, for tests of who talked to TrueNAS when (monotonic seconds)."""
-
-    transport: str
-    opened: float
-    closed: float | None = None
-    calls: int = 0
-    writes: int = 0
-    first_write: float | None = None
-    last_write: float | None = None
-
-
-@dataclass
-class CallContext:
-    session: Session
-    message_id: Any
-    schema: str
-    prevalidated: bool
-
-    @property
-    def credentials(self) -> dict[str, Any] | None:
-        key = self.session.api_key
-        if key is None:
-            return None
-        return {
-            "type": "API_KEY",
-            "data": {
-                "username": key.username,
-                "login_id": f"sim-{key.id}",
-                "api_key": {"id": key.id, "name": key.name},
-            },
-        }
-
-
-Handler = Callable[[CallContext, list[Any]], Any]
-
-
 class Simulator:
     def __init__(
         self,
@@ -148,8 +88,8 @@ class Simulator:
         """The WebSocket sessions opened (the last 10,000), open or closed."""
         self.virt = VirtService(self)
         self.containers = ContainerService(self)
-        self.storage = StorageService(self)
-        self.vms = VMService(self)
+        self.storage = StorageService(self, in_use=lambda name: self.vms.using(name))
+        self.vms = VMService(self, self.storage)
         self.methods: dict[str, tuple[Handler, bool]] = {}
         self.booted = time.time()
         self.system_uuid = uuid.uuid4().hex
@@ -192,82 +132,12 @@ class Simulator:
         self.methods = {name: (handler, False) for name, handler in core.items()}
         self.methods["core.job_wait"] = (self._job_wait, True)
         if self.profile.has_virt:
-            virt = self.virt
-            jobs: dict[str, Handler] = {
-                "virt.instance.create": virt.create,
-                "virt.instance.update": virt.update,
-                "virt.instance.delete": virt.delete,
-                "virt.instance.start": virt.start,
-                "virt.instance.stop": virt.stop,
-                "virt.instance.restart": virt.restart,
-            }
-            plain: dict[str, Handler] = {
-                "virt.instance.query": virt.query,
-                "virt.instance.get_instance": virt.get_instance,
-                "virt.instance.image_choices": virt.image_choices,
-                "virt.instance.device_list": virt.device_list,
-                "virt.instance.device_add": virt.device_add,
-                "virt.instance.device_update": virt.device_update,
-                "virt.instance.device_delete": virt.device_delete,
-                "virt.global.config": virt.global_config,
-            }
-            if self.profile.set_bootable_disk:
-                plain["virt.instance.set_bootable_disk"] = virt.set_bootable_disk
-            self.methods.update({name: (handler, True) for name, handler in jobs.items()})
-            self.methods.update({name: (handler, False) for name, handler in plain.items()})
+            self.methods.update(self.virt.methods())
         if self.profile.has_container:
-            c = self.containers
-            self.methods.update({"container.create": (c.create, True), "container.stop": (c.stop, True)})
-            container_plain: dict[str, Handler] = {
-                "container.query": c.query,
-                "container.get_instance": c.get_instance,
-                "container.update": c.update,
-                "container.delete": c.delete,
-                "container.start": c.start,
-                "container.device.query": c.device_query,
-                "container.device.create": c.device_create,
-                "container.device.update": c.device_update,
-                "container.device.delete": c.device_delete,
-                "container.image.query_registry": c.query_registry,
-                "lxc.config": c.lxc_config,
-            }
-            self.methods.update({name: (handler, False) for name, handler in container_plain.items()})
+            self.methods.update(self.containers.methods())
         if self.profile.has_vm:
-            self._register_vm()
-
-    def _register_vm(self) -> None:
-        vms, storage = self.vms, self.storage
-        snapshots = self.profile.snapshot_namespace
-        plain: dict[str, Handler] = {
-            "vm.query": vms.query,
-            "vm.get_instance": vms.get_instance,
-            "vm.create": vms.create,
-            "vm.update": vms.update,
-            "vm.delete": vms.delete,
-            "vm.start": vms.start,
-            "vm.poweroff": vms.poweroff,
-            "vm.status": vms.status,
-            "vm.device.query": vms.device_query,
-            "vm.device.create": vms.device_create,
-            "vm.device.update": vms.device_update,
-            "vm.device.delete": vms.device_delete,
-            "vm.device.nic_attach_choices": vms.nic_attach_choices,
-            "pool.dataset.query": storage.dataset_query,
-            "pool.dataset.create": storage.dataset_create,
-            "pool.dataset.update": storage.dataset_update,
-            "pool.dataset.delete": storage.dataset_delete,
-            f"{snapshots}.query": storage.snapshot_query,
-            f"{snapshots}.create": storage.snapshot_create,
-            f"{snapshots}.clone": storage.snapshot_clone,
-            f"{snapshots}.delete": storage.snapshot_delete,
-        }
-        jobs: dict[str, Handler] = {"vm.stop": vms.stop}
-        if self.profile.vm_convert:
-            jobs["vm.device.convert"] = vms.convert
-        if self.profile.vm_import_disk_image:
-            jobs["vm.import_disk_image"] = vms.import_disk_image
-        self.methods.update({name: (handler, False) for name, handler in plain.items()})
-        self.methods.update({name: (handler, True) for name, handler in jobs.items()})
+            self.methods.update(self.vms.methods())
+            self.methods.update(self.storage.methods())
 
     async def upload(self, session: Session, method: str, params: list[Any], content: bytes) -> int:
         """``POST /_upload``: the job the ``data`` part names, fed by the ``file`` part; its id."""
@@ -731,7 +601,7 @@ class Simulator:
             self.containers.next_id += 1
             self.containers.containers[container.id] = container
             if status == "RUNNING":
-                self.containers._set_state(container, "RUNNING")
+                self.containers.set_state(container, "RUNNING")
             self.containers.emit("added", container)
             return container
         instance = Instance(image=image, **fields)
@@ -753,7 +623,7 @@ class Simulator:
     def set_power(self, name: str, status: str) -> Any:
         item = self.find(name)
         if isinstance(item, Container):
-            self.containers._set_state(item, "RUNNING" if status == "RUNNING" else "STOPPED")
+            self.containers.set_state(item, "RUNNING" if status == "RUNNING" else "STOPPED")
         else:
             self.virt.set_status(item, status)
         return item

@@ -10,15 +10,15 @@ marked [INF] follow ``plugins/pool_/dataset.py`` from memory of its shape, not a
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+from ..context import CallContext, Handler, Middleware
 from ..errors import CallError, InstanceNotFound, ValidationErrors
 from ..filters import check_query_args, filter_list
 from ..jobs import Job
-
-if TYPE_CHECKING:
-    from ..simulator import CallContext, Simulator
+from .base import Methods, Service
 
 
 # ----- datasets, snapshots, files ----------------------------------------------------------------------
@@ -81,18 +81,35 @@ class Snapshot:
         }
 
 
-@dataclass
-class StorageService:
-    sim: Simulator
-    datasets: dict[str, Dataset] = field(default_factory=dict)
-    snapshots: dict[str, Snapshot] = field(default_factory=dict)
-    files: dict[str, bytes] = field(default_factory=dict)
-    modes: dict[str, int] = field(default_factory=dict)
-    """Each file's permission bits: ``filesystem.put``'s ``mode``, else 0o644 (the middleware's umask)."""
-
-    def __post_init__(self) -> None:
-        for pool in self.sim.global_config.storage_pools:
+class StorageService(Service):
+    def __init__(self, mw: Middleware, in_use: Callable[[str], str | None]) -> None:
+        """``in_use(name)``: the RUNNING VM with a disk on dataset ``name`` or below it, if any (the VM
+        family answers it; storage does not reach into it)."""
+        super().__init__(mw)
+        self.in_use = in_use
+        self.datasets: dict[str, Dataset] = {}
+        self.snapshots: dict[str, Snapshot] = {}
+        self.files: dict[str, bytes] = {}
+        self.modes: dict[str, int] = {}
+        """Each file's permission bits: ``filesystem.put``'s ``mode``, else 0o644 (the middleware's umask)."""
+        for pool in mw.global_config.storage_pools:
             self.datasets[pool] = Dataset(pool)
+
+    def methods(self) -> Methods:
+        """``pool.dataset.*`` and the snapshot namespace of the profile; ``filesystem.put`` is reached
+        through ``/_upload`` only (``put_job``)."""
+        snapshots = self.mw.profile.snapshot_namespace
+        plain: dict[str, Handler] = {
+            "pool.dataset.query": self.dataset_query,
+            "pool.dataset.create": self.dataset_create,
+            "pool.dataset.update": self.dataset_update,
+            "pool.dataset.delete": self.dataset_delete,
+            f"{snapshots}.query": self.snapshot_query,
+            f"{snapshots}.create": self.snapshot_create,
+            f"{snapshots}.clone": self.snapshot_clone,
+            f"{snapshots}.delete": self.snapshot_delete,
+        }
+        return {name: (handler, False) for name, handler in plain.items()}
 
     # ----- helpers -------------------------------------------------------------------------------
     def dataset(self, name: str) -> Dataset:
@@ -110,17 +127,6 @@ class StorageService:
 
     def directory_exists(self, path: str) -> bool:
         return any(d.mountpoint == path for d in self.datasets.values())
-
-    def in_use(self, name: str) -> str | None:
-        """The name of a RUNNING VM with a disk on ``name`` (or a child of it)."""
-        for vm in self.sim.vms.vms.values():
-            if vm.state != "RUNNING":
-                continue
-            for attributes in vm.devices.values():
-                path = str(attributes.get("path") or "")
-                if path in (f"/dev/zvol/{name}",) or path.startswith((f"/dev/zvol/{name}/", f"/mnt/{name}/")):
-                    return vm.name
-        return None
 
     # ----- pool.dataset ------------------------------------------------------------------------
     def dataset_query(self, ctx: CallContext, params: list[Any]) -> Any:
@@ -180,7 +186,7 @@ class StorageService:
                 f"Failed to delete dataset: cannot destroy '{found.name}': filesystem has children", errno.EBUSY
             )  # [INF]
         doomed = [found.name, *children]
-        if options.get("recursive") and self.sim.profile.name == "26.0":
+        if options.get("recursive") and self.mw.profile.name == "26.0":
             # 26: plugins/zfs/destroy_impl.py runs truenas_pylibzfs's DESTROY_RESOURCES channel program
             # ("recursive: Recursively destroy all descendants as well as release any holds and destroy
             # any clones or snapshots"): the clones of every snapshot in the tree go too, wherever they
@@ -234,7 +240,7 @@ class StorageService:
 
     def snapshot_create(self, ctx: CallContext, params: list[Any]) -> Any:
         data = params[0] if params else None
-        prefix = "snapshot_create" if self.sim.profile.snapshot_namespace == "zfs.snapshot" else "pool_snapshot_create"
+        prefix = "snapshot_create" if self.mw.profile.snapshot_namespace == "zfs.snapshot" else "pool_snapshot_create"
         if not isinstance(data, dict) or not data.get("dataset") or not data.get("name"):
             raise ValidationErrors([(f"{prefix}.name", "You must specify either name or naming schema", 22)])
         dataset = self.datasets.get(data["dataset"])
@@ -295,12 +301,10 @@ class StorageService:
                 raise CallError(f"{parent}: No such file or directory", errno.ENOENT)  # [INF]
             options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
             previous = self.files.get(path, b"") if options.get("append") else b""
-            await self.sim.virt.work(job, "Uploading")
+            await self.work(job, "Uploading")
             self.files[path] = previous + content
             mode = options.get("mode")
             self.modes[path] = mode if isinstance(mode, int) and not isinstance(mode, bool) else 0o644
             return True
 
-        return self.sim.jobs.submit(
-            "filesystem.put", params, body, message_id=ctx.message_id, credentials=ctx.credentials
-        )
+        return self.submit(ctx, "filesystem.put", params, body)
