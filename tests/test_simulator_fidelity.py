@@ -25,7 +25,7 @@ def quick(profile: str) -> Simulator:
 
 def logged_in(sim: Simulator, **kwargs: Any) -> Session:
     s = Session(**kwargs)
-    assert sim.authenticate_key(sim.api_key, s) == "SUCCESS"
+    assert sim.auth.authenticate_key(sim.api_key, s) == "SUCCESS"
     return s
 
 

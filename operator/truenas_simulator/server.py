@@ -267,8 +267,8 @@ class SimulatorServer:
         if not header:
             return web.Response(status=401, text="401: Unauthorized")
         scheme, _, credential = header.partition(" ")
-        if scheme != "Bearer" or self.sim.authenticate_key(credential.strip(), session) != "SUCCESS":
-            await self.sim.refusal_delay()
+        if scheme != "Bearer" or self.sim.auth.authenticate_key(credential.strip(), session) != "SUCCESS":
+            await self.sim.auth.refusal_delay()
             return web.Response(status=401, text="Invalid API key")
         try:
             method, params = await _rest_call(request)
@@ -413,8 +413,8 @@ class SimulatorServer:
             return web.Response(status=401)
         session = Session(transport="rest", secure=request.secure, loopback=_is_loopback(request))
         scheme, _, credential = header.partition(" ")
-        if scheme != "Bearer" or self.sim.authenticate_key(credential.strip(), session) != "SUCCESS":
-            await self.sim.refusal_delay()
+        if scheme != "Bearer" or self.sim.auth.authenticate_key(credential.strip(), session) != "SUCCESS":
+            await self.sim.auth.refusal_delay()
             return web.Response(status=401, text="Invalid API key")
         filepart = await reader.next()
         if filepart is None or getattr(filepart, "name", None) != "file":
