@@ -6,6 +6,7 @@ brings, the device collection."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import Any, ClassVar, Generic, NoReturn, Protocol, TypeVar
 
 from ..context import CallContext, Handler, Middleware
@@ -42,6 +43,17 @@ class Service:
             logs=logs,
             lock_queue_size=lock_queue_size,
         )
+
+    @staticmethod
+    def lock_argument(params: list[Any]) -> dict[str, Any]:
+        """The first argument of a job whose lock is made from it (``lock=lambda args: ...``): when it
+        is not a dict, making the lock fails before any job exists, with the middleware's words."""
+        raw = params[0] if params else None
+        if not isinstance(raw, dict):
+            raise CallError(
+                "Error handling job lock. This is most likely caused by invalid call arguments.", errno.EINVAL
+            )
+        return raw
 
     async def work(self, job: Job, description: str = "") -> None:
         """The time a job spends in Incus or libvirt; hung methods never come back (until aborted)."""

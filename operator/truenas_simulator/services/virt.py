@@ -140,11 +140,7 @@ class VirtService(Service):
 
     # ----- jobs ------------------------------------------------------------------------------
     def create(self, ctx: CallContext, params: list[Any]) -> Job:
-        raw = params[0] if params else None
-        if not isinstance(raw, dict):
-            raise CallError(
-                "Error handling job lock. This is most likely caused by invalid call arguments.", errno.EINVAL
-            )
+        raw = self.lock_argument(params)
 
         async def body(job: Job) -> Any:
             data = self._args(ctx, "virt.instance.create.args", raw, "virt_instance_create")
