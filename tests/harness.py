@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from truenas_simulator import Simulator, SimulatorThread
-from truenas_simulator.storage import write_mirror
+from truenas_simulator.images import write_mirror
 
 from .conftest import Cluster, wait_until
 

@@ -15,7 +15,7 @@ import yaml
 
 from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
 from truenas_incus_operator.policy import Policy
-from truenas_simulator.storage import write_mirror
+from truenas_simulator.images import write_mirror
 
 from .conftest import ROOT, Cluster
 from .harness import Harness, OperatorProcess, operator_env, start_simulator, unique

@@ -31,7 +31,7 @@ from truenas_incus_operator.truenas.backends.vm import FILE_MODE, VMBackend, dat
 from truenas_incus_operator.truenas.backends.vm.seed import user_data
 from truenas_incus_operator.truenas.images import ImageServer, VMImage
 from truenas_simulator import Simulator
-from truenas_simulator.storage import vm_image_bytes, write_mirror
+from truenas_simulator.images import vm_image_bytes, write_mirror
 
 from .test_client import client_for, serve
 

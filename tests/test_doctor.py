@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes
 from truenas_incus_operator.doctor import FAIL, OK, WARN, Report, run_doctor
 from truenas_incus_operator.settings import Settings
 from truenas_simulator import SimulatorThread
+from truenas_simulator.images import write_mirror
 from truenas_simulator.profiles import get_profile
 from truenas_simulator.state import CallCounters, GlobalConfig
-from truenas_simulator.storage import write_mirror
 from truenas_simulator.tls import CertificateAuthority
 
 from .harness import start_simulator

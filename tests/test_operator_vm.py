@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from truenas_simulator.storage import write_mirror
+from truenas_simulator.images import write_mirror
 
 from .conftest import Cluster, module_prefix
 from .harness import (

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from truenas_simulator.storage import write_mirror
+from truenas_simulator.images import write_mirror
 
 from .conftest import Cluster
 from .harness import Chaos, Harness, OperatorProcess, operator_env, start_simulator, unique, wait_until

@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 
 from truenas_simulator import Simulator
+from truenas_simulator.context import Session
 from truenas_simulator.errors import CallError, MethodNotFound, ValidationErrors
-from truenas_simulator.simulator import Session
 from truenas_simulator.validation import load_schema
 
 GIB = 2**30
@@ -19,7 +19,7 @@ MIB = 2**20
 
 def session(sim: Simulator, **kwargs: Any) -> Session:
     s = Session(**kwargs)
-    assert sim.authenticate_key(sim.api_key, s) == "SUCCESS"
+    assert sim.auth.authenticate_key(sim.api_key, s) == "SUCCESS"
     return s
 
 
@@ -326,7 +326,7 @@ async def test_key_sent_in_clear_over_the_network_is_revoked() -> None:
     sim = Simulator("25.10")
     remote = Session(secure=False, loopback=False)
     assert await sim.call(remote, "auth.login_with_api_key", [sim.api_key]) is False
-    assert sim.authenticate_key(sim.api_key, Session()) == "EXPIRED"
+    assert sim.auth.authenticate_key(sim.api_key, Session()) == "EXPIRED"
 
 
 # ----- devices -------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 import scramp
 
 from truenas_simulator import Simulator
+from truenas_simulator.context import Session
 from truenas_simulator.errors import CallError, MethodNotFound, ValidationErrors
-from truenas_simulator.simulator import Session
 
 
 def quick(profile: str) -> Simulator:
@@ -25,7 +25,7 @@ def quick(profile: str) -> Simulator:
 
 def logged_in(sim: Simulator, **kwargs: Any) -> Session:
     s = Session(**kwargs)
-    assert sim.authenticate_key(sim.api_key, s) == "SUCCESS"
+    assert sim.auth.authenticate_key(sim.api_key, s) == "SUCCESS"
     return s
 
 

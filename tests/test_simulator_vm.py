@@ -13,8 +13,8 @@ import pytest
 
 from truenas_simulator import Simulator, SimulatorServer
 from truenas_simulator.errors import CallError, MethodNotFound, ValidationErrors
+from truenas_simulator.images import qcow2_image, read_iso, simplestreams_file
 from truenas_simulator.state import GIB
-from truenas_simulator.storage import qcow2_image, read_iso, simplestreams_file
 from truenas_simulator.validation import load_schema
 
 from .test_simulator import run_job, session

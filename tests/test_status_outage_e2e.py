@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from truenas_simulator import SimulatorThread
-from truenas_simulator.storage import write_mirror
+from truenas_simulator.images import write_mirror
 
 from .conftest import Cluster
 from .harness import ADOPT_ANYWHERE, Harness, OperatorProcess, operator_env, start_simulator, unique, write_policy

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from truenas_simulator.storage import simplestreams_index, write_mirror
+from truenas_simulator.images import simplestreams_index, write_mirror
 
 from .conftest import Cluster, module_prefix
 from .harness import CREDENTIALS, Harness, module_operator, secret_manifest, unique, wait_until

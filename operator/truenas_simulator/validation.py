@@ -9,11 +9,14 @@ files use and produces pydantic's wording. It also fills in defaults, as the mod
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import re
 from functools import cache
 from importlib import resources
 from typing import Any
+
+from .errors import ValidationErrors
 
 STR_MAX_LENGTH = 1024
 _MISSING = object()
@@ -203,3 +206,14 @@ def validate(schema: dict[str, Any], value: Any, attribute: str) -> tuple[Any, l
     walker = _Walker()
     result = walker.walk(schema, value, [attribute] if attribute else [])
     return result, walker.errors
+
+
+def validated(schema: dict[str, Any], value: Any, attribute: str) -> Any:
+    """``validate``, raising the errors as TrueNAS does (``ValidationErrors``, each ``EINVAL``).
+
+    Returns the value with defaults filled in when there are none.
+    """
+    result, errors = validate(schema, value, attribute)
+    if errors:
+        raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
+    return result

@@ -23,7 +23,7 @@ import yaml
 from truenas_incus_operator.kube import Kube
 from truenas_incus_operator.problems import OperatorError
 from truenas_simulator import Simulator, SimulatorThread
-from truenas_simulator.storage import write_mirror
+from truenas_simulator.images import write_mirror
 
 from .localcluster import REPO_ROOT, LocalControlPlane, start_for_people, wait_for_interrupt
 

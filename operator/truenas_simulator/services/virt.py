@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import re
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import CallError, InstanceNotFound, ValidationErrors
-from .filters import check_query_args, filter_list
-from .jobs import Job
-from .state import MIB, Instance
-from .validation import load_schema, validate
-
-if TYPE_CHECKING:
-    from .simulator import CallContext, Simulator
+from ..context import CallContext, Handler
+from ..errors import CallError, InstanceNotFound, ValidationErrors
+from ..filters import check_query_args, filter_list
+from ..jobs import Job
+from ..state import MIB, Instance
+from ..validation import load_schema, validate, validated
+from .base import Methods, Service
 
 INCUS_NAME = re.compile(r"^[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 VERBOSE_NAME = "VirtInstance"
@@ -46,20 +44,43 @@ def incus_name_error(name: str) -> str | None:
     return None
 
 
-class VirtService:
-    def __init__(self, sim: Simulator) -> None:
-        self.sim = sim
+class VirtService(Service):
+    def methods(self) -> Methods:
+        jobs: dict[str, Handler] = {
+            "virt.instance.create": self.create,
+            "virt.instance.update": self.update,
+            "virt.instance.delete": self.delete,
+            "virt.instance.start": self.start,
+            "virt.instance.stop": self.stop,
+            "virt.instance.restart": self.restart,
+        }
+        plain: dict[str, Handler] = {
+            "virt.instance.query": self.query,
+            "virt.instance.get_instance": self.get_instance,
+            "virt.instance.image_choices": self.image_choices,
+            "virt.instance.device_list": self.device_list,
+            "virt.instance.device_add": self.device_add,
+            "virt.instance.device_update": self.device_update,
+            "virt.instance.device_delete": self.device_delete,
+            "virt.global.config": self.global_config,
+        }
+        if self.mw.profile.set_bootable_disk:
+            plain["virt.instance.set_bootable_disk"] = self.set_bootable_disk
+        return {
+            **{name: (handler, True) for name, handler in jobs.items()},
+            **{name: (handler, False) for name, handler in plain.items()},
+        }
 
     # ----- helpers -------------------------------------------------------------------------
     @property
     def instances(self) -> dict[str, Instance]:
-        return self.sim.instances
+        return self.mw.instances
 
     def _schema(self, ctx: CallContext, kind: str) -> dict[str, Any]:
         return load_schema(f"{ctx.schema}.{kind}")
 
     def check_initialized(self) -> None:
-        if self.sim.global_config.state != "INITIALIZED":
+        if self.mw.global_config.state != "INITIALIZED":
             raise CallError("Virtualization not initialized.")
 
     def get(self, ident: Any) -> Instance:
@@ -69,7 +90,7 @@ class VirtService:
         return instance
 
     def emit(self, msg: str, ident: str, fields: dict[str, Any] | None = None) -> None:
-        self.sim.events.emit("virt.instance.query", msg, ident, fields)
+        self.mw.events.emit("virt.instance.query", msg, ident, fields)
 
     def set_status(self, instance: Instance, status: str) -> None:
         """A status change; only a finished Incus start/stop is announced, as TrueNAS's Incus
@@ -78,47 +99,17 @@ class VirtService:
         if status in ("RUNNING", "STOPPED"):
             self.emit("changed", instance.name, {"status": status})
 
-    async def work(self, job: Job, description: str = "") -> None:
-        """The time a job spends in Incus; hung methods never come back (until aborted)."""
-        if job.method in self.sim.knobs.hung_methods:
-            await asyncio.Event().wait()
-        duration = self.sim.knobs.job_duration
-        if duration > 0:
-            steps = 4
-            for step in range(steps):
-                await asyncio.sleep(duration / steps)
-                if description:
-                    job.set_progress(None, f"{description}: {int((step + 1) * 100 / steps)}%")
-        else:
-            await asyncio.sleep(0)
-
     def _args(self, ctx: CallContext, schema_kind: str, value: Any, attribute: str) -> Any:
         if ctx.prevalidated:
             return value
-        result, errors = validate(self._schema(ctx, schema_kind), value, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
-        return result
-
-    def job(
-        self,
-        ctx: CallContext,
-        method: str,
-        params: list[Any],
-        lock: str | None,
-        body: Callable[[Job], Awaitable[Any]],
-        logs: bool = False,
-    ) -> Job:
-        return self.sim.jobs.submit(
-            method, params, body, lock=lock, message_id=ctx.message_id, credentials=ctx.credentials, logs=logs
-        )
+        return validated(self._schema(ctx, schema_kind), value, attribute)
 
     # ----- reads -------------------------------------------------------------------------------
     def query(self, ctx: CallContext, params: list[Any]) -> Any:
         filters, options = check_query_args(params, "virt.instance.query")
-        if self.sim.global_config.state != "INITIALIZED" and not (options.get("extra") or {}).get("skip_state"):
+        if self.mw.global_config.state != "INITIALIZED" and not (options.get("extra") or {}).get("skip_state"):
             return filter_list([], filters, options)
-        entries = [i.entry(self.sim.profile) for i in self.instances.values()]
+        entries = [i.entry(self.mw.profile) for i in self.instances.values()]
         return filter_list(entries, filters, options)
 
     def get_instance(self, ctx: CallContext, params: list[Any]) -> Any:
@@ -141,35 +132,31 @@ class VirtService:
                 "instance_types": list(image.instance_types),
                 "secureboot": image.secureboot,
             }
-            for image in self.sim.images.values()
+            for image in self.mw.images.values()
         }
 
     def global_config(self, ctx: CallContext, params: list[Any]) -> Any:
-        return self.sim.global_config.entry()
+        return self.mw.global_config.entry()
 
     # ----- jobs ------------------------------------------------------------------------------
     def create(self, ctx: CallContext, params: list[Any]) -> Job:
-        raw = params[0] if params else None
-        if not isinstance(raw, dict):
-            raise CallError(
-                "Error handling job lock. This is most likely caused by invalid call arguments.", errno.EINVAL
-            )
+        raw = self.lock_argument(params)
 
         async def body(job: Job) -> Any:
             data = self._args(ctx, "virt.instance.create.args", raw, "virt_instance_create")
             self.check_initialized()
             return await self._do_create(job, data)
 
-        return self.job(ctx, "virt.instance.create", params, f"instance_action_{raw.get('name')}", body)
+        return self.submit(ctx, "virt.instance.create", params, body, lock=f"instance_action_{raw.get('name')}")
 
     async def _do_create(self, job: Job, data: dict[str, Any]) -> Any:
-        profile = self.sim.profile
+        profile = self.mw.profile
         errors = ValidationErrors()
         prefix = "virt_instance_create"
         name = data["name"]
         instance_type = data.get("instance_type") or "CONTAINER"
-        pool = data.get("storage_pool") or self.sim.global_config.pool
-        if data.get("storage_pool") and data["storage_pool"] not in self.sim.global_config.storage_pools:
+        pool = data.get("storage_pool") or self.mw.global_config.pool
+        if data.get("storage_pool") and data["storage_pool"] not in self.mw.global_config.storage_pools:
             errors.add(f"{prefix}.storage_pool", "Not a valid ZFS pool")
         if name in self.instances:
             errors.add(f"{prefix}.name", f"Name {name!r} already exists")
@@ -185,7 +172,7 @@ class VirtService:
         incus_error = incus_name_error(name)
         if incus_error:
             raise CallError(f'Invalid instance name "{name}": {incus_error}')
-        image = self.sim.images.get(data.get("image") or "")
+        image = self.mw.images.get(data.get("image") or "")
         if image is None:
             raise CallError(
                 f"Failed to create instance: Failed getting remote image info: Image not found: {data.get('image')}"
@@ -225,7 +212,7 @@ class VirtService:
         self.instances[name] = instance
         if data.get("autostart"):
             await self._start(job, instance)
-        entry = instance.entry(self.sim.profile)
+        entry = instance.entry(self.mw.profile)
         # The CRUD wrapper announces the instance only once do_create has returned, so after the
         # autostart (service/crud_service.py _get_crud_wrapper_func): its `changed` came first.
         self.emit("added", name, entry)
@@ -236,7 +223,7 @@ class VirtService:
         return None if memory is None else (memory // MIB) * MIB
 
     def _check_limits(self, errors: ValidationErrors, prefix: str, data: dict[str, Any]) -> None:
-        knobs = self.sim.knobs
+        knobs = self.mw.knobs
         memory = data.get("memory")
         if isinstance(memory, int) and memory > knobs.host_memory:
             errors.add(f"{prefix}.memory", "Cannot reserve more than physical memory")
@@ -272,7 +259,7 @@ class VirtService:
                         f"{prefix}.root_disk_size",
                         "Specified size if set should be greater than the current root disk size.",
                     )
-            if self.sim.profile.vm_autostart_forbidden and vm and data.get("autostart"):
+            if self.mw.profile.vm_autostart_forbidden and vm and data.get("autostart"):
                 errors.add(f"{prefix}.autostart", "Autostart cannot be enabled for VM instances")
             errors.check()
             await self.work(job)
@@ -292,11 +279,11 @@ class VirtService:
                 instance.root_disk_io_bus = data["root_disk_io_bus"]
             if vm and "secure_boot" in data:
                 instance.secure_boot = bool(data["secure_boot"])
-            entry = instance.entry(self.sim.profile)
+            entry = instance.entry(self.mw.profile)
             self.emit("changed", instance.name, entry)
             return entry
 
-        return self.job(ctx, "virt.instance.update", params, f"instance_action_{ident}", body)
+        return self.submit(ctx, "virt.instance.update", params, body, lock=f"instance_action_{ident}")
 
     def delete(self, ctx: CallContext, params: list[Any]) -> Job:
         ident = params[0] if params else None
@@ -313,7 +300,7 @@ class VirtService:
             self.emit("removed", instance.name)
             return True
 
-        return self.job(ctx, "virt.instance.delete", params, f"instance_action_{ident}", body)
+        return self.submit(ctx, "virt.instance.delete", params, body, lock=f"instance_action_{ident}")
 
     def start(self, ctx: CallContext, params: list[Any]) -> Job:
         ident = params[0] if params else None
@@ -327,10 +314,10 @@ class VirtService:
             await self._start(job, instance)
             return True
 
-        return self.job(ctx, "virt.instance.start", params, f"instance_action_{ident}", body, logs=True)
+        return self.submit(ctx, "virt.instance.start", params, body, lock=f"instance_action_{ident}", logs=True)
 
     def _check_power_status(self, instance: Instance, attribute: str, verb: str) -> None:
-        if self.sim.profile.name != "25.04.0" and instance.status not in ("RUNNING", "STOPPED"):
+        if self.mw.profile.name != "25.04.0" and instance.status not in ("RUNNING", "STOPPED"):
             raise ValidationErrors(
                 [
                     (
@@ -344,7 +331,7 @@ class VirtService:
     async def _start(self, job: Job, instance: Instance) -> None:
         if instance.status == "RUNNING":
             raise CallError("Failed to start instance: The instance is already running.")
-        if self.sim.profile.transitional_statuses:
+        if self.mw.profile.transitional_statuses:
             self.set_status(instance, "STARTING")
         await self.work(job, "Starting")
         self.set_status(instance, "RUNNING")
@@ -367,7 +354,7 @@ class VirtService:
 
         async def body(job: Job) -> Any:
             name, stop_args = self._stop_args(ctx, params)
-            if self.sim.global_config.state != "INITIALIZED":
+            if self.mw.global_config.state != "INITIALIZED":
                 raise CallError("Virtualization service not started.")
             instance = self.instances.get(name)
             if instance is None:
@@ -377,10 +364,10 @@ class VirtService:
             await self._stop(job, instance, force=stop_args["force"], timeout=stop_args["timeout"])
             return True
 
-        return self.job(ctx, "virt.instance.stop", params, f"instance_action_{ident}", body)
+        return self.submit(ctx, "virt.instance.stop", params, body, lock=f"instance_action_{ident}")
 
     async def _stop(self, job: Job, instance: Instance, force: bool, timeout: int) -> None:
-        if self.sim.profile.transitional_statuses:
+        if self.mw.profile.transitional_statuses:
             self.set_status(instance, "STOPPING")
         if instance.ignores_shutdown and not force:
             await asyncio.sleep(max(timeout, 0))
@@ -398,7 +385,7 @@ class VirtService:
             name, stop_args = self._stop_args(ctx, params)
             self.check_initialized()
             instance = self.get(name)
-            if self.sim.profile.name != "25.04.0" and instance.status not in ("RUNNING", "STOPPED"):
+            if self.mw.profile.name != "25.04.0" and instance.status not in ("RUNNING", "STOPPED"):
                 raise ValidationErrors(
                     [
                         (
@@ -413,7 +400,7 @@ class VirtService:
             await self._start(job, instance)
             return True
 
-        return self.job(ctx, "virt.instance.restart", params, f"instance_action_{ident}", body)
+        return self.submit(ctx, "virt.instance.restart", params, body, lock=f"instance_action_{ident}")
 
     # ----- devices ----------------------------------------------------------------------------
     def _profile_devices(self, instance: Instance) -> list[dict[str, Any]]:
@@ -426,7 +413,7 @@ class VirtService:
             "nic_type": None,
             "parent": None,
         }
-        if self.sim.profile.nic_mac:
+        if self.mw.profile.nic_mac:
             nic["mac"] = None
         root = {
             "name": "root",
@@ -453,10 +440,7 @@ class VirtService:
     def _device_arg(self, ctx: CallContext, params: list[Any], attribute: str) -> tuple[Instance, dict[str, Any]]:
         instance = self.get(params[0] if params else None)
         raw = params[1] if len(params) > 1 else None
-        result, errors = validate(self._schema(ctx, "virt.device"), raw, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
-        return instance, result
+        return instance, validated(self._schema(ctx, "virt.device"), raw, attribute)
 
     def device_add(self, ctx: CallContext, params: list[Any]) -> Any:
         instance, device = self._device_arg(ctx, params, "virt_device_add")
@@ -529,7 +513,7 @@ class VirtService:
         devices: list[dict[str, Any]],
         existing: dict[str, dict[str, Any]],
     ) -> None:
-        profile = self.sim.profile
+        profile = self.mw.profile
         seen_source: set[tuple[str, int]] = set()
         seen_dest: set[tuple[str, int]] = set()
         for other in existing.values():
@@ -568,12 +552,12 @@ class VirtService:
                     errors.add(f"{prefix}.source", "Source must be an absolute path")
                 elif not self._path_exists(iso):
                     errors.add(f"{prefix}.source", "Specified source path does not exist")
-            elif kind == "NIC" and device.get("parent") and device["parent"] not in self.sim.host_interfaces:
+            elif kind == "NIC" and device.get("parent") and device["parent"] not in self.mw.host_interfaces:
                 errors.add(f"{prefix}.parent", "Invalid parent interface")
 
     def _path_exists(self, path: str) -> bool:
         return any(
-            path.startswith(f"/mnt/{pool}/") or path == f"/mnt/{pool}" for pool in self.sim.global_config.storage_pools
+            path.startswith(f"/mnt/{pool}/") or path == f"/mnt/{pool}" for pool in self.mw.global_config.storage_pools
         )
 
     def _validate_disk(self, errors: ValidationErrors, prefix: str, container: bool, device: dict[str, Any]) -> None:

@@ -8,16 +8,14 @@ import errno
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import CallError, InstanceNotFound, ValidationErrors
-from .filters import check_query_args, filter_list
-from .jobs import Job
-from .state import Image, Instance
-from .validation import load_schema, validate
-
-if TYPE_CHECKING:
-    from .simulator import CallContext, Simulator
+from ..context import CallContext
+from ..errors import CallError, ValidationErrors
+from ..jobs import Job
+from ..state import Image, Instance
+from ..validation import load_schema, validated
+from .base import GuestService, Methods
 
 SCHEMA = "v26_0_0"
 HOSTNAME = re.compile(
@@ -69,6 +67,9 @@ class Container:
     devices: dict[int, dict[str, Any]] = field(default_factory=dict)
     ignores_shutdown: bool = False
 
+    def device_entry(self, ident: int) -> dict[str, Any]:
+        return {"id": ident, "attributes": dict(self.devices[ident]), "container": self.id}
+
     def entry(self) -> dict[str, Any]:
         has_nic = any(d.get("dtype") == "NIC" for d in self.devices.values())
         return {
@@ -76,7 +77,7 @@ class Container:
             "uuid": self.uuid,
             "name": self.name,
             "description": self.description,
-            "devices": [{"id": i, "attributes": dict(a), "container": self.id} for i, a in self.devices.items()],
+            "devices": [self.device_entry(i) for i in self.devices],
             "cpuset": self.cpuset,
             "autostart": self.autostart,
             "time": self.time,
@@ -99,61 +100,55 @@ class Container:
         }
 
 
-class ContainerService:
-    def __init__(self, sim: Simulator) -> None:
-        self.sim = sim
-        self.containers: dict[int, Container] = {}
-        self.next_id = 1
-        self.next_device_id = 1
-        self.pid = 4000
+class ContainerService(GuestService[Container]):
+    COLLECTION = "container.query"
+    DEVICE_COLLECTION = "container.device.query"
+    VERBOSE_NAME = "Container"
+    DEVICE_VERBOSE_NAME = "Container Device"
+    KIND = "CONTAINER"
+    ACTIVE_STATES = ("RUNNING",)
+    FIRST_PID = 4000
+
+    def methods(self) -> Methods:
+        plain = {
+            "container.query": self.query,
+            "container.get_instance": self.get_instance,
+            "container.update": self.update,
+            "container.delete": self.delete,
+            "container.start": self.start,
+            "container.device.query": self.device_query,
+            "container.device.create": self.device_create,
+            "container.device.update": self.device_update,
+            "container.device.delete": self.device_delete,
+            "container.image.query_registry": self.query_registry,
+            "lxc.config": self.lxc_config,
+        }
+        return {
+            "container.create": (self.create, True),
+            "container.stop": (self.stop, True),
+            **{name: (handler, False) for name, handler in plain.items()},
+        }
+
+    @property
+    def containers(self) -> dict[int, Container]:
+        return self.guests
+
+    def entry(self, guest: Container) -> dict[str, Any]:
+        return guest.entry()
 
     # ----- helpers ----------------------------------------------------------------------------------
-    def emit(self, msg: str, container: Container | int) -> None:
-        if isinstance(container, int):
-            self.sim.events.emit("container.query", msg, container)
-        else:
-            self.sim.events.emit("container.query", msg, container.id, container.entry())
-
-    def get(self, ident: Any) -> Container:
-        container = self.containers.get(ident) if isinstance(ident, int) and not isinstance(ident, bool) else None
-        if container is None:
-            raise InstanceNotFound("Container", ident)
-        return container
-
-    def by_name(self, name: str) -> Container | None:
-        return next((c for c in self.containers.values() if c.name == name), None)
-
     def registry(self) -> dict[str, list[str]]:
         return {
             registry_name(i): [previous_serial(i.serial), i.serial]
-            for i in self.sim.images.values()
+            for i in self.mw.images.values()
             if "CONTAINER" in i.instance_types
         }
 
     @staticmethod
     def _validated(kind: str, value: Any, attribute: str) -> Any:
-        result, errors = validate(load_schema(f"{SCHEMA}.{kind}"), value, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
-        return result
-
-    def _set_state(self, container: Container, state: str) -> None:
-        container.state = state
-        if state == "RUNNING":
-            self.pid += 1
-            container.pid = self.pid
-        else:
-            container.pid = None
-        self.emit("changed", container)  # libvirt domain events carry the fresh full entry on 26
+        return validated(load_schema(f"{SCHEMA}.{kind}"), value, attribute)
 
     # ----- reads ------------------------------------------------------------------------------------------
-    def query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "container.query")
-        return filter_list([c.entry() for c in self.containers.values()], filters, options)
-
-    def get_instance(self, ctx: CallContext, params: list[Any]) -> Any:
-        return self.get(params[0] if params else None).entry()
-
     def query_registry(self, ctx: CallContext, params: list[Any]) -> Any:
         return [
             {"name": name, "versions": [{"version": v} for v in versions]} for name, versions in self.registry().items()
@@ -162,7 +157,7 @@ class ContainerService:
     def lxc_config(self, ctx: CallContext, params: list[Any]) -> Any:
         return {
             "id": 1,
-            "preferred_pool": self.sim.global_config.pool,
+            "preferred_pool": self.mw.global_config.pool,
             "bridge": None,
             "v4_network": "172.200.0.0/24",
             "v6_network": "fd42:4c58:43ae::/64",
@@ -170,11 +165,7 @@ class ContainerService:
 
     # ----- create / update / delete ----------------------------------------------------------------------
     def create(self, ctx: CallContext, params: list[Any]) -> Job:
-        raw = params[0] if params else None
-        if not isinstance(raw, dict):
-            raise CallError(
-                "Error handling job lock. This is most likely caused by invalid call arguments.", errno.EINVAL
-            )
+        raw = self.lock_argument(params)
 
         async def body(job: Job) -> Any:
             data = self._validated("container.create.args", raw, "container_create")
@@ -184,12 +175,12 @@ class ContainerService:
                 errors.add("container_create.name", "A container with this name already exists.", errno.EEXIST)
             elif not HOSTNAME.match(name):
                 errors.add("container_create.name", HOSTNAME_MESSAGE)
-            pool = data.get("pool") or self.sim.global_config.pool
+            pool = data.get("pool") or self.mw.global_config.pool
             if pool is None:
                 errors.add(
                     "container_create.pool", "Either configure a preferred pool in lxc settings or provide a pool name."
                 )
-            elif pool not in self.sim.global_config.storage_pools:
+            elif pool not in self.mw.global_config.storage_pools:
                 errors.add("container_create.pool", "Pool not found.")
             errors.check()
             versions = self.registry().get(data["image"]["name"])
@@ -202,7 +193,7 @@ class ContainerService:
                     [("container_create.image.version", "Version does not exist in the registry.", errno.EINVAL)]
                 )
             job.set_progress(0, "Downloading image")
-            await self.sim.virt.work(job, "Downloading image")
+            await self.work(job, "Downloading image")
             if self.by_name(name) is not None:
                 raise ValidationErrors(
                     [("container_create.name", "A container with this name already exists.", errno.EEXIST)]
@@ -222,10 +213,7 @@ class ContainerService:
             self.emit("added", container)
             return container.entry()
 
-        return self.sim.jobs.submit(
-            "container.create", params, body, lock=f"container_create:{raw.get('name')}",
-            message_id=ctx.message_id, credentials=ctx.credentials,
-        )  # fmt: skip
+        return self.submit(ctx, "container.create", params, body, lock=f"container_create:{raw.get('name')}")
 
     def update(self, ctx: CallContext, params: list[Any]) -> Any:
         container = self.get(params[0] if params else None)
@@ -261,7 +249,7 @@ class ContainerService:
         container = self.get(params[0] if params else None)
         if container.state == "RUNNING":
             raise CallError(f"Domain '{container.name}' is already started (<DomainState.RUNNING: 'RUNNING'>).")
-        self._set_state(container, "RUNNING")
+        self.set_state(container, "RUNNING")
         return None
 
     def stop(self, ctx: CallContext, params: list[Any]) -> Job:
@@ -275,36 +263,22 @@ class ContainerService:
             options = data["options"]
             if container.state != "RUNNING":
                 raise CallError(f"Domain '{container.name}' is not active")
-            await self.sim.virt.work(job, "Stopping")
+            await self.work(job, "Stopping")
             if container.ignores_shutdown and not options["force"] and not options["force_after_timeout"]:
                 return None  # succeeds after shutdown_timeout although the guest is still up (§7.5)
-            self._set_state(container, "STOPPED")
+            self.set_state(container, "STOPPED")
             return None
 
-        return self.sim.jobs.submit(
-            "container.stop", params, body, lock=f"container_stop_{ident}",
-            message_id=ctx.message_id, credentials=ctx.credentials,
-        )  # fmt: skip
+        return self.submit(ctx, "container.stop", params, body, lock=f"container_stop_{ident}")
 
     # ----- devices -------------------------------------------------------------------------------------------
-    def device_query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "container.device.query")
-        entries = [
-            {"id": i, "attributes": dict(a), "container": c.id}
-            for c in self.containers.values()
-            for i, a in c.devices.items()
-        ]
-        return filter_list(entries, filters, options)
-
     def _device_attributes(self, raw: Any, attribute: str, container: Container, exclude: int | None) -> dict[str, Any]:
         schema = load_schema(f"{SCHEMA}.container.device.entry")["properties"]["attributes"]
-        result, errors = validate(schema, raw, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
+        result = validated(schema, raw, attribute)
         if result["dtype"] == "FILESYSTEM":
             problems = ValidationErrors()
             source, target = result["source"], result["target"]
-            if not any(source.startswith(f"/mnt/{pool}/") for pool in self.sim.global_config.storage_pools):
+            if not any(source.startswith(f"/mnt/{pool}/") for pool in self.mw.global_config.storage_pools):
                 problems.add(f"{attribute}.path", "The path must reside within a pool mount point")
             if not target.startswith("/") or target == "/":
                 problems.add(f"{attribute}.target", "Target must be an absolute path other than /")
@@ -326,40 +300,26 @@ class ContainerService:
         attributes = self._device_attributes(
             data.get("attributes"), "container_device_create.attributes", container, None
         )
-        ident = self.next_device_id
-        self.next_device_id += 1
+        ident = self.new_device_id()
         container.devices[ident] = attributes
-        self.sim.events.emit(
-            "container.device.query", "added", ident, {"id": ident, "attributes": attributes, "container": container.id}
-        )
-        return {"id": ident, "attributes": attributes, "container": container.id}
-
-    def _device_owner(self, params: list[Any]) -> tuple[int, Container]:
-        ident = params[0] if params else None
-        for container in self.containers.values():
-            if isinstance(ident, int) and ident in container.devices:
-                return ident, container
-        raise InstanceNotFound("Container Device", ident)
+        return self.emit_device("added", container, ident)
 
     def device_update(self, ctx: CallContext, params: list[Any]) -> Any:
-        ident, container = self._device_owner(params)
+        ident = params[0] if params else None
+        container = self.device_owner(ident)
+        assert isinstance(ident, int)
         data = params[1] if len(params) > 1 else {}
         raw = {**container.devices[ident], **(data.get("attributes") or {})} if isinstance(data, dict) else data
         container.devices[ident] = self._device_attributes(raw, "container_device_update.attributes", container, ident)
-        self.sim.events.emit(
-            "container.device.query",
-            "changed",
-            ident,
-            {"id": ident, "attributes": container.devices[ident], "container": container.id},
-        )
-        return {"id": ident, "attributes": container.devices[ident], "container": container.id}
+        return self.emit_device("changed", container, ident)
 
     def device_delete(self, ctx: CallContext, params: list[Any]) -> Any:
-        ident, container = self._device_owner(params)
-        if container.state == "RUNNING":
-            raise CallError("Please stop/resume associated CONTAINER before deleting CONTAINER device.")
+        ident = params[0] if params else None
+        container = self.device_owner(ident)
+        self.check_device_removable(container)
+        assert isinstance(ident, int)
         del container.devices[ident]
-        self.sim.events.emit("container.device.query", "removed", ident)
+        self.mw.events.emit(self.DEVICE_COLLECTION, "removed", ident)
         return True
 
     # ----- migration (the upgrade knob) -----------------------------------------------------------------
@@ -391,7 +351,7 @@ class ContainerService:
                         "source": device["source"],
                         "target": device.get("destination"),
                     }
-                elif kind == "NIC" and device.get("parent") in self.sim.host_interfaces:
+                elif kind == "NIC" and device.get("parent") in self.mw.host_interfaces:
                     container.devices[self.next_device_id] = {
                         "dtype": "NIC", "nic_attach": device["parent"], "type": "VIRTIO",
                         "mac": device.get("mac") or f"00:16:3e:00:00:{self.next_device_id % 256:02x}",

@@ -14,16 +14,15 @@ import re
 import shlex
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, NoReturn
 
-from .errors import CallError, InstanceNotFound, ValidationErrors
-from .filters import check_query_args, filter_list
-from .jobs import Job
-from .storage import qcow2_virtual_size, read_iso
-from .validation import load_schema, validate
-
-if TYPE_CHECKING:
-    from .simulator import CallContext, Simulator
+from ..context import CallContext, Handler, Middleware
+from ..errors import CallError, ValidationErrors
+from ..images import qcow2_virtual_size, read_iso
+from ..jobs import Job
+from ..validation import load_schema, validated
+from .base import GuestService, Methods, is_id
+from .storage import StorageService
 
 VM_NAME = re.compile(r"^[a-zA-Z_0-9]+$")
 DISK_IMAGE_EXTENSIONS = ("qcow2", "qed", "raw", "vdi", "vhdx", "vmdk")
@@ -76,56 +75,86 @@ class VM:
         return data
 
 
-class VMService:
-    def __init__(self, sim: Simulator) -> None:
-        self.sim = sim
-        self.vms: dict[int, VM] = {}
-        self.next_id = 1
-        self.next_device_id = 1
-        self.pid = 7000
+class VMService(GuestService[VM]):
+    COLLECTION = "vm.query"
+    DEVICE_COLLECTION = "vm.device.query"
+    VERBOSE_NAME = "VM"
+    DEVICE_VERBOSE_NAME = "VM Device"
+    KIND = "VM"
+    ACTIVE_STATES = ("RUNNING", "SUSPENDED")
+    FIRST_PID = 7000
+
+    def __init__(self, mw: Middleware, storage: StorageService) -> None:
+        super().__init__(mw)
+        self.storage = storage
+
+    def methods(self) -> Methods:
+        plain: dict[str, Handler] = {
+            "vm.query": self.query,
+            "vm.get_instance": self.get_instance,
+            "vm.create": self.create,
+            "vm.update": self.update,
+            "vm.delete": self.delete,
+            "vm.start": self.start,
+            "vm.poweroff": self.poweroff,
+            "vm.status": self.status,
+            "vm.device.query": self.device_query,
+            "vm.device.create": self.device_create,
+            "vm.device.update": self.device_update,
+            "vm.device.delete": self.device_delete,
+            "vm.device.nic_attach_choices": self.nic_attach_choices,
+        }
+        jobs: dict[str, Handler] = {"vm.stop": self.stop}
+        if self.mw.profile.vm_convert:
+            jobs["vm.device.convert"] = self.convert
+        if self.mw.profile.vm_import_disk_image:
+            jobs["vm.import_disk_image"] = self.import_disk_image
+        return {
+            **{name: (handler, False) for name, handler in plain.items()},
+            **{name: (handler, True) for name, handler in jobs.items()},
+        }
+
+    @property
+    def vms(self) -> dict[int, VM]:
+        return self.guests
+
+    def entry(self, guest: VM) -> dict[str, Any]:
+        return guest.entry(self.mw.profile.name)
 
     # ----- helpers -------------------------------------------------------------------------------
     @property
     def schema(self) -> str:
-        return self.sim.profile.schema_version
+        return self.mw.profile.schema_version
 
     def _validated(self, kind: str, value: Any, attribute: str) -> Any:
-        result, errors = validate(load_schema(f"{self.schema}.{kind}"), value, attribute)
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
-        return result
+        return validated(load_schema(f"{self.schema}.{kind}"), value, attribute)
 
-    def get(self, ident: Any) -> VM:
-        vm = self.vms.get(ident) if isinstance(ident, int) and not isinstance(ident, bool) else None
-        if vm is None:
-            if not isinstance(ident, int) or isinstance(ident, bool):
-                raise ValidationErrors([("id", "Input should be a valid integer", errno.EINVAL)])
-            raise InstanceNotFound("VM", ident)
-        return vm
+    def not_found(self, ident: Any) -> NoReturn:
+        if not is_id(ident):
+            raise ValidationErrors([("id", "Input should be a valid integer", errno.EINVAL)])
+        super().not_found(ident)
 
-    def by_name(self, name: str) -> VM | None:
-        return next((vm for vm in self.vms.values() if vm.name == name), None)
+    def started(self, guest: VM) -> None:
+        guest.defined = True
+        guest.guest = self._guest_view(guest)
 
-    def emit(self, msg: str, vm: VM | int) -> None:
-        if isinstance(vm, int):
-            self.sim.events.emit("vm.query", msg, vm)
-        else:
-            self.sim.events.emit("vm.query", msg, vm.id, vm.entry(self.sim.profile.name))
+    def ends_process(self, state: str) -> bool:
+        return state == "STOPPED"  # a SUSPENDED domain keeps its process
 
-    def set_state(self, vm: VM, state: str) -> None:
-        vm.state = state
-        if state == "RUNNING":
-            self.pid += 1
-            vm.pid = self.pid
-            vm.defined = True
-            vm.guest = self._guest_view(vm)
-        elif state == "STOPPED":
-            vm.pid = None
-        self.emit("changed", vm)  # 26: a fresh full entry on each libvirt domain event (§4)
+    def using(self, name: str) -> str | None:
+        """The name of a RUNNING VM with a disk on dataset ``name`` (or a child of it)."""
+        for vm in self.vms.values():
+            if vm.state != "RUNNING":
+                continue
+            for attributes in vm.devices.values():
+                path = str(attributes.get("path") or "")
+                if path in (f"/dev/zvol/{name}",) or path.startswith((f"/dev/zvol/{name}/", f"/mnt/{name}/")):
+                    return vm.name
+        return None
 
     def _guest_view(self, vm: VM) -> dict[str, Any]:
         """What the guest finds at boot: its root disk's image and a NoCloud seed, if any."""
-        storage = self.sim.storage
+        storage = self.storage
         disks, seed = [], None
         for ident in sorted(vm.devices, key=lambda i: vm.device_entry(i)["order"]):
             attributes = vm.devices[ident]
@@ -154,7 +183,7 @@ class VMService:
             errors.add(f"{schema}.min_memory", "Minimum memory should not be greater than defined/maximum memory")
         merged = {**(vm.config if vm else {}), **data}
         total = merged.get("vcpus", 1) * merged.get("cores", 1) * merged.get("threads", 1)
-        maximum = self.sim.knobs.host_cores
+        maximum = self.mw.knobs.host_cores
         if total > maximum:
             errors.add(
                 f"{schema}.vcpus",
@@ -172,19 +201,12 @@ class VMService:
         errors.check()
 
     # ----- reads ---------------------------------------------------------------------------------
-    def query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "vm.query")
-        return filter_list([vm.entry(self.sim.profile.name) for vm in self.vms.values()], filters, options)
-
-    def get_instance(self, ctx: CallContext, params: list[Any]) -> Any:
-        return self.get(params[0] if params else None).entry(self.sim.profile.name)
-
     def status(self, ctx: CallContext, params: list[Any]) -> Any:
-        return self.get(params[0] if params else None).entry(self.sim.profile.name)["status"]
+        return self.entry(self.get(params[0] if params else None))["status"]
 
     def nic_attach_choices(self, ctx: CallContext, params: list[Any]) -> Any:
-        interfaces = sorted(self.sim.host_interfaces)
-        if self.sim.profile.has_container:  # 26: grouped by mode
+        interfaces = sorted(self.mw.host_interfaces)
+        if self.mw.profile.has_container:  # 26: grouped by mode
             return {
                 "BRIDGE": [i for i in interfaces if i.startswith("br")],
                 "MACVLAN": [i for i in interfaces if not i.startswith("br")],
@@ -197,11 +219,11 @@ class VMService:
         self._common_validation(data, "vm_create", None)
         if data.get("uuid") is None:
             data["uuid"] = str(uuid.uuid4())
-        vm = VM(id=self.next_id, config=data, defined=self.sim.profile.name != "26.0")
+        vm = VM(id=self.next_id, config=data, defined=self.mw.profile.name != "26.0")
         self.next_id += 1
         self.vms[vm.id] = vm
         self.emit("added", vm)
-        return vm.entry(self.sim.profile.name)
+        return self.entry(vm)
 
     def update(self, ctx: CallContext, params: list[Any]) -> Any:
         vm = self.get(params[0] if params else None)
@@ -211,7 +233,7 @@ class VMService:
         self._common_validation(data, "vm_update", vm)
         vm.config.update(data)
         self.emit("changed", vm)
-        return vm.entry(self.sim.profile.name)
+        return self.entry(vm)
 
     def delete(self, ctx: CallContext, params: list[Any]) -> Any:
         vm = self.get(params[0] if params else None)
@@ -220,19 +242,19 @@ class VMService:
             vm.state, vm.pid = "STOPPED", None  # destroyed first
         if options.get("zvols"):
             for attributes in vm.devices.values():
-                zvol = self.sim.storage.zvol_of(str(attributes.get("path") or ""))
+                zvol = self.storage.zvol_of(str(attributes.get("path") or ""))
                 if attributes.get("dtype") == "DISK" and zvol is not None:
-                    self.sim.storage.dataset_delete(ctx, [zvol.name, {"recursive": True}])
+                    self.storage.dataset_delete(ctx, [zvol.name, {"recursive": True}])
         for ident in list(vm.devices):
-            self.sim.events.emit("vm.device.query", "removed", ident)
+            self.mw.events.emit(self.DEVICE_COLLECTION, "removed", ident)
         del self.vms[vm.id]
         self.emit("removed", vm.id)
-        return None if self.sim.profile.name == "26.0" else True
+        return None if self.mw.profile.name == "26.0" else True
 
     # ----- power ---------------------------------------------------------------------------------
     def start(self, ctx: CallContext, params: list[Any]) -> Any:
         vm = self.get(params[0] if params else None)
-        twenty_six = self.sim.profile.name == "26.0"
+        twenty_six = self.mw.profile.name == "26.0"
         if vm.state == "RUNNING" or (twenty_six and vm.state == "SUSPENDED"):
             raise CallError(f"VM {vm.name!r} is already running" if twenty_six else f"{vm.name!r} is already running")
         if vm.state == "SUSPENDED":
@@ -240,8 +262,8 @@ class VMService:
         missing = [
             str(a.get("path"))
             for a in vm.devices.values()
-            if (a.get("dtype") == "DISK" and self.sim.storage.zvol_of(str(a.get("path"))) is None)
-            or (a.get("dtype") == "CDROM" and str(a.get("path")) not in self.sim.storage.files)
+            if (a.get("dtype") == "DISK" and self.storage.zvol_of(str(a.get("path"))) is None)
+            or (a.get("dtype") == "CDROM" and str(a.get("path")) not in self.storage.files)
         ]
         if missing:
             if twenty_six:
@@ -250,7 +272,7 @@ class VMService:
         memory = int(vm.config["memory"]) * 2**20
         running = sum(int(v.config["memory"]) * 2**20 for v in self.vms.values() if v.state == "RUNNING")
         overcommit = bool((params[1] if len(params) > 1 and isinstance(params[1], dict) else {}).get("overcommit"))
-        if memory + running > self.sim.knobs.host_memory and not overcommit:
+        if memory + running > self.mw.knobs.host_memory and not overcommit:
             raise CallError(f"Cannot guarantee memory for guest {vm.name}", errno.ENOMEM)
         self.set_state(vm, "RUNNING")
         return None
@@ -263,43 +285,34 @@ class VMService:
             vm = self.get(data["id"])
             options = data["options"]
             if vm.state != "RUNNING":
-                if self.sim.profile.name == "26.0":
+                if self.mw.profile.name == "26.0":
                     raise Exception(f"Domain {vm.name!r} is not active")  # pylibvirt Error: a plain exception
                 raise CallError("VM state is currently not 'RUNNING'")
             if not options["force"]:
-                await self.sim.virt.work(job, "Stopping")
+                await self.work(job, "Stopping")
             if vm.ignores_shutdown and not options["force"] and not options["force_after_timeout"]:
                 return None  # succeeds after shutdown_timeout although the guest is still up (§2.4)
             self.set_state(vm, "STOPPED")
             return None
 
-        return self.sim.jobs.submit(
-            "vm.stop", params, body, lock=f"stop_vm_{ident}", message_id=ctx.message_id, credentials=ctx.credentials
-        )
+        return self.submit(ctx, "vm.stop", params, body, lock=f"stop_vm_{ident}")
 
     def poweroff(self, ctx: CallContext, params: list[Any]) -> Any:
         vm = self.get(params[0] if params else None)
         if vm.state not in ("RUNNING", "SUSPENDED"):
-            if self.sim.profile.name == "26.0":
+            if self.mw.profile.name == "26.0":
                 raise CallError(f"Domain {vm.name!r} is not active")
             raise CallError("VM state is currently not 'RUNNING / SUSPENDED'")
         self.set_state(vm, "STOPPED")
         return None
 
     # ----- devices -------------------------------------------------------------------------------
-    def device_query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "vm.device.query")
-        entries = [vm.device_entry(i) for vm in self.vms.values() for i in vm.devices]
-        return filter_list(entries, filters, options)
-
     def _device_attributes(self, raw: Any, vm: VM, exclude: int | None, prefix: str) -> dict[str, Any]:
         schema = load_schema(f"{self.schema}.vm.device.create.args")["properties"]["attributes"]
-        result, errors = validate(schema, raw, f"{prefix}.attributes")
-        if errors:
-            raise ValidationErrors([(a, m, errno.EINVAL) for a, m in errors])
+        result = validated(schema, raw, f"{prefix}.attributes")
         problems = ValidationErrors()
         kind = result["dtype"]
-        storage = self.sim.storage
+        storage = self.storage
         if kind == "DISK":
             if result.get("create_zvol"):
                 if not result.get("zvol_name") or not result.get("zvol_volsize"):
@@ -309,7 +322,7 @@ class VMService:
             elif not str(result["path"]).startswith("/dev/zvol/"):
                 problems.add("attributes.path", 'Disk path must start with "/dev/zvol/"')
             elif storage.zvol_of(result["path"]) is None:
-                if self.sim.profile.name == "26.0":
+                if self.mw.profile.name == "26.0":
                     zvol = result["path"].removeprefix("/dev/zvol/")
                     problems.add("attributes.path", f"Zvol ({zvol}) path ({result['path']}) does not exist.")
                 else:
@@ -322,16 +335,16 @@ class VMService:
             parent = path.rpartition("/")[0]
             if path not in storage.files:
                 problems.add("attributes.path", f"{path} does not exist")  # [INF]
-            elif parent.count("/") < 3 and self.sim.profile.name == "26.0":
+            elif parent.count("/") < 3 and self.mw.profile.name == "26.0":
                 problems.add("attributes.path", "CDROM file must be in a child dataset of a pool")  # [INF]
         elif kind == "NIC":
             attach = result.get("nic_attach")
-            if attach is not None and attach not in self.sim.host_interfaces:
+            if attach is not None and attach not in self.mw.host_interfaces:
                 problems.add("attributes.nic_attach", "Not a valid choice.")
             mac = result.get("mac")
             if isinstance(mac, str) and mac.lower().startswith("ff"):
                 problems.add("attributes.mac", "MAC address must not start with `ff`")
-            if mac is None and self.sim.profile.name == "26.0":
+            if mac is None and self.mw.profile.name == "26.0":
                 result["mac"] = f"00:a0:98:{vm.id % 256:02x}:{self.next_device_id % 256:02x}:7e"
         elif kind == "DISPLAY" and not result.get("password"):
             problems.add("attributes.password", "Password is required for display devices")
@@ -350,23 +363,14 @@ class VMService:
         vm = self.get(data["vm"])
         raw = (params[0] or {}).get("attributes")
         attributes = self._device_attributes(raw, vm, None, "vm_device_create")
-        ident = self.next_device_id
-        self.next_device_id += 1
+        ident = self.new_device_id()
         vm.devices[ident] = attributes
         vm.orders[ident] = data.get("order")
-        entry = vm.device_entry(ident)
-        self.sim.events.emit("vm.device.query", "added", ident, entry)
-        return entry
-
-    def _device_owner(self, ident: Any) -> VM:
-        for vm in self.vms.values():
-            if isinstance(ident, int) and ident in vm.devices:
-                return vm
-        raise InstanceNotFound("VM Device", ident)
+        return self.emit_device("added", vm, ident)
 
     def device_update(self, ctx: CallContext, params: list[Any]) -> Any:
         ident = params[0] if params else None
-        vm = self._device_owner(ident)
+        vm = self.device_owner(ident)
         data = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
         assert isinstance(ident, int)
         merged = {**vm.devices[ident], **(data.get("attributes") or {})}
@@ -375,28 +379,25 @@ class VMService:
         vm.devices[ident] = self._device_attributes(merged, vm, ident, "vm_device_update")
         if "order" in data:
             vm.orders[ident] = data["order"]
-        entry = vm.device_entry(ident)
-        self.sim.events.emit("vm.device.query", "changed", ident, entry)
-        return entry
+        return self.emit_device("changed", vm, ident)
 
     def device_delete(self, ctx: CallContext, params: list[Any]) -> Any:
         ident = params[0] if params else None
-        vm = self._device_owner(ident)
-        if vm.state in ("RUNNING", "SUSPENDED"):
-            raise CallError("Please stop/resume associated VM before deleting VM device.")
+        vm = self.device_owner(ident)
+        self.check_device_removable(vm)
         assert isinstance(ident, int)
         attributes = vm.devices.pop(ident)
         vm.orders.pop(ident, None)
         options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
-        zvol = self.sim.storage.zvol_of(str(attributes.get("path") or ""))
+        zvol = self.storage.zvol_of(str(attributes.get("path") or ""))
         if options.get("zvol") and zvol is not None:
-            self.sim.storage.dataset_delete(ctx, [zvol.name, {"recursive": True}])
-        self.sim.events.emit("vm.device.query", "removed", ident)
+            self.storage.dataset_delete(ctx, [zvol.name, {"recursive": True}])
+        self.mw.events.emit(self.DEVICE_COLLECTION, "removed", ident)
         return True
 
     # ----- disk images into volumes ------------------------------------------------------------------
     def _write_image(self, job: Job, source: str, zvol_name: str, attribute: str) -> Any:
-        storage = self.sim.storage
+        storage = self.storage
         data = storage.files[source]
         virtual = qcow2_virtual_size(data) or len(data)
         zvol = storage.datasets[zvol_name]
@@ -430,7 +431,7 @@ class VMService:
             image, zvol_path = image_side[0], zvol_side[0]
             image_attr = "vm.device.convert.source" if image == source else "vm.device.convert.destination"
             zvol_attr = "vm.device.convert.destination" if image == source else "vm.device.convert.source"
-            storage = self.sim.storage
+            storage = self.storage
             if not re.match(r"^/mnt/[^/]+/", image):
                 errors.add(image_attr, f"{image!r} is an invalid location")
             elif image == source and image not in storage.files:
@@ -459,10 +460,7 @@ class VMService:
         # One lock for every conversion and a queue of one: with one conversion running and one waiting,
         # a third call (any source, any destination) is handed the waiting job (jobs.py, JobsQueue.add)
         # and its own volume is never written.
-        return self.sim.jobs.submit(
-            "vm.device.convert", params, body, lock="vm.device.convert", lock_queue_size=1,
-            message_id=ctx.message_id, credentials=ctx.credentials,
-        )  # fmt: skip
+        return self.submit(ctx, "vm.device.convert", params, body, lock="vm.device.convert", lock_queue_size=1)
 
     def import_disk_image(self, ctx: CallContext, params: list[Any]) -> Job:
         """``vm.import_disk_image [{diskimg, zvol}]`` (25.04.2/25.10; zvol is a dataset name)."""
@@ -471,7 +469,7 @@ class VMService:
             data = params[0] if params else None
             if not isinstance(data, dict) or not {"diskimg", "zvol"} <= set(data):
                 raise ValidationErrors([("vm.import_disk_image.diskimg", "Field required", errno.EINVAL)])
-            storage = self.sim.storage
+            storage = self.storage
             errors = ValidationErrors()
             if data["diskimg"] not in storage.files:
                 errors.add("vm.import_disk_image.diskimg", "Disk image does not exist")  # [INF]
@@ -487,13 +485,12 @@ class VMService:
         # f"zvol_disk_image_{args[-1]['zvol']}")``: a lock per volume, so only calls into the same
         # volume are merged.
         data = params[-1] if params and isinstance(params[-1], dict) else {}
-        return self.sim.jobs.submit(
-            "vm.import_disk_image", params, body, lock=f"zvol_disk_image_{data.get('zvol')}", lock_queue_size=1,
-            message_id=ctx.message_id, credentials=ctx.credentials,
-        )  # fmt: skip
+        return self.submit(
+            ctx, "vm.import_disk_image", params, body, lock=f"zvol_disk_image_{data.get('zvol')}", lock_queue_size=1
+        )
 
     async def _progress(self, job: Job) -> None:
         """``qemu-img convert -p`` percentages, over the knob's job time."""
         job.set_progress(0, "Converting disk image")
-        await self.sim.virt.work(job, "Converting disk image")
+        await self.work(job, "Converting disk image")
         job.set_progress(100, "Conversion complete")

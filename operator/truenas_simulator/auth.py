@@ -1,0 +1,277 @@
+"""Authentication: API keys, the ``auth.*`` login methods (plain mechanisms and SCRAM-SHA-512 over
+two ``auth.login_ex`` calls), ``auth.me``, and which methods a session may call at all.
+
+The SCRAM primitives (RFC 5802 messages, proofs) are in ``scram.py``; this is the exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import secrets
+from typing import Any, Protocol
+
+from .context import CallContext, Handler, Middleware, Session
+from .errors import ENOTAUTHENTICATED, CallError, ValidationErrors
+from .scram import MIN_ITERATIONS, ScramParseError, ScramSecrets, parse_client_first
+from .scram import server_first as scram_server_first
+from .scram import verify_client_final as scram_verify_client_final
+from .state import ApiKey, CallCounters
+
+UNAUTHENTICATED_METHODS = frozenset(
+    {
+        "core.ping",
+        "core.set_options",
+        "auth.login",
+        "auth.login_with_api_key",
+        "auth.login_ex",
+        "auth.login_with_token",
+        "auth.mechanism_choices",
+    }
+)
+# auth.login_ex mechanisms per API generation (utils/auth.py AA_LEVEL1, in this order).
+PLAIN_MECHANISMS = ("API_KEY_PLAIN", "TOKEN_PLAIN", "PASSWORD_PLAIN")
+LOGIN_EX_MODEL_TAGS = ("API_KEY_PLAIN", "PASSWORD_PLAIN", "TOKEN_PLAIN", "OTP_TOKEN")
+FULL_ADMIN_ONLY = frozenset({"filesystem.put", "filesystem.get"})
+"""Methods only FULL_ADMIN may call (plugins/filesystem.py: ``roles=['FULL_ADMIN']`` on ``put`` and
+``get``, 25.04 to 26): a key with the virtualization roles cannot upload a VM image or seed."""
+
+
+class AuthHost(Middleware, Protocol):
+    """What authentication reads beyond a service's view: the keys, and the random source of the
+    refusal delay (seeded with the simulator)."""
+
+    api_keys: dict[int, ApiKey]
+    random: random.Random
+
+
+class Auth:
+    def __init__(self, mw: AuthHost) -> None:
+        self.mw = mw
+        self._scram: dict[int, ScramSecrets] = {}
+
+    def methods(self) -> dict[str, tuple[Handler, bool]]:
+        handlers: dict[str, Handler] = {
+            "auth.login": self.login,
+            "auth.login_with_api_key": self.login_with_api_key,
+            "auth.login_with_token": self.login_with_token,
+            "auth.login_ex": self.login_ex,
+            "auth.logout": self.logout,
+            "auth.mechanism_choices": self.mechanism_choices,
+            "auth.me": self.me,
+        }
+        return {name: (handler, False) for name, handler in handlers.items()}
+
+    def authorize(self, session: Session, method: str) -> None:
+        """Refuses a call the session may not make: not logged in, read-only, or not FULL_ADMIN."""
+        if method not in UNAUTHENTICATED_METHODS and not session.authenticated:
+            raise CallError("Not authenticated", ENOTAUTHENTICATED)
+        if session.api_key is not None and session.api_key.readonly and CallCounters.is_write(method):
+            raise CallError("Not authorized", errno.EACCES)
+        if session.api_key is not None and method in FULL_ADMIN_ONLY and not session.api_key.full_admin:
+            raise CallError("Not authorized", errno.EACCES)
+
+    def authenticate_key(self, key: Any, session: Session) -> str:
+        """Returns SUCCESS, AUTH_ERR or EXPIRED, and marks the session logged in on success."""
+        if not isinstance(key, str) or "-" not in key:
+            return "AUTH_ERR"
+        ident, _, secret = key.partition("-")
+        stored = self.mw.api_keys.get(int(ident)) if ident.isdigit() else None
+        if stored is None or not secrets.compare_digest(stored.secret, secret):
+            return "AUTH_ERR"
+        if stored.revoked:
+            return "EXPIRED"
+        if not session.secure and not session.loopback and session.transport == "websocket":
+            # TrueNAS revokes a key sent in clear text over the network (truenas-api.md §2.1).
+            stored.revoked = True
+            return "EXPIRED"
+        session.authenticated = True
+        session.api_key = stored
+        return "SUCCESS"
+
+    async def refusal_delay(self) -> None:
+        """TrueNAS answers a refused credential after uniform(1, 2) s (AAL1 min_fail_delay)."""
+        low = self.mw.knobs.auth_fail_delay
+        if low > 0:
+            await asyncio.sleep(self.mw.random.uniform(low, low + 1))
+
+    def mechanisms(self) -> list[str]:
+        return [*PLAIN_MECHANISMS, "SCRAM"] if self.mw.profile.has_container else list(PLAIN_MECHANISMS)
+
+    def mechanism_choices(self, ctx: CallContext, params: list[Any]) -> Any:
+        # 25.04.2 .. 25.10.x read app.authenticated_credentials.may_create_auth_token without a None
+        # check, so an anonymous call fails there (fixed in 26; 25.04.0 takes no app at all).
+        if not ctx.session.authenticated and self.mw.profile.name in ("25.04.2", "25.10"):
+            raise AttributeError("'NoneType' object has no attribute 'may_create_auth_token'")
+        return self.mechanisms()
+
+    async def login_with_api_key(self, ctx: CallContext, params: list[Any]) -> Any:
+        if self.authenticate_key(params[0] if params else None, ctx.session) == "SUCCESS":
+            return True
+        await self.refusal_delay()
+        return False
+
+    async def login(self, ctx: CallContext, params: list[Any]) -> Any:
+        """``auth.login [username, password, otp?]``: the simulator has no password accounts."""
+        if len(params) < 2 or not all(isinstance(p, str) for p in params[:2]):
+            raise ValidationErrors([("auth.login.password", "Field required", errno.EINVAL)])
+        await self.refusal_delay()
+        return False
+
+    async def login_with_token(self, ctx: CallContext, params: list[Any]) -> Any:
+        """``auth.login_with_token [token]``: the simulator hands out no tokens, so none is valid."""
+        if not params or not isinstance(params[0], str):
+            raise ValidationErrors([("auth.login_with_token.token", "Field required", errno.EINVAL)])
+        await self.refusal_delay()
+        return False
+
+    def logout(self, ctx: CallContext, params: list[Any]) -> Any:
+        """``auth.logout``: drops the session's subscriptions and credentials, answers true."""
+        session = ctx.session
+        for ident in list(session.subscriptions):
+            self.mw.events.unsubscribe(ident)
+        session.subscriptions.clear()
+        session.authenticated, session.api_key, session.scram = False, None, None
+        return True
+
+    async def login_ex(self, ctx: CallContext, params: list[Any]) -> Any:
+        data = params[0] if params else None
+        mechanism = data.get("mechanism") if isinstance(data, dict) else None
+        tags = (*LOGIN_EX_MODEL_TAGS, "SCRAM") if self.mw.profile.has_container else LOGIN_EX_MODEL_TAGS
+        if not isinstance(data, dict) or mechanism not in tags:
+            expected = ", ".join(f"'{t}'" for t in tags)
+            raise ValidationErrors(
+                [
+                    (
+                        "auth.login_ex.login_data",
+                        f"Input tag '{mechanism}' found using 'mechanism' does not match any of the expected "
+                        f"tags: {expected}",
+                        errno.EINVAL,
+                    )
+                ]
+            )
+        session = ctx.session
+        if mechanism != "SCRAM":
+            session.scram = None  # another mechanism abandons an exchange in progress
+        if mechanism == "OTP_TOKEN":
+            raise CallError("OTP_TOKEN: no authentication in progress", errno.EINVAL)
+        if mechanism == "SCRAM":
+            return await self._login_scram(ctx, data)
+        if mechanism == "API_KEY_PLAIN":
+            outcome = self.authenticate_key(data.get("api_key"), session)
+            key = session.api_key
+            if outcome == "SUCCESS" and key is not None and data.get("username") != key.username:
+                session.authenticated, session.api_key = False, None
+                outcome = "AUTH_ERR"
+        else:  # PASSWORD_PLAIN, TOKEN_PLAIN: no such accounts or tokens here
+            outcome = "AUTH_ERR"
+        if outcome != "SUCCESS":
+            await self.refusal_delay()
+            return {"response_type": outcome}
+        user_info = self.me(ctx, []) if (data.get("login_options") or {}).get("user_info", True) else None
+        response: dict[str, Any] = {"response_type": "SUCCESS", "user_info": user_info, "authenticator": "LEVEL_1"}
+        if self.mw.profile.has_container:  # reconnect_token arrived with 26's model (api/v26_0_0/auth.py)
+            response["reconnect_token"] = None
+        return response
+
+    def scram_secrets(self, key: ApiKey) -> ScramSecrets:
+        """The key's SCRAM secrets, made on first use (PBKDF2 is slow on purpose)."""
+        iterations = max(self.mw.knobs.scram_iterations, MIN_ITERATIONS)
+        cached = self._scram.get(key.id)
+        if cached is None or cached.iterations != iterations:
+            cached = self._scram[key.id] = ScramSecrets.derive(key.secret, iterations)
+        return cached
+
+    async def _login_scram(self, ctx: CallContext, data: dict[str, Any]) -> Any:
+        """SCRAM-SHA-512 over two ``auth.login_ex`` calls (plugins/auth.py, auth_/login_ex_impl.py)."""
+        session = ctx.session
+        scram_type = data.get("scram_type")
+        rfc_str = data.get("rfc_str")
+        if scram_type not in ("CLIENT_FIRST_MESSAGE", "CLIENT_FINAL_MESSAGE") or not isinstance(rfc_str, str):
+            raise ValidationErrors(
+                [
+                    (
+                        "auth.login_ex.login_data.SCRAM.scram_type",
+                        "Input should be 'CLIENT_FIRST_MESSAGE' or 'CLIENT_FINAL_MESSAGE'",
+                        errno.EINVAL,
+                    )
+                ]
+            )
+        if scram_type == "CLIENT_FIRST_MESSAGE":
+            session.scram = None
+            try:
+                first = parse_client_first(rfc_str)
+            except ScramParseError:
+                first = None
+            key = self.mw.api_keys.get(first.api_key_id) if first is not None else None
+            refused = (
+                first is None
+                or key is None
+                or key.revoked
+                or key.username != first.username
+                or (first.gs2_header.startswith("p=") and not session.secure)
+                or first.gs2_header.startswith("p=")  # the simulator offers no channel binding
+            )
+            if refused or key is None or first is None:
+                await self.refusal_delay()
+                return {"response_type": "AUTH_ERR"}
+            secrets_ = self.scram_secrets(key)
+            message = scram_server_first(first, secrets_)
+            session.scram = (first, message, secrets_)
+            return {
+                "response_type": "SCRAM_RESPONSE",
+                "scram_type": "SERVER_FIRST_RESPONSE",
+                "rfc_str": message,
+                "user_info": None,
+            }
+        if session.scram is None:
+            raise CallError("SCRAM authentication is not in progress")
+        first, message, secrets_ = session.scram
+        session.scram = None
+        verdict = scram_verify_client_final(first, message, rfc_str, secrets_)
+        key = self.mw.api_keys.get(first.api_key_id)
+        if verdict is None or key is None or key.revoked:
+            await self.refusal_delay()
+            return {"response_type": "AUTH_ERR"}
+        session.authenticated, session.api_key = True, key
+        return {
+            "response_type": "SCRAM_RESPONSE",
+            "scram_type": "SERVER_FINAL_RESPONSE",
+            "rfc_str": verdict,
+            "user_info": self.me(ctx, []),
+        }
+
+    def me(self, ctx: CallContext, params: list[Any]) -> Any:
+        """``auth.me``: user.get_user_obj's 10 keys plus privilege, account_attributes, attributes and
+        two_factor_config (api/v*/auth.py AuthUserInfo, plugins/auth.py ``me``)."""
+        key = ctx.session.api_key
+        username = key.username if key else "root"
+        root = username == "root"
+        admin = key is None or not key.readonly
+        return {
+            "pw_name": username,
+            "pw_gecos": "root" if root else username,
+            "pw_dir": "/root" if root else f"/home/{username}",
+            "pw_shell": "/usr/bin/zsh",
+            "pw_uid": 0 if root else 3000,
+            "pw_gid": 0 if root else 3000,
+            "grouplist": [0, 544] if root else [3000, 544],
+            "sid": None,
+            "source": "LOCAL",
+            "local": True,
+            "attributes": {},
+            "two_factor_config": {
+                "provisioning_uri": None,
+                "secret_configured": False,
+                "interval": 30,
+                "otp_digits": 6,
+            },
+            "privilege": {
+                "roles": {"$set": list(key.role_names) if key else ["FULL_ADMIN"]},
+                "allowlist": [{"method": "*", "resource": "*"}] if admin and (key is None or key.full_admin) else [],
+                "web_shell": admin,
+                "webui_access": True,
+            },
+            "account_attributes": ["LOCAL", "SYS_ADMIN", "API_KEY"] if root else ["LOCAL", "API_KEY"],
+        }
