@@ -61,6 +61,14 @@ class Knobs:
     rest_5xx_rate: float = 0.0
     """Probability that a REST request answers 502."""
     host_memory: int = 64 * GIB
+    """Physical memory (system.info's physmem) and, unless ``mem_available`` says otherwise, MemAvailable."""
+    mem_available: int | None = None
+    """The kernel's MemAvailable in bytes (None: ``host_memory``); the ZFS ARC is not part of it."""
+    arc_size: int = 0
+    """The ZFS ARC's current size (``sysctl.get_arcstats_size``): a NAS that has been up a while has most
+    of its memory here."""
+    arc_min: int = 0
+    """The ARC's floor (``sysctl.get_arc_min``): what vm.start can never take from it."""
     host_cores: int = 16
     max_concurrent_calls: int = 20
     auth_fail_delay: float = 1.0
@@ -220,6 +228,7 @@ class CallCounters:
             "vm.status",
             "vm.device.query",
             "vm.device.nic_attach_choices",
+            "vm.get_available_memory",
             "pool.dataset.query",
             "pool.snapshot.query",
             "zfs.snapshot.query",

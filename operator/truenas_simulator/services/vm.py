@@ -103,6 +103,7 @@ class VMService(GuestService[VM]):
             "vm.device.update": self.device_update,
             "vm.device.delete": self.device_delete,
             "vm.device.nic_attach_choices": self.nic_attach_choices,
+            "vm.get_available_memory": self.get_available_memory,
         }
         jobs: dict[str, Handler] = {"vm.stop": self.stop}
         if self.mw.profile.vm_convert:
@@ -269,13 +270,40 @@ class VMService(GuestService[VM]):
             if twenty_six:
                 raise CallError(f"Cannot start domain {vm.name!r}:\npath: {missing[0]} does not exist")
             raise CallError(f"VM will not start as {', '.join(missing)} device(s) are not available.")
-        memory = int(vm.config["memory"]) * 2**20
-        running = sum(int(v.config["memory"]) * 2**20 for v in self.vms.values() if v.state == "RUNNING")
         overcommit = bool((params[1] if len(params) > 1 and isinstance(params[1], dict) else {}).get("overcommit"))
-        if memory + running > self.mw.knobs.host_memory and not overcommit:
-            raise CallError(f"Cannot guarantee memory for guest {vm.name}", errno.ENOMEM)
+        # plugins/vm/memory.py (init_guest_vmemory -> _set_guest_vmemory): the VM's minimum (else its
+        # memory) must fit in what get_available_memory(False) reports; otherwise only overcommit starts
+        # it, by lowering the ARC's maximum (the shrinkable ARC is counted either way).
+        requested = int(vm.config.get("min_memory") or vm.config["memory"]) * 2**20
+        available = self.available_memory(overcommit=False)
+        if requested > available:
+            if not overcommit:
+                raise CallError(f"Cannot guarantee memory for guest {vm.name}", errno.ENOMEM)
+            knobs = self.mw.knobs
+            knobs.arc_size = max(knobs.arc_min, knobs.arc_size - (requested - available))
         self.set_state(vm, "RUNNING")
         return None
+
+    def available_memory(self, overcommit: bool) -> int:
+        """plugins/vm/memory.py get_available_memory: 90% of MemAvailable, plus the ARC above its floor,
+        minus (without overcommit) what running VMs were promised and have not touched yet (a simulated
+        guest touches nothing: its whole memory)."""
+        knobs = self.mw.knobs
+        free = int((knobs.host_memory if knobs.mem_available is None else knobs.mem_available) * 0.9)
+        shrinkable = max(0, knobs.arc_size - knobs.arc_min)
+        promised = 0
+        if not overcommit:
+            promised = sum(
+                int(v.config["memory"]) * 2**20 for v in self.vms.values() if v.state in ("RUNNING", "SUSPENDED")
+            )
+        return max(0, free + shrinkable - promised)
+
+    def get_available_memory(self, ctx: CallContext, params: list[Any]) -> Any:
+        """``[overcommit=false]`` -> bytes (api/v25_04_2/vm.py VMGetAvailableMemoryArgs: ``overcommit: bool``)."""
+        overcommit = params[0] if params else False
+        if not isinstance(overcommit, bool):
+            raise ValidationErrors([("overcommit", "Input should be a valid boolean", errno.EINVAL)])
+        return self.available_memory(overcommit)
 
     def stop(self, ctx: CallContext, params: list[Any]) -> Job:
         ident = params[0] if params else None
