@@ -313,7 +313,7 @@ class FakeBackend:
         self._get(name)
         del self.instances[name]
 
-    async def start(self, name: str) -> None:
+    async def start(self, name: str, overcommit: bool = False) -> None:
         self._log(f"start {name}")
         self.instances[name] = replace(self._get(name), status=InstanceStatus.RUNNING)
 

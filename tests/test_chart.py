@@ -650,11 +650,12 @@ def test_multi_tenant_example_renders_the_policy_and_admission() -> None:
     assert selector["values"] == ["infra", "team-a", "team-b"], "only the watched namespaces"
 
 
-def test_homelab_admission_only_gates_passthrough() -> None:
+def test_homelab_admission_only_gates_passthrough_and_memory_overcommit() -> None:
     (vap,) = by_kind(render(), "ValidatingAdmissionPolicy")
     assert [v["message"].split(":")[0] for v in vap["spec"]["validations"]] == [
         "policy.defaultConnectionNamespaces",
         "policy.defaultRule.deviceTypes",
+        "policy.defaultRule.memoryOvercommit",  # VMs without TrueNAS's memory guarantee: opt-in, as passthrough
     ]
     (binding,) = by_kind(render(), "ValidatingAdmissionPolicyBinding")
     assert "matchResources" not in binding["spec"], "cluster-wide when the operator watches the cluster"

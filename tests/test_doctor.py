@@ -105,7 +105,7 @@ async def test_a_ready_nas_passes_and_the_manifest_shows_what_it_cannot_honour(
     assert not report.blocked, report.as_text()
     others = [c.status for c in report.checks if c.name not in ("manifest web01", "TLS")]
     vms = "vm" in FAMILY[profile.name].split("+")
-    assert others == [OK] * (7 if vms else 6), report.as_text()  # the VM image server where VMs use vm.*
+    assert others == [OK] * (8 if vms else 6), report.as_text()  # VM memory and image server where VMs use vm.*
     assert ("VM image server" in checks) == vms
     assert checks["login and version"].details == {
         "version": profile.system_version,
@@ -327,3 +327,19 @@ async def test_a_key_without_full_admin_is_told_it_can_manage_containers_but_not
     uploads = by_name(report)["VM uploads"]
     assert uploads.status == WARN and "FULL_ADMIN" in uploads.summary, report.as_text()
     assert sorted(uploads.details["roles"]) == sorted(roles)
+
+
+async def test_doctor_reports_the_memory_a_vm_can_get_with_and_without_overcommit() -> None:
+    """Issue 23 item 2: vm.get_available_memory, as vm.start judges a VM's memory (plugins/vm/memory.py)."""
+    sim = start_simulator("25.10")
+    gib = 2**30
+    try:
+        sim.run(lambda: setattr(sim.sim.knobs, "mem_available", 10 * gib))
+        report = await run_doctor(settings_for(sim))
+        assert_only_reads(sim, report)
+    finally:
+        sim.stop()
+    memory = by_name(report)["VM memory"]
+    assert memory.status == OK, report.as_text()
+    assert memory.details == {"guaranteed": 9 * gib, "overcommitted": 9 * gib}
+    assert "9Gi" in memory.summary and "spec.memoryOvercommit" in memory.summary

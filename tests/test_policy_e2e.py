@@ -133,6 +133,7 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("memory-cap-bytes", {"memory": 8 * 2**30}, "policy.rules[0].maxMemory"),
     ("cpu-cap", {"cpu": "8"}, "policy.rules[0].maxVCPUs"),
     ("root-disk-cap", {"type": "VM", "devices": [], "nics": [], "rootDiskSize": "100Gi"}, "policy.rules[0].maxRootDiskSize"),
+    ("memory-overcommit", {"type": "VM", "devices": [], "nics": [], "memory": 2**30, "memoryOvercommit": True}, "policy.rules[0].memoryOvercommit"),
 ]  # fmt: skip
 
 

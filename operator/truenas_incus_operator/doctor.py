@@ -59,6 +59,7 @@ READS = frozenset(
         "lxc.config",
         "container.image.query_registry",
         "system.info",
+        "vm.get_available_memory",
     }
 )
 """The only calls doctor makes itself (connect() adds the family probe, also a read)."""
@@ -194,6 +195,7 @@ async def run_doctor(settings: Settings, manifests: Iterable[Path] = (), timeout
         await _registry(report, client)
         await _host_memory(report, client)
         if "vm" in families(client):
+            await _vm_memory(report, client)
             await _vm_image_server(report, settings, timeout)
         for path in manifests:
             await _manifest(report, client, path, config.url)
@@ -407,6 +409,29 @@ async def _host_memory(report: Report, client: TrueNASClient) -> None:
         return  # only the manifests' memory check needs it: they say it was not checked
     physmem = info.get("physmem") if isinstance(info, dict) else None
     report.host_memory = int(physmem) if isinstance(physmem, int | float) and physmem > 0 else None
+
+
+async def _vm_memory(report: Report, client: TrueNASClient) -> None:
+    """What vm.start can promise a VM now (plugins/vm/memory.py: 90% of available memory plus the ZFS
+    cache above its minimum, less what running VMs were promised), and with spec.memoryOvercommit."""
+    try:
+        guaranteed = await read(client, "vm.get_available_memory", False)
+        overcommitted = await read(client, "vm.get_available_memory", True)
+    except TrueNASError as exc:
+        report.add("VM memory", WARN, f"vm.get_available_memory failed: {exc.message}")
+        return
+    if not isinstance(guaranteed, int) or not isinstance(overcommitted, int):
+        report.add("VM memory", WARN, "vm.get_available_memory did not answer a number of bytes")
+        return
+    summary = (
+        f"a VM started now can get {format_bytes(guaranteed // 2**20 * 2**20)} with TrueNAS's guarantee, "
+        f"{format_bytes(overcommitted // 2**20 * 2**20)} with spec.memoryOvercommit (running VMs' unused memory "
+        "included)"
+    )
+    status = OK if guaranteed > 0 else WARN
+    if guaranteed <= 0:
+        summary += "; without memoryOvercommit no VM starts until memory is freed"
+    report.add("VM memory", status, summary, guaranteed=guaranteed, overcommitted=overcommitted)
 
 
 async def _vm_image_server(report: Report, settings: Settings, timeout: float) -> None:

@@ -168,6 +168,13 @@ class Rule(Grant):
             "(so refused) for a container. Default: no cap."
         ),
     )
+    memory_overcommit: bool = Field(
+        False,
+        description=(
+            "Whether spec.memoryOvercommit may be true: VMs that start although TrueNAS cannot guarantee their "
+            "memory (it shrinks the ZFS cache; guests may then compete for memory). Default: false."
+        ),
+    )
     max_vcpus: Annotated[int, Field(ge=1, le=4096)] | None = Field(
         None,
         alias="maxVCPUs",
@@ -410,6 +417,10 @@ def _caps(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
             found.append(
                 Violation(f"{label}.maxMemory", "spec.memory", f"{said} is more than allowed ({rule.max_memory})")
             )
+    if spec.memory_overcommit and not rule.memory_overcommit:
+        found.append(
+            Violation(f"{label}.memoryOvercommit", "spec.memoryOvercommit", "memory overcommit is not allowed")
+        )
     if rule.max_vcpus is not None:
         cpus = cpu_count(spec.cpu) if spec.cpu is not None else 1 if is_vm else None
         if cpus is None or cpus > rule.max_vcpus:

@@ -21,6 +21,7 @@ from .truenas.errors import (
     CallFailed,
     ImageNotFound,
     ImageServerError,
+    InsufficientMemory,
     JobFailed,
     MalformedAnswer,
     NotAuthorized,
@@ -77,6 +78,7 @@ class Reason(StrEnum):
     CALL_FAILED = "CallFailed"
     AUTHENTICATION_FAILED = "AuthenticationFailed"
     NOT_AUTHORIZED = "NotAuthorized"
+    INSUFFICIENT_MEMORY = "InsufficientMemory"
     API_UNAVAILABLE = "APIUnavailable"
     MALFORMED_ANSWER = "MalformedAnswer"
     UNREACHABLE = "Unreachable"
@@ -134,6 +136,7 @@ REASON_BY_ERROR: tuple[tuple[type[TrueNASError], Reason], ...] = (
     (ImageNotFound, Reason.IMAGE_NOT_FOUND),
     (ImageServerError, Reason.IMAGE_SERVER_ERROR),
     (JobFailed, Reason.JOB_FAILED),
+    (InsufficientMemory, Reason.INSUFFICIENT_MEMORY),
     (AuthenticationFailed, Reason.AUTHENTICATION_FAILED),
     (NotAuthorized, Reason.NOT_AUTHORIZED),
     (APIUnavailable, Reason.API_UNAVAILABLE),

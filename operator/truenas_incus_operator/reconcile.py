@@ -176,7 +176,8 @@ class RemoveDevice:
 
 @dataclass(frozen=True)
 class Start:
-    pass
+    overcommit: bool = False
+    """vm.*: start although TrueNAS cannot guarantee the memory (``spec.memoryOvercommit``)."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,7 @@ def instance_config(desired: Desired) -> InstanceConfig:
         root_disk_size=spec.root_disk_bytes(),
         cloud_init_user_data=spec.cloud_init.user_data if spec.cloud_init else None,
         cloud_init_network_config=spec.cloud_init.network_config if spec.cloud_init else None,
+        memory_overcommit=bool(spec.memory_overcommit),
     )
 
 
@@ -390,7 +392,7 @@ def plan(
         steps.extend(device_actions(config.devices, devices, identity))
     power = desired.power_state
     if power == PowerState.RUNNING and observed.status == InstanceStatus.STOPPED:
-        steps.append(Start())
+        steps.append(Start(overcommit=config.memory_overcommit))
     elif power == PowerState.STOPPED and observed.status == InstanceStatus.RUNNING:
         steps.append(Stop(desired.stop_timeout))
     notes: tuple[str, ...] = ()

@@ -173,7 +173,7 @@ class Executor:
         elif isinstance(action, Start):
             await self.reporter.write(state, desired, observed, activity=Phase.STARTING, version=version)
             async with self._slot(connection, desired.namespace):
-                await backend.start(name)
+                await backend.start(name, action.overcommit)
             await connection.refresh_one(name)
         elif isinstance(action, Stop):
             await self.reporter.write(state, desired, observed, activity=Phase.STOPPING, version=version)

@@ -252,6 +252,14 @@ class IncusInstanceSpec(_Model):
             ],
         },
     )
+    memory_overcommit: bool | None = Field(
+        None,
+        description=(
+            "VMs on the vm.* API: start the VM even when TrueNAS cannot guarantee its memory (vm.start's "
+            "overcommit: TrueNAS shrinks the ZFS cache instead of refusing). Needs the administrator's policy "
+            "(memoryOvercommit: true). Default: false (a refusal is reported as InsufficientMemory)."
+        ),
+    )
     autostart: bool | None = Field(None, description="Start the instance when TrueNAS boots. Effective default: true.")
     environment: dict[str, Annotated[str, Field(max_length=ENV_VALUE_MAX_LENGTH)]] | None = Field(
         None,

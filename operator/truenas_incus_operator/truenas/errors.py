@@ -111,6 +111,10 @@ class ImageNotFound(CallFailed):
     """No image in TrueNAS's registry matches the requested alias."""
 
 
+class InsufficientMemory(CallFailed):
+    """vm.start refused: TrueNAS cannot guarantee the VM's memory (plugins/vm/memory.py, ENOMEM)."""
+
+
 class JobFailed(CallFailed):
     """A TrueNAS job ended FAILED or ABORTED."""
 

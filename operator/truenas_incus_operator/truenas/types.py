@@ -83,6 +83,8 @@ class InstanceConfig:
     """Bytes; VMs on vm.* only (grow the image's disk)."""
     cloud_init_user_data: str | None = None
     cloud_init_network_config: str | None = None
+    memory_overcommit: bool = False
+    """vm.*: start even when TrueNAS cannot guarantee the memory (``vm.start``'s ``overcommit``)."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,10 @@ class InstanceBackend(Protocol):
 
     async def delete(self, name: str) -> None: ...
 
-    async def start(self, name: str) -> None: ...
+    async def start(self, name: str, overcommit: bool = False) -> None:
+        """``overcommit``: vm.* only, start although TrueNAS cannot guarantee the memory (it shrinks
+        the ZFS ARC); families without it never see it set (``unsupported_fields``)."""
+        ...
 
     async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None: ...
 

@@ -166,6 +166,8 @@ class ContainerBackend:
             unsupported.append("rootDiskSize")  # the vm.* backend's field
         if config.cloud_init_user_data is not None or config.cloud_init_network_config is not None:
             unsupported.append("cloudInit")
+        if config.memory_overcommit:
+            unsupported.append("memoryOvercommit")  # vm.start's option
         return unsupported
 
     def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:
@@ -287,7 +289,7 @@ class ContainerBackend:
         if ident is not None:
             self._names.pop(ident, None)
 
-    async def start(self, name: str) -> None:
+    async def start(self, name: str, overcommit: bool = False) -> None:
         await self.transport.call("container.start", await self._id(name))
 
     async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:

@@ -101,8 +101,8 @@ class RoutingBackend:
         await (await self._backend(name)).delete(name)
         self._owner.pop(name, None)
 
-    async def start(self, name: str) -> None:
-        await (await self._backend(name)).start(name)
+    async def start(self, name: str, overcommit: bool = False) -> None:
+        await (await self._backend(name)).start(name, overcommit)
 
     async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:
         await (await self._backend(name)).stop(name, timeout, force)

@@ -117,6 +117,8 @@ class VirtInstanceBackend:
             unsupported.append("rootDiskSize")  # the vm.* backend's field
         if config.cloud_init_user_data is not None or config.cloud_init_network_config is not None:
             unsupported.append("cloudInit")
+        if config.memory_overcommit:
+            unsupported.append("memoryOvercommit")  # vm.start's option
         return unsupported
 
     def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:
@@ -192,7 +194,7 @@ class VirtInstanceBackend:
     async def delete(self, name: str) -> None:
         await self.transport.call_job("virt.instance.delete", name)
 
-    async def start(self, name: str) -> None:
+    async def start(self, name: str, overcommit: bool = False) -> None:
         await self.transport.call_job("virt.instance.start", name)
 
     async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:

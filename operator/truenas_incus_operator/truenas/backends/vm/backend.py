@@ -11,7 +11,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from ...errors import AlreadyExists, CallFailed, FieldError, NotFound, TrueNASError, ValidationFailed
+from ...errors import (
+    AlreadyExists,
+    CallFailed,
+    FieldError,
+    InsufficientMemory,
+    NotFound,
+    TrueNASError,
+    ValidationFailed,
+)
 from ...images import DEFAULT_IMAGE_SERVER, ImageServer, ImageSource, VMImage
 from ...observe import Observer
 from ...transports.base import Transport
@@ -449,8 +457,22 @@ class VMBackend:
             await self.bases.delete_dataset(home)
         self._forget(name)
 
-    async def start(self, name: str) -> None:
-        await self.transport.call("vm.start", await self._id(name))
+    async def start(self, name: str, overcommit: bool = False) -> None:
+        ident = await self._id(name)
+        try:
+            await self.transport.call("vm.start", ident, *([{"overcommit": True}] if overcommit else []))
+        except CallFailed as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            raise InsufficientMemory(
+                f"TrueNAS: {exc.message}. vm.start promises a VM its memory only when it fits in 90% of the NAS's "
+                "available memory plus the ZFS cache above its minimum, less what running VMs were promised "
+                "(`truenas-incus-operator doctor` shows what a VM can get). Stop another VM, lower spec.memory, "
+                "or set spec.memoryOvercommit: true (the administrator's policy must allow it): TrueNAS then "
+                "shrinks the ZFS cache and starts the VM without the guarantee",
+                exc.errno,
+                exc.method,
+            ) from None
 
     async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:
         # vm.stop has no timeout: the VM's shutdown_timeout (5..300 s) applies, then force_after_timeout.
