@@ -69,6 +69,8 @@ class Knobs:
     of its memory here."""
     arc_min: int = 0
     """The ARC's floor (``sysctl.get_arc_min``): what vm.start can never take from it."""
+    pool_available: int = 4 * 1024 * GIB
+    """Free bytes on each pool, before volumes that reserve their size (not sparse) take theirs."""
     host_cores: int = 16
     max_concurrent_calls: int = 20
     auth_fail_delay: float = 1.0

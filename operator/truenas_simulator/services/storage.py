@@ -27,6 +27,8 @@ class Dataset:
     name: str
     type: str = "FILESYSTEM"
     volsize: int | None = None
+    sparse: bool = False
+    """A volume without a reservation: it takes no space until written (clones are sparse)."""
     origin: str | None = None
     """The snapshot a clone was made from."""
     content: str | None = None
@@ -151,8 +153,10 @@ class StorageService(Service):
         volsize = data.get("volsize")
         if kind == "VOLUME" and (not isinstance(volsize, int) or isinstance(volsize, bool) or volsize <= 0):
             errors.add("pool_dataset_create.volsize", "This field is required")  # [INF]
+        elif kind == "VOLUME" and parent in self.datasets:
+            self._volume_rules(errors, "pool_dataset_create", data, self.available(parent))
         errors.check()
-        created = Dataset(name, kind, volsize if kind == "VOLUME" else None)
+        created = Dataset(name, kind, volsize if kind == "VOLUME" else None, sparse=bool(data.get("sparse")))
         self.datasets[name] = created
         return created.entry()
 
@@ -173,8 +177,38 @@ class StorageService(Service):
                         )
                     ]
                 )  # [INF]
+            errors = ValidationErrors()
+            own = 0 if found.sparse or found.volsize is None else found.volsize  # what it reserves already
+            self._volume_rules(errors, "pool_dataset_update", data, self.available(found.name) + own)
+            errors.check()
             found.volsize = size
         return found.entry()
+
+    def available(self, name: str) -> int:
+        """The free space under ``name``: the pool's, less what volumes with a reservation hold."""
+        pool = name.split("/")[0]
+        reserved = sum(
+            d.volsize or 0 for d in self.datasets.values() if d.pool == pool and d.type == "VOLUME" and not d.sparse
+        )
+        return max(0, self.mw.knobs.pool_available - reserved)
+
+    @staticmethod
+    def _volume_rules(errors: ValidationErrors, schema: str, data: dict[str, Any], available: int) -> None:
+        """plugins/pool_/dataset.py (__common_validation): a volume larger than 80% of the parent's
+        available space (an update: plus the volume's own use) is refused unless ``force_size``, sparse
+        or not; a volsize that is not a multiple of a given ``volblocksize`` is refused."""
+        size = data.get("volsize")
+        if not isinstance(size, int) or isinstance(size, bool):
+            return
+        if size > available * 0.80 and not data.get("force_size", False):
+            errors.add(
+                f"{schema}.volsize", "It is not recommended to use more than 80% of your available space for VOLUME"
+            )
+        block = data.get("volblocksize")
+        if isinstance(block, str) and block:
+            block_size = 512 if block[:3] == "512" else int(block[:-1]) * 1024 if block[:-1].isdigit() else 0
+            if block_size and size % block_size:
+                errors.add(f"{schema}.volsize", "Volume size should be a multiple of volume block size")
 
     def dataset_delete(self, ctx: CallContext, params: list[Any]) -> Any:
         name = params[0] if params else None
@@ -266,7 +300,9 @@ class StorageService(Service):
         if target.rpartition("/")[0] not in self.datasets:
             raise CallError(f"Failed to clone snapshot: parent does not exist: {target}", errno.ENOENT)
         source = self.datasets[snap.dataset]
-        self.datasets[target] = Dataset(target, source.type, source.volsize, origin=snap.id, content=snap.content)
+        self.datasets[target] = Dataset(
+            target, source.type, source.volsize, sparse=True, origin=snap.id, content=snap.content
+        )
         return True
 
     def snapshot_delete(self, ctx: CallContext, params: list[Any]) -> Any:
