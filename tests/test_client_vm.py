@@ -27,6 +27,7 @@ from truenas_incus_operator.truenas import (
     InstanceChanges,
     InstanceConfig,
     InsufficientMemory,
+    InsufficientSpace,
 )
 from truenas_incus_operator.truenas.backends.routing import RoutingBackend
 from truenas_incus_operator.truenas.backends.vm import FILE_MODE, VMBackend, dataset_key
@@ -827,3 +828,29 @@ def test_memory_overcommit_is_a_vm_option_and_needs_the_policy() -> None:
     assert "memoryOvercommit" in ContainerBackend.unsupported_fields(
         ContainerBackend.__new__(ContainerBackend), instance_config(want)
     )
+
+
+# ----- space: the 80% rule for volumes (issue 23 item 3) -------------------------------------------------------
+@pytest.mark.parametrize("profile", ["25.04.2", "26.0"])
+async def test_a_root_disk_or_base_over_80_percent_of_the_free_space_is_refused_saying_which_and_leaves_nothing(
+    profile: str,
+) -> None:
+    """plugins/pool_/dataset.py: a volume larger than 80% of its parent's available space is refused
+    unless force_size. The refusal reached the user as a bare ValidationFailed on pool.dataset.update,
+    naming neither spec.rootDiskSize nor the pool's free space."""
+    async with serve(profile, pool_available=100 * GIB) as (sim, server):
+        async with client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+            backend = c.instances
+            with pytest.raises(InsufficientSpace) as refused:
+                await backend.create(vm_config(root_disk_size=90 * GIB))
+            message = refused.value.message
+            assert "spec.rootDiskSize" in message and "90Gi" in message and "80%" in message, message
+            assert problem_of(refused.value).reason == "InsufficientSpace"
+            assert not [n for n in sim.storage.datasets if "/vms/" in n], "the half-built VM's datasets stay"
+            assert not sim.vms.vms
+            created = await backend.create(vm_config(root_disk_size=70 * GIB))  # within 80%: thin, as before
+            assert created.type == "VM"
+        sim.knobs.pool_available = GIB  # a nearly full pool: the cached base of another image does not fit
+        async with client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+            with pytest.raises(InsufficientSpace, match="free space on pool tank"):
+                await c.instances.create(vm_config("web-02", image="ubuntu/noble"))

@@ -22,6 +22,7 @@ from .truenas.errors import (
     ImageNotFound,
     ImageServerError,
     InsufficientMemory,
+    InsufficientSpace,
     JobFailed,
     MalformedAnswer,
     NotAuthorized,
@@ -79,6 +80,7 @@ class Reason(StrEnum):
     AUTHENTICATION_FAILED = "AuthenticationFailed"
     NOT_AUTHORIZED = "NotAuthorized"
     INSUFFICIENT_MEMORY = "InsufficientMemory"
+    INSUFFICIENT_SPACE = "InsufficientSpace"
     API_UNAVAILABLE = "APIUnavailable"
     MALFORMED_ANSWER = "MalformedAnswer"
     UNREACHABLE = "Unreachable"
@@ -137,6 +139,7 @@ REASON_BY_ERROR: tuple[tuple[type[TrueNASError], Reason], ...] = (
     (ImageServerError, Reason.IMAGE_SERVER_ERROR),
     (JobFailed, Reason.JOB_FAILED),
     (InsufficientMemory, Reason.INSUFFICIENT_MEMORY),
+    (InsufficientSpace, Reason.INSUFFICIENT_SPACE),
     (AuthenticationFailed, Reason.AUTHENTICATION_FAILED),
     (NotAuthorized, Reason.NOT_AUTHORIZED),
     (APIUnavailable, Reason.API_UNAVAILABLE),

@@ -115,6 +115,11 @@ class InsufficientMemory(CallFailed):
     """vm.start refused: TrueNAS cannot guarantee the VM's memory (plugins/vm/memory.py, ENOMEM)."""
 
 
+class InsufficientSpace(CallFailed):
+    """A volume TrueNAS will not make that large: more than 80% of the free space under its parent
+    (plugins/pool_/dataset.py), which only ``force_size`` overrides and the operator never sends."""
+
+
 class JobFailed(CallFailed):
     """A TrueNAS job ended FAILED or ABORTED."""
 

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ...errors import CallFailed, NotFound, ValidationFailed
+from ...errors import CallFailed, InsufficientSpace, NotFound, ValidationFailed
 from ...images import ImageServer, VMImage, file_virtual_size
 from ...jobs import is_finished
 from ...observe import Observer
@@ -46,6 +46,18 @@ def dataset_key(image: VMImage) -> str:
 
 def round_up(size: int, unit: int = 2**20) -> int:
     return -(-size // unit) * unit
+
+
+TOO_LARGE = "more than 80% of your available space"
+"""plugins/pool_/dataset.py's refusal of a volume over 80% of its parent's free space."""
+
+
+def too_large(exc: ValidationFailed) -> bool:
+    return any(TOO_LARGE in e.message for e in exc.errors)
+
+
+def gib(size: int) -> str:
+    return f"{size / 2**30:.4g}Gi"
 
 
 class BaseImages:
@@ -230,9 +242,20 @@ class BaseImages:
                     os.unlink(local)
         volumes = await self.datasets(base)
         if base not in volumes:
-            await self.transport.call(
-                "pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": round_up(size), "sparse": True}
-            )
+            try:
+                await self.transport.call(
+                    "pool.dataset.create", {"name": base, "type": "VOLUME", "volsize": round_up(size), "sparse": True}
+                )
+            except ValidationFailed as exc:
+                if not too_large(exc):
+                    raise
+                raise InsufficientSpace(
+                    f"TrueNAS will not make the cached base for {image.product} ({gib(round_up(size))}, the "
+                    f"image's disk size): it is more than 80% of the free space on pool {base.split('/')[0]}. "
+                    "Free space on the pool, or name another one in spec.storagePool",
+                    exc.errno,
+                    exc.method,
+                ) from None
         if self.convert_method == "vm.device.convert":
             args: dict[str, Any] = {"source": path, "destination": f"/dev/zvol/{base}"}
         else:
@@ -302,7 +325,18 @@ class BaseImages:
             existing = await self.datasets(root)
         volsize = ((existing.get(root) or {}).get("volsize") or {}).get("parsed")
         if size is not None and isinstance(volsize, int) and size > volsize:
-            await self.transport.call("pool.dataset.update", root, {"volsize": round_up(size)})
+            try:
+                await self.transport.call("pool.dataset.update", root, {"volsize": round_up(size)})
+            except ValidationFailed as exc:
+                if not too_large(exc):
+                    raise
+                raise InsufficientSpace(
+                    f"spec.rootDiskSize {gib(size)}: TrueNAS will not grow the root disk beyond 80% of the "
+                    f"free space on pool {root.split('/')[0]} (the disk is thin, but TrueNAS counts its full size). "
+                    "Lower spec.rootDiskSize, or free space on the pool",
+                    exc.errno,
+                    exc.method,
+                ) from None
         return f"/dev/zvol/{root}"
 
     async def delete_dataset(self, name: str) -> None:
