@@ -854,3 +854,12 @@ async def test_a_root_disk_or_base_over_80_percent_of_the_free_space_is_refused_
         async with client_for(server, "websocket", vm_image_server=mirror(server)) as c:
             with pytest.raises(InsufficientSpace, match="free space on pool tank"):
                 await c.instances.create(vm_config("web-02", image="ubuntu/noble"))
+            assert not [n for n in sim.storage.datasets if n.endswith("-upload")], "the upload takes room too"
+            # Retried: refused before the image is downloaded and uploaded again (a retry every interval
+            # moved gigabytes to fail the same way).
+            uploads = sim.counters.by_method["filesystem.put"]
+            with pytest.raises(InsufficientSpace, match="free space on pool tank"):
+                await c.instances.create(vm_config("web-02", image="ubuntu/noble"))
+            assert sim.counters.by_method["filesystem.put"] == uploads
+            sim.knobs.pool_available = 100 * GIB  # room made: the next try goes ahead
+            assert (await c.instances.create(vm_config("web-02", image="ubuntu/noble"))).type == "VM"

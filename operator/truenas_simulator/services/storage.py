@@ -42,7 +42,7 @@ class Dataset:
     def mountpoint(self) -> str | None:
         return f"/mnt/{self.name}" if self.type == "FILESYSTEM" else None
 
-    def entry(self) -> dict[str, Any]:
+    def entry(self, available: int | None = None) -> dict[str, Any]:
         def prop(value: Any) -> dict[str, Any]:
             text = "" if value is None else str(value)
             return {"parsed": value, "rawvalue": text, "value": text, "source": "LOCAL"}
@@ -56,6 +56,7 @@ class Dataset:
             "mountpoint": self.mountpoint,
             "volsize": prop(self.volsize) if self.type == "VOLUME" else None,
             "origin": prop(self.origin or ""),
+            "available": prop(available),
             "children": [],
         }
 
@@ -133,7 +134,7 @@ class StorageService(Service):
     # ----- pool.dataset ------------------------------------------------------------------------
     def dataset_query(self, ctx: CallContext, params: list[Any]) -> Any:
         filters, options = check_query_args(params, "pool.dataset.query")
-        return filter_list([d.entry() for d in self.datasets.values()], filters, options)
+        return filter_list([d.entry(self.available(d.name)) for d in self.datasets.values()], filters, options)
 
     def dataset_create(self, ctx: CallContext, params: list[Any]) -> Any:
         data = params[0] if params else None
@@ -158,7 +159,7 @@ class StorageService(Service):
         errors.check()
         created = Dataset(name, kind, volsize if kind == "VOLUME" else None, sparse=bool(data.get("sparse")))
         self.datasets[name] = created
-        return created.entry()
+        return created.entry(self.available(name))
 
     def dataset_update(self, ctx: CallContext, params: list[Any]) -> Any:
         found = self.dataset(params[0] if params else None)  # type: ignore[arg-type]
@@ -182,7 +183,7 @@ class StorageService(Service):
             self._volume_rules(errors, "pool_dataset_update", data, self.available(found.name) + own)
             errors.check()
             found.volsize = size
-        return found.entry()
+        return found.entry(self.available(found.name))
 
     def available(self, name: str) -> int:
         """The free space under ``name``: the pool's, less what volumes with a reservation hold."""

@@ -75,6 +75,9 @@ class BaseImages:
         self.convert_method = "vm.device.convert" if version >= (25, 10) else "vm.import_disk_image"
         self.snapshot_namespace = "pool.snapshot" if version >= (25, 10) else "zfs.snapshot"
         self._base_locks: dict[str, asyncio.Lock] = {}
+        self._disk_sizes: dict[str, int] = {}
+        """Each image's disk size by sha256, learnt from its download: a base refused for space is then
+        refused again before downloading and uploading it, until the pool has the room."""
         self._convert_lock = asyncio.Lock()
         """One conversion at a time on this connection: TrueNAS runs ``vm.device.convert`` under one lock
         with a queue of one and answers a further call with the waiting job, whatever its arguments."""
@@ -196,6 +199,16 @@ class BaseImages:
             report("convert", 100, "Base image ready")
             return snapshot
 
+    @staticmethod
+    def _no_room(image: VMImage, size: int, pool: str) -> InsufficientSpace:
+        return InsufficientSpace(
+            f"TrueNAS will not make the cached base for {image.product} ({gib(round_up(size))}, the image's "
+            f"disk size): it is more than 80% of the free space on pool {pool}. Free space on the pool, or "
+            "name another one in spec.storagePool",
+            errno.ENOSPC,
+            "pool.dataset.create",
+        )
+
     async def _earlier_conversion(self, base: str) -> dict[str, Any] | None:
         """The newest conversion into ``base`` that TrueNAS runs or finished successfully, if the base
         volume exists (a failed one is redone). A finished one counts only while the upload it read is
@@ -221,6 +234,12 @@ class BaseImages:
         await self._ensure_dataset(f"{pool}/{ROOT}/images")
         await self._ensure_dataset(f"{pool}/{ROOT}/vms")
         path = f"/mnt/{upload_dir}/disk.qcow2"
+        known = self._disk_sizes.get(image.sha256)
+        if known is not None:
+            entries = await self.transport.call("pool.dataset.query", [["id", "=", pool]], {}, idempotent=True)
+            available = ((entries[0] if entries else {}).get("available") or {}).get("parsed")
+            if isinstance(available, int) and round_up(known) > available * 0.80:
+                raise self._no_room(image, known, pool)
         report("download", 0, f"Downloading {image.product} {image.version}")
         # Streamed into the scratch directory (TIO_SCRATCH_DIR, free space checked first), size and sha256
         # checked; a local mirror's own file otherwise.
@@ -236,6 +255,7 @@ class BaseImages:
                 on_progress=lambda job: report("upload", job_percent(job), "Uploading", job),
             )
             size = file_virtual_size(local)
+            self._disk_sizes[image.sha256] = size
         finally:
             if self.images.downloaded(local):
                 with contextlib.suppress(OSError):
@@ -249,13 +269,8 @@ class BaseImages:
             except ValidationFailed as exc:
                 if not too_large(exc):
                     raise
-                raise InsufficientSpace(
-                    f"TrueNAS will not make the cached base for {image.product} ({gib(round_up(size))}, the "
-                    f"image's disk size): it is more than 80% of the free space on pool {base.split('/')[0]}. "
-                    "Free space on the pool, or name another one in spec.storagePool",
-                    exc.errno,
-                    exc.method,
-                ) from None
+                await self.delete_dataset(upload_dir)  # the upload takes room too
+                raise self._no_room(image, size, pool) from None
         if self.convert_method == "vm.device.convert":
             args: dict[str, Any] = {"source": path, "destination": f"/dev/zvol/{base}"}
         else:
