@@ -863,3 +863,17 @@ async def test_a_root_disk_or_base_over_80_percent_of_the_free_space_is_refused_
             assert sim.counters.by_method["filesystem.put"] == uploads
             sim.knobs.pool_available = 100 * GIB  # room made: the next try goes ahead
             assert (await c.instances.create(vm_config("web-02", image="ubuntu/noble"))).type == "VM"
+
+
+async def test_a_base_volume_left_by_a_failed_conversion_is_converted_again_on_a_fuller_pool() -> None:
+    """Review finding: the quick refusal also stopped a base whose volume exists already (a conversion
+    failed), where no volume is made and the 80% rule does not apply."""
+    async with serve("26.0", pool_available=100 * GIB) as (sim, server):  # noqa: SIM117 (the client needs the URL)
+        async with client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+            sim.knobs.error_rates["vm.device.convert"] = 1.0
+            with pytest.raises(CallFailed):
+                await c.instances.create(vm_config("web-02", image="ubuntu/noble"))
+            assert [n for n in sim.storage.datasets if "/images/" in n and not n.endswith("-upload")]
+            sim.knobs.error_rates.pop("vm.device.convert")
+            sim.knobs.pool_available = GIB  # filled meanwhile: a new 4 GiB volume would be refused
+            assert (await c.instances.create(vm_config("web-02", image="ubuntu/noble"))).type == "VM"

@@ -57,7 +57,7 @@ def too_large(exc: ValidationFailed) -> bool:
 
 
 def gib(size: int) -> str:
-    return f"{size / 2**30:.4g}Gi"
+    return f"{size / 2**30:.12g}Gi"
 
 
 class BaseImages:
@@ -203,10 +203,9 @@ class BaseImages:
     def _no_room(image: VMImage, size: int, pool: str) -> InsufficientSpace:
         return InsufficientSpace(
             f"TrueNAS will not make the cached base for {image.product} ({gib(round_up(size))}, the image's "
-            f"disk size): it is more than 80% of the free space on pool {pool}. Free space on the pool, or "
-            "name another one in spec.storagePool",
+            f"disk size): it is more than 80% of the free space on pool {pool} (under {ROOT}/images, quotas "
+            "included). Free space there, or use another pool (spec.storagePool, where the policy allows it)",
             errno.ENOSPC,
-            "pool.dataset.create",
         )
 
     async def _earlier_conversion(self, base: str) -> dict[str, Any] | None:
@@ -235,8 +234,14 @@ class BaseImages:
         await self._ensure_dataset(f"{pool}/{ROOT}/vms")
         path = f"/mnt/{upload_dir}/disk.qcow2"
         known = self._disk_sizes.get(image.sha256)
-        if known is not None:
-            entries = await self.transport.call("pool.dataset.query", [["id", "=", pool]], {}, idempotent=True)
+        if known is not None and base not in await self.datasets(base):
+            # A base this image could not have for room: judged as TrueNAS will judge its volume (by the
+            # free space of its parent, quotas included), before the image moves again. An existing base
+            # volume is converted again without any new volume.
+            parent = base.rpartition("/")[0]
+            entries = await self.transport.call(
+                "pool.dataset.query", [["id", "=", parent]], {"extra": {"retrieve_children": False}}, idempotent=True
+            )
             available = ((entries[0] if entries else {}).get("available") or {}).get("parsed")
             if isinstance(available, int) and round_up(known) > available * 0.80:
                 raise self._no_room(image, known, pool)
