@@ -24,6 +24,7 @@ from truenas_incus_operator.truenas.transports.jsonrpc import JsonRpcTransport
 
 from .fakes import connect_to
 from .test_client import serve
+from .test_simulator import session as sim_session
 
 
 def sockets(server: Any) -> int:
@@ -261,3 +262,47 @@ async def test_a_later_holder_is_not_subscribed_twice_and_hears_each_event_once(
         await asyncio.sleep(0.3)
         assert heard == [("changed", "c1")], heard
         await keeper.close()
+
+
+# ----- 25.x's libvirt domain events (issue 23 item 6) -------------------------------------------------------
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10", "26.0"])
+async def test_a_vm_stopped_behind_the_operators_back_is_seen_stopped_without_waiting_for_a_resync(
+    profile: str,
+) -> None:
+    """25.x sends no CRUD event for a stop, only libvirt's domain events, whose ``status.state`` is a
+    libvirt name (SHUTOFF): the cache must read the VM again instead of keeping it RUNNING until
+    the next full query (here five minutes away)."""
+    async with serve(profile) as (sim, server):
+        manager = ConnectionManager(resync_seconds=300, retry_max_seconds=5, timings=Timings(call=10, job=60))
+        config = ConnectionConfig(url=server.ws_url, api_key=Secret(sim.api_key), transport="websocket")
+        connection = await manager.configure("tenant/nas", config)
+        try:
+            await seen_stopped_and_started_again(sim, connection)
+        finally:
+            await manager.remove("tenant/nas")
+
+
+async def seen_stopped_and_started_again(sim: Any, connection: Any) -> None:
+    await asyncio.wait_for(connection.ready.wait(), 10)
+    session = sim_session(sim)
+    entry = await sim.call(session, "vm.create", [{"name": "web_01", "memory": 512, "autostart": False}])
+    await sim.call(session, "vm.start", [entry["id"]])
+    assert (await connection.refresh_one("web-01")) is not None
+
+    async def becomes(status: str) -> None:
+        for _ in range(200):
+            found = connection.cache.get("web-01")
+            if found is not None and found.status == status:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"still {connection.cache.get('web-01')!r}, expected {status}")
+
+    await becomes("RUNNING")
+    for _ in range(200):  # no lookup left over from the start: only the stop's events may tell
+        if not connection._lookups:
+            break
+        await asyncio.sleep(0.02)
+    await sim.call(session, "vm.poweroff", [entry["id"]])  # the TrueNAS UI, another client
+    await becomes("STOPPED")
+    await sim.call(session, "vm.start", [entry["id"]])
+    await becomes("RUNNING")

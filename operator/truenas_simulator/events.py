@@ -29,11 +29,22 @@ class EventBus:
     def unsubscribe(self, ident: str) -> None:
         self.subscriptions.pop(ident, None)
 
-    def emit(self, collection: str, msg: str, ident: Any, fields: dict[str, Any] | None = None) -> None:
-        """``msg`` is ``added``, ``changed`` or ``removed``, as TrueNAS sends them."""
+    def emit(
+        self,
+        collection: str,
+        msg: str,
+        ident: Any,
+        fields: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """``msg`` is ``added``, ``changed`` or ``removed``, as TrueNAS sends them. ``extra``: the other
+        keyword arguments of the middleware's ``send_event``, which its JSON-RPC server puts under
+        ``extra`` (api/base/server/ws_handler/rpc.py ``send_event``)."""
         params: dict[str, Any] = {"msg": msg, "collection": collection, "id": ident}
         if fields is not None:
             params["fields"] = fields
+        if extra:
+            params["extra"] = extra
         notification = {"jsonrpc": "2.0", "method": "collection_update", "params": params}
         for subscription in list(self.subscriptions.values()):
             if subscription.name in (collection, "*"):

@@ -54,6 +54,9 @@ class Profile:
     """``vm.import_disk_image`` (25.04.2 and 25.10; removed in 26)."""
     snapshot_namespace: str = "pool.snapshot"
     """``zfs.snapshot`` until 25.04, ``pool.snapshot`` from 25.10 on."""
+    vm_libvirt_events: bool = False
+    """25.x's libvirt domain events on ``vm.query`` (plugins/vm/events.py): libvirt state names, no
+    devices, ``added`` on every (re)definition, ``extra.state``; 26 sends full entries (plugins/vm/event.py)."""
 
     @property
     def current_api(self) -> str:
@@ -87,6 +90,7 @@ PROFILES: dict[str, Profile] = {
         has_vm=True,
         vm_import_disk_image=True,
         snapshot_namespace="zfs.snapshot",
+        vm_libvirt_events=True,
     ),
     "25.10": Profile(
         name="25.10",
@@ -103,6 +107,7 @@ PROFILES: dict[str, Profile] = {
         has_vm=True,
         vm_convert=True,
         vm_import_disk_image=True,
+        vm_libvirt_events=True,
     ),
     "26.0": Profile(
         name="26.0",

@@ -125,5 +125,8 @@ class InstanceCache:
             state = InstanceStatus.of(status)
             addresses = current.addresses if state == InstanceStatus.RUNNING else ()
             self.store(name, replace(current, status=state, addresses=addresses))
-        if current is None or status == "RUNNING":
-            self._request_lookup(name)  # addresses (and new instances) only come with a full read
+        if current is None or status == "RUNNING" or not isinstance(status, str):
+            # addresses (and new instances) only come with a full read; so does a state the event
+            # cannot say: 25.x's libvirt domain events carry libvirt's names (SHUTOFF) in a partial
+            # vm.query entry (plugins/vm/events.py), and they are the only events a stop sends
+            self._request_lookup(name)

@@ -153,14 +153,19 @@ class GuestService(Service, Generic[G]):
         return entry
 
     def set_state(self, guest: G, state: str) -> None:
-        guest.state = state
+        before, guest.state = guest.state, state
         if state == "RUNNING":
             self.pid += 1
             guest.pid = self.pid
             self.started(guest)
         elif self.ends_process(state):
             guest.pid = None
-        self.emit("changed", guest)  # libvirt domain events carry the fresh full entry on 26 (§4)
+        self.state_changed(guest, before)
+
+    def state_changed(self, guest: G, before: str) -> None:
+        """The events a change of state sends: by default one ``changed`` with the fresh full entry
+        (Incus's, and libvirt domain events on 26, §4)."""
+        self.emit("changed", guest)
 
     def started(self, guest: G) -> None:
         """What a start records beyond the pid (nothing unless a family says so)."""

@@ -75,6 +75,22 @@ class VM:
         return data
 
 
+LIBVIRT_EVENTS = {0: "DEFINED", 1: "UNDEFINED", 2: "STARTED", 3: "SUSPENDED", 4: "RESUMED", 5: "STOPPED", 6: "SHUTDOWN"}
+"""libvirt's lifecycle event numbers, as plugins/vm/events.py lists them (25.x)."""
+LIBVIRT_STATE_NAMES = {
+    0: "NOSTATE",
+    1: "RUNNING",
+    2: "BLOCKED",
+    3: "SUSPENDED",
+    4: "SHUTDOWN",
+    5: "SHUTOFF",
+    6: "CRASHED",
+    7: "PMSUSPENDED",
+}
+"""plugins/vm/events.py's ``vm_state_mapping`` (25.04.2, 25.10): meant for ``dom.state()``, and also
+applied to the *event* number for ``extra.state`` (so a STARTED event says ``BLOCKED``)."""
+
+
 class VMService(GuestService[VM]):
     COLLECTION = "vm.query"
     DEVICE_COLLECTION = "vm.device.query"
@@ -141,6 +157,45 @@ class VMService(GuestService[VM]):
 
     def ends_process(self, state: str) -> bool:
         return state == "STOPPED"  # a SUSPENDED domain keeps its process
+
+    # ----- events --------------------------------------------------------------------------------
+    def domain_event(self, vm: VM, event: int, state: str) -> None:
+        """One libvirt domain event as 25.x's callback sends it (plugins/vm/events.py
+        ``setup_libvirt_events``): the vm.query entry without ``devices``, ``status.state`` overwritten
+        with ``state`` (a libvirt state name such as SHUTOFF, or "UPDATING CONFIGURATION" for an
+        undefine), ``added`` for DEFINED, else ``changed``, and ``extra.state`` from the event number."""
+        fields = self.entry(vm)
+        fields.pop("devices", None)
+        fields["status"] = {**fields["status"], "state": state}
+        self.mw.events.emit(
+            self.COLLECTION,
+            "added" if event == 0 else "changed",
+            vm.id,
+            fields,
+            extra={"state": LIBVIRT_STATE_NAMES.get(event, "UNKNOWN")},
+        )
+
+    def redefined(self, vm: VM) -> None:
+        """25.x's supervisor ``update_domain``: an inactive domain is undefined and defined again (at
+        every start and every update of a stopped VM), two domain events."""
+        if self.mw.profile.vm_libvirt_events:
+            self.domain_event(vm, 1, "UPDATING CONFIGURATION")
+            self.domain_event(vm, 0, "SHUTOFF")
+
+    def state_changed(self, vm: VM, before: str) -> None:
+        """26: one ``changed`` with the full entry per domain event (plugins/vm/event.py). 25.x sends no
+        CRUD event for a start or stop (plugins/vm/vm_lifecycle.py): only the domain events."""
+        if not self.mw.profile.vm_libvirt_events:
+            super().state_changed(vm, before)
+        elif vm.state == "RUNNING" and before == "SUSPENDED":
+            self.domain_event(vm, 4, "RUNNING")
+        elif vm.state == "RUNNING":
+            self.redefined(vm)  # supervisor start(): update_domain, then domain.create()
+            self.domain_event(vm, 2, "RUNNING")
+        elif vm.state == "SUSPENDED":
+            self.domain_event(vm, 3, "SUSPENDED")
+        else:
+            self.domain_event(vm, 5, "SHUTOFF")
 
     def using(self, name: str) -> str | None:
         """The name of a RUNNING VM with a disk on dataset ``name`` (or a child of it)."""
@@ -223,6 +278,8 @@ class VMService(GuestService[VM]):
         vm = VM(id=self.next_id, config=data, defined=self.mw.profile.name != "26.0")
         self.next_id += 1
         self.vms[vm.id] = vm
+        if self.mw.profile.vm_libvirt_events:
+            self.domain_event(vm, 0, "SHUTOFF")  # 25.x defines the domain in do_create (vms.py ``_add``)
         self.emit("added", vm)
         return self.entry(vm)
 
@@ -233,6 +290,8 @@ class VMService(GuestService[VM]):
             raise CallError("VM name can only be changed when VM is inactive")
         self._common_validation(data, "vm_update", vm)
         vm.config.update(data)
+        if vm.state == "STOPPED":
+            self.redefined(vm)
         self.emit("changed", vm)
         return self.entry(vm)
 
@@ -320,6 +379,8 @@ class VMService(GuestService[VM]):
                 await self.work(job, "Stopping")
             if vm.ignores_shutdown and not options["force"] and not options["force_after_timeout"]:
                 return None  # succeeds after shutdown_timeout although the guest is still up (§2.4)
+            if self.mw.profile.vm_libvirt_events and not options["force"]:
+                self.domain_event(vm, 6, "SHUTDOWN")  # the guest finished shutting down, then STOPPED
             self.set_state(vm, "STOPPED")
             return None
 
