@@ -4,6 +4,7 @@ disk image conversion, per profile (truenas-vm-container.md §2, §4, §6)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 from typing import Any
 
@@ -257,10 +258,12 @@ async def test_upload_feeds_filesystem_put_and_the_mirror_serves_images() -> Non
             await sim.jobs.jobs[job_id].done.wait()
             assert sim.jobs.jobs[job_id].state == "SUCCESS"
             assert sim.storage.files["/mnt/tank/images/d.qcow2"] == image
-            missing = await http.post(f"{server.url}/_upload", data=form("/mnt/tank/nowhere/d.qcow2"), headers=headers)
-            job = sim.jobs.jobs[(await missing.json())["job_id"]]
+            # plugins/filesystem.py put(): os.makedirs(dirname) when it is missing; no rule on where
+            deeper = await http.post(f"{server.url}/_upload", data=form("/mnt/tank/new/sub/d.qcow2"), headers=headers)
+            job = sim.jobs.jobs[(await deeper.json())["job_id"]]
             await job.done.wait()
-            assert job.state == "FAILED" and "No such file or directory" in str(job.error)
+            assert job.state == "SUCCESS" and sim.storage.files["/mnt/tank/new/sub/d.qcow2"] == image
+            assert sim.storage.directory_exists("/mnt/tank/new") and sim.storage.directory_exists("/mnt/tank/new/sub")
     finally:
         await server.stop()
 
@@ -355,3 +358,74 @@ async def test_a_recursive_delete_destroys_other_trees_clones_on_26_and_is_refus
         with pytest.raises(CallError, match="dependent clones"):
             await call(sim, "pool.dataset.delete", "tank/images", {"recursive": True})
         assert {"tank/images/base", "tank/vm1", "tank/vm2"} <= set(sim.storage.datasets)
+
+
+@pytest.mark.parametrize("profile", VM_PROFILES)
+async def test_a_dataset_with_children_is_not_deleted_without_recursive_enotempty(profile: str) -> None:
+    """plugins/pool_/dataset.py do_delete (25.04.2, 25.10, 26): children found by an ``id ^ name/``
+    query, before anything else, refuse with CallError ENOTEMPTY."""
+    sim = Simulator(profile)
+    await call(sim, "pool.dataset.create", {"name": "tank/home"})
+    await call(sim, "pool.dataset.create", {"name": "tank/home/root", "type": "VOLUME", "volsize": GIB})
+    with pytest.raises(CallError) as refused:
+        await call(sim, "pool.dataset.delete", "tank/home")
+    assert refused.value.errno == errno.ENOTEMPTY
+    assert refused.value.errmsg == "Failed to delete dataset: cannot destroy 'tank/home': filesystem has children"
+    assert str(refused.value).startswith("[ENOTEMPTY] ")
+    assert {"tank/home", "tank/home/root"} <= set(sim.storage.datasets)
+
+
+async def test_26s_snapshot_calls_let_zfs_exceptions_through_as_method_call_errors() -> None:
+    """26's pool.snapshot.clone calls zfs.resource.snapshot.clone_impl, and pool.snapshot.create lets
+    ZFSPathNotFoundException through (plugins/pool_/snapshot.py, plugins/zfs/exceptions.py): not
+    CallErrors, so the JSON-RPC server answers -32001 "Method call error" with EINVAL and the
+    exception's text (api/base/server/ws_handler/rpc.py). A snapshot name taken is a ValidationError
+    of ``pool.snapshot.create``; deleting a missing snapshot is InstanceNotFound with
+    zfs.resource.snapshot.destroy's text; one with clones, that call's ValidationError (EBUSY)."""
+    sim = Simulator("26.0")
+    server = await SimulatorServer(sim).start()
+    try:
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws_url}/api/current") as ws:
+            ident = 0
+
+            async def rpc(method: str, *params: Any) -> dict[str, Any]:
+                nonlocal ident
+                ident += 1
+                await ws.send_json({"jsonrpc": "2.0", "id": ident, "method": method, "params": list(params)})
+                while True:
+                    answer = await ws.receive_json()
+                    if answer.get("id") == ident:
+                        return answer
+
+            assert "result" in await rpc("auth.login_with_api_key", sim.api_key)
+            await rpc("pool.dataset.create", {"name": "tank/images"})
+            await rpc("pool.dataset.create", {"name": "tank/images/b", "type": "VOLUME", "volsize": GIB})
+            missing = (await rpc("pool.snapshot.create", {"dataset": "tank/nope", "name": "base"}))["error"]
+            assert (missing["code"], missing["message"]) == (-32001, "Method call error")
+            assert missing["data"]["errname"] == "EINVAL" and missing["data"]["reason"] == "'tank/nope' not found"
+            assert missing["data"]["trace"]["class"] == "ZFSPathNotFoundException"
+            assert "result" in await rpc("pool.snapshot.create", {"dataset": "tank/images/b", "name": "base"})
+            taken = (await rpc("pool.snapshot.create", {"dataset": "tank/images/b", "name": "base"}))["error"]
+            assert taken["code"] == -32602
+            assert taken["data"]["extra"] == [["pool.snapshot.create", "base already exists.", errno.EEXIST]]
+            clone = {"snapshot": "tank/images/b@nope", "dataset_dst": "tank/images/c"}
+            gone = (await rpc("pool.snapshot.clone", clone))["error"]
+            assert gone["code"] == -32001 and gone["data"]["reason"] == "'tank/images/b@nope' not found"
+            assert gone["data"]["trace"]["class"] == "ZFSPathNotFoundException"
+            clone["snapshot"] = "tank/images/b@base"
+            assert (await rpc("pool.snapshot.clone", clone))["result"] is True
+            twice = (await rpc("pool.snapshot.clone", clone))["error"]
+            assert twice["data"]["reason"] == "'tank/images/c' already exists"
+            assert twice["data"]["trace"]["class"] == "ZFSPathAlreadyExistsException"
+            busy = (await rpc("pool.snapshot.delete", "tank/images/b@base"))["error"]
+            assert busy["code"] == -32602 and busy["data"]["extra"] == [
+                [
+                    "zfs.resource.snapshot.destroy",
+                    "'tank/images/b@base' has the following clones: tank/images/c",
+                    errno.EBUSY,
+                ]
+            ]
+            absent = (await rpc("pool.snapshot.delete", "tank/images/b@other"))["error"]
+            assert absent["data"]["extra"] == [[None, "'tank/images/b@other' not found", errno.ENOENT]]
+    finally:
+        await server.stop()

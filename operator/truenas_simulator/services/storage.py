@@ -22,6 +22,21 @@ from .base import Methods, Service
 
 
 # ----- datasets, snapshots, files ----------------------------------------------------------------------
+class ZFSPathNotFoundException(Exception):
+    """26's plugins/zfs/exceptions.py: not a CallError, so the JSON-RPC server answers it as
+    "Method call error", EINVAL, with this text (api/base/server/ws_handler/rpc.py)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path!r} not found")
+
+
+class ZFSPathAlreadyExistsException(Exception):
+    """26's plugins/zfs/exceptions.py, like ``ZFSPathNotFoundException``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path!r} already exists")
+
+
 @dataclass
 class Dataset:
     name: str
@@ -93,6 +108,8 @@ class StorageService(Service):
         self.datasets: dict[str, Dataset] = {}
         self.snapshots: dict[str, Snapshot] = {}
         self.files: dict[str, bytes] = {}
+        self.directories: set[str] = set()
+        """Directories ``filesystem.put`` made (``os.makedirs``), besides the datasets' mountpoints."""
         self.modes: dict[str, int] = {}
         """Each file's permission bits: ``filesystem.put``'s ``mode``, else 0o644 (the middleware's umask)."""
         for pool in mw.global_config.storage_pools:
@@ -129,7 +146,12 @@ class StorageService(Service):
         return found if found is not None and found.type == "VOLUME" else None
 
     def directory_exists(self, path: str) -> bool:
-        return any(d.mountpoint == path for d in self.datasets.values())
+        return path in self.directories or any(d.mountpoint == path for d in self.datasets.values())
+
+    @property
+    def twenty_six(self) -> bool:
+        """26's pool.snapshot.* go through zfs.resource.snapshot (truenas_pylibzfs), not libzfs."""
+        return self.mw.profile.name == "26.0"
 
     # ----- pool.dataset ------------------------------------------------------------------------
     def dataset_query(self, ctx: CallContext, params: list[Any]) -> Any:
@@ -217,9 +239,10 @@ class StorageService(Service):
         options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
         children = [d for d in self.datasets if d.startswith(f"{found.name}/")]
         if children and not options.get("recursive"):
+            # plugins/pool_/dataset.py do_delete, every version [SRC]
             raise CallError(
-                f"Failed to delete dataset: cannot destroy '{found.name}': filesystem has children", errno.EBUSY
-            )  # [INF]
+                f"Failed to delete dataset: cannot destroy {found.name!r}: filesystem has children", errno.ENOTEMPTY
+            )
         doomed = [found.name, *children]
         if options.get("recursive") and self.mw.profile.name == "26.0":
             # 26: plugins/zfs/destroy_impl.py runs truenas_pylibzfs's DESTROY_RESOURCES channel program
@@ -255,6 +278,7 @@ class StorageService(Service):
             prefix = f"/mnt/{item}/"
             for path in [p for p in self.files if p.startswith(prefix)]:
                 del self.files[path]
+            self.directories -= {d for d in self.directories if d.startswith(prefix)}
         return True
 
     def _with_clones(self, names: list[str]) -> list[str]:
@@ -281,8 +305,12 @@ class StorageService(Service):
         dataset = self.datasets.get(data["dataset"])
         snap_id = f"{data['dataset']}@{data['name']}"
         if dataset is None:
+            if self.twenty_six:  # create_snapshots_impl's, let through by plugins/pool_/snapshot.py do_create
+                raise ZFSPathNotFoundException(data["dataset"])
             raise CallError(f"Failed to snapshot {snap_id}: dataset does not exist", errno.ENOENT)
         if snap_id in self.snapshots:
+            if self.twenty_six:  # plugins/pool_/snapshot.py do_create turns that one into a ValidationError
+                raise ValidationErrors([("pool.snapshot.create", f"{data['name']} already exists.", errno.EEXIST)])
             raise CallError(f"Failed to snapshot {snap_id}: dataset already exists", errno.EEXIST)
         snap = Snapshot(dataset.name, data["name"], dataset.content)
         self.snapshots[snap_id] = snap
@@ -294,6 +322,13 @@ class StorageService(Service):
             raise ValidationErrors([("snapshot_clone.snapshot", "Field required", 22)])
         snap = self.snapshots.get(data["snapshot"])
         target = data["dataset_dst"]
+        if self.twenty_six:
+            # plugins/pool_/snapshot.py clone -> zfs.resource.snapshot.clone_impl ->
+            # rename_promote_clone_impl.clone_impl, whose exceptions nothing turns into CallErrors
+            if snap is None:
+                raise ZFSPathNotFoundException(data["snapshot"])
+            if target in self.datasets:
+                raise ZFSPathAlreadyExistsException(target)
         if snap is None:
             raise CallError(f"Failed to clone snapshot: dataset does not exist: {data['snapshot']}", errno.ENOENT)
         if target in self.datasets:
@@ -309,9 +344,16 @@ class StorageService(Service):
     def snapshot_delete(self, ctx: CallContext, params: list[Any]) -> Any:
         snap_id = params[0] if params else None
         snap = self.snapshots.get(snap_id) if isinstance(snap_id, str) else None
+        options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
         if snap is None:
+            if self.twenty_six:  # zfs.resource.snapshot.destroy's ENOENT becomes InstanceNotFound(its text)
+                raise ValidationErrors([(None, f"{snap_id!r} not found", errno.ENOENT)])
             raise InstanceNotFound("Snapshot", snap_id)
         clones = [d.name for d in self.datasets.values() if d.origin == snap.id]
+        if clones and self.twenty_six and not options.get("defer"):
+            # plugins/zfs/snapshot_crud.py destroy: ZFSPathHasClonesException -> ValidationError EBUSY
+            message = f"{snap.id!r} has the following clones: {','.join(clones)}"
+            raise ValidationErrors([("zfs.resource.snapshot.destroy", message, errno.EBUSY)])
         if clones:
             raise ValidationErrors(
                 [
@@ -331,11 +373,14 @@ class StorageService(Service):
 
         async def body(job: Job) -> Any:
             path = params[0] if params else None
-            if not isinstance(path, str) or not path.startswith("/mnt/"):
-                raise ValidationErrors([("filesystem.put.path", "Path must reside within /mnt", 22)])  # [INF]
+            if not isinstance(path, str) or not path:
+                raise ValidationErrors([("filesystem.put.path", "String should have at least 1 character", 22)])
+            # plugins/filesystem.py put(): ``os.makedirs(dirname)`` when it is missing, wherever it is
+            # (FULL_ADMIN only; the path is any non-empty string, FilesystemPutArgs)
             parent = path.rpartition("/")[0]
-            if not self.directory_exists(parent):
-                raise CallError(f"{parent}: No such file or directory", errno.ENOENT)  # [INF]
+            while parent and not self.directory_exists(parent):
+                self.directories.add(parent)
+                parent = parent.rpartition("/")[0]
             options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
             previous = self.files.get(path, b"") if options.get("append") else b""
             await self.work(job, "Uploading")
