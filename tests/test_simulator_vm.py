@@ -393,7 +393,7 @@ async def test_26s_snapshot_calls_let_zfs_exceptions_through_as_method_call_erro
                 ident += 1
                 await ws.send_json({"jsonrpc": "2.0", "id": ident, "method": method, "params": list(params)})
                 while True:
-                    answer = await ws.receive_json()
+                    answer: dict[str, Any] = await ws.receive_json()
                     if answer.get("id") == ident:
                         return answer
 

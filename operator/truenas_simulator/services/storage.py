@@ -1,7 +1,6 @@
-"""ZFS as the VM path needs it: datasets and volumes (``pool.dataset.*``), snapshots and clones
-(``zfs.snapshot.*`` on 25.04.2, ``pool.snapshot.*`` on 25.10/26), files uploaded through
-``/_upload`` + ``filesystem.put`` (truenas-vm-container.md §2.6). The test images and the ISO
-reader are in ``images.py``.
+"""ZFS as the operator needs it: datasets and volumes (``pool.dataset.*``), files uploaded through
+``/_upload`` + ``filesystem.put`` (truenas-vm-container.md §2.6); snapshots, clones, rollback and
+promote per version are in ``snapshots.py``. The test images and the ISO reader are in ``images.py``.
 
 Wording [SRC] where the reference or the middleware source gives it; the ``pool.dataset`` messages
 marked [INF] follow ``plugins/pool_/dataset.py`` from memory of its shape, not an exact copy.
@@ -10,6 +9,7 @@ marked [INF] follow ``plugins/pool_/dataset.py`` from memory of its shape, not a
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,24 +19,10 @@ from ..errors import CallError, InstanceNotFound, ValidationErrors
 from ..filters import check_query_args, filter_list
 from ..jobs import Job
 from .base import Methods, Service
+from .snapshots import Snapshot, SnapshotService
 
 
 # ----- datasets, snapshots, files ----------------------------------------------------------------------
-class ZFSPathNotFoundException(Exception):
-    """26's plugins/zfs/exceptions.py: not a CallError, so the JSON-RPC server answers it as
-    "Method call error", EINVAL, with this text (api/base/server/ws_handler/rpc.py)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(f"{path!r} not found")
-
-
-class ZFSPathAlreadyExistsException(Exception):
-    """26's plugins/zfs/exceptions.py, like ``ZFSPathNotFoundException``."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(f"{path!r} already exists")
-
-
 @dataclass
 class Dataset:
     name: str
@@ -48,6 +34,8 @@ class Dataset:
     """The snapshot a clone was made from."""
     content: str | None = None
     """What a volume holds: the sha256 of the disk image written into it (clones inherit it)."""
+    referenced: int = 0
+    """The bytes of data it holds (tests write them: ``SnapshotService.written``)."""
 
     @property
     def pool(self) -> str:
@@ -76,29 +64,6 @@ class Dataset:
         }
 
 
-@dataclass
-class Snapshot:
-    dataset: str
-    name: str
-    content: str | None = None
-
-    @property
-    def id(self) -> str:
-        return f"{self.dataset}@{self.name}"
-
-    def entry(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.id,
-            "pool": self.dataset.split("/")[0],
-            "type": "SNAPSHOT",
-            "snapshot_name": self.name,
-            "dataset": self.dataset,
-            "createtxg": "1",
-            "properties": {},
-        }
-
-
 class StorageService(Service):
     def __init__(self, mw: Middleware, in_use: Callable[[str], str | None]) -> None:
         """``in_use(name)``: the RUNNING VM with a disk on dataset ``name`` or below it, if any (the VM
@@ -106,7 +71,11 @@ class StorageService(Service):
         super().__init__(mw)
         self.in_use = in_use
         self.datasets: dict[str, Dataset] = {}
-        self.snapshots: dict[str, Snapshot] = {}
+        self.txg = 1
+        """The pool's transaction group counter: every snapshot records the one it was taken in."""
+        self.clock: Callable[[], float] = time.time
+        """Snapshot creation times (tests may set another clock)."""
+        self.snaps = SnapshotService(self)
         self.files: dict[str, bytes] = {}
         self.directories: set[str] = set()
         """Directories ``filesystem.put`` made (``os.makedirs``), besides the datasets' mountpoints."""
@@ -116,20 +85,19 @@ class StorageService(Service):
             self.datasets[pool] = Dataset(pool)
 
     def methods(self) -> Methods:
-        """``pool.dataset.*`` and the snapshot namespace of the profile; ``filesystem.put`` is reached
-        through ``/_upload`` only (``put_job``)."""
-        snapshots = self.mw.profile.snapshot_namespace
+        """``pool.dataset.*``, ``pool.dataset.promote`` and the snapshot namespace of the profile
+        (snapshots.py); ``filesystem.put`` is reached through ``/_upload`` only (``put_job``)."""
         plain: dict[str, Handler] = {
             "pool.dataset.query": self.dataset_query,
             "pool.dataset.create": self.dataset_create,
             "pool.dataset.update": self.dataset_update,
             "pool.dataset.delete": self.dataset_delete,
-            f"{snapshots}.query": self.snapshot_query,
-            f"{snapshots}.create": self.snapshot_create,
-            f"{snapshots}.clone": self.snapshot_clone,
-            f"{snapshots}.delete": self.snapshot_delete,
         }
-        return {name: (handler, False) for name, handler in plain.items()}
+        return {**{name: (handler, False) for name, handler in plain.items()}, **self.snaps.methods()}
+
+    @property
+    def snapshots(self) -> dict[str, Snapshot]:
+        return self.snaps.snapshots
 
     # ----- helpers -------------------------------------------------------------------------------
     def dataset(self, name: str) -> Dataset:
@@ -148,10 +116,21 @@ class StorageService(Service):
     def directory_exists(self, path: str) -> bool:
         return path in self.directories or any(d.mountpoint == path for d in self.datasets.values())
 
-    @property
-    def twenty_six(self) -> bool:
-        """26's pool.snapshot.* go through zfs.resource.snapshot (truenas_pylibzfs), not libzfs."""
-        return self.mw.profile.name == "26.0"
+    def add_dataset(self, name: str, kind: str = "FILESYSTEM", volsize: int | None = None, **fields: Any) -> Dataset:
+        """A dataset made by something other than ``pool.dataset.create`` (a clone, an instance's own)."""
+        created = Dataset(name, kind, volsize, sparse=kind == "VOLUME", **fields)
+        self.datasets[name] = created
+        return created
+
+    def drop_tree(self, name: str) -> None:
+        """``name`` and its descendants go, with their snapshots and files (a rollback's ``-R``)."""
+        for item in sorted((n for n in self.datasets if n == name or n.startswith(f"{name}/")), reverse=True):
+            self.datasets.pop(item, None)
+            self.snaps.dataset_gone(item)
+            prefix = f"/mnt/{item}/"
+            for path in [p for p in self.files if p.startswith(prefix)]:
+                del self.files[path]
+            self.directories -= {d for d in self.directories if d == f"/mnt/{item}" or d.startswith(prefix)}
 
     # ----- pool.dataset ------------------------------------------------------------------------
     def dataset_query(self, ctx: CallContext, params: list[Any]) -> Any:
@@ -272,13 +251,7 @@ class StorageService(Service):
             if self.in_use(item) is not None:
                 raise CallError(f"Failed to delete dataset: cannot destroy '{item}': dataset is busy", errno.EBUSY)
         for item in doomed:
-            self.datasets.pop(item, None)
-            for snap_id in [s for s, snap in self.snapshots.items() if snap.dataset == item]:
-                del self.snapshots[snap_id]
-            prefix = f"/mnt/{item}/"
-            for path in [p for p in self.files if p.startswith(prefix)]:
-                del self.files[path]
-            self.directories -= {d for d in self.directories if d.startswith(prefix)}
+            self.drop_tree(item)
         return True
 
     def _with_clones(self, names: list[str]) -> list[str]:
@@ -291,81 +264,6 @@ class StorageService(Service):
                         if name not in doomed:
                             doomed.append(name)
         return doomed
-
-    # ----- snapshots and clones ------------------------------------------------------------------
-    def snapshot_query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "pool.snapshot.query")
-        return filter_list([s.entry() for s in self.snapshots.values()], filters, options)
-
-    def snapshot_create(self, ctx: CallContext, params: list[Any]) -> Any:
-        data = params[0] if params else None
-        prefix = "snapshot_create" if self.mw.profile.snapshot_namespace == "zfs.snapshot" else "pool_snapshot_create"
-        if not isinstance(data, dict) or not data.get("dataset") or not data.get("name"):
-            raise ValidationErrors([(f"{prefix}.name", "You must specify either name or naming schema", 22)])
-        dataset = self.datasets.get(data["dataset"])
-        snap_id = f"{data['dataset']}@{data['name']}"
-        if dataset is None:
-            if self.twenty_six:  # create_snapshots_impl's, let through by plugins/pool_/snapshot.py do_create
-                raise ZFSPathNotFoundException(data["dataset"])
-            raise CallError(f"Failed to snapshot {snap_id}: dataset does not exist", errno.ENOENT)
-        if snap_id in self.snapshots:
-            if self.twenty_six:  # plugins/pool_/snapshot.py do_create turns that one into a ValidationError
-                raise ValidationErrors([("pool.snapshot.create", f"{data['name']} already exists.", errno.EEXIST)])
-            raise CallError(f"Failed to snapshot {snap_id}: dataset already exists", errno.EEXIST)
-        snap = Snapshot(dataset.name, data["name"], dataset.content)
-        self.snapshots[snap_id] = snap
-        return snap.entry()
-
-    def snapshot_clone(self, ctx: CallContext, params: list[Any]) -> Any:
-        data = params[0] if params else None
-        if not isinstance(data, dict) or not data.get("snapshot") or not data.get("dataset_dst"):
-            raise ValidationErrors([("snapshot_clone.snapshot", "Field required", 22)])
-        snap = self.snapshots.get(data["snapshot"])
-        target = data["dataset_dst"]
-        if self.twenty_six:
-            # plugins/pool_/snapshot.py clone -> zfs.resource.snapshot.clone_impl ->
-            # rename_promote_clone_impl.clone_impl, whose exceptions nothing turns into CallErrors
-            if snap is None:
-                raise ZFSPathNotFoundException(data["snapshot"])
-            if target in self.datasets:
-                raise ZFSPathAlreadyExistsException(target)
-        if snap is None:
-            raise CallError(f"Failed to clone snapshot: dataset does not exist: {data['snapshot']}", errno.ENOENT)
-        if target in self.datasets:
-            raise CallError(f"Failed to clone snapshot: dataset already exists: {target}", errno.EEXIST)
-        if target.rpartition("/")[0] not in self.datasets:
-            raise CallError(f"Failed to clone snapshot: parent does not exist: {target}", errno.ENOENT)
-        source = self.datasets[snap.dataset]
-        self.datasets[target] = Dataset(
-            target, source.type, source.volsize, sparse=True, origin=snap.id, content=snap.content
-        )
-        return True
-
-    def snapshot_delete(self, ctx: CallContext, params: list[Any]) -> Any:
-        snap_id = params[0] if params else None
-        snap = self.snapshots.get(snap_id) if isinstance(snap_id, str) else None
-        options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
-        if snap is None:
-            if self.twenty_six:  # zfs.resource.snapshot.destroy's ENOENT becomes InstanceNotFound(its text)
-                raise ValidationErrors([(None, f"{snap_id!r} not found", errno.ENOENT)])
-            raise InstanceNotFound("Snapshot", snap_id)
-        clones = [d.name for d in self.datasets.values() if d.origin == snap.id]
-        if clones and self.twenty_six and not options.get("defer"):
-            # plugins/zfs/snapshot_crud.py destroy: ZFSPathHasClonesException -> ValidationError EBUSY
-            message = f"{snap.id!r} has the following clones: {','.join(clones)}"
-            raise ValidationErrors([("zfs.resource.snapshot.destroy", message, errno.EBUSY)])
-        if clones:
-            raise ValidationErrors(
-                [
-                    (
-                        "options.defer",
-                        f"Please set this attribute as {snap.id!r} snapshot has dependent clones: {', '.join(clones)}",
-                        22,
-                    )
-                ]
-            )
-        del self.snapshots[snap.id]
-        return True
 
     # ----- filesystem.put (through /_upload only) -------------------------------------------------
     def put_job(self, ctx: CallContext, params: list[Any], content: bytes) -> Job:

@@ -1,0 +1,215 @@
+"""The simulator's ZFS snapshots per version (issue 24 item 6): ``zfs.snapshot.*`` on 25.04.2,
+``pool.snapshot.*`` on 25.10 and 26 (26's over zfs.resource.snapshot, whose exceptions are not
+CallErrors). Each rule is ZFS's; the wording per version is the middleware's (services/snapshots.py)."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+
+from truenas_simulator import Simulator
+from truenas_simulator.errors import CallError, ValidationErrors
+from truenas_simulator.services.snapshots import ZFSPathInvalidException, ZFSPathNotFoundException
+from truenas_simulator.state import GIB
+
+from .test_simulator import session
+
+PROFILES = ["25.04.2", "25.10", "26.0"]
+
+
+def ns(profile: str) -> str:
+    return "zfs.snapshot" if profile == "25.04.2" else "pool.snapshot"
+
+
+async def call(sim: Simulator, method: str, *params: Any) -> Any:
+    return await sim.call(session(sim), method, list(params))
+
+
+async def tree(sim: Simulator) -> None:
+    await call(sim, "pool.dataset.create", {"name": "tank/app"})
+    await call(sim, "pool.dataset.create", {"name": "tank/app/db", "type": "VOLUME", "volsize": GIB})
+    await call(sim, "pool.dataset.create", {"name": "tank/app/logs"})
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_a_recursive_snapshot_takes_the_whole_tree_in_one_txg_with_its_properties(profile: str) -> None:
+    sim = Simulator(profile)
+    await tree(sim)
+    prop = {"io.truenas.incus:owner": "uid-1"}
+    entry = await call(
+        sim, f"{ns(profile)}.create", {"dataset": "tank/app", "name": "s1", "recursive": True, "properties": prop}
+    )
+    assert entry["id"] == "tank/app@s1" and entry["snapshot_name"] == "s1"
+    taken = await call(sim, f"{ns(profile)}.query", [["snapshot_name", "=", "s1"]], {})
+    assert sorted(e["id"] for e in taken) == ["tank/app/db@s1", "tank/app/logs@s1", "tank/app@s1"]
+    assert len({e["createtxg"] for e in taken}) == 1, "atomic: one transaction group"
+    later = await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app", "name": "s2"})
+    assert int(later["createtxg"]) > int(taken[0]["createtxg"])
+    if profile == "26.0":  # user properties only with extra.retention, as user_properties
+        plain = await call(sim, "pool.snapshot.query", [["id", "=", "tank/app@s1"]], {"get": True})
+        assert plain["properties"] == {} and plain["holds"] == {}
+        full = await call(
+            sim, "pool.snapshot.query", [["id", "=", "tank/app@s1"]], {"get": True, "extra": {"retention": True}}
+        )
+        assert full["user_properties"] == prop
+        asked = {"extra": {"properties": ["used", "referenced"]}, "get": True}
+        assert set((await call(sim, "pool.snapshot.query", [["id", "=", "tank/app@s1"]], asked))["properties"]) == {
+            "used",
+            "referenced",
+        }
+    else:  # 25.x: every property, user properties among them
+        found = await call(sim, f"{ns(profile)}.query", [["id", "=", "tank/app@s1"]], {"get": True})
+        assert found["properties"]["io.truenas.incus:owner"]["value"] == "uid-1"
+        assert {"used", "referenced", "creation", "createtxg"} <= set(found["properties"])
+    again = {"dataset": "tank/app", "name": "s1", "recursive": True}
+    if profile == "26.0":
+        with pytest.raises(ValidationErrors) as taken_26:
+            await call(sim, "pool.snapshot.create", again)
+        assert taken_26.value.errors == [("pool.snapshot.create", "s1 already exists.", errno.EEXIST)]
+    else:
+        with pytest.raises(CallError, match="dataset already exists") as taken_25:
+            await call(sim, f"{ns(profile)}.create", again)
+        assert taken_25.value.errno == errno.EEXIST
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_a_rollback_past_newer_snapshots_is_refused_naming_them_and_recursive_destroys_them(profile: str) -> None:
+    sim = Simulator(profile)
+    await tree(sim)
+    volume = sim.storage.datasets["tank/app/db"]
+    for name, content in (("a", "v1"), ("b", "v2"), ("c", "v3")):
+        volume.content = content
+        await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app/db", "name": name})
+    volume.content = "v4"
+    if profile == "26.0":
+        with pytest.raises(ValueError, match="more recent snapshots or bookmarks exist") as refused:
+            await call(sim, "pool.snapshot.rollback", "tank/app/db@a", {})
+        assert str(refused.value).endswith("\n  tank/app/db@b\n  tank/app/db@c")
+    else:
+        with pytest.raises(CallError) as refused_25:
+            await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {})
+        assert refused_25.value.errmsg.startswith("Failed to rollback snapshot: cannot rollback to 'tank/app/db@a'")
+        assert refused_25.value.errmsg.endswith("snapshots and bookmarks:\ntank/app/db@b\ntank/app/db@c")
+    assert volume.content == "v4" and "tank/app/db@c" in sim.storage.snapshots
+    assert await call(sim, f"{ns(profile)}.rollback", "tank/app/db@c", {}) is None  # the newest: no option needed
+    assert volume.content == "v3"
+    await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {"recursive": True})
+    assert volume.content == "v1" and set(sim.storage.snapshots) == {"tank/app/db@a"}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_newer_snapshots_with_clones_need_recursive_clones_which_destroys_the_clones(profile: str) -> None:
+    sim = Simulator(profile)
+    await tree(sim)
+    await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app/db", "name": "a"})
+    await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app/db", "name": "b"})
+    await call(sim, f"{ns(profile)}.clone", {"snapshot": "tank/app/db@b", "dataset_dst": "tank/copy"})
+    if profile == "26.0":  # _destroy_newer_snapshots passes over the one it cannot destroy; then the rollback fails
+        with pytest.raises(ValueError, match="tank/app/db@b"):
+            await call(sim, "pool.snapshot.rollback", "tank/app/db@a", {"recursive": True})
+    else:
+        with pytest.raises(CallError, match="clones of previous snapshots exist") as refused:
+            await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {"recursive": True})
+        assert refused.value.errmsg.endswith("clones and dependents:\ntank/copy")
+    assert "tank/copy" in sim.storage.datasets
+    await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {"recursive_clones": True})
+    assert "tank/copy" not in sim.storage.datasets and set(sim.storage.snapshots) == {"tank/app/db@a"}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_a_snapshot_with_a_clone_or_a_hold_is_kept_and_defer_lets_it_go_with_the_last_one(profile: str) -> None:
+    sim = Simulator(profile)
+    await tree(sim)
+    await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app/db", "name": "a"})
+    await call(sim, f"{ns(profile)}.clone", {"snapshot": "tank/app/db@a", "dataset_dst": "tank/copy"})
+    with pytest.raises(ValidationErrors) as refused:
+        await call(sim, f"{ns(profile)}.delete", "tank/app/db@a")
+    if profile == "26.0":
+        expected = ("zfs.resource.snapshot.destroy", "'tank/app/db@a' has the following clones: tank/copy", errno.EBUSY)
+    else:
+        expected = (
+            "options.defer",
+            "Please set this attribute as 'tank/app/db@a' snapshot has dependent clones: tank/copy",
+            errno.EINVAL,
+        )
+    assert refused.value.errors == [expected]
+    await call(sim, f"{ns(profile)}.delete", "tank/app/db@a", {"defer": True})
+    assert sim.storage.snapshots["tank/app/db@a"].defer_destroy
+    assert await call(sim, "pool.dataset.delete", "tank/copy")
+    assert "tank/app/db@a" not in sim.storage.snapshots, "gone with its last clone"
+
+    await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app/db", "name": "kept"})
+    await call(sim, f"{ns(profile)}.hold", "tank/app/db@kept", {})
+    held = (await call(sim, f"{ns(profile)}.query", [["id", "=", "tank/app/db@kept"]], {"extra": {"holds": True}}))[0]
+    assert held["holds"] == {"truenas": 1}
+    with pytest.raises((CallError, ValidationErrors), match=r"busy|holds"):
+        await call(sim, f"{ns(profile)}.delete", "tank/app/db@kept")
+    await call(sim, f"{ns(profile)}.release", "tank/app/db@kept", {})
+    await call(sim, f"{ns(profile)}.delete", "tank/app/db@kept")
+    assert sim.storage.snapshots == {}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_used_is_what_was_overwritten_since_and_referenced_what_the_dataset_held(profile: str) -> None:
+    sim = Simulator(profile)
+    await tree(sim)
+    snaps = sim.storage.snaps
+    snaps.written("tank/app/db", 300)
+    await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app/db", "name": "a"})
+    snaps.written("tank/app/db", 100)
+    asked: dict[str, Any] = {"get": True, "extra": {"properties": ["used", "referenced"]}}
+    found = await call(sim, f"{ns(profile)}.query", [["id", "=", "tank/app/db@a"]], asked)
+    assert found["properties"]["used"]["parsed"] == 100 and found["properties"]["referenced"]["parsed"] == 300
+    await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {})
+    found = await call(sim, f"{ns(profile)}.query", [["id", "=", "tank/app/db@a"]], asked)
+    assert found["properties"]["used"]["parsed"] == 0 and sim.storage.datasets["tank/app/db"].referenced == 300
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_promote_moves_the_origin_snapshot_and_older_ones_to_the_clone(profile: str) -> None:
+    sim = Simulator(profile)
+    await tree(sim)
+    for name in ("a", "b", "c"):
+        await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app/db", "name": name})
+    await call(sim, f"{ns(profile)}.clone", {"snapshot": "tank/app/db@b", "dataset_dst": "tank/copy"})
+    await call(sim, "pool.dataset.promote", "tank/copy")
+    assert {"tank/copy@a", "tank/copy@b", "tank/app/db@c"} == set(sim.storage.snapshots)
+    assert sim.storage.datasets["tank/copy"].origin is None
+    assert sim.storage.datasets["tank/app/db"].origin == "tank/copy@b"
+    if profile == "26.0":
+        with pytest.raises(ZFSPathInvalidException):
+            await call(sim, "pool.dataset.promote", "tank/copy")
+    else:
+        with pytest.raises(CallError, match=r"Only cloned datasets can be promoted\.") as refused:
+            await call(sim, "pool.dataset.promote", "tank/copy")
+        assert refused.value.errno == errno.EBADMSG
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_a_running_vms_disk_is_not_rolled_back(profile: str) -> None:
+    sim = Simulator(profile)
+    await tree(sim)
+    await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app/db", "name": "a"})
+    vm = await call(sim, "vm.create", {"name": "db", "memory": 512, "autostart": False})
+    await call(
+        sim, "vm.device.create", {"vm": vm["id"], "attributes": {"dtype": "DISK", "path": "/dev/zvol/tank/app/db"}}
+    )
+    await call(sim, "vm.start", vm["id"])
+    with pytest.raises(CallError, match="dataset is busy"):
+        await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {})
+    await call(sim, "vm.poweroff", vm["id"])
+    assert await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {}) is None
+
+
+async def test_26_answers_a_missing_snapshot_with_zfs_exceptions() -> None:
+    sim = Simulator("26.0")
+    await tree(sim)
+    with pytest.raises(ZFSPathNotFoundException, match="'tank/app@nope' not found"):
+        await call(sim, "pool.snapshot.rollback", "tank/app@nope", {})
+    with pytest.raises(ZFSPathNotFoundException):
+        await call(sim, "pool.snapshot.hold", "tank/app@nope", {})
+    await call(sim, "pool.snapshot.create", {"dataset": "tank/app", "name": "top"})
+    with pytest.raises(ZFSPathNotFoundException, match="'tank/app/db@top' not found"):  # every child must have it
+        await call(sim, "pool.snapshot.rollback", "tank/app@top", {"recursive_rollback": True})
