@@ -14,13 +14,13 @@ from truenas_simulator.errors import CallError, ValidationErrors
 from truenas_simulator.services.snapshots import ZFSPathInvalidException, ZFSPathNotFoundException
 from truenas_simulator.state import GIB
 
-from .test_simulator import session
+from .test_simulator import run_job, session
 
 PROFILES = ["25.04.2", "25.10", "26.0"]
 
 
 def ns(profile: str) -> str:
-    return "zfs.snapshot" if profile == "25.04.2" else "pool.snapshot"
+    return "zfs.snapshot" if profile.startswith("25.04") else "pool.snapshot"
 
 
 async def call(sim: Simulator, method: str, *params: Any) -> Any:
@@ -188,19 +188,22 @@ async def test_promote_moves_the_origin_snapshot_and_older_ones_to_the_clone(pro
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-async def test_a_running_vms_disk_is_not_rolled_back(profile: str) -> None:
+async def test_zfs_rolls_back_a_running_vms_disk_and_the_simulator_records_it(profile: str) -> None:
+    """zfs_ioc_rollback suspends an open zvol (or a mounted filesystem), rolls back and resumes: nothing
+    refuses it, and the guest sees its disk change beneath it. ``changed_under`` is the evidence tests
+    use that the operator stopped the instance first."""
     sim = Simulator(profile)
     await tree(sim)
     await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app/db", "name": "a"})
     vm = await call(sim, "vm.create", {"name": "db", "memory": 512, "autostart": False})
-    await call(
-        sim, "vm.device.create", {"vm": vm["id"], "attributes": {"dtype": "DISK", "path": "/dev/zvol/tank/app/db"}}
-    )
+    disk = {"dtype": "DISK", "path": "/dev/zvol/tank/app/db"}
+    await call(sim, "vm.device.create", {"vm": vm["id"], "attributes": disk})
     await call(sim, "vm.start", vm["id"])
-    with pytest.raises(CallError, match="dataset is busy"):
-        await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {})
+    assert await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {}) is None
+    assert sim.storage.changed_under == [("tank/app/db", "db")]
     await call(sim, "vm.poweroff", vm["id"])
     assert await call(sim, f"{ns(profile)}.rollback", "tank/app/db@a", {}) is None
+    assert len(sim.storage.changed_under) == 1
 
 
 async def test_26_answers_a_missing_snapshot_with_zfs_exceptions() -> None:
@@ -213,3 +216,47 @@ async def test_26_answers_a_missing_snapshot_with_zfs_exceptions() -> None:
     await call(sim, "pool.snapshot.create", {"dataset": "tank/app", "name": "top"})
     with pytest.raises(ZFSPathNotFoundException, match="'tank/app/db@top' not found"):  # every child must have it
         await call(sim, "pool.snapshot.rollback", "tank/app@top", {"recursive_rollback": True})
+
+
+@pytest.mark.parametrize("profile", ["25.04.0", "25.04.2", "25.10"])
+async def test_incus_instances_have_their_datasets_under_ix_virt_and_take_their_snapshots_with_them(
+    profile: str,
+) -> None:
+    sim = Simulator(profile)
+    await run_job(sim, "virt.instance.create", {"name": "c1", "image": "debian/bookworm", "autostart": False})
+    assert "tank/.ix-virt/containers/c1" in sim.storage.datasets
+    await call(sim, f"{ns(profile)}.create", {"dataset": "tank/.ix-virt/containers/c1", "name": "before"})
+    if profile == "25.04.0":
+        await run_job(sim, "virt.instance.create", {"name": "v1", "instance_type": "VM", "image": "debian/bookworm"})
+        names = set(sim.storage.datasets)
+        assert {"tank/.ix-virt/virtual-machines/v1", "tank/.ix-virt/virtual-machines/v1.block"} <= names
+        assert sim.storage.datasets["tank/.ix-virt/virtual-machines/v1.block"].type == "VOLUME"
+    await run_job(sim, "virt.instance.start", "c1")
+    await call(sim, f"{ns(profile)}.rollback", "tank/.ix-virt/containers/c1@before", {})
+    assert sim.storage.changed_under == [("tank/.ix-virt/containers/c1", "c1")]
+    assert (await run_job(sim, "virt.instance.delete", "c1"))["state"] == "SUCCESS"
+    assert "tank/.ix-virt/containers/c1" not in sim.storage.datasets
+    assert not sim.storage.snaps.of("tank/.ix-virt/containers/c1")
+
+
+async def test_a_26_container_with_snapshots_leaves_its_dataset_behind_when_deleted() -> None:
+    """plugins/container/container.py do_delete removes the container from the database and libvirt, then
+    destroys its dataset without ``recursive``: with a snapshot the dataset stays and the call fails."""
+    sim = Simulator("26.0")
+    product = "debian:bookworm:amd64:default"
+    image = {"name": product, "version": sim.containers.registry()[product][-1]}
+    await run_job(sim, "container.create", {"name": "c1", "image": image, "autostart": False})
+    await run_job(sim, "container.create", {"name": "c2", "image": image, "autostart": False})
+    dataset = "tank/.truenas_containers/containers/c1"
+    assert dataset in sim.storage.datasets
+    await call(sim, "pool.snapshot.create", {"dataset": dataset, "name": "s"})
+    c1, c2 = (await call(sim, "container.query"))[:2]
+    with pytest.raises(ValidationErrors) as refused:
+        await call(sim, "container.delete", c1["id"])
+    message = f"{dataset!r} has snapshots. Set recursive=True to remove them."
+    assert refused.value.errors == [("zfs.resource.destroy", message, errno.ENOTEMPTY)]
+    assert await call(sim, "container.query", [["name", "=", "c1"]]) == [] and dataset in sim.storage.datasets
+    await call(sim, "container.update", c2["id"], {"name": "c3"})  # a rename renames the dataset
+    assert "tank/.truenas_containers/containers/c3" in sim.storage.datasets
+    assert await call(sim, "container.delete", c2["id"]) is None
+    assert "tank/.truenas_containers/containers/c3" not in sim.storage.datasets

@@ -38,7 +38,7 @@ def test_which_profile_serves_which_vm_methods(profile: str) -> None:
     assert ("vm.create" in methods) == (profile != "25.04.0")  # 25.04.0/1 keep Incus VMs in virt.instance
     assert ("vm.device.convert" in methods) == (profile in ("25.10", "26.0"))
     assert ("vm.import_disk_image" in methods) == (profile in ("25.04.2", "25.10"))
-    assert ("zfs.snapshot.clone" in methods) == (profile == "25.04.2")
+    assert ("zfs.snapshot.clone" in methods) == (profile in ("25.04.0", "25.04.2"))  # public on 25.04 only
     assert ("pool.snapshot.clone" in methods) == (profile in ("25.10", "26.0"))
     if profile != "25.04.0":
         assert methods["vm.stop"][1] is True and methods["vm.start"][1] is False and methods["vm.create"][1] is False

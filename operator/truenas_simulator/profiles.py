@@ -53,7 +53,8 @@ class Profile:
     vm_import_disk_image: bool = False
     """``vm.import_disk_image`` (25.04.2 and 25.10; removed in 26)."""
     snapshot_namespace: str = "pool.snapshot"
-    """``zfs.snapshot`` until 25.04, ``pool.snapshot`` from 25.10 on."""
+    """``zfs.snapshot`` on 25.04 (plugins/zfs_/snapshot.py), ``pool.snapshot`` from 25.10 on (zfs.snapshot
+    private)."""
     vm_libvirt_events: bool = False
     """25.x's libvirt domain events on ``vm.query`` (plugins/vm/events.py): libvirt state names, no
     devices, ``added`` on every (re)definition, ``extra.state``; 26 sends full entries (plugins/vm/event.py)."""
@@ -81,6 +82,7 @@ PROFILES: dict[str, Profile] = {
         vm_create=True,
         statuses=("RUNNING", "STOPPED", "UNKNOWN"),
         transitional_statuses=False,
+        snapshot_namespace="zfs.snapshot",
     ),
     "25.04.2": Profile(
         name="25.04.2",

@@ -67,9 +67,12 @@ class Simulator:
         self.sessions: set[Session] = set()
         self.session_spans: deque[SessionSpan] = deque(maxlen=10_000)
         """The WebSocket sessions opened (the last 10,000), open or closed."""
-        self.virt = VirtService(self)
-        self.containers = ContainerService(self)
         self.storage = StorageService(self, in_use=lambda name: self.vms.using(name))
+        self.storage.running_on = lambda name: (
+            self.vms.using(name) or self.containers.running_on(name) or self.virt.running_on(name)
+        )
+        self.virt = VirtService(self, self.storage)
+        self.containers = ContainerService(self, self.storage)
         self.vms = VMService(self, self.storage)
         self.methods: dict[str, tuple[Handler, bool]] = {}
         self.booted = time.time()
@@ -95,7 +98,7 @@ class Simulator:
             self.methods.update(self.containers.methods())
         if self.profile.has_vm:
             self.methods.update(self.vms.methods())
-            self.methods.update(self.storage.methods())
+        self.methods.update(self.storage.methods())  # datasets and snapshots: every version
 
     async def upload(self, session: Session, method: str, params: list[Any], content: bytes) -> int:
         """``POST /_upload``: the job the ``data`` part names, fed by the ``file`` part; its id."""

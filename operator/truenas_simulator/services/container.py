@@ -10,12 +10,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..context import CallContext
+from ..context import CallContext, Middleware
 from ..errors import CallError, ValidationErrors
 from ..jobs import Job
 from ..state import Image, Instance
 from ..validation import load_schema, validated
 from .base import GuestService, Methods
+from .storage import StorageService
 
 SCHEMA = "v26_0_0"
 HOSTNAME = re.compile(
@@ -108,6 +109,16 @@ class ContainerService(GuestService[Container]):
     KIND = "CONTAINER"
     ACTIVE_STATES = ("RUNNING",)
     FIRST_PID = 4000
+
+    def __init__(self, mw: Middleware, storage: StorageService) -> None:
+        super().__init__(mw)
+        self.storage = storage
+
+    def running_on(self, dataset: str) -> str | None:
+        for container in self.containers.values():
+            if container.state == "RUNNING" and container.entry()["dataset"] == dataset:
+                return container.name
+        return None
 
     def methods(self) -> Methods:
         plain = {
@@ -210,6 +221,9 @@ class ContainerService(GuestService[Container]):
                 container.uuid = data["uuid"]
             self.next_id += 1
             self.containers[container.id] = container
+            # plugins/container/container.py do_create: <pool>/.truenas_containers/containers/<name>, a
+            # clone of the image's snapshot (the image datasets are not modelled) [SRC]
+            self.storage.ensure_tree(container.entry()["dataset"])
             self.emit("added", container)
             return container.entry()
 
@@ -233,8 +247,11 @@ class ContainerService(GuestService[Container]):
                 )
             if not re.match(r"^\d+(-\d+)?(,\d+(-\d+)?)*$", cpuset):
                 raise ValidationErrors([("container_update.cpuset", f"Invalid cpuset format: {cpuset}", 22)])
+        before = container.entry()["dataset"]
         for key, value in data.items():
             setattr(container, key, value)
+        if container.entry()["dataset"] != before and before in self.storage.datasets:
+            self.storage.rename_tree(before, container.entry()["dataset"])  # do_update: zfs.resource.rename [SRC]
         self.emit("changed", container)
         return container.entry()
 
@@ -242,6 +259,18 @@ class ContainerService(GuestService[Container]):
         container = self.get(params[0] if params else None)
         del self.containers[container.id]
         self.emit("removed", container.id)
+        # do_delete: the container leaves the database and libvirt first, then its dataset goes through
+        # zfs.resource.destroy_impl, not recursively (plugins/container/container.py, zfs/resource_crud.py):
+        # a dataset with snapshots stays behind and the call fails [SRC]
+        dataset = container.entry()["dataset"]
+        if dataset in self.storage.datasets:
+            if any(n.startswith(f"{dataset}/") for n in self.storage.datasets):
+                message = f"{dataset!r} has children. Set recursive=True to remove them."
+                raise ValidationErrors([("zfs.resource.destroy", message, errno.ENOTEMPTY)])
+            if self.storage.snaps.of(dataset):
+                message = f"{dataset!r} has snapshots. Set recursive=True to remove them."
+                raise ValidationErrors([("zfs.resource.destroy", message, errno.ENOTEMPTY)])
+            self.storage.drop_tree(dataset)
         return None
 
     # ----- power -------------------------------------------------------------------------------------------

@@ -427,9 +427,6 @@ class SnapshotService(Service):
 
     def _rollback_one(self, snap: Snapshot, destroy_newer: bool, destroy_clones: bool) -> None:
         newer = [s for s in self.of(snap.dataset) if s.txg > snap.txg]
-        busy = self.storage.in_use(snap.dataset)
-        if busy is not None:
-            raise CallError(f"Failed to rollback snapshot: cannot rollback '{snap.dataset}': dataset is busy")  # [INF]
         if self.twenty_six:
             if destroy_newer:  # newest first; a failure (clones without recursive_clones) is passed over [SRC]
                 for item in reversed(newer):
@@ -467,6 +464,9 @@ class SnapshotService(Service):
                 self.forget(item)
         dataset = self.storage.datasets[snap.dataset]
         dataset.content, dataset.referenced, snap.used = snap.content, snap.referenced, 0
+        guest = self.storage.running_on(snap.dataset)
+        if guest is not None:  # allowed: zfs_ioc_rollback suspends a mounted filesystem or an open zvol
+            self.storage.changed_under.append((snap.dataset, guest))
 
     # ----- holds ---------------------------------------------------------------------------------------
     def hold(self, ctx: CallContext, params: list[Any]) -> Any:

@@ -76,6 +76,12 @@ class StorageService(Service):
         self.clock: Callable[[], float] = time.time
         """Snapshot creation times (tests may set another clock)."""
         self.snaps = SnapshotService(self)
+        self.running_on: Callable[[str], str | None] = in_use
+        """The running guest whose disk or root filesystem is dataset ``name``, if any (any family)."""
+        self.changed_under: list[tuple[str, str]] = []
+        """(dataset, guest) for every rollback ZFS did under a running guest: ZFS allows it (a mounted
+        filesystem and an open zvol are suspended and resumed, zfs_ioc_rollback), the guest sees its
+        disk change beneath it. Tests assert the operator never lets that happen."""
         self.files: dict[str, bytes] = {}
         self.directories: set[str] = set()
         """Directories ``filesystem.put`` made (``os.makedirs``), besides the datasets' mountpoints."""
@@ -121,6 +127,29 @@ class StorageService(Service):
         created = Dataset(name, kind, volsize, sparse=kind == "VOLUME", **fields)
         self.datasets[name] = created
         return created
+
+    def ensure_tree(self, name: str, kind: str = "FILESYSTEM", volsize: int | None = None) -> Dataset:
+        """``name`` with its missing parents, as a service makes its own datasets (Incus, containers)."""
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent not in self.datasets:
+                self.add_dataset(parent)
+        return self.datasets.get(name) or self.add_dataset(name, kind, volsize)
+
+    def rename_tree(self, old: str, new: str) -> None:
+        """``zfs rename``: the dataset, its descendants and their snapshots take the new name."""
+        for item in sorted(n for n in self.datasets if n == old or n.startswith(f"{old}/")):
+            moved = self.datasets.pop(item)
+            moved.name = new + item[len(old) :]
+            self.datasets[moved.name] = moved
+            for snap in self.snaps.of(item):
+                del self.snaps.snapshots[snap.id]
+                snap.dataset = moved.name
+                self.snaps.snapshots[snap.id] = snap
+        for other in self.datasets.values():
+            if other.origin and (other.origin.startswith(f"{old}@") or other.origin.startswith(f"{old}/")):
+                other.origin = new + other.origin[len(old) :]
 
     def drop_tree(self, name: str) -> None:
         """``name`` and its descendants go, with their snapshots and files (a rollback's ``-R``)."""

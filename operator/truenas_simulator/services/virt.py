@@ -7,13 +7,14 @@ import errno
 import re
 from typing import Any
 
-from ..context import CallContext, Handler
+from ..context import CallContext, Handler, Middleware
 from ..errors import CallError, InstanceNotFound, ValidationErrors
 from ..filters import check_query_args, filter_list
 from ..jobs import Job
 from ..state import MIB, Instance
 from ..validation import load_schema, validate, validated
 from .base import Methods, Service
+from .storage import StorageService
 
 INCUS_NAME = re.compile(r"^[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 VERBOSE_NAME = "VirtInstance"
@@ -45,6 +46,25 @@ def incus_name_error(name: str) -> str | None:
 
 
 class VirtService(Service):
+    def __init__(self, mw: Middleware, storage: StorageService) -> None:
+        super().__init__(mw)
+        self.storage = storage
+
+    @staticmethod
+    def datasets_of(instance: Instance) -> list[str]:
+        """Incus's ZFS storage driver on the virt pool's ``.ix-virt`` (plugins/virt/global.py names it):
+        a container's root filesystem; a VM's configuration filesystem and its ``.block`` volume."""
+        root = f"{instance.storage_pool}/.ix-virt"
+        if instance.type == "VM":
+            return [f"{root}/virtual-machines/{instance.name}", f"{root}/virtual-machines/{instance.name}.block"]
+        return [f"{root}/containers/{instance.name}"]
+
+    def running_on(self, dataset: str) -> str | None:
+        for instance in self.instances.values():
+            if instance.status == "RUNNING" and dataset in self.datasets_of(instance):
+                return instance.name
+        return None
+
     def methods(self) -> Methods:
         jobs: dict[str, Handler] = {
             "virt.instance.create": self.create,
@@ -210,6 +230,11 @@ class VirtService(Service):
             root_disk_io_bus=data.get("root_disk_io_bus") if instance_type == "VM" else None,
         )
         self.instances[name] = instance
+        for dataset in self.datasets_of(instance):
+            volume = dataset.endswith(".block")
+            self.storage.ensure_tree(
+                dataset, "VOLUME" if volume else "FILESYSTEM", instance.root_disk_size if volume else None
+            )
         if data.get("autostart"):
             await self._start(job, instance)
         entry = instance.entry(self.mw.profile)
@@ -297,6 +322,8 @@ class VirtService(Service):
                 await self._stop(job, instance, force=True, timeout=-1)
             await self.work(job)
             self.instances.pop(instance.name, None)
+            for dataset in self.datasets_of(instance):  # Incus destroys its volumes with their snapshots [INF]
+                self.storage.drop_tree(dataset)
             self.emit("removed", instance.name)
             return True
 
