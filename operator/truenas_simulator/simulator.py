@@ -68,8 +68,8 @@ class Simulator:
         self.session_spans: deque[SessionSpan] = deque(maxlen=10_000)
         """The WebSocket sessions opened (the last 10,000), open or closed."""
         self.virt = VirtService(self)
-        self.containers = ContainerService(self)
         self.storage = StorageService(self, in_use=lambda name: self.vms.using(name))
+        self.containers = ContainerService(self, self.storage)
         self.vms = VMService(self, self.storage)
         self.methods: dict[str, tuple[Handler, bool]] = {}
         self.booted = time.time()
