@@ -366,7 +366,8 @@ class VMService(GuestService[VM]):
         vm = self.get(params[0] if params else None)
         if vm.state not in ("RUNNING", "SUSPENDED"):
             raise CallError(f"VM {vm.id} is not running")
-        if vm.agent_interfaces is None or vm.state != "RUNNING":
+        interfaces = vm.agent_interfaces if vm.agent_interfaces is not None else self.mw.knobs.guest_agent_interfaces
+        if interfaces is None or vm.state != "RUNNING":
             raise CallError(
                 f"VM {vm.id}: Guest agent command failed: Guest agent is not responding: "
                 "QEMU guest agent is not connected"
@@ -385,7 +386,7 @@ class VMService(GuestService[VM]):
                     if a.get("ip-address")
                 ],
             }
-            for iface in vm.agent_interfaces
+            for iface in interfaces
         ]
 
     # ----- devices -------------------------------------------------------------------------------
