@@ -113,7 +113,7 @@ def test_virt_errors_through_pytruenas(served: SimulatorThread) -> None:
         truenas.close()
 
 
-@pytest.mark.parametrize("served", [*VIRT_PROFILES, "26.0"], indirect=True)
+@pytest.mark.parametrize("served", [*VIRT_PROFILES, "26.0", "27.0"], indirect=True)
 @pytest.mark.parametrize("login_ex", [False, True])
 def test_a_wrong_key_is_refused(served: SimulatorThread, login_ex: bool) -> None:
     key_id = served.api_key.partition("-")[0]
@@ -157,7 +157,7 @@ def test_container_lifecycle_through_pytruenas(served: SimulatorThread, login_ex
         truenas.close()
 
 
-@pytest.mark.parametrize("served", [*VIRT_PROFILES, "26.0"], indirect=True)
+@pytest.mark.parametrize("served", [*VIRT_PROFILES, "26.0", "27.0"], indirect=True)
 def test_pytruenas_reads_job_flags_from_core_get_methods(served: SimulatorThread) -> None:
     truenas = client(served)
     try:
