@@ -129,3 +129,18 @@ async def test_container_delete_is_a_job_that_wants_force_and_recursive() -> Non
     assert sim.containers.containers == {} and f"{dataset}@before" not in sim.storage.snapshots
     with pytest.raises(ValidationErrors, match="Extra inputs are not permitted"):
         await call(sim, "container.delete", 1, {"zvols": True})
+
+
+async def test_container_device_type_cannot_be_changed() -> None:
+    sim = Simulator("27.0")
+    await create(sim)
+    device = await call(
+        sim, "container.device.create", {"container": 1, "attributes": {"dtype": "NIC", "nic_attach": "br0"}}
+    )
+    with pytest.raises(ValidationErrors, match="Device type cannot be changed"):
+        await call(
+            sim,
+            "container.device.update",
+            device["id"],
+            {"attributes": {"dtype": "FILESYSTEM", "source": "/mnt/tank/a", "target": "/a"}},
+        )

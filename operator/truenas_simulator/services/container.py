@@ -391,6 +391,13 @@ class ContainerService(GuestService[Container]):
         assert isinstance(ident, int)
         data = params[1] if len(params) > 1 else {}
         raw = {**container.devices[ident], **(data.get("attributes") or {})} if isinstance(data, dict) else data
+        if (
+            self.mw.profile.api27
+            and isinstance(raw, dict)
+            and raw.get("dtype") != container.devices[ident].get("dtype")
+        ):
+            # 27 plugins/container/container_device_crud.py _validate_device
+            raise ValidationErrors([("attributes.dtype", "Device type cannot be changed", errno.EINVAL)])
         container.devices[ident] = self._device_attributes(raw, "container_device_update.attributes", container, ident)
         return self.emit_device("changed", container, ident)
 
