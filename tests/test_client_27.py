@@ -160,3 +160,21 @@ def test_declared_calls_by_version() -> None:
     assert "vm.get_guest_network_interfaces" in VMBackend.calls((27, 0, 0)).reads
     assert "vm.get_guest_network_interfaces" not in VMBackend.calls((26, 0, 0)).reads
     assert "container.delete" in ContainerBackend.calls((27, 0, 0)).writes
+
+
+async def test_upgrade_from_26_keeps_instances_and_the_new_client_speaks_27() -> None:
+    """26 -> 27 keeps containers and VMs (no migration); the client made after the reboot detects 27."""
+    async with serve("26.0") as (sim, server):
+        async with client_for(server, "websocket", vm_image_server=mirror(server)) as before:
+            await before.instances.create(container())
+            await before.instances.create(vm_config())
+            await before.instances.start("web01")
+            assert before.version == (26, 0, 0)
+        assert sim.upgrade("27.0") == []
+        async with client_for(server, "websocket", vm_image_server=mirror(server)) as after:
+            assert after.version == (27, 0, 0)
+            names = {i.name: i.status for i in await after.instances.list_instances()}
+            assert names == {"web01": InstanceStatus.RUNNING, "web-01": InstanceStatus.STOPPED}
+            await after.instances.delete("web01")  # running: 27's job, with force
+            await after.instances.delete("web-01")
+            assert sim.containers.containers == {} and sim.vms.vms == {}
