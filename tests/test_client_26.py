@@ -12,8 +12,9 @@ from truenas_incus_operator.truenas import UNSET, DeviceConfig, ImageNotFound, I
 from .test_client import client_for, serve
 
 
-async def test_container_lifecycle_on_26() -> None:
-    async with serve("26.0") as (sim, server), client_for(server, "websocket") as client:
+@pytest.mark.parametrize("profile", ["26.0", "27.0"])
+async def test_container_lifecycle_on_26(profile: str) -> None:
+    async with serve(profile) as (sim, server), client_for(server, "websocket") as client:
         backend = client.instances
         created = await backend.create(
             InstanceConfig(

@@ -39,7 +39,7 @@ from truenas_simulator.images import vm_image_bytes, write_mirror
 from .test_client import client_for, serve
 
 GIB = 2**30
-VM_PROFILES = ["25.04.2", "25.10", "26.0"]
+VM_PROFILES = ["25.04.2", "25.10", "26.0", "27.0"]
 
 
 def mirror(server: Any) -> str:
@@ -534,7 +534,7 @@ def whole(sim: Simulator, vm: str) -> str | None:
     return sim.storage.datasets[f"tank/incus-operator/vms/{vm}/root"].content
 
 
-@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+@pytest.mark.parametrize("profile", ["25.10", "26.0", "27.0"])
 async def test_three_images_converted_at_once_each_get_their_own_bytes(profile: str) -> None:
     """TrueNAS merges a third call on the ``vm.device.convert`` lock into the waiting one: without one
     conversion at a time and a proof per volume, one base stays empty and is cloned."""
@@ -553,7 +553,7 @@ async def test_three_images_converted_at_once_each_get_their_own_bytes(profile: 
             assert sim.storage.snapshots[snapshot].content is not None, f"{snapshot} was taken of an empty volume"
 
 
-@pytest.mark.parametrize("profile", ["25.04.2", "25.10", "26.0"])
+@pytest.mark.parametrize("profile", VM_PROFILES)
 async def test_a_conversion_merged_into_another_clients_job_is_done_again(profile: str) -> None:
     """Another client (the UI, a script) has a conversion running on the lock and one waiting: the
     operator's call is answered with the waiting job, which writes another image (25.10/26: into
@@ -772,7 +772,7 @@ async def test_a_key_without_full_admin_creates_containers_and_is_told_vms_need_
 
 
 # ----- memory: vm.start's guarantee and overcommit (issue 23 item 2) -------------------------------------------
-@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+@pytest.mark.parametrize("profile", ["25.10", "26.0", "27.0"])
 async def test_a_vm_that_truenas_cannot_promise_memory_is_refused_with_what_to_do_and_overcommit_starts_it(
     profile: str,
 ) -> None:
@@ -831,7 +831,7 @@ def test_memory_overcommit_is_a_vm_option_and_needs_the_policy() -> None:
 
 
 # ----- space: the 80% rule for volumes (issue 23 item 3) -------------------------------------------------------
-@pytest.mark.parametrize("profile", ["25.04.2", "26.0"])
+@pytest.mark.parametrize("profile", ["25.04.2", "26.0", "27.0"])
 async def test_a_root_disk_or_base_over_80_percent_of_the_free_space_is_refused_saying_which_and_leaves_nothing(
     profile: str,
 ) -> None:

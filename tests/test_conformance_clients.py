@@ -113,7 +113,7 @@ def test_virt_errors_through_pytruenas(served: SimulatorThread) -> None:
         truenas.close()
 
 
-@pytest.mark.parametrize("served", [*VIRT_PROFILES, "26.0"], indirect=True)
+@pytest.mark.parametrize("served", [*VIRT_PROFILES, "26.0", "27.0"], indirect=True)
 @pytest.mark.parametrize("login_ex", [False, True])
 def test_a_wrong_key_is_refused(served: SimulatorThread, login_ex: bool) -> None:
     key_id = served.api_key.partition("-")[0]
@@ -126,13 +126,14 @@ def test_a_wrong_key_is_refused(served: SimulatorThread, login_ex: bool) -> None
         truenas.close()
 
 
-@pytest.mark.parametrize("served", ["26.0"], indirect=True)
+@pytest.mark.parametrize("served", ["26.0", "27.0"], indirect=True)
 @pytest.mark.parametrize("login_ex", [False, True])
 def test_container_lifecycle_through_pytruenas(served: SimulatorThread, login_ex: bool) -> None:
     truenas = client(served, username="root" if login_ex else None)
+    twenty_seven = served.sim.profile.name == "27.0"
     try:
         truenas.login(login_ex=login_ex)
-        assert truenas.api.system.info()["version"] == "26.0.0"
+        assert truenas.api.system.info()["version"] == ("27.0.0-BETA.1" if twenty_seven else "26.0.0")
         image = truenas.api.container.image.query_registry()[0]
         events = truenas.conn.subscribe("container.query")
         created = truenas.api.container.create(
@@ -148,7 +149,10 @@ def test_container_lifecycle_through_pytruenas(served: SimulatorThread, login_ex
         with pytest.raises(ValidationErrors) as invalid:
             truenas.api.container.update(ident, {"shutdown_timeout": 1})
         assert invalid.value.errors[0][0] == "container_update.shutdown_timeout"
-        assert truenas.api.container.delete(ident) is None
+        if twenty_seven:  # a job on 27, with {force, recursive}
+            assert truenas.api.container.delete(ident, {"force": False}, job=True) is None
+        else:
+            assert truenas.api.container.delete(ident) is None
         assert truenas.api.container.query() == []
         seen = drain(events, 5)
         assert [msg for msg, _, _ in seen] == ["added", "changed", "changed", "changed", "removed"]
@@ -157,7 +161,7 @@ def test_container_lifecycle_through_pytruenas(served: SimulatorThread, login_ex
         truenas.close()
 
 
-@pytest.mark.parametrize("served", [*VIRT_PROFILES, "26.0"], indirect=True)
+@pytest.mark.parametrize("served", [*VIRT_PROFILES, "26.0", "27.0"], indirect=True)
 def test_pytruenas_reads_job_flags_from_core_get_methods(served: SimulatorThread) -> None:
     truenas = client(served)
     try:

@@ -97,7 +97,7 @@ async def vm_lifecycle(client: TrueNASClient) -> None:
     await vms.collect_bases(now=1.0)  # both bases unused: collected (snapshot and dataset deleted)
 
 
-@pytest.mark.parametrize("profile", ["25.04.2", "25.10", "26.0"])
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10", "26.0", "27.0"])
 async def test_each_family_calls_only_what_it_declares(profile: str) -> None:
     recorder = Recorder()
     async with (

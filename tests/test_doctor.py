@@ -27,19 +27,21 @@ from truenas_simulator.tls import CertificateAuthority
 
 from .harness import start_simulator
 
-PROFILES = ["25.04.0", "25.04.2", "25.10", "26.0"]
+PROFILES = ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"]
 # From 25.04.2 on, VMs go through vm.* next to the container family (backends/routing.py).
 FAMILY = {
     "25.04.0": "virt.instance",
     "25.04.2": "virt.instance+vm",
     "25.10": "virt.instance+vm",
     "26.0": "container+vm",
+    "27.0": "container+vm",
 }
 UNSUPPORTED = {
     "25.04.0": ["nics[].hwaddr"],
     "25.04.2": ["nics[].hwaddr"],
     "25.10": [],
     "26.0": ["memory", "devices[].name"],
+    "27.0": ["memory", "devices[].name"],
 }
 """What each generation cannot honour of MANIFEST (a container with a memory limit and a NIC's MAC)."""
 MANIFEST = {

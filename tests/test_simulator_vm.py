@@ -20,8 +20,9 @@ from truenas_simulator.validation import load_schema
 
 from .test_simulator import run_job, session
 
-VM_PROFILES = ("25.04.2", "25.10", "26.0")
-SCHEMA = {"25.04.2": "v25_04_2", "25.10": "v25_10_0", "26.0": "v26_0_0"}
+VM_PROFILES = ("25.04.2", "25.10", "26.0", "27.0")
+SCHEMA = {"25.04.2": "v25_04_2", "25.10": "v25_10_0", "26.0": "v26_0_0", "27.0": "v27_0_0"}
+PYLIBVIRT = ("26.0", "27.0")
 
 
 async def call(sim: Simulator, method: str, *params: Any) -> Any:
@@ -36,10 +37,10 @@ def put_file(sim: Simulator, path: str, content: bytes) -> None:
 def test_which_profile_serves_which_vm_methods(profile: str) -> None:
     methods = Simulator(profile).methods
     assert ("vm.create" in methods) == (profile != "25.04.0")  # 25.04.0/1 keep Incus VMs in virt.instance
-    assert ("vm.device.convert" in methods) == (profile in ("25.10", "26.0"))
+    assert ("vm.device.convert" in methods) == (profile in ("25.10", *PYLIBVIRT))
     assert ("vm.import_disk_image" in methods) == (profile in ("25.04.2", "25.10"))
     assert ("zfs.snapshot.clone" in methods) == (profile in ("25.04.0", "25.04.2"))  # public on 25.04 only
-    assert ("pool.snapshot.clone" in methods) == (profile in ("25.10", "26.0"))
+    assert ("pool.snapshot.clone" in methods) == (profile in ("25.10", *PYLIBVIRT))
     if profile != "25.04.0":
         assert methods["vm.stop"][1] is True and methods["vm.start"][1] is False and methods["vm.create"][1] is False
 
@@ -52,12 +53,12 @@ async def test_vm_lifecycle_matches_the_schemas_and_the_version(profile: str) ->
     entry = await call(sim, "vm.create", {"name": "web01", "memory": 1024, "vcpus": 2, "autostart": False})
     jsonschema.validate(entry, load_schema(f"{SCHEMA[profile]}.vm.query.entry"))
     assert entry["id"] == 1 and entry["memory"] == 1024 and entry["status"]["state"] == "STOPPED"
-    assert entry["status"]["domain_state"] == (None if profile == "26.0" else "SHUTOFF")
-    assert entry["suspend_on_snapshot"] is (profile == "26.0")
+    assert entry["status"]["domain_state"] == (None if profile in PYLIBVIRT else "SHUTOFF")
+    assert entry["suspend_on_snapshot"] is (profile in PYLIBVIRT)
     assert await call(sim, "vm.start", 1) is None
     running = await call(sim, "vm.get_instance", 1)
     assert running["status"]["state"] == "RUNNING" and running["status"]["pid"]
-    already = "VM 'web01' is already running" if profile == "26.0" else "'web01' is already running"
+    already = "VM 'web01' is already running" if profile in PYLIBVIRT else "'web01' is already running"
     with pytest.raises(CallError, match=already):
         await call(sim, "vm.start", 1)
     updated = await call(sim, "vm.update", 1, {"memory": 2048})
@@ -67,11 +68,13 @@ async def test_vm_lifecycle_matches_the_schemas_and_the_version(profile: str) ->
     stopped = await run_job(sim, "vm.stop", 1, {"force_after_timeout": True})
     assert stopped["state"] == "SUCCESS" and sim.vms.vms[1].state == "STOPPED"
     again = await run_job(sim, "vm.stop", 1, {})
-    expected = "Domain 'web01' is not active" if profile == "26.0" else "[EFAULT] VM state is currently not 'RUNNING'"
+    expected = (
+        "Domain 'web01' is not active" if profile in PYLIBVIRT else "[EFAULT] VM state is currently not 'RUNNING'"
+    )
     assert again["state"] == "FAILED" and again["error"] == expected
-    assert await call(sim, "vm.delete", 1) == (None if profile == "26.0" else True)
+    assert await call(sim, "vm.delete", 1) == (None if profile in PYLIBVIRT else True)
     seen = [(e["msg"], (e.get("fields") or {}).get("status", {}).get("state"), e.get("extra")) for e in events]
-    if profile == "26.0":  # plugins/vm/event.py: the full entry on every domain event, CRUD events besides
+    if profile in PYLIBVIRT:  # plugins/vm/event.py: the full entry on every domain event, CRUD events besides
         assert seen == [
             ("added", "STOPPED", None),
             ("changed", "RUNNING", None),
@@ -153,7 +156,7 @@ async def test_25_04_2_snapshots_live_in_zfs_snapshot() -> None:
         await call(sim, "pool.snapshot.clone", {"snapshot": "tank/v@s", "dataset_dst": "tank/d"})
 
 
-@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+@pytest.mark.parametrize("profile", ["25.10", *PYLIBVIRT])
 async def test_convert_writes_the_image_into_the_volume_with_truenas_messages(profile: str) -> None:
     sim = Simulator(profile)
     await call(sim, "pool.dataset.create", {"name": "tank/images"})
@@ -219,7 +222,7 @@ async def test_devices_validation_and_delete_while_running(profile: str) -> None
         sim, "vm.device.create", {"vm": 1, "attributes": {"dtype": "NIC", "nic_attach": "br0", "type": "VIRTIO"}}
     )
     assert disk["order"] == 1001 and nic["attributes"]["nic_attach"] == "br0"
-    assert (nic["attributes"]["mac"] is not None) == (profile == "26.0")  # 26 stores a generated MAC
+    assert (nic["attributes"]["mac"] is not None) == (profile in PYLIBVIRT)  # 26 stores a generated MAC
     with pytest.raises(ValidationErrors, match="Not a valid choice"):
         await call(sim, "vm.device.create", {"vm": 1, "attributes": {"dtype": "NIC", "nic_attach": "nope0"}})
     await call(sim, "vm.start", 1)
@@ -227,7 +230,10 @@ async def test_devices_validation_and_delete_while_running(profile: str) -> None
         await call(sim, "vm.device.delete", disk["id"])
     with pytest.raises(CallError, match="dataset is busy"):
         await call(sim, "pool.dataset.delete", "tank/root")
-    await call(sim, "vm.delete", 1, {"zvols": True})
+    if profile == "27.0":  # 27 plugins/vm/crud.py: an active VM is deleted only with force
+        with pytest.raises(CallError, match=r"\[EBUSY\] 'web01' is running; stop the VM first or pass force"):
+            await call(sim, "vm.delete", 1, {"zvols": True})
+    await call(sim, "vm.delete", 1, {"zvols": True, "force": True})
     assert "tank/root" not in sim.storage.datasets
 
 
@@ -288,7 +294,7 @@ async def three_volumes(sim: Simulator) -> list[str]:
     return [f"tank/v{n}" for n in range(3)]
 
 
-@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+@pytest.mark.parametrize("profile", ["25.10", *PYLIBVIRT])
 async def test_a_third_conversion_is_handed_the_waiting_job_whatever_its_arguments(profile: str) -> None:
     """vm_devices.py: ``@job(lock='vm.device.convert', lock_queue_size=1)``; job.py ``JobsQueue.add``."""
     sim = Simulator(profile)
@@ -350,7 +356,7 @@ async def test_a_recursive_delete_destroys_other_trees_clones_on_26_and_is_refus
         await call(sim, "pool.dataset.delete", "tank/plain")
     with pytest.raises(CallError, match="dependent clones"):
         await call(sim, "pool.dataset.delete", "tank/images/base")
-    if profile == "26.0":
+    if profile in PYLIBVIRT:
         assert await call(sim, "pool.dataset.delete", "tank/images", {"recursive": True})
         assert not {"tank/images/base", "tank/vm1", "tank/vm2"} & set(sim.storage.datasets)  # clones of clones too
         assert set(sim.storage.snapshots) == {"tank/plain@s"}

@@ -58,6 +58,13 @@ class Profile:
     vm_libvirt_events: bool = False
     """25.x's libvirt domain events on ``vm.query`` (plugins/vm/events.py): libvirt state names, no
     devices, ``added`` on every (re)definition, ``extra.state``; 26 sends full entries (plugins/vm/event.py)."""
+    pylibvirt: bool = False
+    """VMs through truenas_pylibvirt (26 and later): the domain is defined at the first start, its errors
+    are pylibvirt's, ``vm.delete`` answers null, ZFS destroys go through truenas_pylibzfs."""
+    api27: bool = False
+    """TrueNAS 27 (middleware master, api/v27_0_0): ``vm.reset``, ``vm.get_guest_network_interfaces``;
+    ``vm.delete`` and ``container.delete`` refuse an active guest without ``force``; ``container.delete``
+    is a job with ``{force, recursive}`` and refuses a dataset with children or snapshots unless recursive."""
 
     @property
     def current_api(self) -> str:
@@ -65,7 +72,7 @@ class Profile:
 
     def schema_for_api(self, api_version: str) -> str:
         """Schema folder prefix for a versioned endpoint such as ``v25.04.2``."""
-        known = {"v25.04.0": "v25_04_0", "v25.04.1": "v25_04_0", "v25.04.2": "v25_04_2"}
+        known = {"v25.04.0": "v25_04_0", "v25.04.1": "v25_04_0", "v25.04.2": "v25_04_2", "v26.0.0": "v26_0_0"}
         if api_version in known:
             return known[api_version]
         if api_version.startswith("v25.10"):
@@ -123,9 +130,37 @@ PROFILES: dict[str, Profile] = {
         has_container=True,
         has_vm=True,
         vm_convert=True,
+        pylibvirt=True,
+    ),
+    "27.0": Profile(
+        name="27.0",
+        # middleware master (66d9e1b9c3) carries 27.0.0-BETA.1 work; no 27 release exists yet
+        system_version="TrueNAS-27.0.0-BETA.1",
+        api_versions=(
+            *("v25.04.0", "v25.04.1", "v25.04.2", "v25.10.0", "v25.10.1", "v25.10.2", "v25.10.5"),
+            *("v26.0.0", "v27.0.0"),
+        ),
+        schema_version="v27_0_0",
+        has_virt=False,
+        has_rest=False,
+        legacy_jobs_option=True,
+        message_ids=True,
+        has_container=True,
+        has_vm=True,
+        vm_convert=True,
+        pylibvirt=True,
+        api27=True,
     ),
 }
-PROFILE_ALIASES = {"25.04": "25.04.0", "25.10.0": "25.10", "25.10.1": "25.10", "26": "26.0", "26.0.0": "26.0"}
+PROFILE_ALIASES = {
+    "25.04": "25.04.0",
+    "25.10.0": "25.10",
+    "25.10.1": "25.10",
+    "26": "26.0",
+    "26.0.0": "26.0",
+    "27": "27.0",
+    "27.0.0": "27.0",
+}
 
 
 def get_profile(name: str) -> Profile:

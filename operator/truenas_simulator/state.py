@@ -72,6 +72,9 @@ class Knobs:
     pool_available: int = 4 * 1024 * GIB
     """Free bytes on each pool, before volumes that reserve their size (not sparse) take theirs."""
     host_cores: int = 16
+    guest_agent_interfaces: list[dict[str, Any]] | None = None
+    """What a VM's QEMU guest agent reports (27's ``vm.get_guest_network_interfaces``) unless the VM has its
+    own ``agent_interfaces``; None: guests have no agent."""
     max_concurrent_calls: int = 20
     auth_fail_delay: float = 1.0
     """A refused login answers after uniform(d, d + 1) seconds, as TrueNAS's AAL1 ``min_fail_delay``

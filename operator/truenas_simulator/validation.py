@@ -120,9 +120,13 @@ class _Walker:
             self.error(loc, f"String should have at most {maximum} characters")
         elif "pattern" in schema and not re.search(schema["pattern"], value):
             if "x-error" in schema:
-                self.error(loc, f"Value error, {schema['x-error']}")
+                # an AfterValidator's ValueError ("Value error, ...") or assert ("Assertion failed, ...")
+                kind = "Assertion failed" if schema.get("x-error-kind") == "assertion" else "Value error"
+                self.error(loc, f"{kind}, {schema['x-error']}")
             else:
                 self.error(loc, f"String should match pattern '{schema['pattern']}'")
+        elif schema.get("x-lowercase"):
+            return value.lower()  # AfterValidator(str.lower), e.g. 27's MACAddress
         return value
 
     def _bounds(self, schema: dict[str, Any], value: int | float, loc: list[str]) -> Any:

@@ -1,6 +1,7 @@
-"""TrueNAS 26 ``container.*`` (LXC through libvirt), ``container.device.*``, ``container.image.*`` and
-``lxc.config``, as truenas-vm-container.md §3-§6 describes them; and the boot-time migration from
-25.x Incus containers (§3.7) behind the simulator's upgrade knob."""
+"""TrueNAS 26 and 27 ``container.*`` (LXC through libvirt), ``container.device.*``, ``container.image.*``
+and ``lxc.config``, as truenas-vm-container.md §3-§6 describes them (27: ``container.delete`` is a job
+with ``{force, recursive}``); and the boot-time migration from 25.x Incus containers (§3.7) behind the
+simulator's upgrade knob."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from ..validation import load_schema, validated
 from .base import GuestService, Methods
 from .storage import StorageService
 
-SCHEMA = "v26_0_0"
 HOSTNAME = re.compile(
     r"(?i)^(?!\d{1,3}(\.\d{1,3}){3}$)(?=.{1,100}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 )
@@ -125,7 +125,6 @@ class ContainerService(GuestService[Container]):
             "container.query": self.query,
             "container.get_instance": self.get_instance,
             "container.update": self.update,
-            "container.delete": self.delete,
             "container.start": self.start,
             "container.device.query": self.device_query,
             "container.device.create": self.device_create,
@@ -137,6 +136,7 @@ class ContainerService(GuestService[Container]):
         return {
             "container.create": (self.create, True),
             "container.stop": (self.stop, True),
+            "container.delete": (self.delete_job, True) if self.mw.profile.api27 else (self.delete, False),
             **{name: (handler, False) for name, handler in plain.items()},
         }
 
@@ -155,9 +155,13 @@ class ContainerService(GuestService[Container]):
             if "CONTAINER" in i.instance_types
         }
 
-    @staticmethod
-    def _validated(kind: str, value: Any, attribute: str) -> Any:
-        return validated(load_schema(f"{SCHEMA}.{kind}"), value, attribute)
+    @property
+    def schema(self) -> str:
+        """``v26_0_0`` on 26, ``v27_0_0`` on 27."""
+        return self.mw.profile.schema_version
+
+    def _validated(self, kind: str, value: Any, attribute: str) -> Any:
+        return validated(load_schema(f"{self.schema}.{kind}"), value, attribute)
 
     # ----- reads ------------------------------------------------------------------------------------------
     def query_registry(self, ctx: CallContext, params: list[Any]) -> Any:
@@ -273,6 +277,75 @@ class ContainerService(GuestService[Container]):
             self.storage.drop_tree(dataset)
         return None
 
+    def delete_job(self, ctx: CallContext, params: list[Any]) -> Job:
+        """27 ``container.delete [id, {force=false, recursive=false}]``: a job (lock ``container_delete:<id>``,
+        plugins/container/__init__.py) that refuses an active container without ``force`` and a dataset
+        with child datasets or snapshots without ``recursive`` (plugins/container/crud.py do_delete)."""
+        ident = params[0] if params else None
+        options = params[1] if len(params) > 1 else {}
+        if not isinstance(options, dict):
+            raise ValidationErrors(
+                [("options", "Input should be a valid dictionary or instance of ContainerDeleteOptions", 22)]
+            )
+        errors = ValidationErrors()
+        for key, value in options.items():
+            if key not in ("force", "recursive"):
+                errors.add(f"options.{key}", "Extra inputs are not permitted")
+            elif not isinstance(value, bool):
+                errors.add(f"options.{key}", "Input should be a valid boolean")
+        errors.check()
+
+        async def body(job: Job) -> Any:
+            container = self.get(ident)
+            if container.state in ("RUNNING", "SUSPENDED") and not options.get("force"):
+                raise ValidationErrors(
+                    [
+                        (
+                            "container_delete.force",
+                            f"Container {container.name!r} is {container.state.lower()}. Stop it first, "
+                            "or pass force=True to stop and delete it.",
+                            errno.EBUSY,
+                        )
+                    ]
+                )
+            dataset = container.entry()["dataset"]
+            storage = self.storage
+            children = [d for d in storage.datasets if d.startswith(f"{dataset}/")]
+            snapshots = storage.snaps.of(dataset)
+            if not options.get("recursive"):
+                if children:
+                    raise ValidationErrors(
+                        [
+                            (
+                                "container_delete.recursive",
+                                f"Container {container.name!r} dataset {dataset!r} has child datasets. "
+                                "Set `recursive` to delete the container together with them.",
+                                errno.ENOTEMPTY,
+                            )
+                        ]
+                    )
+                if snapshots:
+                    raise ValidationErrors(
+                        [
+                            (
+                                "container_delete.recursive",
+                                f"Container {container.name!r} dataset {dataset!r} has {len(snapshots)} snapshot(s). "
+                                "Set `recursive` to delete the container together with them.",
+                                errno.ENOTEMPTY,
+                            )
+                        ]
+                    )
+            if dataset in storage.datasets:
+                # destroy_impl(recursive=True): the children, snapshots and their clones wherever they live
+                for name in storage._with_clones([dataset, *children]):
+                    storage.drop_tree(name)
+            container.state, container.pid = "STOPPED", None  # the domain is destroyed first
+            del self.containers[container.id]
+            self.emit("removed", container.id)
+            return None
+
+        return self.submit(ctx, "container.delete", params, body, lock=f"container_delete:{ident}")
+
     # ----- power -------------------------------------------------------------------------------------------
     def start(self, ctx: CallContext, params: list[Any]) -> Any:
         container = self.get(params[0] if params else None)
@@ -302,7 +375,7 @@ class ContainerService(GuestService[Container]):
 
     # ----- devices -------------------------------------------------------------------------------------------
     def _device_attributes(self, raw: Any, attribute: str, container: Container, exclude: int | None) -> dict[str, Any]:
-        schema = load_schema(f"{SCHEMA}.container.device.entry")["properties"]["attributes"]
+        schema = load_schema(f"{self.schema}.container.device.entry")["properties"]["attributes"]
         result = validated(schema, raw, attribute)
         if result["dtype"] == "FILESYSTEM":
             problems = ValidationErrors()
@@ -339,6 +412,13 @@ class ContainerService(GuestService[Container]):
         assert isinstance(ident, int)
         data = params[1] if len(params) > 1 else {}
         raw = {**container.devices[ident], **(data.get("attributes") or {})} if isinstance(data, dict) else data
+        if (
+            self.mw.profile.api27
+            and isinstance(raw, dict)
+            and raw.get("dtype") != container.devices[ident].get("dtype")
+        ):
+            # 27 plugins/container/container_device_crud.py _validate_device
+            raise ValidationErrors([("attributes.dtype", "Device type cannot be changed", errno.EINVAL)])
         container.devices[ident] = self._device_attributes(raw, "container_device_update.attributes", container, ident)
         return self.emit_device("changed", container, ident)
 

@@ -116,8 +116,8 @@ class SnapshotService(Service):
 
     @property
     def twenty_six(self) -> bool:
-        """26's pool.snapshot.* go through zfs.resource.snapshot (truenas_pylibzfs), not libzfs."""
-        return self.mw.profile.name == "26.0"
+        """26 and later: pool.snapshot.* go through zfs.resource.snapshot (truenas_pylibzfs), not libzfs."""
+        return self.mw.profile.pylibvirt
 
     @property
     def schema(self) -> str:

@@ -252,7 +252,7 @@ class StorageService(Service):
                 f"Failed to delete dataset: cannot destroy {found.name!r}: filesystem has children", errno.ENOTEMPTY
             )
         doomed = [found.name, *children]
-        if options.get("recursive") and self.mw.profile.name == "26.0":
+        if options.get("recursive") and self.mw.profile.pylibvirt:
             # 26: plugins/zfs/destroy_impl.py runs truenas_pylibzfs's DESTROY_RESOURCES channel program
             # ("recursive: Recursively destroy all descendants as well as release any holds and destroy
             # any clones or snapshots"): the clones of every snapshot in the tree go too, wherever they

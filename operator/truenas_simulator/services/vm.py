@@ -1,5 +1,6 @@
-"""libvirt VMs: ``vm.*`` and ``vm.device.*`` as TrueNAS 25.04.2, 25.10 and 26 implement them
-(truenas-vm-container.md §2, §4, §6), with ``vm.device.convert`` (25.10+/26) and
+"""libvirt VMs: ``vm.*`` and ``vm.device.*`` as TrueNAS 25.04.2, 25.10, 26 and 27 implement them
+(truenas-vm-container.md §2, §4, §6; 27's ``vm.reset`` and guest agent interfaces), with
+``vm.device.convert`` (25.10+) and
 ``vm.import_disk_image`` (25.04.2/25.10) writing uploaded disk images into volumes.
 
 What a guest would see at start is recorded per VM (``guest``): the image its root disk holds and
@@ -20,6 +21,7 @@ from ..context import CallContext, Handler, Middleware
 from ..errors import CallError, ValidationErrors
 from ..images import qcow2_virtual_size, read_iso
 from ..jobs import Job
+from ..profiles import get_profile
 from ..validation import load_schema, validated
 from .base import GuestService, Methods, is_id
 from .storage import StorageService
@@ -41,6 +43,11 @@ class VM:
     orders: dict[int, int | None] = field(default_factory=dict)
     ignores_shutdown: bool = False
     guest: dict[str, Any] = field(default_factory=dict)
+    agent_interfaces: list[dict[str, Any]] | None = None
+    """What the guest's QEMU agent answers to ``guest-network-get-interfaces`` (27), as the agent words it
+    (``name``, ``hardware-address``, ``ip-addresses[]`` of ``ip-address``/``prefix``/``ip-address-type``);
+    None: no agent in the guest."""
+    resets: int = 0
 
     @property
     def name(self) -> str:
@@ -63,7 +70,7 @@ class VM:
         elif self.state == "SUSPENDED":
             domain_state = "PAUSED"
         else:  # 25.x defines the domain at create (SHUTOFF); 26 only at the first start (null)
-            domain_state = "SHUTOFF" if (self.defined or profile_name != "26.0") else None
+            domain_state = "SHUTOFF" if (self.defined or not get_profile(profile_name).pylibvirt) else None
         data.update(
             {
                 "id": self.id,
@@ -126,6 +133,9 @@ class VMService(GuestService[VM]):
             jobs["vm.device.convert"] = self.convert
         if self.mw.profile.vm_import_disk_image:
             jobs["vm.import_disk_image"] = self.import_disk_image
+        if self.mw.profile.api27:
+            plain["vm.reset"] = self.reset
+            plain["vm.get_guest_network_interfaces"] = self.guest_network_interfaces
         return {
             **{name: (handler, False) for name, handler in plain.items()},
             **{name: (handler, True) for name, handler in jobs.items()},
@@ -275,7 +285,7 @@ class VMService(GuestService[VM]):
         self._common_validation(data, "vm_create", None)
         if data.get("uuid") is None:
             data["uuid"] = str(uuid.uuid4())
-        vm = VM(id=self.next_id, config=data, defined=self.mw.profile.name != "26.0")
+        vm = VM(id=self.next_id, config=data, defined=not self.mw.profile.pylibvirt)
         self.next_id += 1
         self.vms[vm.id] = vm
         if self.mw.profile.vm_libvirt_events:
@@ -298,6 +308,11 @@ class VMService(GuestService[VM]):
     def delete(self, ctx: CallContext, params: list[Any]) -> Any:
         vm = self.get(params[0] if params else None)
         options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
+        if vm.state in ("RUNNING", "SUSPENDED") and self.mw.profile.api27 and not options.get("force"):
+            # 27 plugins/vm/crud.py do_delete: an active VM only goes with force
+            raise CallError(
+                f"{vm.name!r} is {vm.state.lower()}; stop the VM first or pass force to delete it.", errno.EBUSY
+            )
         if vm.state in ("RUNNING", "SUSPENDED"):
             vm.state, vm.pid = "STOPPED", None  # destroyed first
         if options.get("zvols"):
@@ -309,12 +324,12 @@ class VMService(GuestService[VM]):
             self.mw.events.emit(self.DEVICE_COLLECTION, "removed", ident)
         del self.vms[vm.id]
         self.emit("removed", vm.id)
-        return None if self.mw.profile.name == "26.0" else True
+        return None if self.mw.profile.pylibvirt else True
 
     # ----- power ---------------------------------------------------------------------------------
     def start(self, ctx: CallContext, params: list[Any]) -> Any:
         vm = self.get(params[0] if params else None)
-        twenty_six = self.mw.profile.name == "26.0"
+        twenty_six = self.mw.profile.pylibvirt
         if vm.state == "RUNNING" or (twenty_six and vm.state == "SUSPENDED"):
             raise CallError(f"VM {vm.name!r} is already running" if twenty_six else f"{vm.name!r} is already running")
         if vm.state == "SUSPENDED":
@@ -372,7 +387,7 @@ class VMService(GuestService[VM]):
             vm = self.get(data["id"])
             options = data["options"]
             if vm.state != "RUNNING":
-                if self.mw.profile.name == "26.0":
+                if self.mw.profile.pylibvirt:
                     raise Exception(f"Domain {vm.name!r} is not active")  # pylibvirt Error: a plain exception
                 raise CallError("VM state is currently not 'RUNNING'")
             if not options["force"]:
@@ -389,11 +404,51 @@ class VMService(GuestService[VM]):
     def poweroff(self, ctx: CallContext, params: list[Any]) -> Any:
         vm = self.get(params[0] if params else None)
         if vm.state not in ("RUNNING", "SUSPENDED"):
-            if self.mw.profile.name == "26.0":
+            if self.mw.profile.pylibvirt:
                 raise CallError(f"Domain {vm.name!r} is not active")
             raise CallError("VM state is currently not 'RUNNING / SUSPENDED'")
         self.set_state(vm, "STOPPED")
         return None
+
+    def reset(self, ctx: CallContext, params: list[Any]) -> Any:
+        """27 ``vm.reset [id]`` (plugins/vm/lifecycle.py reset_vm -> pylibvirt ``vms.reset``): a hardware
+        reset; the qemu process, so the pid and the RUNNING state, stay. An inactive domain: libvirt's
+        error, through pylibvirt as for poweroff [INF]."""
+        vm = self.get(params[0] if params else None)
+        if vm.state != "RUNNING":
+            raise CallError(f"Domain {vm.name!r} is not active")
+        vm.resets += 1
+        return None
+
+    def guest_network_interfaces(self, ctx: CallContext, params: list[Any]) -> Any:
+        """27 ``vm.get_guest_network_interfaces [id]`` (plugins/vm/info.py): the QEMU agent's
+        ``guest-network-get-interfaces`` as VMGuestNetworkInterface items; CallError without a domain or
+        an agent (libvirt's "QEMU guest agent is not connected" [INF])."""
+        vm = self.get(params[0] if params else None)
+        if vm.state not in ("RUNNING", "SUSPENDED"):
+            raise CallError(f"VM {vm.id} is not running")
+        interfaces = vm.agent_interfaces if vm.agent_interfaces is not None else self.mw.knobs.guest_agent_interfaces
+        if interfaces is None or vm.state != "RUNNING":
+            raise CallError(
+                f"VM {vm.id}: Guest agent command failed: Guest agent is not responding: "
+                "QEMU guest agent is not connected"
+            )
+        return [
+            {
+                "name": iface.get("name", ""),
+                "hardware_address": iface.get("hardware-address", ""),
+                "ip_addresses": [
+                    {
+                        "ip_address": a["ip-address"],
+                        "prefix": a.get("prefix", 0),
+                        "ip_address_type": str(a.get("ip-address-type", "ipv4")).upper(),
+                    }
+                    for a in iface.get("ip-addresses", [])
+                    if a.get("ip-address")
+                ],
+            }
+            for iface in interfaces
+        ]
 
     # ----- devices -------------------------------------------------------------------------------
     def _device_attributes(self, raw: Any, vm: VM, exclude: int | None, prefix: str) -> dict[str, Any]:
@@ -411,7 +466,7 @@ class VMService(GuestService[VM]):
             elif not str(result["path"]).startswith("/dev/zvol/"):
                 problems.add("attributes.path", 'Disk path must start with "/dev/zvol/"')
             elif storage.zvol_of(result["path"]) is None:
-                if self.mw.profile.name == "26.0":
+                if self.mw.profile.pylibvirt:
                     zvol = result["path"].removeprefix("/dev/zvol/")
                     problems.add("attributes.path", f"Zvol ({zvol}) path ({result['path']}) does not exist.")
                 else:
@@ -424,7 +479,7 @@ class VMService(GuestService[VM]):
             parent = path.rpartition("/")[0]
             if path not in storage.files:
                 problems.add("attributes.path", f"{path} does not exist")  # [INF]
-            elif parent.count("/") < 3 and self.mw.profile.name == "26.0":
+            elif parent.count("/") < 3 and self.mw.profile.pylibvirt:
                 problems.add("attributes.path", "CDROM file must be in a child dataset of a pool")  # [INF]
         elif kind == "NIC":
             attach = result.get("nic_attach")
@@ -433,7 +488,7 @@ class VMService(GuestService[VM]):
             mac = result.get("mac")
             if isinstance(mac, str) and mac.lower().startswith("ff"):
                 problems.add("attributes.mac", "MAC address must not start with `ff`")
-            if mac is None and self.mw.profile.name == "26.0":
+            if mac is None and self.mw.profile.pylibvirt:
                 result["mac"] = f"00:a0:98:{vm.id % 256:02x}:{self.next_device_id % 256:02x}:7e"
         elif kind == "DISPLAY" and not result.get("password"):
             problems.add("attributes.password", "Password is required for display devices")

@@ -1,11 +1,11 @@
-"""The ``container.*`` API family (TrueNAS 26): LXC containers through libvirt.
+"""The ``container.*`` API family (TrueNAS 26 and 27): LXC containers through libvirt.
 
 What differs from ``virt.instance`` (truenas-vm-container.md §3, §5): integer ids, images named
 ``os:release:arch:variant`` with a version serial, no memory limit and no CPU count (only a
 ``cpuset`` pin), the environment is the init process's, devices have no names (matched here by what
 they attach: a mount target, a NIC's parent, a USB id, a GPU slot), no readonly mounts, no
 PROXY/TPM/PCI/CDROM, no IP addresses, ``start``/``update``/``delete`` are not jobs, create never
-starts.
+starts. 27 makes ``container.delete`` a job that wants ``force`` for an active container.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..types import (
     ObservedImage,
     ObservedInstance,
 )
+from .macs import mac_for
 
 SUPPORTED_DEVICES = ("DISK", "NIC", "USB", "GPU")
 REGISTRY_TTL = 600.0
@@ -40,12 +41,17 @@ def is_cpu_set(cpu: str | None) -> bool:
     return cpu is not None and not cpu.isdigit()
 
 
+def status_of(state: Any) -> InstanceStatus:
+    """``status.state``: RUNNING/STOPPED, and 27's SUSPENDED (a paused domain), which is FROZEN here."""
+    return InstanceStatus.FROZEN if state == "SUSPENDED" else InstanceStatus.of(state)
+
+
 def observed(entry: dict[str, Any]) -> ObservedInstance:
     return ObservedInstance(
         id=str(entry["id"]),
         name=entry["name"],
         type="CONTAINER",
-        status=InstanceStatus.of((entry.get("status") or {}).get("state")),
+        status=status_of((entry.get("status") or {}).get("state")),
         cpu=entry.get("cpuset"),
         memory=None,
         autostart=bool(entry.get("autostart")),
@@ -69,10 +75,11 @@ def device_identity(device: DeviceConfig) -> str:
     return f"{device.type}:{extra.get('pci_address') or extra.get('pci') or device.name}"
 
 
-def honoured_device(device: DeviceConfig) -> DeviceConfig:
+def honoured_device(device: DeviceConfig, version: tuple[int, ...] = ()) -> DeviceConfig:
     """A spec device in this family's terms (readonly and NIC modes cannot be expressed)."""
     if device.type == "NIC":
-        extra = {k: v for k, v in (("parent", device.extra.get("parent")), ("mac", device.extra.get("mac"))) if v}
+        mac = mac_for(version, device.extra.get("mac"))
+        extra = {k: v for k, v in (("parent", device.extra.get("parent")), ("mac", mac)) if v}
         return replace(device, extra=extra, readonly=False)
     return replace(device, readonly=False)
 
@@ -97,13 +104,13 @@ def device_from_entry(entry: dict[str, Any]) -> DeviceConfig:
     return DeviceConfig(name, str(kind), extra={k: v for k, v in attributes.items() if k != "dtype"})
 
 
-def device_attributes(device: DeviceConfig) -> dict[str, Any]:
+def device_attributes(device: DeviceConfig, version: tuple[int, ...] = ()) -> dict[str, Any]:
     if device.type == "DISK":
         return {"dtype": "FILESYSTEM", "source": device.source, "target": device.destination}
     if device.type == "NIC":
         attributes: dict[str, Any] = {"dtype": "NIC", "nic_attach": device.extra.get("parent")}
         if device.extra.get("mac"):
-            attributes["mac"] = device.extra["mac"]
+            attributes["mac"] = mac_for(version, device.extra["mac"])
         return attributes
     if device.type == "USB":
         if device.extra.get("device"):
@@ -176,7 +183,7 @@ class ContainerBackend:
             config,
             memory=None,
             cpu=config.cpu if is_cpu_set(config.cpu) else None,
-            devices=tuple(honoured_device(d) for d in config.devices if d.type in SUPPORTED_DEVICES),
+            devices=tuple(honoured_device(d, self.version) for d in config.devices if d.type in SUPPORTED_DEVICES),
         )
 
     device_identity = staticmethod(device_identity)
@@ -284,7 +291,13 @@ class ContainerBackend:
         return self._remember(entry)
 
     async def delete(self, name: str) -> None:
-        await self.transport.call("container.delete", await self._id(name))
+        if self.version >= (27,):
+            # 27: a job (lock container_delete:<id>) that refuses an active container without force
+            # (26 destroyed it anyway). Never ``recursive``: that would also destroy the clones of the
+            # dataset's snapshots wherever they live; a dataset with snapshots is refused, saying so.
+            await self.transport.call_job("container.delete", await self._id(name), {"force": True})
+        else:
+            await self.transport.call("container.delete", await self._id(name))
         ident = self._ids.pop(name, None)
         if ident is not None:
             self._names.pop(ident, None)
@@ -312,12 +325,15 @@ class ContainerBackend:
 
     async def add_device(self, name: str, device: DeviceConfig) -> None:
         await self.transport.call(
-            "container.device.create", {"container": await self._id(name), "attributes": device_attributes(device)}
+            "container.device.create",
+            {"container": await self._id(name), "attributes": device_attributes(device, self.version)},
         )
 
     async def update_device(self, name: str, device: DeviceConfig, target: str | None = None) -> None:
         ident = int(target) if target is not None else int(device.name)
-        await self.transport.call("container.device.update", ident, {"attributes": device_attributes(device)})
+        await self.transport.call(
+            "container.device.update", ident, {"attributes": device_attributes(device, self.version)}
+        )
 
     async def delete_device(self, name: str, device_name: str) -> None:
         await self.transport.call("container.device.delete", int(device_name))

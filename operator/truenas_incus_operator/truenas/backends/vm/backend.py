@@ -14,8 +14,10 @@ from typing import Any
 from ...errors import (
     AlreadyExists,
     CallFailed,
+    CallTimeout,
     FieldError,
     InsufficientMemory,
+    NotAuthorized,
     NotFound,
     TrueNASError,
     ValidationFailed,
@@ -33,6 +35,7 @@ from ...types import (
     InstanceStatus,
     ObservedInstance,
 )
+from ..macs import mac_for
 from .bases import BASE_GRACE_SECONDS, FILE_MODE, ROOT, BaseImages, dataset_key
 from .entries import (
     DEFAULT_MEMORY,
@@ -41,6 +44,7 @@ from .entries import (
     cpu_count,
     device_from_entry,
     device_identity,
+    guest_addresses,
     instance_name,
     nic_attributes,
     nic_key,
@@ -51,6 +55,11 @@ from .marks import FIRST_BOOT_ONLY, NEXT_START, SEED_MARK, description, made_by_
 from .seed import seed_iso, user_data
 
 log = logging.getLogger(__name__)
+
+GUEST_AGENT_RETRY = 60.0
+"""Seconds before a running VM's guest agent is asked again (27), after an answer or a refusal."""
+GUEST_AGENT_TIMEOUT = 35.0
+"""27 polls the agent for up to 30 s (truenas_pylibvirt guest_agent_command); a little more for the call."""
 
 
 class VMBackend:
@@ -69,6 +78,7 @@ class VMBackend:
                 "core.get_jobs",
                 "lxc.config",
                 "virt.global.config",
+                *(("vm.get_guest_network_interfaces",) if version >= (27,) else ()),
             ),
             writes=(
                 "vm.create",
@@ -121,6 +131,10 @@ class VMBackend:
         self._pool: str | None = None
         self._restart_pending: dict[str, list[str]] = {}
         """Per running VM, the fields changed since it started (this process's memory only)."""
+        self._addresses: dict[str, tuple[str, ...]] = {}
+        """Per running VM, what its guest agent last reported (27); events carry no addresses."""
+        self._agent_next: dict[str, float] = {}
+        self.guest_agent_retry = GUEST_AGENT_RETRY
         self._next_collect = 0.0
 
     # ----- the cached bases (bases.py), as this backend's callers see them ----------------------------------
@@ -185,7 +199,11 @@ class VMBackend:
                 replace(
                     d,
                     name=nic_key(d.extra.get("parent")),
-                    extra={k: v for k, v in d.extra.items() if k in ("parent", "mac") and v},
+                    extra={
+                        k: mac_for(self.version, v) if k == "mac" else v
+                        for k, v in d.extra.items()
+                        if k in ("parent", "mac") and v
+                    },
                 )
                 for d in config.devices
                 if d.type in SUPPORTED_DEVICES
@@ -217,13 +235,38 @@ class VMBackend:
         self._ids[name] = entry["id"]
         self._names[entry["id"]] = name
         marks = SEED_MARK.search(str(entry.get("description") or ""))
-        if (entry.get("status") or {}).get("state") != "RUNNING":
+        running = (entry.get("status") or {}).get("state") == "RUNNING"
+        if not running:
             self._restart_pending.pop(name, None)  # the next start takes them
+            self._addresses.pop(name, None)
+            self._agent_next.pop(name, None)  # the next start asks the agent at the first read
         return replace(
             observed(entry),
+            addresses=self._addresses.get(name, ()) if running else (),
             seed=(marks.group(1), marks.group(2)) if marks is not None else None,
             pending=tuple(self._restart_pending.get(name, ())),
         )
+
+    async def _ask_guest_agent(self, entry: dict[str, Any]) -> None:
+        """27: a running VM's addresses as its QEMU guest agent sees them (``vm.get_guest_network_interfaces``,
+        VM_READ), at most once per ``guest_agent_retry`` per VM. No agent in the guest (most cloud images
+        lack qemu-guest-agent) or one not up yet is CallFailed: no addresses until it answers; an agent that
+        stops answering keeps the last ones until the VM stops."""
+        if self.version < (27,) or (entry.get("status") or {}).get("state") != "RUNNING":
+            return
+        name = instance_name(entry["name"])
+        now = time.monotonic()
+        if now < self._agent_next.get(name, 0.0):
+            return
+        self._agent_next[name] = now + self.guest_agent_retry
+        try:
+            interfaces = await self.transport.call(
+                "vm.get_guest_network_interfaces", entry["id"], timeout=GUEST_AGENT_TIMEOUT
+            )
+        except (CallFailed, NotAuthorized, CallTimeout) as exc:
+            log.debug("no guest addresses for %s: %s", entry["name"], exc)
+            return
+        self._addresses[name] = guest_addresses(interfaces)
 
     def _forget(self, name: str) -> None:
         ident = self._ids.pop(name, None)
@@ -262,6 +305,8 @@ class VMBackend:
     # ----- instances -------------------------------------------------------------------------------------------
     async def list_instances(self) -> list[ObservedInstance]:
         entries = await self.transport.call("vm.query", [], {}, idempotent=True)
+        for entry in entries:
+            await self._ask_guest_agent(entry)
         self._ids.clear()
         self._names.clear()
         observed = [self._remember(e) for e in entries]
@@ -279,6 +324,7 @@ class VMBackend:
         if entry is None:
             self._forget(name)
             return None
+        await self._ask_guest_agent(entry)
         return self._remember(entry)
 
     async def create(
@@ -349,7 +395,9 @@ class VMBackend:
             )
         for device in config.devices:
             if device.type == "NIC" and nic_key(device.extra.get("parent")) not in nics:
-                await self.transport.call("vm.device.create", {"vm": entry["id"], "attributes": nic_attributes(device)})
+                await self.transport.call(
+                    "vm.device.create", {"vm": entry["id"], "attributes": nic_attributes(device, self.version)}
+                )
         log.info("completed the half-built VM %s (root disk, seed, NICs)", entry["name"])
         completed = await self._entry(config.name)
         return self._remember(completed or entry)
@@ -401,7 +449,9 @@ class VMBackend:
         await self.transport.call("vm.device.create", {"vm": ident, "attributes": {"dtype": "CDROM", "path": seed}})
         for device in devices:
             if device.type == "NIC":
-                await self.transport.call("vm.device.create", {"vm": ident, "attributes": nic_attributes(device)})
+                await self.transport.call(
+                    "vm.device.create", {"vm": ident, "attributes": nic_attributes(device, self.version)}
+                )
 
     # ----- the seed ------------------------------------------------------------------------------------------
     async def _seed(self, home: str, config: InstanceConfig) -> str:
@@ -499,7 +549,7 @@ class VMBackend:
 
     async def add_device(self, name: str, device: DeviceConfig) -> None:
         await self.transport.call(
-            "vm.device.create", {"vm": await self._id(name), "attributes": nic_attributes(device)}
+            "vm.device.create", {"vm": await self._id(name), "attributes": nic_attributes(device, self.version)}
         )
 
     async def _device_id(self, name: str, device_name: str) -> int:
@@ -515,7 +565,7 @@ class VMBackend:
 
     async def update_device(self, name: str, device: DeviceConfig, target: str | None = None) -> None:
         ident = await self._device_id(name, target or device.name)
-        await self.transport.call("vm.device.update", ident, {"attributes": nic_attributes(device)})
+        await self.transport.call("vm.device.update", ident, {"attributes": nic_attributes(device, self.version)})
 
     async def delete_device(self, name: str, device_name: str) -> None:
         await self.transport.call("vm.device.delete", await self._device_id(name, device_name))

@@ -3,9 +3,11 @@ sides: VM names allow letters, digits and ``_`` only, so ``web-01`` is ``web_01`
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from ...types import DeviceConfig, InstanceStatus, ObservedImage, ObservedInstance
+from ..macs import mac_for
 
 DEFAULT_MEMORY = 1024 * 2**20
 SUPPORTED_DEVICES = ("NIC",)
@@ -42,7 +44,7 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
         memory=int(entry["memory"]) * 2**20 if entry.get("memory") is not None else None,
         autostart=bool(entry.get("autostart")),
         environment=None,  # in the seed, which vm.query cannot show: the observation's ``seed`` holds its digest
-        addresses=(),  # vm.query reports no guest addresses on any version (§5)
+        addresses=(),  # vm.query reports none; 27's guest agent does (guest_addresses, the backend adds them)
         image=ObservedImage(description=entry.get("description") or None),
         storage_pool=None,
         family="vm",
@@ -71,9 +73,27 @@ def device_from_entry(entry: dict[str, Any], root_paths: tuple[str, ...]) -> Dev
     return DeviceConfig(name, kind, source=path or None, extra={}, inherited=inherited)
 
 
-def nic_attributes(device: DeviceConfig) -> dict[str, Any]:
+def nic_attributes(device: DeviceConfig, version: tuple[int, ...] = ()) -> dict[str, Any]:
     """A spec NIC on vm.*: VIRTIO on ``parent`` (bridge or macvtap, as TrueNAS decides from the parent)."""
     attributes: dict[str, Any] = {"dtype": "NIC", "type": "VIRTIO", "nic_attach": device.extra.get("parent")}
     if device.extra.get("mac"):
-        attributes["mac"] = device.extra["mac"]
+        attributes["mac"] = mac_for(version, device.extra["mac"])
     return attributes
+
+
+def guest_addresses(interfaces: Any) -> tuple[str, ...]:
+    """27's ``vm.get_guest_network_interfaces`` answer (what the QEMU guest agent sees) as the addresses
+    status reports: not loopback, link-local, multicast or unspecified; IPv4 first, then the agent's
+    order. The answer is the guest's word: anything that is not an address is skipped."""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for interface in interfaces if isinstance(interfaces, list) else []:
+        items = interface.get("ip_addresses") if isinstance(interface, dict) else None
+        for item in items if isinstance(items, list) else []:
+            try:
+                address = ipaddress.ip_address(str(item.get("ip_address")) if isinstance(item, dict) else "")
+            except ValueError:
+                continue
+            local = address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified
+            if not local and address not in found:
+                found.append(address)
+    return tuple(str(a) for a in sorted(found, key=lambda a: a.version))
