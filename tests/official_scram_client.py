@@ -133,4 +133,5 @@ async def official_scram_login(
     ):
         await call("auth.logout", [])
         raise OfficialClientRefused("Remote server validation failed!")
+    assert isinstance(final, dict)
     return final
