@@ -9,7 +9,7 @@ from pydantic import (
 )
 
 from .common import Condition, DeletionPolicy, NICType, PowerState, TransportType, _Model
-from .limits import DNS1123_SUBDOMAIN_PATTERN, SECRET_KEY_PATTERN
+from .limits import DNS1123_SUBDOMAIN_PATTERN, SECRET_KEY_PATTERN, USERNAME_PATTERN
 
 
 class SecretKeyReference(_Model):
@@ -69,6 +69,14 @@ class TrueNASConnectionSpec(_Model):
             "incus.truenas.io/credentials=true, and may list the hosts its key may go to in the annotation "
             "incus.truenas.io/allowed-hosts."
         )
+    )
+    username: Annotated[str, Field(pattern=USERNAME_PATTERN, min_length=1, max_length=256)] | None = Field(
+        None,
+        description=(
+            "The TrueNAS user the API key belongs to. TrueNAS 26 logs in with SCRAM, which names the key's "
+            "owner (the key itself never crosses the wire); a key of another user is refused. Effective "
+            "default: root."
+        ),
     )
     tls: ConnectionTLS | None = Field(None, description="TLS verification settings.")
     allow_insecure_transport: bool | None = Field(
@@ -133,4 +141,5 @@ EFFECTIVE_DEFAULTS: dict[str, Any] = {
     "nic_type": NICType.BRIDGED,
     "transport": TransportType.WEBSOCKET,
     "max_concurrent_calls": 20,
+    "username": "root",
 }
