@@ -4,6 +4,7 @@ own client): over TLS bound to the certificate, over plain ws unbound, never in 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -150,3 +151,22 @@ async def test_pbkdf2_runs_off_the_loop_once_per_key_salt_and_iterations(
         client = await connect_to(server.ws_url, sim.api_key)
         await client.close()
     assert len(threads) == 2
+
+
+async def test_no_log_line_carries_the_key_or_the_proof(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A refused SCRAM login, a bad signature and a good login, logged at DEBUG: neither the key,
+    its secret part, nor a SCRAM message (the proof is derived from the key) shows up."""
+    caplog.set_level(logging.DEBUG)
+    async with serve("26.0", tmp_path, tls=True) as (sim, server, tls):
+        secret_part = sim.api_key.partition("-")[2]
+        with pytest.raises(AuthenticationFailed):
+            await connect_to(server.ws_url, sim.api_key, username="admin", **tls)
+        sim.knobs.scram_wrong_signature = True
+        with pytest.raises(AuthenticationFailed):
+            await connect_to(server.ws_url, sim.api_key, **tls)
+        sim.knobs.scram_wrong_signature = False
+        client = await connect_to(server.ws_url, sim.api_key, **tls)
+        await client.close()
+    text = caplog.text
+    assert secret_part not in text and sim.api_key not in text
+    assert "rfc_str" not in text and "c=cD10bHMt" not in text  # base64 of "p=tls-" begins every bound final
