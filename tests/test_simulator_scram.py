@@ -24,6 +24,7 @@ import scramp
 
 from truenas_simulator import Simulator, SimulatorServer
 from truenas_simulator.context import Session
+from truenas_simulator.errors import ValidationErrors
 from truenas_simulator.tls import CertificateAuthority, server_context
 
 from .official_scram_client import Call, OfficialClientRefused, official_scram_login, tls_server_end_point
@@ -255,3 +256,17 @@ async def test_wrong_signature_knob_makes_the_official_client_refuse() -> None:
     with pytest.raises(OfficialClientRefused, match="validation failed"):
         await official_scram_login(direct(sim, session), "root", sim.api_key, peer_cert_der=None, channel_binding=False)
     assert not session.authenticated  # the client's auth.logout
+
+
+async def test_a_scram_payload_takes_exactly_mechanism_scram_type_and_rfc_str() -> None:
+    """api/v26_0_0/auth.py AuthSCRAM has mechanism, scram_type and rfc_str only, and the API's
+    BaseModel forbids extra inputs (api/base/model.py ``extra="forbid"``): a SCRAM payload with
+    login_options (which the plain mechanisms take) is a validation error, not ignored. The
+    official client sends the three keys alone."""
+    sim = quick()
+    message = {**first_message(secrets.token_bytes(32)), "login_options": {"user_info": True}}
+    with pytest.raises(ValidationErrors) as caught:
+        await sim.call(Session(), "auth.login_ex", [message])
+    assert caught.value.extra() == [
+        ["auth.login_ex.login_data.SCRAM.login_options", "Extra inputs are not permitted", 22]
+    ]

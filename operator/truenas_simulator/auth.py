@@ -201,6 +201,14 @@ class Auth:
         auth_/login_ex_impl.py ``login_ex_scram``, utils/account/authenticator.py
         ``ScramPamAuthenticator``; TS-26.0.0-BETA.3). A refusal at either step is AUTH_ERR."""
         session = ctx.session
+        extra = sorted(set(data) - {"mechanism", "scram_type", "rfc_str"})
+        if extra:  # AuthSCRAM has these three; the API's BaseModel forbids extras (api/base/model.py)
+            raise ValidationErrors(
+                [
+                    (f"auth.login_ex.login_data.SCRAM.{key}", "Extra inputs are not permitted", errno.EINVAL)
+                    for key in extra
+                ]
+            )
         scram_type = data.get("scram_type")
         rfc_str = data.get("rfc_str")
         if scram_type not in ("CLIENT_FIRST_MESSAGE", "CLIENT_FINAL_MESSAGE") or not isinstance(rfc_str, str):
