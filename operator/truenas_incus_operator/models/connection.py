@@ -82,8 +82,9 @@ class TrueNASConnectionSpec(_Model):
     allow_insecure_transport: bool | None = Field(
         None,
         description=(
-            "Allow plain ws:// or http:// to a host other than loopback: the API key and all traffic travel "
-            "unencrypted, and TrueNAS revokes a key it receives that way. Off by default."
+            "Allow plain ws:// or http:// to a host other than loopback: all traffic travels unencrypted, and "
+            "on TrueNAS 25.x the API key too, which TrueNAS then revokes (TrueNAS 26's SCRAM login keeps the "
+            "key off the wire). Off by default."
         ),
     )
     max_concurrent_calls: Annotated[int, Field(ge=1, le=20)] | None = Field(
