@@ -170,3 +170,18 @@ async def test_no_log_line_carries_the_key_or_the_proof(tmp_path: Path, caplog: 
     text = caplog.text
     assert secret_part not in text and sim.api_key not in text
     assert "rfc_str" not in text and "c=cD10bHMt" not in text  # base64 of "p=tls-" begins every bound final
+
+
+async def test_a_server_that_wants_a_login_before_mechanism_choices_gets_the_plain_key(tmp_path: Path) -> None:
+    """A server that answers mechanism_choices with "Not authenticated" offers no anonymous SCRAM
+    (25.x never lists it): the login goes on as on 25.x instead of failing the connection."""
+    from truenas_simulator.errors import ENOTAUTHENTICATED, CallError
+
+    def wants_login(ctx: Any, params: list[Any]) -> Any:
+        raise CallError("Not authenticated", ENOTAUTHENTICATED)
+
+    async with serve("25.10", tmp_path, tls=True) as (sim, server, tls):
+        sim.methods["auth.mechanism_choices"] = (wants_login, False)
+        client = await connect_to(server.ws_url, sim.api_key, **tls)
+        assert client.login_mechanism == "API_KEY_PLAIN"
+        await client.close()

@@ -177,7 +177,7 @@ class JsonRpcTransport:
         it; neither offers SCRAM."""
         try:
             answer = await self._raw_call("auth.mechanism_choices", [], self.options.connect_timeout)
-        except CallFailed:
+        except (CallFailed, AuthenticationFailed):  # also a server that wants a login first: no SCRAM there
             return []
         return [str(m) for m in answer] if isinstance(answer, list) else []
 
