@@ -325,6 +325,7 @@ def start_simulator(
     profile: str = "25.10", tls: bool = True, cert_dir: Path | None = None, **knobs: Any
 ) -> SimulatorThread:
     sim = Simulator(profile, seed=11)
+    knobs.setdefault("scram_iterations", 50_000)  # TrueNAS's 500 000 PBKDF2 rounds cost ~0.5 s a side
     for key, value in knobs.items():
         setattr(sim.knobs, key, value)
     return SimulatorThread(sim, tls=tls, cert_dir=cert_dir).start()

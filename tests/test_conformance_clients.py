@@ -4,8 +4,8 @@
 or ``auth.login_ex``, reads ``system.info`` and ``core.get_methods``, waits for jobs by polling
 ``core.get_jobs`` and subscribes with ``core.subscribe``) on every profile: 25.04.0, 25.04.2 and 25.10
 through ``virt.instance.*``, 26.0 through ``container.*``. TrueNAS's own ``truenas_api_client`` is not
-on PyPI, so it is not installed here; its SCRAM exchange is covered by an independent RFC 5802 client
-(``scramp``) in test_simulator_fidelity.py.
+on PyPI, so it is not installed here; its SCRAM exchange (with channel binding) is modelled from its
+source in official_scram_client.py and run against the simulator in test_simulator_scram.py.
 """
 
 from __future__ import annotations

@@ -376,3 +376,24 @@ async def test_reloads_back_off_and_stop_when_the_connection_goes(monkeypatch: p
     before = reads()
     await asyncio.sleep(2.25)
     assert reads() == before, "a removed connection is not read again"
+
+
+# ----- the key's owner (SCRAM on TrueNAS 26 names it) ------------------------------------------------------
+async def test_the_keys_user_comes_from_the_connection_or_the_settings_and_defaults_to_root() -> None:
+    kube = kube_with(labels=OPT_IN)
+    assert (await resource_loader(kube, NS, spec())()).username == "root"
+    assert (await resource_loader(kube, NS, spec(username="truenas_admin"))()).username == "truenas_admin"
+    settings = Settings(truenas_url="wss://nas.example.internal", truenas_api_key=KEY)
+    assert (await settings_loader(settings)()).username == "root"
+    named = Settings(truenas_url="wss://nas.example.internal", truenas_api_key=KEY, truenas_username="ops@ad.example")
+    assert (await settings_loader(named)()).username == "ops@ad.example"
+
+
+@pytest.mark.parametrize("username", ["", "a,b", "a=b", "root:1", "with space", "x" * 257])
+def test_a_username_scram_cannot_carry_is_refused_by_the_schema(username: str) -> None:
+    """SCRAM's ``n=<user>:<key id>`` cannot carry ',', '=' or ':' (truenas_scram and the official
+    client refuse them); the CRD's pattern keeps them out before the operator sees them."""
+    with pytest.raises(ValueError, match="username"):
+        spec(username=username)
+    with pytest.raises(ValueError, match="truenas_username"):
+        Settings(truenas_username=username)

@@ -113,7 +113,10 @@ async def test_a_ready_nas_passes_and_the_manifest_shows_what_it_cannot_honour(
         "version": profile.system_version,
         "api_family": FAMILY[profile.name],
         "transport": "websocket",
+        # TrueNAS 26 and 27 offer SCRAM: the key never crosses the wire, the exchange bound to the TLS channel.
+        "login": "SCRAM-SHA-512+tls-server-end-point" if profile.has_container else "API_KEY_PLAIN",
     }
+    assert f"logged in with {checks['login and version'].details['login']}" in checks["login and version"].summary
     tls = checks["TLS"].details
     assert tls["ca"].startswith("TIO_TRUENAS_CA_FILE") and "CN=" in tls["issuer"]
     # The simulator's certificates live a week: doctor warns under 30 days left.

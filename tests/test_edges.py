@@ -294,6 +294,8 @@ def _jsonrpc_app(fault: str) -> web.Application:
             ident, method = data["id"], data["method"]
             if method == "auth.login_with_api_key":
                 await ws.send_json({"jsonrpc": "2.0", "id": ident, "result": True})
+            elif method == "auth.mechanism_choices":  # asked before login: no SCRAM, a plain login
+                await ws.send_json({"jsonrpc": "2.0", "id": ident, "result": ["API_KEY_PLAIN"]})
             elif method == "core.set_options":
                 await ws.send_json({"jsonrpc": "2.0", "id": ident, "result": {"legacy_jobs": True}})
             elif method == "system.version":

@@ -50,6 +50,9 @@ def test_container_lifecycle_on_26(harness: Harness, namespace: str) -> None:
     harness.wait_status(namespace, name, "Running", lambda s: s.get("phase") == "Running")
     assert harness.delete(namespace, name).returncode == 0
     assert name not in harness.instance_names() and not harness.exists(namespace, name)
+    # TrueNAS 26: the operator logged in with SCRAM (docs/scram.md), never with the key in clear.
+    tried = harness.sim.run(lambda: dict(harness.sim.sim.auth.mechanisms_tried))
+    assert tried.get("SCRAM", 0) >= 2 and not tried.get("LEGACY_API_KEY") and not tried.get("API_KEY_PLAIN"), tried
 
 
 def test_fields_26_cannot_honour_are_reported(harness: Harness, namespace: str) -> None:

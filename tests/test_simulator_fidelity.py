@@ -9,11 +9,12 @@ import time
 from typing import Any
 
 import pytest
-import scramp
 
 from truenas_simulator import Simulator
 from truenas_simulator.context import Session
 from truenas_simulator.errors import CallError, MethodNotFound, ValidationErrors
+
+from .official_scram_client import Call, OfficialClientRefused, official_scram_login
 
 
 def quick(profile: str) -> Simulator:
@@ -96,36 +97,23 @@ async def test_mechanism_choices(profile: str, expected: list[str]) -> None:
         assert await sim.call(anonymous, "auth.mechanism_choices", []) == expected
 
 
-def scram_client(sim: Simulator, key: str | None = None, username: str = "root") -> scramp.ScramClient:
-    ident, _, material = (key or sim.api_key).partition("-")
-    return scramp.ScramClient(["SCRAM-SHA-512"], f"{username}:{ident}", material)
+def direct(sim: Simulator, session: Session) -> Call:
+    async def call(method: str, params: list[Any]) -> Any:
+        return await sim.call(session, method, params)
+
+    return call
 
 
-async def test_scram_login_on_26_with_an_independent_rfc5802_client() -> None:
+async def test_scram_login_on_26_as_truenas_own_client_does_it() -> None:
     """plugins/auth.py login_ex case AuthMech.SCRAM and auth_/login_ex_impl.py login_ex_scram
     (TS-26.0.0-BETA.3): CLIENT_FIRST_MESSAGE -> SCRAM_RESPONSE/SERVER_FIRST_RESPONSE with
     user_info null; CLIENT_FINAL_MESSAGE -> SERVER_FINAL_RESPONSE whose ``v=`` the client checks,
     with auth.me as user_info. ``n=<user>:<key id>``; the key material after ``<id>-`` is the
-    password (api_client auth_api_key.py); SHA-512 (api/v26_0_0/auth.py AuthSCRAM)."""
+    password (api_client auth_api_key.py); SHA-512 (api/v26_0_0/auth.py AuthSCRAM). The client is
+    tests/official_scram_client.py (a generic RFC 5802 client cannot: test_simulator_scram.py)."""
     sim = quick("26.0")
     s = Session()
-    client = scram_client(sim)
-    first = await sim.call(
-        s,
-        "auth.login_ex",
-        [{"mechanism": "SCRAM", "scram_type": "CLIENT_FIRST_MESSAGE", "rfc_str": client.get_client_first()}],
-    )
-    assert first["response_type"] == "SCRAM_RESPONSE" and first["scram_type"] == "SERVER_FIRST_RESPONSE"
-    assert first["user_info"] is None and not s.authenticated
-    assert ",i=50000" in first["rfc_str"]
-    client.set_server_first(first["rfc_str"])
-    final = await sim.call(
-        s,
-        "auth.login_ex",
-        [{"mechanism": "SCRAM", "scram_type": "CLIENT_FINAL_MESSAGE", "rfc_str": client.get_client_final()}],
-    )
-    assert final["scram_type"] == "SERVER_FINAL_RESPONSE"
-    client.set_server_final(final["rfc_str"])  # raises unless the server proved it holds ServerKey
+    final = await official_scram_login(direct(sim, s), "root", sim.api_key, peer_cert_der=None, channel_binding=False)
     assert final["user_info"]["pw_name"] == "root" and s.authenticated
     assert await sim.call(s, "container.query", []) == []
 
@@ -137,23 +125,17 @@ async def test_scram_refuses_a_wrong_key_and_a_final_message_out_of_turn() -> No
     sim = quick("26.0")
     s = Session()
     key_id = sim.api_key.partition("-")[0]
-    client = scram_client(sim, key=f"{key_id}-notthekey")
-    first = await sim.call(
-        s,
-        "auth.login_ex",
-        [{"mechanism": "SCRAM", "scram_type": "CLIENT_FIRST_MESSAGE", "rfc_str": client.get_client_first()}],
-    )
-    client.set_server_first(first["rfc_str"])
-    final_message = {"mechanism": "SCRAM", "scram_type": "CLIENT_FINAL_MESSAGE", "rfc_str": client.get_client_final()}
-    assert await sim.call(s, "auth.login_ex", [final_message]) == {"response_type": "AUTH_ERR"}
+    with pytest.raises(OfficialClientRefused, match="Failed to authenticate"):
+        await official_scram_login(direct(sim, s), "root", f"{key_id}-notthekey", peer_cert_der=None,
+                                   channel_binding=False)  # fmt: skip
     assert not s.authenticated
+    final_message = {"mechanism": "SCRAM", "scram_type": "CLIENT_FINAL_MESSAGE", "rfc_str": "c=biws,r=x,p=y"}
     with pytest.raises(CallError, match="SCRAM authentication is not in progress"):
         await sim.call(s, "auth.login_ex", [final_message])
-    other_user = scram_client(sim, username="admin")
-    wrong_user = {"mechanism": "SCRAM", "scram_type": "CLIENT_FIRST_MESSAGE", "rfc_str": other_user.get_client_first()}
-    assert await sim.call(s, "auth.login_ex", [wrong_user]) == {"response_type": "AUTH_ERR"}
+    with pytest.raises(OfficialClientRefused, match="Invalid API key"):  # the key is root's, not admin's
+        await official_scram_login(direct(sim, s), "admin", sim.api_key, peer_cert_der=None, channel_binding=False)
     with pytest.raises(ValidationErrors, match="Input tag 'SCRAM'"):
-        await quick("25.10").call(Session(), "auth.login_ex", [wrong_user])
+        await quick("25.10").call(Session(), "auth.login_ex", [{**final_message, "scram_type": "CLIENT_FIRST_MESSAGE"}])
 
 
 # ----- 6: methods ---------------------------------------------------------------------------------

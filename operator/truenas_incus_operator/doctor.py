@@ -182,13 +182,16 @@ async def run_doctor(settings: Settings, manifests: Iterable[Path] = (), timeout
         report.add("login and version", FAIL, f"{type(exc).__name__}: {config.api_key.scrub(exc.message)}")
         return report
     try:
+        login = client.login_mechanism
         report.add(
             "login and version",
             OK,
-            f"{client.system_version}: API family {client.api_family} over {client.transport.name}",
+            f"{client.system_version}: API family {client.api_family} over {client.transport.name}"
+            + (f", logged in with {login}" if login else ""),
             version=client.system_version,
             api_family=client.api_family,
             transport=client.transport.name,
+            login=login,
         )
         await _roles(report, client)
         await _virtualization(report, client)

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .models import TransportType
+from .models.limits import USERNAME_PATTERN
 
 
 class Settings(BaseSettings):
@@ -22,6 +23,11 @@ class Settings(BaseSettings):
     truenas_transport: TransportType = Field(TransportType.WEBSOCKET, description="websocket or rest")
     truenas_api_key: SecretStr | None = Field(None, description="Default connection's API key (prefer the file).")
     truenas_api_key_file: Path | None = Field(None, description="File holding the API key (a mounted Secret).")
+    truenas_username: str = Field(
+        "root",
+        pattern=USERNAME_PATTERN,
+        description="The default connection's API key owner, which SCRAM login (TrueNAS 26) names.",
+    )
     truenas_ca_file: Path | None = Field(None, description="PEM CA bundle that signed TrueNAS's certificate.")
     truenas_insecure_skip_verify: bool = Field(False, description="Skip TLS verification (tests only).")
     truenas_allow_insecure_transport: bool = Field(

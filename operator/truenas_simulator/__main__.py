@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -80,21 +81,29 @@ def make_simulator(args: argparse.Namespace) -> Simulator:
     return sim
 
 
-async def serve(args: argparse.Namespace) -> None:
-    sim = make_simulator(args)
-    context = None
+def tls_setup(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, bytes | None]:
+    """The serving context and the certificate it serves (SCRAM's channel binding checks its hash)."""
+    context, certificate = None, None
     if args.cert:
-        import ssl
-
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.cert, args.key)
+        certificate = Path(args.cert).read_bytes()  # the leaf comes first: SCRAM binds to it
     elif args.tls:
         context = server_context(
             CertificateAuthority.load_or_create(args.cert_dir, "truenas-simulator CA"),
             args.cert_dir,
             ["localhost", args.host],
         )
-    server = await SimulatorServer(sim, host=args.host, port=args.port, ssl_context=context).start()
+        certificate = (Path(args.cert_dir) / "server.crt").read_bytes()
+    return context, certificate
+
+
+async def serve(args: argparse.Namespace) -> None:
+    sim = make_simulator(args)
+    context, certificate = tls_setup(args)
+    server = await SimulatorServer(
+        sim, host=args.host, port=args.port, ssl_context=context, certificate=certificate
+    ).start()
     if args.port_file:
         args.port_file.write_text(str(server.port))
     print(f"TrueNAS simulator ({sim.profile.system_version}) listening on {server.url}", flush=True)

@@ -10,11 +10,12 @@ import asyncio
 import errno
 import random
 import secrets
+from collections import Counter
 from typing import Any, Protocol
 
 from .context import CallContext, Handler, Middleware, Session
 from .errors import ENOTAUTHENTICATED, CallError, ValidationErrors
-from .scram import MIN_ITERATIONS, ScramParseError, ScramSecrets, parse_client_first
+from .scram import MIN_ITERATIONS, ScramParseError, ScramSecrets, parse_client_first, tls_server_end_point
 from .scram import server_first as scram_server_first
 from .scram import verify_client_final as scram_verify_client_final
 from .state import ApiKey, CallCounters
@@ -39,17 +40,21 @@ FULL_ADMIN_ONLY = frozenset({"filesystem.put", "filesystem.get"})
 
 
 class AuthHost(Middleware, Protocol):
-    """What authentication reads beyond a service's view: the keys, and the random source of the
-    refusal delay (seeded with the simulator)."""
+    """What authentication reads beyond a service's view: the keys, the random source of the
+    refusal delay (seeded with the simulator), and the certificate the UI and API are served with."""
 
     api_keys: dict[int, ApiKey]
     random: random.Random
+    ui_certificate: bytes | None
 
 
 class Auth:
     def __init__(self, mw: AuthHost) -> None:
         self.mw = mw
         self._scram: dict[int, ScramSecrets] = {}
+        self.mechanisms_tried: Counter[str] = Counter()
+        """Login attempts by mechanism (``auth.login_ex``'s, and ``LEGACY_API_KEY`` for
+        ``auth.login_with_api_key``): how tests tell that a client never sent its key in clear."""
 
     def methods(self) -> dict[str, tuple[Handler, bool]]:
         handlers: dict[str, Handler] = {
@@ -107,6 +112,7 @@ class Auth:
         return self.mechanisms()
 
     async def login_with_api_key(self, ctx: CallContext, params: list[Any]) -> Any:
+        self.mechanisms_tried["LEGACY_API_KEY"] += 1
         if self.authenticate_key(params[0] if params else None, ctx.session) == "SUCCESS":
             return True
         await self.refusal_delay()
@@ -152,6 +158,7 @@ class Auth:
                 ]
             )
         session = ctx.session
+        self.mechanisms_tried[str(mechanism)] += 1
         if mechanism != "SCRAM":
             session.scram = None  # another mechanism abandons an exchange in progress
         if mechanism == "OTP_TOKEN":
@@ -183,9 +190,25 @@ class Auth:
             cached = self._scram[key.id] = ScramSecrets.derive(key.secret, iterations)
         return cached
 
+    def channel_binding(self) -> bytes | None:
+        """The ``tls-server-end-point`` value of the UI certificate, as middlewared publishes it for
+        pam_truenas (etc_files/pam_keyring.py); None when no certificate is configured."""
+        certificate = self.mw.ui_certificate
+        return tls_server_end_point(certificate) if certificate else None
+
     async def _login_scram(self, ctx: CallContext, data: dict[str, Any]) -> Any:
-        """SCRAM-SHA-512 over two ``auth.login_ex`` calls (plugins/auth.py, auth_/login_ex_impl.py)."""
+        """SCRAM-SHA-512 over two ``auth.login_ex`` calls (plugins/auth.py ``login_ex``,
+        auth_/login_ex_impl.py ``login_ex_scram``, utils/account/authenticator.py
+        ``ScramPamAuthenticator``; TS-26.0.0-BETA.3). A refusal at either step is AUTH_ERR."""
         session = ctx.session
+        extra = sorted(set(data) - {"mechanism", "scram_type", "rfc_str"})
+        if extra:  # AuthSCRAM has these three; the API's BaseModel forbids extras (api/base/model.py)
+            raise ValidationErrors(
+                [
+                    (f"auth.login_ex.login_data.SCRAM.{key}", "Extra inputs are not permitted", errno.EINVAL)
+                    for key in extra
+                ]
+            )
         scram_type = data.get("scram_type")
         rfc_str = data.get("rfc_str")
         if scram_type not in ("CLIENT_FIRST_MESSAGE", "CLIENT_FINAL_MESSAGE") or not isinstance(rfc_str, str):
@@ -205,31 +228,38 @@ class Auth:
             except ScramParseError:
                 first = None
             key = self.mw.api_keys.get(first.api_key_id) if first is not None else None
-            refused = (
+            if (
                 first is None
                 or key is None
                 or key.revoked
                 or key.username != first.username
-                or (first.gs2_header.startswith("p=") and not session.secure)
-                or first.gs2_header.startswith("p=")  # the simulator offers no channel binding
-            )
-            if refused or key is None or first is None:
+                # ScramPamAuthenticator.handle_first_message: binding only over TLS (origin.ssl),
+                # since the value checked is the hash of a public certificate.
+                or (first.wants_binding and not session.secure)
+            ):
                 await self.refusal_delay()
                 return {"response_type": "AUTH_ERR"}
             secrets_ = self.scram_secrets(key)
-            message = scram_server_first(first, secrets_)
-            session.scram = (first, message, secrets_)
+            server = scram_server_first(first, secrets_)
+            session.scram = (first, server, secrets_)
             return {
                 "response_type": "SCRAM_RESPONSE",
                 "scram_type": "SERVER_FIRST_RESPONSE",
-                "rfc_str": message,
+                "rfc_str": server.message,
                 "user_info": None,
             }
         if session.scram is None:
             raise CallError("SCRAM authentication is not in progress")
-        first, message, secrets_ = session.scram
+        first, server, secrets_ = session.scram
         session.scram = None
-        verdict = scram_verify_client_final(first, message, rfc_str, secrets_)
+        verdict = scram_verify_client_final(
+            first,
+            server,
+            rfc_str,
+            secrets_,
+            self.channel_binding(),
+            wrong_signature=self.mw.knobs.scram_wrong_signature,
+        )
         key = self.mw.api_keys.get(first.api_key_id)
         if verdict is None or key is None or key.revoked:
             await self.refusal_delay()

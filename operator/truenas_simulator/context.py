@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from .events import EventBus
 from .jobs import JobManager
 from .profiles import Profile
-from .scram import ClientFirst, ScramSecrets
+from .scram import ClientFirst, ScramSecrets, ServerFirst
 from .state import ApiKey, GlobalConfig, Image, Instance, Knobs
 
 
@@ -34,7 +34,7 @@ class Session:
     close: Callable[[], None] | None = None
     private_methods: bool = False
     py_exceptions: bool = False
-    scram: tuple[ClientFirst, str, ScramSecrets] | None = None
+    scram: tuple[ClientFirst, ServerFirst, ScramSecrets] | None = None
     """A SCRAM exchange between its first and final message: (client-first, server-first, secrets)."""
     span: SessionSpan | None = None
     """When it was open and what it called (``Simulator.session_spans``)."""

@@ -59,7 +59,7 @@ class SimulatorThread:
 
     def start(self) -> SimulatorThread:
         self._thread.start()
-        context = None
+        context, certificate = None, None
         if self.tls:
             directory = self.cert_dir
             if directory is None:
@@ -71,7 +71,8 @@ class SimulatorThread:
                 ["localhost", "127.0.0.1"],
             )
             self.ca_file = directory / "ca.crt"
-        self.server = SimulatorServer(self.sim, port=self.port, ssl_context=context)
+            certificate = (directory / "server.crt").read_bytes()
+        self.server = SimulatorServer(self.sim, port=self.port, ssl_context=context, certificate=certificate)
         self.submit(self.server.start()).result(timeout=30)
         return self
 

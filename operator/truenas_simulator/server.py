@@ -25,8 +25,14 @@ class SimulatorServer:
         host: str = "127.0.0.1",
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
+        certificate: bytes | None = None,
     ) -> None:
+        """``certificate``: the one ``ssl_context`` serves (PEM or DER), which SCRAM's channel
+        binding is checked against (``Simulator.ui_certificate``); without it a client asking for
+        binding is refused, as TrueNAS refuses one when it has published no binding."""
         self.sim = sim
+        if certificate is not None:
+            sim.ui_certificate = certificate
         self.host = host
         self.port = port
         self.ssl_context = ssl_context

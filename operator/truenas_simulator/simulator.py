@@ -81,6 +81,9 @@ class Simulator:
         one per simulator as one per NAS (never seeded: two seeded simulators are still two NAS)."""
         self.hostid = secrets.token_bytes(4)
         """The contents of /etc/hostid, from which ``system.host_id`` is derived."""
+        self.ui_certificate: bytes | None = None
+        """The certificate (PEM or DER) the UI and API are served with (``system.general``'s
+        ui_certificate): SCRAM's channel binding is checked against its hash; None: no binding."""
         self.core = Core(self)
         self.auth = Auth(self)
         self._register()

@@ -81,6 +81,9 @@ class Knobs:
     of 1 does (plugins/auth.py, utils/auth.py); 0 answers at once (tests)."""
     scram_iterations: int = 500_000
     """PBKDF2 rounds of the SCRAM secrets (26); real keys use 500 000, clients accept 50 000 and up."""
+    scram_wrong_signature: bool = False
+    """Sign SCRAM's server-final with the wrong key, as a server that does not hold the key would:
+    a client must refuse the login (RFC 5802 §3), never fall back to sending the key."""
 
 
 @dataclass

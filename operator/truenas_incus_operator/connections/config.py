@@ -110,6 +110,7 @@ def settings_loader(settings: Settings) -> Loader:
             ca_pem=ca_pem,
             insecure_skip_verify=settings.truenas_insecure_skip_verify,
             max_concurrent_calls=settings.truenas_max_concurrent_calls,
+            username=settings.truenas_username,
             vm_image_server=image_source(settings, settings.vm_image_server, trusted=True),
         )
 
@@ -172,6 +173,7 @@ def resource_loader(
             ca_pem=ca_pem,
             insecure_skip_verify=bool(spec.tls and spec.tls.insecure_skip_verify),
             max_concurrent_calls=spec.max_concurrent_calls or EFFECTIVE_DEFAULTS["max_concurrent_calls"],
+            username=spec.username or EFFECTIVE_DEFAULTS["username"],
             vm_image_server=images,
         )
 

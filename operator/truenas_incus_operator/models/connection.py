@@ -9,7 +9,7 @@ from pydantic import (
 )
 
 from .common import Condition, DeletionPolicy, NICType, PowerState, TransportType, _Model
-from .limits import DNS1123_SUBDOMAIN_PATTERN, SECRET_KEY_PATTERN
+from .limits import DNS1123_SUBDOMAIN_PATTERN, SECRET_KEY_PATTERN, USERNAME_PATTERN
 
 
 class SecretKeyReference(_Model):
@@ -70,12 +70,21 @@ class TrueNASConnectionSpec(_Model):
             "incus.truenas.io/allowed-hosts."
         )
     )
+    username: Annotated[str, Field(pattern=USERNAME_PATTERN, min_length=1, max_length=256)] | None = Field(
+        None,
+        description=(
+            "The TrueNAS user the API key belongs to. TrueNAS 26 logs in with SCRAM, which names the key's "
+            "owner (the key itself never crosses the wire); a key of another user is refused. Effective "
+            "default: root."
+        ),
+    )
     tls: ConnectionTLS | None = Field(None, description="TLS verification settings.")
     allow_insecure_transport: bool | None = Field(
         None,
         description=(
-            "Allow plain ws:// or http:// to a host other than loopback: the API key and all traffic travel "
-            "unencrypted, and TrueNAS revokes a key it receives that way. Off by default."
+            "Allow plain ws:// or http:// to a host other than loopback: all traffic travels unencrypted, and "
+            "on TrueNAS 25.x the API key too, which TrueNAS then revokes (TrueNAS 26's SCRAM login keeps the "
+            "key off the wire). Off by default."
         ),
     )
     max_concurrent_calls: Annotated[int, Field(ge=1, le=20)] | None = Field(
@@ -133,4 +142,5 @@ EFFECTIVE_DEFAULTS: dict[str, Any] = {
     "nic_type": NICType.BRIDGED,
     "transport": TransportType.WEBSOCKET,
     "max_concurrent_calls": 20,
+    "username": "root",
 }

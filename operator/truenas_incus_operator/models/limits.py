@@ -22,6 +22,10 @@ MAX_MEMORY_QUANTITY = "1Pi"
 # "." or "..", not starting with "..").
 DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 SECRET_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+USERNAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.@$\\-]{0,255}$"
+"""An API key's owner: a TrueNAS local user (letters, digits, ``_ . -``; api/base/types/user.py
+``validate_local_username``) or a directory user (``user@domain``, ``DOMAIN\\user``); never the
+``,``, ``=`` or ``:`` that SCRAM's ``n=<user>:<key id>`` cannot carry."""
 
 # Bounds on every free-form field. kopf copies the whole spec into the annotation
 # incus.truenas.io/last-handled-configuration as ASCII JSON (a non-ASCII character costs up to 12

@@ -55,6 +55,13 @@ class TrueNASClient:
     def api_family(self) -> str:
         return self.instances.family
 
+    @property
+    def login_mechanism(self) -> str | None:
+        """How the transport logged in (``SCRAM-SHA-512[+tls-server-end-point]``, ``API_KEY_PLAIN``);
+        None where it does not say (REST sends the key with every request)."""
+        mechanism = getattr(self.transport, "login_mechanism", None)
+        return mechanism if isinstance(mechanism, str) else None
+
     async def close(self, *, broken: bool = False) -> None:
         """``broken``: the holder saw this client fail; a pooled transport is then not handed to
         anyone new (transports/shared.py)."""
@@ -88,6 +95,8 @@ class Endpoint:
     ca_pem: str | None = None
     insecure_skip_verify: bool = False
     max_concurrent_calls: int = 20
+    username: str = "root"
+    """The API key's owner, which SCRAM login (TrueNAS 26) names with the key."""
     vm_image_server: ImageSource | None = None
     """The simplestreams server (or local mirror) VM images come from on ``vm.*``; None: the Linux
     Containers image server."""
@@ -95,10 +104,18 @@ class Endpoint:
     @property
     def share_key(self) -> tuple[Hashable, ...]:
         """What clients must have in common to share one transport (``connect(pool=...)`` adds the
-        timings): the URL as written, the key, the CA (a file's last newline is no other CA), the
+        timings): the URL as written, the key and its user, the CA (a file's last newline is no other CA), the
         verification switch and the call limit. The operator keys its job slots on it too."""
         ca = self.ca_pem.strip() if self.ca_pem else None
-        return (self.transport, self.url, self.api_key, ca, self.insecure_skip_verify, self.max_concurrent_calls)
+        return (
+            self.transport,
+            self.url,
+            self.api_key,
+            self.username,
+            ca,
+            self.insecure_skip_verify,
+            self.max_concurrent_calls,
+        )
 
 
 async def connect(
@@ -132,6 +149,7 @@ async def connect(
             read_timeout=min(timings.read, timings.call),
             job_timeout=timings.job,
             connect_timeout=timings.connect,
+            username=endpoint.username,
         )
         return JsonRpcTransport(options) if endpoint.transport == "websocket" else RestTransport(options)
 

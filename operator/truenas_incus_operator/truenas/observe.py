@@ -122,6 +122,10 @@ class ObservedTransport:
         self.inner.api_version = value
 
     @property
+    def login_mechanism(self) -> str | None:
+        return getattr(self.inner, "login_mechanism", None)
+
+    @property
     def supports_events(self) -> bool:
         return self.inner.supports_events
 

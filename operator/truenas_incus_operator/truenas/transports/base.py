@@ -193,6 +193,8 @@ class ConnectionOptions:
     job_timeout: float = 15 * 60.0
     connect_timeout: float = 10.0
     api_version: str = "current"
+    username: str = "root"
+    """The API key's owner: SCRAM (TrueNAS 26) names it with the key's id."""
 
 
 class Transport(Protocol):

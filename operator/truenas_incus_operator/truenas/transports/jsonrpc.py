@@ -1,7 +1,9 @@
 """JSON-RPC 2.0 over WebSocket (``wss://host/api/current``): TrueNAS's supported API, the default.
 
-- Logs in with the API key, asks for new-style jobs (``core.set_options({"legacy_jobs": false})``,
-  understood from 25.10; 25.04 keeps answering a job id), and reads ``system.version``.
+- Logs in with SCRAM-SHA-512 where TrueNAS offers it (26: the key never crosses the wire, the
+  exchange bound to the TLS channel), else with the API key (25.x); asks for new-style jobs
+  (``core.set_options({"legacy_jobs": false})``, understood from 25.10; 25.04 keeps answering a
+  job id), and reads ``system.version``.
 - Follows jobs through ``core.get_jobs`` events, polling as a safety net.
 - Reconnects with backoff after a dropped connection, logs in again, re-subscribes, and tells
   listeners (``on_reconnect``) so they can resynchronise what they missed.
@@ -27,6 +29,7 @@ import aiohttp
 
 from ..errors import AuthenticationFailed, CallFailed, CallTimeout, MalformedAnswer, TransportError, TrueNASError
 from ..jobs import is_finished, job_result
+from . import scram
 from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc, refuse_malformed_key, scrubbed
 from .upload import upload_file
 
@@ -69,6 +72,9 @@ class JsonRpcTransport:
         self.api_version: str | None = None
         """The API version spoken (``/api/vXX.YY.Z``), None when the server does not say."""
         self.new_style_jobs = False
+        self.login_mechanism: str | None = None
+        """How the last login went: ``SCRAM-SHA-512`` (``+tls-server-end-point`` when bound to the
+        TLS channel) or ``API_KEY_PLAIN`` (``auth.login_with_api_key``, TrueNAS 25.x)."""
         self.on_reconnect: list[Callable[[], Awaitable[None] | None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -129,14 +135,7 @@ class JsonRpcTransport:
         self._connected.set()
 
     async def _handshake(self) -> None:
-        refuse_malformed_key(self.options.api_key)
-        ok = await self._raw_call(
-            "auth.login_with_api_key", [self.options.api_key.reveal()], self.options.connect_timeout
-        )
-        if ok is not True:
-            raise AuthenticationFailed(
-                "TrueNAS refused the API key (wrong, revoked or expired; keys sent over plain ws:// are revoked)"
-            )
+        await self._login()
         try:
             options = await self._raw_call("core.set_options", [{"legacy_jobs": False}], self.options.connect_timeout)
         except CallFailed:
@@ -149,6 +148,45 @@ class JsonRpcTransport:
             await self._raw_call("core.subscribe", [collection], self.options.connect_timeout)
             self._acknowledged.add(collection)
         self.api_version = await self._api_version()
+
+    async def _login(self) -> None:
+        """SCRAM where the server lists it (TrueNAS 26, docs/scram.md): the key never crosses the
+        wire, and a refusal is final, never retried in clear. Plain ``auth.login_with_api_key``
+        only where SCRAM is not offered (25.x)."""
+        refuse_malformed_key(self.options.api_key)
+        timeout = self.options.connect_timeout
+        if scram.MECHANISM in await self._mechanisms():
+
+            async def call(method: str, params: list[Any]) -> Any:
+                return await self._raw_call(method, params, timeout)
+
+            self.login_mechanism = await scram.login(
+                call, self.options.username, self.options.api_key, self._peer_certificate()
+            )
+            return
+        ok = await self._raw_call("auth.login_with_api_key", [self.options.api_key.reveal()], timeout)
+        if ok is not True:
+            raise AuthenticationFailed(
+                "TrueNAS refused the API key (wrong, revoked or expired; keys sent over plain ws:// are revoked)"
+            )
+        self.login_mechanism = "API_KEY_PLAIN"
+
+    async def _mechanisms(self) -> list[str]:
+        """``auth.mechanism_choices`` before login. 25.04.2 .. 25.10.x fail it for an anonymous
+        caller (plugins/auth.py reads credentials that are not there yet) and older servers lack
+        it; neither offers SCRAM."""
+        try:
+            answer = await self._raw_call("auth.mechanism_choices", [], self.options.connect_timeout)
+        except (CallFailed, AuthenticationFailed):  # also a server that wants a login first: no SCRAM there
+            return []
+        return [str(m) for m in answer] if isinstance(answer, list) else []
+
+    def _peer_certificate(self) -> bytes | None:
+        """The certificate the server presented on this connection (DER), for SCRAM's channel
+        binding; None over plain WebSocket. Read even when verification is off."""
+        ssl_object = self._ws.get_extra_info("ssl_object") if self._ws is not None else None
+        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        return certificate if isinstance(certificate, bytes) else None
 
     async def _api_version(self) -> str | None:
         """The pinned version, else the newest the server lists (``GET /api/versions``, which

@@ -129,6 +129,10 @@ class SharedTransport:
         self.shared.inner.api_version = value
 
     @property
+    def login_mechanism(self) -> str | None:
+        return getattr(self.shared.inner, "login_mechanism", None)
+
+    @property
     def supports_events(self) -> bool:
         return self.shared.inner.supports_events
 
