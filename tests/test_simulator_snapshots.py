@@ -262,3 +262,29 @@ async def test_a_26_container_with_snapshots_leaves_its_dataset_behind_when_dele
     assert "tank/.truenas_containers/containers/c3" in sim.storage.datasets
     assert await call(sim, "container.delete", c2["id"]) is None
     assert "tank/.truenas_containers/containers/c3" not in sim.storage.datasets
+
+
+@pytest.mark.parametrize("profile", ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"])
+async def test_pool_dataset_query_hides_the_instances_datasets_as_internal(profile: str) -> None:
+    """plugins/pool_/dataset.py: 25.04's internal_datasets_filters (always), 25.10's and 26's
+    dataset_query_utils INTERNAL_DATASETS (unless ``extra.exclude_internal_datasets: false``) hide
+    ``.ix-virt`` (25.x) and ``.truenas_containers`` (26, CONTAINER_DS_NAME); snapshots stay visible."""
+    sim = Simulator(profile)
+    if sim.profile.has_virt:
+        await run_job(sim, "virt.instance.create", {"name": "c1", "image": "debian/bookworm", "autostart": False})
+        dataset = "tank/.ix-virt/containers/c1"
+    else:
+        product = "debian:bookworm:amd64:default"
+        image = {"name": product, "version": sim.containers.registry()[product][-1]}
+        await run_job(sim, "container.create", {"name": "c1", "image": image, "autostart": False})
+        dataset = "tank/.truenas_containers/containers/c1"
+    await call(sim, "pool.dataset.create", {"name": "tank/mine"})
+    listed = {d["id"] for d in await call(sim, "pool.dataset.query")}
+    assert "tank/mine" in listed and not any(".ix-virt" in n or ".truenas_containers" in n for n in listed)
+    assert await call(sim, "pool.dataset.query", [["id", "=", dataset]]) == []
+    shown = await call(
+        sim, "pool.dataset.query", [["id", "=", dataset]], {"extra": {"exclude_internal_datasets": False}}
+    )
+    assert [d["id"] for d in shown] == ([] if profile.startswith("25.04") else [dataset])
+    await call(sim, f"{ns(profile)}.create", {"dataset": dataset, "name": "s"})
+    assert [s["id"] for s in await call(sim, f"{ns(profile)}.query", [["dataset", "=", dataset]])] == [f"{dataset}@s"]

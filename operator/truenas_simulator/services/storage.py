@@ -162,9 +162,24 @@ class StorageService(Service):
             self.directories -= {d for d in self.directories if d == f"/mnt/{item}" or d.startswith(prefix)}
 
     # ----- pool.dataset ------------------------------------------------------------------------
+    def internal(self, name: str) -> bool:
+        """What pool.dataset.query hides: 25.x's internal_datasets_filters / INTERNAL_DATASETS (with
+        ``.ix-virt``), 26's INTERNAL_DATASETS (with the containers' CONTAINER_DS_NAME) [SRC]."""
+        names = (
+            ".system",
+            "ix-applications",
+            "ix-apps",
+            ".truenas_containers" if self.mw.profile.pylibvirt else ".ix-virt",
+        )
+        return any(f"/{i}" in name for i in names)
+
     def dataset_query(self, ctx: CallContext, params: list[Any]) -> Any:
         filters, options = check_query_args(params, "pool.dataset.query")
-        return filter_list([d.entry(self.available(d.name)) for d in self.datasets.values()], filters, options)
+        extra = options.get("extra") if isinstance(options.get("extra"), dict) else {}
+        # 25.10 and 26 take extra.exclude_internal_datasets (dataset.py query); 25.04 always appends the filters
+        hide = self.mw.profile.name.startswith("25.04") or (extra or {}).get("exclude_internal_datasets", True)
+        shown = [d for d in self.datasets.values() if not (hide and self.internal(d.name))]
+        return filter_list([d.entry(self.available(d.name)) for d in shown], filters, options)
 
     def dataset_create(self, ctx: CallContext, params: list[Any]) -> Any:
         data = params[0] if params else None
