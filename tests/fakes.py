@@ -40,7 +40,7 @@ from truenas_incus_operator.truenas import (
 )
 from truenas_incus_operator.truenas.images import ImageSource
 from truenas_incus_operator.truenas.observe import Observer
-from truenas_incus_operator.truenas.types import InstanceEventCallback, InstanceStatus
+from truenas_incus_operator.truenas.types import InstanceEventCallback, InstanceStatus, SnapshotTarget
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 LEDGER_NAMESPACE = "tio-system"
@@ -341,6 +341,9 @@ class FakeBackend:
     async def update_device(self, name: str, device: DeviceConfig, target: str | None = None) -> None:
         self._log(f"update_device {name} {device.name}")
         self.devices[name] = [device if d.name == (target or device.name) else d for d in self.devices[name]]
+
+    async def snapshot_target(self, name: str) -> SnapshotTarget | None:
+        return SnapshotTarget(f"tank/{name}") if name in self.instances else None
 
     async def delete_device(self, name: str, device_name: str) -> None:
         self._log(f"delete_device {name} {device_name}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from truenas_incus_operator.truenas import InstanceConfig
 from truenas_incus_operator.truenas.backends.snapshots import (
     OWNER_PROPERTY,
     NewerSnapshots,
@@ -17,6 +18,7 @@ from truenas_incus_operator.truenas.backends.snapshots import (
 from truenas_simulator.state import GIB
 
 from .test_client import client_for, serve
+from .test_client_vm import mirror, vm_config
 from .test_simulator import session
 
 CASES = [
@@ -71,3 +73,44 @@ async def test_take_list_roll_back_and_delete_an_instances_snapshots(profile: st
         assert set(sim.storage.snapshots) == {"tank/home@tio-a", "tank/home/root@tio-a"}
         with pytest.raises(ValueError, match="snapshot name"):
             await snaps.take(target, "bad name/x", owner="uid-1")
+
+
+@pytest.mark.parametrize("profile", ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"])
+async def test_a_containers_snapshot_is_of_its_own_dataset(profile: str) -> None:
+    async with serve(profile) as (sim, server), client_for(server, "websocket") as client:
+        backend = client.instances
+        await backend.create(InstanceConfig(name="web01", type="CONTAINER", image="debian/bookworm", autostart=False))
+        target = await backend.snapshot_target("web01")
+        home = ".truenas_containers" if profile in ("26.0", "27.0") else ".ix-virt"
+        assert target == SnapshotTarget(f"tank/{home}/containers/web01")
+        taken = await Snapshots(client.transport, client.version).take(target, "tio-1", owner="uid-1")
+        assert taken.datasets == (target.root,) and f"{target.root}@tio-1" in sim.storage.snapshots
+        assert await backend.snapshot_target("missing") is None
+
+
+async def test_an_incus_vms_snapshot_is_of_its_disk_volume() -> None:
+    async with serve("25.04.0") as (sim, server), client_for(server, "websocket") as client:
+        await client.instances.create(InstanceConfig(name="vm1", type="VM", image="debian/bookworm", autostart=False))
+        target = await client.instances.snapshot_target("vm1")
+        assert target == SnapshotTarget("tank/.ix-virt/virtual-machines/vm1.block")
+        assert sim.storage.datasets[target.root].type == "VOLUME"
+
+
+@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+async def test_a_vms_snapshot_takes_its_home_root_disk_and_seed_at_once(profile: str) -> None:
+    async with (
+        serve(profile) as (sim, server),
+        client_for(server, "websocket", vm_image_server=mirror(server)) as client,
+    ):
+        await client.instances.create(vm_config())
+        target = await client.instances.snapshot_target("web-01")
+        assert target == SnapshotTarget("tank/incus-operator/vms/web_01", recursive=True)
+        snaps = Snapshots(client.transport, client.version)
+        taken = await snaps.take(target, "tio-1", owner="uid-1")
+        assert taken.datasets == ("tank/incus-operator/vms/web_01", "tank/incus-operator/vms/web_01/root")
+        assert len({sim.storage.snapshots[f"{d}@tio-1"].txg for d in taken.datasets}) == 1
+        root = sim.storage.datasets["tank/incus-operator/vms/web_01/root"]
+        image = root.content
+        root.content = "overwritten by the guest"
+        assert await snaps.rollback(target, "tio-1") == []
+        assert root.content == image and sim.storage.changed_under == []

@@ -152,6 +152,19 @@ class ObservedInstance:
     nothing live); known only to the process that changed them."""
 
 
+@dataclass(frozen=True)
+class SnapshotTarget:
+    """The datasets one instance owns, as one ZFS snapshot takes them (backends/snapshots.py)."""
+
+    root: str
+    """The dataset the snapshot is taken of."""
+    recursive: bool = False
+    """With its descendants, atomically (one transaction group)."""
+
+    def owns(self, dataset: str) -> bool:
+        return dataset == self.root or (self.recursive and dataset.startswith(f"{self.root}/"))
+
+
 InstanceEventCallback = Callable[[str, str, dict[str, Any] | None], None]
 """``(kind, instance name, fields)``; kind is added, changed or removed."""
 
@@ -219,6 +232,11 @@ class InstanceBackend(Protocol):
         ...
 
     async def delete_device(self, name: str, device_name: str) -> None: ...
+
+    async def snapshot_target(self, name: str) -> SnapshotTarget | None:
+        """The datasets ``name`` owns on ZFS, as one snapshot takes them (docs/snapshots.md); None when
+        the instance does not exist."""
+        ...
 
     def instance_from_event(self, fields: dict[str, Any]) -> ObservedInstance | None:
         """The instance an event describes in full, or None when it carries only some fields."""

@@ -29,6 +29,7 @@ from ..types import (
     InstanceStatus,
     ObservedImage,
     ObservedInstance,
+    SnapshotTarget,
 )
 from .macs import mac_for
 
@@ -216,6 +217,12 @@ class ContainerBackend:
                 self._names.pop(stale, None)
             return None
         return self._remember(entries[0])
+
+    async def snapshot_target(self, name: str) -> SnapshotTarget | None:
+        """The container's ``dataset`` (``<pool>/.truenas_containers/containers/<name>``, container.py)."""
+        entries = await self.transport.call("container.query", [["name", "=", name]], {}, idempotent=True)
+        dataset = str((entries[0] if entries else {}).get("dataset") or "")
+        return SnapshotTarget(dataset) if dataset else None
 
     async def resolve_image(self, alias: str) -> dict[str, str]:
         """``debian/bookworm`` -> ``{"name": "debian:bookworm:amd64:default", "version": <newest>}``."""

@@ -18,6 +18,7 @@ from ..types import (
     InstanceConfig,
     InstanceEventCallback,
     ObservedInstance,
+    SnapshotTarget,
 )
 from .vm import VMBackend
 
@@ -126,6 +127,9 @@ class RoutingBackend:
 
     async def delete_device(self, name: str, device_name: str) -> None:
         await (await self._backend(name)).delete_device(name, device_name)
+
+    async def snapshot_target(self, name: str) -> SnapshotTarget | None:
+        return await (await self._backend(name)).snapshot_target(name)
 
     # ----- events ---------------------------------------------------------------------------------------
     def instance_from_event(self, fields: dict[str, Any]) -> ObservedInstance | None:

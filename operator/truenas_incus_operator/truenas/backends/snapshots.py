@@ -20,24 +20,14 @@ from typing import Any
 
 from ..errors import CallFailed, FieldError, NotFound
 from ..transports.base import Transport
+from ..types import SnapshotTarget
+
+__all__ = ["OWNER_PROPERTY", "NewerSnapshots", "NotOurs", "SnapshotInfo", "SnapshotTarget", "Snapshots"]
 
 OWNER_PROPERTY = "io.truenas.incus-operator:owner"
 """The ZFS user property naming the resource (its UID) a snapshot was taken for."""
 SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 """What a snapshot name may be here: ZFS's component characters, bounded."""
-
-
-@dataclass(frozen=True)
-class SnapshotTarget:
-    """The datasets one instance owns, as one snapshot takes them."""
-
-    root: str
-    """The dataset the snapshot is taken of."""
-    recursive: bool = False
-    """With its descendants, atomically (one transaction group)."""
-
-    def owns(self, dataset: str) -> bool:
-        return dataset == self.root or (self.recursive and dataset.startswith(f"{self.root}/"))
 
 
 @dataclass(frozen=True)

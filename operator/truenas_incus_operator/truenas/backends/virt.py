@@ -19,6 +19,7 @@ from ..types import (
     InstanceStatus,
     ObservedImage,
     ObservedInstance,
+    SnapshotTarget,
 )
 
 # Device fields that the IncusInstance spec names itself; everything else travels in ``extra``.
@@ -142,6 +143,18 @@ class VirtInstanceBackend:
     async def get_instance(self, name: str) -> ObservedInstance | None:
         entries = await self.transport.call("virt.instance.query", [["id", "=", name]], {}, idempotent=True)
         return observed(entries[0]) if entries else None
+
+    async def snapshot_target(self, name: str) -> SnapshotTarget | None:
+        """Incus's ZFS driver on the virt pool's ``.ix-virt`` (plugins/virt/global.py): a container's root
+        filesystem; a VM's ``.block`` volume, its disk (the configuration filesystem beside it is
+        Incus's own and not taken: the two are siblings, and one snapshot takes one tree)."""
+        found = await self.get_instance(name)
+        if found is None:
+            return None
+        pool = found.storage_pool or "tank"
+        if found.type == "VM":
+            return SnapshotTarget(f"{pool}/.ix-virt/virtual-machines/{name}.block")
+        return SnapshotTarget(f"{pool}/.ix-virt/containers/{name}")
 
     async def create(
         self, config: InstanceConfig, on_progress: Callable[[dict[str, Any]], None] | None = None

@@ -34,6 +34,7 @@ from ...types import (
     InstanceEventCallback,
     InstanceStatus,
     ObservedInstance,
+    SnapshotTarget,
 )
 from ..macs import mac_for
 from .bases import BASE_GRACE_SECONDS, FILE_MODE, ROOT, BaseImages, dataset_key
@@ -420,6 +421,13 @@ class VMBackend:
         suffix = f"/{ROOT}/vms/{vm_name(name)}"
         entries = await self.transport.call("pool.dataset.query", [["id", "$", suffix]], {}, idempotent=True)
         return [str(e["id"]) for e in entries if str(e["id"]).count("/") == 3]
+
+    async def snapshot_target(self, name: str) -> SnapshotTarget | None:
+        """The VM's home, recursively: its root volume and its seed, in one transaction group."""
+        if await self._entry(name) is None:
+            return None
+        homes = await self._homes(name)
+        return SnapshotTarget(homes[0], recursive=True) if homes else None
 
     async def discard_unfinished(self, name: str) -> None:
         if await self._entry(name) is None:
