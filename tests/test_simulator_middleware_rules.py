@@ -1,0 +1,197 @@
+"""Rules of TrueNAS's middleware that a client the project did not write would notice, checked on the
+wire against the simulator on every profile: message size limits, too many arguments, how many calls
+run at once, ``vm.restart``, ``auth.generate_token`` and the ``/_upload`` schemes, the query options
+of ``utils/filter_list.py`` and the legacy ``/websocket`` endpoint. Each test names the middleware
+file (truenas/middleware, ``src/middlewared/middlewared/``) its rule comes from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from truenas_simulator import Simulator, SimulatorServer
+
+PROFILES = ["25.04.0", "25.04.2", "25.10", "26.0"]
+VM_PROFILES = ["25.04.2", "25.10", "26.0"]
+
+
+@pytest.fixture
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Simulator, SimulatorServer]]:
+    sim = Simulator(request.param, seed=3)
+    sim.knobs.auth_fail_delay = 0.0
+    server = await SimulatorServer(sim).start()
+    try:
+        yield sim, server
+    finally:
+        await server.stop()
+
+
+class Rpc:
+    """A bare JSON-RPC 2.0 socket: what any client sends, nothing the project's client adds."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.next_id = 0
+
+    async def send(self, method: str, params: list[Any] | None = None) -> int:
+        self.next_id += 1
+        await self.ws.send_str(
+            json.dumps({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params or []})
+        )
+        return self.next_id
+
+    async def reply(self, ident: int) -> dict[str, Any]:
+        while True:
+            message = await asyncio.wait_for(self.ws.receive_json(), 10)
+            if message.get("id") == ident:
+                return dict(message)
+
+    async def call(self, method: str, params: list[Any] | None = None) -> Any:
+        reply = await self.reply(await self.send(method, params))
+        if "error" in reply:
+            raise RpcError(reply["error"])
+        return reply["result"]
+
+
+class RpcError(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class Http:
+    """A client session that closes the sockets it opened (aiohttp warns of one left open)."""
+
+    async def __aenter__(self) -> Http:
+        self.session = aiohttp.ClientSession()
+        self.opened: list[aiohttp.ClientWebSocketResponse] = []
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for ws in self.opened:
+            await ws.close()
+        await self.session.close()
+
+    async def ws(self, url: str) -> aiohttp.ClientWebSocketResponse:
+        ws = await self.session.ws_connect(url, max_msg_size=0)
+        self.opened.append(ws)
+        return ws
+
+
+async def connect(server: SimulatorServer, http: Http, path: str = "/api/current") -> Rpc:
+    return Rpc(await http.ws(f"{server.ws_url}{path}"))
+
+
+async def logged_in(sim: Simulator, server: SimulatorServer, http: Http) -> Rpc:
+    rpc = await connect(server, http)
+    assert await rpc.call("auth.login_with_api_key", [sim.api_key]) is True
+    return rpc
+
+
+# ----- 1. message size limits (utils/limits.py parse_message, api/base/server/ws_handler/rpc.py) --------
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_a_message_over_8_kib_before_login_closes_the_socket(served: tuple[Simulator, SimulatorServer]) -> None:
+    _, server = served
+    async with Http() as http:
+        rpc = await connect(server, http)
+        padding = "x" * 8192
+        await rpc.ws.send_str(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "core.ping", "params": [padding]}))
+        closing = await asyncio.wait_for(rpc.ws.receive(), 10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        # MsgSizeError(UNAUTHENTICATED): WSCloseCode.INVALID_TEXT (1007) and its message, no reply first.
+        assert closing.data == 1007
+        assert closing.extra == "Anonymous connection max message length is 8 kB"
+
+
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_8_kib_exactly_is_answered_before_login(served: tuple[Simulator, SimulatorServer]) -> None:
+    _, server = served
+    async with Http() as http:
+        rpc = await connect(server, http)
+        envelope = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "core.ping", "params": []})
+        filler = 8192 - len(envelope) - len(', "pad": ""')
+        text = envelope[:-1] + f', "pad": "{"y" * filler}"' + "}"
+        assert len(text) == 8192
+        await rpc.ws.send_str(text)
+        assert (await rpc.reply(1))["result"] == "pong"
+
+
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_a_message_over_64_kib_after_login_closes_the_socket(served: tuple[Simulator, SimulatorServer]) -> None:
+    sim, server = served
+    async with Http() as http:
+        rpc = await logged_in(sim, server, http)
+        # 20 KiB is fine once logged in ...
+        assert (await rpc.reply(await rpc.send("core.ping", []))).get("result") == "pong"
+        big = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "core.get_jobs", "params": [[["id", "=", "x" * 20000]]]})
+        await rpc.ws.send_str(big)
+        assert (await rpc.reply(7))["result"] == []
+        # ... 64 KiB and one byte is not: WSCloseCode.MESSAGE_TOO_BIG (1009).
+        huge = {"jsonrpc": "2.0", "id": 8, "method": "core.get_jobs", "params": [[["id", "=", "x" * 65536]]]}
+        await rpc.ws.send_str(json.dumps(huge))
+        closing = await asyncio.wait_for(rpc.ws.receive(), 10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        assert (closing.data, closing.extra) == (1009, "Max message length is 64 kB")
+
+
+# ----- 7. too many positional arguments (api/base/handler/accept.py model_dict_from_list) ---------------
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_too_many_arguments_are_refused(served: tuple[Simulator, SimulatorServer]) -> None:
+    sim, server = served
+    async with Http() as http:
+        rpc = await logged_in(sim, server, http)
+        with pytest.raises(RpcError) as refused:
+            await rpc.call("core.ping", ["extra"])
+        error = refused.value.error
+        assert (error["code"], error["message"]) == (-32602, "Invalid params")
+        assert error["data"]["error"] == 22 and error["data"]["errname"] == "EINVAL"
+        assert error["data"]["extra"] == [["", "Too many arguments (expected 0, found 1)", 22]]
+        assert error["data"]["reason"] == "[EINVAL] : Too many arguments (expected 0, found 1)\n"
+        with pytest.raises(RpcError) as query:
+            await rpc.call("core.get_jobs", [[], {}, "third"])
+        assert query.value.error["data"]["extra"] == [["", "Too many arguments (expected 2, found 3)", 22]]
+        assert await rpc.call("core.get_jobs", [[], {}]) == []
+
+
+@pytest.mark.parametrize("served", ["25.10"], indirect=True)
+async def test_too_many_arguments_to_a_job_fail_the_job(served: tuple[Simulator, SimulatorServer]) -> None:
+    """A job method validates its arguments inside the job (api/base/decorator.py wraps the method)."""
+    sim, server = served
+    async with Http() as http:
+        rpc = await logged_in(sim, server, http)
+        job_id = await rpc.call("virt.instance.start", ["web1", "extra"])
+        job = sim.jobs.jobs[job_id]
+        await asyncio.wait_for(job.done.wait(), 10)
+        failed = job.as_dict(sim.profile.message_ids)
+        assert failed["state"] == "FAILED"
+        assert failed["exc_info"]["type"] == "VALIDATION"
+        assert failed["exc_info"]["extra"] == [["", "Too many arguments (expected 1, found 2)", 22]]
+
+
+# ----- 8. 10 calls run at once, 10 more wait, the 21st is refused (utils/lock.py SoftHardSemaphore) -----
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_ten_calls_run_ten_wait_and_the_rest_are_refused(served: tuple[Simulator, SimulatorServer]) -> None:
+    sim, server = served
+    async with Http() as http:
+        rpc = await logged_in(sim, server, http)
+        sim.knobs.hung_calls = {"system.info"}
+        hung = [await rpc.send("system.info") for _ in range(10)]
+        await asyncio.sleep(0.2)
+        queued = await rpc.send("core.ping")  # the 11th waits for one of the 10 to finish
+        more = [await rpc.send("core.ping") for _ in range(9)]
+        refused = await rpc.send("core.ping")  # the 21st
+        reply = await rpc.reply(refused)
+        assert reply["error"] == {
+            "code": -32000,
+            "message": "Maximum number of concurrent calls (20) has exceeded",
+        }
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(rpc.reply(queued), 0.5)
+        assert sim.counters.by_method["core.ping"] == 0  # the queued ones have not started
+        assert len(hung) == 10 and len(more) == 9
