@@ -195,3 +195,40 @@ async def test_ten_calls_run_ten_wait_and_the_rest_are_refused(served: tuple[Sim
             await asyncio.wait_for(rpc.reply(queued), 0.5)
         assert sim.counters.by_method["core.ping"] == 0  # the queued ones have not started
         assert len(hung) == 10 and len(more) == 9
+
+
+# ----- 3. vm.restart (plugins/vm/vm_lifecycle.py VMLifecycle.restart; api/v*/vm.py VMRestartArgs) -------
+@pytest.mark.parametrize("served", VM_PROFILES, indirect=True)
+async def test_vm_restart_is_a_job_that_stops_then_starts(served: tuple[Simulator, SimulatorServer]) -> None:
+    sim, server = served
+    async with Http() as http:
+        rpc = await logged_in(sim, server, http)
+        vm = await rpc.call("vm.create", [{"name": "web01", "memory": 1024, "autostart": False}])
+        await rpc.call("vm.start", [vm["id"]])
+        before = (await rpc.call("vm.get_instance", [vm["id"]]))["status"]["pid"]
+        job_id = await rpc.call("vm.restart", [vm["id"]])
+        assert isinstance(job_id, int)  # a job: its id on the legacy-jobs default
+        job = sim.jobs.jobs[job_id]
+        await asyncio.wait_for(job.done.wait(), 10)
+        assert (job.state, job.result) == ("SUCCESS", None)
+        after = await rpc.call("vm.get_instance", [vm["id"]])
+        assert after["status"]["state"] == "RUNNING" and after["status"]["pid"] != before
+        assert [j.method for j in sim.jobs.jobs.values()] == ["vm.restart", "vm.stop"]  # stop is its own job
+
+        # A VM that is not running: the stop job fails and restart says so, wrapping its error.
+        await rpc.call("vm.poweroff", [vm["id"]])
+        failed_id = await rpc.call("vm.restart", [vm["id"]])
+        failed = sim.jobs.jobs[failed_id]
+        await asyncio.wait_for(failed.done.wait(), 10)
+        assert failed.state == "FAILED"
+        stop_error = (
+            "Domain 'web01' is not active"
+            if sim.profile.name == "26.0"
+            else "[EFAULT] VM state is currently not 'RUNNING'"
+        )
+        assert failed.error == f"[EFAULT] Failed to stop 'web01' vm: {stop_error}"
+        assert (await rpc.call("vm.get_instance", [vm["id"]]))["status"]["state"] == "STOPPED"
+
+        missing = sim.jobs.jobs[await rpc.call("vm.restart", [99])]  # vm.get_instance first
+        await asyncio.wait_for(missing.done.wait(), 10)
+        assert missing.as_dict(sim.profile.message_ids)["exc_info"]["extra"] == [[None, "VM 99 does not exist", 2]]
