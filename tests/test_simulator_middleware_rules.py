@@ -8,6 +8,7 @@ file (truenas/middleware, ``src/middlewared/middlewared/``) its rule comes from.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -232,3 +233,78 @@ async def test_vm_restart_is_a_job_that_stops_then_starts(served: tuple[Simulato
         missing = sim.jobs.jobs[await rpc.call("vm.restart", [99])]  # vm.get_instance first
         await asyncio.wait_for(missing.done.wait(), 10)
         assert missing.as_dict(sim.profile.message_ids)["exc_info"]["extra"] == [[None, "VM 99 does not exist", 2]]
+
+
+# ----- 4. auth.generate_token, TOKEN_PLAIN and the /_upload schemes -----------------------------------
+# plugins/auth.py generate_token / login_with_token / login_ex TOKEN_PLAIN, api/v*/auth.py
+# AuthGenerateTokenArgs (ttl=600, attrs={}, match_origin=True, single_use=False); the file app's
+# parse_credentials + authenticate (restful.py on 25.x, apps/file_app.py on 26).
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_a_generated_token_logs_another_socket_in(served: tuple[Simulator, SimulatorServer]) -> None:
+    sim, server = served
+    async with Http() as http:
+        anonymous = await connect(server, http)
+        with pytest.raises(RpcError) as refused:
+            await anonymous.call("auth.generate_token", [])
+        assert refused.value.error["data"]["error"] == 207  # ENOTAUTHENTICATED
+        rpc = await logged_in(sim, server, http)
+        token = await rpc.call("auth.generate_token", [])
+        assert isinstance(token, str) and len(token) >= 48
+        other = await connect(server, http)
+        assert await other.call("auth.login_with_token", [token]) is True
+        assert (await other.call("auth.me"))["pw_name"] == "root"
+        third = await connect(server, http)
+        logged = await third.call("auth.login_ex", [{"mechanism": "TOKEN_PLAIN", "token": token}])
+        assert logged["response_type"] == "SUCCESS"  # multi-use by default
+        # single_use: one login, then it is gone.
+        once = await rpc.call("auth.generate_token", [600, {}, True, True])
+        assert await (await connect(server, http)).call("auth.login_with_token", [once]) is True
+        assert await (await connect(server, http)).call("auth.login_with_token", [once]) is False
+        # A token with attributes is for downloads, not logins.
+        tagged = await rpc.call("auth.generate_token", [600, {"purpose": "x"}])
+        refused_ex = await (await connect(server, http)).call(
+            "auth.login_ex", [{"mechanism": "TOKEN_PLAIN", "token": tagged}]
+        )
+        assert refused_ex == {"response_type": "AUTH_ERR"}
+        with pytest.raises(RpcError) as invalid:
+            await rpc.call("auth.generate_token", ["soon"])
+        assert invalid.value.error["data"]["extra"][0][:2] == ["ttl", "Input should be a valid integer"]
+
+
+@pytest.mark.parametrize("served", VM_PROFILES, indirect=True)
+async def test_upload_takes_token_bearer_and_basic(served: tuple[Simulator, SimulatorServer]) -> None:
+    sim, server = served
+    async with Http() as http:
+        rpc = await logged_in(sim, server, http)
+        await rpc.call("pool.dataset.create", [{"name": "tank/images"}])
+        token = await rpc.call("auth.generate_token", [600, {}, True, True])
+
+        def form(name: str) -> aiohttp.FormData:
+            data = aiohttp.FormData()
+            data.add_field("data", json.dumps({"method": "filesystem.put", "params": [f"/mnt/tank/images/{name}", {}]}))
+            data.add_field("file", b"disk", filename=name, content_type="application/octet-stream")
+            return data
+
+        async def upload(name: str, headers: dict[str, str] | None = None, query: str = "") -> tuple[int, str]:
+            answer = await http.session.post(f"{server.url}/_upload{query}", data=form(name), headers=headers or {})
+            return answer.status, await answer.text()
+
+        status, body = await upload("a.img", {"Authorization": f"Token {token}"})
+        assert status == 200 and "job_id" in json.loads(body)
+        # single use: the second upload with it is forbidden, as an unknown token is.
+        assert await upload("b.img", {"Authorization": f"Token {token}"}) == (403, "Invalid token")
+        assert await upload("b.img", {"Authorization": "Token nope"}) == (403, "Invalid token")
+        multi = await rpc.call("auth.generate_token", [])
+        assert (await upload("c.img", query=f"?auth_token={multi}"))[0] == 200  # the query-string form
+        assert (await upload("d.img", {"Authorization": f"Bearer {sim.api_key}"}))[0] == 200
+        assert await upload("e.img", {"Authorization": "Bearer 1-wrong"}) == (401, "Invalid API key")
+        # Basic is a username and password: the simulator has no password accounts.
+        basic = base64.b64encode(b"root:secret").decode()
+        assert await upload("f.img", {"Authorization": f"Basic {basic}"}) == (401, "Bad username or password")
+        assert (await upload("g.img", {"Authorization": "Basic abc"}))[0] == 400  # bad padding
+        assert (await upload("h.img", {"Authorization": "Digest x"}))[0] == 401
+        assert sorted(p.rsplit("/", 1)[1] for p in sim.storage.files if p.startswith("/mnt/tank/images/")) == [
+            "a.img",
+            "c.img",
+            "d.img",
+        ]
