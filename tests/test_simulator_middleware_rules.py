@@ -308,3 +308,70 @@ async def test_upload_takes_token_bearer_and_basic(served: tuple[Simulator, Simu
             "c.img",
             "d.img",
         ]
+
+
+# ----- 5. query options as utils/filter_list.py applies them ---------------------------------------------
+ROWS = [
+    {"id": 1, "name": "b", "pool": "tank", "status": {"state": "RUNNING", "pid": 10}},
+    {"id": 2, "name": "a", "pool": None, "status": {"state": "STOPPED", "pid": None}},
+    {"id": 3, "name": "c", "pool": "fast", "status": {"state": "RUNNING", "pid": 30}},
+    {"id": 4, "name": "a", "pool": "tank", "status": {"state": "STOPPED", "pid": None}},
+]
+
+
+def test_count_is_taken_before_offset_and_limit() -> None:
+    from truenas_simulator.filters import filter_list
+
+    assert filter_list(ROWS, [], {"count": True, "limit": 1}) == 4
+    assert filter_list(ROWS, [["pool", "=", "tank"]], {"count": True, "offset": 1, "limit": 1}) == 2
+
+
+def test_order_by_sorts_once_per_key_so_the_last_key_leads() -> None:
+    """do_order sorts the list by each key in turn (a stable sort): the last key is the primary one."""
+    from truenas_simulator.filters import filter_list
+
+    by = filter_list(ROWS, [], {"order_by": ["-id", "name"]})
+    assert [r["id"] for r in by] == [4, 2, 1, 3]
+    nulls_first = filter_list(ROWS, [], {"order_by": ["nulls_first:-pool"]})
+    assert [r["id"] for r in nulls_first] == [2, 1, 4, 3]
+    nulls_last = filter_list(ROWS, [], {"order_by": ["nulls_last:pool"]})
+    assert [r["id"] for r in nulls_last] == [3, 1, 4, 2]
+
+
+def test_select_takes_dotted_paths_and_renames() -> None:
+    from truenas_simulator.filters import filter_list
+
+    picked = filter_list(ROWS, [["id", "<", 3]], {"select": ["name", "status.state", ["status.pid", "pid"], "nope"]})
+    assert picked == [
+        {"name": "b", "status": {"state": "RUNNING"}, "pid": 10},
+        {"name": "a", "status": {"state": "STOPPED"}, "pid": None},
+    ]
+
+
+def test_get_ignores_limit_one_and_comes_after_ordering() -> None:
+    from truenas_simulator.filters import filter_list
+
+    assert filter_list(ROWS, [], {"get": True, "limit": 1, "order_by": ["-id"]})["id"] == 4
+    assert filter_list(ROWS, [["name", "=", "a"]], {"get": True})["id"] == 2
+
+
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_get_with_a_limit_over_one_is_refused(served: tuple[Simulator, SimulatorServer]) -> None:
+    """25.10 and 26 check the combination in QueryOptions' model validator (api/v25_10_0/common.py):
+    a validation error on ``options``; 25.04's model has none, so filter_list's ValueError is a call error."""
+    sim, server = served
+    async with Http() as http:
+        rpc = await logged_in(sim, server, http)
+        with pytest.raises(RpcError) as refused:
+            await rpc.call("core.get_jobs", [[], {"get": True, "limit": 2}])
+        error = refused.value.error
+        message = "Invalid options combination. `get` implies a single result."
+        if sim.profile.name in ("25.10", "26.0"):
+            assert error["code"] == -32602
+            assert error["data"]["extra"] == [["options", f"Value error, {message}", 22]]
+        else:
+            assert error["code"] == -32001
+            assert error["data"]["reason"] == message
+        with pytest.raises(RpcError) as unknown:
+            await rpc.call("core.get_jobs", [[], {"colour": 1}])
+        assert unknown.value.error["data"]["extra"] == [["options.colour", "Extra inputs are not permitted", 22]]

@@ -108,7 +108,7 @@ class Core:
         }
 
     def get_jobs(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "core.get_jobs")
+        filters, options = check_query_args(params, ctx.schema)
         with_ids = self.mw.profile.message_ids
         return filter_list([job.as_dict(with_ids) for job in self.mw.jobs.jobs.values()], filters, options)
 

@@ -133,7 +133,7 @@ class StorageService(Service):
 
     # ----- pool.dataset ------------------------------------------------------------------------
     def dataset_query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "pool.dataset.query")
+        filters, options = check_query_args(params, ctx.schema)
         return filter_list([d.entry(self.available(d.name)) for d in self.datasets.values()], filters, options)
 
     def dataset_create(self, ctx: CallContext, params: list[Any]) -> Any:
@@ -270,7 +270,7 @@ class StorageService(Service):
 
     # ----- snapshots and clones ------------------------------------------------------------------
     def snapshot_query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "pool.snapshot.query")
+        filters, options = check_query_args(params, ctx.schema)
         return filter_list([s.entry() for s in self.snapshots.values()], filters, options)
 
     def snapshot_create(self, ctx: CallContext, params: list[Any]) -> Any:

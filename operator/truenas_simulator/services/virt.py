@@ -106,7 +106,8 @@ class VirtService(Service):
 
     # ----- reads -------------------------------------------------------------------------------
     def query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "virt.instance.query")
+        schema = ctx.schema if ctx is not None else self.mw.profile.schema_version  # tests call it bare
+        filters, options = check_query_args(params, schema)
         if self.mw.global_config.state != "INITIALIZED" and not (options.get("extra") or {}).get("skip_state"):
             return filter_list([], filters, options)
         entries = [i.entry(self.mw.profile) for i in self.instances.values()]
