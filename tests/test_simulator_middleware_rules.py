@@ -375,3 +375,36 @@ async def test_get_with_a_limit_over_one_is_refused(served: tuple[Simulator, Sim
         with pytest.raises(RpcError) as unknown:
             await rpc.call("core.get_jobs", [[], {"colour": 1}])
         assert unknown.value.error["data"]["extra"] == [["options.colour", "Extra inputs are not permitted", 22]]
+
+
+# ----- 6. where an argument error is located ------------------------------------------------------------
+# api/base/handler/accept.py validate_model joins pydantic's location: the Args model's field name
+# first (``id``, ``event``, ``login_data``), never the method's; a ``@single_argument_args('x')``
+# model's one field is ``x`` (``virt_instance_create.memory``), and a plugin's own
+# ``verrors.add('pool_dataset_create.name', ...)`` keeps the name it writes.
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_argument_errors_are_located_at_the_args_field(served: tuple[Simulator, SimulatorServer]) -> None:
+    sim, server = served
+    async with Http() as http:
+        rpc = await logged_in(sim, server, http)
+
+        async def extra(method: str, params: list[Any]) -> Any:
+            with pytest.raises(RpcError) as refused:
+                await rpc.call(method, params)
+            assert refused.value.error["code"] == -32602, refused.value.error
+            return refused.value.error["data"]["extra"]
+
+        assert await extra("core.job_abort", ["x"]) == [["id", "Input should be a valid integer", 22]]
+        assert await extra("core.subscribe", [5]) == [["event", "Input should be a valid string", 22]]
+        assert await extra("auth.login", ["root"]) == [["password", "Field required", 22]]
+        wrong_tag = await extra("auth.login_ex", [{"mechanism": "NOPE"}])
+        assert [row[0] for row in wrong_tag] == ["login_data"]
+        assert await extra("auth.login_ex", [{"api_key": "x"}]) == [["login_data.mechanism", "Field required", 22]]
+        if sim.profile.has_virt:
+            assert await extra("virt.instance.get_instance", []) == [["id", "Field required", 22]]
+            job = sim.jobs.jobs[await rpc.call("virt.instance.delete", [5])]
+            await asyncio.wait_for(job.done.wait(), 10)
+            assert job.as_dict(True)["exc_info"]["extra"] == [["id", "Input should be a valid string", 22]]
+            job = sim.jobs.jobs[await rpc.call("virt.instance.start", [5])]
+            await asyncio.wait_for(job.done.wait(), 10)
+            assert job.as_dict(True)["exc_info"]["extra"] == [["id", "Input should be a valid string", 22]]

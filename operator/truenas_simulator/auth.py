@@ -135,8 +135,14 @@ class Auth:
 
     async def login(self, ctx: CallContext, params: list[Any]) -> Any:
         """``auth.login [username, password, otp?]``: the simulator has no password accounts."""
-        if len(params) < 2 or not all(isinstance(p, str) for p in params[:2]):
-            raise ValidationErrors([("auth.login.password", "Field required", errno.EINVAL)])
+        # AuthLoginArgs (api/v*/auth.py): username, password, otp_token=None; errors at the field's name.
+        errors = ValidationErrors()
+        for index, name in enumerate(("username", "password")):
+            if len(params) <= index:
+                errors.add(name, "Field required")
+            elif not isinstance(params[index], str):
+                errors.add(name, "Input should be a valid string")
+        errors.check()
         await self.refusal_delay()
         return False
 
@@ -219,12 +225,15 @@ class Auth:
         data = params[0] if params else None
         mechanism = data.get("mechanism") if isinstance(data, dict) else None
         tags = (*LOGIN_EX_MODEL_TAGS, "SCRAM") if self.mw.profile.has_container else LOGIN_EX_MODEL_TAGS
+        if isinstance(data, dict) and "mechanism" not in data:
+            # validate_model: a union_tag_not_found error is located at the discriminator, "Field required".
+            raise ValidationErrors([("login_data.mechanism", "Field required", errno.EINVAL)])
         if not isinstance(data, dict) or mechanism not in tags:
             expected = ", ".join(f"'{t}'" for t in tags)
             raise ValidationErrors(
                 [
                     (
-                        "auth.login_ex.login_data",
+                        "login_data",
                         f"Input tag '{mechanism}' found using 'mechanism' does not match any of the expected "
                         f"tags: {expected}",
                         errno.EINVAL,

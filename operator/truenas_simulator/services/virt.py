@@ -115,7 +115,7 @@ class VirtService(Service):
 
     def get_instance(self, ctx: CallContext, params: list[Any]) -> Any:
         if not params:
-            raise ValidationErrors([("virt.instance.get_instance.id", "Field required", errno.EINVAL)])
+            raise ValidationErrors([("id", "Field required", errno.EINVAL)])
         ident = params[0]
         entries = self.query(ctx, [[["id", "=", ident]], {}])
         if not entries:
@@ -291,7 +291,7 @@ class VirtService(Service):
 
         async def body(job: Job) -> Any:
             if not ctx.prevalidated and not isinstance(ident, str):
-                raise ValidationErrors([("virt_instance_delete.id", "Input should be a valid string", errno.EINVAL)])
+                raise ValidationErrors([("id", "Input should be a valid string", errno.EINVAL)])
             self.check_initialized()
             instance = self.get(ident)
             if instance.status != "STOPPED":
@@ -308,7 +308,7 @@ class VirtService(Service):
 
         async def body(job: Job) -> Any:
             if not ctx.prevalidated and not isinstance(ident, str):
-                raise ValidationErrors([("virt_instance_start.id", "Input should be a valid string", errno.EINVAL)])
+                raise ValidationErrors([("id", "Input should be a valid string", errno.EINVAL)])
             self.check_initialized()
             instance = self.get(ident)
             self._check_power_status(instance, "virt.instance.start.id", "started")
