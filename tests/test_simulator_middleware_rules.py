@@ -408,3 +408,117 @@ async def test_argument_errors_are_located_at_the_args_field(served: tuple[Simul
             job = sim.jobs.jobs[await rpc.call("virt.instance.start", [5])]
             await asyncio.wait_for(job.done.wait(), 10)
             assert job.as_dict(True)["exc_info"]["extra"] == [["id", "Input should be a valid string", 22]]
+
+
+# ----- 2. the legacy /websocket endpoint (main.py ws_handler, apps/websocket_app.py) ----------------------
+# Served on 25.04, 25.10 and 26 alike: the DDP-style protocol of ``WebSocketApplication``.
+class Ddp:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.next_id = 0
+        self.events: list[dict[str, Any]] = []  # what came while waiting for a result
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send_str(json.dumps(message))
+
+    async def receive(self) -> dict[str, Any]:
+        return dict(await asyncio.wait_for(self.ws.receive_json(), 10))
+
+    async def method(self, method: str, params: list[Any] | None = None) -> str:
+        self.next_id += 1
+        ident = f"m{self.next_id}"
+        await self.send({"msg": "method", "id": ident, "method": method, "params": params or []})
+        return ident
+
+    async def result(self, ident: str) -> dict[str, Any]:
+        while True:
+            message = await self.receive()
+            if message.get("msg") == "result" and message.get("id") == ident:
+                return message
+            self.events.append(message)
+
+    async def call(self, method: str, params: list[Any] | None = None) -> Any:
+        reply = await self.result(await self.method(method, params))
+        assert "error" not in reply, reply
+        return reply["result"]
+
+
+async def ddp(server: SimulatorServer, http: Http) -> Ddp:
+    return Ddp(await http.ws(f"{server.ws_url}/websocket"))
+
+
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_legacy_websocket_speaks_ddp(served: tuple[Simulator, SimulatorServer]) -> None:
+    sim, server = served
+    async with Http() as http:
+        client = await ddp(server, http)
+        await client.send({"msg": "method", "id": "early", "method": "core.ping"})
+        assert await client.receive() == {"msg": "failed", "version": "1"}  # no handshake yet
+        await client.send({"msg": "connect", "version": "2"})
+        assert await client.receive() == {"msg": "failed", "version": "1"}
+        await client.send({"msg": "connect", "version": "1", "support": ["1"]})
+        connected = await client.receive()
+        assert connected["msg"] == "connected" and isinstance(connected["session"], str)
+        assert await client.call("core.ping") == "pong"
+
+        refused = await client.result(await client.method("system.info"))
+        assert refused["error"]["error"] == 207 and refused["error"]["errname"] == "ENOTAUTHENTICATED"
+        assert refused["error"]["reason"] == "[ENOTAUTHENTICATED] Not authenticated"
+        missing = await client.result(await client.method("core.nothing"))
+        assert (missing["error"]["error"], missing["error"]["reason"]) == (
+            201,
+            "[ENOMETHOD] Method 'nothing' not found in 'core'",
+        )
+        assert await client.call("auth.login_with_api_key", [sim.api_key]) is True
+        assert (await client.call("system.info"))["version"] == sim.profile.system_version.removeprefix("TrueNAS-")
+
+        # A validation error: errno EAGAIN, type VALIDATION, the errors in extra.
+        invalid = await client.result(await client.method("core.job_abort", ["x"]))
+        assert invalid["error"]["error"] == 11 and invalid["error"]["type"] == "VALIDATION"
+        assert invalid["error"]["extra"] == [["id", "Input should be a valid integer", 22]]
+
+        # Subscriptions: "sub" -> "ready"; events carry collection, id, fields.
+        await client.send({"msg": "sub", "id": "s1", "name": "core.get_jobs"})
+        assert await client.receive() == {"msg": "ready", "subs": ["s1"]}
+        method = "vm.restart" if sim.profile.has_vm else "virt.instance.start"
+        job_id = await client.call(method, [99 if sim.profile.has_vm else "nope"])
+        assert isinstance(job_id, int)  # a job answers its id
+        seen: list[dict[str, Any]] = []
+        while not seen or seen[-1].get("fields", {}).get("state") not in ("FAILED", "SUCCESS"):
+            event = client.events.pop(0) if client.events else await client.receive()
+            assert event["collection"] == "core.get_jobs" and event["id"] == job_id
+            seen.append(event)
+        assert seen[0]["msg"] == "added" and seen[-1]["msg"] == "changed"
+        assert seen[-1]["fields"]["state"] == "FAILED"
+
+
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_legacy_websocket_limits(served: tuple[Simulator, SimulatorServer]) -> None:
+    sim, server = served
+    async with Http() as http:
+        client = await ddp(server, http)
+        await client.send({"msg": "connect", "version": "1"})
+        await client.receive()
+        await client.ws.send_str(json.dumps({"msg": "method", "id": "x", "method": "core.ping", "pad": "p" * 8192}))
+        closing = await asyncio.wait_for(client.ws.receive(), 10)
+        assert (closing.type, closing.data, closing.extra) == (
+            aiohttp.WSMsgType.CLOSE,
+            1007,
+            "Anonymous connection max message length is 8 kB",
+        )
+        # Text that is not JSON closes it too (1007, the parser's message), unlike /api/current.
+        other = await ddp(server, http)
+        await other.ws.send_str("{nope")
+        closing = await asyncio.wait_for(other.ws.receive(), 10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1007
+        # 10 at once, 10 more wait, the 21st is refused with ETOOMANYREFS.
+        busy = await ddp(server, http)
+        await busy.send({"msg": "connect", "version": "1"})
+        await busy.receive()
+        assert await busy.call("auth.login_with_api_key", [sim.api_key]) is True
+        sim.knobs.hung_calls = {"system.info"}
+        for _ in range(20):
+            await busy.method("system.info")
+        refused = await busy.result(await busy.method("system.info"))
+        assert (refused["error"]["error"], refused["error"]["errname"]) == (109, "ETOOMANYREFS")
+        assert refused["error"]["reason"] == "Maximum number of concurrent calls (20) has exceeded."

@@ -13,6 +13,7 @@ from aiohttp import web
 from .simulator import Simulator
 from .wire import rest, upload
 from .wire.control import ControlApi
+from .wire.ddp import DdpEndpoint
 from .wire.jsonrpc import JsonRpcEndpoint
 
 
@@ -34,6 +35,7 @@ class SimulatorServer:
         self.runner: web.AppRunner | None = None
         self.jsonrpc = JsonRpcEndpoint(sim)
         self.control = ControlApi(sim, self.jsonrpc)
+        self.ddp = DdpEndpoint(sim, self.jsonrpc.websockets)
         self._routes()
 
     @property
@@ -90,6 +92,7 @@ class SimulatorServer:
         jsonrpc, control = self.jsonrpc, self.control
         r.add_get("/api/versions", jsonrpc.versions)
         r.add_get("/api/current", jsonrpc.websocket)
+        r.add_get("/websocket", self.ddp.websocket)  # the legacy protocol (apps/websocket_app.py)
         r.add_get("/api/{version:v[0-9.]+}", jsonrpc.websocket)
         r.add_route("*", "/api/v2.0/{path:.*}", self._rest)
         r.add_get("/_simulator/state", control.state)
