@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..context import Session
-from ..errors import ENOMETHOD, CallError, MethodNotFound, ValidationErrors, errname
+from ..errors import ENOMETHOD, CallError, InstanceNotFound, MethodNotFound, ValidationErrors, errname
 from ..simulator import Simulator
 from .common import is_loopback
 from .jsonrpc import _trace
@@ -32,13 +32,17 @@ INTERNAL_ERROR = 1011
 
 
 def error_dict(exc: BaseException, sim: Simulator, method: str) -> dict[str, Any]:
-    """``WebSocketApplication.get_error_dict`` for what ``call_method`` catches: validation errors
-    as EAGAIN with type VALIDATION, call errors with their errno, anything else EINVAL."""
+    """``WebSocketApplication.get_error_dict`` for what ``call_method`` catches: ``ValidationErrors``
+    as EAGAIN with type VALIDATION; one ``ValidationError`` (``InstanceNotFound`` is one:
+    service_exception.py) with its own errno, type VALIDATION; call errors with their errno; anything
+    else EINVAL."""
     kind: str | None = None
     extra: Any = None
     if isinstance(exc, MethodNotFound):
         exc = _not_found(sim, method)
-    if isinstance(exc, ValidationErrors):
+    if isinstance(exc, InstanceNotFound):
+        code, reason, kind, extra = exc.errors[0][2], str(exc), "VALIDATION", exc.extra()
+    elif isinstance(exc, ValidationErrors):
         code, reason, kind, extra = errno.EAGAIN, str(exc), "VALIDATION", exc.extra()
     elif isinstance(exc, CallError):
         code, reason, extra = exc.errno, str(exc), exc.extra
