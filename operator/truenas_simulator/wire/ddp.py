@@ -162,6 +162,9 @@ class DdpEndpoint:
                 {"msg": "result", "id": ident, "error": _plain_error(errno.EINVAL, "`params` must be a list.")}
             )
             return
+        # call_method turns a Job into its id whatever core.set_options said (legacy_jobs is for
+        # JSON-RPC's Method.call, api/base/server/method.py).
+        session.legacy_jobs = True
         try:
             async with limit:
                 result = await self.sim.call(session, method, params, ident)
