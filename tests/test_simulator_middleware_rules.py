@@ -141,6 +141,19 @@ async def test_a_message_over_64_kib_after_login_closes_the_socket(served: tuple
         assert (closing.data, closing.extra) == (1009, "Max message length is 64 kB")
 
 
+@pytest.mark.parametrize("served", PROFILES, indirect=True)
+async def test_a_binary_frame_closes_the_socket(served: tuple[Simulator, SimulatorServer]) -> None:
+    """rpc.py (and main.py for /websocket): a frame that is not text closes with UNSUPPORTED_DATA."""
+    _, server = served
+    async with Http() as http:
+        for path in ("/api/current", "/websocket"):
+            rpc = await connect(server, http, path)
+            await rpc.ws.send_bytes(b"{}")
+            closing = await asyncio.wait_for(rpc.ws.receive(), 10)
+            assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1003), path
+            assert closing.extra == "Invalid websocket message type: <WSMsgType.BINARY: 2>"
+
+
 # ----- 7. too many positional arguments (api/base/handler/accept.py model_dict_from_list) ---------------
 @pytest.mark.parametrize("served", PROFILES, indirect=True)
 async def test_too_many_arguments_are_refused(served: tuple[Simulator, SimulatorServer]) -> None:

@@ -109,8 +109,9 @@ class JsonRpcEndpoint:
         writer_task = asyncio.create_task(writer())
         try:
             async for message in ws:
-                if message.type != WSMsgType.TEXT:
-                    continue
+                if message.type != WSMsgType.TEXT:  # rpc.py: UNSUPPORTED_DATA, and the socket is done
+                    await ws.close(code=1003, message=f"Invalid websocket message type: {message.type!r}".encode())
+                    break
                 try:
                     payload = parse_message(session.authenticated, message.data)
                 except MessageTooBig as too_big:
