@@ -1,5 +1,6 @@
 """The simulator's HTTP server (aiohttp): JSON-RPC 2.0 over WebSocket at ``/api/current`` and
-``/api/vXX.YY.Z``, ``GET /api/versions``, the REST v2.0 facade (25.x profiles), ``POST /_upload`` and
+``/api/vXX.YY.Z``, the legacy DDP protocol at ``/websocket``, ``GET /api/versions``, the REST v2.0
+facade (25.x profiles), ``POST /_upload`` and
 the control API under ``/_simulator/`` for out-of-band changes, knobs and call counters. The
 endpoints are in ``wire/``; this assembles their routes and runs the app."""
 
