@@ -385,6 +385,15 @@ async def test_get_with_a_limit_over_one_is_refused(served: tuple[Simulator, Sim
         else:
             assert error["code"] == -32001
             assert error["data"]["reason"] == message
+        # 25.10 added a ceiling on limit (utils/filter_list.py MAX_LIMIT); 25.04 has none.
+        if sim.profile.name in ("25.10", "26.0"):
+            with pytest.raises(RpcError) as ceiling:
+                await rpc.call("core.get_jobs", [[], {"limit": 10001}])
+            assert ceiling.value.error["data"]["extra"] == [
+                ["options", "Value error, Options limit must be between 1 and 10000", 22]
+            ]
+        else:
+            assert await rpc.call("core.get_jobs", [[], {"limit": 10001}]) == []
         with pytest.raises(RpcError) as unknown:
             await rpc.call("core.get_jobs", [[], {"colour": 1}])
         assert unknown.value.error["data"]["extra"] == [["options.colour", "Extra inputs are not permitted", 22]]

@@ -69,8 +69,9 @@ NULLS_FIRST, NULLS_LAST = "nulls_first:", "nulls_last:"
 GET_IMPLIES_ONE = "Invalid options combination. `get` implies a single result."
 
 
-def validate_options(options: dict[str, Any]) -> None:
-    """``filters.validate_options`` (utils/filter_list.py): raises ``ValueError`` as the middleware does.
+def validate_options(options: dict[str, Any], max_limit: bool = True) -> None:
+    """``validate_options`` (utils/filter_list.py on 25.10 and 26, utils/__init__.py on 25.04):
+    raises ``ValueError`` as the middleware does. The ``MAX_LIMIT`` check came with 25.10.
 
     25.10 and 26 also run it in ``QueryOptions``' model validator (api/v25_10_0/common.py,
     api/v26_0_0/common.py), which ``check_query_args`` turns into a validation error on ``options``.
@@ -79,7 +80,7 @@ def validate_options(options: dict[str, Any]) -> None:
         raise ValueError(GET_IMPLIES_ONE)
     if options.get("get") and options.get("offset"):
         raise ValueError(GET_IMPLIES_ONE)
-    if (options.get("limit") or 0) > MAX_LIMIT:
+    if max_limit and (options.get("limit") or 0) > MAX_LIMIT:
         raise ValueError(f"Options limit must be between 1 and {MAX_LIMIT}")
 
 
@@ -134,11 +135,11 @@ def _order(entries: list[dict[str, Any]], order_by: list[str]) -> list[dict[str,
 
 
 def filter_list(entries: list[dict[str, Any]], filters: list[Any] | None, options: dict[str, Any] | None) -> Any:
-    """``filters.filter_list`` (utils/filter_list.py, the same in 25.04 .. 26), step by step: match
+    """``filter_list`` (utils/filter_list.py; utils/__init__.py on 25.04; the same steps), in order: match
     the filters and ``select`` from what matched; ``count`` (before any ordering, offset or limit);
     ``order_by``; ``get`` (the first, before offset and limit); then ``offset`` and ``limit``."""
     options = options or {}
-    validate_options(options)
+    validate_options(options, max_limit=False)  # from 25.10 the model refused a larger limit already
     order_by = options.get("order_by") or []
     result = [e for e in entries if all(_match(e, f) for f in filters or [])]
     if options.get("get") and not order_by and filters:
