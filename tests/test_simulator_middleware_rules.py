@@ -359,6 +359,8 @@ def test_select_takes_dotted_paths_and_renames() -> None:
         {"name": "b", "status": {"state": "RUNNING"}, "pid": 10},
         {"name": "a", "status": {"state": "STOPPED"}, "pid": None},
     ]
+    # select_path stops at a value that is not an object and keeps it; a missing key leaves it out.
+    assert filter_list(ROWS[:1], [], {"select": ["name.first", "status.nope.x"]}) == [{"name": "b"}]
 
 
 def test_get_ignores_limit_one_and_comes_after_ordering() -> None:

@@ -92,14 +92,15 @@ def _select(entries: list[dict[str, Any]], select: list[Any]) -> list[dict[str, 
         picked: dict[str, Any] = {}
         for item in select:
             path, alias = (item[0], item[1]) if isinstance(item, list) else (item, None)
-            keys, value, found = [], entry, True
-            for part in path.split("."):
-                if not isinstance(value, dict) or part not in value:
-                    found = False
-                    break
-                keys.append(part)
-                value = value[part]
-            if not found:
+            keys: list[str] = []
+            value: Any = entry
+            for part in path.split("."):  # select_path: a scalar ends the walk, keeping the value
+                if isinstance(value, dict):
+                    keys.append(part)
+                    value = value.get(part, MatchNotFound)
+                elif isinstance(value, list | tuple):
+                    raise ValueError("Selecting by list index is not supported")
+            if value is MatchNotFound:
                 continue
             if alias is not None:
                 picked[alias] = value
