@@ -10,7 +10,9 @@ import asyncio
 import errno
 import random
 import secrets
+import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .context import CallContext, Handler, Middleware, Session
@@ -39,6 +41,23 @@ FULL_ADMIN_ONLY = frozenset({"filesystem.put", "filesystem.get"})
 ``get``, 25.04 to 26): a key with the virtualization roles cannot upload a VM image or seed."""
 
 
+@dataclass
+class Token:
+    """One ``auth.generate_token`` token (plugins/auth.py ``TokenManager``/``Token``): valid while
+    ``time.monotonic() < last_used + ttl``; it stands for the credentials of the session that made it
+    (their root, when that session was itself logged in with a token)."""
+
+    token: str
+    ttl: int
+    attributes: dict[str, Any]
+    api_key: ApiKey
+    single_use: bool
+    last_used: float = field(default_factory=time.monotonic)
+
+    def valid(self) -> bool:
+        return time.monotonic() < self.last_used + self.ttl
+
+
 class AuthHost(Middleware, Protocol):
     """What authentication reads beyond a service's view: the keys, the random source of the
     refusal delay (seeded with the simulator), and the certificate the UI and API are served with."""
@@ -55,12 +74,14 @@ class Auth:
         self.mechanisms_tried: Counter[str] = Counter()
         """Login attempts by mechanism (``auth.login_ex``'s, and ``LEGACY_API_KEY`` for
         ``auth.login_with_api_key``): how tests tell that a client never sent its key in clear."""
+        self.tokens: dict[str, Token] = {}
 
     def methods(self) -> dict[str, tuple[Handler, bool]]:
         handlers: dict[str, Handler] = {
             "auth.login": self.login,
             "auth.login_with_api_key": self.login_with_api_key,
             "auth.login_with_token": self.login_with_token,
+            "auth.generate_token": self.generate_token,
             "auth.login_ex": self.login_ex,
             "auth.logout": self.logout,
             "auth.mechanism_choices": self.mechanism_choices,
@@ -120,17 +141,82 @@ class Auth:
 
     async def login(self, ctx: CallContext, params: list[Any]) -> Any:
         """``auth.login [username, password, otp?]``: the simulator has no password accounts."""
-        if len(params) < 2 or not all(isinstance(p, str) for p in params[:2]):
-            raise ValidationErrors([("auth.login.password", "Field required", errno.EINVAL)])
+        # AuthLoginArgs (api/v*/auth.py): username, password, otp_token=None; errors at the field's name.
+        errors = ValidationErrors()
+        for index, name in enumerate(("username", "password")):
+            if len(params) <= index:
+                errors.add(name, "Field required")
+            elif not isinstance(params[index], str):
+                errors.add(name, "Input should be a valid string")
+        errors.check()
         await self.refusal_delay()
         return False
 
     async def login_with_token(self, ctx: CallContext, params: list[Any]) -> Any:
-        """``auth.login_with_token [token]``: the simulator hands out no tokens, so none is valid."""
+        """``auth.login_with_token [token]``: ``login_ex`` with TOKEN_PLAIN, answering whether it logged in
+        (plugins/auth.py)."""
         if not params or not isinstance(params[0], str):
-            raise ValidationErrors([("auth.login_with_token.token", "Field required", errno.EINVAL)])
+            raise ValidationErrors([("token", "Field required", errno.EINVAL)])
+        if self._login_token(params[0], ctx.session):
+            return True
         await self.refusal_delay()
         return False
+
+    def generate_token(self, ctx: CallContext, params: list[Any]) -> Any:
+        """``auth.generate_token [ttl=600, attrs={}, match_origin=true, single_use=false]`` -> the token
+        (plugins/auth.py ``generate_token``, api/v*/auth.py ``AuthGenerateTokenArgs``; 25.04 .. 26).
+
+        ``ttl`` null is 600. Every session here is local, so ``match_origin`` always matches. The
+        token logs a session in (``auth.login_with_token``, ``login_ex`` TOKEN_PLAIN) and authenticates
+        ``/_upload`` (``Authorization: Token``, ``?auth_token=``) when it has no ``attrs``."""
+        defaults: list[Any] = [600, {}, True, False]
+        ttl, attrs, match_origin, single_use = [*params, *defaults[len(params) :]][:4]
+        errors = ValidationErrors()
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)):
+            errors.add("ttl", "Input should be a valid integer")
+        if not isinstance(attrs, dict):
+            errors.add("attrs", "Input should be a valid dictionary")
+        for name, value in (("match_origin", match_origin), ("single_use", single_use)):
+            if not isinstance(value, bool):
+                errors.add(name, "Input should be a valid boolean")
+        errors.check()
+        key = ctx.session.api_key
+        if key is None:
+            raise CallError("Not authenticated", ENOTAUTHENTICATED)
+        token = Token(secrets.token_urlsafe(48), 600 if ttl is None else ttl, dict(attrs), key, single_use)
+        self.tokens[token.token] = token
+        return token.token
+
+    def _token(self, value: Any) -> Token | None:
+        token = self.tokens.get(value) if isinstance(value, str) else None
+        if token is not None and not token.valid():
+            del self.tokens[token.token]
+            return None
+        return token
+
+    def _login_token(self, value: Any, session: Session) -> bool:
+        """TOKEN_PLAIN (plugins/auth.py login_ex): a known, unexpired token without attributes logs the
+        session in as its credentials; a single-use one is then destroyed."""
+        token = self._token(value)
+        if token is None or token.attributes or token.api_key.revoked:
+            return False
+        session.authenticated, session.api_key = True, token.api_key
+        token.last_used = time.monotonic()
+        if token.single_use:
+            del self.tokens[token.token]
+        return True
+
+    def token_for_action(self, value: str, method: str) -> ApiKey | None:
+        """``auth.get_token_for_action`` for the file app: the token's credentials when it is valid, has
+        no attributes and they may call ``method``; a single-use token is used up."""
+        token = self._token(value)
+        if token is None or token.attributes or token.api_key.revoked:
+            return None
+        if method in FULL_ADMIN_ONLY and not token.api_key.full_admin:
+            return None
+        if token.single_use:
+            del self.tokens[token.token]
+        return token.api_key
 
     def logout(self, ctx: CallContext, params: list[Any]) -> Any:
         """``auth.logout``: drops the session's subscriptions and credentials, answers true."""
@@ -145,12 +231,15 @@ class Auth:
         data = params[0] if params else None
         mechanism = data.get("mechanism") if isinstance(data, dict) else None
         tags = (*LOGIN_EX_MODEL_TAGS, "SCRAM") if self.mw.profile.has_container else LOGIN_EX_MODEL_TAGS
+        if isinstance(data, dict) and "mechanism" not in data:
+            # validate_model: a union_tag_not_found error is located at the discriminator, "Field required".
+            raise ValidationErrors([("login_data.mechanism", "Field required", errno.EINVAL)])
         if not isinstance(data, dict) or mechanism not in tags:
             expected = ", ".join(f"'{t}'" for t in tags)
             raise ValidationErrors(
                 [
                     (
-                        "auth.login_ex.login_data",
+                        "login_data",
                         f"Input tag '{mechanism}' found using 'mechanism' does not match any of the expected "
                         f"tags: {expected}",
                         errno.EINVAL,
@@ -171,7 +260,9 @@ class Auth:
             if outcome == "SUCCESS" and key is not None and data.get("username") != key.username:
                 session.authenticated, session.api_key = False, None
                 outcome = "AUTH_ERR"
-        else:  # PASSWORD_PLAIN, TOKEN_PLAIN: no such accounts or tokens here
+        elif mechanism == "TOKEN_PLAIN":
+            outcome = "SUCCESS" if self._login_token(data.get("token"), session) else "AUTH_ERR"
+        else:  # PASSWORD_PLAIN: no password accounts here
             outcome = "AUTH_ERR"
         if outcome != "SUCCESS":
             await self.refusal_delay()
@@ -204,10 +295,7 @@ class Auth:
         extra = sorted(set(data) - {"mechanism", "scram_type", "rfc_str"})
         if extra:  # AuthSCRAM has these three; the API's BaseModel forbids extras (api/base/model.py)
             raise ValidationErrors(
-                [
-                    (f"auth.login_ex.login_data.SCRAM.{key}", "Extra inputs are not permitted", errno.EINVAL)
-                    for key in extra
-                ]
+                [(f"login_data.SCRAM.{key}", "Extra inputs are not permitted", errno.EINVAL) for key in extra]
             )
         scram_type = data.get("scram_type")
         rfc_str = data.get("rfc_str")
@@ -215,7 +303,7 @@ class Auth:
             raise ValidationErrors(
                 [
                     (
-                        "auth.login_ex.login_data.SCRAM.scram_type",
+                        "login_data.SCRAM.scram_type",
                         "Input should be 'CLIENT_FIRST_MESSAGE' or 'CLIENT_FINAL_MESSAGE'",
                         errno.EINVAL,
                     )

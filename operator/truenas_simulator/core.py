@@ -108,14 +108,14 @@ class Core:
         }
 
     def get_jobs(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "core.get_jobs")
+        filters, options = check_query_args(params, ctx.schema)
         with_ids = self.mw.profile.message_ids
         return filter_list([job.as_dict(with_ids) for job in self.mw.jobs.jobs.values()], filters, options)
 
     def job_abort(self, ctx: CallContext, params: list[Any]) -> Any:
         job_id = params[0] if params else None
         if not isinstance(job_id, int) or isinstance(job_id, bool):
-            raise ValidationErrors([("core.job_abort.id", "Input should be a valid integer", errno.EINVAL)])
+            raise ValidationErrors([("id", "Input should be a valid integer", errno.EINVAL)])
         self.mw.jobs.abort(job_id)
         return None
 
@@ -125,7 +125,7 @@ class Core:
 
         async def body(job: Job) -> Any:
             if not isinstance(job_id, int) or isinstance(job_id, bool):
-                raise ValidationErrors([("core.job_wait.id", "Input should be a valid integer", errno.EINVAL)])
+                raise ValidationErrors([("id", "Input should be a valid integer", errno.EINVAL)])
             target = self.mw.jobs.jobs.get(job_id)
             if target is None:
                 raise InstanceNotFound("Job with id", job_id)
@@ -193,7 +193,7 @@ class Core:
     def subscribe(self, ctx: CallContext, params: list[Any]) -> Any:
         name = params[0] if params else None
         if not isinstance(name, str):
-            raise ValidationErrors([("core.subscribe.event", "Input should be a valid string", errno.EINVAL)])
+            raise ValidationErrors([("event", "Input should be a valid string", errno.EINVAL)])
         base = name.split(":", 1)[0]
         known = {"core.get_jobs", "*"} | ({"virt.instance.query"} if self.mw.profile.has_virt else set())
         if self.mw.profile.has_container:

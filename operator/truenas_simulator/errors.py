@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno as _errno
 from typing import Any
 
+ENOMETHOD = 201
 ENOTAUTHENTICATED = 207
 
 _ERRNAMES = {
@@ -18,6 +19,7 @@ _ERRNAMES = {
     _errno.EACCES: "EACCES",
     _errno.EEXIST: "EEXIST",
     _errno.ENOMEM: "ENOMEM",
+    ENOMETHOD: "ENOMETHOD",
     ENOTAUTHENTICATED: "ENOTAUTHENTICATED",
 }
 

@@ -1,5 +1,6 @@
 """The simulator's HTTP server (aiohttp): JSON-RPC 2.0 over WebSocket at ``/api/current`` and
-``/api/vXX.YY.Z``, ``GET /api/versions``, the REST v2.0 facade (25.x profiles), ``POST /_upload`` and
+``/api/vXX.YY.Z``, the legacy DDP protocol at ``/websocket``, ``GET /api/versions``, the REST v2.0
+facade (25.x profiles), ``POST /_upload`` and
 the control API under ``/_simulator/`` for out-of-band changes, knobs and call counters. The
 endpoints are in ``wire/``; this assembles their routes and runs the app."""
 
@@ -13,6 +14,7 @@ from aiohttp import web
 from .simulator import Simulator
 from .wire import rest, upload
 from .wire.control import ControlApi
+from .wire.ddp import DdpEndpoint
 from .wire.jsonrpc import JsonRpcEndpoint
 
 
@@ -40,6 +42,7 @@ class SimulatorServer:
         self.runner: web.AppRunner | None = None
         self.jsonrpc = JsonRpcEndpoint(sim)
         self.control = ControlApi(sim, self.jsonrpc)
+        self.ddp = DdpEndpoint(sim, self.jsonrpc.websockets)
         self._routes()
 
     @property
@@ -96,6 +99,7 @@ class SimulatorServer:
         jsonrpc, control = self.jsonrpc, self.control
         r.add_get("/api/versions", jsonrpc.versions)
         r.add_get("/api/current", jsonrpc.websocket)
+        r.add_get("/websocket", self.ddp.websocket)  # the legacy protocol (apps/websocket_app.py)
         r.add_get("/api/{version:v[0-9.]+}", jsonrpc.websocket)
         r.add_route("*", "/api/v2.0/{path:.*}", self._rest)
         r.add_get("/_simulator/state", control.state)

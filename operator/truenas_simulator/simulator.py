@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .arity import check_arity
 from .auth import Auth
 from .context import CallContext, Handler, Session, SessionSpan
 from .core import Core, wait_job
@@ -152,14 +153,21 @@ class Simulator:
         schema = self.profile.schema_version if current else self.profile.schema_for_api(session.api_version)
         ctx = CallContext(session=session, message_id=message_id, schema=schema, prevalidated=False)
         if is_job and not current and method in UPFRONT_SCHEMAS:
+            check_arity(method, params, self.profile.api27)
             params = self._validate_upfront(method, params, schema)
             ctx.prevalidated = True
         fault = self._fault(method)
         if not is_job:
+            check_arity(method, params, self.profile.api27)  # api_method's wrapper, before the method runs
             if fault:
                 raise fault
             result = handler(ctx, params)
             return await result if inspect.isawaitable(result) else result
+        try:
+            # a job's arguments are accepted inside the job (api/base/decorator.py)
+            check_arity(method, params, self.profile.api27)
+        except ValidationErrors as too_many:
+            fault = too_many
         if fault:
             job = self.jobs.submit(
                 method, params, _fail_with(fault), message_id=message_id, credentials=ctx.credentials
@@ -179,7 +187,7 @@ class Simulator:
         adapted[index] = validated(load_schema(f"{schema}.{kind}"), params[index], attribute)
         return adapted
 
-    def _fault(self, method: str) -> CallError | None:
+    def _fault(self, method: str) -> CallError | ValidationErrors | None:
         rate = self.knobs.error_rates.get(method, 0.0)
         if rate and self.random.random() < rate:
             self.counters.faults[f"error:{method}"] += 1

@@ -76,6 +76,10 @@ class Knobs:
     """What a VM's QEMU guest agent reports (27's ``vm.get_guest_network_interfaces``) unless the VM has its
     own ``agent_interfaces``; None: guests have no agent."""
     max_concurrent_calls: int = 20
+    """Calls a socket may have running or waiting; one more is refused (-32000). The middleware's
+    ``SoftHardSemaphore(10, 20)`` per socket (api/base/server/ws_handler/rpc.py, apps/websocket_app.py)."""
+    running_calls: int = 10
+    """Of those, how many run at once; the others wait for one to finish (the semaphore's soft limit)."""
     auth_fail_delay: float = 1.0
     """A refused login answers after uniform(d, d + 1) seconds, as TrueNAS's AAL1 ``min_fail_delay``
     of 1 does (plugins/auth.py, utils/auth.py); 0 answers at once (tests)."""

@@ -1,11 +1,14 @@
 """Job slots: how many TrueNAS jobs the operator runs at once on one connection, shared fairly.
 
-TrueNAS serves 20 calls at a time. Jobs (create, start, stop, delete) can last minutes: a graceful
+TrueNAS admits 20 calls a socket but runs only 10 of them at once; the others wait for one of the
+10 to end (``SoftHardSemaphore(10, 20)``: utils/lock.py, api/base/server/ws_handler/rpc.py).
+Jobs (create, start, stop, delete) can last minutes: a graceful
 stop waits out ``stopTimeoutSeconds``. If one namespace could take every slot, every other
 namespace on the connection would wait behind it, deletions included. So each namespace holds at
 most a quarter of the job slots (at least one); the rest stay free for the others. And jobs never
-take the last ``READ_RESERVE`` calls of the limit (a 25.10 job holds its call until it ends): the
-resync query and the reads of every holder go on while jobs run.
+take the last ``READ_RESERVE`` of the calls TrueNAS runs at once (a 25.10 job holds its call, and
+so one of the 10, until it ends): the resync query and the reads of every holder go on while jobs
+run, instead of queueing behind them.
 
 Connections that share one transport (one URL, key and TLS settings: transports/shared.py) share
 one ``JobSlots`` too (``ConnectionManager``): the namespace's quarter is of the socket, so a tenant
@@ -19,14 +22,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 READ_RESERVE = 4
-"""Calls of the limit that jobs never take."""
+"""Calls of those TrueNAS runs at once that jobs never take."""
+RUNNING_CALLS = 10
+"""Calls TrueNAS runs at once on one socket (the soft limit of its ``SoftHardSemaphore(10, 20)``)."""
 
 
 class JobSlots:
     def __init__(self, total: int) -> None:
         self.total = total
-        self.jobs = max(1, total - min(READ_RESERVE, total // 2))
-        """Jobs at once: the call limit less what stays for reads (16 of 20)."""
+        running = min(total, RUNNING_CALLS)
+        self.jobs = max(1, running - min(READ_RESERVE, running // 2))
+        """Jobs at once: the calls TrueNAS runs at once (10, or the call limit if lower) less what stays
+        for reads (6 of 20)."""
         self.per_namespace = max(1, self.jobs // 4)
         self._all = asyncio.Semaphore(self.jobs)
         self._by_namespace: dict[str, asyncio.Semaphore] = {}

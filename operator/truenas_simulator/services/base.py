@@ -176,14 +176,14 @@ class GuestService(Service, Generic[G]):
 
     # ----- reads -----------------------------------------------------------------------------------
     def query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, self.COLLECTION)
+        filters, options = check_query_args(params, ctx.schema)
         return filter_list([self.entry(guest) for guest in self.guests.values()], filters, options)
 
     def get_instance(self, ctx: CallContext, params: list[Any]) -> Any:
         return self.entry(self.get(params[0] if params else None))
 
     def device_query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, self.DEVICE_COLLECTION)
+        filters, options = check_query_args(params, ctx.schema)
         entries = [guest.device_entry(i) for guest in self.guests.values() for i in guest.devices]
         return filter_list(entries, filters, options)
 

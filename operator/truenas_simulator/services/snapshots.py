@@ -225,7 +225,7 @@ class SnapshotService(Service):
         return result
 
     def query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, f"{self.namespace}.query")
+        filters, options = check_query_args(params, ctx.schema)
         extra = options.get("extra") if isinstance(options.get("extra"), dict) else {}
         ordered = sorted(self.snapshots.values(), key=lambda s: (s.dataset, s.txg))
         return filter_list([self.entry(s, extra or {}) for s in ordered], filters, options)

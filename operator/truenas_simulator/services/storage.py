@@ -174,7 +174,7 @@ class StorageService(Service):
         return any(f"/{i}" in name for i in names)
 
     def dataset_query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "pool.dataset.query")
+        filters, options = check_query_args(params, ctx.schema)
         extra = options.get("extra") if isinstance(options.get("extra"), dict) else {}
         # 25.10 and 26 take extra.exclude_internal_datasets (dataset.py query); 25.04 always appends the filters
         hide = self.mw.profile.name.startswith("25.04") or (extra or {}).get("exclude_internal_datasets", True)

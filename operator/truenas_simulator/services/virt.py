@@ -126,7 +126,8 @@ class VirtService(Service):
 
     # ----- reads -------------------------------------------------------------------------------
     def query(self, ctx: CallContext, params: list[Any]) -> Any:
-        filters, options = check_query_args(params, "virt.instance.query")
+        schema = ctx.schema if ctx is not None else self.mw.profile.schema_version  # tests call it bare
+        filters, options = check_query_args(params, schema)
         if self.mw.global_config.state != "INITIALIZED" and not (options.get("extra") or {}).get("skip_state"):
             return filter_list([], filters, options)
         entries = [i.entry(self.mw.profile) for i in self.instances.values()]
@@ -134,7 +135,7 @@ class VirtService(Service):
 
     def get_instance(self, ctx: CallContext, params: list[Any]) -> Any:
         if not params:
-            raise ValidationErrors([("virt.instance.get_instance.id", "Field required", errno.EINVAL)])
+            raise ValidationErrors([("id", "Field required", errno.EINVAL)])
         ident = params[0]
         entries = self.query(ctx, [[["id", "=", ident]], {}])
         if not entries:
@@ -315,7 +316,7 @@ class VirtService(Service):
 
         async def body(job: Job) -> Any:
             if not ctx.prevalidated and not isinstance(ident, str):
-                raise ValidationErrors([("virt_instance_delete.id", "Input should be a valid string", errno.EINVAL)])
+                raise ValidationErrors([("id", "Input should be a valid string", errno.EINVAL)])
             self.check_initialized()
             instance = self.get(ident)
             if instance.status != "STOPPED":
@@ -334,7 +335,7 @@ class VirtService(Service):
 
         async def body(job: Job) -> Any:
             if not ctx.prevalidated and not isinstance(ident, str):
-                raise ValidationErrors([("virt_instance_start.id", "Input should be a valid string", errno.EINVAL)])
+                raise ValidationErrors([("id", "Input should be a valid string", errno.EINVAL)])
             self.check_initialized()
             instance = self.get(ident)
             self._check_power_status(instance, "virt.instance.start.id", "started")

@@ -16,6 +16,7 @@ from ..context import Session
 from ..errors import CallError, MethodNotFound, ValidationErrors, errname
 from ..simulator import Simulator
 from .common import is_loopback
+from .limits import MessageTooBig, SoftHardLimit, TooManyCalls, parse_message
 
 JSONRPC_CONCURRENCY_ERROR = "Maximum number of concurrent calls ({}) has exceeded"
 
@@ -96,6 +97,7 @@ class JsonRpcEndpoint:
             )
         )
         in_flight: set[asyncio.Task[None]] = set()
+        limit = SoftHardLimit(self.sim.knobs.running_calls, self.sim.knobs.max_concurrent_calls)
 
         async def writer() -> None:
             while (message := await outbox.get()) is not None:
@@ -107,9 +109,19 @@ class JsonRpcEndpoint:
         writer_task = asyncio.create_task(writer())
         try:
             async for message in ws:
-                if message.type != WSMsgType.TEXT:
+                if message.type != WSMsgType.TEXT:  # rpc.py: UNSUPPORTED_DATA, and the socket is done
+                    await ws.close(code=1003, message=f"Invalid websocket message type: {message.type!r}".encode())
+                    break
+                try:
+                    payload = parse_message(session.authenticated, message.data)
+                except MessageTooBig as too_big:
+                    # utils/limits.py MsgSizeError: the socket is closed, with no reply first.
+                    await ws.close(code=too_big.code, message=too_big.message.encode())
+                    break
+                except ValueError as exc:
+                    outbox.put_nowait({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": str(exc)}})
                     continue
-                self._dispatch(message.data, session, outbox, in_flight, ws)
+                self._dispatch(payload, session, outbox, in_flight, ws, limit)
         finally:
             for task in in_flight:
                 task.cancel()
@@ -121,19 +133,13 @@ class JsonRpcEndpoint:
 
     def _dispatch(
         self,
-        text: str,
+        request: dict[str, Any],
         session: Session,
         outbox: asyncio.Queue[dict[str, Any] | None],
         in_flight: set[asyncio.Task[None]],
         ws: web.WebSocketResponse,
+        limit: SoftHardLimit,
     ) -> None:
-        try:
-            request = json.loads(text)
-        except json.JSONDecodeError as exc:
-            outbox.put_nowait(
-                {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": f"Parse error: {exc}"}}
-            )
-            return
         problem = _envelope_problem(request)
         if problem:
             ident = request.get("id") if isinstance(request, dict) else None
@@ -141,13 +147,17 @@ class JsonRpcEndpoint:
             return
         ident = request.get("id")
         notification = "id" not in request
-        if len(in_flight) >= self.sim.knobs.max_concurrent_calls:
-            message = JSONRPC_CONCURRENCY_ERROR.format(self.sim.knobs.max_concurrent_calls)
-            if not notification:
-                outbox.put_nowait({"jsonrpc": "2.0", "id": ident, "error": {"code": -32000, "message": message}})
-            return
 
         async def run() -> None:
+            try:
+                async with limit:
+                    await call()
+            except TooManyCalls as refused:
+                if not notification:
+                    message = JSONRPC_CONCURRENCY_ERROR.format(refused.hard)
+                    outbox.put_nowait({"jsonrpc": "2.0", "id": ident, "error": {"code": -32000, "message": message}})
+
+        async def call() -> None:
             if self.sim.knobs.drop_rate and self.sim.random.random() < self.sim.knobs.drop_rate:
                 self.sim.counters.count(request["method"])
                 self.sim.counters.faults["dropped"] += 1
