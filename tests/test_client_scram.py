@@ -185,3 +185,113 @@ async def test_a_server_that_wants_a_login_before_mechanism_choices_gets_the_pla
         client = await connect_to(server.ws_url, sim.api_key, **tls)
         assert client.login_mechanism == "API_KEY_PLAIN"
         await client.close()
+
+
+# ----- hostile review of the SCRAM login (2026-12-06) ----------------------------------------------------------
+def offering(mechanisms: Any) -> Any:
+    def answer(ctx: Any, params: list[Any]) -> Any:
+        return mechanisms
+
+    return answer
+
+
+async def test_a_server_that_offered_scram_never_gets_the_key_in_clear_later(tmp_path: Path) -> None:
+    """Finding 1: after a SCRAM login, something answering in TrueNAS's place (a man in the middle
+    where TLS is not verified) said SCRAM was not offered, and the reconnect sent the key in clear."""
+    async with serve("26.0", tmp_path, tls=False) as (sim, server, _):
+        client = await connect_to(server.ws_url, sim.api_key)
+        assert client.login_mechanism == "SCRAM-SHA-512"
+        await client.close()
+        sim.methods["auth.mechanism_choices"] = (offering(["API_KEY_PLAIN"]), False)
+        with pytest.raises(AuthenticationFailed, match="offered SCRAM to this process before"):
+            await connect_to(server.ws_url, sim.api_key)
+        never_in_clear(sim)
+
+
+async def test_a_server_that_says_26_without_offering_scram_is_refused_and_not_sent_the_key_again(
+    tmp_path: Path,
+) -> None:
+    """Finding 1: every TrueNAS 26 offers SCRAM; one that does not is not what it says. The first
+    login cannot know before sending the key (25.x logs in that way); it fails loudly, and no later
+    connection sends it again."""
+    async with serve("26.0", tmp_path, tls=False) as (sim, server, _):
+        sim.methods["auth.mechanism_choices"] = (offering(["API_KEY_PLAIN", "TOKEN_PLAIN"]), False)
+        with pytest.raises(AuthenticationFailed, match="did not offer SCRAM, which every TrueNAS 26 does"):
+            await connect_to(server.ws_url, sim.api_key)
+        with pytest.raises(AuthenticationFailed, match="offered SCRAM to this process before"):
+            await connect_to(server.ws_url, sim.api_key)
+    assert sim.auth.mechanisms_tried["LEGACY_API_KEY"] == 1
+
+
+@pytest.mark.parametrize("answer", [{}, "SCRAM", None])
+async def test_mechanism_choices_that_is_not_a_list_fails_the_connection(tmp_path: Path, answer: Any) -> None:
+    from truenas_incus_operator.truenas import MalformedAnswer
+
+    async with serve("26.0", tmp_path, tls=False) as (sim, server, _):
+        sim.methods["auth.mechanism_choices"] = (offering(answer), False)
+        with pytest.raises(MalformedAnswer):
+            await connect_to(server.ws_url, sim.api_key)
+    never_in_clear(sim)
+
+
+async def test_uploads_after_a_scram_login_send_a_single_use_token_never_the_key(tmp_path: Path) -> None:
+    """Finding 2: every VM's image and seed went to /_upload with ``Authorization: Bearer <key>``."""
+    from .test_client_vm import mirror, vm_config
+
+    async with serve("26.0", tmp_path, tls=False) as (sim, server, _):
+        client = await connect_to(server.ws_url, sim.api_key, vm_image_server=mirror(server))
+        try:
+            await client.instances.create(vm_config())
+        finally:
+            await client.close()
+    assert sim.upload_schemes == {"Token": 2}, "the image and the seed, each with its own token"
+    assert sim.counters.by_method["auth.generate_token"] == 2
+    never_in_clear(sim)
+
+
+async def test_25_x_uploads_still_send_the_key_it_logged_in_with(tmp_path: Path) -> None:
+    from .test_client_vm import mirror, vm_config
+
+    async with serve("25.10", tmp_path, tls=False) as (sim, server, _):
+        client = await connect_to(server.ws_url, sim.api_key, vm_image_server=mirror(server))
+        try:
+            await client.instances.create(vm_config())
+        finally:
+            await client.close()
+    assert sim.upload_schemes == {"Bearer": 2}
+
+
+async def test_an_unverified_certificate_without_a_binding_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 3: with insecureSkipVerify, a man in the middle presenting an EdDSA certificate (no
+    tls-server-end-point binding) got the exchange unbound, and relayed it. Verified, it stays allowed."""
+    monkeypatch.setattr(scram, "tls_server_end_point", lambda certificate: None)
+    async with serve("26.0", tmp_path, tls=True) as (sim, server, tls):
+        with pytest.raises(AuthenticationFailed, match="no tls-server-end-point binding"):
+            await connect_to(server.ws_url, sim.api_key, insecure_skip_verify=True)
+        client = await connect_to(server.ws_url, sim.api_key, **tls)
+        assert client.login_mechanism == "SCRAM-SHA-512"
+        await client.close()
+    never_in_clear(sim)
+
+
+async def test_a_server_that_cannot_sign_evicts_no_cached_key_and_big_counts_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 4: keys were cached before the server's signature was checked, so a hostile server
+    with a fresh salt each time pushed the good ones out; counts up to 5 000 000 cost seconds each."""
+    monkeypatch.setattr(scram, "_derived", type(scram._derived)())
+    async with serve("26.0", tmp_path, tls=False, scram_wrong_signature=True) as (sim, server, _):
+        with pytest.raises(AuthenticationFailed):
+            await connect_to(server.ws_url, sim.api_key)
+        assert len(scram._derived) == 0
+        sim.knobs.scram_wrong_signature = False
+        client = await connect_to(server.ws_url, sim.api_key)
+        await client.close()
+        assert len(scram._derived) == 1
+    assert scram.MAX_ITERATIONS == 1_000_000
+    assert "<redacted>" in repr(next(iter(scram._derived.values())))  # finding 5: no key material in a repr
+    assert not scram.ITERATIONS.fullmatch(
+        "\u0665" + "\u0660" * 5
+    )  # finding 6: ASCII digits only (not 500000 in Arabic-Indic)

@@ -16,7 +16,7 @@ import random
 import secrets
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +64,9 @@ class Simulator:
         self.events = EventBus()
         self.jobs = JobManager(self.events, with_message_ids=self.profile.message_ids)
         self.counters = CallCounters()
+        self.upload_schemes: Counter[str] = Counter()
+        """``/_upload`` requests by how they authenticated (``Token``, ``Bearer``, ``Basic``, ``query``):
+        how tests tell that a client sent its key, or a token, with a file."""
         self.random = random.Random(seed)
         self.sessions: set[Session] = set()
         self.session_spans: deque[SessionSpan] = deque(maxlen=10_000)

@@ -83,8 +83,9 @@ class TrueNASConnectionSpec(_Model):
         None,
         description=(
             "Allow plain ws:// or http:// to a host other than loopback: all traffic travels unencrypted, and "
-            "on TrueNAS 25.x the API key too, which TrueNAS then revokes (TrueNAS 26's SCRAM login keeps the "
-            "key off the wire). Off by default."
+            "on TrueNAS 25.x the API key too, which TrueNAS then revokes. TrueNAS 26's SCRAM login keeps the "
+            "key off the wire, but without TLS a man in the middle can pose as a 25.x on the first connection "
+            "and receive it (the operator then refuses and never sends it again). Off by default."
         ),
     )
     max_concurrent_calls: Annotated[int, Field(ge=1, le=20)] | None = Field(

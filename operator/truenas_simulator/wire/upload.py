@@ -22,6 +22,8 @@ async def file_app_session(sim: Simulator, request: web.Request, method: str) ->
     password accounts, so 401 ``Bad username or password``) and ``Bearer <api key>`` (401
     ``Invalid API key``). No header and no query token, or another scheme: 401."""
     header = request.headers.get("Authorization")
+    scheme = "query" if header is None else header.split(" ", 1)[0]
+    sim.upload_schemes[scheme if scheme in ("Token", "Bearer", "Basic", "query") else "other"] += 1
     if header is None:
         token = request.query.get("auth_token")
         if token is None:

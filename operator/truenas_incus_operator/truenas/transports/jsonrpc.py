@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,15 @@ import aiohttp
 from ..errors import AuthenticationFailed, CallFailed, CallTimeout, MalformedAnswer, TransportError, TrueNASError
 from ..jobs import is_finished, job_result
 from . import scram
-from .base import ConnectionOptions, EventCallback, error_from_job, error_from_jsonrpc, refuse_malformed_key, scrubbed
+from .base import (
+    ConnectionOptions,
+    EventCallback,
+    Secret,
+    error_from_job,
+    error_from_jsonrpc,
+    refuse_malformed_key,
+    scrubbed,
+)
 from .upload import upload_file
 
 log = logging.getLogger(__name__)
@@ -142,6 +151,16 @@ class JsonRpcTransport:
             options = None  # 25.04 accepts only py_exceptions
         self.new_style_jobs = isinstance(options, dict) and options.get("legacy_jobs") is False
         self.system_version = await self._raw_call("system.version", [], self.options.connect_timeout)
+        if self.login_mechanism == "API_KEY_PLAIN" and _major(self.system_version) >= 26:
+            # Every TrueNAS 26 offers SCRAM (utils/auth.py): one that did not is not what it says, or
+            # something between here and it answered auth.mechanism_choices. Never again for this key.
+            scram.pin(self.url, self.options.api_key)
+            raise AuthenticationFailed(
+                f"{str(self.system_version)[:40]} did not offer SCRAM, which every TrueNAS 26 does, so the API key "
+                "went in clear: something between the operator and TrueNAS may have answered instead (a man in "
+                "the middle where TLS is not verified). Rotate the key; this process will not log in in clear "
+                "to this URL again"
+            )
         await self._raw_call("core.subscribe", ["core.get_jobs"], self.options.connect_timeout)
         self._acknowledged = set()  # a new socket: nothing subscribed on it yet
         for collection in [c for c, callbacks in self._subscriptions.items() if callbacks]:
@@ -160,10 +179,21 @@ class JsonRpcTransport:
             async def call(method: str, params: list[Any]) -> Any:
                 return await self._raw_call(method, params, timeout)
 
+            scram.pin(self.url, self.options.api_key)
             self.login_mechanism = await scram.login(
-                call, self.options.username, self.options.api_key, self._peer_certificate()
+                call,
+                self.options.username,
+                self.options.api_key,
+                self._peer_certificate(),
+                verified=self._verified(),
             )
             return
+        if scram.pinned(self.url, self.options.api_key):
+            raise AuthenticationFailed(
+                "TrueNAS offered SCRAM to this process before and now does not: the API key is not sent in "
+                "clear (a downgrade by something between the operator and TrueNAS, or a NAS moved back to "
+                "25.x; restart the operator after a deliberate downgrade)"
+            )
         ok = await self._raw_call("auth.login_with_api_key", [self.options.api_key.reveal()], timeout)
         if ok is not True:
             raise AuthenticationFailed(
@@ -179,7 +209,16 @@ class JsonRpcTransport:
             answer = await self._raw_call("auth.mechanism_choices", [], self.options.connect_timeout)
         except (CallFailed, AuthenticationFailed):  # also a server that wants a login first: no SCRAM there
             return []
-        return [str(m) for m in answer] if isinstance(answer, list) else []
+        if not isinstance(answer, list):  # every TrueNAS that has the call answers a list of names
+            raise MalformedAnswer("auth.mechanism_choices answered something other than a list of mechanisms")
+        return [str(m) for m in answer]
+
+    def _verified(self) -> bool:
+        """Whether TLS verifies the server's certificate on this connection (False over plain ws)."""
+        if not self.url.startswith("wss"):
+            return False
+        context = self.options.ssl_context
+        return context is None or context.verify_mode != ssl.CERT_NONE
 
     def _peer_certificate(self) -> bytes | None:
         """The certificate the server presented on this connection (DER), for SCRAM's channel
@@ -511,7 +550,26 @@ class JsonRpcTransport:
         mode: int,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        await upload_file(self, self.options, path, data, mode=mode, on_progress=on_progress)
+        token = None
+        if (self.login_mechanism or "").startswith(scram.MECHANISM):
+            # The key never crossed the wire: the upload must not send it either. A token for this one
+            # request, usable from this address only (plugins/auth.py generate_token: ttl, attrs,
+            # match_origin, single_use).
+            answer = await self.call("auth.generate_token", UPLOAD_TOKEN_TTL, {}, True, True)
+            if not isinstance(answer, str) or not answer:
+                raise MalformedAnswer("auth.generate_token answered no token")
+            token = Secret(answer)
+        await upload_file(self, self.options, path, data, mode=mode, on_progress=on_progress, token=token)
+
+
+UPLOAD_TOKEN_TTL = 600
+"""Seconds an upload's single-use token stays valid: it is used at once, by the next request."""
+
+
+def _major(version: Any) -> int:
+    """``TrueNAS-26.0.0`` -> 26; 0 when it says no version."""
+    found = re.search(r"(\d+)\.\d+", str(version or ""))
+    return int(found.group(1)) if found else 0
 
 
 class _ErrorReply(Exception):

@@ -13,8 +13,12 @@ What TrueNAS expects, from its own client library and server (docs/scram.md has 
   over plain WebSocket, where TrueNAS refuses binding.
 
 The key never leaves the process: only the proof does. The PBKDF2 (500 000 rounds on a real 26,
-about half a second of CPU) runs in a worker thread, and its result is kept per (key, salt,
-iterations), so reconnects do not repeat it.
+about half a second of CPU) runs on one worker thread of its own (a hostile server cannot take the
+shared executor's), at most ``MAX_ITERATIONS`` rounds, and its result is kept per (key, salt,
+iterations) once the server's signature proved it, so reconnects do not repeat it.
+
+Downgrades: a server that offered SCRAM once (``pin``) is never sent the key in clear by this
+process afterwards (``pinned``); the transport refuses instead (hostile-tenant review, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +43,10 @@ from ..errors import AuthenticationFailed, MalformedAnswer
 from .base import Secret
 
 MECHANISM = "SCRAM"
-MIN_ITERATIONS, MAX_ITERATIONS = 50_000, 5_000_000
+MIN_ITERATIONS, MAX_ITERATIONS = 50_000, 1_000_000
+"""TrueNAS's client takes 50 000 .. 5 000 000; TrueNAS uses 500 000. Bounded lower here so that a
+server (a tenant's URL) cannot make each login cost ten seconds of CPU."""
+ITERATIONS = re.compile(r"[0-9]{1,7}")
 NONCE_SIZE = 32
 MAX_SALT_BYTES = 1024
 TLS_SERVER_END_POINT = "tls-server-end-point"
@@ -46,15 +55,36 @@ KEY_CACHE_SIZE = 64
 Call = Callable[[str, list[Any]], Awaitable[Any]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DerivedKeys:
     client_key: bytes
     stored_key: bytes
     server_key: bytes
 
+    def __repr__(self) -> str:
+        return "DerivedKeys(<redacted>)"  # ClientKey alone makes valid proofs for that NAS
+
 
 _derived: OrderedDict[tuple[bytes, bytes, int], DerivedKeys] = OrderedDict()
 """Derived keys by (SHA-256 of the key, salt, iterations): the key itself is not a dictionary key."""
+_pbkdf2 = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scram-pbkdf2")
+"""PBKDF2 runs here, one at a time: never on the executor the rest of the operator shares."""
+_offered: set[bytes] = set()
+"""SHA-256 of (URL, key) for every server that offered SCRAM to this process (``pin``)."""
+
+
+def _pin_key(url: str, api_key: Secret) -> bytes:
+    return hashlib.sha256(f"{url}\0{api_key.reveal()}".encode()).digest()
+
+
+def pin(url: str, api_key: Secret) -> None:
+    """Remembers that the server at ``url`` offered SCRAM for this key."""
+    _offered.add(_pin_key(url, api_key))
+
+
+def pinned(url: str, api_key: Secret) -> bool:
+    """Whether the server at ``url`` offered SCRAM for this key before (then plain login is refused)."""
+    return _pin_key(url, api_key) in _offered
 
 
 def _derive(material: str, salt: bytes, iterations: int) -> DerivedKeys:
@@ -63,18 +93,24 @@ def _derive(material: str, salt: bytes, iterations: int) -> DerivedKeys:
     return DerivedKeys(client_key, hashlib.sha512(client_key).digest(), _hmac(salted, b"Server Key"))
 
 
+def _cache_key(material: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, int]:
+    return hashlib.sha256(material.encode()).digest(), salt, iterations
+
+
 async def derived_keys(material: str, salt: bytes, iterations: int) -> DerivedKeys:
-    """PBKDF2 off the event loop, once per (key, salt, iterations)."""
-    cache_key = (hashlib.sha256(material.encode()).digest(), salt, iterations)
-    keys = _derived.get(cache_key)
-    if keys is None:
-        keys = await asyncio.to_thread(_derive, material, salt, iterations)
-        _derived[cache_key] = keys
-        while len(_derived) > KEY_CACHE_SIZE:
-            _derived.popitem(last=False)
-    else:
-        _derived.move_to_end(cache_key)
-    return keys
+    """PBKDF2 off the event loop on its own thread, or the cached result for (key, salt, iterations)."""
+    keys = _derived.get(_cache_key(material, salt, iterations))
+    if keys is not None:
+        _derived.move_to_end(_cache_key(material, salt, iterations))
+        return keys
+    return await asyncio.get_running_loop().run_in_executor(_pbkdf2, _derive, material, salt, iterations)
+
+
+def remember(material: str, salt: bytes, iterations: int, keys: DerivedKeys) -> None:
+    """Caches keys the server's signature proved (a server that cannot sign evicts nothing)."""
+    _derived[_cache_key(material, salt, iterations)] = keys
+    while len(_derived) > KEY_CACHE_SIZE:
+        _derived.popitem(last=False)
 
 
 def tls_server_end_point(certificate_der: bytes) -> bytes | None:
@@ -132,15 +168,26 @@ def check_username(username: str) -> None:
         )
 
 
-async def login(call: Call, username: str, api_key: Secret, peer_certificate: bytes | None) -> str:
+async def login(
+    call: Call, username: str, api_key: Secret, peer_certificate: bytes | None, *, verified: bool = True
+) -> str:
     """Logs in with SCRAM; returns the mechanism as doctor shows it (``SCRAM-SHA-512`` with
     ``+tls-server-end-point`` when bound). Raises ``AuthenticationFailed`` when refused or when the
-    server's signature does not prove it holds the key, never falling back to sending the key."""
+    server's signature does not prove it holds the key, never falling back to sending the key.
+    ``verified``: whether TLS verified the certificate; an unverified one must be bound (else a man in
+    the middle who chose a certificate without a binding, EdDSA, relays the exchange unbound)."""
     check_username(username)
     key_id, _, material = api_key.reveal().partition("-")
     if not key_id.isdigit() or not material:
         raise AuthenticationFailed("the API key is not of the form <id>-<key>; SCRAM needs the key's id")
     binding = tls_server_end_point(peer_certificate) if peer_certificate else None
+    if peer_certificate is not None and binding is None and not verified:
+        raise AuthenticationFailed(
+            "SCRAM: the certificate TrueNAS presented has no tls-server-end-point binding (an EdDSA or "
+            "unreadable certificate) and TLS verification is off (insecureSkipVerify): an unbound login "
+            "could be relayed by a man in the middle, so it is refused. Verify the certificate (spec.tls.caSecretRef) "
+            "or serve an RSA or ECDSA certificate"
+        )
     flag = f"p={TLS_SERVER_END_POINT}" if binding is not None else "n"
     nonce = secrets.token_bytes(NONCE_SIZE)
     bare = f"n={username}:{int(key_id)},r={base64.b64encode(nonce).decode()}"
@@ -153,7 +200,7 @@ async def login(call: Call, username: str, api_key: Secret, peer_certificate: by
         username,
     )
     parts = server_first.split(",")
-    if len(parts) != 3 or [p[:2] for p in parts] != ["r=", "s=", "i="] or not parts[2][2:].isdigit():
+    if len(parts) != 3 or [p[:2] for p in parts] != ["r=", "s=", "i="] or not ITERATIONS.fullmatch(parts[2][2:]):
         raise MalformedAnswer("SCRAM: the server-first message is not r=...,s=...,i=...")
     combined, salt, iterations = _b64(parts[0][2:], "nonce"), _b64(parts[1][2:], "salt"), int(parts[2][2:])
     if len(combined) != 2 * NONCE_SIZE or not hmac.compare_digest(combined[:NONCE_SIZE], nonce):
@@ -188,4 +235,5 @@ async def login(call: Call, username: str, api_key: Secret, peer_certificate: by
             "SCRAM: TrueNAS's signature does not verify, so the server does not hold the API key "
             "(a man in the middle, or another host); the login is refused"
         )
+    remember(material, salt, iterations, keys)
     return "SCRAM-SHA-512" + (f"+{TLS_SERVER_END_POINT}" if binding is not None else "")

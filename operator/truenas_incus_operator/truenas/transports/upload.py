@@ -19,7 +19,7 @@ import aiohttp
 
 from ..errors import CallFailed, MalformedAnswer, NotAuthorized
 from ..jobs import is_finished, job_result
-from .base import ConnectionOptions, Transport, scrubbing
+from .base import ConnectionOptions, Secret, Transport, scrubbing
 
 MAX_ANSWER_BYTES = 4096
 """The endpoint answers ``{"job_id": N}``; anything longer is not its answer."""
@@ -33,11 +33,14 @@ async def upload_file(
     *,
     mode: int,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    token: Secret | None = None,
 ) -> None:
     """Writes ``data`` (bytes, or a file streamed from disk in pieces) to ``path`` on the NAS with
-    ``mode``, then follows the ``filesystem.put`` job to its end through ``transport``."""
-    with scrubbing(options.api_key):
-        job_id = await _post(options, path, data, mode)
+    ``mode``, then follows the ``filesystem.put`` job to its end through ``transport``. ``token``: a
+    single-use ``auth.generate_token`` token to send (``Authorization: Token``, apps/file_app.py)
+    instead of the API key, where the login kept the key off the wire (SCRAM)."""
+    with scrubbing(options.api_key), scrubbing(token or options.api_key):
+        job_id = await _post(options, path, data, mode, token)
         # The job may be over already (small files): its events went by before anyone listened for them.
         jobs = await transport.call("core.get_jobs", [["id", "=", job_id]], {}, idempotent=True)
         if jobs and is_finished(jobs[0]):
@@ -48,13 +51,16 @@ async def upload_file(
         await transport.wait_job(job_id, None, on_progress, method="filesystem.put")
 
 
-async def _post(options: ConnectionOptions, path: str, data: bytes | Path, mode: int) -> int:
+async def _post(options: ConnectionOptions, path: str, data: bytes | Path, mode: int, token: Secret | None) -> int:
     parts = urlsplit(options.url)
     scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
     url = urlunsplit((scheme, parts.netloc, "/_upload", "", ""))
     form = aiohttp.FormData()
     form.add_field("data", json.dumps({"method": "filesystem.put", "params": [path, {"mode": mode}]}))
-    headers = {"Authorization": f"Bearer {options.api_key.reveal()}"}
+    if token is not None:
+        headers = {"Authorization": f"Token {token.reveal()}"}
+    else:
+        headers = {"Authorization": f"Bearer {options.api_key.reveal()}"}
     ssl_option: Any = options.ssl_context if scheme == "https" and options.ssl_context is not None else None
     with contextlib.ExitStack() as files:
         content: Any = files.enter_context(data.open("rb")) if isinstance(data, Path) else data
