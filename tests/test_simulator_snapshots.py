@@ -288,3 +288,80 @@ async def test_pool_dataset_query_hides_the_instances_datasets_as_internal(profi
     assert [d["id"] for d in shown] == ([] if profile.startswith("25.04") else [dataset])
     await call(sim, f"{ns(profile)}.create", {"dataset": dataset, "name": "s"})
     assert [s["id"] for s in await call(sim, f"{ns(profile)}.query", [["dataset", "=", dataset]])] == [f"{dataset}@s"]
+
+
+# ----- periodic snapshot tasks (pool.snapshottask.*, plugins/snapshot.py) ---------------------------------------
+HOUR = 3600
+
+
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10", "26.0", "27.0"])
+async def test_a_periodic_task_snapshots_on_its_schedule_and_keeps_them_for_its_lifetime(profile: str) -> None:
+    sim = Simulator(profile)
+    await tree(sim)
+    tasks = sim.storage.tasks
+    tasks.now = 1_767_225_600.0  # 2026-01-01 00:00 UTC
+    task = await call(
+        sim,
+        "pool.snapshottask.create",
+        {
+            "dataset": "tank/app",
+            "recursive": True,
+            "exclude": ["tank/app/logs"],
+            "lifetime_value": 3,
+            "lifetime_unit": "HOUR",
+            "naming_schema": "tio-%Y-%m-%d_%H-%M",
+            "schedule": {"minute": "0", "hour": "*"},
+        },
+    )
+    assert task["id"] == 1 and task["state"] == {"state": "PENDING"} and task["schedule"]["begin"] == "00:00"
+    await call(sim, f"{ns(profile)}.create", {"dataset": "tank/app", "name": "by-hand"})
+    taken = tasks.advance(5 * HOUR + 60)
+    assert taken == [f"tank/app@tio-2026-01-01_{h:02d}-00" for h in range(1, 6)]
+    kept = sorted(s for s in sim.storage.snapshots if s.startswith("tank/app@tio-"))
+    assert kept == [f"tank/app@tio-2026-01-01_{h:02d}-00" for h in range(3, 6)], "older than 3 hours: destroyed"
+    assert "tank/app/db@tio-2026-01-01_05-00" in sim.storage.snapshots  # recursive
+    assert "tank/app/logs@tio-2026-01-01_05-00" not in sim.storage.snapshots  # excluded
+    assert "tank/app@by-hand" in sim.storage.snapshots, "not the task's naming: never its to destroy"
+    listed = await call(sim, "pool.snapshottask.query", [["id", "=", 1]], {"get": True})
+    assert listed["state"]["state"] == "FINISHED"
+    await call(sim, "pool.snapshottask.update", 1, {"enabled": False})
+    assert tasks.advance(2 * HOUR) == []
+    with pytest.raises(CallError, match="Task is not enabled"):
+        await call(sim, "pool.snapshottask.run", 1)
+    assert await call(sim, "pool.snapshottask.delete", 1) is True
+
+
+@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+async def test_a_periodic_task_is_refused_what_truenas_refuses(profile: str) -> None:
+    sim = Simulator(profile)
+    await tree(sim)
+    with pytest.raises(ValidationErrors) as refused:
+        await call(
+            sim,
+            "pool.snapshottask.create",
+            {"dataset": "tank/app", "exclude": ["tank/app/db"], "naming_schema": "daily-%Y-%m-%d"},
+        )
+    assert refused.value.errors == [
+        ("periodic_snapshot_create.naming_schema", "%H must be present in snapshot naming schema", errno.EINVAL)
+    ]
+    with pytest.raises(ValidationErrors) as refused:
+        await call(sim, "pool.snapshottask.create", {"dataset": "tank/app", "exclude": ["tank/other"]})
+    assert {e[0] for e in refused.value.errors} == {
+        "periodic_snapshot_create.exclude",
+        "periodic_snapshot_create.exclude.0",
+    }
+    await run_job(sim, "container.create" if profile == "26.0" else "virt.instance.create", *_container(sim, profile))
+    dataset = "tank/.truenas_containers/containers/c1" if profile == "26.0" else "tank/.ix-virt/containers/c1"
+    attempt = call(sim, "pool.snapshottask.create", {"dataset": dataset})
+    if profile == "26.0":  # 26's filesystem_choices lists every dataset
+        assert (await attempt)["dataset"] == dataset
+    else:  # 25.x's leaves internal datasets out
+        with pytest.raises(ValidationErrors, match="Dataset not found"):
+            await attempt
+
+
+def _container(sim: Simulator, profile: str) -> list[Any]:
+    if profile == "26.0":
+        product = "debian:bookworm:amd64:default"
+        return [{"name": "c1", "image": {"name": product, "version": sim.containers.registry()[product][-1]}}]
+    return [{"name": "c1", "image": "debian/bookworm", "autostart": False}]

@@ -20,6 +20,7 @@ from ..filters import check_query_args, filter_list
 from ..jobs import Job
 from .base import Methods, Service
 from .snapshots import Snapshot, SnapshotService
+from .snapshottasks import SnapshotTaskService
 
 
 # ----- datasets, snapshots, files ----------------------------------------------------------------------
@@ -76,6 +77,7 @@ class StorageService(Service):
         self.clock: Callable[[], float] = time.time
         """Snapshot creation times (tests may set another clock)."""
         self.snaps = SnapshotService(self)
+        self.tasks = SnapshotTaskService(self)
         self.running_on: Callable[[str], str | None] = in_use
         """The running guest whose disk or root filesystem is dataset ``name``, if any (any family)."""
         self.changed_under: list[tuple[str, str]] = []
@@ -99,7 +101,11 @@ class StorageService(Service):
             "pool.dataset.update": self.dataset_update,
             "pool.dataset.delete": self.dataset_delete,
         }
-        return {**{name: (handler, False) for name, handler in plain.items()}, **self.snaps.methods()}
+        return {
+            **{name: (handler, False) for name, handler in plain.items()},
+            **self.snaps.methods(),
+            **self.tasks.methods(),
+        }
 
     @property
     def snapshots(self) -> dict[str, Snapshot]:
