@@ -161,7 +161,7 @@ async def test_one_ca_read_from_a_file_and_from_a_secret_is_one_socket(tmp_path:
 
 
 # ----- review findings on the shared transport (hostile-tenant review, 2026-12-04) --------------------------
-async def test_connections_of_one_transport_share_its_job_slots_and_a_namespace_its_quarter() -> None:
+async def test_connections_of_one_transport_share_its_job_slots_and_a_namespace_its_half() -> None:
     """Finding 1: job slots were per connection while the call limit is the socket's: a tenant with
     four TrueNASConnections of one key held 4 x 5 job slots, the socket's whole limit."""
     manager = ConnectionManager(resync_seconds=30, retry_max_seconds=5, timings=Timings(call=10, job=60))
@@ -172,12 +172,12 @@ async def test_connections_of_one_transport_share_its_job_slots_and_a_namespace_
     assert manager.job_slots_for(other) is not first
     # TrueNAS admits 20 calls a socket but runs 10 (utils/lock.py SoftHardSemaphore(10, 20)), and a
     # 25.10 job holds its call until it ends: jobs take at most 6 of the 10, 4 stay for reads.
-    assert (first.jobs, first.per_namespace) == (6, 1), "4 of the 10 running calls stay for reads"
+    assert (first.jobs, first.per_namespace) == (6, 3), "4 of the 10 running calls stay for reads"
     held = [first.slot("team-a") for _ in range(first.per_namespace)]
     for slot in held:
         await slot.__aenter__()
     try:
-        with pytest.raises(TimeoutError):  # the namespace's quarter is of the socket
+        with pytest.raises(TimeoutError):  # the namespace's half is of the socket
             await asyncio.wait_for(second.slot("team-a").__aenter__(), 0.2)
         async with second.slot("team-b"):  # another namespace goes on
             pass

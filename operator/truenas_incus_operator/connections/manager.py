@@ -83,7 +83,7 @@ class ConnectionManager:
 
     def job_slots_for(self, config: ConnectionConfig) -> JobSlots:
         """The job slots of ``config``'s transport: one per URL, key, TLS settings and call limit, as
-        the transport pool shares them (a namespace's quarter is of the socket, not of each connection)."""
+        the transport pool shares them (a namespace's half is of the socket, not of each connection)."""
         key = config.share_key
         slots = self._job_slots.get(key)
         if slots is None:

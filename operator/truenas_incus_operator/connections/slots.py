@@ -5,13 +5,15 @@ TrueNAS admits 20 calls a socket but runs only 10 of them at once; the others wa
 Jobs (create, start, stop, delete) can last minutes: a graceful
 stop waits out ``stopTimeoutSeconds``. If one namespace could take every slot, every other
 namespace on the connection would wait behind it, deletions included. So each namespace holds at
-most a quarter of the job slots (at least one); the rest stay free for the others. And jobs never
+most half of the job slots (at least one): the rest stay free for the others. Half, not less: the
+10 calls TrueNAS runs leave 6 for jobs, and a quarter of them (1) made the common case, one
+namespace applying a few instances at once, create them one after the other. And jobs never
 take the last ``READ_RESERVE`` of the calls TrueNAS runs at once (a 25.10 job holds its call, and
 so one of the 10, until it ends): the resync query and the reads of every holder go on while jobs
 run, instead of queueing behind them.
 
 Connections that share one transport (one URL, key and TLS settings: transports/shared.py) share
-one ``JobSlots`` too (``ConnectionManager``): the namespace's quarter is of the socket, so a tenant
+one ``JobSlots`` too (``ConnectionManager``): the namespace's half is of the socket, so a tenant
 gets no more by making more TrueNASConnections with the same key.
 """
 
@@ -34,7 +36,7 @@ class JobSlots:
         self.jobs = max(1, running - min(READ_RESERVE, running // 2))
         """Jobs at once: the calls TrueNAS runs at once (10, or the call limit if lower) less what stays
         for reads (6 of 20)."""
-        self.per_namespace = max(1, self.jobs // 4)
+        self.per_namespace = max(1, self.jobs // 2)
         self._all = asyncio.Semaphore(self.jobs)
         self._by_namespace: dict[str, asyncio.Semaphore] = {}
         self._holders: dict[str, int] = {}
