@@ -11,8 +11,9 @@ through its ``list_jobs`` tool (``core.get_jobs``). Its tools are called as plai
 environment (``TRUENAS_URL``, ``TRUENAS_API_KEY``) as its ``Settings`` reads it.
 
 The other TrueNAS clients on PyPI that were asked for are not used: ``aiotruenas`` 1.7.0 requires
-Python >= 3.13 (this project supports 3.11, the version its tools run on), and ``truenaspy`` has no
-1.0.3 on PyPI (its newest release is 0.6.6), so neither could be pinned as asked.
+Python >= 3.13 (this project supports 3.11, the version its tools run on), and ``truenaspy`` 1.0.3
+requires Python >= 3.12 (pip offers 3.11 no release newer than 0.6.6), so neither could be pinned as
+asked.
 """
 
 from __future__ import annotations
