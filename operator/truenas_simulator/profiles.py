@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ALL_STATUSES = (
     "RUNNING",
@@ -80,6 +80,22 @@ class Profile:
         return self.schema_version
 
 
+TRUENAS_26 = Profile(
+    name="26.0",
+    system_version="TrueNAS-26.0.0",
+    api_versions=("v25.04.0", "v25.04.1", "v25.04.2", "v25.10.0", "v25.10.1", "v26.0.0"),
+    schema_version="v26_0_0",
+    has_virt=False,
+    has_rest=False,
+    legacy_jobs_option=True,
+    message_ids=True,
+    has_container=True,
+    has_vm=True,
+    vm_convert=True,
+    pylibvirt=True,
+)
+"""TrueNAS 26; 27 is the same but where ``api27`` says."""
+
 PROFILES: dict[str, Profile] = {
     "25.04.0": Profile(
         name="25.04.0",
@@ -118,21 +134,9 @@ PROFILES: dict[str, Profile] = {
         vm_import_disk_image=True,
         vm_libvirt_events=True,
     ),
-    "26.0": Profile(
-        name="26.0",
-        system_version="TrueNAS-26.0.0",
-        api_versions=("v25.04.0", "v25.04.1", "v25.04.2", "v25.10.0", "v25.10.1", "v26.0.0"),
-        schema_version="v26_0_0",
-        has_virt=False,
-        has_rest=False,
-        legacy_jobs_option=True,
-        message_ids=True,
-        has_container=True,
-        has_vm=True,
-        vm_convert=True,
-        pylibvirt=True,
-    ),
-    "27.0": Profile(
+    "26.0": TRUENAS_26,
+    "27.0": replace(
+        TRUENAS_26,
         name="27.0",
         # middleware master (66d9e1b9c3) carries 27.0.0-BETA.1 work; no 27 release exists yet
         system_version="TrueNAS-27.0.0-BETA.1",
@@ -141,14 +145,6 @@ PROFILES: dict[str, Profile] = {
             *("v26.0.0", "v27.0.0"),
         ),
         schema_version="v27_0_0",
-        has_virt=False,
-        has_rest=False,
-        legacy_jobs_option=True,
-        message_ids=True,
-        has_container=True,
-        has_vm=True,
-        vm_convert=True,
-        pylibvirt=True,
         api27=True,
     ),
 }

@@ -337,7 +337,7 @@ class ContainerService(GuestService[Container]):
                     )
             if dataset in storage.datasets:
                 # destroy_impl(recursive=True): the children, snapshots and their clones wherever they live
-                for name in storage._with_clones([dataset, *children]):
+                for name in storage.with_clones([dataset, *children]):
                     storage.drop_tree(name)
             container.state, container.pid = "STOPPED", None  # the domain is destroyed first
             del self.containers[container.id]

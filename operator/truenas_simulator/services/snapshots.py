@@ -115,7 +115,7 @@ class SnapshotService(Service):
         return self.mw.profile.snapshot_namespace
 
     @property
-    def twenty_six(self) -> bool:
+    def pylibzfs(self) -> bool:
         """26 and later: pool.snapshot.* go through zfs.resource.snapshot (truenas_pylibzfs), not libzfs."""
         return self.mw.profile.pylibvirt
 
@@ -185,7 +185,7 @@ class SnapshotService(Service):
         found = self.snapshots.get(snap_id) if isinstance(snap_id, str) else None
         if found is not None:
             return found
-        if self.twenty_six:
+        if self.pylibzfs:
             raise ZFSPathNotFoundException(str(snap_id))
         raise CallError(f"cannot open '{snap_id}': dataset does not exist", errno.ENOENT)  # [ZFS]
 
@@ -199,7 +199,7 @@ class SnapshotService(Service):
     # ----- query -----------------------------------------------------------------------------------
     def entry(self, snap: Snapshot, extra: dict[str, Any]) -> dict[str, Any]:
         wanted = extra.get("properties")
-        if self.twenty_six:
+        if self.pylibzfs:
             # plugins/pool_/snapshot.py _transform_snapshot_entry: only the properties asked for; user
             # properties only with ``retention`` (as ``user_properties``); holds always present
             asked = set(wanted) if isinstance(wanted, list) else set()
@@ -216,7 +216,7 @@ class SnapshotService(Service):
             "createtxg": str(snap.txg),
             "properties": properties,
         }
-        if self.twenty_six:
+        if self.pylibzfs:
             result["holds"] = {"truenas": 1} if "truenas" in snap.holds else {}
             if extra.get("retention"):
                 result["user_properties"] = dict(snap.user_properties)
@@ -240,15 +240,15 @@ class SnapshotService(Service):
         recursive = bool(data.get("recursive"))
         properties = data.get("properties") or {}
         if not SNAPSHOT_NAME.match(name):
-            if self.twenty_six:
+            if self.pylibzfs:
                 raise ValidationErrors([("zfs.resource.snapshot.create", f"invalid snapshot name: {name!r}", 22)])
             raise ValidationErrors([(f"{self.schema}.name", "Invalid snapshot name", 22)])  # [SRC] 25.04
-        if data.get("exclude") and not recursive and not self.twenty_six:
+        if data.get("exclude") and not recursive and not self.pylibzfs:
             raise ValidationErrors(
                 [(f"{self.schema}.exclude", "This option has no sense for non-recursive snapshots", 22)]
             )  # [SRC] 25.04 zfs.snapshot do_create
         if dataset not in self.storage.datasets:
-            if self.twenty_six:  # create_snapshots_impl's, let through by plugins/pool_/snapshot.py do_create
+            if self.pylibzfs:  # create_snapshots_impl's, let through by plugins/pool_/snapshot.py do_create
                 raise ZFSPathNotFoundException(dataset)
             # 25.x: a libzfs error; do_create's errno is EFAULT unless the text says "already exists" [SRC]
             raise CallError(f"Failed to snapshot {snap_id}: dataset does not exist", errno.EFAULT)
@@ -256,7 +256,7 @@ class SnapshotService(Service):
         targets = [n for n in self.tree(dataset) if n not in excluded] if recursive else [dataset]
         taken = [f"{n}@{name}" for n in targets if f"{n}@{name}" in self.snapshots]
         if taken:
-            if self.twenty_six:  # plugins/pool_/snapshot.py do_create turns this one into a ValidationError
+            if self.pylibzfs:  # plugins/pool_/snapshot.py do_create turns this one into a ValidationError
                 raise ValidationErrors([("pool.snapshot.create", f"{name} already exists.", errno.EEXIST)])
             raise CallError(f"Failed to snapshot {snap_id}: dataset already exists", errno.EEXIST)
         self.storage.txg += 1  # one txg for the whole tree: atomic
@@ -306,18 +306,18 @@ class SnapshotService(Service):
         snap_id = params[0] if params else None
         options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
         defer, recursive = bool(options.get("defer")), bool(options.get("recursive"))
-        if self.twenty_six and isinstance(snap_id, str) and "@" not in snap_id:
+        if self.pylibzfs and isinstance(snap_id, str) and "@" not in snap_id:
             raise ValidationErrors([("pool.snapshot.delete", f"Invalid snapshot name: {snap_id!r}", 22)])  # [SRC]
         snap = self.snapshots.get(snap_id) if isinstance(snap_id, str) else None
         if snap is None:
-            if self.twenty_six:  # zfs.resource.snapshot.destroy's ENOENT becomes InstanceNotFound(its text)
+            if self.pylibzfs:  # zfs.resource.snapshot.destroy's ENOENT becomes InstanceNotFound(its text)
                 raise ValidationErrors([(None, f"{snap_id!r} not found", errno.ENOENT)])
             raise InstanceNotFound("Snapshot", snap_id)
         doomed = self._with_descendants(snap, recursive)
         for item in doomed:
             clones = self.clones_of(item)
             if clones and not defer:
-                if self.twenty_six:  # plugins/zfs/snapshot_crud.py destroy: ZFSPathHasClonesException
+                if self.pylibzfs:  # plugins/zfs/snapshot_crud.py destroy: ZFSPathHasClonesException
                     message = f"{item.id!r} has the following clones: {','.join(clones)}"
                     raise ValidationErrors([("zfs.resource.snapshot.destroy", message, errno.EBUSY)])
                 raise ValidationErrors(  # 25.x do_delete [SRC]
@@ -331,7 +331,7 @@ class SnapshotService(Service):
                     ]
                 )
             if item.holds and not defer:
-                if self.twenty_six:  # ZFSPathHasHoldsException
+                if self.pylibzfs:  # ZFSPathHasHoldsException
                     message = f"{item.id!r} has the following holds: {','.join(sorted(item.holds))}"
                     raise ValidationErrors([("zfs.resource.snapshot.destroy", message, errno.EBUSY)])
                 raise CallError(f"cannot destroy snapshot {item.id}: dataset is busy")  # [ZFS], EFAULT
@@ -340,7 +340,7 @@ class SnapshotService(Service):
                 item.defer_destroy = True  # zfs destroy -d: it goes with its last clone or hold
             else:
                 self.forget(item)
-        return None if self.twenty_six else True
+        return None if self.pylibzfs else True
 
     # ----- clone / promote -------------------------------------------------------------------------
     def clone(self, ctx: CallContext, params: list[Any]) -> Any:
@@ -350,7 +350,7 @@ class SnapshotService(Service):
         snap = self.snapshots.get(data["snapshot"])
         target = str(data["dataset_dst"])
         datasets = self.storage.datasets
-        if self.twenty_six:
+        if self.pylibzfs:
             # plugins/pool_/snapshot.py clone -> zfs.resource.snapshot.clone_impl ->
             # rename_promote_clone_impl.clone_impl, whose exceptions nothing turns into CallErrors
             if snap is None:
@@ -375,11 +375,11 @@ class SnapshotService(Service):
         name = params[0] if params else None
         found = self.storage.datasets.get(name) if isinstance(name, str) else None
         if found is None:
-            if self.twenty_six:
+            if self.pylibzfs:
                 raise ZFSPathNotFoundException(str(name))
             raise CallError(f'Dataset "{name}" does not exist.', errno.ENOENT)  # [SRC] 25.x promote
         if not found.origin:
-            if self.twenty_six:
+            if self.pylibzfs:
                 raise ZFSPathInvalidException()
             raise CallError("Only cloned datasets can be promoted.", errno.EBADMSG)  # [SRC]
         origin = self.snapshots[found.origin]
@@ -395,7 +395,7 @@ class SnapshotService(Service):
                 if f"{found.name}@{snap_name}" in self.snapshots and other is not former:
                     other.origin = f"{found.name}@{snap_name}"
         former.origin, found.origin = f"{found.name}@{origin.name}", None
-        return None if self.twenty_six else True
+        return None if self.pylibzfs else True
 
     # ----- rollback ----------------------------------------------------------------------------------
     def rollback(self, ctx: CallContext, params: list[Any]) -> Any:
@@ -405,11 +405,11 @@ class SnapshotService(Service):
         snap_id = params[0] if params else None
         options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
         recursive, clones = bool(options.get("recursive")), bool(options.get("recursive_clones"))
-        if self.twenty_six and isinstance(snap_id, str) and "@" not in snap_id:
+        if self.pylibzfs and isinstance(snap_id, str) and "@" not in snap_id:
             raise ValidationErrors(
                 [("pool.snapshot.rollback", f"{snap_id!r} must be a snapshot path (containing '@')", 22)]
             )
-        snap = self._get(snap_id) if self.twenty_six else self.snapshots.get(snap_id)  # type: ignore[arg-type]
+        snap = self._get(snap_id) if self.pylibzfs else self.snapshots.get(snap_id)  # type: ignore[arg-type]
         if snap is None:
             raise CallError(f"Failed to rollback snapshot: cannot open '{snap_id}': dataset does not exist")  # [ZFS]
         targets = [snap]
@@ -417,7 +417,7 @@ class SnapshotService(Service):
             for name in self.tree(snap.dataset)[1:]:
                 child = self.snapshots.get(f"{name}@{snap.name}")
                 if child is None:
-                    if self.twenty_six:  # every child must have it [SRC]
+                    if self.pylibzfs:  # every child must have it [SRC]
                         raise ZFSPathNotFoundException(f"{name}@{snap.name}")
                     continue  # 25.x rolls back the children that have it [SRC]
                 targets.append(child)
@@ -427,7 +427,7 @@ class SnapshotService(Service):
 
     def _rollback_one(self, snap: Snapshot, destroy_newer: bool, destroy_clones: bool) -> None:
         newer = [s for s in self.of(snap.dataset) if s.txg > snap.txg]
-        if self.twenty_six:
+        if self.pylibzfs:
             if destroy_newer:  # newest first; a failure (clones without recursive_clones) is passed over [SRC]
                 for item in reversed(newer):
                     if destroy_clones:
@@ -473,7 +473,7 @@ class SnapshotService(Service):
         snap = self._get_for("hold", params)
         options = params[1] if len(params) > 1 and isinstance(params[1], dict) else {}
         targets = self._with_descendants(snap, bool(options.get("recursive")))
-        if any("truenas" in t.holds for t in targets) and not self.twenty_six:
+        if any("truenas" in t.holds for t in targets) and not self.pylibzfs:
             raise CallError(
                 f"Failed to hold snapshot: cannot hold snapshot '{snap.id}': tag already exists on this dataset"
             )

@@ -242,39 +242,26 @@ class SnapshotTaskService(Service):
         task.state = {"state": "FINISHED", "datetime": {"$date": int(when.timestamp() * 1000)}}
         return [f"{task.dataset}@{name}"]
 
-    def _lifetime(self, dataset: str, name: str) -> int | None:
-        """The longest lifetime among the tasks whose naming schema parses ``name`` on ``dataset`` (a
+    def _expiry(self, dataset: str, name: str) -> float | None:
+        """When snapshot ``name`` of ``dataset`` may go: the time its name says plus the lifetime, the
+        latest among the tasks that cover the dataset and whose naming schema parses the name (a
         snapshot two tasks took is kept until the last of them lets it go); None: no task's."""
         found = None
         for task in self.tasks.values():
             if dataset != task.dataset and not (task.recursive and dataset.startswith(f"{task.dataset}/")):
                 continue
             try:
-                datetime.strptime(name, task.naming_schema)
+                taken = datetime.strptime(name, task.naming_schema).replace(tzinfo=UTC)
             except ValueError:
                 continue
-            lifetime = task.lifetime_value * LIFETIMES[task.lifetime_unit]
-            found = lifetime if found is None else max(found, lifetime)
+            expiry = taken.timestamp() + task.lifetime_value * LIFETIMES[task.lifetime_unit]
+            found = expiry if found is None else max(found, expiry)
         return found
 
     def _retain(self) -> None:
         snaps = self.storage.snaps
         for snap in list(snaps.snapshots.values()):
-            lifetime = self._lifetime(snap.dataset, snap.name)
-            if lifetime is None:
-                continue  # not made by a task's naming: never a task's to destroy
-            taken = next(
-                datetime.strptime(snap.name, t.naming_schema).replace(tzinfo=UTC)
-                for t in self.tasks.values()
-                if _parses(snap.name, t.naming_schema)
-            )
-            if self.now - taken.timestamp() > lifetime and not snaps.clones_of(snap) and not snap.holds:
+            expiry = self._expiry(snap.dataset, snap.name)
+            # None: not made by a task's naming, never a task's to destroy
+            if expiry is not None and self.now > expiry and not snaps.clones_of(snap) and not snap.holds:
                 snaps.forget(snap)
-
-
-def _parses(name: str, schema: str) -> bool:
-    try:
-        datetime.strptime(name, schema)
-    except ValueError:
-        return False
-    return True

@@ -278,7 +278,7 @@ class StorageService(Service):
             # ("recursive: Recursively destroy all descendants as well as release any holds and destroy
             # any clones or snapshots"): the clones of every snapshot in the tree go too, wherever they
             # live, and theirs in turn. 25.x (libzfs, zfs destroy -r) refuses below.
-            doomed = self._with_clones(doomed)
+            doomed = self.with_clones(doomed)
         for item in doomed:
             for snap in [s for s in self.snapshots.values() if s.dataset == item]:
                 clones = [d.name for d in self.datasets.values() if d.origin == snap.id and d.name not in doomed]
@@ -304,7 +304,7 @@ class StorageService(Service):
             self.drop_tree(item)
         return True
 
-    def _with_clones(self, names: list[str]) -> list[str]:
+    def with_clones(self, names: list[str]) -> list[str]:
         """``names``, their descendants, the clones of any of their snapshots, and so on (26's recursive delete)."""
         doomed = list(names)
         for item in doomed:  # grows while it is walked

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import json
+from typing import Any
 
 from aiohttp import web
 
 from ..context import Session
 from ..simulator import Simulator
+
+
+async def send_from(outbox: asyncio.Queue[dict[str, Any] | None], ws: web.WebSocketResponse) -> None:
+    """A socket's one writer: each message of ``outbox`` as JSON text, in order, until ``None`` or the
+    socket closes (a send to a socket closing under it is dropped)."""
+    while (message := await outbox.get()) is not None:
+        if ws.closed:
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_str(json.dumps(message))
 
 
 def is_loopback(request: web.Request) -> bool:

@@ -12,9 +12,7 @@ has no 24.10 models and calls the current API (the methods it serves take the sa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import json
 import uuid
 from typing import Any
 
@@ -23,7 +21,7 @@ from aiohttp import WSMsgType, web
 from ..context import Session
 from ..errors import ENOMETHOD, CallError, InstanceNotFound, MethodNotFound, ValidationErrors, errname
 from ..simulator import Simulator
-from .common import is_loopback
+from .common import is_loopback, send_from
 from .jsonrpc import _trace
 from .limits import INVALID_TEXT, MessageTooBig, SoftHardLimit, TooManyCalls, parse_message
 
@@ -87,14 +85,7 @@ class DdpEndpoint:
         limit = SoftHardLimit(self.sim.knobs.running_calls, self.sim.knobs.max_concurrent_calls)
         handshake = False
 
-        async def writer() -> None:
-            while (message := await outbox.get()) is not None:
-                if ws.closed:
-                    return
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.send_str(json.dumps(message))
-
-        writer_task = asyncio.create_task(writer())
+        writer_task = asyncio.create_task(send_from(outbox, ws))
         try:
             async for frame in ws:
                 if frame.type != WSMsgType.TEXT:

@@ -5,8 +5,6 @@ order; middleware exceptions mapped to JSON-RPC errors (truenas-api.md §2.1).""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import traceback
 from typing import Any
 
@@ -15,7 +13,7 @@ from aiohttp import WSMsgType, web
 from ..context import Session
 from ..errors import CallError, MethodNotFound, ValidationErrors, errname
 from ..simulator import Simulator
-from .common import is_loopback
+from .common import is_loopback, send_from
 from .limits import MessageTooBig, SoftHardLimit, TooManyCalls, parse_message
 
 JSONRPC_CONCURRENCY_ERROR = "Maximum number of concurrent calls ({}) has exceeded"
@@ -99,14 +97,7 @@ class JsonRpcEndpoint:
         in_flight: set[asyncio.Task[None]] = set()
         limit = SoftHardLimit(self.sim.knobs.running_calls, self.sim.knobs.max_concurrent_calls)
 
-        async def writer() -> None:
-            while (message := await outbox.get()) is not None:
-                if ws.closed:
-                    return
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.send_str(json.dumps(message))
-
-        writer_task = asyncio.create_task(writer())
+        writer_task = asyncio.create_task(send_from(outbox, ws))
         try:
             async for message in ws:
                 if message.type != WSMsgType.TEXT:  # rpc.py: UNSUPPORTED_DATA, and the socket is done
