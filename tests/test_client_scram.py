@@ -234,31 +234,29 @@ async def test_mechanism_choices_that_is_not_a_list_fails_the_connection(tmp_pat
     never_in_clear(sim)
 
 
-async def test_uploads_after_a_scram_login_send_a_single_use_token_never_the_key(tmp_path: Path) -> None:
-    """Finding 2: every VM's image and seed went to /_upload with ``Authorization: Bearer <key>``."""
+async def vm_created(profile: str, tmp_path: Path) -> Simulator:
+    """A simulator of ``profile`` in which the client created one VM (an image and a seed uploaded)."""
     from .test_client_vm import mirror, vm_config
 
-    async with serve("26.0", tmp_path, tls=False) as (sim, server, _):
+    async with serve(profile, tmp_path, tls=False) as (sim, server, _):
         client = await connect_to(server.ws_url, sim.api_key, vm_image_server=mirror(server))
         try:
             await client.instances.create(vm_config())
         finally:
             await client.close()
+    return sim
+
+
+async def test_uploads_after_a_scram_login_send_a_single_use_token_never_the_key(tmp_path: Path) -> None:
+    """Finding 2: every VM's image and seed went to /_upload with ``Authorization: Bearer <key>``."""
+    sim = await vm_created("26.0", tmp_path)
     assert sim.upload_schemes == {"Token": 2}, "the image and the seed, each with its own token"
     assert sim.counters.by_method["auth.generate_token"] == 2
     never_in_clear(sim)
 
 
 async def test_25_x_uploads_still_send_the_key_it_logged_in_with(tmp_path: Path) -> None:
-    from .test_client_vm import mirror, vm_config
-
-    async with serve("25.10", tmp_path, tls=False) as (sim, server, _):
-        client = await connect_to(server.ws_url, sim.api_key, vm_image_server=mirror(server))
-        try:
-            await client.instances.create(vm_config())
-        finally:
-            await client.close()
-    assert sim.upload_schemes == {"Bearer": 2}
+    assert (await vm_created("25.10", tmp_path)).upload_schemes == {"Bearer": 2}
 
 
 async def test_an_unverified_certificate_without_a_binding_is_refused(

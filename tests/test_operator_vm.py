@@ -9,18 +9,12 @@ from typing import Any
 
 import pytest
 
-from truenas_simulator.images import write_mirror
-
 from .conftest import Cluster, module_prefix
 from .harness import (
-    ADOPT_ANYWHERE,
     Harness,
-    OperatorProcess,
-    operator_env,
-    start_simulator,
+    module_operator,
     unique,
     wait_until,
-    write_policy,
 )
 from .test_client_vm import mime_parts
 
@@ -31,17 +25,8 @@ pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + 
 def harness(
     cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Harness]:
-    workdir = tmp_path_factory.mktemp("operator")
-    sim = start_simulator("25.10", job_duration=0.05)
-    mirror = write_mirror(list(sim.sim.images.values()), workdir / "mirror")  # a local mirror, no internet
-    env = {**operator_env(sim, workdir, TIO_VM_IMAGE_SERVER=str(mirror)), **write_policy(workdir, ADOPT_ANYWHERE)}
-    operator = OperatorProcess(cluster, env, workdir / "operator.log", args=["-n", f"{module_prefix(request)}*"])
-    running = Harness(cluster, sim, operator.start(), workdir)
-    try:
-        yield running
-    finally:
-        running.operator.stop()
-        running.sim.stop()
+    # VM images from a local mirror of the simulator's (no internet here): module_operator writes it
+    yield from module_operator(cluster, tmp_path_factory.mktemp("operator"), module_prefix(request), "25.10")
 
 
 def vm(harness: Harness, name: str) -> Any:
