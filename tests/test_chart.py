@@ -208,7 +208,7 @@ def test_helm_knows_a_current_kubernetes_without_a_cluster() -> None:
 
 def test_crds_are_kept_and_identical_to_crds_folder() -> None:
     crds = by_kind(render(), "CustomResourceDefinition")
-    assert len(crds) == 2
+    assert len(crds) == 4
     for crd in crds:
         assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
         plain = yaml.safe_load((ROOT / "crds" / f"{crd['metadata']['name']}.yaml").read_text())
@@ -217,10 +217,11 @@ def test_crds_are_kept_and_identical_to_crds_folder() -> None:
 
 
 OURS = "incus.truenas.io"
+KINDS = ("incusinstances", "truenasconnections", "incusinstancesnapshots", "incusinstancerestores")
 READ_PATCH = ["get", "list", "watch", "patch"]
 EXPECTED_RULES = [
-    {"apiGroups": [OURS], "resources": ["incusinstances", "truenasconnections"], "verbs": READ_PATCH},
-    {"apiGroups": [OURS], "resources": ["incusinstances/status", "truenasconnections/status"], "verbs": ["patch"]},
+    {"apiGroups": [OURS], "resources": [*KINDS], "verbs": READ_PATCH},
+    {"apiGroups": [OURS], "resources": [f"{kind}/status" for kind in KINDS], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]  # fmt: skip

@@ -85,7 +85,7 @@ def test_every_string_list_and_map_is_bounded() -> None:
 
 
 def test_status_subresource_columns_and_short_names() -> None:
-    instance, connection = all_crds()
+    instance, connection, *_ = all_crds()
     version = instance["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [

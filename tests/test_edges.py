@@ -425,7 +425,11 @@ class ClusterKube(FakeKube):
         return (verb, f"{resource}/{subresource}" if subresource else resource) not in self.denied
 
 
-ALL_SERVED = {"incusinstances", "incusinstances/status", "truenasconnections", "truenasconnections/status"}
+ALL_SERVED = {
+    kind + sub
+    for kind in ("incusinstances", "truenasconnections", "incusinstancesnapshots", "incusinstancerestores")
+    for sub in ("", "/status")
+}
 
 
 async def test_a_missing_ledger_namespace_is_created_when_the_operator_may(caplog: pytest.LogCaptureFixture) -> None:
@@ -451,7 +455,7 @@ async def test_each_missing_precondition_is_named_with_its_fix() -> None:
     problems = await check_preconditions(settings, kube, ["apps"])
     assert len(problems) == 3, problems
     assert "namespace tio-ledger does not exist" in problems[0] and "kubectl create namespace tio-ledger" in problems[0]
-    assert "lacks incusinstances/status, truenasconnections/status" in problems[1]
+    assert "lacks incusinstances/status, truenasconnections/status, incusinstancesnapshots," in problems[1]
     assert problems[2] == (
         "the operator's identity may not: patch incusinstances/status.incus.truenas.io in namespace apps "
         "(the chart's RBAC grants these)"

@@ -121,7 +121,8 @@ class Need:
         return f"{self.verb} {kind}{f' {self.name!r}' if self.name else ''} {where}"
 
 
-SERVED = ("incusinstances", "incusinstances/status", "truenasconnections", "truenasconnections/status")
+KINDS = ("incusinstances", "truenasconnections", "incusinstancesnapshots", "incusinstancerestores")
+SERVED = tuple(plural for kind in KINDS for plural in (kind, f"{kind}/status"))
 
 
 def needs(settings: Settings, namespaces: Sequence[str] | None, scanning: bool = False) -> list[Need]:
@@ -132,7 +133,7 @@ def needs(settings: Settings, namespaces: Sequence[str] | None, scanning: bool =
     __main__ turns kopf's scanning off otherwise)."""
     found: list[Need] = []
     for namespace in namespaces or [""]:
-        for resource in ("incusinstances", "truenasconnections"):
+        for resource in KINDS:
             found += [Need(verb, API_GROUP, resource, namespace) for verb in ("get", "list", "watch", "patch")]
             found.append(Need("patch", API_GROUP, resource, namespace, subresource="status"))
         found.append(Need("get", "", "secrets", namespace))

@@ -19,6 +19,12 @@ from .models import (
     API_GROUP,
     API_VERSION,
     INSTANCE_ROOT_RULES,
+    RESTORE_ROOT_RULES,
+    SNAPSHOT_ROOT_RULES,
+    IncusInstanceRestoreSpec,
+    IncusInstanceRestoreStatus,
+    IncusInstanceSnapshotSpec,
+    IncusInstanceSnapshotStatus,
     IncusInstanceSpec,
     IncusInstanceStatus,
     TrueNASConnectionSpec,
@@ -185,8 +191,54 @@ def truenas_connection_crd() -> dict[str, Any]:
     )
 
 
+def incus_instance_snapshot_crd() -> dict[str, Any]:
+    ready = '.status.conditions[?(@.type=="Ready")].status'
+    return _crd(
+        "IncusInstanceSnapshot",
+        "incusinstancesnapshots",
+        ["iis"],
+        _root_schema(
+            IncusInstanceSnapshotSpec,
+            IncusInstanceSnapshotStatus,
+            "An atomic ZFS snapshot of everything one IncusInstance owns on TrueNAS.",
+            SNAPSHOT_ROOT_RULES,
+        ),
+        [
+            {"name": "Instance", "type": "string", "jsonPath": ".spec.instanceRef.name"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Snapshot", "type": "string", "jsonPath": ".status.snapshotName"},
+            {"name": "Used", "type": "integer", "jsonPath": ".status.usedBytes"},
+            {"name": "Consistency", "type": "string", "jsonPath": ".status.consistency"},
+            {"name": "Ready", "type": "string", "jsonPath": ready},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    )
+
+
+def incus_instance_restore_crd() -> dict[str, Any]:
+    ready = '.status.conditions[?(@.type=="Ready")].status'
+    return _crd(
+        "IncusInstanceRestore",
+        "incusinstancerestores",
+        ["iir"],
+        _root_schema(
+            IncusInstanceRestoreSpec,
+            IncusInstanceRestoreStatus,
+            "Rolls an IncusInstance back to one of its snapshots, once; the IncusInstance's spec is never changed.",
+            RESTORE_ROOT_RULES,
+        ),
+        [
+            {"name": "Instance", "type": "string", "jsonPath": ".spec.instanceRef.name"},
+            {"name": "Snapshot", "type": "string", "jsonPath": ".status.snapshotName"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Ready", "type": "string", "jsonPath": ready},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    )
+
+
 def all_crds() -> list[dict[str, Any]]:
-    return [incus_instance_crd(), truenas_connection_crd()]
+    return [incus_instance_crd(), truenas_connection_crd(), incus_instance_snapshot_crd(), incus_instance_restore_crd()]
 
 
 def render(crd: dict[str, Any]) -> str:

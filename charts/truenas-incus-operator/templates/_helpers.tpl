@@ -52,10 +52,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
        incus.truenas.io/credentials=true. */}}
 {{- define "truenas-incus-operator.rules" -}}
 - apiGroups: ["incus.truenas.io"]
-  resources: ["incusinstances", "truenasconnections"]
+  resources: ["incusinstances", "truenasconnections", "incusinstancesnapshots", "incusinstancerestores"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["incus.truenas.io"]
-  resources: ["incusinstances/status", "truenasconnections/status"]
+  resources:
+    - "incusinstances/status"
+    - "truenasconnections/status"
+    - "incusinstancesnapshots/status"
+    - "incusinstancerestores/status"
   verbs: ["patch"]
 - apiGroups: [""]
   resources: ["secrets"]

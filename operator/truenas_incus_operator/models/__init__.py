@@ -52,6 +52,24 @@ from .instance import (
     InstanceNIC,
     JobStatus,
 )
+from .snapshot import (
+    MAX_LISTED_SNAPSHOTS,
+    RESTORE_ROOT_RULES,
+    SNAPSHOT_DEFAULTS,
+    SNAPSHOT_NAME_PATTERN,
+    SNAPSHOT_ROOT_RULES,
+    Consistency,
+    IncusInstanceRestoreSpec,
+    IncusInstanceRestoreStatus,
+    IncusInstanceSnapshotSpec,
+    IncusInstanceSnapshotStatus,
+    InstanceOfSnapshot,
+    ObjectReference,
+    RestorePhase,
+    SnapshotDeletionPolicy,
+    SnapshotEntry,
+    SnapshotPhase,
+)
 from .limits import (
     ADOPT_ANNOTATION,
     API_GROUP,
@@ -90,6 +108,22 @@ from .limits import (
 )
 
 __all__ = [
+    "MAX_LISTED_SNAPSHOTS",
+    "RESTORE_ROOT_RULES",
+    "SNAPSHOT_DEFAULTS",
+    "SNAPSHOT_NAME_PATTERN",
+    "SNAPSHOT_ROOT_RULES",
+    "Consistency",
+    "IncusInstanceRestoreSpec",
+    "IncusInstanceRestoreStatus",
+    "IncusInstanceSnapshotSpec",
+    "IncusInstanceSnapshotStatus",
+    "InstanceOfSnapshot",
+    "ObjectReference",
+    "RestorePhase",
+    "SnapshotDeletionPolicy",
+    "SnapshotEntry",
+    "SnapshotPhase",
     "ADOPT_ANNOTATION",
     "API_GROUP",
     "API_VERSION",
