@@ -170,8 +170,8 @@ class IncusInstanceRestoreStatus(_Model):
         None, description="The ZFS snapshot rolled back to (after '@')."
     )
     was_running: bool | None = Field(None, description="The instance was running when the restore began.")
-    destroyed_snapshots: Annotated[list[Annotated[str, Field(max_length=512)]], Field(max_length=256)] | None = (
-        Field(None, description="Newer snapshots the rollback destroyed (allowDestroyingNewerSnapshots).")
+    destroyed_snapshots: Annotated[list[Annotated[str, Field(max_length=512)]], Field(max_length=256)] | None = Field(
+        None, description="Newer snapshots the rollback destroyed (allowDestroyingNewerSnapshots)."
     )
     start_time: datetime | None = Field(None, description="When the restore began.")
     completion_time: datetime | None = Field(None, description="When it succeeded or failed.")
