@@ -99,6 +99,8 @@ def cluster(control_plane: LocalControlPlane) -> Cluster:
         "--for=condition=Established",
         "crd/incusinstances.incus.truenas.io",
         "crd/truenasconnections.incus.truenas.io",
+        "crd/incusinstancesnapshots.incus.truenas.io",
+        "crd/incusinstancerestores.incus.truenas.io",
         "crd/applications.argoproj.io",
         "--timeout=60s",
     )

@@ -383,10 +383,16 @@ def observed(name: str, status: str = "RUNNING", **values: Any) -> ObservedInsta
 
 
 class NoTransport:
-    """The fake client's transport: the fake backend never uses it."""
+    """The fake client's transport: the fake backend never uses it; snapshot queries (the client's
+    Snapshots, which deletion asks) find none, and any other call is a test's mistake."""
 
     name = "fake"
     api_version = "v25.10.1"
+
+    async def call(self, method: str, *params: Any, **_: Any) -> Any:
+        if method.endswith("snapshot.query"):
+            return []
+        raise AssertionError(f"the fake transport was asked {method}")
 
     async def close(self) -> None:
         return None

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .connections import ConnectionManager, ConnectionResources
-from .instances import Deletion, Executor, InstanceLoops, Ledger, Reaper, Reporter, Wakeups
+from .instances import Deletion, Executor, Holds, InstanceLoops, Ledger, Reaper, Reporter, Wakeups
+from .instances.ledger import SNAPSHOT_LEDGER_LABEL
 from .instances.resource import EventPoster
 from .kube import Kube
 from .metrics import Metrics
 from .models import API_GROUP, API_VERSION
 from .policy import Policy, load_policy
 from .settings import Settings
+from .snapshots import RESTORES, SNAPSHOTS, Restorer, SnapshotTaker, StatusWriter, Subjects
 from .status import utc_now
 from .truenas import Timings
 
@@ -39,6 +41,10 @@ class Operator:
     deletion: Deletion
     metrics: Metrics
     reaper: Reaper
+    holds: Holds
+    snapshot_ledger: Ledger
+    snapshots: SnapshotTaker
+    restores: Restorer
     _reaping: asyncio.Task[None] | None = None
 
     def start_reaper(self) -> None:
@@ -82,10 +88,13 @@ def build(
         metrics=metrics,
     )
     wakeups = Wakeups()
+    holds = Holds(wakeups.wake)
     policy = policy if policy is not None else load_policy(settings.policy_file)
     ledger = Ledger(kube, settings.ledger_namespace)
     reporter = Reporter(settings, kube, post_event, clock)
     executor = Executor(ledger, reporter, metrics)
+    snapshot_ledger = Ledger(kube, settings.ledger_namespace, SNAPSHOT_LEDGER_LABEL)
+    subjects = Subjects(kube, connections, ledger)
     return Operator(
         settings=settings,
         kube=kube,
@@ -94,10 +103,16 @@ def build(
         wakeups=wakeups,
         ledger=ledger,
         policy=policy,
-        loops=InstanceLoops(settings, connections, wakeups, ledger, reporter, executor, policy, metrics),
+        loops=InstanceLoops(settings, connections, wakeups, ledger, reporter, executor, policy, metrics, holds),
         deletion=Deletion(settings, connections, ledger, reporter, executor),
         metrics=metrics,
         reaper=Reaper(kube, connections, ledger, executor),
+        holds=holds,
+        snapshot_ledger=snapshot_ledger,
+        snapshots=SnapshotTaker(
+            subjects, connections, snapshot_ledger, holds, StatusWriter(kube, SNAPSHOTS, post_event, clock), post_event
+        ),
+        restores=Restorer(kube, subjects, holds, StatusWriter(kube, RESTORES, post_event, clock), post_event),
     )
 
 

@@ -503,6 +503,18 @@ class Kube:
             f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/incusinstances/{quote(name)}"
         )
 
+    async def read_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One of the operator's own kinds (``incusinstancesnapshots``, ...), or None when it does not exist."""
+        return await self._get(self._object_path(plural, namespace, name))
+
+    async def list_objects(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+        """Every object of one of the operator's own kinds in ``namespace`` (a few, never paged)."""
+        found = await self._request("GET", f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/{plural}")
+        items = found.get("items") or []
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise fail(KUBE_REASON, f"Kubernetes API: a {plural} list that is not a list of objects")
+        return items
+
     async def incus_instances_served(self, namespace: str) -> bool:
         """Whether the API server serves IncusInstances in ``namespace`` (a 404 there: the CRD is
         missing, so a 404 for one of them proves nothing)."""

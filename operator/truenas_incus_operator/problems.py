@@ -53,6 +53,8 @@ class Reason(StrEnum):
     NOT_FOUND = "NotFound"
     NOT_OBSERVED = "NotObserved"
     NOT_SYNCED = "NotSynced"
+    HELD = "Held"
+    """A snapshot or restore holds the power state (the instance is stopped for it)."""
     # Synced=True
     RECONCILE_SUCCESS = "ReconcileSuccess"
     PARTIALLY_APPLIED = "PartiallyApplied"
@@ -101,6 +103,15 @@ class Reason(StrEnum):
     LEDGER_UNAVAILABLE = "LedgerUnavailable"
     LEASE_NOT_HELD = "LeaseNotHeld"
     INTERNAL_ERROR = "InternalError"
+    # An IncusInstanceSnapshot's or IncusInstanceRestore's Ready
+    TAKEN = "Taken"
+    RESTORED = "Restored"
+    PENDING = "Pending"
+    ROLLING_BACK = "RollingBack"
+    GONE = "Gone"
+    NEWER_SNAPSHOTS = "NewerSnapshots"
+    SNAPSHOT_NOT_FOUND = "SnapshotNotFound"
+    INSTANCE_NOT_FOUND = "InstanceNotFound"
     # A TrueNASConnection's Ready=True, and its Secure condition
     CONNECTED = "Connected"
     VERIFIED = "Verified"

@@ -55,6 +55,17 @@ class Ownership:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """A snapshot or restore holds the instance's power state for a while (snapshots/): the loop
+    stops (or starts) it as if the spec said so, and nothing else acts on its power meanwhile."""
+
+    power: str
+    """``Stopped`` or ``Running``."""
+    by: str
+    """Who holds it, for the status: ``IncusInstanceRestore db-before-upgrade``."""
+
+
+@dataclass(frozen=True)
 class Desired:
     """An IncusInstance as the reconciler sees it."""
 
@@ -68,6 +79,8 @@ class Desired:
     bound: InstanceBinding | None = None
     """``status.binding`` as the operator last wrote it: the instance the resource is bound to and the
     spec it was created or adopted with (tenants cannot write status; it only ever restricts)."""
+    hold: Hold | None = None
+    """A snapshot or restore in progress holds the power state (never from the body)."""
 
     @property
     def instance_name(self) -> str:
@@ -110,6 +123,8 @@ class Desired:
 
     @property
     def power_state(self) -> str:
+        if self.hold is not None:
+            return self.hold.power
         return str(self.spec.power_state or EFFECTIVE_DEFAULTS["power_state"])
 
     @property
@@ -398,6 +413,8 @@ def plan(
     notes: tuple[str, ...] = ()
     if power != PowerState.MANUAL and observed.status in UNCHANGEABLE:
         notes = (f"TrueNAS reports {observed.status}; the operator does not change a {observed.status} instance",)
+    if desired.hold is not None:
+        notes = (*notes, f"{desired.hold.power.lower()} for {desired.hold.by}")
     return Plan(actions=tuple(steps), unsupported=unsupported, notes=notes)
 
 

@@ -139,6 +139,12 @@ def ready_condition(
         return "False", Reason.TRANSITIONING, plan.waiting
     if plan is not None and plan.actions:
         return "False", Reason.PROGRESSING, "changes are being applied"
+    if desired.hold is not None:
+        return (
+            "False",
+            Reason.HELD,
+            f"{desired.hold.power.lower()} for {desired.hold.by}; TrueNAS reports {observed.status}",
+        )
     power = desired.power_state
     if power == PowerState.RUNNING and observed.status != InstanceStatus.RUNNING:
         return "False", Reason.NOT_RUNNING, f"TrueNAS reports {observed.status}"

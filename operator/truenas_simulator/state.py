@@ -4,7 +4,7 @@ and the knobs that tests, demos and benchmarks turn (latency, job time, faults).
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +220,9 @@ class CallCounters:
 
     by_method: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
+    writes_log: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=10_000))
+    """The writes in the order they reached the dispatcher: (method, its first argument, shortened),
+    so tests can prove an order (never a rollback after the instance started again)."""
     """Injected faults by kind (rest_5xx, dropped, error:<method>)."""
 
     READ_PREFIXES = ("core.", "auth.", "system.")
@@ -251,8 +254,10 @@ class CallCounters:
     def is_write(cls, method: str) -> bool:
         return method not in cls.READ_METHODS and not method.startswith(cls.READ_PREFIXES)
 
-    def count(self, method: str) -> None:
+    def count(self, method: str, params: list[Any] | None = None) -> None:
         self.by_method[method] += 1
+        if params is not None and self.is_write(method):
+            self.writes_log.append((method, str(params[0])[:200] if params else ""))
 
     def snapshot(self) -> dict[str, Any]:
         writes = sum(n for m, n in self.by_method.items() if self.is_write(m))
@@ -264,5 +269,6 @@ class CallCounters:
         }
 
     def reset(self) -> None:
+        self.writes_log.clear()
         self.by_method.clear()
         self.faults.clear()

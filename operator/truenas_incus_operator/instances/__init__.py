@@ -7,15 +7,17 @@
 - ``executor``: one planned action on TrueNAS;
 - ``reporter``: status writes, Events (one per distinct problem), backoff;
 - ``deletion``: stop and delete the instance when the resource goes (or leave it: Orphan);
+- ``holds``: snapshots and restores holding an instance's power state (its loop acts on them);
 - ``reaper``: records whose resource vanished unseen (deleted, or released, per its deletionPolicy).
 """
 
 from .deletion import Deletion
 from .executor import Executor
+from .holds import Hold, Holds
 from .ledger import Ledger
 from .loop import InstanceLoops
 from .reaper import Reaper
 from .reporter import Reporter
 from .wakeups import Wakeups
 
-__all__ = ["Deletion", "Executor", "InstanceLoops", "Ledger", "Reaper", "Reporter", "Wakeups"]
+__all__ = ["Deletion", "Executor", "Hold", "Holds", "InstanceLoops", "Ledger", "Reaper", "Reporter", "Wakeups"]

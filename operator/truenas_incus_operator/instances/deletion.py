@@ -13,7 +13,7 @@ from typing import Any
 from ..connections import Connection, ConnectionManager
 from ..models import Phase
 from ..problems import OperatorError, Problem, Reason, fail, problem_of
-from ..reconcile import Desired, Ownership, plan_delete
+from ..reconcile import Delete, Desired, Ownership, plan_delete
 from ..settings import Settings
 from ..truenas import NotFound, TrueNASError
 from .executor import Executor
@@ -148,6 +148,8 @@ class Deletion:
                 await self.ledger.release(fresh)
                 return
             await self.reporter.write(state, ours, observed, activity=Phase.DELETING, version=connection.version)
+            if any(isinstance(a, Delete) for a in current.actions):
+                await self._drop_snapshots(connection, fresh.instance)
             for action in current.actions:
                 try:
                     await self.executor.execute(body, state, ours, connection, observed, action)
@@ -157,3 +159,20 @@ class Deletion:
             # Nothing was deleted: TrueNAS was busy with the instance the whole time.
             raise fail(Reason.DELETE_FAILED, f"waiting to delete the instance: {waited}; will retry")
         raise fail(Reason.DELETE_FAILED, "the instance is still there after deleting it")
+
+    async def _drop_snapshots(self, connection: Connection, instance: str) -> None:
+        """The operator's own snapshots of the instance (IncusInstanceSnapshots: they carry the owner
+        property) go before the instance: ZFS destroys a dataset's snapshots with it, and TrueNAS 26's
+        container.delete refuses a dataset that has any (docs/snapshots.md). Snapshots someone else
+        took are left: where they block the delete, TrueNAS's refusal is reported."""
+        client = connection.client
+        if client is None:
+            return
+        target = await client.instances.snapshot_target(instance)
+        if target is None:
+            return
+        snapshots = client.snapshots
+        for snapshot in await snapshots.of(target):
+            if snapshot.owner is not None:
+                self.executor.fence.check()
+                await snapshots.delete(target, snapshot.name, owner=snapshot.owner)

@@ -28,9 +28,21 @@ from ..problems import OperatorError, Reason, fail
 
 log = logging.getLogger(__name__)
 LEDGER_LABEL = f"{API_GROUP}/ownership"
+SNAPSHOT_LEDGER_LABEL = f"{API_GROUP}/snapshot-ownership"
+"""Snapshots' records (``instance@snapshot``) are a ledger of their own: the instance ledger, its
+reaper and its ownership rules never see them."""
 CLAIM_ATTEMPTS = 5
 
-__all__ = ["LEDGER_LABEL", "Ledger", "Record", "RecordState", "describe_holder", "record_name", "truenas_identity"]
+__all__ = [
+    "LEDGER_LABEL",
+    "SNAPSHOT_LEDGER_LABEL",
+    "Ledger",
+    "Record",
+    "RecordState",
+    "describe_holder",
+    "record_name",
+    "truenas_identity",
+]
 
 
 def record_name(truenas: str, instance: str) -> str:
@@ -75,11 +87,11 @@ class Record:
     def name(self) -> str:
         return record_name(self.truenas, self.instance)
 
-    def manifest(self, namespace: str) -> dict[str, Any]:
+    def manifest(self, namespace: str, label: str = LEDGER_LABEL) -> dict[str, Any]:
         metadata: dict[str, Any] = {
             "name": self.name,
             "namespace": namespace,
-            "labels": {LEDGER_LABEL: "true", "app.kubernetes.io/managed-by": "truenas-incus-operator"},
+            "labels": {label: "true", "app.kubernetes.io/managed-by": "truenas-incus-operator"},
         }
         if self.resource_version:
             metadata["resourceVersion"] = self.resource_version
@@ -122,18 +134,19 @@ class Record:
 
 
 class Ledger:
-    def __init__(self, kube: Kube, namespace: str) -> None:
+    def __init__(self, kube: Kube, namespace: str, label: str = LEDGER_LABEL) -> None:
         self.kube = kube
         self.namespace = namespace
+        self.label = label
         self.records: dict[tuple[str, str], Record] = {}
         self._migrated: set[tuple[str, str]] = set()
 
     async def load(self) -> None:
         """Reads every record (at startup, before any loop acts)."""
-        items = await self.kube.list_configmaps(self.namespace, f"{LEDGER_LABEL}=true")
+        items = await self.kube.list_configmaps(self.namespace, f"{self.label}=true")
         records = [r for r in (Record.from_manifest(item) for item in items) if r is not None]
         self.records = {(r.truenas, r.instance): r for r in records}
-        log.info("ownership ledger: %d records in namespace %s", len(self.records), self.namespace)
+        log.info("ownership ledger (%s): %d records in namespace %s", self.label, len(self.records), self.namespace)
 
     async def migrate(self, address: str, nas: str) -> None:
         """Moves the records an earlier version keyed by the connection's address (``host:port``) to
@@ -146,7 +159,7 @@ class Ledger:
             return
         for old in [r for r in self.records.values() if r.truenas == address]:
             moved = replace(old, truenas=nas, resource_version="", fresh=False)
-            created = await self.kube.create_configmap(self.namespace, moved.manifest(self.namespace))
+            created = await self.kube.create_configmap(self.namespace, moved.manifest(self.namespace, self.label))
             if created is None:
                 held = await self.reread(nas, old.instance)
                 if held is None or held.owner_uid != old.owner_uid:
@@ -186,7 +199,7 @@ class Ledger:
         creator can no longer release it) and the caller re-plans as owned and unfinished."""
         wanted = Record(truenas, instance, owner_uid, owner, connection, state, deletion_policy=deletion_policy)
         for _ in range(CLAIM_ATTEMPTS):
-            created = await self.kube.create_configmap(self.namespace, wanted.manifest(self.namespace))
+            created = await self.kube.create_configmap(self.namespace, wanted.manifest(self.namespace, self.label))
             if created is not None:
                 record = replace(Record.from_manifest(created) or wanted, fresh=True)
                 self.records[(truenas, instance)] = record
@@ -215,7 +228,7 @@ class Ledger:
             if current is None or current.owner_uid != record.owner_uid:
                 return None
             joined = await self.kube.replace_configmap(
-                self.namespace, replace(current, joins=current.joins + 1).manifest(self.namespace)
+                self.namespace, replace(current, joins=current.joins + 1).manifest(self.namespace, self.label)
             )
             if joined is not None:
                 fresh = Record.from_manifest(joined) or replace(current, joins=current.joins + 1)
@@ -241,7 +254,7 @@ class Ledger:
             wanted = change(current)
             if wanted == current:
                 return current
-            updated = await self.kube.replace_configmap(self.namespace, wanted.manifest(self.namespace))
+            updated = await self.kube.replace_configmap(self.namespace, wanted.manifest(self.namespace, self.label))
             if updated is not None:
                 fresh = Record.from_manifest(updated) or wanted
                 self.records[(record.truenas, record.instance)] = fresh

@@ -23,6 +23,7 @@ from ..settings import Settings
 from ..status import clip
 from ..truenas import ObservedInstance, TrueNASError
 from .executor import Executor, describe_device_action, is_device_action
+from .holds import Holds
 from .ledger import Ledger
 from .ownership import ownership_of
 from .reporter import Reporter
@@ -44,8 +45,10 @@ class InstanceLoops:
         executor: Executor,
         policy: Policy | None = None,
         metrics: Metrics | None = None,
+        holds: Holds | None = None,
     ) -> None:
         self.settings = settings
+        self.holds = holds if holds is not None else Holds(wakeups.wake)
         self.metrics = metrics if metrics is not None else Metrics()
         self.connections = connections
         self.wakeups = wakeups
@@ -191,7 +194,8 @@ class InstanceLoops:
             adopt_requested=adopt_requested(body),
             adopt_allowed=self.policy.may_adopt(parsed.namespace, connection.key),
         )
-        return replace(parsed, ownership=ownership)
+        hold = self.holds.get((parsed.namespace, parsed.name)) if ownership.mine else None
+        return replace(parsed, ownership=ownership, hold=hold)
 
     async def _converge(
         self, parsed: Desired, body: Mapping[str, Any], state: LoopState, connection: Connection

@@ -5,6 +5,7 @@ Transports: JSON-RPC over WebSocket (default) and REST v2.0 (25.x). Backends: ``
 hierarchy under ``TrueNASError``). Everything the operator uses is exported here.
 """
 
+from .backends.snapshots import OWNER_PROPERTY, NewerSnapshots, NotOurs, SnapshotInfo, Snapshots
 from .client import DEFAULT_TIMINGS, Endpoint, Timings, TrueNASClient, connect, parse_version, ssl_context
 from .errors import (
     AlreadyExists,
@@ -37,10 +38,12 @@ from .types import (
     InstanceStatus,
     ObservedImage,
     ObservedInstance,
+    SnapshotTarget,
 )
 
 __all__ = [
     "DEFAULT_TIMINGS",
+    "OWNER_PROPERTY",
     "UNSET",
     "APIUnavailable",
     "AlreadyExists",
@@ -60,12 +63,17 @@ __all__ = [
     "InsufficientSpace",
     "JobFailed",
     "MalformedAnswer",
+    "NewerSnapshots",
     "NotAuthorized",
     "NotFound",
+    "NotOurs",
     "ObservedImage",
     "ObservedInstance",
     "Observer",
     "Secret",
+    "SnapshotInfo",
+    "SnapshotTarget",
+    "Snapshots",
     "Timings",
     "TransportError",
     "TransportPool",

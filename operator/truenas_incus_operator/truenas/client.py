@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .backends.container import ContainerBackend
 from .backends.routing import RoutingBackend
+from .backends.snapshots import Snapshots
 from .backends.virt import VirtInstanceBackend
 from .backends.vm import VMBackend
 from .errors import APIUnavailable, AuthenticationFailed, CallFailed, NotAuthorized, TransportError, TrueNASError
@@ -54,6 +55,11 @@ class TrueNASClient:
     @property
     def api_family(self) -> str:
         return self.instances.family
+
+    @property
+    def snapshots(self) -> Snapshots:
+        """ZFS snapshots of the instances' datasets (backends/snapshots.py)."""
+        return Snapshots(self.transport, self.version)
 
     @property
     def login_mechanism(self) -> str | None:

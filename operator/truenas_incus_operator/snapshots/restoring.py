@@ -1,0 +1,246 @@
+"""IncusInstanceRestore: roll an IncusInstance's datasets back to one of its snapshots, once, in place.
+The IncusInstance's spec is never touched (Argo CD stays in sync).
+
+Each step is recorded in the restore's status before it is taken, and the status decides after a
+restart (docs/snapshots.md):
+
+- Pending: nothing done. The snapshot is checked (it exists, it is of this instance; newer ones
+  are refused, naming them, unless allowDestroyingNewerSnapshots).
+- Stopping: the instance is held stopped (instances/holds.py: its own loop stops it). From here
+  on, kopf's index of restores holds it stopped across restarts too.
+- RollingBack: TrueNAS confirmed it stopped; the rollback is called. A crash here repeats the
+  rollback on a stopped instance that never started again: the same data, nothing lost.
+- Starting: rolled back; the hold is let go and the instance's loop brings it back to what its
+  powerState says (a Manual instance that was running is started again). Never a second rollback.
+- Succeeded / Failed: done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..instances.holds import Holds
+from ..kube import Kube
+from ..models import IncusInstanceRestoreSpec, PowerState, RestorePhase, SnapshotPhase
+from ..problems import OperatorError, Reason, problem_of
+from ..reconcile import Hold
+from ..truenas import InstanceStatus, TrueNASError
+from .subject import (
+    RETRY_SECONDS,
+    START_WAIT_SECONDS,
+    Refused,
+    StatusWriter,
+    Subject,
+    Subjects,
+    key_of,
+    refused,
+    uid_of,
+    wait_for_state,
+    waiting,
+)
+from .taking import PLURAL as SNAPSHOTS
+from .taking import permanent
+
+PLURAL = "incusinstancerestores"
+KIND = "IncusInstanceRestore"
+IN_FLIGHT = (RestorePhase.STOPPING, RestorePhase.ROLLING_BACK)
+"""Phases in which the instance must stay stopped, whatever else happens (the index holds it)."""
+
+
+def now_text() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Restorer:
+    def __init__(self, kube: Kube, subjects: Subjects, holds: Holds, writer: StatusWriter, post_event: Any) -> None:
+        self.kube = kube
+        self.subjects = subjects
+        self.holds = holds
+        self.writer = writer
+        self.post_event = post_event
+
+    async def restore(self, body: Mapping[str, Any]) -> None:
+        """Raises ``OperatorError`` with ``retry_after`` while it cannot finish yet; returns when the
+        restore Succeeded or Failed."""
+        status = dict(body.get("status") or {})
+        phase = status.get("phase")
+        if phase in (RestorePhase.SUCCEEDED, RestorePhase.FAILED):
+            return
+        namespace, _ = key_of(body)
+        uid = uid_of(body)
+        ref = str(((body.get("spec") or {}).get("instanceRef") or {}).get("name") or "")
+        try:
+            try:
+                spec = IncusInstanceRestoreSpec.model_validate(dict(body.get("spec") or {}))
+            except ValidationError as exc:
+                raise refused(Reason.INVALID_SPEC, str(exc.errors()[0]["msg"])) from None
+            pinned = (status.get("source") or {}).get("uid")
+            subject = await self.subjects.resolve(namespace, spec.instance_ref.name, pinned)
+            await self._restore(body, status, spec, subject, uid)
+        except Refused as exc:
+            await self._fail(body, status, (namespace, ref), uid, exc.problem.reason, exc.problem.message)
+        except OperatorError as exc:
+            await self._pending(body, status, exc.problem.reason, exc.problem.message)
+            raise
+        except TrueNASError as exc:
+            problem = problem_of(exc)
+            if permanent(exc) and status.get("phase") in (None, RestorePhase.PENDING):
+                await self._fail(body, status, (namespace, ref), uid, problem.reason, problem.message)
+                return
+            await self._pending(body, status, problem.reason, problem.message)
+            raise OperatorError(problem, retry_after=RETRY_SECONDS) from None
+
+    async def _fail(
+        self,
+        body: Mapping[str, Any],
+        status: dict[str, Any],
+        key: tuple[str, str],
+        uid: str,
+        reason: Reason,
+        message: str,
+    ) -> None:
+        if status.get("phase") in IN_FLIGHT:
+            # Stopped for this restore and not rolled back: it goes back to what its spec says.
+            message = f"{message}; the instance was not rolled back"
+        self.holds.release(key, uid)
+        fields = {"phase": RestorePhase.FAILED, "completionTime": now_text()}
+        await self.writer.write(body, status, fields, ("False", reason, message))
+        self.post_event(body, "Warning", reason, message)
+
+    async def _pending(self, body: Mapping[str, Any], status: dict[str, Any], reason: Reason, message: str) -> None:
+        phase = status.get("phase") or RestorePhase.PENDING
+        await self.writer.write(body, status, {"phase": phase}, ("False", reason, message))
+
+    async def _snapshot_name(self, namespace: str, spec: IncusInstanceRestoreSpec, subject: Subject) -> str:
+        if spec.truenas_snapshot is not None:
+            return spec.truenas_snapshot
+        assert spec.snapshot_ref is not None
+        name = spec.snapshot_ref.name
+        snapshot = await self.kube.read_object(SNAPSHOTS, namespace, name)
+        if snapshot is None:
+            raise waiting(Reason.SNAPSHOT_NOT_FOUND, f"IncusInstanceSnapshot {name} does not exist in {namespace}")
+        found = dict(snapshot.get("status") or {})
+        source = found.get("source") or {}
+        if source.get("uid") not in (None, subject.uid):
+            raise refused(
+                Reason.SNAPSHOT_NOT_FOUND,
+                f"IncusInstanceSnapshot {name} is of another instance than IncusInstance {subject.key[1]}",
+            )
+        if found.get("phase") == SnapshotPhase.FAILED:
+            raise refused(Reason.SNAPSHOT_NOT_FOUND, f"IncusInstanceSnapshot {name} failed; nothing to restore")
+        if found.get("phase") != SnapshotPhase.READY or not found.get("snapshotName"):
+            raise waiting(Reason.PENDING, f"waiting for IncusInstanceSnapshot {name} to be Ready")
+        return str(found["snapshotName"])
+
+    async def _restore(
+        self,
+        body: Mapping[str, Any],
+        status: dict[str, Any],
+        spec: IncusInstanceRestoreSpec,
+        subject: Subject,
+        uid: str,
+    ) -> None:
+        namespace = subject.key[0]
+        me = f"{KIND} {(body.get('metadata') or {}).get('name')}"
+        phase = status.get("phase") or RestorePhase.PENDING
+        snapshots = subject.client.snapshots
+        name = str(status.get("snapshotName") or "") or await self._snapshot_name(namespace, spec, subject)
+        if phase == RestorePhase.PENDING:
+            listed = await snapshots.of(subject.target)
+            chosen = next((s for s in listed if s.name == name), None)
+            if chosen is None:
+                raise refused(Reason.SNAPSHOT_NOT_FOUND, f"{subject.target.root}@{name} does not exist on TrueNAS")
+            newer = [f"{subject.target.root}@{s.name}" for s in listed if s.txg > chosen.txg]
+            if newer and not spec.allow_destroying_newer_snapshots:
+                raise refused(
+                    Reason.NEWER_SNAPSHOTS,
+                    f"rolling back to {subject.target.root}@{name} would destroy the newer snapshots "
+                    f"{', '.join(newer)}; set allowDestroyingNewerSnapshots: true to allow it",
+                )
+        if phase == RestorePhase.PENDING:
+            observed = subject.observed()
+            fields = {
+                "phase": RestorePhase.STOPPING,
+                "source": {"name": subject.key[1], "uid": subject.uid, "instance": subject.instance},
+                "snapshotName": name,
+                "wasRunning": observed is not None and observed.status == InstanceStatus.RUNNING,
+                "startTime": now_text(),
+            }
+            await self.writer.write(body, status, fields, ("False", Reason.STOPPING, f"stopping {subject.instance}"))
+            phase = RestorePhase.STOPPING
+        if phase in IN_FLIGHT:
+            self.holds.hold(subject.key, uid, Hold(PowerState.STOPPED, me))
+            seconds = subject.desired.stop_timeout + 60.0
+            if not await wait_for_state(subject, lambda s: s == InstanceStatus.STOPPED, seconds):
+                raise waiting(Reason.STOPPING, f"waiting for the instance {subject.instance!r} to stop")
+            listed = await snapshots.of(subject.target)
+            chosen = next((s for s in listed if s.name == name), None)
+            if chosen is None:
+                raise refused(Reason.SNAPSHOT_NOT_FOUND, f"{subject.target.root}@{name} does not exist on TrueNAS")
+            doomed = [f"{subject.target.root}@{s.name}" for s in listed if s.txg > chosen.txg]
+            recorded = list(status.get("destroyedSnapshots") or [])
+            fields = {"phase": RestorePhase.ROLLING_BACK, "destroyedSnapshots": sorted({*recorded, *doomed})}
+            await self.writer.write(body, status, fields, ("False", Reason.ROLLING_BACK, f"rolling back to {name}"))
+            await snapshots.rollback(subject.target, name, destroy_newer=bool(spec.allow_destroying_newer_snapshots))
+            await self.writer.write(
+                body, status, {"phase": RestorePhase.STARTING},
+                ("False", Reason.STARTING, f"rolled back to {name}; bringing the instance back"),
+            )  # fmt: skip
+            self.post_event(
+                body, "Normal", "RolledBack", f"rolled {subject.instance} back to {subject.target.root}@{name}"
+            )
+            await self._report_destroyed(namespace, subject, list(status.get("destroyedSnapshots") or []))
+            phase = RestorePhase.STARTING
+        # Starting: never a rollback again from here.
+        await self._bring_back(subject, uid, bool(status.get("wasRunning")))
+        fields = {"phase": RestorePhase.SUCCEEDED, "completionTime": now_text()}
+        message = f"{subject.instance} restored to {subject.target.root}@{name}"
+        await self.writer.write(body, status, fields, ("True", Reason.RESTORED, message))
+        self.post_event(body, "Normal", "Restored", message)
+
+    async def _bring_back(self, subject: Subject, uid: str, was_running: bool) -> None:
+        power = subject.desired.spec.power_state or PowerState.RUNNING
+        if power == PowerState.MANUAL:
+            if not was_running:
+                self.holds.release(subject.key, uid)
+                return
+            self.holds.hold(subject.key, uid, Hold(PowerState.RUNNING, f"{KIND} restarting it"))
+            power = PowerState.RUNNING
+        else:
+            self.holds.release(subject.key, uid)
+        wanted = InstanceStatus.RUNNING if power == PowerState.RUNNING else InstanceStatus.STOPPED
+        try:
+            if not await wait_for_state(subject, lambda s: s == wanted, START_WAIT_SECONDS):
+                raise waiting(Reason.STARTING, f"waiting for the instance {subject.instance!r} to be {wanted}")
+        finally:
+            self.holds.release(subject.key, uid)
+
+    async def _report_destroyed(self, namespace: str, subject: Subject, destroyed: list[str]) -> None:
+        """IncusInstanceSnapshots whose ZFS snapshot the rollback destroyed say so (Failed, Gone)."""
+        if not destroyed:
+            return
+        names = {d.rpartition("@")[2] for d in destroyed}
+        for item in await self.kube.list_objects(SNAPSHOTS, namespace):
+            found = item.get("status") or {}
+            if (found.get("source") or {}).get("uid") != subject.uid or found.get("snapshotName") not in names:
+                continue
+            message = (
+                f"{subject.target.root}@{found.get('snapshotName')} was destroyed by a restore to an older snapshot"
+            )
+            fields = {"phase": SnapshotPhase.FAILED}
+            await self.writer.write(item, dict(found), fields, ("False", Reason.GONE, message), plural=SNAPSHOTS)
+
+
+def restore_holds(body: Mapping[str, Any]) -> dict[tuple[str, str], Hold]:
+    """kopf's index of restores (handlers.py): a restore stopping or rolling back holds its instance
+    stopped, from the operator's first moment after a restart."""
+    status = body.get("status") or {}
+    if status.get("phase") not in IN_FLIGHT:
+        return {}
+    namespace, name = key_of(body)
+    ref = ((body.get("spec") or {}).get("instanceRef") or {}).get("name")
+    return {(namespace, str(ref)): Hold(PowerState.STOPPED, f"{KIND} {name}")} if ref else {}

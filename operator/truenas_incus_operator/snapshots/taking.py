@@ -1,0 +1,278 @@
+"""IncusInstanceSnapshot: one atomic ZFS snapshot of everything an IncusInstance owns, taken once.
+
+Order, so that a crash at any point neither loses nor doubles a snapshot: the snapshot ledger records
+the claim (``creating``) before the create call; the snapshot carries the owner property (this
+resource's UID), so after a restart the operator finds its own snapshot and does not take it again;
+a snapshot of that name without the property is someone else's and is never touched.
+
+``consistency: Stopped`` holds the instance stopped (its own loop stops it, instances/holds.py),
+takes the snapshot once TrueNAS reports it stopped, then lets go: the loop brings it back to what
+its powerState says (a Manual instance that was running is started again by a Running hold).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..connections import Connection, ConnectionManager
+from ..instances.holds import Holds
+from ..instances.ledger import Ledger, RecordState
+from ..instances.resource import EventPoster
+from ..models import Consistency, IncusInstanceSnapshotSpec, PowerState, SnapshotDeletionPolicy, SnapshotPhase
+from ..problems import OperatorError, Reason, problem_of
+from ..reconcile import Hold
+from ..truenas import CallFailed, InstanceStatus, NotOurs, SnapshotInfo, TransportError, TrueNASError
+from .subject import (
+    CONNECT_WAIT_SECONDS,
+    RETRY_SECONDS,
+    START_WAIT_SECONDS,
+    Refused,
+    StatusWriter,
+    Subject,
+    Subjects,
+    key_of,
+    refused,
+    uid_of,
+    wait_for_state,
+    waiting,
+)
+
+PLURAL = "incusinstancesnapshots"
+KIND = "IncusInstanceSnapshot"
+
+
+def snapshot_name(uid: str) -> str:
+    """The ZFS snapshot name of a resource: ``tio-`` and the first 12 hex digits of its UID."""
+    return "tio-" + uid.replace("-", "")[:12]
+
+
+def ledger_key(instance: str, name: str) -> str:
+    """A snapshot's record in the snapshot ledger (instance names cannot contain '@')."""
+    return f"{instance}@{name}"
+
+
+def _timestamp(seconds: int | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def described(info: SnapshotInfo) -> dict[str, Any]:
+    """The status fields of a snapshot as TrueNAS reports it."""
+    return {
+        "snapshotName": info.name,
+        "datasets": list(info.datasets),
+        "creationTime": _timestamp(info.created),
+        "usedBytes": info.used,
+        "referencedBytes": info.referenced,
+    }
+
+
+def permanent(exc: TrueNASError) -> bool:
+    """TrueNAS refused the call itself (validation, not found, not ours): asking again is the same."""
+    return isinstance(exc, CallFailed) and not isinstance(exc, TransportError) and exc.errno != 16  # EBUSY
+
+
+class SnapshotTaker:
+    def __init__(
+        self,
+        subjects: Subjects,
+        connections: ConnectionManager,
+        ledger: Ledger,
+        holds: Holds,
+        writer: StatusWriter,
+        post_event: EventPoster,
+    ) -> None:
+        self.subjects = subjects
+        self.connections = connections
+        self.ledger = ledger
+        self.holds = holds
+        self.writer = writer
+        self.post_event = post_event
+
+    # ----- create -------------------------------------------------------------------------------------
+    async def take(self, body: Mapping[str, Any]) -> None:
+        """Raises ``OperatorError`` with ``retry_after`` while it cannot finish yet; returns when the
+        snapshot is Ready or Failed."""
+        status = dict(body.get("status") or {})
+        if status.get("phase") in (SnapshotPhase.READY, SnapshotPhase.FAILED):
+            return
+        key, uid = key_of(body), uid_of(body)
+        try:
+            try:
+                spec = IncusInstanceSnapshotSpec.model_validate(dict(body.get("spec") or {}))
+            except ValidationError as exc:
+                raise refused(Reason.INVALID_SPEC, str(exc.errors()[0]["msg"])) from None
+            pinned = (status.get("source") or {}).get("uid")
+            subject = await self.subjects.resolve(key[0], spec.instance_ref.name, pinned)
+            await self._take(body, status, spec, subject, uid)
+        except Refused as exc:
+            self.holds.release((key[0], _ref(body)), uid)
+            await self.writer.write(
+                body, status, {"phase": SnapshotPhase.FAILED}, ("False", exc.problem.reason, exc.problem.message)
+            )
+            self.post_event(body, "Warning", exc.problem.reason, exc.problem.message)
+        except OperatorError as exc:
+            phase = status.get("phase") or SnapshotPhase.PENDING
+            await self.writer.write(body, status, {"phase": phase}, ("False", exc.problem.reason, exc.problem.message))
+            raise
+        except TrueNASError as exc:
+            problem = problem_of(exc)
+            if permanent(exc):
+                self.holds.release((key[0], _ref(body)), uid)
+                await self.writer.write(
+                    body, status, {"phase": SnapshotPhase.FAILED}, ("False", problem.reason, problem.message)
+                )
+                self.post_event(body, "Warning", problem.reason, problem.message)
+                return
+            phase = status.get("phase") or SnapshotPhase.PENDING
+            await self.writer.write(body, status, {"phase": phase}, ("False", problem.reason, problem.message))
+            raise OperatorError(problem, retry_after=RETRY_SECONDS) from None
+
+    async def _take(
+        self,
+        body: Mapping[str, Any],
+        status: dict[str, Any],
+        spec: IncusInstanceSnapshotSpec,
+        subject: Subject,
+        uid: str,
+    ) -> None:
+        name = snapshot_name(uid)
+        snapshots = subject.client.snapshots
+        source = {"name": subject.key[1], "uid": subject.uid, "instance": subject.instance}
+        if status.get("phase") != SnapshotPhase.CREATING:
+            await self.writer.write(
+                body, status, {"phase": SnapshotPhase.CREATING, "source": source, "snapshotName": name},
+                ("False", Reason.CREATING, f"taking {subject.target.root}@{name}"),
+            )  # fmt: skip
+        identity = subject.connection.identity
+        record = self.ledger.get(identity, ledger_key(subject.instance, name))
+        if record is None:
+            record = await self.ledger.claim(
+                identity,
+                ledger_key(subject.instance, name),
+                owner_uid=uid,
+                owner=f"{subject.key[0]}/{(body.get('metadata') or {}).get('name')}",
+                connection=subject.connection.key,
+                state=RecordState.CREATING,
+                deletion_policy=str(spec.deletion_policy or SnapshotDeletionPolicy.DELETE),
+            )
+        existing = next((s for s in await snapshots.of(subject.target) if s.name == name), None)
+        if existing is not None and existing.owner != uid:
+            raise refused(
+                Reason.CONFLICT, f"{subject.target.root}@{name} exists and was not taken for this resource: left alone"
+            )
+        observed = subject.observed()
+        was_running = bool(status.get("wasRunning")) if "wasRunning" in status else (
+            observed is not None and observed.status == InstanceStatus.RUNNING
+        )  # fmt: skip
+        stopped = spec.consistency == Consistency.STOPPED
+        if existing is None:
+            if stopped:
+                await self._stop(body, status, subject, uid, was_running)
+            info = await snapshots.take(subject.target, name, owner=uid)
+        else:
+            info = existing  # taken before a restart: never a second one
+        achieved = Consistency.STOPPED if stopped or not was_running else Consistency.CRASH
+        await self.ledger.set_state(record, RecordState.CREATED)
+        fields = {
+            **described(info),
+            "phase": SnapshotPhase.READY,
+            "source": source,
+            "consistency": achieved,
+            "truenasVersion": subject.connection.version,
+        }
+        await self.writer.write(body, status, fields, ("True", Reason.TAKEN, f"{subject.target.root}@{name} taken"))
+        self.post_event(body, "Normal", "Taken", f"took {subject.target.root}@{name} ({achieved})")
+        if stopped:
+            await self._start_again(subject, uid, was_running)
+
+    async def _stop(
+        self, body: Mapping[str, Any], status: dict[str, Any], subject: Subject, uid: str, was_running: bool
+    ) -> None:
+        if "wasRunning" not in status:
+            await self.writer.write(body, status, {"wasRunning": was_running})
+        by = f"{KIND} {(body.get('metadata') or {}).get('name')}"
+        self.holds.hold(subject.key, uid, Hold(PowerState.STOPPED, by))
+        seconds = subject.desired.stop_timeout + 60.0
+        if not await wait_for_state(subject, lambda s: s == InstanceStatus.STOPPED, seconds):
+            raise waiting(Reason.STOPPING, f"waiting for the instance {subject.instance!r} to stop")
+
+    async def _start_again(self, subject: Subject, uid: str, was_running: bool) -> None:
+        """The instance's loop brings it back as its powerState says; Manual brings it back as it was."""
+        if subject.desired.spec.power_state == PowerState.MANUAL and was_running:
+            self.holds.hold(subject.key, uid, Hold(PowerState.RUNNING, f"{KIND} restarting it"))
+            try:
+                await wait_for_state(subject, lambda s: s == InstanceStatus.RUNNING, START_WAIT_SECONDS)
+            finally:
+                self.holds.release(subject.key, uid)
+        else:
+            self.holds.release(subject.key, uid)
+
+    # ----- delete -------------------------------------------------------------------------------------
+    async def delete(self, body: Mapping[str, Any]) -> None:
+        """Deletes the snapshot on TrueNAS (deletionPolicy Delete) and forgets it. Raises
+        ``OperatorError`` with ``retry_after`` while it cannot yet (TrueNAS down, a clone depends on it)."""
+        key, uid = key_of(body), uid_of(body)
+        self.holds.release((key[0], _ref(body)), uid)
+        records = self.ledger.owned_by(uid)
+        policy = str((body.get("spec") or {}).get("deletionPolicy") or SnapshotDeletionPolicy.DELETE)
+        for record in records:
+            if policy == SnapshotDeletionPolicy.RETAIN:
+                await self.ledger.release(record)
+                self.post_event(
+                    body, "Normal", "Retained", f"left {record.instance} on TrueNAS (deletionPolicy: Retain)"
+                )
+                continue
+            connection = await self._connection(record.connection)
+            client = connection.client
+            if client is None or connection.identity != record.truenas:
+                raise waiting(Reason.CONNECTING, f"waiting for the TrueNAS that holds {record.instance}")
+            instance, _, name = record.instance.partition("@")
+            target = await client.instances.snapshot_target(instance)
+            if target is not None:
+                try:
+                    await client.snapshots.delete(target, name, owner=uid)
+                except NotOurs as exc:
+                    self.post_event(body, "Warning", "NotOurs", exc.message)
+                except CallFailed as exc:
+                    if isinstance(exc, TransportError):
+                        raise
+                    problem = problem_of(exc)
+                    self.post_event(body, "Warning", Reason.DELETE_FAILED, problem.message)
+                    raise waiting(Reason.DELETE_FAILED, problem.message, delay=15.0) from None
+            await self.ledger.release(record)
+            self.post_event(body, "Normal", "Deleted", f"deleted {record.instance} on TrueNAS")
+
+    async def _connection(self, key: str) -> Connection:
+        connection = self.connections.get(key)
+        if not connection.ready.is_set():
+            try:
+                await asyncio.wait_for(connection.ready.wait(), CONNECT_WAIT_SECONDS)
+            except TimeoutError:
+                raise waiting(Reason.CONNECTING, "waiting for the connection to TrueNAS") from None
+        return connection
+
+
+def _ref(body: Mapping[str, Any]) -> str:
+    ref = (body.get("spec") or {}).get("instanceRef") or {}
+    return str(ref.get("name") or "") if isinstance(ref, Mapping) else ""
+
+
+def snapshot_holds(body: Mapping[str, Any]) -> dict[tuple[str, str], Hold]:
+    """kopf's index of snapshots (handlers.py): one taken stopped that began stopping its instance
+    (``wasRunning`` recorded) holds it stopped until it is Ready or Failed, across restarts."""
+    status = body.get("status") or {}
+    spec = body.get("spec") or {}
+    if spec.get("consistency") != Consistency.STOPPED or status.get("phase") != SnapshotPhase.CREATING:
+        return {}
+    if "wasRunning" not in status:
+        return {}
+    namespace, name = key_of(body)
+    ref = _ref(body)
+    return {(namespace, ref): Hold(PowerState.STOPPED, f"{KIND} {name}")} if ref else {}

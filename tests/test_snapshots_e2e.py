@@ -1,0 +1,228 @@
+"""IncusInstanceSnapshot and IncusInstanceRestore against the real API server and the simulator, on
+every TrueNAS generation: a container and a VM snapshotted and restored in place (the data back as
+it was, the IncusInstance's spec untouched, never a rollback under a running guest), newer snapshots
+refused by name unless allowed, a snapshot taken stopped, deletion with the resource, tenancy."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .conftest import Cluster, module_prefix
+from .harness import Harness, module_operator, unique, wait_until
+
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
+
+PROFILES = ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"]
+GROUP = "incus.truenas.io/v1alpha1"
+VM_SPEC: dict[str, Any] = {"type": "VM", "image": "debian/bookworm", "cpu": "1", "memory": "1Gi"}
+START_WRITES = ("virt.instance.start", "container.start", "vm.start")
+ROLLBACKS = ("zfs.snapshot.rollback", "pool.snapshot.rollback")
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def harness(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Harness]:
+    profile = str(request.param)
+    prefix = f"{module_prefix(request)}{profile.replace('.', '')}-"
+    workdir = tmp_path_factory.mktemp(f"snapshots{profile}")
+    for running in module_operator(cluster, workdir, prefix, profile):
+        running.prefix = prefix  # type: ignore[attr-defined]
+        yield running
+
+
+@pytest.fixture
+def ns(harness: Harness) -> str:
+    """A fresh namespace the module's operator watches (its profile's prefix)."""
+    name = f"{harness.prefix}{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
+    harness.cluster.kubectl("create", "namespace", name)
+    return name
+
+
+def apply(harness: Harness, namespace: str, kind: str, name: str, spec: dict[str, Any]) -> None:
+    manifest = {"apiVersion": GROUP, "kind": kind, "metadata": {"name": name}, "spec": spec}
+    result = harness.cluster.apply(manifest, namespace)
+    assert result.returncode == 0, result.stderr
+
+
+def status(harness: Harness, namespace: str, plural: str, name: str) -> dict[str, Any]:
+    return dict(harness.cluster.get(plural, name, namespace).get("status") or {})
+
+
+def wait_phase(
+    harness: Harness, namespace: str, plural: str, name: str, phase: str, timeout: float = 60
+) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        found = status(harness, namespace, plural, name)
+        return found if found.get("phase") == phase else None
+
+    result: dict[str, Any] = wait_until(check, timeout=timeout, what=f"{plural}/{name} phase {phase}")
+    return result
+
+
+def kubectl_wait_ready(harness: Harness, namespace: str, plural: str, name: str, timeout: int = 60) -> None:
+    """`kubectl wait --for=condition=Ready`, as users run it."""
+    result = harness.cluster.kubectl(
+        "wait", "--for=condition=Ready", f"{plural}/{name}", "-n", namespace, f"--timeout={timeout}s", check=False
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+def storage(harness: Harness) -> Any:
+    return harness.sim.sim.storage
+
+
+def content(harness: Harness, dataset: str) -> Any:
+    return harness.sim.run(lambda: storage(harness).datasets[dataset].content)
+
+
+def write(harness: Harness, dataset: str, value: str) -> None:
+    def change() -> None:
+        storage(harness).datasets[dataset].content = value
+
+    harness.sim.run(change)
+
+
+def zfs_snapshots(harness: Harness) -> set[str]:
+    return set(harness.sim.run(lambda: list(storage(harness).snapshots)))
+
+
+def writes(harness: Harness, name: str) -> list[tuple[str, str]]:
+    """The simulator's writes about the instance ``name``, in order: those whose first argument names
+    it (its datasets' and snapshots' names contain it; virt.instance's calls take it), and the calls of
+    a 26 container or a vm.* VM by its id."""
+
+    def read() -> tuple[list[tuple[str, str]], set[str]]:
+        sim = harness.sim.sim
+        ids = {str(vm.id) for vm in sim.vms.vms.values() if vm.config.get("name") == name.replace("-", "_")}
+        ids |= {str(c.id) for c in sim.containers.containers.values() if c.name == name}  # 26's calls take ids
+        return list(sim.counters.writes_log), ids
+
+    log, ids = harness.sim.run(read)
+    names = (name, name.replace("-", "_"))  # a vm.* VM's home is named after its vm.* name
+    return [(method, arg) for method, arg in log if any(n in arg for n in names) or arg in ids]
+
+
+def make_instance(harness: Harness, namespace: str, kind: str) -> str:
+    name = unique("vm" if kind == "VM" else "ct")
+    harness.apply(namespace, name, dict(VM_SPEC) if kind == "VM" else {})
+    harness.wait_ready(namespace, name, timeout=90)
+    return name
+
+
+@pytest.mark.parametrize("kind", ["CONTAINER", "VM"])
+def test_snapshot_and_restore_in_place(harness: Harness, ns: str, kind: str) -> None:
+    name = make_instance(harness, ns, kind)
+    before = harness.get(ns, name)
+    apply(harness, ns, "IncusInstanceSnapshot", "before", {"instanceRef": {"name": name}})
+    kubectl_wait_ready(harness, ns, "incusinstancesnapshot", "before")
+    taken = status(harness, ns, "incusinstancesnapshots", "before")
+    assert taken["phase"] == "Ready" and taken["consistency"] == "Crash"
+    assert taken["snapshotName"].startswith("tio-") and taken["source"]["instance"] == name
+    assert taken["creationTime"] and isinstance(taken["usedBytes"], int) and isinstance(taken["referencedBytes"], int)
+    root = taken["datasets"][0]
+    assert {f"{d}@{taken['snapshotName']}" for d in taken["datasets"]} <= zfs_snapshots(harness)
+    saved = content(harness, root)
+
+    write(harness, root, "written after the snapshot")
+    apply(
+        harness, ns, "IncusInstanceRestore", "undo", {"instanceRef": {"name": name}, "snapshotRef": {"name": "before"}}
+    )
+    kubectl_wait_ready(harness, ns, "incusinstancerestore", "undo", timeout=120)
+    done = status(harness, ns, "incusinstancerestores", "undo")
+    assert done["phase"] == "Succeeded" and done["snapshotName"] == taken["snapshotName"] and done["wasRunning"]
+    assert content(harness, root) == saved
+    assert harness.sim.run(lambda: list(storage(harness).changed_under)) == [], "rolled back under a running guest"
+    harness.wait_ready(ns, name, timeout=60)
+    after = harness.get(ns, name)
+    assert after["spec"] == before["spec"] and after["metadata"]["generation"] == before["metadata"]["generation"]
+    log = writes(harness, name)
+    rollback = max(i for i, (method, _) in enumerate(log) if method in ROLLBACKS)
+    assert any(m.endswith((".stop", ".poweroff")) for m, _ in log[:rollback]), log
+    assert any(m in START_WRITES for m, _ in log[rollback:]), log
+
+    assert (
+        harness.cluster.kubectl("delete", "incusinstancesnapshot", "before", "-n", ns, "--timeout=60s").returncode == 0
+    )
+    assert not {f"{d}@{taken['snapshotName']}" for d in taken["datasets"]} & zfs_snapshots(harness)
+    assert harness.delete(ns, name).returncode == 0
+    assert name not in harness.instance_names()
+
+
+def test_newer_snapshots_are_refused_by_name_unless_allowed(harness: Harness, ns: str) -> None:
+    name = make_instance(harness, ns, "CONTAINER")
+    apply(harness, ns, "IncusInstanceSnapshot", "one", {"instanceRef": {"name": name}})
+    first = wait_phase(harness, ns, "incusinstancesnapshots", "one", "Ready")
+    apply(harness, ns, "IncusInstanceSnapshot", "two", {"instanceRef": {"name": name}})
+    second = wait_phase(harness, ns, "incusinstancesnapshots", "two", "Ready")
+    root = first["datasets"][0]
+
+    apply(harness, ns, "IncusInstanceRestore", "back", {"instanceRef": {"name": name}, "snapshotRef": {"name": "one"}})
+    refused = wait_phase(harness, ns, "incusinstancerestores", "back", "Failed")
+    (ready,) = [c for c in refused["conditions"] if c["type"] == "Ready"]
+    assert ready["reason"] == "NewerSnapshots" and f"{root}@{second['snapshotName']}" in ready["message"]
+    assert not any(m in ROLLBACKS for m, _ in writes(harness, name)), "refused before any rollback"
+    harness.wait_ready(ns, name)
+
+    spec = {"instanceRef": {"name": name}, "snapshotRef": {"name": "one"}, "allowDestroyingNewerSnapshots": True}
+    apply(harness, ns, "IncusInstanceRestore", "back-anyway", spec)
+    done = wait_phase(harness, ns, "incusinstancerestores", "back-anyway", "Succeeded", timeout=120)
+    assert done["destroyedSnapshots"] == [f"{root}@{second['snapshotName']}"]
+    gone = wait_phase(harness, ns, "incusinstancesnapshots", "two", "Failed")
+    assert [c["reason"] for c in gone["conditions"] if c["type"] == "Ready"] == ["Gone"]
+    assert f"{root}@{second['snapshotName']}" not in zfs_snapshots(harness)
+    harness.delete(ns, name)
+
+
+def test_a_snapshot_taken_stopped_stops_and_starts_the_instance(harness: Harness, ns: str) -> None:
+    name = make_instance(harness, ns, "CONTAINER")
+    apply(harness, ns, "IncusInstanceSnapshot", "cold", {"instanceRef": {"name": name}, "consistency": "Stopped"})
+    taken = wait_phase(harness, ns, "incusinstancesnapshots", "cold", "Ready", timeout=90)
+    assert taken["consistency"] == "Stopped"
+    log = writes(harness, name)
+    create = next(i for i, (m, _) in enumerate(log) if m.endswith("snapshot.create"))
+    assert any(m.endswith(".stop") for m, _ in log[:create]), log
+    harness.wait_ready(ns, name, timeout=60)
+    wait_until(lambda: any(m in START_WRITES for m, _ in writes(harness, name)[create:]), what="started again")
+    harness.delete(ns, name)
+
+
+def test_a_snapshot_names_only_an_instance_of_its_namespace_that_owns_its_instance(
+    harness: Harness, ns: str, cluster: Cluster
+) -> None:
+    name = make_instance(harness, ns, "CONTAINER")
+    other = f"{harness.prefix}{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
+    cluster.kubectl("create", "namespace", other)
+    # Another tenant's IncusInstance naming the same TrueNAS instance: it does not own it ...
+    harness.apply(other, "squatter", {"name": name})
+    harness.wait_synced_false(other, "squatter", "Conflict")
+    # ... so a snapshot through it is refused, and one of a name that does not exist waits.
+    apply(harness, other, "IncusInstanceSnapshot", "steal", {"instanceRef": {"name": "squatter"}})
+    refused = wait_phase(harness, other, "incusinstancesnapshots", "steal", "Failed")
+    assert [c["reason"] for c in refused["conditions"] if c["type"] == "Ready"] == ["NotOwner"]
+    apply(harness, other, "IncusInstanceSnapshot", "nothing", {"instanceRef": {"name": name}})
+    pending = wait_phase(harness, other, "incusinstancesnapshots", "nothing", "Pending")
+    assert [c["reason"] for c in pending["conditions"] if c["type"] == "Ready"] == ["InstanceNotFound"]
+    apply(harness, other, "IncusInstanceRestore", "wipe", {"instanceRef": {"name": "squatter"}, "truenasSnapshot": "x"})
+    wait_phase(harness, other, "incusinstancerestores", "wipe", "Failed")
+    assert not any(m.endswith("snapshot.create") or m in ROLLBACKS for m, _ in writes(harness, name)), writes(
+        harness, name
+    )
+    harness.delete(ns, name)
+
+
+def test_admission_refuses_a_restore_without_exactly_one_source_and_any_spec_change(harness: Harness, ns: str) -> None:
+    manifest = {"apiVersion": GROUP, "kind": "IncusInstanceRestore", "metadata": {"name": "neither"}}
+    result = harness.cluster.apply({**manifest, "spec": {"instanceRef": {"name": "x"}}}, ns)
+    assert result.returncode != 0 and "exactly one of snapshotRef and truenasSnapshot" in result.stderr
+    both = {"instanceRef": {"name": "x"}, "truenasSnapshot": "a", "snapshotRef": {"name": "b"}}
+    result = harness.cluster.apply({**manifest, "spec": both}, ns)
+    assert result.returncode != 0 and "exactly one of snapshotRef and truenasSnapshot" in result.stderr
+    apply(harness, ns, "IncusInstanceSnapshot", "fixed", {"instanceRef": {"name": "absent"}})
+    changed = {"apiVersion": GROUP, "kind": "IncusInstanceSnapshot", "metadata": {"name": "fixed"}}
+    result = harness.cluster.apply({**changed, "spec": {"instanceRef": {"name": "another"}}}, ns)
+    assert result.returncode != 0 and "spec is immutable" in result.stderr
