@@ -109,6 +109,9 @@ class IncusInstanceSnapshotStatus(_Model):
     used_bytes: Annotated[int, Field(ge=0)] | None = Field(None, description="Bytes only this snapshot holds.")
     referenced_bytes: Annotated[int, Field(ge=0)] | None = Field(None, description="Bytes it refers to.")
     consistency: Consistency | None = Field(None, description="The consistency achieved.")
+    was_running: bool | None = Field(
+        None, description="consistency Stopped: the instance was running before it was stopped for the snapshot."
+    )
     truenas_version: Annotated[str, Field(max_length=128)] | None = Field(None, description="TrueNAS that took it.")
     observed_generation: Annotated[int, Field(ge=0)] | None = Field(
         None, description="metadata.generation the status was computed for."
