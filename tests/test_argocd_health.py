@@ -38,7 +38,7 @@ def runs() -> Runs:
 
 def test_the_checks_found_are_the_expected_kinds() -> None:
     """Every kind directory is tested; losing one (a rename, a bad glob) must not pass quietly."""
-    assert KINDS == ["IncusInstance", "IncusInstanceSnapshot"]
+    assert KINDS == ["IncusInstance", "IncusInstanceRestore", "IncusInstanceSnapshot"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
