@@ -7,7 +7,7 @@
 --              RollingBack, Starting.
 -- Argo CD shows an object being deleted as Progressing "Pending deletion" without running this;
 -- a hook that still has Argo CD's hook finalizer keeps its outcome, as a Job does. A condition
--- message over 300 bytes is not relayed (argocd-cm scripts have no string library to cut it):
+-- message over 512 bytes is not relayed (argocd-cm scripts have no string library to cut it):
 -- the reason then points at the Ready condition.
 local hs = {status = "Progressing", message = "Waiting for the operator"}
 local status = obj.status
@@ -23,7 +23,7 @@ end
 local reason, detail = nil, ""
 if ready ~= nil then
   reason = ready.reason
-  if ready.message ~= nil and #ready.message > 300 then
+  if ready.message ~= nil and #ready.message > 512 then
     detail = " (see the Ready condition)"
   elseif ready.message ~= nil and ready.message ~= "" then
     detail = ": " .. ready.message

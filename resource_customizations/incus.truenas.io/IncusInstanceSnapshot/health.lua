@@ -8,7 +8,7 @@
 -- Healthy: phase Ready and Ready=True.
 -- Argo CD shows an object being deleted as Progressing "Pending deletion" without running this,
 -- except an Argo CD hook (a PreSync snapshot) that still has the hook finalizer: the first branch
--- says the same for it. A condition message over 300 bytes is not relayed (argocd-cm scripts have
+-- says the same for it. A condition message over 512 bytes is not relayed (argocd-cm scripts have
 -- no string library to cut it): the reason then points at the Ready condition.
 local hs = {status = "Progressing", message = "Waiting for the operator"}
 local metadata = obj.metadata or {}
@@ -38,7 +38,7 @@ end
 local reason, detail = nil, ""
 if ready ~= nil then
   reason = ready.reason
-  if ready.message ~= nil and #ready.message > 300 then
+  if ready.message ~= nil and #ready.message > 512 then
     detail = " (see the Ready condition)"
   elseif ready.message ~= nil and ready.message ~= "" then
     detail = ": " .. ready.message
