@@ -22,13 +22,14 @@ from typing import Any
 import pytest
 import yaml
 
-from .argocd import MODES, TESTDATA, expected_health, health
+from .argocd import CHECKS, MODES, health
 from .conftest import Cluster, module_prefix
 from .harness import Harness, module_operator, start_simulator
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
 
 UPDATE = os.environ.get("TIO_UPDATE_FIXTURES") == "1"
+INSTANCE = CHECKS["IncusInstance"]  # the only kind whose testdata are captured here so far
 FIXED_NAMESPACE = "apps"
 FIXED_TIME = "2026-01-01T00:00:00Z"
 # Python object addresses in messages ("<ssl.SSLContext object at 0x7f...>") change every run.
@@ -130,14 +131,14 @@ def capture(
         return live if until is None or until(live.get("status") or {}) else None
 
     live: dict[str, Any] = harness.cluster.wait_for(read, timeout=timeout, interval=0.05, what=f"{name} for {fixture}")
-    path = TESTDATA / fixture
+    path = INSTANCE.testdata / fixture
     if UPDATE:
         path.write_text(yaml.safe_dump(normalized(live), sort_keys=False))
     else:
         assert path.exists(), f"{path} is missing: run with TIO_UPDATE_FIXTURES=1"
         assert essence(yaml.safe_load(path.read_text())) == essence(normalized(live))
     input_path = f"testdata/{fixture}"
-    expected = expected_health().get(input_path)
+    expected = INSTANCE.expected_health().get(input_path)
     assert expected is not None, f"health_test.yaml has no case for {input_path}"
     for mode in MODES:
         shown = health(live, mode=mode) or {}
@@ -158,7 +159,7 @@ def phase_is(value: str) -> Any:
 
 
 def test_every_case_is_captured_here() -> None:
-    assert sorted(f"testdata/{f}" for f in FIXTURES) == sorted(expected_health())
+    assert sorted(f"testdata/{f}" for f in FIXTURES) == sorted(INSTANCE.expected_health())
     assert set(FIXTURES.values()) <= {name for name in globals() if name.startswith("test_")}
 
 
