@@ -641,6 +641,39 @@ def test_the_snapshot_rules_of_the_policy_reach_the_operator() -> None:
     assert loaded.snapshot_cap("team-a", "<default>") == ("policy.rules[0].snapshots.maxPerInstance", 10)
 
 
+def snapshot_admission(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in documents if d["metadata"]["name"].endswith("-snapshot-policy")]
+
+
+def test_snapshot_admission_only_where_a_rule_forbids_snapshots_or_restores() -> None:
+    """Nothing to refuse, nothing rendered: the homelab, caps, schedules and clones (the operator's alone)."""
+    assert snapshot_admission(render()) == []
+    assert snapshot_admission(render("policy.defaultRule.snapshots.maxPerInstance=5")) == []
+    assert snapshot_admission(render("policy.defaultRule.snapshots.minScheduleMinutes=60")) == []
+    assert snapshot_admission(render("policy.defaultRule.snapshots.clone=false")) == []
+    assert snapshot_admission(render("policy.defaultRule.snapshots.snapshot=true")) == []
+    documents = render("policy.rules[0].namespaces={team-*}", "policy.rules[0].snapshots.restore=false")
+    vap, binding = snapshot_admission(documents)
+    assert (vap["kind"], binding["kind"]) == ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"] == "tio-truenas-incus-operator-snapshot-policy"
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert "matchResources" not in binding["spec"]
+    (rule,) = vap["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["operations"] == ["CREATE"], "both specs are immutable; deleting never waits on the policy"
+    assert rule["resources"] == ["incusinstancesnapshots", "incusinstancerestores"]
+    (validation,) = vap["spec"]["validations"]
+    assert "'incusinstancerestores'" in validation["expression"]
+    assert ".snapshots.restore" in validation["messageExpression"]
+    # Only the watched namespaces.
+    documents = render("policy.defaultRule.snapshots.snapshot=false", "watch.namespaces={apps}")
+    _, binding = snapshot_admission(documents)
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"] == ["apps"]
+    assert (
+        snapshot_admission(render("policy.defaultRule.snapshots.snapshot=false", "policy.admission.enabled=false"))
+        == []
+    )
+
+
 def test_changing_the_policy_restarts_the_operator() -> None:
     def checksum(*sets: str) -> str:
         (deployment,) = by_kind(render(*sets), "Deployment")

@@ -27,7 +27,10 @@ out is open: snapshots, restores and clones allowed, no cap per instance, no sho
 controllers ask ``snapshot_violation`` (may this namespace snapshot, restore or clone on this
 connection), ``snapshot_cap`` (how many IncusInstanceSnapshots one instance may have) and
 ``schedule_violation`` (is spec.snapshots.schedule allowed: ``shortest_interval`` of its 5-field
-cron); the connection is always the one of the IncusInstance concerned.
+cron); the connection is always the one of the IncusInstance concerned. Admission cannot read a
+snapshot's or a restore's IncusInstance, so the chart's ``templates/admission-policy-snapshots.yaml``
+refuses a new IncusInstanceSnapshot or IncusInstanceRestore only where every rule that may apply to
+its namespace, whatever the connection, forbids it; the cap, schedules and clones are the operator's.
 """
 
 from __future__ import annotations
