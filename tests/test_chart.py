@@ -624,6 +624,56 @@ def test_the_image_server_caps_and_quotas_of_the_policy_reach_the_operator() -> 
     assert loaded.default_quota.max_connections == 1
 
 
+def test_the_snapshot_rules_of_the_policy_reach_the_operator() -> None:
+    """Issue 24 item 5: who may snapshot, restore and clone, the cap and the shortest schedule."""
+    documents = render(
+        "policy.rules[0].namespaces={team-*}",
+        "policy.rules[0].snapshots.restore=false",
+        "policy.rules[0].snapshots.maxPerInstance=10",
+        "policy.rules[0].snapshots.minScheduleMinutes=60",
+        "policy.defaultRule.snapshots.clone=false",
+    )
+    loaded = Policy.model_validate(yaml.safe_load(policy_text(documents)))
+    snapshots = loaded.rules[0].snapshots
+    assert (snapshots.snapshot, snapshots.restore, snapshots.clone) == (True, False, True)
+    assert (snapshots.max_per_instance, snapshots.min_schedule_minutes) == (10, 60)
+    assert loaded.default_rule.snapshots.clone is False
+    assert loaded.snapshot_cap("team-a", "<default>") == ("policy.rules[0].snapshots.maxPerInstance", 10)
+
+
+def snapshot_admission(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in documents if d["metadata"]["name"].endswith("-snapshot-policy")]
+
+
+def test_snapshot_admission_only_where_a_rule_forbids_snapshots_or_restores() -> None:
+    """Nothing to refuse, nothing rendered: the homelab, caps, schedules and clones (the operator's alone)."""
+    assert snapshot_admission(render()) == []
+    assert snapshot_admission(render("policy.defaultRule.snapshots.maxPerInstance=5")) == []
+    assert snapshot_admission(render("policy.defaultRule.snapshots.minScheduleMinutes=60")) == []
+    assert snapshot_admission(render("policy.defaultRule.snapshots.clone=false")) == []
+    assert snapshot_admission(render("policy.defaultRule.snapshots.snapshot=true")) == []
+    documents = render("policy.rules[0].namespaces={team-*}", "policy.rules[0].snapshots.restore=false")
+    vap, binding = snapshot_admission(documents)
+    assert (vap["kind"], binding["kind"]) == ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"] == "tio-truenas-incus-operator-snapshot-policy"
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert "matchResources" not in binding["spec"]
+    (rule,) = vap["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["operations"] == ["CREATE"], "both specs are immutable; deleting never waits on the policy"
+    assert rule["resources"] == ["incusinstancesnapshots", "incusinstancerestores"]
+    (validation,) = vap["spec"]["validations"]
+    assert "'incusinstancerestores'" in validation["expression"]
+    assert ".snapshots.restore" in validation["messageExpression"]
+    # Only the watched namespaces.
+    documents = render("policy.defaultRule.snapshots.snapshot=false", "watch.namespaces={apps}")
+    _, binding = snapshot_admission(documents)
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"] == ["apps"]
+    assert (
+        snapshot_admission(render("policy.defaultRule.snapshots.snapshot=false", "policy.admission.enabled=false"))
+        == []
+    )
+
+
 def test_changing_the_policy_restarts_the_operator() -> None:
     def checksum(*sets: str) -> str:
         (deployment,) = by_kind(render(*sets), "Deployment")
@@ -638,6 +688,9 @@ def test_multi_tenant_example_renders_the_policy_and_admission() -> None:
     documents = render_files(MULTI_TENANT)
     loaded = Policy.model_validate(yaml.safe_load(policy_text(documents)))
     assert loaded.default_connection_namespaces == ["infra", "team-*"] and len(loaded.rules) == 2
+    assert loaded.snapshot_cap("team-a", "<default>") == ("policy.rules[0].snapshots.maxPerInstance", 10)
+    assert loaded.schedule_violation("team-a", "<default>", "*/30 * * * *") is not None
+    assert loaded.schedule_violation("team-a", "<default>", "@hourly") is None
     (vap,) = by_kind(documents, "ValidatingAdmissionPolicy")
     messages = [v["message"] for v in vap["spec"]["validations"]]
     for field in ("deviceTypes", "hostPathPrefixes", "nicParents", "storagePools", "proxyPorts", "instanceNamePrefix"):
@@ -682,6 +735,10 @@ def test_admission_can_be_switched_off() -> None:
         (["policy.rules[0].vmImageServers={ftp://x/}"], "/policy/rules/0/vmImageServers/0"),
         (["policy.rules[0].maxVCPUs=0"], "/policy/rules/0/maxVCPUs"),
         (["policy.quotas[0].maxConnections=-1"], "/policy/quotas/0/maxConnections"),
+        (["policy.rules[0].snapshots.maxPerInstance=-1"], "/policy/rules/0/snapshots/maxPerInstance"),
+        (["policy.defaultRule.snapshots.minScheduleMinutes=0"], "/policy/defaultRule/snapshots/minScheduleMinutes"),
+        (["policy.defaultRule.snapshots.restore=maybe"], "/policy/defaultRule/snapshots/restore"),
+        (["policy.defaultRule.snapshots.delete=false"], "additional properties 'delete' not allowed"),
     ],
 )
 def test_values_schema_refuses_bad_policies(values: list[str], message: str) -> None:

@@ -19,18 +19,35 @@ writes a restrictive ``defaultRule`` and one rule per team.
 The chart's ValidatingAdmissionPolicy (``templates/admission-policy.yaml``) checks the same rules
 in CEL; the operator checks them again before acting (``violations``), because admission can be
 switched off or bypassed, and reports a refusal as ``Synced=False, reason=PolicyDenied``.
+
+Snapshots (docs/snapshots.md) are a rule's ``snapshots`` block: one object rather than five flat
+fields, because together they govern two other kinds (IncusInstanceSnapshot, IncusInstanceRestore)
+and two IncusInstance fields (spec.source.snapshotRef, spec.snapshots), and a rule that leaves it
+out is open: snapshots, restores and clones allowed, no cap per instance, no shortest schedule. The
+controllers ask ``snapshot_violation`` (may this namespace snapshot, restore or clone on this
+connection), ``snapshot_cap`` (how many IncusInstanceSnapshots one instance may have) and
+``schedule_violation`` (is spec.snapshots.schedule allowed: ``shortest_interval`` of its 5-field
+cron); the connection is always the one of the IncusInstance concerned. Admission cannot read a
+snapshot's or a restore's IncusInstance, so the chart's ``templates/admission-policy-snapshots.yaml``
+refuses a new IncusInstanceSnapshot or IncusInstanceRestore only where every rule that may apply to
+its namespace, whatever the connection, forbids it; the cap, schedules and clones are the operator's.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
+from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path, PurePosixPath
-from typing import Annotated
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -65,6 +82,20 @@ IMAGE_SERVER_ENTRY = re.compile(
 VM_DEFAULT_MEMORY = 2**30
 """What a VM gets without spec.memory (backends/vm/entries.py), and one vCPU without spec.cpu."""
 DEFAULT_MAX_CONNECTIONS = 16
+SnapshotVerb = Literal["snapshot", "restore", "clone"]
+SNAPSHOT_VERBS: dict[str, tuple[str, str]] = {
+    "snapshot": ("kind IncusInstanceSnapshot", "take snapshots (IncusInstanceSnapshot)"),
+    "restore": ("kind IncusInstanceRestore", "roll instances back to a snapshot (IncusInstanceRestore)"),
+    "clone": ("spec.source.snapshotRef", "create instances from a snapshot (spec.source.snapshotRef)"),
+}
+"""Per verb of ``Policy.snapshot_violation``: the field a refusal names, and what is refused."""
+SCHEDULE_FIELD = "spec.snapshots.schedule"
+MAX_SCHEDULE_LENGTH = 256
+SCHEDULE_WINDOW = (datetime(2001, 1, 1), datetime(2030, 1, 1))
+"""The days ``shortest_interval`` looks for firing days in: 29 years. Between 1901 and 2099 the
+Gregorian calendar repeats every 28 years, so these hold every combination of weekday, month end,
+leap day and year end a day-of-month, month and day-of-week field can meet (with the first day of
+2030, after the last leap year's year end)."""
 
 
 class _Policy(BaseModel):
@@ -106,10 +137,46 @@ class PortRange(_Policy):
         return str(self.from_) if self.to is None or self.to == self.from_ else f"{self.from_}-{self.to}"
 
 
+class SnapshotRule(_Policy):
+    """What the namespaces may do with snapshots on the connections (a rule's ``snapshots``). A field
+    left out is open: snapshots, restores and clones allowed, no cap, no shortest schedule."""
+
+    snapshot: bool = Field(
+        True,
+        description=(
+            "Whether IncusInstanceSnapshots may be taken of the instances, and spec.snapshots schedules set "
+            "(a schedule takes snapshots too). Default: true."
+        ),
+    )
+    restore: bool = Field(
+        True,
+        description="Whether IncusInstanceRestores may roll the instances back to a snapshot. Default: true.",
+    )
+    clone: bool = Field(
+        True,
+        description="Whether an IncusInstance may be created from a snapshot (spec.source.snapshotRef). Default: true.",
+    )
+    max_per_instance: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description=(
+            "Most IncusInstanceSnapshots one IncusInstance may have; a new one beyond is refused (PolicyDenied), "
+            "the ones it has stay. Counted by the operator only (admission cannot count). Null: no cap."
+        ),
+    )
+    min_schedule_minutes: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description=(
+            "Shortest time, in minutes, spec.snapshots.schedule may leave between two snapshots: the shortest "
+            "gap between two consecutive firings of its cron, so '*/7 * * * *' counts as 4 (56 to 60). Checked "
+            "by the operator only. Null: any schedule."
+        ),
+    )
+
+
 class Rule(Grant):
     """What the namespaces may do on the connections. A field left out (null) takes the built-in
     default: every device type but USB, GPU and PCI; any host path, NIC parent, pool, PROXY port
-    and instance name. An empty list allows nothing."""
+    and instance name; snapshots, restores and clones open. An empty list allows nothing."""
 
     device_types: list[DeviceType] | None = Field(
         None,
@@ -183,6 +250,19 @@ class Rule(Grant):
             "vCPU, and no limit (so refused) for a container. Default: no cap."
         ),
     )
+
+    snapshots: SnapshotRule = Field(
+        default_factory=SnapshotRule,
+        description=(
+            "Snapshots, restores and clones of the instances, a cap per instance and the shortest schedule "
+            "(fields: snapshot, restore, clone, maxPerInstance, minScheduleMinutes). Default: all open."
+        ),
+    )
+
+    @field_validator("snapshots", mode="before")
+    @classmethod
+    def _open_snapshots(cls, value: Any) -> Any:
+        return {} if value is None else value
 
     @field_validator("vm_image_servers")
     @classmethod
@@ -325,6 +405,49 @@ class Policy(_Policy):
                 return f"policy.rules[{index}]", rule
         return "policy.defaultRule", self.default_rule
 
+    def snapshot_violation(self, namespace: str, connection: str, verb: SnapshotVerb) -> Violation | None:
+        """Whether the rule for ``namespace`` on ``connection`` (the connection of the IncusInstance
+        concerned) refuses ``verb``: ``snapshot`` (an IncusInstanceSnapshot), ``restore`` (an
+        IncusInstanceRestore) or ``clone`` (an IncusInstance with spec.source.snapshotRef). None: allowed."""
+        label, rule = self.rule_for(namespace, connection)
+        if getattr(rule.snapshots, verb):
+            return None
+        field, what = SNAPSHOT_VERBS[verb]
+        return Violation(
+            f"{label}.snapshots.{verb}", field, f"namespace {namespace} may not {what} on connection {connection}"
+        )
+
+    def snapshot_cap(self, namespace: str, connection: str) -> tuple[str, int | None]:
+        """The most IncusInstanceSnapshots one IncusInstance in ``namespace`` on ``connection`` may have,
+        and the rule that says so (``policy.rules[0].snapshots.maxPerInstance``); None: no cap."""
+        label, rule = self.rule_for(namespace, connection)
+        return f"{label}.snapshots.maxPerInstance", rule.snapshots.max_per_instance
+
+    def schedule_violation(self, namespace: str, connection: str, schedule: str) -> Violation | None:
+        """Whether an IncusInstance in ``namespace`` on ``connection`` may snapshot on ``schedule`` (its
+        spec.snapshots.schedule, a 5-field cron): refused where the rule forbids snapshots, where the
+        shortest gap between two consecutive firings (``shortest_interval``) is below the rule's
+        minScheduleMinutes, and always when the schedule is not one (nothing could be judged). None: allowed."""
+        label, rule = self.rule_for(namespace, connection)
+        if not rule.snapshots.snapshot:
+            why = f"namespace {namespace} may not take snapshots on connection {connection} (a schedule takes them)"
+            return Violation(f"{label}.snapshots.snapshot", "spec.snapshots", why)
+        minimum = rule.snapshots.min_schedule_minutes
+        # Unparsable: refused even without a minimum (nothing could be judged), naming the rule's snapshots.
+        where = f"{label}.snapshots" + (".minScheduleMinutes" if minimum is not None else "")
+        try:
+            interval = shortest_interval(schedule)
+        except ScheduleError as exc:
+            return Violation(where, SCHEDULE_FIELD, f"{schedule!r} {exc}")
+        if minimum is not None and interval < timedelta(minutes=minimum):
+            return Violation(
+                where,
+                SCHEDULE_FIELD,
+                f"{schedule!r} snapshots as little as {_minutes(interval)} apart (allowed: at least "
+                f"{_minutes(timedelta(minutes=minimum))})",
+            )
+        return None
+
     def violations(
         self, namespace: str, connection: str, spec: IncusInstanceSpec, instance_name: str | None = None
     ) -> list[Violation]:
@@ -349,6 +472,88 @@ class Policy(_Policy):
         found += _name_prefix(label, rule, spec, namespace, instance_name)
         found += _caps(label, rule, spec)
         return found
+
+
+class ScheduleError(ValueError):
+    """A schedule ``shortest_interval`` cannot judge; the message says why (after the schedule)."""
+
+
+CRON_SHAPE = (
+    "is not a 5-field cron schedule (minute hour day-of-month month day-of-week, e.g. '0 */6 * * *', "
+    "or @hourly, @daily, @weekly, @monthly, @yearly)"
+)
+
+
+@lru_cache(maxsize=512)
+def shortest_interval(schedule: str) -> timedelta:
+    """The shortest time between two consecutive firings of ``schedule``, a 5-field cron as TrueNAS's
+    periodic snapshot tasks evaluate it (croniter's, with the day of month and the day of week
+    or-ed when both are restricted; the macros @hourly, @daily, @weekly, @monthly, @yearly,
+    @annually and @midnight are their 5-field forms), in wall-clock minutes (a DST change is not
+    counted). Raises ``ScheduleError`` for anything else: not cron, seconds or year fields, random
+    (R) or hashed (H) fields, which fire at times no one chose, or a schedule that never fires
+    ('0 0 30 2 *').
+
+    Every day a schedule fires on, it fires at the same times (the minute and hour fields), so the
+    shortest gap is the shortest one within a day, or, between the last firing of one day and the
+    first of the next firing day, the closest two firing days make (``SCHEDULE_WINDOW``): exact for
+    irregular schedules such as '*/7 * * * *' (4 minutes, 56 to 60), '0 0,1 * * *' (1 hour) or
+    '0 0 1,31 * *' (a day, from the 31st to the 1st)."""
+    fields = _cron_fields(schedule)
+    minute, hour, day, month, weekday = fields
+    midnight = SCHEDULE_WINDOW[0]
+    day_after = midnight + timedelta(days=1)
+    times = [t.hour * 60 + t.minute for t in _firings(f"{minute} {hour} * * *", midnight, day_after) if t < day_after]
+    gaps = [b - a for a, b in pairwise(times)]
+    span = times[-1] - times[0]
+    if gaps and min(gaps) <= 24 * 60 - span:
+        return timedelta(minutes=min(gaps))  # firing days one day apart at the closest make no shorter gap
+    closest: int | None = None  # the fewest days between two consecutive firing days
+    previous: datetime | None = None
+    for firing in _firings(f"0 0 {day} {month} {weekday}", *SCHEDULE_WINDOW):
+        if previous is not None:
+            apart = (firing - previous).days
+            closest = apart if closest is None else min(closest, apart)
+            if closest == 1:
+                break
+        previous = firing
+    if closest is not None:
+        gaps.append(closest * 24 * 60 - span)
+    if not gaps:
+        raise ScheduleError("fires at most once in 29 years")
+    return timedelta(minutes=min(gaps))
+
+
+def _cron_fields(schedule: str) -> list[str]:
+    if not isinstance(schedule, str) or not schedule.strip() or len(schedule) > MAX_SCHEDULE_LENGTH:
+        raise ScheduleError(CRON_SHAPE)
+    try:
+        fields = [str(f) for f in croniter(schedule.strip(), SCHEDULE_WINDOW[0]).expressions]
+    except (ValueError, TypeError) as exc:  # croniter's errors are either
+        raise ScheduleError(f"{CRON_SHAPE}: {exc}") from None
+    if len(fields) != 5:
+        raise ScheduleError(f"{CRON_SHAPE}: it has {len(fields)} fields (no seconds or years)")
+    for field in fields:
+        if any(re.match(r"^[hr](\(|/|$)", token, re.IGNORECASE) for token in field.split(",")):
+            raise ScheduleError(f"{CRON_SHAPE}: random (R) and hashed (H) fields fire at times no one chose")
+    return fields
+
+
+def _firings(expression: str, start: datetime, end: datetime) -> Iterator[datetime]:
+    """The firings of ``expression`` from ``start`` (included) until ``end``, and the first one after."""
+    cron = croniter(expression, start - timedelta(minutes=1))
+    firing = start - timedelta(minutes=1)
+    while firing < end:
+        try:
+            firing = cron.get_next(datetime)
+        except CroniterBadDateError:  # no day of the month fits the months (0 0 30 2 *)
+            raise ScheduleError("never fires (no such day)") from None
+        yield firing
+
+
+def _minutes(interval: timedelta) -> str:
+    minutes = int(interval.total_seconds() // 60)
+    return "1 minute" if minutes == 1 else f"{minutes} minutes"
 
 
 def _normal(url: str) -> str:

@@ -82,3 +82,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- toJson $out -}}
 {{- end }}
+
+{{/* Whether a rule's snapshots block forbids a verb (snapshot, restore, clone): set to false. */}}
+{{- define "truenas-incus-operator.forbids" -}}
+{{- $snapshots := .rule.snapshots | default dict }}
+{{- if and (hasKey $snapshots .verb) (kindIs "bool" (get $snapshots .verb)) (not (get $snapshots .verb)) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when some rule or defaultRule forbids IncusInstanceSnapshots or IncusInstanceRestores,
+     the ones admission can refuse (templates/admission-policy-snapshots.yaml). */}}
+{{- define "truenas-incus-operator.snapshotAdmission" -}}
+{{- $found := "" }}
+{{- range $rule := append (.Values.policy.rules | default list) (.Values.policy.defaultRule | default dict) }}
+{{- range $verb := list "snapshot" "restore" }}
+{{- if include "truenas-incus-operator.forbids" (dict "rule" $rule "verb" $verb) }}{{ $found = "true" }}{{ end }}
+{{- end }}
+{{- end }}
+{{- $found }}
+{{- end }}
