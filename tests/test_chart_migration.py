@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
+from truenas_incus_operator.crd import all_crds
 
 from .conftest import ROOT, Cluster
 from .harness import Harness, OperatorProcess, operator_env, start_simulator, unique
@@ -24,7 +25,7 @@ from .test_chart import CHART, helm
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
 
-CRDS = ("incusinstances.incus.truenas.io", "truenasconnections.incus.truenas.io")
+CRDS = tuple(crd["metadata"]["name"] for crd in all_crds())
 OPERATIONS = ROOT / "docs" / "operations.md"
 NAMESPACE = "truenas-incus-operator"  # the release namespace docs/operations.md uses
 

@@ -88,7 +88,7 @@ def build(
         metrics=metrics,
     )
     wakeups = Wakeups()
-    holds = Holds(wakeups.wake)
+    holds = Holds(wakeups.wake, kube)
     policy = policy if policy is not None else load_policy(settings.policy_file)
     ledger = Ledger(kube, settings.ledger_namespace)
     reporter = Reporter(settings, kube, post_event, clock)

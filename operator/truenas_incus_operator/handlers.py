@@ -15,12 +15,9 @@ from .kube import Events, Kube, kopf_login
 from .models import API_GROUP, API_VERSION
 from .policy import PolicyError
 from .problems import OperatorError, Problem
-from .reconcile import Hold
 from .settings import Settings
 from .snapshots import RESTORES as RESTORE_PLURAL
 from .snapshots import SNAPSHOTS as SNAPSHOT_PLURAL
-from .snapshots import restore_holds as _restore_holds
-from .snapshots import snapshot_holds as _snapshot_holds
 
 INSTANCES = (API_GROUP, API_VERSION, "incusinstances")
 CONNECTIONS = (API_GROUP, API_VERSION, "truenasconnections")
@@ -114,10 +111,8 @@ async def instance_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, *
 
 
 @kopf.daemon(*INSTANCES, cancellation_timeout=10.0, initial_delay=lambda **_: random.uniform(0, 0.2))
-async def instance_loop(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **kwargs: Any) -> None:
-    operator = _operator(memo)
-    operator.holds.attach([kwargs["snapshot_holds"], kwargs["restore_holds"]])
-    await operator.loops.run(body, stopped)
+async def instance_loop(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    await _operator(memo).loops.run(body, stopped)
 
 
 @kopf.on.delete(*INSTANCES)
@@ -200,30 +195,11 @@ async def _hold_connection(memo: kopf.Memo, namespace: str, spec: Mapping[str, A
 
 
 # ----- IncusInstanceSnapshot and IncusInstanceRestore (snapshots/) -----------------------------------------
-@kopf.index(*SNAPSHOTS)
-async def snapshot_holds(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Hold]:
-    """Instances a snapshot taken stopped holds stopped (filled before any handler runs)."""
-    return _snapshot_holds(body)
-
-
-@kopf.index(*RESTORES)
-async def restore_holds(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Hold]:
-    """Instances a restore in flight holds stopped (filled before any handler runs: a restart never
-    starts an instance in the middle of its restore)."""
-    return _restore_holds(body)
-
-
-def _instance_ref(body: kopf.Body) -> tuple[str, str]:
-    ref = body.spec.get("instanceRef") or {}
-    name = ref.get("name") if isinstance(ref, Mapping) else None
-    return body.metadata.namespace or "", str(name or "")
-
-
 @kopf.on.event(*SNAPSHOTS)
 @kopf.on.event(*RESTORES)
-async def holder_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """The index entry may have changed: the instance's loop looks at its hold again."""
-    _operator(memo).holds.changed(_instance_ref(body))
+async def holder_changed(type: str | None, body: kopf.Body, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
+    """What a snapshot's or restore's status holds (instances/holds.py); the instance's loop looks again."""
+    _operator(memo).holds.observe(resource.plural, body, deleted=type == "DELETED")
 
 
 def _temporary(exc: OperatorError) -> kopf.TemporaryError:

@@ -508,8 +508,11 @@ class Kube:
         return await self._get(self._object_path(plural, namespace, name))
 
     async def list_objects(self, plural: str, namespace: str) -> list[dict[str, Any]]:
-        """Every object of one of the operator's own kinds in ``namespace`` (a few, never paged)."""
-        found = await self._request("GET", f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/{plural}")
+        """Every object of one of the operator's own kinds in ``namespace`` (a few, never paged); none
+        when the kind is not served (its CRD deleted or not installed)."""
+        found = await self._get(f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/{plural}")
+        if found is None:
+            return []
         items = found.get("items") or []
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
             raise fail(KUBE_REASON, f"Kubernetes API: a {plural} list that is not a list of objects")

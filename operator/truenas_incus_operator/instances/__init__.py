@@ -13,11 +13,22 @@
 
 from .deletion import Deletion
 from .executor import Executor
-from .holds import Hold, Holds
+from .holds import HOLDERS, Hold, Holds
 from .ledger import Ledger
 from .loop import InstanceLoops
 from .reaper import Reaper
 from .reporter import Reporter
 from .wakeups import Wakeups
 
-__all__ = ["Deletion", "Executor", "Hold", "Holds", "InstanceLoops", "Ledger", "Reaper", "Reporter", "Wakeups"]
+__all__ = [
+    "HOLDERS",
+    "Deletion",
+    "Executor",
+    "Hold",
+    "Holds",
+    "InstanceLoops",
+    "Ledger",
+    "Reaper",
+    "Reporter",
+    "Wakeups",
+]

@@ -18,7 +18,7 @@ from ..kube import KUBE_REASON
 from ..metrics import Metrics
 from ..policy import POLICY_REASON, Policy, Violation
 from ..problems import OperatorError, Problem, Reason, fail, problem_of
-from ..reconcile import Blocked, Desired, Plan, instance_config, plan
+from ..reconcile import Blocked, Desired, Plan, Start, instance_config, plan
 from ..settings import Settings
 from ..status import clip
 from ..truenas import ObservedInstance, TrueNASError
@@ -206,6 +206,7 @@ class InstanceLoops:
         backend = client.instances
         await self.ledger.migrate(connection.config.identity, connection.identity)
         await self._recheck_holder(parsed, connection)
+        confirmed = False
         for _ in range(MAX_STEPS_PER_PASS):
             if (body.get("metadata") or {}).get("deletionTimestamp"):
                 return  # deleted during the pass: the delete handler takes over; kopf stops this loop
@@ -238,6 +239,10 @@ class InstanceLoops:
                 # Compared before for this very spec: someone changed the devices on TrueNAS.
                 changes = ", ".join(describe_device_action(a) for a in fixes)
                 self.reporter.post_event(body, "Normal", "DriftCorrected", f"devices changed on TrueNAS; {changes}")
+            if any(isinstance(a, Start) for a in current.actions) and not confirmed:
+                confirmed = True  # once per pass: a restore in flight (status read now) holds it stopped
+                if await self.holds.confirm((desired.namespace, desired.name)) is not None:
+                    continue
             for action in current.actions:
                 if await self.executor.execute(body, state, desired, connection, observed, action):
                     break  # the ledger said more than the plan knew: plan again

@@ -10,11 +10,15 @@ The instance's power is never touched here: a hold (instances/holds.py) asks the
 loop to stop or start it.
 """
 
+from ..instances.holds import HOLDERS
 from .restoring import PLURAL as RESTORES
 from .restoring import Restorer, restore_holds
 from .subject import StatusWriter, Subjects
 from .taking import PLURAL as SNAPSHOTS
 from .taking import SnapshotTaker, snapshot_holds, snapshot_name
+
+HOLDERS[SNAPSHOTS] = snapshot_holds
+HOLDERS[RESTORES] = restore_holds
 
 __all__ = [
     "RESTORES",

@@ -72,6 +72,7 @@ class Restorer:
             return
         namespace, _ = key_of(body)
         uid = uid_of(body)
+        self.holds.claim(uid)  # from here, this process's holds are the truth (instances/holds.py)
         ref = str(((body.get("spec") or {}).get("instanceRef") or {}).get("name") or "")
         try:
             try:

@@ -103,6 +103,7 @@ class SnapshotTaker:
         if status.get("phase") in (SnapshotPhase.READY, SnapshotPhase.FAILED):
             return
         key, uid = key_of(body), uid_of(body)
+        self.holds.claim(uid)  # from here, this process's holds are the truth (instances/holds.py)
         try:
             try:
                 spec = IncusInstanceSnapshotSpec.model_validate(dict(body.get("spec") or {}))
