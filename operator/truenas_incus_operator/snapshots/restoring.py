@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from ..instances.holds import Holds
 from ..kube import Kube
 from ..models import IncusInstanceRestoreSpec, PowerState, RestorePhase, SnapshotPhase
+from ..policy import Policy
 from ..problems import OperatorError, Reason, problem_of
 from ..reconcile import Hold
 from ..truenas import InstanceStatus, TrueNASError
@@ -56,7 +57,16 @@ def now_text() -> str:
 
 
 class Restorer:
-    def __init__(self, kube: Kube, subjects: Subjects, holds: Holds, writer: StatusWriter, post_event: Any) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        subjects: Subjects,
+        holds: Holds,
+        writer: StatusWriter,
+        post_event: Any,
+        policy: Policy | None = None,
+    ) -> None:
+        self.policy = policy or Policy()
         self.kube = kube
         self.subjects = subjects
         self.holds = holds
@@ -151,6 +161,9 @@ class Restorer:
         snapshots = subject.client.snapshots
         name = str(status.get("snapshotName") or "") or await self._snapshot_name(namespace, spec, subject)
         if phase == RestorePhase.PENDING:
+            violation = self.policy.snapshot_violation(namespace, subject.connection.key, "restore")
+            if violation is not None:
+                raise refused(Reason.POLICY_DENIED, str(violation))
             listed = await snapshots.of(subject.target)
             chosen = next((s for s in listed if s.name == name), None)
             if chosen is None:

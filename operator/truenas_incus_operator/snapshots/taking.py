@@ -24,6 +24,7 @@ from ..instances.holds import Holds
 from ..instances.ledger import Ledger, RecordState
 from ..instances.resource import EventPoster
 from ..models import Consistency, IncusInstanceSnapshotSpec, PowerState, SnapshotDeletionPolicy, SnapshotPhase
+from ..policy import Policy
 from ..problems import OperatorError, Reason, problem_of
 from ..reconcile import Hold
 from ..truenas import CallFailed, InstanceStatus, NotOurs, SnapshotInfo, TransportError, TrueNASError
@@ -87,7 +88,9 @@ class SnapshotTaker:
         holds: Holds,
         writer: StatusWriter,
         post_event: EventPoster,
+        policy: Policy | None = None,
     ) -> None:
+        self.policy = policy or Policy()
         self.subjects = subjects
         self.connections = connections
         self.ledger = ledger
@@ -154,6 +157,7 @@ class SnapshotTaker:
         identity = subject.connection.identity
         record = self.ledger.get(identity, ledger_key(subject.instance, name))
         if record is None:
+            self._check_policy(subject, uid)
             record = await self.ledger.claim(
                 identity,
                 ledger_key(subject.instance, name),
@@ -192,6 +196,28 @@ class SnapshotTaker:
         self.post_event(body, "Normal", "Taken", f"took {subject.target.root}@{name} ({achieved})")
         if stopped:
             await self._start_again(subject, uid, was_running)
+
+    def _check_policy(self, subject: Subject, uid: str) -> None:
+        """The administrator's policy (policy.py), before anything is claimed or taken."""
+        namespace, connection = subject.key[0], subject.connection.key
+        violation = self.policy.snapshot_violation(namespace, connection, "snapshot")
+        if violation is not None:
+            raise refused(Reason.POLICY_DENIED, str(violation))
+        label, cap = self.policy.snapshot_cap(namespace, connection)
+        if cap is None:
+            return
+        prefix = ledger_key(subject.instance, "")
+        taken = [
+            r
+            for r in self.ledger.records.values()
+            if r.truenas == subject.connection.identity and r.instance.startswith(prefix) and r.owner_uid != uid
+        ]
+        if len(taken) >= cap:
+            raise refused(
+                Reason.POLICY_DENIED,
+                f"{label}: kind IncusInstanceSnapshot: IncusInstance {subject.key[1]} has {len(taken)} snapshots, "
+                f"the most the policy allows ({cap})",
+            )
 
     async def _stop(
         self, body: Mapping[str, Any], status: dict[str, Any], subject: Subject, uid: str, was_running: bool
