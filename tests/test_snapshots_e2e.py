@@ -5,6 +5,7 @@ refused by name unless allowed, a snapshot taken stopped, deletion with the reso
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -140,6 +141,10 @@ def test_snapshot_and_restore_in_place(harness: Harness, ns: str, kind: str) -> 
     harness.wait_ready(ns, name, timeout=60)
     after = harness.get(ns, name)
     assert after["spec"] == before["spec"] and after["metadata"]["generation"] == before["metadata"]["generation"]
+    # As Argo CD diffs it (tests/test_argocd_diff.py): the manifest from Git against the live object.
+    manifest = {"apiVersion": GROUP, "kind": "IncusInstance", "metadata": {"name": name}, "spec": before["spec"]}
+    diff = harness.cluster.kubectl("diff", "-n", ns, "-f", "-", input=json.dumps(manifest), check=False)
+    assert diff.returncode == 0, f"the restore put the IncusInstance out of sync:\n{diff.stdout}{diff.stderr}"
     log = writes(harness, name)
     rollback = max(i for i, (method, _) in enumerate(log) if method in ROLLBACKS)
     assert any(m.endswith((".stop", ".poweroff")) for m, _ in log[:rollback]), log
