@@ -118,7 +118,9 @@ def build(
             post_event,
             policy,
         ),
-        restores=Restorer(kube, subjects, holds, StatusWriter(kube, RESTORES, post_event, clock), post_event, policy),
+        restores=Restorer(
+            kube, subjects, holds, StatusWriter(kube, RESTORES, post_event, clock), post_event, policy, metrics
+        ),
     )
 
 

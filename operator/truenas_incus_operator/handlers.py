@@ -198,8 +198,13 @@ async def _hold_connection(memo: kopf.Memo, namespace: str, spec: Mapping[str, A
 @kopf.on.event(*SNAPSHOTS)
 @kopf.on.event(*RESTORES)
 async def holder_changed(type: str | None, body: kopf.Body, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
-    """What a snapshot's or restore's status holds (instances/holds.py); the instance's loop looks again."""
-    _operator(memo).holds.observe(resource.plural, body, deleted=type == "DELETED")
+    """What a snapshot's or restore's status holds (instances/holds.py); the instance's loop looks again.
+    Also where the metrics count them by phase (every object has an event at startup)."""
+    operator = _operator(memo)
+    deleted = type == "DELETED"
+    operator.holds.observe(resource.plural, body, deleted=deleted)
+    key = (body.metadata.namespace or "", body.metadata.name or "")
+    operator.metrics.holder_phase(resource.plural, key, None if deleted else body.status.get("phase"))
 
 
 def _temporary(exc: OperatorError) -> kopf.TemporaryError:

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from ..instances.holds import Holds
 from ..kube import Kube
+from ..metrics import Metrics
 from ..models import IncusInstanceRestoreSpec, PowerState, RestorePhase, SnapshotPhase
 from ..policy import Policy
 from ..problems import OperatorError, Reason, problem_of
@@ -65,8 +66,10 @@ class Restorer:
         writer: StatusWriter,
         post_event: Any,
         policy: Policy | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.policy = policy or Policy()
+        self.metrics = metrics
         self.kube = kube
         self.subjects = subjects
         self.holds = holds
@@ -212,9 +215,20 @@ class Restorer:
         # Starting: never a rollback again from here.
         await self._bring_back(subject, uid, bool(status.get("wasRunning")))
         fields = {"phase": RestorePhase.SUCCEEDED, "completionTime": now_text()}
+        self._measure(str(status.get("startTime") or ""))
         message = f"{subject.instance} restored to {subject.target.root}@{name}"
         await self.writer.write(body, status, fields, ("True", Reason.RESTORED, message))
         self.post_event(body, "Normal", "Restored", message)
+
+    def _measure(self, started: str) -> None:
+        """tio_restore_seconds, from the recorded start (so a restore a restart interrupted counts whole)."""
+        if self.metrics is None or not started:
+            return
+        try:
+            begun = time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        except ValueError:
+            return
+        self.metrics.restore_seconds.observe(max(0.0, time.time() - begun))
 
     async def _bring_back(self, subject: Subject, uid: str, was_running: bool) -> None:
         power = subject.desired.spec.power_state or PowerState.RUNNING
