@@ -73,3 +73,22 @@ def test_the_cap_refuses_the_snapshot_past_it(harness: Harness, cluster: Cluster
     creates = [m for m, _ in writes(harness, name) if m.endswith("snapshot.create")]
     assert len(creates) == 1
     harness.delete(ns, name)
+
+
+def test_a_rest_connection_says_snapshots_need_json_rpc_once(harness: Harness, cluster: Cluster) -> None:
+    """The snapshot calls go over JSON-RPC only (their filters have no REST form here): a snapshot
+    through a REST TrueNASConnection ends Failed, APIUnavailable, instead of retrying forever."""
+    ns = namespace(harness, cluster, "rest-")
+    harness.connect_namespace(ns, harness.sim, transport="rest")
+    name = make_instance_via(harness, ns, {"connectionRef": {"name": "nas"}})
+    apply(harness, ns, "IncusInstanceSnapshot", "over-rest", {"instanceRef": {"name": name}})
+    reason, message = ready_reason(wait_phase(harness, ns, "incusinstancesnapshots", "over-rest", "Failed"))
+    assert reason == "APIUnavailable" and "not available over REST" in message, message
+    harness.delete(ns, name)
+
+
+def make_instance_via(harness: Harness, ns: str, spec: dict[str, Any]) -> str:
+    name = f"ct-{uuid.uuid4().hex[:6]}"
+    harness.apply(ns, name, spec)
+    harness.wait_ready(ns, name, timeout=90)
+    return name

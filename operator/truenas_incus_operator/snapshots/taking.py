@@ -27,7 +27,7 @@ from ..models import Consistency, IncusInstanceSnapshotSpec, PowerState, Snapsho
 from ..policy import Policy
 from ..problems import OperatorError, Reason, problem_of
 from ..reconcile import Hold
-from ..truenas import CallFailed, InstanceStatus, NotOurs, SnapshotInfo, TransportError, TrueNASError
+from ..truenas import APIUnavailable, CallFailed, InstanceStatus, NotOurs, SnapshotInfo, TransportError, TrueNASError
 from .subject import (
     CONNECT_WAIT_SECONDS,
     RETRY_SECONDS,
@@ -75,7 +75,10 @@ def described(info: SnapshotInfo) -> dict[str, Any]:
 
 
 def permanent(exc: TrueNASError) -> bool:
-    """TrueNAS refused the call itself (validation, not found, not ours): asking again is the same."""
+    """TrueNAS refused the call itself (validation, not found, not ours), or the connection cannot make
+    it (a REST connection: the snapshot calls go over JSON-RPC only): asking again is the same."""
+    if isinstance(exc, APIUnavailable):
+        return True
     return isinstance(exc, CallFailed) and not isinstance(exc, TransportError) and exc.errno != 16  # EBUSY
 
 
