@@ -231,3 +231,27 @@ def test_admission_refuses_a_restore_without_exactly_one_source_and_any_spec_cha
     changed = {"apiVersion": GROUP, "kind": "IncusInstanceSnapshot", "metadata": {"name": "fixed"}}
     result = harness.cluster.apply({**changed, "spec": {"instanceRef": {"name": "another"}}}, ns)
     assert result.returncode != 0 and "spec is immutable" in result.stderr
+
+
+def test_a_restore_deleted_before_its_rollback_is_cancelled(harness: Harness, ns: str) -> None:
+    """Deleting a restore while it stops the instance cancels it: nothing is rolled back, and the
+    instance goes back to what its spec says (a slow stop job gives the time to delete it)."""
+    name = make_instance(harness, ns, "CONTAINER")
+    apply(harness, ns, "IncusInstanceSnapshot", "base", {"instanceRef": {"name": name}})
+    wait_phase(harness, ns, "incusinstancesnapshots", "base", "Ready")
+    harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 3.0))
+    try:
+        apply(
+            harness,
+            ns,
+            "IncusInstanceRestore",
+            "oops",
+            {"instanceRef": {"name": name}, "snapshotRef": {"name": "base"}},
+        )
+        wait_phase(harness, ns, "incusinstancerestores", "oops", "Stopping")
+        harness.cluster.kubectl("delete", "incusinstancerestore", "oops", "-n", ns)
+    finally:
+        harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 0.05))
+    harness.wait_ready(ns, name, timeout=90)
+    assert not any(m in ROLLBACKS for m, _ in writes(harness, name)), writes(harness, name)
+    harness.delete(ns, name)

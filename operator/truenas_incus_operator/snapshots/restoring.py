@@ -17,6 +17,7 @@ restart (docs/snapshots.md):
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -47,10 +48,15 @@ from .subject import (
 from .taking import PLURAL as SNAPSHOTS
 from .taking import permanent
 
+log = logging.getLogger(__name__)
 PLURAL = "incusinstancerestores"
 KIND = "IncusInstanceRestore"
 IN_FLIGHT = (RestorePhase.STOPPING, RestorePhase.ROLLING_BACK)
 """Phases in which the instance must stay stopped, whatever else happens (the index holds it)."""
+
+
+class Cancelled(Exception):
+    """The restore was deleted before its rollback: nothing is rolled back, the hold goes."""
 
 
 def now_text() -> str:
@@ -95,6 +101,9 @@ class Restorer:
             pinned = (status.get("source") or {}).get("uid")
             subject = await self.subjects.resolve(namespace, spec.instance_ref.name, pinned)
             await self._restore(body, status, spec, subject, uid)
+        except Cancelled as exc:
+            self.holds.release((namespace, ref), uid)
+            log.info("%s %s was deleted before its rollback: cancelled, nothing rolled back", KIND, exc)
         except Refused as exc:
             await self._fail(body, status, (namespace, ref), uid, exc.problem.reason, exc.problem.message)
         except OperatorError as exc:
@@ -199,6 +208,7 @@ class Restorer:
             if chosen is None:
                 raise refused(Reason.SNAPSHOT_NOT_FOUND, f"{subject.target.root}@{name} does not exist on TrueNAS")
             doomed = [f"{subject.target.root}@{s.name}" for s in listed if s.txg > chosen.txg]
+            await self._still_wanted(body)
             recorded = list(status.get("destroyedSnapshots") or [])
             fields = {"phase": RestorePhase.ROLLING_BACK, "destroyedSnapshots": sorted({*recorded, *doomed})}
             await self.writer.write(body, status, fields, ("False", Reason.ROLLING_BACK, f"rolling back to {name}"))
@@ -219,6 +229,15 @@ class Restorer:
         message = f"{subject.instance} restored to {subject.target.root}@{name}"
         await self.writer.write(body, status, fields, ("True", Reason.RESTORED, message))
         self.post_event(body, "Normal", "Restored", message)
+
+    async def _still_wanted(self, body: Mapping[str, Any]) -> None:
+        """Read again just before the rollback: a restore deleted meanwhile is cancelled, never carried
+        out (kopf brings its deletion only after this handler returns)."""
+        namespace, name = key_of(body)
+        current = await self.kube.read_object(PLURAL, namespace, name)
+        meta = (current or {}).get("metadata") or {}
+        if current is None or meta.get("uid") != uid_of(body) or meta.get("deletionTimestamp"):
+            raise Cancelled(f"{namespace}/{name}")
 
     def _measure(self, started: str) -> None:
         """tio_restore_seconds, from the recorded start (so a restore a restart interrupted counts whole)."""
