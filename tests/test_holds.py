@@ -122,3 +122,25 @@ async def test_confirm_reads_the_holders_from_the_api_server_before_a_start() ->
     assert registry.get(KEY) is None
     assert await registry.confirm(KEY) == Hold("Stopped", "IncusInstanceRestore undo")
     assert sorted(kube.asked) == sorted([(RESTORES, "apps"), (SNAPSHOTS, "apps")])
+
+
+def test_a_deleted_holders_late_handler_holds_nothing() -> None:
+    """Hostile review F4: a restore deleted while its handler waited on TrueNAS held again afterwards,
+    and nothing was left to release it."""
+    registry, _ = holds()
+    registry.observe(RESTORES, restore("Stopping"), deleted=True)
+    registry.hold(KEY, "r-1", Hold("Stopped", "IncusInstanceRestore undo"))
+    assert registry.get(KEY) is None
+
+
+def test_the_loops_actions_in_flight_are_known() -> None:
+    """Hostile review F3: on 25.04.0 a container reads STOPPED while its start job runs; a restore
+    rolls back only when the instance's loop has no action in flight."""
+    registry, _ = holds()
+    assert not registry.acting(KEY)
+    with registry.action(KEY):
+        assert registry.acting(KEY) and not registry.acting(("apps", "other"))
+        with registry.action(KEY):
+            assert registry.acting(KEY)
+        assert registry.acting(KEY)
+    assert not registry.acting(KEY)

@@ -255,3 +255,34 @@ def test_a_restore_deleted_before_its_rollback_is_cancelled(harness: Harness, ns
     harness.wait_ready(ns, name, timeout=90)
     assert not any(m in ROLLBACKS for m, _ in writes(harness, name)), writes(harness, name)
     harness.delete(ns, name)
+
+
+def test_a_snapshot_taken_while_the_restore_stops_the_instance_fails_it_and_frees_the_instance(
+    harness: Harness, ns: str
+) -> None:
+    """Hostile review F1: "snapshot before restoring" in one apply made a newer snapshot appear after
+    the restore's Pending check; every rollback attempt was refused and the instance stayed stopped,
+    retried for ever. Now: Failed, NewerSnapshots naming it, and the instance back to its powerState."""
+    name = make_instance(harness, ns, "CONTAINER")
+    apply(harness, ns, "IncusInstanceSnapshot", "good", {"instanceRef": {"name": name}})
+    wait_phase(harness, ns, "incusinstancesnapshots", "good", "Ready")
+    harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 3.0))
+    try:
+        apply(
+            harness,
+            ns,
+            "IncusInstanceRestore",
+            "undo",
+            {"instanceRef": {"name": name}, "snapshotRef": {"name": "good"}},
+        )
+        wait_phase(harness, ns, "incusinstancerestores", "undo", "Stopping")
+        apply(harness, ns, "IncusInstanceSnapshot", "late", {"instanceRef": {"name": name}})
+        late = wait_phase(harness, ns, "incusinstancesnapshots", "late", "Ready")
+    finally:
+        harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 0.05))
+    failed = wait_phase(harness, ns, "incusinstancerestores", "undo", "Failed", timeout=90)
+    (ready,) = [c for c in failed["conditions"] if c["type"] == "Ready"]
+    assert ready["reason"] == "NewerSnapshots" and late["snapshotName"] in ready["message"], ready
+    harness.wait_ready(ns, name, timeout=90)
+    assert not any(m in ROLLBACKS for m, _ in writes(harness, name))
+    harness.delete(ns, name)

@@ -92,3 +92,20 @@ def make_instance_via(harness: Harness, ns: str, spec: dict[str, Any]) -> str:
     harness.apply(ns, name, spec)
     harness.wait_ready(ns, name, timeout=90)
     return name
+
+
+def test_the_cap_counts_only_this_instances_snapshots(harness: Harness, cluster: Cluster) -> None:
+    """Hostile review F6: the cap counted snapshot-ledger records by instance name, and records of a
+    deleted IncusInstance outlived it, so another tenant who later used the name was refused. Now the
+    operator's snapshots of the instance on TrueNAS are counted."""
+    first = namespace(harness, cluster, "a-")
+    name = make_instance(harness, first, "CONTAINER")
+    apply(harness, first, "IncusInstanceSnapshot", "one", {"instanceRef": {"name": name}})
+    wait_phase(harness, first, "incusinstancesnapshots", "one", "Ready")
+    assert harness.delete(first, name).returncode == 0
+    second = namespace(harness, cluster, "b-")
+    harness.apply(second, name, {})
+    harness.wait_ready(second, name, timeout=90)
+    apply(harness, second, "IncusInstanceSnapshot", "mine", {"instanceRef": {"name": name}})
+    wait_phase(harness, second, "incusinstancesnapshots", "mine", "Ready")
+    harness.delete(second, name)

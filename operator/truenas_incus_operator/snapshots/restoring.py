@@ -51,6 +51,8 @@ from .taking import permanent
 log = logging.getLogger(__name__)
 PLURAL = "incusinstancerestores"
 KIND = "IncusInstanceRestore"
+MAX_LISTED_DESTROYED = 100
+"""status.destroyedSnapshots names at most this many (destroyedSnapshotCount counts them all)."""
 IN_FLIGHT = (RestorePhase.STOPPING, RestorePhase.ROLLING_BACK)
 """Phases in which the instance must stay stopped, whatever else happens (the index holds it)."""
 
@@ -111,7 +113,9 @@ class Restorer:
             raise
         except TrueNASError as exc:
             problem = problem_of(exc)
-            if permanent(exc) and status.get("phase") in (None, RestorePhase.PENDING):
+            if permanent(exc) and status.get("phase") in (None, RestorePhase.PENDING, *IN_FLIGHT):
+                # TrueNAS refused (newer snapshots appeared meanwhile, a clone, a hold): asking again is
+                # the same, and the instance must not stay stopped for a restore that cannot happen.
                 await self._fail(body, status, (namespace, ref), uid, problem.reason, problem.message)
                 return
             await self._pending(body, status, problem.reason, problem.message)
@@ -126,9 +130,14 @@ class Restorer:
         reason: Reason,
         message: str,
     ) -> None:
-        if status.get("phase") in IN_FLIGHT:
+        if status.get("phase") == RestorePhase.STOPPING:
             # Stopped for this restore and not rolled back: it goes back to what its spec says.
             message = f"{message}; the instance was not rolled back"
+        elif status.get("phase") == RestorePhase.ROLLING_BACK:
+            message = (
+                f"{message}; the rollback did not finish (check the datasets on TrueNAS); the instance goes "
+                "back to its powerState"
+            )
         self.holds.release(key, uid)
         fields = {"phase": RestorePhase.FAILED, "completionTime": now_text()}
         await self.writer.write(body, status, fields, ("False", reason, message))
@@ -201,16 +210,32 @@ class Restorer:
         if phase in IN_FLIGHT:
             self.holds.hold(subject.key, uid, Hold(PowerState.STOPPED, me))
             seconds = subject.desired.stop_timeout + 60.0
-            if not await wait_for_state(subject, lambda s: s == InstanceStatus.STOPPED, seconds):
+            stopped = await wait_for_state(
+                subject, lambda s: s == InstanceStatus.STOPPED, seconds, idle=lambda: not self.holds.acting(subject.key)
+            )
+            if not stopped:
                 raise waiting(Reason.STOPPING, f"waiting for the instance {subject.instance!r} to stop")
             listed = await snapshots.of(subject.target)
             chosen = next((s for s in listed if s.name == name), None)
             if chosen is None:
                 raise refused(Reason.SNAPSHOT_NOT_FOUND, f"{subject.target.root}@{name} does not exist on TrueNAS")
             doomed = [f"{subject.target.root}@{s.name}" for s in listed if s.txg > chosen.txg]
+            if doomed and not spec.allow_destroying_newer_snapshots and phase == RestorePhase.STOPPING:
+                # Taken since the check at Pending (a snapshot applied with the restore, a periodic task).
+                raise refused(
+                    Reason.NEWER_SNAPSHOTS,
+                    f"rolling back to {subject.target.root}@{name} would destroy the newer snapshots "
+                    f"{', '.join(doomed)}, taken since the restore began; set allowDestroyingNewerSnapshots: true "
+                    "to allow it",
+                )
             await self._still_wanted(body)
             recorded = list(status.get("destroyedSnapshots") or [])
-            fields = {"phase": RestorePhase.ROLLING_BACK, "destroyedSnapshots": sorted({*recorded, *doomed})}
+            every = sorted({*recorded, *doomed})
+            fields = {
+                "phase": RestorePhase.ROLLING_BACK,
+                "destroyedSnapshots": every[:MAX_LISTED_DESTROYED],
+                "destroyedSnapshotCount": max(len(every), int(status.get("destroyedSnapshotCount") or 0)),
+            }
             await self.writer.write(body, status, fields, ("False", Reason.ROLLING_BACK, f"rolling back to {name}"))
             await snapshots.rollback(subject.target, name, destroy_newer=bool(spec.allow_destroying_newer_snapshots))
             await self.writer.write(

@@ -160,7 +160,7 @@ class SnapshotTaker:
         identity = subject.connection.identity
         record = self.ledger.get(identity, ledger_key(subject.instance, name))
         if record is None:
-            self._check_policy(subject, uid)
+            self._check_policy(subject, uid, await snapshots.of(subject.target))
             record = await self.ledger.claim(
                 identity,
                 ledger_key(subject.instance, name),
@@ -200,7 +200,7 @@ class SnapshotTaker:
         if stopped:
             await self._start_again(subject, uid, was_running)
 
-    def _check_policy(self, subject: Subject, uid: str) -> None:
+    def _check_policy(self, subject: Subject, uid: str, listed: list[SnapshotInfo]) -> None:
         """The administrator's policy (policy.py), before anything is claimed or taken."""
         namespace, connection = subject.key[0], subject.connection.key
         violation = self.policy.snapshot_violation(namespace, connection, "snapshot")
@@ -209,12 +209,9 @@ class SnapshotTaker:
         label, cap = self.policy.snapshot_cap(namespace, connection)
         if cap is None:
             return
-        prefix = ledger_key(subject.instance, "")
-        taken = [
-            r
-            for r in self.ledger.records.values()
-            if r.truenas == subject.connection.identity and r.instance.startswith(prefix) and r.owner_uid != uid
-        ]
+        # The operator's snapshots of this very instance, as TrueNAS lists them (ledger records of an
+        # earlier instance of the same name would count against another tenant).
+        taken = [s for s in listed if s.owner is not None and s.owner != uid]
         if len(taken) >= cap:
             raise refused(
                 Reason.POLICY_DENIED,
