@@ -141,8 +141,10 @@ async def test_periodic_tasks_are_created_found_changed_and_deleted(profile: str
         assert made["dataset"] == "tank/home" and made["lifetime_unit"] == "HOUR"
         assert await tasks.get(made["id"]) == made
         assert await tasks.get(made["id"] + 1) is None
-        assert [t["id"] for t in await tasks.find("tank/home", SCHEMA)] == [made["id"]]
-        assert await tasks.find("tank/home", "auto-%Y-%m-%d_%H-%M") == []
+        assert [t["id"] for t in await tasks.find(SCHEMA, "tank/home")] == [made["id"]]
+        assert [t["id"] for t in await tasks.find(SCHEMA)] == [made["id"]]
+        assert await tasks.find(SCHEMA, "tank/other") == []
+        assert await tasks.find("auto-%Y-%m-%d_%H-%M", "tank/home") == []
         changed = await tasks.update(made["id"], {**TASK, "dataset": "tank/home", "lifetime_value": 5})
         assert changed["lifetime_value"] == 5 and sim.storage.tasks.tasks[made["id"]].lifetime_value == 5
         assert await tasks.delete(made["id"]) is True

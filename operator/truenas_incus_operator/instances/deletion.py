@@ -1,6 +1,7 @@
 """Deleting an IncusInstance: stop and delete the instances the ledger says it owns (or leave them,
 with ``deletionPolicy: Orphan``), then release the ledger records. kopf keeps the finalizer until
-this succeeds. A resource that owns nothing is done at once, whatever state its connection is in."""
+this succeeds. A resource that owns nothing is done at once, whatever state its connection is in.
+spec.snapshots's periodic snapshot task goes before its instance (instances/schedules.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .executor import Executor
 from .ledger import Ledger, Record, RecordState
 from .reporter import Reporter, backoff_delay
 from .resource import LoopState, ResourceKey, deletion_view, resource_key
+from .schedules import Schedules
 
 CONNECT_WAIT_SECONDS = 10.0
 DELETE_ATTEMPTS = 4
@@ -33,12 +35,14 @@ class Deletion:
         ledger: Ledger,
         reporter: Reporter,
         executor: Executor,
+        schedules: Schedules | None = None,
     ) -> None:
         self.settings = settings
         self.connections = connections
         self.ledger = ledger
         self.reporter = reporter
         self.executor = executor
+        self.schedules = schedules
         self._posted: dict[ResourceKey, LoopState] = {}
         """Per resource being deleted: which problem was posted last (one Event per distinct problem)."""
 
@@ -55,15 +59,23 @@ class Deletion:
             if key in self.executor.creating:
                 raise fail(Reason.CREATE_IN_PROGRESS, f"{desired.instance_name} is being created", retry_after=1.0)
             records = self.ledger.owned_by(desired.uid)
+            orphan = desired.deletion_policy == "Orphan"
             if not records:
+                if self.schedules is not None:
+                    await self.schedules.forget_owner(body, desired.uid, orphan)
                 self.forget(key)
                 return  # it never created nor adopted anything: nothing to do on TrueNAS
-            if desired.deletion_policy == "Orphan":
+            if orphan:
                 for record in records:
+                    connection = self.connections.connections.get(record.connection)
+                    if self.schedules is not None and connection is not None and connection.ready.is_set():
+                        await self.schedules.before_delete(body, connection, record.instance, desired.uid, True)
                     await self.ledger.release(record)
                     self.reporter.post_event(
                         body, "Normal", "Orphaned", f"left {record.instance} on TrueNAS (deletionPolicy: Orphan)"
                     )
+                if self.schedules is not None:
+                    await self.schedules.forget_owner(body, desired.uid, orphan)
                 self.forget(key)
                 return
             for record in records:
@@ -81,6 +93,8 @@ class Deletion:
                     )
                 await self._delete_one(body, state, desired, connection, record)
                 self.reporter.post_event(body, "Normal", "Deleted", f"deleted {record.instance} on TrueNAS")
+            if self.schedules is not None:
+                await self.schedules.forget_owner(body, desired.uid, orphan)
             self.forget(key)
             return
         except OperatorError as exc:
@@ -114,6 +128,11 @@ class Deletion:
         fresh = await self.ledger.reread(record.truenas, record.instance)
         if fresh is None or fresh.owner_uid != desired.uid:
             return  # not (or no longer) ours: never touch it
+        if self.schedules is not None:
+            # The periodic snapshot task and its snapshots first: the task would run on a vanished
+            # dataset, and TrueNAS 26 refuses to delete a container whose dataset has snapshots.
+            self.executor.fence.check()
+            await self.schedules.before_delete(body, connection, fresh.instance, desired.uid, False)
         # The instance the record names (spec.name cannot change once it exists).
         ours = replace(
             desired, spec=desired.spec.model_copy(update={"name": fresh.instance}), ownership=Ownership(mine=True)

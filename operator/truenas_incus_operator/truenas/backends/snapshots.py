@@ -230,9 +230,11 @@ class SnapshotTasks:
         found = [e for e in entries or [] if isinstance(e, dict) and e.get("id") == task_id]
         return found[0] if found else None
 
-    async def find(self, dataset: str, naming_schema: str) -> list[dict[str, Any]]:
-        """The tasks on ``dataset`` whose naming schema is ``naming_schema``."""
-        filters = [["dataset", "=", dataset], ["naming_schema", "=", naming_schema]]
+    async def find(self, naming_schema: str, dataset: str | None = None) -> list[dict[str, Any]]:
+        """The tasks whose naming schema is ``naming_schema`` (on ``dataset`` only, when given)."""
+        filters: list[Any] = [["naming_schema", "=", naming_schema]]
+        if dataset is not None:
+            filters.append(["dataset", "=", dataset])
         entries = await self.transport.call(f"{self.NAMESPACE}.query", filters, {}, idempotent=True)
         return [e for e in entries or [] if isinstance(e, dict) and isinstance(e.get("id"), int)]
 
