@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import CallFailed, FieldError, NotFound
 from ..transports.base import Transport
-from ..types import SnapshotTarget
+from ..types import Calls, SnapshotTarget
 
 __all__ = [
     "OWNER_PROPERTY",
@@ -99,6 +99,14 @@ def _number(prop: Any) -> int | None:
 
 
 class Snapshots:
+    @staticmethod
+    def calls(version: tuple[int, ...]) -> Calls:
+        """What taking, listing, rolling back and deleting snapshots calls on ``version`` (doctor checks them)."""
+        namespace = "pool.snapshot" if version >= (25, 10) else "zfs.snapshot"
+        return Calls(
+            reads=(f"{namespace}.query",), writes=tuple(f"{namespace}.{v}" for v in ("create", "rollback", "delete"))
+        )
+
     def __init__(self, transport: Transport, version: tuple[int, ...]) -> None:
         self.transport = transport
         self.namespace = "pool.snapshot" if version >= (25, 10) else "zfs.snapshot"
@@ -220,6 +228,14 @@ class SnapshotTasks:
     once older than ``lifetime_value`` ``lifetime_unit``, whether or not anyone is connected."""
 
     NAMESPACE = "pool.snapshottask"
+
+    @staticmethod
+    def calls(version: tuple[int, ...]) -> Calls:
+        """The same on every version (doctor checks them)."""
+        return Calls(
+            reads=(f"{SnapshotTasks.NAMESPACE}.query",),
+            writes=tuple(f"{SnapshotTasks.NAMESPACE}.{v}" for v in ("create", "update", "delete")),
+        )
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
