@@ -26,10 +26,7 @@ class Kube(FakeKube):
         return []
 
 
-REST_DEFECT = pytest.mark.xfail(strict=True, reason="defect: over REST, deletion lists snapshots, which REST cannot")
-
-
-@pytest.mark.parametrize("transport", ["websocket", pytest.param("rest", marks=REST_DEFECT)])
+@pytest.mark.parametrize("transport", ["websocket", "rest"])
 @pytest.mark.parametrize("profile", ["25.04.2", "25.10"])
 async def test_an_instance_is_deleted_over_either_transport(profile: str, transport: str) -> None:
     async with serve(profile) as (sim, server), client_for(server, transport) as client:

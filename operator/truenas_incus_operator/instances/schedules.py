@@ -450,7 +450,11 @@ class Schedules:
             return
         schema = naming_schema(uid)
         snapshots = client.snapshots
-        for snapshot in await snapshots.of(target):
+        try:
+            found = await snapshots.of(target)
+        except APIUnavailable:
+            return  # REST (25.x only): no snapshot calls, so no task made any over it
+        for snapshot in found:
             if snapshot.owner is None and parses(snapshot.name, schema):
                 self.fence.check()
                 try:
