@@ -500,3 +500,22 @@ def test_a_schedule_record_keeps_its_task_id_and_is_no_other_ledgers_record() ->
     assert Record.from_manifest(without.manifest(LEDGER_NAMESPACE)) == without
     instance = Record("nas-1", "web01", UID, "apps/web01", "<default>", RecordState.CREATED)
     assert instance.name != record.name, "one instance's records in two ledgers never share a ConfigMap"
+
+
+async def test_over_rest_the_schedule_is_reported_and_nothing_stays_owned() -> None:
+    async with serve("25.10") as (sim, server), client_for(server, "rest") as client:
+        kube, events = Kube(), []
+        settings = Settings(resync_seconds=30.0, ledger_namespace=LEDGER_NAMESPACE)
+        operator = build(settings, kube, lambda *e: events.append(e), clock=lambda: NOW, policy=Policy())
+        connection = Connection("<default>", ConnectionConfig(url=server.url, api_key=Secret("x")), resync_seconds=30)
+        connection.attach(client, await client.instances.list_instances())
+        operator.connections.connections["<default>"] = connection
+        state = LoopState(status={})
+        for _ in range(2):
+            await operator.loops.reconcile_once(scheduled(), state, lambda: None)
+        synced = condition(state.status, "Synced")
+        assert (synced["status"], synced["reason"]) == ("True", "PartiallyApplied")
+        assert "cannot be used over this connection" in synced["message"]
+        assert operator.schedule_ledger.owned_by(UID) == []
+        await operator.deletion.delete(scheduled(deleting=True), retry=0)
+        assert "web01" not in sim.names()

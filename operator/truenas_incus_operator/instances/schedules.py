@@ -355,7 +355,12 @@ class Schedules:
             entry = None  # the id names another task now (TrueNAS reuses the highest id): not ours
         if entry is None:
             # Never recorded (a crash between the create and the record), or gone from TrueNAS.
-            found = sorted(await tasks.find(schema, str(payload["dataset"])), key=lambda t: int(t["id"]))
+            try:
+                found = sorted(await tasks.find(schema, str(payload["dataset"])), key=lambda t: int(t["id"]))
+            except APIUnavailable:
+                if record.task_id is None:
+                    await self.ledger.release(record)  # no task can be made over this transport either
+                raise
             entry = found[0] if found else await self._create(body, record, tasks, payload)
             if record.task_id is not None and not found:
                 self.post_event(
@@ -406,11 +411,17 @@ class Schedules:
         schema is the resource's) and releases the record. The task's snapshots stay."""
         tasks = client.snapshot_tasks
         ids: set[int] = set()
-        if record.task_id is not None:
-            entry = await tasks.get(record.task_id)
-            if entry is not None and entry.get("naming_schema") == schema:
-                ids.add(record.task_id)
-        ids |= {int(t["id"]) for t in await tasks.find(schema)}
+        try:
+            if record.task_id is not None:
+                entry = await tasks.get(record.task_id)
+                if entry is not None and entry.get("naming_schema") == schema:
+                    ids.add(record.task_id)
+            ids |= {int(t["id"]) for t in await tasks.find(schema)}
+        except APIUnavailable:
+            if record.task_id is not None:
+                raise  # a task made over another transport: deleted only where it can be
+            await self.ledger.release(record)
+            return []
         for task_id in sorted(ids):
             self.fence.check()
             await tasks.delete(task_id)
