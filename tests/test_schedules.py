@@ -31,6 +31,7 @@ from truenas_incus_operator.instances.schedules import (
 )
 from truenas_incus_operator.models import MAX_LISTED_SNAPSHOTS, SnapshotSchedule
 from truenas_incus_operator.policy import Policy, ScheduleError
+from truenas_incus_operator.problems import OperatorError
 from truenas_incus_operator.reconcile import Ownership, Plan
 from truenas_incus_operator.settings import Settings
 from truenas_incus_operator.status import SnapshotsView, as_patch, render_instance
@@ -519,3 +520,19 @@ async def test_over_rest_the_schedule_is_reported_and_nothing_stays_owned() -> N
         assert operator.schedule_ledger.owned_by(UID) == []
         await operator.deletion.delete(scheduled(deleting=True), retry=0)
         assert "web01" not in sim.names()
+
+
+async def test_what_a_removed_schedule_made_goes_with_the_instance_and_nothing_else() -> None:
+    async with rig("26.0") as r:
+        state = LoopState(status={})
+        await r.settle(scheduled(), state)
+        dataset = "tank/.truenas_containers/containers/web01"
+        r.sim.storage.tasks.advance(2 * 3600)
+        await r.settle(resource("web01", uid=UID, generation=2), state)  # the field removed: the task goes
+        assert r.tasks() == {} and len([s for s in r.sim.storage.snapshots if s.startswith(f"{dataset}@")]) == 2
+        await r.sim.call(session(r.sim), "pool.snapshot.create", [{"dataset": dataset, "name": "by-hand"}])
+        with pytest.raises(OperatorError, match="has snapshots"):
+            await r.operator.deletion.delete(resource("web01", uid=UID, deleting=True), retry=0)
+        assert [s for s in r.sim.storage.snapshots if s.startswith(f"{dataset}@")] == [f"{dataset}@by-hand"], (
+            "the task's went, the hand-made one is reported, not deleted"
+        )

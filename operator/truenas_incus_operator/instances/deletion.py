@@ -17,11 +17,12 @@ from ..problems import OperatorError, Problem, Reason, fail, problem_of
 from ..reconcile import Delete, Desired, Ownership, plan_delete
 from ..settings import Settings
 from ..truenas import APIUnavailable, NotFound, TrueNASError
+from ..truenas.backends.snapshots import parses
 from .executor import Executor
 from .ledger import Ledger, Record, RecordState
 from .reporter import Reporter, backoff_delay
 from .resource import LoopState, ResourceKey, deletion_view, resource_key
-from .schedules import Schedules
+from .schedules import Schedules, naming_schema
 
 CONNECT_WAIT_SECONDS = 10.0
 DELETE_ATTEMPTS = 4
@@ -67,9 +68,6 @@ class Deletion:
                 return  # it never created nor adopted anything: nothing to do on TrueNAS
             if orphan:
                 for record in records:
-                    connection = self.connections.connections.get(record.connection)
-                    if self.schedules is not None and connection is not None and connection.ready.is_set():
-                        await self.schedules.before_delete(body, connection, record.instance, desired.uid, True)
                     await self.ledger.release(record)
                     self.reporter.post_event(
                         body, "Normal", "Orphaned", f"left {record.instance} on TrueNAS (deletionPolicy: Orphan)"
@@ -129,10 +127,10 @@ class Deletion:
         if fresh is None or fresh.owner_uid != desired.uid:
             return  # not (or no longer) ours: never touch it
         if self.schedules is not None:
-            # The periodic snapshot task and its snapshots first: the task would run on a vanished
-            # dataset, and TrueNAS 26 refuses to delete a container whose dataset has snapshots.
+            # The periodic snapshot task first: it would run on a vanished dataset (its snapshots go
+            # with the operator's own, just before the instance).
             self.executor.fence.check()
-            await self.schedules.before_delete(body, connection, fresh.instance, desired.uid, False)
+            await self.schedules.before_delete(body, connection, fresh.instance, desired.uid)
         # The instance the record names (spec.name cannot change once it exists).
         ours = replace(
             desired, spec=desired.spec.model_copy(update={"name": fresh.instance}), ownership=Ownership(mine=True)
@@ -168,7 +166,7 @@ class Deletion:
                 return
             await self.reporter.write(state, ours, observed, activity=Phase.DELETING, version=connection.version)
             if any(isinstance(a, Delete) for a in current.actions):
-                await self._drop_snapshots(connection, fresh.instance)
+                await self._drop_snapshots(connection, fresh.instance, desired.uid)
             for action in current.actions:
                 try:
                     await self.executor.execute(body, state, ours, connection, observed, action)
@@ -179,11 +177,12 @@ class Deletion:
             raise fail(Reason.DELETE_FAILED, f"waiting to delete the instance: {waited}; will retry")
         raise fail(Reason.DELETE_FAILED, "the instance is still there after deleting it")
 
-    async def _drop_snapshots(self, connection: Connection, instance: str) -> None:
+    async def _drop_snapshots(self, connection: Connection, instance: str, uid: str) -> None:
         """The operator's own snapshots of the instance (IncusInstanceSnapshots: they carry the owner
-        property) go before the instance: ZFS destroys a dataset's snapshots with it, and TrueNAS 26's
-        container.delete refuses a dataset that has any (docs/snapshots.md). Snapshots someone else
-        took are left: where they block the delete, TrueNAS's refusal is reported."""
+        property; spec.snapshots's task: its naming schema, the resource's ``uid``'s) go before the
+        instance: ZFS destroys a dataset's snapshots with it, and TrueNAS 26's container.delete refuses
+        a dataset that has any (docs/snapshots.md). Snapshots someone else took are left: where they
+        block the delete, TrueNAS's refusal is reported."""
         client = connection.client
         if client is None:
             return
@@ -197,7 +196,11 @@ class Deletion:
             # REST (25.x only) has no snapshot calls: the operator took none over it, and Incus
             # destroys an instance's datasets with their snapshots on 25.x.
             return
+        schema = naming_schema(uid)
         for snapshot in found:
             if snapshot.owner is not None:
                 self.executor.fence.check()
                 await snapshots.delete(target, snapshot.name, owner=snapshot.owner)
+            elif parses(snapshot.name, schema):
+                self.executor.fence.check()
+                await snapshots.delete_scheduled(target, snapshot.name, schema)

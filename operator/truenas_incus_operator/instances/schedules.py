@@ -49,7 +49,6 @@ from ..truenas import (
     SCHEDULE_PREFIX,
     APIUnavailable,
     CallFailed,
-    NotOurs,
     ObservedInstance,
     SnapshotInfo,
     SnapshotTarget,
@@ -432,59 +431,30 @@ class Schedules:
         return sorted(ids)
 
     # ----- deletion -----------------------------------------------------------------------------------------
-    async def before_delete(
-        self, body: Mapping[str, Any], connection: Connection, instance: str, uid: str, orphan: bool
-    ) -> None:
-        """Before the instance goes: its task (a task on a vanished dataset fails on every run) and the
-        snapshots the task made (they carry no owner property; TrueNAS 26 refuses to delete a
-        container whose dataset still has snapshots). ``orphan``: the instance stays, so does the task."""
+    async def before_delete(self, body: Mapping[str, Any], connection: Connection, instance: str, uid: str) -> None:
+        """Before the instance goes: its task (a task on a vanished dataset fails on every run; the
+        snapshots it made go with the operator's own, deletion.py). No call unless the ledger records
+        a task of the resource."""
         client = connection.client
-        if client is None:
-            return
         record = self.ledger.get(connection.identity, schedule_key(instance))
-        if record is not None and record.owner_uid == uid:
-            if orphan:
-                await self.ledger.release(record)
-                shown = f"task {record.task_id}" if record.task_id is not None else "task"
-                self.post_event(
-                    body,
-                    "Normal",
-                    "Orphaned",
-                    f"left the periodic snapshot {shown} on TrueNAS (deletionPolicy: Orphan)",
-                )
-                return
+        if client is not None and record is not None and record.owner_uid == uid:
             await self._remove(body, client, record, naming_schema(uid), "the instance is being deleted")
-        if orphan:
-            return
-        target = await client.instances.snapshot_target(instance)
-        if target is None:
-            return
-        schema = naming_schema(uid)
-        snapshots = client.snapshots
-        try:
-            found = await snapshots.of(target)
-        except APIUnavailable:
-            return  # REST (25.x only): no snapshot calls, so no task made any over it
-        for snapshot in found:
-            if snapshot.owner is None and parses(snapshot.name, schema):
-                self.fence.check()
-                try:
-                    await snapshots.delete_scheduled(target, snapshot.name, schema)
-                except NotOurs:
-                    continue
 
     async def forget_owner(self, body: Mapping[str, Any], uid: str, orphan: bool) -> None:
-        """The resource's schedule records left once its instances are gone (or there were none)."""
+        """The resource's schedule records left once its instances are gone, or left on TrueNAS
+        (``orphan``: deletionPolicy Orphan; the task stays with its instance)."""
         for record in self.ledger.owned_by(uid):
             if orphan:
                 await self.ledger.release(record)
+                shown = f" {record.task_id}" if record.task_id is not None else ""
+                message = f"left the periodic snapshot task{shown} on TrueNAS (deletionPolicy: Orphan)"
+                self.post_event(body, "Normal", "Orphaned", message)
                 continue
             connection = self.connections.get(record.connection)
             client = connection.client
             if client is None or not connection.ready.is_set() or connection.identity != record.truenas:
-                raise fail(
-                    Reason.DELETE_FAILED, f"waiting for the TrueNAS that holds {record.instance}", retry_after=5.0
-                )
+                waiting = f"waiting for the TrueNAS that holds the task of {record.instance}"
+                raise fail(Reason.DELETE_FAILED, waiting, retry_after=5.0)
             await self._remove(body, client, record, naming_schema(uid), "its IncusInstance is being deleted")
 
 
