@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from truenas_incus_operator.crd import all_crds
 from truenas_incus_operator.models import MAX_SPEC_JSON_BYTES
 
 from .conftest import ROOT, Cluster
@@ -32,12 +33,17 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 def test_crds_are_established(cluster: Cluster) -> None:
-    for name in ("incusinstances.incus.truenas.io", "truenasconnections.incus.truenas.io"):
+    for name in (crd["metadata"]["name"] for crd in all_crds()):
         crd = json.loads(cluster.kubectl("get", "crd", name, "-o", "json").stdout)
         conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
         assert conditions["Established"] == "True"
         assert conditions["NamesAccepted"] == "True"
-        assert crd["status"]["acceptedNames"]["kind"] in ("IncusInstance", "TrueNASConnection")
+        assert crd["status"]["acceptedNames"]["kind"] in (
+            "IncusInstance",
+            "TrueNASConnection",
+            "IncusInstanceSnapshot",
+            "IncusInstanceRestore",
+        )
 
 
 def test_corpus_is_large_enough() -> None:

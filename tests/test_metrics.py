@@ -305,3 +305,24 @@ def _populated() -> Metrics:
     metrics.connection_state("nas", Client())
     metrics.resource_status(("apps", "a"), {"conditions": [{"type": "Synced", "status": "True", "reason": "X"}]})
     return metrics
+
+
+def test_snapshots_and_restores_are_counted_by_phase_with_bounded_labels() -> None:
+    from truenas_incus_operator.metrics import Metrics
+
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    metrics.holder_phase("incusinstancesnapshots", ("ns", "a"), "Creating")
+    metrics.holder_phase("incusinstancesnapshots", ("ns", "a"), "Ready")
+    metrics.holder_phase("incusinstancesnapshots", ("ns", "b"), "made-up by a tenant")
+    assert value("tio_incusinstancesnapshots", {"phase": "Ready"}) == 1
+    assert value("tio_incusinstancesnapshots", {"phase": "Creating"}) == 0
+    assert value("tio_incusinstancesnapshots", {"phase": "Unknown"}) == 1
+    assert value("tio_incusinstancesnapshots", {"phase": "made-up by a tenant"}) is None
+    metrics.holder_phase("incusinstancesnapshots", ("ns", "a"), None)
+    assert value("tio_incusinstancesnapshots", {"phase": "Ready"}) == 0
+    metrics.holder_phase("incusinstancerestores", ("ns", "a"), "Succeeded")
+    assert value("tio_incusinstancerestores", {"phase": "Succeeded"}) == 1
+    assert value("tio_incusinstancerestores", {"phase": "RollingBack"}) == 0
+    metrics.restore_seconds.observe(3.0)
+    assert value("tio_restore_seconds_count") == 1

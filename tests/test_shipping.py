@@ -120,18 +120,22 @@ def test_main_command_runs_the_demo_to_running(tmp_path: Path, cluster: Cluster)
     )
     lines: list[str] = []
     ready: set[str] = set()
-    deadline = time.monotonic() + 120
+    # The instances Running and Ready; examples/snapshot.yaml Ready (phase and condition), restore.yaml Succeeded.
+    wanted = {"web01", "media01", "vm01", "web01-before-upgrade", "web01-undo-upgrade"}
+    deadline = time.monotonic() + 150
     try:
         assert process.stdout is not None
-        while ready != {"web01", "media01", "vm01"} and time.monotonic() < deadline:
+        while ready != wanted and time.monotonic() < deadline:
             line = process.stdout.readline()
             if not line:
                 break
             lines.append(line)
             columns = line.split()
-            if len(columns) >= 9 and columns[3] == "Running" and columns[-2] == "True":
+            if len(columns) >= 9 and columns[3] in ("Running", "Ready") and columns[-2] == "True":
                 ready.add(columns[1])
-        assert ready == {"web01", "media01", "vm01"}, "".join(lines)
+            if len(columns) >= 6 and "Succeeded" in columns[2:-2] and columns[-2] == "True":
+                ready.add(columns[1])
+        assert ready == wanted, "".join(lines)
         assert any("control plane ready" in line for line in lines)
     finally:
         process.send_signal(signal.SIGINT)

@@ -5,6 +5,7 @@ refused by name unless allowed, a snapshot taken stopped, deletion with the reso
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -140,6 +141,10 @@ def test_snapshot_and_restore_in_place(harness: Harness, ns: str, kind: str) -> 
     harness.wait_ready(ns, name, timeout=60)
     after = harness.get(ns, name)
     assert after["spec"] == before["spec"] and after["metadata"]["generation"] == before["metadata"]["generation"]
+    # As Argo CD diffs it (tests/test_argocd_diff.py): the manifest from Git against the live object.
+    manifest = {"apiVersion": GROUP, "kind": "IncusInstance", "metadata": {"name": name}, "spec": before["spec"]}
+    diff = harness.cluster.kubectl("diff", "-n", ns, "-f", "-", input=json.dumps(manifest), check=False)
+    assert diff.returncode == 0, f"the restore put the IncusInstance out of sync:\n{diff.stdout}{diff.stderr}"
     log = writes(harness, name)
     rollback = max(i for i, (method, _) in enumerate(log) if method in ROLLBACKS)
     assert any(m.endswith((".stop", ".poweroff")) for m, _ in log[:rollback]), log
@@ -226,3 +231,58 @@ def test_admission_refuses_a_restore_without_exactly_one_source_and_any_spec_cha
     changed = {"apiVersion": GROUP, "kind": "IncusInstanceSnapshot", "metadata": {"name": "fixed"}}
     result = harness.cluster.apply({**changed, "spec": {"instanceRef": {"name": "another"}}}, ns)
     assert result.returncode != 0 and "spec is immutable" in result.stderr
+
+
+def test_a_restore_deleted_before_its_rollback_is_cancelled(harness: Harness, ns: str) -> None:
+    """Deleting a restore while it stops the instance cancels it: nothing is rolled back, and the
+    instance goes back to what its spec says (a slow stop job gives the time to delete it)."""
+    name = make_instance(harness, ns, "CONTAINER")
+    apply(harness, ns, "IncusInstanceSnapshot", "base", {"instanceRef": {"name": name}})
+    wait_phase(harness, ns, "incusinstancesnapshots", "base", "Ready")
+    harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 3.0))
+    try:
+        apply(
+            harness,
+            ns,
+            "IncusInstanceRestore",
+            "oops",
+            {"instanceRef": {"name": name}, "snapshotRef": {"name": "base"}},
+        )
+        wait_phase(harness, ns, "incusinstancerestores", "oops", "Stopping")
+        harness.cluster.kubectl("delete", "incusinstancerestore", "oops", "-n", ns)
+    finally:
+        harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 0.05))
+    harness.wait_ready(ns, name, timeout=90)
+    assert not any(m in ROLLBACKS for m, _ in writes(harness, name)), writes(harness, name)
+    harness.delete(ns, name)
+
+
+def test_a_snapshot_taken_while_the_restore_stops_the_instance_fails_it_and_frees_the_instance(
+    harness: Harness, ns: str
+) -> None:
+    """Hostile review F1: "snapshot before restoring" in one apply made a newer snapshot appear after
+    the restore's Pending check; every rollback attempt was refused and the instance stayed stopped,
+    retried for ever. Now: Failed, NewerSnapshots naming it, and the instance back to its powerState."""
+    name = make_instance(harness, ns, "CONTAINER")
+    apply(harness, ns, "IncusInstanceSnapshot", "good", {"instanceRef": {"name": name}})
+    wait_phase(harness, ns, "incusinstancesnapshots", "good", "Ready")
+    harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 3.0))
+    try:
+        apply(
+            harness,
+            ns,
+            "IncusInstanceRestore",
+            "undo",
+            {"instanceRef": {"name": name}, "snapshotRef": {"name": "good"}},
+        )
+        wait_phase(harness, ns, "incusinstancerestores", "undo", "Stopping")
+        apply(harness, ns, "IncusInstanceSnapshot", "late", {"instanceRef": {"name": name}})
+        late = wait_phase(harness, ns, "incusinstancesnapshots", "late", "Ready")
+    finally:
+        harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 0.05))
+    failed = wait_phase(harness, ns, "incusinstancerestores", "undo", "Failed", timeout=90)
+    (ready,) = [c for c in failed["conditions"] if c["type"] == "Ready"]
+    assert ready["reason"] == "NewerSnapshots" and late["snapshotName"] in ready["message"], ready
+    harness.wait_ready(ns, name, timeout=90)
+    assert not any(m in ROLLBACKS for m, _ in writes(harness, name))
+    harness.delete(ns, name)

@@ -117,9 +117,17 @@ def build(
         snapshot_ledger=snapshot_ledger,
         schedule_ledger=schedule_ledger,
         snapshots=SnapshotTaker(
-            subjects, connections, snapshot_ledger, holds, StatusWriter(kube, SNAPSHOTS, post_event, clock), post_event
+            subjects,
+            connections,
+            snapshot_ledger,
+            holds,
+            StatusWriter(kube, SNAPSHOTS, post_event, clock),
+            post_event,
+            policy,
         ),
-        restores=Restorer(kube, subjects, holds, StatusWriter(kube, RESTORES, post_event, clock), post_event),
+        restores=Restorer(
+            kube, subjects, holds, StatusWriter(kube, RESTORES, post_event, clock), post_event, policy, metrics
+        ),
     )
 
 

@@ -199,33 +199,40 @@ async def _hold_connection(memo: kopf.Memo, namespace: str, spec: Mapping[str, A
 @kopf.on.event(*SNAPSHOTS)
 @kopf.on.event(*RESTORES)
 async def holder_changed(type: str | None, body: kopf.Body, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
-    """What a snapshot's or restore's status holds (instances/holds.py); the instance's loop looks again."""
-    _operator(memo).holds.observe(resource.plural, body, deleted=type == "DELETED")
+    """What a snapshot's or restore's status holds (instances/holds.py); the instance's loop looks again.
+    Also where the metrics count them by phase (every object has an event at startup)."""
+    operator = _operator(memo)
+    deleted = type == "DELETED"
+    operator.holds.observe(resource.plural, body, deleted=deleted)
+    key = (body.metadata.namespace or "", body.metadata.name or "")
+    operator.metrics.holder_phase(resource.plural, key, None if deleted else body.status.get("phase"))
 
 
-def _temporary(exc: OperatorError) -> kopf.TemporaryError:
-    return kopf.TemporaryError(exc.problem.message, delay=exc.retry_after or 5)
+def _temporary(exc: OperatorError, retry: int) -> kopf.TemporaryError:
+    """kopf retries with a backoff: what is waited for (a snapshot to be Ready, an instance to appear)
+    may take long or never come; never more than 2 minutes apart."""
+    return kopf.TemporaryError(exc.problem.message, delay=min(120.0, (exc.retry_after or 5) * 2 ** min(retry, 5)))
 
 
 @kopf.on.create(*SNAPSHOTS)
-async def snapshot_created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def snapshot_created(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     try:
         await _operator(memo).snapshots.take(body)
     except OperatorError as exc:
-        raise _temporary(exc) from None
+        raise _temporary(exc, retry) from None
 
 
 @kopf.on.delete(*SNAPSHOTS)
-async def snapshot_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def snapshot_deleted(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     try:
         await _operator(memo).snapshots.delete(body)
     except OperatorError as exc:
-        raise _temporary(exc) from None
+        raise _temporary(exc, retry) from None
 
 
 @kopf.on.create(*RESTORES)
-async def restore_created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def restore_created(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     try:
         await _operator(memo).restores.restore(body)
     except OperatorError as exc:
-        raise _temporary(exc) from None
+        raise _temporary(exc, retry) from None

@@ -120,19 +120,9 @@ def run_demo(workdir: Path) -> int:
             _apply_examples(plane, legacy_sim)
             print(f"demo: export KUBECONFIG={plane.kubeconfig} PATH={bin_dir}:$PATH  # to look around", flush=True)
             print("demo: Ctrl-C stops everything.\n", flush=True)
-            processes.append(
-                subprocess.Popen(
-                    [
-                        str(bin_dir / "kubectl"),
-                        "--kubeconfig",
-                        str(plane.kubeconfig),
-                        "get",
-                        "incusinstances",
-                        "-A",
-                        "-w",
-                    ]
-                )
-            )
+            for kind in ("incusinstances", "incusinstancesnapshots", "incusinstancerestores"):
+                watch = [str(bin_dir / "kubectl"), "--kubeconfig", str(plane.kubeconfig), "get", kind, "-A", "-w"]
+                processes.append(subprocess.Popen(watch))
             wait_for_interrupt()
         finally:
             for process in reversed(processes):
@@ -149,6 +139,9 @@ def _apply_examples(plane: LocalControlPlane, legacy: SimulatorThread) -> None:
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "container.yaml"))
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "with-devices.yaml"))
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "vm.yaml"))  # a vm.* VM on 25.10
+    # A snapshot of web01, and a restore to it (it waits for the snapshot, then rolls web01 back).
+    plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "snapshot.yaml"))
+    plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "restore.yaml"))
     plane.kubectl("create", "namespace", "legacy")
     assert legacy.ca_file is not None
     plane.kubectl("create", "secret", "generic", "nas-key", "-n", "legacy", f"--from-literal=apiKey={legacy.api_key}")

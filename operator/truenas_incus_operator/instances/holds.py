@@ -16,8 +16,9 @@ deleted (or missing) would stall the whole operator; a LIST per start answers th
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..kube import Kube
@@ -42,13 +43,32 @@ class Holds:
         self._seen: dict[ResourceKey, dict[str, Hold]] = {}
         """From the holders' status (events, or ``confirm``), by holder UID."""
         self._seen_by_holder: dict[str, set[ResourceKey]] = {}
+        self._acting: dict[ResourceKey, int] = {}
+        self._gone: set[str] = set()
+        """Holders deleted (their DELETED event came): a handler still running for one holds nothing."""
         self._claimed: set[str] = set()
         """Holders whose controller runs in this process: what it holds is the truth, and their status
         as events bring it is stale (kopf delivers an object's events only between its handler's runs,
         so a restore's own status writes come back after it moved on)."""
 
+    @contextlib.contextmanager
+    def action(self, key: ResourceKey) -> Iterator[None]:
+        """Around one action of the instance's loop: a restore rolls back only when none is in flight."""
+        self._acting[key] = self._acting.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._acting[key] -= 1
+            if not self._acting[key]:
+                del self._acting[key]
+
+    def acting(self, key: ResourceKey) -> bool:
+        return key in self._acting
+
     def hold(self, key: ResourceKey, holder: str, hold: Hold) -> None:
-        """``holder``: the holding resource's UID."""
+        """``holder``: the holding resource's UID. A deleted holder's late handler holds nothing."""
+        if holder in self._gone:
+            return
         holds = self._held.setdefault(key, {})
         if holds.get(holder) != hold:
             holds[holder] = hold
@@ -84,6 +104,7 @@ class Holds:
             return
         if deleted:
             self._claimed.discard(holder)
+            self._gone.add(holder)
             for key in [k for k, holds in self._held.items() if holder in holds]:
                 self.release(key, holder)
             self._replace_seen(holder, {})

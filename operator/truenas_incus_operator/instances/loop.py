@@ -254,7 +254,9 @@ class InstanceLoops:
                 if await self.holds.confirm((desired.namespace, desired.name)) is not None:
                     continue
             for action in current.actions:
-                if await self.executor.execute(body, state, desired, connection, observed, action):
+                with self.holds.action((desired.namespace, desired.name)):
+                    replan = await self.executor.execute(body, state, desired, connection, observed, action)
+                if replan:
                     break  # the ledger said more than the plan knew: plan again
         raise fail(Reason.NOT_CONVERGED, "the instance did not converge after repeated changes; will retry")
 

@@ -202,6 +202,9 @@ class IncusInstanceRestoreStatus(_Model):
     destroyed_snapshots: Annotated[list[Annotated[str, Field(max_length=512)]], Field(max_length=256)] | None = Field(
         None, description="Newer snapshots the rollback destroyed (allowDestroyingNewerSnapshots)."
     )
+    destroyed_snapshot_count: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="How many newer snapshots the rollback destroyed (destroyedSnapshots names the first 100)."
+    )
     start_time: datetime | None = Field(None, description="When the restore began.")
     completion_time: datetime | None = Field(None, description="When it succeeded or failed.")
     observed_generation: Annotated[int, Field(ge=0)] | None = Field(

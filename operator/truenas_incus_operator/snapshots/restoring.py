@@ -17,6 +17,7 @@ restart (docs/snapshots.md):
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +26,9 @@ from pydantic import ValidationError
 
 from ..instances.holds import Holds
 from ..kube import Kube
+from ..metrics import Metrics
 from ..models import IncusInstanceRestoreSpec, PowerState, RestorePhase, SnapshotPhase
+from ..policy import Policy
 from ..problems import OperatorError, Reason, problem_of
 from ..reconcile import Hold
 from ..truenas import InstanceStatus, TrueNASError
@@ -45,10 +48,17 @@ from .subject import (
 from .taking import PLURAL as SNAPSHOTS
 from .taking import permanent
 
+log = logging.getLogger(__name__)
 PLURAL = "incusinstancerestores"
 KIND = "IncusInstanceRestore"
+MAX_LISTED_DESTROYED = 100
+"""status.destroyedSnapshots names at most this many (destroyedSnapshotCount counts them all)."""
 IN_FLIGHT = (RestorePhase.STOPPING, RestorePhase.ROLLING_BACK)
 """Phases in which the instance must stay stopped, whatever else happens (the index holds it)."""
+
+
+class Cancelled(Exception):
+    """The restore was deleted before its rollback: nothing is rolled back, the hold goes."""
 
 
 def now_text() -> str:
@@ -56,7 +66,18 @@ def now_text() -> str:
 
 
 class Restorer:
-    def __init__(self, kube: Kube, subjects: Subjects, holds: Holds, writer: StatusWriter, post_event: Any) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        subjects: Subjects,
+        holds: Holds,
+        writer: StatusWriter,
+        post_event: Any,
+        policy: Policy | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.policy = policy or Policy()
+        self.metrics = metrics
         self.kube = kube
         self.subjects = subjects
         self.holds = holds
@@ -82,6 +103,9 @@ class Restorer:
             pinned = (status.get("source") or {}).get("uid")
             subject = await self.subjects.resolve(namespace, spec.instance_ref.name, pinned)
             await self._restore(body, status, spec, subject, uid)
+        except Cancelled as exc:
+            self.holds.release((namespace, ref), uid)
+            log.info("%s %s was deleted before its rollback: cancelled, nothing rolled back", KIND, exc)
         except Refused as exc:
             await self._fail(body, status, (namespace, ref), uid, exc.problem.reason, exc.problem.message)
         except OperatorError as exc:
@@ -89,7 +113,9 @@ class Restorer:
             raise
         except TrueNASError as exc:
             problem = problem_of(exc)
-            if permanent(exc) and status.get("phase") in (None, RestorePhase.PENDING):
+            if permanent(exc) and status.get("phase") in (None, RestorePhase.PENDING, *IN_FLIGHT):
+                # TrueNAS refused (newer snapshots appeared meanwhile, a clone, a hold): asking again is
+                # the same, and the instance must not stay stopped for a restore that cannot happen.
                 await self._fail(body, status, (namespace, ref), uid, problem.reason, problem.message)
                 return
             await self._pending(body, status, problem.reason, problem.message)
@@ -104,9 +130,14 @@ class Restorer:
         reason: Reason,
         message: str,
     ) -> None:
-        if status.get("phase") in IN_FLIGHT:
+        if status.get("phase") == RestorePhase.STOPPING:
             # Stopped for this restore and not rolled back: it goes back to what its spec says.
             message = f"{message}; the instance was not rolled back"
+        elif status.get("phase") == RestorePhase.ROLLING_BACK:
+            message = (
+                f"{message}; the rollback did not finish (check the datasets on TrueNAS); the instance goes "
+                "back to its powerState"
+            )
         self.holds.release(key, uid)
         fields = {"phase": RestorePhase.FAILED, "completionTime": now_text()}
         await self.writer.write(body, status, fields, ("False", reason, message))
@@ -151,6 +182,9 @@ class Restorer:
         snapshots = subject.client.snapshots
         name = str(status.get("snapshotName") or "") or await self._snapshot_name(namespace, spec, subject)
         if phase == RestorePhase.PENDING:
+            violation = self.policy.snapshot_violation(namespace, subject.connection.key, "restore")
+            if violation is not None:
+                raise refused(Reason.POLICY_DENIED, str(violation))
             listed = await snapshots.of(subject.target)
             chosen = next((s for s in listed if s.name == name), None)
             if chosen is None:
@@ -176,15 +210,32 @@ class Restorer:
         if phase in IN_FLIGHT:
             self.holds.hold(subject.key, uid, Hold(PowerState.STOPPED, me))
             seconds = subject.desired.stop_timeout + 60.0
-            if not await wait_for_state(subject, lambda s: s == InstanceStatus.STOPPED, seconds):
+            stopped = await wait_for_state(
+                subject, lambda s: s == InstanceStatus.STOPPED, seconds, idle=lambda: not self.holds.acting(subject.key)
+            )
+            if not stopped:
                 raise waiting(Reason.STOPPING, f"waiting for the instance {subject.instance!r} to stop")
             listed = await snapshots.of(subject.target)
             chosen = next((s for s in listed if s.name == name), None)
             if chosen is None:
                 raise refused(Reason.SNAPSHOT_NOT_FOUND, f"{subject.target.root}@{name} does not exist on TrueNAS")
             doomed = [f"{subject.target.root}@{s.name}" for s in listed if s.txg > chosen.txg]
+            if doomed and not spec.allow_destroying_newer_snapshots and phase == RestorePhase.STOPPING:
+                # Taken since the check at Pending (a snapshot applied with the restore, a periodic task).
+                raise refused(
+                    Reason.NEWER_SNAPSHOTS,
+                    f"rolling back to {subject.target.root}@{name} would destroy the newer snapshots "
+                    f"{', '.join(doomed)}, taken since the restore began; set allowDestroyingNewerSnapshots: true "
+                    "to allow it",
+                )
+            await self._still_wanted(body)
             recorded = list(status.get("destroyedSnapshots") or [])
-            fields = {"phase": RestorePhase.ROLLING_BACK, "destroyedSnapshots": sorted({*recorded, *doomed})}
+            every = sorted({*recorded, *doomed})
+            fields = {
+                "phase": RestorePhase.ROLLING_BACK,
+                "destroyedSnapshots": every[:MAX_LISTED_DESTROYED],
+                "destroyedSnapshotCount": max(len(every), int(status.get("destroyedSnapshotCount") or 0)),
+            }
             await self.writer.write(body, status, fields, ("False", Reason.ROLLING_BACK, f"rolling back to {name}"))
             await snapshots.rollback(subject.target, name, destroy_newer=bool(spec.allow_destroying_newer_snapshots))
             await self.writer.write(
@@ -199,9 +250,29 @@ class Restorer:
         # Starting: never a rollback again from here.
         await self._bring_back(subject, uid, bool(status.get("wasRunning")))
         fields = {"phase": RestorePhase.SUCCEEDED, "completionTime": now_text()}
+        self._measure(str(status.get("startTime") or ""))
         message = f"{subject.instance} restored to {subject.target.root}@{name}"
         await self.writer.write(body, status, fields, ("True", Reason.RESTORED, message))
         self.post_event(body, "Normal", "Restored", message)
+
+    async def _still_wanted(self, body: Mapping[str, Any]) -> None:
+        """Read again just before the rollback: a restore deleted meanwhile is cancelled, never carried
+        out (kopf brings its deletion only after this handler returns)."""
+        namespace, name = key_of(body)
+        current = await self.kube.read_object(PLURAL, namespace, name)
+        meta = (current or {}).get("metadata") or {}
+        if current is None or meta.get("uid") != uid_of(body) or meta.get("deletionTimestamp"):
+            raise Cancelled(f"{namespace}/{name}")
+
+    def _measure(self, started: str) -> None:
+        """tio_restore_seconds, from the recorded start (so a restore a restart interrupted counts whole)."""
+        if self.metrics is None or not started:
+            return
+        try:
+            begun = time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        except ValueError:
+            return
+        self.metrics.restore_seconds.observe(max(0.0, time.time() - begun))
 
     async def _bring_back(self, subject: Subject, uid: str, was_running: bool) -> None:
         power = subject.desired.spec.power_state or PowerState.RUNNING

@@ -83,6 +83,11 @@ class Subjects:
         """``pinned_uid``: the UID recorded when the work began; a re-created IncusInstance of the same
         name is another resource, never the one this snapshot or restore is about."""
         body = await self.kube.read_incus_instance(namespace, name)
+        if body is None and pinned_uid:
+            raise refused(
+                Reason.INSTANCE_NOT_FOUND,
+                f"IncusInstance {name} (UID {pinned_uid}) was deleted; this resource was about it",
+            )
         if body is None:
             raise waiting(Reason.INSTANCE_NOT_FOUND, f"IncusInstance {name} does not exist in namespace {namespace}")
         uid = uid_of(body)
@@ -122,13 +127,20 @@ class Subjects:
         return Subject((namespace, name), uid, parsed, connection, client, target)
 
 
-async def wait_for_state(subject: Subject, wanted: Callable[[InstanceStatus], bool], seconds: float) -> bool:
+async def wait_for_state(
+    subject: Subject,
+    wanted: Callable[[InstanceStatus], bool],
+    seconds: float,
+    idle: Callable[[], bool] = lambda: True,
+) -> bool:
     """Polls the connection's cache (kept fresh by TrueNAS's events and the resync) until the
-    instance's state is ``wanted``, then reads it once from TrueNAS to be sure. False on timeout."""
+    instance's state is ``wanted`` and ``idle`` (the instance's loop has no action in flight: 25.04.0
+    reports a container STOPPED while its start job runs), then reads it once from TrueNAS to be
+    sure. False on timeout."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         observed = subject.observed()
-        if observed is not None and wanted(observed.status):
+        if observed is not None and wanted(observed.status) and idle():
             fresh = await subject.connection.refresh_one(subject.instance)
             if fresh is not None and wanted(fresh.status):
                 return True

@@ -24,9 +24,10 @@ from ..instances.holds import Holds
 from ..instances.ledger import Ledger, RecordState
 from ..instances.resource import EventPoster
 from ..models import Consistency, IncusInstanceSnapshotSpec, PowerState, SnapshotDeletionPolicy, SnapshotPhase
+from ..policy import Policy
 from ..problems import OperatorError, Reason, problem_of
 from ..reconcile import Hold
-from ..truenas import CallFailed, InstanceStatus, NotOurs, SnapshotInfo, TransportError, TrueNASError
+from ..truenas import APIUnavailable, CallFailed, InstanceStatus, NotOurs, SnapshotInfo, TransportError, TrueNASError
 from .subject import (
     CONNECT_WAIT_SECONDS,
     RETRY_SECONDS,
@@ -74,7 +75,10 @@ def described(info: SnapshotInfo) -> dict[str, Any]:
 
 
 def permanent(exc: TrueNASError) -> bool:
-    """TrueNAS refused the call itself (validation, not found, not ours): asking again is the same."""
+    """TrueNAS refused the call itself (validation, not found, not ours), or the connection cannot make
+    it (a REST connection: the snapshot calls go over JSON-RPC only): asking again is the same."""
+    if isinstance(exc, APIUnavailable):
+        return True
     return isinstance(exc, CallFailed) and not isinstance(exc, TransportError) and exc.errno != 16  # EBUSY
 
 
@@ -87,7 +91,9 @@ class SnapshotTaker:
         holds: Holds,
         writer: StatusWriter,
         post_event: EventPoster,
+        policy: Policy | None = None,
     ) -> None:
+        self.policy = policy or Policy()
         self.subjects = subjects
         self.connections = connections
         self.ledger = ledger
@@ -154,6 +160,7 @@ class SnapshotTaker:
         identity = subject.connection.identity
         record = self.ledger.get(identity, ledger_key(subject.instance, name))
         if record is None:
+            self._check_policy(subject, uid, await snapshots.of(subject.target))
             record = await self.ledger.claim(
                 identity,
                 ledger_key(subject.instance, name),
@@ -192,6 +199,25 @@ class SnapshotTaker:
         self.post_event(body, "Normal", "Taken", f"took {subject.target.root}@{name} ({achieved})")
         if stopped:
             await self._start_again(subject, uid, was_running)
+
+    def _check_policy(self, subject: Subject, uid: str, listed: list[SnapshotInfo]) -> None:
+        """The administrator's policy (policy.py), before anything is claimed or taken."""
+        namespace, connection = subject.key[0], subject.connection.key
+        violation = self.policy.snapshot_violation(namespace, connection, "snapshot")
+        if violation is not None:
+            raise refused(Reason.POLICY_DENIED, str(violation))
+        label, cap = self.policy.snapshot_cap(namespace, connection)
+        if cap is None:
+            return
+        # The operator's snapshots of this very instance, as TrueNAS lists them (ledger records of an
+        # earlier instance of the same name would count against another tenant).
+        taken = [s for s in listed if s.owner is not None and s.owner != uid]
+        if len(taken) >= cap:
+            raise refused(
+                Reason.POLICY_DENIED,
+                f"{label}: kind IncusInstanceSnapshot: IncusInstance {subject.key[1]} has {len(taken)} snapshots, "
+                f"the most the policy allows ({cap})",
+            )
 
     async def _stop(
         self, body: Mapping[str, Any], status: dict[str, Any], subject: Subject, uid: str, was_running: bool

@@ -1,0 +1,111 @@
+"""The administrator's snapshot policy, as the operator enforces it (admission may be off or bypassed):
+a namespace that may neither snapshot nor restore is refused with PolicyDenied naming the rule, and
+the cap on snapshots per instance refuses the one past it; nothing reaches TrueNAS for a refusal."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .conftest import Cluster, module_prefix
+from .harness import ADOPT_ANYWHERE, Harness, module_operator
+from .test_snapshots_e2e import apply, make_instance, wait_phase, writes
+
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
+
+POLICY: dict[str, Any] = {
+    **ADOPT_ANYWHERE,
+    "rules": [{"namespaces": ["*-ro-*"], "connections": ["*"], "snapshots": {"snapshot": False, "restore": False}}],
+    "defaultRule": {"snapshots": {"maxPerInstance": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def harness(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Harness]:
+    prefix = module_prefix(request)
+    for running in module_operator(cluster, tmp_path_factory.mktemp("snappolicy"), prefix, "25.10", policy=POLICY):
+        running.prefix = prefix  # type: ignore[attr-defined]
+        yield running
+
+
+def namespace(harness: Harness, cluster: Cluster, middle: str) -> str:
+    name = f"{harness.prefix}{middle}{uuid.uuid4().hex[:6]}"  # type: ignore[attr-defined]
+    cluster.kubectl("create", "namespace", name)
+    return name
+
+
+def ready_reason(found: dict[str, Any]) -> tuple[str, str]:
+    (ready,) = [c for c in found["conditions"] if c["type"] == "Ready"]
+    return str(ready["reason"]), str(ready["message"])
+
+
+def test_a_namespace_the_policy_forbids_may_neither_snapshot_nor_restore(harness: Harness, cluster: Cluster) -> None:
+    ns = namespace(harness, cluster, "x-ro-")
+    name = make_instance(harness, ns, "CONTAINER")
+    apply(harness, ns, "IncusInstanceSnapshot", "no", {"instanceRef": {"name": name}})
+    reason, message = ready_reason(wait_phase(harness, ns, "incusinstancesnapshots", "no", "Failed"))
+    assert reason == "PolicyDenied" and message.startswith(
+        "policy.rules[0].snapshots.snapshot: kind IncusInstanceSnapshot"
+    )
+    apply(harness, ns, "IncusInstanceRestore", "no", {"instanceRef": {"name": name}, "truenasSnapshot": "any"})
+    reason, message = ready_reason(wait_phase(harness, ns, "incusinstancerestores", "no", "Failed"))
+    assert reason == "PolicyDenied" and message.startswith(
+        "policy.rules[0].snapshots.restore: kind IncusInstanceRestore"
+    )
+    assert not any(m.endswith(("snapshot.create", "snapshot.rollback", ".stop")) for m, _ in writes(harness, name))
+    harness.delete(ns, name)
+
+
+def test_the_cap_refuses_the_snapshot_past_it(harness: Harness, cluster: Cluster) -> None:
+    ns = namespace(harness, cluster, "open-")
+    name = make_instance(harness, ns, "CONTAINER")
+    apply(harness, ns, "IncusInstanceSnapshot", "first", {"instanceRef": {"name": name}})
+    wait_phase(harness, ns, "incusinstancesnapshots", "first", "Ready")
+    apply(harness, ns, "IncusInstanceSnapshot", "second", {"instanceRef": {"name": name}})
+    reason, message = ready_reason(wait_phase(harness, ns, "incusinstancesnapshots", "second", "Failed"))
+    assert reason == "PolicyDenied" and message.startswith("policy.defaultRule.snapshots.maxPerInstance:"), message
+    assert "the most the policy allows (1)" in message
+    creates = [m for m, _ in writes(harness, name) if m.endswith("snapshot.create")]
+    assert len(creates) == 1
+    harness.delete(ns, name)
+
+
+def test_a_rest_connection_says_snapshots_need_json_rpc_once(harness: Harness, cluster: Cluster) -> None:
+    """The snapshot calls go over JSON-RPC only (their filters have no REST form here): a snapshot
+    through a REST TrueNASConnection ends Failed, APIUnavailable, instead of retrying forever."""
+    ns = namespace(harness, cluster, "rest-")
+    harness.connect_namespace(ns, harness.sim, transport="rest")
+    name = make_instance_via(harness, ns, {"connectionRef": {"name": "nas"}})
+    apply(harness, ns, "IncusInstanceSnapshot", "over-rest", {"instanceRef": {"name": name}})
+    reason, message = ready_reason(wait_phase(harness, ns, "incusinstancesnapshots", "over-rest", "Failed"))
+    assert reason == "APIUnavailable" and "not available over REST" in message, message
+    harness.delete(ns, name)
+
+
+def make_instance_via(harness: Harness, ns: str, spec: dict[str, Any]) -> str:
+    name = f"ct-{uuid.uuid4().hex[:6]}"
+    harness.apply(ns, name, spec)
+    harness.wait_ready(ns, name, timeout=90)
+    return name
+
+
+def test_the_cap_counts_only_this_instances_snapshots(harness: Harness, cluster: Cluster) -> None:
+    """Hostile review F6: the cap counted snapshot-ledger records by instance name, and records of a
+    deleted IncusInstance outlived it, so another tenant who later used the name was refused. Now the
+    operator's snapshots of the instance on TrueNAS are counted."""
+    first = namespace(harness, cluster, "a-")
+    name = make_instance(harness, first, "CONTAINER")
+    apply(harness, first, "IncusInstanceSnapshot", "one", {"instanceRef": {"name": name}})
+    wait_phase(harness, first, "incusinstancesnapshots", "one", "Ready")
+    assert harness.delete(first, name).returncode == 0
+    second = namespace(harness, cluster, "b-")
+    harness.apply(second, name, {})
+    harness.wait_ready(second, name, timeout=90)
+    apply(harness, second, "IncusInstanceSnapshot", "mine", {"instanceRef": {"name": name}})
+    wait_phase(harness, second, "incusinstancesnapshots", "mine", "Ready")
+    harness.delete(second, name)
