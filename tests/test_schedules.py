@@ -511,12 +511,20 @@ async def test_over_rest_the_schedule_is_reported_and_nothing_stays_owned() -> N
         connection = Connection("<default>", ConnectionConfig(url=server.url, api_key=Secret("x")), resync_seconds=30)
         connection.attach(client, await client.instances.list_instances())
         operator.connections.connections["<default>"] = connection
+        now = [0.0]
+        operator.loops.schedules.clock = lambda: now[0]  # type: ignore[union-attr]
         state = LoopState(status={})
         for _ in range(2):
             await operator.loops.reconcile_once(scheduled(), state, lambda: None)
         synced = condition(state.status, "Synced")
         assert (synced["status"], synced["reason"]) == ("True", "PartiallyApplied")
         assert "cannot be used over this connection" in synced["message"]
+        writes = len(kube.statuses("web01"))
+        for _ in range(4):
+            now[0] += 31
+            await operator.loops.reconcile_once(scheduled(), state, lambda: None)
+        assert condition(state.status, "Synced")["message"] == synced["message"], "the same notes, once each"
+        assert len(kube.statuses("web01")) == writes
         assert operator.schedule_ledger.owned_by(UID) == []
         await operator.deletion.delete(scheduled(deleting=True), retry=0)
         assert "web01" not in sim.names()

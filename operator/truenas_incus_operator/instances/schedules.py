@@ -311,8 +311,8 @@ class Schedules:
                 snapshots, count = listed(await client.snapshots.of(target), payload["naming_schema"])
             except APIUnavailable as exc:
                 note = f"status.snapshots (the snapshots cannot be listed over this connection: {exc.message})"
-                memo.refused = (asked, (*notes, note))
-                notes = memo.refused[1]
+                notes = tuple(dict.fromkeys((*notes, note)))  # the same note once, whatever the passes
+                memo.refused = (asked, notes)
             memo.checked_at = now
         state.snapshots_view = SnapshotsView(schedule, snapshots, count)
         return notes
