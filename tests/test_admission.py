@@ -13,7 +13,17 @@ from truenas_incus_operator.crd import all_crds
 from truenas_incus_operator.models import MAX_SPEC_JSON_BYTES
 
 from .conftest import ROOT, Cluster
-from .test_models import EXTRA_VALUES, KEYS, MEMORY_CASES, NAMES, TYPE_CASES, device, largest_spec, spec_json_size
+from .test_models import (
+    EXTRA_VALUES,
+    KEYS,
+    MEMORY_CASES,
+    NAMES,
+    SNAPSHOT_CASES,
+    TYPE_CASES,
+    device,
+    largest_spec,
+    spec_json_size,
+)
 from .test_models import valid as model_valid
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
@@ -264,6 +274,15 @@ def test_memory_quantities_as_kubernetes_reads_them(
     cluster: Cluster, namespace: str, value: Any, accepted: bool
 ) -> None:
     manifest = _instance("mem", {"type": "CONTAINER", "image": "debian/bookworm", "memory": value})
+    assert _admitted(cluster, namespace, manifest) is accepted
+    assert model_valid(manifest["spec"]) is accepted, "the models disagree with the API server"
+
+
+@pytest.mark.parametrize("snapshots,accepted", SNAPSHOT_CASES, ids=[str(v)[:40] for v, _ in SNAPSHOT_CASES])
+def test_snapshot_schedules_as_admission_reads_them(
+    cluster: Cluster, namespace: str, snapshots: Any, accepted: bool
+) -> None:
+    manifest = _instance("sched", {"type": "CONTAINER", "image": "debian/bookworm", "snapshots": snapshots})
     assert _admitted(cluster, namespace, manifest) is accepted
     assert model_valid(manifest["spec"]) is accepted, "the models disagree with the API server"
 

@@ -4,9 +4,11 @@ and every snapshot call). A whole lifecycle of each API family against the simul
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from truenas_incus_operator.doctor import BACKENDS
+from truenas_incus_operator.doctor import declared_calls
 from truenas_incus_operator.truenas import DeviceConfig, InstanceChanges, InstanceConfig, TrueNASClient
 from truenas_incus_operator.truenas.backends.routing import RoutingBackend
 
@@ -40,11 +42,9 @@ class Recorder:
 
 
 def declared(client: TrueNASClient) -> set[str]:
-    found = {"system.global.id"}  # connect() reads the NAS's identity
-    for family in client.api_family.split("+"):
-        calls = BACKENDS[family].calls(client.version)
-        found |= set(calls.reads) | set(calls.writes)
-    return found
+    """What doctor checks the key's roles against (connect() reads the NAS's identity: among them)."""
+    calls = declared_calls(client)
+    return set(calls["read"]) | set(calls["write"])
 
 
 async def running(client: TrueNASClient, name: str) -> None:
@@ -109,3 +109,35 @@ async def test_each_family_calls_only_what_it_declares(profile: str) -> None:
         undeclared = recorder.methods - declared(client)
         assert undeclared == set(), f"{profile}: called but not declared (doctor would not check them): {undeclared}"
         assert {"vm.poweroff", "filesystem.put"} <= recorder.methods, "the lifecycle reaches the calls doctor missed"
+
+
+async def snapshot_lifecycle(client: TrueNASClient) -> None:
+    """What IncusInstanceSnapshot, IncusInstanceRestore and spec.snapshots call: a snapshot taken,
+    listed, rolled back to and deleted; a periodic task made, found, changed and deleted."""
+    await client.instances.create(InstanceConfig(name="web01", type="CONTAINER", image="debian/bookworm"))
+    target = await client.instances.snapshot_target("web01")
+    assert target is not None
+    snaps = client.snapshots
+    await snaps.take(target, "tio-0123456789ab", owner="uid-1")
+    await snaps.rollback(target, "tio-0123456789ab")
+    await snaps.delete(target, "tio-0123456789ab", owner="uid-1")
+    await snaps.delete_scheduled(target, "tio-auto-0123456789ab-20260101-0000", "tio-auto-0123456789ab-%Y%m%d-%H%M")
+    tasks = client.snapshot_tasks
+    home, schema = "tank/incus-operator", "tio-auto-0123456789ab-%Y%m%d-%H%M"  # a dataset every version lists
+    payload: dict[str, Any] = {"dataset": home, "naming_schema": schema, "recursive": False}
+    payload |= {"lifetime_value": 1, "lifetime_unit": "HOUR", "schedule": {"minute": "0"}}
+    task = await tasks.create(payload)
+    await tasks.get(task["id"])
+    await tasks.find(schema, home)
+    await tasks.update(task["id"], {**payload, "lifetime_value": 2})
+    await tasks.delete(task["id"])
+
+
+@pytest.mark.parametrize("profile", ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"])
+async def test_snapshots_and_schedules_call_only_what_is_declared(profile: str) -> None:
+    recorder = Recorder()
+    async with serve(profile) as (sim, server), client_for(server, "websocket", observer=recorder) as client:
+        sim.storage.add_dataset("tank/incus-operator")
+        await snapshot_lifecycle(client)
+        undeclared = recorder.methods - declared(client)
+        assert undeclared == set(), f"{profile}: called but not declared (doctor would not check them): {undeclared}"

@@ -239,6 +239,34 @@ def test_nic_parent_is_an_interface_name() -> None:
     assert not valid(spec(nics=[{"name": "eth1", "parent": "p" * 16}]))
 
 
+# ----- spec.snapshots: a 5-field cron schedule, keep 1..1000 (issue 24 item 4) --------------------------------
+# (snapshots, accepted): the same list runs against the API server in test_admission.py. What a schedule
+# means (does it ever fire, how often) is the operator's to judge (policy.shortest_interval).
+SNAPSHOT_CASES: list[tuple[Any, bool]] = [
+    ({"schedule": "0 * * * *", "keep": 24}, True),
+    ({"schedule": "*/15 9-17 * * MON-FRI", "keep": 1}, True),
+    ({"schedule": "30 2 1,15 * *", "keep": 1000}, True),
+    ({"schedule": "  0  0 * * 0 ", "keep": 7}, True),
+    ({"schedule": "0 0 L * ?", "keep": 12}, True),
+    ({"schedule": "0 * * *", "keep": 3}, False),
+    ({"schedule": "0 * * * * *", "keep": 3}, False),
+    ({"schedule": "@hourly", "keep": 3}, False),
+    ({"schedule": "0\t* * * *", "keep": 3}, False),
+    ({"schedule": "0 * * * *;", "keep": 3}, False),
+    ({"schedule": "0 * * * *", "keep": 0}, False),
+    ({"schedule": "0 * * * *", "keep": 1001}, False),
+    ({"schedule": "0 * * * *"}, False),
+    ({"keep": 3}, False),
+    ({"schedule": "0" * 120 + " * * * *", "keep": 3}, True),
+    ({"schedule": "0" * 121 + " * * * *", "keep": 3}, False),
+]
+
+
+@pytest.mark.parametrize("snapshots,accepted", SNAPSHOT_CASES, ids=[str(v)[:40] for v, _ in SNAPSHOT_CASES])
+def test_snapshot_schedules(snapshots: Any, accepted: bool) -> None:
+    assert valid(spec(snapshots=snapshots)) is accepted
+
+
 # ----- the largest admissible spec --------------------------------------------------------------------------
 def _longest_cpu() -> str:
     cpu = "0000-0000"
@@ -289,6 +317,7 @@ def largest_spec() -> dict[str, Any]:
         "stopTimeoutSeconds": 3600,
         "deletionPolicy": "Delete",
         "connectionRef": {"name": "c" * 253},
+        "snapshots": {"schedule": "0" * (m.SNAPSHOT_SCHEDULE_MAX_LENGTH - 8) + " * * * *", "keep": m.SNAPSHOT_KEEP_MAX},
     }
 
 

@@ -14,8 +14,9 @@ from datetime import datetime
 
 from .connections import ConnectionManager, ConnectionResources
 from .instances import Deletion, Executor, Holds, InstanceLoops, Ledger, Reaper, Reporter, Wakeups
-from .instances.ledger import SNAPSHOT_LEDGER_LABEL
+from .instances.ledger import SCHEDULE_LEDGER_LABEL, SNAPSHOT_LEDGER_LABEL
 from .instances.resource import EventPoster
+from .instances.schedules import Schedules
 from .kube import Kube
 from .metrics import Metrics
 from .models import API_GROUP, API_VERSION
@@ -43,6 +44,7 @@ class Operator:
     reaper: Reaper
     holds: Holds
     snapshot_ledger: Ledger
+    schedule_ledger: Ledger
     snapshots: SnapshotTaker
     restores: Restorer
     _reaping: asyncio.Task[None] | None = None
@@ -94,6 +96,8 @@ def build(
     reporter = Reporter(settings, kube, post_event, clock)
     executor = Executor(ledger, reporter, metrics)
     snapshot_ledger = Ledger(kube, settings.ledger_namespace, SNAPSHOT_LEDGER_LABEL)
+    schedule_ledger = Ledger(kube, settings.ledger_namespace, SCHEDULE_LEDGER_LABEL)
+    schedules = Schedules(schedule_ledger, connections, reporter.post_event, settings.resync_seconds, executor.fence)
     subjects = Subjects(kube, connections, ledger)
     return Operator(
         settings=settings,
@@ -103,12 +107,15 @@ def build(
         wakeups=wakeups,
         ledger=ledger,
         policy=policy,
-        loops=InstanceLoops(settings, connections, wakeups, ledger, reporter, executor, policy, metrics, holds),
-        deletion=Deletion(settings, connections, ledger, reporter, executor),
+        loops=InstanceLoops(
+            settings, connections, wakeups, ledger, reporter, executor, policy, metrics, holds, schedules
+        ),
+        deletion=Deletion(settings, connections, ledger, reporter, executor, schedules),
         metrics=metrics,
         reaper=Reaper(kube, connections, ledger, executor),
         holds=holds,
         snapshot_ledger=snapshot_ledger,
+        schedule_ledger=schedule_ledger,
         snapshots=SnapshotTaker(
             subjects,
             connections,

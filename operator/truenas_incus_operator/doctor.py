@@ -13,7 +13,8 @@ presented (subject, issuer, SHA-256 fingerprint) and the variable to set.
 It never writes: doctor's own calls go through ``read()``, which refuses anything but the reads
 listed in ``READS`` before it leaves the process; ``connect()`` adds only its login, the version,
 the NAS's identity and the family probe (all reads). The observer records every call for the
-report. The key's roles are checked against the calls each backend declares (``calls(version)``).
+report. The key's roles are checked against the calls each backend declares (``calls(version)``),
+with the snapshot and periodic snapshot task calls beside them (``declared_calls``).
 Exit code: 0 when nothing blocks, 1 when a blocking problem was found, 2 on bad usage.
 """
 
@@ -43,6 +44,7 @@ from .reconcile import _vm_unsupported_message, instance_config
 from .settings import Settings
 from .truenas import Timings, TrueNASClient, TrueNASError, connect, ssl_context
 from .truenas.backends.container import ContainerBackend
+from .truenas.backends.snapshots import Snapshots, SnapshotTasks
 from .truenas.backends.virt import VirtInstanceBackend
 from .truenas.backends.vm import VMBackend
 from .truenas.errors import ImageNotFound
@@ -75,6 +77,19 @@ BACKENDS: dict[str, type[VirtInstanceBackend] | type[ContainerBackend] | type[VM
 
 def families(client: TrueNASClient) -> list[str]:
     return client.api_family.split("+")
+
+
+def declared_calls(client: TrueNASClient) -> dict[str, tuple[str, ...]]:
+    """Every call the operator makes on this NAS, ``read`` and ``write``: each family's, and those of
+    snapshots, restores and spec.snapshots (every family's instances have them)."""
+    # Every connect reads the NAS's identity (client.read_system_id; ownership keys on it).
+    calls: dict[str, tuple[str, ...]] = {"read": ("system.global.id",), "write": ()}
+    declared = [BACKENDS[f].calls(client.version) for f in families(client) if f in BACKENDS]
+    declared += [Snapshots.calls(client.version), SnapshotTasks.calls(client.version)]
+    for found in declared:
+        calls["read"] += tuple(m for m in found.reads if m not in calls["read"])
+        calls["write"] += tuple(m for m in found.writes if m not in calls["write"])
+    return calls
 
 
 @dataclass
@@ -306,14 +321,7 @@ def _roles_of(me: dict[str, Any]) -> tuple[list[str], bool]:
 
 
 async def _roles(report: Report, client: TrueNASClient) -> None:
-    # Every connect reads the NAS's identity (client.read_system_id; ownership keys on it).
-    calls: dict[str, tuple[str, ...]] = {"read": ("system.global.id",), "write": ()}
-    for family in families(client):
-        backend = BACKENDS.get(family)
-        if backend is not None:
-            declared = backend.calls(client.version)
-            calls["read"] += tuple(m for m in declared.reads if m not in calls["read"])
-            calls["write"] += tuple(m for m in declared.writes if m not in calls["write"])
+    calls = declared_calls(client)
     try:
         me = await read(client, "auth.me")
     except TrueNASError as exc:

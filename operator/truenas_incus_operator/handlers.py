@@ -63,6 +63,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     try:
         await operator.ledger.load()  # before any loop acts: ownership survives restarts
         await operator.snapshot_ledger.load()
+        await operator.schedule_ledger.load()
     except OperatorError as exc:
         await operator.close()
         raise kopf.PermanentError(f"cannot read the ownership ledger: {exc.problem.message}") from None

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +23,8 @@ from .models import (
     JobStatus,
     Phase,
     PowerState,
+    SnapshotEntry,
+    SnapshotScheduleStatus,
     TrueNASConnectionStatus,
 )
 from .problems import WAITING_REASONS, Problem, Reason
@@ -70,6 +73,18 @@ def utc_now() -> datetime:
 
 OBSERVED_FIELDS = ("instanceId", "binding", "cpu", "memory", "autostart", "ipAddresses", "image")
 """What a status knows of the instance on TrueNAS: kept, as last observed, while TrueNAS cannot be asked."""
+SNAPSHOT_FIELDS = ("snapshotSchedule", "snapshots", "snapshotCount")
+"""What a status says of spec.snapshots and the instance's snapshots: read at a bounded rate, so
+kept as last written by every write that did not read them (``SnapshotsView``)."""
+
+
+@dataclass(frozen=True)
+class SnapshotsView:
+    """What the status says of spec.snapshots's task and of the instance's snapshots (all None: nothing)."""
+
+    schedule: SnapshotScheduleStatus | None = None
+    snapshots: tuple[SnapshotEntry, ...] | None = None
+    count: int | None = None
 
 
 def phase(
@@ -221,17 +236,22 @@ def render_instance(
     job: JobStatus | None = None,
     version: str | None = None,
     connected: bool = True,
+    snapshots: SnapshotsView | None = None,
 ) -> IncusInstanceStatus:
     """The whole status of an IncusInstance.
 
     ``connected`` False: TrueNAS could not be asked (no connection, a refused key, ...), so ``observed``
     says nothing; what the status knew of the instance stays, phase Unknown, Ready Unknown since then.
-    Only TrueNAS's answer (connected, no such instance) removes it."""
+    Only TrueNAS's answer (connected, no such instance) removes it. ``snapshots`` None: what the
+    previous status said of spec.snapshots and the snapshots stays."""
     before = previous_conditions(previous)
+    view = snapshots if snapshots is not None else _kept_snapshots(previous or {})
     if plan is not None and plan.blocked is not None and not plan.blocked.ours:
         observed = None  # not ours (AlreadyExists, Conflict, ...): report nothing of it as ours
+        view = SnapshotsView()
     if not connected and activity is None:
-        return _unobserved(desired, previous or {}, before, now, problem or _blocked_problem(plan), job, version)
+        unobserved = _unobserved(desired, previous or {}, before, now, problem or _blocked_problem(plan), job, version)
+        return unobserved.model_copy(update=_snapshot_fields(view))
     current_phase = phase(desired, observed, activity, problem or _blocked_problem(plan))
     ready = ready_condition(desired, observed, plan, activity, problem)
     synced = synced_condition(plan, problem, activity, before)
@@ -248,7 +268,27 @@ def render_instance(
         image=_image(observed),
         job=job,
         message=_message(current_phase, synced, observed, version),
+        **_snapshot_fields(view),
     )
+
+
+def _snapshot_fields(view: SnapshotsView) -> dict[str, Any]:
+    return {
+        "snapshot_schedule": view.schedule,
+        "snapshots": list(view.snapshots) if view.snapshots is not None else None,
+        "snapshot_count": view.count,
+    }
+
+
+def _kept_snapshots(previous: Mapping[str, Any]) -> SnapshotsView:
+    """What a status as read back says of spec.snapshots and the snapshots (what does not parse is dropped)."""
+    try:
+        fields = {key: previous[key] for key in SNAPSHOT_FIELDS if previous.get(key) is not None}
+        kept = IncusInstanceStatus.model_validate(fields)
+    except ValidationError:
+        return SnapshotsView()
+    listed = tuple(kept.snapshots) if kept.snapshots is not None else None
+    return SnapshotsView(kept.snapshot_schedule, listed, kept.snapshot_count)
 
 
 def _unobserved(

@@ -1,6 +1,7 @@
 """Deleting an IncusInstance: stop and delete the instances the ledger says it owns (or leave them,
 with ``deletionPolicy: Orphan``), then release the ledger records. kopf keeps the finalizer until
-this succeeds. A resource that owns nothing is done at once, whatever state its connection is in."""
+this succeeds. A resource that owns nothing is done at once, whatever state its connection is in.
+spec.snapshots's periodic snapshot task goes before its instance (instances/schedules.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from ..models import Phase
 from ..problems import OperatorError, Problem, Reason, fail, problem_of
 from ..reconcile import Delete, Desired, Ownership, plan_delete
 from ..settings import Settings
-from ..truenas import NotFound, TrueNASError
+from ..truenas import APIUnavailable, NotFound, TrueNASError
+from ..truenas.backends.snapshots import parses
 from .executor import Executor
 from .ledger import Ledger, Record, RecordState
 from .reporter import Reporter, backoff_delay
 from .resource import LoopState, ResourceKey, deletion_view, resource_key
+from .schedules import Schedules, naming_schema
 
 CONNECT_WAIT_SECONDS = 10.0
 DELETE_ATTEMPTS = 4
@@ -33,12 +36,14 @@ class Deletion:
         ledger: Ledger,
         reporter: Reporter,
         executor: Executor,
+        schedules: Schedules | None = None,
     ) -> None:
         self.settings = settings
         self.connections = connections
         self.ledger = ledger
         self.reporter = reporter
         self.executor = executor
+        self.schedules = schedules
         self._posted: dict[ResourceKey, LoopState] = {}
         """Per resource being deleted: which problem was posted last (one Event per distinct problem)."""
 
@@ -55,15 +60,20 @@ class Deletion:
             if key in self.executor.creating:
                 raise fail(Reason.CREATE_IN_PROGRESS, f"{desired.instance_name} is being created", retry_after=1.0)
             records = self.ledger.owned_by(desired.uid)
+            orphan = desired.deletion_policy == "Orphan"
             if not records:
+                if self.schedules is not None:
+                    await self.schedules.forget_owner(body, desired.uid, orphan)
                 self.forget(key)
                 return  # it never created nor adopted anything: nothing to do on TrueNAS
-            if desired.deletion_policy == "Orphan":
+            if orphan:
                 for record in records:
                     await self.ledger.release(record)
                     self.reporter.post_event(
                         body, "Normal", "Orphaned", f"left {record.instance} on TrueNAS (deletionPolicy: Orphan)"
                     )
+                if self.schedules is not None:
+                    await self.schedules.forget_owner(body, desired.uid, orphan)
                 self.forget(key)
                 return
             for record in records:
@@ -81,6 +91,8 @@ class Deletion:
                     )
                 await self._delete_one(body, state, desired, connection, record)
                 self.reporter.post_event(body, "Normal", "Deleted", f"deleted {record.instance} on TrueNAS")
+            if self.schedules is not None:
+                await self.schedules.forget_owner(body, desired.uid, orphan)
             self.forget(key)
             return
         except OperatorError as exc:
@@ -114,6 +126,11 @@ class Deletion:
         fresh = await self.ledger.reread(record.truenas, record.instance)
         if fresh is None or fresh.owner_uid != desired.uid:
             return  # not (or no longer) ours: never touch it
+        if self.schedules is not None:
+            # The periodic snapshot task first: it would run on a vanished dataset (its snapshots go
+            # with the operator's own, just before the instance).
+            self.executor.fence.check()
+            await self.schedules.before_delete(body, connection, fresh.instance, desired.uid)
         # The instance the record names (spec.name cannot change once it exists).
         ours = replace(
             desired, spec=desired.spec.model_copy(update={"name": fresh.instance}), ownership=Ownership(mine=True)
@@ -149,7 +166,7 @@ class Deletion:
                 return
             await self.reporter.write(state, ours, observed, activity=Phase.DELETING, version=connection.version)
             if any(isinstance(a, Delete) for a in current.actions):
-                await self._drop_snapshots(connection, fresh.instance)
+                await self._drop_snapshots(connection, fresh.instance, desired.uid)
             for action in current.actions:
                 try:
                     await self.executor.execute(body, state, ours, connection, observed, action)
@@ -160,11 +177,12 @@ class Deletion:
             raise fail(Reason.DELETE_FAILED, f"waiting to delete the instance: {waited}; will retry")
         raise fail(Reason.DELETE_FAILED, "the instance is still there after deleting it")
 
-    async def _drop_snapshots(self, connection: Connection, instance: str) -> None:
+    async def _drop_snapshots(self, connection: Connection, instance: str, uid: str) -> None:
         """The operator's own snapshots of the instance (IncusInstanceSnapshots: they carry the owner
-        property) go before the instance: ZFS destroys a dataset's snapshots with it, and TrueNAS 26's
-        container.delete refuses a dataset that has any (docs/snapshots.md). Snapshots someone else
-        took are left: where they block the delete, TrueNAS's refusal is reported."""
+        property; spec.snapshots's task: its naming schema, the resource's ``uid``'s) go before the
+        instance: ZFS destroys a dataset's snapshots with it, and TrueNAS 26's container.delete refuses
+        a dataset that has any (docs/snapshots.md). Snapshots someone else took are left: where they
+        block the delete, TrueNAS's refusal is reported."""
         client = connection.client
         if client is None:
             return
@@ -172,7 +190,17 @@ class Deletion:
         if target is None:
             return
         snapshots = client.snapshots
-        for snapshot in await snapshots.of(target):
+        try:
+            found = await snapshots.of(target)
+        except APIUnavailable:
+            # REST (25.x only) has no snapshot calls: the operator took none over it, and Incus
+            # destroys an instance's datasets with their snapshots on 25.x.
+            return
+        schema = naming_schema(uid)
+        for snapshot in found:
             if snapshot.owner is not None:
                 self.executor.fence.check()
                 await snapshots.delete(target, snapshot.name, owner=snapshot.owner)
+            elif parses(snapshot.name, schema):
+                self.executor.fence.check()
+                await snapshots.delete_scheduled(target, snapshot.name, schema)

@@ -31,18 +31,29 @@ LEDGER_LABEL = f"{API_GROUP}/ownership"
 SNAPSHOT_LEDGER_LABEL = f"{API_GROUP}/snapshot-ownership"
 """Snapshots' records (``instance@snapshot``) are a ledger of their own: the instance ledger, its
 reaper and its ownership rules never see them."""
+SCHEDULE_LEDGER_LABEL = f"{API_GROUP}/schedule-ownership"
+"""Periodic snapshot tasks' records (``schedule_key``: one per instance, with the task's id): a third
+ledger, so that a task the operator did not create is never taken for one it did."""
 CLAIM_ATTEMPTS = 5
 
 __all__ = [
     "LEDGER_LABEL",
+    "SCHEDULE_LEDGER_LABEL",
     "SNAPSHOT_LEDGER_LABEL",
     "Ledger",
     "Record",
     "RecordState",
     "describe_holder",
     "record_name",
+    "schedule_key",
     "truenas_identity",
 ]
+
+
+def schedule_key(instance: str) -> str:
+    """The schedule ledger's key of an instance's periodic snapshot task ('#' is in no instance name,
+    so no record name is another ledger's)."""
+    return f"{instance}#schedule"
 
 
 def record_name(truenas: str, instance: str) -> str:
@@ -75,6 +86,9 @@ class Record:
     an earlier version): what a reaped record's instance gets when its resource vanished."""
     joins: int = 0
     """How many times another actor of the same owner found this record on its own claim (409)."""
+    task_id: int | None = None
+    """The schedule ledger's: the id of the periodic snapshot task the operator created (None while
+    ``creating``: the create call may not have returned)."""
     resource_version: str = ""
     fresh: bool = field(default=False, compare=False)
     """Created by the claim that returned it (never read back from the API server)."""
@@ -109,6 +123,7 @@ class Record:
                 **({"devices": "managed"} if self.devices_managed else {}),
                 **({"deletionPolicy": self.deletion_policy} if self.deletion_policy else {}),
                 **({"joins": str(self.joins)} if self.joins else {}),
+                **({"taskId": str(self.task_id)} if self.task_id is not None else {}),
             },
         }
 
@@ -126,6 +141,7 @@ class Record:
                 devices_managed=data.get("devices") == "managed",
                 deletion_policy=str(data.get("deletionPolicy") or ""),
                 joins=int(joins) if (joins := str(data.get("joins", "0"))).isdigit() else 0,
+                task_id=int(task) if (task := str(data.get("taskId", ""))).isdigit() else None,
                 resource_version=str(body.get("metadata", {}).get("resourceVersion", "")),
             )
         except KeyError:
@@ -242,6 +258,10 @@ class Ledger:
 
     async def set_deletion_policy(self, record: Record, policy: str) -> Record:
         return await self._update(record, lambda r: replace(r, deletion_policy=policy))
+
+    async def set_task(self, record: Record, task_id: int) -> Record:
+        """Records the periodic snapshot task the operator created (the schedule ledger's records)."""
+        return await self._update(record, lambda r: replace(r, task_id=task_id, state=RecordState.CREATED))
 
     async def mark_devices_managed(self, record: Record) -> Record:
         return await self._update(record, lambda r: replace(r, devices_managed=True))

@@ -28,6 +28,7 @@ from .ledger import Ledger
 from .ownership import ownership_of
 from .reporter import Reporter
 from .resource import LoopState, Wake, about, adopt_requested, connection_key, desired_from, resource_key
+from .schedules import Schedules
 from .wakeups import Wakeups
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ class InstanceLoops:
         policy: Policy | None = None,
         metrics: Metrics | None = None,
         holds: Holds | None = None,
+        schedules: Schedules | None = None,
     ) -> None:
         self.settings = settings
+        self.schedules = schedules
+        """spec.snapshots's periodic snapshot tasks (instances/schedules.py); None: not managed (tests)."""
         self.holds = holds if holds is not None else Holds(wakeups.wake)
         self.metrics = metrics if metrics is not None else Metrics()
         self.connections = connections
@@ -137,6 +141,9 @@ class InstanceLoops:
     def _policy_denial(self, desired: Desired, key: str) -> Blocked | None:
         """The administrator's policy (policy.py), checked again here: admission can be off or bypassed."""
         found = self.policy.violations(desired.namespace, key, desired.spec, desired.name)
+        if desired.spec.snapshots is not None:
+            refused = self.policy.schedule_violation(desired.namespace, key, desired.spec.snapshots.schedule)
+            found += [refused] if refused is not None else []
         if not found:
             found = self._vm_quota(desired)
         return Blocked(POLICY_REASON, "; ".join(map(str, found)), ours=True) if found else None
@@ -230,6 +237,9 @@ class InstanceLoops:
             )
             if devices is not None and not any(is_device_action(a) for a in current.actions):
                 state.devices_seen = seen
+            if current.blocked is None and not current.actions and observed is not None and self.schedules:
+                notes = await self.schedules.sync(body, desired, connection, observed, state)
+                current = replace(current, unsupported=(*current.unsupported, *notes)) if notes else current
             if current.blocked is not None or not current.actions:
                 await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
                 self._announce(body, state, current, client.system_version)

@@ -61,6 +61,7 @@ class Reporter:
             job=job,
             version=version,
             connected=connected,
+            snapshots=state.snapshots_view,
         )
         patch = as_patch(status.model_copy(update={"last_sync_time": now}))
         if not differs(state.status, patch):

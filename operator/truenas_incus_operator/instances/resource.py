@@ -3,8 +3,9 @@ the loop remembers between passes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -12,9 +13,11 @@ from pydantic import ValidationError
 from ..connections import DEFAULT_KEY
 from ..models import ADOPT_ANNOTATION, IncusInstanceSpec, InstanceBinding
 from ..reconcile import Desired, Ownership
+from ..status import SnapshotsView
 
 if TYPE_CHECKING:
     from ..connections import Connection
+    from ..truenas import SnapshotTarget
 
 PLURAL = "incusinstances"
 ResourceKey = tuple[str, str]
@@ -96,6 +99,24 @@ def connection_key(namespace: str, spec: IncusInstanceSpec) -> str:
 
 
 @dataclass
+class ScheduleMemo:
+    """What a loop remembers of spec.snapshots between passes (instances/schedules.py)."""
+
+    applied: tuple[Any, ...] | None = None
+    """The task TrueNAS was last found (or made) to match: (NAS, connection epoch, wanted task)."""
+    accepted: tuple[Any, ...] | None = None
+    """The task as TrueNAS returned it after the last update, where it differs from what was sent
+    (TrueNAS normalised a field): counts as matching, so no update is sent again."""
+    refused: tuple[tuple[Any, ...], tuple[str, ...]] | None = None
+    """(what was asked, the notes): TrueNAS refused that task; not asked again until it changes or
+    the connection comes up again."""
+    checked_at: float = -math.inf
+    """When (monotonic) the task and the snapshots were last read."""
+    target: tuple[tuple[Any, ...], SnapshotTarget | None] | None = None
+    """(NAS, epoch, instance, its id) -> the instance's datasets, read once per connect."""
+
+
+@dataclass
 class LoopState:
     """What one resource's loop remembers between passes."""
 
@@ -109,3 +130,6 @@ class LoopState:
     unsupported_posted: tuple[str, ...] = ()
     listening: tuple[Connection, str] | None = None
     watching_key: str | None = None
+    snapshots_view: SnapshotsView | None = None
+    """What the status says of spec.snapshots and the snapshots; None: what it said before stays."""
+    schedule: ScheduleMemo = field(default_factory=ScheduleMemo)

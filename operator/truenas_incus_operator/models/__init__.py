@@ -51,6 +51,7 @@ from .instance import (
     InstanceDevice,
     InstanceNIC,
     JobStatus,
+    SnapshotSchedule,
 )
 from .limits import (
     ADOPT_ANNOTATION,
@@ -86,6 +87,9 @@ from .limits import (
     NICS_MAX_ITEMS,
     RE2_SPACE,
     SECRET_KEY_PATTERN,
+    SNAPSHOT_KEEP_MAX,
+    SNAPSHOT_SCHEDULE_MAX_LENGTH,
+    SNAPSHOT_SCHEDULE_PATTERN,
     STORAGE_POOL_MAX_LENGTH,
 )
 from .snapshot import (
@@ -105,6 +109,7 @@ from .snapshot import (
     SnapshotDeletionPolicy,
     SnapshotEntry,
     SnapshotPhase,
+    SnapshotScheduleStatus,
 )
 
 __all__ = [
@@ -151,8 +156,11 @@ __all__ = [
     "RESTORE_ROOT_RULES",
     "SECRET_KEY_PATTERN",
     "SNAPSHOT_DEFAULTS",
+    "SNAPSHOT_KEEP_MAX",
     "SNAPSHOT_NAME_PATTERN",
     "SNAPSHOT_ROOT_RULES",
+    "SNAPSHOT_SCHEDULE_MAX_LENGTH",
+    "SNAPSHOT_SCHEDULE_PATTERN",
     "STORAGE_POOL_MAX_LENGTH",
     "CloudInit",
     "Condition",
@@ -186,6 +194,8 @@ __all__ = [
     "SnapshotDeletionPolicy",
     "SnapshotEntry",
     "SnapshotPhase",
+    "SnapshotSchedule",
+    "SnapshotScheduleStatus",
     "TransportType",
     "TrueNASConnection",
     "TrueNASConnectionSpec",

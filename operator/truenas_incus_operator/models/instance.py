@@ -49,8 +49,12 @@ from .limits import (
     NIC_PARENT_MAX_LENGTH,
     NICS_MAX_ITEMS,
     RE2_SPACE,
+    SNAPSHOT_KEEP_MAX,
+    SNAPSHOT_SCHEDULE_MAX_LENGTH,
+    SNAPSHOT_SCHEDULE_PATTERN,
     STORAGE_POOL_MAX_LENGTH,
 )
+from .snapshot import MAX_LISTED_SNAPSHOTS, SnapshotEntry, SnapshotScheduleStatus
 
 
 def _extra_value(value: int | str) -> int | str:
@@ -185,6 +189,41 @@ class CloudInit(_Model):
     network_config: Annotated[str, Field(max_length=CLOUD_INIT_MAX_LENGTH)] | None = Field(
         None, description="cloud-init network-config (version 1 or 2). Omitted: cloud-init's default (DHCP)."
     )
+
+
+class SnapshotSchedule(_Model):
+    """Snapshots TrueNAS takes on its own (a periodic snapshot task): they go on while the cluster or
+    the operator is down."""
+
+    schedule: Annotated[str, Field(min_length=9, max_length=SNAPSHOT_SCHEDULE_MAX_LENGTH)] = Field(
+        description=(
+            "When: a 5-field cron schedule (minute hour day-of-month month day-of-week) in the NAS's time zone, "
+            "e.g. '0 * * * *' (hourly) or '30 2 * * 1-5' (02:30 on weekdays)."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    f"self.matches('{SNAPSHOT_SCHEDULE_PATTERN}')",
+                    "spec.snapshots.schedule must be a 5-field cron schedule (minute hour day-of-month month "
+                    "day-of-week), e.g. '0 */6 * * *'",
+                )
+            ]
+        },
+    )
+    keep: Annotated[int, Field(ge=1, le=SNAPSHOT_KEEP_MAX)] = Field(
+        description=(
+            f"How many snapshots to keep, 1 to {SNAPSHOT_KEEP_MAX}. TrueNAS keeps snapshots for a lifetime, not "
+            "a count: keep times the shortest gap between two firings of the schedule becomes the lifetime, "
+            "rounded up to whole hours (status.snapshotSchedule says what it became)."
+        )
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if not re.fullmatch(SNAPSHOT_SCHEDULE_PATTERN[1:-1], value):
+            raise ValueError("must be a 5-field cron schedule (minute hour day-of-month month day-of-week)")
+        return value
 
 
 class IncusInstanceSpec(_Model):
@@ -346,6 +385,15 @@ class IncusInstanceSpec(_Model):
             "instance exists (the resource stays bound to the TrueNAS its instance lives on)."
         ),
     )
+    snapshots: SnapshotSchedule | None = Field(
+        None,
+        description=(
+            "Periodic snapshots of the instance's datasets, taken by TrueNAS itself (a periodic snapshot task the "
+            "operator creates, changes and deletes with this field). Removing it deletes the task; the "
+            "snapshots it made stay, listed in status.snapshots, until the instance is deleted. TrueNAS 25.x "
+            "has no periodic tasks on the datasets of Incus instances (reported in status)."
+        ),
+    )
 
     @field_validator("memory")
     @classmethod
@@ -482,6 +530,20 @@ class IncusInstanceStatus(_Model):
     ip_addresses: list[str] | None = Field(None, description="Global IP addresses of the running instance.")
     image: ImageStatus | None = Field(None, description="The image TrueNAS reports for the instance.")
     job: JobStatus | None = Field(None, description="The TrueNAS job in flight, if any.")
+    snapshot_schedule: SnapshotScheduleStatus | None = Field(
+        None, description="The periodic snapshot task spec.snapshots became on TrueNAS."
+    )
+    snapshots: Annotated[list[SnapshotEntry], Field(max_length=MAX_LISTED_SNAPSHOTS)] | None = Field(
+        None,
+        description=(
+            f"The newest snapshots of the instance's datasets, whoever made them (at most {MAX_LISTED_SNAPSHOTS}, "
+            "newest first; with spec.snapshots only, read again about once per resync interval): the names an "
+            "IncusInstanceRestore's truenasSnapshot can give."
+        ),
+    )
+    snapshot_count: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="How many snapshots the instance's datasets have (status.snapshots lists the newest)."
+    )
     last_sync_time: datetime | None = Field(
         None, description="When the operator last wrote this status (it writes only changes: idle, nothing)."
     )

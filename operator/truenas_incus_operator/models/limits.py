@@ -22,6 +22,12 @@ MAX_MEMORY_QUANTITY = "1Pi"
 # "." or "..", not starting with "..").
 DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 SECRET_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+# spec.snapshots.schedule: five cron fields (minute hour day-of-month month day-of-week) of the characters
+# cron uses (digits, names such as MON or JAN, * , - / and croniter's ? L W #), apart by spaces. What
+# they mean is judged by the operator (policy.shortest_interval), as TrueNAS's croniter reads them.
+SNAPSHOT_SCHEDULE_PATTERN = r"^ *[0-9A-Za-z*,/?#-]+( +[0-9A-Za-z*,/?#-]+){4} *$"
+SNAPSHOT_SCHEDULE_MAX_LENGTH = 128
+SNAPSHOT_KEEP_MAX = 1000
 USERNAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.@$\\-]{0,255}$"
 """An API key's owner: a TrueNAS local user (letters, digits, ``_ . -``; api/base/types/user.py
 ``validate_local_username``) or a directory user (``user@domain``, ``DOMAIN\\user``); never the

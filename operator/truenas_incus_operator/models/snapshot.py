@@ -83,7 +83,33 @@ class SnapshotEntry(_Model):
     name: Annotated[str, Field(max_length=256)] = Field(description="The snapshot's name (after '@').")
     created: datetime | None = Field(None, description="When ZFS took it.")
     used_bytes: Annotated[int, Field(ge=0)] | None = Field(None, description="Bytes only this snapshot holds.")
-    operator: bool | None = Field(None, description="Taken by this operator (for an IncusInstanceSnapshot).")
+    operator: bool | None = Field(
+        None, description="Taken by this operator for an IncusInstanceSnapshot (it carries the owner property)."
+    )
+    scheduled: bool | None = Field(None, description="Made by the periodic snapshot task of spec.snapshots.")
+
+
+class SnapshotScheduleStatus(_Model):
+    """The periodic snapshot task spec.snapshots became on TrueNAS, as TrueNAS reports it."""
+
+    task_id: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="The task's id on TrueNAS (pool.snapshottask). Absent: there is no task (see message)."
+    )
+    dataset: Annotated[str, Field(max_length=512)] | None = Field(None, description="The dataset it snapshots.")
+    recursive: bool | None = Field(None, description="With the dataset's descendants, atomically.")
+    naming_schema: Annotated[str, Field(max_length=256)] | None = Field(
+        None, description="How its snapshots are named (strftime, in the NAS's time zone)."
+    )
+    lifetime_value: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="How long TrueNAS keeps each of its snapshots, in lifetimeUnit."
+    )
+    lifetime_unit: Annotated[str, Field(max_length=16)] | None = Field(None, description="HOUR, DAY or WEEK.")
+    state: Annotated[str, Field(max_length=32)] | None = Field(
+        None, description="The task's last run as TrueNAS reports it: PENDING, RUNNING, FINISHED or ERROR."
+    )
+    message: Annotated[str, Field(max_length=4096)] | None = Field(
+        None, description="How keep became the lifetime, or why there is no task."
+    )
 
 
 class InstanceOfSnapshot(_Model):

@@ -5,7 +5,15 @@ Transports: JSON-RPC over WebSocket (default) and REST v2.0 (25.x). Backends: ``
 hierarchy under ``TrueNASError``). Everything the operator uses is exported here.
 """
 
-from .backends.snapshots import OWNER_PROPERTY, NewerSnapshots, NotOurs, SnapshotInfo, Snapshots
+from .backends.snapshots import (
+    OWNER_PROPERTY,
+    SCHEDULE_PREFIX,
+    NewerSnapshots,
+    NotOurs,
+    SnapshotInfo,
+    Snapshots,
+    SnapshotTasks,
+)
 from .client import DEFAULT_TIMINGS, Endpoint, Timings, TrueNASClient, connect, parse_version, ssl_context
 from .errors import (
     AlreadyExists,
@@ -44,6 +52,7 @@ from .types import (
 __all__ = [
     "DEFAULT_TIMINGS",
     "OWNER_PROPERTY",
+    "SCHEDULE_PREFIX",
     "UNSET",
     "APIUnavailable",
     "AlreadyExists",
@@ -73,6 +82,7 @@ __all__ = [
     "Secret",
     "SnapshotInfo",
     "SnapshotTarget",
+    "SnapshotTasks",
     "Snapshots",
     "Timings",
     "TransportError",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .backends.container import ContainerBackend
 from .backends.routing import RoutingBackend
-from .backends.snapshots import Snapshots
+from .backends.snapshots import Snapshots, SnapshotTasks
 from .backends.virt import VirtInstanceBackend
 from .backends.vm import VMBackend
 from .errors import APIUnavailable, AuthenticationFailed, CallFailed, NotAuthorized, TransportError, TrueNASError
@@ -60,6 +60,11 @@ class TrueNASClient:
     def snapshots(self) -> Snapshots:
         """ZFS snapshots of the instances' datasets (backends/snapshots.py)."""
         return Snapshots(self.transport, self.version)
+
+    @property
+    def snapshot_tasks(self) -> SnapshotTasks:
+        """Periodic snapshot tasks (backends/snapshots.py): TrueNAS's own schedules."""
+        return SnapshotTasks(self.transport)
 
     @property
     def login_mechanism(self) -> str | None:

@@ -9,6 +9,10 @@ of them.
   resource's UID); ``delete`` refuses a snapshot without it, whoever asks.
 - ``rollback`` refuses past newer snapshots, naming them, unless told to destroy them; it never
   passes ``recursive_clones`` (a clone of a newer snapshot is another instance's disk).
+- ``SnapshotTasks``: periodic snapshot tasks, ``pool.snapshottask.*`` (the same calls on every version),
+  which TrueNAS runs on its own schedule (spec.snapshots). Their snapshots carry no user property: they
+  are known by their task's naming schema, and ``delete_scheduled`` deletes only a name that schema
+  (the operator's, ``SCHEDULE_PREFIX``) parses.
 """
 
 from __future__ import annotations
@@ -16,18 +20,40 @@ from __future__ import annotations
 import errno
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ..errors import CallFailed, FieldError, NotFound
 from ..transports.base import Transport
-from ..types import SnapshotTarget
+from ..types import Calls, SnapshotTarget
 
-__all__ = ["OWNER_PROPERTY", "NewerSnapshots", "NotOurs", "SnapshotInfo", "SnapshotTarget", "Snapshots"]
+__all__ = [
+    "OWNER_PROPERTY",
+    "SCHEDULE_PREFIX",
+    "NewerSnapshots",
+    "NotOurs",
+    "SnapshotInfo",
+    "SnapshotTarget",
+    "SnapshotTasks",
+    "Snapshots",
+    "parses",
+]
 
 OWNER_PROPERTY = "io.truenas.incus-operator:owner"
 """The ZFS user property naming the resource (its UID) a snapshot was taken for."""
 SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 """What a snapshot name may be here: ZFS's component characters, bounded."""
+SCHEDULE_PREFIX = "tio-auto-"
+"""How the naming schema of every periodic snapshot task the operator creates begins."""
+
+
+def parses(name: str, naming_schema: str) -> bool:
+    """Whether ``naming_schema`` (strftime, as zettarepl reads it) parses the snapshot name ``name``."""
+    try:
+        datetime.strptime(name, naming_schema)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -73,6 +99,14 @@ def _number(prop: Any) -> int | None:
 
 
 class Snapshots:
+    @staticmethod
+    def calls(version: tuple[int, ...]) -> Calls:
+        """What taking, listing, rolling back and deleting snapshots calls on ``version`` (doctor checks them)."""
+        namespace = "pool.snapshot" if version >= (25, 10) else "zfs.snapshot"
+        return Calls(
+            reads=(f"{namespace}.query",), writes=tuple(f"{namespace}.{v}" for v in ("create", "rollback", "delete"))
+        )
+
     def __init__(self, transport: Transport, version: tuple[int, ...]) -> None:
         self.transport = transport
         self.namespace = "pool.snapshot" if version >= (25, 10) else "zfs.snapshot"
@@ -169,4 +203,69 @@ class Snapshots:
                 await self.transport.call(f"{self.namespace}.delete", f"{dataset}@{name}")
             except NotFound:
                 continue
+        return True
+
+    async def delete_scheduled(self, target: SnapshotTarget, name: str, naming_schema: str) -> bool:
+        """Deletes snapshot ``name`` that the operator's periodic task with ``naming_schema`` made (the
+        schema is the operator's and parses the name; the snapshot carries no owner property); False
+        when it is already gone. Anything else is refused (``NotOurs``)."""
+        snapshot = next((s for s in await self.of(target) if s.name == name), None)
+        if snapshot is None:
+            return False
+        if not naming_schema.startswith(SCHEDULE_PREFIX) or not parses(name, naming_schema) or snapshot.owner:
+            raise NotOurs(f"{target.root}@{name} was not made by the operator's periodic task: left as it is")
+        for dataset in sorted(snapshot.datasets, key=lambda d: d.count("/"), reverse=True):
+            try:
+                await self.transport.call(f"{self.namespace}.delete", f"{dataset}@{name}")
+            except NotFound:
+                continue
+        return True
+
+
+class SnapshotTasks:
+    """Periodic snapshot tasks (``pool.snapshottask.*``, plugins/snapshot.py; every version): TrueNAS
+    snapshots ``dataset`` on ``schedule`` under ``naming_schema`` and destroys what that schema names
+    once older than ``lifetime_value`` ``lifetime_unit``, whether or not anyone is connected."""
+
+    NAMESPACE = "pool.snapshottask"
+
+    @staticmethod
+    def calls(version: tuple[int, ...]) -> Calls:
+        """The same on every version (doctor checks them)."""
+        return Calls(
+            reads=(f"{SnapshotTasks.NAMESPACE}.query",),
+            writes=tuple(f"{SnapshotTasks.NAMESPACE}.{v}" for v in ("create", "update", "delete")),
+        )
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    async def get(self, task_id: int) -> dict[str, Any] | None:
+        """The task ``task_id`` as TrueNAS lists it, or None when there is none of that id."""
+        entries = await self.transport.call(f"{self.NAMESPACE}.query", [["id", "=", task_id]], {}, idempotent=True)
+        found = [e for e in entries or [] if isinstance(e, dict) and e.get("id") == task_id]
+        return found[0] if found else None
+
+    async def find(self, naming_schema: str, dataset: str | None = None) -> list[dict[str, Any]]:
+        """The tasks whose naming schema is ``naming_schema`` (on ``dataset`` only, when given)."""
+        filters: list[Any] = [["naming_schema", "=", naming_schema]]
+        if dataset is not None:
+            filters.append(["dataset", "=", dataset])
+        entries = await self.transport.call(f"{self.NAMESPACE}.query", filters, {}, idempotent=True)
+        return [e for e in entries or [] if isinstance(e, dict) and isinstance(e.get("id"), int)]
+
+    async def create(self, payload: dict[str, Any]) -> dict[str, Any]:
+        entry: dict[str, Any] = await self.transport.call(f"{self.NAMESPACE}.create", payload)
+        return entry
+
+    async def update(self, task_id: int, payload: dict[str, Any]) -> dict[str, Any]:
+        entry: dict[str, Any] = await self.transport.call(f"{self.NAMESPACE}.update", task_id, payload)
+        return entry
+
+    async def delete(self, task_id: int) -> bool:
+        """Deletes the task (its snapshots stay, as TrueNAS leaves them); False when it was gone."""
+        try:
+            await self.transport.call(f"{self.NAMESPACE}.delete", task_id)
+        except NotFound:
+            return False
         return True
