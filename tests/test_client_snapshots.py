@@ -194,3 +194,16 @@ async def test_only_the_operators_scheduled_snapshots_are_deleted_as_such() -> N
             with pytest.raises(NotOurs):
                 await snaps.delete_scheduled(target, name, naming)
         assert len([s for s in sim.storage.snapshots if s.startswith("tank/home@")]) == 3
+
+
+async def test_a_snapshot_listing_with_a_createtxg_that_is_no_number_is_a_malformed_answer() -> None:
+    """Hostile review: a NAS (or what answers at its URL) sending createtxg "x" raised ValueError,
+    outside the client's error tree, so an IncusInstance's deletion escaped its error mapping."""
+    from truenas_incus_operator.truenas import MalformedAnswer, Snapshots, SnapshotTarget
+
+    class Lying:
+        async def call(self, method: str, *params: Any, **_: Any) -> Any:
+            return [{"dataset": "tank/ct", "snapshot_name": "s", "createtxg": "x", "properties": {}}]
+
+    with pytest.raises(MalformedAnswer, match="createtxg is not a number"):
+        await Snapshots(Lying(), (25, 10)).of(SnapshotTarget("tank/ct"))  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ..errors import CallFailed, FieldError, NotFound
+from ..errors import CallFailed, FieldError, MalformedAnswer, NotFound
 from ..transports.base import Transport
 from ..types import Calls, SnapshotTarget
 
@@ -98,6 +98,15 @@ def _number(prop: Any) -> int | None:
     return None
 
 
+def _txg(value: Any, namespace: str) -> int:
+    """``createtxg`` orders snapshots (which are newer): a value that is not a number is not TrueNAS's
+    answer, and is refused at this edge rather than guessed."""
+    text = str(value if value is not None else 0)
+    if not text.isdigit() or len(text) > 20:
+        raise MalformedAnswer(f"{namespace}.query: a snapshot's createtxg is not a number")
+    return int(text)
+
+
 class Snapshots:
     @staticmethod
     def calls(version: tuple[int, ...]) -> Calls:
@@ -152,7 +161,7 @@ class Snapshots:
                 SnapshotInfo(
                     name=name,
                     datasets=tuple(sorted(str(e.get("dataset")) for e in group)),
-                    txg=int(str(top.get("createtxg") or 0)),
+                    txg=_txg(top.get("createtxg"), self.namespace),
                     created=_number(props.get("creation")),
                     used=sum(u for u in used if u is not None) if any(u is not None for u in used) else None,
                     referenced=_number(props.get("referenced")),
