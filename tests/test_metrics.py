@@ -326,3 +326,21 @@ def test_snapshots_and_restores_are_counted_by_phase_with_bounded_labels() -> No
     assert value("tio_incusinstancerestores", {"phase": "RollingBack"}) == 0
     metrics.restore_seconds.observe(3.0)
     assert value("tio_restore_seconds_count") == 1
+
+
+def test_a_restores_duration_is_measured_from_its_recorded_start() -> None:
+    """tio_restore_seconds counts from status.startTime (a restart in between counts whole), by the
+    writer's clock; a start that does not parse is not measured."""
+    from datetime import UTC, datetime
+
+    from truenas_incus_operator.metrics import Metrics
+    from truenas_incus_operator.snapshots import Restorer, StatusWriter
+
+    metrics = Metrics()
+    clock = lambda: datetime(2026, 12, 7, 3, 0, 42, tzinfo=UTC)  # noqa: E731
+    writer = StatusWriter(None, "incusinstancerestores", lambda *_: None, clock)  # type: ignore[arg-type]
+    restorer = Restorer(None, None, None, writer, None, metrics=metrics)  # type: ignore[arg-type]
+    restorer._measure("2026-12-07T03:00:00Z")
+    restorer._measure("not a time")
+    assert metrics.registry.get_sample_value("tio_restore_seconds_count") == 1
+    assert metrics.registry.get_sample_value("tio_restore_seconds_sum") == 42.0

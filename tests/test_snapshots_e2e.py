@@ -5,6 +5,7 @@ refused by name unless allowed, a snapshot taken stopped, deletion with the reso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -108,9 +109,19 @@ def writes(harness: Harness, name: str) -> list[tuple[str, str]]:
     return [(method, arg) for method, arg in log if any(n in arg for n in names) or arg in ids]
 
 
-def make_instance(harness: Harness, namespace: str, kind: str) -> str:
+@contextlib.contextmanager
+def slow_jobs(harness: Harness, seconds: float = 3.0) -> Iterator[None]:
+    """Stop and start jobs that take ``seconds``: time to act while a restore stops the instance."""
+    harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", seconds))
+    try:
+        yield
+    finally:
+        harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 0.05))
+
+
+def make_instance(harness: Harness, namespace: str, kind: str, extra: dict[str, Any] | None = None) -> str:
     name = unique("vm" if kind == "VM" else "ct")
-    harness.apply(namespace, name, dict(VM_SPEC) if kind == "VM" else {})
+    harness.apply(namespace, name, {**(dict(VM_SPEC) if kind == "VM" else {}), **(extra or {})})
     harness.wait_ready(namespace, name, timeout=90)
     return name
 
@@ -239,8 +250,7 @@ def test_a_restore_deleted_before_its_rollback_is_cancelled(harness: Harness, ns
     name = make_instance(harness, ns, "CONTAINER")
     apply(harness, ns, "IncusInstanceSnapshot", "base", {"instanceRef": {"name": name}})
     wait_phase(harness, ns, "incusinstancesnapshots", "base", "Ready")
-    harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 3.0))
-    try:
+    with slow_jobs(harness):
         apply(
             harness,
             ns,
@@ -250,8 +260,6 @@ def test_a_restore_deleted_before_its_rollback_is_cancelled(harness: Harness, ns
         )
         wait_phase(harness, ns, "incusinstancerestores", "oops", "Stopping")
         harness.cluster.kubectl("delete", "incusinstancerestore", "oops", "-n", ns)
-    finally:
-        harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 0.05))
     harness.wait_ready(ns, name, timeout=90)
     assert not any(m in ROLLBACKS for m, _ in writes(harness, name)), writes(harness, name)
     harness.delete(ns, name)
@@ -266,8 +274,7 @@ def test_a_snapshot_taken_while_the_restore_stops_the_instance_fails_it_and_free
     name = make_instance(harness, ns, "CONTAINER")
     apply(harness, ns, "IncusInstanceSnapshot", "good", {"instanceRef": {"name": name}})
     wait_phase(harness, ns, "incusinstancesnapshots", "good", "Ready")
-    harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 3.0))
-    try:
+    with slow_jobs(harness):
         apply(
             harness,
             ns,
@@ -278,8 +285,6 @@ def test_a_snapshot_taken_while_the_restore_stops_the_instance_fails_it_and_free
         wait_phase(harness, ns, "incusinstancerestores", "undo", "Stopping")
         apply(harness, ns, "IncusInstanceSnapshot", "late", {"instanceRef": {"name": name}})
         late = wait_phase(harness, ns, "incusinstancesnapshots", "late", "Ready")
-    finally:
-        harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "job_duration", 0.05))
     failed = wait_phase(harness, ns, "incusinstancerestores", "undo", "Failed", timeout=90)
     (ready,) = [c for c in failed["conditions"] if c["type"] == "Ready"]
     assert ready["reason"] == "NewerSnapshots" and late["snapshotName"] in ready["message"], ready

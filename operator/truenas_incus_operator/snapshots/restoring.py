@@ -18,8 +18,8 @@ restart (docs/snapshots.md):
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -61,8 +61,12 @@ class Cancelled(Exception):
     """The restore was deleted before its rollback: nothing is rolled back, the hold goes."""
 
 
-def now_text() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def newer_refused(subject: Subject, name: str, newer: list[str], since: str = "") -> Refused:
+    return refused(
+        Reason.NEWER_SNAPSHOTS,
+        f"rolling back to {subject.target.root}@{name} would destroy the newer snapshots {', '.join(newer)}{since}; "
+        "set allowDestroyingNewerSnapshots: true to allow it",
+    )
 
 
 class Restorer:
@@ -139,7 +143,7 @@ class Restorer:
                 "back to its powerState"
             )
         self.holds.release(key, uid)
-        fields = {"phase": RestorePhase.FAILED, "completionTime": now_text()}
+        fields = {"phase": RestorePhase.FAILED, "completionTime": self.writer.now()}
         await self.writer.write(body, status, fields, ("False", reason, message))
         self.post_event(body, "Warning", reason, message)
 
@@ -191,11 +195,7 @@ class Restorer:
                 raise refused(Reason.SNAPSHOT_NOT_FOUND, f"{subject.target.root}@{name} does not exist on TrueNAS")
             newer = [f"{subject.target.root}@{s.name}" for s in listed if s.txg > chosen.txg]
             if newer and not spec.allow_destroying_newer_snapshots:
-                raise refused(
-                    Reason.NEWER_SNAPSHOTS,
-                    f"rolling back to {subject.target.root}@{name} would destroy the newer snapshots "
-                    f"{', '.join(newer)}; set allowDestroyingNewerSnapshots: true to allow it",
-                )
+                raise newer_refused(subject, name, newer)
         if phase == RestorePhase.PENDING:
             observed = subject.observed()
             fields = {
@@ -203,7 +203,7 @@ class Restorer:
                 "source": {"name": subject.key[1], "uid": subject.uid, "instance": subject.instance},
                 "snapshotName": name,
                 "wasRunning": observed is not None and observed.status == InstanceStatus.RUNNING,
-                "startTime": now_text(),
+                "startTime": self.writer.now(),
             }
             await self.writer.write(body, status, fields, ("False", Reason.STOPPING, f"stopping {subject.instance}"))
             phase = RestorePhase.STOPPING
@@ -222,12 +222,7 @@ class Restorer:
             doomed = [f"{subject.target.root}@{s.name}" for s in listed if s.txg > chosen.txg]
             if doomed and not spec.allow_destroying_newer_snapshots and phase == RestorePhase.STOPPING:
                 # Taken since the check at Pending (a snapshot applied with the restore, a periodic task).
-                raise refused(
-                    Reason.NEWER_SNAPSHOTS,
-                    f"rolling back to {subject.target.root}@{name} would destroy the newer snapshots "
-                    f"{', '.join(doomed)}, taken since the restore began; set allowDestroyingNewerSnapshots: true "
-                    "to allow it",
-                )
+                raise newer_refused(subject, name, doomed, since=", taken since the restore began")
             await self._still_wanted(body)
             recorded = list(status.get("destroyedSnapshots") or [])
             every = sorted({*recorded, *doomed})
@@ -249,7 +244,7 @@ class Restorer:
             phase = RestorePhase.STARTING
         # Starting: never a rollback again from here.
         await self._bring_back(subject, uid, bool(status.get("wasRunning")))
-        fields = {"phase": RestorePhase.SUCCEEDED, "completionTime": now_text()}
+        fields = {"phase": RestorePhase.SUCCEEDED, "completionTime": self.writer.now()}
         self._measure(str(status.get("startTime") or ""))
         message = f"{subject.instance} restored to {subject.target.root}@{name}"
         await self.writer.write(body, status, fields, ("True", Reason.RESTORED, message))
@@ -269,10 +264,10 @@ class Restorer:
         if self.metrics is None or not started:
             return
         try:
-            begun = time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+            begun = datetime.fromisoformat(started)
         except ValueError:
             return
-        self.metrics.restore_seconds.observe(max(0.0, time.time() - begun))
+        self.metrics.restore_seconds.observe(max(0.0, (self.writer.clock() - begun).total_seconds()))
 
     async def _bring_back(self, subject: Subject, uid: str, was_running: bool) -> None:
         power = subject.desired.spec.power_state or PowerState.RUNNING

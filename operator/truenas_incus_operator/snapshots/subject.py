@@ -73,6 +73,18 @@ def key_of(body: Mapping[str, Any]) -> ResourceKey:
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
+async def ready_connection(connections: ConnectionManager, key: str) -> Connection:
+    """The connection for ``key`` once it is up (a short wait); else its problem, to retry later."""
+    connection = connections.get(key)
+    if not connection.ready.is_set():
+        try:
+            await asyncio.wait_for(connection.ready.wait(), CONNECT_WAIT_SECONDS)
+        except TimeoutError:
+            problem = connection.problem or Problem(Reason.CONNECTING, "connecting to TrueNAS")
+            raise OperatorError(problem, retry_after=RETRY_SECONDS) from None
+    return connection
+
+
 class Subjects:
     def __init__(self, kube: Kube, connections: ConnectionManager, ledger: Ledger) -> None:
         self.kube = kube
@@ -103,13 +115,7 @@ class Subjects:
             parsed = desired_from(body)
         except ValidationError:
             raise waiting(Reason.INVALID_SPEC, f"IncusInstance {name} has a spec the operator cannot read") from None
-        connection = self.connections.get(connection_key(namespace, parsed.spec))
-        if not connection.ready.is_set():
-            try:
-                await asyncio.wait_for(connection.ready.wait(), CONNECT_WAIT_SECONDS)
-            except TimeoutError:
-                problem = connection.problem or Problem(Reason.CONNECTING, "connecting to TrueNAS")
-                raise OperatorError(problem, retry_after=RETRY_SECONDS) from None
+        connection = await ready_connection(self.connections, connection_key(namespace, parsed.spec))
         client = connection.client
         if client is None:
             raise waiting(Reason.CONNECTING, "connecting to TrueNAS")
@@ -157,6 +163,10 @@ class StatusWriter:
         self.plural = plural
         self.post_event = post_event
         self.clock = clock
+
+    def now(self) -> str:
+        """The writer's clock as Kubernetes writes a time (whole seconds, UTC, ``Z``)."""
+        return self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
 
     async def write(
         self,

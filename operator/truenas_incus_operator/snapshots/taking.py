@@ -12,14 +12,13 @@ its powerState says (a Manual instance that was running is started again by a Ru
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from ..connections import Connection, ConnectionManager
+from ..connections import ConnectionManager
 from ..instances.holds import Holds
 from ..instances.ledger import Ledger, RecordState
 from ..instances.resource import EventPoster
@@ -27,9 +26,8 @@ from ..models import Consistency, IncusInstanceSnapshotSpec, PowerState, Snapsho
 from ..policy import Policy
 from ..problems import OperatorError, Reason, problem_of
 from ..reconcile import Hold
-from ..truenas import APIUnavailable, CallFailed, InstanceStatus, NotOurs, SnapshotInfo, TransportError, TrueNASError
+from ..truenas import APIUnavailable, CallFailed, InstanceStatus, NotOurs, SnapshotInfo, TrueNASError
 from .subject import (
-    CONNECT_WAIT_SECONDS,
     RETRY_SECONDS,
     START_WAIT_SECONDS,
     Refused,
@@ -37,6 +35,7 @@ from .subject import (
     Subject,
     Subjects,
     key_of,
+    ready_connection,
     refused,
     uid_of,
     wait_for_state,
@@ -79,7 +78,7 @@ def permanent(exc: TrueNASError) -> bool:
     it (a REST connection: the snapshot calls go over JSON-RPC only): asking again is the same."""
     if isinstance(exc, APIUnavailable):
         return True
-    return isinstance(exc, CallFailed) and not isinstance(exc, TransportError) and exc.errno != 16  # EBUSY
+    return isinstance(exc, CallFailed) and exc.errno != 16  # EBUSY: a clone or a hold may go
 
 
 class SnapshotTaker:
@@ -256,7 +255,7 @@ class SnapshotTaker:
                     body, "Normal", "Retained", f"left {record.instance} on TrueNAS (deletionPolicy: Retain)"
                 )
                 continue
-            connection = await self._connection(record.connection)
+            connection = await ready_connection(self.connections, record.connection)
             client = connection.client
             if client is None or connection.identity != record.truenas:
                 raise waiting(Reason.CONNECTING, f"waiting for the TrueNAS that holds {record.instance}")
@@ -268,22 +267,11 @@ class SnapshotTaker:
                 except NotOurs as exc:
                     self.post_event(body, "Warning", "NotOurs", exc.message)
                 except CallFailed as exc:
-                    if isinstance(exc, TransportError):
-                        raise
                     problem = problem_of(exc)
                     self.post_event(body, "Warning", Reason.DELETE_FAILED, problem.message)
                     raise waiting(Reason.DELETE_FAILED, problem.message, delay=15.0) from None
             await self.ledger.release(record)
             self.post_event(body, "Normal", "Deleted", f"deleted {record.instance} on TrueNAS")
-
-    async def _connection(self, key: str) -> Connection:
-        connection = self.connections.get(key)
-        if not connection.ready.is_set():
-            try:
-                await asyncio.wait_for(connection.ready.wait(), CONNECT_WAIT_SECONDS)
-            except TimeoutError:
-                raise waiting(Reason.CONNECTING, "waiting for the connection to TrueNAS") from None
-        return connection
 
 
 def _ref(body: Mapping[str, Any]) -> str:

@@ -207,12 +207,16 @@ class Snapshots:
             return False
         if snapshot.owner != owner:
             raise NotOurs(f"{target.root}@{name} was not taken by the operator for this resource: left as it is")
+        await self._destroy(snapshot)
+        return True
+
+    async def _destroy(self, snapshot: SnapshotInfo) -> None:
+        """One snapshot name in every dataset that has it, deepest dataset first."""
         for dataset in sorted(snapshot.datasets, key=lambda d: d.count("/"), reverse=True):
             try:
-                await self.transport.call(f"{self.namespace}.delete", f"{dataset}@{name}")
+                await self.transport.call(f"{self.namespace}.delete", f"{dataset}@{snapshot.name}")
             except NotFound:
                 continue
-        return True
 
     async def delete_scheduled(self, target: SnapshotTarget, name: str, naming_schema: str) -> bool:
         """Deletes snapshot ``name`` that the operator's periodic task with ``naming_schema`` made (the
@@ -223,11 +227,7 @@ class Snapshots:
             return False
         if not naming_schema.startswith(SCHEDULE_PREFIX) or not parses(name, naming_schema) or snapshot.owner:
             raise NotOurs(f"{target.root}@{name} was not made by the operator's periodic task: left as it is")
-        for dataset in sorted(snapshot.datasets, key=lambda d: d.count("/"), reverse=True):
-            try:
-                await self.transport.call(f"{self.namespace}.delete", f"{dataset}@{name}")
-            except NotFound:
-                continue
+        await self._destroy(snapshot)
         return True
 
 
