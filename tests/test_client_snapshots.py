@@ -207,3 +207,60 @@ async def test_a_snapshot_listing_with_a_createtxg_that_is_no_number_is_a_malfor
 
     with pytest.raises(MalformedAnswer, match="createtxg is not a number"):
         await Snapshots(Lying(), (25, 10)).of(SnapshotTarget("tank/ct"))  # type: ignore[arg-type]
+
+
+async def test_a_snapshots_clones_are_found_by_origin_and_an_odd_origin_is_no_clone() -> None:
+    from truenas_incus_operator.truenas import SnapshotInfo, Snapshots
+    from truenas_incus_operator.truenas.backends.vm import instance_of_dataset
+
+    class Answering:
+        async def call(self, method: str, *params: Any, **_: Any) -> Any:
+            assert method == "pool.dataset.query"
+            assert params[0] == [["origin.value", "in", ["tank/incus-operator/vms/src/root@tio-a"]]]
+            return [
+                {
+                    "id": "tank/incus-operator/vms/copy/root",
+                    "origin": {"value": "tank/incus-operator/vms/src/root@tio-a"},
+                },
+                {"id": "tank/odd1", "origin": "tank/incus-operator/vms/src/root@tio-a"},  # not TrueNAS's shape
+                {"id": "tank/odd2", "origin": {"value": 7}},
+                "not an entry",
+            ]
+
+    info = SnapshotInfo("tio-a", ("tank/incus-operator/vms/src/root",), 1, None, None, None, "uid")
+    clones = await Snapshots(Answering(), (25, 10)).clones(info)  # type: ignore[arg-type]
+    assert clones == ["tank/incus-operator/vms/copy/root"]
+    assert instance_of_dataset(clones[0]) == "copy" and instance_of_dataset("tank/other/root") is None
+    assert instance_of_dataset("tank/incus-operator/vms/web_01") == "web-01"
+
+
+@pytest.mark.parametrize("profile", ["25.04.2", "25.10", "26.0"])
+async def test_a_vm_is_built_from_a_snapshot_of_another_and_neither_is_deleted_while_cloned(profile: str) -> None:
+    from truenas_incus_operator.truenas import CallFailed, CloneSource
+    from truenas_incus_operator.truenas.backends.routing import RoutingBackend
+
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        backend = c.instances
+        assert isinstance(backend, RoutingBackend)
+        await backend.create(vm_config("src"))
+        target = await backend.snapshot_target("src")
+        assert target is not None
+        await c.snapshots.take(target, "tio-gold", owner="u1")
+        copy = InstanceConfig(name="copy", type="VM", image=None, source=CloneSource("src", "tio-gold"))
+        with pytest.raises(ValidationFailed, match="snapshot's pool"):
+            await backend.create(InstanceConfig(**{**copy.__dict__, "storage_pool": "other"}))
+        made = await backend.create(copy)
+        assert made.name == "copy"
+        home = target.root.rsplit("/", 1)[0] + "/copy"
+        assert sim.storage.datasets[f"{home}/root"].origin == f"{target.root}/root@tio-gold"
+        made_vm = sim.vms.by_name("copy")
+        assert made_vm is not None and "clone of" in str(made_vm.config["description"])
+        with pytest.raises(CallFailed, match="is a clone of its snapshots"):
+            await backend.delete("src")
+        assert sim.vms.by_name("src") is not None  # refused before anything went
+        await backend.delete("copy")
+        await c.snapshots.delete(target, "tio-gold", owner="u1")
+        await backend.delete("src")
+        assert sim.vms.by_name("src") is None
+        with pytest.raises(ValidationFailed, match="from an image only"):
+            await backend.containers.create(InstanceConfig(name="ct", type="CONTAINER", image=None, source=copy.source))

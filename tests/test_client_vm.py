@@ -153,7 +153,7 @@ async def test_a_half_built_vm_is_completed_and_an_unfinished_create_leaves_noth
         home = "tank/incus-operator/vms/web_01"
         await vms.bases.root_disk(home, base, None)
         await vms._seed(home, config)
-        await vms._create_vm(config, "web_01", image)
+        await vms._create_vm(config, "web_01", f"{image.product} {image.version}")
         half = sim.vms.by_name("web_01")
         assert half is not None and half.devices == {}
         completed = await backend.create(config)
@@ -175,7 +175,7 @@ async def test_a_half_built_vm_is_completed_and_an_unfinished_create_leaves_noth
         assert not [f for f in sim.storage.files if "web_02" in f]
         # A half-built VM (no devices name its pool) is deleted with its dataset.
         await vms.bases.root_disk("tank/incus-operator/vms/web_03", base, None)
-        await vms._create_vm(vm_config("web-03"), "web_03", image)
+        await vms._create_vm(vm_config("web-03"), "web_03", f"{image.product} {image.version}")
         await backend.delete("web-03")
         assert sim.vms.by_name("web_03") is None and not [d for d in sim.storage.datasets if "web_03" in d]
 

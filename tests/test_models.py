@@ -366,3 +366,20 @@ def test_vm_image_server_is_a_url_or_an_absolute_path(server: str) -> None:
     for bad in ("relative/dir", "ftp://x/", "file://host/x", "https://x y/"):
         with pytest.raises(ValidationError):
             TrueNASConnectionSpec.model_validate({**connection(), "vmImageServer": bad})
+
+
+@pytest.mark.parametrize(
+    "fields, ok",
+    [
+        ({"image": "debian/bookworm"}, True),
+        ({"source": {"snapshotRef": {"name": "gold"}}}, True),
+        ({"image": "debian/bookworm", "source": {"snapshotRef": {"name": "gold"}}}, False),
+        ({}, False),
+        ({"source": {"snapshotRef": {"name": "Not_A_Name"}}}, False),
+        ({"source": {}}, False),
+    ],
+)
+def test_exactly_one_of_image_and_source(fields: dict[str, Any], ok: bool) -> None:
+    """Admission's twin: tests/test_snapshots_e2e.py::test_admission_takes_exactly_one_of_image_and_source."""
+    body = {"type": "VM", **fields}
+    assert valid(body) is ok

@@ -291,3 +291,18 @@ def test_a_status_word_the_operator_does_not_know_is_unknown_and_left_alone() ->
     assert InstanceStatus.STOPPING.transitional and not InstanceStatus.FROZEN.transitional
     result = plan(desired(OURS), observed(status=InstanceStatus.of("HIBERNATED")))
     assert result.actions == () and "UNKNOWN" in result.notes[0]
+
+
+def test_a_clone_records_its_source_in_the_binding_and_a_changed_source_is_immutable() -> None:
+    from truenas_incus_operator.models import InstanceBinding
+    from truenas_incus_operator.truenas import CloneSource
+
+    body = {"type": "VM", "source": {"snapshotRef": {"name": "gold"}}}
+    spec = IncusInstanceSpec.model_validate(body)
+    clone = Desired("ns", "web", 1, spec, uid="u1", ownership=OURS, clone=CloneSource("src", "tio-abc"))
+    binding = clone.binding()
+    assert binding.source == "gold" and binding.image is None
+    assert instance_config(clone).source == CloneSource("src", "tio-abc") and instance_config(clone).image is None
+    moved = replace(clone, bound=InstanceBinding(name="web", type="VM", source="silver"))
+    assert moved.immutable_changes() == ("spec.source.snapshotRef.name is 'gold', the instance was made with 'silver'",)
+    assert plan(moved, observed(type="VM")).blocked is not None

@@ -12,13 +12,16 @@ import pytest
 
 from .conftest import Cluster, module_prefix
 from .harness import ADOPT_ANYWHERE, Harness, module_operator
-from .test_snapshots_e2e import apply, make_instance, wait_phase, writes
+from .test_snapshots_e2e import apply, clone_spec, make_instance, wait_phase, writes
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
 
 POLICY: dict[str, Any] = {
     **ADOPT_ANYWHERE,
-    "rules": [{"namespaces": ["*-ro-*"], "connections": ["*"], "snapshots": {"snapshot": False, "restore": False}}],
+    "rules": [
+        {"namespaces": ["*-ro-*"], "connections": ["*"], "snapshots": {"snapshot": False, "restore": False}},
+        {"namespaces": ["*-nc-*"], "connections": ["*"], "snapshots": {"clone": False}},
+    ],
     "defaultRule": {"snapshots": {"maxPerInstance": 1}},
 }
 
@@ -85,3 +88,17 @@ def test_a_rest_connection_says_snapshots_need_json_rpc_once(harness: Harness, c
     reason, message = ready_reason(wait_phase(harness, ns, "incusinstancesnapshots", "over-rest", "Failed"))
     assert reason == "APIUnavailable" and "not available over REST" in message, message
     harness.delete(ns, name)
+
+
+def test_a_namespace_the_policy_forbids_to_clone_makes_no_clone(harness: Harness, cluster: Cluster) -> None:
+    ns = namespace(harness, cluster, "x-nc-")
+    name = make_instance(harness, ns, "VM")
+    apply(harness, ns, "IncusInstanceSnapshot", "gold", {"instanceRef": {"name": name}})
+    wait_phase(harness, ns, "incusinstancesnapshots", "gold", "Ready")  # snapshots stay allowed
+    apply(harness, ns, "IncusInstance", "copy", clone_spec("gold"))
+    refused = harness.wait_synced_false(ns, "copy", "PolicyDenied", timeout=60)
+    message = next(c["message"] for c in refused["conditions"] if c["type"] == "Synced")
+    assert message.startswith("policy.rules[1].snapshots.clone: spec.source.snapshotRef: "), message
+    assert "copy" not in harness.instance_names() and not writes(harness, "copy")
+    for resource in ("copy", name):
+        assert harness.delete(ns, resource).returncode == 0

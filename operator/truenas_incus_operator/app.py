@@ -22,7 +22,7 @@ from .metrics import Metrics
 from .models import API_GROUP, API_VERSION
 from .policy import Policy, load_policy
 from .settings import Settings
-from .snapshots import RESTORES, SNAPSHOTS, Restorer, SnapshotTaker, StatusWriter, Subjects
+from .snapshots import RESTORES, SNAPSHOTS, CloneSources, Restorer, SnapshotTaker, StatusWriter, Subjects
 from .status import utc_now
 from .truenas import Timings
 
@@ -99,6 +99,7 @@ def build(
     schedule_ledger = Ledger(kube, settings.ledger_namespace, SCHEDULE_LEDGER_LABEL)
     schedules = Schedules(schedule_ledger, connections, reporter.post_event, settings.resync_seconds, executor.fence)
     subjects = Subjects(kube, connections, ledger)
+    sources = CloneSources(kube, snapshot_ledger, policy, wakeups.wake)
     return Operator(
         settings=settings,
         kube=kube,
@@ -108,7 +109,7 @@ def build(
         ledger=ledger,
         policy=policy,
         loops=InstanceLoops(
-            settings, connections, wakeups, ledger, reporter, executor, policy, metrics, holds, schedules
+            settings, connections, wakeups, ledger, reporter, executor, policy, metrics, holds, schedules, sources
         ),
         deletion=Deletion(settings, connections, ledger, reporter, executor, schedules),
         metrics=metrics,
@@ -124,6 +125,7 @@ def build(
             StatusWriter(kube, SNAPSHOTS, post_event, clock),
             post_event,
             policy,
+            sources.snapshot_ready,
         ),
         restores=Restorer(
             kube, subjects, holds, StatusWriter(kube, RESTORES, post_event, clock), post_event, policy, metrics

@@ -536,7 +536,8 @@ async def _manifest(report: Report, client: TrueNASClient, path: Path, url: str)
                 message = f"VMs need the websocket transport (the REST API has no vm.* calls): {message}"
             report.add(f"manifest {name}", FAIL, message + against, reason="Unsupported", **where)
             continue
-        image = await _image_problem(report, client, desired.spec.image, vm)
+        # A clone (spec.source) names a snapshot, not an image: the operator proves it at the create.
+        image = await _image_problem(report, client, desired.spec.image, vm) if desired.spec.image else None
         if image is not None:
             report.add(f"manifest {name}", FAIL, image + against, reason="ImageNotFound", **where)
             continue

@@ -112,6 +112,10 @@ class Reason(StrEnum):
     NEWER_SNAPSHOTS = "NewerSnapshots"
     SNAPSHOT_NOT_FOUND = "SnapshotNotFound"
     INSTANCE_NOT_FOUND = "InstanceNotFound"
+    HAS_CLONES = "HasClones"
+    """A snapshot (or the instance it is of) cannot go while instances cloned from it exist."""
+    SOURCE_NOT_READY = "SourceNotReady"
+    """(An IncusInstance's Synced) spec.source's IncusInstanceSnapshot is missing or not Ready yet."""
     # A TrueNASConnection's Ready=True, and its Secure condition
     CONNECTED = "Connected"
     VERIFIED = "Verified"

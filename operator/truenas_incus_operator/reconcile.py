@@ -19,7 +19,15 @@ from .models import (
     PowerState,
 )
 from .problems import Reason
-from .truenas.types import UNSET, DeviceConfig, InstanceChanges, InstanceConfig, InstanceStatus, ObservedInstance
+from .truenas.types import (
+    UNSET,
+    CloneSource,
+    DeviceConfig,
+    InstanceChanges,
+    InstanceConfig,
+    InstanceStatus,
+    ObservedInstance,
+)
 
 UNCHANGEABLE = (InstanceStatus.FROZEN, InstanceStatus.ERROR, InstanceStatus.UNKNOWN)
 """States the operator leaves alone: it reports them and acts on none."""
@@ -81,6 +89,8 @@ class Desired:
     spec it was created or adopted with (tenants cannot write status; it only ever restricts)."""
     hold: Hold | None = None
     """A snapshot or restore in progress holds the power state (never from the body)."""
+    clone: CloneSource | None = None
+    """spec.source's snapshot as the ledger proves it (resolved before a create; never from the body)."""
 
     @property
     def instance_name(self) -> str:
@@ -96,6 +106,7 @@ class Desired:
             name=self.instance_name,
             type=str(self.spec.type),
             image=self.spec.image,
+            source=self.spec.source.snapshot_ref.name if self.spec.source else None,
             storage_pool=self.spec.storage_pool,
             connection_ref=self.connection_ref,
         )
@@ -110,6 +121,7 @@ class Desired:
             ("spec.name", now.name, then.name),
             ("spec.type", now.type, then.type),
             ("spec.image", now.image, then.image),
+            ("spec.source.snapshotRef.name", now.source, then.source),
             ("spec.storagePool", now.storage_pool, then.storage_pool),
             ("spec.connectionRef", now.connection_ref, then.connection_ref),
         )
@@ -270,6 +282,7 @@ def instance_config(desired: Desired) -> InstanceConfig:
         cloud_init_user_data=spec.cloud_init.user_data if spec.cloud_init else None,
         cloud_init_network_config=spec.cloud_init.network_config if spec.cloud_init else None,
         memory_overcommit=bool(spec.memory_overcommit),
+        source=desired.clone,
     )
 
 

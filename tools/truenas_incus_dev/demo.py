@@ -142,6 +142,8 @@ def _apply_examples(plane: LocalControlPlane, legacy: SimulatorThread) -> None:
     # A snapshot of web01, and a restore to it (it waits for the snapshot, then rolls web01 back).
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "snapshot.yaml"))
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "restore.yaml"))
+    # A snapshot of vm01 and a VM cloned from it (made once the snapshot is Ready).
+    plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "clone.yaml"))
     plane.kubectl("create", "namespace", "legacy")
     assert legacy.ca_file is not None
     plane.kubectl("create", "secret", "generic", "nas-key", "-n", "legacy", f"--from-literal=apiKey={legacy.api_key}")

@@ -18,6 +18,7 @@ from ..reconcile import Delete, Desired, Ownership, plan_delete
 from ..settings import Settings
 from ..truenas import APIUnavailable, NotFound, TrueNASError
 from ..truenas.backends.snapshots import parses
+from ..truenas.backends.vm import instance_of_dataset
 from .executor import Executor
 from .ledger import Ledger, Record, RecordState
 from .reporter import Reporter, backoff_delay
@@ -26,6 +27,17 @@ from .schedules import Schedules, naming_schema
 
 CONNECT_WAIT_SECONDS = 10.0
 DELETE_ATTEMPTS = 4
+
+
+def clones_named(ledger: Ledger, identity: str, clones: list[str]) -> str:
+    """The clones of a snapshot as a message names them: the IncusInstance whose disk each is (the
+    ownership ledger says whose), else the dataset alone (a clone made outside the operator)."""
+    named = []
+    for dataset in clones:
+        instance = instance_of_dataset(dataset)
+        record = ledger.get(identity, instance) if instance is not None else None
+        named.append(f"IncusInstance {record.owner} ({dataset})" if record is not None else dataset)
+    return ", ".join(named)
 
 
 class Deletion:
@@ -197,7 +209,19 @@ class Deletion:
             # destroys an instance's datasets with their snapshots on 25.x.
             return
         schema = naming_schema(uid)
-        for snapshot in found:
+        ours = [s for s in found if s.owner is not None or parses(s.name, schema)]
+        for snapshot in ours:
+            clones = await snapshots.clones(snapshot)
+            if clones:
+                # Before anything is stopped or deleted: the instance stays as it is until they are gone.
+                named = clones_named(self.ledger, connection.identity, clones)
+                raise fail(
+                    Reason.HAS_CLONES,
+                    f"{target.root}@{snapshot.name} has clones: {named}; "
+                    "the instance is deleted once they are (the operator never destroys or promotes another "
+                    "instance's disk)",
+                )
+        for snapshot in ours:
             if snapshot.owner is not None:
                 self.executor.fence.check()
                 await snapshots.delete(target, snapshot.name, owner=snapshot.owner)

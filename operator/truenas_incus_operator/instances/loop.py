@@ -9,7 +9,7 @@ import logging
 import random
 from collections.abc import Awaitable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -18,10 +18,10 @@ from ..kube import KUBE_REASON
 from ..metrics import Metrics
 from ..policy import POLICY_REASON, Policy, Violation
 from ..problems import OperatorError, Problem, Reason, fail, problem_of
-from ..reconcile import Blocked, Desired, Plan, Start, instance_config, plan
+from ..reconcile import Blocked, Create, Desired, Plan, Start, instance_config, plan
 from ..settings import Settings
 from ..status import clip
-from ..truenas import ObservedInstance, TrueNASError
+from ..truenas import CloneSource, ObservedInstance, TrueNASError
 from .executor import Executor, describe_device_action, is_device_action
 from .holds import Holds
 from .ledger import Ledger
@@ -33,6 +33,12 @@ from .wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 MAX_STEPS_PER_PASS = 12
+
+
+class CloneSources(Protocol):
+    """spec.source's snapshot, proven (snapshots/cloning.py): asked just before a create."""
+
+    async def resolve(self, desired: Desired, connection: Connection) -> CloneSource: ...
 
 
 class InstanceLoops:
@@ -48,8 +54,11 @@ class InstanceLoops:
         metrics: Metrics | None = None,
         holds: Holds | None = None,
         schedules: Schedules | None = None,
+        sources: CloneSources | None = None,
     ) -> None:
         self.settings = settings
+        self.sources = sources
+        """Resolves spec.source before a clone's create; None: clones are not made (reported)."""
         self.schedules = schedules
         """spec.snapshots's periodic snapshot tasks (instances/schedules.py); None: not managed (tests)."""
         self.holds = holds if holds is not None else Holds(wakeups.wake)
@@ -249,6 +258,13 @@ class InstanceLoops:
                 # Compared before for this very spec: someone changed the devices on TrueNAS.
                 changes = ", ".join(describe_device_action(a) for a in fixes)
                 self.reporter.post_event(body, "Normal", "DriftCorrected", f"devices changed on TrueNAS; {changes}")
+            if (
+                parsed.spec.source is not None
+                and parsed.clone is None
+                and any(isinstance(a, Create) for a in current.actions)
+            ):
+                parsed = replace(parsed, clone=await self._clone_source(parsed, connection))
+                continue  # planned again with the snapshot to clone
             if any(isinstance(a, Start) for a in current.actions) and not confirmed:
                 confirmed = True  # once per pass: a restore in flight (status read now) holds it stopped
                 if await self.holds.confirm((desired.namespace, desired.name)) is not None:
@@ -259,6 +275,11 @@ class InstanceLoops:
                 if replan:
                     break  # the ledger said more than the plan knew: plan again
         raise fail(Reason.NOT_CONVERGED, "the instance did not converge after repeated changes; will retry")
+
+    async def _clone_source(self, desired: Desired, connection: Connection) -> CloneSource:
+        if self.sources is None:
+            raise fail(Reason.UNSUPPORTED, "spec.source: this operator makes no clones (no snapshot support)")
+        return await self.sources.resolve(desired, connection)
 
     async def _recheck_holder(self, desired: Desired, connection: Connection) -> None:
         """A record held by another UID is read again before it blocks this resource: the ledger is

@@ -19,7 +19,7 @@ from ..truenas import ObservedInstance
 from .resource import PLURAL, EventPoster, LoopState, about
 
 log = logging.getLogger(__name__)
-NORMAL_REASONS = frozenset({"Connecting"})
+NORMAL_REASONS = frozenset({"Connecting", "SourceNotReady"})
 """Reasons that are a normal step, not a problem: their Event is Normal, not a Warning."""
 
 

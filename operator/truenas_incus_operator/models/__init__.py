@@ -50,6 +50,7 @@ from .instance import (
     InstanceBinding,
     InstanceDevice,
     InstanceNIC,
+    InstanceSource,
     JobStatus,
     SnapshotSchedule,
 )
@@ -183,6 +184,7 @@ __all__ = [
     "InstanceDevice",
     "InstanceNIC",
     "InstanceOfSnapshot",
+    "InstanceSource",
     "InstanceType",
     "JobStatus",
     "NICType",

@@ -82,6 +82,10 @@ def _device_type_rule(instance_type: str, refused: tuple[str, ...], why: str) ->
 
 
 _CROSS_FIELD_RULES: list[JsonValue] = [
+    _cel(
+        "has(self.image) != has(self.source)",
+        "exactly one of spec.image and spec.source must be set: an image to build from, or a snapshot to clone",
+    ),
     _device_type_rule("CONTAINER", _VM_ONLY, " and ".join(_VM_ONLY) + " devices are only supported for VMs"),
     _device_type_rule(
         "VM", _CONTAINER_ONLY, " and ".join(_CONTAINER_ONLY) + " devices are only supported for containers"
@@ -149,6 +153,10 @@ INSTANCE_ROOT_RULES: list[JsonValue] = [
     _immutable(
         "image",
         f"spec.image is immutable {_CREATED_NOTE}: an instance cannot be rebuilt from another image",
+    ),
+    _immutable(
+        "source",
+        f"spec.source is immutable {_CREATED_NOTE}: an instance cannot be rebuilt from another snapshot",
     ),
     _immutable("storagePool", f"spec.storagePool is immutable {_CREATED_NOTE}"),
     _immutable(

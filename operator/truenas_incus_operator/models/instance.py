@@ -54,7 +54,7 @@ from .limits import (
     SNAPSHOT_SCHEDULE_PATTERN,
     STORAGE_POOL_MAX_LENGTH,
 )
-from .snapshot import MAX_LISTED_SNAPSHOTS, SnapshotEntry, SnapshotScheduleStatus
+from .snapshot import MAX_LISTED_SNAPSHOTS, ObjectReference, SnapshotEntry, SnapshotScheduleStatus
 
 
 def _extra_value(value: int | str) -> int | str:
@@ -226,6 +226,19 @@ class SnapshotSchedule(_Model):
         return value
 
 
+class InstanceSource(_Model):
+    """What a new instance is made from instead of an image (``spec.source``)."""
+
+    snapshot_ref: ObjectReference = Field(
+        description=(
+            "An IncusInstanceSnapshot of this namespace: the new VM's root disk is a ZFS clone of that snapshot's "
+            "root volume (seconds, no download, no conversion), then the VM is built as usual with its own seed. "
+            "VMs on the vm.* API only (TrueNAS 25.04.2 and later); the clone lives on the snapshot's pool, and "
+            "the snapshot cannot be deleted while the clone exists. Immutable once the instance exists."
+        )
+    )
+
+
 class IncusInstanceSpec(_Model):
     """Desired state of a TrueNAS Incus instance. Fields left out keep TrueNAS's defaults, reported in status."""
 
@@ -241,11 +254,20 @@ class IncusInstanceSpec(_Model):
         ),
     )
     type: InstanceType = Field(description="Instance type: CONTAINER or VM. Immutable once the instance exists.")
-    image: Annotated[str, Field(min_length=1, max_length=IMAGE_MAX_LENGTH)] = Field(
+    image: Annotated[str, Field(min_length=1, max_length=IMAGE_MAX_LENGTH)] | None = Field(
+        None,
         description=(
-            "Image alias from the Linux Containers catalogue, e.g. debian/bookworm or ubuntu/noble. "
-            "Immutable once the instance exists; can be corrected while a create failed or never ran."
-        )
+            "Image alias from the Linux Containers catalogue, e.g. debian/bookworm or ubuntu/noble. Exactly one of "
+            "image and source. Immutable once the instance exists; can be corrected while a create failed or "
+            "never ran."
+        ),
+    )
+    source: InstanceSource | None = Field(
+        None,
+        description=(
+            "Instead of image: make the instance from a snapshot (source.snapshotRef.name, an IncusInstanceSnapshot "
+            "of this namespace). Exactly one of image and source. Immutable once the instance exists."
+        ),
     )
     storage_pool: Annotated[str, Field(min_length=1, max_length=STORAGE_POOL_MAX_LENGTH)] | None = Field(
         None,
@@ -437,6 +459,8 @@ class IncusInstanceSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> IncusInstanceSpec:
+        if (self.image is None) == (self.source is None):
+            raise ValueError("exactly one of spec.image and spec.source must be set")
         devices = self.devices or []
         for label, entries in (("devices", devices), ("nics", self.nics or [])):
             names = [entry.name for entry in entries]
@@ -491,7 +515,10 @@ class InstanceBinding(_Model):
 
     name: str = Field(description="The instance's name on TrueNAS.")
     type: str = Field(description="CONTAINER or VM, as created or adopted.")
-    image: str = Field(description="spec.image when the instance was created or adopted.")
+    image: str | None = Field(None, description="spec.image when the instance was created or adopted.")
+    source: str | None = Field(
+        None, description="spec.source.snapshotRef.name when the instance was cloned from a snapshot."
+    )
     storage_pool: str | None = Field(None, description="spec.storagePool when the instance was created or adopted.")
     connection_ref: str | None = Field(
         None, description="spec.connectionRef.name when the instance was created or adopted; empty: the default."

@@ -4,13 +4,15 @@
   its instance; status writes;
 - ``taking``: take a snapshot once (crash-safe through the snapshot ledger and the owner property),
   delete it with its resource unless Retain;
-- ``restoring``: roll an instance back in place, each step recorded before it is taken.
+- ``restoring``: roll an instance back in place, each step recorded before it is taken;
+- ``cloning``: the snapshot an IncusInstance's ``spec.source`` names, proven by the snapshot ledger.
 
 The instance's power is never touched here: a hold (instances/holds.py) asks the instance's own
 loop to stop or start it.
 """
 
 from ..instances.holds import HOLDERS
+from .cloning import CloneSources
 from .restoring import PLURAL as RESTORES
 from .restoring import Restorer, restore_holds
 from .subject import StatusWriter, Subjects
@@ -23,6 +25,7 @@ HOLDERS[RESTORES] = restore_holds
 __all__ = [
     "RESTORES",
     "SNAPSHOTS",
+    "CloneSources",
     "Restorer",
     "SnapshotTaker",
     "StatusWriter",

@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ..instances.deletion import clones_named
 from ..instances.holds import Holds
 from ..kube import Kube
 from ..metrics import Metrics
@@ -196,6 +197,16 @@ class Restorer:
             newer = [f"{subject.target.root}@{s.name}" for s in listed if s.txg > chosen.txg]
             if newer and not spec.allow_destroying_newer_snapshots:
                 raise newer_refused(subject, name, newer)
+            for later in (s for s in listed if s.txg > chosen.txg):
+                clones = await snapshots.clones(later)
+                if clones:  # ZFS would refuse the rollback; refused here, before anything is stopped
+                    named = clones_named(self.subjects.ledger, subject.connection.identity, clones)
+                    raise refused(
+                        Reason.HAS_CLONES,
+                        f"rolling back to {subject.target.root}@{name} would destroy "
+                        f"{subject.target.root}@{later.name}, which has clones: {named}; "
+                        "the operator never destroys another instance's disk: delete the clones first",
+                    )
         if phase == RestorePhase.PENDING:
             observed = subject.observed()
             fields = {

@@ -12,21 +12,31 @@ its powerState says (a Manual instance that was running is started again by a Ru
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from ..connections import ConnectionManager
+from ..instances.deletion import clones_named
 from ..instances.holds import Holds
 from ..instances.ledger import Ledger, RecordState
-from ..instances.resource import EventPoster
+from ..instances.resource import EventPoster, ResourceKey
 from ..models import Consistency, IncusInstanceSnapshotSpec, PowerState, SnapshotDeletionPolicy, SnapshotPhase
 from ..policy import Policy
 from ..problems import OperatorError, Reason, problem_of
 from ..reconcile import Hold
-from ..truenas import APIUnavailable, CallFailed, InstanceStatus, NotOurs, SnapshotInfo, TrueNASError
+from ..truenas import (
+    APIUnavailable,
+    CallFailed,
+    InstanceStatus,
+    NotOurs,
+    SnapshotInfo,
+    SnapshotTarget,
+    TrueNASClient,
+    TrueNASError,
+)
 from .subject import (
     RETRY_SECONDS,
     START_WAIT_SECONDS,
@@ -91,8 +101,11 @@ class SnapshotTaker:
         writer: StatusWriter,
         post_event: EventPoster,
         policy: Policy | None = None,
+        on_ready: Callable[[ResourceKey], None] | None = None,
     ) -> None:
         self.policy = policy or Policy()
+        self.on_ready = on_ready
+        """Told of each snapshot that became Ready (the clones waiting for it: snapshots/cloning.py)."""
         self.subjects = subjects
         self.connections = connections
         self.ledger = ledger
@@ -196,6 +209,8 @@ class SnapshotTaker:
         }
         await self.writer.write(body, status, fields, ("True", Reason.TAKEN, f"{subject.target.root}@{name} taken"))
         self.post_event(body, "Normal", "Taken", f"took {subject.target.root}@{name} ({achieved})")
+        if self.on_ready is not None:
+            self.on_ready(key_of(body))
         if stopped:
             await self._start_again(subject, uid, was_running)
 
@@ -262,6 +277,7 @@ class SnapshotTaker:
             instance, _, name = record.instance.partition("@")
             target = await client.instances.snapshot_target(instance)
             if target is not None:
+                await self._no_clones(body, client, target, name, uid, connection.identity)
                 try:
                     await client.snapshots.delete(target, name, owner=uid)
                 except NotOurs as exc:
@@ -272,6 +288,30 @@ class SnapshotTaker:
                     raise waiting(Reason.DELETE_FAILED, problem.message, delay=15.0) from None
             await self.ledger.release(record)
             self.post_event(body, "Normal", "Deleted", f"deleted {record.instance} on TrueNAS")
+
+    async def _no_clones(
+        self, body: Mapping[str, Any], client: TrueNASClient, target: SnapshotTarget, name: str, uid: str, identity: str
+    ) -> None:
+        """A snapshot with clones waits for them (TrueNAS cannot destroy it; the operator never destroys
+        nor promotes another instance's disk): phase Deleting, Ready=False HasClones naming them."""
+        info = next((s for s in await client.snapshots.of(target) if s.name == name), None)
+        if info is None or info.owner != uid:
+            return
+        clones = await client.snapshots.clones(info)
+        if not clones:
+            return
+        message = (
+            f"{target.root}@{name} has clones: {clones_named(self.subjects.ledger, identity, clones)}; it is deleted "
+            "once they are"
+        )
+        status = dict(body.get("status") or {})
+        conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, Mapping)}
+        if status.get("phase") != SnapshotPhase.DELETING or (conditions.get("Ready") or {}).get("message") != message:
+            await self.writer.write(
+                body, status, {"phase": SnapshotPhase.DELETING}, ("False", Reason.HAS_CLONES, message)
+            )
+            self.post_event(body, "Warning", Reason.HAS_CLONES, message)
+        raise waiting(Reason.HAS_CLONES, message)
 
 
 def _ref(body: Mapping[str, Any]) -> str:

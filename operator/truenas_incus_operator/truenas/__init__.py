@@ -39,6 +39,7 @@ from .transports.base import Secret
 from .transports.shared import TransportPool
 from .types import (
     UNSET,
+    CloneSource,
     DeviceConfig,
     InstanceBackend,
     InstanceChanges,
@@ -59,6 +60,7 @@ __all__ = [
     "AuthenticationFailed",
     "CallFailed",
     "CallTimeout",
+    "CloneSource",
     "DeviceConfig",
     "Endpoint",
     "FieldError",

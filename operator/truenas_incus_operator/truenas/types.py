@@ -67,12 +67,23 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class CloneSource:
+    """A snapshot the operator took of another instance, to clone a new instance's disk from."""
+
+    instance: str
+    """The instance the snapshot is of (its name on TrueNAS)."""
+    snapshot: str
+    """The snapshot's name (``tio-...``), the same in every dataset of the instance."""
+
+
+@dataclass(frozen=True)
 class InstanceConfig:
     """Everything needed to create an instance."""
 
     name: str
     type: str
-    image: str
+    image: str | None
+    """None when ``source`` says what to clone instead."""
     storage_pool: str | None = None
     cpu: str | None = None
     memory: int | None = None
@@ -85,6 +96,8 @@ class InstanceConfig:
     cloud_init_network_config: str | None = None
     memory_overcommit: bool = False
     """vm.*: start even when TrueNAS cannot guarantee the memory (``vm.start``'s ``overcommit``)."""
+    source: CloneSource | None = None
+    """vm.*: the root disk is a clone of this snapshot's root volume instead of a base image."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from ..types import (
     ObservedInstance,
     SnapshotTarget,
 )
+from .images_only import image_of
 from .macs import mac_for
 
 SUPPORTED_DEVICES = ("DISK", "NIC", "USB", "GPU")
@@ -267,7 +268,7 @@ class ContainerBackend:
     ) -> ObservedInstance:
         payload: dict[str, Any] = {
             "name": config.name,
-            "image": await self.resolve_image(config.image),
+            "image": await self.resolve_image(image_of(config, "container.create")),
             "autostart": config.autostart,
             "initenv": dict(config.environment),
         }

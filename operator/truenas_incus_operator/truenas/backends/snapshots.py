@@ -36,6 +36,7 @@ __all__ = [
     "SnapshotTarget",
     "SnapshotTasks",
     "Snapshots",
+    "origin_of",
     "parses",
 ]
 
@@ -84,6 +85,14 @@ class NewerSnapshots(CallFailed):
         self.newer = newer
 
 
+def origin_of(entry: Any) -> str:
+    """A ``pool.dataset.query`` entry's ``origin.value`` (the snapshot it is a clone of); "" for none, or
+    for an answer not of that shape."""
+    origin = entry.get("origin") if isinstance(entry, dict) else None
+    value = origin.get("value") if isinstance(origin, dict) else None
+    return value if isinstance(value, str) else ""
+
+
 def _number(prop: Any) -> int | None:
     if not isinstance(prop, dict):
         return None
@@ -113,7 +122,8 @@ class Snapshots:
         """What taking, listing, rolling back and deleting snapshots calls on ``version`` (doctor checks them)."""
         namespace = "pool.snapshot" if version >= (25, 10) else "zfs.snapshot"
         return Calls(
-            reads=(f"{namespace}.query",), writes=tuple(f"{namespace}.{v}" for v in ("create", "rollback", "delete"))
+            reads=(f"{namespace}.query", "pool.dataset.query"),
+            writes=tuple(f"{namespace}.{v}" for v in ("create", "rollback", "delete")),
         )
 
     def __init__(self, transport: Transport, version: tuple[int, ...]) -> None:
@@ -169,6 +179,16 @@ class Snapshots:
                 )
             )
         return sorted(found, key=lambda s: s.txg)
+
+    async def clones(self, snapshot: SnapshotInfo) -> list[str]:
+        """The datasets cloned from ``snapshot`` (in any of its datasets), wherever they live: while one
+        exists, TrueNAS refuses to destroy the snapshot (and the operator never destroys or promotes
+        another instance's disk)."""
+        origins = [f"{dataset}@{snapshot.name}" for dataset in snapshot.datasets]
+        entries = await self.transport.call(
+            "pool.dataset.query", [["origin.value", "in", origins]], {"select": ["id", "origin"]}, idempotent=True
+        )
+        return sorted(str(e.get("id")) for e in entries or [] if origin_of(e) in origins)
 
     async def take(self, target: SnapshotTarget, name: str, owner: str) -> SnapshotInfo:
         if not SNAPSHOT_NAME.match(name):

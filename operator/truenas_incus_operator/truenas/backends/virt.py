@@ -21,6 +21,7 @@ from ..types import (
     ObservedInstance,
     SnapshotTarget,
 )
+from .images_only import image_of
 
 # Device fields that the IncusInstance spec names itself; everything else travels in ``extra``.
 _OWN_FIELDS = ("name", "dev_type", "source", "destination", "readonly")
@@ -162,7 +163,7 @@ class VirtInstanceBackend:
         payload: dict[str, Any] = {
             "name": config.name,
             "instance_type": config.type,
-            "image": config.image,
+            "image": image_of(config, "virt.instance.create"),
             "autostart": config.autostart,
         }
         if config.storage_pool:

@@ -28,6 +28,15 @@ observations; names), ``marks`` (what the description says), ``progress`` (one j
 
 from .backend import VMBackend
 from .bases import BASE_GRACE_SECONDS, FILE_MODE, ROOT, BaseImages, dataset_key
-from .entries import vm_name
+from .entries import instance_of_dataset, vm_name
 
-__all__ = ["BASE_GRACE_SECONDS", "FILE_MODE", "ROOT", "BaseImages", "VMBackend", "dataset_key", "vm_name"]
+__all__ = [
+    "BASE_GRACE_SECONDS",
+    "FILE_MODE",
+    "ROOT",
+    "BaseImages",
+    "VMBackend",
+    "dataset_key",
+    "instance_of_dataset",
+    "vm_name",
+]

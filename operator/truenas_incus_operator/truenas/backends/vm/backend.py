@@ -338,10 +338,48 @@ class VMBackend:
         existing = await self._entry(config.name)
         if existing is not None and not made_by_operator(existing):
             raise AlreadyExists([FieldError("vm_create.name", "This name already exists.", errno.EEXIST)], "vm.create")
+        if config.source is not None:
+            origin = await self._clone_origin(config)
+            return await self._build(config, name, existing, origin.split("/")[0], origin, f"clone of {origin}")
+        if not config.image:
+            raise ValidationFailed([FieldError("image", "an image or a source is needed", errno.EINVAL)], "vm.create")
         pool = await self.pool(config.storage_pool)
         image = await self.images.resolve(config.image)
         with self.bases.using(f"{pool}/{ROOT}/images/{dataset_key(image)}@base"):
-            return await self._build(config, name, existing, pool, image, on_progress)
+            base = await self.bases.ensure_base(pool, image, on_progress)
+            return await self._build(config, name, existing, pool, base, f"{image.product} {image.version}")
+
+    async def _clone_origin(self, config: InstanceConfig) -> str:
+        """The root volume's snapshot ``config.source`` names (``<pool>/incus-operator/vms/<vm>/root@<name>``),
+        once TrueNAS lists it; the clone lives on that pool (ZFS clones never cross pools)."""
+        source = config.source
+        assert source is not None
+        homes = await self._homes(source.instance)
+        origins = [f"{home}/root@{source.snapshot}" for home in homes]
+        listed = await self.transport.call(
+            f"{self.snapshot_namespace}.query", [["id", "in", origins]], {"extra": {}}, idempotent=True
+        ) if origins else []  # fmt: skip
+        found = [str(e.get("id")) for e in listed or [] if isinstance(e, dict) and str(e.get("id")) in origins]
+        if not found:
+            raise NotFound(
+                [FieldError("source", f"the snapshot {source.snapshot} of {source.instance!r} is gone", errno.ENOENT)],
+                f"{self.snapshot_namespace}.clone",
+            )
+        origin = found[0]
+        pool = origin.split("/")[0]
+        if config.storage_pool and config.storage_pool != pool:
+            raise ValidationFailed(
+                [
+                    FieldError(
+                        "storagePool",
+                        f"a clone lives on its snapshot's pool ({pool}), not {config.storage_pool}: leave "
+                        "spec.storagePool out or set it to that pool",
+                        errno.EINVAL,
+                    )
+                ],
+                "vm.create",
+            )
+        return origin
 
     async def _build(
         self,
@@ -349,17 +387,18 @@ class VMBackend:
         name: str,
         existing: dict[str, Any] | None,
         pool: str,
-        image: VMImage,
-        on_progress: Callable[[dict[str, Any]], None] | None,
+        base: str,
+        made_of: str,
     ) -> ObservedInstance:
-        base = await self.bases.ensure_base(pool, image, on_progress)
+        """``base``: the snapshot the root disk is cloned from (a cached base's ``@base``, or the snapshot
+        of a clone's source); ``made_of``: what the description says it is."""
         home = f"{pool}/{ROOT}/vms/{name}"
         if existing is not None:
             return await self._complete(existing, home, base, config)
         try:
             root = await self.bases.root_disk(home, base, config.root_disk_size)
             seed = await self._seed(home, config)
-            entry = await self._create_vm(config, name, image)
+            entry = await self._create_vm(config, name, made_of)
         except BaseException:
             # Nothing of this create may stay behind unless a VM of the name uses it.
             await self._discard_home(config.name, home)
@@ -433,11 +472,11 @@ class VMBackend:
         if await self._entry(name) is None:
             await self._discard_home(name)
 
-    async def _create_vm(self, config: InstanceConfig, name: str, image: VMImage) -> dict[str, Any]:
+    async def _create_vm(self, config: InstanceConfig, name: str, made_of: str) -> dict[str, Any]:
         memory = config.memory if config.memory is not None else DEFAULT_MEMORY
         payload = {
             "name": name,
-            "description": description(config, f"{image.product} {image.version}"),
+            "description": description(config, made_of),
             "memory": max(20, memory // 2**20),
             "vcpus": cpu_count(config.cpu),
             "autostart": config.autostart,
@@ -506,12 +545,24 @@ class VMBackend:
     async def delete(self, name: str) -> None:
         """The VM, its root disk clone and its seed; never the cached base (other VMs clone it). The
         per-VM dataset is found by name on every pool: a half-built VM has no devices that name it."""
+        homes = await self._homes(name)
+        for home in homes:
+            clones = await self.bases.clones_of(home)
+            if clones:  # before anything goes: the VM stays whole until its clones are gone
+                raise CallFailed(
+                    f"VM {vm_name(name)} was not deleted: {', '.join(clones)} "
+                    f"{'is a clone' if len(clones) == 1 else 'are clones'} of its snapshots; delete "
+                    f"{'it' if len(clones) == 1 else 'them'} first (the operator never destroys or promotes "
+                    "another instance's disk)",
+                    errno=errno.EBUSY,
+                    method="vm.delete",
+                )
         entry = await self._entry(name)
         if entry is not None:
             if (entry.get("status") or {}).get("state") in ("RUNNING", "SUSPENDED"):
                 await self.transport.call("vm.poweroff", entry["id"])
             await self.transport.call("vm.delete", entry["id"], {"zvols": False, "force": False})
-        for home in await self._homes(name):
+        for home in homes:
             await self.bases.delete_dataset(home)
         self._forget(name)
 

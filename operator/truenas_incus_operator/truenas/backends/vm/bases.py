@@ -22,6 +22,7 @@ from ...images import ImageServer, VMImage, file_virtual_size
 from ...jobs import is_finished
 from ...observe import Observer
 from ...transports.base import Transport
+from ..snapshots import origin_of
 from .progress import Progress, job_percent
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class BaseImages:
         clones = await self.transport.call(
             "pool.dataset.query", [["id", "~", f"^[^/]+/{ROOT}/vms/"]], {}, idempotent=True
         )
-        origins = {str(((e.get("origin") or {}).get("value")) or "") for e in clones}
+        origins = {origin_of(e) for e in clones}
         collected = []
         seen = set()
         for entry in images:
@@ -358,6 +359,18 @@ class BaseImages:
                     exc.method,
                 ) from None
         return f"/dev/zvol/{root}"
+
+    async def clones_of(self, name: str) -> list[str]:
+        """The datasets cloned from a snapshot of ``name`` or of a dataset under it, outside that tree."""
+        pattern = f"^{re.escape(name)}[/@]"
+        entries = await self.transport.call(
+            "pool.dataset.query", [["origin.value", "~", pattern]], {"select": ["id", "origin"]}, idempotent=True
+        )
+        return sorted(
+            str(e.get("id"))
+            for e in entries or []
+            if re.match(pattern, origin_of(e)) and not re.match(f"^{re.escape(name)}(/|$)", str(e.get("id")))
+        )
 
     async def delete_dataset(self, name: str) -> None:
         """Deletes ``name`` and the datasets under it, deepest first, each snapshot on its own, and never

@@ -29,6 +29,14 @@ def instance_name(name: str) -> str:
     return name.replace("_", "-")
 
 
+def instance_of_dataset(dataset: str) -> str | None:
+    """The instance whose disk ``dataset`` is (``<pool>/incus-operator/vms/<vm>/...``); None: no VM's."""
+    parts = dataset.split("/")
+    if len(parts) >= 4 and parts[1:3] == ["incus-operator", "vms"] and parts[3]:
+        return instance_name(parts[3].split("@")[0])
+    return None
+
+
 def cpu_count(cpu: str | None) -> int:
     return int(cpu) if cpu is not None and cpu.isdigit() and int(cpu) > 0 else 1
 

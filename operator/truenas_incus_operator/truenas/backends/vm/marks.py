@@ -32,5 +32,7 @@ def seed_marks(config: InstanceConfig) -> tuple[str, str]:
 
 
 def description(config: InstanceConfig, version: str) -> str:
+    """``version``: the image's (``debian/bookworm (debian 12)``), or what a clone was made of."""
     env, cloud_init = seed_marks(config)
-    return f"{config.image} ({version}), seed env={env} cloud-init={cloud_init}, {MANAGED_MARK}"
+    made_of = f"{config.image} ({version})" if config.image else version
+    return f"{made_of}, seed env={env} cloud-init={cloud_init}, {MANAGED_MARK}"
