@@ -246,7 +246,7 @@ async def test_a_vm_is_built_from_a_snapshot_of_another_and_neither_is_deleted_w
         target = await backend.snapshot_target("src")
         assert target is not None
         await c.snapshots.take(target, "tio-gold", owner="u1")
-        copy = InstanceConfig(name="copy", type="VM", image=None, source=CloneSource("src", "tio-gold"))
+        copy = InstanceConfig(name="copy", type="VM", image=None, source=CloneSource("src", "tio-gold", "u1"))
         with pytest.raises(ValidationFailed, match="snapshot's pool"):
             await backend.create(InstanceConfig(**{**copy.__dict__, "storage_pool": "other"}))
         made = await backend.create(copy)
@@ -264,3 +264,53 @@ async def test_a_vm_is_built_from_a_snapshot_of_another_and_neither_is_deleted_w
         assert sim.vms.by_name("src") is None
         with pytest.raises(ValidationFailed, match="from an image only"):
             await backend.containers.create(InstanceConfig(name="ct", type="CONTAINER", image=None, source=copy.source))
+
+
+@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+async def test_a_clone_takes_only_the_operators_snapshot_and_never_a_leftover_disk(profile: str) -> None:
+    """Hostile review: the disk was chosen by the snapshot's name alone, and a root disk left by
+    another create cut short (VM names are one namespace on the NAS) was booted as the new VM's."""
+    from truenas_incus_operator.truenas import CallFailed, CloneSource, NotFound
+
+    async with serve(profile) as (sim, server), client_for(server, "websocket", vm_image_server=mirror(server)) as c:
+        backend = c.instances
+        await backend.create(vm_config("src"))
+        target = await backend.snapshot_target("src")
+        assert target is not None
+        await c.snapshots.take(target, "tio-gold", owner="u1")
+        own = session(sim)
+        await sim.call(own, "pool.snapshot.create" if profile != "25.04.2" else "zfs.snapshot.create",
+                       [{"dataset": target.root, "name": "tio-plain", "recursive": True}])  # fmt: skip
+        with pytest.raises(NotFound, match="is gone"):  # the name without the owner property: not ours
+            await backend.create(
+                InstanceConfig(name="a", type="VM", image=None, source=CloneSource("src", "tio-plain", "u2"))
+            )
+        with pytest.raises(NotFound, match="is gone"):  # ours, but another IncusInstanceSnapshot's
+            await backend.create(
+                InstanceConfig(name="b", type="VM", image=None, source=CloneSource("src", "tio-gold", "u9"))
+            )
+        # Someone's leftover disk under the new VM's name: refused, and left as it is.
+        pool = target.root.split("/")[0]
+        await sim.call(own, "pool.dataset.create", [{"name": f"{pool}/incus-operator/vms/c"}])
+        await sim.call(own, "pool.snapshot.clone" if profile != "25.04.2" else "zfs.snapshot.clone",
+                       [{"snapshot": f"{target.root}/root@tio-plain", "dataset_dst": f"{pool}/incus-operator/vms/c/root"}])  # fmt: skip
+        with pytest.raises(CallFailed, match="is not a clone of"):
+            await backend.create(
+                InstanceConfig(name="c", type="VM", image=None, source=CloneSource("src", "tio-gold", "u1"))
+            )
+        assert sim.storage.datasets[f"{pool}/incus-operator/vms/c/root"].origin == f"{target.root}/root@tio-plain"
+        assert sim.vms.by_name("c") is None
+
+
+def test_a_clones_owner_is_named_only_to_its_own_namespace() -> None:
+    from types import SimpleNamespace
+
+    from truenas_incus_operator.instances.deletion import clones_named
+
+    records = {"copy": SimpleNamespace(owner="team-a/copy")}
+    ledger = SimpleNamespace(get=lambda identity, instance: records.get(instance))
+    clones = ["tank/incus-operator/vms/copy/root", "tank/elsewhere"]
+    assert clones_named(ledger, "nas", clones, "team-a") == (  # type: ignore[arg-type]
+        "IncusInstance team-a/copy (tank/incus-operator/vms/copy/root), tank/elsewhere"
+    )
+    assert clones_named(ledger, "nas", clones, "team-b") == "tank/incus-operator/vms/copy/root, tank/elsewhere"  # type: ignore[arg-type]

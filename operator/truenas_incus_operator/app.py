@@ -99,7 +99,7 @@ def build(
     schedule_ledger = Ledger(kube, settings.ledger_namespace, SCHEDULE_LEDGER_LABEL)
     schedules = Schedules(schedule_ledger, connections, reporter.post_event, settings.resync_seconds, executor.fence)
     subjects = Subjects(kube, connections, ledger)
-    sources = CloneSources(kube, snapshot_ledger, policy, wakeups.wake)
+    sources = CloneSources(kube, snapshot_ledger, policy, wakeups.wake, ledger)
     return Operator(
         settings=settings,
         kube=kube,

@@ -29,14 +29,18 @@ CONNECT_WAIT_SECONDS = 10.0
 DELETE_ATTEMPTS = 4
 
 
-def clones_named(ledger: Ledger, identity: str, clones: list[str]) -> str:
-    """The clones of a snapshot as a message names them: the IncusInstance whose disk each is (the
-    ownership ledger says whose), else the dataset alone (a clone made outside the operator)."""
+def clones_named(ledger: Ledger, identity: str, clones: list[str], namespace: str) -> str:
+    """The clones of a snapshot as a message in ``namespace`` names them: the IncusInstance whose disk
+    each is, where the ownership ledger gives it to a resource of that namespace; else the dataset
+    alone (a clone made outside the operator, or another namespace's: never named to this one)."""
     named = []
     for dataset in clones:
         instance = instance_of_dataset(dataset)
         record = ledger.get(identity, instance) if instance is not None else None
-        named.append(f"IncusInstance {record.owner} ({dataset})" if record is not None else dataset)
+        if record is not None and record.owner.partition("/")[0] == namespace:
+            named.append(f"IncusInstance {record.owner} ({dataset})")
+        else:
+            named.append(dataset)
     return ", ".join(named)
 
 
@@ -138,6 +142,7 @@ class Deletion:
         fresh = await self.ledger.reread(record.truenas, record.instance)
         if fresh is None or fresh.owner_uid != desired.uid:
             return  # not (or no longer) ours: never touch it
+        await self._refuse_if_cloned(connection, fresh.instance, desired.uid, desired.namespace)
         if self.schedules is not None:
             # The periodic snapshot task first: it would run on a vanished dataset (its snapshots go
             # with the operator's own, just before the instance).
@@ -189,38 +194,51 @@ class Deletion:
             raise fail(Reason.DELETE_FAILED, f"waiting to delete the instance: {waited}; will retry")
         raise fail(Reason.DELETE_FAILED, "the instance is still there after deleting it")
 
-    async def _drop_snapshots(self, connection: Connection, instance: str, uid: str) -> None:
-        """The operator's own snapshots of the instance (IncusInstanceSnapshots: they carry the owner
-        property; spec.snapshots's task: its naming schema, the resource's ``uid``'s) go before the
-        instance: ZFS destroys a dataset's snapshots with it, and TrueNAS 26's container.delete refuses
-        a dataset that has any (docs/snapshots.md). Snapshots someone else took are left: where they
-        block the delete, TrueNAS's refusal is reported."""
+    async def _ours(self, connection: Connection, instance: str, uid: str) -> tuple[Any, list[Any]]:
+        """The instance's snapshot target and the operator's own snapshots of it (IncusInstanceSnapshots:
+        they carry the owner property; spec.snapshots's task: its naming schema, the resource's ``uid``'s)."""
         client = connection.client
         if client is None:
-            return
+            return None, []
         target = await client.instances.snapshot_target(instance)
         if target is None:
-            return
-        snapshots = client.snapshots
+            return None, []
         try:
-            found = await snapshots.of(target)
+            found = await client.snapshots.of(target)
         except APIUnavailable:
             # REST (25.x only) has no snapshot calls: the operator took none over it, and Incus
             # destroys an instance's datasets with their snapshots on 25.x.
-            return
+            return target, []
         schema = naming_schema(uid)
-        ours = [s for s in found if s.owner is not None or parses(s.name, schema)]
+        return target, [s for s in found if s.owner is not None or parses(s.name, schema)]
+
+    async def _refuse_if_cloned(self, connection: Connection, instance: str, uid: str, namespace: str) -> None:
+        """Before anything (the schedule's task, a stop, a snapshot) goes: while one of the operator's
+        snapshots of the instance has clones, the instance stays whole and the deletion waits."""
+        target, ours = await self._ours(connection, instance, uid)
+        client = connection.client
         for snapshot in ours:
-            clones = await snapshots.clones(snapshot)
+            clones = await client.snapshots.clones(snapshot) if client is not None else []
             if clones:
-                # Before anything is stopped or deleted: the instance stays as it is until they are gone.
-                named = clones_named(self.ledger, connection.identity, clones)
+                named = clones_named(self.ledger, connection.identity, clones, namespace)
                 raise fail(
                     Reason.HAS_CLONES,
                     f"{target.root}@{snapshot.name} has clones: {named}; "
                     "the instance is deleted once they are (the operator never destroys or promotes another "
                     "instance's disk)",
                 )
+
+    async def _drop_snapshots(self, connection: Connection, instance: str, uid: str) -> None:
+        """The operator's own snapshots of the instance go before the instance: ZFS destroys a dataset's
+        snapshots with it, and TrueNAS 26's container.delete refuses a dataset that has any
+        (docs/snapshots.md). Snapshots someone else took are left: where they block the delete,
+        TrueNAS's refusal is reported (a clone made since ``_refuse_if_cloned``: refused by ZFS)."""
+        target, ours = await self._ours(connection, instance, uid)
+        client = connection.client
+        if client is None:
+            return
+        snapshots = client.snapshots
+        schema = naming_schema(uid)
         for snapshot in ours:
             if snapshot.owner is not None:
                 self.executor.fence.check()

@@ -63,8 +63,12 @@ class CloneSources:
         ledger: Ledger,
         policy: Policy | None = None,
         wake: Callable[[ResourceKey], None] | None = None,
+        instances: Ledger | None = None,
     ) -> None:
         self.kube = kube
+        self.instances = instances
+        """The ownership ledger of instances: the snapshot's instance must be owned in the clone's
+        namespace now (an instance left with Orphan and adopted elsewhere is no longer this one's)."""
         self.wake = wake
         """Wakes an IncusInstance's loop (instances/wakeups.py)."""
         self._waiting: dict[ResourceKey, set[ResourceKey]] = {}
@@ -88,10 +92,26 @@ class CloneSources:
         if source is None:
             raise _problem(Reason.INVALID_SPEC, "not set")
         name = source.snapshot_ref.name
-        self._waiting.setdefault((desired.namespace, name), set()).add((desired.namespace, desired.name))
-        found = await self._resolve(desired, connection, name)
-        self._waiting.get((desired.namespace, name), set()).discard((desired.namespace, desired.name))
+        key, clone = (desired.namespace, name), (desired.namespace, desired.name)
+        self._waiting.setdefault(key, set()).add(clone)
+        try:
+            found = await self._resolve(desired, connection, name)
+        except OperatorError as exc:
+            if exc.retry_after is None:  # not waiting for the snapshot: nothing to wake it for
+                self._forget(key, clone)
+            raise
+        except BaseException:
+            self._forget(key, clone)
+            raise
+        self._forget(key, clone)
         return found
+
+    def _forget(self, key: ResourceKey, clone: ResourceKey) -> None:
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.discard(clone)
+            if not waiting:
+                del self._waiting[key]
 
     async def _resolve(self, desired: Desired, connection: Connection, name: str) -> CloneSource:
         violation = self.policy.snapshot_violation(desired.namespace, connection.key, "clone")
@@ -133,6 +153,13 @@ class CloneSources:
                 "as the snapshot's instance has it)",
             )
         instance, _, snapshot = record.instance.partition("@")
+        owned = self.instances.get(connection.identity, instance) if self.instances is not None else None
+        if self.instances is not None and (owned is None or owned.owner.partition("/")[0] != desired.namespace):
+            raise _problem(
+                Reason.SOURCE_NOT_READY,
+                f"IncusInstanceSnapshot {name} is of an instance no IncusInstance of namespace {desired.namespace} "
+                "owns now: it is not cloned",
+            )
         observed = connection.cache.get(instance)
         if observed is not None and (observed.type != "VM" or observed.family != "vm"):
             raise _problem(
@@ -140,4 +167,4 @@ class CloneSources:
                 f"IncusInstanceSnapshot {name} is of the {observed.type} {instance!r} ({observed.family}): only "
                 "snapshots of vm.* VMs can be cloned",
             )
-        return CloneSource(instance=instance, snapshot=snapshot)
+        return CloneSource(instance=instance, snapshot=snapshot, owner=uid)

@@ -200,7 +200,7 @@ class Restorer:
             for later in (s for s in listed if s.txg > chosen.txg):
                 clones = await snapshots.clones(later)
                 if clones:  # ZFS would refuse the rollback; refused here, before anything is stopped
-                    named = clones_named(self.subjects.ledger, subject.connection.identity, clones)
+                    named = clones_named(self.subjects.ledger, subject.connection.identity, clones, namespace)
                     raise refused(
                         Reason.HAS_CLONES,
                         f"rolling back to {subject.target.root}@{name} would destroy "

@@ -300,10 +300,8 @@ class SnapshotTaker:
         clones = await client.snapshots.clones(info)
         if not clones:
             return
-        message = (
-            f"{target.root}@{name} has clones: {clones_named(self.subjects.ledger, identity, clones)}; it is deleted "
-            "once they are"
-        )
+        named = clones_named(self.subjects.ledger, identity, clones, key_of(body)[0])
+        message = f"{target.root}@{name} has clones: {named}; it is deleted once they are"
         status = dict(body.get("status") or {})
         conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, Mapping)}
         if status.get("phase") != SnapshotPhase.DELETING or (conditions.get("Ready") or {}).get("message") != message:

@@ -74,6 +74,8 @@ class CloneSource:
     """The instance the snapshot is of (its name on TrueNAS)."""
     snapshot: str
     """The snapshot's name (``tio-...``), the same in every dataset of the instance."""
+    owner: str = ""
+    """The IncusInstanceSnapshot's UID: the snapshot's owner property must say it (else never cloned)."""
 
 
 @dataclass(frozen=True)

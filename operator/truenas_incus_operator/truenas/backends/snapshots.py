@@ -188,7 +188,9 @@ class Snapshots:
         entries = await self.transport.call(
             "pool.dataset.query", [["origin.value", "in", origins]], {"select": ["id", "origin"]}, idempotent=True
         )
-        return sorted(str(e.get("id")) for e in entries or [] if origin_of(e) in origins)
+        if not isinstance(entries, list):  # never read as "no clones": a delete would go on
+            raise MalformedAnswer("pool.dataset.query: the answer is not a list")
+        return sorted(str(e.get("id")) for e in entries if origin_of(e) in origins)
 
     async def take(self, target: SnapshotTarget, name: str, owner: str) -> SnapshotInfo:
         if not SNAPSHOT_NAME.match(name):

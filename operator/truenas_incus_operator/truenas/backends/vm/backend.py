@@ -17,6 +17,7 @@ from ...errors import (
     CallTimeout,
     FieldError,
     InsufficientMemory,
+    MalformedAnswer,
     NotAuthorized,
     NotFound,
     TrueNASError,
@@ -37,6 +38,7 @@ from ...types import (
     SnapshotTarget,
 )
 from ..macs import mac_for
+from ..snapshots import Snapshots
 from .bases import BASE_GRACE_SECONDS, FILE_MODE, ROOT, BaseImages, dataset_key
 from .entries import (
     DEFAULT_MEMORY,
@@ -354,16 +356,23 @@ class VMBackend:
         once TrueNAS lists it; the clone lives on that pool (ZFS clones never cross pools)."""
         source = config.source
         assert source is not None
-        homes = await self._homes(source.instance)
-        origins = [f"{home}/root@{source.snapshot}" for home in homes]
-        listed = await self.transport.call(
-            f"{self.snapshot_namespace}.query", [["id", "in", origins]], {"extra": {}}, idempotent=True
-        ) if origins else []  # fmt: skip
-        found = [str(e.get("id")) for e in listed or [] if isinstance(e, dict) and str(e.get("id")) in origins]
+        found = []
+        snapshots = Snapshots(self.transport, self.version)
+        for home in await self._homes(source.instance):
+            listed = await snapshots.of(SnapshotTarget(home, recursive=True))
+            # The operator's snapshot for that very IncusInstanceSnapshot (its UID in the owner property);
+            # one of the same name without it is someone else's, never cloned.
+            if any(s.name == source.snapshot and s.owner == source.owner and source.owner for s in listed):
+                found.append(f"{home}/root@{source.snapshot}")
         if not found:
             raise NotFound(
                 [FieldError("source", f"the snapshot {source.snapshot} of {source.instance!r} is gone", errno.ENOENT)],
                 f"{self.snapshot_namespace}.clone",
+            )
+        if len(found) > 1:
+            raise ValidationFailed(
+                [FieldError("source", f"the snapshot is on more than one pool ({', '.join(found)})", errno.EINVAL)],
+                "vm.create",
             )
         origin = found[0]
         pool = origin.split("/")[0]
@@ -395,6 +404,7 @@ class VMBackend:
         home = f"{pool}/{ROOT}/vms/{name}"
         if existing is not None:
             return await self._complete(existing, home, base, config)
+        await self.bases.refuse_foreign_root(home, base)  # before the try: what it refuses is not ours to discard
         try:
             root = await self.bases.root_disk(home, base, config.root_disk_size)
             seed = await self._seed(home, config)
@@ -459,7 +469,10 @@ class VMBackend:
         """``<pool>/incus-operator/vms/<vm>`` on every pool (a half-built VM's devices do not name its pool)."""
         suffix = f"/{ROOT}/vms/{vm_name(name)}"
         entries = await self.transport.call("pool.dataset.query", [["id", "$", suffix]], {}, idempotent=True)
-        return [str(e["id"]) for e in entries if str(e["id"]).count("/") == 3]
+        if not isinstance(entries, list):
+            raise MalformedAnswer("pool.dataset.query: the answer is not a list")
+        ids = [str(e.get("id")) for e in entries if isinstance(e, dict)]
+        return [i for i in ids if i.endswith(suffix) and i.count("/") == 3]
 
     async def snapshot_target(self, name: str) -> SnapshotTarget | None:
         """The VM's home, recursively: its root volume and its seed, in one transaction group."""

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ...errors import CallFailed, InsufficientSpace, NotFound, ValidationFailed
+from ...errors import CallFailed, InsufficientSpace, MalformedAnswer, NotFound, ValidationFailed
 from ...images import ImageServer, VMImage, file_virtual_size
 from ...jobs import is_finished
 from ...observe import Observer
@@ -337,6 +337,22 @@ class BaseImages:
         )
         return any(self._names_volume(job, base, source) for job in jobs)
 
+    async def refuse_foreign_root(
+        self, home: str, base: str, existing: dict[str, dict[str, Any]] | None = None
+    ) -> None:
+        """A root disk under ``home`` that is not a clone of ``base`` was left by someone else's create cut
+        short (VM names are one namespace on the NAS): it may hold another tenant's data, a clone of
+        their snapshot. Never booted as this VM's disk, and never deleted by this create either."""
+        root = f"{home}/root"
+        existing = existing if existing is not None else await self.datasets(root)
+        if root in existing and origin_of(existing[root]) != base:
+            raise CallFailed(
+                f"{root} exists and is not a clone of {base}: not used as this VM's root disk (delete it on "
+                "the NAS if nothing needs it)",
+                errno=errno.EEXIST,
+                method=f"{self.snapshot_namespace}.clone",
+            )
+
     async def root_disk(self, home: str, base: str, size: int | None) -> str:
         await self._ensure_dataset(home)
         root = f"{home}/root"
@@ -344,6 +360,8 @@ class BaseImages:
         if root not in existing:
             await self.transport.call(f"{self.snapshot_namespace}.clone", {"snapshot": base, "dataset_dst": root})
             existing = await self.datasets(root)
+        else:
+            await self.refuse_foreign_root(home, base, existing)
         volsize = ((existing.get(root) or {}).get("volsize") or {}).get("parsed")
         if size is not None and isinstance(volsize, int) and size > volsize:
             try:
@@ -366,6 +384,8 @@ class BaseImages:
         entries = await self.transport.call(
             "pool.dataset.query", [["origin.value", "~", pattern]], {"select": ["id", "origin"]}, idempotent=True
         )
+        if not isinstance(entries, list):  # never read as "no clones": that would let a delete go on
+            raise MalformedAnswer("pool.dataset.query: the answer is not a list")
         return sorted(
             str(e.get("id"))
             for e in entries or []
