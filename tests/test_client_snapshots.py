@@ -29,8 +29,12 @@ CASES = [
     ("25.10", "websocket"),
     ("26.0", "websocket"),
     ("27.0", "websocket"),
+    ("25.04.0", "rest"),
+    ("25.04.2", "rest"),
+    ("25.10", "rest"),
 ]
-"""JSON-RPC only so far: the REST transport has no snapshot routes yet (25.x only, deprecated)."""
+"""JSON-RPC on every profile, REST where it exists (25.x): the same calls over restful.py's routes."""
+REST_CASES = [case for case in CASES if case[1] == "rest"]
 
 
 @pytest.mark.parametrize("profile,transport", CASES)
@@ -77,9 +81,9 @@ async def test_take_list_roll_back_and_delete_an_instances_snapshots(profile: st
             await snaps.take(target, "bad name/x", owner="uid-1")
 
 
-@pytest.mark.parametrize("profile", ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"])
-async def test_a_containers_snapshot_is_of_its_own_dataset(profile: str) -> None:
-    async with serve(profile) as (sim, server), client_for(server, "websocket") as client:
+@pytest.mark.parametrize("profile,transport", CASES)
+async def test_a_containers_snapshot_is_of_its_own_dataset(profile: str, transport: str) -> None:
+    async with serve(profile) as (sim, server), client_for(server, transport) as client:
         backend = client.instances
         await backend.create(InstanceConfig(name="web01", type="CONTAINER", image="debian/bookworm", autostart=False))
         target = await backend.snapshot_target("web01")
@@ -132,9 +136,9 @@ TASK: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("profile", ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"])
-async def test_periodic_tasks_are_created_found_changed_and_deleted(profile: str) -> None:
-    async with serve(profile) as (sim, server), client_for(server, "websocket") as client:
+@pytest.mark.parametrize("profile,transport", CASES)
+async def test_periodic_tasks_are_created_found_changed_and_deleted(profile: str, transport: str) -> None:
+    async with serve(profile) as (sim, server), client_for(server, transport) as client:
         await sim.call(session(sim), "pool.dataset.create", [{"name": "tank/home"}])
         tasks = client.snapshot_tasks
         made = await tasks.create({**TASK, "dataset": "tank/home"})
@@ -152,9 +156,9 @@ async def test_periodic_tasks_are_created_found_changed_and_deleted(profile: str
         assert sim.storage.tasks.tasks == {}
 
 
-@pytest.mark.parametrize("profile", ["25.04.0", "25.10", "26.0"])
-async def test_a_task_on_a_containers_dataset_only_where_truenas_lists_it(profile: str) -> None:
-    async with serve(profile) as (_sim, server), client_for(server, "websocket") as client:
+@pytest.mark.parametrize("profile,transport", [*CASES[:1], *CASES[2:4], *REST_CASES])
+async def test_a_task_on_a_containers_dataset_only_where_truenas_lists_it(profile: str, transport: str) -> None:
+    async with serve(profile) as (_sim, server), client_for(server, transport) as client:
         await client.instances.create(InstanceConfig(name="web01", type="CONTAINER", image="debian/bookworm"))
         target = await client.instances.snapshot_target("web01")
         assert target is not None

@@ -1,6 +1,6 @@
 """Deleting an IncusInstance over each transport, in process against the simulator (real client, the
-operator's graph over a FakeKube): over REST (25.x) the snapshot calls have no route, and deletion
-must not depend on them (Incus destroys an instance's datasets with their snapshots there)."""
+operator's graph over a FakeKube): over REST (25.x) too, where the snapshot listing deletion does
+first goes over restful.py's routes (a defect once: deletion failed for ever there)."""
 
 from __future__ import annotations
 

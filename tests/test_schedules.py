@@ -503,7 +503,9 @@ def test_a_schedule_record_keeps_its_task_id_and_is_no_other_ledgers_record() ->
     assert instance.name != record.name, "one instance's records in two ledgers never share a ConfigMap"
 
 
-async def test_over_rest_the_schedule_is_reported_and_nothing_stays_owned() -> None:
+async def test_over_rest_the_schedule_is_refused_as_over_json_rpc_and_nothing_stays_owned() -> None:
+    """25.x refuses a task on a container's dataset; over REST the request reaches TrueNAS as well
+    (pool.snapshottask's routes) and its answer is reported once, not asked again."""
     async with serve("25.10") as (sim, server), client_for(server, "rest") as client:
         kube, events = Kube(), []
         settings = Settings(resync_seconds=30.0, ledger_namespace=LEDGER_NAMESPACE)
@@ -518,13 +520,14 @@ async def test_over_rest_the_schedule_is_reported_and_nothing_stays_owned() -> N
             await operator.loops.reconcile_once(scheduled(), state, lambda: None)
         synced = condition(state.status, "Synced")
         assert (synced["status"], synced["reason"]) == ("True", "PartiallyApplied")
-        assert "cannot be used over this connection" in synced["message"]
+        assert "Dataset not found" in synced["message"] and sim.counters.over_rest["pool.snapshottask.create"] == 1
         writes = len(kube.statuses("web01"))
         for _ in range(4):
             now[0] += 31
             await operator.loops.reconcile_once(scheduled(), state, lambda: None)
         assert condition(state.status, "Synced")["message"] == synced["message"], "the same notes, once each"
         assert len(kube.statuses("web01")) == writes
+        assert sim.counters.over_rest["pool.snapshottask.create"] == 1, "not asked again"
         assert operator.schedule_ledger.owned_by(UID) == []
         await operator.deletion.delete(scheduled(deleting=True), retry=0)
         assert "web01" not in sim.names()

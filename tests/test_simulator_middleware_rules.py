@@ -547,3 +547,89 @@ async def test_legacy_websocket_limits(served: tuple[Simulator, SimulatorServer]
         refused = await busy.result(await busy.method("system.info"))
         assert (refused["error"]["error"], refused["error"]["errname"]) == (109, "ETOOMANYREFS")
         assert refused["error"]["reason"] == "Maximum number of concurrent calls (20) has exceeded."
+
+
+# ----- 9. REST v2.0 as restful.py maps a request onto a method (25.x only) ------------------------------
+REST_PROFILES = ["25.04.0", "25.04.2", "25.10"]
+
+
+class Rest:
+    """Bare HTTP against ``/api/v2.0`` as any REST client sends it; paths are sent as written (encoded)."""
+
+    def __init__(self, http: Http, server: SimulatorServer, key: str) -> None:
+        self.http, self.base, self.headers = http, f"{server.url}/api/v2.0", {"Authorization": f"Bearer {key}"}
+
+    async def __call__(self, verb: str, path: str, body: Any = None, **query: str) -> tuple[int, Any]:
+        import yarl
+
+        url = yarl.URL(f"{self.base}{path}", encoded=True)
+        if query:
+            url = url.update_query(query)
+        data = None if body is None else json.dumps(body)
+        async with self.http.session.request(verb, url, data=data, headers=self.headers) as answer:
+            text = await answer.text()
+            return answer.status, json.loads(text) if text and answer.content_type == "application/json" else text
+
+
+@pytest.mark.parametrize("served", REST_PROFILES, indirect=True)
+async def test_rest_maps_snapshot_calls_as_restful_py_does(served: tuple[Simulator, SimulatorServer]) -> None:
+    """restful.py: a CRUD service's GET/POST, ``id/{id_}`` (aiohttp's ``[^{}/]+`` on the encoded path:
+    a snapshot's id comes with ``%2F``), a two-parameter method's body keyed by parameter name."""
+    sim, server = served
+    snapshots = sim.profile.snapshot_namespace.replace(".", "/")
+    async with Http() as http:
+        rest = Rest(http, server, sim.api_key)
+        assert (await rest("POST", "/pool/dataset", {"name": "tank/rest"}))[0] == 200
+        for name in ("one", "two"):
+            status, taken = await rest("POST", f"/{snapshots}", {"dataset": "tank/rest", "name": name})
+            assert status == 200 and taken["id"] == f"tank/rest@{name}", taken
+        status, found = await rest("GET", f"/{snapshots}", dataset__regex=r"^tank/rest(/|\Z)")
+        assert status == 200 and sorted(s["id"] for s in found) == ["tank/rest@one", "tank/rest@two"]
+        # filter_list's `~` is re.match: anchored at the start.
+        assert (await rest("GET", f"/{snapshots}", dataset__regex="rest"))[1] == []
+        # An unexpected key, a missing one: 400, restful.py's words.
+        status, refused = await rest("POST", f"/{snapshots}/rollback", {"id": "tank/rest@one", "force": True})
+        assert (status, refused["message"]) == (400, "The following attributes are not expected: force")
+        status, refused = await rest("POST", f"/{snapshots}/rollback", {"options": {}})
+        assert (status, refused["message"]) == (400, "id attribute expected.")
+        status, _ = await rest(
+            "POST", f"/{snapshots}/rollback", {"id": "tank/rest@one", "options": {"recursive": True}}
+        )
+        assert status == 200 and "tank/rest@two" not in sim.storage.snapshots
+        # The id with a literal slash is another path: no route (aiohttp's plain 404).
+        status, text = await rest("DELETE", f"/{snapshots}/id/tank/rest@one")
+        assert (status, text) == (404, "404: Not Found") and "tank/rest@one" in sim.storage.snapshots
+        status, _ = await rest("GET", f"/{snapshots}/id/tank%2Frest%40one")
+        assert status == 200
+        assert await rest("DELETE", f"/{snapshots}/id/tank%2Frest%40one") == (200, True)
+        assert "tank/rest@one" not in sim.storage.snapshots
+        status, missing = await rest("GET", f"/{snapshots}/id/tank%2Frest%40one")
+        assert (status, missing) == (404, {"message": ""})
+
+
+@pytest.mark.parametrize("served", ["25.04.2", "25.10"], indirect=True)
+async def test_rest_serves_item_methods_under_the_id(served: tuple[Simulator, SimulatorServer]) -> None:
+    """``@item_method`` (vm.status) is ``id/{id_}/<name>``, POST since it accepts an argument (the id);
+    ``/vm/status`` does not exist. A CRUD update takes its data as the whole body."""
+    sim, server = served
+    async with Http() as http:
+        rest = Rest(http, server, sim.api_key)
+        status, vm = await rest("POST", "/vm", {"name": "restvm", "memory": 512})
+        assert status == 200, vm
+        status, state = await rest("POST", f"/vm/id/{vm['id']}/status")
+        assert status == 200 and state["state"] == "STOPPED"
+        assert await rest("GET", f"/vm/id/{vm['id']}/status") == (405, "405: Method Not Allowed")
+        assert (await rest("POST", "/vm/status", vm["id"]))[0] == 404
+        status, updated = await rest("PUT", f"/vm/id/{vm['id']}", {"description": "over REST"})
+        assert status == 200 and updated["description"] == "over REST"
+
+
+def test_filter_regex_is_anchored_at_the_start_as_re_match() -> None:
+    """utils/__init__.py (25.x) and api/base/validators/filter_ops.py (26) ``op_re``: ``re.match(y, x or '')``."""
+    from truenas_simulator.filters import filter_list
+
+    assert [r["id"] for r in filter_list(ROWS, [["name", "~", "a"]], {})] == [2, 4]
+    assert filter_list(ROWS, [["status.state", "~", "UNN"]], {}) == []  # re.search would find it
+    assert filter_list(ROWS, [["name", "~", "^b"]], {})[0]["id"] == 1
+    # A null field is matched as "" (a pattern that matches "" matches it).
+    assert [r["id"] for r in filter_list(ROWS, [["pool", "~", "(tank)?$"]], {})] == [1, 2, 4]

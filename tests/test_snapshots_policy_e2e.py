@@ -78,15 +78,16 @@ def test_the_cap_refuses_the_snapshot_past_it(harness: Harness, cluster: Cluster
     harness.delete(ns, name)
 
 
-def test_a_rest_connection_says_snapshots_need_json_rpc_once(harness: Harness, cluster: Cluster) -> None:
-    """The snapshot calls go over JSON-RPC only (their filters have no REST form here): a snapshot
-    through a REST TrueNASConnection ends Failed, APIUnavailable, instead of retrying forever."""
-    ns = namespace(harness, cluster, "rest-")
+def test_the_policy_holds_over_a_rest_connection_too(harness: Harness, cluster: Cluster) -> None:
+    """A REST TrueNASConnection (25.x) takes snapshots over restful.py's routes: the policy refuses
+    before any of them, as over JSON-RPC."""
+    ns = namespace(harness, cluster, "x-ro-rest-")
     harness.connect_namespace(ns, harness.sim, transport="rest")
     name = make_instance(harness, ns, "CONTAINER", {"connectionRef": {"name": "nas"}})
     apply(harness, ns, "IncusInstanceSnapshot", "over-rest", {"instanceRef": {"name": name}})
     reason, message = ready_reason(wait_phase(harness, ns, "incusinstancesnapshots", "over-rest", "Failed"))
-    assert reason == "APIUnavailable" and "not available over REST" in message, message
+    assert reason == "PolicyDenied" and message.startswith("policy.rules[0].snapshots.snapshot:"), message
+    assert not any(m.endswith("snapshot.create") for m, _ in writes(harness, name))
     harness.delete(ns, name)
 
 

@@ -30,7 +30,7 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": lambda a, b: a is not None and a >= b,
     "<": lambda a, b: a is not None and a < b,
     "<=": lambda a, b: a is not None and a <= b,
-    "~": lambda a, b: isinstance(a, str) and re.search(b, a) is not None,
+    "~": lambda a, b: re.match(b, a or "") is not None,  # op_re: anchored at the start, null as ""
     "in": lambda a, b: a in b,
     "nin": lambda a, b: a not in b,
     "rin": lambda a, b: a is not None and b in a,

@@ -136,6 +136,8 @@ class Simulator:
     async def call(self, session: Session, method: str, params: list[Any], message_id: Any = None) -> Any:
         """Runs one call as the middleware would; raises the middleware's exceptions."""
         self.counters.count(method, params)
+        if session.transport == "rest":
+            self.counters.over_rest[method] += 1
         if session.span is not None:
             session.span.calls += 1
             if CallCounters.is_write(method):

@@ -220,10 +220,12 @@ class CallCounters:
 
     by_method: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
+    """Injected faults by kind (rest_5xx, dropped, error:<method>)."""
     writes_log: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=10_000))
     """The writes in the order they reached the dispatcher: (method, its first argument, shortened),
     so tests can prove an order (never a rollback after the instance started again)."""
-    """Injected faults by kind (rest_5xx, dropped, error:<method>)."""
+    over_rest: Counter[str] = field(default_factory=Counter)
+    """Of ``by_method``, the calls that came over REST v2.0."""
 
     READ_PREFIXES = ("core.", "auth.", "system.")
     READ_METHODS = frozenset(
@@ -272,3 +274,4 @@ class CallCounters:
         self.writes_log.clear()
         self.by_method.clear()
         self.faults.clear()
+        self.over_rest.clear()

@@ -85,7 +85,7 @@ def described(info: SnapshotInfo) -> dict[str, Any]:
 
 def permanent(exc: TrueNASError) -> bool:
     """TrueNAS refused the call itself (validation, not found, not ours), or the connection cannot make
-    it (a REST connection: the snapshot calls go over JSON-RPC only): asking again is the same."""
+    it (APIUnavailable: no such call or route on that TrueNAS): asking again is the same."""
     if isinstance(exc, APIUnavailable):
         return True
     return isinstance(exc, CallFailed) and exc.errno != 16  # EBUSY: a clone or a hold may go

@@ -7,6 +7,7 @@ import errno
 import json
 import traceback
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -28,11 +29,13 @@ async def handle(sim: Simulator, request: web.Request) -> web.StreamResponse:
     if session is None:
         return web.Response(status=401, text="Invalid API key")
     try:
-        method, params = await _rest_call(request)
+        method, params = await _rest_call(request, set(sim.methods))
     except _RestBadRequest as exc:
         return web.json_response(exc.body, status=400)
     except LookupError:
         raise web.HTTPNotFound(text="404: Not Found") from None
+    except _MethodNotAllowed:
+        return web.Response(status=405, text="405: Method Not Allowed")
     try:
         result = await sim.call(session, method, params)
     except MethodNotFound:
@@ -51,6 +54,10 @@ async def handle(sim: Simulator, request: web.Request) -> web.StreamResponse:
     except Exception as exc:
         return web.json_response({"message": str(exc) or repr(exc), "traceback": traceback.format_exc()}, status=500)
     return web.json_response(result)
+
+
+class _MethodNotAllowed(Exception):
+    pass
 
 
 class _RestBadRequest(Exception):
@@ -110,55 +117,138 @@ def _named(body: Any, names: list[str], required: int) -> list[Any]:
     return [body[name] for name in names if name in body]
 
 
-async def _rest_call(request: web.Request) -> tuple[str, list[Any]]:
+# restful.py serves every public method of the middleware (core.get_methods(None, 'REST')); these are
+# the ones the simulator has, with their parameters' names (the accepts titles restful.py keys a body
+# by), from api/v25_04_2 and api/v25_10_0 (legacy @accepts for 25.04's zfs.snapshot.*). Item methods
+# (CRUD update/delete, @item_method) take the id from the URL: their first name is that id.
+_CRUD = ("virt.instance", "zfs.snapshot", "pool.snapshot", "pool.dataset", "pool.snapshottask", "vm", "vm.device")
+_CONFIG = ("virt.global",)
+_ITEM = {
+    *(f"{service}.{verb}" for service in _CRUD for verb in ("update", "delete")),
+    "vm.start", "vm.stop", "vm.poweroff", "vm.restart", "vm.status", "pool.snapshottask.run",
+}  # fmt: skip
+_QUERY = ("filters", "options")
+_PARAMS: dict[str, tuple[str, ...]] = {
+    "core.get_jobs": _QUERY,
+    "core.job_abort": ("id",),
+    "core.ping": (),
+    "system.version": (),
+    "system.version_short": (),
+    "system.info": (),
+    "system.host_id": (),
+    "system.global.id": (),
+    "virt.global.config": (),
+    "virt.instance.start": ("id",),
+    "virt.instance.stop": ("id", "stop_args"),
+    "virt.instance.restart": ("id", "stop_args"),
+    "virt.instance.image_choices": ("data",),
+    "virt.instance.device_list": ("id",),
+    "virt.instance.device_add": ("id", "device"),
+    "virt.instance.device_update": ("id", "device"),
+    "virt.instance.device_delete": ("id", "name"),
+    "virt.instance.set_bootable_disk": ("id", "disk"),
+    "pool.dataset.promote": ("id",),
+    **{f"{s}.rollback": ("id", "options") for s in ("zfs.snapshot", "pool.snapshot")},
+    **{f"{s}.hold": ("id", "options") for s in ("zfs.snapshot", "pool.snapshot")},
+    **{f"{s}.release": ("id", "options") for s in ("zfs.snapshot", "pool.snapshot")},
+    **{f"{s}.clone": ("data",) for s in ("zfs.snapshot", "pool.snapshot")},
+    "pool.snapshottask.run": ("id",),
+    "vm.start": ("id", "options"),
+    "vm.stop": ("id", "options"),
+    "vm.poweroff": ("id",),
+    "vm.restart": ("id",),
+    "vm.status": ("id",),
+    "vm.get_available_memory": ("overcommit",),
+    "vm.import_disk_image": ("data",),
+    "vm.device.nic_attach_choices": (),
+    "vm.device.convert": ("data",),
+    **{f"{service}.query": _QUERY for service in _CRUD},
+    **{f"{service}.get_instance": ("id", "options") for service in _CRUD},
+    **{f"{service}.create": ("data",) for service in _CRUD},
+    **{f"{service}.update": ("id", "data") for service in _CRUD},
+    **{f"{service}.delete": ("id", "options") for service in _CRUD if service != "virt.instance"},
+    "virt.instance.delete": ("id",),
+}
+_FILTERABLE = {name for name, params in _PARAMS.items() if params == _QUERY}
+
+
+def _segments(request: web.Request) -> list[str]:
+    """The path after ``/api/v2.0/`` in raw segments: aiohttp matches a route's ``{id_}`` against the
+    percent-encoded path (``[^{}/]+``), so an id holding ``/`` (a dataset, a snapshot) must come as
+    ``%2F``; a literal ``/`` in it makes another path, which no route serves."""
+    raw = request.rel_url.raw_path.removeprefix("/api/v2.0").strip("/")
+    return raw.split("/") if raw else []
+
+
+def _item_id(raw: str) -> Any:
+    ident = unquote(raw)
+    return int(ident) if ident.isdigit() else ident
+
+
+def _route(segments: list[str], verb: str, methods: set[str]) -> tuple[str, Any] | None:
+    """(method, the item id or None) that ``verb`` on the path reaches, as restful.py's resources
+    register them: a CRUD service's GET/POST and its ``id/{id_}`` GET/PUT/DELETE, a config service's
+    GET/PUT, an item method under ``id/{id_}/<name>``, any other method under its service's path
+    (POST when it takes arguments and is not filterable, GET otherwise)."""
+    for cut in range(len(segments), 0, -1):
+        service = ".".join(unquote(s) for s in segments[:cut])
+        rest = segments[cut:]
+        if service in _CRUD and not rest:
+            method = {"GET": f"{service}.query", "POST": f"{service}.create"}.get(verb)
+            return (method, None) if method in methods else None
+        if service in _CRUD and len(rest) == 2 and rest[0] == "id":
+            method = {"GET": f"{service}.query", "PUT": f"{service}.update", "DELETE": f"{service}.delete"}.get(verb)
+            return (method, rest[1]) if method in methods else None
+        if service in _CRUD and len(rest) == 3 and rest[0] == "id":
+            method = f"{service}.{unquote(rest[2])}"
+            return (method, rest[1]) if method in _ITEM and method in methods and verb == _verb(method) else None
+        if service in _CONFIG and not rest:
+            method = {"GET": f"{service}.config", "PUT": f"{service}.update"}.get(verb)
+            return (method, None) if method in methods else None
+    if len(segments) >= 2:
+        method = ".".join(unquote(s) for s in segments)
+        if method in methods and method in _PARAMS and method not in _ITEM and verb == _verb(method):
+            return method, None
+    return None
+
+
+def _verb(method: str) -> str:
+    """restful.py: POST for a method that accepts arguments (an item method's id among them) and is not
+    filterable, GET otherwise."""
+    return "POST" if _PARAMS[method] and method not in _FILTERABLE else "GET"
+
+
+async def _rest_call(request: web.Request, methods: set[str]) -> tuple[str, list[Any]]:
     """Maps a REST v2.0 request to (method, params) as ``restful.py`` does (truenas-api.md §2.2)."""
-    path = request.match_info["path"].strip("/")
     verb = request.method
-    if path == "virt/instance":
-        if verb == "GET":
-            return "virt.instance.query", _filterable(request)
-        if verb == "POST":
-            return "virt.instance.create", [await _body(request)]
-    if path.startswith("virt/instance/id/"):
-        ident: Any = path.removeprefix("virt/instance/id/")
-        ident = int(ident) if ident.isdigit() else ident
-        if verb == "GET":
-            return "virt.instance.query", [[["id", "=", ident]], {"get": True, "force_sql_filters": True}]
-        if verb == "PUT":
-            body = await _body(request)
-            return "virt.instance.update", [ident, {} if body is None else body]
-        if verb == "DELETE":
-            return "virt.instance.delete", [ident]
-    if path == "virt/global" and verb == "GET":
-        return "virt.global.config", []
-    if path == "core/get_jobs" and verb == "GET":
-        return "core.get_jobs", _filterable(request)
-    if verb == "POST":
-        body = await _body(request)
-        single = {
-            "virt/instance/start": "virt.instance.start",
-            "virt/instance/device_list": "virt.instance.device_list",
-            "core/job_abort": "core.job_abort",
-            "core/ping": "core.ping",
-        }
-        if path in single:
-            return single[path], [] if body is None and path == "core/ping" else [body]
-        multi = {
-            "virt/instance/stop": ("virt.instance.stop", ["id", "stop_args"], 1),
-            "virt/instance/restart": ("virt.instance.restart", ["id", "stop_args"], 1),
-            "virt/instance/get_instance": ("virt.instance.get_instance", ["id", "options"], 1),
-            "virt/instance/device_add": ("virt.instance.device_add", ["id", "device"], 2),
-            "virt/instance/device_update": ("virt.instance.device_update", ["id", "device"], 2),
-            "virt/instance/device_delete": ("virt.instance.device_delete", ["id", "name"], 2),
-            "virt/instance/set_bootable_disk": ("virt.instance.set_bootable_disk", ["id", "disk"], 2),
-        }
-        if path in multi:
-            method, names, required = multi[path]
-            return method, _named(body, names, required)
-        if path == "virt/instance/image_choices":
-            return "virt.instance.image_choices", [] if body is None else [body]
-    if path == "system/version" and verb == "GET":
-        return "system.version", []
-    if path == "system/global/id" and verb == "GET":
-        return "system.global.id", []
-    raise LookupError(path)
+    found = _route(_segments(request), verb, methods)
+    if found is None:
+        if any(_route(_segments(request), other, methods) for other in ("GET", "POST", "PUT", "DELETE")):
+            raise _MethodNotAllowed(verb)  # aiohttp: the path has a route, not for this verb
+        raise LookupError(request.rel_url.raw_path)
+    method, raw_id = found
+    if method in _FILTERABLE and verb == "GET":
+        if raw_id is not None:
+            return method, [[["id", "=", _item_id(raw_id)]], {"get": True, "force_sql_filters": True}]
+        return method, _filterable(request)
+    body = await _body(request)
+    names = list(_PARAMS.get(method, ("data",)))
+    if method in _ITEM:
+        names = names[1:]
+    if body is None:
+        params: list[Any] = []
+    elif len(names) <= 1:
+        params = [body]
+    else:
+        params = _named(body, names, 1 if method in _ITEM else _required(method))
+    if raw_id is not None:
+        params.insert(0, _item_id(raw_id))
+    return method, params
+
+
+def _required(method: str) -> int:
+    """How many leading parameters a multi-parameter method requires (restful.py: "<p> attribute
+    expected."): the id of rollback/hold/release, stop/restart's id; both of the device calls'."""
+    return (
+        2 if method.rsplit(".", 1)[-1] in ("device_add", "device_update", "device_delete", "set_bootable_disk") else 1
+    )

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 
@@ -62,23 +64,102 @@ _ROUTES: dict[str, tuple[str, str, str]] = {
     "core.job_abort": ("POST", "/core/job_abort", "body0"),
     "system.version": ("GET", "/system/version", "none"),
     "system.global.id": ("GET", "/system/global/id", "none"),
+    # Snapshots (25.04: zfs.snapshot, 25.10: pool.snapshot; plugins/zfs_/snapshot*.py, pool_/snapshot.py):
+    # CRUD plus rollback(id, options), which is not an item method: a body keyed by parameter name.
+    **{
+        f"{namespace}.{verb}": route
+        for namespace in ("zfs.snapshot", "pool.snapshot")
+        for verb, route in {
+            "query": ("GET", f"/{namespace.replace('.', '/')}", "query"),
+            "create": ("POST", f"/{namespace.replace('.', '/')}", "body0"),
+            "delete": ("DELETE", f"/{namespace.replace('.', '/')}/id/{{0}}", "body1"),
+            "rollback": ("POST", f"/{namespace.replace('.', '/')}/rollback", "named:id,options"),
+        }.items()
+    },
+    "pool.dataset.query": ("GET", "/pool/dataset", "query"),
+    "pool.snapshottask.query": ("GET", "/pool/snapshottask", "query"),
+    "pool.snapshottask.create": ("POST", "/pool/snapshottask", "body0"),
+    "pool.snapshottask.update": ("PUT", "/pool/snapshottask/id/{0}", "body1"),
+    "pool.snapshottask.delete": ("DELETE", "/pool/snapshottask/id/{0}", "body1"),
 }
 _REST_OPS = {"=": "", "!=": "__neq", ">": "__gt", "<": "__lt", ">=": "__gte", "<=": "__lte", "~": "__regex"}
 
 
-def _query_string(params: tuple[Any, ...]) -> dict[str, str]:
+def _pattern(op: str, value: Any) -> str | None:
+    """A regular expression (filter_list's ``~`` is ``re.match``: anchored at the start) that matches
+    what ``[field, op, value]`` does on a string field; None where no pattern can say it."""
+    if op == "=" and isinstance(value, str):
+        return f"{re.escape(value)}\\Z"
+    if op == "^" and isinstance(value, str):
+        return re.escape(value)
+    if op == "$" and isinstance(value, str):
+        return f".*{re.escape(value)}\\Z"
+    if op == "in" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return f"(?:{'|'.join(re.escape(v) for v in value)})\\Z"
+    if op == "~" and isinstance(value, str):
+        return value
+    return None
+
+
+def _as_regex(filter_: Any) -> tuple[str, str] | None:
+    """(field, pattern) for a filter the query string has no operator for (``^``, ``$``, ``in``, an OR
+    of such filters on one field); None when it cannot be said as one pattern."""
+    if len(filter_) == 2 and filter_[0] == "OR":
+        branches = [_as_regex(branch[0] if len(branch) == 1 and isinstance(branch[0], list) else branch)
+                    for branch in filter_[1]]  # fmt: skip
+        fields = {b[0] for b in branches if b is not None}
+        if not branches or None in branches or len(fields) != 1:
+            return None
+        return fields.pop(), "(?:" + "|".join(f"(?:{b[1]})" for b in branches if b is not None) + ")"
+    if len(filter_) == 3:
+        name, op, value = filter_
+        pattern = _pattern(op, value)
+        return (name, pattern) if pattern is not None else None
+    return None
+
+
+def _text(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else "null" if value is None else str(value)
+
+
+def _reread(op: str, value: Any) -> bool:
+    """Whether restful.py would read the string ``value`` back as another type (all digits: an int;
+    true, false, null): then an equality goes as a pattern, which it leaves a string."""
+    return op == "=" and isinstance(value, str) and (value.isdigit() or value.lower() in ("true", "false", "null"))
+
+
+def _query_string(params: tuple[Any, ...]) -> list[tuple[str, str]]:
+    """Query filters and options as restful.py's ``_filterable_args`` reads them back: ``field[__op]``
+    for the operators it names, a pattern (``__regex``) for ``^``, ``$``, ``in`` and an OR on one field,
+    ``extra.<key>=<json>``; a string equality it would read back as a number or a boolean goes as a
+    pattern too. ``select`` and ``order_by`` have no spelling there and are left out (the answer holds
+    every field, in TrueNAS's order). Anything else is refused (a caller's mistake)."""
     filters = params[0] if params else []
     options = params[1] if len(params) > 1 else {}
-    query: dict[str, str] = {}
-    for name, op, value in filters:
-        if op not in _REST_OPS:
-            raise ValueError(f"REST cannot express the filter operator {op!r}")
-        text = "true" if value is True else "false" if value is False else "null" if value is None else str(value)
-        query[f"{name}{_REST_OPS[op]}"] = text
+    query: list[tuple[str, str]] = []
+    for filter_ in filters:
+        if len(filter_) == 3 and filter_[1] in _REST_OPS and not _reread(filter_[1], filter_[2]):
+            name, op, value = filter_
+            query.append((f"{name}{_REST_OPS[op]}", _text(value)))
+            continue
+        found = _as_regex(filter_)
+        if found is None:
+            raise ValueError(f"REST cannot express the query filter {filter_!r}")
+        query.append((f"{found[0]}__regex", found[1]))
     for key in ("limit", "offset"):
         if key in options:
-            query[key] = str(options[key])
+            query.append((key, str(options[key])))
+    for key, value in (options.get("extra") or {}).items():
+        query.append((f"extra.{key}", json.dumps(value)))
     return query
+
+
+def _path(template: str, params: tuple[Any, ...]) -> str:
+    """The route with the item's id in it, percent-encoded whole: aiohttp matches ``id/{id_}`` against
+    the encoded path, so a snapshot's ``pool/ds@name`` must come as ``pool%2Fds%40name``."""
+    if "{0}" not in template:
+        return template
+    return template.format(quote(str(params[0]), safe=""))
 
 
 MAX_ANSWER_BYTES = 32 * 2**20
@@ -125,14 +206,14 @@ class RestTransport:
             verb, template, shape = _ROUTES[method]
         except KeyError:
             raise APIUnavailable(f"{method} is not available over REST") from None
-        path = template.format(*params) if "{0}" in template else template
+        path = _path(template, params)
         request: dict[str, Any] = {}
         if shape == "query":
             request["params"] = _query_string(params)
         elif shape == "body0" and params:
             request["json"] = params[0]
-        elif shape == "body1":
-            request["json"] = params[1] if len(params) > 1 else {}
+        elif shape == "body1" and len(params) > 1:
+            request["json"] = params[1]
         elif shape.startswith("named:"):
             names = shape.removeprefix("named:").split(",")
             request["json"] = dict(zip(names, params, strict=False))
