@@ -44,11 +44,11 @@ def apply(cluster: Cluster, namespace: str, kind: str, name: str, spec: dict[str
     assert result.returncode == 0, result.stderr
 
 
-def one_round(harness: Harness, namespace: str, kind: str) -> dict[str, float]:
+def one_round(harness: Harness, namespace: str, kind: str, extra: dict[str, Any] | None = None) -> dict[str, float]:
     cluster = harness.cluster
     name = f"{kind.lower()[:2]}-{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
-    harness.apply(namespace, name, VM if kind == "VM" else {})
+    harness.apply(namespace, name, {**(VM if kind == "VM" else {}), **(extra or {})})
     ready(cluster, "incusinstance", name, namespace)
     created = time.monotonic() - started
     apply(cluster, namespace, "IncusInstanceSnapshot", f"{name}-s", {"instanceRef": {"name": name}})
@@ -92,11 +92,16 @@ def main() -> None:
                 run_dir.mkdir()
                 harness = operator_with_simulator(cluster, run_dir, "25.10", job_duration=job_duration)
                 try:
-                    for kind in ("CONTAINER", "VM"):
-                        namespace = f"bench-{kind.lower()}-{str(job_duration).replace('.', '')}"
+                    for kind, transport in (("CONTAINER", "websocket"), ("VM", "websocket"), ("CONTAINER", "rest")):
+                        namespace = f"bench-{kind.lower()}-{transport}-{str(job_duration).replace('.', '')}"
                         cluster.kubectl("create", "namespace", namespace)
-                        rounds = [one_round(harness, namespace, kind) for _ in range(args.runs)]
-                        key = f"{kind} job_duration={job_duration}s"
+                        extra: dict[str, Any] = {}
+                        if transport == "rest":  # a TrueNASConnection of the namespace, over REST v2.0
+                            extra["connectionRef"] = {
+                                "name": harness.connect_namespace(namespace, harness.sim, transport="rest")
+                            }
+                        rounds = [one_round(harness, namespace, kind, extra) for _ in range(args.runs)]
+                        key = f"{kind} job_duration={job_duration}s" + (" over REST" if transport == "rest" else "")
                         results[key] = rounds
                         for what in ("create", "snapshot", "restore", "clone", "fresh"):
                             values = [r[what] for r in rounds if what in r]
