@@ -69,9 +69,10 @@ class _RestBadRequest(Exception):
 
 
 def _query_value(text: str) -> Any:
+    """restful.py ``_filterable_args``: all digits an int; true, false, null (any case) the constants."""
     if text.isdigit():
         return int(text)
-    return {"true": True, "false": False, "null": None}.get(text, text)
+    return {"true": True, "false": False, "null": None}.get(text.lower(), text)
 
 
 _REST_OPS = {"eq": "=", "neq": "!=", "gt": ">", "lt": "<", "gte": ">=", "lte": "<=", "regex": "~"}
@@ -88,7 +89,10 @@ def _filterable(request: web.Request) -> list[Any]:
         elif key == "sort":
             options["sort"] = value.split(",")
         elif key.startswith("extra."):
-            options.setdefault("extra", {})[key[6:]] = json.loads(value)
+            try:
+                options.setdefault("extra", {})[key[6:]] = json.loads(value)
+            except ValueError:
+                options["extra"][key[6:]] = value  # normalize_query_parameter keeps what is not JSON
         else:
             name, _, op = key.partition("__")
             filters.append([name, _REST_OPS.get(op, op or "="), _query_value(value)])
@@ -176,13 +180,18 @@ def _segments(request: web.Request) -> list[str]:
     """The path after ``/api/v2.0/`` in raw segments: aiohttp matches a route's ``{id_}`` against the
     percent-encoded path (``[^{}/]+``), so an id holding ``/`` (a dataset, a snapshot) must come as
     ``%2F``; a literal ``/`` in it makes another path, which no route serves."""
-    raw = request.rel_url.raw_path.removeprefix("/api/v2.0").strip("/")
+    raw = request.rel_url.raw_path.removeprefix("/api/v2.0/")
+    raw = raw.removesuffix("/")  # each route is registered with and without one trailing slash
     return raw.split("/") if raw else []
 
 
 def _item_id(raw: str) -> Any:
+    """restful.py: ``int(id_)`` where that works (``-1`` too), else the text."""
     ident = unquote(raw)
-    return int(ident) if ident.isdigit() else ident
+    try:
+        return int(ident)
+    except ValueError:
+        return ident
 
 
 def _route(segments: list[str], verb: str, methods: set[str]) -> tuple[str, Any] | None:
@@ -190,6 +199,8 @@ def _route(segments: list[str], verb: str, methods: set[str]) -> tuple[str, Any]
     register them: a CRUD service's GET/POST and its ``id/{id_}`` GET/PUT/DELETE, a config service's
     GET/PUT, an item method under ``id/{id_}/<name>``, any other method under its service's path
     (POST when it takes arguments and is not filterable, GET otherwise)."""
+    if "" in segments:
+        return None  # "//": no route matches an empty segment
     for cut in range(len(segments), 0, -1):
         service = ".".join(unquote(s) for s in segments[:cut])
         rest = segments[cut:]
@@ -207,7 +218,12 @@ def _route(segments: list[str], verb: str, methods: set[str]) -> tuple[str, Any]
             return (method, None) if method in methods else None
     if len(segments) >= 2:
         method = ".".join(unquote(s) for s in segments)
-        if method in methods and method in _PARAMS and method not in _ITEM and verb == _verb(method):
+        service, _, short = method.rpartition(".")
+        # register_resources blacklists what the service's own routes serve: no /<crud>/query, /<config>/config.
+        served = (service in _CRUD and short in ("query", "create", "update", "delete")) or (
+            service in _CONFIG and short in ("config", "update")
+        )
+        if method in methods and method in _PARAMS and method not in _ITEM and not served and verb == _verb(method):
             return method, None
     return None
 

@@ -85,15 +85,23 @@ _ROUTES: dict[str, tuple[str, str, str]] = {
 _REST_OPS = {"=": "", "!=": "__neq", ">": "__gt", "<": "__lt", ">=": "__gte", "<=": "__lte", "~": "__regex"}
 
 
+def _reread(value: str) -> bool:
+    """Whether restful.py's ``_filterable_args`` would read the query value back as another type (all
+    digits: an int; true, false, null in any case)."""
+    return value.isdigit() or value.lower() in ("true", "false", "null")
+
+
 def _pattern(op: str, value: Any) -> str | None:
     """A regular expression (filter_list's ``~`` is ``re.match``: anchored at the start) that matches
-    what ``[field, op, value]`` does on a string field; None where no pattern can say it."""
+    what ``[field, op, value]`` does on a string field; None where no pattern can say it. (On a null
+    field 25.04.0 raises where 25.04.1 and later match ""; the operator filters over REST only on
+    fields TrueNAS never leaves null: ids, names, a snapshot's dataset, a job's state, an origin.)"""
     if op == "=" and isinstance(value, str):
         return f"{re.escape(value)}\\Z"
     if op == "^" and isinstance(value, str):
         return re.escape(value)
     if op == "$" and isinstance(value, str):
-        return f".*{re.escape(value)}\\Z"
+        return f"[\\s\\S]*{re.escape(value)}\\Z"
     if op == "in" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return f"(?:{'|'.join(re.escape(v) for v in value)})\\Z"
     if op == "~" and isinstance(value, str):
@@ -103,10 +111,13 @@ def _pattern(op: str, value: Any) -> str | None:
 
 def _as_regex(filter_: Any) -> tuple[str, str] | None:
     """(field, pattern) for a filter the query string has no operator for (``^``, ``$``, ``in``, an OR
-    of such filters on one field); None when it cannot be said as one pattern."""
+    of such filters on one field, a string equality restful.py would re-type); None when it cannot
+    be said as one pattern (a ``~`` inside an OR is refused: its flags and groups would not survive)."""
     if len(filter_) == 2 and filter_[0] == "OR":
-        branches = [_as_regex(branch[0] if len(branch) == 1 and isinstance(branch[0], list) else branch)
-                    for branch in filter_[1]]  # fmt: skip
+        flat = [branch[0] if len(branch) == 1 and isinstance(branch[0], list) else branch for branch in filter_[1]]
+        if any(len(branch) == 3 and branch[1] == "~" for branch in flat):
+            return None
+        branches = [_as_regex(branch) for branch in flat]
         fields = {b[0] for b in branches if b is not None}
         if not branches or None in branches or len(fields) != 1:
             return None
@@ -118,34 +129,43 @@ def _as_regex(filter_: Any) -> tuple[str, str] | None:
     return None
 
 
-def _text(value: Any) -> str:
-    return "true" if value is True else "false" if value is False else "null" if value is None else str(value)
-
-
-def _reread(op: str, value: Any) -> bool:
-    """Whether restful.py would read the string ``value`` back as another type (all digits: an int;
-    true, false, null): then an equality goes as a pattern, which it leaves a string."""
-    return op == "=" and isinstance(value, str) and (value.isdigit() or value.lower() in ("true", "false", "null"))
+def _text(value: Any) -> str | None:
+    """The query value restful.py reads back as ``value``; None for one it cannot (a negative number,
+    a float, a list: it would arrive as a string)."""
+    if value is True or value is False or value is None:
+        return "true" if value is True else "false" if value is False else "null"
+    if isinstance(value, int) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and not _reread(value):
+        return value
+    return None
 
 
 def _query_string(params: tuple[Any, ...]) -> list[tuple[str, str]]:
     """Query filters and options as restful.py's ``_filterable_args`` reads them back: ``field[__op]``
-    for the operators it names, a pattern (``__regex``) for ``^``, ``$``, ``in`` and an OR on one field,
-    ``extra.<key>=<json>``; a string equality it would read back as a number or a boolean goes as a
-    pattern too. ``select`` and ``order_by`` have no spelling there and are left out (the answer holds
-    every field, in TrueNAS's order). Anything else is refused (a caller's mistake)."""
+    for the operators it names, a pattern (``__regex``) for ``^``, ``$``, ``in``, an OR on one field
+    and a string equality it would re-type (a pattern is wrapped so that it is never all digits or a
+    constant), ``extra.<key>=<json>``. ``select`` is left out (every field comes back). What the query
+    string cannot say (``order_by``, ``get``, ``count``, a re-typed value under another operator, a
+    ``~`` inside an OR) is refused: APIUnavailable, never a different answer."""
     filters = params[0] if params else []
     options = params[1] if len(params) > 1 else {}
     query: list[tuple[str, str]] = []
     for filter_ in filters:
-        if len(filter_) == 3 and filter_[1] in _REST_OPS and not _reread(filter_[1], filter_[2]):
+        if len(filter_) == 3 and filter_[1] in _REST_OPS:
             name, op, value = filter_
-            query.append((f"{name}{_REST_OPS[op]}", _text(value)))
-            continue
+            text = _text(value)
+            if text is not None and not (op == "~" and _reread(value)):
+                query.append((f"{name}{_REST_OPS[op]}", text))
+                continue
         found = _as_regex(filter_)
         if found is None:
-            raise ValueError(f"REST cannot express the query filter {filter_!r}")
-        query.append((f"{found[0]}__regex", found[1]))
+            raise APIUnavailable(f"REST cannot express the query filter {filter_!r}")
+        pattern = found[1] if not _reread(found[1]) else f"(?:{found[1]})"
+        query.append((f"{found[0]}__regex", pattern))
+    unsaid = sorted(set(options) - {"limit", "offset", "extra", "select"})
+    if unsaid:
+        raise APIUnavailable(f"REST cannot express the query options {', '.join(unsaid)}")
     for key in ("limit", "offset"):
         if key in options:
             query.append((key, str(options[key])))
@@ -156,10 +176,14 @@ def _query_string(params: tuple[Any, ...]) -> list[tuple[str, str]]:
 
 def _path(template: str, params: tuple[Any, ...]) -> str:
     """The route with the item's id in it, percent-encoded whole: aiohttp matches ``id/{id_}`` against
-    the encoded path, so a snapshot's ``pool/ds@name`` must come as ``pool%2Fds%40name``."""
+    the encoded path, so a snapshot's ``pool/ds@name`` must come as ``pool%2Fds%40name``. An empty id
+    or a dot segment (which HTTP clients resolve away: another route) is refused."""
     if "{0}" not in template:
         return template
-    return template.format(quote(str(params[0]), safe=""))
+    ident = str(params[0]) if params else ""
+    if ident in ("", ".", ".."):
+        raise APIUnavailable(f"REST cannot name the item {ident!r} in a path")
+    return template.format(quote(ident, safe=""))
 
 
 MAX_ANSWER_BYTES = 32 * 2**20
