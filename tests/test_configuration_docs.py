@@ -60,7 +60,7 @@ def test_every_status_reason_has_a_troubleshooting_entry() -> None:
     entries = set(re.findall(r"\*\*([A-Za-z]+)\*\*", page))
     ready_reasons = {"Available", "Stopped", "Manual", "Creating", "Starting", "Stopping", "Deleting", "Progressing"}
     ready_reasons |= {"Transitioning", "NotRunning", "NotStopped", "NotSynced", "ReconcileSuccess", "PartiallyApplied"}
-    ready_reasons |= {"Connected", "Verified"}
+    ready_reasons |= {"Connected", "Verified", "Observed", "Observing", "Matches"}
     assert reasons - ready_reasons - entries == set(), "reasons without a troubleshooting entry"
 
 

@@ -345,6 +345,14 @@ class Policy(_Policy):
             "(with the incus.truenas.io/adopt annotation). Empty: nowhere."
         ),
     )
+    observation: list[Grant] = Field(
+        default_factory=list,
+        description=(
+            "Where a resource with spec.managementPolicy ObserveOnly may observe an instance that exists on "
+            "TrueNAS and that no resource created (its status then shows the instance's configuration, "
+            "environment keys included). Empty: nowhere."
+        ),
+    )
     rules: list[Rule] = Field(
         default_factory=list, description="Per namespace and connection; the first that matches applies."
     )
@@ -397,6 +405,9 @@ class Policy(_Policy):
 
     def may_adopt(self, namespace: str, connection: str) -> bool:
         return any(grant.covers(namespace, connection) for grant in self.adoption)
+
+    def may_observe(self, namespace: str, connection: str) -> bool:
+        return any(grant.covers(namespace, connection) for grant in self.observation)
 
     def rule_for(self, namespace: str, connection: str) -> tuple[str, Rule]:
         """The rule that applies, and its name in the policy (``policy.rules[1]``, ``policy.defaultRule``)."""

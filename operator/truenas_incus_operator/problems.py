@@ -41,6 +41,8 @@ class Reason(StrEnum):
     AVAILABLE = "Available"
     STOPPED = "Stopped"
     MANUAL = "Manual"
+    OBSERVED = "Observed"
+    """spec.managementPolicy ObserveOnly: the instance exists and is observed (nothing is written)."""
     # Ready=False (Creating, Starting, Stopping, Deleting: the operator is doing it now, as the phase)
     CREATING = "Creating"
     STARTING = "Starting"
@@ -57,10 +59,18 @@ class Reason(StrEnum):
     """A snapshot or restore holds the power state (the instance is stopped for it)."""
     # Synced=True
     RECONCILE_SUCCESS = "ReconcileSuccess"
+    OBSERVING = "Observing"
+    """ObserveOnly: the last observation succeeded; the InSync condition says what Full would change."""
+    # InSync (ObserveOnly only): True Matches; False Differs (what Full would change) or NotFound
+    MATCHES = "Matches"
+    DIFFERS = "Differs"
+    # Paused=True, and Synced=False: the incus.truenas.io/paused annotation stops every write
+    RECONCILIATION_PAUSED = "ReconciliationPaused"
     PARTIALLY_APPLIED = "PartiallyApplied"
     # Synced=False: what the plan refuses
     ALREADY_EXISTS = "AlreadyExists"
     ADOPTION_NOT_ALLOWED = "AdoptionNotAllowed"
+    OBSERVE_NOT_ALLOWED = "ObserveNotAllowed"
     CONFLICT = "Conflict"
     INSTANCE_GONE = "InstanceGone"
     OWNS_ELSEWHERE = "OwnsElsewhere"

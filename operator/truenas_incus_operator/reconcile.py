@@ -7,7 +7,7 @@ so every function here only has to answer "what is the next step from this state
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .models import (
@@ -16,6 +16,7 @@ from .models import (
     DeletionPolicy,
     IncusInstanceSpec,
     InstanceBinding,
+    ManagementPolicy,
     PowerState,
 )
 from .problems import Reason
@@ -60,6 +61,11 @@ class Ownership:
     """The operator manages the instance's devices even when the spec lists none: it created the
     instance, or it applied the spec's devices to it before (so removing them from the spec removes
     them on TrueNAS)."""
+    observing: bool = False
+    """The ledger names this resource as the instance's observer (spec.managementPolicy ObserveOnly on
+    an instance it did not create): it reads the instance, and never writes to or deletes it."""
+    observe_allowed: bool = False
+    """The administrator's policy allows observing instances this resource did not create (observation)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class Desired:
     """A snapshot or restore in progress holds the power state (never from the body)."""
     clone: CloneSource | None = None
     """spec.source's snapshot as the ledger proves it (resolved before a create; never from the body)."""
+    paused: bool = False
+    """incus.truenas.io/paused: "true" (the tenant's own switch: it only ever stops writes)."""
 
     @property
     def instance_name(self) -> str:
@@ -126,12 +134,19 @@ class Desired:
             ("spec.connectionRef", now.connection_ref, then.connection_ref),
         )
         return tuple(
-            f"{field} is {new!r}, the instance was made with {old!r}" for field, new, old in fields if new != old
-        )
+            f"{field} is {new!r}, the instance was made with {old!r}"
+            for field, new, old in fields
+            if new != old and not (field == "spec.image" and old is None and then.source is None)
+        )  # an image named for an instance made from none (observed, adopted): it records, builds nothing
 
     @property
     def owns(self) -> bool:
         return self.ownership.mine
+
+    @property
+    def observe_only(self) -> bool:
+        """spec.managementPolicy ObserveOnly: nothing is ever written to TrueNAS for this resource."""
+        return self.spec.management_policy == ManagementPolicy.OBSERVE_ONLY
 
     @property
     def power_state(self) -> str:
@@ -146,6 +161,9 @@ class Desired:
 
     @property
     def deletion_policy(self) -> str:
+        """Effective: an ObserveOnly resource never deletes its instance, whatever spec.deletionPolicy says."""
+        if self.observe_only or self.ownership.observing:
+            return str(DeletionPolicy.ORPHAN)
         return str(self.spec.deletion_policy or EFFECTIVE_DEFAULTS["deletion_policy"])
 
     @property
@@ -171,6 +189,12 @@ class Claim:
 @dataclass(frozen=True)
 class Adopt:
     """Record this resource as the owner of an instance that exists and that nobody holds."""
+
+
+@dataclass(frozen=True)
+class Observe:
+    """Record this resource as the observer of an instance that exists and that nobody holds (a write
+    to the ledger only: an ObserveOnly resource never writes to TrueNAS)."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +243,7 @@ class Delete:
     pass
 
 
-Action = Claim | Adopt | Create | Update | AddDevice | UpdateDevice | RemoveDevice | Start | Stop | Delete
+Action = Claim | Adopt | Observe | Create | Update | AddDevice | UpdateDevice | RemoveDevice | Start | Stop | Delete
 
 
 @dataclass(frozen=True)
@@ -240,6 +264,12 @@ class Plan:
     """TrueNAS is busy with the instance (e.g. STARTING): the event that ends it (or the next resync) wakes the loop."""
     unsupported: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    observing: bool = False
+    """An ObserveOnly plan: ``actions`` hold no TrueNAS write, ``differences`` say what Full would do."""
+    differences: tuple[str, ...] = ()
+    """ObserveOnly: what Full would change, each in a few words (never an environment value)."""
+    paused: bool = False
+    """The resource is paused (incus.truenas.io/paused): ``actions`` are what it would do, none is done."""
 
 
 # ----- translation -------------------------------------------------------------------------------------
@@ -380,6 +410,8 @@ def plan(
                 "the spec, or delete the resource",
             )
         )
+    if ownership.observing:
+        return _observed_not_managed(desired, observed)
     if observed is None:
         if ownership.mine and ownership.adopted:
             return Plan(
@@ -446,6 +478,128 @@ def plan_delete(desired: Desired, observed: ObservedInstance | None) -> Plan:
         steps.append(Stop(desired.stop_timeout))
     steps.append(Delete())
     return Plan(actions=tuple(steps))
+
+
+def plan_observe(
+    desired: Desired,
+    observed: ObservedInstance | None,
+    devices: list[DeviceConfig] | None = None,
+    unsupported: tuple[str, ...] = (),
+    config: InstanceConfig | None = None,
+    identity: Callable[[DeviceConfig], str] = by_name,
+) -> Plan:
+    """spec.managementPolicy ObserveOnly: never a TrueNAS write. The only action is ``Observe`` (the
+    ledger records the observer of an instance nobody holds, where the policy allows observing);
+    ``differences`` says what Full would change (the InSync condition), from Full's own plan."""
+    ownership = desired.ownership
+    if ownership.holder is not None:
+        return Plan(
+            blocked=Blocked(
+                Reason.CONFLICT, f"the instance {desired.instance_name!r} is already managed by {ownership.holder}"
+            ),
+            observing=True,
+        )
+    if ownership.elsewhere is not None and not ownership.mine:
+        message = f"this resource already owns or observes the instance {ownership.elsewhere}; it cannot also observe"
+        return Plan(blocked=Blocked(Reason.OWNS_ELSEWHERE, f"{message} {desired.instance_name!r}"), observing=True)
+    if observed is None:
+        return Plan(observing=True, differences=("create the instance (it does not exist on TrueNAS)",))
+    if not ownership.mine:
+        if not ownership.observe_allowed:
+            return Plan(
+                blocked=Blocked(
+                    Reason.OBSERVE_NOT_ALLOWED,
+                    f"an instance named {desired.instance_name!r} exists on TrueNAS and was not created by this "
+                    f"resource; the administrator's policy does not allow observing it in namespace "
+                    f"{desired.namespace!r} on this connection (policy: observation)",
+                ),
+                observing=True,
+            )
+        return Plan(actions=(Observe(),), observing=True)
+    as_full = replace(
+        desired,
+        ownership=replace(ownership, observing=False, adopted=ownership.adopted or ownership.observing),
+    )
+    full = plan(as_full, observed, devices, unsupported, config=config, identity=identity)
+    differences: list[str] = []
+    if observed.type != str(desired.spec.type):
+        differences.append(f"type: TrueNAS has a {observed.type}, the spec says {desired.spec.type}")
+    if full.blocked is not None:
+        differences.append(f"refuse it ({full.blocked.reason}): {full.blocked.message}")
+    differences.extend(describe_action(action, observed) for action in full.actions)
+    return Plan(observing=True, differences=tuple(differences), unsupported=full.unsupported, notes=full.notes)
+
+
+def describe_action(action: Action, observed: ObservedInstance | None = None) -> str:
+    """What an action would do, in a few words (for InSync): never an environment value (those can be secrets)."""
+    if isinstance(action, Update):
+        changes = action.changes
+        parts = []
+        if changes.cpu is not None:
+            cpus = observed.cpu if observed is not None else None
+            parts.append(f"cpu {cpus or 'no limit'} -> {changes.cpu if changes.cpu is not UNSET else 'no limit'}")
+        if changes.memory is not None:
+            have = observed.memory if observed is not None else None
+            parts.append(f"memory {_mib(have)} -> {_mib(None if changes.memory is UNSET else changes.memory)}")
+        if changes.autostart is not None:
+            parts.append(f"autostart -> {changes.autostart}")
+        if changes.environment is not None:
+            had = set((observed.environment or {}) if observed is not None else {})
+            keys = sorted(had ^ set(changes.environment)) or sorted(changes.environment)
+            parts.append(f"environment ({', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''})")
+        return "update " + ", ".join(parts)
+    if isinstance(action, AddDevice):
+        return f"add device {action.device.name}"
+    if isinstance(action, UpdateDevice):
+        return f"change device {action.device.name}"
+    if isinstance(action, RemoveDevice):
+        return f"remove device {action.name}"
+    if isinstance(action, Start):
+        return "start it (spec.powerState Running)"
+    if isinstance(action, Stop):
+        return "stop it (spec.powerState Stopped)"
+    if isinstance(action, Create):
+        return "finish creating it"
+    if isinstance(action, Delete):
+        return "delete it"
+    return type(action).__name__.lower()
+
+
+def _mib(amount: Any) -> str:
+    return f"{amount // 2**20}Mi" if isinstance(amount, int) else "no limit"
+
+
+def _observed_not_managed(desired: Desired, observed: ObservedInstance | None) -> Plan:
+    """spec.managementPolicy Full on an instance this resource only observed: managing it is an adoption."""
+    name = desired.instance_name
+    if observed is None:
+        return Plan(
+            blocked=Blocked(
+                Reason.INSTANCE_GONE,
+                f"the instance {name!r} this resource observed no longer exists on TrueNAS; the operator does not "
+                "create an instance over an observation: delete this resource and apply it again to have it created",
+                ours=True,
+            )
+        )
+    if desired.ownership.adopt_requested and desired.ownership.adopt_allowed:
+        return Plan(actions=(Adopt(),))
+    if desired.ownership.adopt_requested:
+        return Plan(
+            blocked=Blocked(
+                Reason.ADOPTION_NOT_ALLOWED,
+                f"this resource observed {name!r} (ObserveOnly); managing it is an adoption, which the administrator's "
+                f"policy does not allow in namespace {desired.namespace!r} on this connection (policy: adoption)",
+                ours=True,
+            )
+        )
+    return Plan(
+        blocked=Blocked(
+            Reason.ALREADY_EXISTS,
+            f"this resource observed {name!r} (ObserveOnly) and did not create it; to manage it, annotate the "
+            f'resource with {ADOPT_ANNOTATION}: "true" where the administrator\'s policy allows adoption',
+            ours=True,
+        )
+    )
 
 
 def _not_ours(desired: Desired) -> Plan:

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .models import (
+    PAUSED_ANNOTATION,
     Condition,
     ConditionStatus,
     ImageStatus,
@@ -29,7 +30,7 @@ from .models import (
 )
 from .problems import WAITING_REASONS, Problem, Reason
 from .quantity import format_bytes
-from .reconcile import Desired, Plan
+from .reconcile import Desired, Plan, describe_action
 from .truenas.types import InstanceStatus, ObservedInstance
 
 PHASE_BY_TRUENAS_STATUS = {
@@ -150,6 +151,14 @@ def ready_condition(
     if plan is not None and plan.blocked is not None:
         # The spec cannot be followed (changed immutable field, policy, ...): whatever runs is not it.
         return "False", Reason.NOT_SYNCED, f"the spec is not applied ({plan.blocked.reason}); see the Synced condition"
+    if plan is not None and plan.observing:
+        return (
+            "True",
+            Reason.OBSERVED,
+            f"observed on TrueNAS (ObserveOnly: nothing is written); it is {observed.status}",
+        )
+    if plan is not None and plan.paused and (plan.actions or plan.waiting):
+        return "False", Reason.NOT_SYNCED, f"the spec is not applied: reconciliation is paused ({PAUSED_ANNOTATION})"
     if plan is not None and plan.waiting:
         return "False", Reason.TRANSITIONING, plan.waiting
     if plan is not None and plan.actions:
@@ -185,10 +194,63 @@ def synced_condition(
         return "False", problem.reason, problem.message
     if plan is not None and plan.blocked is not None:
         return "False", plan.blocked.reason, plan.blocked.message
+    if plan is not None and plan.observing:
+        return (
+            "True",
+            Reason.OBSERVING,
+            "observing only (spec.managementPolicy ObserveOnly): nothing is written to TrueNAS",
+        )
     if plan is not None and plan.unsupported:
         fields = ", ".join(plan.unsupported)
         return "True", Reason.PARTIALLY_APPLIED, f"this TrueNAS cannot honour: {fields}"
     return "True", Reason.RECONCILE_SUCCESS, "in sync with TrueNAS"
+
+
+def paused_synced(plan: Plan | None, observed: ObservedInstance | None) -> ConditionUpdate:
+    """Synced while incus.truenas.io/paused is set: not reconciled, and what a reconcile would do."""
+    message = f"reconciliation is paused ({PAUSED_ANNOTATION}): nothing is written to TrueNAS"
+    if plan is not None and plan.blocked is not None:
+        message += f"; a reconcile would refuse ({plan.blocked.reason}): {plan.blocked.message}"
+    elif plan is not None and plan.actions:
+        message += "; a reconcile would " + "; ".join(describe_action(a, observed) for a in plan.actions)
+    elif plan is not None:
+        message += "; a reconcile would change nothing"
+    return "False", Reason.RECONCILIATION_PAUSED, message
+
+
+def insync_condition(
+    observed: ObservedInstance | None, plan: Plan | None, before: Sequence[Condition]
+) -> ConditionUpdate:
+    """ObserveOnly's dry run: whether the instance matches the spec, else what Full would change."""
+    if plan is None or not plan.observing:
+        kept = next((c for c in before if c.type == "InSync"), None)
+        if kept is not None and kept.reason in KNOWN_REASONS:
+            return str(kept.status), Reason(kept.reason), kept.message  # not compared this time: as it was
+        return "Unknown", Reason.NOT_OBSERVED, "not compared with TrueNAS yet"
+    if plan.blocked is not None:
+        return "Unknown", plan.blocked.reason, "not compared: see the Synced condition"
+    if observed is None:
+        return "False", Reason.NOT_FOUND, "the instance does not exist on TrueNAS; Full would create it"
+    if plan.differences:
+        return "False", Reason.DIFFERS, "Full would: " + "; ".join(plan.differences)
+    return "True", Reason.MATCHES, "the instance matches the spec: Full would change nothing"
+
+
+def _mode_conditions(
+    desired: Desired, observed: ObservedInstance | None, plan: Plan | None, before: Sequence[Condition]
+) -> dict[str, ConditionUpdate]:
+    """The conditions only some resources have: Paused (incus.truenas.io/paused), InSync (ObserveOnly)."""
+    extra: dict[str, ConditionUpdate] = {}
+    if desired.paused:
+        extra["Paused"] = (
+            "True",
+            Reason.RECONCILIATION_PAUSED,
+            f"{PAUSED_ANNOTATION} is set: the operator writes nothing to TrueNAS for this resource (deletion "
+            "waits too, unless spec.deletionPolicy is Orphan); remove the annotation to resume",
+        )
+    if desired.observe_only:
+        extra["InSync"] = insync_condition(observed, plan, before)
+    return extra
 
 
 def previous_conditions(previous: Mapping[str, Any] | None) -> list[Condition]:
@@ -255,12 +317,15 @@ def render_instance(
     current_phase = phase(desired, observed, activity, problem or _blocked_problem(plan))
     ready = ready_condition(desired, observed, plan, activity, problem)
     synced = synced_condition(plan, problem, activity, before)
+    if desired.paused and problem is None and activity is None:
+        synced = paused_synced(plan, observed)
+    updates = {"Ready": ready, "Synced": synced, **_mode_conditions(desired, observed, plan, before)}
     return IncusInstanceStatus(
         phase=current_phase,
         instance_id=observed.id if observed else None,
         binding=_binding(desired, observed, activity, previous or {}),
         observed_generation=desired.generation,
-        conditions=merge_conditions(before, {"Ready": ready, "Synced": synced}, desired.generation, now),
+        conditions=merge_conditions(before, updates, desired.generation, now),
         cpu=observed.cpu if observed else None,
         memory=format_bytes(observed.memory) if observed and observed.memory is not None else None,
         autostart=observed.autostart if observed else None,
@@ -311,7 +376,12 @@ def _unobserved(
         update={
             "phase": current_phase,
             "observed_generation": desired.generation,
-            "conditions": merge_conditions(before, {"Ready": ready, "Synced": synced}, desired.generation, now),
+            "conditions": merge_conditions(
+                before,
+                {"Ready": ready, "Synced": synced, **_mode_conditions(desired, None, None, before)},
+                desired.generation,
+                now,
+            ),
             "job": job,
             "message": _message(current_phase, synced, None, version),
         }

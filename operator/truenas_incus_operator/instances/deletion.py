@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..connections import Connection, ConnectionManager
-from ..models import Phase
+from ..models import PAUSED_ANNOTATION, Phase
 from ..problems import OperatorError, Problem, Reason, fail, problem_of
 from ..reconcile import Delete, Desired, Ownership, plan_delete
 from ..settings import Settings
@@ -22,11 +22,13 @@ from ..truenas.backends.vm import instance_of_dataset
 from .executor import Executor
 from .ledger import Ledger, Record, RecordState
 from .reporter import Reporter, backoff_delay
-from .resource import LoopState, ResourceKey, deletion_view, resource_key
+from .resource import LoopState, ResourceKey, deletion_view, paused, resource_key
 from .schedules import Schedules, naming_schema
 
 CONNECT_WAIT_SECONDS = 10.0
 DELETE_ATTEMPTS = 4
+PAUSE_RECHECK_SECONDS = 5.0
+"""How often a paused resource's deletion looks at the annotation again."""
 
 
 def clones_named(ledger: Ledger, identity: str, clones: list[str], namespace: str) -> str:
@@ -76,7 +78,14 @@ class Deletion:
             if key in self.executor.creating:
                 raise fail(Reason.CREATE_IN_PROGRESS, f"{desired.instance_name} is being created", retry_after=1.0)
             records = self.ledger.owned_by(desired.uid)
+            for record in [r for r in records if r.observed_only]:
+                # Observed, never owned: the record goes, the instance is never touched.
+                await self.ledger.release(record)
+                self.reporter.post_event(body, "Normal", "Released", f"stopped observing {record.instance} on TrueNAS")
+            records = [r for r in records if not r.observed_only]
             orphan = desired.deletion_policy == "Orphan"
+            if records and not orphan and paused(body):
+                await self._wait_for_resume(body, key, state, desired)
             if not records:
                 if self.schedules is not None:
                     await self.schedules.forget_owner(body, desired.uid, orphan)
@@ -124,6 +133,22 @@ class Deletion:
             await self.reporter.write(state, desired, None, problem=problem, version=version, connected=False)
         self.reporter.post_once(body, self._posted.setdefault(key, state), "Warning", problem.reason, problem.message)
         raise OperatorError(problem, retry_after=delay)
+
+    async def _wait_for_resume(
+        self, body: Mapping[str, Any], key: ResourceKey, state: LoopState, desired: Desired
+    ) -> None:
+        """A paused resource's instance is not deleted: the deletion waits, said in the status and one
+        Event, and looks again every few seconds (removing the annotation, or deletionPolicy Orphan, ends it)."""
+        problem = Problem(
+            Reason.RECONCILIATION_PAUSED,
+            f"the deletion waits: {PAUSED_ANNOTATION} is set, so the operator does not delete "
+            f"{desired.instance_name} on TrueNAS; remove the annotation to delete it, or set "
+            "spec.deletionPolicy Orphan to leave it",
+        )
+        with contextlib.suppress(OperatorError):
+            await self.reporter.write(state, desired, None, problem=problem, connected=False)
+        self.reporter.post_once(body, self._posted.setdefault(key, state), "Normal", problem.reason, problem.message)
+        raise OperatorError(problem, retry_after=PAUSE_RECHECK_SECONDS)
 
     async def _connection(self, key: str) -> Connection:
         """The connection the owner used when it claimed the instance (recorded in the ledger)."""

@@ -22,6 +22,7 @@ from ..reconcile import (
     Create,
     Delete,
     Desired,
+    Observe,
     Plan,
     RemoveDevice,
     Start,
@@ -130,6 +131,27 @@ class Executor:
         version = connection.version
         key = (desired.namespace, desired.name)
         claimed = self._claimed.pop(key, None)
+        if isinstance(action, Observe):
+            record = await self.ledger.claim(
+                connection.identity,
+                name,
+                owner_uid=desired.uid,
+                owner=f"{desired.namespace}/{desired.name}",
+                connection=connection.key,
+                state=RecordState.OBSERVED,
+                deletion_policy="Orphan",
+            )
+            if record.fresh:
+                self.reporter.post_event(body, "Normal", "Observing", f"observing {name} on TrueNAS ({record.truenas})")
+            return True  # observed (or this resource's own record found): plan again
+        held = self.ledger.get(connection.identity, name)
+        if isinstance(action, Adopt) and held is not None and held.owner_uid == desired.uid and held.observed_only:
+            # ObserveOnly -> Full: the observer takes the instance over (the adoption rules applied).
+            await self.ledger.set_deletion_policy(
+                await self.ledger.set_state(held, RecordState.ADOPTED), desired.deletion_policy
+            )
+            self.reporter.post_event(body, "Normal", "Adopted", f"took over {name} on TrueNAS ({held.truenas})")
+            return True
         if isinstance(action, Claim | Adopt):
             record = await self.ledger.claim(
                 connection.identity,

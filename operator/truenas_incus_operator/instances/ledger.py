@@ -67,6 +67,11 @@ class RecordState(StrEnum):
     CREATED = "created"
     ADOPTED = "adopted"
     """Taken over (``incus.truenas.io/adopt``): the operator did not create it and never re-creates it."""
+    OBSERVED = "observed"
+    """Observed for an ObserveOnly resource that did not create it: never written to, never deleted
+    (not by the resource's deletion, not by the reaper); a second resource cannot observe or take it.
+    An earlier version reads an unknown state as created (``_state``): downgrading below the version
+    that wrote it needs those resources deleted first (docs/security.md)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,10 @@ class Record:
     @property
     def manages_devices(self) -> bool:
         return self.state in (RecordState.CREATING, RecordState.CREATED) or self.devices_managed
+
+    @property
+    def observed_only(self) -> bool:
+        return self.state == RecordState.OBSERVED
 
     @property
     def name(self) -> str:

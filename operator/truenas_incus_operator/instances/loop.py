@@ -16,18 +16,27 @@ from pydantic import ValidationError
 from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
 from ..metrics import Metrics
+from ..models import PAUSED_ANNOTATION
 from ..policy import POLICY_REASON, Policy, Violation
 from ..problems import OperatorError, Problem, Reason, fail, problem_of
-from ..reconcile import Blocked, Create, Desired, Plan, Start, instance_config, plan
+from ..reconcile import Blocked, Create, Desired, Plan, Start, instance_config, plan, plan_observe
 from ..settings import Settings
 from ..status import clip
-from ..truenas import CloneSource, ObservedInstance, TrueNASError
+from ..truenas import CloneSource, DeviceConfig, ObservedInstance, TrueNASError
 from .executor import Executor, describe_device_action, is_device_action
 from .holds import Holds
 from .ledger import Ledger
 from .ownership import ownership_of
 from .reporter import Reporter
-from .resource import LoopState, Wake, about, adopt_requested, connection_key, desired_from, resource_key
+from .resource import (
+    LoopState,
+    Wake,
+    about,
+    adopt_requested,
+    connection_key,
+    desired_from,
+    resource_key,
+)
 from .schedules import Schedules
 from .wakeups import Wakeups
 
@@ -209,6 +218,7 @@ class InstanceLoops:
             self.ledger.owned_by(parsed.uid),
             adopt_requested=adopt_requested(body),
             adopt_allowed=self.policy.may_adopt(parsed.namespace, connection.key),
+            observe_allowed=self.policy.may_observe(parsed.namespace, connection.key),
         )
         hold = self.holds.get((parsed.namespace, parsed.name)) if ownership.mine else None
         return replace(parsed, ownership=ownership, hold=hold)
@@ -223,6 +233,8 @@ class InstanceLoops:
         await self.ledger.migrate(connection.config.identity, connection.identity)
         await self._recheck_holder(parsed, connection)
         confirmed = False
+        stopped_writes = parsed.paused
+        self._announce_pause(body, state, stopped_writes)
         for _ in range(MAX_STEPS_PER_PASS):
             if (body.get("metadata") or {}).get("deletionTimestamp"):
                 return  # deleted during the pass: the delete handler takes over; kopf stops this loop
@@ -230,11 +242,28 @@ class InstanceLoops:
             wanted = instance_config(desired)
             observed = connection.cache.get(desired.instance_name)
             unsupported = (*backend.unsupported_fields(wanted, observed), *backend.deferred_fields(wanted, observed))
+            if desired.observe_only and not stopped_writes:
+                devices = await self._observed_devices(desired, state, connection, observed)
+                current = plan_observe(
+                    desired,
+                    observed,
+                    devices,
+                    unsupported,
+                    config=backend.honoured(wanted, observed),
+                    identity=backend.device_identity,
+                )
+                if current.actions:  # Observe: the ledger records the observer (no TrueNAS call)
+                    await self.executor.execute(body, state, desired, connection, observed, current.actions[0])
+                    continue
+                await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
+                self._announce(body, state, current, client.system_version)
+                return
             devices = None
             seen = self._devices_key(desired, connection)
             if state.devices_seen is None and not desired.lists_devices:
                 state.devices_seen = seen  # nothing to compare at start: audits and spec changes look
-            if observed is not None and desired.owns and desired.manages_devices and state.devices_seen != seen:
+            listing = desired.owns and desired.manages_devices and state.devices_seen != seen
+            if observed is not None and listing and not stopped_writes:
                 devices = await backend.list_devices(desired.instance_name)
             current = plan(
                 desired,
@@ -244,6 +273,12 @@ class InstanceLoops:
                 config=backend.honoured(wanted, observed),
                 identity=backend.device_identity,
             )
+            if stopped_writes:
+                # Paused: what the plan would do is reported, nothing of it is done (no schedule either).
+                await self.reporter.write(
+                    state, desired, observed, plan=replace(current, paused=True), version=connection.version
+                )
+                return
             if devices is not None and not any(is_device_action(a) for a in current.actions):
                 state.devices_seen = seen
             if current.blocked is None and not current.actions and observed is not None and self.schedules:
@@ -288,9 +323,39 @@ class InstanceLoops:
         held = self.ledger.get(connection.identity, desired.instance_name)
         if held is not None and held.owner_uid != desired.uid:
             await self.ledger.reread(held.truenas, held.instance)
-        elif held is not None and held.deletion_policy != desired.deletion_policy:
+        elif held is not None and not held.observed_only and held.deletion_policy != desired.deletion_policy:
             # What a reaper does with the instance if this resource ever vanishes unseen (docs/security.md).
             await self.ledger.set_deletion_policy(held, desired.deletion_policy)
+
+    async def _observed_devices(
+        self, desired: Desired, state: LoopState, connection: Connection, observed: ObservedInstance | None
+    ) -> list[DeviceConfig] | None:
+        """ObserveOnly: the instance's devices, where the spec lists some to compare, read again when the
+        devices key moves (a spec change, a reconnect, the audit rotation) and kept in between, so
+        every pass compares them (InSync must not forget a difference between two reads)."""
+        if observed is None or not desired.owns or desired.ownership.holder or not desired.lists_devices:
+            return None
+        seen = self._devices_key(desired, connection)
+        if state.observed_devices is None or state.observed_devices[0] != seen:
+            client = connection.client
+            if client is None:
+                return None
+            state.observed_devices = (seen, await client.instances.list_devices(desired.instance_name))
+        return list(state.observed_devices[1])
+
+    def _announce_pause(self, body: Mapping[str, Any], state: LoopState, now_paused: bool) -> None:
+        """ReconciliationPaused when the annotation appears, ReconciliationResumed when it goes (once each)."""
+        if now_paused and state.paused is not True:
+            self.reporter.post_event(
+                body,
+                "Normal",
+                Reason.RECONCILIATION_PAUSED,
+                f"{PAUSED_ANNOTATION} is set: the operator writes nothing to TrueNAS for this resource until it is "
+                "removed",
+            )
+        elif not now_paused and state.paused:
+            self.reporter.post_event(body, "Normal", "ReconciliationResumed", f"{PAUSED_ANNOTATION} removed")
+        state.paused = now_paused
 
     @staticmethod
     def _devices_key(desired: Desired, connection: Connection) -> tuple[int, int, int]:

@@ -2,7 +2,8 @@
 
 The ledger record (held by this resource's UID, by another, or by nobody), the records this
 resource holds elsewhere, the administrator's adoption grant and the resource's adoption request
-make an ``Ownership`` (reconcile.py), which the planner decides on. Never derived from annotations
+make an ``Ownership`` (reconcile.py), which the planner decides on (the observation grant too, for
+ObserveOnly resources). Never derived from annotations
 or status: tenants write those (the adoption request is a request, not a right).
 """
 
@@ -22,6 +23,7 @@ def ownership_of(
     *,
     adopt_requested: bool,
     adopt_allowed: bool,
+    observe_allowed: bool = False,
 ) -> Ownership:
     """``record``: the ledger's record of ``desired``'s instance name on the TrueNAS ``identity``;
     ``owned``: every record that names ``desired``'s UID (wherever)."""
@@ -46,4 +48,6 @@ def ownership_of(
         unfinished=mine and record is not None and record.state == RecordState.CREATING,
         adopted=mine and record is not None and record.state == RecordState.ADOPTED,
         elsewhere=elsewhere,
+        observing=mine and record is not None and record.state == RecordState.OBSERVED,
+        observe_allowed=observe_allowed,
     )

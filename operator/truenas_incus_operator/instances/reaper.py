@@ -74,12 +74,14 @@ class Reaper:
         return body is not None and (body.get("metadata") or {}).get("uid") == record.owner_uid
 
     async def _reap(self, record: Record) -> bool:
-        if record.deletion_policy != "Delete":
+        if record.observed_only or record.deletion_policy != "Delete":
             await self.ledger.release(record)
             log.info(
-                "ownership ledger: %s on %s released: its owner %s (UID %s) is gone and its deletionPolicy %s",
+                "ownership ledger: %s on %s released, the instance left: its owner %s (UID %s) is gone and %s",
                 record.instance, record.truenas, record.owner, record.owner_uid,
-                "was Orphan" if record.deletion_policy else "is not known (a record of an earlier version)",
+                "only observed it" if record.observed_only
+                else "its deletionPolicy was Orphan" if record.deletion_policy
+                else "its deletionPolicy is not known (a record of an earlier version)",
             )  # fmt: skip
             return True
         connection = self.connections.connections.get(record.connection)

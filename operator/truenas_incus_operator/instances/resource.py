@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ..connections import DEFAULT_KEY
-from ..models import ADOPT_ANNOTATION, IncusInstanceSpec, InstanceBinding
+from ..models import ADOPT_ANNOTATION, PAUSED_ANNOTATION, IncusInstanceSpec, InstanceBinding
 from ..reconcile import Desired, Ownership
 from ..status import SnapshotsView
 
@@ -51,6 +51,7 @@ def desired_from(body: Mapping[str, Any], ownership: Ownership | None = None) ->
         deleting=bool(meta.get("deletionTimestamp")),
         ownership=ownership or Ownership(),
         bound=_binding(body),
+        paused=paused(body),
     )
 
 
@@ -64,14 +65,15 @@ def _binding(body: Mapping[str, Any]) -> InstanceBinding | None:
 
 def deletion_view(body: Mapping[str, Any]) -> Desired:
     """The resource as deletion needs it. Never refused because the spec does not parse (an outdated
-    CRD, a model stricter than admission): deletion needs only the name, the deletion policy and the
-    stop timeout; which TrueNAS to call comes from the ledger records."""
+    CRD, a model stricter than admission): deletion needs only the name, the deletion and management
+    policies and the stop timeout; which TrueNAS to call comes from the ledger records."""
     try:
         return desired_from(body)
     except ValidationError:
         raw = dict(body.get("spec") or {})
         kind = raw.get("type") if raw.get("type") in ("VM", "CONTAINER") else "CONTAINER"
-        needed = {key: raw[key] for key in ("name", "deletionPolicy", "stopTimeoutSeconds") if key in raw}
+        kept = ("name", "deletionPolicy", "stopTimeoutSeconds", "managementPolicy")
+        needed = {key: raw[key] for key in kept if key in raw}
         for fields in (needed, {}):
             try:
                 spec = IncusInstanceSpec.model_validate({"type": kind, "image": "unparsed", **fields})
@@ -92,6 +94,13 @@ def deletion_view(body: Mapping[str, Any]) -> Desired:
 def adopt_requested(body: Mapping[str, Any]) -> bool:
     annotations = body.get("metadata", {}).get("annotations") or {}
     return str(annotations.get(ADOPT_ANNOTATION, "")).lower() == "true"
+
+
+def paused(body: Mapping[str, Any]) -> bool:
+    """``incus.truenas.io/paused: "true"``: the operator writes nothing to TrueNAS for the resource (a
+    tenant may pause its own resources: it only ever stops writes)."""
+    annotations = body.get("metadata", {}).get("annotations") or {}
+    return str(annotations.get(PAUSED_ANNOTATION, "")).lower() == "true"
 
 
 def connection_key(namespace: str, spec: IncusInstanceSpec) -> str:
@@ -133,3 +142,7 @@ class LoopState:
     snapshots_view: SnapshotsView | None = None
     """What the status says of spec.snapshots and the snapshots; None: what it said before stays."""
     schedule: ScheduleMemo = field(default_factory=ScheduleMemo)
+    paused: bool | None = None
+    """Whether the last pass found the resource paused (None: no pass yet): the Events say each change once."""
+    observed_devices: tuple[tuple[int, int, int], list[Any]] | None = None
+    """ObserveOnly: the devices last read from TrueNAS and when (the devices key): compared on every pass."""

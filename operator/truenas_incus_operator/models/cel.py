@@ -83,8 +83,13 @@ def _device_type_rule(instance_type: str, refused: tuple[str, ...], why: str) ->
 
 _CROSS_FIELD_RULES: list[JsonValue] = [
     _cel(
-        "has(self.image) != has(self.source)",
-        "exactly one of spec.image and spec.source must be set: an image to build from, or a snapshot to clone",
+        "!(has(self.image) && has(self.source))",
+        "at most one of spec.image and spec.source may be set: an image to build from, or a snapshot to clone",
+    ),
+    _cel(
+        "has(self.image) || has(self.source) || (has(self.managementPolicy) && self.managementPolicy == 'ObserveOnly')",
+        "exactly one of spec.image and spec.source must be set (only spec.managementPolicy ObserveOnly may "
+        "leave both out): an image to build from, or a snapshot to clone",
     ),
     _device_type_rule("CONTAINER", _VM_ONLY, " and ".join(_VM_ONLY) + " devices are only supported for VMs"),
     _device_type_rule(
@@ -131,13 +136,14 @@ _NOT_CREATED = (
 )
 
 
-def _immutable(field: str, message: str) -> JsonDict:
-    """Also refuses adding or removing an optional field (``has`` on both sides)."""
+def _immutable(field: str, message: str, also: str = "") -> JsonDict:
+    """Also refuses adding or removing an optional field (``has`` on both sides); ``also``: a CEL
+    condition under which a change is allowed all the same."""
     same = (
         f"has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
         f"(!has(self.spec.{field}) || self.spec.{field} == oldSelf.spec.{field})"
     )
-    return _cel(f"{_NOT_CREATED} || ({same})", message, f".spec.{field}")
+    return _cel(f"{_NOT_CREATED} || ({same}){f' || ({also})' if also else ''}", message, f".spec.{field}")
 
 
 _CREATED_NOTE = "once the instance exists on TrueNAS (status.binding set: created, adopted or a create under way)"
@@ -152,7 +158,11 @@ INSTANCE_ROOT_RULES: list[JsonValue] = [
     _immutable("type", f"spec.type is immutable {_CREATED_NOTE}"),
     _immutable(
         "image",
-        f"spec.image is immutable {_CREATED_NOTE}: an instance cannot be rebuilt from another image",
+        f"spec.image is immutable {_CREATED_NOTE}: an instance cannot be rebuilt from another image (naming one "
+        "for an observed instance that had none is allowed)",
+        # An ObserveOnly resource may leave both out; naming the image later (to switch to Full) records
+        # what the instance was made from and builds nothing (the instance exists: adopted, never re-created).
+        also="!has(oldSelf.spec.image) && !has(oldSelf.spec.source) && !has(self.spec.source)",
     ),
     _immutable(
         "source",

@@ -57,6 +57,11 @@ class DeletionPolicy(StrEnum):
     ORPHAN = "Orphan"
 
 
+class ManagementPolicy(StrEnum):
+    FULL = "Full"
+    OBSERVE_ONLY = "ObserveOnly"
+
+
 class TransportType(StrEnum):
     WEBSOCKET = "websocket"
     REST = "rest"

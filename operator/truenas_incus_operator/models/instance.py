@@ -19,7 +19,17 @@ from pydantic import (
 
 from ..quantity import parse_bytes
 from .cel import _CROSS_FIELD_RULES, _DEVICE_RULES, _EXTRA_RULES, DEVICE_TYPES_BY_INSTANCE_TYPE, _cel
-from .common import Condition, DeletionPolicy, DeviceType, InstanceType, NICType, Phase, PowerState, _Model
+from .common import (
+    Condition,
+    DeletionPolicy,
+    DeviceType,
+    InstanceType,
+    ManagementPolicy,
+    NICType,
+    Phase,
+    PowerState,
+    _Model,
+)
 from .limits import (
     CPU_PATTERN,
     DEVICE_NAME_PATTERN,
@@ -400,6 +410,16 @@ class IncusInstanceSpec(_Model):
             "Delete (default): deleting the resource deletes the instance. Orphan: the instance stays on TrueNAS."
         ),
     )
+    management_policy: ManagementPolicy | None = Field(
+        None,
+        description=(
+            "Full (default): the operator creates, changes, powers and deletes the instance. ObserveOnly: it "
+            "never writes to TrueNAS and never deletes the instance; the status mirrors the instance and the "
+            "InSync condition says what Full would change. Observing an instance this resource did not create "
+            "needs the administrator's policy (observation). ObserveOnly to Full is an adoption (the "
+            "incus.truenas.io/adopt annotation and the policy's adoption); Full to ObserveOnly stops all writes."
+        ),
+    )
     connection_ref: ConnectionReference | None = Field(
         None,
         description=(
@@ -459,8 +479,13 @@ class IncusInstanceSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> IncusInstanceSpec:
-        if (self.image is None) == (self.source is None):
-            raise ValueError("exactly one of spec.image and spec.source must be set")
+        if self.image is not None and self.source is not None:
+            raise ValueError("at most one of spec.image and spec.source may be set")
+        if self.image is None and self.source is None and self.management_policy != ManagementPolicy.OBSERVE_ONLY:
+            raise ValueError(
+                "exactly one of spec.image and spec.source must be set (only spec.managementPolicy ObserveOnly may "
+                "leave both out)"
+            )
         devices = self.devices or []
         for label, entries in (("devices", devices), ("nics", self.nics or [])):
             names = [entry.name for entry in entries]

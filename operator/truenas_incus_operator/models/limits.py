@@ -76,3 +76,5 @@ RE2_SPACE = "\t\n\f\r "
 is not blank there and must not be blank here either (a spec admission accepts must parse)."""
 
 ADOPT_ANNOTATION = f"{API_GROUP}/adopt"
+PAUSED_ANNOTATION = f"{API_GROUP}/paused"
+"""``"true"``: the operator writes nothing to TrueNAS for the resource until it is removed."""

@@ -1,0 +1,163 @@
+"""spec.managementPolicy ObserveOnly and the incus.truenas.io/paused annotation (issue 25 items 1, 2),
+in the pure planner and the status: ObserveOnly plans no TrueNAS write (only the ledger's Observe),
+says what Full would change (InSync, never an environment value), and never deletes; a paused
+resource's plan is reported, not executed, with Paused=True and Synced=False."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from truenas_incus_operator.instances.ledger import Record, RecordState
+from truenas_incus_operator.instances.ownership import ownership_of
+from truenas_incus_operator.models import IncusInstanceSpec
+from truenas_incus_operator.problems import Reason
+from truenas_incus_operator.reconcile import (
+    Adopt,
+    Desired,
+    Observe,
+    Ownership,
+    Plan,
+    Start,
+    Update,
+    plan,
+    plan_delete,
+    plan_observe,
+)
+from truenas_incus_operator.status import render_instance
+
+from .test_reconcile import observed
+
+NOW = datetime(2026, 12, 7, tzinfo=UTC)
+
+
+def desired(ownership: Ownership | None = None, paused: bool = False, **spec: Any) -> Desired:
+    body = {"type": "CONTAINER", "managementPolicy": "ObserveOnly", **spec}
+    model = IncusInstanceSpec.model_validate(body)
+    return Desired("ns", "web", 3, model, uid="u1", ownership=ownership or Ownership(), paused=paused)
+
+
+def conditions(status: Any) -> dict[str, tuple[str, str, str]]:
+    return {c.type: (str(c.status), str(c.reason), c.message) for c in status.conditions}
+
+
+def render(want: Desired, seen: Any, result: Plan) -> dict[str, tuple[str, str, str]]:
+    return conditions(render_instance(want, seen, previous=None, now=NOW, plan=result))
+
+
+OBSERVING = Ownership(mine=True, observing=True)
+
+
+def test_observe_only_needs_no_image_and_full_still_does() -> None:
+    assert desired().spec.image is None
+    with pytest.raises(ValueError, match=r"exactly one of spec\.image and spec\.source"):
+        IncusInstanceSpec.model_validate({"type": "CONTAINER"})
+    with pytest.raises(ValueError, match=r"at most one of spec\.image and spec\.source"):
+        IncusInstanceSpec.model_validate(
+            {"type": "VM", "image": "debian/bookworm", "source": {"snapshotRef": {"name": "s"}}}
+        )
+
+
+def test_an_instance_nobody_holds_is_observed_only_where_the_policy_allows() -> None:
+    refused = plan_observe(desired(), observed())
+    assert refused.actions == () and refused.blocked is not None
+    assert refused.blocked.reason == Reason.OBSERVE_NOT_ALLOWED and "policy: observation" in refused.blocked.message
+    assert not refused.blocked.ours, "nothing of an instance it may not observe is reported"
+    status = render_instance(desired(), observed(), previous=None, now=NOW, plan=refused)
+    assert status.instance_id is None and status.cpu is None and status.ip_addresses is None
+    allowed = plan_observe(desired(Ownership(observe_allowed=True)), observed())
+    assert allowed.actions == (Observe(),) and allowed.blocked is None
+
+
+def test_an_observed_instance_is_reported_with_what_full_would_change_and_no_write() -> None:
+    seen = observed(cpu="1", memory=512 * 2**20, status="STOPPED", environment={"SECRET": "hunter2"})
+    want = desired(OBSERVING, cpu="2", memory="1Gi", environment={"SECRET": "other", "NEW": "x"})
+    result = plan_observe(want, seen)
+    assert result.actions == () and result.observing
+    assert result.differences == (
+        "update cpu 1 -> 2, memory 512Mi -> 1024Mi, environment (NEW)",
+        "start it (spec.powerState Running)",
+    )
+    found = render(want, seen, result)
+    assert found["Ready"][:2] == ("True", "Observed") and "STOPPED" in found["Ready"][2]
+    assert found["Synced"][:2] == ("True", "Observing")
+    assert found["InSync"][:2] == ("False", "Differs") and found["InSync"][2].startswith(
+        "Full would: update cpu 1 -> 2"
+    )
+    assert "hunter2" not in str(found) and "other" not in found["InSync"][2], "environment values can be secrets"
+
+
+def test_a_matching_instance_is_in_sync_and_a_missing_one_is_never_created() -> None:
+    seen = observed(cpu="2", status="RUNNING", environment={})
+    want = desired(OBSERVING, cpu="2", powerState="Running", autostart=True)
+    assert render(want, seen, plan_observe(want, seen))["InSync"][:2] == ("True", "Matches")
+    missing = plan_observe(want, None)
+    assert missing.actions == () and missing.blocked is None
+    found = render(want, None, missing)
+    assert found["Ready"][:2] == ("False", "NotFound") and found["InSync"][:2] == ("False", "NotFound")
+    assert plan_observe(desired(), None).actions == (), "not even the ledger: nothing exists to observe"
+
+
+def test_an_observe_only_resource_never_deletes_even_the_instance_it_created() -> None:
+    created = desired(Ownership(mine=True), deletionPolicy="Delete")
+    assert created.deletion_policy == "Orphan"
+    assert plan_delete(created, observed()).actions == ()
+    # Switched back to Full: the record it only observed still never deletes the instance.
+    full = replace(created, spec=created.spec.model_copy(update={"management_policy": None}), ownership=OBSERVING)
+    assert full.deletion_policy == "Orphan" and plan_delete(full, observed()).actions == ()
+
+
+def test_full_on_an_observed_instance_is_an_adoption() -> None:
+    full = {"type": "CONTAINER", "image": "debian/bookworm", "cpu": "2"}
+    spec = IncusInstanceSpec.model_validate(full)
+    base = Desired("ns", "web", 4, spec, uid="u1")
+    blocked = plan(replace(base, ownership=OBSERVING), observed(cpu="1"))
+    assert blocked.actions == () and blocked.blocked is not None and blocked.blocked.reason == Reason.ALREADY_EXISTS
+    asked = replace(OBSERVING, adopt_requested=True)
+    assert plan(replace(base, ownership=asked), observed()).blocked.reason == Reason.ADOPTION_NOT_ALLOWED  # type: ignore[union-attr]
+    granted = replace(asked, adopt_allowed=True)
+    assert plan(replace(base, ownership=granted), observed()).actions == (Adopt(),)
+    gone = plan(replace(base, ownership=granted), None)
+    assert gone.actions == () and gone.blocked is not None and gone.blocked.reason == Reason.INSTANCE_GONE
+
+
+def test_the_ledger_record_of_an_observer_makes_an_observing_ownership() -> None:
+    record = Record("nas-1", "web", "u1", "ns/web", "<default>", RecordState.OBSERVED, deletion_policy="Orphan")
+    found = ownership_of(desired(), "nas-1", record, [record], adopt_requested=False, adopt_allowed=False)
+    assert found.mine and found.observing and not found.devices_managed and not found.adopted
+    other = ownership_of(
+        replace(desired(), uid="u2"),
+        "nas-1",
+        record,
+        [],
+        adopt_requested=True,
+        adopt_allowed=True,
+        observe_allowed=True,
+    )
+    assert other.holder is not None and not other.mine
+    second = plan_observe(replace(desired(), uid="u2", ownership=other), observed())
+    assert second.blocked is not None and second.blocked.reason == Reason.CONFLICT, "two cannot observe one"
+
+
+def test_a_paused_plan_is_reported_not_done() -> None:
+    full = IncusInstanceSpec.model_validate({"type": "CONTAINER", "image": "debian/bookworm", "cpu": "2"})
+    want = Desired("ns", "web", 5, full, uid="u1", ownership=Ownership(mine=True), paused=True)
+    seen = observed(cpu="1", status="STOPPED")
+    result = replace(plan(want, seen), paused=True)
+    assert [type(a) for a in result.actions] == [Update, Start]
+    found = render(want, seen, result)
+    assert found["Paused"][:2] == ("True", "ReconciliationPaused")
+    assert found["Synced"][:2] == ("False", "ReconciliationPaused")
+    assert "a reconcile would update cpu 1 -> 2; start it" in found["Synced"][2]
+    assert found["Ready"][:2] == ("False", "NotSynced") and "paused" in found["Ready"][2]
+    # Paused and in sync: Ready tells the truth, Paused stays.
+    settled = observed(cpu="2", status="RUNNING")
+    calm = render(want, settled, replace(plan(want, settled), paused=True))
+    assert calm["Ready"][:2] == ("True", "Available") and calm["Paused"][0] == "True"
+    assert "would change nothing" in calm["Synced"][2]
+    # Resumed: no Paused condition at all.
+    resumed = replace(want, paused=False)
+    assert "Paused" not in render(resumed, settled, plan(resumed, settled))

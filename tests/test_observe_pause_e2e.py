@@ -1,0 +1,201 @@
+"""ObserveOnly and pause against the real API server and the simulator, on every TrueNAS generation
+(issue 25 items 1, 2, 5): an instance made outside the operator is observed (status mirrors it,
+InSync says what Full would change) with no write to TrueNAS (the simulator's write log), where the
+administrator's policy grants observation; never created, never deleted; two resources cannot
+observe one; ObserveOnly -> Full is an adoption, Full -> ObserveOnly stops writes at once; the paused
+annotation stops every write, deletion waits for it, removing it resumes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .conftest import Cluster, module_prefix
+from .harness import ADOPT_ANYWHERE, Harness, module_operator, unique, wait_until
+from .test_snapshots_e2e import apply, writes
+
+pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
+
+PROFILES = ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"]
+POLICY: dict[str, Any] = {**ADOPT_ANYWHERE, "observation": [{"namespaces": ["*-watch-*"], "connections": ["*"]}]}
+PAUSED = "incus.truenas.io/paused"
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def harness(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Harness]:
+    profile = str(request.param)
+    prefix = f"{module_prefix(request)}{profile.replace('.', '')}-"
+    workdir = tmp_path_factory.mktemp(f"observe{profile}")
+    for running in module_operator(cluster, workdir, prefix, profile, policy=POLICY):
+        running.prefix = prefix  # type: ignore[attr-defined]
+        yield running
+
+
+def namespace(harness: Harness, middle: str) -> str:
+    name = f"{harness.prefix}{middle}{uuid.uuid4().hex[:6]}"  # type: ignore[attr-defined]
+    harness.cluster.kubectl("create", "namespace", name)
+    return name
+
+
+def seed(harness: Harness, name: str) -> None:
+    """An instance made in the TrueNAS UI (a virt.instance container on 25.x, a container on 26)."""
+    harness.sim.run(lambda: harness.sim.sim.seed_instance(name=name, type="CONTAINER", status="RUNNING"))
+
+
+def observe(harness: Harness, ns: str, resource: str, **spec: Any) -> None:
+    apply(harness, ns, "IncusInstance", resource, {"type": "CONTAINER", "managementPolicy": "ObserveOnly", **spec})
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == kind), {})
+
+
+def wait_condition(harness: Harness, ns: str, name: str, kind: str, reason: str, timeout: float = 60) -> dict[str, Any]:
+    return harness.wait_status(
+        ns, name, f"{kind} {reason}", lambda s: condition(s, kind).get("reason") == reason, timeout
+    )
+
+
+def matching(status: dict[str, Any]) -> dict[str, Any]:
+    """The spec fields that make Full change nothing, from what the status mirrors."""
+    spec: dict[str, Any] = {"powerState": "Running", "autostart": status["autostart"]}
+    for field in ("cpu", "memory"):
+        if status.get(field) is not None:
+            spec[field] = status[field]
+    return spec
+
+
+def test_an_instance_made_outside_is_observed_with_no_write_and_left_when_the_resource_goes(
+    harness: Harness,
+) -> None:
+    ns = namespace(harness, "x-watch-")
+    name = unique("ui")
+    seed(harness, name)
+    observe(harness, ns, name, powerState="Stopped")
+    status = wait_condition(harness, ns, name, "InSync", "Differs")
+    assert condition(status, "Ready")["reason"] == "Observed" and status["phase"] == "Running"
+    assert condition(status, "Synced")["reason"] == "Observing" and status.get("instanceId")
+    assert "stop it (spec.powerState Stopped)" in condition(status, "InSync")["message"]
+    harness.wait_event(ns, name, "Observing")
+    assert (
+        harness.cluster.kubectl(
+            "wait", "--for=condition=Ready", f"incusinstance/{name}", "-n", ns, "--timeout=30s", check=False
+        ).returncode
+        == 0
+    )
+
+    observe(harness, ns, name, **matching(status))
+    wait_condition(harness, ns, name, "InSync", "Matches")
+    time.sleep(2)  # a few passes: still nothing written
+    assert writes(harness, name) == [], writes(harness, name)
+
+    assert harness.delete(ns, name).returncode == 0
+    assert name in harness.instance_names(), "an observed instance is never deleted"
+    assert writes(harness, name) == []
+
+
+def test_observing_needs_the_policy_and_two_resources_cannot_observe_one(harness: Harness) -> None:
+    name = unique("ui")
+    seed(harness, name)
+    closed = namespace(harness, "x-closed-")
+    observe(harness, closed, name)
+    refused = harness.wait_synced_false(closed, name, "ObserveNotAllowed", timeout=60)
+    assert "policy: observation" in condition(refused, "Synced")["message"]
+    assert not refused.get("instanceId") and refused.get("cpu") is None and not refused.get("ipAddresses")
+
+    first, second = namespace(harness, "a-watch-"), namespace(harness, "b-watch-")
+    observe(harness, first, name)
+    wait_condition(harness, first, name, "Ready", "Observed")
+    observe(harness, second, "twin", name=name)
+    conflict = harness.wait_synced_false(second, "twin", "Conflict", timeout=60)
+    assert first not in condition(conflict, "Synced")["message"], "another tenant's namespace is never named"
+    assert writes(harness, name) == []
+    for ns, resource in ((closed, name), (first, name), (second, "twin")):
+        assert harness.delete(ns, resource).returncode == 0
+    assert name in harness.instance_names()
+
+
+def test_observe_only_never_creates_a_missing_instance(harness: Harness) -> None:
+    ns = namespace(harness, "x-watch-")
+    name = unique("none")
+    observe(harness, ns, name, image="debian/bookworm")
+    status = wait_condition(harness, ns, name, "InSync", "NotFound")
+    assert condition(status, "Ready")["reason"] == "NotFound" and condition(status, "Synced")["status"] == "True"
+    time.sleep(3)
+    assert name not in harness.instance_names() and writes(harness, name) == []
+    assert harness.delete(ns, name).returncode == 0
+
+
+def test_observe_only_to_full_is_an_adoption_and_back_stops_writes(harness: Harness) -> None:
+    ns = namespace(harness, "x-watch-")
+    name = unique("ui")
+    seed(harness, name)
+    observe(harness, ns, name)
+    status = wait_condition(harness, ns, name, "Ready", "Observed")
+    spec = {"type": "CONTAINER", "image": "debian/bookworm", **matching(status)}
+    # Full without the adopt annotation: refused, nothing written.
+    apply(harness, ns, "IncusInstance", name, spec)
+    refused = harness.wait_synced_false(ns, name, "AlreadyExists")
+    assert "observed" in condition(refused, "Synced")["message"] and writes(harness, name) == []
+    # With it (the policy allows adoption here): taken over, and the spec is applied from now on.
+    manifest = {
+        "apiVersion": "incus.truenas.io/v1alpha1",
+        "kind": "IncusInstance",
+        "metadata": {"name": name, "annotations": {"incus.truenas.io/adopt": "true"}},
+        "spec": {**spec, "powerState": "Stopped"},
+    }
+    assert harness.cluster.apply(manifest, ns).returncode == 0
+    harness.wait_event(ns, name, "Adopted")
+    wait_until(lambda: harness.instance(name) is not None and _state(harness, name) == "STOPPED", what="stopped")
+    assert any(m.endswith((".stop", ".poweroff")) for m, _ in writes(harness, name))
+    # Full -> ObserveOnly: the next change is only reported.
+    before = len(writes(harness, name))
+    manifest["spec"] = {**spec, "powerState": "Running", "managementPolicy": "ObserveOnly"}
+    assert harness.cluster.apply(manifest, ns).returncode == 0
+    insync = wait_condition(harness, ns, name, "InSync", "Differs")
+    assert "start it" in condition(insync, "InSync")["message"]
+    time.sleep(2)
+    assert len(writes(harness, name)) == before and _state(harness, name) == "STOPPED"
+    assert harness.delete(ns, name).returncode == 0
+    assert name in harness.instance_names(), "ObserveOnly never deletes, whatever the resource did before"
+
+
+def test_a_paused_resource_is_not_written_and_its_deletion_waits_for_the_resume(harness: Harness) -> None:
+    ns = namespace(harness, "x-pause-")
+    name = unique("ct")
+    harness.apply(ns, name, {})
+    harness.wait_ready(ns, name, timeout=90)
+    assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}=true").returncode == 0
+    harness.wait_event(ns, name, "ReconciliationPaused")
+    before = len(writes(harness, name))
+    harness.apply(ns, name, {"powerState": "Stopped"}, annotations={PAUSED: "true"})
+    status = harness.wait_status(
+        ns, name, "the stop reported", lambda s: "would stop it" in condition(s, "Synced").get("message", "")
+    )
+    assert condition(status, "Paused")["status"] == "True" and condition(status, "Synced")["status"] == "False"
+    assert condition(status, "Ready")["reason"] == "NotSynced"
+    time.sleep(2)
+    assert len(writes(harness, name)) == before and _state(harness, name) == "RUNNING"
+
+    assert harness.delete(ns, name, wait=False).returncode == 0
+    waiting = wait_condition(harness, ns, name, "Synced", "ReconciliationPaused")
+    harness.wait_status(
+        ns, name, "the deletion waits", lambda s: "deletion waits" in condition(s, "Synced").get("message", "")
+    )
+    assert name in harness.instance_names() and waiting
+    time.sleep(2)
+    assert name in harness.instance_names() and len(writes(harness, name)) == before
+    assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}-").returncode == 0
+    wait_until(lambda: not harness.exists(ns, name), timeout=60, what="deleted once resumed")
+    assert name not in harness.instance_names()
+
+
+def _state(harness: Harness, name: str) -> str:
+    found = harness.instance(name)
+    return str(getattr(found, "status", None) or getattr(found, "state", None))
