@@ -24,7 +24,7 @@ import yaml
 
 from .argocd import CHECKS, MODES, health
 from .conftest import Cluster, module_prefix
-from .harness import Harness, module_operator, start_simulator
+from .harness import ADOPT_ANYWHERE, Harness, module_operator, start_simulator
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
 
@@ -56,6 +56,9 @@ FIXTURES = {
     "degraded_authentication_failed.yaml": "test_unreachable_and_wrong_key",
     "progressing_delete_failed.yaml": "test_delete_failed",
     "degraded_unknown_not_observed.yaml": "test_not_observed",
+    "suspended_paused.yaml": "test_paused_and_observed",
+    "healthy_observed_differs.yaml": "test_paused_and_observed",
+    "degraded_observed_not_found.yaml": "test_paused_and_observed",
 }
 
 
@@ -63,7 +66,8 @@ FIXTURES = {
 def harness(
     cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Harness]:
-    yield from module_operator(cluster, tmp_path_factory.mktemp("operator"), module_prefix(request), "25.10")
+    policy = {**ADOPT_ANYWHERE, "observation": [{"namespaces": ["*"], "connections": ["*"]}]}
+    yield from module_operator(cluster, tmp_path_factory.mktemp("operator"), module_prefix(request), "25.10", policy)
 
 
 def normalized(live: dict[str, Any]) -> dict[str, Any]:
@@ -342,3 +346,26 @@ def test_delete_failed(harness: Harness, namespace: str) -> None:
     finally:
         harness.sim.run(lambda: harness.sim.sim.knobs.error_rates.clear())
     harness.cluster.wait_for(lambda: not harness.exists(namespace, "fx-delete"), what="the deletion to finish")
+
+
+def insync(reason: str) -> Any:
+    return lambda s: any(c["type"] == "InSync" and c["reason"] == reason for c in s.get("conditions", []))
+
+
+def test_paused_and_observed(harness: Harness, namespace: str) -> None:
+    harness.apply(namespace, "fx-paused", {})
+    harness.wait_ready(namespace, "fx-paused")
+    paused = {"incus.truenas.io/paused": "true"}
+    harness.apply(namespace, "fx-paused", {"powerState": "Stopped"}, annotations=paused)
+    capture(
+        harness, namespace, "fx-paused", "suspended_paused.yaml",
+        until=lambda s: any("would stop it" in c.get("message", "") for c in s.get("conditions", [])),
+    )  # fmt: skip
+    harness.sim.run(lambda: harness.sim.sim.seed_instance(name="fx-ui", type="CONTAINER", status="RUNNING"))
+    observe = {"apiVersion": "incus.truenas.io/v1alpha1", "kind": "IncusInstance"}
+    for name, spec in (("fx-ui", {"powerState": "Stopped"}), ("fx-nothing", {})):
+        manifest = {**observe, "metadata": {"name": name}}
+        manifest["spec"] = {"type": "CONTAINER", "managementPolicy": "ObserveOnly", **spec}
+        assert harness.cluster.apply(manifest, namespace).returncode == 0
+    capture(harness, namespace, "fx-ui", "healthy_observed_differs.yaml", until=insync("Differs"))
+    capture(harness, namespace, "fx-nothing", "degraded_observed_not_found.yaml", until=insync("NotFound"))
