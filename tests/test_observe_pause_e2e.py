@@ -16,7 +16,7 @@ import pytest
 
 from .conftest import Cluster, module_prefix
 from .harness import ADOPT_ANYWHERE, Harness, module_operator, unique, wait_until
-from .test_snapshots_e2e import apply, writes
+from .test_snapshots_e2e import apply, wait_phase, writes
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
 
@@ -92,6 +92,12 @@ def test_an_instance_made_outside_is_observed_with_no_write_and_left_when_the_re
 
     observe(harness, ns, name, **matching(status))
     wait_condition(harness, ns, name, "InSync", "Matches")
+    # A snapshot writes to TrueNAS: none is taken through an ObserveOnly resource.
+    apply(harness, ns, "IncusInstanceSnapshot", "snap", {"instanceRef": {"name": name}})
+    refused = wait_phase(harness, ns, "incusinstancesnapshots", "snap", "Failed")
+    assert (
+        condition(refused, "Ready")["reason"] == "NotOwner" and "ObserveOnly" in condition(refused, "Ready")["message"]
+    )
     time.sleep(2)  # a few passes: still nothing written
     assert writes(harness, name) == [], writes(harness, name)
 
@@ -180,8 +186,12 @@ def test_a_paused_resource_is_not_written_and_its_deletion_waits_for_the_resume(
     )
     assert condition(status, "Paused")["status"] == "True" and condition(status, "Synced")["status"] == "False"
     assert condition(status, "Ready")["reason"] == "NotSynced"
+    apply(harness, ns, "IncusInstanceSnapshot", "later", {"instanceRef": {"name": name}})
+    pending = wait_phase(harness, ns, "incusinstancesnapshots", "later", "Pending")
+    assert condition(pending, "Ready")["reason"] == "ReconciliationPaused"
     time.sleep(2)
     assert len(writes(harness, name)) == before and _state(harness, name) == "RUNNING"
+    assert harness.cluster.kubectl("delete", "incusinstancesnapshot", "later", "-n", ns).returncode == 0
 
     assert harness.delete(ns, name, wait=False).returncode == 0
     waiting = wait_condition(harness, ns, name, "Synced", "ReconciliationPaused")

@@ -21,7 +21,7 @@ from ..connections import Connection, ConnectionManager
 from ..instances.ledger import Ledger, RecordState
 from ..instances.resource import EventPoster, ResourceKey, connection_key, desired_from
 from ..kube import Kube
-from ..models import Condition
+from ..models import PAUSED_ANNOTATION, Condition
 from ..problems import OperatorError, Problem, Reason, fail
 from ..reconcile import Desired
 from ..status import merge_conditions, previous_conditions, utc_now
@@ -120,6 +120,17 @@ class Subjects:
         if client is None:
             raise waiting(Reason.CONNECTING, "connecting to TrueNAS")
         record = self.ledger.get(connection.identity, parsed.instance_name)
+        if parsed.observe_only or (record is not None and record.owner_uid == uid and record.observed_only):
+            raise refused(
+                Reason.NOT_OWNER,
+                f"IncusInstance {name} only observes its instance (spec.managementPolicy ObserveOnly, or an instance "
+                "it observed and did not adopt): a snapshot or restore writes to TrueNAS, so none is made through it",
+            )
+        if parsed.paused:
+            raise waiting(
+                Reason.RECONCILIATION_PAUSED,
+                f"IncusInstance {name} is paused ({PAUSED_ANNOTATION}): this waits until the annotation is removed",
+            )
         if record is not None and record.owner_uid != uid:
             raise refused(
                 Reason.NOT_OWNER,
