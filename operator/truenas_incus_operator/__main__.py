@@ -1,4 +1,4 @@
-"""Command line: ``truenas-incus-operator run|crd|doctor`` (also ``python -m truenas_incus_operator``).
+"""Command line: ``truenas-incus-operator run|crd|doctor|import`` (also ``python -m truenas_incus_operator``).
 
 The local control plane and the demo are development tooling: ``tools/truenas_incus_dev``.
 """
@@ -128,6 +128,12 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor(args)
 
 
+def _import(args: argparse.Namespace) -> int:
+    from .importer import main as importer
+
+    return importer(args)
+
+
 def _settings_help() -> str:
     """Every TIO_* setting ``run`` reads, with its default (from settings.py, so it stays complete)."""
     import textwrap
@@ -185,6 +191,37 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.add_argument("--timeout", type=float, default=15.0, help="seconds per connection attempt and call")
     doctor.set_defaults(func=_doctor)
+
+    imports = commands.add_parser(
+        "import",
+        help="print IncusInstance manifests for the instances a NAS has, read-only",
+        description="Lists the instances of the NAS (virt.instance, container.*, vm.*) and prints an IncusInstance "
+        "manifest for each: type, image where TrueNAS knows it, cpu, memory, autostart, power state, environment, "
+        "storage pool, devices and NICs, with spec.managementPolicy ObserveOnly (or the adopt annotation with "
+        "--adopt). What the CRD cannot express is listed in YAML comments above each manifest. Connects as doctor "
+        "does (the TIO_TRUENAS_* settings), or through a TrueNASConnection with --connection. Never writes to "
+        "TrueNAS: every call but a read is refused before it is sent.",
+    )
+    imports.add_argument(
+        "--connection",
+        metavar="NAMESPACE/NAME",
+        help="use this TrueNASConnection and its Secrets (read with your kubeconfig's user); the manifests name "
+        "it in spec.connectionRef and go to its namespace",
+    )
+    imports.add_argument(
+        "--adopt",
+        action="store_true",
+        help="manifests that take the instances over (the adopt annotation, Full) instead of observing them; an "
+        "instance whose image TrueNAS does not know stays ObserveOnly",
+    )
+    imports.add_argument("-n", "--namespace", help="metadata.namespace of the manifests (default: none)")
+    imports.add_argument(
+        "-o",
+        "--output",
+        help="a file, or a folder (ending in /, or existing) for one file per instance; default: stdout",
+    )
+    imports.add_argument("--timeout", type=float, default=30.0, help="seconds per connection attempt and call")
+    imports.set_defaults(func=_import)
 
     return parser
 

@@ -17,6 +17,7 @@ from .images import ImageSource
 from .observe import ObservedTransport, Observer
 from .transports.base import ConnectionOptions, Secret, Transport
 from .transports.jsonrpc import JsonRpcTransport
+from .transports.readonly import ReadOnlyTransport
 from .transports.rest import RestTransport
 from .transports.shared import SharedTransport, TransportPool
 from .types import InstanceBackend
@@ -136,6 +137,7 @@ async def connect(
     observer: Observer | None = None,
     may_write: Callable[[], bool] = lambda: True,
     pool: TransportPool | None = None,
+    read_only: bool = False,
 ) -> TrueNASClient:
     """Connects, logs in, detects the version and picks the backend; raises ``TrueNASError``.
 
@@ -145,6 +147,8 @@ async def connect(
     ``pool``: share one transport with every other client of the pool that has the same
     ``endpoint.share_key`` and timings (transports/shared.py); the backend and the observer stay
     this client's.
+    ``read_only``: every call but a read is refused before it is sent (``import``); the client makes
+    no write of its own either (``may_write`` is then never asked).
     """
     if endpoint.transport not in ("websocket", "rest"):
         raise ValueError(f"unknown transport {endpoint.transport!r}: use websocket or rest")
@@ -172,6 +176,9 @@ async def connect(
         chosen = open_transport()
     if observer is not None:
         chosen = ObservedTransport(chosen, observer)
+    if read_only:
+        chosen = ReadOnlyTransport(chosen)
+        may_write = lambda: False  # noqa: E731
     try:
         await chosen.connect()
         version = parse_version(chosen.system_version)

@@ -1,0 +1,369 @@
+"""``truenas-incus-operator import``: IncusInstance manifests that reproduce the instances a NAS has.
+
+Read-only, like doctor: the client refuses every call that is not a read before it is sent
+(``connect(read_only=True)``). It connects as doctor does (the ``TIO_TRUENAS_*`` settings), or
+through a TrueNASConnection and its Secrets with ``--connection NAMESPACE/NAME`` (the kubeconfig's
+user and its RBAC). Each instance (virt.instance, container.*, vm.*) becomes one manifest, with
+``spec.managementPolicy: ObserveOnly`` (or the adopt annotation with ``--adopt``); what the CRD cannot
+express is listed in YAML comments above it, never dropped silently. Manifests are written as each
+instance is read (one ``list`` call, then one device listing per instance), so hundreds of instances
+take no more memory than TrueNAS's one answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+from pydantic import ValidationError
+
+from .connections.config import ConnectionConfig, resource_loader, settings_loader
+from .models import (
+    ADOPT_ANNOTATION,
+    API_GROUP,
+    API_VERSION,
+    DEVICE_NAME_PATTERN,
+    INSTANCE_NAME_PATTERN,
+    IncusInstanceSpec,
+    TrueNASConnectionSpec,
+)
+from .models.limits import EXTRA_KEY_PATTERN, EXTRA_NIC_OWNED_KEYS, EXTRA_OWNED_KEYS, EXTRA_VALUE_PATTERN
+from .problems import OperatorError
+from .quantity import format_bytes
+from .settings import Settings
+from .truenas import DeviceConfig, InstanceStatus, ObservedInstance, TrueNASClient, TrueNASError, connect
+from .truenas.backends.vm.marks import MANAGED_MARK
+from .truenas.client import Timings
+
+KUBERNETES_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+POWER = {InstanceStatus.RUNNING: "Running", InstanceStatus.STOPPED: "Stopped"}
+
+
+@dataclass
+class Imported:
+    """One instance as a manifest (None: it cannot be one) and what the manifest leaves out."""
+
+    instance: str
+    manifest: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+
+    def as_yaml(self) -> str:
+        lines = [f"# TrueNAS instance {self.instance!r}"]
+        lines += [f"# not expressed: {note}" for note in self.notes]
+        body = yaml.safe_dump(self.manifest, sort_keys=False) if self.manifest is not None else ""
+        return "\n".join(lines) + "\n" + body
+
+
+def kubernetes_name(instance: str, taken: set[str]) -> str | None:
+    """A metadata.name for the instance: lower case, ``_`` and ``.`` as ``-``, unique among ``taken``."""
+    base = re.sub(r"[^a-z0-9-]", "-", instance.lower()).strip("-")
+    base = re.sub(r"-{2,}", "-", base)[:56].rstrip("-")
+    if not base or not base[0].isalpha():
+        base = f"i-{base}".rstrip("-")
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    if not KUBERNETES_NAME.match(candidate):
+        return None
+    taken.add(candidate)
+    return candidate
+
+
+def image_of(observed: ObservedInstance) -> tuple[str | None, str | None]:
+    """The image alias TrueNAS knows the instance was made from, and a note when it does not know."""
+    image = observed.image
+    if observed.family == "vm":
+        described = image.description or ""
+        if described.endswith(MANAGED_MARK):
+            made_of = described.split(" (", 1)[0].split(",", 1)[0].strip()
+            if made_of and "/" in made_of:
+                return made_of, None
+        return None, "spec.image: TrueNAS does not record the image a VM was made from"
+    if image.os and image.release:
+        alias = f"{image.os.lower()}/{image.release}"
+        if image.variant and image.variant != "default":
+            alias += f"/{image.variant}"
+        return alias, None
+    return None, "spec.image: TrueNAS does not report the image this instance was made from"
+
+
+def _extra(device: DeviceConfig, owned: tuple[str, ...], notes: list[str]) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for key, value in sorted(device.extra.items()):
+        if key in owned:
+            continue
+        fits = isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
+        fits = fits or (isinstance(value, str) and len(value) <= 64 and bool(re.match(EXTRA_VALUE_PATTERN, value)))
+        if re.match(EXTRA_KEY_PATTERN, key) and fits:
+            kept[key] = value
+        elif value not in (None, "", [], {}, False):
+            notes.append(f"devices[{device.name}].extra.{key} ({type(value).__name__})")
+    return kept
+
+
+def devices_of(devices: Iterable[DeviceConfig], notes: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """spec.devices and spec.nics for the instance's own devices (a profile's are left to the profile)."""
+    specs: list[dict[str, Any]] = []
+    nics: list[dict[str, Any]] = []
+    for device in devices:
+        if device.inherited:
+            continue
+        if not re.match(DEVICE_NAME_PATTERN, device.name):
+            notes.append(f"device {device.name!r} ({device.type}): its name is not a valid device name")
+            continue
+        if device.type == "NIC":
+            nic: dict[str, Any] = {"name": device.name}
+            kind = str(device.extra.get("nic_type") or "").lower()
+            if kind in ("bridged", "macvlan"):
+                nic["type"] = kind
+            if device.extra.get("parent"):
+                nic["parent"] = device.extra["parent"]
+            if device.extra.get("mac"):
+                nic["hwaddr"] = device.extra["mac"]
+            left = {k for k, v in device.extra.items() if v and k not in EXTRA_NIC_OWNED_KEYS}
+            notes.extend(f"nics[{device.name}].{key}" for key in sorted(left))
+            nics.append(nic)
+            continue
+        entry: dict[str, Any] = {"name": device.name, "type": device.type}
+        if device.source:
+            entry["source"] = device.source
+        if device.destination:
+            entry["destination"] = device.destination
+        if device.readonly:
+            entry["readonly"] = True
+        extra = _extra(device, EXTRA_OWNED_KEYS, notes)
+        if extra:
+            entry["extra"] = extra
+        specs.append(entry)
+    return specs, nics
+
+
+def spec_of(observed: ObservedInstance, devices: list[DeviceConfig] | None, notes: list[str]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"type": observed.type}
+    image, missing = image_of(observed)
+    if image is not None:
+        spec["image"] = image
+    if missing is not None:
+        notes.append(missing)
+    if observed.cpu is not None:
+        spec["cpu"] = observed.cpu
+    if observed.memory is not None:
+        spec["memory"] = format_bytes(observed.memory)
+    spec["autostart"] = observed.autostart
+    power = POWER.get(observed.status)
+    if power is not None:
+        spec["powerState"] = power
+    else:
+        notes.append(f"spec.powerState: TrueNAS reports {observed.status} (half-built, or busy): none is named")
+    if observed.environment is None:
+        notes.append("spec.environment: TrueNAS does not show a VM's environment (it is in its seed)")
+    elif observed.environment:
+        spec["environment"] = dict(sorted(observed.environment.items()))
+        notes.append("spec.environment holds TrueNAS's values as they are: review them (secrets?) before committing")
+    if observed.storage_pool:
+        spec["storagePool"] = observed.storage_pool
+    if devices is not None:
+        specs, nics = devices_of(devices, notes)
+        if specs:
+            spec["devices"] = specs
+        if nics:
+            spec["nics"] = nics
+    return spec
+
+
+def valid_spec(spec: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+    """``spec`` as the CRD accepts it: a field (or a device) the models refuse is left out and noted."""
+    for _ in range(32):
+        try:
+            IncusInstanceSpec.model_validate(spec)
+            return spec
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            loc = [str(part) for part in error["loc"]]
+            top = _field_of(loc[0]) if loc else ""
+            if top in ("devices", "nics") and len(loc) > 1 and loc[1].isdigit() and top in spec:
+                dropped = spec[top].pop(int(loc[1]))
+                notes.append(f"spec.{top}[{dropped.get('name')}]: {error['msg']}")
+                if not spec[top]:
+                    spec.pop(top)
+            elif top in spec and top not in ("type",):
+                spec.pop(top)
+                notes.append(f"spec.{top}: {error['msg']}")
+            else:
+                notes.append(f"the instance: {error['msg']}")
+                return None
+    return None
+
+
+def _field_of(name: str) -> str:
+    """A model field's name as the manifest spells it (camelCase)."""
+    info = IncusInstanceSpec.model_fields.get(name)
+    return str(info.alias) if info is not None and info.alias else name
+
+
+def imported(
+    observed: ObservedInstance,
+    devices: list[DeviceConfig] | None,
+    taken: set[str],
+    *,
+    adopt: bool = False,
+    namespace: str | None = None,
+    connection: str | None = None,
+) -> Imported:
+    notes: list[str] = []
+    if not re.match(INSTANCE_NAME_PATTERN, observed.name):
+        notes.append("spec.name: the instance's name is not one the CRD allows (letters, digits and '-')")
+        return Imported(observed.name, None, notes)
+    name = kubernetes_name(observed.name, taken)
+    if name is None:
+        notes.append("metadata.name: no valid Kubernetes name could be made from the instance's")
+        return Imported(observed.name, None, notes)
+    spec = spec_of(observed, devices, notes)
+    if name != observed.name:
+        spec = {"name": observed.name, **spec}
+    if connection is not None:
+        spec["connectionRef"] = {"name": connection}
+    metadata: dict[str, Any] = {"name": name}
+    if namespace:
+        metadata["namespace"] = namespace
+    if adopt and "image" in spec:
+        metadata["annotations"] = {ADOPT_ANNOTATION: "true"}
+    else:
+        spec["managementPolicy"] = "ObserveOnly"
+        if adopt:
+            notes.append("--adopt: left ObserveOnly (Full needs spec.image; name it, then switch)")
+    checked = valid_spec(spec, notes)
+    if checked is None:
+        return Imported(observed.name, None, notes)
+    manifest = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "IncusInstance", "metadata": metadata}
+    manifest["spec"] = checked
+    return Imported(observed.name, manifest, notes)
+
+
+async def import_instances(
+    client: TrueNASClient, *, adopt: bool = False, namespace: str | None = None, connection: str | None = None
+) -> AsyncIterator[Imported]:
+    """Each instance of the NAS as a manifest, in TrueNAS's order, one at a time."""
+    backend = client.instances
+    taken: set[str] = set()
+    for observed in await backend.list_instances():
+        devices: list[DeviceConfig] | None = None
+        try:
+            devices = await backend.list_devices(observed.name)
+        except TrueNASError as exc:
+            found = imported(observed, None, taken, adopt=adopt, namespace=namespace, connection=connection)
+            found.notes.append(f"spec.devices: TrueNAS did not list them ({type(exc).__name__}: {exc.message})")
+            yield found
+            continue
+        yield imported(observed, devices, taken, adopt=adopt, namespace=namespace, connection=connection)
+
+
+async def _config(settings: Settings, connection: str | None) -> ConnectionConfig:
+    if connection is None:
+        if not settings.truenas_url:
+            raise SystemExit("import: TIO_TRUENAS_URL is not set (or name a TrueNASConnection: --connection NS/NAME)")
+        return await settings_loader(settings)()
+    namespace, _, name = connection.partition("/")
+    if not namespace or not name:
+        raise SystemExit("import: --connection takes NAMESPACE/NAME")
+    from .kube import Kube
+
+    kube = Kube(settings.kube_timeout_seconds)
+    try:
+        body = await kube.read_object("truenasconnections", namespace, name)
+        if body is None:
+            raise SystemExit(f"import: TrueNASConnection {namespace}/{name} does not exist (or you may not read it)")
+        spec = TrueNASConnectionSpec.model_validate(body.get("spec") or {})
+        return await resource_loader(kube, namespace, spec, settings, name=name)()
+    finally:
+        await kube.close()
+
+
+async def run_import(
+    settings: Settings,
+    sink: Callable[[Imported], None],
+    *,
+    connection: str | None = None,
+    adopt: bool = False,
+    namespace: str | None = None,
+    timeout: float = 30.0,
+) -> int:
+    """Hands each instance's manifest to ``sink`` as it is read; how many there were."""
+    config = await _config(settings, connection)
+    client = await connect(config, Timings(call=timeout, connect=timeout), read_only=True)
+    count = 0
+    try:
+        manifests_namespace = namespace or (connection.partition("/")[0] if connection else None)
+        connection_name = connection.partition("/")[2] if connection else None
+        async for found in import_instances(
+            client, adopt=adopt, namespace=manifests_namespace, connection=connection_name
+        ):
+            sink(found)
+            count += 1
+    finally:
+        await client.close()
+    return count
+
+
+class Output:
+    """Where the manifests go: one stream (documents separated by ``---``), or a folder (a file each)."""
+
+    def __init__(self, stream: TextIO | None = None, folder: Path | None = None) -> None:
+        self.stream, self.folder, self.written = stream, folder, 0
+
+    def __call__(self, found: Imported) -> None:
+        text = found.as_yaml()
+        if self.folder is not None:
+            name = found.manifest["metadata"]["name"] if found.manifest else f"not-imported-{self.written}"
+            (self.folder / f"{name}.yaml").write_text(text)
+        elif self.stream is not None:
+            self.stream.write(("---\n" if self.written else "") + text)
+            self.stream.flush()
+        self.written += 1
+
+
+def main(args: Any) -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"import: bad settings: {exc}", file=sys.stderr)
+        return 2
+    output = Output(stream=sys.stdout)
+    handle: TextIO | None = None
+    if args.output:
+        target = Path(args.output)
+        if args.output.endswith("/") or target.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            output = Output(folder=target)
+        else:
+            handle = target.open("w")
+            output = Output(stream=handle)
+    try:
+        count = asyncio.run(
+            run_import(
+                settings,
+                output,
+                connection=args.connection,
+                adopt=args.adopt,
+                namespace=args.namespace,
+                timeout=args.timeout,
+            )
+        )
+    except OperatorError as exc:
+        print(f"import: {exc.problem.reason}: {exc.problem.message}", file=sys.stderr)
+        return 1
+    except TrueNASError as exc:
+        print(f"import: {type(exc).__name__}: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        if handle is not None:
+            handle.close()
+    print(f"import: {count} instances", file=sys.stderr)
+    return 0

@@ -1,0 +1,148 @@
+"""``truenas-incus-operator import`` against the simulator over real sockets, on every profile (issue 25
+items 3, 5): a manifest per instance that the CRD's models accept, ObserveOnly (or adopt), what cannot
+be expressed in comments; names that are not Kubernetes names mapped with spec.name keeping the
+TrueNAS name; hundreds of instances streamed; and not one write (the simulator's counters, and the
+read-only client refusing a write before it is sent)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import yaml
+
+from truenas_incus_operator.importer import Imported, Output, import_instances, kubernetes_name
+from truenas_incus_operator.models import IncusInstanceSpec
+from truenas_incus_operator.truenas import InstanceConfig, connect
+from truenas_incus_operator.truenas.client import Endpoint
+from truenas_incus_operator.truenas.transports.base import Secret
+from truenas_incus_operator.truenas.transports.readonly import WriteRefused
+
+from .test_client import serve
+from .test_simulator import session
+
+PROFILES = ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"]
+
+
+def writes(sim: Any) -> int:
+    return int(sim.counters.snapshot()["writes"])
+
+
+async def read_only(server: Any) -> Any:
+    return await connect(Endpoint(url=server.ws_url, api_key=Secret(server.sim.api_key)), read_only=True)
+
+
+async def collect(client: Any, **kwargs: Any) -> list[Imported]:
+    return [found async for found in import_instances(client, **kwargs)]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+async def test_every_instance_becomes_a_manifest_the_crd_accepts_and_nothing_is_written(profile: str) -> None:
+    async with serve(profile) as (sim, server):
+        sim.seed_instance(name="web01", type="CONTAINER", status="RUNNING")
+        sim.seed_instance(name="Db-Main", type="CONTAINER", status="STOPPED")
+        if profile.startswith("25."):
+            own = session(sim)
+            disk = {"dev_type": "DISK", "name": "data", "source": "/mnt/tank/data", "destination": "/data"}
+            await sim.call(own, "virt.instance.device_add", ["web01", disk])
+        if sim.profile.has_vm:  # a VM made in the UI: vm.* records no image
+            await sim.call(session(sim), "vm.create", [{"name": "ui_vm", "memory": 512}])
+        before = writes(sim)
+        client = await read_only(server)
+        try:
+            found = await collect(client)
+        finally:
+            await client.close()
+        assert writes(sim) == before, "import wrote to TrueNAS"
+        by_instance = {f.instance: f for f in found}
+        assert {"web01", "Db-Main"} <= set(by_instance)
+        for item in found:
+            assert item.manifest is not None, item.notes
+            spec = IncusInstanceSpec.model_validate(item.manifest["spec"])
+            assert spec.management_policy == "ObserveOnly"
+        main = by_instance["Db-Main"].manifest
+        assert main is not None and main["metadata"]["name"] == "db-main" and main["spec"]["name"] == "Db-Main"
+        assert main["spec"]["powerState"] == "Stopped"
+        web = by_instance["web01"].manifest
+        assert web is not None and "name" not in web["spec"] and web["spec"]["powerState"] == "Running"
+        if profile.startswith("25."):
+            assert web["spec"]["image"] == "debian/bookworm"
+            assert web["spec"]["devices"] == [
+                {"name": "data", "type": "DISK", "source": "/mnt/tank/data", "destination": "/data"}
+            ]
+        else:  # 26's container.query does not say what the container was made from
+            assert "image" not in web["spec"] and any("spec.image" in n for n in by_instance["web01"].notes)
+        text = by_instance["web01"].as_yaml()
+        assert text.startswith("# TrueNAS instance 'web01'") and yaml.safe_load(text) == web
+        if sim.profile.has_vm:
+            vm = by_instance["ui-vm"]
+            assert (
+                vm.manifest is not None and vm.manifest["spec"]["type"] == "VM" and "image" not in vm.manifest["spec"]
+            )
+            assert vm.manifest["spec"]["memory"] == "512Mi"
+            assert any("does not record the image a VM was made from" in n for n in vm.notes)
+            assert any("spec.environment" in n for n in vm.notes)
+
+
+@pytest.mark.parametrize("profile", ["25.10", "26.0"])
+async def test_adopt_manifests_carry_the_annotation_where_the_image_is_known(profile: str) -> None:
+    async with serve(profile) as (sim, server):
+        sim.seed_instance(name="web01", type="CONTAINER", status="RUNNING")
+        client = await read_only(server)
+        try:
+            (found,) = await collect(client, adopt=True, namespace="apps", connection="nas")
+        finally:
+            await client.close()
+        assert found.manifest is not None
+        meta, spec = found.manifest["metadata"], found.manifest["spec"]
+        assert meta["namespace"] == "apps" and spec["connectionRef"] == {"name": "nas"}
+        if profile == "25.10":
+            assert meta["annotations"] == {"incus.truenas.io/adopt": "true"} and "managementPolicy" not in spec
+        else:
+            assert "annotations" not in meta and spec["managementPolicy"] == "ObserveOnly"
+            assert any("--adopt: left ObserveOnly" in note for note in found.notes)
+
+
+async def test_the_read_only_client_refuses_a_write_before_it_is_sent() -> None:
+    async with serve("25.10") as (sim, server):
+        sim.seed_instance(name="web01", type="CONTAINER", status="RUNNING")
+        client = await read_only(server)
+        try:
+            before = writes(sim)
+            with pytest.raises(WriteRefused, match=r"virt\.instance\.stop"):
+                await client.instances.stop("web01", timeout=1)
+            with pytest.raises(WriteRefused):
+                await client.instances.create(InstanceConfig(name="x", type="CONTAINER", image="debian/bookworm"))
+            assert writes(sim) == before and not sim.counters.writes_log, "no write reached TrueNAS"
+        finally:
+            await client.close()
+
+
+async def test_hundreds_of_instances_are_streamed_one_at_a_time() -> None:
+    async with serve("25.10") as (sim, server):
+        for i in range(300):
+            sim.seed_instance(name=f"ct{i:03d}", type="CONTAINER", status="RUNNING")
+        out = io.StringIO()
+        sink = Output(stream=out)
+        client = await read_only(server)
+        try:
+            listed_before_first = None
+            async for found in import_instances(client):
+                if listed_before_first is None:
+                    listed_before_first = sim.counters.by_method["virt.instance.device_list"]
+                sink(found)
+        finally:
+            await client.close()
+        assert listed_before_first == 1, "the first manifest is out before the next instance is read"
+        documents = list(yaml.safe_load_all(out.getvalue()))
+        assert len(documents) == 300 and sink.written == 300
+        assert sim.counters.by_method["virt.instance.query"] == 1
+
+
+def test_names_that_are_not_kubernetes_names_are_mapped_and_unique() -> None:
+    taken: set[str] = set()
+    assert kubernetes_name("Web_01", taken) == "web-01"
+    assert kubernetes_name("web-01", taken) == "web-01-2"
+    assert kubernetes_name("9lives", taken) == "i-9lives"
+    assert kubernetes_name("___", taken) == "i"
