@@ -7,12 +7,18 @@ annotation stops every write, deletion waits for it, removing it resumes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from truenas_incus_operator.importer import Imported, import_instances
+from truenas_incus_operator.truenas import connect
+from truenas_incus_operator.truenas.client import Endpoint
+from truenas_incus_operator.truenas.transports.base import Secret
 
 from .conftest import Cluster, module_prefix
 from .harness import ADOPT_ANYWHERE, Harness, module_operator, unique, wait_until
@@ -209,3 +215,57 @@ def test_a_paused_resource_is_not_written_and_its_deletion_waits_for_the_resume(
 def _state(harness: Harness, name: str) -> str:
     found = harness.instance(name)
     return str(getattr(found, "status", None) or getattr(found, "state", None))
+
+
+def test_imported_manifests_are_observed_in_sync(harness: Harness) -> None:
+    """Issue 25 item 3's round trip: what import prints, applied as it is, observes every instance
+    with InSync=True (Full would change nothing), and nothing is written to TrueNAS."""
+    ns = namespace(harness, "x-watch-")
+    sim = harness.sim.sim
+    names = [unique("imp"), unique("Imp")]  # the second is no Kubernetes name: spec.name keeps it
+    harness.sim.run(lambda: sim.seed_instance(name=names[0], type="CONTAINER", status="RUNNING"))
+    harness.sim.run(lambda: sim.seed_instance(name=names[1], type="CONTAINER", status="STOPPED"))
+    own = harness.sim.run(lambda: _session(sim))
+    if sim.profile.has_virt:
+        disk = {"dev_type": "DISK", "name": "data", "source": "/mnt/tank/data", "destination": "/data"}
+        harness.sim.submit(sim.call(own, "virt.instance.device_add", [names[0], disk])).result(timeout=30)
+    if sim.profile.has_vm:
+        vm = unique("uivm").replace("-", "_")
+        names.append(vm.replace("_", "-"))
+        harness.sim.submit(sim.call(own, "vm.create", [{"name": vm, "memory": 512}])).result(timeout=30)
+    seeded = {name: len(writes(harness, name)) for name in names}  # the seeding's own calls
+    assert harness.sim.ca_file is not None
+    endpoint = Endpoint(
+        url=harness.sim.ws_url, api_key=Secret(harness.sim.api_key), ca_pem=harness.sim.ca_file.read_text()
+    )
+
+    async def run() -> list[Imported]:
+        client = await connect(endpoint, read_only=True)
+        try:
+            return [found async for found in import_instances(client, namespace=ns)]
+        finally:
+            await client.close()
+
+    found = {item.instance: item for item in asyncio.run(run())}
+    resources = []
+    for instance in names:
+        item = found[instance]
+        assert item.manifest is not None, item.notes
+        assert harness.cluster.apply(item.manifest, ns).returncode == 0
+        resources.append(item.manifest["metadata"]["name"])
+    for resource in resources:
+        status = wait_condition(harness, ns, resource, "InSync", "Matches", timeout=90)
+        assert condition(status, "Ready")["reason"] == "Observed", status
+    assert {name: len(writes(harness, name)) for name in names} == seeded, "nothing written since"
+    for resource in resources:
+        assert harness.delete(ns, resource).returncode == 0
+    vms = harness.sim.run(
+        lambda: {vm.config.get("name") for vm in sim.vms.vms.values()} if sim.profile.has_vm else set()
+    )
+    assert set(names) <= harness.instance_names() | {str(name).replace("_", "-") for name in vms}, "none deleted"
+
+
+def _session(sim: Any) -> Any:
+    from .test_simulator import session
+
+    return session(sim)
