@@ -52,6 +52,7 @@ ACTION_KINDS: Mapping[str, str] = {
     "Delete": "delete",
     "Claim": "claim",
     "Adopt": "adopt",
+    "Observe": "observe",
 }
 """reconcile.py's actions by class name -> the ``kind`` label."""
 
