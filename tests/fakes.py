@@ -181,7 +181,7 @@ class FakeKube(Kube):
         self.patches.append(Patch("status", plural, namespace, name, status))
 
     async def patch_annotations(
-        self, plural: str, namespace: str, name: str, annotations: dict[str, str | None]
+        self, plural: str, namespace: str, name: str, annotations: dict[str, str | None], explain: bool = False
     ) -> None:
         self.calls.append("patch_annotations")
         self.patches.append(Patch("annotations", plural, namespace, name, dict(annotations)))

@@ -153,6 +153,36 @@ def _settings_help() -> str:
     return "\n".join(lines)
 
 
+def add_doctor_arguments(doctor: argparse.ArgumentParser) -> None:
+    """doctor's options (also ``kubectl truenas doctor``)."""
+    doctor.add_argument("-f", "--file", action="append", help="an IncusInstance manifest to check (repeatable)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--timeout", type=float, default=15.0, help="seconds per connection attempt and call")
+
+
+def add_import_arguments(imports: argparse.ArgumentParser) -> None:
+    """import's options (also ``kubectl truenas import``)."""
+    imports.add_argument(
+        "--connection",
+        metavar="NAMESPACE/NAME",
+        help="use this TrueNASConnection and its Secrets (read with your kubeconfig's user); the manifests name "
+        "it in spec.connectionRef and go to its namespace",
+    )
+    imports.add_argument(
+        "--adopt",
+        action="store_true",
+        help="manifests that take the instances over (the adopt annotation, Full) instead of observing them; an "
+        "instance whose image TrueNAS does not know stays ObserveOnly",
+    )
+    imports.add_argument("-n", "--namespace", help="metadata.namespace of the manifests (default: none)")
+    imports.add_argument(
+        "-o",
+        "--output",
+        help="a file, or a folder (ending in /, or existing) for one file per instance; default: stdout",
+    )
+    imports.add_argument("--timeout", type=float, default=30.0, help="seconds per connection attempt and call")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="truenas-incus-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "what the operator would refuse (VMs it cannot create, missing images, memory the NAS lacks) or leave "
         "unhonoured. Never writes. Exit code 1 when a blocking problem is found.",
     )
-    doctor.add_argument("-f", "--file", action="append", help="an IncusInstance manifest to check (repeatable)")
-    doctor.add_argument("--json", action="store_true", help="machine-readable output")
-    doctor.add_argument("--timeout", type=float, default=15.0, help="seconds per connection attempt and call")
+    add_doctor_arguments(doctor)
     doctor.set_defaults(func=_doctor)
 
     imports = commands.add_parser(
@@ -202,25 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "does (the TIO_TRUENAS_* settings), or through a TrueNASConnection with --connection. Never writes to "
         "TrueNAS: every call but a read is refused before it is sent.",
     )
-    imports.add_argument(
-        "--connection",
-        metavar="NAMESPACE/NAME",
-        help="use this TrueNASConnection and its Secrets (read with your kubeconfig's user); the manifests name "
-        "it in spec.connectionRef and go to its namespace",
-    )
-    imports.add_argument(
-        "--adopt",
-        action="store_true",
-        help="manifests that take the instances over (the adopt annotation, Full) instead of observing them; an "
-        "instance whose image TrueNAS does not know stays ObserveOnly",
-    )
-    imports.add_argument("-n", "--namespace", help="metadata.namespace of the manifests (default: none)")
-    imports.add_argument(
-        "-o",
-        "--output",
-        help="a file, or a folder (ending in /, or existing) for one file per instance; default: stdout",
-    )
-    imports.add_argument("--timeout", type=float, default=30.0, help="seconds per connection attempt and call")
+    add_import_arguments(imports)
     imports.set_defaults(func=_import)
 
     return parser

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import ssl
@@ -209,13 +210,15 @@ class Kube:
         not_found: Problem | None = None,
         conflict_ok: bool = False,
         forbidden: Problem | None = None,
+        explain: bool = False,
     ) -> dict[str, Any]:
         """The answer, a JSON object. Raises ``OperatorError`` only (the one boundary of this edge):
         ``not_found`` for a 404 when given, else reason KubernetesError (unreachable, timed out, an
         error status, an answer that is not a JSON object); with ``conflict_ok`` a 409 raises
-        ``_Conflict`` for the caller to handle."""
+        ``_Conflict`` for the caller to handle; ``explain``: an error carries the API server's own message
+        (an admission refusal, for a user at a terminal: ``kubectl truenas``)."""
         try:
-            return await self._attempts(method, path, json, headers, not_found, conflict_ok, forbidden)
+            return await self._attempts(method, path, json, headers, not_found, conflict_ok, forbidden, explain)
         except (OperatorError, _Conflict):
             raise
         except TimeoutError:
@@ -236,6 +239,7 @@ class Kube:
         not_found: Problem | None,
         conflict_ok: bool,
         forbidden: Problem | None = None,
+        explain: bool = False,
     ) -> dict[str, Any]:
         for attempt in (1, 2):
             if self._session is None:
@@ -257,7 +261,12 @@ class Kube:
                 if response.status == 403 and forbidden is not None:
                     raise OperatorError(forbidden)
                 if response.status >= 400:
-                    raise fail(KUBE_REASON, f"Kubernetes API: {response.status} {_clean(response.reason)}")
+                    said = ""
+                    if explain:
+                        with contextlib.suppress(Exception):
+                            body = await response.json(content_type=None)
+                            said = f": {_printable(body.get('message'), 600)}" if isinstance(body, dict) else ""
+                    raise fail(KUBE_REASON, f"Kubernetes API: {response.status} {_clean(response.reason)}{said}")
                 try:
                     answer = await response.json(content_type=None)
                 except ValueError:
@@ -282,10 +291,10 @@ class Kube:
         )
 
     async def patch_annotations(
-        self, plural: str, namespace: str, name: str, annotations: dict[str, str | None]
+        self, plural: str, namespace: str, name: str, annotations: dict[str, str | None], explain: bool = False
     ) -> None:
         body = {"metadata": {"annotations": annotations}}
-        await self._request("PATCH", self._object_path(plural, namespace, name), body, MERGE_PATCH)
+        await self._request("PATCH", self._object_path(plural, namespace, name), body, MERGE_PATCH, explain=explain)
 
     # ----- ConfigMaps (the ownership ledger, in the operator's own namespace) ---------------------
     async def list_configmaps(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
@@ -518,6 +527,19 @@ class Kube:
             raise fail(KUBE_REASON, f"Kubernetes API: a {plural} list that is not a list of objects")
         return items
 
+    async def create_object(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Creates one of the operator's own kinds (``kubectl truenas snapshot``); refusals carry the API
+        server's message (admission's)."""
+        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/{plural}"
+        return await self._request("POST", path, body, explain=True)
+
+    async def list_events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The Events about the object ``name`` in ``namespace`` (any kind of that name)."""
+        selector = quote(f"involvedObject.name={name}")
+        found = await self._request("GET", f"/api/v1/namespaces/{quote(namespace)}/events?fieldSelector={selector}")
+        items = found.get("items") or []
+        return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+
     async def incus_instances_served(self, namespace: str) -> bool:
         """Whether the API server serves IncusInstances in ``namespace`` (a 404 there: the CRD is
         missing, so a 404 for one of them proves nothing)."""
@@ -534,6 +556,18 @@ def _strings(value: Any) -> dict[str, str]:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
         raise TypeError("not a map of strings")
     return found
+
+
+def _printable(text: Any, limit: int) -> str:
+    return "".join(ch for ch in str(text or "") if " " <= ch <= "~")[:limit]
+
+
+def context_namespace() -> str:
+    """The namespace of the kubeconfig's current context (a pod's own namespace), else ``default``:
+    where ``kubectl truenas`` acts when no ``-n`` is given, as kubectl does."""
+    settings = kopf.OperatorSettings()
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    return (info.default_namespace if info is not None else None) or "default"
 
 
 def _clean(text: str | None) -> str:
