@@ -62,3 +62,19 @@ def test_scale_smoke_run_completes(tmp_path: Path) -> None:
     assert len(results["idle"]["per_connection"]) == 3
     assert set(results["idle"]["cpu_seconds"]) >= {"operator", "simulators", "kube-apiserver", "etcd"}
     assert set(results["rss_mb"]) == {"0", "60 +5s", "60 +10s", "60 peak", "60 after restart"}
+
+
+def test_import_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/import_instances.py with 20 instances (the real run: up to 3000)."""
+    output = tmp_path / "import.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "import_instances.py"), "--counts", "20", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}{os.pathsep}{ROOT}"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (figures,) = json.loads(output.read_text())["results"]
+    assert figures["instances"] == figures["written"] == 20

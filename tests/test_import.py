@@ -146,3 +146,16 @@ def test_names_that_are_not_kubernetes_names_are_mapped_and_unique() -> None:
     assert kubernetes_name("web-01", taken) == "web-01-2"
     assert kubernetes_name("9lives", taken) == "i-9lives"
     assert kubernetes_name("___", taken) == "i"
+
+
+async def test_an_instance_truenas_reports_half_built_or_busy_names_no_power_state() -> None:
+    async with serve("25.10") as (sim, server):
+        sim.seed_instance(name="broken", type="CONTAINER", status="ERROR")
+        client = await read_only(server)
+        try:
+            (found,) = await collect(client)
+        finally:
+            await client.close()
+        assert found.manifest is not None and "powerState" not in found.manifest["spec"]
+        assert any("spec.powerState: TrueNAS reports ERROR" in note for note in found.notes)
+        IncusInstanceSpec.model_validate(found.manifest["spec"])

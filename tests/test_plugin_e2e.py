@@ -114,6 +114,11 @@ def test_import_and_doctor_through_the_plugin_are_read_only(harness: Harness, ns
     printed = plugin(harness, "import", "-n", ns, env=env)
     assert printed.returncode == 0, printed.stderr
     assert f"# TrueNAS instance '{name}'" in printed.stdout and "managementPolicy: ObserveOnly" in printed.stdout
+    # Through a TrueNASConnection and its Secrets, read with the kubeconfig's user: no TIO_TRUENAS_* at all.
+    harness.connect_namespace(ns, harness.sim, name="nas")
+    through = plugin(harness, "import", "--connection", f"{ns}/nas")
+    assert through.returncode == 0, through.stderr
+    assert f"namespace: {ns}" in through.stdout and "connectionRef:\n    name: nas" in through.stdout, through.stdout
     checked = plugin(harness, "doctor", env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert harness.sim.run(lambda: harness.sim.sim.counters.snapshot()["writes"]) == writes, "a write reached TrueNAS"
