@@ -90,6 +90,23 @@ def test_an_observed_instance_is_reported_with_what_full_would_change_and_no_wri
     assert "hunter2" not in str(found) and "other" not in found["InSync"][2], "environment values can be secrets"
 
 
+def test_the_status_mirrors_an_observed_instances_own_devices_printable_and_bounded() -> None:
+    from truenas_incus_operator.truenas.types import DeviceConfig
+
+    seen = observed()
+    devices = [
+        DeviceConfig("root", "DISK", inherited=True),
+        DeviceConfig("data\x1b[31m", "DISK", source="/mnt/tank/data", destination="/data"),
+        *(DeviceConfig(f"usb{i}", "USB") for i in range(40)),
+    ]
+    want = desired(OBSERVING)
+    status = render_instance(want, seen, previous=None, now=NOW, plan=plan_observe(want, seen), devices=devices)
+    assert status.devices is not None and len(status.devices) == 32
+    assert status.devices[0].name == "data\\x1b[31m" and status.devices[0].source == "/mnt/tank/data"
+    full = replace(want, spec=want.spec.model_copy(update={"management_policy": None, "image": "debian/bookworm"}))
+    assert render_instance(full, seen, previous=None, now=NOW, plan=plan(full, seen), devices=devices).devices is None
+
+
 def test_a_matching_instance_is_in_sync_and_a_missing_one_is_never_created() -> None:
     seen = observed(cpu="2", status="RUNNING", environment={})
     want = desired(OBSERVING, cpu="2", powerState="Running", autostart=True)

@@ -256,6 +256,9 @@ def test_imported_manifests_are_observed_in_sync(harness: Harness) -> None:
     for resource in resources:
         status = wait_condition(harness, ns, resource, "InSync", "Matches", timeout=90)
         assert condition(status, "Ready")["reason"] == "Observed", status
+    if sim.profile.has_virt:  # the status mirrors the instance's own devices (a profile's left out)
+        mirrored = harness.get(ns, resources[0])["status"]["devices"]
+        assert mirrored == [{"name": "data", "type": "DISK", "source": "/mnt/tank/data", "destination": "/data"}]
     assert {name: len(writes(harness, name)) for name in names} == seeded, "nothing written since"
     for resource in resources:
         assert harness.delete(ns, resource).returncode == 0

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .models import (
+    MAX_OBSERVED_DEVICES,
     PAUSED_ANNOTATION,
     Condition,
     ConditionStatus,
@@ -22,6 +23,7 @@ from .models import (
     IncusInstanceStatus,
     InstanceBinding,
     JobStatus,
+    ObservedDevice,
     Phase,
     PowerState,
     SnapshotEntry,
@@ -31,7 +33,7 @@ from .models import (
 from .problems import WAITING_REASONS, Problem, Reason
 from .quantity import format_bytes
 from .reconcile import Desired, Plan, describe_action
-from .truenas.types import InstanceStatus, ObservedInstance
+from .truenas.types import DeviceConfig, InstanceStatus, ObservedInstance
 
 PHASE_BY_TRUENAS_STATUS = {
     InstanceStatus.RUNNING: Phase.RUNNING,
@@ -299,13 +301,15 @@ def render_instance(
     version: str | None = None,
     connected: bool = True,
     snapshots: SnapshotsView | None = None,
+    devices: list[DeviceConfig] | None = None,
 ) -> IncusInstanceStatus:
     """The whole status of an IncusInstance.
 
     ``connected`` False: TrueNAS could not be asked (no connection, a refused key, ...), so ``observed``
     says nothing; what the status knew of the instance stays, phase Unknown, Ready Unknown since then.
     Only TrueNAS's answer (connected, no such instance) removes it. ``snapshots`` None: what the
-    previous status said of spec.snapshots and the snapshots stays."""
+    previous status said of spec.snapshots and the snapshots stays. ``devices``: an ObserveOnly
+    resource's mirror of its instance's devices (None: not read, what the status said stays)."""
     before = previous_conditions(previous)
     view = snapshots if snapshots is not None else _kept_snapshots(previous or {})
     if plan is not None and plan.blocked is not None and not plan.blocked.ours:
@@ -331,10 +335,35 @@ def render_instance(
         autostart=observed.autostart if observed else None,
         ip_addresses=list(observed.addresses) if observed else None,
         image=_image(observed),
+        devices=_devices(desired, observed, devices, previous or {}),
         job=job,
         message=_message(current_phase, synced, observed, version),
         **_snapshot_fields(view),
     )
+
+
+def _devices(
+    desired: Desired, observed: ObservedInstance | None, devices: list[DeviceConfig] | None, previous: Mapping[str, Any]
+) -> list[ObservedDevice] | None:
+    """ObserveOnly's mirror of the instance's own devices; text from TrueNAS is made printable and bounded."""
+    if not desired.observe_only or observed is None:
+        return None
+    if devices is None:
+        try:
+            kept = IncusInstanceStatus.model_validate({"devices": previous.get("devices")}).devices
+        except ValidationError:
+            return None
+        return kept
+    shown = [d for d in devices if not d.inherited][:MAX_OBSERVED_DEVICES]
+    return [
+        ObservedDevice(
+            name=printable(d.name)[:128] or "?",
+            type=printable(d.type)[:16] or "?",
+            source=printable(d.source)[:1024] if d.source else None,
+            destination=printable(d.destination)[:1024] if d.destination else None,
+        )
+        for d in shown
+    ]
 
 
 def _snapshot_fields(view: SnapshotsView) -> dict[str, Any]:

@@ -247,7 +247,7 @@ class InstanceLoops:
                 current = plan_observe(
                     desired,
                     observed,
-                    devices,
+                    devices if desired.manages_devices else None,  # Full would leave unlisted ones alone
                     unsupported,
                     config=backend.honoured(wanted, observed),
                     identity=backend.device_identity,
@@ -330,10 +330,10 @@ class InstanceLoops:
     async def _observed_devices(
         self, desired: Desired, state: LoopState, connection: Connection, observed: ObservedInstance | None
     ) -> list[DeviceConfig] | None:
-        """ObserveOnly: the instance's devices, where the spec lists some to compare, read again when the
-        devices key moves (a spec change, a reconnect, the audit rotation) and kept in between, so
-        every pass compares them (InSync must not forget a difference between two reads)."""
-        if observed is None or not desired.owns or desired.ownership.holder or not desired.lists_devices:
+        """ObserveOnly: the instance's devices (the status mirrors them; InSync compares them where Full
+        would), read again when the devices key moves (a spec change, a reconnect, the audit rotation)
+        and kept in between, so every pass compares them (InSync must not forget a difference)."""
+        if observed is None or not desired.owns or desired.ownership.holder:
             return None
         seen = self._devices_key(desired, connection)
         if state.observed_devices is None or state.observed_devices[0] != seen:

@@ -40,6 +40,7 @@ from .connection import (
 )
 from .instance import (
     CLOUD_INIT_MAX_LENGTH,
+    MAX_OBSERVED_DEVICES,
     MAX_ROOT_DISK,
     CloudInit,
     ConnectionReference,
@@ -53,6 +54,7 @@ from .instance import (
     InstanceNIC,
     InstanceSource,
     JobStatus,
+    ObservedDevice,
     SnapshotSchedule,
 )
 from .limits import (
@@ -150,6 +152,7 @@ __all__ = [
     "MAX_LISTED_SNAPSHOTS",
     "MAX_MEMORY",
     "MAX_MEMORY_QUANTITY",
+    "MAX_OBSERVED_DEVICES",
     "MAX_ROOT_DISK",
     "MAX_SPEC_JSON_BYTES",
     "MIN_MEMORY",
@@ -193,6 +196,7 @@ __all__ = [
     "ManagementPolicy",
     "NICType",
     "ObjectReference",
+    "ObservedDevice",
     "Phase",
     "PowerState",
     "RestorePhase",

@@ -525,6 +525,18 @@ class ImageStatus(_Model):
     description: str | None = Field(None, description="TrueNAS's description of the image.")
 
 
+MAX_OBSERVED_DEVICES = 32
+
+
+class ObservedDevice(_Model):
+    """A device as TrueNAS reports it (an ObserveOnly resource's mirror of its instance)."""
+
+    name: Annotated[str, Field(max_length=128)] = Field(description="Its name (vm.* and 26 keep none: an id).")
+    type: Annotated[str, Field(max_length=16)] = Field(description="DISK, NIC, GPU, USB, TPM, PROXY, PCI or CDROM.")
+    source: Annotated[str, Field(max_length=1024)] | None = Field(None, description="Its source (a host path, ...).")
+    destination: Annotated[str, Field(max_length=1024)] | None = Field(None, description="Where it appears inside.")
+
+
 class JobStatus(_Model):
     """The TrueNAS job the operator is waiting for."""
 
@@ -581,6 +593,14 @@ class IncusInstanceStatus(_Model):
     autostart: bool | None = Field(None, description="Effective autostart setting read back from TrueNAS.")
     ip_addresses: list[str] | None = Field(None, description="Global IP addresses of the running instance.")
     image: ImageStatus | None = Field(None, description="The image TrueNAS reports for the instance.")
+    devices: Annotated[list[ObservedDevice], Field(max_length=MAX_OBSERVED_DEVICES)] | None = Field(
+        None,
+        description=(
+            f"spec.managementPolicy ObserveOnly: the instance's own devices as TrueNAS reports them (at most "
+            f"{MAX_OBSERVED_DEVICES}; a profile's are left out), read again on a spec change, a reconnect and "
+            "the connection's audit rotation."
+        ),
+    )
     job: JobStatus | None = Field(None, description="The TrueNAS job in flight, if any.")
     snapshot_schedule: SnapshotScheduleStatus | None = Field(
         None, description="The periodic snapshot task spec.snapshots became on TrueNAS."
