@@ -272,3 +272,28 @@ def _session(sim: Any) -> Any:
     from .test_simulator import session
 
     return session(sim)
+
+
+def test_a_pause_set_while_a_deletion_retries_holds_it(harness: Harness) -> None:
+    """Issue 25 item 5: pause on a resource being deleted. TrueNAS refuses the delete (a fault), the
+    deletion retries; the annotation set meanwhile stops it at its next attempt: once TrueNAS would
+    accept, the instance stays until the annotation goes."""
+    ns = namespace(harness, "x-pdel-")
+    name = unique("ct")
+    harness.apply(ns, name, {})
+    harness.wait_ready(ns, name, timeout=90)
+    sim = harness.sim.sim
+    method = "container.delete" if sim.profile.has_container else "virt.instance.delete"
+    harness.sim.run(lambda: sim.knobs.error_rates.__setitem__(method, 1.0))
+    try:
+        assert harness.delete(ns, name, wait=False).returncode == 0
+        harness.wait_synced_false(ns, name, "DeleteFailed", timeout=60)
+        assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}=true").returncode == 0
+        wait_condition(harness, ns, name, "Synced", "ReconciliationPaused", timeout=60)
+    finally:
+        harness.sim.run(lambda: sim.knobs.error_rates.pop(method, None))
+    time.sleep(6)  # past the paused deletion's next look (every 5 s): it still waits
+    assert name in harness.instance_names() and harness.exists(ns, name)
+    assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}-").returncode == 0
+    wait_until(lambda: not harness.exists(ns, name), timeout=90, what="deleted once resumed")
+    assert name not in harness.instance_names()

@@ -24,12 +24,16 @@ pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + 
 PLUGIN = Path(sys.executable).parent / "kubectl-truenas"
 
 
-@pytest.fixture(scope="module")
+PROFILES = ["25.04.0", "25.04.2", "25.10", "26.0", "27.0"]
+
+
+@pytest.fixture(scope="module", params=PROFILES)
 def harness(
     cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Harness]:
-    prefix = module_prefix(request)
-    for running in module_operator(cluster, tmp_path_factory.mktemp("plugin"), prefix, "25.10"):
+    profile = str(request.param)
+    prefix = f"{module_prefix(request)}{profile.replace('.', '')}-"
+    for running in module_operator(cluster, tmp_path_factory.mktemp(f"plugin{profile}"), prefix, profile):
         running.prefix = prefix  # type: ignore[attr-defined]
         yield running
 
