@@ -429,7 +429,11 @@ def test_a_clone_waits_for_its_snapshot_in_its_own_namespace_only(harness: Harne
 
 def test_admission_takes_exactly_one_of_image_and_source(harness: Harness, ns: str) -> None:
     both = {"type": "VM", "image": "debian/bookworm", "source": {"snapshotRef": {"name": "x"}}}
-    for spec in (both, {"type": "VM"}):
+    cases = (
+        (both, "at most one of spec.image and spec.source may be set"),
+        ({"type": "VM"}, "exactly one of spec.image and spec.source must be set"),
+    )
+    for spec, message in cases:
         manifest = {"apiVersion": GROUP, "kind": "IncusInstance", "metadata": {"name": "one-of"}, "spec": spec}
         result = harness.cluster.apply(manifest, ns)
-        assert result.returncode != 0 and "exactly one of spec.image and spec.source" in result.stderr, result.stderr
+        assert result.returncode != 0 and message in result.stderr, result.stderr
