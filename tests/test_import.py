@@ -159,3 +159,91 @@ async def test_an_instance_truenas_reports_half_built_or_busy_names_no_power_sta
         assert found.manifest is not None and "powerState" not in found.manifest["spec"]
         assert any("spec.powerState: TrueNAS reports ERROR" in note for note in found.notes)
         IncusInstanceSpec.model_validate(found.manifest["spec"])
+
+
+def observed(name: str, **overrides: Any) -> Any:
+    from truenas_incus_operator.truenas.types import InstanceStatus, ObservedImage, ObservedInstance
+
+    values: dict[str, Any] = {
+        "id": name,
+        "name": name,
+        "type": "CONTAINER",
+        "status": InstanceStatus.RUNNING,
+        "cpu": None,
+        "memory": None,
+        "autostart": True,
+        "environment": {},
+        "addresses": (),
+        "image": ObservedImage(os="Debian", release="bookworm"),
+        "family": "virt.instance",
+    }
+    values.update(overrides)
+    return ObservedInstance(**values)
+
+
+FORGED = "x\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: own}\n#"
+
+
+def test_truenas_text_in_the_notes_cannot_add_a_document_or_a_line() -> None:
+    """A hostile NAS names a device's extra key, a NIC key and an error with line breaks (review H1)."""
+    from truenas_incus_operator.truenas.types import DeviceConfig
+
+    devices = [
+        DeviceConfig(name="data", type="DISK", source="/mnt/tank/data", destination="/d", extra={FORGED: ["a"]}),
+        DeviceConfig(name="eth0", type="NIC", extra={"nic_type": "BRIDGED", FORGED: "on"}),
+    ]
+    from truenas_incus_operator.importer import imported
+
+    found = imported(observed("web01"), devices, set(), adopt=True)
+    assert found.manifest is not None and all(note.isprintable() for note in found.notes), found.notes
+    found.note(f"spec.devices: {FORGED}")
+    found.notes.append(FORGED)  # even a note added raw is escaped when written
+    text = found.as_yaml()
+    documents = list(yaml.safe_load_all(text))
+    assert documents == [found.manifest], text
+    for line in text.splitlines():
+        assert not line.startswith(("apiVersion: rbac", "kind: ClusterRoleBinding")), text
+
+
+def test_a_name_with_a_trailing_line_break_is_not_taken_for_another_instance() -> None:
+    """``db01\\n`` must not become a manifest for db01 (review M5: re.match accepts the newline)."""
+    from truenas_incus_operator.importer import imported
+
+    found = imported(observed("db01\n"), [], set(), adopt=True)
+    assert found.manifest is None, found.manifest
+    assert any("spec.name" in note for note in found.notes)
+
+
+def test_adopt_manifests_keep_the_instance_and_lose_nothing_on_deletion() -> None:
+    """An adopt manifest orphans on deletion; a refused device makes it ObserveOnly (review M5)."""
+    from truenas_incus_operator.importer import imported
+    from truenas_incus_operator.truenas.types import DeviceConfig
+
+    clean = imported(observed("web01"), [], set(), adopt=True)
+    assert clean.manifest is not None
+    assert clean.manifest["metadata"]["annotations"] == {"incus.truenas.io/adopt": "true"}
+    assert clean.manifest["spec"]["deletionPolicy"] == "Orphan"
+    IncusInstanceSpec.model_validate(clean.manifest["spec"])
+
+    refused = DeviceConfig(name="media", type="DISK", source="/mnt//tank", destination="/media")
+    lossy = imported(observed("web02"), [refused], set(), adopt=True)
+    assert lossy.manifest is not None
+    spec = lossy.manifest["spec"]
+    assert "annotations" not in lossy.manifest["metadata"] and spec["managementPolicy"] == "ObserveOnly"
+    assert any("devices[media]" in note for note in lossy.notes)
+    assert any("--adopt: left ObserveOnly" in note for note in lossy.notes)
+
+
+async def test_import_reads_a_running_vm_on_27() -> None:
+    """vm.get_guest_network_interfaces is a read (review L1): a running VM must not fail the import."""
+    async with serve("27.0") as (sim, server):
+        own = session(sim)
+        vm = await sim.call(own, "vm.create", [{"name": "vmrun", "memory": 512}])
+        await sim.call(own, "vm.start", [vm["id"]])
+        client = await read_only(server)
+        try:
+            found = await collect(client)
+        finally:
+            await client.close()
+        (item,) = [f for f in found if f.instance == "vmrun"]
+        assert item.manifest is not None and item.manifest["spec"]["powerState"] == "Running", item.notes

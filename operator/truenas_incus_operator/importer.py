@@ -37,6 +37,7 @@ from .models.limits import EXTRA_KEY_PATTERN, EXTRA_NIC_OWNED_KEYS, EXTRA_OWNED_
 from .problems import OperatorError
 from .quantity import format_bytes
 from .settings import Settings
+from .status import printable
 from .truenas import DeviceConfig, InstanceStatus, ObservedInstance, TrueNASClient, TrueNASError, connect
 from .truenas.backends.vm.marks import MANAGED_MARK
 from .truenas.client import Timings
@@ -53,11 +54,21 @@ class Imported:
     manifest: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
 
+    def note(self, text: str) -> None:
+        self.notes.append(printable(text))
+
     def as_yaml(self) -> str:
+        """The manifest with its notes above it as comments. What TrueNAS said is escaped (a line break
+        in a key or a message would end the comment and start YAML of the NAS's choosing), and the text
+        is read back: it must be exactly this one manifest, or it is not written at all."""
         lines = [f"# TrueNAS instance {self.instance!r}"]
-        lines += [f"# not expressed: {note}" for note in self.notes]
+        lines += [f"# not expressed: {printable(note)}" for note in self.notes]
         body = yaml.safe_dump(self.manifest, sort_keys=False) if self.manifest is not None else ""
-        return "\n".join(lines) + "\n" + body
+        text = "\n".join(lines) + "\n" + body
+        expected = [self.manifest] if self.manifest is not None else [None]
+        if list(yaml.safe_load_all(text)) != expected:
+            return f"# TrueNAS instance {self.instance!r}\n# not imported: its manifest did not read back as itself\n"
+        return text
 
 
 def kubernetes_name(instance: str, taken: set[str]) -> str | None:
@@ -70,7 +81,7 @@ def kubernetes_name(instance: str, taken: set[str]) -> str | None:
     while candidate in taken:
         n += 1
         candidate = f"{base}-{n}"
-    if not KUBERNETES_NAME.match(candidate):
+    if not KUBERNETES_NAME.fullmatch(candidate):
         return None
     taken.add(candidate)
     return candidate
@@ -95,28 +106,34 @@ def image_of(observed: ObservedInstance) -> tuple[str | None, str | None]:
 
 
 def _extra(device: DeviceConfig, owned: tuple[str, ...], notes: list[str]) -> dict[str, Any]:
+    """The extra keys the CRD can carry; the others are noted (the planner never touches a key the spec
+    does not name, so leaving one out loses nothing)."""
     kept: dict[str, Any] = {}
     for key, value in sorted(device.extra.items()):
         if key in owned:
             continue
         fits = isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
-        fits = fits or (isinstance(value, str) and len(value) <= 64 and bool(re.match(EXTRA_VALUE_PATTERN, value)))
-        if re.match(EXTRA_KEY_PATTERN, key) and fits:
+        fits = fits or (isinstance(value, str) and len(value) <= 64 and bool(re.fullmatch(EXTRA_VALUE_PATTERN, value)))
+        if isinstance(key, str) and re.fullmatch(EXTRA_KEY_PATTERN, key) and fits:
             kept[key] = value
         elif value not in (None, "", [], {}, False):
             notes.append(f"devices[{device.name}].extra.{key} ({type(value).__name__})")
     return kept
 
 
-def devices_of(devices: Iterable[DeviceConfig], notes: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """spec.devices and spec.nics for the instance's own devices (a profile's are left to the profile)."""
+def devices_of(
+    devices: Iterable[DeviceConfig], notes: list[str], lost: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """spec.devices and spec.nics for the instance's own devices (a profile's are left to the profile).
+    A device left out is also named in ``lost``: Full would remove it."""
     specs: list[dict[str, Any]] = []
     nics: list[dict[str, Any]] = []
     for device in devices:
         if device.inherited:
             continue
-        if not re.match(DEVICE_NAME_PATTERN, device.name):
+        if not re.fullmatch(DEVICE_NAME_PATTERN, device.name):
             notes.append(f"device {device.name!r} ({device.type}): its name is not a valid device name")
+            lost.append(f"device {device.name!r}")
             continue
         if device.type == "NIC":
             nic: dict[str, Any] = {"name": device.name}
@@ -128,7 +145,7 @@ def devices_of(devices: Iterable[DeviceConfig], notes: list[str]) -> tuple[list[
             if device.extra.get("mac"):
                 nic["hwaddr"] = device.extra["mac"]
             left = {k for k, v in device.extra.items() if v and k not in EXTRA_NIC_OWNED_KEYS}
-            notes.extend(f"nics[{device.name}].{key}" for key in sorted(left))
+            notes.extend(f"nics[{device.name}].{key}" for key in sorted(left, key=str))
             nics.append(nic)
             continue
         entry: dict[str, Any] = {"name": device.name, "type": device.type}
@@ -145,7 +162,9 @@ def devices_of(devices: Iterable[DeviceConfig], notes: list[str]) -> tuple[list[
     return specs, nics
 
 
-def spec_of(observed: ObservedInstance, devices: list[DeviceConfig] | None, notes: list[str]) -> dict[str, Any]:
+def spec_of(
+    observed: ObservedInstance, devices: list[DeviceConfig] | None, notes: list[str], lost: list[str]
+) -> dict[str, Any]:
     spec: dict[str, Any] = {"type": observed.type}
     image, missing = image_of(observed)
     if image is not None:
@@ -162,6 +181,7 @@ def spec_of(observed: ObservedInstance, devices: list[DeviceConfig] | None, note
         spec["powerState"] = power
     else:
         notes.append(f"spec.powerState: TrueNAS reports {observed.status} (half-built, or busy): none is named")
+        lost.append("spec.powerState")
     if observed.environment is None:
         notes.append("spec.environment: TrueNAS does not show a VM's environment (it is in its seed)")
     elif observed.environment:
@@ -170,7 +190,7 @@ def spec_of(observed: ObservedInstance, devices: list[DeviceConfig] | None, note
     if observed.storage_pool:
         spec["storagePool"] = observed.storage_pool
     if devices is not None:
-        specs, nics = devices_of(devices, notes)
+        specs, nics = devices_of(devices, notes, lost)
         if specs:
             spec["devices"] = specs
         if nics:
@@ -178,9 +198,15 @@ def spec_of(observed: ObservedInstance, devices: list[DeviceConfig] | None, note
     return spec
 
 
-def valid_spec(spec: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
-    """``spec`` as the CRD accepts it: a field (or a device) the models refuse is left out and noted."""
-    for _ in range(32):
+KEPT = ("name", "type", "connectionRef", "managementPolicy", "deletionPolicy")
+"""Fields the manifest is nothing without: one the models refuse refuses the instance, never left out
+(without ``name`` the manifest would point at another instance)."""
+
+
+def valid_spec(spec: dict[str, Any], notes: list[str], lost: list[str]) -> dict[str, Any] | None:
+    """``spec`` as the CRD accepts it: a field (or a device) the models refuse is left out, noted and
+    named in ``lost``; one of ``KEPT`` refuses the instance (None)."""
+    for _ in range(64):
         try:
             IncusInstanceSpec.model_validate(spec)
             return spec
@@ -188,16 +214,19 @@ def valid_spec(spec: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
             error = exc.errors()[0]
             loc = [str(part) for part in error["loc"]]
             top = _field_of(loc[0]) if loc else ""
+            message = str(error["msg"])
             if top in ("devices", "nics") and len(loc) > 1 and loc[1].isdigit() and top in spec:
                 dropped = spec[top].pop(int(loc[1]))
-                notes.append(f"spec.{top}[{dropped.get('name')}]: {error['msg']}")
+                notes.append(f"spec.{top}[{dropped.get('name')}]: {message}")
+                lost.append(f"spec.{top}[{dropped.get('name')}]")
                 if not spec[top]:
                     spec.pop(top)
-            elif top in spec and top not in ("type",):
+            elif top in spec and top not in KEPT:
                 spec.pop(top)
-                notes.append(f"spec.{top}: {error['msg']}")
+                notes.append(f"spec.{top}: {message}")
+                lost.append(f"spec.{top}")
             else:
-                notes.append(f"the instance: {error['msg']}")
+                notes.append(f"the instance: {message}")
                 return None
     return None
 
@@ -217,34 +246,47 @@ def imported(
     namespace: str | None = None,
     connection: str | None = None,
 ) -> Imported:
-    notes: list[str] = []
-    if not re.match(INSTANCE_NAME_PATTERN, observed.name):
-        notes.append("spec.name: the instance's name is not one the CRD allows (letters, digits and '-')")
-        return Imported(observed.name, None, notes)
+    """The instance as a manifest. Every manifest says ``deletionPolicy: Orphan``: deleting what import
+    wrote never deletes an instance; a user who wants that says Delete. With ``adopt`` the manifest
+    adopts (Full) only when it expresses everything Full would otherwise change: a device, a field or a
+    power state left out (Full would remove, reset or start it) leaves it ObserveOnly."""
+    found = Imported(observed.name, None)
+    if not re.fullmatch(INSTANCE_NAME_PATTERN, observed.name):
+        found.note("spec.name: the instance's name is not one the CRD allows (letters, digits and '-')")
+        return found
     name = kubernetes_name(observed.name, taken)
     if name is None:
-        notes.append("metadata.name: no valid Kubernetes name could be made from the instance's")
-        return Imported(observed.name, None, notes)
-    spec = spec_of(observed, devices, notes)
+        found.note("metadata.name: no valid Kubernetes name could be made from the instance's")
+        return found
+    notes: list[str] = []
+    lost: list[str] = []
+    spec = spec_of(observed, devices, notes, lost)
+    if devices is None:
+        lost.append("spec.devices")
     if name != observed.name:
         spec = {"name": observed.name, **spec}
     if connection is not None:
         spec["connectionRef"] = {"name": connection}
+    spec["deletionPolicy"] = "Orphan"
+    spec["managementPolicy"] = "ObserveOnly"
+    checked = valid_spec(spec, notes, lost)
+    found.notes.extend(printable(note) for note in notes)
+    if checked is None:
+        return found
     metadata: dict[str, Any] = {"name": name}
     if namespace:
         metadata["namespace"] = namespace
-    if adopt and "image" in spec:
-        metadata["annotations"] = {ADOPT_ANNOTATION: "true"}
-    else:
-        spec["managementPolicy"] = "ObserveOnly"
-        if adopt:
-            notes.append("--adopt: left ObserveOnly (Full needs spec.image; name it, then switch)")
-    checked = valid_spec(spec, notes)
-    if checked is None:
-        return Imported(observed.name, None, notes)
-    manifest = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "IncusInstance", "metadata": metadata}
-    manifest["spec"] = checked
-    return Imported(observed.name, manifest, notes)
+    if adopt:
+        if "image" not in checked:
+            found.note("--adopt: left ObserveOnly (Full needs spec.image; name it, then switch)")
+        elif lost:
+            found.note(f"--adopt: left ObserveOnly (Full would change what the manifest leaves out: {', '.join(lost)})")
+        else:
+            metadata["annotations"] = {ADOPT_ANNOTATION: "true"}
+            checked.pop("managementPolicy")
+    found.manifest = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "IncusInstance", "metadata": metadata}
+    found.manifest["spec"] = checked
+    return found
 
 
 async def import_instances(
@@ -259,7 +301,7 @@ async def import_instances(
             devices = await backend.list_devices(observed.name)
         except TrueNASError as exc:
             found = imported(observed, None, taken, adopt=adopt, namespace=namespace, connection=connection)
-            found.notes.append(f"spec.devices: TrueNAS did not list them ({type(exc).__name__}: {exc.message})")
+            found.note(f"spec.devices: TrueNAS did not list them ({type(exc).__name__}: {exc.message})")
             yield found
             continue
         yield imported(observed, devices, taken, adopt=adopt, namespace=namespace, connection=connection)
@@ -357,10 +399,10 @@ def main(args: Any) -> int:
             )
         )
     except OperatorError as exc:
-        print(f"import: {exc.problem.reason}: {exc.problem.message}", file=sys.stderr)
+        print(printable(f"import: {exc.problem.reason}: {exc.problem.message}"), file=sys.stderr)
         return 1
     except TrueNASError as exc:
-        print(f"import: {type(exc).__name__}: {exc.message}", file=sys.stderr)
+        print(printable(f"import: {type(exc).__name__}: {exc.message}"), file=sys.stderr)
         return 1
     finally:
         if handle is not None:

@@ -469,7 +469,7 @@ class IncusInstanceSpec(_Model):
         if value is not None and len(value) > ENV_MAX_ENTRIES:
             raise ValueError(f"at most {ENV_MAX_ENTRIES} entries")
         for key, item in (value or {}).items():
-            if len(key) > ENV_KEY_MAX_LENGTH or not re.match(r"^\w[\w/]*$", key, re.ASCII):
+            if len(key) > ENV_KEY_MAX_LENGTH or not re.fullmatch(r"\w[\w/]*", key, re.ASCII):
                 raise ValueError(f"key {key!r} must match ^\\w[\\w/]*$ and be at most {ENV_KEY_MAX_LENGTH} characters")
             if not item.strip(RE2_SPACE):
                 raise ValueError(f"value of {key!r} must not be blank")

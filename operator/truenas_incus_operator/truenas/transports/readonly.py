@@ -13,7 +13,17 @@ from ..errors import TrueNASError
 from .base import EventCallback, Transport
 
 READ_SUFFIXES = (".query", ".get_instance", ".config", "_choices", ".device_list", ".query_registry")
-READ_METHODS = frozenset({"system.version", "system.info", "system.global.id", "auth.me", "core.get_jobs", "vm.status"})
+READ_METHODS = frozenset(
+    {
+        "system.version",
+        "system.info",
+        "system.global.id",
+        "auth.me",
+        "core.get_jobs",
+        "vm.status",
+        "vm.get_guest_network_interfaces",
+    }
+)
 
 
 def is_read(method: str) -> bool:

@@ -389,7 +389,7 @@ class BaseImages:
         return sorted(
             str(e.get("id"))
             for e in entries or []
-            if re.match(pattern, origin_of(e)) and not re.match(f"^{re.escape(name)}(/|$)", str(e.get("id")))
+            if re.match(pattern, origin_of(e)) and not re.match(f"{re.escape(name)}(/|\\Z)", str(e.get("id")))
         )
 
     async def delete_dataset(self, name: str) -> None:
