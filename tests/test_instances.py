@@ -184,7 +184,15 @@ def test_wakeups_ignore_the_operators_own_writes() -> None:
     body["metadata"]["annotations"]["incus.truenas.io/last-handled-configuration"] = "{}"
     wakeups.resource_changed(body)
     assert not event.is_set(), "status and kopf's annotations are the operator's own writes"
-    for change in ({"generation": 2}, {"annotations": {"incus.truenas.io/adopt": "true"}}, {"deletionTimestamp": "x"}):
+    paused = {"incus.truenas.io/adopt": "true", "incus.truenas.io/paused": "true"}
+    changes = (
+        {"generation": 2},
+        {"annotations": {"incus.truenas.io/adopt": "true"}},
+        {"annotations": paused},  # pausing stops writes now, not at the next resync
+        {"annotations": {"incus.truenas.io/adopt": "true"}},  # and so does resuming
+        {"deletionTimestamp": "x"},
+    )
+    for change in changes:
         body["metadata"].update(change)
         wakeups.resource_changed(body)
         assert event.is_set(), change

@@ -178,3 +178,37 @@ def test_a_paused_plan_is_reported_not_done() -> None:
     # Resumed: no Paused condition at all.
     resumed = replace(want, paused=False)
     assert "Paused" not in render(resumed, settled, plan(resumed, settled))
+
+
+# ----- a switch during a pass (review M1) -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "switch",
+    [
+        lambda body: body["metadata"]["annotations"].update({"incus.truenas.io/paused": "true"}),
+        lambda body: body["spec"].update({"managementPolicy": "ObserveOnly"}),
+    ],
+    ids=["pause", "observe-only"],
+)
+async def test_a_pause_or_observe_only_set_during_a_pass_stops_its_next_write(switch: Any) -> None:
+    """The pass re-reads kopf's live body before every write: set while a create job runs, the stop
+    that would follow it is never sent."""
+    import asyncio
+
+    from truenas_incus_operator.instances.resource import LoopState
+
+    from .fakes import FakeBackend, fake_operator, resource
+
+    backend = FakeBackend(gate=asyncio.Event())
+    fake = fake_operator(backend)
+    body = resource(powerState="Stopped")
+    running = asyncio.create_task(fake.operator.loops.reconcile_once(body, LoopState(status={}), lambda: None))
+    for _ in range(200):
+        if "create web01" in backend.calls:
+            break
+        await asyncio.sleep(0.01)
+    assert "create web01" in backend.calls
+    switch(body)
+    assert backend.gate is not None
+    backend.gate.set()
+    await running
+    assert [c for c in backend.calls if not c.startswith(("get", "list"))] == ["create web01"], backend.calls

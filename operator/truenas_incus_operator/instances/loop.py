@@ -35,6 +35,7 @@ from .resource import (
     adopt_requested,
     connection_key,
     desired_from,
+    paused,
     resource_key,
 )
 from .schedules import Schedules
@@ -238,6 +239,8 @@ class InstanceLoops:
         for _ in range(MAX_STEPS_PER_PASS):
             if (body.get("metadata") or {}).get("deletionTimestamp"):
                 return  # deleted during the pass: the delete handler takes over; kopf stops this loop
+            if not stopped_writes and _writes_stopped_since(parsed, body):
+                return  # paused or ObserveOnly since the pass began: the next pass (woken by it) reports it
             desired = self.desired(parsed, body, connection)
             wanted = instance_config(desired)
             observed = connection.cache.get(desired.instance_name)
@@ -305,6 +308,8 @@ class InstanceLoops:
                 if await self.holds.confirm((desired.namespace, desired.name)) is not None:
                     continue
             for action in current.actions:
+                if _writes_stopped_since(parsed, body):
+                    return  # checked before every write, a job's end included (a create takes minutes)
                 with self.holds.action((desired.namespace, desired.name)):
                     replan = await self.executor.execute(body, state, desired, connection, observed, action)
                 if replan:
@@ -374,6 +379,15 @@ class InstanceLoops:
             fields = ", ".join(current.unsupported)
             self.reporter.post_event(body, "Warning", "Unsupported", f"{system_version} cannot honour: {fields}")
         state.unsupported_posted = current.unsupported
+
+
+def _writes_stopped_since(parsed: Desired, body: Mapping[str, Any]) -> bool:
+    """Whether kopf's live body now says to stop writing (the pause annotation, or ObserveOnly where the
+    pass began Full): the tenant's switch takes effect at the next step, not at the next pass."""
+    if paused(body) and not parsed.paused:
+        return True
+    spec = body.get("spec")
+    return not parsed.observe_only and isinstance(spec, Mapping) and spec.get("managementPolicy") == "ObserveOnly"
 
 
 async def _sleep(event: asyncio.Event, stopped: Any, delay: float) -> None:

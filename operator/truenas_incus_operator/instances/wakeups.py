@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from ..models import ADOPT_ANNOTATION
+from ..models import ADOPT_ANNOTATION, PAUSED_ANNOTATION
 from .resource import ResourceKey, Wake, resource_key
 
 
@@ -16,7 +16,12 @@ def signature(body: Mapping[str, Any]) -> tuple[Any, ...]:
     events too; waking on those would cut every backoff short and loop hot."""
     meta = body.get("metadata", {})
     annotations = meta.get("annotations") or {}
-    return meta.get("generation"), annotations.get(ADOPT_ANNOTATION), bool(meta.get("deletionTimestamp"))
+    return (
+        meta.get("generation"),
+        annotations.get(ADOPT_ANNOTATION),
+        annotations.get(PAUSED_ANNOTATION),
+        bool(meta.get("deletionTimestamp")),
+    )
 
 
 class Wakeups:
