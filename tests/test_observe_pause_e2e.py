@@ -22,7 +22,7 @@ from truenas_incus_operator.truenas.transports.base import Secret
 
 from .conftest import Cluster, module_prefix
 from .harness import ADOPT_ANYWHERE, Harness, module_operator, unique, wait_until
-from .test_snapshots_e2e import apply, wait_phase, writes
+from .test_snapshots_e2e import apply, slow_jobs, status, wait_phase, writes, zfs_snapshots
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
 
@@ -297,3 +297,55 @@ def test_a_pause_set_while_a_deletion_retries_holds_it(harness: Harness) -> None
     assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}-").returncode == 0
     wait_until(lambda: not harness.exists(ns, name), timeout=90, what="deleted once resumed")
     assert name not in harness.instance_names()
+
+
+def test_a_snapshot_of_a_paused_or_observed_instance_is_neither_taken_nor_destroyed(harness: Harness) -> None:
+    """Review M2: pause and ObserveOnly hold for the instance's snapshots too. A pause set while a
+    snapshot taken stopped waits for the stop: nothing is taken until it goes. Deleting a snapshot of a
+    paused instance waits; of an ObserveOnly one, leaves it on TrueNAS (Retained)."""
+    ns = namespace(harness, "x-psnap-")
+    name = unique("ct")
+    harness.apply(ns, name, {})
+    harness.wait_ready(ns, name, timeout=90)
+    taken_before = zfs_snapshots(harness)
+    with slow_jobs(harness, 4.0):
+        apply(harness, ns, "IncusInstanceSnapshot", "cold", {"instanceRef": {"name": name}, "consistency": "Stopped"})
+        wait_phase(harness, ns, "incusinstancesnapshots", "cold", "Creating")
+        assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}=true").returncode == 0
+        held = harness.cluster.wait_for(
+            lambda: (lambda s: s if condition(s, "Ready").get("reason") == "ReconciliationPaused" else None)(
+                status(harness, ns, "incusinstancesnapshots", "cold")
+            ),
+            timeout=60,
+            what="the snapshot waits for the resume",
+        )
+    assert held["phase"] == "Creating" and zfs_snapshots(harness) == taken_before, "nothing taken while paused"
+    assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}-").returncode == 0
+    ready = wait_phase(harness, ns, "incusinstancesnapshots", "cold", "Ready", timeout=90)
+    wait_until(lambda: _state(harness, name) == "RUNNING", timeout=60, what="started again")
+    cold = {s for s in zfs_snapshots(harness) if s.endswith("@" + ready["snapshotName"])}
+    assert cold
+
+    # Deleting it while the instance is paused waits; resumed, it goes.
+    assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}=true").returncode == 0
+    harness.wait_event(ns, name, "ReconciliationPaused")
+    deleting = harness.cluster.kubectl("delete", "incusinstancesnapshot", "cold", "-n", ns, "--wait=false")
+    assert deleting.returncode == 0
+    time.sleep(3)
+    assert cold <= zfs_snapshots(harness), "no ZFS destroy while the instance is paused"
+    assert harness.cluster.get("incusinstancesnapshots", "cold", ns), "the deletion waits"
+    assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}-").returncode == 0
+    wait_until(lambda: not (cold & zfs_snapshots(harness)), timeout=60, what="destroyed once resumed")
+
+    # ObserveOnly: a snapshot's deletion leaves it on TrueNAS.
+    apply(harness, ns, "IncusInstanceSnapshot", "warm", {"instanceRef": {"name": name}})
+    warm = wait_phase(harness, ns, "incusinstancesnapshots", "warm", "Ready")
+    kept = {s for s in zfs_snapshots(harness) if s.endswith("@" + warm["snapshotName"])}
+    harness.apply(ns, name, {"managementPolicy": "ObserveOnly"})
+    wait_condition(harness, ns, name, "InSync", "Matches")
+    before = len(writes(harness, name))
+    gone = harness.cluster.kubectl("delete", "incusinstancesnapshot", "warm", "-n", ns, "--timeout=60s")
+    assert gone.returncode == 0, gone.stderr
+    harness.wait_event(ns, "warm", "Retained")
+    assert kept and kept <= zfs_snapshots(harness), "ObserveOnly: the snapshot stays on TrueNAS"
+    assert len(writes(harness, name)) == before

@@ -235,6 +235,7 @@ class Restorer:
                 # Taken since the check at Pending (a snapshot applied with the restore, a periodic task).
                 raise newer_refused(subject, name, doomed, since=", taken since the restore began")
             await self._still_wanted(body)
+            await self.subjects.recheck(subject)  # paused or ObserveOnly during the stop: no rollback
             recorded = list(status.get("destroyedSnapshots") or [])
             every = sorted({*recorded, *doomed})
             fields = {

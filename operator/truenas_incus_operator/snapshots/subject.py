@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from ..connections import Connection, ConnectionManager
 from ..instances.ledger import Ledger, RecordState
-from ..instances.resource import EventPoster, ResourceKey, connection_key, desired_from
+from ..instances.resource import EventPoster, ResourceKey, connection_key, desired_from, paused
 from ..kube import Kube
 from ..models import PAUSED_ANNOTATION, Condition
 from ..problems import OperatorError, Problem, Reason, fail
@@ -142,6 +142,27 @@ class Subjects:
         if target is None:
             raise waiting(Reason.INSTANCE_NOT_FOUND, f"the instance {parsed.instance_name!r} does not exist on TrueNAS")
         return Subject((namespace, name), uid, parsed, connection, client, target)
+
+    async def recheck(self, subject: Subject) -> Subject:
+        """``resolve`` again, just before the write (a take after the stop, a rollback): a pause or
+        ObserveOnly set while the instance stopped stops the write there, not at the next attempt."""
+        return await self.resolve(subject.key[0], subject.key[1], subject.uid)
+
+    async def writes_stopped(self, namespace: str, name: str) -> str | None:
+        """What keeps the operator from writing to the IncusInstance ``name``'s instance now (its
+        ``deletionPolicy`` aside): ``"paused"``, ``"observe-only"``, or None (it is Full, or gone: a
+        snapshot of an instance whose resource went is the snapshot's own). Read from the raw body, so
+        a spec the models refuse cannot hide either switch."""
+        body = await self.kube.read_incus_instance(namespace, name)
+        if body is None:
+            return None
+        if paused(body):
+            return "paused"
+        spec = body.get("spec")
+        policy = spec.get("managementPolicy") if isinstance(spec, Mapping) else None
+        if policy not in (None, "Full"):
+            return "observe-only"  # ObserveOnly, or a value this operator does not know: the safe side
+        return None
 
 
 async def wait_for_state(

@@ -23,7 +23,14 @@ from ..instances.deletion import clones_named
 from ..instances.holds import Holds
 from ..instances.ledger import Ledger, RecordState
 from ..instances.resource import EventPoster, ResourceKey
-from ..models import Consistency, IncusInstanceSnapshotSpec, PowerState, SnapshotDeletionPolicy, SnapshotPhase
+from ..models import (
+    PAUSED_ANNOTATION,
+    Consistency,
+    IncusInstanceSnapshotSpec,
+    PowerState,
+    SnapshotDeletionPolicy,
+    SnapshotPhase,
+)
 from ..policy import Policy
 from ..problems import OperatorError, Reason, problem_of
 from ..reconcile import Hold
@@ -195,6 +202,7 @@ class SnapshotTaker:
         if existing is None:
             if stopped:
                 await self._stop(body, status, subject, uid, was_running)
+                await self.subjects.recheck(subject)  # paused or ObserveOnly during the stop: not taken
             info = await snapshots.take(subject.target, name, owner=uid)
         else:
             info = existing  # taken before a restart: never a second one
@@ -263,12 +271,18 @@ class SnapshotTaker:
         self.holds.release((key[0], _ref(body)), uid)
         records = self.ledger.owned_by(uid)
         policy = str((body.get("spec") or {}).get("deletionPolicy") or SnapshotDeletionPolicy.DELETE)
+        stopped = await self.subjects.writes_stopped(key[0], _ref(body)) if records else None
+        if stopped == "paused" and policy != SnapshotDeletionPolicy.RETAIN:
+            raise waiting(
+                Reason.RECONCILIATION_PAUSED,
+                f"IncusInstance {_ref(body)} is paused ({PAUSED_ANNOTATION}): the snapshot is deleted once the "
+                "annotation is removed",
+            )
         for record in records:
-            if policy == SnapshotDeletionPolicy.RETAIN:
+            if policy == SnapshotDeletionPolicy.RETAIN or stopped == "observe-only":
+                why = "deletionPolicy: Retain" if stopped is None else f"IncusInstance {_ref(body)} is ObserveOnly"
                 await self.ledger.release(record)
-                self.post_event(
-                    body, "Normal", "Retained", f"left {record.instance} on TrueNAS (deletionPolicy: Retain)"
-                )
+                self.post_event(body, "Normal", "Retained", f"left {record.instance} on TrueNAS ({why})")
                 continue
             connection = await ready_connection(self.connections, record.connection)
             client = connection.client
