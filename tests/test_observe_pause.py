@@ -48,7 +48,7 @@ def render(want: Desired, seen: Any, result: Plan) -> dict[str, tuple[str, str, 
     return conditions(render_instance(want, seen, previous=None, now=NOW, plan=result))
 
 
-OBSERVING = Ownership(mine=True, observing=True)
+OBSERVING = Ownership(mine=True, observing=True, observe_allowed=True)
 
 
 def test_observe_only_needs_no_image_and_full_still_does() -> None:
@@ -212,3 +212,36 @@ async def test_a_pause_or_observe_only_set_during_a_pass_stops_its_next_write(sw
     backend.gate.set()
     await running
     assert [c for c in backend.calls if not c.startswith(("get", "list"))] == ["create web01"], backend.calls
+
+
+# ----- a grant taken back (review M3) -------------------------------------------------------------------------
+async def test_an_observation_the_policy_no_longer_grants_ends_and_hides_the_instance() -> None:
+    """The administrator empties policy.observation: the observer's ledger record goes (another may
+    then take the instance, as the policy says) and the status stops mirroring it at once."""
+    from truenas_incus_operator.instances.ledger import record_name
+    from truenas_incus_operator.instances.resource import LoopState
+    from truenas_incus_operator.policy import Grant, Policy
+
+    from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, fake_operator, resource
+    from .fakes import observed as fake_observed
+
+    seen = fake_observed("web01", cpu="4", environment={"DB_PASSWORD": "hunter2"})
+    backend = FakeBackend(instances={"web01": seen})
+    granted = Policy(observation=[Grant(namespaces=["apps"], connections=["<default>"])])
+    fake = fake_operator(backend, policy=granted)
+    body = resource(managementPolicy="ObserveOnly", cpu="2")
+    state = LoopState(status={})
+    await fake.operator.loops.reconcile_once(body, state, lambda: None)
+    key = (LEDGER_NAMESPACE, record_name(TRUENAS, "web01"))
+    assert fake.kube.configmaps[key]["data"]["state"] == "observed"
+    assert fake.kube.statuses("web01")[-1]["cpu"] == "4"
+
+    fake.operator.loops.policy = Policy()  # the grant is taken back (a policy reload)
+    await fake.operator.loops.reconcile_once(body, state, lambda: None)
+    assert key not in fake.kube.configmaps, "the observer's record is released"
+    last = fake.kube.statuses("web01")[-1]
+    synced = next(c for c in last["conditions"] if c["type"] == "Synced")
+    assert synced["reason"] == "ObserveNotAllowed"
+    assert last.get("cpu") is None and not last.get("instanceId"), "nothing of the instance is shown any more"
+    assert ("Normal", "Released", "stopped observing web01 on TrueNAS: the policy no longer allows it") in fake.events
+    assert backend.calls == [] or all(c.startswith(("get", "list")) for c in backend.calls), backend.calls

@@ -53,6 +53,7 @@ ACTION_KINDS: Mapping[str, str] = {
     "Claim": "claim",
     "Adopt": "adopt",
     "Observe": "observe",
+    "Unobserve": "unobserve",
 }
 """reconcile.py's actions by class name -> the ``kind`` label."""
 

@@ -198,6 +198,12 @@ class Observe:
 
 
 @dataclass(frozen=True)
+class Unobserve:
+    """The administrator's policy no longer grants the observation this resource holds: the ledger
+    forgets the observer (no TrueNAS call), and the status stops mirroring the instance."""
+
+
+@dataclass(frozen=True)
 class Create:
     config: InstanceConfig
 
@@ -243,7 +249,20 @@ class Delete:
     pass
 
 
-Action = Claim | Adopt | Observe | Create | Update | AddDevice | UpdateDevice | RemoveDevice | Start | Stop | Delete
+Action = (
+    Claim
+    | Adopt
+    | Observe
+    | Unobserve
+    | Create
+    | Update
+    | AddDevice
+    | UpdateDevice
+    | RemoveDevice
+    | Start
+    | Stop
+    | Delete
+)
 
 
 @dataclass(frozen=True)
@@ -502,6 +521,8 @@ def plan_observe(
     if ownership.elsewhere is not None and not ownership.mine:
         message = f"this resource already owns or observes the instance {ownership.elsewhere}; it cannot also observe"
         return Plan(blocked=Blocked(Reason.OWNS_ELSEWHERE, f"{message} {desired.instance_name!r}"), observing=True)
+    if ownership.observing and not ownership.observe_allowed:
+        return Plan(actions=(Unobserve(),), observing=True)  # the grant was taken back: the record goes
     if observed is None:
         return Plan(observing=True, differences=("create the instance (it does not exist on TrueNAS)",))
     if not ownership.mine:

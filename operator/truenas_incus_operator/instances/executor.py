@@ -27,6 +27,7 @@ from ..reconcile import (
     RemoveDevice,
     Start,
     Stop,
+    Unobserve,
     Update,
     UpdateDevice,
 )
@@ -145,6 +146,12 @@ class Executor:
                 self.reporter.post_event(body, "Normal", "Observing", f"observing {name} on TrueNAS ({record.truenas})")
             return True  # observed (or this resource's own record found): plan again
         held = self.ledger.get(connection.identity, name)
+        if isinstance(action, Unobserve):
+            if held is not None and held.owner_uid == desired.uid and held.observed_only:
+                await self.ledger.release(held)
+                message = f"stopped observing {name} on TrueNAS: the policy no longer allows it"
+                self.reporter.post_event(body, "Normal", "Released", message)
+            return True
         if isinstance(action, Adopt) and held is not None and held.owner_uid == desired.uid and held.observed_only:
             # ObserveOnly -> Full: the observer takes the instance over (the adoption rules applied).
             await self.ledger.set_deletion_policy(
