@@ -245,3 +245,33 @@ async def test_an_observation_the_policy_no_longer_grants_ends_and_hides_the_ins
     assert last.get("cpu") is None and not last.get("instanceId"), "nothing of the instance is shown any more"
     assert ("Normal", "Released", "stopped observing web01 on TrueNAS: the policy no longer allows it") in fake.events
     assert backend.calls == [] or all(c.startswith(("get", "list")) for c in backend.calls), backend.calls
+
+
+# ----- deletion of a spec the models refuse (review M4) ---------------------------------------------------
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"managementPolicy": "ObserveOnly", "deletionPolicy": "Orphan", "stopTimeoutSeconds": 10**9},
+        {"managementPolicy": "ObserveOnly", "stopTimeoutSeconds": -1},
+        {"deletionPolicy": "Orphan", "name": "bad name!"},
+        {"managementPolicy": "Watch"},  # a value this operator does not know: the safe side
+        {"deletionPolicy": "Keep"},
+        {"deletionPolicy": "Orphan", "managementPolicy": 7},
+    ],
+)
+def test_a_spec_the_models_refuse_never_turns_orphan_into_delete(spec: dict[str, Any]) -> None:
+    from truenas_incus_operator.instances.resource import deletion_view
+
+    from .fakes import resource
+
+    body = resource(memory="1Ki", **spec)  # memory alone already fails the full parse
+    assert deletion_view(body).deletion_policy == "Orphan", spec
+
+
+def test_a_spec_the_models_refuse_keeps_each_field_that_parses() -> None:
+    from truenas_incus_operator.instances.resource import deletion_view
+
+    from .fakes import resource
+
+    view = deletion_view(resource(memory="1Ki", stopTimeoutSeconds=-1, deletionPolicy="Delete", name="db01"))
+    assert view.deletion_policy == "Delete" and view.instance_name == "db01"

@@ -66,20 +66,25 @@ def _binding(body: Mapping[str, Any]) -> InstanceBinding | None:
 def deletion_view(body: Mapping[str, Any]) -> Desired:
     """The resource as deletion needs it. Never refused because the spec does not parse (an outdated
     CRD, a model stricter than admission): deletion needs only the name, the deletion and management
-    policies and the stop timeout; which TrueNAS to call comes from the ledger records."""
+    policies and the stop timeout; which TrueNAS to call comes from the ledger records. Each field is
+    kept on its own when it parses; a deletion or management policy that does not read as Delete and
+    Full (ObserveOnly, Orphan, or a value this operator cannot read) deletes nothing."""
     try:
         return desired_from(body)
     except ValidationError:
         raw = dict(body.get("spec") or {})
         kind = raw.get("type") if raw.get("type") in ("VM", "CONTAINER") else "CONTAINER"
-        kept = ("name", "deletionPolicy", "stopTimeoutSeconds", "managementPolicy")
-        needed = {key: raw[key] for key in kept if key in raw}
-        for fields in (needed, {}):
-            try:
-                spec = IncusInstanceSpec.model_validate({"type": kind, "image": "unparsed", **fields})
-                break
-            except ValidationError:
-                continue
+        fields: dict[str, Any] = {"type": kind, "image": "unparsed"}
+        for key in ("name", "stopTimeoutSeconds", "managementPolicy", "deletionPolicy"):
+            if key in raw:
+                try:
+                    IncusInstanceSpec.model_validate({**fields, key: raw[key]})
+                    fields[key] = raw[key]
+                except ValidationError:
+                    continue
+        if raw.get("deletionPolicy", "Delete") != "Delete" or raw.get("managementPolicy", "Full") != "Full":
+            fields["deletionPolicy"] = "Orphan"  # what cannot be read as Delete is never taken for it
+        spec = IncusInstanceSpec.model_validate(fields)
         meta = body.get("metadata", {})
         return Desired(
             namespace=meta.get("namespace", ""),
@@ -88,6 +93,7 @@ def deletion_view(body: Mapping[str, Any]) -> Desired:
             spec=spec,
             uid=str(meta.get("uid", "")),
             deleting=True,
+            paused=paused(body),
         )
 
 
