@@ -275,3 +275,45 @@ def test_a_spec_the_models_refuse_keeps_each_field_that_parses() -> None:
 
     view = deletion_view(resource(memory="1Ki", stopTimeoutSeconds=-1, deletionPolicy="Delete", name="db01"))
     assert view.deletion_policy == "Delete" and view.instance_name == "db01"
+
+
+# ----- a clone of an observed instance's snapshot (review L3) ----------------------------------------------
+async def test_a_snapshot_of_an_instance_the_namespace_only_observes_is_not_cloned() -> None:
+    """A snapshot an earlier Full owner took, of an instance a resource of the namespace now only
+    observes: a clone would pin that instance's snapshot (it could no longer be destroyed nor rolled
+    back past), so it is refused, as for an instance the namespace does not own."""
+    from types import SimpleNamespace
+
+    from truenas_incus_operator.instances.ledger import Ledger
+    from truenas_incus_operator.problems import OperatorError
+    from truenas_incus_operator.snapshots.cloning import CloneSources
+
+    from .fakes import LEDGER_NAMESPACE, FakeKube
+
+    class Kube(FakeKube):
+        async def read_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+            meta = {"name": name, "namespace": namespace, "uid": "snap-uid"}
+            return {"metadata": meta, "status": {"phase": "Ready"}}
+
+    kube = Kube()
+    instances, snapshots = Ledger(kube, LEDGER_NAMESPACE), Ledger(kube, LEDGER_NAMESPACE, "snapshots")
+    kwargs = {"connection": "<default>", "deletion_policy": "Orphan"}
+    await instances.claim("nas-1", "src", owner_uid="obs", owner="apps/src", state=RecordState.OBSERVED, **kwargs)
+    await snapshots.claim(
+        "nas-1", "src@tio-1", owner_uid="snap-uid", owner="apps/s", state=RecordState.CREATED, **kwargs
+    )
+    client = SimpleNamespace(instances=SimpleNamespace(family="virt.instance+vm"))
+    cache = SimpleNamespace(get=lambda name: None)
+    connection = SimpleNamespace(key="<default>", identity="nas-1", version="25.10.0", client=client, cache=cache)
+    spec = IncusInstanceSpec.model_validate({"type": "VM", "source": {"snapshotRef": {"name": "s"}}})
+    clone = Desired("apps", "copy", 1, spec, uid="copy-uid")
+    sources = CloneSources(kube, snapshots, instances=instances)
+    with pytest.raises(OperatorError) as refused:
+        await sources.resolve(clone, connection)  # type: ignore[arg-type]
+    assert refused.value.problem.reason == Reason.SOURCE_NOT_READY and "owns now" in refused.value.problem.message
+    held = instances.get("nas-1", "src")
+    assert held is not None
+    await instances.release(held)
+    await instances.claim("nas-1", "src", owner_uid="own", owner="apps/src", state=RecordState.CREATED, **kwargs)
+    found = await sources.resolve(clone, connection)  # type: ignore[arg-type]
+    assert (found.instance, found.snapshot) == ("src", "tio-1"), "an instance the namespace owns is cloned"

@@ -154,7 +154,11 @@ class CloneSources:
             )
         instance, _, snapshot = record.instance.partition("@")
         owned = self.instances.get(connection.identity, instance) if self.instances is not None else None
-        if self.instances is not None and (owned is None or owned.owner.partition("/")[0] != desired.namespace):
+        if self.instances is not None and (
+            owned is None
+            or owned.owner.partition("/")[0] != desired.namespace
+            or owned.state not in (RecordState.CREATED, RecordState.ADOPTED)  # observed: not the namespace's
+        ):
             raise _problem(
                 Reason.SOURCE_NOT_READY,
                 f"IncusInstanceSnapshot {name} is of an instance no IncusInstance of namespace {desired.namespace} "
