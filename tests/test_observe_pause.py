@@ -317,3 +317,29 @@ async def test_a_snapshot_of_an_instance_the_namespace_only_observes_is_not_clon
     await instances.claim("nas-1", "src", owner_uid="own", owner="apps/src", state=RecordState.CREATED, **kwargs)
     found = await sources.resolve(clone, connection)  # type: ignore[arg-type]
     assert (found.instance, found.snapshot) == ("src", "tio-1"), "an instance the namespace owns is cloned"
+
+
+# ----- the reaper and a paused resource (review L2) ---------------------------------------------------------
+async def test_a_paused_resource_s_ledger_record_says_orphan_until_it_resumes() -> None:
+    """The reaper acts on the ledger when a resource vanished unseen: while paused, the record says
+    Orphan (a paused resource's instance is never deleted), and Delete again once it resumes."""
+    from truenas_incus_operator.instances.ledger import record_name
+    from truenas_incus_operator.instances.resource import LoopState
+
+    from .fakes import LEDGER_NAMESPACE, TRUENAS, fake_operator, resource
+
+    fake = fake_operator()
+    body = resource()
+    state = LoopState(status={})
+    key = (LEDGER_NAMESPACE, record_name(TRUENAS, "web01"))
+
+    async def once() -> str:
+        await fake.operator.loops.reconcile_once(body, state, lambda: None)
+        return str(fake.kube.configmaps[key]["data"].get("deletionPolicy"))
+
+    await once()
+    assert await once() == "Delete"
+    body["metadata"]["annotations"]["incus.truenas.io/paused"] = "true"
+    assert await once() == "Orphan"
+    del body["metadata"]["annotations"]["incus.truenas.io/paused"]
+    assert await once() == "Delete"

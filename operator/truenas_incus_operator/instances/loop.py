@@ -328,9 +328,12 @@ class InstanceLoops:
         held = self.ledger.get(connection.identity, desired.instance_name)
         if held is not None and held.owner_uid != desired.uid:
             await self.ledger.reread(held.truenas, held.instance)
-        elif held is not None and not held.observed_only and held.deletion_policy != desired.deletion_policy:
-            # What a reaper does with the instance if this resource ever vanishes unseen (docs/security.md).
-            await self.ledger.set_deletion_policy(held, desired.deletion_policy)
+        elif held is not None and not held.observed_only:
+            # What a reaper does with the instance if this resource ever vanishes unseen (docs/security.md):
+            # while paused, nothing (the resource's own deletion waits for the resume instead).
+            policy = "Orphan" if desired.paused else desired.deletion_policy
+            if held.deletion_policy != policy:
+                await self.ledger.set_deletion_policy(held, policy)
 
     async def _observed_devices(
         self, desired: Desired, state: LoopState, connection: Connection, observed: ObservedInstance | None
