@@ -348,3 +348,15 @@ async def test_doctor_reports_the_memory_a_vm_can_get_with_and_without_overcommi
     assert memory.status == OK, report.as_text()
     assert memory.details == {"guaranteed": 9 * gib, "overcommitted": 9 * gib}
     assert "9Gi" in memory.summary and "spec.memoryOvercommit" in memory.summary
+
+
+def test_the_text_report_escapes_what_a_server_said() -> None:
+    """A NAS's message with a line break or a terminal escape cannot forge a check or drive the terminal."""
+    from truenas_incus_operator.doctor import FAIL, Report
+
+    report = Report()
+    report.add("truenas", FAIL, "refused: \x1b]0;owned\x07\n[ok  ] forged: fine", reply=["a\nb", "\u202e"])
+    text = report.as_text()
+    assert "\x1b" not in text and "\u202e" not in text
+    assert not any(line.startswith("[ok  ] forged") for line in text.splitlines()), text
+    assert len(text.splitlines()) == 3, text

@@ -29,7 +29,12 @@ class UserKube:
     async def list_objects(self, plural: str, namespace: str) -> list[dict[str, Any]]:
         raise FORBIDDEN
 
-    async def list_events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+    asked: tuple[str | None, str | None] | None = None
+
+    async def list_events(
+        self, namespace: str, name: str, kind: str | None = None, uid: str | None = None
+    ) -> list[dict[str, Any]]:
+        self.asked = (kind, uid)
         return [{"type": "Warning", "reason": "Spoofed", "message": "\x1b]0;owned\x07 look", "lastTimestamp": "t"}]
 
 
@@ -44,3 +49,24 @@ async def test_status_says_what_the_users_rbac_does_not_show_and_shows_the_rest(
     assert text.startswith("IncusInstance apps/web: Running, Ready=True (Available)")
     assert "cannot read the ledger" in text and "connection:  apps/nas: Kubernetes API: 403 Forbidden" in text
     assert "\x1b" not in text and "\x07" not in text and "?]0;owned? look" in text
+
+
+async def test_events_are_those_of_this_very_resource() -> None:
+    """Not an Event about another kind of the same name, nor about an earlier resource of the name."""
+    kube = UserKube()
+    await gather_status(kube, "apps", "web", "tio-system")
+    assert kube.asked == ("IncusInstance", "u1")
+
+
+def test_a_users_command_logs_in_with_the_kubeconfig_before_a_service_account(monkeypatch: Any) -> None:
+    """As kubectl: inside a pod with a mounted token, the plugin still acts as the kubeconfig's user."""
+    import kopf
+
+    from truenas_incus_operator import kube
+
+    monkeypatch.setattr(kopf, "login_with_service_account", lambda settings: "service-account")
+    monkeypatch.setattr(kopf, "login_with_kubeconfig", lambda settings: "kubeconfig")
+    assert kube.credentials(prefer_kubeconfig=True) == "kubeconfig"
+    assert kube.credentials() == "service-account", "the operator itself: its pod's service account first"
+    monkeypatch.setattr(kopf, "login_with_kubeconfig", lambda settings: None)
+    assert kube.credentials(prefer_kubeconfig=True) == "service-account"

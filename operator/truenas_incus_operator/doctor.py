@@ -42,6 +42,7 @@ from .problems import OperatorError
 from .quantity import format_bytes
 from .reconcile import _vm_unsupported_message, instance_config
 from .settings import Settings
+from .status import printable
 from .truenas import Timings, TrueNASClient, TrueNASError, connect, ssl_context
 from .truenas.backends.container import ContainerBackend
 from .truenas.backends.snapshots import Snapshots, SnapshotTasks
@@ -128,10 +129,11 @@ class Report:
         marks = {OK: "ok  ", WARN: "WARN", FAIL: "FAIL", SKIP: "skip"}
         lines = []
         for check in self.checks:
-            lines.append(f"[{marks[check.status]}] {check.name}: {check.summary}")
+            # What a server said is escaped: a line break would forge a check, an escape drive the terminal.
+            lines.append(printable(f"[{marks[check.status]}] {check.name}: {check.summary}"))
             for key, value in check.details.items():
                 shown = ", ".join(map(str, value)) if isinstance(value, list | tuple) else value
-                lines.append(f"         {key}: {shown}")
+                lines.append(printable(f"         {key}: {shown}"))
         verdict = "blocking problems found" if self.blocked else "nothing blocks installing the operator"
         lines.append(f"doctor: {verdict}")
         return "\n".join(lines) + "\n"

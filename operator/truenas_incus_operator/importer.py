@@ -317,7 +317,7 @@ async def _config(settings: Settings, connection: str | None) -> ConnectionConfi
         raise SystemExit("import: --connection takes NAMESPACE/NAME")
     from .kube import Kube
 
-    kube = Kube(settings.kube_timeout_seconds)
+    kube = Kube(settings.kube_timeout_seconds, prefer_kubeconfig=True)
     try:
         body = await kube.read_object("truenasconnections", namespace, name)
         if body is None:

@@ -159,16 +159,30 @@ def _bounded_requests(limit: int) -> aiohttp.TraceConfig:
     return config
 
 
+def credentials(prefer_kubeconfig: bool = False) -> Any:
+    """kopf's ConnectionInfo: the pod's service account, else the kubeconfig (the operator, as kopf
+    does); ``prefer_kubeconfig``: the kubeconfig, else the service account (a user's command, as
+    kubectl does: inside a pod with a mounted token, ``kubectl truenas`` still acts as its user)."""
+    settings = kopf.OperatorSettings()
+    order = (kopf.login_with_kubeconfig, kopf.login_with_service_account)
+    for login in order if prefer_kubeconfig else order[::-1]:
+        info = login(settings=settings)
+        if info is not None:
+            return info
+    return None
+
+
 class Kube:
-    def __init__(self, timeout: float = 60.0) -> None:
+    def __init__(self, timeout: float = 60.0, prefer_kubeconfig: bool = False) -> None:
         self.timeout = timeout
         """Seconds for one request, answer included (``TIO_KUBE_TIMEOUT_SECONDS``)."""
+        self.prefer_kubeconfig = prefer_kubeconfig
+        """A user's command (the plugin, import): the kubeconfig before a service account (``credentials``)."""
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
 
     def _login(self) -> tuple[str, ssl.SSLContext, dict[str, str]]:
-        settings = kopf.OperatorSettings()
-        info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+        info = credentials(self.prefer_kubeconfig)
         if info is None:
             raise fail(KUBE_REASON, "no Kubernetes credentials: neither a service account nor a kubeconfig")
         ca = _pem(info.ca_data)
@@ -533,9 +547,15 @@ class Kube:
         path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{quote(namespace)}/{plural}"
         return await self._request("POST", path, body, explain=True)
 
-    async def list_events(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        """The Events about the object ``name`` in ``namespace`` (any kind of that name)."""
-        selector = quote(f"involvedObject.name={name}")
+    async def list_events(
+        self, namespace: str, name: str, kind: str | None = None, uid: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The Events about the object ``name`` in ``namespace``; with ``kind`` and ``uid``, only about
+        that object (not another kind of the same name, nor an earlier object deleted and made again)."""
+        fields = [f"involvedObject.name={name}"]
+        fields += [f"involvedObject.kind={kind}"] if kind else []
+        fields += [f"involvedObject.uid={uid}"] if uid else []
+        selector = quote(",".join(fields))
         found = await self._request("GET", f"/api/v1/namespaces/{quote(namespace)}/events?fieldSelector={selector}")
         items = found.get("items") or []
         return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
@@ -565,8 +585,7 @@ def _printable(text: Any, limit: int) -> str:
 def context_namespace() -> str:
     """The namespace of the kubeconfig's current context (a pod's own namespace), else ``default``:
     where ``kubectl truenas`` acts when no ``-n`` is given, as kubectl does."""
-    settings = kopf.OperatorSettings()
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    info = credentials(prefer_kubeconfig=True)
     return (info.default_namespace if info is not None else None) or "default"
 
 

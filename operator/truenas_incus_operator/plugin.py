@@ -94,7 +94,7 @@ async def gather_status(kube: Any, namespace: str, name: str, ledger_namespace: 
         for s in snapshots or []
         if ((s.get("spec") or {}).get("instanceRef") or {}).get("name") == name
     ]  # fmt: skip
-    events = await _optional(kube.list_events(namespace, name))
+    events = await _optional(kube.list_events(namespace, name, kind="IncusInstance", uid=uid or None))
     recent = [] if isinstance(events, str) else sorted(events or [], key=_event_time)[-EVENTS_SHOWN:]
     status = instance.get("status") or {}
     return {
@@ -281,7 +281,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     from .settings import Settings
 
     namespace = args.namespace or context_namespace()
-    kube = Kube(args.request_timeout)
+    kube = Kube(args.request_timeout, prefer_kubeconfig=True)
     try:
         if args.verb == "status":
             data = await gather_status(kube, namespace, args.name, args.ledger_namespace or Settings().ledger_namespace)
