@@ -343,3 +343,54 @@ async def test_a_paused_resource_s_ledger_record_says_orphan_until_it_resumes() 
     assert await once() == "Orphan"
     del body["metadata"]["annotations"]["incus.truenas.io/paused"]
     assert await once() == "Delete"
+
+
+# ----- a paused ObserveOnly resource (review L5) -----------------------------------------------------------
+async def test_a_paused_observe_only_resource_reports_observation_not_fulls_plan() -> None:
+    from truenas_incus_operator.instances.resource import LoopState
+    from truenas_incus_operator.policy import Grant, Policy
+
+    from .fakes import FakeBackend, fake_operator, resource
+    from .fakes import observed as fake_observed
+
+    backend = FakeBackend(instances={"web01": fake_observed("web01", cpu="4", status="STOPPED")})
+    fake = fake_operator(backend, policy=Policy(observation=[Grant()]))
+    paused = {"incus.truenas.io/paused": "true"}
+    # Paused before it was ever observed: nothing of the instance is shown, nothing is recorded.
+    body = resource(managementPolicy="ObserveOnly", cpu="2", annotations=paused)
+    state = LoopState(status={})
+    await fake.operator.loops.reconcile_once(body, state, lambda: None)
+    first = fake.kube.statuses("web01")[-1]
+    assert first.get("cpu") is None and not any(k[1].startswith("tio-owner") for k in fake.kube.configmaps)
+    # Observed, then paused: Synced says it only observes, InSync keeps the dry run.
+    del body["metadata"]["annotations"]["incus.truenas.io/paused"]
+    await fake.operator.loops.reconcile_once(body, state, lambda: None)
+    body["metadata"]["annotations"].update(paused)
+    await fake.operator.loops.reconcile_once(body, state, lambda: None)
+    last = fake.kube.statuses("web01")[-1]
+    found = {c["type"]: c for c in last["conditions"]}
+    assert found["Paused"]["status"] == "True" and found["Synced"]["reason"] == "ReconciliationPaused"
+    assert "would start" not in found["Synced"]["message"] and "only observes" in found["Synced"]["message"]
+    assert found["InSync"]["reason"] == "Differs" and "start it" in found["InSync"]["message"]
+    assert backend.calls == [] or all(c.startswith(("get", "list")) for c in backend.calls), backend.calls
+
+
+async def test_adopting_an_observed_instance_records_the_new_owners_deletion_policy() -> None:
+    from truenas_incus_operator.instances.ledger import record_name
+    from truenas_incus_operator.instances.resource import LoopState
+    from truenas_incus_operator.policy import Grant, Policy
+
+    from .fakes import LEDGER_NAMESPACE, TRUENAS, FakeBackend, fake_operator, resource
+    from .fakes import observed as fake_observed
+
+    backend = FakeBackend(instances={"web01": fake_observed("web01")})
+    fake = fake_operator(backend, policy=Policy(observation=[Grant()], adoption=[Grant()]))
+    body = resource(managementPolicy="ObserveOnly")
+    state = LoopState(status={})
+    await fake.operator.loops.reconcile_once(body, state, lambda: None)
+    key = (LEDGER_NAMESPACE, record_name(TRUENAS, "web01"))
+    assert fake.kube.configmaps[key]["data"]["state"] == "observed"
+    adopting = resource(annotations={"incus.truenas.io/adopt": "true"}, deletionPolicy="Delete")
+    await fake.operator.loops.reconcile_once(adopting, state, lambda: None)
+    data = fake.kube.configmaps[key]["data"]
+    assert data["state"] == "adopted" and data["deletionPolicy"] == "Delete", data

@@ -211,7 +211,9 @@ def synced_condition(
 def paused_synced(plan: Plan | None, observed: ObservedInstance | None) -> ConditionUpdate:
     """Synced while incus.truenas.io/paused is set: not reconciled, and what a reconcile would do."""
     message = f"reconciliation is paused ({PAUSED_ANNOTATION}): nothing is written to TrueNAS"
-    if plan is not None and plan.blocked is not None:
+    if plan is not None and plan.observing and plan.blocked is None:
+        message += "; the resource only observes its instance (ObserveOnly): InSync says what Full would change"
+    elif plan is not None and plan.blocked is not None:
         message += f"; a reconcile would refuse ({plan.blocked.reason}): {plan.blocked.message}"
     elif plan is not None and plan.actions:
         message += "; a reconcile would " + "; ".join(describe_action(a, observed) for a in plan.actions)

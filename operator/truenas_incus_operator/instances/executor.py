@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..connections import Connection
@@ -154,9 +155,10 @@ class Executor:
             return True
         if isinstance(action, Adopt) and held is not None and held.owner_uid == desired.uid and held.observed_only:
             # ObserveOnly -> Full: the observer takes the instance over (the adoption rules applied).
+            adopter = replace(desired, ownership=replace(desired.ownership, observing=False))
             await self.ledger.set_deletion_policy(
-                await self.ledger.set_state(held, RecordState.ADOPTED), desired.deletion_policy
-            )
+                await self.ledger.set_state(held, RecordState.ADOPTED), adopter.deletion_policy
+            )  # the policy of the owner it becomes (while observing, the effective one is Orphan)
             self.reporter.post_event(body, "Normal", "Adopted", f"took over {name} on TrueNAS ({held.truenas})")
             return True
         if isinstance(action, Claim | Adopt):

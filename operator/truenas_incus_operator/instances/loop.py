@@ -245,8 +245,11 @@ class InstanceLoops:
             wanted = instance_config(desired)
             observed = connection.cache.get(desired.instance_name)
             unsupported = (*backend.unsupported_fields(wanted, observed), *backend.deferred_fields(wanted, observed))
-            if desired.observe_only and not stopped_writes:
-                devices = await self._observed_devices(desired, state, connection, observed)
+            if desired.observe_only:
+                if stopped_writes:  # paused: the devices as last read (no listing while paused)
+                    devices = list(state.observed_devices[1]) if state.observed_devices is not None else None
+                else:
+                    devices = await self._observed_devices(desired, state, connection, observed)
                 current = plan_observe(
                     desired,
                     observed,
@@ -255,6 +258,14 @@ class InstanceLoops:
                     config=backend.honoured(wanted, observed),
                     identity=backend.device_identity,
                 )
+                if stopped_writes:
+                    if current.actions:  # not observed yet (or no longer allowed): nothing of it is shown
+                        waiting = "paused before the instance was observed: nothing of it is shown until resumed"
+                        current = Plan(blocked=Blocked(Reason.RECONCILIATION_PAUSED, waiting), observing=True)
+                    await self.reporter.write(
+                        state, desired, observed, plan=replace(current, paused=True), version=connection.version
+                    )
+                    return
                 if current.actions:  # Observe: the ledger records the observer (no TrueNAS call)
                     await self.executor.execute(body, state, desired, connection, observed, current.actions[0])
                     continue
