@@ -70,3 +70,17 @@ def test_a_users_command_logs_in_with_the_kubeconfig_before_a_service_account(mo
     assert kube.credentials() == "service-account", "the operator itself: its pod's service account first"
     monkeypatch.setattr(kopf, "login_with_kubeconfig", lambda settings: None)
     assert kube.credentials(prefer_kubeconfig=True) == "service-account"
+
+
+def test_every_verb_and_option_of_the_plugin_says_what_it_does() -> None:
+    import argparse
+
+    from truenas_incus_operator.plugin import build_parser
+
+    parser = build_parser()
+    (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(verbs.choices) == {"status", "pause", "resume", "snapshot", "restore", "import", "doctor"}
+    for verb, sub in verbs.choices.items():
+        assert sub.description and len(sub.description) > 30, verb
+        for action in sub._actions:
+            assert action.help, f"{verb} {action.option_strings or action.dest}"

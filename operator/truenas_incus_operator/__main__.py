@@ -160,6 +160,24 @@ def add_doctor_arguments(doctor: argparse.ArgumentParser) -> None:
     doctor.add_argument("--timeout", type=float, default=15.0, help="seconds per connection attempt and call")
 
 
+DOCTOR_DESCRIPTION = (
+    "Reachability, TLS (the presented certificate when untrusted), version and API family, the key's roles, "
+    "virtualization, the image registry, the VM image server, and for the given manifests what the operator "
+    "would refuse (VMs it cannot create, missing images, memory the NAS lacks) or leave unhonoured. Connects "
+    "with the TIO_TRUENAS_* settings (TIO_TRUENAS_URL, TIO_TRUENAS_API_KEY_FILE, TIO_TRUENAS_CA_FILE, ...). "
+    "Never writes. Exit code 1 when a blocking problem is found."
+)
+IMPORT_DESCRIPTION = (
+    "Lists the instances of the NAS (virt.instance, container.*, vm.*) and prints an IncusInstance manifest for "
+    "each: type, image where TrueNAS knows it, cpu, memory, autostart, power state, environment, storage pool, "
+    "devices and NICs, with spec.managementPolicy ObserveOnly (or the adopt annotation with --adopt) and "
+    "spec.deletionPolicy Orphan. What the CRD cannot express is listed in YAML comments above each manifest "
+    "(TrueNAS's text escaped; each manifest is read back before it is written). Connects as doctor does (the "
+    "TIO_TRUENAS_* settings), or through a TrueNASConnection with --connection. Never writes to TrueNAS: every "
+    "call but a read is refused before it is sent."
+)
+
+
 def add_import_arguments(imports: argparse.ArgumentParser) -> None:
     """import's options (also ``kubectl truenas import``)."""
     imports.add_argument(
@@ -172,7 +190,8 @@ def add_import_arguments(imports: argparse.ArgumentParser) -> None:
         "--adopt",
         action="store_true",
         help="manifests that take the instances over (the adopt annotation, Full) instead of observing them; an "
-        "instance whose image TrueNAS does not know stays ObserveOnly",
+        "instance whose image TrueNAS does not know, or whose manifest leaves out what Full would then change (a "
+        "device the CRD cannot express, its power state), stays ObserveOnly with a note saying why",
     )
     imports.add_argument("-n", "--namespace", help="metadata.namespace of the manifests (default: none)")
     imports.add_argument(
@@ -212,10 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor",
         help="check a NAS before installing, read-only (the same TIO_TRUENAS_* settings as run)",
-        description="Reachability, TLS (the presented certificate when untrusted), version and API family, the "
-        "key's roles, virtualization, the image registry, the VM image server, and for the given manifests "
-        "what the operator would refuse (VMs it cannot create, missing images, memory the NAS lacks) or leave "
-        "unhonoured. Never writes. Exit code 1 when a blocking problem is found.",
+        description=DOCTOR_DESCRIPTION,
     )
     add_doctor_arguments(doctor)
     doctor.set_defaults(func=_doctor)
@@ -223,12 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     imports = commands.add_parser(
         "import",
         help="print IncusInstance manifests for the instances a NAS has, read-only",
-        description="Lists the instances of the NAS (virt.instance, container.*, vm.*) and prints an IncusInstance "
-        "manifest for each: type, image where TrueNAS knows it, cpu, memory, autostart, power state, environment, "
-        "storage pool, devices and NICs, with spec.managementPolicy ObserveOnly (or the adopt annotation with "
-        "--adopt). What the CRD cannot express is listed in YAML comments above each manifest. Connects as doctor "
-        "does (the TIO_TRUENAS_* settings), or through a TrueNASConnection with --connection. Never writes to "
-        "TrueNAS: every call but a read is refused before it is sent.",
+        description=IMPORT_DESCRIPTION,
     )
     add_import_arguments(imports)
     imports.set_defaults(func=_import)

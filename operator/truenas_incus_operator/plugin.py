@@ -316,7 +316,7 @@ def _object(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .__main__ import add_doctor_arguments, add_import_arguments
+    from .__main__ import DOCTOR_DESCRIPTION, IMPORT_DESCRIPTION, add_doctor_arguments, add_import_arguments
 
     parser = argparse.ArgumentParser(
         prog="kubectl truenas",
@@ -362,10 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--restore-name", help="the IncusInstanceRestore's name (default: NAME-restore-<UTC time>)")
     restore.add_argument("--wait", type=float, default=600.0, help="seconds to wait (default 600)")
-    add_import_arguments(
-        verbs.add_parser("import", help="IncusInstance manifests for the instances a NAS has (read-only)")
-    )
-    add_doctor_arguments(verbs.add_parser("doctor", help="check a NAS before installing (read-only)"))
+    summary = "IncusInstance manifests for the instances a NAS has (read-only)"
+    add_import_arguments(verbs.add_parser("import", help=summary, description=IMPORT_DESCRIPTION))
+    summary = "check a NAS before installing (read-only)"
+    add_doctor_arguments(verbs.add_parser("doctor", help=summary, description=DOCTOR_DESCRIPTION))
     return parser
 
 
