@@ -181,6 +181,35 @@ def test_a_paused_plan_is_reported_not_done() -> None:
 
 
 # ----- a switch during a pass (review M1) -------------------------------------------------------------------
+async def test_a_pause_set_while_an_action_waits_for_a_job_slot_stops_it() -> None:
+    """One job slot per namespace: b waits behind a's create; b is paused meanwhile: b is never created."""
+    import asyncio
+
+    from truenas_incus_operator.connections.slots import JobSlots
+    from truenas_incus_operator.instances.resource import LoopState
+
+    from .fakes import FakeBackend, fake_operator, resource
+
+    backend = FakeBackend(gate=asyncio.Event())
+    fake = fake_operator(backend)
+    fake.connection.job_slots = JobSlots(2)
+    a, b = resource("a", powerState="Stopped"), resource("b", powerState="Stopped")
+    loops = fake.operator.loops
+    first = asyncio.create_task(loops.reconcile_once(a, LoopState(status={}), lambda: None))
+    await asyncio.sleep(0.2)
+    second = asyncio.create_task(loops.reconcile_once(b, LoopState(status={}), lambda: None))
+    await asyncio.sleep(0.3)
+    assert fake.connection.job_slots.per_namespace == 1 and "create b" not in backend.calls, backend.calls
+    b["metadata"]["annotations"]["incus.truenas.io/paused"] = "true"
+    assert backend.gate is not None
+    backend.gate.set()
+    await asyncio.gather(first, second)
+    assert "create a" in backend.calls and "create b" not in backend.calls, backend.calls
+    assert not any(
+        k[1].startswith("tio-owner") and v["data"].get("instance") == "b" for k, v in fake.kube.configmaps.items()
+    )
+
+
 @pytest.mark.parametrize(
     "switch",
     [
@@ -215,7 +244,8 @@ async def test_a_pause_or_observe_only_set_during_a_pass_stops_its_next_write(sw
 
 
 # ----- a grant taken back (review M3) -------------------------------------------------------------------------
-async def test_an_observation_the_policy_no_longer_grants_ends_and_hides_the_instance() -> None:
+@pytest.mark.parametrize("route", ["observe-only", "switched-to-full", "paused"])
+async def test_an_observation_the_policy_no_longer_grants_ends_and_hides_the_instance(route: str) -> None:
     """The administrator empties policy.observation: the observer's ledger record goes (another may
     then take the instance, as the policy says) and the status stops mirroring it at once."""
     from truenas_incus_operator.instances.ledger import record_name
@@ -237,12 +267,19 @@ async def test_an_observation_the_policy_no_longer_grants_ends_and_hides_the_ins
     assert fake.kube.statuses("web01")[-1]["cpu"] == "4"
 
     fake.operator.loops.policy = Policy()  # the grant is taken back (a policy reload)
+    if route == "switched-to-full":  # the tenant's dodge: Full, no adopt annotation (review round 2, R1)
+        body["spec"].pop("managementPolicy")
+        body["metadata"]["generation"] = 2
+    elif route == "paused":
+        body["metadata"]["annotations"]["incus.truenas.io/paused"] = "true"
     await fake.operator.loops.reconcile_once(body, state, lambda: None)
     assert key not in fake.kube.configmaps, "the observer's record is released"
     last = fake.kube.statuses("web01")[-1]
     synced = next(c for c in last["conditions"] if c["type"] == "Synced")
-    assert synced["reason"] == "ObserveNotAllowed"
+    expected = {"observe-only": "ObserveNotAllowed", "switched-to-full": "AlreadyExists"}
+    assert synced["reason"] == expected.get(route, "ReconciliationPaused"), synced
     assert last.get("cpu") is None and not last.get("instanceId"), "nothing of the instance is shown any more"
+    assert not last.get("ipAddresses") and not last.get("image"), last
     assert ("Normal", "Released", "stopped observing web01 on TrueNAS: the policy no longer allows it") in fake.events
     assert backend.calls == [] or all(c.startswith(("get", "list")) for c in backend.calls), backend.calls
 
@@ -394,3 +431,41 @@ async def test_adopting_an_observed_instance_records_the_new_owners_deletion_pol
     await fake.operator.loops.reconcile_once(adopting, state, lambda: None)
     data = fake.kube.configmaps[key]["data"]
     assert data["state"] == "adopted" and data["deletionPolicy"] == "Delete", data
+
+
+async def test_a_pause_set_while_a_deletion_stops_the_instance_keeps_the_instance() -> None:
+    """The deletion reads the resource again before each step (review round 2, R8): paused during the
+    stop, the delete that would follow is not sent; the deletion waits for the resume."""
+    import asyncio
+    import copy
+
+    from truenas_incus_operator.instances.resource import LoopState
+    from truenas_incus_operator.problems import OperatorError
+
+    from .fakes import FakeBackend, fake_operator, resource
+
+    release = asyncio.Event()
+
+    class SlowStop(FakeBackend):
+        async def stop(self, name: str, timeout: int | None = None, force: bool = False) -> None:
+            await release.wait()
+            await super().stop(name, timeout, force)
+
+    backend = SlowStop()
+    fake = fake_operator(backend)
+    body = resource()
+    await fake.operator.loops.reconcile_once(body, LoopState(status={}), lambda: None)
+    assert "web01" in backend.instances
+    deleting = resource(deleting=True)
+    fake.kube.incus_instances[("apps", "web01")] = copy.deepcopy(deleting)
+    task = asyncio.create_task(fake.operator.deletion.delete(deleting, 0))
+    for _ in range(100):
+        if "stop web01" in backend.calls or task.done():
+            break
+        await asyncio.sleep(0.01)
+    fake.kube.incus_instances[("apps", "web01")]["metadata"]["annotations"]["incus.truenas.io/paused"] = "true"
+    release.set()
+    with pytest.raises(OperatorError) as waiting:
+        await task
+    assert waiting.value.retry_after is not None and waiting.value.problem.reason == "ReconciliationPaused"
+    assert "delete web01" not in backend.calls and "web01" in backend.instances, backend.calls

@@ -66,6 +66,10 @@ class Ownership:
     an instance it did not create): it reads the instance, and never writes to or deletes it."""
     observe_allowed: bool = False
     """The administrator's policy allows observing instances this resource did not create (observation)."""
+    revoked: bool = False
+    """The ledger names this resource as the instance's observer, and the policy no longer allows it:
+    the resource is treated as holding nothing (``mine`` False: nothing of the instance is shown), and
+    the loop releases the record (``Unobserve``), whatever spec.managementPolicy says now."""
 
 
 @dataclass(frozen=True)
@@ -521,7 +525,7 @@ def plan_observe(
     if ownership.elsewhere is not None and not ownership.mine:
         message = f"this resource already owns or observes the instance {ownership.elsewhere}; it cannot also observe"
         return Plan(blocked=Blocked(Reason.OWNS_ELSEWHERE, f"{message} {desired.instance_name!r}"), observing=True)
-    if ownership.observing and not ownership.observe_allowed:
+    if ownership.revoked or (ownership.observing and not ownership.observe_allowed):
         return Plan(actions=(Unobserve(),), observing=True)  # the grant was taken back: the record goes
     if observed is None:
         return Plan(observing=True, differences=("create the instance (it does not exist on TrueNAS)",))

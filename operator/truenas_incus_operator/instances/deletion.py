@@ -19,10 +19,10 @@ from ..settings import Settings
 from ..truenas import APIUnavailable, NotFound, TrueNASError
 from ..truenas.backends.snapshots import parses
 from ..truenas.backends.vm import instance_of_dataset
-from .executor import Executor
+from .executor import Executor, WritesStopped
 from .ledger import Ledger, Record, RecordState
 from .reporter import Reporter, backoff_delay
-from .resource import LoopState, ResourceKey, deletion_view, paused, resource_key
+from .resource import LoopState, ResourceKey, deletion_view, paused, resource_key, writes_stopped_since
 from .schedules import Schedules, naming_schema
 
 CONNECT_WAIT_SECONDS = 10.0
@@ -134,6 +134,24 @@ class Deletion:
         self.reporter.post_once(body, self._posted.setdefault(key, state), "Warning", problem.reason, problem.message)
         raise OperatorError(problem, retry_after=delay)
 
+    async def _still_to_delete(self, body: Mapping[str, Any], desired: Desired) -> None:
+        """The resource read again before each step of the deletion (a stop can take an hour): a pause,
+        ObserveOnly or Orphan set meanwhile stops it there; the next attempt does what they say."""
+        meta = body.get("metadata") or {}
+        current = await self.reporter.kube.read_incus_instance(str(meta.get("namespace")), str(meta.get("name")))
+        if current is None or (current.get("metadata") or {}).get("uid") != desired.uid:
+            return  # gone already (the finalizer is kopf's): nothing new to read
+        if writes_stopped_since(desired, current) or deletion_view(current).deletion_policy != desired.deletion_policy:
+            raise self._switched()
+
+    @staticmethod
+    def _switched() -> OperatorError:
+        return fail(
+            Reason.RECONCILIATION_PAUSED,
+            "the resource was paused, or switched to ObserveOnly or Orphan, during its deletion: looking again",
+            retry_after=1.0,
+        )
+
     async def _wait_for_resume(
         self, body: Mapping[str, Any], key: ResourceKey, state: LoopState, desired: Desired
     ) -> None:
@@ -210,10 +228,13 @@ class Deletion:
             if any(isinstance(a, Delete) for a in current.actions):
                 await self._drop_snapshots(connection, fresh.instance, desired.uid)
             for action in current.actions:
+                await self._still_to_delete(body, ours)
                 try:
                     await self.executor.execute(body, state, ours, connection, observed, action)
                 except NotFound:
                     connection.remember_gone(fresh.instance)
+                except WritesStopped:
+                    raise self._switched() from None
         if waited is not None:
             # Nothing was deleted: TrueNAS was busy with the instance the whole time.
             raise fail(Reason.DELETE_FAILED, f"waiting to delete the instance: {waited}; will retry")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -44,7 +45,7 @@ from ..truenas import (
 )
 from .ledger import Ledger, Record, RecordState, describe_holder
 from .reporter import Reporter
-from .resource import LoopState, ResourceKey
+from .resource import LoopState, ResourceKey, writes_stopped_since
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class Executor:
                 self._claimed[key] = record
             return False
         record = self.owned(desired, connection)
+        stopped = functools.partial(writes_stopped_since, desired, body)
         if isinstance(action, Create):
             if claimed is None:
                 # A record this plan did not claim (read at startup, an earlier pass's, another
@@ -193,7 +195,7 @@ class Executor:
             # Ready=False (Progressing) for the new generation before the job: `kubectl wait
             # --for=condition=Ready` after a spec change must not return on the old generation's True.
             await self.reporter.write(state, desired, observed, plan=Plan(actions=(action,)), version=version)
-            async with self._slot(connection, desired.namespace):
+            async with self._slot(connection, desired.namespace, stopped):
                 connection.remember(await backend.update(name, action.changes))
         elif isinstance(action, AddDevice):
             await backend.add_device(name, action.device)
@@ -203,15 +205,15 @@ class Executor:
             await backend.delete_device(name, action.name)
         elif isinstance(action, Start):
             await self.reporter.write(state, desired, observed, activity=Phase.STARTING, version=version)
-            async with self._slot(connection, desired.namespace):
+            async with self._slot(connection, desired.namespace, stopped):
                 await backend.start(name, action.overcommit)
             await connection.refresh_one(name)
         elif isinstance(action, Stop):
             await self.reporter.write(state, desired, observed, activity=Phase.STOPPING, version=version)
-            await self.stop(connection, desired.namespace, name, action.timeout)
+            await self.stop(connection, desired.namespace, name, action.timeout, stopped)
             await connection.refresh_one(name)
         elif isinstance(action, Delete):
-            async with self._slot(connection, desired.namespace):
+            async with self._slot(connection, desired.namespace, stopped):
                 await backend.delete(name)
             connection.remember_gone(name)
         if is_device_action(action):
@@ -221,11 +223,16 @@ class Executor:
         return False
 
     @contextlib.asynccontextmanager
-    async def _slot(self, connection: Connection, namespace: str) -> AsyncIterator[None]:
+    async def _slot(
+        self, connection: Connection, namespace: str, stopped: Callable[[], bool] | None = None
+    ) -> AsyncIterator[None]:
         """A job slot, then the Lease fence again: the wait for a slot (and the status write before
-        it) can outlast the renew deadline, so the check at the action's start is not enough."""
+        it) can outlast the renew deadline, so the check at the action's start is not enough. So can a
+        tenant's pause or ObserveOnly (``stopped``): checked here too, after the wait."""
         async with connection.job_slots.slot(namespace):
             self.fence.check()
+            if stopped is not None and stopped():
+                raise WritesStopped()
             yield
 
     def owned(self, desired: Desired, connection: Connection) -> Record:
@@ -250,12 +257,13 @@ class Executor:
         predates this plan: an earlier pass, a crash, another actor of this resource)."""
         key = (desired.namespace, desired.name)
         name = desired.instance_name
+        stopped = functools.partial(writes_stopped_since, desired, body)
         await self.reporter.write(state, desired, None, activity=Phase.CREATING, version=connection.version)
         self.creating.add(key)
         job = JobReport()
         reporting = asyncio.create_task(self._report_job(job, state, desired, connection), name=f"job {name}")
         try:
-            async with self._slot(connection, desired.namespace):
+            async with self._slot(connection, desired.namespace, stopped):
                 created = await _backend(connection).create(action.config, on_progress=job.update)
         except AlreadyExists:
             if claimed is not None and await self.ledger.release_own_claim(claimed):
@@ -273,6 +281,11 @@ class Executor:
                 f"another create call for {name} (of this resource) is running",
                 retry_after=2.0,
             ) from None
+        except WritesStopped:
+            # Paused (or ObserveOnly) while waiting for a slot: nothing was sent; the claim goes back.
+            if claimed is not None:
+                await self.ledger.release_own_claim(claimed)
+            raise
         except CallFailed:
             # TrueNAS answered: nothing was created. Give the name back so a corrected spec can go on,
             # when this call claimed it and no other actor joined (else the record stays ours, and
@@ -311,17 +324,26 @@ class Executor:
                 except Exception:
                     log.exception("%s/%s: cannot show the job's progress", desired.namespace, desired.name)
 
-    async def stop(self, connection: Connection, namespace: str, name: str, timeout: int) -> None:
-        """Graceful within ``timeout`` seconds, then forced."""
+    async def stop(
+        self, connection: Connection, namespace: str, name: str, timeout: int, stopped: Callable[[], bool] | None = None
+    ) -> None:
+        """Graceful within ``timeout`` seconds, then forced (unless ``stopped`` says writes stopped meanwhile)."""
         self.fence.check()
         backend = _backend(connection)
-        async with self._slot(connection, namespace):
+        async with self._slot(connection, namespace, stopped):
             try:
                 await backend.stop(name, timeout=timeout)
                 return
             except JobFailed as exc:
                 log.info("graceful stop of %s failed (%s); forcing", name, exc.message)
+            if stopped is not None and stopped():
+                raise WritesStopped()
             await backend.stop(name, force=True)
+
+
+class WritesStopped(Exception):
+    """The resource was paused or switched to ObserveOnly while an action waited for its job slot (or
+    for a graceful stop): nothing more is sent; the caller ends the pass (or the deletion waits)."""
 
 
 async def _stop_reporting(reporting: asyncio.Task[None]) -> None:

@@ -19,11 +19,22 @@ from ..metrics import Metrics
 from ..models import PAUSED_ANNOTATION
 from ..policy import POLICY_REASON, Policy, Violation
 from ..problems import OperatorError, Problem, Reason, fail, problem_of
-from ..reconcile import Blocked, Create, Desired, Plan, Start, instance_config, plan, plan_observe
+from ..reconcile import (
+    Blocked,
+    Create,
+    Desired,
+    Ownership,
+    Plan,
+    Start,
+    Unobserve,
+    instance_config,
+    plan,
+    plan_observe,
+)
 from ..settings import Settings
 from ..status import clip
 from ..truenas import CloneSource, DeviceConfig, ObservedInstance, TrueNASError
-from .executor import Executor, describe_device_action, is_device_action
+from .executor import Executor, WritesStopped, describe_device_action, is_device_action
 from .holds import Holds
 from .ledger import Ledger
 from .ownership import ownership_of
@@ -35,8 +46,8 @@ from .resource import (
     adopt_requested,
     connection_key,
     desired_from,
-    paused,
     resource_key,
+    writes_stopped_since,
 )
 from .schedules import Schedules
 from .wakeups import Wakeups
@@ -221,6 +232,12 @@ class InstanceLoops:
             adopt_allowed=self.policy.may_adopt(parsed.namespace, connection.key),
             observe_allowed=self.policy.may_observe(parsed.namespace, connection.key),
         )
+        if ownership.observing and not ownership.observe_allowed:
+            # The observation grant was taken back: nothing of the instance is this resource's any more,
+            # in every path (Full, a policy refusal, an error), until the record is released.
+            ownership = Ownership(
+                adopt_requested=ownership.adopt_requested, adopt_allowed=ownership.adopt_allowed, revoked=True
+            )
         hold = self.holds.get((parsed.namespace, parsed.name)) if ownership.mine else None
         return replace(parsed, ownership=ownership, hold=hold)
 
@@ -239,9 +256,12 @@ class InstanceLoops:
         for _ in range(MAX_STEPS_PER_PASS):
             if (body.get("metadata") or {}).get("deletionTimestamp"):
                 return  # deleted during the pass: the delete handler takes over; kopf stops this loop
-            if not stopped_writes and _writes_stopped_since(parsed, body):
+            if not stopped_writes and writes_stopped_since(parsed, body):
                 return  # paused or ObserveOnly since the pass began: the next pass (woken by it) reports it
             desired = self.desired(parsed, body, connection)
+            if desired.ownership.revoked:  # a ledger write, no TrueNAS call: done even while paused
+                await self.executor.execute(body, state, desired, connection, None, Unobserve())
+                continue
             wanted = instance_config(desired)
             observed = connection.cache.get(desired.instance_name)
             unsupported = (*backend.unsupported_fields(wanted, observed), *backend.deferred_fields(wanted, observed))
@@ -295,7 +315,13 @@ class InstanceLoops:
                 return
             if devices is not None and not any(is_device_action(a) for a in current.actions):
                 state.devices_seen = seen
-            if current.blocked is None and not current.actions and observed is not None and self.schedules:
+            if (
+                current.blocked is None
+                and not current.actions
+                and observed is not None
+                and self.schedules
+                and not writes_stopped_since(parsed, body)
+            ):
                 notes = await self.schedules.sync(body, desired, connection, observed, state)
                 current = replace(current, unsupported=(*current.unsupported, *notes)) if notes else current
             if current.blocked is not None or not current.actions:
@@ -319,10 +345,13 @@ class InstanceLoops:
                 if await self.holds.confirm((desired.namespace, desired.name)) is not None:
                     continue
             for action in current.actions:
-                if _writes_stopped_since(parsed, body):
+                if writes_stopped_since(parsed, body):
                     return  # checked before every write, a job's end included (a create takes minutes)
                 with self.holds.action((desired.namespace, desired.name)):
-                    replan = await self.executor.execute(body, state, desired, connection, observed, action)
+                    try:
+                        replan = await self.executor.execute(body, state, desired, connection, observed, action)
+                    except WritesStopped:
+                        return  # paused or ObserveOnly while it waited for a job slot: nothing was sent
                 if replan:
                     break  # the ledger said more than the plan knew: plan again
         raise fail(Reason.NOT_CONVERGED, "the instance did not converge after repeated changes; will retry")
@@ -393,15 +422,6 @@ class InstanceLoops:
             fields = ", ".join(current.unsupported)
             self.reporter.post_event(body, "Warning", "Unsupported", f"{system_version} cannot honour: {fields}")
         state.unsupported_posted = current.unsupported
-
-
-def _writes_stopped_since(parsed: Desired, body: Mapping[str, Any]) -> bool:
-    """Whether kopf's live body now says to stop writing (the pause annotation, or ObserveOnly where the
-    pass began Full): the tenant's switch takes effect at the next step, not at the next pass."""
-    if paused(body) and not parsed.paused:
-        return True
-    spec = body.get("spec")
-    return not parsed.observe_only and isinstance(spec, Mapping) and spec.get("managementPolicy") == "ObserveOnly"
 
 
 async def _sleep(event: asyncio.Event, stopped: Any, delay: float) -> None:

@@ -97,6 +97,16 @@ def deletion_view(body: Mapping[str, Any]) -> Desired:
         )
 
 
+def writes_stopped_since(parsed: Desired, body: Mapping[str, Any]) -> bool:
+    """Whether ``body`` (kopf's live view, or the resource read again) now says to stop writing: the
+    pause annotation, or ObserveOnly where ``parsed`` was Full. The tenant's switch takes effect at
+    the next write, not at the next pass."""
+    if paused(body) and not parsed.paused:
+        return True
+    spec = body.get("spec")
+    return not parsed.observe_only and isinstance(spec, Mapping) and spec.get("managementPolicy") == "ObserveOnly"
+
+
 def adopt_requested(body: Mapping[str, Any]) -> bool:
     annotations = body.get("metadata", {}).get("annotations") or {}
     return str(annotations.get(ADOPT_ANNOTATION, "")).lower() == "true"

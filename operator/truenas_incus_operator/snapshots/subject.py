@@ -148,14 +148,14 @@ class Subjects:
         ObserveOnly set while the instance stopped stops the write there, not at the next attempt."""
         return await self.resolve(subject.key[0], subject.key[1], subject.uid)
 
-    async def writes_stopped(self, namespace: str, name: str) -> str | None:
+    async def writes_stopped(self, namespace: str, name: str, uid: str | None = None) -> str | None:
         """What keeps the operator from writing to the IncusInstance ``name``'s instance now (its
         ``deletionPolicy`` aside): ``"paused"``, ``"observe-only"``, or None (it is Full, or gone: a
         snapshot of an instance whose resource went is the snapshot's own). Read from the raw body, so
         a spec the models refuse cannot hide either switch."""
         body = await self.kube.read_incus_instance(namespace, name)
-        if body is None:
-            return None
+        if body is None or (uid and uid_of(body) != uid):
+            return None  # gone, or another resource of the name since (``uid``: the one the snapshot was of)
         if paused(body):
             return "paused"
         spec = body.get("spec")

@@ -271,7 +271,9 @@ class SnapshotTaker:
         self.holds.release((key[0], _ref(body)), uid)
         records = self.ledger.owned_by(uid)
         policy = str((body.get("spec") or {}).get("deletionPolicy") or SnapshotDeletionPolicy.DELETE)
-        stopped = await self.subjects.writes_stopped(key[0], _ref(body)) if records else None
+        source = (body.get("status") or {}).get("source")
+        pinned = str(source.get("uid") or "") if isinstance(source, Mapping) else ""
+        stopped = await self.subjects.writes_stopped(key[0], _ref(body), pinned) if records else None
         if stopped == "paused" and policy != SnapshotDeletionPolicy.RETAIN:
             raise waiting(
                 Reason.RECONCILIATION_PAUSED,
