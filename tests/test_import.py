@@ -247,3 +247,74 @@ async def test_import_reads_a_running_vm_on_27() -> None:
             await client.close()
         (item,) = [f for f in found if f.instance == "vmrun"]
         assert item.manifest is not None and item.manifest["spec"]["powerState"] == "Running", item.notes
+
+
+def test_every_string_is_quoted_so_kubectls_yaml_reads_what_import_meant() -> None:
+    """sigs.k8s.io/yaml (kubectl, Argo CD) reads a plain y as true and 1e3 as a number; PyYAML leaves
+    both plain (review round 2, R4): every string value, and every key but the schema's, is quoted."""
+    from truenas_incus_operator.importer import imported
+
+    seen = observed("web01", environment={"y": "y", "NUM": "1e3", "OCT": "0o17", "on": "off"})
+    found = imported(seen, [], set())
+    text = found.as_yaml()
+    assert list(yaml.safe_load_all(text)) == [found.manifest]
+    root = yaml.compose(text)
+
+    def scalars(node: Any, key: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                yield from scalars(k, True)
+                yield from scalars(v)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                yield from scalars(item)
+        else:
+            yield node, key
+
+    for node, is_key in scalars(root):
+        if node.tag.endswith(":str") and not is_key:
+            assert node.style == '"', node.value
+        if is_key and node.style != '"':
+            assert node.value.isalpha() and node.value[0].islower() and node.value not in ("y", "on"), node.value
+    assert '"y": "y"' in text and '"NUM": "1e3"' in text and '"on": "off"' in text, text
+
+
+def test_a_folder_output_never_overwrites_a_file(tmp_path: Any) -> None:
+    """An instance named kustomization must not replace the folder's kustomization.yaml (R5)."""
+    from truenas_incus_operator.importer import imported
+
+    mine = tmp_path / "kustomization.yaml"
+    mine.write_text("resources: []\n")
+    out = Output(folder=tmp_path)
+    out(imported(observed("kustomization"), [], set()))
+    out(imported(observed("web01"), [], set()))
+    assert mine.read_text() == "resources: []\n" and out.refused == ["kustomization.yaml"]
+    assert (tmp_path / "web01.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("seen", "devices", "change"),
+    [
+        (observed("big", memory=1_000_000_000), [], "memory"),
+        (
+            observed("mac"),
+            [("eth1", {"nic_type": "BRIDGED", "parent": "br0", "mac": "AA:BB:CC:00:11:22"})],
+            "change device eth1",
+        ),
+        (observed("bare"), [("eth1", {"parent": "br0"})], "change device eth1"),
+    ],
+    ids=["memory-not-whole-mib", "upper-case-mac", "nic-without-type"],
+)
+def test_adopt_only_where_the_first_full_pass_would_change_nothing(seen: Any, devices: Any, change: str) -> None:
+    """--adopt writes the annotation only when Full's planner plans nothing for the manifest (R6)."""
+    from truenas_incus_operator.importer import imported
+    from truenas_incus_operator.truenas.types import DeviceConfig
+
+    listed = [DeviceConfig(name, "NIC", extra=extra) for name, extra in devices]
+    found = imported(seen, listed, set(), adopt=True)
+    assert found.manifest is not None
+    assert "annotations" not in found.manifest["metadata"]
+    assert found.manifest["spec"]["managementPolicy"] == "ObserveOnly"
+    assert any(note.startswith("--adopt: left ObserveOnly (Full would:") and change in note for note in found.notes), (
+        found.notes
+    )

@@ -24,6 +24,7 @@ import yaml
 from pydantic import ValidationError
 
 from .connections.config import ConnectionConfig, resource_loader, settings_loader
+from .instances.resource import desired_from
 from .models import (
     ADOPT_ANNOTATION,
     API_GROUP,
@@ -36,14 +37,50 @@ from .models import (
 from .models.limits import EXTRA_KEY_PATTERN, EXTRA_NIC_OWNED_KEYS, EXTRA_OWNED_KEYS, EXTRA_VALUE_PATTERN
 from .problems import OperatorError
 from .quantity import format_bytes
+from .reconcile import Ownership, by_name, describe_action, instance_config, plan
 from .settings import Settings
 from .status import printable
-from .truenas import DeviceConfig, InstanceStatus, ObservedInstance, TrueNASClient, TrueNASError, connect
+from .truenas import (
+    DeviceConfig,
+    InstanceBackend,
+    InstanceStatus,
+    ObservedInstance,
+    TrueNASClient,
+    TrueNASError,
+    connect,
+)
 from .truenas.backends.vm.marks import MANAGED_MARK
 from .truenas.client import Timings
 
 KUBERNETES_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 POWER = {InstanceStatus.RUNNING: "Running", InstanceStatus.STOPPED: "Stopped"}
+
+
+PLAIN_KEY = re.compile(r"[a-z][a-zA-Z]*")
+YAML11_WORDS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null"})
+
+
+class QuotingDumper(yaml.SafeDumper):
+    """Every string value double-quoted, every key too but the schema's own field names: PyYAML
+    resolves scalars by YAML 1.1 rules that are not kubectl's and Argo CD's (sigs.k8s.io/yaml reads a
+    plain ``y`` as true and ``1e3`` as a number), so what the NAS said is never left for a parser to
+    guess."""
+
+
+def _quoted_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+
+
+def _mapping(dumper: yaml.SafeDumper, value: dict[Any, Any]) -> yaml.MappingNode:
+    node = dumper.represent_mapping("tag:yaml.org,2002:map", value.items())
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and PLAIN_KEY.fullmatch(key.value) and key.value not in YAML11_WORDS:
+            key.style = None
+    return node
+
+
+QuotingDumper.add_representer(str, _quoted_str)
+QuotingDumper.add_representer(dict, _mapping)
 
 
 @dataclass
@@ -63,7 +100,7 @@ class Imported:
         is read back: it must be exactly this one manifest, or it is not written at all."""
         lines = [f"# TrueNAS instance {self.instance!r}"]
         lines += [f"# not expressed: {printable(note)}" for note in self.notes]
-        body = yaml.safe_dump(self.manifest, sort_keys=False) if self.manifest is not None else ""
+        body = yaml.dump(self.manifest, Dumper=QuotingDumper, sort_keys=False) if self.manifest is not None else ""
         text = "\n".join(lines) + "\n" + body
         expected = [self.manifest] if self.manifest is not None else [None]
         if list(yaml.safe_load_all(text)) != expected:
@@ -245,6 +282,7 @@ def imported(
     adopt: bool = False,
     namespace: str | None = None,
     connection: str | None = None,
+    backend: InstanceBackend | None = None,
 ) -> Imported:
     """The instance as a manifest. Every manifest says ``deletionPolicy: Orphan``: deleting what import
     wrote never deletes an instance; a user who wants that says Delete. With ``adopt`` the manifest
@@ -282,11 +320,41 @@ def imported(
         elif lost:
             found.note(f"--adopt: left ObserveOnly (Full would change what the manifest leaves out: {', '.join(lost)})")
         else:
-            metadata["annotations"] = {ADOPT_ANNOTATION: "true"}
-            checked.pop("managementPolicy")
+            full = {key: value for key, value in checked.items() if key != "managementPolicy"}
+            changes = full_would(name, full, observed, devices, backend)
+            if changes:
+                found.note(f"--adopt: left ObserveOnly (Full would: {'; '.join(changes)})")
+            else:
+                metadata["annotations"] = {ADOPT_ANNOTATION: "true"}
+                checked = full
     found.manifest = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "IncusInstance", "metadata": metadata}
     found.manifest["spec"] = checked
     return found
+
+
+def full_would(
+    name: str,
+    spec: dict[str, Any],
+    observed: ObservedInstance,
+    devices: list[DeviceConfig] | None,
+    backend: InstanceBackend | None = None,
+) -> list[str]:
+    """What the operator's Full planner would do on its first pass after adopting with ``spec``: an
+    adopt manifest is written only when that is nothing (a value TrueNAS holds in a form the spec
+    rounds or normalises, e.g. memory that is not whole MiB or an upper-case MAC, would be rewritten)."""
+    body = {"metadata": {"name": name, "namespace": "import", "uid": "import", "generation": 1}, "spec": spec}
+    desired = desired_from(body, Ownership(mine=True, adopted=True))
+    wanted = instance_config(desired)
+    result = plan(
+        desired,
+        observed,
+        devices,
+        config=backend.honoured(wanted, observed) if backend is not None else None,
+        identity=backend.device_identity if backend is not None else by_name,
+    )
+    if result.blocked is not None:
+        return [f"refuse it ({result.blocked.reason}): {result.blocked.message}"]
+    return [describe_action(action, observed) for action in result.actions]
 
 
 async def import_instances(
@@ -300,11 +368,13 @@ async def import_instances(
         try:
             devices = await backend.list_devices(observed.name)
         except TrueNASError as exc:
-            found = imported(observed, None, taken, adopt=adopt, namespace=namespace, connection=connection)
+            found = imported(observed, None, taken, adopt=adopt, namespace=namespace, connection=connection)  # lost
             found.note(f"spec.devices: TrueNAS did not list them ({type(exc).__name__}: {exc.message})")
             yield found
             continue
-        yield imported(observed, devices, taken, adopt=adopt, namespace=namespace, connection=connection)
+        yield imported(
+            observed, devices, taken, adopt=adopt, namespace=namespace, connection=connection, backend=backend
+        )
 
 
 async def _config(settings: Settings, connection: str | None) -> ConnectionConfig:
@@ -359,12 +429,21 @@ class Output:
 
     def __init__(self, stream: TextIO | None = None, folder: Path | None = None) -> None:
         self.stream, self.folder, self.written = stream, folder, 0
+        self.refused: list[str] = []
+        """Files of the folder that existed already: left as they were (the command exits 1)."""
 
     def __call__(self, found: Imported) -> None:
         text = found.as_yaml()
         if self.folder is not None:
-            name = found.manifest["metadata"]["name"] if found.manifest else f"not-imported-{self.written}"
-            (self.folder / f"{name}.yaml").write_text(text)
+            # "_": no Kubernetes name starts with it. "x": an existing file (the folder's own
+            # kustomization.yaml, an earlier import) is never overwritten by an instance's name.
+            name = found.manifest["metadata"]["name"] if found.manifest else f"_not-imported-{self.written}"
+            try:
+                with (self.folder / f"{name}.yaml").open("x") as handle:
+                    handle.write(text)
+            except FileExistsError:
+                self.refused.append(f"{name}.yaml")
+                print(f"import: {self.folder / name}.yaml exists: not overwritten", file=sys.stderr)
         elif self.stream is not None:
             self.stream.write(("---\n" if self.written else "") + text)
             self.stream.flush()
@@ -408,4 +487,4 @@ def main(args: Any) -> int:
         if handle is not None:
             handle.close()
     print(f"import: {count} instances", file=sys.stderr)
-    return 0
+    return 1 if output.refused else 0
