@@ -22,7 +22,7 @@ from truenas_incus_operator.truenas.transports.base import Secret
 
 from .conftest import Cluster, module_prefix
 from .harness import ADOPT_ANYWHERE, Harness, module_operator, unique, wait_until
-from .test_snapshots_e2e import apply, slow_jobs, status, wait_phase, writes, zfs_snapshots
+from .test_snapshots_e2e import ROLLBACKS, apply, slow_jobs, status, wait_phase, writes, zfs_snapshots
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd)
 
@@ -349,3 +349,39 @@ def test_a_snapshot_of_a_paused_or_observed_instance_is_neither_taken_nor_destro
     harness.wait_event(ns, "warm", "Retained")
     assert kept and kept <= zfs_snapshots(harness), "ObserveOnly: the snapshot stays on TrueNAS"
     assert len(writes(harness, name)) == before
+
+
+def test_a_pause_set_while_a_restore_stops_the_instance_holds_the_rollback(harness: Harness) -> None:
+    """Review round 2, R9: the restore resolves its instance again right before the rollback. Paused
+    while the instance stops, nothing is rolled back until the annotation goes; then it completes."""
+    ns = namespace(harness, "x-prest-")
+    name = unique("ct")
+    harness.apply(ns, name, {})
+    harness.wait_ready(ns, name, timeout=90)
+    apply(harness, ns, "IncusInstanceSnapshot", "base", {"instanceRef": {"name": name}})
+    wait_phase(harness, ns, "incusinstancesnapshots", "base", "Ready")
+    with slow_jobs(harness, 4.0):
+        apply(
+            harness,
+            ns,
+            "IncusInstanceRestore",
+            "back",
+            {"instanceRef": {"name": name}, "snapshotRef": {"name": "base"}},
+        )
+        wait_phase(harness, ns, "incusinstancerestores", "back", "Stopping")
+        assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}=true").returncode == 0
+        harness.cluster.wait_for(
+            lambda: (
+                condition(status(harness, ns, "incusinstancerestores", "back"), "Ready").get("reason")
+                == "ReconciliationPaused"
+            ),
+            timeout=60,
+            what="the restore waits for the resume",
+        )
+    time.sleep(2)
+    assert not [m for m, _ in writes(harness, name) if m in ROLLBACKS], "no rollback while paused"
+    assert status(harness, ns, "incusinstancerestores", "back")["phase"] == "Stopping"
+    assert harness.cluster.kubectl("annotate", "incusinstance", name, "-n", ns, f"{PAUSED}-").returncode == 0
+    wait_phase(harness, ns, "incusinstancerestores", "back", "Succeeded", timeout=120)
+    assert [m for m, _ in writes(harness, name) if m in ROLLBACKS], "rolled back once resumed"
+    wait_until(lambda: _state(harness, name) == "RUNNING", timeout=60, what="running again")
