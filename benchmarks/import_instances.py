@@ -4,7 +4,7 @@ manifest written to /dev/null as it comes. Prints the wall time, the Python heap
 importing (tracemalloc: what the import itself holds, the simulator's own objects excluded by
 taking the peak over the import only) and the process's peak RSS.
 
-Run: ``PYTHONPATH=operator:. .venv/bin/python benchmarks/import_instances.py [--counts 100 1000 3000]``.
+Run: ``PYTHONPATH=operator:. .venv/bin/python benchmarks/import_instances.py [--counts 100 1000 3000] [--adopt]``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from truenas_incus_operator.truenas.transports.base import Secret
 from truenas_simulator import Simulator, SimulatorServer
 
 
-async def one(count: int, profile: str) -> dict[str, Any]:
+async def one(count: int, profile: str, adopt: bool = False) -> dict[str, Any]:
     sim = Simulator(profile, seed=1)
     sim.knobs.scram_iterations = 50_000
     for i in range(count):
@@ -41,7 +41,7 @@ async def one(count: int, profile: str) -> dict[str, Any]:
         tracemalloc.reset_peak()
         started = time.monotonic()
         try:
-            async for found in import_instances(client):
+            async for found in import_instances(client, adopt=adopt):
                 sink(found)
                 written += 1
                 sink.stream = io.StringIO()  # as a file would: nothing kept once written
@@ -52,7 +52,7 @@ async def one(count: int, profile: str) -> dict[str, Any]:
             await client.close()
     finally:
         await server.stop()
-    return {"profile": profile, "instances": count, "written": written, "seconds": round(seconds, 2),
+    return {"profile": profile, "instances": count, "adopt": adopt, "written": written, "seconds": round(seconds, 2),
             "heap_peak_mib": round(peak / 2**20, 1)}  # fmt: skip
 
 
@@ -61,13 +61,15 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 1000, 3000])
     parser.add_argument("--profile", default="25.10")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--adopt", action="store_true", help="--adopt manifests (the Full planner runs on each)")
     args = parser.parse_args()
     results: list[dict[str, Any]] = []
     for count in args.counts:
-        figures = asyncio.run(one(count, args.profile))
+        figures = asyncio.run(one(count, args.profile, args.adopt))
         results.append(figures)
         print(
-            f"{figures['instances']} instances ({args.profile}): {figures['seconds']:.2f} s, "
+            f"{figures['instances']} instances ({args.profile}{', --adopt' if args.adopt else ''}): "
+            f"{figures['seconds']:.2f} s, "
             f"heap peak {figures['heap_peak_mib']} MiB during the import",
             flush=True,
         )
