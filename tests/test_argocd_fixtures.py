@@ -59,6 +59,7 @@ FIXTURES = {
     "suspended_paused.yaml": "test_paused_and_observed",
     "healthy_observed_differs.yaml": "test_paused_and_observed",
     "degraded_observed_not_found.yaml": "test_paused_and_observed",
+    "progressing_no_address.yaml": "test_waiting_for_an_address",
 }
 
 
@@ -369,3 +370,23 @@ def test_paused_and_observed(harness: Harness, namespace: str) -> None:
         assert harness.cluster.apply(manifest, namespace).returncode == 0
     capture(harness, namespace, "fx-ui", "healthy_observed_differs.yaml", until=insync("Differs"))
     capture(harness, namespace, "fx-nothing", "degraded_observed_not_found.yaml", until=insync("NotFound"))
+
+
+def test_waiting_for_an_address(harness: Harness, namespace: str) -> None:
+    """spec.readiness.address on a guest whose DHCP has not answered: Progressing, not Degraded."""
+    sim = harness.sim.sim
+    harness.sim.run(lambda: setattr(sim.knobs, "dhcp", False))
+    try:
+        harness.apply(namespace, "fx-no-address", {"readiness": {"address": True}})
+        harness.wait_status(
+            namespace,
+            "fx-no-address",
+            "NoAddress",
+            lambda s: any(c["reason"] == "NoAddress" for c in s.get("conditions") or []),
+            timeout=60,
+        )
+        capture(harness, namespace, "fx-no-address", "progressing_no_address.yaml")
+    finally:
+        harness.sim.run(lambda: setattr(sim.knobs, "dhcp", True))
+    harness.sim.run(lambda: sim.set_lease("fx-no-address", True))
+    harness.wait_ready(namespace, "fx-no-address", timeout=60)

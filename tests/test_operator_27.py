@@ -1,5 +1,6 @@
 """The operator against TrueNAS 27 (middleware master, api/v27_0_0): a running container deleted through
-27's container.delete job, and a VM whose guest agent's addresses reach status.ipAddresses."""
+27's container.delete job, and a VM whose guest agent's addresses reach status.addresses (with the
+interface each is on) and make it Ready where spec.readiness.address asks."""
 
 from __future__ import annotations
 
@@ -41,7 +42,13 @@ def test_running_container_is_deleted_through_the_job(harness: Harness, namespac
 def test_vm_status_shows_the_guest_agents_addresses(harness: Harness, namespace: str) -> None:
     harness.sim.run(lambda: setattr(harness.sim.sim.knobs, "guest_agent_interfaces", AGENT))
     name = unique("vm")
-    spec: dict[str, Any] = {"type": "VM", "image": "debian/bookworm", "cpu": "1", "memory": "1Gi"}
+    spec: dict[str, Any] = {
+        "type": "VM",
+        "image": "debian/bookworm",
+        "cpu": "1",
+        "memory": "1Gi",
+        "readiness": {"address": True},  # 27's guest agent can tell: no PartiallyApplied here
+    }
     harness.apply(namespace, name, spec)
     harness.wait_ready(namespace, name, timeout=60)
     wait_until(
@@ -51,5 +58,12 @@ def test_vm_status_shows_the_guest_agents_addresses(harness: Harness, namespace:
         what="status.ipAddresses from the guest agent",
         timeout=30,
     )
+    status = harness.get(namespace, name)["status"]
+    assert status["addresses"] == [
+        {"address": "192.168.1.50", "family": "IPv4", "interface": "enp1s0", "source": "TrueNAS"},
+        {"address": "2001:db8::50", "family": "IPv6", "interface": "enp1s0", "source": "TrueNAS"},
+    ]
+    synced = next(c for c in status["conditions"] if c["type"] == "Synced")
+    assert "readiness.address" not in synced["message"], synced
     harness.delete(namespace, name)
     assert harness.sim.run(lambda: dict(harness.sim.sim.vms.vms)) == {}

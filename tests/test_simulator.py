@@ -236,6 +236,20 @@ async def test_autostart_starts_at_the_end_of_create_and_aliases_follow_power() 
     assert stopped["result"]["status"] == "STOPPED"
 
 
+async def test_a_guest_whose_dhcp_has_not_answered_runs_without_aliases_until_it_has_a_lease() -> None:
+    """Knobs.dhcp False: running, no aliases (Incus reports only global-scope addresses, and the guest
+    has none yet); set_lease gives it one, with no event (virt events are start/stop only)."""
+    sim = Simulator("25.10")
+    sim.knobs.dhcp = False
+    job = await create(sim)
+    assert job["result"]["status"] == "RUNNING" and job["result"]["aliases"] == []
+    events: list[Any] = []
+    sim.virt.emit = lambda *args: events.append(args)  # type: ignore[method-assign]
+    sim.set_lease("c1", True)
+    entry = sim.virt.query(None, [[["id", "=", "c1"]], {"get": True}])  # type: ignore[arg-type]
+    assert {a["type"] for a in entry["aliases"]} == {"INET", "INET6"} and events == []
+
+
 async def test_query_is_empty_until_virt_is_initialised() -> None:
     sim = Simulator("25.10")
     await create(sim)

@@ -161,7 +161,7 @@ def incus_instance_crd() -> dict[str, Any]:
             {"name": "CPU", "type": "string", "jsonPath": ".status.cpu"},
             {"name": "Memory", "type": "string", "jsonPath": ".status.memory"},
             {"name": "Autostart", "type": "boolean", "jsonPath": ".status.autostart"},
-            {"name": "IP", "type": "string", "jsonPath": ".status.ipAddresses[0]"},
+            {"name": "IP", "type": "string", "jsonPath": ".status.addresses[0].address"},
             {"name": "Ready", "type": "string", "jsonPath": ready},
             {"name": "Synced", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Synced")].status'},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -52,6 +52,7 @@ class Reason(StrEnum):
     TRANSITIONING = "Transitioning"
     NOT_RUNNING = "NotRunning"
     NOT_STOPPED = "NotStopped"
+    NO_ADDRESS = "NoAddress"
     NOT_FOUND = "NotFound"
     NOT_OBSERVED = "NotObserved"
     NOT_SYNCED = "NotSynced"

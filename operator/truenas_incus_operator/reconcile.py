@@ -336,6 +336,7 @@ def instance_config(desired: Desired) -> InstanceConfig:
         cloud_init_network_config=spec.cloud_init.network_config if spec.cloud_init else None,
         memory_overcommit=bool(spec.memory_overcommit),
         source=desired.clone,
+        wants_address=bool(spec.readiness and spec.readiness.address),
     )
 
 

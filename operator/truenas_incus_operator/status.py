@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,12 +16,16 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .models import (
+    MAX_LISTED_ADDRESSES,
     MAX_OBSERVED_DEVICES,
     PAUSED_ANNOTATION,
+    AddressFamily,
+    AddressSource,
     Condition,
     ConditionStatus,
     ImageStatus,
     IncusInstanceStatus,
+    InstanceAddress,
     InstanceBinding,
     JobStatus,
     ObservedDevice,
@@ -74,7 +79,7 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-OBSERVED_FIELDS = ("instanceId", "binding", "cpu", "memory", "autostart", "ipAddresses", "image")
+OBSERVED_FIELDS = ("instanceId", "binding", "cpu", "memory", "autostart", "ipAddresses", "addresses", "image")
 """What a status knows of the instance on TrueNAS: kept, as last observed, while TrueNAS cannot be asked."""
 SNAPSHOT_FIELDS = ("snapshotSchedule", "snapshots", "snapshotCount")
 """What a status says of spec.snapshots and the instance's snapshots: read at a bounded rate, so
@@ -180,7 +185,43 @@ def ready_condition(
         return "True", Reason.MANUAL, f"power is managed outside the operator; TrueNAS reports {observed.status}"
     if observed.status == InstanceStatus.STOPPED:
         return "True", Reason.STOPPED, "the instance is stopped, as the spec asks"
+    readiness = desired.spec.readiness
+    if readiness is not None and readiness.address and not instance_addresses(observed):
+        where = (
+            "; this TrueNAS reports no address for it (see the Synced condition)"
+            if plan is not None and READINESS_ADDRESS in plan.unsupported
+            else ""
+        )
+        return "False", Reason.NO_ADDRESS, f"running; waiting for an address (spec.readiness.address){where}"
     return "True", Reason.AVAILABLE, "the instance is running and matches the spec"
+
+
+READINESS_ADDRESS = "readiness.address"
+"""The field named in Synced (PartiallyApplied) where TrueNAS reports no address for the instance."""
+
+
+def instance_addresses(observed: ObservedInstance | None) -> list[InstanceAddress]:
+    """status.addresses: what TrueNAS reports for the running instance, each checked to be an address
+    (a server's answer is not trusted to be one), IPv4 first, at most MAX_LISTED_ADDRESSES."""
+    if observed is None or observed.status != InstanceStatus.RUNNING:
+        return []
+    named = dict(observed.interfaces)
+    found: list[InstanceAddress] = []
+    seen: set[str] = set()
+    for raw in observed.addresses:
+        try:
+            address = ipaddress.ip_address(str(raw))
+        except ValueError:
+            continue
+        text = str(address)
+        if text in seen:
+            continue
+        seen.add(text)
+        family = AddressFamily.IPV4 if address.version == 4 else AddressFamily.IPV6
+        interface = named.get(str(raw)) or None
+        found.append(InstanceAddress(address=text, family=family, interface=interface, source=AddressSource.TRUENAS))
+    found.sort(key=lambda a: a.family != AddressFamily.IPV4)
+    return found[:MAX_LISTED_ADDRESSES]
 
 
 def synced_condition(
@@ -336,6 +377,7 @@ def render_instance(
         memory=format_bytes(observed.memory) if observed and observed.memory is not None else None,
         autostart=observed.autostart if observed else None,
         ip_addresses=list(observed.addresses) if observed else None,
+        addresses=instance_addresses(observed) if observed else None,
         image=_image(observed),
         devices=_devices(desired, observed, devices, previous or {}),
         job=job,

@@ -251,6 +251,14 @@ class Simulator:
             self.virt.emit("changed", name, item.entry(self.profile))
         return item
 
+    def set_lease(self, name: str, leased: bool) -> None:
+        """A 25.x Incus guest gets (or loses) its DHCP address. No event: TrueNAS's virt events are
+        Incus lifecycle events, and an address is not one; a client sees it at its next query."""
+        item = self.find(name)
+        if isinstance(item, Container):
+            raise ValueError("26 containers report no addresses (container.query has none)")
+        item.leased = leased
+
     def remove_instance(self, name: str) -> None:
         item = self.find(name)
         if isinstance(item, Container):

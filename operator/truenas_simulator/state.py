@@ -72,6 +72,10 @@ class Knobs:
     pool_available: int = 4 * 1024 * GIB
     """Free bytes on each pool, before volumes that reserve their size (not sparse) take theirs."""
     host_cores: int = 16
+    dhcp: bool = True
+    """Incus guests get their addresses as they start (25.x: virt.instance's ``aliases``, what Incus's
+    state reports with global scope); False: instances created from now on run without any until
+    ``Simulator.set_lease`` gives them one (a guest whose DHCP has not answered yet)."""
     guest_agent_interfaces: list[dict[str, Any]] | None = None
     """What a VM's QEMU guest agent reports (27's ``vm.get_guest_network_interfaces``) unless the VM has its
     own ``agent_interfaces``; None: guests have no agent."""
@@ -110,9 +114,11 @@ class Instance:
     root_disk_io_bus: str | None = None
     ignores_shutdown: bool = False
     """The guest ignores a graceful stop (only force stops it)."""
+    leased: bool = True
+    """The guest holds its DHCP lease: while running, Incus reports its addresses (``Knobs.dhcp``)."""
 
     def addresses(self) -> list[dict[str, Any]]:
-        if self.status != "RUNNING":
+        if self.status != "RUNNING" or not self.leased:
             return []
         digest = hashlib.sha256(self.name.encode()).digest()
         return [

@@ -17,6 +17,8 @@ The package: ``limits`` (every field's bounds and patterns), ``common`` (the bas
 
 from .cel import DEVICE_TYPES_BY_INSTANCE_TYPE, INSTANCE_ROOT_RULES
 from .common import (
+    AddressFamily,
+    AddressSource,
     Condition,
     ConditionStatus,
     DeletionPolicy,
@@ -40,6 +42,7 @@ from .connection import (
 )
 from .instance import (
     CLOUD_INIT_MAX_LENGTH,
+    MAX_LISTED_ADDRESSES,
     MAX_OBSERVED_DEVICES,
     MAX_ROOT_DISK,
     CloudInit,
@@ -49,12 +52,14 @@ from .instance import (
     IncusInstance,
     IncusInstanceSpec,
     IncusInstanceStatus,
+    InstanceAddress,
     InstanceBinding,
     InstanceDevice,
     InstanceNIC,
     InstanceSource,
     JobStatus,
     ObservedDevice,
+    Readiness,
     SnapshotSchedule,
 )
 from .limits import (
@@ -149,6 +154,7 @@ __all__ = [
     "INSTANCE_NAME_PATTERN",
     "INSTANCE_ROOT_RULES",
     "MAC_PATTERN",
+    "MAX_LISTED_ADDRESSES",
     "MAX_LISTED_SNAPSHOTS",
     "MAX_MEMORY",
     "MAX_MEMORY_QUANTITY",
@@ -169,6 +175,8 @@ __all__ = [
     "SNAPSHOT_SCHEDULE_MAX_LENGTH",
     "SNAPSHOT_SCHEDULE_PATTERN",
     "STORAGE_POOL_MAX_LENGTH",
+    "AddressFamily",
+    "AddressSource",
     "CloudInit",
     "Condition",
     "ConditionStatus",
@@ -186,6 +194,7 @@ __all__ = [
     "IncusInstanceSnapshotStatus",
     "IncusInstanceSpec",
     "IncusInstanceStatus",
+    "InstanceAddress",
     "InstanceBinding",
     "InstanceDevice",
     "InstanceNIC",
@@ -199,6 +208,7 @@ __all__ = [
     "ObservedDevice",
     "Phase",
     "PowerState",
+    "Readiness",
     "RestorePhase",
     "SecretKeyReference",
     "SnapshotDeletionPolicy",

@@ -62,6 +62,18 @@ class ManagementPolicy(StrEnum):
     OBSERVE_ONLY = "ObserveOnly"
 
 
+class AddressFamily(StrEnum):
+    IPV4 = "IPv4"
+    IPV6 = "IPv6"
+
+
+class AddressSource(StrEnum):
+    TRUENAS = "TrueNAS"
+    """TrueNAS reports it (25.x virt.instance aliases; 27's vm.* guest agent)."""
+    DECLARED = "Declared"
+    """The spec declares it (spec.nics[].addresses) and the operator applied it."""
+
+
 class TransportType(StrEnum):
     WEBSOCKET = "websocket"
     REST = "rest"

@@ -20,6 +20,8 @@ from pydantic import (
 from ..quantity import parse_bytes
 from .cel import _CROSS_FIELD_RULES, _DEVICE_RULES, _EXTRA_RULES, DEVICE_TYPES_BY_INSTANCE_TYPE, _cel
 from .common import (
+    AddressFamily,
+    AddressSource,
     Condition,
     DeletionPolicy,
     DeviceType,
@@ -410,6 +412,9 @@ class IncusInstanceSpec(_Model):
             "Delete (default): deleting the resource deletes the instance. Orphan: the instance stays on TrueNAS."
         ),
     )
+    readiness: Readiness | None = Field(
+        None, description="What Ready waits for besides the instance running as the spec says (an address)."
+    )
     management_policy: ManagementPolicy | None = Field(
         None,
         description=(
@@ -528,6 +533,37 @@ class ImageStatus(_Model):
 MAX_OBSERVED_DEVICES = 32
 
 
+MAX_LISTED_ADDRESSES = 16
+
+
+class InstanceAddress(_Model):
+    """An address of the instance, and how it is known (never a guess)."""
+
+    address: Annotated[str, Field(max_length=45)] = Field(description="The IP address (IPv4 or IPv6).")
+    family: AddressFamily = Field(description="IPv4 or IPv6.")
+    interface: Annotated[str, Field(max_length=15)] | None = Field(
+        None, description="The guest's interface, where TrueNAS names it (27's guest agent; 25.x's aliases do not)."
+    )
+    source: AddressSource = Field(
+        description="TrueNAS: TrueNAS reports it (25.x containers and Incus VMs; vm.* VMs on 27 through the "
+        "guest agent). Declared: spec.nics[].addresses."
+    )
+
+
+class Readiness(_Model):
+    """What Ready waits for besides the instance running as the spec says."""
+
+    address: bool | None = Field(
+        None,
+        description=(
+            "true: a running instance is Ready only once status.addresses has an address (Ready=False/NoAddress "
+            "until then), so kubectl wait --for=condition=Ready and Argo CD sync waves can wait for it. Where "
+            "TrueNAS reports no address for the instance (26 containers, vm.* VMs before 27), Synced says so "
+            "(PartiallyApplied) and Ready waits until an address is declared."
+        ),
+    )
+
+
 class ObservedDevice(_Model):
     """A device as TrueNAS reports it (an ObserveOnly resource's mirror of its instance)."""
 
@@ -591,7 +627,16 @@ class IncusInstanceStatus(_Model):
     cpu: str | None = Field(None, description="Effective CPU limit read back from TrueNAS; empty means no limit.")
     memory: str | None = Field(None, description="Effective memory limit read back from TrueNAS, as a quantity.")
     autostart: bool | None = Field(None, description="Effective autostart setting read back from TrueNAS.")
-    ip_addresses: list[str] | None = Field(None, description="Global IP addresses of the running instance.")
+    ip_addresses: list[str] | None = Field(
+        None, description="Global IP addresses of the running instance (status.addresses says more)."
+    )
+    addresses: Annotated[list[InstanceAddress], Field(max_length=MAX_LISTED_ADDRESSES)] | None = Field(
+        None,
+        description=(
+            f"The running instance's global addresses (at most {MAX_LISTED_ADDRESSES}, IPv4 first), each with its "
+            "family, interface where known and source: what TrueNAS reports or the spec declares, never a guess."
+        ),
+    )
     image: ImageStatus | None = Field(None, description="The image TrueNAS reports for the instance.")
     devices: Annotated[list[ObservedDevice], Field(max_length=MAX_OBSERVED_DEVICES)] | None = Field(
         None,

@@ -100,6 +100,8 @@ class InstanceConfig:
     """vm.*: start even when TrueNAS cannot guarantee the memory (``vm.start``'s ``overcommit``)."""
     source: CloneSource | None = None
     """vm.*: the root disk is a clone of this snapshot's root volume instead of a base image."""
+    wants_address: bool = False
+    """spec.readiness.address: Ready waits for an address, which the family must be able to report."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,9 @@ class ObservedInstance:
     storage_pool: str | None = None
     family: str = ""
     """The API family that reported it (``virt.instance``, ``container``, ``vm``): which one manages it."""
+    interfaces: tuple[tuple[str, str], ...] = ()
+    """(address, interface name) where TrueNAS names the interface an address is on (27's guest agent);
+    virt.instance's aliases do not say (TrueNAS drops Incus's interface names)."""
     seed: tuple[str, str] | None = None
     """vm.*: the digests of what its seed holds (environment, cloud-init), from its description."""
     pending: tuple[str, ...] = ()

@@ -229,6 +229,7 @@ class VirtService(Service):
             vnc_port=data.get("vnc_port"),
             root_disk_size=(data.get("root_disk_size") or 10) * 2**30 if instance_type == "VM" else None,
             root_disk_io_bus=data.get("root_disk_io_bus") if instance_type == "VM" else None,
+            leased=self.mw.knobs.dhcp,
         )
         self.instances[name] = instance
         for dataset in self.datasets_of(instance):

@@ -177,6 +177,8 @@ class ContainerBackend:
             unsupported.append("cloudInit")
         if config.memory_overcommit:
             unsupported.append("memoryOvercommit")  # vm.start's option
+        if config.wants_address:
+            unsupported.append("readiness.address")  # container.query reports no address (ContainerEntry)
         return unsupported
 
     def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:

@@ -47,7 +47,7 @@ from .entries import (
     cpu_count,
     device_from_entry,
     device_identity,
-    guest_addresses,
+    guest_interfaces,
     instance_name,
     nic_attributes,
     nic_key,
@@ -134,7 +134,7 @@ class VMBackend:
         self._pool: str | None = None
         self._restart_pending: dict[str, list[str]] = {}
         """Per running VM, the fields changed since it started (this process's memory only)."""
-        self._addresses: dict[str, tuple[str, ...]] = {}
+        self._addresses: dict[str, tuple[tuple[str, str], ...]] = {}
         """Per running VM, what its guest agent last reported (27); events carry no addresses."""
         self._agent_next: dict[str, float] = {}
         self.guest_agent_retry = GUEST_AGENT_RETRY
@@ -188,6 +188,8 @@ class VMBackend:
             unsupported.append("nics[].name")
         if len({nic_key(d.extra.get("parent")) for d in nics}) < len(nics):
             unsupported.append("nics[].parent (one NIC per parent)")
+        if config.wants_address and self.version < (27,):
+            unsupported.append("readiness.address")  # vm.* reports guest addresses from 27 (the guest agent)
         return unsupported
 
     def honoured(self, config: InstanceConfig, observed: ObservedInstance | None = None) -> InstanceConfig:
@@ -245,7 +247,8 @@ class VMBackend:
             self._agent_next.pop(name, None)  # the next start asks the agent at the first read
         return replace(
             observed(entry),
-            addresses=self._addresses.get(name, ()) if running else (),
+            addresses=tuple(a for a, _ in self._addresses.get(name, ())) if running else (),
+            interfaces=tuple(p for p in self._addresses.get(name, ()) if p[1]) if running else (),
             seed=(marks.group(1), marks.group(2)) if marks is not None else None,
             pending=tuple(self._restart_pending.get(name, ())),
         )
@@ -269,7 +272,7 @@ class VMBackend:
         except (CallFailed, NotAuthorized, CallTimeout) as exc:
             log.debug("no guest addresses for %s: %s", entry["name"], exc)
             return
-        self._addresses[name] = guest_addresses(interfaces)
+        self._addresses[name] = guest_interfaces(interfaces)
 
     def _forget(self, name: str) -> None:
         ident = self._ids.pop(name, None)

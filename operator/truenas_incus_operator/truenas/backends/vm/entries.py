@@ -4,6 +4,7 @@ sides: VM names allow letters, digits and ``_`` only, so ``web-01`` is ``web_01`
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from ...types import DeviceConfig, InstanceStatus, ObservedImage, ObservedInstance
@@ -93,15 +94,27 @@ def guest_addresses(interfaces: Any) -> tuple[str, ...]:
     """27's ``vm.get_guest_network_interfaces`` answer (what the QEMU guest agent sees) as the addresses
     status reports: not loopback, link-local, multicast or unspecified; IPv4 first, then the agent's
     order. The answer is the guest's word: anything that is not an address is skipped."""
-    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    return tuple(address for address, _ in guest_interfaces(interfaces))
+
+
+INTERFACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}")
+"""A Linux interface name (at most 15 characters), as the status may show one; anything else is left out."""
+
+
+def guest_interfaces(interfaces: Any) -> tuple[tuple[str, str], ...]:
+    """``guest_addresses`` with the interface each is on (the agent's ``name``; "" when it is not a
+    plausible interface name)."""
+    found: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, str]] = []
     for interface in interfaces if isinstance(interfaces, list) else []:
         items = interface.get("ip_addresses") if isinstance(interface, dict) else None
+        raw = interface.get("name") if isinstance(interface, dict) else None
+        name = raw if isinstance(raw, str) and INTERFACE_NAME.fullmatch(raw) else ""
         for item in items if isinstance(items, list) else []:
             try:
                 address = ipaddress.ip_address(str(item.get("ip_address")) if isinstance(item, dict) else "")
             except ValueError:
                 continue
             local = address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified
-            if not local and address not in found:
-                found.append(address)
-    return tuple(str(a) for a in sorted(found, key=lambda a: a.version))
+            if not local and all(address != seen for seen, _ in found):
+                found.append((address, name))
+    return tuple((str(a), n) for a, n in sorted(found, key=lambda pair: pair[0].version))
