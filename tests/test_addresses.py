@@ -89,3 +89,107 @@ def test_the_guest_agents_interface_names_are_kept_only_when_they_are_interface_
         {"name": "lo", "ip_addresses": [{"ip_address": "127.0.0.1"}]},
     ]
     assert guest_interfaces(answer) == (("10.0.0.9", "enp1s0"), ("192.0.2.1", ""))
+
+
+# ----- declared addresses (issue 26 item 2) ---------------------------------------------------------------
+def test_declared_addresses_become_a_version_2_network_config() -> None:
+    import yaml
+
+    from truenas_incus_operator.netconfig import network_config
+
+    spec = IncusInstanceSpec.model_validate(
+        {
+            "type": "VM",
+            "image": "debian/bookworm",
+            "nics": [
+                {
+                    "name": "lan",
+                    "parent": "br0",
+                    "hwaddr": "10:66:6A:01:02:03",
+                    "addresses": ["192.168.10.20/24", "2001:db8::20/64"],
+                    "gateway": "192.168.10.1",
+                    "nameservers": ["192.168.10.1"],
+                },
+                {"name": "backup", "parent": "br1", "hwaddr": "10:66:6a:01:02:04"},
+            ],
+        }
+    )
+    rendered = network_config(spec.nics)
+    assert rendered is not None
+    assert yaml.safe_load(rendered) == {
+        "version": 2,
+        "ethernets": {
+            "lan": {
+                "match": {"macaddress": "10:66:6a:01:02:03"},
+                "dhcp4": False,
+                "dhcp6": False,
+                "addresses": ["192.168.10.20/24", "2001:db8::20/64"],
+                "routes": [{"to": "0.0.0.0/0", "via": "192.168.10.1"}],
+                "nameservers": {"addresses": ["192.168.10.1"]},
+            },
+            "backup": {"match": {"macaddress": "10:66:6a:01:02:04"}, "dhcp4": True},
+        },
+    }
+    single = IncusInstanceSpec.model_validate(
+        {"type": "VM", "image": "debian/bookworm", "nics": [{"name": "eth0", "addresses": ["10.0.0.5/24"]}]}
+    )
+    assert yaml.safe_load(network_config(single.nics) or "")["ethernets"]["eth0"]["match"] == {"name": "e*"}
+    assert network_config(None) is None
+
+
+@pytest.mark.parametrize(
+    ("nic", "message"),
+    [
+        ({"addresses": ["10.0.0.5"]}, "prefix length"),
+        ({"addresses": ["10.0.0.500/24"]}, "not an IP address"),
+        ({"addresses": ["127.0.0.2/8"]}, "loopback"),
+        ({"addresses": ["10.0.0.5/24"], "gateway": "10.0.1.1"}, "on none of its addresses' networks"),
+        ({"gateway": "10.0.0.1"}, "need addresses"),
+        ({"addresses": ["10.0.0.5/24"], "nameservers": ["dns.example"]}, "not an IP address"),
+    ],
+)
+def test_a_declared_address_that_cannot_be_one_is_refused_naming_it(nic: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        IncusInstanceSpec.model_validate({"type": "VM", "image": "debian/bookworm", "nics": [{"name": "eth0", **nic}]})
+
+
+def test_two_nics_with_addresses_need_macs_and_one_network_config_only() -> None:
+    nics = [{"name": "a", "addresses": ["10.0.0.5/24"]}, {"name": "b"}]
+    with pytest.raises(ValueError, match="every NIC needs hwaddr"):
+        IncusInstanceSpec.model_validate({"type": "VM", "image": "debian/bookworm", "nics": nics})
+    with pytest.raises(ValueError, match="one network-config only"):
+        IncusInstanceSpec.model_validate(
+            {
+                "type": "VM",
+                "image": "debian/bookworm",
+                "nics": nics[:1],
+                "cloudInit": {"networkConfig": "version: 2\n"},
+            }
+        )
+
+
+def test_declared_addresses_show_as_declared_where_applied_and_count_for_readiness() -> None:
+    want = desired(type="VM", readiness={"address": True}, nics=[{"name": "eth0", "addresses": ["192.168.10.20/24"]}])
+    seen = observed(type="VM", addresses=())
+    status = render(want, seen)
+    assert [a.model_dump(by_alias=True, exclude_none=True) for a in status.addresses or []] == [
+        {"address": "192.168.10.20", "family": "IPv4", "source": "Declared"}
+    ]
+    assert conditions(status)["Ready"][:2] == ("True", "Available")
+    undelivered = render(want, seen, ("nics[].addresses",))
+    assert undelivered.addresses == [] and conditions(undelivered)["Ready"][:2] == ("False", "NoAddress")
+    later = render(want, seen, ("nics[].addresses (read by cloud-init at first boot only)",))
+    assert later.addresses == [], "a declared change the guest has not read is not shown as its address"
+
+
+@pytest.mark.parametrize("backend_name", ["container", "virt"])
+def test_families_without_a_seed_say_declared_addresses_are_not_applied(backend_name: str) -> None:
+    from truenas_incus_operator.truenas.backends.container import ContainerBackend
+    from truenas_incus_operator.truenas.backends.virt import VirtInstanceBackend
+
+    cls: Any = ContainerBackend if backend_name == "container" else VirtInstanceBackend
+    backend = cls.__new__(cls)
+    backend.version, backend.can_create_vms, backend.nic_mac = (26, 0), True, True
+    config = instance_config(desired(nics=[{"name": "eth0", "addresses": ["10.0.0.5/24"]}]))
+    fields = type(backend).unsupported_fields(backend, config)
+    assert "nics[].addresses" in fields and "cloudInit" not in fields, fields

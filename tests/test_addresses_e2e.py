@@ -4,6 +4,7 @@ where the spec asks; where TrueNAS can never report one, Synced says so and Read
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -78,6 +79,63 @@ def test_ready_waits_for_an_address(harness: Harness, namespace: str) -> None:
     first = status["addresses"][0]
     assert first["family"] == "IPv4" and first["source"] == "TrueNAS" and "interface" not in first, first
     assert {a["family"] for a in status["addresses"]} == {"IPv4", "IPv6"}
-    assert [a["address"] for a in status["addresses"]] == status["ipAddresses"]
+    canonical = [str(ipaddress.ip_address(a)) for a in status["ipAddresses"]]  # "fe7b:0671" is "fe7b:671"
+    assert [a["address"] for a in status["addresses"]] == canonical
     shown = harness.cluster.kubectl("get", "incusinstance", name, "-n", namespace).stdout
     assert first["address"] in shown, "the IP printer column shows the first address"
+
+
+def test_a_declared_address_reaches_the_vms_seed_and_the_status(harness: Harness, namespace: str) -> None:
+    """Issue 26 item 2: spec.nics[].addresses become the seed's network-config (read from the ISO the
+    guest boots with), status.addresses shows them as Declared, readiness counts them. A container
+    is told PartiallyApplied: no TrueNAS API gives one a static address."""
+    import yaml
+
+    sim = harness.sim.sim
+    nic = {
+        "name": "lan",
+        "parent": "br0",
+        "addresses": ["192.168.10.20/24"],
+        "gateway": "192.168.10.1",
+        "nameservers": ["192.168.10.1"],
+    }
+    container = unique("ct")
+    harness.apply(namespace, container, {"nics": [dict(nic)]})
+    status = harness.wait_status(
+        namespace,
+        container,
+        "PartiallyApplied",
+        lambda s: "nics[].addresses" in condition(s, "Synced").get("message", ""),
+        timeout=90,
+    )
+    assert condition(status, "Synced")["reason"] == "PartiallyApplied"
+    assert all(a["source"] == "TrueNAS" for a in status.get("addresses") or [])
+    if not sim.profile.has_vm:  # 25.04.0/1: VMs are Incus VMs, built from an image without a seed
+        return
+    name = unique("vm")
+    spec = {"type": "VM", "image": "debian/bookworm", "cpu": "1", "memory": "1Gi", "readiness": {"address": True}}
+    harness.apply(namespace, name, {**spec, "nics": [nic]})
+    assert kubectl_wait(harness, namespace, name, 120) == 0
+    status = harness.get(namespace, name)["status"]
+    assert {"address": "192.168.10.20", "family": "IPv4", "source": "Declared"} in status["addresses"]
+    vm = harness.sim.run(lambda: sim.vms.by_name(name.replace("-", "_")))
+    assert vm is not None
+    seed = harness.sim.run(lambda: sim.vms._guest_view(vm)["nocloud"])
+    assert yaml.safe_load(seed["network-config"])["ethernets"]["lan"] == {
+        "match": {"name": "e*"},
+        "dhcp4": False,
+        "dhcp6": False,
+        "addresses": ["192.168.10.20/24"],
+        "routes": [{"to": "0.0.0.0/0", "via": "192.168.10.1"}],
+        "nameservers": {"addresses": ["192.168.10.1"]},
+    }
+    # A change is read by cloud-init at first boot only: said, never shown as the guest's address.
+    harness.apply(namespace, name, {**spec, "nics": [{**nic, "addresses": ["192.168.10.21/24"]}]})
+    changed = harness.wait_status(
+        namespace,
+        name,
+        "first boot only",
+        lambda s: "nics[].addresses" in condition(s, "Synced").get("message", ""),
+        timeout=60,
+    )
+    assert not any(a["source"] == "Declared" for a in changed.get("addresses") or []), changed.get("addresses")

@@ -204,6 +204,7 @@ def test_printer_columns(cluster: Cluster, namespace: str) -> None:
             "memory": "2Gi",
             "autostart": True,
             "ipAddresses": ["10.142.87.23"],
+            "addresses": [{"address": "10.142.87.23", "family": "IPv4", "source": "TrueNAS"}],
             "conditions": [
                 {
                     "type": "Ready",

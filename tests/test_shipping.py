@@ -121,8 +121,9 @@ def test_main_command_runs_the_demo_to_running(tmp_path: Path, cluster: Cluster)
     lines: list[str] = []
     ready: set[str] = set()
     # The instances Running and Ready; examples/snapshot.yaml Ready (phase and condition), restore.yaml
-    # Succeeded, clone.yaml's snapshot Ready and its clone Running.
-    wanted = {"web01", "media01", "vm01", "web01-before-upgrade", "web01-undo-upgrade", "vm01-gold", "vm01-copy"}
+    # Succeeded, clone.yaml's snapshot Ready and its clone Running; vm-static Ready on its declared address.
+    wanted = {"web01", "media01", "vm01", "vm-static", "web01-before-upgrade", "web01-undo-upgrade", "vm01-gold"}
+    wanted.add("vm01-copy")
     deadline = time.monotonic() + 150
     try:
         assert process.stdout is not None

@@ -19,6 +19,7 @@ from .models import (
     ManagementPolicy,
     PowerState,
 )
+from .netconfig import network_config
 from .problems import Reason
 from .truenas.types import (
     UNSET,
@@ -333,7 +334,9 @@ def instance_config(desired: Desired) -> InstanceConfig:
         devices=desired_devices(spec),
         root_disk_size=spec.root_disk_bytes(),
         cloud_init_user_data=spec.cloud_init.user_data if spec.cloud_init else None,
-        cloud_init_network_config=spec.cloud_init.network_config if spec.cloud_init else None,
+        cloud_init_network_config=(spec.cloud_init.network_config if spec.cloud_init else None)
+        or network_config(spec.nics),
+        network_declared=any(n.addresses for n in spec.nics or []),
         memory_overcommit=bool(spec.memory_overcommit),
         source=desired.clone,
         wants_address=bool(spec.readiness and spec.readiness.address),

@@ -35,6 +35,7 @@ from .models import (
     SnapshotScheduleStatus,
     TrueNASConnectionStatus,
 )
+from .netconfig import declared_addresses
 from .problems import WAITING_REASONS, Problem, Reason
 from .quantity import format_bytes
 from .reconcile import Desired, Plan, describe_action
@@ -186,7 +187,7 @@ def ready_condition(
     if observed.status == InstanceStatus.STOPPED:
         return "True", Reason.STOPPED, "the instance is stopped, as the spec asks"
     readiness = desired.spec.readiness
-    if readiness is not None and readiness.address and not instance_addresses(observed):
+    if readiness is not None and readiness.address and not instance_addresses(observed, desired, plan):
         where = (
             "; this TrueNAS reports no address for it (see the Synced condition)"
             if plan is not None and READINESS_ADDRESS in plan.unsupported
@@ -200,11 +201,33 @@ READINESS_ADDRESS = "readiness.address"
 """The field named in Synced (PartiallyApplied) where TrueNAS reports no address for the instance."""
 
 
-def instance_addresses(observed: ObservedInstance | None) -> list[InstanceAddress]:
+def instance_addresses(
+    observed: ObservedInstance | None, desired: Desired | None = None, plan: Plan | None = None
+) -> list[InstanceAddress]:
     """status.addresses: what TrueNAS reports for the running instance, each checked to be an address
-    (a server's answer is not trusted to be one), IPv4 first, at most MAX_LISTED_ADDRESSES."""
+    (a server's answer is not trusted to be one), then the spec's declared addresses where they were
+    applied (the family delivers them and the instance's seed holds them: nothing in Synced says
+    otherwise), IPv4 first, at most MAX_LISTED_ADDRESSES."""
     if observed is None or observed.status != InstanceStatus.RUNNING:
         return []
+    found = _reported_addresses(observed)
+    if desired is not None and plan is not None and _declared_applied(plan):
+        reported = {a.address for a in found}
+        for text, _nic in declared_addresses(desired.spec.nics):
+            if text not in reported:
+                reported.add(text)
+                family = AddressFamily.IPV4 if ipaddress.ip_address(text).version == 4 else AddressFamily.IPV6
+                found.append(InstanceAddress(address=text, family=family, source=AddressSource.DECLARED))
+    found.sort(key=lambda a: a.family != AddressFamily.IPV4)
+    return found[:MAX_LISTED_ADDRESSES]
+
+
+def _declared_applied(plan: Plan) -> bool:
+    """Declared addresses count as applied unless Synced names them (not deliverable, or not yet)."""
+    return not any(item.startswith("nics[].addresses") for item in plan.unsupported)
+
+
+def _reported_addresses(observed: ObservedInstance) -> list[InstanceAddress]:
     named = dict(observed.interfaces)
     found: list[InstanceAddress] = []
     seen: set[str] = set()
@@ -220,8 +243,7 @@ def instance_addresses(observed: ObservedInstance | None) -> list[InstanceAddres
         family = AddressFamily.IPV4 if address.version == 4 else AddressFamily.IPV6
         interface = named.get(str(raw)) or None
         found.append(InstanceAddress(address=text, family=family, interface=interface, source=AddressSource.TRUENAS))
-    found.sort(key=lambda a: a.family != AddressFamily.IPV4)
-    return found[:MAX_LISTED_ADDRESSES]
+    return found
 
 
 def synced_condition(
@@ -377,7 +399,7 @@ def render_instance(
         memory=format_bytes(observed.memory) if observed and observed.memory is not None else None,
         autostart=observed.autostart if observed else None,
         ip_addresses=list(observed.addresses) if observed else None,
-        addresses=instance_addresses(observed) if observed else None,
+        addresses=instance_addresses(observed, desired, plan) if observed else None,
         image=_image(observed),
         devices=_devices(desired, observed, devices, previous or {}),
         job=job,

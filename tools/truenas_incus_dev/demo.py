@@ -139,6 +139,7 @@ def _apply_examples(plane: LocalControlPlane, legacy: SimulatorThread) -> None:
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "container.yaml"))
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "with-devices.yaml"))
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "vm.yaml"))  # a vm.* VM on 25.10
+    plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "vm-static-address.yaml"))  # a declared address
     # A snapshot of web01, and a restore to it (it waits for the snapshot, then rolls web01 back).
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "snapshot.yaml"))
     plane.kubectl("apply", "-n", "default", "-f", str(EXAMPLES / "restore.yaml"))

@@ -111,6 +111,18 @@ _CROSS_FIELD_RULES: list[JsonValue] = [
         ".nics",
     ),
     _cel(
+        "!has(self.nics) || !self.nics.exists(n, has(n.addresses)) || "
+        "!has(self.cloudInit) || !has(self.cloudInit.networkConfig)",
+        "spec.nics[].addresses and spec.cloudInit.networkConfig: one network-config only",
+        ".nics",
+    ),
+    _cel(
+        "!has(self.nics) || size(self.nics) < 2 || !self.nics.exists(n, has(n.addresses)) || "
+        "self.nics.all(n, has(n.hwaddr))",
+        "spec.nics: with addresses and more than one NIC, every NIC needs hwaddr",
+        ".nics",
+    ),
+    _cel(
         "!has(self.devices) || self.devices.map(d, (has(d.source) ? size(d.source) : 0) + "
         f"(has(d.destination) ? size(d.destination) : 0)).sum() <= {DEVICE_PATHS_TOTAL_MAX_LENGTH}",
         f"spec.devices: sources and destinations of all devices together may not exceed "

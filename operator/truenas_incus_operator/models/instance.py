@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -174,6 +175,84 @@ class InstanceNIC(_Model):
     hwaddr: Annotated[str, Field(pattern=MAC_PATTERN, max_length=17)] | None = Field(
         None, description="MAC address, e.g. 10:66:6a:01:02:03 (honoured by TrueNAS 25.10 and later)."
     )
+    addresses: Annotated[list[Annotated[str, Field(max_length=49)]], Field(min_length=1, max_length=8)] | None = Field(
+        None,
+        description=(
+            "Static addresses with their prefix (CIDR), e.g. 192.168.10.20/24 or 2001:db8::20/64, delivered to a "
+            "VM's cloud-init as the NoCloud network-config (version 2) of its seed at first boot; they show in "
+            "status.addresses with source Declared. Containers: no TrueNAS API sets one (Synced says "
+            "PartiallyApplied). With more than one NIC, each NIC needs hwaddr (the guest matches by MAC)."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.all(a, isCIDR(a) && a.contains('/'))",
+                    "message": "each address with its prefix length, e.g. 192.168.10.20/24",
+                }
+            ]
+        },
+    )
+    gateway: Annotated[str, Field(max_length=39)] | None = Field(
+        None,
+        description="The default route's gateway on this NIC (on the network of one of its addresses).",
+        json_schema_extra={"x-kubernetes-validations": [{"rule": "isIP(self)", "message": "an IP address"}]},
+    )
+    nameservers: Annotated[list[Annotated[str, Field(max_length=39)]], Field(max_length=3)] | None = Field(
+        None,
+        description="DNS servers for this NIC (at most 3).",
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": "self.all(a, isIP(a))", "message": "each an IP address"}]
+        },
+    )
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            if "/" not in item:
+                raise ValueError(f"{item!r}: an address with its prefix length, e.g. 192.168.10.20/24")
+            try:
+                interface = ipaddress.ip_interface(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address with a prefix length") from None
+            address = interface.ip
+            if address.is_unspecified or address.is_loopback or address.is_multicast or address.is_link_local:
+                raise ValueError(f"{item!r}: not an address a guest can be given (loopback, link-local, ...)")
+            if interface.network.prefixlen == interface.max_prefixlen and address.version == 4:
+                raise ValueError(f"{item!r}: a /32 leaves no network for a gateway")
+        return value
+
+    @field_validator("gateway")
+    @classmethod
+    def _gateway(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address") from None
+        return value
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            try:
+                ipaddress.ip_address(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address") from None
+        return value
+
+    @model_validator(mode="after")
+    def _gateway_on_its_network(self) -> InstanceNIC:
+        if (self.gateway or self.nameservers) and not self.addresses:
+            raise ValueError(f"spec.nics[{self.name}]: gateway and nameservers need addresses")
+        if self.gateway is not None:
+            gateway = ipaddress.ip_address(self.gateway)
+            networks = [ipaddress.ip_interface(a).network for a in self.addresses or []]
+            if not any(gateway.version == n.version and gateway in n for n in networks):
+                message = f"gateway {self.gateway} is on none of its addresses' networks"
+                raise ValueError(f"spec.nics[{self.name}]: {message}")
+        return self
 
 
 class ConnectionReference(_Model):
@@ -513,6 +592,12 @@ class IncusInstanceSpec(_Model):
         clashes = {n.name for n in self.nics or []} & {d.name for d in devices}
         if clashes:
             raise ValueError(f"spec.nics: names {sorted(clashes)} are also used in spec.devices")
+        nics = self.nics or []
+        if any(n.addresses for n in nics):
+            if self.cloud_init is not None and self.cloud_init.network_config is not None:
+                raise ValueError("spec.nics[].addresses and spec.cloudInit.networkConfig: one network-config only")
+            if len(nics) > 1 and not all(n.hwaddr for n in nics):
+                raise ValueError("spec.nics: with addresses and more than one NIC, every NIC needs hwaddr")
         return self
 
     def memory_bytes(self) -> int | None:

@@ -100,6 +100,9 @@ class InstanceConfig:
     """vm.*: start even when TrueNAS cannot guarantee the memory (``vm.start``'s ``overcommit``)."""
     source: CloneSource | None = None
     """vm.*: the root disk is a clone of this snapshot's root volume instead of a base image."""
+    network_declared: bool = False
+    """spec.nics[].addresses: ``cloud_init_network_config`` is the operator's rendering of them (vm.*
+    delivers it in the seed; a family without a seed reports ``nics[].addresses``, not cloudInit)."""
     wants_address: bool = False
     """spec.readiness.address: Ready waits for an address, which the family must be able to report."""
 

@@ -117,8 +117,11 @@ class VirtInstanceBackend:
             unsupported.append("nics[].hwaddr")
         if config.root_disk_size is not None:
             unsupported.append("rootDiskSize")  # the vm.* backend's field
-        if config.cloud_init_user_data is not None or config.cloud_init_network_config is not None:
+        own_network = config.cloud_init_network_config is not None and not config.network_declared
+        if config.cloud_init_user_data is not None or own_network:
             unsupported.append("cloudInit")
+        if config.network_declared:
+            unsupported.append("nics[].addresses")  # no TrueNAS API gives this family a static address
         if config.memory_overcommit:
             unsupported.append("memoryOvercommit")  # vm.start's option
         return unsupported

@@ -188,7 +188,7 @@ class VMBackend:
             unsupported.append("nics[].name")
         if len({nic_key(d.extra.get("parent")) for d in nics}) < len(nics):
             unsupported.append("nics[].parent (one NIC per parent)")
-        if config.wants_address and self.version < (27,):
+        if config.wants_address and self.version < (27,) and not config.network_declared:
             unsupported.append("readiness.address")  # vm.* reports guest addresses from 27 (the guest agent)
         return unsupported
 
@@ -229,7 +229,8 @@ class VMBackend:
             if env != observed.seed[0]:
                 deferred.append(f"environment ({FIRST_BOOT_ONLY})")
             if cloud_init != observed.seed[1]:
-                deferred.append(f"cloudInit ({FIRST_BOOT_ONLY})")
+                field = "nics[].addresses" if config.network_declared else "cloudInit"
+                deferred.append(f"{field} ({FIRST_BOOT_ONLY})")
         if observed.status == InstanceStatus.RUNNING:
             deferred += [f"{field} ({NEXT_START})" for field in observed.pending]
         return deferred

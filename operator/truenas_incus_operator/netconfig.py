@@ -1,0 +1,45 @@
+"""spec.nics[].addresses as the NoCloud ``network-config`` (version 2) a VM's cloud-init reads from its
+seed at first boot. Pure: the spec in, YAML text out (None when no NIC declares an address).
+
+Each NIC becomes an ``ethernets`` entry. The guest's interface is matched by MAC where the spec pins
+one (``hwaddr``: required with more than one NIC, the models refuse it otherwise) and otherwise by the
+name pattern ``e*`` (the one virtio NIC: ``enp1s0`` in Debian and Ubuntu cloud images, ``eth0`` in
+others). A NIC without addresses keeps DHCP; a gateway becomes the default route of its family.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import yaml
+
+from .models import InstanceNIC
+
+
+def network_config(nics: list[InstanceNIC] | None) -> str | None:
+    if not nics or not any(n.addresses for n in nics):
+        return None
+    ethernets: dict[str, Any] = {}
+    for nic in nics:
+        entry: dict[str, Any] = {
+            "match": {"macaddress": nic.hwaddr.lower().replace("-", ":")} if nic.hwaddr else {"name": "e*"}
+        }
+        if not nic.addresses:
+            entry["dhcp4"] = True
+        else:
+            entry["dhcp4"] = False
+            entry["dhcp6"] = False
+            entry["addresses"] = list(nic.addresses)
+            if nic.gateway is not None:
+                family = "0.0.0.0/0" if ipaddress.ip_address(nic.gateway).version == 4 else "::/0"
+                entry["routes"] = [{"to": family, "via": nic.gateway}]
+            if nic.nameservers:
+                entry["nameservers"] = {"addresses": list(nic.nameservers)}
+        ethernets[nic.name] = entry
+    return yaml.safe_dump({"version": 2, "ethernets": ethernets}, sort_keys=False)
+
+
+def declared_addresses(nics: list[InstanceNIC] | None) -> list[tuple[str, str]]:
+    """(address without its prefix, NIC name) of every declared address, in the spec's order."""
+    return [(str(ipaddress.ip_interface(a).ip), n.name) for n in nics or [] for a in n.addresses or []]
