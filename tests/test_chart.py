@@ -693,7 +693,8 @@ def test_multi_tenant_example_renders_the_policy_and_admission() -> None:
     assert loaded.schedule_violation("team-a", "<default>", "@hourly") is None
     (vap,) = by_kind(documents, "ValidatingAdmissionPolicy")
     messages = [v["message"] for v in vap["spec"]["validations"]]
-    for field in ("deviceTypes", "hostPathPrefixes", "nicParents", "storagePools", "proxyPorts", "instanceNamePrefix"):
+    fields = ("deviceTypes", "hostPathPrefixes", "nicParents", "addressCIDRs", "storagePools", "proxyPorts")
+    for field in (*fields, "instanceNamePrefix"):
         assert any(m.startswith(f"policy.rules[0].{field}: ") for m in messages), field
         assert any(m.startswith(f"policy.defaultRule.{field}: ") for m in messages), field
     assert messages[0].startswith("policy.defaultConnectionNamespaces: ")

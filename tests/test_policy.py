@@ -248,6 +248,35 @@ def test_every_offending_device_is_named() -> None:
     assert [v.field for v in found] == ["spec.devices[one].source", "spec.devices[three].source"]
 
 
+# ----- declared addresses (issue 26 item 5) ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("addresses", "allowed"),
+    [
+        (["192.168.50.20/24"], True),
+        (["192.168.50.20/16"], True),  # the address counts, not its prefix
+        (["192.168.51.20/24"], False),  # another tenant's range
+        (["192.168.50.20/24", "192.168.1.2/24"], False),  # the NAS's LAN
+        (["2001:db8:50::20/64"], True),
+        (["2001:db8:51::20/64"], False),
+    ],
+)
+def test_declared_addresses_lie_in_the_rules_networks(addresses: list[str], allowed: bool) -> None:
+    nics = [{"name": "lan", "addresses": addresses}]
+    vm = IncusInstanceSpec.model_validate({"type": "VM", "image": "debian/bookworm", "nics": nics})
+    found = policy(addressCIDRs=["192.168.50.0/24", "2001:db8:50::/48"]).violations(NS, TNC, vm)
+    assert rules_of(found) == ([] if allowed else [("policy.rules[0].addressCIDRs", "spec.nics[lan].addresses")])
+    assert Policy().violations(NS, TNC, vm) == [], "no rule: any address (single tenant)"
+    none = policy(addressCIDRs=[]).violations(NS, TNC, vm)
+    assert rules_of(none) == [("policy.rules[0].addressCIDRs", "spec.nics[lan].addresses")] * len(addresses)
+
+
+def test_an_address_network_that_is_not_one_is_refused_when_the_policy_loads() -> None:
+    with pytest.raises(ValueError, match="not a network"):
+        policy(addressCIDRs=["192.168.50.0/33"])
+    with pytest.raises(ValueError, match="prefix length"):
+        policy(addressCIDRs=["192.168.50.1"])
+
+
 # ----- NIC parents ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "nic,allowed",

@@ -125,6 +125,7 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("pool-root", {"devices": [{"name": "d", "type": "DISK", "source": "/mnt/tank", "destination": "/d"}]}, "policy.rules[0].hostPathPrefixes"),
     ("nic-parent", {"nics": [{"name": "eth1", "parent": "br0"}]}, "policy.rules[0].nicParents"),
     ("pool", {"storagePool": "fast"}, "policy.rules[0].storagePools"),
+    ("foreign-address", {"type": "VM", "devices": [], "nics": [{"name": "eth1", "parent": "br-tenants", "addresses": ["192.168.1.10/24"]}]}, "policy.rules[0].addressCIDRs"),
     ("proxy-port", {"devices": [{"name": "ssh", "type": "PROXY", "extra": {"source_proto": "TCP", "source_port": 22, "dest_proto": "TCP", "dest_port": 22}}]}, "policy.rules[0].proxyPorts"),
     ("proxy-port-string", {"devices": [{"name": "ssh", "type": "PROXY", "extra": {"source_proto": "TCP", "source_port": "21000", "dest_proto": "TCP", "dest_port": 22}}]}, "policy.rules[0].proxyPorts"),
     ("proxy-no-port", {"devices": [{"name": "p", "type": "PROXY", "extra": {"source_proto": "TCP"}}]}, "policy.rules[0].proxyPorts"),

@@ -35,6 +35,7 @@ its namespace, whatever the connection, forbids it; the cap, schedules and clone
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -205,6 +206,15 @@ class Rule(Grant):
     proxy_ports: list[PortRange] | None = Field(
         None, description="Host ports (extra.source_port) a PROXY device may listen on. Default: any."
     )
+    address_cidrs: list[Annotated[str, Field(max_length=49)]] | None = Field(
+        None,
+        alias="addressCIDRs",
+        description=(
+            "Networks the addresses a resource declares (spec.nics[].addresses) must lie in, e.g. "
+            "192.168.50.0/24: give each tenant its own range, and leave the NAS's and the routers' "
+            "addresses out of every range. Default: any address (single-tenant setups)."
+        ),
+    )
     instance_name_prefix: Annotated[str, Field(pattern=NAME_PREFIX_PATTERN)] | None = Field(
         None,
         description=(
@@ -258,6 +268,18 @@ class Rule(Grant):
             "(fields: snapshot, restore, clone, maxPerInstance, minScheduleMinutes). Default: all open."
         ),
     )
+
+    @field_validator("address_cidrs")
+    @classmethod
+    def _networks(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a network (CIDR), e.g. 192.168.50.0/24") from None
+            if "/" not in item:
+                raise ValueError(f"{item!r}: a network with its prefix length, e.g. 192.168.50.0/24")
+        return value
 
     @field_validator("snapshots", mode="before")
     @classmethod
@@ -480,6 +502,7 @@ class Policy(_Policy):
         found += _nic_parents(label, rule, spec)
         found += _storage_pool(label, rule, spec)
         found += _proxy_ports(label, rule, spec)
+        found += _addresses(label, rule, spec)
         found += _name_prefix(label, rule, spec, namespace, instance_name)
         found += _caps(label, rule, spec)
         return found
@@ -717,6 +740,23 @@ def _storage_pool(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Viola
     shown = ", ".join(rule.storage_pools) or "none"
     what = f"pool {pool}" if spec.storage_pool else f"TrueNAS's default pool ({DEFAULT_POOL}): set spec.storagePool"
     return [Violation(f"{label}.storagePools", "spec.storagePool", f"{what} is not allowed (allowed: {shown})")]
+
+
+def _addresses(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
+    """Each declared address inside one of the rule's networks (the address, not its prefix: that is
+    what another host on the LAN would collide with)."""
+    if rule.address_cidrs is None:
+        return []
+    networks = [ipaddress.ip_network(c, strict=False) for c in rule.address_cidrs]
+    shown = ", ".join(rule.address_cidrs) or "none"
+    found = []
+    for nic in spec.nics or []:
+        for item in nic.addresses or []:
+            address = ipaddress.ip_interface(item).ip
+            if not any(address.version == n.version and address in n for n in networks):
+                message = f"{item} is not in an allowed network ({shown})"
+                found.append(Violation(f"{label}.addressCIDRs", f"spec.nics[{nic.name}].addresses", message))
+    return found
 
 
 def _proxy_ports(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
