@@ -4,6 +4,7 @@ when the spec asks, and Synced says where TrueNAS can never report one."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -193,3 +194,23 @@ def test_families_without_a_seed_say_declared_addresses_are_not_applied(backend_
     config = instance_config(desired(nics=[{"name": "eth0", "addresses": ["10.0.0.5/24"]}]))
     fields = type(backend).unsupported_fields(backend, config)
     assert "nics[].addresses" in fields and "cloudInit" not in fields, fields
+
+
+async def test_a_vm_declaring_the_nas_s_own_address_is_refused_before_anything_is_written() -> None:
+    from truenas_incus_operator.instances.resource import LoopState
+    from truenas_incus_operator.netconfig import nas_address_clash
+
+    from .fakes import fake_operator, resource
+
+    fake = fake_operator()
+    fake.connection.config = dataclasses.replace(fake.connection.config, url="wss://192.168.1.10")
+    body = resource(type="VM", nics=[{"name": "lan", "addresses": ["192.168.1.10/24"]}])
+    await fake.operator.loops.reconcile_once(body, LoopState(status={}), lambda: None)
+    assert fake.backend.calls == [], fake.backend.calls
+    synced = next(c for c in fake.kube.statuses("web01")[-1]["conditions"] if c["type"] == "Synced")
+    assert synced["reason"] == "AddressConflict" and "192.168.1.10/24 is the NAS's own address" in synced["message"]
+    spec = IncusInstanceSpec.model_validate(
+        {"type": "VM", "image": "debian/bookworm", "nics": [{"name": "lan", "addresses": ["192.168.1.11/24"]}]}
+    )
+    assert nas_address_clash(spec.nics, "wss://192.168.1.10") is None
+    assert nas_address_clash(spec.nics, "wss://nas.lan") is None, "a host name is not resolved"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -43,3 +44,18 @@ def network_config(nics: list[InstanceNIC] | None) -> str | None:
 def declared_addresses(nics: list[InstanceNIC] | None) -> list[tuple[str, str]]:
     """(address without its prefix, NIC name) of every declared address, in the spec's order."""
     return [(str(ipaddress.ip_interface(a).ip), n.name) for n in nics or [] for a in n.addresses or []]
+
+
+def nas_address_clash(nics: list[InstanceNIC] | None, url: str) -> str | None:
+    """Why a declared address cannot be given: it is the NAS's own (the connection's URL names it by
+    address; a host name is not resolved here, the policy's addressCIDRs is the general bound)."""
+    try:
+        host = urlsplit(url).hostname or ""
+        nas = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    for nic in nics or []:
+        for item in nic.addresses or []:
+            if ipaddress.ip_interface(item).ip == nas:
+                return f"spec.nics[{nic.name}].addresses: {item} is the NAS's own address (the connection's URL)"
+    return None

@@ -53,6 +53,7 @@ class Reason(StrEnum):
     NOT_RUNNING = "NotRunning"
     NOT_STOPPED = "NotStopped"
     NO_ADDRESS = "NoAddress"
+    ADDRESS_CONFLICT = "AddressConflict"
     NOT_FOUND = "NotFound"
     NOT_OBSERVED = "NotObserved"
     NOT_SYNCED = "NotSynced"

@@ -17,6 +17,7 @@ from ..connections import Connection, ConnectionManager
 from ..kube import KUBE_REASON
 from ..metrics import Metrics
 from ..models import PAUSED_ANNOTATION
+from ..netconfig import nas_address_clash
 from ..policy import POLICY_REASON, Policy, Violation
 from ..problems import OperatorError, Problem, Reason, fail, problem_of
 from ..reconcile import (
@@ -176,7 +177,11 @@ class InstanceLoops:
             found += [refused] if refused is not None else []
         if not found:
             found = self._vm_quota(desired)
-        return Blocked(POLICY_REASON, "; ".join(map(str, found)), ours=True) if found else None
+        if found:
+            return Blocked(POLICY_REASON, "; ".join(map(str, found)), ours=True)
+        known = self.connections.connections.get(key)
+        clash = nas_address_clash(desired.spec.nics, known.config.url) if known is not None else None
+        return Blocked(Reason.ADDRESS_CONFLICT, clash, ours=True) if clash else None
 
     def _vm_quota(self, desired: Desired) -> list[Violation]:
         """The namespace's maxVMs: a VM resource takes a slot when it first passes; one that owns an
