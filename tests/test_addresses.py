@@ -131,10 +131,10 @@ def test_declared_addresses_become_a_version_2_network_config() -> None:
             "backup": {"match": {"macaddress": "10:66:6a:01:02:04"}, "dhcp4": True},
         },
     }
-    single = IncusInstanceSpec.model_validate(
-        {"type": "VM", "image": "debian/bookworm", "nics": [{"name": "eth0", "addresses": ["10.0.0.5/24"]}]}
-    )
-    assert yaml.safe_load(network_config(single.nics) or "")["ethernets"]["eth0"]["match"] == {"name": "e*"}
+    with pytest.raises(ValueError, match="every NIC needs hwaddr"):  # matched by MAC only (any renderer)
+        IncusInstanceSpec.model_validate(
+            {"type": "VM", "image": "debian/bookworm", "nics": [{"name": "eth0", "addresses": ["10.0.0.5/24"]}]}
+        )
     assert network_config(None) is None
 
 
@@ -150,12 +150,15 @@ def test_declared_addresses_become_a_version_2_network_config() -> None:
     ],
 )
 def test_a_declared_address_that_cannot_be_one_is_refused_naming_it(nic: dict[str, Any], message: str) -> None:
+    mac = {"hwaddr": "10:66:6a:01:02:03"}
     with pytest.raises(ValueError, match=message):
-        IncusInstanceSpec.model_validate({"type": "VM", "image": "debian/bookworm", "nics": [{"name": "eth0", **nic}]})
+        IncusInstanceSpec.model_validate(
+            {"type": "VM", "image": "debian/bookworm", "nics": [{"name": "eth0", **mac, **nic}]}
+        )
 
 
 def test_two_nics_with_addresses_need_macs_and_one_network_config_only() -> None:
-    nics = [{"name": "a", "addresses": ["10.0.0.5/24"]}, {"name": "b"}]
+    nics = [{"name": "a", "addresses": ["10.0.0.5/24"], "hwaddr": "10:66:6a:01:02:03"}, {"name": "b"}]
     with pytest.raises(ValueError, match="every NIC needs hwaddr"):
         IncusInstanceSpec.model_validate({"type": "VM", "image": "debian/bookworm", "nics": nics})
     with pytest.raises(ValueError, match="one network-config only"):
@@ -170,8 +173,9 @@ def test_two_nics_with_addresses_need_macs_and_one_network_config_only() -> None
 
 
 def test_declared_addresses_show_as_declared_where_applied_and_count_for_readiness() -> None:
-    want = desired(type="VM", readiness={"address": True}, nics=[{"name": "eth0", "addresses": ["192.168.10.20/24"]}])
-    seen = observed(type="VM", addresses=())
+    nic = {"name": "eth0", "hwaddr": "10:66:6a:01:02:03", "addresses": ["192.168.10.20/24"]}
+    want = desired(type="VM", readiness={"address": True}, nics=[nic])
+    seen = observed(type="VM", addresses=(), seed=("env", "cloud-init"))  # a VM the operator seeded
     status = render(want, seen)
     assert [a.model_dump(by_alias=True, exclude_none=True) for a in status.addresses or []] == [
         {"address": "192.168.10.20", "family": "IPv4", "source": "Declared"}
@@ -181,6 +185,10 @@ def test_declared_addresses_show_as_declared_where_applied_and_count_for_readine
     assert undelivered.addresses == [] and conditions(undelivered)["Ready"][:2] == ("False", "NoAddress")
     later = render(want, seen, ("nics[].addresses (read by cloud-init at first boot only)",))
     assert later.addresses == [], "a declared change the guest has not read is not shown as its address"
+    adopted = render(want, observed(type="VM", addresses=()))  # no seed marks: the operator never wrote it
+    assert adopted.addresses == [] and conditions(adopted)["Ready"][:2] == ("False", "NoAddress")
+    reported = render(want, observed(type="VM", addresses=("10.9.9.9",), seed=("env", "cloud-init")))
+    assert [a.source for a in reported.addresses or []] == ["TrueNAS"], "what the guest reports wins"
 
 
 @pytest.mark.parametrize("backend_name", ["container", "virt"])
@@ -191,7 +199,9 @@ def test_families_without_a_seed_say_declared_addresses_are_not_applied(backend_
     cls: Any = ContainerBackend if backend_name == "container" else VirtInstanceBackend
     backend = cls.__new__(cls)
     backend.version, backend.can_create_vms, backend.nic_mac = (26, 0), True, True
-    config = instance_config(desired(nics=[{"name": "eth0", "addresses": ["10.0.0.5/24"]}]))
+    config = instance_config(
+        desired(nics=[{"name": "eth0", "hwaddr": "10:66:6a:01:02:03", "addresses": ["10.0.0.5/24"]}])
+    )
     fields = type(backend).unsupported_fields(backend, config)
     assert "nics[].addresses" in fields and "cloudInit" not in fields, fields
 
@@ -204,13 +214,55 @@ async def test_a_vm_declaring_the_nas_s_own_address_is_refused_before_anything_i
 
     fake = fake_operator()
     fake.connection.config = dataclasses.replace(fake.connection.config, url="wss://192.168.1.10")
-    body = resource(type="VM", nics=[{"name": "lan", "addresses": ["192.168.1.10/24"]}])
+    body = resource(type="VM", nics=[{"name": "lan", "hwaddr": "10:66:6a:01:02:03", "addresses": ["192.168.1.10/24"]}])
     await fake.operator.loops.reconcile_once(body, LoopState(status={}), lambda: None)
     assert fake.backend.calls == [], fake.backend.calls
     synced = next(c for c in fake.kube.statuses("web01")[-1]["conditions"] if c["type"] == "Synced")
     assert synced["reason"] == "AddressConflict" and "192.168.1.10/24 is the NAS's own address" in synced["message"]
     spec = IncusInstanceSpec.model_validate(
-        {"type": "VM", "image": "debian/bookworm", "nics": [{"name": "lan", "addresses": ["192.168.1.11/24"]}]}
+        {
+            "type": "VM",
+            "image": "debian/bookworm",
+            "nics": [{"name": "lan", "hwaddr": "10:66:6a:01:02:03", "addresses": ["192.168.1.11/24"]}],
+        }
     )
     assert nas_address_clash(spec.nics, "wss://192.168.1.10") is None
     assert nas_address_clash(spec.nics, "wss://nas.lan") is None, "a host name is not resolved"
+
+
+# ----- what a hostile server or guest sends (review of the networking change) --------------------------------
+def test_a_guest_agent_answer_is_bounded() -> None:
+    """8000 distinct addresses from the guest took seconds with a quadratic dedup, on the loop every
+    resource shares: at most MAX_AGENT_ITEMS entries are read (what lies past them is never touched)
+    and 16 addresses kept."""
+    from truenas_incus_operator.truenas.addresses import MAX_AGENT_ITEMS
+
+    class Untouchable(dict):  # type: ignore[type-arg]
+        def get(self, *args: Any) -> Any:
+            raise AssertionError("read past the bound")
+
+    addresses: list[Any] = [{"ip_address": f"10.1.{i // 256}.{i % 256}"} for i in range(MAX_AGENT_ITEMS)]
+    addresses += [Untouchable()] * 8000
+    interfaces: list[Any] = [{"name": "eth0", "ip_addresses": addresses}] * MAX_AGENT_ITEMS
+    interfaces += [Untouchable()] * 300
+    found = guest_interfaces(interfaces)
+    assert len(found) == 16 and found[0] == ("10.1.0.0", "eth0")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["fe80::1%eth0", "2001:db8::1%" + "x" * 60, "2001:db8::1%\x1b[31m", "127.0.0.1", "::", "224.0.0.1", 7, None, ["x"]],
+)
+def test_what_is_not_a_reachable_address_never_reaches_the_status(raw: Any) -> None:
+    from truenas_incus_operator.truenas.backends.virt import alias_addresses
+
+    assert alias_addresses([{"address": raw}, "junk", 5]) == ()
+    status = render(desired(), observed(addresses=(raw, "10.0.0.2")))
+    assert [a.address for a in status.addresses or []] == ["10.0.0.2"] and status.ip_addresses == ["10.0.0.2"]
+
+
+def test_the_status_lists_at_most_sixteen_addresses_in_canonical_form() -> None:
+    many = tuple(f"2001:db8::{i:04x}" for i in range(100))
+    status = render(desired(), observed(addresses=("2001:DB8::0001", *many)))
+    assert len(status.addresses or []) == 16 and len(status.ip_addresses or []) == 16
+    assert (status.addresses or [])[0].address == "2001:db8::1"

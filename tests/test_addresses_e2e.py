@@ -95,6 +95,7 @@ def test_a_declared_address_reaches_the_vms_seed_and_the_status(harness: Harness
     nic = {
         "name": "lan",
         "parent": "br0",
+        "hwaddr": "10:66:6a:0a:14:01",
         "addresses": ["192.168.10.20/24"],
         "gateway": "192.168.10.1",
         "nameservers": ["192.168.10.1"],
@@ -122,7 +123,7 @@ def test_a_declared_address_reaches_the_vms_seed_and_the_status(harness: Harness
     assert vm is not None
     seed = harness.sim.run(lambda: sim.vms._guest_view(vm)["nocloud"])
     assert yaml.safe_load(seed["network-config"])["ethernets"]["lan"] == {
-        "match": {"name": "e*"},
+        "match": {"macaddress": "10:66:6a:0a:14:01"},
         "dhcp4": False,
         "dhcp6": False,
         "addresses": ["192.168.10.20/24"],

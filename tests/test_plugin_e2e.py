@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from .conftest import Cluster, module_prefix
 from .harness import Harness, module_operator, unique
@@ -117,12 +118,15 @@ def test_import_and_doctor_through_the_plugin_are_read_only(harness: Harness, ns
     writes = harness.sim.run(lambda: harness.sim.sim.counters.snapshot()["writes"])
     printed = plugin(harness, "import", "-n", ns, env=env)
     assert printed.returncode == 0, printed.stderr
-    assert f"# TrueNAS instance '{name}'" in printed.stdout and "managementPolicy: ObserveOnly" in printed.stdout
+    assert f"# TrueNAS instance '{name}'" in printed.stdout
+    (manifest,) = [d for d in yaml.safe_load_all(printed.stdout) if d]
+    assert manifest["spec"]["managementPolicy"] == "ObserveOnly", printed.stdout
     # Through a TrueNASConnection and its Secrets, read with the kubeconfig's user: no TIO_TRUENAS_* at all.
     harness.connect_namespace(ns, harness.sim, name="nas")
     through = plugin(harness, "import", "--connection", f"{ns}/nas")
     assert through.returncode == 0, through.stderr
-    assert f"namespace: {ns}" in through.stdout and "connectionRef:\n    name: nas" in through.stdout, through.stdout
+    (via,) = [d for d in yaml.safe_load_all(through.stdout) if d]
+    assert via["metadata"]["namespace"] == ns and via["spec"]["connectionRef"] == {"name": "nas"}, through.stdout
     checked = plugin(harness, "doctor", env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert harness.sim.run(lambda: harness.sim.sim.counters.snapshot()["writes"]) == writes, "a write reached TrueNAS"

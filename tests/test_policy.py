@@ -261,13 +261,23 @@ def test_every_offending_device_is_named() -> None:
     ],
 )
 def test_declared_addresses_lie_in_the_rules_networks(addresses: list[str], allowed: bool) -> None:
-    nics = [{"name": "lan", "addresses": addresses}]
+    nics = [{"name": "lan", "hwaddr": "10:66:6a:01:02:03", "addresses": addresses}]
     vm = IncusInstanceSpec.model_validate({"type": "VM", "image": "debian/bookworm", "nics": nics})
     found = policy(addressCIDRs=["192.168.50.0/24", "2001:db8:50::/48"]).violations(NS, TNC, vm)
     assert rules_of(found) == ([] if allowed else [("policy.rules[0].addressCIDRs", "spec.nics[lan].addresses")])
     assert Policy().violations(NS, TNC, vm) == [], "no rule: any address (single tenant)"
     none = policy(addressCIDRs=[]).violations(NS, TNC, vm)
     assert rules_of(none) == [("policy.rules[0].addressCIDRs", "spec.nics[lan].addresses")] * len(addresses)
+
+
+def test_where_addresses_are_bounded_a_network_config_of_ones_own_is_refused() -> None:
+    """Review H1: cloudInit.networkConfig could name any address, past addressCIDRs."""
+    vm = IncusInstanceSpec.model_validate(
+        {"type": "VM", "image": "debian/bookworm", "cloudInit": {"networkConfig": "version: 2\n"}}
+    )
+    found = policy(addressCIDRs=["192.168.50.0/24"]).violations(NS, TNC, vm)
+    assert rules_of(found) == [("policy.rules[0].addressCIDRs", "spec.cloudInit.networkConfig")]
+    assert policy().violations(NS, TNC, vm) == [], "unbounded: a network-config of its own is fine"
 
 
 def test_an_address_network_that_is_not_one_is_refused_when_the_policy_loads() -> None:

@@ -1,10 +1,10 @@
 """spec.nics[].addresses as the NoCloud ``network-config`` (version 2) a VM's cloud-init reads from its
 seed at first boot. Pure: the spec in, YAML text out (None when no NIC declares an address).
 
-Each NIC becomes an ``ethernets`` entry. The guest's interface is matched by MAC where the spec pins
-one (``hwaddr``: required with more than one NIC, the models refuse it otherwise) and otherwise by the
-name pattern ``e*`` (the one virtio NIC: ``enp1s0`` in Debian and Ubuntu cloud images, ``eth0`` in
-others). A NIC without addresses keeps DHCP; a gateway becomes the default route of its family.
+Each NIC becomes an ``ethernets`` entry, its guest interface matched by MAC (``hwaddr``: the models
+require it on every NIC once one declares addresses; a name glob works with netplan only, and
+Debian's cloud images render ifupdown). A NIC without addresses keeps DHCP; a gateway becomes the
+default route of its family.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def network_config(nics: list[InstanceNIC] | None) -> str | None:
         return None
     ethernets: dict[str, Any] = {}
     for nic in nics:
-        entry: dict[str, Any] = {
-            "match": {"macaddress": nic.hwaddr.lower().replace("-", ":")} if nic.hwaddr else {"name": "e*"}
-        }
+        if not nic.hwaddr:
+            continue  # the models refuse it: every NIC needs a MAC once one declares addresses
+        entry: dict[str, Any] = {"match": {"macaddress": nic.hwaddr.lower().replace("-", ":")}}
         if not nic.addresses:
             entry["dhcp4"] = True
         else:

@@ -750,6 +750,11 @@ def _addresses(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violatio
     networks = [ipaddress.ip_network(c, strict=False) for c in rule.address_cidrs]
     shown = ", ".join(rule.address_cidrs) or "none"
     found = []
+    if spec.cloud_init is not None and spec.cloud_init.network_config is not None:
+        # A network-config of the tenant's own could name any address: where addresses are bounded,
+        # they are declared in spec.nics[].addresses, where the rule can see them.
+        message = "a network-config of its own is not allowed where addresses are bounded: use spec.nics[].addresses"
+        found.append(Violation(f"{label}.addressCIDRs", "spec.cloudInit.networkConfig", message))
     for nic in spec.nics or []:
         for item in nic.addresses or []:
             address = ipaddress.ip_interface(item).ip

@@ -39,6 +39,7 @@ from .netconfig import declared_addresses
 from .problems import WAITING_REASONS, Problem, Reason
 from .quantity import format_bytes
 from .reconcile import Desired, Plan, describe_action
+from .truenas.addresses import global_address
 from .truenas.types import DeviceConfig, InstanceStatus, ObservedInstance
 
 PHASE_BY_TRUENAS_STATUS = {
@@ -211,7 +212,7 @@ def instance_addresses(
     if observed is None or observed.status != InstanceStatus.RUNNING:
         return []
     found = _reported_addresses(observed)
-    if desired is not None and plan is not None and _declared_applied(plan):
+    if desired is not None and plan is not None and not found and _declared_applied(desired, observed, plan):
         reported = {a.address for a in found}
         for text, _nic in declared_addresses(desired.spec.nics):
             if text not in reported:
@@ -222,8 +223,13 @@ def instance_addresses(
     return found[:MAX_LISTED_ADDRESSES]
 
 
-def _declared_applied(plan: Plan) -> bool:
-    """Declared addresses count as applied unless Synced names them (not deliverable, or not yet)."""
+def _declared_applied(desired: Desired, observed: ObservedInstance, plan: Plan) -> bool:
+    """Declared addresses count as applied only where the operator wrote them into the instance's seed
+    (a vm.* VM it built: its seed marks are there; never an adopted or an observed one) and Synced does
+    not name them (not deliverable, or changed since: first boot only). Shown only while TrueNAS
+    reports no address of its own (``instance_addresses``): what the guest reports wins."""
+    if desired.observe_only or desired.ownership.observing or observed.seed is None:
+        return False
     return not any(item.startswith("nics[].addresses") for item in plan.unsupported)
 
 
@@ -231,10 +237,9 @@ def _reported_addresses(observed: ObservedInstance) -> list[InstanceAddress]:
     named = dict(observed.interfaces)
     found: list[InstanceAddress] = []
     seen: set[str] = set()
-    for raw in observed.addresses:
-        try:
-            address = ipaddress.ip_address(str(raw))
-        except ValueError:
+    for raw in observed.addresses[: MAX_LISTED_ADDRESSES * 4]:
+        address = global_address(raw)
+        if address is None:
             continue
         text = str(address)
         if text in seen:
@@ -243,7 +248,7 @@ def _reported_addresses(observed: ObservedInstance) -> list[InstanceAddress]:
         family = AddressFamily.IPV4 if address.version == 4 else AddressFamily.IPV6
         interface = named.get(str(raw)) or None
         found.append(InstanceAddress(address=text, family=family, interface=interface, source=AddressSource.TRUENAS))
-    return found
+    return found[:MAX_LISTED_ADDRESSES]
 
 
 def synced_condition(
@@ -398,7 +403,7 @@ def render_instance(
         cpu=observed.cpu if observed else None,
         memory=format_bytes(observed.memory) if observed and observed.memory is not None else None,
         autostart=observed.autostart if observed else None,
-        ip_addresses=list(observed.addresses) if observed else None,
+        ip_addresses=[a.address for a in _reported_addresses(observed)] if observed else None,
         addresses=instance_addresses(observed, desired, plan) if observed else None,
         image=_image(observed),
         devices=_devices(desired, observed, devices, previous or {}),

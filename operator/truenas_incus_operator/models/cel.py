@@ -117,9 +117,8 @@ _CROSS_FIELD_RULES: list[JsonValue] = [
         ".nics",
     ),
     _cel(
-        "!has(self.nics) || size(self.nics) < 2 || !self.nics.exists(n, has(n.addresses)) || "
-        "self.nics.all(n, has(n.hwaddr))",
-        "spec.nics: with addresses and more than one NIC, every NIC needs hwaddr",
+        "!has(self.nics) || !self.nics.exists(n, has(n.addresses)) || self.nics.all(n, has(n.hwaddr))",
+        "spec.nics: with addresses, every NIC needs hwaddr (the guest matches it by MAC)",
         ".nics",
     ),
     _cel(

@@ -181,7 +181,7 @@ class InstanceNIC(_Model):
             "Static addresses with their prefix (CIDR), e.g. 192.168.10.20/24 or 2001:db8::20/64, delivered to a "
             "VM's cloud-init as the NoCloud network-config (version 2) of its seed at first boot; they show in "
             "status.addresses with source Declared. Containers: no TrueNAS API sets one (Synced says "
-            "PartiallyApplied). With more than one NIC, each NIC needs hwaddr (the guest matches by MAC)."
+            "PartiallyApplied). Every NIC of spec.nics then needs hwaddr: the guest matches its interfaces by MAC."
         ),
         json_schema_extra={
             "x-kubernetes-validations": [
@@ -596,8 +596,8 @@ class IncusInstanceSpec(_Model):
         if any(n.addresses for n in nics):
             if self.cloud_init is not None and self.cloud_init.network_config is not None:
                 raise ValueError("spec.nics[].addresses and spec.cloudInit.networkConfig: one network-config only")
-            if len(nics) > 1 and not all(n.hwaddr for n in nics):
-                raise ValueError("spec.nics: with addresses and more than one NIC, every NIC needs hwaddr")
+            if not all(n.hwaddr for n in nics):  # the guest's interface is matched by MAC (any renderer)
+                raise ValueError("spec.nics: with addresses, every NIC needs hwaddr (the guest matches it by MAC)")
         return self
 
     def memory_bytes(self) -> int | None:

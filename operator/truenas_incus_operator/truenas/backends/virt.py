@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from ..addresses import MAX_AGENT_ITEMS, MAX_GUEST_ADDRESSES, global_address
 from ..errors import AlreadyExists, ImageNotFound, JobFailed, ValidationFailed
 from ..jobs import job_running
 from ..transports.base import Transport
@@ -27,6 +28,17 @@ from .images_only import image_of
 _OWN_FIELDS = ("name", "dev_type", "source", "destination", "readonly")
 
 
+def alias_addresses(aliases: Any) -> tuple[str, ...]:
+    """virt.instance's ``aliases`` (Incus's global-scope addresses) as addresses, each checked, at
+    most MAX_GUEST_ADDRESSES: the answer is the server's (and the guest's) word."""
+    found: dict[str, None] = {}
+    for alias in aliases[:MAX_AGENT_ITEMS] if isinstance(aliases, list) else []:
+        address = global_address(alias.get("address") if isinstance(alias, dict) else None)
+        if address is not None and len(found) < MAX_GUEST_ADDRESSES:
+            found.setdefault(str(address))
+    return tuple(found)
+
+
 def observed(entry: dict[str, Any]) -> ObservedInstance:
     image = entry.get("image") or {}
     return ObservedInstance(
@@ -38,7 +50,7 @@ def observed(entry: dict[str, Any]) -> ObservedInstance:
         memory=entry.get("memory"),
         autostart=bool(entry.get("autostart")),
         environment=dict(entry.get("environment") or {}),
-        addresses=tuple(a["address"] for a in entry.get("aliases") or [] if a.get("address")),
+        addresses=alias_addresses(entry.get("aliases")),
         image=ObservedImage(
             os=image.get("os"),
             release=image.get("release"),

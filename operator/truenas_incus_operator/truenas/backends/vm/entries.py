@@ -7,6 +7,7 @@ import ipaddress
 import re
 from typing import Any
 
+from ...addresses import MAX_AGENT_ITEMS, MAX_GUEST_ADDRESSES, global_address
 from ...types import DeviceConfig, InstanceStatus, ObservedImage, ObservedInstance
 from ..macs import mac_for
 
@@ -103,18 +104,15 @@ INTERFACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}")
 
 def guest_interfaces(interfaces: Any) -> tuple[tuple[str, str], ...]:
     """``guest_addresses`` with the interface each is on (the agent's ``name``; "" when it is not a
-    plausible interface name)."""
-    found: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, str]] = []
-    for interface in interfaces if isinstance(interfaces, list) else []:
+    plausible interface name). Bounded: the guest controls the answer (at most MAX_AGENT_ITEMS
+    interfaces and addresses each, and MAX_GUEST_ADDRESSES kept), linear in its size."""
+    found: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+    for interface in interfaces[:MAX_AGENT_ITEMS] if isinstance(interfaces, list) else []:
         items = interface.get("ip_addresses") if isinstance(interface, dict) else None
         raw = interface.get("name") if isinstance(interface, dict) else None
         name = raw if isinstance(raw, str) and INTERFACE_NAME.fullmatch(raw) else ""
-        for item in items if isinstance(items, list) else []:
-            try:
-                address = ipaddress.ip_address(str(item.get("ip_address")) if isinstance(item, dict) else "")
-            except ValueError:
-                continue
-            local = address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified
-            if not local and all(address != seen for seen, _ in found):
-                found.append((address, name))
-    return tuple((str(a), n) for a, n in sorted(found, key=lambda pair: pair[0].version))
+        for item in items[:MAX_AGENT_ITEMS] if isinstance(items, list) else []:
+            address = global_address(item.get("ip_address") if isinstance(item, dict) else None)
+            if address is not None and address not in found and len(found) < MAX_GUEST_ADDRESSES:
+                found[address] = name
+    return tuple((str(a), n) for a, n in sorted(found.items(), key=lambda pair: pair[0].version))

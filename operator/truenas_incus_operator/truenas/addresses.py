@@ -1,0 +1,26 @@
+"""Addresses as TrueNAS (or a guest through it) reports them: checked, bounded, never guessed."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+MAX_AGENT_ITEMS = 256
+"""Entries read from one answer (interfaces, addresses per interface, aliases): the guest writes them."""
+MAX_GUEST_ADDRESSES = 16
+"""Addresses kept per instance (status.addresses holds as many)."""
+
+
+def global_address(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an address another host could reach: not loopback, link-local, multicast or
+    unspecified, and no IPv6 zone (``fe80::1%eth0`` names the guest's own link). None otherwise."""
+    if not isinstance(text, str) or len(text) > 45:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        return None
+    local = address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified
+    return None if local else address
