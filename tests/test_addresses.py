@@ -147,6 +147,9 @@ def test_declared_addresses_become_a_version_2_network_config() -> None:
         ({"addresses": ["10.0.0.5/24"], "gateway": "10.0.1.1"}, "on none of its addresses' networks"),
         ({"gateway": "10.0.0.1"}, "need addresses"),
         ({"addresses": ["10.0.0.5/24"], "nameservers": ["dns.example"]}, "not an IP address"),
+        ({"addresses": ["10.0.0.5/255.255.255.0"]}, "prefix length"),  # what the CRD refuses too
+        ({"addresses": ["2001:db8::5%x/64"]}, "prefix length"),
+        ({"addresses": ["::ffff:192.168.1.1/120"]}, "IPv4-mapped"),
     ],
 )
 def test_a_declared_address_that_cannot_be_one_is_refused_naming_it(nic: dict[str, Any], message: str) -> None:
@@ -251,7 +254,19 @@ def test_a_guest_agent_answer_is_bounded() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["fe80::1%eth0", "2001:db8::1%" + "x" * 60, "2001:db8::1%\x1b[31m", "127.0.0.1", "::", "224.0.0.1", 7, None, ["x"]],
+    [
+        "fe80::1%eth0",
+        "2001:db8::1%" + "x" * 60,
+        "2001:db8::1%\x1b[31m",
+        "127.0.0.1",
+        "::ffff:127.0.0.1",
+        "::",
+        "224.0.0.1",
+        "169.254.1.1",
+        7,
+        None,
+        ["x"],
+    ],
 )
 def test_what_is_not_a_reachable_address_never_reaches_the_status(raw: Any) -> None:
     from truenas_incus_operator.truenas.backends.virt import alias_addresses

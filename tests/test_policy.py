@@ -285,6 +285,8 @@ def test_an_address_network_that_is_not_one_is_refused_when_the_policy_loads() -
         policy(addressCIDRs=["192.168.50.0/33"])
     with pytest.raises(ValueError, match="prefix length"):
         policy(addressCIDRs=["192.168.50.1"])
+    with pytest.raises(ValueError, match="IPv4-mapped"):  # cidr() would refuse it in the admission policy
+        policy(addressCIDRs=["::ffff:192.168.50.0/120"])
 
 
 # ----- NIC parents ------------------------------------------------------------------------------------------

@@ -273,12 +273,15 @@ class Rule(Grant):
     @classmethod
     def _networks(cls, value: list[str] | None) -> list[str] | None:
         for item in value or []:
+            if not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", item):
+                raise ValueError(f"{item!r}: a network with its prefix length, e.g. 192.168.50.0/24")
             try:
-                ipaddress.ip_network(item, strict=False)
+                network = ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValueError(f"{item!r} is not a network (CIDR), e.g. 192.168.50.0/24") from None
-            if "/" not in item:
-                raise ValueError(f"{item!r}: a network with its prefix length, e.g. 192.168.50.0/24")
+            if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
+                # Kubernetes's cidr() refuses IPv4-mapped networks: the admission check would deny all.
+                raise ValueError(f"{item!r}: an IPv4-mapped network; write the IPv4 network")
         return value
 
     @field_validator("snapshots", mode="before")

@@ -209,13 +209,15 @@ class InstanceNIC(_Model):
     @classmethod
     def _addresses(cls, value: list[str] | None) -> list[str] | None:
         for item in value or []:
-            if "/" not in item:
+            if not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", item):
                 raise ValueError(f"{item!r}: an address with its prefix length, e.g. 192.168.10.20/24")
             try:
                 interface = ipaddress.ip_interface(item)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address with a prefix length") from None
             address = interface.ip
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                raise ValueError(f"{item!r}: an IPv4-mapped address; write the IPv4 address")
             if address.is_unspecified or address.is_loopback or address.is_multicast or address.is_link_local:
                 raise ValueError(f"{item!r}: not an address a guest can be given (loopback, link-local, ...)")
             if interface.network.prefixlen == interface.max_prefixlen and address.version == 4:

@@ -20,7 +20,10 @@ def global_address(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
         address = ipaddress.ip_address(text)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            return None
+        if address.ipv4_mapped is not None:  # ::ffff:10.0.0.2 is 10.0.0.2 (and ::ffff:127.0.0.1 loopback)
+            address = address.ipv4_mapped
     local = address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified
     return None if local else address
