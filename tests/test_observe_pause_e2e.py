@@ -245,6 +245,10 @@ def test_imported_manifests_are_observed_in_sync(harness: Harness) -> None:
             return [found async for found in import_instances(client, namespace=ns)]
         finally:
             await client.close()
+            # aiohttp closes a TLS connection's socket a moment after the session (its documented
+            # graceful shutdown): without the pause asyncio.run ends first, and the socket's
+            # ResourceWarning surfaces, at garbage collection, in whichever test runs then.
+            await asyncio.sleep(0.25)
 
     found = {item.instance: item for item in asyncio.run(run())}
     resources = []

@@ -453,7 +453,7 @@ def test_status_shape_and_the_operator_never_writes_spec(harness: Harness, names
     status = body["status"]
     allowed = {
         "phase", "instanceId", "binding", "observedGeneration", "conditions", "cpu", "memory", "autostart",
-        "ipAddresses", "image", "job", "lastSyncTime", "message",
+        "ipAddresses", "addresses", "image", "job", "lastSyncTime", "message",
     }  # fmt: skip
     assert set(status) <= allowed, set(status) - allowed
     assert status["binding"] == {"name": name, "type": "CONTAINER", "image": "debian/bookworm"}, status

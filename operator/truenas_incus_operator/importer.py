@@ -425,6 +425,7 @@ async def run_import(
             count += 1
     finally:
         await client.close()
+        await asyncio.sleep(0.25)  # aiohttp's graceful shutdown: a TLS socket closes a moment later
     return count
 
 
