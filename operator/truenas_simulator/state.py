@@ -4,6 +4,7 @@ and the knobs that tests, demos and benchmarks turn (latency, job time, faults).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,7 +126,12 @@ class Instance:
             {"type": "INET", "address": f"10.142.{87 + digest[0] % 8}.{2 + digest[1] % 250}", "netmask": 24},
             {
                 "type": "INET6",
-                "address": f"fd42:9c1b:77e0:41d2:216:3eff:fe{digest[2]:02x}:{digest[3]:02x}{digest[4]:02x}",
+                # Canonical, as Incus (Go's net.IP) writes it: no leading zeros in a group.
+                "address": str(
+                    ipaddress.ip_address(
+                        f"fd42:9c1b:77e0:41d2:216:3eff:fe{digest[2]:02x}:{digest[3]:02x}{digest[4]:02x}"
+                    )
+                ),
                 "netmask": 64,
             },
         ]
