@@ -259,6 +259,14 @@ class Simulator:
             raise ValueError("26 containers report no addresses (container.query has none)")
         item.leased = leased
 
+    def renumber(self, name: str) -> None:
+        """A 25.x Incus guest's DHCP server hands it another address (its lease ran out). No event, as
+        ``set_lease``: a client sees the new address at its next query."""
+        item = self.find(name)
+        if isinstance(item, Container):
+            raise ValueError("26 containers report no addresses (container.query has none)")
+        item.lease += 1
+
     def remove_instance(self, name: str) -> None:
         item = self.find(name)
         if isinstance(item, Container):

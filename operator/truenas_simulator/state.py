@@ -117,11 +117,13 @@ class Instance:
     """The guest ignores a graceful stop (only force stops it)."""
     leased: bool = True
     """The guest holds its DHCP lease: while running, Incus reports its addresses (``Knobs.dhcp``)."""
+    lease: int = 0
+    """Which lease: another one (``Simulator.renumber``) is another address."""
 
     def addresses(self) -> list[dict[str, Any]]:
         if self.status != "RUNNING" or not self.leased:
             return []
-        digest = hashlib.sha256(self.name.encode()).digest()
+        digest = hashlib.sha256((f"{self.name}#{self.lease}" if self.lease else self.name).encode()).digest()
         return [
             {"type": "INET", "address": f"10.142.{87 + digest[0] % 8}.{2 + digest[1] % 250}", "netmask": 24},
             {
