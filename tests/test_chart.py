@@ -18,7 +18,7 @@ from truenas_incus_operator.policy import Policy
 from truenas_simulator.images import write_mirror
 
 from .conftest import ROOT, Cluster
-from .harness import Harness, OperatorProcess, operator_env, start_simulator, unique
+from .harness import Harness, OperatorProcess, _reason, operator_env, start_simulator, unique
 
 pytestmark = pytest.mark.e2e  # needs the local control plane (kube-apiserver + etcd, helm)
 
@@ -224,6 +224,9 @@ EXPECTED_RULES = [
     {"apiGroups": [OURS], "resources": [f"{kind}/status" for kind in KINDS], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # spec.expose: by name only (no list, no watch)
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create", "update", "delete"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "create", "update", "delete"]},
 ]  # fmt: skip
 
 
@@ -432,6 +435,18 @@ def lifecycle(harness: Harness, namespace: str) -> None:
     harness.apply(namespace, name, {"cpu": "2", "powerState": "Stopped"})
     harness.wait_status(namespace, name, "stopped", lambda s: s.get("phase") == "Stopped" and s.get("cpu") == "2")
     harness.wait_event(namespace, name, "Created")
+    # spec.expose: its Service and EndpointSlice made, applied, and deleted with the RBAC the chart gives.
+    exposed = {"cpu": "2", "powerState": "Stopped", "expose": {"ports": [{"port": 80}], "annotations": {"a": "1"}}}
+    harness.apply(namespace, name, exposed)
+    harness.wait_status(namespace, name, "not exposed", lambda s: _reason(s, "Exposed") == "NotExposed")
+    harness.apply(namespace, name, {"cpu": "2", "expose": {"ports": [{"port": 81}]}})  # running again
+    harness.wait_status(namespace, name, "exposed", lambda s: _reason(s, "Exposed") == "Exposed", timeout=60)
+    service = harness.cluster.get("service", name, namespace)
+    assert service["spec"]["ports"][0]["port"] == 81 and "a" not in service["metadata"].get("annotations", {})
+    harness.cluster.get("endpointslice", f"{name}-ipv4", namespace)
+    harness.apply(namespace, name, {"cpu": "2", "powerState": "Stopped"})
+    harness.wait_status(namespace, name, "unexposed", lambda s: "service" not in s)
+    assert harness.cluster.kubectl("get", "service", name, "-n", namespace, check=False).returncode != 0
     other = start_simulator("25.10")
     try:
         harness.connect_namespace(namespace, other)
@@ -504,6 +519,12 @@ def test_operator_runs_under_the_charts_service_account(fresh_cluster: Cluster, 
     assert can_i(cluster, "create", "events", "apps")
     for verb, resource in (("create", "pods"), ("create", "secrets"), ("update", "configmaps"), ("delete", "events")):
         assert not can_i(cluster, verb, resource, "apps"), (verb, resource)
+    # spec.expose: Services and EndpointSlices by name in the watched namespaces, never listed or watched.
+    for resource in ("services", "endpointslices.discovery.k8s.io"):
+        for verb in ("get", "create", "update", "delete"):
+            assert can_i(cluster, verb, resource, "apps") and not can_i(cluster, verb, resource, "elsewhere")
+        for verb in ("list", "watch", "patch", "deletecollection"):
+            assert not can_i(cluster, verb, resource, "apps"), (verb, resource)
     # The ownership ledger: ConfigMaps in its own namespace only, where tenants have no access.
     for verb in ("get", "list", "create", "update", "delete"):
         assert can_i(cluster, verb, "configmaps", "tio-system"), verb
@@ -694,7 +715,7 @@ def test_multi_tenant_example_renders_the_policy_and_admission() -> None:
     (vap,) = by_kind(documents, "ValidatingAdmissionPolicy")
     messages = [v["message"] for v in vap["spec"]["validations"]]
     fields = ("deviceTypes", "hostPathPrefixes", "nicParents", "addressCIDRs", "storagePools", "proxyPorts")
-    for field in (*fields, "instanceNamePrefix"):
+    for field in (*fields, "instanceNamePrefix", "expose.serviceTypes"):
         assert any(m.startswith(f"policy.rules[0].{field}: ") for m in messages), field
         assert any(m.startswith(f"policy.defaultRule.{field}: ") for m in messages), field
     assert messages[0].startswith("policy.defaultConnectionNamespaces: ")
@@ -705,11 +726,12 @@ def test_multi_tenant_example_renders_the_policy_and_admission() -> None:
     assert selector["values"] == ["infra", "team-a", "team-b"], "only the watched namespaces"
 
 
-def test_homelab_admission_only_gates_passthrough_and_memory_overcommit() -> None:
+def test_homelab_admission_only_gates_passthrough_memory_overcommit_and_load_balancers() -> None:
     (vap,) = by_kind(render(), "ValidatingAdmissionPolicy")
     assert [v["message"].split(":")[0] for v in vap["spec"]["validations"]] == [
         "policy.defaultConnectionNamespaces",
         "policy.defaultRule.deviceTypes",
+        "policy.defaultRule.expose.serviceTypes",  # a LoadBalancer takes an address of the network: opt-in
         "policy.defaultRule.memoryOvercommit",  # VMs without TrueNAS's memory guarantee: opt-in, as passthrough
     ]
     (binding,) = by_kind(render(), "ValidatingAdmissionPolicyBinding")

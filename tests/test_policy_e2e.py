@@ -105,6 +105,7 @@ TEAM_OK: dict[str, Any] = {
         },
     ],
     "nics": [{"name": "eth1", "type": "bridged", "parent": "br-tenants"}, {"name": "eth2"}],
+    "expose": {"ports": [{"name": "http", "port": 80}, {"name": "app", "port": 8080}]},
 }
 
 
@@ -135,6 +136,9 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("memory-cap-bytes", {"memory": 8 * 2**30}, "policy.rules[0].maxMemory"),
     ("cpu-cap", {"cpu": "8"}, "policy.rules[0].maxVCPUs"),
     ("root-disk-cap", {"type": "VM", "devices": [], "nics": [], "rootDiskSize": "100Gi"}, "policy.rules[0].maxRootDiskSize"),
+    ("load-balancer", {"expose": {"type": "LoadBalancer", "ports": [{"port": 80}]}}, "policy.rules[0].expose.serviceTypes"),
+    ("node-port", {"expose": {"type": "NodePort", "ports": [{"port": 80}]}}, "policy.rules[0].expose.serviceTypes"),
+    ("expose-port", {"expose": {"ports": [{"port": 5432}]}}, "policy.rules[0].expose.ports"),
     ("memory-overcommit", {"type": "VM", "devices": [], "nics": [], "memory": 2**30, "memoryOvercommit": True}, "policy.rules[0].memoryOvercommit"),
 ]  # fmt: skip
 
@@ -184,6 +188,11 @@ def test_default_connection_is_refused_outside_the_allowed_namespaces(
     disk = {"name": "d", "type": "DISK", "source": "/mnt/tank/x", "destination": "/d"}
     result = as_tenant(cluster, manifest(f"{outsider}-disk", devices=[disk], **via), outsider)
     assert result.returncode != 0 and "policy.defaultRule.deviceTypes: " in result.stderr, result.stderr
+    # serviceTypes: [] there: no Service at all, whatever its type.
+    exposed = manifest(f"{outsider}-svc", expose={"ports": [{"port": 80}]}, **via)
+    result = as_tenant(cluster, exposed, outsider)
+    assert result.returncode != 0 and "policy.defaultRule.expose.serviceTypes: " in result.stderr, result.stderr
+    assert "none: this rule refuses spec.expose" in result.stderr
 
 
 def test_a_resource_from_before_the_policy_can_still_be_annotated_and_deleted(

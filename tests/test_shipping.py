@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -139,6 +140,26 @@ def test_main_command_runs_the_demo_to_running(tmp_path: Path, cluster: Cluster)
                 ready.add(columns[1])
         assert ready == wanted, "".join(lines)
         assert any("control plane ready" in line for line in lines)
+        # vm-static is a Service too (spec.expose): its EndpointSlice holds the declared address, ready.
+        shown = next(m for line in lines if (m := re.search(r"export KUBECONFIG=(\S+) PATH=(\S+):", line)))
+        kubectl = [str(Path(shown.group(2)) / "kubectl"), "--kubeconfig", shown.group(1), "-n", "default"]
+
+        def exposed() -> bool:
+            found = subprocess.run(
+                [*kubectl, "get", "endpointslice", "vm-static-ipv4", "-o", "json"], capture_output=True, text=True
+            )
+            if found.returncode != 0:
+                return False
+            endpoints = json.loads(found.stdout)["endpoints"]
+            return [(e["addresses"], e["conditions"]["ready"]) for e in endpoints] == [(["192.168.10.20"], True)]
+
+        wait_until(exposed, timeout=60, what="vm-static's EndpointSlice with its declared address")
+        service = json.loads(
+            subprocess.run(
+                [*kubectl, "get", "service", "vm-static", "-o", "json"], capture_output=True, text=True
+            ).stdout
+        )
+        assert "selector" not in service["spec"] and service["spec"]["ports"][0]["port"] == 22
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=60)

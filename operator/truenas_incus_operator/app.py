@@ -14,6 +14,7 @@ from datetime import datetime
 
 from .connections import ConnectionManager, ConnectionResources
 from .instances import Deletion, Executor, Holds, InstanceLoops, Ledger, Reaper, Reporter, Wakeups
+from .instances.exposure import Exposer
 from .instances.ledger import SCHEDULE_LEDGER_LABEL, SNAPSHOT_LEDGER_LABEL
 from .instances.resource import EventPoster
 from .instances.schedules import Schedules
@@ -100,6 +101,7 @@ def build(
     schedules = Schedules(schedule_ledger, connections, reporter.post_event, settings.resync_seconds, executor.fence)
     subjects = Subjects(kube, connections, ledger)
     sources = CloneSources(kube, snapshot_ledger, policy, wakeups.wake, ledger)
+    exposer = Exposer(kube, settings.resync_seconds)
     return Operator(
         settings=settings,
         kube=kube,
@@ -109,9 +111,20 @@ def build(
         ledger=ledger,
         policy=policy,
         loops=InstanceLoops(
-            settings, connections, wakeups, ledger, reporter, executor, policy, metrics, holds, schedules, sources
+            settings,
+            connections,
+            wakeups,
+            ledger,
+            reporter,
+            executor,
+            policy,
+            metrics,
+            holds,
+            schedules,
+            sources,
+            exposer,
         ),
-        deletion=Deletion(settings, connections, ledger, reporter, executor, schedules),
+        deletion=Deletion(settings, connections, ledger, reporter, executor, schedules, exposer),
         metrics=metrics,
         reaper=Reaper(kube, connections, ledger, executor),
         holds=holds,

@@ -35,6 +35,9 @@ from .problems import OperatorError, Problem, Reason, fail
 
 log = logging.getLogger(__name__)
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
+MANAGER = "?fieldManager=truenas-incus-operator"
+"""Who wrote spec.expose's objects, as their managedFields say."""
+EXPOSED_KINDS = {"services": "/api/v1", "endpointslices": "/apis/discovery.k8s.io/v1"}
 EVENT_COMPONENT = "truenas-incus-operator"
 """Who reports the operator's Events (``kubectl describe``'s From, ``reportingComponent``)."""
 KUBE_REASON = Reason.KUBERNETES_ERROR
@@ -519,6 +522,64 @@ class Kube:
         except _Conflict:
             return None
         return replaced
+
+    # ----- spec.expose's Services and EndpointSlices (instances/exposure.py), in the resource's namespace --------
+    @staticmethod
+    def _exposed_path(kind: str, namespace: str, name: str = "") -> str:
+        base = EXPOSED_KINDS[kind]
+        path = f"{base}/namespaces/{quote(namespace)}/{kind}"
+        return f"{path}/{quote(name)}" if name else path
+
+    async def read_exposed(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Service or an EndpointSlice (``kind``: services, endpointslices), or None when there is none."""
+        return await self._get(self._exposed_path(kind, namespace, name))
+
+    async def create_exposed(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Creates it; None when one of that name exists already (409: never written over)."""
+        FENCE.check()
+        try:
+            created: dict[str, Any] = await self._request(
+                "POST", self._exposed_path(kind, namespace) + MANAGER, body, conflict_ok=True, explain=True
+            )
+        except _Conflict:
+            return None
+        return created
+
+    async def replace_exposed(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Optimistic update of the operator's own object (``metadata.resourceVersion`` must match): None
+        when it changed or went meanwhile (a 409 or a 404): either way the caller reads it again."""
+        FENCE.check()
+        name = body["metadata"]["name"]
+        try:
+            replaced: dict[str, Any] = await self._request(
+                "PUT",
+                self._exposed_path(kind, namespace, name) + MANAGER,
+                body,
+                not_found=_GONE,
+                conflict_ok=True,
+                explain=True,
+            )
+        except _Conflict:
+            return None
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
+        return replaced
+
+    async def delete_exposed(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        """Deletes that very object (``uid``: not one made again meanwhile); a missing one counts as deleted."""
+        FENCE.check()
+        options = {"preconditions": {"uid": uid}}
+        try:
+            await self._request(
+                "DELETE", self._exposed_path(kind, namespace, name), options, not_found=_GONE, conflict_ok=True
+            )
+        except OperatorError as exc:
+            if exc.problem is not _GONE:
+                raise
+        except _Conflict:
+            return  # another object of that name now: not ours to delete
 
     async def read_incus_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
         """An IncusInstance, or None when it does not exist (the ledger's reaper asks)."""

@@ -52,7 +52,7 @@ from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .models import DeviceType, IncusInstanceSpec, InstanceType
+from .models import DeviceType, IncusInstanceSpec, InstanceType, ServiceType
 from .problems import Reason
 from .quantity import parse_bytes
 
@@ -174,6 +174,29 @@ class SnapshotRule(_Policy):
     )
 
 
+DEFAULT_SERVICE_TYPES: tuple[str, ...] = (ServiceType.CLUSTER_IP, ServiceType.NODE_PORT)
+"""What spec.expose.type may be where a rule leaves expose.serviceTypes out: LoadBalancer only where allowed."""
+
+
+class ExposeRule(_Policy):
+    """What the namespaces may expose as Services (a rule's ``expose``). Left out: ClusterIP and
+    NodePort Services on any port; an empty serviceTypes list refuses spec.expose altogether."""
+
+    service_types: list[ServiceType] | None = Field(
+        None,
+        description=(
+            "The Service types spec.expose.type may be (ClusterIP, NodePort, LoadBalancer); [] refuses "
+            "spec.expose. Default: ClusterIP and NodePort (a LoadBalancer only where a rule allows it)."
+        ),
+    )
+    ports: list[PortRange] | None = Field(
+        None, description="The ports spec.expose.ports[].port may be (the Service's ports). Default: any."
+    )
+
+    def allowed_types(self) -> tuple[str, ...]:
+        return DEFAULT_SERVICE_TYPES if self.service_types is None else tuple(str(t) for t in self.service_types)
+
+
 class Rule(Grant):
     """What the namespaces may do on the connections. A field left out (null) takes the built-in
     default: every device type but USB, GPU and PCI; any host path, NIC parent, pool, PROXY port
@@ -261,6 +284,13 @@ class Rule(Grant):
         ),
     )
 
+    expose: ExposeRule = Field(
+        default_factory=ExposeRule,
+        description=(
+            "spec.expose's Services: the types allowed (serviceTypes) and their ports (ports). Default: "
+            "ClusterIP and NodePort on any port; LoadBalancer off."
+        ),
+    )
     snapshots: SnapshotRule = Field(
         default_factory=SnapshotRule,
         description=(
@@ -284,7 +314,7 @@ class Rule(Grant):
                 raise ValueError(f"{item!r}: an IPv4-mapped network; write the IPv4 network")
         return value
 
-    @field_validator("snapshots", mode="before")
+    @field_validator("snapshots", "expose", mode="before")
     @classmethod
     def _open_snapshots(cls, value: Any) -> Any:
         return {} if value is None else value
@@ -508,7 +538,12 @@ class Policy(_Policy):
         found += _addresses(label, rule, spec)
         found += _name_prefix(label, rule, spec, namespace, instance_name)
         found += _caps(label, rule, spec)
+        found += _expose(label, rule, spec)
         return found
+
+    def expose_violations(self, namespace: str, connection: str, spec: IncusInstanceSpec) -> list[Violation]:
+        """What the policy refuses of spec.expose alone (its Service goes when a rule is tightened)."""
+        return _expose(*self.rule_for(namespace, connection), spec)
 
 
 class ScheduleError(ValueError):
@@ -764,6 +799,26 @@ def _addresses(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violatio
             if not any(address.version == n.version and address in n for n in networks):
                 message = f"{item} is not in an allowed network ({shown})"
                 found.append(Violation(f"{label}.addressCIDRs", f"spec.nics[{nic.name}].addresses", message))
+    return found
+
+
+def _expose(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
+    expose = spec.expose
+    if expose is None:
+        return []
+    found = []
+    allowed = rule.expose.allowed_types()
+    if expose.service_type not in allowed:
+        shown = ", ".join(allowed) or "none: this rule refuses spec.expose"
+        message = f"a {expose.service_type} Service is not allowed (allowed: {shown})"
+        found.append(Violation(f"{label}.expose.serviceTypes", "spec.expose.type", message))
+    ranges = rule.expose.ports
+    if ranges is not None:
+        shown = ", ".join(map(str, ranges)) or "none"
+        for index, port in enumerate(expose.ports):
+            if not any(port.port in allowed_range for allowed_range in ranges):
+                what = f"spec.expose.ports[{port.name or index}].port"
+                found.append(Violation(f"{label}.expose.ports", what, f"port {port.port} is not allowed ({shown})"))
     return found
 
 

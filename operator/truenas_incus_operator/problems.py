@@ -128,6 +128,11 @@ class Reason(StrEnum):
     """A snapshot (or the instance it is of) cannot go while instances cloned from it exist."""
     SOURCE_NOT_READY = "SourceNotReady"
     """(An IncusInstance's Synced) spec.source's IncusInstanceSnapshot is missing or not Ready yet."""
+    # The Exposed condition (spec.expose: the Service and its EndpointSlices, instances/exposure.py)
+    EXPOSED = "Exposed"
+    NOT_EXPOSED = "NotExposed"
+    EXPOSE_CONFLICT = "ExposeConflict"
+    EXPOSE_FAILED = "ExposeFailed"
     # A TrueNASConnection's Ready=True, and its Secure condition
     CONNECTED = "Connected"
     VERIFIED = "Verified"

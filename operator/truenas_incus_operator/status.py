@@ -97,6 +97,15 @@ class SnapshotsView:
     count: int | None = None
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """What the status says of spec.expose: the Service the operator owns (None: none) and the Exposed
+    condition (None: the resource has none, spec.expose is not set)."""
+
+    service: str | None = None
+    condition: ConditionUpdate | None = None
+
+
 def phase(
     desired: Desired,
     observed: ObservedInstance | None,
@@ -309,10 +318,21 @@ def insync_condition(
 
 
 def _mode_conditions(
-    desired: Desired, observed: ObservedInstance | None, plan: Plan | None, before: Sequence[Condition]
+    desired: Desired,
+    observed: ObservedInstance | None,
+    plan: Plan | None,
+    before: Sequence[Condition],
+    exposure: Exposure | None = None,
 ) -> dict[str, ConditionUpdate]:
-    """The conditions only some resources have: Paused (incus.truenas.io/paused), InSync (ObserveOnly)."""
+    """The conditions only some resources have: Paused (incus.truenas.io/paused), InSync (ObserveOnly),
+    Exposed (spec.expose; ``exposure`` None: as it was)."""
     extra: dict[str, ConditionUpdate] = {}
+    if exposure is not None and exposure.condition is not None:
+        extra["Exposed"] = exposure.condition
+    elif exposure is None:
+        kept = next((c for c in before if c.type == "Exposed"), None)
+        if kept is not None and kept.reason in KNOWN_REASONS:
+            extra["Exposed"] = (str(kept.status), Reason(kept.reason), kept.message)
     if desired.paused:
         extra["Paused"] = (
             "True",
@@ -372,6 +392,7 @@ def render_instance(
     connected: bool = True,
     snapshots: SnapshotsView | None = None,
     devices: list[DeviceConfig] | None = None,
+    exposure: Exposure | None = None,
 ) -> IncusInstanceStatus:
     """The whole status of an IncusInstance.
 
@@ -379,21 +400,24 @@ def render_instance(
     says nothing; what the status knew of the instance stays, phase Unknown, Ready Unknown since then.
     Only TrueNAS's answer (connected, no such instance) removes it. ``snapshots`` None: what the
     previous status said of spec.snapshots and the snapshots stays. ``devices``: an ObserveOnly
-    resource's mirror of its instance's devices (None: not read, what the status said stays)."""
+    resource's mirror of its instance's devices (None: not read, what the status said stays).
+    ``exposure``: what spec.expose's Service is (instances/exposure.py; None: what the status said stays)."""
     before = previous_conditions(previous)
     view = snapshots if snapshots is not None else _kept_snapshots(previous or {})
     if plan is not None and plan.blocked is not None and not plan.blocked.ours:
         observed = None  # not ours (AlreadyExists, Conflict, ...): report nothing of it as ours
         view = SnapshotsView()
     if not connected and activity is None:
-        unobserved = _unobserved(desired, previous or {}, before, now, problem or _blocked_problem(plan), job, version)
+        unobserved = _unobserved(
+            desired, previous or {}, before, now, problem or _blocked_problem(plan), job, version, exposure
+        )
         return unobserved.model_copy(update=_snapshot_fields(view))
     current_phase = phase(desired, observed, activity, problem or _blocked_problem(plan))
     ready = ready_condition(desired, observed, plan, activity, problem)
     synced = synced_condition(plan, problem, activity, before)
     if desired.paused and problem is None and activity is None:
         synced = paused_synced(plan, observed)
-    updates = {"Ready": ready, "Synced": synced, **_mode_conditions(desired, observed, plan, before)}
+    updates = {"Ready": ready, "Synced": synced, **_mode_conditions(desired, observed, plan, before, exposure)}
     return IncusInstanceStatus(
         phase=current_phase,
         instance_id=observed.id if observed else None,
@@ -405,6 +429,7 @@ def render_instance(
         autostart=observed.autostart if observed else None,
         ip_addresses=[a.address for a in _reported_addresses(observed)] if observed else None,
         addresses=instance_addresses(observed, desired, plan) if observed else None,
+        service=_service(exposure, previous or {}),
         image=_image(observed),
         devices=_devices(desired, observed, devices, previous or {}),
         job=job,
@@ -464,6 +489,7 @@ def _unobserved(
     problem: Problem | None,
     job: JobStatus | None,
     version: str | None,
+    exposure: Exposure | None = None,
 ) -> IncusInstanceStatus:
     kept = _last_observation(previous)
     known = kept.instance_id is not None or kept.binding is not None
@@ -478,14 +504,23 @@ def _unobserved(
             "observed_generation": desired.generation,
             "conditions": merge_conditions(
                 before,
-                {"Ready": ready, "Synced": synced, **_mode_conditions(desired, None, None, before)},
+                {"Ready": ready, "Synced": synced, **_mode_conditions(desired, None, None, before, exposure)},
                 desired.generation,
                 now,
             ),
             "job": job,
+            "service": _service(exposure, previous),
             "message": _message(current_phase, synced, None, version),
         }
     )
+
+
+def _service(exposure: Exposure | None, previous: Mapping[str, Any]) -> str | None:
+    """status.service: the Service spec.expose made (``exposure`` None: as the status said)."""
+    if exposure is not None:
+        return exposure.service
+    kept = previous.get("service")
+    return kept if isinstance(kept, str) and 0 < len(kept) <= 63 else None
 
 
 def _last_observation(previous: Mapping[str, Any]) -> IncusInstanceStatus:

@@ -67,6 +67,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# spec.expose: the Service and EndpointSlices named after an IncusInstance, read, made, updated and
+# deleted by name (never listed or watched; one of that name the operator does not own is left alone).
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create", "update", "delete"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "create", "update", "delete"]
 {{- end }}
 
 {{/* The policy file: the policy values without the chart's own switches. */}}

@@ -20,6 +20,7 @@ from ..truenas import APIUnavailable, NotFound, TrueNASError
 from ..truenas.backends.snapshots import parses
 from ..truenas.backends.vm import instance_of_dataset
 from .executor import Executor, WritesStopped
+from .exposure import Exposer
 from .ledger import Ledger, Record, RecordState
 from .reporter import Reporter, backoff_delay
 from .resource import LoopState, ResourceKey, deletion_view, paused, resource_key, writes_stopped_since
@@ -55,8 +56,11 @@ class Deletion:
         reporter: Reporter,
         executor: Executor,
         schedules: Schedules | None = None,
+        exposer: Exposer | None = None,
     ) -> None:
         self.settings = settings
+        self.exposer = exposer
+        """spec.expose's Service and slices go first (no garbage collector may run: the operator deletes them)."""
         self.connections = connections
         self.ledger = ledger
         self.reporter = reporter
@@ -77,6 +81,8 @@ class Deletion:
         try:
             if key in self.executor.creating:
                 raise fail(Reason.CREATE_IN_PROGRESS, f"{desired.instance_name} is being created", retry_after=1.0)
+            if self.exposer is not None and ((body.get("spec") or {}).get("expose") or state.status.get("service")):
+                await self.exposer.remove(desired.namespace, desired.name, desired.uid)
             records = self.ledger.owned_by(desired.uid)
             for record in [r for r in records if r.observed_only]:
                 # Observed, never owned: the record goes, the instance is never touched.

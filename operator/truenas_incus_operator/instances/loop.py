@@ -33,9 +33,10 @@ from ..reconcile import (
     plan_observe,
 )
 from ..settings import Settings
-from ..status import clip
+from ..status import Exposure, clip
 from ..truenas import CloneSource, DeviceConfig, ObservedInstance, TrueNASError
 from .executor import Executor, WritesStopped, describe_device_action, is_device_action
+from .exposure import Exposer
 from .holds import Holds
 from .ledger import Ledger
 from .ownership import ownership_of
@@ -55,6 +56,7 @@ from .wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 MAX_STEPS_PER_PASS = 12
+EXPOSE_EVENTS = frozenset({Reason.EXPOSED, Reason.EXPOSE_CONFLICT, Reason.EXPOSE_FAILED, Reason.INVALID_SPEC})
 
 
 class CloneSources(Protocol):
@@ -77,8 +79,11 @@ class InstanceLoops:
         holds: Holds | None = None,
         schedules: Schedules | None = None,
         sources: CloneSources | None = None,
+        exposer: Exposer | None = None,
     ) -> None:
         self.settings = settings
+        self.exposer = exposer
+        """spec.expose's Service and EndpointSlices (instances/exposure.py); None: not managed (tests)."""
         self.sources = sources
         """Resolves spec.source before a clone's create; None: clones are not made (reported)."""
         self.schedules = schedules
@@ -138,6 +143,7 @@ class InstanceLoops:
                 observed = self._owned_observation(desired, body, key)  # keeps instanceId: the instance stays ours
                 known = self.connections.connections.get(key)
                 connected = known is not None and known.ready.is_set()
+                await self._expose_denied(desired, state, key)
                 await self.reporter.write(state, desired, observed, plan=Plan(blocked=denied), connected=connected)
                 self.reporter.post_once(body, state, "Warning", denied.reason, denied.message)
                 return self.settings.resync_seconds
@@ -287,14 +293,12 @@ class InstanceLoops:
                     if current.actions:  # not observed yet (or no longer allowed): nothing of it is shown
                         waiting = "paused before the instance was observed: nothing of it is shown until resumed"
                         current = Plan(blocked=Blocked(Reason.RECONCILIATION_PAUSED, waiting), observing=True)
-                    await self.reporter.write(
-                        state, desired, observed, plan=replace(current, paused=True), version=connection.version
-                    )
+                    await self._settled(body, state, desired, observed, replace(current, paused=True), connection)
                     return
                 if current.actions:  # Observe: the ledger records the observer (no TrueNAS call)
                     await self.executor.execute(body, state, desired, connection, observed, current.actions[0])
                     continue
-                await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
+                await self._settled(body, state, desired, observed, current, connection)
                 self._announce(body, state, current, client.system_version)
                 return
             devices = None
@@ -314,9 +318,7 @@ class InstanceLoops:
             )
             if stopped_writes:
                 # Paused: what the plan would do is reported, nothing of it is done (no schedule either).
-                await self.reporter.write(
-                    state, desired, observed, plan=replace(current, paused=True), version=connection.version
-                )
+                await self._settled(body, state, desired, observed, replace(current, paused=True), connection)
                 return
             if devices is not None and not any(is_device_action(a) for a in current.actions):
                 state.devices_seen = seen
@@ -330,7 +332,7 @@ class InstanceLoops:
                 notes = await self.schedules.sync(body, desired, connection, observed, state)
                 current = replace(current, unsupported=(*current.unsupported, *notes)) if notes else current
             if current.blocked is not None or not current.actions:
-                await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
+                await self._settled(body, state, desired, observed, current, connection)
                 self._announce(body, state, current, client.system_version)
                 return
             fixes = [a for a in current.actions if is_device_action(a)]
@@ -360,6 +362,40 @@ class InstanceLoops:
                 if replan:
                     break  # the ledger said more than the plan knew: plan again
         raise fail(Reason.NOT_CONVERGED, "the instance did not converge after repeated changes; will retry")
+
+    async def _settled(
+        self,
+        body: Mapping[str, Any],
+        state: LoopState,
+        desired: Desired,
+        observed: ObservedInstance | None,
+        current: Plan,
+        connection: Connection,
+    ) -> None:
+        """A pass that acts no more: spec.expose's Service made to show it (a Kubernetes write, never a
+        TrueNAS one: also while paused or observing), then the status written."""
+        if self.exposer is not None:
+            shown = observed if current.blocked is None or current.blocked.ours else None  # never another's
+            previous = state.exposure
+            state.exposure = await self.exposer.sync(desired, shown, current, state.expose, previous, state.status)
+            self._announce_exposure(body, state, previous)
+        await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
+
+    async def _expose_denied(self, desired: Desired, state: LoopState, key: str) -> None:
+        """The policy refuses spec.expose (a rule tightened since): the Service goes; other refusals leave it."""
+        if self.exposer is None or not self.policy.expose_violations(desired.namespace, key, desired.spec):
+            return
+        state.exposure = await self.exposer.withdraw(desired, state.status)
+        state.expose.applied = None
+
+    def _announce_exposure(self, body: Mapping[str, Any], state: LoopState, previous: Exposure | None) -> None:
+        """An Event when the Service is made, refused or cannot be written (once per change of reason)."""
+        now = state.exposure.condition if state.exposure is not None else None
+        before = previous.condition if previous is not None else None
+        if now is None or now[1] not in EXPOSE_EVENTS or (before is not None and before[1] == now[1]):
+            return
+        kind = "Normal" if now[1] == Reason.EXPOSED else "Warning"
+        self.reporter.post_event(body, kind, now[1], now[2])
 
     async def _clone_source(self, desired: Desired, connection: Connection) -> CloneSource:
         if self.sources is None:

@@ -63,6 +63,7 @@ class Reporter:
             connected=connected,
             snapshots=state.snapshots_view,
             devices=state.observed_devices[1] if desired.observe_only and state.observed_devices else None,
+            exposure=state.exposure,
         )
         patch = as_patch(status.model_copy(update={"last_sync_time": now}))
         if not differs(state.status, patch):

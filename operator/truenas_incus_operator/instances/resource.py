@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from ..connections import DEFAULT_KEY
 from ..models import ADOPT_ANNOTATION, PAUSED_ANNOTATION, IncusInstanceSpec, InstanceBinding
 from ..reconcile import Desired, Ownership
-from ..status import SnapshotsView
+from ..status import Exposure, SnapshotsView
 
 if TYPE_CHECKING:
     from ..connections import Connection
@@ -142,6 +142,17 @@ class ScheduleMemo:
 
 
 @dataclass
+class ExposeMemo:
+    """What a loop remembers of spec.expose between passes."""
+
+    applied: tuple[Any, ...] | None = None
+    """The objects last found (or made) to be as wanted: not read again until they change or a resync passes."""
+    checked_at: float = -math.inf
+    endpoints: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per family, the addresses last put in its slice: kept (not ready) while the instance is not Running."""
+
+
+@dataclass
 class LoopState:
     """What one resource's loop remembers between passes."""
 
@@ -162,3 +173,6 @@ class LoopState:
     """Whether the last pass found the resource paused (None: no pass yet): the Events say each change once."""
     observed_devices: tuple[tuple[int, int, int], list[Any]] | None = None
     """ObserveOnly: the devices last read from TrueNAS and when (the devices key): compared on every pass."""
+    exposure: Exposure | None = None
+    """What the status says of spec.expose (instances/exposure.py); None: what it said before stays."""
+    expose: ExposeMemo = field(default_factory=ExposeMemo)

@@ -40,6 +40,7 @@ from .connection import (
     TrueNASConnectionSpec,
     TrueNASConnectionStatus,
 )
+from .expose import SERVICE_NAME_PATTERN, Expose, ExposePort, ServiceProtocol, ServiceType
 from .instance import (
     CLOUD_INIT_MAX_LENGTH,
     MAX_LISTED_ADDRESSES,
@@ -168,6 +169,7 @@ __all__ = [
     "RE2_SPACE",
     "RESTORE_ROOT_RULES",
     "SECRET_KEY_PATTERN",
+    "SERVICE_NAME_PATTERN",
     "SNAPSHOT_DEFAULTS",
     "SNAPSHOT_KEEP_MAX",
     "SNAPSHOT_NAME_PATTERN",
@@ -185,6 +187,8 @@ __all__ = [
     "Consistency",
     "DeletionPolicy",
     "DeviceType",
+    "Expose",
+    "ExposePort",
     "ExtraValue",
     "ImageStatus",
     "IncusInstance",
@@ -211,6 +215,8 @@ __all__ = [
     "Readiness",
     "RestorePhase",
     "SecretKeyReference",
+    "ServiceProtocol",
+    "ServiceType",
     "SnapshotDeletionPolicy",
     "SnapshotEntry",
     "SnapshotPhase",

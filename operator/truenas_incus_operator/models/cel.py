@@ -11,6 +11,7 @@ from .limits import (
     EXTRA_NIC_OWNED_KEYS,
     EXTRA_OWNED_KEYS,
     INSTANCE_NAME_PATTERN,
+    SERVICE_NAME_PATTERN,
 )
 
 
@@ -160,6 +161,12 @@ def _immutable(field: str, message: str, also: str = "") -> JsonDict:
 _CREATED_NOTE = "once the instance exists on TrueNAS (status.binding set: created, adopted or a create under way)"
 # Checked on the whole object: metadata.name becomes the instance name when spec.name is omitted.
 INSTANCE_ROOT_RULES: list[JsonValue] = [
+    _cel(
+        f"!has(self.spec.expose) || self.metadata.name.matches('{SERVICE_NAME_PATTERN}')",
+        "spec.expose: the Service is named after the IncusInstance, and metadata.name is not a DNS label "
+        "(lowercase letters, digits and '-', at most 63, starting with a letter)",
+        ".spec.expose",
+    ),
     _cel(
         f"has(self.spec.name) || self.metadata.name.matches('{INSTANCE_NAME_PATTERN}')",
         "metadata.name is not a valid Incus instance name (letters, digits and '-', 1-63 characters, "

@@ -33,6 +33,7 @@ from .common import (
     PowerState,
     _Model,
 )
+from .expose import Expose
 from .limits import (
     CPU_PATTERN,
     DEVICE_NAME_PATTERN,
@@ -513,6 +514,15 @@ class IncusInstanceSpec(_Model):
             "instance exists (the resource stays bound to the TrueNAS its instance lives on)."
         ),
     )
+    expose: Expose | None = Field(
+        None,
+        description=(
+            "The instance as a Kubernetes Service named after this IncusInstance (so pods reach it as "
+            "NAME.NAMESPACE.svc): a Service without a selector and its EndpointSlices, owned by the operator, "
+            "holding the addresses of status.addresses (ready only while the instance is Running). Removing it "
+            "deletes them. A Service of that name the operator did not make is never taken over (Exposed=False)."
+        ),
+    )
     snapshots: SnapshotSchedule | None = Field(
         None,
         description=(
@@ -708,7 +718,10 @@ class IncusInstanceStatus(_Model):
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
     conditions: list[Condition] | None = Field(
         None,
-        description="Ready (exists, power state as desired, spec applied) and Synced (last reconcile succeeded).",
+        description=(
+            "Ready (exists, power state as desired, spec applied) and Synced (last reconcile succeeded); Exposed "
+            "with spec.expose, Paused and InSync where they apply."
+        ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     cpu: str | None = Field(None, description="Effective CPU limit read back from TrueNAS; empty means no limit.")
@@ -722,6 +735,13 @@ class IncusInstanceStatus(_Model):
         description=(
             f"The running instance's global addresses (at most {MAX_LISTED_ADDRESSES}, IPv4 first), each with its "
             "family, interface where known and source: what TrueNAS reports or the spec declares, never a guess."
+        ),
+    )
+    service: Annotated[str, Field(max_length=63)] | None = Field(
+        None,
+        description=(
+            "spec.expose: the Service the operator made and owns (this resource's name); its EndpointSlices are "
+            "NAME-ipv4 and NAME-ipv6. The Exposed condition says whether it holds the instance's addresses."
         ),
     )
     image: ImageStatus | None = Field(None, description="The image TrueNAS reports for the instance.")

@@ -8,6 +8,8 @@ API_GROUP = "incus.truenas.io"
 API_VERSION = "v1alpha1"
 
 # Incus instance names are hostnames: letters, digits and '-', 1-63 characters, a letter first.
+SERVICE_NAME_PATTERN = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+"""spec.expose's Service is named after the IncusInstance: a DNS label (RFC 1035), as Services need."""
 INSTANCE_NAME_PATTERN = r"^[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
 # Incus limits.cpu: a count ("2") or a set of CPUs ("0-3", "1,3", "0-1,6").
 _CPU_ITEM = r"[0-9]{1,4}(?:-[0-9]{1,4})?"
