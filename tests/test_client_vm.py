@@ -726,6 +726,36 @@ def test_deferred_fields_come_from_the_observation_not_the_backends_memory() -> 
     ]
 
 
+def test_a_user_data_change_is_not_reported_as_the_declared_addresses() -> None:
+    """The seed's cloud-init mark covered user-data and network-config at once: changing only userData of
+    a VM with declared addresses was reported as nics[].addresses (first boot only), which also took the
+    Declared addresses out of status.addresses (and spec.expose's endpoints). The network has a mark of
+    its own now; a VM made before it (two marks) keeps the old, coarser reading."""
+    from truenas_incus_operator.truenas.backends.vm.marks import seed_marks
+    from truenas_incus_operator.truenas.types import InstanceStatus, ObservedImage, ObservedInstance
+
+    from .fakes import ScriptedTransport
+
+    backend = VMBackend(ScriptedTransport(), (25, 10))
+    network = "version: 2\nethernets: {}\n"
+    made = vm_config(cloud_init_user_data="#cloud-config\n", cloud_init_network_config=network, network_declared=True)
+
+    def seen(seed: tuple[str, ...]) -> ObservedInstance:
+        return ObservedInstance(
+            id="1", name="web-01", type="VM", status=InstanceStatus.RUNNING, cpu="2", memory=2 * GIB, autostart=False,
+            environment={}, addresses=(), image=ObservedImage(), family="vm", seed=seed,
+        )  # fmt: skip
+
+    observed = seen(seed_marks(made))
+    user_data = replace(made, cloud_init_user_data="#cloud-config\npackages: [nginx]\n")
+    assert backend.deferred_fields(user_data, observed) == ["cloudInit (applies at first boot only)"]
+    moved = replace(made, cloud_init_network_config=network.replace("{}", "{lan: {}}"))
+    assert backend.deferred_fields(moved, observed) == ["nics[].addresses (applies at first boot only)"]
+    assert backend.deferred_fields(made, observed) == []
+    older = seen(seed_marks(made)[:2])  # made before the network's own mark
+    assert backend.deferred_fields(user_data, older) == ["nics[].addresses (applies at first boot only)"]
+
+
 def test_which_familys_rules_apply_comes_from_the_observation_not_the_routers_memory() -> None:
     """A legacy Incus VM (``virt.instance`` on 25.10) follows virt.instance's rules. The router chose
     them from what it had listed before: a router that had listed nothing judged the VM by vm.*'s rules

@@ -168,8 +168,9 @@ class ObservedInstance:
     interfaces: tuple[tuple[str, str], ...] = ()
     """(address, interface name) where TrueNAS names the interface an address is on (27's guest agent);
     virt.instance's aliases do not say (TrueNAS drops Incus's interface names)."""
-    seed: tuple[str, str] | None = None
-    """vm.*: the digests of what its seed holds (environment, cloud-init), from its description."""
+    seed: tuple[str, ...] | None = None
+    """vm.*: the digests of what its seed holds (environment, cloud-init, its network-config where the VM
+    has that mark), from its description."""
     pending: tuple[str, ...] = ()
     """Fields changed on the running instance that take effect at its next start (vm.* redefines
     nothing live); known only to the process that changed them."""

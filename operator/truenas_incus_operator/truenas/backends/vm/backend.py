@@ -54,7 +54,15 @@ from .entries import (
     observed,
     vm_name,
 )
-from .marks import FIRST_BOOT_ONLY, NEXT_START, SEED_MARK, description, made_by_operator, seed_marks
+from .marks import (
+    FIRST_BOOT_ONLY,
+    NEXT_START,
+    SEED_MARK,
+    description,
+    made_by_operator,
+    seed_mark_text,
+    seed_marks,
+)
 from .seed import seed_iso, user_data
 
 log = logging.getLogger(__name__)
@@ -225,11 +233,13 @@ class VMBackend:
             return []
         deferred = []
         if observed.seed is not None:
-            env, cloud_init = seed_marks(config)
+            env, cloud_init, network = seed_marks(config)
             if env != observed.seed[0]:
                 deferred.append(f"environment ({FIRST_BOOT_ONLY})")
             if cloud_init != observed.seed[1]:
-                field = "nics[].addresses" if config.network_declared else "cloudInit"
+                # Which part changed, where the seed's own network mark says (a VM made before it: either).
+                moved = len(observed.seed) < 3 or network != observed.seed[2]
+                field = "nics[].addresses" if config.network_declared and moved else "cloudInit"
                 deferred.append(f"{field} ({FIRST_BOOT_ONLY})")
         if observed.status == InstanceStatus.RUNNING:
             deferred += [f"{field} ({NEXT_START})" for field in observed.pending]
@@ -250,7 +260,7 @@ class VMBackend:
             observed(entry),
             addresses=tuple(a for a, _ in self._addresses.get(name, ())) if running else (),
             interfaces=tuple(p for p in self._addresses.get(name, ()) if p[1]) if running else (),
-            seed=(marks.group(1), marks.group(2)) if marks is not None else None,
+            seed=tuple(m for m in marks.groups() if m is not None) if marks is not None else None,
             pending=tuple(self._restart_pending.get(name, ())),
         )
 
@@ -440,9 +450,7 @@ class VMBackend:
         seed = f"/mnt/{home}/seed.iso"
         if seed not in paths:  # never attached, so never read: (re)written from the spec
             await self._seed(home, config)
-            marked = SEED_MARK.sub(
-                "seed env={} cloud-init={}".format(*seed_marks(config)), entry.get("description") or ""
-            )
+            marked = SEED_MARK.sub(seed_mark_text(config), entry.get("description") or "")
             await self.transport.call("vm.update", entry["id"], {"description": marked})
             await self.transport.call(
                 "vm.device.create", {"vm": entry["id"], "attributes": {"dtype": "CDROM", "path": seed}}
