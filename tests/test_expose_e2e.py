@@ -122,6 +122,11 @@ def test_the_service_follows_the_instance(harness: Harness, namespace: str) -> N
     assert [(p["name"], p["port"], p["protocol"]) for p in ipv4["ports"]] == [("ssh", 22, "TCP"), ("http", 8080, "TCP")]
     families = {s["addressType"] for s in slices}
     assert families == {a["family"] for a in status["addresses"]}, (families, status["addresses"])
+    # Idle, nothing is written: the objects are compared at each resync (2 s here), never rewritten.
+    versions = [o["metadata"]["resourceVersion"] for o in (service, *slices)]
+    time.sleep(5)
+    again = [read(harness, "service", namespace, name), *slices_of(harness, namespace, name)]
+    assert [o["metadata"]["resourceVersion"] for o in again if o] == versions
 
     # Stopped: the endpoints stay, not ready (a client is not sent to a stopped instance).
     harness.apply(namespace, name, {**spec, "expose": EXPOSE, "powerState": "Stopped"})
