@@ -139,6 +139,7 @@ REFUSALS: list[tuple[str, dict[str, Any], str]] = [
     ("load-balancer", {"expose": {"type": "LoadBalancer", "ports": [{"port": 80}]}}, "policy.rules[0].expose.serviceTypes"),
     ("node-port", {"expose": {"type": "NodePort", "ports": [{"port": 80}]}}, "policy.rules[0].expose.serviceTypes"),
     ("expose-port", {"expose": {"ports": [{"port": 5432}]}}, "policy.rules[0].expose.ports"),
+    ("expose-annotation", {"expose": {"ports": [{"port": 80}], "annotations": {"tailscale.com/expose": "true"}}}, "policy.rules[0].expose.annotationKeys"),
     ("memory-overcommit", {"type": "VM", "devices": [], "nics": [], "memory": 2**30, "memoryOvercommit": True}, "policy.rules[0].memoryOvercommit"),
 ]  # fmt: skip
 

@@ -43,6 +43,10 @@ EVENT_COMPONENT = "truenas-incus-operator"
 KUBE_REASON = Reason.KUBERNETES_ERROR
 _GONE = Problem(Reason.NOT_FOUND, "the object does not exist")
 _FORBIDDEN = Problem(KUBE_REASON, "Kubernetes API: 403 Forbidden")
+_EXPOSE_FORBIDDEN = Problem(
+    KUBE_REASON, "Kubernetes API: 403 Forbidden: the operator's RBAC does not cover services and endpointslices here"
+)
+"""spec.expose's refusals, said without the API server's text (it names the operator's ServiceAccount)."""
 
 
 class _Conflict(Exception):
@@ -532,14 +536,26 @@ class Kube:
 
     async def read_exposed(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """A Service or an EndpointSlice (``kind``: services, endpointslices), or None when there is none."""
-        return await self._get(self._exposed_path(kind, namespace, name))
+        try:
+            return await self._request(
+                "GET", self._exposed_path(kind, namespace, name), not_found=_GONE, forbidden=_EXPOSE_FORBIDDEN
+            )
+        except OperatorError as exc:
+            if exc.problem is _GONE:
+                return None
+            raise
 
     async def create_exposed(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Creates it; None when one of that name exists already (409: never written over)."""
         FENCE.check()
         try:
             created: dict[str, Any] = await self._request(
-                "POST", self._exposed_path(kind, namespace) + MANAGER, body, conflict_ok=True, explain=True
+                "POST",
+                self._exposed_path(kind, namespace) + MANAGER,
+                body,
+                conflict_ok=True,
+                explain=True,
+                forbidden=_EXPOSE_FORBIDDEN,
             )
         except _Conflict:
             return None
@@ -558,6 +574,7 @@ class Kube:
                 not_found=_GONE,
                 conflict_ok=True,
                 explain=True,
+                forbidden=_EXPOSE_FORBIDDEN,
             )
         except _Conflict:
             return None
@@ -573,7 +590,12 @@ class Kube:
         options = {"preconditions": {"uid": uid}}
         try:
             await self._request(
-                "DELETE", self._exposed_path(kind, namespace, name), options, not_found=_GONE, conflict_ok=True
+                "DELETE",
+                self._exposed_path(kind, namespace, name),
+                options,
+                not_found=_GONE,
+                conflict_ok=True,
+                forbidden=_EXPOSE_FORBIDDEN,
             )
         except OperatorError as exc:
             if exc.problem is not _GONE:

@@ -174,24 +174,54 @@ class SnapshotRule(_Policy):
     )
 
 
-DEFAULT_SERVICE_TYPES: tuple[str, ...] = (ServiceType.CLUSTER_IP, ServiceType.NODE_PORT)
-"""What spec.expose.type may be where a rule leaves expose.serviceTypes out: LoadBalancer only where allowed."""
+DEFAULT_SERVICE_TYPES: tuple[str, ...] = (ServiceType.CLUSTER_IP,)
+"""What spec.expose.type may be where a rule leaves expose.serviceTypes out: a NodePort (every node relays
+to the endpoints) and a LoadBalancer only where a rule allows them."""
 
 
 class ExposeRule(_Policy):
-    """What the namespaces may expose as Services (a rule's ``expose``). Left out: ClusterIP and
-    NodePort Services on any port; an empty serviceTypes list refuses spec.expose altogether."""
+    """What the namespaces may expose as Services (a rule's ``expose``). Left out: ClusterIP Services on
+    any port, with any annotation, their endpoints where the rule's addressCIDRs allow; an empty
+    serviceTypes list refuses spec.expose altogether."""
 
     service_types: list[ServiceType] | None = Field(
         None,
         description=(
             "The Service types spec.expose.type may be (ClusterIP, NodePort, LoadBalancer); [] refuses "
-            "spec.expose. Default: ClusterIP and NodePort (a LoadBalancer only where a rule allows it)."
+            "spec.expose. Default: ClusterIP (NodePort and LoadBalancer only where a rule allows them)."
         ),
     )
     ports: list[PortRange] | None = Field(
         None, description="The ports spec.expose.ports[].port may be (the Service's ports). Default: any."
     )
+    annotation_keys: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9*?./_-]{1,317}$")]] | None = Field(
+        None,
+        description=(
+            "Globs of the keys spec.expose.annotations may set, e.g. 'metallb.universe.tf/address-pool'; [] "
+            "allows none. Annotations drive other controllers (load balancers, external-dns, meshes). Default: any."
+        ),
+    )
+    endpoint_cidrs: list[Annotated[str, Field(max_length=49)]] | None = Field(
+        None,
+        alias="endpointCIDRs",
+        description=(
+            "Networks an address must lie in to become one of the Service's endpoints, whatever its source "
+            "(a guest can give itself any address: TrueNAS reports it). Default: the rule's addressCIDRs when "
+            "set, else any. The NAS's own address (the connection's URL) never becomes an endpoint."
+        ),
+    )
+
+    @field_validator("endpoint_cidrs")
+    @classmethod
+    def _endpoint_networks(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            if not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", item):
+                raise ValueError(f"{item!r}: a network with its prefix length, e.g. 192.168.50.0/24")
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a network (CIDR), e.g. 192.168.50.0/24") from None
+        return value
 
     def allowed_types(self) -> tuple[str, ...]:
         return DEFAULT_SERVICE_TYPES if self.service_types is None else tuple(str(t) for t in self.service_types)
@@ -288,7 +318,8 @@ class Rule(Grant):
         default_factory=ExposeRule,
         description=(
             "spec.expose's Services: the types allowed (serviceTypes) and their ports (ports). Default: "
-            "ClusterIP and NodePort on any port; LoadBalancer off."
+            "ClusterIP on any port, any annotation key, endpoints where addressCIDRs allows; NodePort and "
+            "LoadBalancer off."
         ),
     )
     snapshots: SnapshotRule = Field(
@@ -544,6 +575,15 @@ class Policy(_Policy):
     def expose_violations(self, namespace: str, connection: str, spec: IncusInstanceSpec) -> list[Violation]:
         """What the policy refuses of spec.expose alone (its Service goes when a rule is tightened)."""
         return _expose(*self.rule_for(namespace, connection), spec)
+
+    def endpoint_networks(self, namespace: str, connection: str) -> tuple[str, list[str]] | None:
+        """(the rule's field, its networks) an endpoint address must lie in; None: any address."""
+        label, rule = self.rule_for(namespace, connection)
+        if rule.expose.endpoint_cidrs is not None:
+            return f"{label}.expose.endpointCIDRs", list(rule.expose.endpoint_cidrs)
+        if rule.address_cidrs is not None:
+            return f"{label}.addressCIDRs", list(rule.address_cidrs)
+        return None
 
 
 class ScheduleError(ValueError):
@@ -812,6 +852,13 @@ def _expose(label: str, rule: Rule, spec: IncusInstanceSpec) -> list[Violation]:
         shown = ", ".join(allowed) or "none: this rule refuses spec.expose"
         message = f"a {expose.service_type} Service is not allowed (allowed: {shown})"
         found.append(Violation(f"{label}.expose.serviceTypes", "spec.expose.type", message))
+    keys = rule.expose.annotation_keys
+    if keys is not None:
+        for key in expose.annotations or {}:
+            if not any(fnmatchcase(key, glob) for glob in keys):
+                shown = ", ".join(keys) or "none"
+                message = f"annotation {key} is not allowed (allowed: {shown})"
+                found.append(Violation(f"{label}.expose.annotationKeys", "spec.expose.annotations", message))
     ranges = rule.expose.ports
     if ranges is not None:
         shown = ", ".join(map(str, ranges)) or "none"

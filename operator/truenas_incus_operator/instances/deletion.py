@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -20,12 +21,13 @@ from ..truenas import APIUnavailable, NotFound, TrueNASError
 from ..truenas.backends.snapshots import parses
 from ..truenas.backends.vm import instance_of_dataset
 from .executor import Executor, WritesStopped
-from .exposure import Exposer
+from .exposure import Exposer, had_exposure
 from .ledger import Ledger, Record, RecordState
 from .reporter import Reporter, backoff_delay
-from .resource import LoopState, ResourceKey, deletion_view, paused, resource_key, writes_stopped_since
+from .resource import LoopState, ResourceKey, about, deletion_view, paused, resource_key, writes_stopped_since
 from .schedules import Schedules, naming_schema
 
+log = logging.getLogger(__name__)
 CONNECT_WAIT_SECONDS = 10.0
 DELETE_ATTEMPTS = 4
 PAUSE_RECHECK_SECONDS = 5.0
@@ -81,8 +83,7 @@ class Deletion:
         try:
             if key in self.executor.creating:
                 raise fail(Reason.CREATE_IN_PROGRESS, f"{desired.instance_name} is being created", retry_after=1.0)
-            if self.exposer is not None and ((body.get("spec") or {}).get("expose") or state.status.get("service")):
-                await self.exposer.remove(desired.namespace, desired.name, desired.uid)
+            await self._unexpose(body, desired, state)
             records = self.ledger.owned_by(desired.uid)
             for record in [r for r in records if r.observed_only]:
                 # Observed, never owned: the record goes, the instance is never touched.
@@ -139,6 +140,24 @@ class Deletion:
             await self.reporter.write(state, desired, None, problem=problem, version=version, connected=False)
         self.reporter.post_once(body, self._posted.setdefault(key, state), "Warning", problem.reason, problem.message)
         raise OperatorError(problem, retry_after=delay)
+
+    async def _unexpose(self, body: Mapping[str, Any], desired: Desired, state: LoopState) -> None:
+        """spec.expose's Service and slices go first, best effort: a failure (the operator's RBAC lacks
+        services there, a webhook refuses) never holds the deletion; it is logged and said once, and the
+        owner references let a garbage collector finish."""
+        if self.exposer is None or not ((body.get("spec") or {}).get("expose") or had_exposure(state.status)):
+            return
+        try:
+            await self.exposer.remove(desired.namespace, desired.name, desired.uid)
+        except OperatorError as exc:
+            log.warning("spec.expose: %s", exc.problem.message, extra=about(desired.namespace, desired.name))
+            message = (
+                f"the Service {desired.name} could not be removed ({exc.problem.message}); its owner reference "
+                "lets the garbage collector remove it"
+            )
+            self.reporter.post_once(
+                body, self._posted.setdefault(resource_key(body), state), "Warning", "ExposeFailed", message
+            )
 
     async def _still_to_delete(self, body: Mapping[str, Any], desired: Desired) -> None:
         """The resource read again before each step of the deletion (a stop can take an hour): a pause,

@@ -15,13 +15,16 @@ Exposed condition, never a failed pass of the instance."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..kube import Kube
 from ..models import API_GROUP, API_VERSION, SERVICE_NAME_PATTERN, AddressFamily, Expose, InstanceAddress
@@ -43,9 +46,54 @@ CONTROLLER = API_GROUP
 """The EndpointSlices' managed-by: the endpointslice controller leaves slices of another manager alone."""
 ANNOTATIONS_RECORD = f"{API_GROUP}/expose-annotations"
 """On the Service: the keys of spec.expose.annotations the operator set (one the spec drops is removed)."""
+SERVER_SET = ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "loadBalancerClass")
+"""What the API server assigned (or cannot change once set) in a Service's spec: kept by an update."""
+DEFAULTED = {
+    "sessionAffinity": "None",
+    "internalTrafficPolicy": "Cluster",
+    "externalTrafficPolicy": "Cluster",
+    "allocateLoadBalancerNodePorts": True,
+}
+"""Fields the API server defaults: kept only at their default (another value was someone's edit)."""
 FAMILIES = {AddressFamily.IPV4: "ipv4", AddressFamily.IPV6: "ipv6"}
 MAX_SLICE_ENDPOINTS = 16
 """What is read back from a slice (an object anyone with write access to it may have filled)."""
+
+
+@dataclass(frozen=True)
+class EndpointBounds:
+    """Which addresses may become endpoints: inside the policy's networks (``rule`` names the field),
+    never the NAS's own. A guest can give itself any address, and TrueNAS reports what it has."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    rule: str = ""
+    excluded: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+
+    @classmethod
+    def of(cls, networks: tuple[str, list[str]] | None, nas_url: str | None) -> EndpointBounds:
+        excluded = []
+        with contextlib.suppress(ValueError):
+            excluded.append(ipaddress.ip_address(urlsplit(nas_url or "").hostname or ""))
+        if networks is None:
+            return cls(excluded=tuple(excluded))
+        parsed = tuple(ipaddress.ip_network(c, strict=False) for c in networks[1])
+        return cls(parsed, networks[0], tuple(excluded))
+
+    def allows(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if ip in self.excluded:
+            return False
+        return self.networks is None or any(ip.version == n.version and ip in n for n in self.networks)
+
+
+def had_exposure(status: Mapping[str, Any]) -> bool:
+    """Whether a status (as read after a restart) says spec.expose was acted on: its Service or condition."""
+    conditions = status.get("conditions") or []
+    named = isinstance(conditions, list) and any(isinstance(c, dict) and c.get("type") == "Exposed" for c in conditions)
+    return bool(status.get("service")) or named
 
 
 def owner_reference(desired: Desired) -> dict[str, Any]:
@@ -94,12 +142,8 @@ def service_manifest(desired: Desired, expose: Expose) -> dict[str, Any]:
 def slice_manifest(
     desired: Desired, expose: Expose, family: str, addresses: tuple[str, ...], ready: bool
 ) -> dict[str, Any]:
-    ports = []
-    for port in expose.ports:
-        entry: dict[str, Any] = {"port": port.target, "protocol": port.transport}
-        if port.name:
-            entry["name"] = port.name
-        ports.append(entry)
+    # discovery/v1 defaults an unnamed port's name to "": sent as stored, so a comparison can settle.
+    ports = [{"name": port.name or "", "port": port.target, "protocol": port.transport} for port in expose.ports]
     conditions = {"ready": ready, "serving": ready, "terminating": False}
     return {
         "apiVersion": "discovery.k8s.io/v1",
@@ -135,16 +179,11 @@ def _metadata_matches(actual: Mapping[str, Any], wanted: Mapping[str, Any]) -> b
     return isinstance(refs, list) and want["ownerReferences"][0] in refs
 
 
-def _service_ports(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    keep = ("name", "port", "targetPort", "protocol")
-    return [{k: p.get(k) for k in keep if k in p} for p in spec.get("ports") or [] if isinstance(p, dict)]
-
-
 def _service_matches(actual: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    spec = actual.get("spec") or {}
-    if not isinstance(spec, dict) or spec.get("type") != wanted["spec"]["type"] or spec.get("selector"):
-        return False
-    return _service_ports(spec) == wanted["spec"]["ports"] and _metadata_matches(actual, wanted)
+    """The whole spec is as the operator would write it (nothing added: a selector, externalIPs,
+    publishNotReadyAddresses, ...) and the metadata it owns too."""
+    spec = actual.get("spec")
+    return isinstance(spec, dict) and updated(actual, wanted)["spec"] == spec and _metadata_matches(actual, wanted)
 
 
 def _slice_matches(actual: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
@@ -161,9 +200,10 @@ def _slice_matches(actual: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool
 def updated(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
     """The operator's own object as read, with what it owns made as ``wanted`` says (a PUT onto that
     version): its labels, its annotations (those it set before and the spec dropped go), the owner
-    reference; a Service's type and ports (each keeping the node port it was given) and no selector;
-    a slice's endpoints and ports. What the API server set (cluster IPs, ...) and others' labels and
-    annotations stay."""
+    reference; a Service's whole spec: its type and ports (each keeping the node port it was given),
+    what the API server assigned (cluster IPs, families) and its defaults, nothing else (a selector,
+    externalIPs, publishNotReadyAddresses someone added go); a slice's endpoints and ports. Others'
+    labels and annotations stay."""
     body = copy.deepcopy(dict(existing))
     meta = body.setdefault("metadata", {})
     want = wanted["metadata"]
@@ -181,12 +221,21 @@ def updated(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str,
     ]
     meta["ownerReferences"] = [*want["ownerReferences"], *refs]
     if wanted["kind"] == "Service":
-        spec = body.setdefault("spec", {})
-        spec.pop("selector", None)
-        spec["type"] = wanted["spec"]["type"]
+        raw = existing.get("spec")
+        before: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        spec = {k: before[k] for k in SERVER_SET if k in before}  # the rest is the operator's alone
+        for key, default in DEFAULTED.items():
+            if before.get(key) == default:
+                spec[key] = default  # the API server's own default, as it stores it
+        kind = spec["type"] = wanted["spec"]["type"]
+        if kind == "ClusterIP":
+            spec.pop("externalTrafficPolicy", None)
+        if kind != "LoadBalancer":
+            spec.pop("allocateLoadBalancerNodePorts", None)
+            spec.pop("loadBalancerClass", None)
         given = {
             (p.get("port"), p.get("protocol")): p.get("nodePort")
-            for p in spec.get("ports") or []
+            for p in before.get("ports") or []
             if isinstance(p, dict) and p.get("nodePort")
         }
         ports = []
@@ -195,6 +244,7 @@ def updated(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str,
             keeps = node_port is not None and wanted["spec"]["type"] != "ClusterIP"
             ports.append({**port, "nodePort": node_port} if keeps else dict(port))
         spec["ports"] = ports
+        body["spec"] = spec
     else:
         body["endpoints"] = wanted["endpoints"]
         body["ports"] = wanted["ports"]
@@ -231,13 +281,17 @@ class Exposer:
         memo: ExposeMemo,
         previous: Exposure | None,
         status: Mapping[str, Any],
+        bounds: EndpointBounds | None = None,
     ) -> Exposure:
         """The Service and its slices made to match spec.expose and what the instance is now (``observed``
-        as the status shows it: None when unknown or not the resource's); returns what the status says."""
+        as the status shows it: None when unknown or not the resource's); returns what the status says.
+        ``bounds``: which addresses may be endpoints (the policy's networks, never the NAS's own)."""
         expose = desired.spec.expose
+        bounds = bounds or EndpointBounds()
         if expose is None:
             had = previous.service if previous is not None else status.get("service")
-            if had:
+            if had or (previous is None and had_exposure(status)) or (previous and previous.condition):
+                # A Service may exist even where status.service is empty (a conflict on a slice, a failure).
                 try:
                     await self.remove(desired.namespace, desired.name, desired.uid)
                 except OperatorError as exc:
@@ -248,15 +302,18 @@ class Exposer:
             message = f"metadata.name {desired.name!r} is not a DNS label: a Service cannot be named after it"
             return Exposure(None, ("False", Reason.INVALID_SPEC, message))
         running = observed is not None and observed.status == InstanceStatus.RUNNING
-        current = [a for a in instance_addresses(observed, desired, plan) if expose.selects(a.address)]
-        wanted_endpoints = _by_family(current) if current else dict(memo.endpoints)
+        selected = [a for a in instance_addresses(observed, desired, plan) if expose.selects(a.address)]
+        current = [a for a in selected if bounds.allows(a.address)]
+        refused = [a.address for a in selected if not bounds.allows(a.address)]
+        kept = {f: tuple(a for a in items if bounds.allows(a)) for f, items in memo.endpoints.items()}
+        wanted_endpoints = _by_family(current) if current else {f: items for f, items in kept.items() if items}
         ready = running and bool(current)
         service = service_manifest(desired, expose)
         key = (repr(service), tuple(sorted(wanted_endpoints.items())), ready)
         if memo.applied == key and self.clock() - memo.checked_at < self.resync_seconds and previous is not None:
             return previous
         try:
-            outcome = await self._apply(desired, expose, service, wanted_endpoints, ready, bool(current))
+            outcome = await self._apply(desired, expose, service, wanted_endpoints, ready, bool(current), bounds)
         except OperatorError as exc:
             memo.applied = None
             log.warning("spec.expose: %s", exc.problem.message, extra=about(desired.namespace, desired.name))
@@ -270,7 +327,12 @@ class Exposer:
         memo.endpoints = outcome
         memo.applied = (repr(service), tuple(sorted(outcome.items())), ready)
         memo.checked_at = self.clock()
-        return Exposure(desired.name, _exposed_condition(desired, expose, outcome, ready, running, observed))
+        condition = _exposed_condition(desired, expose, outcome, ready, running, observed)
+        if refused:
+            note = f"; left out by {bounds.rule}: {', '.join(refused[:4])}" if bounds.rule else ""
+            note = note or f"; left out (the NAS's own address): {', '.join(refused[:4])}"
+            condition = (condition[0], condition[1], clip(condition[2] + note))
+        return Exposure(desired.name, condition)
 
     async def _apply(
         self,
@@ -280,11 +342,17 @@ class Exposer:
         endpoints: dict[str, tuple[str, ...]],
         ready: bool,
         known: bool,
+        bounds: EndpointBounds,
     ) -> dict[str, tuple[str, ...]] | Exposure:
         """Writes what differs; returns the endpoints put in place per family, or the refusal to report."""
         existing_service = await self.kube.read_exposed(SERVICES, desired.namespace, desired.name)
         refused = await self._put(SERVICES, desired, service, _service_matches, existing_service)
         if refused is not None:
+            # Another's Service of that name: the slices carry its name, so they would serve it. Ours go.
+            for suffix in FAMILIES.values():
+                found = await self.kube.read_exposed(SLICES, desired.namespace, f"{desired.name}-{suffix}")
+                if found is not None and owned(found, desired.uid):
+                    await self._delete(SLICES, desired.namespace, found)
             return refused
         placed: dict[str, tuple[str, ...]] = {}
         for family in FAMILIES:
@@ -292,7 +360,9 @@ class Exposer:
             existing = await self.kube.read_exposed(SLICES, desired.namespace, name)
             addresses = endpoints.get(family, ())
             if not known and not addresses and existing is not None and owned(existing, desired.uid):
-                addresses = slice_addresses(existing, family)  # after a restart: what it held stays, not ready
+                # After a restart: what it held stays, not ready (only what the spec and the policy allow).
+                held = slice_addresses(existing, family)
+                addresses = tuple(a for a in held if expose.selects(a) and bounds.allows(a))
             if not addresses:
                 if existing is not None and owned(existing, desired.uid):
                     await self._delete(SLICES, desired.namespace, existing)
@@ -381,7 +451,7 @@ def _exposed_condition(
     if ready:
         return "True", Reason.EXPOSED, clip(f"{where} -> {shown}")
     if not running:
-        state = f"TrueNAS reports {observed.status}" if observed is not None else "the instance is not known"
+        state = f"TrueNAS reports {observed.status}" if observed is not None else "not observed: see Synced"
         held = f": {shown} not ready" if shown else ": no endpoint"
         return "False", Reason.NOT_EXPOSED, clip(f"{where}{held} ({state})")
     selected = " in spec.expose.networks" if expose.networks else ""

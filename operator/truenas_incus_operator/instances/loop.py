@@ -36,7 +36,7 @@ from ..settings import Settings
 from ..status import Exposure, clip
 from ..truenas import CloneSource, DeviceConfig, ObservedInstance, TrueNASError
 from .executor import Executor, WritesStopped, describe_device_action, is_device_action
-from .exposure import Exposer
+from .exposure import EndpointBounds, Exposer
 from .holds import Holds
 from .ledger import Ledger
 from .ownership import ownership_of
@@ -143,7 +143,7 @@ class InstanceLoops:
                 observed = self._owned_observation(desired, body, key)  # keeps instanceId: the instance stays ours
                 known = self.connections.connections.get(key)
                 connected = known is not None and known.ready.is_set()
-                await self._expose_denied(desired, state, key)
+                await self._expose_denied(body, desired, state, key, denied)
                 await self.reporter.write(state, desired, observed, plan=Plan(blocked=denied), connected=connected)
                 self.reporter.post_once(body, state, "Warning", denied.reason, denied.message)
                 return self.settings.resync_seconds
@@ -374,19 +374,43 @@ class InstanceLoops:
     ) -> None:
         """A pass that acts no more: spec.expose's Service made to show it (a Kubernetes write, never a
         TrueNAS one: also while paused or observing), then the status written."""
-        if self.exposer is not None:
+        if self.exposer is not None and not (body.get("metadata") or {}).get("deletionTimestamp"):
             shown = observed if current.blocked is None or current.blocked.ours else None  # never another's
-            previous = state.exposure
-            state.exposure = await self.exposer.sync(desired, shown, current, state.expose, previous, state.status)
-            self._announce_exposure(body, state, previous)
+            await self._expose(body, state, desired, shown, current, connection.key, connection.config.url)
         await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
 
-    async def _expose_denied(self, desired: Desired, state: LoopState, key: str) -> None:
-        """The policy refuses spec.expose (a rule tightened since): the Service goes; other refusals leave it."""
-        if self.exposer is None or not self.policy.expose_violations(desired.namespace, key, desired.spec):
+    async def _expose(
+        self,
+        body: Mapping[str, Any],
+        state: LoopState,
+        desired: Desired,
+        observed: ObservedInstance | None,
+        current: Plan,
+        key: str,
+        url: str | None,
+    ) -> None:
+        assert self.exposer is not None
+        bounds = EndpointBounds.of(self.policy.endpoint_networks(desired.namespace, key), url)
+        previous = state.exposure
+        state.exposure = await self.exposer.sync(
+            desired, observed, current, state.expose, previous, state.status, bounds
+        )
+        self._announce_exposure(body, state, previous)
+
+    async def _expose_denied(
+        self, body: Mapping[str, Any], desired: Desired, state: LoopState, key: str, denied: Blocked
+    ) -> None:
+        """The policy refuses the resource: where it refuses spec.expose (a rule tightened since) the
+        Service goes; else its endpoints stay, not ready (nothing of the instance is reported)."""
+        if self.exposer is None or (desired.spec.expose is None and state.exposure is not None):
             return
-        state.exposure = await self.exposer.withdraw(desired, state.status)
-        state.expose.applied = None
+        if self.policy.expose_violations(desired.namespace, key, desired.spec):
+            state.exposure = await self.exposer.withdraw(desired, state.status)
+            state.expose.applied = None
+            return
+        known = self.connections.connections.get(key)
+        url = known.config.url if known is not None else None
+        await self._expose(body, state, desired, None, Plan(blocked=denied), key, url)
 
     def _announce_exposure(self, body: Mapping[str, Any], state: LoopState, previous: Exposure | None) -> None:
         """An Event when the Service is made, refused or cannot be written (once per change of reason)."""

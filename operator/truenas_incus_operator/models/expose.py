@@ -30,6 +30,8 @@ MAX_EXPOSE_NETWORKS = 8
 OWNED_ANNOTATION_PREFIXES = ("incus.truenas.io/", "kubectl.kubernetes.io/", "argocd.argoproj.io/")
 """Keys spec.expose.annotations may not set: the operator's own, and those kubectl and Argo CD keep
 on the objects they apply (the Service is the operator's, not theirs)."""
+RESERVED_ANNOTATION_PATTERN = r"^([^/]*[.])?(kubernetes|k8s)[.]io/"
+"""Kubernetes's own prefixes (service.kubernetes.io/, ...): they steer the cluster's own components."""
 
 
 class ServiceType(StrEnum):
@@ -98,8 +100,9 @@ class Expose(_Model):
     annotations: dict[str, Annotated[str, Field(max_length=MAX_ANNOTATION_VALUE)]] | None = Field(
         None,
         description=(
-            f"Annotations of the Service (at most {MAX_EXPOSE_ANNOTATIONS}), e.g. a load balancer's address pool. "
-            "Keys under incus.truenas.io/, kubectl.kubernetes.io/ and argocd.argoproj.io/ are refused."
+            f"Annotations of the Service (at most {MAX_EXPOSE_ANNOTATIONS}), e.g. a load balancer's address pool; "
+            "the administrator's policy may bound the keys. Keys under incus.truenas.io/, argocd.argoproj.io/ "
+            "and Kubernetes's own (kubernetes.io/, k8s.io/) are refused."
         ),
         json_schema_extra={
             "maxProperties": MAX_EXPOSE_ANNOTATIONS,
@@ -112,6 +115,11 @@ class Expose(_Model):
                 _cel(
                     "self.all(k, " + " && ".join(f"!k.startsWith('{p}')" for p in OWNED_ANNOTATION_PREFIXES) + ")",
                     "spec.expose.annotations may not set keys under " + ", ".join(OWNED_ANNOTATION_PREFIXES),
+                ),
+                _cel(
+                    f"self.all(k, !k.matches('{RESERVED_ANNOTATION_PATTERN}'))",
+                    "spec.expose.annotations may not set Kubernetes's own keys (kubernetes.io/, k8s.io/ and "
+                    "their subdomains)",
                 ),
             ],
         },
@@ -146,6 +154,8 @@ class Expose(_Model):
                 raise ValueError(f"{key!r} is not a qualified name")
             if key.startswith(OWNED_ANNOTATION_PREFIXES):
                 raise ValueError(f"{key!r}: keys under {', '.join(OWNED_ANNOTATION_PREFIXES)} are not the tenant's")
+            if re.match(RESERVED_ANNOTATION_PATTERN, key):
+                raise ValueError(f"{key!r}: Kubernetes's own keys (kubernetes.io/, k8s.io/) are not the tenant's")
         return value
 
     @field_validator("networks")
