@@ -64,6 +64,11 @@ class FakeKube(Kube):
     ConfigMaps (and ``leases`` Leases) with the API server's create/replace/delete semantics (409 on a
     name taken or a stale version)."""
 
+    version: tuple[int, int] | None = (1, 37)
+
+    async def server_version(self) -> tuple[int, int] | None:
+        return self.version
+
     def __init__(self) -> None:
         super().__init__()
         self.patches: list[Patch] = []

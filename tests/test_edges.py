@@ -465,6 +465,20 @@ async def test_each_missing_precondition_is_named_with_its_fix() -> None:
     assert "serves no incus.truenas.io/v1alpha1: the CRDs are not installed" in problems[1]
 
 
+async def test_an_api_server_older_than_the_supported_range_is_refused_at_startup() -> None:
+    from truenas_incus_operator.app import check_preconditions
+    from truenas_incus_operator.settings import Settings
+
+    kube = ClusterKube({"tio-ledger"}, ALL_SERVED, set())
+    settings = Settings(ledger_namespace="tio-ledger")
+    for version in ((1, 31), (1, 37), None):
+        kube.version = version
+        assert await check_preconditions(settings, kube, None) == [], version
+    kube.version = (1, 30)
+    (problem,) = await check_preconditions(settings, kube, None)
+    assert "the API server is Kubernetes 1.30; the oldest this operator supports is 1.31" in problem
+
+
 def test_the_needs_cover_the_lease_only_with_election_and_discovery_only_when_kopf_scans() -> None:
     from truenas_incus_operator.app import needs
     from truenas_incus_operator.settings import Settings

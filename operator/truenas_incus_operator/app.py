@@ -197,6 +197,11 @@ def needs(settings: Settings, namespaces: Sequence[str] | None, scanning: bool =
     return found
 
 
+MIN_KUBERNETES = (1, 31)
+"""The oldest Kubernetes the CRDs and the chart work on (README "Kubernetes versions"; the chart's
+kubeVersion; tests/test_oldest_kubernetes.py runs against it)."""
+
+
 async def check_preconditions(
     settings: Settings, kube: Kube, namespaces: Sequence[str] | None, scanning: bool = False
 ) -> list[str]:
@@ -204,6 +209,15 @@ async def check_preconditions(
     nothing does. Creates the ledger namespace when it is missing and the operator may create
     namespaces (and says so). Raises ``OperatorError`` when the API server cannot be asked."""
     problems: list[str] = []
+    version = await kube.server_version()
+    if version is not None and version < MIN_KUBERNETES:
+        oldest = ".".join(map(str, MIN_KUBERNETES))
+        problems.append(
+            f"the API server is Kubernetes {version[0]}.{version[1]}; the oldest this operator supports is {oldest} "
+            "(its CRDs' CEL rules use the IP and CIDR libraries, and the chart a ValidatingAdmissionPolicy v1): "
+            "upgrade the cluster"
+        )
+        return problems  # the CRDs would not even apply: nothing else is worth checking
     ledger = settings.ledger_namespace
     if await kube.namespace_exists(ledger) is False:
         if await kube.may("create", "", "namespaces"):

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import logging
 import os
+import re
 import ssl
 import tempfile
 from collections.abc import Callable, Mapping
@@ -440,6 +441,14 @@ class Kube:
             raise fail(KUBE_REASON, f"Kubernetes API: Secret {namespace}/{name} is not shaped as a Secret") from None
 
     # ----- startup preconditions (app.check_preconditions) ----------------------------------------
+    async def server_version(self) -> tuple[int, int] | None:
+        """The API server's Kubernetes version (major, minor) from /version (every client may read
+        it); None when it does not say (a minor such as "31+" reads as 31)."""
+        found = await self._optional("GET", "/version")
+        major = re.match(r"[0-9]+", str((found or {}).get("major") or ""))
+        minor = re.match(r"[0-9]+", str((found or {}).get("minor") or ""))
+        return (int(major.group()), int(minor.group())) if major and minor else None
+
     async def served_resources(self, group_version: str) -> set[str] | None:
         """The resources the API server serves under ``group/version`` (discovery; every
         authenticated user may read it), or None when it serves no such version."""
