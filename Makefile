@@ -50,6 +50,17 @@ unit: venv
 
 test: venv controlplane argocd-health lint
 	$(TEST_ENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-oldest
+
+# The oldest Kubernetes the project supports (README "Kubernetes versions"): the CRDs' and the
+# admission policies' refusals, spec.expose and the lifecycle smoke against its kube-apiserver.
+OLDEST_TESTS := tests/test_admission.py tests/test_policy_e2e.py tests/test_expose_e2e.py \
+	tests/test_operator.py::test_container_reaches_running_with_status \
+	tests/test_operator.py::test_updates_reach_truenas_and_status \
+	tests/test_operator.py::test_delete_stops_and_deletes_then_releases
+test-oldest: venv controlplane
+	TIO_CONTROLPLANE_BIN=$$(bash tools/build-controlplane-oldest.sh | tail -1) TIO_EXPECT_KUBERNETES=1.31 \
+		$(TEST_ENV) $(VENV)/bin/pytest $(OLDEST_TESTS) $(PYTEST_ARGS)
 
 bench: venv controlplane
 	PYTHONPATH=tools $(PY) benchmarks/bench.py --output benchmarks/results.json

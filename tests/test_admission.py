@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,21 @@ def test_crds_are_established(cluster: Cluster) -> None:
             "IncusInstanceSnapshot",
             "IncusInstanceRestore",
         )
+
+
+def test_the_api_server_is_a_supported_kubernetes(cluster: Cluster) -> None:
+    """The supported range starts at app.MIN_KUBERNETES (the chart's kubeVersion says the same); `make
+    test-oldest` runs these tests against that very version (TIO_EXPECT_KUBERNETES)."""
+    from truenas_incus_operator.app import MIN_KUBERNETES
+
+    server = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
+    found = (int(server["major"]), int("".join(ch for ch in server["minor"] if ch.isdigit())))
+    assert found >= MIN_KUBERNETES, server
+    expected = os.environ.get("TIO_EXPECT_KUBERNETES")
+    if expected:
+        assert f"{found[0]}.{found[1]}" == expected == ".".join(map(str, MIN_KUBERNETES)), server
+    chart = yaml.safe_load((ROOT / "charts" / "truenas-incus-operator" / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={MIN_KUBERNETES[0]}.{MIN_KUBERNETES[1]}.0-0"
 
 
 def test_corpus_is_large_enough() -> None:
