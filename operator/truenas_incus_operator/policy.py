@@ -179,6 +179,21 @@ DEFAULT_SERVICE_TYPES: tuple[str, ...] = (ServiceType.CLUSTER_IP,)
 to the endpoints) and a LoadBalancer only where a rule allows them."""
 
 
+def network_list(value: list[str] | None) -> list[str] | None:
+    """A rule's networks (addressCIDRs, expose.endpointCIDRs): each a CIDR with its prefix length."""
+    for item in value or []:
+        if not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", item):
+            raise ValueError(f"{item!r}: a network with its prefix length, e.g. 192.168.50.0/24")
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a network (CIDR), e.g. 192.168.50.0/24") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
+            # Kubernetes's cidr() refuses IPv4-mapped networks: the admission check would deny all.
+            raise ValueError(f"{item!r}: an IPv4-mapped network; write the IPv4 network")
+    return value
+
+
 class ExposeRule(_Policy):
     """What the namespaces may expose as Services (a rule's ``expose``). Left out: ClusterIP Services on
     any port, with any annotation, their endpoints where the rule's addressCIDRs allow; an empty
@@ -214,14 +229,7 @@ class ExposeRule(_Policy):
     @field_validator("endpoint_cidrs")
     @classmethod
     def _endpoint_networks(cls, value: list[str] | None) -> list[str] | None:
-        for item in value or []:
-            if not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", item):
-                raise ValueError(f"{item!r}: a network with its prefix length, e.g. 192.168.50.0/24")
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not a network (CIDR), e.g. 192.168.50.0/24") from None
-        return value
+        return network_list(value)
 
     def allowed_types(self) -> tuple[str, ...]:
         return DEFAULT_SERVICE_TYPES if self.service_types is None else tuple(str(t) for t in self.service_types)
@@ -333,17 +341,7 @@ class Rule(Grant):
     @field_validator("address_cidrs")
     @classmethod
     def _networks(cls, value: list[str] | None) -> list[str] | None:
-        for item in value or []:
-            if not re.fullmatch(r"[0-9A-Fa-f:.]+/[0-9]{1,3}", item):
-                raise ValueError(f"{item!r}: a network with its prefix length, e.g. 192.168.50.0/24")
-            try:
-                network = ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not a network (CIDR), e.g. 192.168.50.0/24") from None
-            if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
-                # Kubernetes's cidr() refuses IPv4-mapped networks: the admission check would deny all.
-                raise ValueError(f"{item!r}: an IPv4-mapped network; write the IPv4 network")
-        return value
+        return network_list(value)
 
     @field_validator("snapshots", "expose", mode="before")
     @classmethod
