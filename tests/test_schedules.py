@@ -400,7 +400,7 @@ async def test_a_recorded_id_that_names_another_task_now_is_not_taken_for_ours()
             r.connection.identity, schedule_key("web01"), UID, "apps/web01", "<default>", RecordState.CREATED,
             task_id=theirs["id"],
         )  # fmt: skip
-        r.operator.schedule_ledger.records[(stale.truenas, stale.instance)] = stale
+        r.operator.schedule_ledger.remember(stale)
         await r.settle(scheduled(generation=2), LoopState(status=dict(state.status)))
         task = r.sim.storage.tasks.tasks[theirs["id"]]
         assert task.dataset == "tank/mine" and task.naming_schema == "auto-%Y-%m-%d_%H-%M", "untouched"

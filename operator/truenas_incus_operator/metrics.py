@@ -112,7 +112,8 @@ class Metrics:
         r = self.registry
         self.passes = Counter(
             "tio_reconcile_passes",
-            "Reconcile passes of IncusInstance loops, by result (ok, error)",
+            "Reconcile passes of IncusInstance loops, by result (ok, error; unchanged: nothing it acts on moved "
+            "since the last pass that had nothing to do, so none was made)",
             ["result"],
             registry=r,
         )
@@ -234,7 +235,7 @@ class Metrics:
         failures = state.failures
         started = time.monotonic()
         yield  # an exception (the daemon stopped) is not a pass
-        result = "error" if state.failures > failures else "ok"
+        result = "error" if state.failures > failures else "unchanged" if getattr(state, "unchanged", False) else "ok"
         self.passes.labels(result).inc()
         self.pass_seconds.labels(result).observe(time.monotonic() - started)
         self.resource_status(key, state.status)

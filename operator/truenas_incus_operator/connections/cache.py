@@ -31,6 +31,8 @@ class InstanceCache:
         """Counts changes applied from events and job results."""
         self._changed_at: dict[str, int] = {}
         self._reads = 0
+        self._revisions: dict[str, int] = {}
+        self._revision = 0
 
     # ----- listeners ------------------------------------------------------------------------------
     def listen(self, instance_name: str, wake: Wake) -> None:
@@ -60,6 +62,19 @@ class InstanceCache:
     def get(self, name: str) -> ObservedInstance | None:
         return self.instances.get(name)
 
+    def revision(self, name: str) -> int:
+        """Moves whenever what the cache holds of ``name`` changes (appears, differs, goes); a query
+        that finds it as it was leaves it: a loop compares it to see that nothing changed (O(1))."""
+        return self._revisions.get(name, 0)
+
+    def _changed(self, name: str) -> None:
+        self._revision += 1
+        if name in self.instances:
+            self._revisions[name] = self._revision
+        else:
+            self._revisions.pop(name, None)  # gone is gone, however it was before (0: never seen)
+        self.notify(name)
+
     def begin_read(self) -> int:
         """Before a query or lookup is sent: what its answer is newer than. Pair with ``end_read``."""
         self._reads += 1
@@ -87,7 +102,7 @@ class InstanceCache:
         self.instances = fresh
         for name in set(before) | set(fresh):
             if before.get(name) != fresh.get(name):
-                self.notify(name)
+                self._changed(name)
 
     def read_one(self, name: str, instance: ObservedInstance | None, since: int) -> None:
         """A lookup's answer (begun at ``since``); an event that came after it wins, and asks again."""
@@ -108,7 +123,7 @@ class InstanceCache:
         else:
             self.instances[name] = instance
         if before != instance:
-            self.notify(name)
+            self._changed(name)
 
     def apply_event(self, kind: str, name: str, fields: dict[str, Any] | None, from_event: FromEvent) -> None:
         """``collection_update`` for instances: apply what it carries, look up what it lacks."""

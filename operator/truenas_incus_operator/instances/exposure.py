@@ -273,6 +273,10 @@ class Exposer:
         self.resync_seconds = resync_seconds
         self.clock = clock
 
+    def due(self, memo: ExposeMemo) -> bool:
+        """Whether ``sync`` would read the Service and its slices again now (once per resync interval)."""
+        return memo.applied is None or self.clock() - memo.checked_at >= self.resync_seconds
+
     async def sync(
         self,
         desired: Desired,

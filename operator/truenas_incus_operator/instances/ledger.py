@@ -164,13 +164,34 @@ class Ledger:
         self.namespace = namespace
         self.label = label
         self.records: dict[tuple[str, str], Record] = {}
+        """By (TrueNAS, instance); read freely, changed only through ``remember`` / ``_forget``."""
+        self._by_owner: dict[str, dict[tuple[str, str], Record]] = {}
+        """The same records by owner UID: every loop asks for its own at every pass (O(1), not O(N))."""
         self._migrated: set[tuple[str, str]] = set()
+
+    def remember(self, record: Record) -> None:
+        key = (record.truenas, record.instance)
+        self._forget(key)
+        self.records[key] = record
+        self._by_owner.setdefault(record.owner_uid, {})[key] = record
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        old = self.records.pop(key, None)
+        if old is None:
+            return
+        owned = self._by_owner.get(old.owner_uid)
+        if owned is not None:
+            owned.pop(key, None)
+            if not owned:
+                del self._by_owner[old.owner_uid]
 
     async def load(self) -> None:
         """Reads every record (at startup, before any loop acts)."""
         items = await self.kube.list_configmaps(self.namespace, f"{self.label}=true")
         records = [r for r in (Record.from_manifest(item) for item in items) if r is not None]
-        self.records = {(r.truenas, r.instance): r for r in records}
+        self.records, self._by_owner = {}, {}
+        for record in records:
+            self.remember(record)
         log.info("ownership ledger (%s): %d records in namespace %s", self.label, len(self.records), self.namespace)
 
     async def migrate(self, address: str, nas: str) -> None:
@@ -194,7 +215,7 @@ class Ledger:
                     )  # fmt: skip
                     continue
             else:
-                self.records[(nas, old.instance)] = Record.from_manifest(created) or moved
+                self.remember(Record.from_manifest(created) or moved)
             await self.release(old)
             log.info("ownership ledger: %s moved from %s to %s", old.instance, address, nas)
         self._migrated.add((address, nas))
@@ -203,7 +224,7 @@ class Ledger:
         return self.records.get((truenas, instance))
 
     def owned_by(self, owner_uid: str) -> list[Record]:
-        return [r for r in self.records.values() if r.owner_uid == owner_uid]
+        return list(self._by_owner.get(owner_uid, {}).values())
 
     async def claim(
         self,
@@ -227,7 +248,7 @@ class Ledger:
             created = await self.kube.create_configmap(self.namespace, wanted.manifest(self.namespace, self.label))
             if created is not None:
                 record = replace(Record.from_manifest(created) or wanted, fresh=True)
-                self.records[(truenas, instance)] = record
+                self.remember(record)
                 return record
             held = await self.reread(truenas, instance)
             if held is None:
@@ -257,7 +278,7 @@ class Ledger:
             )
             if joined is not None:
                 fresh = Record.from_manifest(joined) or replace(current, joins=current.joins + 1)
-                self.records[(record.truenas, record.instance)] = fresh
+                self.remember(fresh)
                 return fresh
             current = await self.reread(record.truenas, record.instance)
         raise fail(Reason.CONFLICT, f"the ownership record of {record.instance!r} kept changing; will retry")
@@ -286,7 +307,7 @@ class Ledger:
             updated = await self.kube.replace_configmap(self.namespace, wanted.manifest(self.namespace, self.label))
             if updated is not None:
                 fresh = Record.from_manifest(updated) or wanted
-                self.records[(record.truenas, record.instance)] = fresh
+                self.remember(fresh)
                 return fresh
             reread = await self.reread(record.truenas, record.instance)
             if reread is None or reread.owner_uid != record.owner_uid:
@@ -299,15 +320,15 @@ class Ledger:
         body = await self.kube.read_configmap(self.namespace, record_name(truenas, instance))
         record = Record.from_manifest(body) if body is not None else None
         if record is None:
-            self.records.pop((truenas, instance), None)
+            self._forget((truenas, instance))
         else:
-            self.records[(truenas, instance)] = record
+            self.remember(record)
         return record
 
     async def release(self, record: Record) -> None:
         """Forgets an owner (its instance is gone, or left on TrueNAS with Orphan)."""
         await self.kube.delete_configmap(self.namespace, record.name, record.resource_version or None)
-        self.records.pop((record.truenas, record.instance), None)
+        self._forget((record.truenas, record.instance))
 
     async def release_own_claim(self, claimed: Record) -> bool:
         """Releases a record this very call created, unless another actor joined it since (then the

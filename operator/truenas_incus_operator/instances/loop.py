@@ -43,6 +43,7 @@ from .ownership import ownership_of
 from .reporter import Reporter
 from .resource import (
     LoopState,
+    Settled,
     Wake,
     about,
     adopt_requested,
@@ -52,7 +53,7 @@ from .resource import (
     writes_stopped_since,
 )
 from .schedules import Schedules
-from .wakeups import Wakeups
+from .wakeups import Wakeups, signature
 
 log = logging.getLogger(__name__)
 MAX_STEPS_PER_PASS = 12
@@ -124,6 +125,10 @@ class InstanceLoops:
 
     async def reconcile_once(self, body: Mapping[str, Any], state: LoopState, wake: Wake) -> float:
         """One pass; returns the seconds until the next unprompted pass."""
+        state.unchanged = self._unchanged(body, state)
+        if state.unchanged:
+            return self.settings.resync_seconds * random.uniform(0.9, 1.1)  # no parse, plan nor render
+        state.settled, state.clean = None, False
         try:
             desired = desired_from(body)
         except ValidationError as exc:
@@ -134,6 +139,7 @@ class InstanceLoops:
         if desired.deleting:
             return self.settings.resync_seconds
         key = connection_key(desired.namespace, desired.spec)
+        inputs = self.inputs(body, key, desired.instance_name)  # before anything is observed
         self._watch_key(state, key, wake)
         connection: Connection | None = None
         try:
@@ -173,7 +179,49 @@ class InstanceLoops:
             version = connection.version if connection is not None else None
             return await self.reporter.failed(body, state, desired, problem, None, version, connected=False)
         state.failures = 0
+        if state.clean and inputs is not None and self.inputs(body, key, desired.instance_name) == inputs:
+            # nothing moved while it ran (its own actions would have): the next pass would do the same
+            state.settled = Settled(key, desired.instance_name, inputs)
         return self.settings.resync_seconds * random.uniform(0.9, 1.1)
+
+    def inputs(self, body: Mapping[str, Any], key: str, instance: str) -> tuple[Any, ...] | None:
+        """Everything a pass acts on, short of what the spec says (its generation stands for it): what
+        kopf's live body says, the connection (which one, its epoch, up or not, the device audit's
+        mark), what the cache holds of the instance (its revision), the ledger's records, a restore's
+        hold and the policy. None: no connection yet. O(1) in the number of resources."""
+        connection = self.connections.connections.get(key)
+        if connection is None:
+            return None
+        meta = body.get("metadata") or {}
+        uid = str(meta.get("uid", ""))
+        binding = (body.get("status") or {}).get("binding")
+        return (
+            signature(body),
+            repr(binding),
+            connection,
+            connection.epoch,
+            connection.ready.is_set(),
+            connection.audit_marks.get(instance, 0),
+            connection.cache.revision(instance),
+            self.ledger.get(connection.identity, instance),
+            tuple(self.ledger.owned_by(uid)),
+            self.holds.get(resource_key(body)),
+            self.policy,
+        )
+
+    def _unchanged(self, body: Mapping[str, Any], state: LoopState) -> bool:
+        """The last pass settled with nothing to do, and nothing it acts on moved since (``inputs``), nor
+        is spec.expose's or spec.snapshots's own check of what they made due: this pass would settle
+        the same way, so it is not made (idle work stays flat in the number of resources)."""
+        settled = state.settled
+        if settled is None or state.failures:
+            return False
+        spec = body.get("spec") or {}
+        if spec.get("expose") is not None and self.exposer is not None and self.exposer.due(state.expose):
+            return False
+        if spec.get("snapshots") is not None and self.schedules is not None and self.schedules.due(state.schedule):
+            return False
+        return self.inputs(body, settled.key, settled.instance) == settled.inputs
 
     def _policy_denial(self, desired: Desired, key: str) -> Blocked | None:
         """The administrator's policy (policy.py), checked again here: admission can be off or bypassed."""
@@ -378,6 +426,7 @@ class InstanceLoops:
             shown = observed if current.blocked is None or current.blocked.ours else None  # never another's
             await self._expose(body, state, desired, shown, current, connection.key, connection.config.url)
         await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
+        state.clean = current.blocked is None
 
     async def _expose(
         self,

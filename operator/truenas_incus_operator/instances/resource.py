@@ -152,6 +152,18 @@ class ExposeMemo:
     """Per family, the addresses last put in its slice: kept (not ready) while the instance is not Running."""
 
 
+@dataclass(frozen=True)
+class Settled:
+    """What a pass that ended with nothing to do saw before it began (``InstanceLoops.inputs``): while
+    all of it stays the same, the next pass would find nothing to do either, and is not made."""
+
+    key: str
+    """The connection key the spec named."""
+    instance: str
+    """The instance name the spec gave."""
+    inputs: tuple[Any, ...]
+
+
 @dataclass
 class LoopState:
     """What one resource's loop remembers between passes."""
@@ -176,3 +188,9 @@ class LoopState:
     exposure: Exposure | None = None
     """What the status says of spec.expose (instances/exposure.py); None: what it said before stays."""
     expose: ExposeMemo = field(default_factory=ExposeMemo)
+    settled: Settled | None = None
+    """The last pass that settled with nothing to do (no action, nothing blocked), and what it saw."""
+    clean: bool = False
+    """This pass settled with nothing to do (set by ``InstanceLoops._settled``)."""
+    unchanged: bool = False
+    """This pass found ``settled`` still true and did nothing else (counted apart in the metrics)."""

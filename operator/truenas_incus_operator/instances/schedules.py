@@ -241,6 +241,10 @@ class Schedules:
         self.fence = fence
         self.clock = clock
 
+    def due(self, memo: ScheduleMemo) -> bool:
+        """Whether ``sync`` would read the task and the snapshots again now (once per interval)."""
+        return self.clock() - memo.checked_at >= 0.9 * self.interval
+
     async def sync(
         self,
         body: Mapping[str, Any],
@@ -267,7 +271,7 @@ class Schedules:
         if target is None:
             return ()  # gone meanwhile: the next pass plans for that
         now = self.clock()
-        due = now - memo.checked_at >= 0.9 * self.interval
+        due = self.due(memo)
         if record is not None and record.owner_uid != desired.uid and due:
             record = await self.ledger.reread(record.truenas, record.instance)
         if record is not None and record.owner_uid != desired.uid:
