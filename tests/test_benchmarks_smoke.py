@@ -62,6 +62,28 @@ def test_scale_smoke_run_completes(tmp_path: Path) -> None:
     assert len(results["idle"]["per_connection"]) == 3
     assert set(results["idle"]["cpu_seconds"]) >= {"operator", "simulators", "kube-apiserver", "etcd"}
     assert set(results["rss_mb"]) == {"0", "60 +5s", "60 +10s", "60 peak", "60 after restart"}
+    assert results["start_empty"]["first_running_s"] is not None
+    assert results["restart"]["first_running_after_ready_s"] is not None
+
+
+def test_side_by_side_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/peer.py with 5 and 10 resources, this operator's half (the peer's half needs
+    ../shared/bench/baseline_operator.py, which is not this project's: the real run has it)."""
+    output = tmp_path / "peer.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peer.py"), "--smoke", "--order", "ours", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tools")},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ours = json.loads(output.read_text())["ours"]
+    assert ours["first_running_after_ready_s"] is not None and ours["ready_s"] > 0
+    assert ours["burst_to_5"]["all_running"] and ours["burst_to_10"]["all_running"]
+    assert set(ours["rss_mb"]) == {"1", "5", "10", "peak", "10 after restart"}
+    assert ours["idle"]["truenas_writes"] == 0
 
 
 def test_import_benchmark_runs(tmp_path: Path) -> None:

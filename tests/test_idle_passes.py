@@ -4,6 +4,8 @@ pass back. With fakes (tests/fakes.py): no cluster, no simulator."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from dataclasses import replace
 from typing import Any
@@ -199,6 +201,30 @@ async def test_metrics_count_the_skipped_passes_apart(monkeypatch: pytest.Monkey
             await fake.operator.loops.reconcile_once(body, state, no_wake)
     scrape = generate_latest(metrics.registry).decode()
     assert 'tio_reconcile_passes_total{result="unchanged"} 3.0' in scrape
+
+
+async def test_a_sleeping_loop_holds_no_task_but_its_own() -> None:
+    """10 000 sleeping loops: each is its daemon's task and a timer, not three more tasks waiting on kopf's
+    ``stopped`` (5.9 KB a loop instead of 1.3); kopf cancels a daemon to stop it."""
+    fake = fake_operator()
+    loop = asyncio.create_task(fake.operator.loops.run(resource(), Stopped()))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if fake.operator.metrics.passes.labels("ok")._value.get() >= 1:
+            break
+    await asyncio.sleep(0.05)
+    others = asyncio.all_tasks() - {asyncio.current_task(), loop}
+    assert not [t for t in others if "sleep" in repr(t) or "wait" in repr(t)], others
+    assert not loop.done()
+    loop.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await loop
+    assert fake.operator.loops.wakeups.events == {}, "cancelled: it forgot its wake-up"
+
+
+class Stopped:
+    def __bool__(self) -> bool:
+        return False
 
 
 # ----- what the skip stands on ---------------------------------------------------------------------------

@@ -51,8 +51,11 @@ async def run_until(metrics: Metrics, fake: Any, body: dict[str, Any], passes: f
 
 
 async def stop(stopped: Stopped, task: Any, fake: Any, body: dict[str, Any]) -> None:
+    """As kopf stops a daemon: the flag, then a cancel (cancellation_timeout without a backoff)."""
     stopped.event.set()
-    await asyncio.wait_for(task, 5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
 
 
 # ----- the loops ---------------------------------------------------------------------------------------------

@@ -111,6 +111,8 @@ async def instance_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, *
         await _hold_connection(memo, body.metadata.namespace or "", body.spec)
 
 
+# A cancellation_timeout without a cancellation_backoff: kopf cancels the loop at once when it stops it
+# (the resource's deletion, the operator's exit); the loop's sleep relies on that (loop._sleep).
 @kopf.daemon(*INSTANCES, cancellation_timeout=10.0, initial_delay=lambda **_: random.uniform(0, 0.2))
 async def instance_loop(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
     await _operator(memo).loops.run(body, stopped)

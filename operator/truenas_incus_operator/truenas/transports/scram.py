@@ -36,9 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography import exceptions, x509
-from cryptography.hazmat.primitives import hashes
-
 from ..errors import AuthenticationFailed, MalformedAnswer
 from .base import Secret
 
@@ -117,6 +114,11 @@ def tls_server_end_point(certificate_der: bytes) -> bytes | None:
     """RFC 5929 §4.1: the certificate hashed with its signature's hash, MD5 and SHA-1 promoted to
     SHA-256. None where that is undefined (EdDSA): TrueNAS can publish no binding for such a
     certificate either, so the exchange is unbound."""
+    # Imported when a SCRAM login needs it: cryptography's bindings are 8 MB of RSS in every
+    # operator process (BENCHMARKS.md "Memory beside the textbook operator").
+    from cryptography import exceptions, x509
+    from cryptography.hazmat.primitives import hashes
+
     try:
         algorithm = x509.load_der_x509_certificate(certificate_der).signature_hash_algorithm
     except (ValueError, exceptions.UnsupportedAlgorithm):
