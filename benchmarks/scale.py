@@ -23,11 +23,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -118,6 +120,8 @@ class Scale:
     resync: float
     operator_env: dict[str, str] = field(default_factory=dict)
     operator: subprocess.Popen[bytes] | None = None
+    health_port: int = 0
+    metrics_port: int = 0
     api: client.ApiClient = field(init=False)
     custom: client.CustomObjectsApi = field(init=False)
     watcher: PhaseWatcher = field(init=False)
@@ -151,17 +155,46 @@ class Scale:
             **{k: v for k, v in os.environ.items() if not k.startswith("TIO_")},
             "KUBECONFIG": str(self.plane.kubeconfig),
             "TIO_RESYNC_SECONDS": str(self.resync),
+            "TIO_METRICS_PORT": str(self.metrics_port),
             **self.operator_env,
         }
         paths = [str(without_kubernetes(self.workdir)), str(ROOT / "operator")]
         env["PYTHONPATH"] = os.pathsep.join(paths)
         log = (self.workdir / "operator.log").open("ab")
         started = time.monotonic()
-        self.operator = subprocess.Popen(
-            [sys.executable, "-m", "truenas_incus_operator", "run", "-A"], env=env, stdout=log, stderr=log
-        )
+        argv = [sys.executable, "-m", "truenas_incus_operator", "run", "-A"]
+        argv += ["--liveness", f"http://127.0.0.1:{self.health_port}/healthz"]
+        self.operator = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
         log.close()
         return started
+
+    def wait_ready(self, started: float, timeout: float = 300.0) -> float:
+        """Seconds from ``started`` until kopf's health endpoint answers (the operator is up)."""
+        while time.monotonic() - started < timeout:
+            assert self.operator is not None
+            if self.operator.poll() is not None:
+                raise RuntimeError("the operator exited; see operator.log")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as answer:
+                    if answer.status == 200:
+                        return time.monotonic() - started
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("the operator was not ready in time")
+
+    def passed(self) -> float:
+        """Resources whose loop made its first pass (the sum of the operator's tio_incusinstances)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as answer:
+                text = answer.read().decode()
+        except (OSError, urllib.error.URLError):
+            return 0.0
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("tio_reconcile_passes_total{")
+        )
 
     def stop_operator(self) -> None:
         if self.operator is not None:
@@ -225,6 +258,22 @@ class Scale:
         self.stop_operator()
         self.watcher.stop()
         self.api.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def first_running(env: Scale, name: str) -> float | None:
+    """Created now (the operator just ready): seconds until its status reads Running."""
+    created = time.monotonic()
+    env.create([("scale-0", name)])
+    if not env.all_running([("scale-0", name)], 120):
+        return None
+    return round((env.watcher.when("scale-0", name, "Running") or created) - created, 3)
 
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -324,7 +373,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="tio-scale-"))
     try:
         with scale_environment(workdir, args.connections, args.resync, args.operator_env) as env:
-            env.start_operator()
+            env.health_port, env.metrics_port = free_port(), free_port()
+            results["start_empty"] = {"ready_s": round(env.wait_ready(env.start_operator()), 3)}
+            results["start_empty"]["first_running_s"] = first_running(env, "first-empty")
             time.sleep(5)
             assert env.operator is not None
             results["rss_mb"] = {"0": status_mb(env.operator.pid)}
@@ -370,8 +421,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print("restart ...", flush=True)
             env.stop_operator()
             before = [s.calls()["writes"] for s in env.sims]
-            env.start_operator()
-            time.sleep(args.restart_settle)
+            started = env.start_operator()
+            ready = env.wait_ready(started)
+            restart: dict[str, Any] = {"ready_s": round(ready, 3)}
+            restart["first_running_after_ready_s"] = first_running(env, "first-restarted")
+            # Every loop's first pass (its status compared with TrueNAS's state): the restart's whole work.
+            while env.passed() < args.n + 2 and time.monotonic() - started < args.timeout:
+                time.sleep(0.2)
+            restart["all_passed_s"] = round(time.monotonic() - started, 2)
+            results["restart"] = restart
+            print(f"   {restart}", flush=True)
+            time.sleep(max(args.restart_settle - (time.monotonic() - started), 0.0))
             results["rss_mb"][f"{args.n} after restart"] = status_mb(env.operator.pid)
             results["restart_truenas_writes"] = sum(s.calls()["writes"] for s in env.sims) - sum(before)
             print(f"   {results['rss_mb']}", flush=True)
