@@ -57,8 +57,12 @@ def free_port() -> int:
 class Contender:
     """One operator under test: how it is started, over which simulator and namespace."""
 
-    def __init__(self, name: str, workdir: Path, plane: LocalControlPlane, sim: SimulatorProcess) -> None:
+    def __init__(
+        self, name: str, workdir: Path, plane: LocalControlPlane, sim: SimulatorProcess, extra: dict[str, str]
+    ) -> None:
         self.name, self.workdir, self.plane, self.sim = name, workdir, plane, sim
+        self.extra = extra
+        """More environment for the operator (a lever being measured)."""
         self.namespace = name
         self.process: subprocess.Popen[bytes] | None = None
         self.health = f"http://127.0.0.1:{free_port()}/healthz"
@@ -86,7 +90,7 @@ class Contender:
             "TIO_TRUENAS_CA_FILE": str(self.sim.ca_file),
         }
         argv = [sys.executable, "-m", "truenas_incus_operator", "run", "-n", self.namespace]
-        return [*argv, "--liveness", self.health], env
+        return [*argv, "--liveness", self.health], {**env, **self.extra}
 
     def start(self) -> float:
         """Starts the operator; returns the seconds until kopf's health endpoint answered 200."""
@@ -217,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in args.order:
             print(f"{name} ...", flush=True)
             sim = SimulatorProcess(len(results), workdir / f"sim-{name}")
-            contender = Contender(name, workdir, plane, sim)
+            contender = Contender(name, workdir, plane, sim, args.ours_env if name == "ours" else {})
             results[name] = contend(contender, plane, watcher, custom, args)
             print(f"   {json.dumps(results[name])}", flush=True)
         watcher.stop()
@@ -242,10 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=60.0, help="idle seconds whose TrueNAS calls are counted")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for all Running")
     parser.add_argument("--order", nargs="+", default=["ours", "peer"], choices=["ours", "peer"])
+    parser.add_argument(
+        "--ours-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for this operator"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here too")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.ours_env = dict(item.split("=", 1) for item in args.ours_env)
     if args.smoke:
         args.n1, args.n2, args.settle, args.idle = 5, 10, 2.0, 2.0
     results = run(args)

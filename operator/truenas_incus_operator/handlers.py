@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import socket
@@ -115,7 +116,13 @@ async def instance_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, *
 # (the resource's deletion, the operator's exit); the loop's sleep relies on that (loop._sleep).
 @kopf.daemon(*INSTANCES, cancellation_timeout=10.0, initial_delay=lambda **_: random.uniform(0, 0.2))
 async def instance_loop(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
-    await _operator(memo).loops.run(body, stopped)
+    try:
+        await _operator(memo).loops.run(body, stopped)
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        # kopf's way of stopping it (the flag is set first): the loop's normal end, not a failure that
+        # kopf would log as a warning for every resource at every exit and deletion
 
 
 @kopf.on.delete(*INSTANCES)

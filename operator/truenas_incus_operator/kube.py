@@ -35,6 +35,11 @@ from .models import API_GROUP, API_VERSION
 from .problems import OperatorError, Problem, Reason, fail
 
 log = logging.getLogger(__name__)
+CONNECTIONS = 8
+"""The operator's own requests to the API server at once (status, ledger, Events, Services): every TLS
+connection keeps a 128 KiB read buffer and OpenSSL's state after a burst. At 200 resources, just after
+creating them: kopf's 32 and 16 of these 96.9 MB, kopf's 8 and 16 92.2 MB, 8 and 8 88.4 MB; no burst
+was slower (BENCHMARKS.md, "Memory beside the textbook operator")."""
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 MANAGER = "?fieldManager=truenas-incus-operator"
 """Who wrote spec.expose's objects, as their managedFields say."""
@@ -269,7 +274,7 @@ class Kube:
                 self._server = server
                 self._session = aiohttp.ClientSession(
                     headers=auth,
-                    connector=aiohttp.TCPConnector(ssl=context, limit=16),
+                    connector=aiohttp.TCPConnector(ssl=context, limit=CONNECTIONS),
                     timeout=aiohttp.ClientTimeout(total=self.timeout),
                 )
             async with self._session.request(method, self._server + path, json=json, headers=headers) as response:

@@ -135,7 +135,7 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Seconds for one of the operator's own Kubernetes API requests (status, ledger, Lease)."
     )
     kube_connections: int = Field(
-        32,
+        8,
         ge=0,
         description=(
             "At most this many of kopf's API requests in flight at once (watch-streams apart), so at most about as "
