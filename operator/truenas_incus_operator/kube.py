@@ -39,7 +39,7 @@ CONNECTIONS = 8
 """The operator's own requests to the API server at once (status, ledger, Events, Services): every TLS
 connection keeps a 128 KiB read buffer and OpenSSL's state after a burst. At 200 resources, just after
 creating them: kopf's 32 and 16 of these 96.9 MB, kopf's 8 and 16 92.2 MB, 8 and 8 88.4 MB; no burst
-was slower (BENCHMARKS.md, "Memory beside the textbook operator")."""
+was slower (BENCHMARKS.md, "Scale round 2")."""
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 MANAGER = "?fieldManager=truenas-incus-operator"
 """Who wrote spec.expose's objects, as their managedFields say."""

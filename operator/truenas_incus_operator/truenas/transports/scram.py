@@ -115,7 +115,7 @@ def tls_server_end_point(certificate_der: bytes) -> bytes | None:
     SHA-256. None where that is undefined (EdDSA): TrueNAS can publish no binding for such a
     certificate either, so the exchange is unbound."""
     # Imported when a SCRAM login needs it: cryptography's bindings are 8 MB of RSS in every
-    # operator process (BENCHMARKS.md "Memory beside the textbook operator").
+    # operator process (BENCHMARKS.md, "Scale round 2").
     from cryptography import exceptions, x509
     from cryptography.hazmat.primitives import hashes
 

@@ -43,7 +43,7 @@ def seed_iso(instance_id: str, hostname: str, user: str | None, network: str | N
         files["user-data"] = user
     if network is not None:
         files["network-config"] = network
-    import pycdlib  # only where a VM gets a seed: 2 MB of RSS otherwise (BENCHMARKS.md)
+    import pycdlib  # only where a VM gets a seed: 2 MB of RSS otherwise (BENCHMARKS.md, "Scale round 2")
 
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=LABEL)
