@@ -19,9 +19,12 @@ from truenas_incus_operator.instances import resource as resource_module
 from truenas_incus_operator.instances.exposure import Exposer
 from truenas_incus_operator.instances.ledger import Ledger, Record, RecordState
 from truenas_incus_operator.instances.resource import LoopState
+from truenas_incus_operator.kube import KUBE_REASON
 from truenas_incus_operator.metrics import Metrics
 from truenas_incus_operator.policy import Grant, Policy
+from truenas_incus_operator.problems import fail
 from truenas_incus_operator.reconcile import Hold
+from truenas_incus_operator.truenas import InstanceStatus
 
 from .fakes import TRUENAS, FakeKube, FakeOperator, fake_operator, observed, resource
 from .test_expose import MemoryKube
@@ -189,6 +192,80 @@ async def test_exposed_resources_still_check_their_service_once_per_interval(mon
     assert not await idle_pass(fake, body, state, parses), "a resync later the Service is read again"
     assert ("services", "web01") in services.objects, "and made again"
     assert await idle_pass(fake, body, state, parses)
+
+
+class FlakyServices(MemoryKube):
+    """The API server fails the next ``failing`` Service deletes (a 503, a timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = 0
+
+    async def delete_exposed(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        if self.failing:
+            self.failing -= 1
+            raise fail(KUBE_REASON, "503 from the API server")
+        await super().delete_exposed(kind, namespace, name, uid)
+
+
+async def test_a_failed_service_removal_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """spec.expose removed, the delete fails once: the pass did not settle, so the next one retries
+    (found by a hostile review: the Service kept routing to an un-exposed instance)."""
+    now = [1000.0]
+    fake = fake_operator()
+    services = FlakyServices()
+    fake.operator.loops.exposer = Exposer(services, 30.0, lambda: now[0])  # type: ignore[arg-type]
+    parses = Parses(monkeypatch)
+    body, state = resource(expose={"ports": [{"port": 22}]}), LoopState(status={})
+    await settle(fake, body, state)
+    del body["spec"]["expose"]
+    body["metadata"]["generation"] = 2
+    services.failing = 1
+    assert not await idle_pass(fake, body, state, parses)
+    assert ("services", "web01") in services.objects
+    now[0] += 31.0
+    assert not await idle_pass(fake, body, state, parses), "retried"
+    assert ("services", "web01") not in services.objects
+    assert await idle_pass(fake, body, state, parses), "then settled"
+
+
+async def test_a_wake_up_during_the_settling_pass_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore holds the instance stopped when the pass looks and lets go while the pass writes its
+    status: the hold reads None before and after, but the release woke the loop, so the next pass is
+    made and starts the instance (found by a hostile review)."""
+    fake = fake_operator()
+    parses = Parses(monkeypatch)
+    loops, holds, key = fake.operator.loops, fake.operator.loops.holds, ("apps", "web01")
+    loops.wakeups.register(key)  # as InstanceLoops.run does
+    body, state = resource(), LoopState(status={})
+    await settle(fake, body, state)
+    stopped = replace(fake.backend.instances["web01"], status=InstanceStatus.STOPPED, addresses=())
+    fake.backend.instances["web01"] = stopped
+    fake.connection.cache.store("web01", stopped)
+    confirmed: list[Any] = []
+
+    async def confirm(held: Any) -> Hold | None:  # the restore's status, read from the API server
+        if not confirmed:
+            holds.hold(held, "uid-restore", Hold("Stopped", "IncusInstanceRestore r1"))
+        confirmed.append(held)
+        return holds.get(held)
+
+    real_patch = fake.kube.patch_status
+
+    async def patch_status(plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        holds.release(key, "uid-restore")  # the restore ends while the status is written
+        await real_patch(plural, namespace, name, status)
+
+    monkeypatch.setattr(holds, "confirm", confirm)
+    monkeypatch.setattr(fake.kube, "patch_status", patch_status)
+    loops.wakeups.events[key].clear()
+    assert not await idle_pass(fake, body, state, parses)
+    assert fake.backend.instances["web01"].status == InstanceStatus.STOPPED, "held: not started"
+    monkeypatch.setattr(fake.kube, "patch_status", real_patch)
+    loops.wakeups.events[key].clear()  # the loop woke: run() clears it before the next pass
+    assert not await idle_pass(fake, body, state, parses), "woken while it ran: the pass is made"
+    started = fake.backend.instances["web01"]
+    assert started.status == InstanceStatus.RUNNING
 
 
 async def test_metrics_count_the_skipped_passes_apart(monkeypatch: pytest.MonkeyPatch) -> None:

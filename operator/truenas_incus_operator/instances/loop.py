@@ -179,8 +179,15 @@ class InstanceLoops:
             version = connection.version if connection is not None else None
             return await self.reporter.failed(body, state, desired, problem, None, version, connected=False)
         state.failures = 0
-        if state.clean and inputs is not None and self.inputs(body, key, desired.instance_name) == inputs:
-            # nothing moved while it ran (its own actions would have): the next pass would do the same
+        woken = self.wakeups.events.get(resource_key(body))  # run() clears it before every pass
+        if (
+            state.clean
+            and inputs is not None
+            and not (woken is not None and woken.is_set())
+            and self.inputs(body, key, desired.instance_name) == inputs
+        ):
+            # Nothing moved while it ran (its own actions would have), and nothing woke it meanwhile (an
+            # input can move and move back: a restore's hold found by the pass and released since).
             state.settled = Settled(key, desired.instance_name, inputs)
         return self.settings.resync_seconds * random.uniform(0.9, 1.1)
 
@@ -426,7 +433,10 @@ class InstanceLoops:
             shown = observed if current.blocked is None or current.blocked.ours else None  # never another's
             await self._expose(body, state, desired, shown, current, connection.key, connection.config.url)
         await self.reporter.write(state, desired, observed, plan=current, version=connection.version)
-        state.clean = current.blocked is None
+        exposure = state.exposure.condition if state.exposure is not None else None
+        # A Service that could not be written or removed is tried again at the next pass, with or
+        # without spec.expose (a removal that failed once must not wait for another input to move).
+        state.clean = current.blocked is None and (exposure is None or exposure[1] != Reason.EXPOSE_FAILED)
 
     async def _expose(
         self,
