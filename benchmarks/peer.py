@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,18 +39,11 @@ from typing import Any
 
 from bench import GROUP, PLURAL, ROOT, VERSION, PhaseWatcher, kube_clients, machine, without_kubernetes
 from kubernetes import client
-from scale import SimulatorProcess, cpu_seconds, status_mb
+from scale import SimulatorProcess, cpu_seconds, free_port, status_mb
 
 from truenas_incus_dev.localcluster import LocalControlPlane, binaries_dir
 
 BASELINE = ROOT.parent / "shared" / "bench" / "baseline_operator.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Contender:
