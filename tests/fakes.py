@@ -131,6 +131,17 @@ class FakeKube(Kube):
     async def incus_instances_served(self, namespace: str) -> bool:
         return self.serves_incus_instances
 
+    async def list_instance_connections(
+        self, namespace: str | None, page: int = 500, pages: int = 1000
+    ) -> list[tuple[str, str, str | None]]:
+        if not self.serves_incus_instances:
+            return []
+        return [
+            (ns, name, ((body.get("spec") or {}).get("connectionRef") or {}).get("name"))
+            for (ns, name), body in self.incus_instances.items()
+            if namespace is None or ns == namespace
+        ]
+
     async def read_incus_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
         if not self.serves_incus_instances:
             return None

@@ -76,3 +76,25 @@ def test_a_connection_in_use_waits_for_its_instances(harness: Harness, cluster: 
     )
     for event in harness.events(namespace, "nas") + harness.events(namespace, name):
         assert event["reportingComponent"] == "truenas-incus-operator" and event["action"] != "Action?", event
+
+
+def test_a_connection_in_use_is_still_held_after_a_restart(harness: Harness, cluster: Cluster, namespace: str) -> None:
+    """The operator's own registry of who names a connection (not a kopf index, issue 27): after a
+    restart the instances that existed before are known again, and until they are, nothing is let go."""
+    harness.connect_namespace(namespace, harness.sim)
+    name = unique("kept")
+    harness.apply(namespace, name, {"connectionRef": {"name": "nas"}})
+    harness.wait_ready(namespace, name, timeout=60)
+    wait_until(lambda: FINALIZER in finalizers(cluster, namespace, "nas"), 30, what="the connection's finalizer")
+    harness.operator.stop()
+    harness.operator.start()
+    cluster.kubectl("delete", "truenasconnection", "nas", "-n", namespace, "--wait=false")
+    waiting = harness.wait_event(namespace, "nas", "InUse")
+    assert "1 IncusInstance" in waiting["message"], waiting
+    assert FINALIZER in finalizers(cluster, namespace, "nas"), "held while an instance names it"
+    assert harness.delete(namespace, name).returncode == 0
+    wait_until(
+        lambda: cluster.kubectl("get", "truenasconnection", "nas", "-n", namespace, check=False).returncode != 0,
+        60,
+        what="the connection to go once nothing names it",
+    )

@@ -79,6 +79,9 @@ def _run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, debug=args.debug, log_format=log_format, log_prefix=not json_logs)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
+    settings = Settings()
+    watched = None if args.all_namespaces or not args.namespace or patterns else list(args.namespace)
+
     def operator() -> Coroutine[None, None, None]:
         # Standalone: kopf's peering is not used; TIO_LEADER_ELECTION elects over a Lease (election.py).
         return kopf.operator(
@@ -86,10 +89,9 @@ def _run(args: argparse.Namespace) -> int:
             clusterwide=clusterwide,
             namespaces=args.namespace or (),
             liveness_endpoint=args.liveness,
+            memo=kopf.Memo(namespaces=watched),  # what handlers.startup lists (instances/users.py)
         )
 
-    settings = Settings()
-    watched = None if args.all_namespaces or not args.namespace or patterns else list(args.namespace)
     problems = asyncio.run(_preconditions(settings, watched, scanning=patterns))
     if problems:
         for problem in problems:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from .connections import ConnectionManager, ConnectionResources
@@ -18,6 +18,7 @@ from .instances.exposure import Exposer
 from .instances.ledger import SCHEDULE_LEDGER_LABEL, SNAPSHOT_LEDGER_LABEL
 from .instances.resource import EventPoster
 from .instances.schedules import Schedules
+from .instances.users import ConnectionUsers
 from .kube import Kube
 from .metrics import Metrics
 from .models import API_GROUP, API_VERSION
@@ -48,12 +49,17 @@ class Operator:
     schedule_ledger: Ledger
     snapshots: SnapshotTaker
     restores: Restorer
-    _reaping: asyncio.Task[None] | None = None
+    users: ConnectionUsers
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def start_reaper(self) -> None:
-        """Sweeps the ledger for records whose resource vanished unseen (instances/reaper.py)."""
-        if self._reaping is None:
-            self._reaping = asyncio.get_running_loop().create_task(self.reaper.run(), name="ledger reaper")
+    def start_background(self, namespaces: Sequence[str] | None) -> None:
+        """The ledger's sweep for records whose resource vanished unseen (instances/reaper.py), and the
+        LIST of the instances that name each connection (instances/users.py) in ``namespaces`` (None:
+        in every namespace)."""
+        if not self._background:
+            loop = asyncio.get_running_loop()
+            self._background.append(loop.create_task(self.reaper.run(), name="ledger reaper"))
+            self._background.append(loop.create_task(self.users.load(namespaces), name="connection users"))
 
     def serve_metrics(self) -> None:
         """Serves Prometheus metrics when ``TIO_METRICS_PORT`` is set (raises ``OSError`` if it cannot)."""
@@ -61,11 +67,11 @@ class Operator:
             self.metrics.serve(self.settings.metrics_port, self.settings.metrics_address)
 
     async def close(self) -> None:
-        if self._reaping is not None:
-            self._reaping.cancel()
+        for task in self._background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reaping
-            self._reaping = None
+                await task
+        self._background.clear()
         await self.connection_resources.close()
         await self.connections.close()
         await self.kube.close()
@@ -143,6 +149,7 @@ def build(
         restores=Restorer(
             kube, subjects, holds, StatusWriter(kube, RESTORES, post_event, clock), post_event, policy, metrics
         ),
+        users=ConnectionUsers(kube.list_instance_connections),
     )
 
 

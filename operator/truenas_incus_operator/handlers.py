@@ -7,7 +7,7 @@ import logging
 import random
 import socket
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
@@ -74,7 +74,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         await operator.close()
         raise kopf.PermanentError(f"cannot serve metrics on TIO_METRICS_PORT: {exc}") from None
     await operator.connection_resources.configure_default()
-    operator.start_reaper()
+    # The namespaces kopf watches, from __main__ (None: every namespace, or patterns).
+    operator.start_background(memo.get("namespaces"))
     memo["operator"] = operator
 
 
@@ -104,12 +105,15 @@ def _health(ready: bool, problem: Problem | None) -> str:
 
 @kopf.on.event(*INSTANCES)
 async def instance_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    wakeups = _operator(memo).wakeups
+    operator = _operator(memo)
+    key = (body.metadata.namespace or "", body.metadata.name or "")
     if type == "DELETED":
-        wakeups.resource_deleted((body.metadata.namespace or "", body.metadata.name or ""))
+        operator.wakeups.resource_deleted(key)
+        operator.users.forget(key)
     else:
-        wakeups.resource_changed(body)
-        await _hold_connection(memo, body.metadata.namespace or "", body.spec)
+        operator.wakeups.resource_changed(body)
+        operator.users.observe(key, _connection_name(body.spec))
+        await _hold_connection(memo, key[0], body.spec)
 
 
 # A cancellation_timeout without a cancellation_backoff: kopf cancels the loop at once when it stops it
@@ -133,35 +137,37 @@ async def instance_deleted(body: kopf.Body, retry: int, memo: kopf.Memo, **_: An
         raise kopf.TemporaryError(exc.problem.message, delay=exc.retry_after or 0) from None
 
 
-@kopf.index(*INSTANCES)
-def instances_by_connection(namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], bool]:
-    """IncusInstances by the TrueNASConnection they name: a connection in use is not let go."""
+def _connection_name(spec: Mapping[str, Any]) -> str | None:
     reference = spec.get("connectionRef") or {}
     name = reference.get("name") if isinstance(reference, Mapping) else None
-    return {(namespace or "", str(name)): True} if name else {}
+    return name if isinstance(name, str) and name else None
 
 
-def _named_by_instances(namespace: str | None, name: str | None, **kwargs: Any) -> bool:
-    """The delete handler's filter: kopf holds the finalizer only while this is true."""
-    index = cast(kopf.Index[tuple[str, str], bool], kwargs["instances_by_connection"])
-    return bool(index.get((namespace or "", name or "")))
+def _named_by_instances(namespace: str | None, name: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
+    """The delete handler's filter: kopf holds the finalizer only while this is true (instances/users.py)."""
+    finalized = FINALIZER in (body.metadata.get("finalizers") or [])
+    return _operator(memo).users.holds((namespace or "", name or ""), finalized)
 
 
 @kopf.on.delete(*CONNECTIONS, when=_named_by_instances)
-async def connection_deleted(body: kopf.Body, memo: kopf.Memo, retry: int, **kwargs: Any) -> None:
+async def connection_deleted(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """Keeps the finalizer (and the credentials last loaded) until no IncusInstance uses it. kopf
     holds the finalizer only while the filter matches: a connection that nothing names has none, so
-    it is deleted at once, with or without the operator."""
+    it is deleted at once, with or without the operator. Before letting it go, a LIST of its
+    namespace says who names it (an instance deleted unseen is no reason to hold it)."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
-    index = cast(kopf.Index[tuple[str, str], bool], kwargs["instances_by_connection"])
-    users = index.get((namespace, name))
+    operator = _operator(memo)
+    try:
+        users = await operator.users.confirm((namespace, name))
+    except OperatorError as exc:
+        raise kopf.TemporaryError(f"cannot tell which IncusInstances use it: {exc.problem.message}", delay=5) from None
     if users:
-        message = f"still used by {len(users)} IncusInstance(s); waiting for them to go"
+        message = f"still used by {users} IncusInstance(s); waiting for them to go"
         if retry == 0:  # once per deletion, not at every retry
             events: Events = memo["events"]
             events(body, "Normal", "InUse", message)
         raise kopf.TemporaryError(message, delay=5)
-    await _operator(memo).connection_resources.remove(f"{namespace}/{name}")
+    await operator.connection_resources.remove(f"{namespace}/{name}")
 
 
 @kopf.on.event(*CONNECTIONS)
@@ -190,8 +196,7 @@ async def _hold_connection(memo: kopf.Memo, namespace: str, spec: Mapping[str, A
     connection's next event (its delete handler's filter now matches), so cause one at once (an
     annotation the operator owns) rather than leave a window in which deleting the connection would
     strand the instance's teardown."""
-    reference = spec.get("connectionRef") or {}
-    name = reference.get("name") if isinstance(reference, Mapping) else None
+    name = _connection_name(spec)
     if not name or (namespace, str(name)) in _finalized(memo):
         return
     _finalized(memo).add((namespace, str(name)))  # once: its next event says whether it took

@@ -657,6 +657,40 @@ class Kube:
         items = found.get("items") or []
         return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
 
+    async def list_instance_connections(
+        self, namespace: str | None, page: int = 500, pages: int = 1000
+    ) -> list[tuple[str, str, str | None]]:
+        """Every IncusInstance in ``namespace`` (None: in every namespace) as (namespace, name, the
+        TrueNASConnection its spec.connectionRef names, or None), read ``page`` at a time and kept
+        only as that; none when the kind is not served. A continuation that expired (410) starts over
+        once; more than ``pages`` pages (a server that never ends the list) is an error."""
+        where = f"/namespaces/{quote(namespace)}" if namespace is not None else ""
+        path = f"/apis/{API_GROUP}/{API_VERSION}{where}/incusinstances?limit={page}"
+        found: list[tuple[str, str, str | None]] = []
+        token = ""
+        restarted = False
+        for _ in range(pages):
+            try:
+                answer = await self._get(path + (f"&continue={quote(token)}" if token else ""))
+            except OperatorError as exc:
+                if not token or restarted or not exc.problem.message.startswith("Kubernetes API: 410 "):
+                    raise
+                found, token, restarted = [], "", True  # the list changed too much meanwhile: again
+                continue
+            if answer is None:
+                return []
+            items = answer.get("items")
+            metadata = answer.get("metadata")
+            if not isinstance(items, list) or not isinstance(metadata, dict):
+                raise fail(KUBE_REASON, "Kubernetes API: an incusinstances list that is not a list of objects")
+            found += (_connection_ref(item) for item in items)
+            token = metadata.get("continue") or ""
+            if not isinstance(token, str) or len(token) > 4096:
+                raise fail(KUBE_REASON, "Kubernetes API: an incusinstances list with a continuation that is not one")
+            if not token:
+                return found
+        raise fail(KUBE_REASON, f"Kubernetes API: an incusinstances list longer than {pages} pages of {page}")
+
     async def incus_instances_served(self, namespace: str) -> bool:
         """Whether the API server serves IncusInstances in ``namespace`` (a 404 there: the CRD is
         missing, so a 404 for one of them proves nothing)."""
@@ -673,6 +707,19 @@ def _strings(value: Any) -> dict[str, str]:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
         raise TypeError("not a map of strings")
     return found
+
+
+def _connection_ref(item: Any) -> tuple[str, str, str | None]:
+    """(namespace, name, spec.connectionRef.name or None) of one listed IncusInstance."""
+    metadata = item.get("metadata") if isinstance(item, dict) else None
+    namespace = metadata.get("namespace") if isinstance(metadata, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(namespace, str) or not isinstance(name, str):
+        raise fail(KUBE_REASON, "Kubernetes API: an incusinstances list item without a namespace and name")
+    spec = item.get("spec")
+    reference = spec.get("connectionRef") if isinstance(spec, dict) else None
+    connection = reference.get("name") if isinstance(reference, dict) else None
+    return namespace, name, connection if isinstance(connection, str) and connection else None
 
 
 def _printable(text: Any, limit: int) -> str:
