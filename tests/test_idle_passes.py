@@ -332,3 +332,80 @@ def test_the_ledger_index_by_owner_matches_a_scan() -> None:
         for uid in {f"uid-{n}" for n in range(8)}:
             scanned = [r for r in ledger.records.values() if r.owner_uid == uid]
             assert sorted(ledger.owned_by(uid), key=repr) == sorted(scanned, key=repr)
+
+
+# ----- the timer's pass, made in the timer's callback --------------------------------------------------------
+class Counted:
+    """Counts the loop's full passes (``reconcile_once``: the task woke)."""
+
+    def __init__(self, fake: FakeOperator) -> None:
+        self.count = 0
+        real = fake.operator.loops.reconcile_once
+
+        async def counting(*args: Any) -> float:
+            self.count += 1
+            return await real(*args)
+
+        fake.operator.loops.reconcile_once = counting  # type: ignore[method-assign,assignment]
+
+
+def unchanged(metrics: Metrics) -> float:
+    found: float = metrics.passes.labels("unchanged")._value.get()
+    return found
+
+
+async def until(check: Any, what: str) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_an_idle_timer_pass_does_not_wake_the_loop() -> None:
+    """5000 sleeping loops: the timer's pass is a comparison in the timer's callback, not a task woken
+    (that switch, its future and the pass's bookkeeping were most of the idle CPU)."""
+    metrics = Metrics()
+    fake = fake_operator(metrics=metrics, resync_seconds=0.02)
+    passes = Counted(fake)
+    body = resource(cpu="2")
+    task = asyncio.create_task(fake.operator.loops.run(body, Stopped()))
+    await until(lambda: unchanged(metrics) >= 3, "three idle passes")
+    made = passes.count
+    await until(lambda: unchanged(metrics) >= 15, "more idle passes")
+    assert passes.count == made, "idle passes counted, none made by the loop's task"
+    body["metadata"]["generation"] = 2  # an input moved (no watch event here): the next due pass is made
+    await until(lambda: passes.count > made, "a full pass")
+    assert fake.operator.metrics.passes.labels("ok")._value.get() >= 1
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    idle = unchanged(metrics)
+    await asyncio.sleep(0.1)
+    assert unchanged(metrics) == idle, "a cancelled loop's timer is gone: nothing counted after"
+
+
+async def test_a_failing_idle_check_wakes_the_loop(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    fake = fake_operator(metrics=metrics, resync_seconds=0.02)
+    passes = Counted(fake)
+    loops = fake.operator.loops
+    task = asyncio.create_task(loops.run(resource(cpu="2"), Stopped()))
+    await until(lambda: unchanged(metrics) >= 2, "idle passes")
+    made = passes.count
+    real = loops._unchanged
+    calls = {"n": 0}
+
+    def broken(*args: Any) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the check")
+        return real(*args)
+
+    loops._unchanged = broken  # type: ignore[method-assign,assignment]
+    await until(lambda: passes.count > made, "the full pass the failure asks for")
+    await until(lambda: unchanged(metrics) >= 4, "the loop sleeps and checks again")
+    assert any("the idle check failed" in r.getMessage() for r in caplog.records)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

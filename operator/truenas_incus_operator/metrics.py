@@ -240,6 +240,11 @@ class Metrics:
         self.pass_seconds.labels(result).observe(time.monotonic() - started)
         self.resource_status(key, state.status)
 
+    def unchanged_pass(self, seconds: float) -> None:
+        """A pass found unnecessary in the loop's timer (instances/loop.py ``_due``)."""
+        self.passes.labels("unchanged").inc()
+        self.pass_seconds.labels("unchanged").observe(seconds)
+
     def resource_status(self, key: Any, status: Mapping[str, Any]) -> None:
         phase = status.get("phase")
         synced = next((c for c in status.get("conditions") or [] if c.get("type") == "Synced"), None)

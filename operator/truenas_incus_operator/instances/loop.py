@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
@@ -106,12 +107,21 @@ class InstanceLoops:
         event = self.wakeups.register(key)
         wake = event.set
         state = LoopState(status=dict(body.get("status") or {}))
+        loop = asyncio.get_running_loop()
         try:
             while not stopped:
                 event.clear()
                 with self.metrics.reconcile_pass(key, state):
                     delay = await self.reconcile_once(body, state, wake)
-                await _sleep(event, delay)
+                # Until woken or due (no task of its own: one sleeping loop is its daemon's task and a
+                # timer, 1.3 KB; waiting on kopf's ``stopped`` as well took three tasks more, 5.9 KB).
+                # kopf cancels the daemon at once when it stops it (cancellation_timeout without a
+                # backoff), so nothing here waits for ``stopped``.
+                state.timer = loop.call_later(delay, self._due, body, state, event)
+                try:
+                    await event.wait()
+                finally:
+                    state.timer.cancel()  # the one armed last (``_due`` arms the next)
         finally:
             if state.listening is not None:
                 connection, instance = state.listening
@@ -215,6 +225,22 @@ class InstanceLoops:
             self.holds.get(resource_key(body)),
             self.policy,
         )
+
+    def _due(self, body: Mapping[str, Any], state: LoopState, event: asyncio.Event) -> None:
+        """The timer's pass. One that would change nothing (``_unchanged``) is made right here, in the
+        timer's callback: the loop's task is not woken, and the next one is armed (idle work is a
+        comparison per resource and interval, no task switch). Otherwise, or on any error, the loop
+        wakes for a full pass."""
+        try:
+            started = time.monotonic()
+            if not event.is_set() and self._unchanged(body, state):
+                self.metrics.unchanged_pass(time.monotonic() - started)
+                delay = self.settings.resync_seconds * random.uniform(0.9, 1.1)
+                state.timer = asyncio.get_running_loop().call_later(delay, self._due, body, state, event)
+                return
+        except Exception:  # never a loop left asleep for good: the full pass reports what is wrong
+            log.exception("the idle check failed", extra=about(*resource_key(body)))
+        event.set()
 
     def _unchanged(self, body: Mapping[str, Any], state: LoopState) -> bool:
         """The last pass settled with nothing to do, and nothing it acts on moved since (``inputs``), nor
@@ -546,15 +572,3 @@ class InstanceLoops:
             fields = ", ".join(current.unsupported)
             self.reporter.post_event(body, "Warning", "Unsupported", f"{system_version} cannot honour: {fields}")
         state.unsupported_posted = current.unsupported
-
-
-async def _sleep(event: asyncio.Event, delay: float) -> None:
-    """Until woken or ``delay`` passes: no task of its own (one sleeping loop costs its own task and a
-    timer, 1.3 KB; waiting on kopf's ``stopped`` as well took three tasks more, 5.9 KB a loop). kopf
-    cancels the daemon at once when it stops it (``cancellation_timeout`` without a backoff), so
-    nothing here waits for ``stopped``."""
-    timer = asyncio.get_running_loop().call_later(delay, event.set)
-    try:
-        await event.wait()
-    finally:
-        timer.cancel()

@@ -3,6 +3,7 @@ the loop remembers between passes."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -194,3 +195,5 @@ class LoopState:
     """This pass settled with nothing to do (set by ``InstanceLoops._settled``)."""
     unchanged: bool = False
     """This pass found ``settled`` still true and did nothing else (counted apart in the metrics)."""
+    timer: asyncio.TimerHandle | None = None
+    """The sleeping loop's next unprompted pass (``InstanceLoops._due``)."""
