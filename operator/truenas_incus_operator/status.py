@@ -671,14 +671,27 @@ def _printable_values(value: Any) -> Any:
 
 
 def differs(previous: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
-    """Whether sending ``patch`` would change anything (``lastSyncTime`` alone does not count)."""
-    return any(previous.get(key) != value for key, value in patch.items() if key != "lastSyncTime")
+    """Whether sending ``patch`` would change anything (``lastSyncTime`` alone does not count).
+    ``previous`` as the API server keeps it: without the nulls a patch sent (``stored``)."""
+    return any(previous.get(key) != stored(value) for key, value in patch.items() if key != "lastSyncTime")
 
 
 def applied(previous: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """``previous`` after the merge patch (top level: a None removes the field)."""
-    merged = {**previous, **patch}
+    """``previous`` after the merge patch, as the API server keeps it (a None removes the field)."""
+    merged = {**previous, **{key: stored(value) for key, value in patch.items()}}
     return {key: value for key, value in merged.items() if value is not None}
+
+
+def stored(value: Any) -> Any:
+    """What the API server keeps of a value sent in a JSON merge patch: no null at any depth (in a map
+    a null removes the field; the API server's merge drops those inside lists' objects as well, even
+    where the schema says nullable: addresses[].interface). Compared with what it sent instead, every
+    status read back after a restart looked changed (one write per resource at every restart)."""
+    if isinstance(value, dict):
+        return {key: stored(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [stored(item) for item in value]
+    return value
 
 
 def _blocked_problem(plan: Plan | None) -> Problem | None:
