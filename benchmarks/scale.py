@@ -302,6 +302,15 @@ def scale_environment(workdir: Path, connections: int, resync: float, operator_e
         plane.stop()
 
 
+def truenas_calls_per_resource(before: list[dict[str, Any]], env: Scale, n: int) -> dict[str, float]:
+    """TrueNAS calls since ``before``, by method, summed over the simulators, per resource."""
+    total: dict[str, float] = {}
+    for previous, now in zip(before, (s.calls() for s in env.sims), strict=True):
+        for method, count in now["by_method"].items():
+            total[method] = total.get(method, 0.0) + count - previous["by_method"].get(method, 0)
+    return {method: round(count / n, 2) for method, count in sorted(total.items()) if count}
+
+
 def idle(env: Scale, seconds: float) -> dict[str, Any]:
     """TrueNAS calls per connection and API-server writes while nothing changes."""
     calls_before = [s.calls() for s in env.sims]
@@ -383,6 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"burst: {args.n} over {args.connections} connections ...", flush=True)
             cpu_before = env.cpu()
             requests_before = env.api_requests()
+            calls_before = [s.calls() for s in env.sims]
             started = time.monotonic()
             env.create(resources)
             created = time.monotonic() - started
@@ -407,6 +417,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 },
                 "api_writes": round(writes),
                 "api_writes_per_resource": round(writes / args.n, 2),
+                # Per resource: where the simulators' and the API server's work comes from.
+                "api_writes_per_resource_by_kind": {
+                    f"{verb} {kind}": round((n - requests_before.get((verb, kind), 0.0)) / args.n, 2)
+                    for (verb, kind), n in requests.items()
+                    if verb in WRITE_VERBS and n != requests_before.get((verb, kind), 0.0)
+                },
+                "truenas_calls_per_resource": truenas_calls_per_resource(calls_before, env, args.n),
             }
             print(f"   {results['burst']}", flush=True)
             time.sleep(5)

@@ -5,21 +5,24 @@ which wins; and the paged LIST itself against a fake API server that pages, expi
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from truenas_incus_operator import handlers  # noqa: F401 - registers the handlers
+from truenas_incus_operator import handlers
 from truenas_incus_operator.instances.users import ConnectionUsers
 from truenas_incus_operator.kube import Kube
 from truenas_incus_operator.problems import OperatorError, Reason, fail
+
+from .fakes import fake_operator, resource
 
 Row = tuple[str, str, str | None]
 
@@ -155,6 +158,23 @@ async def test_a_failing_confirm_raises_and_forgets_nothing() -> None:
     with pytest.raises(OperatorError):
         await users.confirm(("a", "nas"))
     assert users.count(("a", "nas")) == 1
+
+
+async def test_an_instance_event_asks_for_the_connection_finalizer_once_per_connection() -> None:
+    """kopf hands every object a shallow copy of the operator's memo: a set made in one object's copy
+    was never seen by the next, so every instance's first event patched its connection (5000 patches
+    at every restart at 5000 resources, and one per create)."""
+    fake = fake_operator()
+    memo = kopf.Memo(operator=fake.operator)
+    changed: Any = handlers.instance_changed  # kopf's decorator keeps the function; its type wants kopf's kwargs
+    for n in range(5):
+        body = resource(f"web{n}", connectionRef={"name": "nas"})
+        await changed(type=None, body=kopf.Body(cast(kopf.RawBody, body)), memo=copy.copy(memo))
+    other = cast(kopf.RawBody, resource("db", connectionRef={"name": "other"}))
+    await changed(type=None, body=kopf.Body(other), memo=copy.copy(memo))
+    asked = [(p.plural, p.name) for p in fake.kube.patches if p.kind == "annotations"]
+    assert asked == [("truenasconnections", "nas"), ("truenasconnections", "other")]
+    assert fake.operator.users.count(("apps", "nas")) == 5
 
 
 def test_the_operator_registers_no_kopf_index() -> None:

@@ -186,9 +186,9 @@ async def connection_changed(type: str | None, body: kopf.Body, memo: kopf.Memo,
 
 
 def _finalized(memo: kopf.Memo) -> set[tuple[str, str]]:
-    """TrueNASConnections last seen with the finalizer."""
-    finalized: set[tuple[str, str]] = memo.setdefault("finalized_connections", set())
-    return finalized
+    """TrueNASConnections last seen with the finalizer. On the operator, not in the memo: kopf hands
+    every object a shallow copy of the memo, so a set made in one object's copy is not another's."""
+    return _operator(memo).users.finalized
 
 
 async def _hold_connection(memo: kopf.Memo, namespace: str, spec: Mapping[str, Any]) -> None:

@@ -46,6 +46,8 @@ class ConnectionUsers:
         self._lists = 0
         self.complete = False
         """Whether every instance that existed before the operator started has been seen."""
+        self.finalized: set[ResourceKey] = set()
+        """Connections last seen with the finalizer (``handlers._hold_connection`` asks once for one)."""
 
     # ----- the watch ---------------------------------------------------------------------------------
     def observe(self, key: ResourceKey, connection: str | None) -> None:
