@@ -13,6 +13,8 @@ import pytest
 from truenas_incus_operator.models import IncusInstanceSpec
 from truenas_incus_operator.reconcile import Desired, Ownership, instance_config, plan
 from truenas_incus_operator.status import render_instance
+from truenas_incus_operator.truenas import addresses as addresses_module
+from truenas_incus_operator.truenas.addresses import global_address, global_text
 from truenas_incus_operator.truenas.backends.vm.entries import guest_interfaces
 
 from .test_reconcile import observed
@@ -281,3 +283,38 @@ def test_the_status_lists_at_most_sixteen_addresses_in_canonical_form() -> None:
     status = render(desired(), observed(addresses=("2001:DB8::0001", *many)))
     assert len(status.addresses or []) == 16 and len(status.ip_addresses or []) == 16
     assert (status.addresses or [])[0].address == "2001:db8::1"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.2",
+        "2001:db8::1",
+        "2001:0db8:0000::0001",
+        "::ffff:10.0.0.2",
+        "::ffff:127.0.0.1",
+        "127.0.0.1",
+        "fe80::1",
+        "fe80::1%eth0",
+        "224.0.0.1",
+        "0.0.0.0",
+        "::",
+        "not an address",
+        "1" * 46,
+        "",
+        "10.0.0.256",
+    ],
+)
+def test_an_address_as_text_is_the_checked_address_printed(text: str) -> None:
+    """The cached text (the resync's hot path) says what the checked address says, and nothing else."""
+    address = global_address(text)
+    assert global_text(text) == (None if address is None else str(address))
+
+
+def test_odd_values_are_no_address_and_the_cache_stays_bounded() -> None:
+    for odd in (None, 5, ["10.0.0.1"], {"address": "10.0.0.1"}):
+        assert global_address(odd) is None and global_text(odd) is None
+    for n in range(20_000):  # a server answering ever new addresses
+        global_text(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}")
+    assert addresses_module._global_text.cache_info().currsize <= 8192
+    assert addresses_module._global.cache_info().currsize <= 8192

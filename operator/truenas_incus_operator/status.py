@@ -39,7 +39,7 @@ from .netconfig import declared_addresses
 from .problems import WAITING_REASONS, Problem, Reason
 from .quantity import format_bytes
 from .reconcile import Desired, Plan, describe_action
-from .truenas.addresses import global_address
+from .truenas.addresses import global_text
 from .truenas.types import DeviceConfig, InstanceStatus, ObservedInstance
 
 PHASE_BY_TRUENAS_STATUS = {
@@ -247,14 +247,11 @@ def _reported_addresses(observed: ObservedInstance) -> list[InstanceAddress]:
     found: list[InstanceAddress] = []
     seen: set[str] = set()
     for raw in observed.addresses[: MAX_LISTED_ADDRESSES * 4]:
-        address = global_address(raw)
-        if address is None:
-            continue
-        text = str(address)
-        if text in seen:
+        text = global_text(raw)
+        if text is None or text in seen:
             continue
         seen.add(text)
-        family = AddressFamily.IPV4 if address.version == 4 else AddressFamily.IPV6
+        family = AddressFamily.IPV6 if ":" in text else AddressFamily.IPV4
         interface = named.get(str(raw)) or None
         found.append(InstanceAddress(address=text, family=family, interface=interface, source=AddressSource.TRUENAS))
     return found[:MAX_LISTED_ADDRESSES]

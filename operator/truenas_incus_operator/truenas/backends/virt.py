@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from ..addresses import MAX_AGENT_ITEMS, MAX_GUEST_ADDRESSES, global_address
+from ..addresses import MAX_AGENT_ITEMS, MAX_GUEST_ADDRESSES, global_text
 from ..errors import AlreadyExists, ImageNotFound, JobFailed, ValidationFailed
 from ..jobs import job_running
 from ..transports.base import Transport
@@ -33,9 +33,9 @@ def alias_addresses(aliases: Any) -> tuple[str, ...]:
     most MAX_GUEST_ADDRESSES: the answer is the server's (and the guest's) word."""
     found: dict[str, None] = {}
     for alias in aliases[:MAX_AGENT_ITEMS] if isinstance(aliases, list) else []:
-        address = global_address(alias.get("address") if isinstance(alias, dict) else None)
+        address = global_text(alias.get("address") if isinstance(alias, dict) else None)
         if address is not None and len(found) < MAX_GUEST_ADDRESSES:
-            found.setdefault(str(address))
+            found.setdefault(address)
     return tuple(found)
 
 
