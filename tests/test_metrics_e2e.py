@@ -5,6 +5,7 @@ prometheus-client's own parser."""
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,3 +153,55 @@ def test_create_update_delete_are_counted_as_they_happen(running: tuple[Harness,
     text = scrape.text()
     assert name not in text, "no label names an instance or a resource"
     assert harness.sim.api_key not in text and harness.sim.api_key.partition("-")[2] not in text
+
+
+@pytest.fixture(scope="module")
+def resyncing(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[Harness, Scraper]]:
+    """An operator resyncing every second, no device audit rotation: every idle pass shows at once."""
+    workdir: Path = tmp_path_factory.mktemp("resyncing")
+    sim = start_simulator("25.10", job_duration=0.05)
+    port = free_port()
+    env = operator_env(
+        sim,
+        workdir,
+        TIO_METRICS_PORT=str(port),
+        TIO_METRICS_ADDRESS="127.0.0.1",
+        TIO_RESYNC_SECONDS="1",
+        TIO_DEVICE_AUDITS_PER_RESYNC="0",
+    )
+    operator = OperatorProcess(cluster, env, workdir / "operator.log", args=["-n", f"{module_prefix(request)}*"])
+    harness = Harness(cluster, sim, operator.start(), workdir)
+    try:
+        yield harness, Scraper(port)
+    finally:
+        operator.stop()
+        sim.stop()
+
+
+def test_an_idle_resource_costs_no_pass_call_or_write(resyncing: tuple[Harness, Scraper], namespace: str) -> None:
+    """Issue 27 item 1 against the real API server and simulator: once settled, the timer's passes are
+    counted as unchanged and make no TrueNAS call beyond the connection's own resync query, and no
+    status write; a spec change brings the full pass back."""
+    harness, scrape = resyncing
+    wait_until(scrape.reachable, what="the metrics endpoint")
+    name = unique("idle")
+    harness.apply(namespace, name, {"cpu": "1"})
+    harness.wait_ready(namespace, name)
+    time.sleep(3)  # the passes that follow the create's own events
+    made = scrape.value("tio_reconcile_passes_total", result="ok")
+    skipped = scrape.value("tio_reconcile_passes_total", result="unchanged")
+    version = harness.get(namespace, name)["metadata"]["resourceVersion"]
+    calls = harness.calls()
+    time.sleep(6)
+    assert scrape.value("tio_reconcile_passes_total", result="unchanged") - skipped >= 3, "one a second, about"
+    assert scrape.value("tio_reconcile_passes_total", result="ok") == made, "none made"
+    assert harness.get(namespace, name)["metadata"]["resourceVersion"] == version, "no status written"
+    now = harness.calls()
+    idle = {method: n - calls.get(method, 0) for method, n in now.items() if n != calls.get(method, 0)}
+    assert set(idle) <= {"virt.instance.query", "vm.query"}, f"the connection's resync query only: {idle}"
+    harness.apply(namespace, name, {"cpu": "2"})
+    harness.wait_status(namespace, name, "cpu 2", lambda s: s.get("cpu") == "2" and s.get("observedGeneration") == 2)
+    assert scrape.value("tio_reconcile_passes_total", result="ok") > made
+    assert harness.delete(namespace, name).returncode == 0
