@@ -177,6 +177,41 @@ async def test_an_instance_event_asks_for_the_connection_finalizer_once_per_conn
     assert fake.operator.users.count(("apps", "nas")) == 5
 
 
+async def test_a_connection_that_lost_its_finalizer_is_asked_again_with_a_new_value() -> None:
+    """The ask is an annotation patch, so that kopf sees an event and adds the finalizer. It always
+    wrote the same value: once a connection had lost its finalizer (its last instance gone), the next
+    instance's ask changed nothing, no event came, and the connection stayed deletable while named."""
+    fake = fake_operator()
+    memo = kopf.Memo(operator=fake.operator)
+    changed: Any = handlers.instance_changed
+    first = cast(kopf.RawBody, resource("web", connectionRef={"name": "nas"}))
+    await changed(type=None, body=kopf.Body(first), memo=copy.copy(memo))
+    fake.operator.users.finalized.discard(("apps", "nas"))  # its event showed it without the finalizer
+    second = cast(kopf.RawBody, resource("db", connectionRef={"name": "nas"}))
+    await changed(type=None, body=kopf.Body(second), memo=copy.copy(memo))
+    values = [p.body["incus.truenas.io/in-use"] for p in fake.kube.patches if p.kind == "annotations"]
+    assert len(values) == 2 and values[0] != values[1], "the second ask is a change the API server reports"
+
+
+async def test_a_connection_held_for_its_instances_is_checked_less_and_less_often() -> None:
+    """Each check LISTs the namespace: 5 s doubling to 30 s apart, not every 5 s for as long as a
+    tenant keeps connections deleted and named."""
+    fake = fake_operator()
+    fake.kube.incus_instances[("apps", "web")] = resource("web", connectionRef={"name": "nas"})
+    posted: list[str] = []
+    memo = kopf.Memo(operator=fake.operator, events=lambda body, kind, reason, message: posted.append(reason))
+    deleted: Any = handlers.connection_deleted
+    body = kopf.Body(cast(kopf.RawBody, {"metadata": {"namespace": "apps", "name": "nas"}}))
+    delays = []
+    for retry in range(6):
+        with pytest.raises(kopf.TemporaryError) as held:
+            await deleted(body=body, memo=memo, retry=retry)
+        delays.append(held.value.delay)
+    assert delays == [5, 10, 20, 30, 30, 30] and posted == ["InUse"]
+    del fake.kube.incus_instances[("apps", "web")]
+    await deleted(body=body, memo=memo, retry=6)  # nothing names it: let go
+
+
 def test_the_operator_registers_no_kopf_index() -> None:
     """kopf holds every handler until its indexes are filled, one toggle per object (O(N^2) at a
     restart): the operator keeps its own registry instead."""
@@ -318,9 +353,23 @@ async def test_odd_connection_refs_name_no_connection(api: Callable[[Handler], A
     assert [row[2] for row in await kube.list_instance_connections("a")] == [None] * 4
 
 
-async def test_a_missing_kind_is_no_instances(api: Callable[[Handler], Any], kube: Kube) -> None:
+async def test_a_missing_kind_is_an_error_not_no_instances(api: Callable[[Handler], Any], kube: Kube) -> None:
+    """A 404 (the CRD being upgraded, a proxy) proves nothing: taken as "none", it let every connection
+    of the namespace go (confirm) or marked the startup list complete with nothing in it."""
     api(lambda _: web.json_response({"kind": "Status", "code": 404}, status=404))
-    assert await kube.list_instance_connections("a") == []
+    with pytest.raises(OperatorError, match="not served"):
+        await kube.list_instance_connections("a")
+    objects = [instance("a", f"i{n}") for n in range(4)]
+
+    def vanishing(request: web.Request) -> web.Response:
+        if request.query.get("continue"):
+            return web.json_response({"kind": "Status", "code": 404}, status=404)
+        answer: web.Response = paged(objects, 2)(request)
+        return answer
+
+    api(vanishing)
+    with pytest.raises(OperatorError, match="not served"):
+        await kube.list_instance_connections("a", page=2)
 
 
 async def test_a_hanging_or_refusing_server_is_an_operator_error(api: Callable[[Handler], Any], kube: Kube) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -157,16 +158,20 @@ async def connection_deleted(body: kopf.Body, memo: kopf.Memo, retry: int, **_: 
     namespace says who names it (an instance deleted unseen is no reason to hold it)."""
     namespace, name = body.metadata.namespace or "", body.metadata.name or ""
     operator = _operator(memo)
+    # Each check LISTs the namespace's instances: 5 s doubling to 30 s between them, not 5 s for as
+    # long as a tenant keeps its connections deleted and named.
+    delay = min(30.0, 5.0 * 2 ** min(retry, 3))
     try:
         users = await operator.users.confirm((namespace, name))
     except OperatorError as exc:
-        raise kopf.TemporaryError(f"cannot tell which IncusInstances use it: {exc.problem.message}", delay=5) from None
+        message = f"cannot tell which IncusInstances use it: {exc.problem.message}"
+        raise kopf.TemporaryError(message, delay=delay) from None
     if users:
         message = f"still used by {users} IncusInstance(s); waiting for them to go"
         if retry == 0:  # once per deletion, not at every retry
             events: Events = memo["events"]
             events(body, "Normal", "InUse", message)
-        raise kopf.TemporaryError(message, delay=5)
+        raise kopf.TemporaryError(message, delay=delay)
     await operator.connection_resources.remove(f"{namespace}/{name}")
 
 
@@ -195,14 +200,16 @@ async def _hold_connection(memo: kopf.Memo, namespace: str, spec: Mapping[str, A
     """An IncusInstance names a TrueNASConnection: kopf adds the connection's finalizer on the
     connection's next event (its delete handler's filter now matches), so cause one at once (an
     annotation the operator owns) rather than leave a window in which deleting the connection would
-    strand the instance's teardown."""
+    strand the instance's teardown. The value changes at every ask: a connection that lost its
+    finalizer (its last instance gone) and is named again must see an event again, and patching the
+    same value again changes nothing, so the API server sends none."""
     name = _connection_name(spec)
     if not name or (namespace, str(name)) in _finalized(memo):
         return
     _finalized(memo).add((namespace, str(name)))  # once: its next event says whether it took
     try:
         await _operator(memo).kube.patch_annotations(
-            CONNECTIONS[2], namespace, str(name), {f"{API_GROUP}/in-use": "true"}
+            CONNECTIONS[2], namespace, str(name), {f"{API_GROUP}/in-use": str(time.time_ns())}
         )
     except OperatorError as exc:
         _finalized(memo).discard((namespace, str(name)))

@@ -662,8 +662,8 @@ class Kube:
     ) -> list[tuple[str, str, str | None]]:
         """Every IncusInstance in ``namespace`` (None: in every namespace) as (namespace, name, the
         TrueNASConnection its spec.connectionRef names, or None), read ``page`` at a time and kept
-        only as that; none when the kind is not served. A continuation that expired (410) starts over
-        once; more than ``pages`` pages (a server that never ends the list) is an error."""
+        only as that. A continuation that expired (410) starts over once; the kind not served (404),
+        or more than ``pages`` pages (a server that never ends the list), is an error."""
         where = f"/namespaces/{quote(namespace)}" if namespace is not None else ""
         path = f"/apis/{API_GROUP}/{API_VERSION}{where}/incusinstances?limit={page}"
         found: list[tuple[str, str, str | None]] = []
@@ -677,8 +677,8 @@ class Kube:
                     raise
                 found, token, restarted = [], "", True  # the list changed too much meanwhile: again
                 continue
-            if answer is None:
-                return []
+            if answer is None:  # not "none": the kind not served (a CRD being upgraded) proves nothing
+                raise fail(KUBE_REASON, "Kubernetes API: incusinstances are not served (404)")
             items = answer.get("items")
             metadata = answer.get("metadata")
             if not isinstance(items, list) or not isinstance(metadata, dict):

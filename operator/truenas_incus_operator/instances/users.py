@@ -95,17 +95,12 @@ class ConnectionUsers:
         listed but not seen yet counts. Raises ``OperatorError`` when the LIST fails."""
         namespace, name = connection
         began = self._seq
-        self._lists += 1
-        try:
-            listed = await self._listing(namespace)
-        finally:
-            self._lists -= 1
+        listed = await self._listing(namespace)  # no tombstones needed: it forgets only, never adds
         present = {(ns, instance) for ns, instance, _ in listed}
         for key, (_, seq) in list(self._entries.items()):
             if key[0] == namespace and key not in present and seq <= began:
                 log.debug("IncusInstance %s/%s is gone without an event: forgotten", *key)
                 self._drop(key)
-        self._prune_gone()
         users = self._users.get(connection, set()) | {i for ns, i, c in listed if ns == namespace and c == name}
         return len(users)
 
