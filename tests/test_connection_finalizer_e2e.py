@@ -98,3 +98,23 @@ def test_a_connection_in_use_is_still_held_after_a_restart(harness: Harness, clu
         60,
         what="the connection to go once nothing names it",
     )
+
+
+def test_a_connection_whose_instances_went_is_deleted_without_the_operator(
+    harness: Harness, cluster: Cluster, namespace: str
+) -> None:
+    """kopf drops a finalizer nothing needs at the connection's next event: the last instance's going
+    causes one, so the connection is free before the operator might stop (a delete would hang)."""
+    harness.connect_namespace(namespace, harness.sim)
+    name = unique("gone")
+    harness.apply(namespace, name, {"connectionRef": {"name": "nas"}})
+    harness.wait_ready(namespace, name, timeout=60)
+    wait_until(lambda: FINALIZER in finalizers(cluster, namespace, "nas"), 30, what="the connection's finalizer")
+    assert harness.delete(namespace, name).returncode == 0
+    wait_until(lambda: FINALIZER not in finalizers(cluster, namespace, "nas"), 30, what="the finalizer to go")
+    harness.operator.stop()
+    try:
+        deleted = cluster.kubectl("delete", "truenasconnection", "nas", "-n", namespace, "--timeout=60s", check=False)
+        assert deleted.returncode == 0, deleted.stderr
+    finally:
+        harness.operator.start()

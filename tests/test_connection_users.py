@@ -212,6 +212,37 @@ async def test_a_connection_held_for_its_instances_is_checked_less_and_less_ofte
     await deleted(body=body, memo=memo, retry=6)  # nothing names it: let go
 
 
+async def test_a_connection_whose_last_instance_goes_is_told_at_once() -> None:
+    """kopf removes a finalizer nothing needs only at the connection's next event: with the operator
+    gone before one came, deleting the connection hung. The last instance's going causes one."""
+    fake = fake_operator()
+    memo = kopf.Memo(operator=fake.operator)
+    changed: Any = handlers.instance_changed
+
+    def event(name: str, connection: str, kind: str | None = None) -> Any:
+        body = kopf.Body(cast(kopf.RawBody, resource(name, connectionRef={"name": connection})))
+        return changed(type=kind, body=body, memo=copy.copy(memo))
+
+    def asked() -> list[str]:
+        return [p.name for p in fake.kube.patches if p.kind == "annotations"]
+
+    await event("web", "nas")
+    await event("db", "nas")
+    assert asked() == ["nas"]
+    await event("web", "nas", "DELETED")
+    assert asked() == ["nas"], "db still names it"
+    await event("db", "other")  # its connectionRef moved: nothing names nas any more
+    assert asked() == ["nas", "other", "nas"]
+    await event("db", "other", "DELETED")
+    assert asked() == ["nas", "other", "nas", "other"]
+    values = [p.body["incus.truenas.io/in-use"] for p in fake.kube.patches]
+    assert len(set(values)) == 4, "each a change the API server reports"
+    await event("x", "nas")
+    fake.operator.users.finalized.clear()  # the connections' events showed them without the finalizer
+    await event("x", "nas", "DELETED")
+    assert asked() == ["nas", "other", "nas", "other"], "nas was asked for already; then none to remove"
+
+
 def test_the_operator_registers_no_kopf_index() -> None:
     """kopf holds every handler until its indexes are filled, one toggle per object (O(N^2) at a
     restart): the operator keeps its own registry instead."""

@@ -110,11 +110,15 @@ async def instance_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, *
     key = (body.metadata.namespace or "", body.metadata.name or "")
     if type == "DELETED":
         operator.wakeups.resource_deleted(key)
-        operator.users.forget(key)
+        released = operator.users.forget(key)
     else:
         operator.wakeups.resource_changed(body)
-        operator.users.observe(key, _connection_name(body.spec))
+        released = operator.users.observe(key, _connection_name(body.spec))
         await _hold_connection(memo, key[0], body.spec)
+    if released is not None and released in _finalized(memo):
+        # Its last instance went: kopf removes the finalizer at the connection's next event, so cause
+        # one now; otherwise it stays until then, and a delete with the operator gone would hang.
+        await _poke(memo, released)
 
 
 # A cancellation_timeout without a cancellation_backoff: kopf cancels the loop at once when it stops it
@@ -207,13 +211,22 @@ async def _hold_connection(memo: kopf.Memo, namespace: str, spec: Mapping[str, A
     if not name or (namespace, str(name)) in _finalized(memo):
         return
     _finalized(memo).add((namespace, str(name)))  # once: its next event says whether it took
+    if not await _poke(memo, (namespace, str(name))):
+        _finalized(memo).discard((namespace, str(name)))
+
+
+async def _poke(memo: kopf.Memo, connection: tuple[str, str]) -> bool:
+    """An event for the connection (an annotation the operator owns, a new value each time), so kopf
+    looks at its finalizer again; False when the patch failed (logged)."""
+    namespace, name = connection
     try:
         await _operator(memo).kube.patch_annotations(
-            CONNECTIONS[2], namespace, str(name), {f"{API_GROUP}/in-use": str(time.time_ns())}
+            CONNECTIONS[2], namespace, name, {f"{API_GROUP}/in-use": str(time.time_ns())}
         )
     except OperatorError as exc:
-        _finalized(memo).discard((namespace, str(name)))
         logging.getLogger(__name__).info("TrueNASConnection %s/%s: %s", namespace, name, exc.problem.message)
+        return False
+    return True
 
 
 # ----- IncusInstanceSnapshot and IncusInstanceRestore (snapshots/) -----------------------------------------

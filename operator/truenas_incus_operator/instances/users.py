@@ -50,17 +50,26 @@ class ConnectionUsers:
         """Connections last seen with the finalizer (``handlers._hold_connection`` asks once for one)."""
 
     # ----- the watch ---------------------------------------------------------------------------------
-    def observe(self, key: ResourceKey, connection: str | None) -> None:
-        """An instance's event: it names ``connection`` (None: none, or not a name)."""
+    def observe(self, key: ResourceKey, connection: str | None) -> ResourceKey | None:
+        """An instance's event: it names ``connection`` (None: none, or not a name). Returns the
+        connection it named before if nothing names that one any more."""
         self._seq += 1
+        before = self._entries.get(key, (None, 0))[0]
         self._set(key, connection, self._seq)
+        return self._released(key[0], before) if before != connection else None
 
-    def forget(self, key: ResourceKey) -> None:
-        """An instance's DELETED event."""
+    def forget(self, key: ResourceKey) -> ResourceKey | None:
+        """An instance's DELETED event. Returns its connection if nothing names that one any more."""
         self._seq += 1
+        before = self._entries.get(key, (None, 0))[0]
         self._drop(key)
         if self._lists:
             self._gone[key] = self._seq
+        return self._released(key[0], before)
+
+    def _released(self, namespace: str, connection: str | None) -> ResourceKey | None:
+        key = (namespace, connection) if connection else None
+        return key if key is not None and not self._users.get(key) else None
 
     # ----- the questions -----------------------------------------------------------------------------
     def count(self, connection: ResourceKey) -> int:
