@@ -203,5 +203,6 @@ def test_an_idle_resource_costs_no_pass_call_or_write(resyncing: tuple[Harness, 
     assert set(idle) <= {"virt.instance.query", "vm.query"}, f"the connection's resync query only: {idle}"
     harness.apply(namespace, name, {"cpu": "2"})
     harness.wait_status(namespace, name, "cpu 2", lambda s: s.get("cpu") == "2" and s.get("observedGeneration") == 2)
-    assert scrape.value("tio_reconcile_passes_total", result="ok") > made
+    # The pass is counted as it ends, just after its status write: look until it is.
+    wait_until(lambda: scrape.value("tio_reconcile_passes_total", result="ok") > made, what="the pass counted")
     assert harness.delete(namespace, name).returncode == 0
