@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from truenas_incus_operator.kube import Kube
 from truenas_incus_operator.problems import OperatorError, Reason, fail
 
 from .fakes import fake_operator, resource
+from .test_kube_client import point_kubeconfig
 
 Row = tuple[str, str, str | None]
 
@@ -278,17 +278,7 @@ async def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     app.router.add_get("/apis/incus.truenas.io/v1alpha1/incusinstances", route)
     app.router.add_get("/apis/incus.truenas.io/v1alpha1/namespaces/{ns}/incusinstances", route)
     async with TestServer(app) as server:
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "c", "cluster": {"server": str(server.make_url("")).rstrip("/")}}],
-            "users": [{"name": "u", "user": {"token": "a-token"}}],
-            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-            "current-context": "x",
-        }
-        path = tmp_path / "kubeconfig"
-        path.write_text(json.dumps(config))
-        monkeypatch.setenv("KUBECONFIG", str(path))
+        point_kubeconfig(server, tmp_path, monkeypatch)
 
         def serve(handler: Handler) -> list[web.Request]:
             served["handler"] = handler

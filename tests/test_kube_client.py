@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer, TestServer
 
 from truenas_incus_operator.kube import Kube
 from truenas_incus_operator.problems import OperatorError
@@ -72,22 +72,27 @@ async def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     app.router.add_route("*", f"/api/v1/namespaces/{NS}/configmaps", store.handle)
     app.router.add_route("*", f"/api/v1/namespaces/{NS}/configmaps/{{name}}", store.handle)
     async with TestServer(app) as server:
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "c", "cluster": {"server": str(server.make_url("")).rstrip("/")}}],
-            "users": [{"name": "u", "user": {"token": "a-token"}}],
-            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-            "current-context": "x",
-        }
-        path = tmp_path / "kubeconfig"
-        path.write_text(json.dumps(config))
-        monkeypatch.setenv("KUBECONFIG", str(path))
+        point_kubeconfig(server, tmp_path, monkeypatch)
         kube = Kube(timeout=5.0)
         try:
             yield kube, store
         finally:
             await kube.close()
+
+
+def point_kubeconfig(server: BaseTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KUBECONFIG naming ``server`` (a fake API server) with a token, for ``Kube``'s own login."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": str(server.make_url("")).rstrip("/")}}],
+        "users": [{"name": "u", "user": {"token": "a-token"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("KUBECONFIG", str(path))
 
 
 def manifest(name: str, version: str = "", **data: str) -> dict[str, Any]:
